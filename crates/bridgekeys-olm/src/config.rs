@@ -1,0 +1,24 @@
+/// Limits of the account manager.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// Most one-time keys one claim may ask for, per device. A homeserver
+    /// asks for a handful (Synapse caps a client at 5 per device); a larger
+    /// request is refused rather than answered slowly.
+    pub max_keys_per_claim: usize,
+    /// Most outstanding (claimed, not yet used) one-time keys kept per
+    /// device. Past it the oldest are evicted, counted in
+    /// [`crate::ManagerStats::evicted_keys`] and logged. The bound protects
+    /// storage from a peer that claims keys and never uses them; set it above
+    /// the number of sessions a puppet may see started before the senders'
+    /// pre-key messages arrive.
+    pub max_outstanding_keys: usize,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            max_keys_per_claim: 50,
+            max_outstanding_keys: 1000,
+        }
+    }
+}

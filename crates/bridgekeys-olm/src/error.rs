@@ -1,0 +1,48 @@
+use bridgekeys_store::StoreError;
+
+/// Why the account manager refused or failed an operation.
+///
+/// Every error leaves the device's stored state as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum OlmError {
+    /// The device was never created with [`crate::AccountManager::create_device`].
+    #[error("unknown device {device_id} of {user_id}")]
+    UnknownDevice {
+        /// The user.
+        user_id: String,
+        /// The device.
+        device_id: String,
+    },
+    /// Only `signed_curve25519` one-time keys are served.
+    #[error("unsupported one-time key algorithm {0:?}: only signed_curve25519 is served")]
+    UnsupportedAlgorithm(String),
+    /// A claim asked for zero keys or more than the configured maximum.
+    #[error("a claim may ask for 1 to {max} keys per device, not {requested}")]
+    BadKeyCount {
+        /// Keys asked for.
+        requested: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The pre-key message names a one-time key this device does not hold
+    /// (never issued, already used, or evicted).
+    #[error("the pre-key message uses a one-time key this device does not hold")]
+    UnknownOneTimeKey,
+    /// Creating the inbound session failed: tampered or mis-addressed message.
+    /// Nothing was consumed.
+    #[error("could not decrypt the pre-key message: {0}")]
+    Decryption(#[from] vodozemac::olm::SessionCreationError),
+    /// The pre-key message starts a session this device already has: a
+    /// replay. Nothing was processed again.
+    #[error("replayed pre-key message: its session already exists")]
+    Replay,
+    /// The stored account state could not be read back.
+    #[error("stored account state is unreadable: {0}")]
+    Corrupt(String),
+    /// JSON could not be put in canonical form for signing.
+    #[error("canonical JSON: {0}")]
+    CanonicalJson(#[from] ruma::CanonicalJsonError),
+    /// The store failed; nothing was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

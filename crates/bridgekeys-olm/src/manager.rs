@@ -1,0 +1,461 @@
+//! [`AccountManager`]: the claim path and the inbound pre-key path.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use bridgekeys_store::{DeviceKey, DeviceWrite, OneTimeKeyRecord, Pending, Store, Version};
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use ruma::{
+    CrossSigningOrDeviceSignatures, DeviceId, DeviceKeyAlgorithm, DeviceKeyId, DeviceSignatures,
+    DeviceSigningKeyId, EventEncryptionAlgorithm, OneTimeKeyAlgorithm, OwnedOneTimeKeyId,
+    SigningKeyAlgorithm, UserId,
+    encryption::{DeviceKeys, SignedKey},
+    serde::Base64,
+};
+use vodozemac::{
+    Curve25519PublicKey,
+    olm::{PreKeyMessage, Session, SessionConfig, SessionCreationError},
+};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::{
+    ManagerConfig, ManagerStats, OlmError,
+    account::{DeviceAccount, key_id_number},
+    signing::sign_json,
+    stats::Counters,
+};
+
+/// A one-time key handed out by a claim: its id (`signed_curve25519:<id>`)
+/// and the signed key object, ready for a `keys/claim` response.
+#[derive(Clone, Debug)]
+pub struct ClaimedKey {
+    /// `signed_curve25519:<base64 key id>`.
+    pub key_id: OwnedOneTimeKeyId,
+    /// `{"key": ..., "signatures": {user: {"ed25519:<device>": ...}}}`.
+    pub key: SignedKey,
+}
+
+/// The result of a pre-key message that decrypted.
+pub struct InboundMessage {
+    /// The new inbound Olm session (already stored).
+    pub session: Session,
+    /// The decrypted payload. Never log it.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// Whether the message used the device's fallback key rather than a
+    /// one-time key.
+    pub used_fallback_key: bool,
+}
+
+impl std::fmt::Debug for InboundMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundMessage")
+            .field("session_id", &self.session.session_id())
+            .field("used_fallback_key", &self.used_fallback_key)
+            .finish_non_exhaustive()
+    }
+}
+
+type Slot = Arc<Mutex<DeviceAccount>>;
+
+/// Owns the Olm accounts of a bridge's puppet devices.
+///
+/// Each device's state sits behind its own lock (a sharded map of slots), so
+/// claims for one device are serialised while claims for different devices
+/// run in parallel. A lock is held only for the synchronous part of a claim
+/// (generate, sign, apply the write); the wait for durability happens after
+/// it is released, so concurrent claims share one flush.
+pub struct AccountManager {
+    store: Arc<dyn Store>,
+    config: ManagerConfig,
+    slots: DashMap<DeviceKey, Slot>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for AccountManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountManager")
+            .field("config", &self.config)
+            .field("loaded_devices", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccountManager {
+    /// A manager over `store`.
+    pub fn new(store: Arc<dyn Store>, config: ManagerConfig) -> Self {
+        Self {
+            store,
+            config,
+            slots: DashMap::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The store this manager writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Counters since the manager started.
+    pub fn stats(&self) -> ManagerStats {
+        self.counters.snapshot()
+    }
+
+    /// Create the Olm account of a puppet device, durably, and return its
+    /// signed `device_keys` object for `/keys/upload`.
+    ///
+    /// Idempotent: for a device that already exists the same keys come back,
+    /// so a provisioning retry never replaces identity keys.
+    pub async fn create_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<DeviceKeys, OlmError> {
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        if let Some(slot) = self.slot(&key)? {
+            let keys = device_keys(&slot.lock(), user_id, device_id)?;
+            // It may have been created a moment ago by a call still waiting
+            // for its flush: answer only once that flush is done too.
+            self.store.sync().durable().await?;
+            return Ok(keys);
+        }
+        let mut device = DeviceAccount::new();
+        let write = DeviceWrite {
+            account: device.encode(0)?,
+            ..DeviceWrite::default()
+        };
+        let pending = match self.store.write_device(&key, None, write) {
+            Ok(p) => p,
+            // Lost a race with a concurrent create: the winner's keys stand.
+            Err(bridgekeys_store::StoreError::Conflict { .. }) => {
+                return Box::pin(self.create_device(user_id, device_id)).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        device.version = Some(Version::next(None));
+        let keys = device_keys(&device, user_id, device_id)?;
+        self.slots
+            .entry(key)
+            .or_insert_with(|| Arc::new(Mutex::new(device)));
+        pending.durable().await?;
+        Counters::add(&self.counters.devices_created, 1);
+        tracing::info!(%user_id, %device_id, "created device account");
+        Ok(keys)
+    }
+
+    /// The signed `device_keys` of an existing device.
+    pub fn device_keys(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<DeviceKeys, OlmError> {
+        let slot = self.existing_slot(user_id, device_id)?;
+        let device = slot.lock();
+        device_keys(&device, user_id, device_id)
+    }
+
+    /// The device's identity keys (ed25519, curve25519).
+    pub fn identity_keys(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<vodozemac::olm::IdentityKeys, OlmError> {
+        let slot = self.existing_slot(user_id, device_id)?;
+        let keys = slot.lock().account.identity_keys();
+        Ok(keys)
+    }
+
+    /// Hand out `count` fresh signed one-time keys of a device.
+    ///
+    /// The keys' private halves and the advanced key-id counter are on disk
+    /// before this returns, so a key that was returned can always start a
+    /// session later, and no key id is ever issued twice, whatever crashes.
+    /// Unknown devices are refused, never created on the fly.
+    pub async fn claim(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        algorithm: &OneTimeKeyAlgorithm,
+        count: usize,
+    ) -> Result<Vec<ClaimedKey>, OlmError> {
+        if *algorithm != OneTimeKeyAlgorithm::SignedCurve25519 {
+            return Err(OlmError::UnsupportedAlgorithm(algorithm.to_string()));
+        }
+        let max = self
+            .config
+            .max_keys_per_claim
+            .min(self.config.max_outstanding_keys);
+        if count == 0 || count > max {
+            return Err(OlmError::BadKeyCount {
+                requested: count,
+                max,
+            });
+        }
+        let slot = self.existing_slot(user_id, device_id)?;
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let (claimed, pending) = {
+            let mut device = slot.lock();
+            match self.claim_locked(&mut device, &key, user_id, device_id, count) {
+                Ok(done) => done,
+                Err(e) => {
+                    // The in-memory account may have advanced past the store:
+                    // reload it from the store next time.
+                    self.slots.remove(&key);
+                    return Err(e);
+                }
+            }
+        };
+        pending.durable().await?;
+        Counters::add(&self.counters.claims, 1);
+        Counters::add(&self.counters.keys_issued, claimed.len() as u64);
+        Ok(claimed)
+    }
+
+    fn claim_locked(
+        &self,
+        device: &mut DeviceAccount,
+        key: &DeviceKey,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        count: usize,
+    ) -> Result<(Vec<ClaimedKey>, Pending), OlmError> {
+        device.account.generate_one_time_keys(count);
+        // The account held no one-time keys before, so these are exactly the
+        // new ones. Move each private key out of the account into its own
+        // store record, so the account pickle never grows.
+        let mut fresh: Vec<_> = device.account.one_time_keys().into_iter().collect();
+        fresh.sort_by_key(|(id, _)| *id);
+        let mut records = Vec::with_capacity(fresh.len());
+        let mut claimed = Vec::with_capacity(fresh.len());
+        for (key_id, public_key) in fresh {
+            let secret = device
+                .account
+                .remove_one_time_key(public_key)
+                .ok_or_else(|| OlmError::Corrupt("generated key vanished".into()))?;
+            let mut bytes = secret.to_bytes();
+            let secret_key = Zeroizing::new(*bytes);
+            bytes.zeroize();
+            records.push(OneTimeKeyRecord {
+                key_id: key_id_number(key_id)?,
+                public_key: public_key.to_bytes(),
+                secret_key,
+            });
+            claimed.push(sign_one_time_key(
+                device,
+                user_id,
+                device_id,
+                key_id,
+                &public_key,
+            )?);
+        }
+
+        let total = device.outstanding + count as u64;
+        let excess = total.saturating_sub(self.config.max_outstanding_keys as u64) as usize;
+        let evicted = if excess > 0 {
+            self.store.oldest_one_time_keys(key, excess)?
+        } else {
+            Vec::new()
+        };
+        let outstanding = total - evicted.len() as u64;
+        let write = DeviceWrite {
+            account: device.encode(outstanding)?,
+            add_keys: records,
+            remove_keys: evicted.clone(),
+            sessions: Vec::new(),
+        };
+        let pending = self.store.write_device(key, device.version, write)?;
+        device.version = Some(Version::next(device.version));
+        device.outstanding = outstanding;
+        if !evicted.is_empty() {
+            Counters::add(&self.counters.evicted_keys, evicted.len() as u64);
+            tracing::warn!(
+                %user_id,
+                %device_id,
+                evicted = evicted.len(),
+                oldest_key_id = evicted[0].0,
+                bound = self.config.max_outstanding_keys,
+                "outstanding one-time keys over the bound: evicted the oldest"
+            );
+        }
+        Ok((claimed, pending))
+    }
+
+    /// Create the inbound Olm session a pre-key message starts, and decrypt it.
+    ///
+    /// The one-time key the message used is removed, and the new session
+    /// stored, only if decryption succeeds, and durably before the plaintext
+    /// is returned. A failed decryption changes nothing: the key stays usable.
+    /// A message that used the fallback key consumes nothing; replaying a
+    /// message whose session is already stored is refused.
+    pub async fn decrypt_prekey(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        sender_key: Curve25519PublicKey,
+        message: &PreKeyMessage,
+    ) -> Result<InboundMessage, OlmError> {
+        let slot = self.existing_slot(user_id, device_id)?;
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let (inbound, pending) = {
+            let mut device = slot.lock();
+            match self.decrypt_locked(&mut device, &key, sender_key, message) {
+                Ok(done) => done,
+                Err(e) => {
+                    Counters::add(&self.counters.prekeys_refused, 1);
+                    tracing::debug!(%user_id, %device_id, error = %e, "pre-key message refused");
+                    return Err(e);
+                }
+            }
+        };
+        pending.durable().await?;
+        Counters::add(&self.counters.prekeys_decrypted, 1);
+        Ok(inbound)
+    }
+
+    fn decrypt_locked(
+        &self,
+        device: &mut DeviceAccount,
+        key: &DeviceKey,
+        sender_key: Curve25519PublicKey,
+        message: &PreKeyMessage,
+    ) -> Result<(InboundMessage, Pending), OlmError> {
+        let config = SessionConfig::version_1();
+        let stored = self
+            .store
+            .one_time_key(key, message.one_time_key().as_bytes())?;
+        let result = match &stored {
+            // Decrypt with a throw-away account holding just that key: the
+            // real account is untouched until the write below succeeds.
+            Some(record) => device
+                .with_one_time_key(record.key_id, &record.secret_key)?
+                .create_inbound_session(config, sender_key, message),
+            // Not a one-time key: it may be the fallback key, which the
+            // account holds itself and which decryption does not consume.
+            None => device
+                .account
+                .create_inbound_session(config, sender_key, message),
+        };
+        let created = match result {
+            Ok(created) => created,
+            Err(SessionCreationError::MissingOneTimeKey(_)) => {
+                return Err(OlmError::UnknownOneTimeKey);
+            }
+            Err(e) => return Err(OlmError::Decryption(e)),
+        };
+        let session_id = created.session.session_id();
+        if self.store.load_session(key, &session_id)?.is_some() {
+            return Err(OlmError::Replay);
+        }
+        let pickle = serde_json::to_vec(&created.session.pickle())
+            .map_err(|e| OlmError::Corrupt(format!("cannot serialise session: {e}")))?;
+        let outstanding = device
+            .outstanding
+            .saturating_sub(u64::from(stored.is_some()));
+        let write = DeviceWrite {
+            account: device.encode(outstanding)?,
+            add_keys: Vec::new(),
+            remove_keys: stored.iter().map(|r| (r.key_id, r.public_key)).collect(),
+            sessions: vec![(session_id, Zeroizing::new(pickle))],
+        };
+        let pending = self.store.write_device(key, device.version, write)?;
+        device.version = Some(Version::next(device.version));
+        device.outstanding = outstanding;
+        let inbound = InboundMessage {
+            session: created.session,
+            plaintext: Zeroizing::new(created.plaintext),
+            used_fallback_key: stored.is_none(),
+        };
+        Ok((inbound, pending))
+    }
+
+    /// The slot of an existing device (loading it from the store on first
+    /// use); `UnknownDevice` if it was never created.
+    fn existing_slot(&self, user_id: &UserId, device_id: &DeviceId) -> Result<Slot, OlmError> {
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        self.slot(&key)?.ok_or_else(|| OlmError::UnknownDevice {
+            user_id: user_id.to_string(),
+            device_id: device_id.to_string(),
+        })
+    }
+
+    /// The cached slot, or the device loaded from the store, or `None`.
+    /// Unknown devices never get a slot, so bad input cannot grow the map.
+    fn slot(&self, key: &DeviceKey) -> Result<Option<Slot>, OlmError> {
+        if let Some(slot) = self.slots.get(key) {
+            return Ok(Some(Arc::clone(&slot)));
+        }
+        let Some(record) = self.store.load_account(key)? else {
+            return Ok(None);
+        };
+        let device = DeviceAccount::decode(&record)?;
+        let slot = self
+            .slots
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(device)));
+        Ok(Some(Arc::clone(&slot)))
+    }
+}
+
+fn sign_one_time_key(
+    device: &DeviceAccount,
+    user_id: &UserId,
+    device_id: &DeviceId,
+    key_id: vodozemac::KeyId,
+    public_key: &Curve25519PublicKey,
+) -> Result<ClaimedKey, OlmError> {
+    let mut signed = SignedKey::new(Base64::new(public_key.to_vec()), DeviceSignatures::new());
+    let signature = sign_json(&device.account, &signed)?;
+    signed.signatures.insert_signature(
+        user_id.to_owned(),
+        DeviceSigningKeyId::from_parts(SigningKeyAlgorithm::Ed25519, device_id),
+        signature,
+    );
+    let key_id = OwnedOneTimeKeyId::try_from(format!(
+        "{}:{}",
+        OneTimeKeyAlgorithm::SignedCurve25519,
+        key_id.to_base64()
+    ))
+    .map_err(|e| OlmError::Corrupt(format!("key id: {e}")))?;
+    Ok(ClaimedKey {
+        key_id,
+        key: signed,
+    })
+}
+
+fn device_keys(
+    device: &DeviceAccount,
+    user_id: &UserId,
+    device_id: &DeviceId,
+) -> Result<DeviceKeys, OlmError> {
+    let identity = device.account.identity_keys();
+    let keys = BTreeMap::from([
+        (
+            DeviceKeyId::from_parts(DeviceKeyAlgorithm::Curve25519, device_id),
+            identity.curve25519.to_base64(),
+        ),
+        (
+            DeviceKeyId::from_parts(DeviceKeyAlgorithm::Ed25519, device_id),
+            identity.ed25519.to_base64(),
+        ),
+    ]);
+    let mut device_keys = DeviceKeys::new(
+        user_id.to_owned(),
+        device_id.to_owned(),
+        vec![
+            EventEncryptionAlgorithm::OlmV1Curve25519AesSha2,
+            EventEncryptionAlgorithm::MegolmV1AesSha2,
+        ],
+        keys,
+        CrossSigningOrDeviceSignatures::new(),
+    );
+    let signature = sign_json(&device.account, &device_keys)?;
+    device_keys.signatures.insert_signature(
+        user_id.to_owned(),
+        ruma::CrossSigningOrDeviceSigningKeyId::from_parts(
+            SigningKeyAlgorithm::Ed25519,
+            device_id.as_str().into(),
+        ),
+        signature,
+    );
+    Ok(device_keys)
+}

@@ -1,0 +1,46 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of the account manager since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ManagerStats {
+    /// Claims answered successfully.
+    pub claims: u64,
+    /// One-time keys handed out.
+    pub keys_issued: u64,
+    /// Outstanding keys evicted because a device hit its bound.
+    pub evicted_keys: u64,
+    /// Pre-key messages decrypted (one-time key consumed).
+    pub prekeys_decrypted: u64,
+    /// Pre-key messages refused (unknown key or failed decryption).
+    pub prekeys_refused: u64,
+    /// Devices created.
+    pub devices_created: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub claims: AtomicU64,
+    pub keys_issued: AtomicU64,
+    pub evicted_keys: AtomicU64,
+    pub prekeys_decrypted: AtomicU64,
+    pub prekeys_refused: AtomicU64,
+    pub devices_created: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> ManagerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ManagerStats {
+            claims: get(&self.claims),
+            keys_issued: get(&self.keys_issued),
+            evicted_keys: get(&self.evicted_keys),
+            prekeys_decrypted: get(&self.prekeys_decrypted),
+            prekeys_refused: get(&self.prekeys_refused),
+            devices_created: get(&self.devices_created),
+        }
+    }
+}

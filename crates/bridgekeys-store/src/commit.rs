@@ -1,0 +1,219 @@
+//! Group commit: one thread turns many applied writes into one `fsync`.
+//!
+//! Writers apply their transaction (in memory, fast), then register a waiter.
+//! The flusher thread takes every waiter registered so far, flushes the
+//! database once, and answers them all. A waiter registered during a flush
+//! waits for the next one, so every answer covers its own write: a waiter is
+//! only registered after its write was applied, and the flush that answers it
+//! starts after it was taken.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+};
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::oneshot;
+
+use crate::StoreError;
+
+type FlushResult = Result<(), String>;
+
+/// Counters of the group commit since the store was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Writes that asked for durability.
+    pub writes: u64,
+    /// Flushes (`fsync`s) performed for them.
+    pub flushes: u64,
+}
+
+/// A write that is applied but maybe not yet on disk.
+///
+/// Await [`Pending::durable`] before acknowledging anything that depends on
+/// the write: that is the durability-before-acknowledgement rule.
+#[must_use = "a write is not durable until Pending::durable resolves"]
+pub struct Pending(PendingInner);
+
+enum PendingInner {
+    Waiting(oneshot::Receiver<FlushResult>),
+    Failed(StoreError),
+}
+
+impl Pending {
+    /// Resolves once the write is on disk, or with the error that kept it off.
+    pub async fn durable(self) -> Result<(), StoreError> {
+        match self.0 {
+            PendingInner::Failed(e) => Err(e),
+            PendingInner::Waiting(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(reason)) => Err(StoreError::Durability { reason }),
+                Err(_) => Err(StoreError::Closed),
+            },
+        }
+    }
+}
+
+struct State {
+    waiters: Vec<oneshot::Sender<FlushResult>>,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+}
+
+/// The flusher thread and its queue.
+pub(crate) struct GroupCommit {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl GroupCommit {
+    /// Start the flusher thread over `flush`, the engine's "make everything
+    /// applied so far durable" operation.
+    pub(crate) fn start<F>(flush: F) -> std::io::Result<Self>
+    where
+        F: Fn() -> FlushResult + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                waiters: Vec::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        });
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("bridgekeys-store-flush".into())
+            .spawn(move || flusher(&worker, flush))?;
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Register interest in the next flush. Call after the write was applied.
+    pub(crate) fn pending(&self) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.shared.state.lock();
+        if state.closed {
+            return Pending(PendingInner::Failed(StoreError::Closed));
+        }
+        state.waiters.push(tx);
+        self.shared.writes.fetch_add(1, Ordering::Relaxed);
+        drop(state);
+        self.shared.wake.notify_one();
+        Pending(PendingInner::Waiting(rx))
+    }
+
+    pub(crate) fn stats(&self) -> CommitStats {
+        CommitStats {
+            writes: self.shared.writes.load(Ordering::Relaxed),
+            flushes: self.shared.flushes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Flush what is pending, answer every waiter and stop the thread.
+    pub(crate) fn close(&self) {
+        self.shared.state.lock().closed = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.lock().take() {
+            // A panicking flusher already failed its waiters (their senders
+            // dropped); nothing more to report here.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F) {
+    loop {
+        let batch = {
+            let mut state = shared.state.lock();
+            while state.waiters.is_empty() && !state.closed {
+                shared.wake.wait(&mut state);
+            }
+            if state.waiters.is_empty() {
+                return; // closed and drained
+            }
+            std::mem::take(&mut state.waiters)
+        };
+        let result = flush();
+        shared.flushes.fetch_add(1, Ordering::Relaxed);
+        if let Err(reason) = &result {
+            tracing::error!(%reason, waiters = batch.len(), "store flush failed; writes not acknowledged");
+        }
+        for waiter in batch {
+            // The waiter may have given up (request cancelled): fine.
+            let _ = waiter.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[tokio::test]
+    async fn every_waiter_is_answered_and_flushes_are_shared() {
+        let gc = GroupCommit::start(|| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Ok(())
+        })
+        .expect("thread");
+        let pendings: Vec<_> = (0..200).map(|_| gc.pending()).collect();
+        for p in pendings {
+            p.durable().await.expect("durable");
+        }
+        let stats = gc.stats();
+        assert_eq!(stats.writes, 200);
+        assert!(
+            stats.flushes < 200,
+            "200 concurrent writes took {} flushes",
+            stats.flushes
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_is_reported_to_its_waiters() {
+        let fail = Arc::new(AtomicBool::new(true));
+        let f = Arc::clone(&fail);
+        let gc = GroupCommit::start(move || {
+            if f.load(Ordering::SeqCst) {
+                Err("disk full".into())
+            } else {
+                Ok(())
+            }
+        })
+        .expect("thread");
+        let err = gc.pending().durable().await.expect_err("must fail");
+        assert!(matches!(err, StoreError::Durability { ref reason } if reason == "disk full"));
+        fail.store(false, Ordering::SeqCst);
+        gc.pending().durable().await.expect("next flush succeeds");
+    }
+
+    #[tokio::test]
+    async fn pending_after_close_fails_instead_of_hanging() {
+        let gc = GroupCommit::start(|| Ok(())).expect("thread");
+        gc.close();
+        assert!(matches!(
+            gc.pending().durable().await,
+            Err(StoreError::Closed)
+        ));
+    }
+}

@@ -1,0 +1,55 @@
+//! Where each record lives in the tree. One place, so the layout can be read
+//! (and migrated) at a glance.
+//!
+//! | key | value |
+//! |---|---|
+//! | `m/schema` | schema version, u32 big-endian |
+//! | `m/keycheck` | a sealed constant, to detect a wrong store key |
+//! | `a/<device>` | version u64 BE, then the sealed account |
+//! | `k/<device><key_id u64 BE>` | public key (32 bytes), then the sealed private key |
+//! | `p/<device><public key>` | key id u64 BE (an index: public data only) |
+//! | `s/<device><session id>` | the sealed session pickle |
+//!
+//! `<device>` is [`DeviceKey`]'s length-prefixed encoding, so prefixes of
+//! different devices never overlap. Key ids are big-endian so that a prefix
+//! scan of `k/<device>` yields the oldest key first.
+
+use crate::DeviceKey;
+
+pub(crate) const SCHEMA: &[u8] = b"m/schema";
+pub(crate) const KEY_CHECK: &[u8] = b"m/keycheck";
+pub(crate) const KEY_CHECK_PLAINTEXT: &[u8] = b"bridgekeys store key check v1";
+
+fn join(tag: &[u8], device: &DeviceKey, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tag.len() + device.as_bytes().len() + rest.len());
+    k.extend_from_slice(tag);
+    k.extend_from_slice(device.as_bytes());
+    k.extend_from_slice(rest);
+    k
+}
+
+pub(crate) fn account(device: &DeviceKey) -> Vec<u8> {
+    join(b"a/", device, &[])
+}
+
+/// The slot an account value is sealed to: its key plus its version, so an
+/// old ciphertext cannot be presented as a newer version.
+pub(crate) fn account_slot(device: &DeviceKey, version: u64) -> Vec<u8> {
+    join(b"a/", device, &version.to_be_bytes())
+}
+
+pub(crate) fn otk_prefix(device: &DeviceKey) -> Vec<u8> {
+    join(b"k/", device, &[])
+}
+
+pub(crate) fn otk(device: &DeviceKey, key_id: u64) -> Vec<u8> {
+    join(b"k/", device, &key_id.to_be_bytes())
+}
+
+pub(crate) fn otk_by_public(device: &DeviceKey, public_key: &[u8; 32]) -> Vec<u8> {
+    join(b"p/", device, public_key)
+}
+
+pub(crate) fn session(device: &DeviceKey, session_id: &str) -> Vec<u8> {
+    join(b"s/", device, session_id.as_bytes())
+}

@@ -1,0 +1,95 @@
+//! Durable, encrypted, versioned records that a Matrix bridge must never lose.
+//!
+//! A bridge that hands out one-time keys on demand makes a promise with every
+//! answer: the private half of each key it returned is on disk and will still
+//! be there when the pre-key message arrives. This crate is where that promise
+//! is kept. It knows nothing about Olm; it stores opaque, already-serialised
+//! device state and the one-time keys that belong to it, and guarantees:
+//!
+//! * **Versioned updates.** Every write of a device names the version it read
+//!   ([`Version`]); a lost race is reported as [`StoreError::Conflict`], never
+//!   silently overwritten.
+//! * **Atomicity.** A device's account record, its new one-time keys, removed
+//!   keys and new sessions are written in one transaction: either all of it
+//!   or none of it is visible, after a crash too.
+//! * **Durability before acknowledgement.** A write returns a [`Pending`]
+//!   handle; only when [`Pending::durable`] resolves is the write on disk.
+//!   Concurrent writers share one flush (group commit), so durability does not
+//!   cost one `fsync` per claim.
+//! * **Encryption at rest.** Secret values are sealed with XChaCha20-Poly1305
+//!   under a 32-byte [`StoreKey`] from configuration, bound to the record's
+//!   slot. A wrong key is detected at open time ([`StoreError::WrongKey`]).
+//! * **Single owner.** A second process opening the same store gets
+//!   [`StoreError::Locked`] naming the path.
+//! * **A schema version record**, so the format can migrate later.
+//!
+//! [`SledStore`] is the default backend; the [`Store`] trait is what the
+//! account manager depends on.
+#![deny(missing_docs)]
+
+mod commit;
+mod crypto;
+mod error;
+mod layout;
+mod sled_store;
+mod types;
+
+pub use commit::{CommitStats, Pending};
+pub use crypto::StoreKey;
+pub use error::StoreError;
+pub use sled_store::{SCHEMA_VERSION, SledStore, SledStoreConfig};
+pub use types::{AccountRecord, DeviceKey, DeviceWrite, OneTimeKeyRecord, Version};
+
+/// What the account manager needs from durable storage.
+///
+/// Implementations must honour the guarantees listed in the crate docs:
+/// compare-and-swap versions, atomic device writes, durability signalled
+/// through [`Pending`], and secrets encrypted at rest.
+pub trait Store: Send + Sync + 'static {
+    /// Load the account record of a device, or `None` if it was never created.
+    fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError>;
+
+    /// Atomically apply `write` to a device if its current version is
+    /// `expected` (`None`: the device must not exist yet).
+    ///
+    /// Returns once the write is applied (visible to readers); await
+    /// [`Pending::durable`] before acknowledging anything that depends on it.
+    fn write_device(
+        &self,
+        device: &DeviceKey,
+        expected: Option<Version>,
+        write: DeviceWrite,
+    ) -> Result<Pending, StoreError>;
+
+    /// Find a stored one-time key of a device by its public key.
+    fn one_time_key(
+        &self,
+        device: &DeviceKey,
+        public_key: &[u8; 32],
+    ) -> Result<Option<OneTimeKeyRecord>, StoreError>;
+
+    /// The `limit` oldest (lowest key id) stored one-time keys of a device, as
+    /// `(key_id, public_key)` pairs, oldest first.
+    fn oldest_one_time_keys(
+        &self,
+        device: &DeviceKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
+
+    /// Number of one-time keys stored for a device. Costs a scan of that
+    /// device's keys: meant for tests and operators, not the claim path.
+    fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError>;
+
+    /// Load an Olm session pickle of a device by session id.
+    fn load_session(
+        &self,
+        device: &DeviceKey,
+        session_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+
+    /// Wait until everything written so far is on disk.
+    fn sync(&self) -> Pending;
+
+    /// Counters of the group commit (writes, flushes), for benchmarks and metrics.
+    fn commit_stats(&self) -> CommitStats;
+}

@@ -1,0 +1,369 @@
+//! The default backend: one sled tree, group-committed flushes, sealed values.
+
+use std::path::{Path, PathBuf};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use zeroize::Zeroizing;
+
+use crate::{
+    AccountRecord, CommitStats, DeviceKey, DeviceWrite, OneTimeKeyRecord, Pending, Store,
+    StoreError, StoreKey, Version, commit::GroupCommit, crypto::Sealer, layout,
+};
+
+/// The schema this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// How to open a [`SledStore`].
+#[derive(Clone, Debug)]
+pub struct SledStoreConfig {
+    /// The store directory (created if missing).
+    pub path: PathBuf,
+    /// The key that encrypts the store at rest.
+    pub key: StoreKey,
+    /// sled's page cache size in bytes.
+    pub cache_capacity: u64,
+}
+
+impl SledStoreConfig {
+    /// A configuration with sled's default cache size.
+    pub fn new(path: impl Into<PathBuf>, key: StoreKey) -> Self {
+        Self {
+            path: path.into(),
+            key,
+            cache_capacity: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// The sled-backed [`Store`].
+///
+/// sled's own timer flush is switched off: durability comes from the group
+/// commit thread, which flushes exactly when somebody waits for it.
+pub struct SledStore {
+    path: PathBuf,
+    db: sled::Db,
+    sealer: Sealer,
+    commit: GroupCommit,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SledStore {
+    /// Open (or create) the store at `config.path`.
+    ///
+    /// Fails with [`StoreError::Locked`] if another process holds it,
+    /// [`StoreError::WrongKey`] if it was created with another key and
+    /// [`StoreError::UnsupportedSchema`] if a newer build wrote it. None of
+    /// these failures changes anything on disk.
+    pub fn open(config: SledStoreConfig) -> Result<Self, StoreError> {
+        let path = config.path.clone();
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(config.cache_capacity)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked { path: path.clone() }
+                }
+                other => StoreError::Engine(other),
+            })?;
+        let sealer = config.key.cipher();
+        Self::check_or_init(&db, &sealer, &path)?;
+        let flush_db = db.clone();
+        let commit =
+            GroupCommit::start(move || flush_db.flush().map(|_| ()).map_err(|e| e.to_string()))
+                .map_err(|e| StoreError::Engine(sled::Error::Io(e)))?;
+        Ok(Self {
+            path,
+            db,
+            sealer,
+            commit,
+        })
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_or_init(db: &sled::Db, sealer: &Sealer, path: &Path) -> Result<(), StoreError> {
+        match db.get(layout::SCHEMA)? {
+            None => {
+                // A new store: record schema and key check together, durably.
+                let mut batch = sled::Batch::default();
+                batch.insert(layout::SCHEMA, &SCHEMA_VERSION.to_be_bytes());
+                batch.insert(
+                    layout::KEY_CHECK,
+                    sealer.seal(layout::KEY_CHECK, layout::KEY_CHECK_PLAINTEXT),
+                );
+                db.apply_batch(batch)?;
+                db.flush()?;
+                Ok(())
+            }
+            Some(raw) => {
+                let found = <[u8; 4]>::try_from(raw.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        what: "schema record".into(),
+                    })?;
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::UnsupportedSchema {
+                        path: path.to_owned(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                let check = db
+                    .get(layout::KEY_CHECK)?
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: "key check record missing".into(),
+                    })?;
+                match sealer.open(layout::KEY_CHECK, &check) {
+                    Some(p) if p.as_slice() == layout::KEY_CHECK_PLAINTEXT => Ok(()),
+                    _ => Err(StoreError::WrongKey {
+                        path: path.to_owned(),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Answer every waiter with a final flush before the handle goes.
+        self.commit.close();
+    }
+}
+
+/// A one-time key ready to insert: its record and its public-key index entry.
+struct SealedKey {
+    slot: Vec<u8>,
+    value: Vec<u8>,
+    index: Vec<u8>,
+    id: [u8; 8],
+}
+
+fn version_of(raw: &[u8]) -> Result<(u64, &[u8]), StoreError> {
+    if raw.len() < 8 {
+        return Err(StoreError::Corrupt {
+            what: "account record too short".into(),
+        });
+    }
+    let (v, rest) = raw.split_at(8);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(v);
+    Ok((u64::from_be_bytes(b), rest))
+}
+
+impl Store for SledStore {
+    fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
+        let Some(raw) = self.db.get(layout::account(device))? else {
+            return Ok(None);
+        };
+        let (version, sealed) = version_of(&raw)?;
+        let data = self
+            .sealer
+            .open(&layout::account_slot(device, version), sealed)
+            .ok_or_else(|| StoreError::Corrupt {
+                what: format!("account of {device:?}"),
+            })?;
+        Ok(Some(AccountRecord {
+            version: Version(version),
+            data,
+        }))
+    }
+
+    fn write_device(
+        &self,
+        device: &DeviceKey,
+        expected: Option<Version>,
+        write: DeviceWrite,
+    ) -> Result<Pending, StoreError> {
+        let new_version = Version::next(expected);
+        let account_key = layout::account(device);
+        let mut account_value = new_version.0.to_be_bytes().to_vec();
+        account_value.extend(
+            self.sealer
+                .seal(&layout::account_slot(device, new_version.0), &write.account),
+        );
+
+        // Seal outside the transaction: its closure may run more than once.
+        let added: Vec<SealedKey> = write
+            .add_keys
+            .iter()
+            .map(|k| {
+                let slot = layout::otk(device, k.key_id);
+                let mut value = k.public_key.to_vec();
+                value.extend(self.sealer.seal(&slot, k.secret_key.as_slice()));
+                SealedKey {
+                    index: layout::otk_by_public(device, &k.public_key),
+                    id: k.key_id.to_be_bytes(),
+                    slot,
+                    value,
+                }
+            })
+            .collect();
+        let removed: Vec<(Vec<u8>, Vec<u8>)> = write
+            .remove_keys
+            .iter()
+            .map(|(id, public)| {
+                (
+                    layout::otk(device, *id),
+                    layout::otk_by_public(device, public),
+                )
+            })
+            .collect();
+        let sessions: Vec<(Vec<u8>, Vec<u8>)> = write
+            .sessions
+            .iter()
+            .map(|(id, pickle)| {
+                let slot = layout::session(device, id);
+                let sealed = self.sealer.seal(&slot, pickle);
+                (slot, sealed)
+            })
+            .collect();
+
+        let outcome = self.db.transaction(|tx| {
+            let found = match tx.get(&account_key)? {
+                Some(raw) => Some(Version(
+                    version_of(&raw)
+                        .map_err(ConflictableTransactionError::Abort)?
+                        .0,
+                )),
+                None => None,
+            };
+            if found != expected {
+                return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
+                    expected,
+                    found,
+                }));
+            }
+            tx.insert(account_key.as_slice(), account_value.as_slice())?;
+            for k in &added {
+                tx.insert(k.slot.as_slice(), k.value.as_slice())?;
+                tx.insert(k.index.as_slice(), &k.id[..])?;
+            }
+            for (slot, index) in &removed {
+                tx.remove(slot.as_slice())?;
+                tx.remove(index.as_slice())?;
+            }
+            for (slot, sealed) in &sessions {
+                tx.insert(slot.as_slice(), sealed.as_slice())?;
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => Ok(self.commit.pending()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Engine(e)),
+        }
+    }
+
+    fn one_time_key(
+        &self,
+        device: &DeviceKey,
+        public_key: &[u8; 32],
+    ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
+        let Some(id) = self.db.get(layout::otk_by_public(device, public_key))? else {
+            return Ok(None);
+        };
+        let key_id = <[u8; 8]>::try_from(id.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt {
+                what: "one-time key index".into(),
+            })?;
+        let slot = layout::otk(device, key_id);
+        let Some(raw) = self.db.get(&slot)? else {
+            return Err(StoreError::Corrupt {
+                what: "one-time key index without key".into(),
+            });
+        };
+        if raw.len() < 32 || raw[..32] != public_key[..] {
+            return Err(StoreError::Corrupt {
+                what: "one-time key record".into(),
+            });
+        }
+        let secret = self
+            .sealer
+            .open(&slot, &raw[32..])
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "one-time key secret".into(),
+            })?;
+        let secret_key = Zeroizing::new(<[u8; 32]>::try_from(secret.as_slice()).map_err(|_| {
+            StoreError::Corrupt {
+                what: "one-time key length".into(),
+            }
+        })?);
+        Ok(Some(OneTimeKeyRecord {
+            key_id,
+            public_key: *public_key,
+            secret_key,
+        }))
+    }
+
+    fn oldest_one_time_keys(
+        &self,
+        device: &DeviceKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        let prefix = layout::otk_prefix(device);
+        let mut out = Vec::with_capacity(limit.min(64));
+        for item in self.db.scan_prefix(&prefix).take(limit) {
+            let (k, v) = item?;
+            let id = <[u8; 8]>::try_from(&k[prefix.len()..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    what: "one-time key id".into(),
+                })?;
+            let public = <[u8; 32]>::try_from(v.get(..32).unwrap_or_default()).map_err(|_| {
+                StoreError::Corrupt {
+                    what: "one-time key record".into(),
+                }
+            })?;
+            out.push((id, public));
+        }
+        Ok(out)
+    }
+
+    fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.db.scan_prefix(layout::otk_prefix(device)).keys() {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn load_session(
+        &self,
+        device: &DeviceKey,
+        session_id: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let slot = layout::session(device, session_id);
+        let Some(raw) = self.db.get(&slot)? else {
+            return Ok(None);
+        };
+        self.sealer
+            .open(&slot, &raw)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "session pickle".into(),
+            })
+    }
+
+    fn sync(&self) -> Pending {
+        self.commit.pending()
+    }
+
+    fn commit_stats(&self) -> CommitStats {
+        self.commit.stats()
+    }
+}

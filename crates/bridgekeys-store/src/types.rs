@@ -1,0 +1,102 @@
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+/// Identifies one device of one (puppet) user: the unit the store versions.
+///
+/// The encoding is length-prefixed, so no pair of ids can collide with
+/// another pair, whatever characters they contain.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
+    encoded: Vec<u8>,
+    split: usize,
+}
+
+impl DeviceKey {
+    /// Build the key of `device_id` of `user_id`.
+    ///
+    /// Matrix ids are at most 255 bytes; longer inputs are still encoded
+    /// unambiguously (the lengths are 32-bit).
+    pub fn new(user_id: &str, device_id: &str) -> Self {
+        let mut encoded = Vec::with_capacity(8 + user_id.len() + device_id.len());
+        encoded.extend_from_slice(&(user_id.len() as u32).to_be_bytes());
+        encoded.extend_from_slice(user_id.as_bytes());
+        let split = encoded.len();
+        encoded.extend_from_slice(&(device_id.len() as u32).to_be_bytes());
+        encoded.extend_from_slice(device_id.as_bytes());
+        Self { encoded, split }
+    }
+
+    /// The user id part.
+    pub fn user_id(&self) -> &str {
+        std::str::from_utf8(&self.encoded[4..self.split]).unwrap_or_default()
+    }
+
+    /// The device id part.
+    pub fn device_id(&self) -> &str {
+        std::str::from_utf8(&self.encoded[self.split + 4..]).unwrap_or_default()
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.encoded
+    }
+}
+
+impl fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceKey({} {})", self.user_id(), self.device_id())
+    }
+}
+
+/// The version of a device's account record. Starts at 1 and grows by one
+/// with every write, so a writer can prove it saw the latest state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version(pub u64);
+
+impl Version {
+    /// The version a successful write with `expected` produces.
+    pub fn next(expected: Option<Version>) -> Version {
+        Version(expected.map_or(1, |v| v.0 + 1))
+    }
+}
+
+/// A device's account state as stored: opaque bytes (decrypted) and their version.
+pub struct AccountRecord {
+    /// The version to name in the next [`crate::Store::write_device`].
+    pub version: Version,
+    /// The serialised account, as the account manager wrote it.
+    pub data: Zeroizing<Vec<u8>>,
+}
+
+/// One stored one-time key: its id, public half and (decrypted) private half.
+pub struct OneTimeKeyRecord {
+    /// The key id the key was published under (vodozemac's counter).
+    pub key_id: u64,
+    /// The public Curve25519 key.
+    pub public_key: [u8; 32],
+    /// The private Curve25519 key.
+    pub secret_key: Zeroizing<[u8; 32]>,
+}
+
+impl fmt::Debug for OneTimeKeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OneTimeKeyRecord")
+            .field("key_id", &self.key_id)
+            .field("secret_key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything one atomic write of a device changes.
+#[derive(Default)]
+pub struct DeviceWrite {
+    /// The new serialised account state (always written: it carries the
+    /// key-id counter that must never go back).
+    pub account: Zeroizing<Vec<u8>>,
+    /// One-time keys to add.
+    pub add_keys: Vec<OneTimeKeyRecord>,
+    /// One-time keys to remove, as `(key_id, public_key)`.
+    pub remove_keys: Vec<(u64, [u8; 32])>,
+    /// Olm session pickles to store, as `(session_id, pickle)`.
+    pub sessions: Vec<(String, Zeroizing<Vec<u8>>)>,
+}
