@@ -9,6 +9,7 @@
 //! | `k/<device><key_id u64 BE>` | public key (32 bytes), then the sealed private key |
 //! | `p/<device><public key>` | key id u64 BE (an index: public data only) |
 //! | `s/<device><session id>` | the sealed session pickle |
+//! | `t/<namespace len u32 BE><namespace><txn id>` | empty: a completed homeserver transaction (see `transactions.rs`) |
 //!
 //! `<device>` is [`DeviceKey`]'s length-prefixed encoding, so prefixes of
 //! different devices never overlap. Key ids are big-endian so that a prefix

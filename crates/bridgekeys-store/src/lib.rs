@@ -32,12 +32,14 @@ mod crypto;
 mod error;
 mod layout;
 mod sled_store;
+mod transactions;
 mod types;
 
 pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;
 pub use error::StoreError;
 pub use sled_store::{SCHEMA_VERSION, SledStore, SledStoreConfig};
+pub use transactions::TransactionLog;
 pub use types::{AccountRecord, DeviceKey, DeviceWrite, OneTimeKeyRecord, Version};
 
 /// What the account manager needs from durable storage.

@@ -41,9 +41,9 @@ impl SledStoreConfig {
 /// commit thread, which flushes exactly when somebody waits for it.
 pub struct SledStore {
     path: PathBuf,
-    db: sled::Db,
+    pub(crate) db: sled::Db,
     sealer: Sealer,
-    commit: GroupCommit,
+    pub(crate) commit: GroupCommit,
 }
 
 impl std::fmt::Debug for SledStore {

@@ -1,0 +1,274 @@
+//! Behaviour of the sled store: versions, atomicity, keys, locking, schema.
+#![allow(clippy::unwrap_used)]
+
+use bridgekeys_store::{
+    DeviceKey, DeviceWrite, OneTimeKeyRecord, SCHEMA_VERSION, SledStore, SledStoreConfig, Store,
+    StoreError, StoreKey, Version,
+};
+use zeroize::Zeroizing;
+
+fn open(dir: &std::path::Path, key: &StoreKey) -> Result<SledStore, StoreError> {
+    SledStore::open(SledStoreConfig::new(dir.join("store"), key.clone()))
+}
+
+fn account(bytes: &[u8]) -> DeviceWrite {
+    DeviceWrite {
+        account: Zeroizing::new(bytes.to_vec()),
+        ..DeviceWrite::default()
+    }
+}
+
+fn otk(id: u64, fill: u8) -> OneTimeKeyRecord {
+    OneTimeKeyRecord {
+        key_id: id,
+        public_key: [fill; 32],
+        secret_key: Zeroizing::new([fill ^ 0xff; 32]),
+    }
+}
+
+#[tokio::test]
+async fn stale_version_is_a_conflict_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &StoreKey::generate()).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    store
+        .write_device(&dev, None, account(b"v1"))
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    store
+        .write_device(&dev, Some(Version(1)), account(b"v2"))
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+
+    let mut stale = account(b"stale");
+    stale.add_keys.push(otk(7, 7));
+    let err = store
+        .write_device(&dev, Some(Version(1)), stale)
+        .err()
+        .unwrap();
+    assert!(matches!(
+        err,
+        StoreError::Conflict {
+            expected: Some(Version(1)),
+            found: Some(Version(2))
+        }
+    ));
+    let err = store
+        .write_device(&dev, None, account(b"recreate"))
+        .err()
+        .unwrap();
+    assert!(matches!(
+        err,
+        StoreError::Conflict {
+            expected: None,
+            found: Some(Version(2))
+        }
+    ));
+
+    let rec = store.load_account(&dev).unwrap().unwrap();
+    assert_eq!((rec.version, rec.data.as_slice()), (Version(2), &b"v2"[..]));
+    assert!(
+        store.one_time_key(&dev, &[7; 32]).unwrap().is_none(),
+        "a refused write added a key"
+    );
+}
+
+#[tokio::test]
+async fn keys_are_added_and_removed_atomically_with_the_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let dev = DeviceKey::new("@a:x", "D");
+    {
+        let store = open(dir.path(), &key).unwrap();
+        let mut w = account(b"one");
+        w.add_keys = vec![otk(1, 1), otk(2, 2), otk(3, 3)];
+        store
+            .write_device(&dev, None, w)
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+        let mut w = account(b"two");
+        w.remove_keys = vec![(1, [1; 32])];
+        w.sessions = vec![("sess".into(), Zeroizing::new(b"pickle".to_vec()))];
+        store
+            .write_device(&dev, Some(Version(1)), w)
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+    }
+    // Reopened: the durable state is all there.
+    let store = open(dir.path(), &key).unwrap();
+    assert!(store.one_time_key(&dev, &[1; 32]).unwrap().is_none());
+    let k2 = store.one_time_key(&dev, &[2; 32]).unwrap().unwrap();
+    assert_eq!((k2.key_id, *k2.secret_key), (2, [2 ^ 0xff; 32]));
+    assert_eq!(
+        store.oldest_one_time_keys(&dev, 1).unwrap(),
+        vec![(2, [2; 32])]
+    );
+    assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
+    assert_eq!(
+        store
+            .load_session(&dev, "sess")
+            .unwrap()
+            .unwrap()
+            .as_slice(),
+        b"pickle"
+    );
+    assert_eq!(
+        store.load_account(&dev).unwrap().unwrap().data.as_slice(),
+        b"two"
+    );
+}
+
+#[tokio::test]
+async fn devices_with_prefix_related_ids_do_not_see_each_others_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &StoreKey::generate()).unwrap();
+    let a = DeviceKey::new("@a:x", "D");
+    let b = DeviceKey::new("@a:x", "DD");
+    let mut w = account(b"a");
+    w.add_keys = vec![otk(1, 1)];
+    store
+        .write_device(&a, None, w)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    store
+        .write_device(&b, None, account(b"b"))
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert_eq!(store.count_one_time_keys(&b).unwrap(), 0);
+    assert!(store.one_time_key(&b, &[1; 32]).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_concurrent_write_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let store = std::sync::Arc::new(open(dir.path(), &key).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..256 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let dev = DeviceKey::new("@a:x", &format!("D{i}"));
+            store
+                .write_device(&dev, None, account(b"x"))
+                .unwrap()
+                .durable()
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.commit_stats().writes, 256);
+    drop(std::sync::Arc::try_unwrap(store).ok().unwrap());
+    let store = open(dir.path(), &key).unwrap();
+    for i in 0..256 {
+        let dev = DeviceKey::new("@a:x", &format!("D{i}"));
+        assert!(
+            store.load_account(&dev).unwrap().is_some(),
+            "device {i} lost"
+        );
+    }
+}
+
+#[test]
+fn wrong_key_is_refused_clearly_and_the_store_still_opens_with_the_right_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    drop(open(dir.path(), &key).unwrap());
+    let err = open(dir.path(), &StoreKey::generate()).unwrap_err();
+    assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+    assert!(err.to_string().contains("different store key"), "{err}");
+    open(dir.path(), &key).expect("right key opens");
+}
+
+#[test]
+fn second_open_of_the_same_store_fails_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let first = open(dir.path(), &key).unwrap();
+    let err = open(dir.path(), &key).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&dir.path().join("store").display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("another process"), "{message}");
+    drop(first);
+    open(dir.path(), &key).expect("opens once the first handle is gone");
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    drop(open(dir.path(), &key).unwrap());
+    {
+        let raw = sled::open(dir.path().join("store")).unwrap();
+        raw.insert("m/schema", &(SCHEMA_VERSION + 1).to_be_bytes())
+            .unwrap();
+        raw.flush().unwrap();
+    }
+    let err = open(dir.path(), &key).unwrap_err();
+    assert!(
+        matches!(err, StoreError::UnsupportedSchema { found, supported, .. } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn sealed_values_do_not_appear_in_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = b"PLAINTEXT-ACCOUNT-MARKER-0123456789";
+    let secret = [0x5a; 32];
+    {
+        let store = open(dir.path(), &StoreKey::generate()).unwrap();
+        let dev = DeviceKey::new("@a:x", "D");
+        let mut w = account(marker);
+        w.add_keys = vec![OneTimeKeyRecord {
+            key_id: 1,
+            public_key: [1; 32],
+            secret_key: Zeroizing::new(secret),
+        }];
+        store
+            .write_device(&dev, None, w)
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+    }
+    let bytes = all_file_bytes(&dir.path().join("store"));
+    assert!(!bytes.is_empty());
+    assert!(!contains(&bytes, marker), "account plaintext on disk");
+    assert!(!contains(&bytes, &secret), "secret key on disk");
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn all_file_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_file_bytes(&path));
+        } else {
+            out.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}
