@@ -1,1 +1,162 @@
-fn main() {}
+//! `bridgekeys-bench`: benchmarks that print figures (and write JSON), and
+//! the crash torture.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bridgekeys_bench::{crash, manager};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks and torture runs of bridgekeys")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Raw vodozemac generate+sign keys/s against durable manager claims/s.
+    Manager {
+        /// Provisioned puppet devices.
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Concurrent claimers.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Claims to measure (1 key each).
+        #[arg(long, default_value_t = 40_000)]
+        claims: usize,
+        /// Seconds per raw crypto measurement.
+        #[arg(long, default_value_t = 3.0)]
+        raw_seconds: f64,
+        /// Directory for the store (on the disk you want measured).
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Kill a claiming child with SIGKILL N times; check no key is reused or lost.
+    Crash {
+        /// Kill/restart cycles.
+        #[arg(long, default_value_t = 100)]
+        cycles: usize,
+        /// Puppet devices the child claims for.
+        #[arg(long, default_value_t = 8)]
+        devices: usize,
+        /// Kill after a random number of keys up to this.
+        #[arg(long, default_value_t = 300)]
+        max_keys_before_kill: usize,
+        /// Seed of the kill schedule (random if absent).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Directory for the store.
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// (internal) the claiming child of `crash`.
+    #[command(hide = true)]
+    CrashChild {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        devices: usize,
+    },
+}
+
+fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(&path, serde_json::to_string_pretty(value)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().scenario {
+        Scenario::Manager {
+            devices,
+            concurrency,
+            claims,
+            raw_seconds,
+            dir,
+            json,
+        } => {
+            let config = manager::ManagerBench {
+                devices,
+                concurrency,
+                claims,
+                raw_seconds,
+                dir,
+            };
+            let r = manager::run(&config).await?;
+            println!("scenario: manager ({} cores)", r.threads);
+            println!(
+                "  raw vodozemac generate+sign, 1 thread   {:>10.0} keys/s",
+                r.raw_keys_per_s_1t
+            );
+            println!(
+                "  raw vodozemac generate+sign, all cores  {:>10.0} keys/s",
+                r.raw_keys_per_s_all
+            );
+            println!(
+                "  provisioned devices                     {:>10} in {:.1} s",
+                r.devices, r.provision_s
+            );
+            println!(
+                "  durable manager claims ({} claimers)    {:>10.0} claims/s",
+                r.concurrency, r.manager_claims_per_s
+            );
+            println!(
+                "  claim latency p50 / p99                 {:>7.2} / {:.2} ms",
+                r.manager_p50_ms, r.manager_p99_ms
+            );
+            println!(
+                "  claims per fsync (group commit)         {:>10.1}",
+                r.claims_per_flush
+            );
+            println!(
+                "  ratio manager / raw (all cores)         {:>10.2}",
+                r.ratio_to_raw
+            );
+            write_json(json, &r)
+        }
+        Scenario::Crash {
+            cycles,
+            devices,
+            max_keys_before_kill,
+            seed,
+            dir,
+            json,
+        } => {
+            let exe = std::env::current_exe()?;
+            let config = crash::CrashConfig {
+                cycles,
+                devices,
+                max_keys_before_kill,
+                exe,
+                dir,
+                seed,
+            };
+            let r = crash::run(&config).await?;
+            println!("scenario: crash (seed {})", r.seed);
+            println!("  SIGKILL cycles survived                 {:>10}", r.cycles);
+            println!(
+                "  keys reported, all verified after kill  {:>10} / {}",
+                r.keys_reported, r.keys_verified
+            );
+            println!(
+                "  second open while held refused          {:>10}",
+                r.second_open_refused
+            );
+            write_json(json, &r)
+        }
+        Scenario::CrashChild { dir, devices } => crash::child(dir, devices).await,
+    }
+}

@@ -1,0 +1,294 @@
+//! Crash torture: a child process claims keys in a loop and is killed with
+//! SIGKILL at random moments; after every kill the parent reopens the store
+//! and checks the two promises of the claim path:
+//!
+//! * no key id was ever issued twice for a device, across all restarts;
+//! * every key the child reported as returned (it reports only after the
+//!   claim returned, i.e. after the durable write) still starts an Olm
+//!   session: its private half survived the kill.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
+};
+
+use bridgekeys_store::{StoreError, StoreKey};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use ruma::OneTimeKeyAlgorithm;
+use vodozemac::Curve25519PublicKey;
+
+use crate::support::{open_manager, prekey_message, public_key, puppet};
+
+/// Environment variable that carries the store key to the child (hex).
+pub const KEY_ENV: &str = "BRIDGEKEYS_CRASH_STORE_KEY";
+
+/// Knobs of a crash run.
+#[derive(Clone, Debug)]
+pub struct CrashConfig {
+    /// How many kill/restart cycles.
+    pub cycles: usize,
+    /// Puppet devices the child claims for.
+    pub devices: usize,
+    /// Kill after a random number of reported keys in `1..=max_keys_before_kill`.
+    pub max_keys_before_kill: usize,
+    /// The `bridgekeys-bench` executable (the child runs `crash-child`).
+    pub exe: PathBuf,
+    /// Where the store goes (a temporary directory inside it).
+    pub dir: PathBuf,
+    /// Seed of the kill schedule (random if `None`); printed for replays.
+    pub seed: Option<u64>,
+}
+
+/// What a crash run saw.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CrashReport {
+    /// Cycles completed.
+    pub cycles: usize,
+    /// Keys the children reported as returned.
+    pub keys_reported: usize,
+    /// Of those, keys that started an Olm session after the kill (all of them, or the run fails).
+    pub keys_verified: usize,
+    /// Whether a second open of the store while the child held it failed with `Locked`.
+    pub second_open_refused: bool,
+    /// The seed of the kill schedule.
+    pub seed: u64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> anyhow::Result<[u8; 32]> {
+    anyhow::ensure!(s.len() == 64, "store key must be 64 hex digits");
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)?;
+    }
+    Ok(out)
+}
+
+/// One line the child printed, complete (newline-terminated).
+enum Report {
+    Ready,
+    Key {
+        device: usize,
+        key_id: String,
+        public_key: Curve25519PublicKey,
+    },
+}
+
+fn parse(line: &str) -> anyhow::Result<Report> {
+    let mut parts = line.split_whitespace();
+    match parts.next() {
+        Some("READY") => Ok(Report::Ready),
+        Some("KEY") => {
+            let device = parts
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("no device"))?
+                .parse()?;
+            let key_id = parts
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("no key id"))?
+                .to_owned();
+            let public_key = Curve25519PublicKey::from_base64(
+                parts.next().ok_or_else(|| anyhow::anyhow!("no key"))?,
+            )?;
+            Ok(Report::Key {
+                device,
+                key_id,
+                public_key,
+            })
+        }
+        _ => anyhow::bail!("unexpected child output {line:?}"),
+    }
+}
+
+/// Run the torture. Fails (with the reason) on the first broken promise.
+pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
+    let seed = config.seed.unwrap_or_else(rand::random);
+    let mut rng = StdRng::seed_from_u64(seed);
+    std::fs::create_dir_all(&config.dir)?;
+    let dir = tempfile::tempdir_in(&config.dir)?;
+    let key = StoreKey::generate();
+    let mut issued: HashMap<usize, HashSet<String>> = HashMap::new();
+    let mut report = CrashReport {
+        seed,
+        ..CrashReport::default()
+    };
+
+    for cycle in 0..config.cycles {
+        let mut child = Command::new(&config.exe)
+            .arg("crash-child")
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--devices")
+            .arg(config.devices.to_string())
+            .env(KEY_ENV, hex(key.as_bytes()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no child stdout"))?;
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let reader = std::thread::spawn(move || {
+            let mut stdout = BufReader::new(stdout);
+            loop {
+                let mut line = Vec::new();
+                match stdout.read_until(b'\n', &mut line) {
+                    // A line cut by the kill has no newline: it was never
+                    // fully reported, so it does not count.
+                    Ok(n) if n > 0 && line.ends_with(b"\n") => {
+                        if tx.send(line).is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
+
+        let kill_after = rng.gen_range(1..=config.max_keys_before_kill);
+        let mut keys = Vec::new();
+        let mut ready = false;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while keys.len() < kill_after {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(wait) {
+                Ok(line) => line,
+                Err(e) => {
+                    let _ = child.kill();
+                    anyhow::bail!(
+                        "cycle {cycle}: child stopped reporting ({e}) after {} keys",
+                        keys.len()
+                    );
+                }
+            };
+            match parse(std::str::from_utf8(&line)?)? {
+                Report::Ready => ready = true,
+                Report::Key {
+                    device,
+                    key_id,
+                    public_key,
+                } => keys.push((device, key_id, public_key)),
+            }
+        }
+        anyhow::ensure!(ready, "cycle {cycle}: child reported keys before READY");
+        if cycle == 0 {
+            // The child holds the store: a second process must be refused clearly.
+            match open_manager(dir.path(), &key) {
+                Err(StoreError::Locked { path }) => {
+                    anyhow::ensure!(path.starts_with(dir.path()), "Locked names {path:?}");
+                    report.second_open_refused = true;
+                }
+                Err(e) => anyhow::bail!("second open failed with the wrong error: {e}"),
+                Ok(_) => anyhow::bail!("second open of a held store succeeded"),
+            }
+        }
+        // A random moment inside the claim loop.
+        std::thread::sleep(Duration::from_micros(rng.gen_range(0..3000)));
+        child.kill()?; // SIGKILL on Unix
+        child.wait()?;
+        let _ = reader.join();
+        for line in rx.try_iter() {
+            if let Report::Key {
+                device,
+                key_id,
+                public_key,
+            } = parse(std::str::from_utf8(&line)?)?
+            {
+                keys.push((device, key_id, public_key));
+            }
+        }
+
+        let manager = Arc::new(open_manager(dir.path(), &key)?);
+        let mut checks = tokio::task::JoinSet::new();
+        for (device, key_id, otk) in keys {
+            anyhow::ensure!(
+                issued.entry(device).or_default().insert(key_id.clone()),
+                "cycle {cycle}: key id {key_id} of device {device} was issued twice"
+            );
+            let manager = manager.clone();
+            checks.spawn(async move {
+                let (user, device_id) = puppet(device)?;
+                let identity = manager.identity_keys(&user, &device_id)?;
+                let (sender, message) = prekey_message(identity.curve25519, otk, "after the kill")?;
+                let inbound = manager
+                    .decrypt_prekey(&user, &device_id, sender, &message)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("key {key_id} of device {device} lost: {e}"))?;
+                anyhow::ensure!(inbound.plaintext.as_slice() == b"after the kill");
+                anyhow::Ok(())
+            });
+            report.keys_reported += 1;
+        }
+        while let Some(result) = checks.join_next().await {
+            result??;
+            report.keys_verified += 1;
+        }
+        drop(manager);
+        report.cycles += 1;
+    }
+    Ok(report)
+}
+
+/// The child: claim keys for random devices until killed (or a bounded
+/// number of claims), reporting each key after its claim returned.
+pub async fn child(dir: PathBuf, devices: usize) -> anyhow::Result<()> {
+    let key = StoreKey::new(unhex(&std::env::var(KEY_ENV)?)?);
+    let manager = Arc::new(open_manager(&dir, &key)?);
+    for i in 0..devices {
+        let (user, device) = puppet(i)?;
+        manager.create_device(&user, &device).await?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY")?;
+    out.flush()?;
+    drop(out);
+
+    // Several claimers at once, so the kill lands amid concurrent writes.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for worker in 0..4u64 {
+        let (manager, tx) = (manager.clone(), tx.clone());
+        tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(rand::random::<u64>() ^ worker);
+            for _ in 0..250_000 {
+                let device = rng.gen_range(0..devices);
+                let (user, device_id) = puppet(device)?;
+                let count = rng.gen_range(1..=3);
+                let keys = manager
+                    .claim(
+                        &user,
+                        &device_id,
+                        &OneTimeKeyAlgorithm::SignedCurve25519,
+                        count,
+                    )
+                    .await?;
+                for k in keys {
+                    let line = format!(
+                        "KEY {device} {} {}\n",
+                        k.key_id,
+                        public_key(&k)?.to_base64()
+                    );
+                    if tx.send(line).is_err() {
+                        return anyhow::Ok(());
+                    }
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    drop(tx);
+    let mut out = std::io::stdout().lock();
+    while let Some(line) = rx.recv().await {
+        out.write_all(line.as_bytes())?;
+        out.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Benchmarks and torture runs of bridgekeys.
+//!
+//! Each scenario is a function returning a report that the binary prints as
+//! a table and, with `--json`, writes as one JSON object. The crash torture
+//! lives here too so that `cargo test` (a short run) and
+//! `bridgekeys-bench crash --cycles N` (the long run) share one implementation.
+
+pub mod crash;
+pub mod manager;
+pub mod support;

@@ -1,0 +1,176 @@
+//! The `manager` scenario: raw vodozemac generate+sign throughput against
+//! durable account-manager claims, measured in the same run.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bridgekeys_olm::sign_json;
+use bridgekeys_store::StoreKey;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use ruma::OneTimeKeyAlgorithm;
+use serde::Serialize;
+use vodozemac::olm::Account;
+
+use crate::support::{open_manager, percentile_ms, puppet};
+
+/// Knobs of the `manager` scenario.
+#[derive(Clone, Debug)]
+pub struct ManagerBench {
+    /// Provisioned puppet devices.
+    pub devices: usize,
+    /// Concurrent claimers.
+    pub concurrency: usize,
+    /// Claims to measure (1 key each).
+    pub claims: usize,
+    /// Seconds per raw measurement.
+    pub raw_seconds: f64,
+    /// Where the store goes (a temporary directory inside it).
+    pub dir: std::path::PathBuf,
+}
+
+/// Figures of one `manager` run.
+#[derive(Debug, Serialize)]
+pub struct ManagerReport {
+    /// Cores (threads) used for the all-core raw figure.
+    pub threads: usize,
+    /// vodozemac generate + sign, keys/s on one thread.
+    pub raw_keys_per_s_1t: f64,
+    /// vodozemac generate + sign, keys/s on all cores.
+    pub raw_keys_per_s_all: f64,
+    /// Devices provisioned.
+    pub devices: usize,
+    /// Seconds to provision them (durably).
+    pub provision_s: f64,
+    /// Concurrent claimers.
+    pub concurrency: usize,
+    /// Claims measured.
+    pub claims: usize,
+    /// Durable claims per second (1 key each).
+    pub manager_claims_per_s: f64,
+    /// Median claim latency.
+    pub manager_p50_ms: f64,
+    /// 99th percentile claim latency.
+    pub manager_p99_ms: f64,
+    /// Claims answered per `fsync` (group commit at work).
+    pub claims_per_flush: f64,
+    /// manager_claims_per_s / raw_keys_per_s_all.
+    pub ratio_to_raw: f64,
+}
+
+/// Keys per second of the bare crypto: generate one OTK, sign its canonical
+/// `{"key": ...}` object, mark it published; on `threads` threads.
+pub fn raw_keys_per_s(threads: usize, seconds: f64) -> f64 {
+    let deadline = Duration::from_secs_f64(seconds);
+    let total: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut account = Account::new();
+                    let start = Instant::now();
+                    let mut n = 0usize;
+                    while start.elapsed() < deadline {
+                        for _ in 0..64 {
+                            account.generate_one_time_keys(1);
+                            for (_, key) in account.one_time_keys() {
+                                let object = serde_json::json!({ "key": key.to_base64() });
+                                if sign_json(&account, &object).is_ok() {
+                                    n += 1;
+                                }
+                            }
+                            account.mark_keys_as_published();
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+    });
+    total as f64 / seconds
+}
+
+/// Run the scenario.
+pub async fn run(config: &ManagerBench) -> anyhow::Result<ManagerReport> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let raw_1t = raw_keys_per_s(1, config.raw_seconds);
+    let raw_all = raw_keys_per_s(threads, config.raw_seconds);
+
+    std::fs::create_dir_all(&config.dir)?;
+    let dir = tempfile::tempdir_in(&config.dir)?;
+    let manager = Arc::new(open_manager(dir.path(), &StoreKey::generate())?);
+
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..config.concurrency {
+        let (manager, next, devices) = (manager.clone(), next.clone(), config.devices);
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= devices {
+                    return anyhow::Ok(());
+                }
+                let (user, device) = puppet(i)?;
+                manager.create_device(&user, &device).await?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let provision_s = started.elapsed().as_secs_f64();
+
+    let flushes_before = manager.store().commit_stats().flushes;
+    let remaining = Arc::new(AtomicUsize::new(config.claims));
+    let started = Instant::now();
+    let mut claimers = tokio::task::JoinSet::new();
+    for _ in 0..config.concurrency {
+        let (manager, remaining, devices) = (manager.clone(), remaining.clone(), config.devices);
+        claimers.spawn(async move {
+            let mut rng = StdRng::from_entropy();
+            let mut latencies = Vec::new();
+            while remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let (user, device) = puppet(rng.gen_range(0..devices))?;
+                let t = Instant::now();
+                let keys = manager
+                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
+                    .await?;
+                latencies.push(t.elapsed());
+                anyhow::ensure!(keys.len() == 1, "claim returned {} keys", keys.len());
+            }
+            Ok(latencies)
+        });
+    }
+    let mut latencies = Vec::with_capacity(config.claims);
+    while let Some(r) = claimers.join_next().await {
+        latencies.extend(r??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let flushes = manager.store().commit_stats().flushes - flushes_before;
+    latencies.sort();
+    let claims_per_s = latencies.len() as f64 / elapsed;
+    Ok(ManagerReport {
+        threads,
+        raw_keys_per_s_1t: raw_1t,
+        raw_keys_per_s_all: raw_all,
+        devices: config.devices,
+        provision_s,
+        concurrency: config.concurrency,
+        claims: latencies.len(),
+        manager_claims_per_s: claims_per_s,
+        manager_p50_ms: percentile_ms(&latencies, 50.0),
+        manager_p99_ms: percentile_ms(&latencies, 99.0),
+        claims_per_flush: latencies.len() as f64 / flushes.max(1) as f64,
+        ratio_to_raw: claims_per_s / raw_all,
+    })
+}
