@@ -1,0 +1,167 @@
+//! `POST /_matrix/app/v1/keys/claim` (MSC3983) and its unstable paths: hand
+//! out fresh signed one-time keys of puppet devices.
+//!
+//! Wire shape:
+//!
+//! ```jsonc
+//! // request: the algorithm repeated once per key wanted
+//! {"@alice:hs": {"DEVICE": ["signed_curve25519", "signed_curve25519"]}}
+//! // response: only the devices served
+//! {"@alice:hs": {"DEVICE": {"signed_curve25519:AAAAHg": {"key": "...", "signatures": {...}}}}}
+//! ```
+//!
+//! Served: users in the exclusive namespace, devices the bridge provisioned
+//! (the account manager knows them), algorithm `signed_curve25519`.
+//! Everything else is left out of the response, never created on the fly:
+//! the homeserver fills the gap with the device's fallback key. A request
+//! over the per-device or per-request cap is refused whole (400
+//! `M_INVALID_PARAM`) before any key is generated.
+//!
+//! Every key in a 200 was durably stored first: the account manager returns
+//! keys only after its write is flushed; a device whose claim failed is left
+//! out. Devices are claimed in parallel (bounded by
+//! [`crate::Limits::claim_concurrency`]) on the runtime's worker threads.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use axum::{Json, extract::State};
+use bridgekeys_olm::OlmError;
+use ruma::{
+    OneTimeKeyAlgorithm, OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, encryption::SignedKey,
+};
+use tokio::{sync::Semaphore, task::JoinSet};
+
+use crate::{BridgeHandler, MatrixError, body::MatrixJson, server::Inner};
+
+/// The request: user id -> device id -> one algorithm name per key.
+///
+/// Ids stay strings here so that one malformed id cannot fail the whole
+/// claim: it is simply not ours and is left out.
+pub type ClaimRequest = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+/// The response: user id -> device id -> `signed_curve25519:<id>` -> key.
+pub type ClaimResponse =
+    BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, BTreeMap<OwnedOneTimeKeyId, SignedKey>>>;
+
+struct Job {
+    user_id: OwnedUserId,
+    device_id: OwnedDeviceId,
+    count: usize,
+}
+
+/// Check the caps and pick the devices to serve. Pure: nothing is touched
+/// before every cap has passed.
+fn plan(
+    request: ClaimRequest,
+    inner: &Inner<impl BridgeHandler>,
+) -> Result<(Vec<Job>, u64), MatrixError> {
+    let limits = &inner.config.limits;
+    let devices: usize = request.values().map(BTreeMap::len).sum();
+    if devices > limits.max_devices_per_claim {
+        return Err(MatrixError::invalid_param(format!(
+            "a claim may name at most {} devices, not {devices}",
+            limits.max_devices_per_claim
+        )));
+    }
+    if let Some(n) = request
+        .values()
+        .flat_map(BTreeMap::values)
+        .map(Vec::len)
+        .find(|&n| n > limits.max_keys_per_device)
+    {
+        return Err(MatrixError::invalid_param(format!(
+            "a claim may ask for at most {} keys per device, not {n}",
+            limits.max_keys_per_device
+        )));
+    }
+    let wanted = OneTimeKeyAlgorithm::SignedCurve25519.to_string();
+    let mut jobs = Vec::new();
+    let mut skipped = 0u64;
+    for (user, device_map) in request {
+        let user_id = match OwnedUserId::try_from(user.as_str()) {
+            Ok(u) if inner.config.namespace.contains(&u) => u,
+            _ => {
+                skipped += device_map.len() as u64;
+                continue;
+            }
+        };
+        for (device, algorithms) in device_map {
+            let count = algorithms.iter().filter(|a| **a == wanted).count();
+            if count == 0 || device.is_empty() {
+                skipped += 1;
+                continue;
+            }
+            jobs.push(Job {
+                user_id: user_id.clone(),
+                device_id: device.into(),
+                count,
+            });
+        }
+    }
+    Ok((jobs, skipped))
+}
+
+/// The handler of all three claim paths.
+pub(crate) async fn claim<H: BridgeHandler>(
+    State(inner): State<Arc<Inner<H>>>,
+    MatrixJson(request): MatrixJson<ClaimRequest>,
+) -> Result<Json<ClaimResponse>, MatrixError> {
+    let started = Instant::now();
+    let (jobs, mut skipped) = plan(request, &inner)?;
+    let permits = Arc::new(Semaphore::new(inner.config.limits.claim_concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    for job in jobs {
+        let manager = Arc::clone(&inner.manager);
+        let permits = Arc::clone(&permits);
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let result = manager
+                .claim(
+                    &job.user_id,
+                    &job.device_id,
+                    &OneTimeKeyAlgorithm::SignedCurve25519,
+                    job.count,
+                )
+                .await;
+            (job, result)
+        });
+    }
+    let mut response = ClaimResponse::new();
+    let mut issued = 0u64;
+    while let Some(joined) = tasks.join_next().await {
+        let (job, result) =
+            joined.map_err(|e| MatrixError::internal(format!("claim task failed: {e}")))?;
+        match result {
+            Ok(keys) => {
+                issued += keys.len() as u64;
+                response.entry(job.user_id).or_default().insert(
+                    job.device_id,
+                    keys.into_iter().map(|k| (k.key_id, k.key)).collect(),
+                );
+            }
+            Err(OlmError::UnknownDevice { .. }) => skipped += 1,
+            Err(e) => {
+                skipped += 1;
+                inner
+                    .metrics
+                    .errors
+                    .with_label_values(&["claim_device"])
+                    .inc();
+                tracing::warn!(user_id = %job.user_id, device_id = %job.device_id, error = %e,
+                    "claim for a device failed; left out (the homeserver uses the fallback key)");
+            }
+        }
+    }
+    inner.metrics.claims.inc();
+    inner.metrics.keys_issued.inc_by(issued);
+    inner.metrics.claim_devices_refused.inc_by(skipped);
+    inner
+        .metrics
+        .observe_evictions(inner.manager.stats().evicted_keys);
+    inner
+        .metrics
+        .claim_seconds
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(issued, skipped, "claim answered");
+    Ok(Json(response))
+}

@@ -1,0 +1,102 @@
+//! What the listener needs to know: the token, the namespace, the limits.
+
+use std::time::Duration;
+
+use ruma::{OwnedDeviceId, ServerName};
+use zeroize::Zeroizing;
+
+use crate::{AppserviceError, Registration, UserNamespace};
+
+/// The `hs_token`: the secret the homeserver presents on every request.
+///
+/// Kept zeroized and never printed (`Debug` redacts it).
+#[derive(Clone)]
+pub struct HsToken(Zeroizing<String>);
+
+impl HsToken {
+    /// Wrap a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(Zeroizing::new(token.into()))
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for HsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HsToken(<redacted>)")
+    }
+}
+
+/// Bounds on what one request may cost.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request body accepted; larger gets 413 `M_TOO_LARGE`. Synapse
+    /// sends at most 100 events and 100 to-device messages per transaction.
+    pub max_body_bytes: usize,
+    /// A request running longer is answered 503 and its work abandoned (a
+    /// claim's keys that were not returned are simply never used; a
+    /// transaction is not recorded, so the homeserver retries). Keep it below
+    /// Synapse's 60 s so the homeserver sees our answer, not its own timeout.
+    pub request_timeout: Duration,
+    /// Most keys one claim may ask for per device (the algorithm repeated);
+    /// a request over it is refused whole with 400 `M_INVALID_PARAM` before
+    /// anything is generated. Synapse asks for at most 5 per device.
+    pub max_keys_per_device: usize,
+    /// Most devices one claim may name in total.
+    pub max_devices_per_claim: usize,
+    /// Most devices of one claim served at the same time.
+    pub claim_concurrency: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            request_timeout: Duration::from_secs(50),
+            max_keys_per_device: 20,
+            max_devices_per_claim: 10_000,
+            claim_concurrency: 64,
+        }
+    }
+}
+
+/// Configuration of an [`crate::Appservice`].
+#[derive(Clone, Debug)]
+pub struct AppserviceConfig {
+    /// The token the homeserver must present.
+    pub hs_token: HsToken,
+    /// The users the bridge answers for (claims, user queries, pre-key
+    /// decryption).
+    pub namespace: UserNamespace,
+    /// Separates this appservice's transaction ids in the dedup log (the
+    /// registration `id`).
+    pub txn_namespace: String,
+    /// The device id given to a puppet accepted by a user query when the
+    /// bridge's handler names none. One fixed id per puppet keeps
+    /// provisioning idempotent across retries and restarts.
+    pub puppet_device_id: OwnedDeviceId,
+    /// Request bounds.
+    pub limits: Limits,
+}
+
+/// The default puppet device id, `BRIDGEKEYS`.
+pub const DEFAULT_PUPPET_DEVICE_ID: &str = "BRIDGEKEYS";
+
+impl AppserviceConfig {
+    /// The configuration a registration implies, with default limits.
+    pub fn from_registration(
+        registration: &Registration,
+        server_name: &ServerName,
+    ) -> Result<Self, AppserviceError> {
+        Ok(Self {
+            hs_token: HsToken::new(registration.hs_token.clone()),
+            namespace: UserNamespace::from_registration(registration, server_name)?,
+            txn_namespace: registration.id.clone(),
+            puppet_device_id: DEFAULT_PUPPET_DEVICE_ID.into(),
+            limits: Limits::default(),
+        })
+    }
+}

@@ -1,0 +1,74 @@
+//! The trait a bridge implements: what to do with transactions and queries.
+
+use std::future::Future;
+
+use ruma::{OwnedDeviceId, RoomAliasId, UserId};
+
+use crate::transactions::Transaction;
+
+/// A bridge's handler failed. The listener answers 500 `M_UNKNOWN` and does
+/// not record the transaction, so the homeserver retries it.
+#[derive(Debug, thiserror::Error)]
+#[error("bridge handler failed: {0}")]
+pub struct HandlerError(pub String);
+
+impl HandlerError {
+    /// A handler error with a reason (logged; never put secrets in it).
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self(reason.into())
+    }
+}
+
+/// The bridge's answer to `GET /users/{userId}` for a user in its namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserDecision {
+    /// The user does not exist on the remote side: 404 `M_NOT_FOUND`.
+    Reject,
+    /// The user exists. The handler has registered it with the homeserver
+    /// (the spec asks that before the 200); the listener then creates the
+    /// puppet device's Olm account with `device_id`, or the configured
+    /// [`crate::AppserviceConfig::puppet_device_id`] if `None`.
+    Accept {
+        /// The puppet's device id, if the bridge chooses its own.
+        device_id: Option<OwnedDeviceId>,
+    },
+}
+
+/// What a bridge plugs into the listener.
+///
+/// Every method may be called concurrently. The listener has already
+/// checked the homeserver token, the body shape and, for users, the
+/// namespace.
+pub trait BridgeHandler: Send + Sync + 'static {
+    /// Process one transaction (events, ephemeral events, to-device
+    /// messages with pre-key messages already decrypted, MSC3202 fields).
+    ///
+    /// Return `Ok` only once its effects are done: the transaction id is then
+    /// recorded durably and never handed over again. An `Err` makes the
+    /// homeserver retry the whole transaction later. A crash between `Ok`
+    /// and the durable record also leads to a retry, so effects should be
+    /// idempotent per event id (delivery is at least once, never zero).
+    fn transaction(
+        &self,
+        transaction: Transaction,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Does this in-namespace user exist? Default: no.
+    fn query_user(
+        &self,
+        user_id: &UserId,
+    ) -> impl Future<Output = Result<UserDecision, HandlerError>> + Send {
+        let _ = user_id;
+        async { Ok(UserDecision::Reject) }
+    }
+
+    /// Does this room alias exist (the handler creates the room before
+    /// answering `true`)? Default: no.
+    fn query_room_alias(
+        &self,
+        alias: &RoomAliasId,
+    ) -> impl Future<Output = Result<bool, HandlerError>> + Send {
+        let _ = alias;
+        async { Ok(false) }
+    }
+}

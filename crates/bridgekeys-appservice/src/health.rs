@@ -1,0 +1,50 @@
+//! Operations endpoints, outside the Matrix API and without the homeserver
+//! token (mount the listener where only the homeserver and your monitoring
+//! reach it):
+//!
+//! * `GET /_bridgekeys/live`: 200 `{"status":"ok"}` while the process serves.
+//! * `GET /_bridgekeys/ready`: 200 while accepting work, 503 once graceful
+//!   shutdown has begun (so a load balancer stops sending).
+//! * `GET /metrics`: Prometheus text format.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, header::CONTENT_TYPE},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::{BridgeHandler, MatrixError, server::Inner};
+
+pub(crate) async fn live() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub(crate) async fn ready<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>) -> Response {
+    if inner.draining.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response()
+    } else {
+        Json(json!({"status": "ready"})).into_response()
+    }
+}
+
+pub(crate) async fn metrics<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>) -> Response {
+    inner
+        .metrics
+        .observe_evictions(inner.manager.stats().evicted_keys);
+    match inner.metrics.render() {
+        Ok(text) => (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(e) => MatrixError::internal(format!("metrics: {e}")).into_response(),
+    }
+}

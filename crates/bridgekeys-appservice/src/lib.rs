@@ -1,0 +1,66 @@
+//! The appservice listener of a Matrix bridge: the only door the homeserver
+//! has into the bridge.
+//!
+//! It answers exactly what Synapse sends and refuses everything else with a
+//! Matrix error:
+//!
+//! * **Key claims** (MSC3983) on `/_matrix/app/v1/keys/claim` and the
+//!   unstable paths ([`paths::CLAIM`]): fresh signed one-time keys for puppet
+//!   devices the bridge provisioned, in its exclusive namespace, durably
+//!   stored before the answer ([`claim`]).
+//! * **Transactions** ([`transactions`]): events, ephemeral events,
+//!   to-device messages (Olm pre-key messages to puppets decrypted first) and
+//!   MSC3202 device data, processed once, with the id recorded durably.
+//! * **Ping and queries** ([`paths::PING`], [`paths::USER`], [`paths::ROOM`]).
+//! * **Auth** on every Matrix route (Bearer or `access_token`, constant-time),
+//!   a body size limit, a request timeout, Matrix JSON errors, and
+//!   `M_UNRECOGNIZED` for unknown routes.
+//! * **Operations**: liveness, readiness and Prometheus metrics.
+//! * **Registration**: the registration file type and a generator
+//!   ([`Registration`]).
+//!
+//! Use it two ways: [`Appservice::serve`] with graceful shutdown, or
+//! [`Appservice::router`] mounted in your own server.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use bridgekeys_appservice::*;
+//! # struct Bridge;
+//! # impl BridgeHandler for Bridge {
+//! #     async fn transaction(&self, _t: Transaction) -> Result<(), HandlerError> { Ok(()) }
+//! # }
+//! # async fn run(manager: Arc<bridgekeys_olm::AccountManager>, store: Arc<bridgekeys_store::SledStore>)
+//! # -> Result<(), AppserviceError> {
+//! let registration = Registration::load("registration.yaml".as_ref())?;
+//! let server_name: &ruma::ServerName = "localhost".try_into().expect("server name");
+//! let config = AppserviceConfig::from_registration(&registration, server_name)?;
+//! let appservice = Appservice::new(config, manager, store, Arc::new(Bridge))?;
+//! appservice.serve("127.0.0.1:29300".parse().expect("addr"), shutdown_signal()).await
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod auth;
+mod body;
+pub mod claim;
+mod config;
+mod error;
+mod handler;
+mod health;
+mod metrics;
+mod namespace;
+mod ping;
+mod registration;
+mod rooms;
+mod server;
+pub mod transactions;
+mod txn_locks;
+mod users;
+
+pub use config::{AppserviceConfig, DEFAULT_PUPPET_DEVICE_ID, HsToken, Limits};
+pub use error::{AppserviceError, MatrixError};
+pub use handler::{BridgeHandler, HandlerError, UserDecision};
+pub use namespace::UserNamespace;
+pub use registration::{NamespaceEntry, Namespaces, Registration, random_token};
+pub use server::{Appservice, paths, shutdown_signal};
+pub use transactions::{DecryptedToDevice, DeviceLists, RawToDevice, ToDevice, Transaction};

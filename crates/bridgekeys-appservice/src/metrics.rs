@@ -1,0 +1,108 @@
+//! Prometheus metrics, served on `GET /metrics` (text format 0.0.4).
+//!
+//! Each [`crate::Appservice`] owns its registry, so two listeners in one
+//! process (or tests) never share counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+use crate::AppserviceError;
+
+/// The listener's counters.
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub claims: IntCounter,
+    pub claim_devices_refused: IntCounter,
+    pub keys_issued: IntCounter,
+    pub evicted_keys: IntCounter,
+    evicted_seen: AtomicU64,
+    pub transactions: IntCounter,
+    pub duplicates: IntCounter,
+    pub in_flight_duplicates: IntCounter,
+    pub prekeys_decrypted: IntCounter,
+    pub errors: IntCounterVec,
+    pub claim_seconds: Histogram,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, AppserviceError> {
+    let c = IntCounter::new(name, help)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Result<Self, AppserviceError> {
+        let registry = Registry::new_custom(Some("bridgekeys_appservice".into()), None)?;
+        let errors = IntCounterVec::new(
+            Opts::new("errors_total", "Error responses, by Matrix errcode."),
+            &["errcode"],
+        )?;
+        registry.register(Box::new(errors.clone()))?;
+        let claim_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "claim_duration_seconds",
+                "Time to answer a keys/claim request, durable write included.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(claim_seconds.clone()))?;
+        Ok(Self {
+            claims: counter(&registry, "claims_total", "keys/claim requests answered.")?,
+            claim_devices_refused: counter(
+                &registry,
+                "claim_devices_skipped_total",
+                "Devices of claims left out (outside the namespace, unknown, failed).",
+            )?,
+            keys_issued: counter(&registry, "keys_issued_total", "One-time keys handed out.")?,
+            evicted_keys: counter(
+                &registry,
+                "evicted_keys_total",
+                "Outstanding one-time keys evicted at the per-device bound.",
+            )?,
+            evicted_seen: AtomicU64::new(0),
+            transactions: counter(
+                &registry,
+                "transactions_total",
+                "Transactions processed and durably recorded.",
+            )?,
+            duplicates: counter(
+                &registry,
+                "transactions_duplicate_total",
+                "Transactions acknowledged without processing (already recorded).",
+            )?,
+            in_flight_duplicates: counter(
+                &registry,
+                "transactions_in_flight_duplicate_total",
+                "Transactions that arrived while the same id was being processed, and waited.",
+            )?,
+            prekeys_decrypted: counter(
+                &registry,
+                "prekey_messages_decrypted_total",
+                "Olm pre-key to-device messages decrypted for puppet devices.",
+            )?,
+            errors,
+            claim_seconds,
+            registry,
+        })
+    }
+
+    /// Bring the eviction counter up to the account manager's figure.
+    pub(crate) fn observe_evictions(&self, total: u64) {
+        let seen = self.evicted_seen.fetch_max(total, Ordering::Relaxed);
+        if total > seen {
+            self.evicted_keys.inc_by(total - seen);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub(crate) fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}

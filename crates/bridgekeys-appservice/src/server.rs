@@ -1,0 +1,265 @@
+//! The listener itself: the router (to mount in your own server) and a ready
+//! `serve` with graceful shutdown.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{
+    Extension, Router,
+    extract::{DefaultBodyLimit, Request, State},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use bridgekeys_olm::AccountManager;
+use bridgekeys_store::TransactionLog;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::{
+    AppserviceConfig, AppserviceError, BridgeHandler, MatrixError, auth, body::BodyLimit, claim,
+    error::ErrCode, health, metrics::Metrics, ping, rooms, transactions, txn_locks::KeyedLocks,
+    users,
+};
+
+/// Shared state of every request.
+pub(crate) struct Inner<H> {
+    pub config: AppserviceConfig,
+    pub manager: Arc<AccountManager>,
+    pub txn_log: Arc<dyn TransactionLog>,
+    pub handler: Arc<H>,
+    pub metrics: Metrics,
+    pub txn_locks: KeyedLocks,
+    pub draining: AtomicBool,
+}
+
+/// The appservice listener of a bridge.
+///
+/// Cheap to clone: clones share state (metrics, in-flight transactions).
+/// Use [`Appservice::router`] to mount it in your own axum/hyper server, or
+/// [`Appservice::serve`] to run it.
+pub struct Appservice<H> {
+    inner: Arc<Inner<H>>,
+}
+
+impl<H> Clone for Appservice<H> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<H> std::fmt::Debug for Appservice<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Appservice")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The paths of each endpoint: the spec's, the unstable ones Synapse and
+/// older homeservers call, and the legacy unprefixed ones.
+pub mod paths {
+    /// Key claim paths: stable (MSC3983 as proposed), the unstable path
+    /// Synapse calls, and a variant seen in the field.
+    pub const CLAIM: [&str; 3] = [
+        "/_matrix/app/v1/keys/claim",
+        "/_matrix/app/unstable/org.matrix.msc3983/keys/claim",
+        "/_matrix/app/v1/unstable/org.matrix.msc3983/keys/claim",
+    ];
+    /// Transaction paths (the second is the legacy one).
+    pub const TRANSACTION: [&str; 2] = [
+        "/_matrix/app/v1/transactions/{txn_id}",
+        "/transactions/{txn_id}",
+    ];
+    /// User query paths.
+    pub const USER: [&str; 2] = ["/_matrix/app/v1/users/{user_id}", "/users/{user_id}"];
+    /// Room alias query paths.
+    pub const ROOM: [&str; 2] = ["/_matrix/app/v1/rooms/{alias}", "/rooms/{alias}"];
+    /// Ping.
+    pub const PING: &str = "/_matrix/app/v1/ping";
+    /// Liveness (no token).
+    pub const LIVE: &str = "/_bridgekeys/live";
+    /// Readiness (no token): 503 while draining.
+    pub const READY: &str = "/_bridgekeys/ready";
+    /// Prometheus metrics (no token).
+    pub const METRICS: &str = "/metrics";
+}
+
+async fn unrecognized() -> MatrixError {
+    MatrixError::unrecognized()
+}
+
+async fn method_not_allowed() -> MatrixError {
+    MatrixError::method_not_allowed()
+}
+
+/// Outermost middleware: a tracing span per request (method and path only:
+/// the query may carry the token), the request timeout, and error counts.
+async fn observe<H: BridgeHandler>(
+    State(inner): State<Arc<Inner<H>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let span = tracing::info_span!(
+        "appservice_request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        status = tracing::field::Empty,
+    );
+    async move {
+        let timeout = inner.config.limits.request_timeout;
+        let response = match tokio::time::timeout(timeout, next.run(req)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(?timeout, "request timed out; its work was abandoned");
+                MatrixError::timeout().into_response()
+            }
+        };
+        if let Some(ErrCode(code)) = response.extensions().get::<ErrCode>() {
+            inner.metrics.errors.with_label_values(&[code]).inc();
+        }
+        tracing::Span::current().record("status", response.status().as_u16());
+        tracing::debug!("answered");
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+impl<H: BridgeHandler> Appservice<H> {
+    /// A listener over an account manager (claims, pre-key decryption,
+    /// puppet devices), a transaction log (dedup) and the bridge's handler.
+    ///
+    /// `txn_log` is usually the same `SledStore` the manager writes to.
+    pub fn new(
+        config: AppserviceConfig,
+        manager: Arc<AccountManager>,
+        txn_log: Arc<dyn TransactionLog>,
+        handler: Arc<H>,
+    ) -> Result<Self, AppserviceError> {
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                manager,
+                txn_log,
+                handler,
+                metrics: Metrics::new()?,
+                txn_locks: KeyedLocks::default(),
+                draining: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The whole listener as an axum [`Router`] (a tower service), to mount
+    /// or merge into your own server. Unknown paths answer 404
+    /// `M_UNRECOGNIZED` and wrong methods 405 `M_UNRECOGNIZED`, after the
+    /// token check; the operations endpoints ([`paths::LIVE`],
+    /// [`paths::READY`], [`paths::METRICS`]) need no token.
+    pub fn router(&self) -> Router {
+        let inner = Arc::clone(&self.inner);
+        let limit = inner.config.limits.max_body_bytes;
+        let token = Arc::new(inner.config.hs_token.clone());
+        let mut matrix = Router::new();
+        for path in paths::CLAIM {
+            matrix = matrix.route(path, post(claim::claim::<H>));
+        }
+        for path in paths::TRANSACTION {
+            matrix = matrix.route(path, put(transactions::put_transaction::<H>));
+        }
+        for path in paths::USER {
+            matrix = matrix.route(path, get(users::query_user::<H>));
+        }
+        for path in paths::ROOM {
+            matrix = matrix.route(path, get(rooms::query_room::<H>));
+        }
+        let matrix = matrix
+            .route(paths::PING, post(ping::ping))
+            .fallback(unrecognized)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(DefaultBodyLimit::max(limit))
+            .layer(middleware::from_fn_with_state(
+                token,
+                auth::require_hs_token,
+            ))
+            .with_state(Arc::clone(&inner));
+        Router::new()
+            .route(paths::LIVE, get(health::live))
+            .route(paths::READY, get(health::ready::<H>))
+            .route(paths::METRICS, get(health::metrics::<H>))
+            .with_state(Arc::clone(&inner))
+            .fallback_service(matrix)
+            .layer(middleware::from_fn_with_state(inner, observe::<H>))
+            .layer(Extension(BodyLimit(limit)))
+    }
+
+    /// Bind `addr` and serve until `shutdown` resolves, then shut down
+    /// gracefully (see [`Appservice::serve_on`]).
+    pub async fn serve(
+        self,
+        addr: SocketAddr,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppserviceError> {
+        let listener = TcpListener::bind(addr).await?;
+        self.serve_on(listener, shutdown).await
+    }
+
+    /// Serve on a bound listener until `shutdown` resolves.
+    ///
+    /// On shutdown: readiness turns 503, no new connection is accepted,
+    /// every request in flight runs to its end (a claim answers once its keys
+    /// are durable), then this returns. Nothing is ever answered 200 before
+    /// its durable write, shutdown or not.
+    pub async fn serve_on(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppserviceError> {
+        let inner = Arc::clone(&self.inner);
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "appservice listener serving");
+        }
+        let signal = async move {
+            shutdown.await;
+            inner.draining.store(true, Ordering::SeqCst);
+            tracing::info!("graceful shutdown: finishing requests in flight");
+        };
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(signal)
+            .await?;
+        tracing::info!("appservice listener stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM: a ready `shutdown` argument for
+/// [`Appservice::serve`].
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

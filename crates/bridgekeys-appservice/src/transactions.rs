@@ -1,0 +1,321 @@
+//! `PUT /_matrix/app/v1/transactions/{txnId}`: events, ephemeral events,
+//! to-device messages and MSC3202 device data, each transaction processed
+//! once.
+//!
+//! Wire shape (fields other than `events` optional):
+//!
+//! ```jsonc
+//! {
+//!   "events": [ /* room events */ ],
+//!   "ephemeral": [ /* typing, receipts, presence */ ],   // or de.sorunome.msc2409.ephemeral
+//!   "de.sorunome.msc2409.to_device": [                    // or to_device
+//!     {"to_user_id": "@p:hs", "to_device_id": "DEV", "type": "m.room.encrypted",
+//!      "sender": "@alice:hs", "content": { /* ... */ }}
+//!   ],
+//!   "org.matrix.msc3202.device_one_time_keys_count": {"@p:hs": {"DEV": {"signed_curve25519": 0}}},
+//!   "org.matrix.msc3202.device_unused_fallback_key_types": {"@p:hs": {"DEV": []}},
+//!   "org.matrix.msc3202.device_lists": {"changed": ["@alice:hs"], "left": []}
+//! }
+//! ```
+//!
+//! Processing, per transaction id:
+//! 1. The body is parsed whole first: a bad body changes nothing.
+//! 2. A per-id lock: a duplicate arriving while the first is running waits
+//!    for it (counted as an in-flight duplicate).
+//! 3. The durable log ([`TransactionLog`]) is asked: a completed id gets 200
+//!    without processing.
+//! 4. Olm pre-key messages (`m.room.encrypted`, `type: 0`) addressed to a
+//!    puppet device's curve25519 key are decrypted by the account manager,
+//!    which consumes the one-time key durably. Messages that cannot be
+//!    decrypted are handed over as received, with the reason; a store
+//!    failure fails the transaction.
+//! 5. The bridge's [`BridgeHandler::transaction`] runs; an error answers 500
+//!    so the homeserver retries.
+//! 6. The id is recorded and the record flushed; only then 200.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::{
+    Json,
+    extract::{Path, State},
+};
+use bridgekeys_olm::vodozemac::{Curve25519PublicKey, olm::PreKeyMessage};
+use bridgekeys_olm::{InboundMessage, OlmError};
+use bridgekeys_store::TransactionLog;
+use ruma::{OwnedDeviceId, OwnedUserId};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::{BridgeHandler, MatrixError, body::MatrixJson, server::Inner};
+
+/// One-time key counts: user -> device -> algorithm -> count.
+pub type OneTimeKeyCounts = BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>;
+/// Unused fallback key types: user -> device -> algorithms. An empty list
+/// means the device's fallback key was used: rotate it.
+pub type UnusedFallbackKeyTypes = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+/// MSC3202 device list changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct DeviceLists {
+    /// Users whose devices changed.
+    #[serde(default)]
+    pub changed: Vec<String>,
+    /// Users the bridge no longer shares a room with.
+    #[serde(default)]
+    pub left: Vec<String>,
+}
+
+/// A to-device message as the homeserver sends it (MSC2409).
+#[derive(Deserialize)]
+struct ToDeviceWire {
+    to_user_id: String,
+    to_device_id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    sender: String,
+    content: Box<RawValue>,
+}
+
+/// The transaction body as sent.
+#[derive(Deserialize)]
+pub(crate) struct TransactionBody {
+    events: Vec<Box<RawValue>>,
+    #[serde(default)]
+    ephemeral: Vec<Box<RawValue>>,
+    #[serde(default, rename = "de.sorunome.msc2409.ephemeral")]
+    ephemeral_unstable: Vec<Box<RawValue>>,
+    #[serde(default)]
+    to_device: Vec<ToDeviceWire>,
+    #[serde(default, rename = "de.sorunome.msc2409.to_device")]
+    to_device_unstable: Vec<ToDeviceWire>,
+    #[serde(default, rename = "org.matrix.msc3202.device_one_time_keys_count")]
+    otk_count: Option<OneTimeKeyCounts>,
+    #[serde(default, rename = "org.matrix.msc3202.device_one_time_key_counts")]
+    otk_counts: Option<OneTimeKeyCounts>,
+    #[serde(
+        default,
+        rename = "org.matrix.msc3202.device_unused_fallback_key_types"
+    )]
+    unused_fallback: Option<UnusedFallbackKeyTypes>,
+    #[serde(default, rename = "org.matrix.msc3202.device_lists")]
+    device_lists: Option<DeviceLists>,
+}
+
+/// A to-device message handed to the bridge.
+#[derive(Debug)]
+pub enum ToDevice {
+    /// An Olm pre-key message to a puppet device, decrypted: its one-time
+    /// key is consumed and the new session stored, durably. Boxed: an Olm
+    /// session is a few kilobytes.
+    Decrypted(Box<DecryptedToDevice>),
+    /// Any other message, as received.
+    Other(RawToDevice),
+}
+
+/// A pre-key message the account manager decrypted.
+#[derive(Debug)]
+pub struct DecryptedToDevice {
+    /// The puppet it was addressed to.
+    pub to_user_id: OwnedUserId,
+    /// The puppet's device.
+    pub to_device_id: OwnedDeviceId,
+    /// The sending user, as the homeserver states it.
+    pub sender: String,
+    /// The sender's curve25519 identity key (from the message content).
+    pub sender_key: Curve25519PublicKey,
+    /// The session and the plaintext (an `m.room.encrypted` payload's JSON).
+    /// Never log the plaintext.
+    pub inbound: InboundMessage,
+}
+
+/// A to-device message passed through untouched.
+pub struct RawToDevice {
+    /// Recipient user.
+    pub to_user_id: String,
+    /// Recipient device.
+    pub to_device_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Sender.
+    pub sender: String,
+    /// The content, as received.
+    pub content: Box<RawValue>,
+    /// Set when this was a pre-key message to a puppet device that could not
+    /// be decrypted (replayed, unknown one-time key, tampered): why.
+    pub undecryptable: Option<String>,
+}
+
+impl std::fmt::Debug for RawToDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawToDevice")
+            .field("to_user_id", &self.to_user_id)
+            .field("to_device_id", &self.to_device_id)
+            .field("event_type", &self.event_type)
+            .field("sender", &self.sender)
+            .field("undecryptable", &self.undecryptable)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One transaction, ready for the bridge.
+#[derive(Debug)]
+pub struct Transaction {
+    /// The homeserver's transaction id.
+    pub txn_id: String,
+    /// Room events, as received.
+    pub events: Vec<Box<RawValue>>,
+    /// Ephemeral events (stable and MSC2409 names merged).
+    pub ephemeral: Vec<Box<RawValue>>,
+    /// To-device messages (stable and MSC2409 names merged), pre-key
+    /// messages to puppets decrypted.
+    pub to_device: Vec<ToDevice>,
+    /// MSC3202 one-time key counts of the bridge's devices.
+    pub device_one_time_keys_count: OneTimeKeyCounts,
+    /// MSC3202 unused fallback key types of the bridge's devices.
+    pub device_unused_fallback_key_types: UnusedFallbackKeyTypes,
+    /// MSC3202 device list changes.
+    pub device_lists: DeviceLists,
+}
+
+/// The Olm content of an `m.room.encrypted` to-device message.
+#[derive(Deserialize)]
+struct OlmContent {
+    algorithm: String,
+    sender_key: String,
+    ciphertext: BTreeMap<String, OlmCiphertext>,
+}
+
+#[derive(Deserialize)]
+struct OlmCiphertext {
+    #[serde(rename = "type")]
+    message_type: u8,
+    body: String,
+}
+
+const OLM_ALGORITHM: &str = "m.olm.v1.curve25519-aes-sha2";
+
+/// Decrypt `msg` if it is a pre-key message to a puppet device. `Err` only
+/// for store failures (the transaction then fails and is retried).
+async fn open_to_device<H: BridgeHandler>(
+    inner: &Inner<H>,
+    msg: ToDeviceWire,
+) -> Result<ToDevice, MatrixError> {
+    let other = |msg: ToDeviceWire, undecryptable: Option<String>| {
+        ToDevice::Other(RawToDevice {
+            to_user_id: msg.to_user_id,
+            to_device_id: msg.to_device_id,
+            event_type: msg.event_type,
+            sender: msg.sender,
+            content: msg.content,
+            undecryptable,
+        })
+    };
+    if msg.event_type != "m.room.encrypted" {
+        return Ok(other(msg, None));
+    }
+    let Ok(user_id) = OwnedUserId::try_from(msg.to_user_id.as_str()) else {
+        return Ok(other(msg, None));
+    };
+    if !inner.config.namespace.contains(&user_id) {
+        return Ok(other(msg, None));
+    }
+    let device_id: OwnedDeviceId = msg.to_device_id.as_str().into();
+    let Ok(content) = serde_json::from_str::<OlmContent>(msg.content.get()) else {
+        return Ok(other(msg, None));
+    };
+    if content.algorithm != OLM_ALGORITHM {
+        return Ok(other(msg, None));
+    }
+    let identity = match inner.manager.identity_keys(&user_id, &device_id) {
+        Ok(k) => k,
+        Err(OlmError::Store(e)) => {
+            return Err(MatrixError::internal(format!("store: {e}")));
+        }
+        // Not a device the bridge provisioned: not ours to decrypt.
+        Err(_) => return Ok(other(msg, None)),
+    };
+    let Some(ciphertext) = content.ciphertext.get(&identity.curve25519.to_base64()) else {
+        return Ok(other(msg, None));
+    };
+    if ciphertext.message_type != 0 {
+        // A normal message on an existing session: the bridge's business.
+        return Ok(other(msg, None));
+    }
+    let sender_key = match Curve25519PublicKey::from_base64(&content.sender_key) {
+        Ok(k) => k,
+        Err(e) => return Ok(other(msg, Some(format!("bad sender_key: {e}")))),
+    };
+    let message = match PreKeyMessage::from_base64(&ciphertext.body) {
+        Ok(m) => m,
+        Err(e) => return Ok(other(msg, Some(format!("bad pre-key message: {e}")))),
+    };
+    match inner
+        .manager
+        .decrypt_prekey(&user_id, &device_id, sender_key, &message)
+        .await
+    {
+        Ok(inbound) => {
+            inner.metrics.prekeys_decrypted.inc();
+            Ok(ToDevice::Decrypted(Box::new(DecryptedToDevice {
+                to_user_id: user_id,
+                to_device_id: device_id,
+                sender: msg.sender,
+                sender_key,
+                inbound,
+            })))
+        }
+        Err(OlmError::Store(e)) => Err(MatrixError::internal(format!("store: {e}"))),
+        Err(e) => Ok(other(msg, Some(e.to_string()))),
+    }
+}
+
+/// The handler of `PUT /transactions/{txnId}` (both prefixes).
+pub(crate) async fn put_transaction<H: BridgeHandler>(
+    State(inner): State<Arc<Inner<H>>>,
+    Path(txn_id): Path<String>,
+    MatrixJson(body): MatrixJson<TransactionBody>,
+) -> Result<Json<serde_json::Map<String, serde_json::Value>>, MatrixError> {
+    let ns = inner.config.txn_namespace.as_str();
+    let (_guard, _) = inner
+        .txn_locks
+        .lock(&txn_id, || inner.metrics.in_flight_duplicates.inc())
+        .await;
+    let log: &dyn TransactionLog = inner.txn_log.as_ref();
+    if log
+        .transaction_completed(ns, &txn_id)
+        .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?
+    {
+        inner.metrics.duplicates.inc();
+        tracing::debug!(%txn_id, "duplicate transaction acknowledged without processing");
+        return Ok(Json(serde_json::Map::new()));
+    }
+
+    let mut to_device = Vec::with_capacity(body.to_device.len() + body.to_device_unstable.len());
+    for msg in body.to_device_unstable.into_iter().chain(body.to_device) {
+        to_device.push(open_to_device(&inner, msg).await?);
+    }
+    let mut ephemeral = body.ephemeral_unstable;
+    ephemeral.extend(body.ephemeral);
+    let transaction = Transaction {
+        txn_id: txn_id.clone(),
+        events: body.events,
+        ephemeral,
+        to_device,
+        device_one_time_keys_count: body.otk_count.or(body.otk_counts).unwrap_or_default(),
+        device_unused_fallback_key_types: body.unused_fallback.unwrap_or_default(),
+        device_lists: body.device_lists.unwrap_or_default(),
+    };
+    if let Err(e) = inner.handler.transaction(transaction).await {
+        tracing::warn!(%txn_id, error = %e, "bridge handler failed; the homeserver will retry");
+        return Err(MatrixError::internal(
+            "the bridge could not process the transaction",
+        ));
+    }
+    log.record_transaction(ns, &txn_id)
+        .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?
+        .durable()
+        .await
+        .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?;
+    inner.metrics.transactions.inc();
+    Ok(Json(serde_json::Map::new()))
+}

@@ -1,0 +1,51 @@
+//! `GET /_matrix/app/v1/users/{userId}`: does this puppet exist?
+//!
+//! Wire shape: response `{}` (200) if it exists, 404 `M_NOT_FOUND` if not.
+//!
+//! Users outside the exclusive namespace are answered 404 without asking the
+//! bridge. For an in-namespace user the bridge's
+//! [`BridgeHandler::query_user`] decides; if it accepts, the puppet device's
+//! Olm account is created (idempotently, durably) before the 200, so key
+//! claims for it can be served from then on. Registering the user and
+//! uploading its device keys to the homeserver is the bridge's part (done in
+//! its handler or by the provisioning client), not this endpoint's.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Path, State},
+};
+use ruma::OwnedUserId;
+
+use crate::{BridgeHandler, MatrixError, UserDecision, server::Inner};
+
+pub(crate) async fn query_user<H: BridgeHandler>(
+    State(inner): State<Arc<Inner<H>>>,
+    Path(user_id): Path<String>,
+) -> Result<Json<serde_json::Map<String, serde_json::Value>>, MatrixError> {
+    let user_id = OwnedUserId::try_from(user_id.as_str())
+        .map_err(|e| MatrixError::invalid_param(format!("invalid user id: {e}")))?;
+    if !inner.config.namespace.contains(&user_id) {
+        return Err(MatrixError::not_found(
+            "user is not in this bridge's namespace",
+        ));
+    }
+    let decision = inner.handler.query_user(&user_id).await.map_err(|e| {
+        tracing::warn!(%user_id, error = %e, "user query handler failed");
+        MatrixError::internal("the bridge could not answer the user query")
+    })?;
+    let UserDecision::Accept { device_id } = decision else {
+        return Err(MatrixError::not_found("no such user"));
+    };
+    let device_id = device_id.unwrap_or_else(|| inner.config.puppet_device_id.clone());
+    inner
+        .manager
+        .create_device(&user_id, &device_id)
+        .await
+        .map_err(|e| {
+            tracing::warn!(%user_id, %device_id, error = %e, "creating the puppet device failed");
+            MatrixError::internal("could not create the puppet device")
+        })?;
+    Ok(Json(serde_json::Map::new()))
+}
