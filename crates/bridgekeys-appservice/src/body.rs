@@ -39,8 +39,19 @@ where
     }
 }
 
-/// Parse a body, telling "not JSON" from "wrong shape".
+/// Parse a body, telling "not JSON" from "wrong shape". Every body of this
+/// API is a JSON object; serde would also read a struct from an array, so
+/// anything else is refused first.
 pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, MatrixError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => MatrixError::bad_json("the request body must be a JSON object"),
+                Err(_) => MatrixError::not_json(),
+            },
+        );
+    }
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         // serde's message may quote a value: report the position only.
         serde_json::error::Category::Data => MatrixError::bad_json(format!(
@@ -50,4 +61,25 @@ pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, MatrixError>
         )),
         _ => MatrixError::not_json(),
     })
+}
+
+/// `deserialize_with` helper: accept only a JSON object for a struct field
+/// (serde alone would also read a struct from an array).
+pub(crate) fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::{Deserialize, de::Error};
+    let map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(D::Error::custom)
+}
+
+/// The same for an optional field.
+pub(crate) fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    object(deserializer).map(Some)
 }

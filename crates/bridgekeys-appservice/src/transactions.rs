@@ -97,7 +97,11 @@ pub(crate) struct TransactionBody {
         rename = "org.matrix.msc3202.device_unused_fallback_key_types"
     )]
     unused_fallback: Option<UnusedFallbackKeyTypes>,
-    #[serde(default, rename = "org.matrix.msc3202.device_lists")]
+    #[serde(
+        default,
+        rename = "org.matrix.msc3202.device_lists",
+        deserialize_with = "crate::body::optional_object"
+    )]
     device_lists: Option<DeviceLists>,
 }
 

@@ -1,0 +1,340 @@
+//! Shared fixtures of the listener tests: a real sled store and account
+//! manager, a recording bridge handler, a store wrapper with a hook on
+//! writes (to force interleavings without sleeping), and request helpers.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use axum::{
+    Router,
+    body::{Body, to_bytes},
+    http::{Method, Request, StatusCode},
+};
+use bridgekeys_appservice::{
+    Appservice, AppserviceConfig, BridgeHandler, HandlerError, HsToken, Limits, ToDevice,
+    Transaction, UserDecision, UserNamespace,
+};
+use bridgekeys_olm::{AccountManager, ManagerConfig};
+use bridgekeys_store::{
+    AccountRecord, CommitStats, DeviceKey, DeviceWrite, OneTimeKeyRecord, Pending, SledStore,
+    SledStoreConfig, Store, StoreError, StoreKey, TransactionLog,
+};
+use ruma::{OwnedDeviceId, OwnedUserId, RoomAliasId, UserId};
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc};
+use tower::ServiceExt;
+
+pub const TOKEN: &str = "hs-token-for-tests-0123456789";
+pub const TXN_NS: &str = "echo";
+
+pub fn puppet(n: usize) -> OwnedUserId {
+    format!("@echo_{n}:localhost").try_into().unwrap()
+}
+
+pub fn device() -> OwnedDeviceId {
+    "PUPPETDEV".into()
+}
+
+pub fn store_key() -> StoreKey {
+    StoreKey::new([42; 32])
+}
+
+type Hook = Arc<dyn Fn(&DeviceKey) + Send + Sync>;
+
+/// A [`Store`] that runs a hook at the start of every `write_device`, so a
+/// test can hold a claim in flight or prove two claims overlap.
+pub struct HookedStore {
+    pub inner: Arc<SledStore>,
+    hook: Mutex<Option<Hook>>,
+    /// Make `record_transaction` fail (a broken disk for the txn log).
+    pub fail_txn_record: AtomicBool,
+}
+
+impl HookedStore {
+    pub fn set_hook(&self, hook: impl Fn(&DeviceKey) + Send + Sync + 'static) {
+        *self.hook.lock().unwrap() = Some(Arc::new(hook));
+    }
+    pub fn clear_hook(&self) {
+        *self.hook.lock().unwrap() = None;
+    }
+}
+
+impl Store for HookedStore {
+    fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.load_account(device)
+    }
+    fn write_device(
+        &self,
+        device: &DeviceKey,
+        expected: Option<bridgekeys_store::Version>,
+        write: DeviceWrite,
+    ) -> Result<Pending, StoreError> {
+        let hook = self.hook.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            hook(device);
+        }
+        self.inner.write_device(device, expected, write)
+    }
+    fn one_time_key(
+        &self,
+        device: &DeviceKey,
+        public_key: &[u8; 32],
+    ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
+        self.inner.one_time_key(device, public_key)
+    }
+    fn oldest_one_time_keys(
+        &self,
+        device: &DeviceKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        self.inner.oldest_one_time_keys(device, limit)
+    }
+    fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
+        self.inner.count_one_time_keys(device)
+    }
+    fn load_session(
+        &self,
+        device: &DeviceKey,
+        session_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_session(device, session_id)
+    }
+    fn sync(&self) -> Pending {
+        self.inner.sync()
+    }
+    fn commit_stats(&self) -> CommitStats {
+        self.inner.commit_stats()
+    }
+}
+
+impl TransactionLog for HookedStore {
+    fn transaction_completed(&self, namespace: &str, txn_id: &str) -> Result<bool, StoreError> {
+        self.inner.transaction_completed(namespace, txn_id)
+    }
+    fn record_transaction(&self, namespace: &str, txn_id: &str) -> Result<Pending, StoreError> {
+        if self.fail_txn_record.load(Ordering::SeqCst) {
+            return Err(StoreError::Durability {
+                reason: "injected: disk full".into(),
+            });
+        }
+        self.inner.record_transaction(namespace, txn_id)
+    }
+}
+
+/// What the recording handler saw of a transaction (no secrets kept beyond
+/// the test's own plaintext).
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    pub txn_id: String,
+    pub events: usize,
+    pub ephemeral: usize,
+    pub decrypted: Vec<(String, String, Vec<u8>)>,
+    pub other_to_device: Vec<(String, Option<String>)>,
+    pub otk_counts: Value,
+    pub fallback_types: Value,
+    pub device_lists: (Vec<String>, Vec<String>),
+}
+
+/// A bridge handler that records what it is given, and can be told to fail
+/// or to block inside a transaction until released.
+#[derive(Default)]
+pub struct Recorder {
+    pub calls: AtomicUsize,
+    pub seen: Mutex<Vec<Seen>>,
+    pub fail: AtomicBool,
+    /// When set, `transaction` reports entry on `entered` and waits for
+    /// `release` before returning.
+    pub gate: Mutex<Option<(mpsc::UnboundedSender<()>, Arc<Notify>)>>,
+    pub accept_users: AtomicBool,
+    pub user_queries: AtomicUsize,
+}
+
+impl BridgeHandler for Recorder {
+    async fn transaction(&self, t: Transaction) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let gate = self.gate.lock().unwrap().clone();
+        if let Some((entered, release)) = gate {
+            let released = release.notified();
+            let _ = entered.send(());
+            released.await;
+        }
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(HandlerError::new("injected failure"));
+        }
+        let mut seen = Seen {
+            txn_id: t.txn_id.clone(),
+            events: t.events.len(),
+            ephemeral: t.ephemeral.len(),
+            otk_counts: serde_json::to_value(&t.device_one_time_keys_count).unwrap(),
+            fallback_types: serde_json::to_value(&t.device_unused_fallback_key_types).unwrap(),
+            device_lists: (t.device_lists.changed.clone(), t.device_lists.left.clone()),
+            ..Seen::default()
+        };
+        for m in t.to_device {
+            match m {
+                ToDevice::Decrypted(d) => seen.decrypted.push((
+                    d.to_user_id.to_string(),
+                    d.sender.clone(),
+                    d.inbound.plaintext.to_vec(),
+                )),
+                ToDevice::Other(o) => seen.other_to_device.push((o.event_type, o.undecryptable)),
+            }
+        }
+        self.seen.lock().unwrap().push(seen);
+        Ok(())
+    }
+
+    async fn query_user(&self, _user_id: &UserId) -> Result<UserDecision, HandlerError> {
+        self.user_queries.fetch_add(1, Ordering::SeqCst);
+        Ok(if self.accept_users.load(Ordering::SeqCst) {
+            UserDecision::Accept { device_id: None }
+        } else {
+            UserDecision::Reject
+        })
+    }
+
+    async fn query_room_alias(&self, alias: &RoomAliasId) -> Result<bool, HandlerError> {
+        Ok(alias.alias().starts_with("echo_"))
+    }
+}
+
+/// One listener over a fresh (or reopened) store.
+pub struct Fixture {
+    pub store: Arc<HookedStore>,
+    pub manager: Arc<AccountManager>,
+    pub handler: Arc<Recorder>,
+    pub appservice: Appservice<Recorder>,
+    pub router: Router,
+}
+
+pub fn config(limits: Limits) -> AppserviceConfig {
+    AppserviceConfig {
+        hs_token: HsToken::new(TOKEN),
+        namespace: UserNamespace::new(
+            ["@echo_.*:localhost"],
+            Some("@echo_bot:localhost".try_into().unwrap()),
+        )
+        .unwrap(),
+        txn_namespace: TXN_NS.into(),
+        puppet_device_id: device(),
+        limits,
+    }
+}
+
+impl Fixture {
+    pub fn open(dir: &Path, limits: Limits) -> Self {
+        let sled = SledStore::open(SledStoreConfig::new(dir.join("store"), store_key())).unwrap();
+        let store = Arc::new(HookedStore {
+            inner: Arc::new(sled),
+            hook: Mutex::new(None),
+            fail_txn_record: AtomicBool::new(false),
+        });
+        let manager = Arc::new(AccountManager::new(
+            Arc::clone(&store) as Arc<dyn Store>,
+            ManagerConfig::default(),
+        ));
+        let handler = Arc::new(Recorder::default());
+        let appservice = Appservice::new(
+            config(limits),
+            Arc::clone(&manager),
+            Arc::clone(&store) as Arc<dyn TransactionLog>,
+            Arc::clone(&handler),
+        )
+        .unwrap();
+        let router = appservice.router();
+        Self {
+            store,
+            manager,
+            handler,
+            appservice,
+            router,
+        }
+    }
+
+    /// Provision puppets `0..n` with the test device.
+    pub async fn provision(&self, n: usize) {
+        for i in 0..n {
+            self.manager
+                .create_device(&puppet(i), &device())
+                .await
+                .unwrap();
+        }
+    }
+
+    pub async fn call(&self, req: Request<Body>) -> (StatusCode, Value) {
+        call(&self.router, req).await
+    }
+
+    /// Everything a request could have changed: durable writes, keys
+    /// issued, devices created, handler calls, user queries.
+    pub fn state(&self) -> (u64, u64, u64, usize, usize) {
+        let stats = self.manager.stats();
+        (
+            self.store.commit_stats().writes,
+            stats.keys_issued,
+            stats.devices_created,
+            self.handler.calls.load(Ordering::SeqCst),
+            self.handler.user_queries.load(Ordering::SeqCst),
+        )
+    }
+
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .router
+            .clone()
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        String::from_utf8(
+            to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap()
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics().await, name)
+    }
+}
+
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+pub async fn call(router: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let json = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    (status, json)
+}
+
+/// A request with the right Bearer token.
+pub fn authed(method: Method, uri: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(body.into())
+        .unwrap()
+}
+
+pub fn json_body(v: &Value) -> Body {
+    Body::from(serde_json::to_vec(v).unwrap())
+}
