@@ -54,6 +54,8 @@ pub struct HookedStore {
     hook: Mutex<Option<Hook>>,
     /// Make `record_transaction` fail (a broken disk for the txn log).
     pub fail_txn_record: AtomicBool,
+    /// Make `write_device` fail (a broken disk for device state).
+    pub fail_device_writes: AtomicBool,
 }
 
 impl HookedStore {
@@ -78,6 +80,11 @@ impl Store for HookedStore {
         let hook = self.hook.lock().unwrap().clone();
         if let Some(hook) = hook {
             hook(device);
+        }
+        if self.fail_device_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Durability {
+                reason: "injected: disk full".into(),
+            });
         }
         self.inner.write_device(device, expected, write)
     }
@@ -234,6 +241,7 @@ impl Fixture {
             inner: Arc::new(sled),
             hook: Mutex::new(None),
             fail_txn_record: AtomicBool::new(false),
+            fail_device_writes: AtomicBool::new(false),
         });
         let manager = Arc::new(AccountManager::new(
             Arc::clone(&store) as Arc<dyn Store>,
@@ -337,4 +345,27 @@ pub fn authed(method: Method, uri: &str, body: impl Into<Body>) -> Request<Body>
 
 pub fn json_body(v: &Value) -> Body {
     Body::from(serde_json::to_vec(v).unwrap())
+}
+
+/// Check a claimed key object: `signed_curve25519:` id prefix and a valid
+/// ed25519 signature by the device, over canonical JSON.
+pub fn assert_signed_key(
+    manager: &AccountManager,
+    user: &UserId,
+    device: &ruma::DeviceId,
+    key_id: &str,
+    key: &Value,
+) {
+    assert!(key_id.starts_with("signed_curve25519:"), "{key_id}");
+    let identity = manager.identity_keys(user, device).unwrap();
+    let signature = key["signatures"][user.as_str()][format!("ed25519:{device}")]
+        .as_str()
+        .unwrap();
+    let signed = bridgekeys_olm::canonical_json_for_signing(key).unwrap();
+    let signature = bridgekeys_olm::vodozemac::Ed25519Signature::from_base64(signature).unwrap();
+    identity
+        .ed25519
+        .verify(signed.as_bytes(), &signature)
+        .expect("the key is signed by the puppet device");
+    assert!(key["key"].is_string());
 }

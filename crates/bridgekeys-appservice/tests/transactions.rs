@@ -1,0 +1,373 @@
+//! Transactions: everything is handed over, each id is processed once (also
+//! when the duplicate arrives mid-flight or after a restart), failures make
+//! the homeserver retry, and pre-key messages to puppets arrive decrypted.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, atomic::Ordering};
+
+use axum::http::{Method, StatusCode};
+use bridgekeys_appservice::{Limits, paths};
+use bridgekeys_olm::vodozemac::{
+    Curve25519PublicKey,
+    olm::{Account, OlmMessage, SessionConfig},
+};
+use bridgekeys_store::{DeviceKey, Store, TransactionLog};
+use common::*;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+
+fn txn_path(id: &str) -> String {
+    format!("/_matrix/app/v1/transactions/{id}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_part_of_a_transaction_reaches_the_handler_under_stable_and_unstable_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    let body = json!({
+        "events": [{"type": "m.room.message", "event_id": "$1"}, {"type": "m.room.member", "event_id": "$2"}],
+        "ephemeral": [{"type": "m.typing"}],
+        "de.sorunome.msc2409.ephemeral": [{"type": "m.receipt"}],
+        "de.sorunome.msc2409.to_device": [
+            {"to_user_id": "@echo_0:localhost", "to_device_id": "PUPPETDEV", "type": "m.room_key_request", "sender": "@alice:localhost", "content": {}}
+        ],
+        "to_device": [
+            {"to_user_id": "@echo_0:localhost", "to_device_id": "PUPPETDEV", "type": "m.dummy", "sender": "@alice:localhost", "content": {}}
+        ],
+        "org.matrix.msc3202.device_one_time_keys_count": {"@echo_0:localhost": {"PUPPETDEV": {"signed_curve25519": 0}}},
+        "org.matrix.msc3202.device_unused_fallback_key_types": {"@echo_0:localhost": {"PUPPETDEV": []}},
+        "org.matrix.msc3202.device_lists": {"changed": ["@alice:localhost"], "left": ["@bob:localhost"]},
+    });
+    let (status, resp) = fx
+        .call(authed(Method::PUT, &txn_path("t1"), json_body(&body)))
+        .await;
+    assert_eq!((status, resp), (StatusCode::OK, json!({})));
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.txn_id, "t1");
+    assert_eq!(seen.events, 2);
+    assert_eq!(seen.ephemeral, 2);
+    let types: Vec<_> = seen
+        .other_to_device
+        .iter()
+        .map(|(t, _)| t.as_str())
+        .collect();
+    assert_eq!(types, ["m.room_key_request", "m.dummy"]);
+    assert_eq!(
+        seen.otk_counts,
+        json!({"@echo_0:localhost": {"PUPPETDEV": {"signed_curve25519": 0}}})
+    );
+    assert_eq!(
+        seen.fallback_types,
+        json!({"@echo_0:localhost": {"PUPPETDEV": []}}),
+        "an empty list (the rotation signal) is kept"
+    );
+    assert_eq!(
+        seen.device_lists,
+        (
+            vec!["@alice:localhost".into()],
+            vec!["@bob:localhost".into()]
+        )
+    );
+    assert!(fx.store.transaction_completed(TXN_NS, "t1").unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_transaction_id_is_acknowledged_without_processing_on_either_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    let body = json!({"events": [{"type": "m.room.message"}]});
+    for path in [
+        "/_matrix/app/v1/transactions/same",
+        "/transactions/same",
+        "/_matrix/app/v1/transactions/same",
+    ] {
+        let (status, _) = fx.call(authed(Method::PUT, path, json_body(&body))).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_transactions_total").await,
+        1.0
+    );
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_transactions_duplicate_total")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_transaction_sent_twice_concurrently_is_processed_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    *fx.handler.gate.lock().unwrap() = Some((entered_tx, Arc::clone(&release)));
+    let body = json!({"events": [{"type": "m.room.message"}]});
+
+    let router = fx.router.clone();
+    let b = body.clone();
+    let first = tokio::spawn(async move {
+        call(
+            &router,
+            authed(
+                Method::PUT,
+                "/_matrix/app/v1/transactions/dup",
+                json_body(&b),
+            ),
+        )
+        .await
+    });
+    // The first is inside the bridge's handler, not yet recorded.
+    entered.recv().await.unwrap();
+    let router = fx.router.clone();
+    let second = tokio::spawn(async move {
+        call(
+            &router,
+            authed(
+                Method::PUT,
+                "/_matrix/app/v1/transactions/dup",
+                json_body(&body),
+            ),
+        )
+        .await
+    });
+    // Wait until the second has found the first in flight (a condition, not
+    // a sleep): the in-flight duplicate counter says so.
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while fx
+            .metric("bridgekeys_appservice_transactions_in_flight_duplicate_total")
+            .await
+            < 1.0
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the duplicate reached the listener while the first was running");
+    assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 1);
+    release.notify_one();
+
+    let (s1, _) = first.await.unwrap();
+    let (s2, _) = second.await.unwrap();
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 1, "processed once");
+    assert!(
+        entered.try_recv().is_err(),
+        "the handler was never entered again"
+    );
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_transactions_duplicate_total")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = json!({"events": [{"type": "m.room.message"}]});
+    {
+        let fx = Fixture::open(dir.path(), Limits::default());
+        let (status, _) = fx
+            .call(authed(
+                Method::PUT,
+                &txn_path("before-restart"),
+                json_body(&body),
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 1);
+    } // listener, manager and store closed: a process restart
+    let fx = Fixture::open(dir.path(), Limits::default());
+    let (status, _) = fx
+        .call(authed(
+            Method::PUT,
+            &txn_path("before-restart"),
+            json_body(&body),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        fx.handler.calls.load(Ordering::SeqCst),
+        0,
+        "not processed again after the restart"
+    );
+    let (status, _) = fx
+        .call(authed(
+            Method::PUT,
+            &txn_path("after-restart"),
+            json_body(&body),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        fx.handler.calls.load(Ordering::SeqCst),
+        1,
+        "new ids still processed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_failure_answers_an_error_and_the_retry_is_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    let body = json!({"events": [{"type": "m.room.message"}]});
+    fx.handler.fail.store(true, Ordering::SeqCst);
+    let (status, resp) = fx
+        .call(authed(Method::PUT, &txn_path("flaky"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(resp["errcode"], "M_UNKNOWN");
+    assert!(
+        !fx.store.transaction_completed(TXN_NS, "flaky").unwrap(),
+        "a failure is not recorded"
+    );
+    fx.handler.fail.store(false, Ordering::SeqCst);
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("flaky"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        fx.handler.calls.load(Ordering::SeqCst),
+        2,
+        "the retry was processed"
+    );
+    assert_eq!(fx.handler.seen.lock().unwrap().len(), 1);
+    assert!(fx.store.transaction_completed(TXN_NS, "flaky").unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_200_when_the_transaction_record_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.store.fail_txn_record.store(true, Ordering::SeqCst);
+    let body = json!({"events": []});
+    let (status, resp) = fx
+        .call(authed(Method::PUT, &txn_path("t"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(resp["errcode"], "M_UNKNOWN");
+    assert!(!fx.store.transaction_completed(TXN_NS, "t").unwrap());
+}
+
+/// A peer encrypts `plaintext` to a puppet with a key claimed through the
+/// listener, and wraps it as the homeserver would deliver it.
+async fn prekey_to_device(fx: &Fixture, plaintext: &str) -> (Value, Curve25519PublicKey) {
+    let req = json!({"@echo_0:localhost": {"PUPPETDEV": ["signed_curve25519"]}});
+    let (_, body) = fx
+        .call(authed(Method::POST, paths::CLAIM[1], json_body(&req)))
+        .await;
+    let (_, key) = body["@echo_0:localhost"]["PUPPETDEV"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
+    let otk = Curve25519PublicKey::from_base64(key["key"].as_str().unwrap()).unwrap();
+    let identity = fx.manager.identity_keys(&puppet(0), &device()).unwrap();
+    let peer = Account::new();
+    let mut session = peer
+        .create_outbound_session(SessionConfig::version_1(), identity.curve25519, otk)
+        .unwrap();
+    let OlmMessage::PreKey(message) = session.encrypt(plaintext).unwrap() else {
+        panic!("first message of a session is a pre-key message")
+    };
+    let msg = json!({
+        "to_user_id": "@echo_0:localhost", "to_device_id": "PUPPETDEV",
+        "type": "m.room.encrypted", "sender": "@alice:localhost",
+        "content": {
+            "algorithm": "m.olm.v1.curve25519-aes-sha2",
+            "sender_key": peer.curve25519_key().to_base64(),
+            "ciphertext": {identity.curve25519.to_base64(): {"type": 0, "body": message.to_base64()}}
+        }
+    });
+    (msg, peer.curve25519_key())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prekey_message_to_a_puppet_is_handed_over_decrypted_and_consumes_its_key_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let (msg, _) = prekey_to_device(&fx, "{\"type\":\"m.room_key\"}").await;
+    let dk = DeviceKey::new("@echo_0:localhost", "PUPPETDEV");
+    assert_eq!(fx.store.count_one_time_keys(&dk).unwrap(), 1);
+
+    let body = json!({"events": [], "de.sorunome.msc2409.to_device": [msg.clone()]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("olm-1"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.decrypted.len(), 1);
+    assert_eq!(seen.decrypted[0].0, "@echo_0:localhost");
+    assert_eq!(seen.decrypted[0].1, "@alice:localhost");
+    assert_eq!(seen.decrypted[0].2, b"{\"type\":\"m.room_key\"}");
+    assert_eq!(
+        fx.store.count_one_time_keys(&dk).unwrap(),
+        0,
+        "the one-time key was consumed"
+    );
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_prekey_messages_decrypted_total")
+            .await,
+        1.0
+    );
+
+    // The same message in a new transaction (a replay): handed over as
+    // received, marked undecryptable; the transaction still succeeds.
+    let body = json!({"events": [], "to_device": [msg]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("olm-2"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[1].clone();
+    assert!(seen.decrypted.is_empty());
+    assert_eq!(seen.other_to_device.len(), 1);
+    assert_eq!(seen.other_to_device[0].0, "m.room.encrypted");
+    assert!(
+        seen.other_to_device[0].1.is_some(),
+        "the replay is flagged undecryptable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_messages_not_for_a_puppet_device_pass_through_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let (msg, _) = prekey_to_device(&fx, "secret").await;
+    let mut to_unknown_device = msg.clone();
+    to_unknown_device["to_device_id"] = json!("NOTPROVISIONED");
+    let mut to_foreign_user = msg.clone();
+    to_foreign_user["to_user_id"] = json!("@alice:localhost");
+    let mut for_another_key = msg.clone();
+    let ct = for_another_key["content"]["ciphertext"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    for_another_key["content"]["ciphertext"] =
+        json!({"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA": ct});
+    let body =
+        json!({"events": [], "to_device": [to_unknown_device, to_foreign_user, for_another_key]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("pass"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert!(seen.decrypted.is_empty());
+    assert_eq!(seen.other_to_device.len(), 3);
+    assert!(seen.other_to_device.iter().all(|(_, why)| why.is_none()));
+    let dk = DeviceKey::new("@echo_0:localhost", "PUPPETDEV");
+    assert_eq!(
+        fx.store.count_one_time_keys(&dk).unwrap(),
+        1,
+        "no key consumed"
+    );
+}
