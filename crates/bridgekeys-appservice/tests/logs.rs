@@ -1,0 +1,87 @@
+//! Nothing secret reaches the logs: no token (header or query), no key, no
+//! event content, even at TRACE level.
+//!
+//! Alone in its own test binary: tracing caches per-callsite interest
+//! process-wide, so a thread-local subscriber only sees everything when no
+//! other test thread hits the same callsites first.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use axum::http::{Method, Request, StatusCode};
+use bridgekeys_appservice::{Limits, paths};
+use common::*;
+use serde_json::json;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn logs_at_trace_level_carry_no_token_key_or_plaintext() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let claim = json!({"@echo_0:localhost": {"PUPPETDEV": ["signed_curve25519"]}});
+    let uri = format!("{}?access_token={TOKEN}", paths::CLAIM[1]);
+    let req = Request::post(uri).body(json_body(&claim)).unwrap();
+    let (_, body) = fx.call(req).await;
+    let (_, key) = body["@echo_0:localhost"]["PUPPETDEV"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
+    let public_key = key["key"].as_str().unwrap().to_owned();
+    let (_, _) = fx
+        .call(
+            Request::post(paths::CLAIM[1])
+                .header("authorization", "Bearer wrong-token-xyz")
+                .body(json_body(&claim))
+                .unwrap(),
+        )
+        .await;
+    let txn = json!({"events": [{"content": {"body": "top secret plaintext"}}]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, "/transactions/log-1", json_body(&txn)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("appservice_request"),
+        "requests are traced: {logs}"
+    );
+    assert!(!logs.contains(TOKEN), "the hs_token was logged");
+    assert!(
+        !logs.contains("wrong-token-xyz"),
+        "a presented token was logged"
+    );
+    assert!(!logs.contains(&public_key), "a one-time key was logged");
+    assert!(
+        !logs.contains("top secret plaintext"),
+        "event content was logged"
+    );
+}
