@@ -1,8 +1,9 @@
 //! Homeserver authentication on every Matrix route.
 //!
 //! The homeserver presents `Authorization: Bearer <hs_token>`; with legacy
-//! authorization it may use `?access_token=<hs_token>` instead. Both are
-//! accepted and compared in constant time. Per the Application Service API:
+//! authorization it may use `?access_token=<hs_token>` instead or as well.
+//! Both are accepted, compared in constant time, and must both match when
+//! both are present. Per the Application Service API:
 //! no token is 401 `M_MISSING_TOKEN`, a wrong one 403 `M_FORBIDDEN`.
 //! The token is never logged; request spans record the path only, never the
 //! query string that may carry it.
@@ -19,23 +20,28 @@ use subtle::ConstantTimeEq;
 
 use crate::{MatrixError, config::HsToken};
 
-/// The token a request carries, if any: the Bearer header first, then the
-/// `access_token` query parameter.
-fn presented_token(req: &Request) -> Option<String> {
-    if let Some(value) = req.headers().get(AUTHORIZATION) {
-        let value = value.to_str().ok()?;
-        let (scheme, token) = value.split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_owned())
-            .filter(|t| !t.is_empty());
-    }
-    let Query(params) = Query::<Vec<(String, String)>>::try_from_uri(req.uri()).ok()?;
-    params
-        .into_iter()
-        .find(|(k, _)| k == "access_token")
-        .map(|(_, v)| v)
-        .filter(|t| !t.is_empty())
+/// What a request presents: the Bearer header's token and the
+/// `access_token` query parameter, each if present. A header with another
+/// scheme, or an empty token, counts as absent.
+fn presented_tokens(req: &Request) -> (Option<String>, Option<String>) {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_owned())
+        .filter(|t| !t.is_empty());
+    let query = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|Query(params)| {
+            params
+                .into_iter()
+                .find(|(k, _)| k == "access_token")
+                .map(|(_, v)| v)
+        })
+        .filter(|t| !t.is_empty());
+    (header, query)
 }
 
 /// Whether `presented` is the token, in time independent of where they
@@ -44,20 +50,27 @@ pub(crate) fn token_matches(expected: &HsToken, presented: &str) -> bool {
     expected.as_bytes().ct_eq(presented.as_bytes()).into()
 }
 
-/// Middleware: refuse requests without the right homeserver token.
+/// Middleware: refuse requests without the right homeserver token. When
+/// both the header and the query carry one, both must match (the spec asks
+/// appservices to check that).
 pub(crate) async fn require_hs_token(
     State(token): State<Arc<HsToken>>,
     req: Request,
     next: Next,
 ) -> Response {
-    match presented_token(&req) {
-        None => MatrixError::missing_token().into_response(),
-        Some(t) if !token_matches(&token, &t) => {
-            tracing::warn!("refused a request with a wrong homeserver token");
-            MatrixError::forbidden().into_response()
-        }
-        Some(_) => next.run(req).await,
+    let (header, query) = presented_tokens(&req);
+    if header.is_none() && query.is_none() {
+        return MatrixError::missing_token().into_response();
     }
+    let all_match = [header, query]
+        .iter()
+        .flatten()
+        .all(|t| token_matches(&token, t));
+    if !all_match {
+        tracing::warn!("refused a request with a wrong homeserver token");
+        return MatrixError::forbidden().into_response();
+    }
+    next.run(req).await
 }
 
 #[cfg(test)]

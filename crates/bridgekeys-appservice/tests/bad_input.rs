@@ -201,6 +201,32 @@ async fn auth_and_body_faults_are_refused_on_every_route_with_the_spec_errcode_a
         .await;
         assert_refused(
             &fx,
+            &format!("{name}: right header, wrong token in query"),
+            request(
+                &route,
+                Some(&bearer),
+                Some("access_token=nope"),
+                good_body(&route),
+            ),
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+        )
+        .await;
+        assert_refused(
+            &fx,
+            &format!("{name}: wrong header, right token in query"),
+            request(
+                &route,
+                Some("Bearer nope"),
+                Some(&format!("access_token={TOKEN}")),
+                good_body(&route),
+            ),
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+        )
+        .await;
+        assert_refused(
+            &fx,
             &format!("{name}: wrong method"),
             Request::builder()
                 .method(Method::DELETE)
@@ -291,6 +317,15 @@ async fn the_token_is_accepted_in_the_header_or_the_access_token_query_on_every_
             ))
             .await;
         assert_eq!(status, route.ok, "{name} with Bearer: {body}");
+        let (status, body) = fx
+            .call(request(
+                &route,
+                Some(&format!("Bearer {TOKEN}")),
+                Some(&format!("access_token={TOKEN}")),
+                good_body(&route),
+            ))
+            .await;
+        assert_eq!(status, route.ok, "{name} with both: {body}");
     }
 }
 

@@ -371,3 +371,34 @@ async fn encrypted_messages_not_for_a_puppet_device_pass_through_untouched() {
         "no key consumed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_past_the_timeout_is_answered_503_not_recorded_and_its_retry_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(
+        dir.path(),
+        Limits {
+            request_timeout: std::time::Duration::from_millis(200),
+            ..Limits::default()
+        },
+    );
+    // A handler that never finishes (never released).
+    let (entered_tx, _entered) = mpsc::unbounded_channel();
+    *fx.handler.gate.lock().unwrap() = Some((entered_tx, Arc::new(Notify::new())));
+    let body = json!({"events": []});
+    let (status, resp) = fx
+        .call(authed(Method::PUT, &txn_path("slow"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp["errcode"], "M_UNKNOWN");
+    assert!(!fx.store.transaction_completed(TXN_NS, "slow").unwrap());
+
+    // The abandoned attempt released its hold on the id: the retry runs.
+    *fx.handler.gate.lock().unwrap() = None;
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("slow"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 2);
+    assert!(fx.store.transaction_completed(TXN_NS, "slow").unwrap());
+}
