@@ -48,9 +48,14 @@ pub trait BridgeHandler: Send + Sync + 'static {
     /// homeserver retry the whole transaction later. A crash between `Ok`
     /// and the durable record also leads to a retry, so effects should be
     /// idempotent per event id (delivery is at least once, never zero).
+    ///
+    /// The transaction is lent, not given: if the handler fails, the
+    /// listener keeps the decrypted to-device messages for the retry (their
+    /// one-time keys are already consumed, so they could not be decrypted
+    /// again). Copy out what you keep.
     fn transaction(
         &self,
-        transaction: Transaction,
+        transaction: &Transaction,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
     /// Does this in-namespace user exist? Default: no.

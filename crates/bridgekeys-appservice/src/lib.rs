@@ -27,7 +27,7 @@
 //! # use bridgekeys_appservice::*;
 //! # struct Bridge;
 //! # impl BridgeHandler for Bridge {
-//! #     async fn transaction(&self, _t: Transaction) -> Result<(), HandlerError> { Ok(()) }
+//! #     async fn transaction(&self, _t: &Transaction) -> Result<(), HandlerError> { Ok(()) }
 //! # }
 //! # async fn run(manager: Arc<bridgekeys_olm::AccountManager>, store: Arc<bridgekeys_store::SledStore>)
 //! # -> Result<(), AppserviceError> {

@@ -36,6 +36,7 @@ pub(crate) struct Inner<H> {
     pub handler: Arc<H>,
     pub metrics: Metrics,
     pub txn_locks: KeyedLocks,
+    pub retry_cache: transactions::RetryCache,
     pub draining: AtomicBool,
 }
 
@@ -153,6 +154,7 @@ impl<H: BridgeHandler> Appservice<H> {
                 handler,
                 metrics: Metrics::new()?,
                 txn_locks: KeyedLocks::default(),
+                retry_cache: transactions::RetryCache::default(),
                 draining: AtomicBool::new(false),
             }),
         })

@@ -30,7 +30,10 @@
 //!    decrypted are handed over as received, with the reason; a store
 //!    failure fails the transaction.
 //! 5. The bridge's [`BridgeHandler::transaction`] runs; an error answers 500
-//!    so the homeserver retries.
+//!    so the homeserver retries. A transaction holding decrypted messages is
+//!    kept in memory until step 6 is done, and its retry reuses it: the
+//!    one-time keys are consumed, so the messages could not be decrypted
+//!    twice.
 //! 6. The id is recorded and the record flushed; only then 200.
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -273,6 +276,74 @@ async fn open_to_device<H: BridgeHandler>(
     }
 }
 
+/// Turn a parsed body into a [`Transaction`], decrypting pre-key messages.
+async fn open_transaction<H: BridgeHandler>(
+    inner: &Inner<H>,
+    txn_id: String,
+    body: TransactionBody,
+) -> Result<Transaction, MatrixError> {
+    let mut to_device = Vec::with_capacity(body.to_device.len() + body.to_device_unstable.len());
+    for msg in body.to_device_unstable.into_iter().chain(body.to_device) {
+        to_device.push(open_to_device(inner, msg).await?);
+    }
+    let mut ephemeral = body.ephemeral_unstable;
+    ephemeral.extend(body.ephemeral);
+    Ok(Transaction {
+        txn_id,
+        events: body.events,
+        ephemeral,
+        to_device,
+        device_one_time_keys_count: body.otk_count.or(body.otk_counts).unwrap_or_default(),
+        device_unused_fallback_key_types: body.unused_fallback.unwrap_or_default(),
+        device_lists: body.device_lists.unwrap_or_default(),
+    })
+}
+
+/// Transactions holding decrypted pre-key messages whose processing has not
+/// been recorded yet, by id, so a retry hands over the same plaintext
+/// instead of failing to decrypt again. In memory only and bounded: the
+/// oldest entry is dropped past [`RetryCache::CAPACITY`] (its retry then
+/// sees the messages as undecryptable, and a warning is logged).
+#[derive(Default)]
+pub(crate) struct RetryCache {
+    entries: std::sync::Mutex<RetryEntries>,
+}
+
+/// The kept transactions by id, and their ids oldest first.
+type RetryEntries = (
+    std::collections::HashMap<String, Arc<Transaction>>,
+    std::collections::VecDeque<String>,
+);
+
+impl RetryCache {
+    /// Most transactions kept for a retry.
+    pub(crate) const CAPACITY: usize = 256;
+
+    fn take(&self, txn_id: &str) -> Option<Arc<Transaction>> {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *guard;
+        let found = map.remove(txn_id);
+        if found.is_some() {
+            order.retain(|id| id != txn_id);
+        }
+        found
+    }
+
+    fn put(&self, txn_id: String, transaction: Arc<Transaction>) {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *guard;
+        if map.insert(txn_id.clone(), transaction).is_none() {
+            order.push_back(txn_id);
+        }
+        while order.len() > Self::CAPACITY {
+            if let Some(oldest) = order.pop_front() {
+                map.remove(&oldest);
+                tracing::warn!(txn_id = %oldest, "dropped decrypted messages kept for a retry: too many failing transactions");
+            }
+        }
+    }
+}
+
 /// The handler of `PUT /transactions/{txnId}` (both prefixes).
 pub(crate) async fn put_transaction<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
@@ -294,22 +365,24 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         return Ok(Json(serde_json::Map::new()));
     }
 
-    let mut to_device = Vec::with_capacity(body.to_device.len() + body.to_device_unstable.len());
-    for msg in body.to_device_unstable.into_iter().chain(body.to_device) {
-        to_device.push(open_to_device(&inner, msg).await?);
-    }
-    let mut ephemeral = body.ephemeral_unstable;
-    ephemeral.extend(body.ephemeral);
-    let transaction = Transaction {
-        txn_id: txn_id.clone(),
-        events: body.events,
-        ephemeral,
-        to_device,
-        device_one_time_keys_count: body.otk_count.or(body.otk_counts).unwrap_or_default(),
-        device_unused_fallback_key_types: body.unused_fallback.unwrap_or_default(),
-        device_lists: body.device_lists.unwrap_or_default(),
+    // A retry of a transaction whose pre-key messages were already
+    // decrypted (their keys are consumed) reuses that work.
+    let transaction = match inner.retry_cache.take(&txn_id) {
+        Some(cached) => cached,
+        None => Arc::new(open_transaction(&inner, txn_id.clone(), body).await?),
     };
-    if let Err(e) = inner.handler.transaction(transaction).await {
+    let holds_plaintext = transaction
+        .to_device
+        .iter()
+        .any(|m| matches!(m, ToDevice::Decrypted(_)));
+    if holds_plaintext {
+        // Kept until the record is durable: a handler failure, a timeout or
+        // a failed record leaves it here for the homeserver's retry.
+        inner
+            .retry_cache
+            .put(txn_id.clone(), Arc::clone(&transaction));
+    }
+    if let Err(e) = inner.handler.transaction(&transaction).await {
         tracing::warn!(%txn_id, error = %e, "bridge handler failed; the homeserver will retry");
         return Err(MatrixError::internal(
             "the bridge could not process the transaction",
@@ -320,6 +393,9 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         .durable()
         .await
         .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?;
+    if holds_plaintext {
+        inner.retry_cache.take(&txn_id);
+    }
     inner.metrics.transactions.inc();
     Ok(Json(serde_json::Map::new()))
 }

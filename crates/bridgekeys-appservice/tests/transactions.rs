@@ -402,3 +402,49 @@ async fn a_transaction_past_the_timeout_is_answered_503_not_recorded_and_its_ret
     assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 2);
     assert!(fx.store.transaction_completed(TXN_NS, "slow").unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_of_a_failed_transaction_still_hands_over_its_decrypted_prekey_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let (msg, _) = prekey_to_device(&fx, "room key payload").await;
+    let body = json!({"events": [], "to_device": [msg]});
+    fx.handler.fail.store(true, Ordering::SeqCst);
+    let (status, _) = fx
+        .call(authed(
+            Method::PUT,
+            &txn_path("retry-olm"),
+            json_body(&body),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let dk = DeviceKey::new("@echo_0:localhost", "PUPPETDEV");
+    assert_eq!(
+        fx.store.count_one_time_keys(&dk).unwrap(),
+        0,
+        "decryption consumed the key"
+    );
+
+    fx.handler.fail.store(false, Ordering::SeqCst);
+    let (status, _) = fx
+        .call(authed(
+            Method::PUT,
+            &txn_path("retry-olm"),
+            json_body(&body),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        seen.decrypted.len(),
+        1,
+        "the retry got the plaintext, not a replay error"
+    );
+    assert_eq!(seen.decrypted[0].2, b"room key payload");
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_prekey_messages_decrypted_total")
+            .await,
+        1.0
+    );
+}

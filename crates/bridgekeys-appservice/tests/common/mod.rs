@@ -163,7 +163,7 @@ pub struct Recorder {
 }
 
 impl BridgeHandler for Recorder {
-    async fn transaction(&self, t: Transaction) -> Result<(), HandlerError> {
+    async fn transaction(&self, t: &Transaction) -> Result<(), HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let gate = self.gate.lock().unwrap().clone();
         if let Some((entered, release)) = gate {
@@ -183,14 +183,16 @@ impl BridgeHandler for Recorder {
             device_lists: (t.device_lists.changed.clone(), t.device_lists.left.clone()),
             ..Seen::default()
         };
-        for m in t.to_device {
+        for m in &t.to_device {
             match m {
                 ToDevice::Decrypted(d) => seen.decrypted.push((
                     d.to_user_id.to_string(),
                     d.sender.clone(),
                     d.inbound.plaintext.to_vec(),
                 )),
-                ToDevice::Other(o) => seen.other_to_device.push((o.event_type, o.undecryptable)),
+                ToDevice::Other(o) => seen
+                    .other_to_device
+                    .push((o.event_type.clone(), o.undecryptable.clone())),
             }
         }
         self.seen.lock().unwrap().push(seen);
