@@ -213,3 +213,34 @@ async fn a_device_whose_write_fails_is_left_out_never_answered_with_undurable_ke
         .await;
     assert_eq!(keys_of(&body, "@echo_0:localhost", "PUPPETDEV").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictions_at_the_outstanding_key_bound_show_in_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open_with(
+        dir.path(),
+        Limits::default(),
+        bridgekeys_olm::ManagerConfig {
+            max_keys_per_claim: 5,
+            max_outstanding_keys: 5,
+        },
+    );
+    fx.provision(1).await;
+    let req = json!({"@echo_0:localhost": {"PUPPETDEV": vec!["signed_curve25519"; 4]}});
+    for _ in 0..2 {
+        let (status, body) = fx
+            .call(authed(Method::POST, paths::CLAIM[1], json_body(&req)))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(keys_of(&body, "@echo_0:localhost", "PUPPETDEV").len(), 4);
+    }
+    assert_eq!(fx.manager.stats().evicted_keys, 3);
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_evicted_keys_total").await,
+        3.0
+    );
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_keys_issued_total").await,
+        8.0
+    );
+}

@@ -238,6 +238,10 @@ pub fn config(limits: Limits) -> AppserviceConfig {
 
 impl Fixture {
     pub fn open(dir: &Path, limits: Limits) -> Self {
+        Self::open_with(dir, limits, ManagerConfig::default())
+    }
+
+    pub fn open_with(dir: &Path, limits: Limits, manager_config: ManagerConfig) -> Self {
         let sled = SledStore::open(SledStoreConfig::new(dir.join("store"), store_key())).unwrap();
         let store = Arc::new(HookedStore {
             inner: Arc::new(sled),
@@ -247,7 +251,7 @@ impl Fixture {
         });
         let manager = Arc::new(AccountManager::new(
             Arc::clone(&store) as Arc<dyn Store>,
-            ManagerConfig::default(),
+            manager_config,
         ));
         let handler = Arc::new(Recorder::default());
         let appservice = Appservice::new(
