@@ -12,7 +12,14 @@ use vodozemac::{
 
 /// Open a manager over a sled store at `dir/store`.
 pub fn open_manager(dir: &Path, key: &StoreKey) -> Result<AccountManager, StoreError> {
-    let store = SledStore::open(SledStoreConfig::new(dir.join("store"), key.clone()))?;
+    let mut config = SledStoreConfig::new(dir.join("store"), key.clone());
+    if let Some(us) = std::env::var("BRIDGEKEYS_COMMIT_GATHER_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.commit_gather = Duration::from_micros(us);
+    }
+    let store = SledStore::open(config)?;
     Ok(AccountManager::new(
         Arc::new(store),
         ManagerConfig::default(),

@@ -149,7 +149,8 @@ impl AccountManager {
         user_id: &UserId,
         device_id: &DeviceId,
     ) -> Result<DeviceKeys, OlmError> {
-        let slot = self.existing_slot(user_id, device_id)?;
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let slot = self.existing_slot(&key, user_id, device_id)?;
         let device = slot.lock();
         device_keys(&device, user_id, device_id)
     }
@@ -160,7 +161,8 @@ impl AccountManager {
         user_id: &UserId,
         device_id: &DeviceId,
     ) -> Result<vodozemac::olm::IdentityKeys, OlmError> {
-        let slot = self.existing_slot(user_id, device_id)?;
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let slot = self.existing_slot(&key, user_id, device_id)?;
         let keys = slot.lock().account.identity_keys();
         Ok(keys)
     }
@@ -191,16 +193,16 @@ impl AccountManager {
                 max,
             });
         }
-        let slot = self.existing_slot(user_id, device_id)?;
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let slot = self.existing_slot(&key, user_id, device_id)?;
         let (claimed, pending) = {
             let mut device = slot.lock();
             match self.claim_locked(&mut device, &key, user_id, device_id, count) {
                 Ok(done) => done,
                 Err(e) => {
                     // The in-memory account may have advanced past the store:
-                    // reload it from the store next time.
-                    self.slots.remove(&key);
+                    // put the stored truth back before anyone else uses it.
+                    self.reload(&mut device, &key);
                     return Err(e);
                 }
             }
@@ -294,8 +296,8 @@ impl AccountManager {
         sender_key: Curve25519PublicKey,
         message: &PreKeyMessage,
     ) -> Result<InboundMessage, OlmError> {
-        let slot = self.existing_slot(user_id, device_id)?;
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let slot = self.existing_slot(&key, user_id, device_id)?;
         let (inbound, pending) = {
             let mut device = slot.lock();
             match self.decrypt_locked(&mut device, &key, sender_key, message) {
@@ -370,12 +372,33 @@ impl AccountManager {
 
     /// The slot of an existing device (loading it from the store on first
     /// use); `UnknownDevice` if it was never created.
-    fn existing_slot(&self, user_id: &UserId, device_id: &DeviceId) -> Result<Slot, OlmError> {
-        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        self.slot(&key)?.ok_or_else(|| OlmError::UnknownDevice {
+    fn existing_slot(
+        &self,
+        key: &DeviceKey,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<Slot, OlmError> {
+        self.slot(key)?.ok_or_else(|| OlmError::UnknownDevice {
             user_id: user_id.to_string(),
             device_id: device_id.to_string(),
         })
+    }
+
+    /// Replace a cached account with the stored one after a failed write.
+    /// If even that read fails, the slot is dropped from the cache so the
+    /// next call loads afresh; a holder of the old slot then loses its
+    /// compare-and-swap instead of overwriting anything.
+    fn reload(&self, device: &mut DeviceAccount, key: &DeviceKey) {
+        match self
+            .store
+            .load_account(key)
+            .map(|r| r.map(|r| DeviceAccount::decode(&r)))
+        {
+            Ok(Some(Ok(fresh))) => *device = fresh,
+            _ => {
+                self.slots.remove(key);
+            }
+        }
     }
 
     /// The cached slot, or the device loaded from the store, or `None`.

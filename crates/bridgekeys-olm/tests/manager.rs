@@ -359,10 +359,10 @@ fn collect_byte_arrays(v: &serde_json::Value, out: &mut Vec<Vec<u8>>) {
         serde_json::Value::Array(a) => a.iter().for_each(|x| collect_byte_arrays(x, out)),
         serde_json::Value::Object(o) => o.values().for_each(|x| collect_byte_arrays(x, out)),
         serde_json::Value::String(s) => {
-            if let Ok(bytes) = vodozemac::base64_decode(s) {
-                if bytes.len() == 32 || bytes.len() == 64 {
-                    out.push(bytes);
-                }
+            if let Ok(bytes) = vodozemac::base64_decode(s)
+                && (bytes.len() == 32 || bytes.len() == 64)
+            {
+                out.push(bytes);
             }
         }
         _ => {}

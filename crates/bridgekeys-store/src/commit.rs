@@ -13,6 +13,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use parking_lot::{Condvar, Mutex};
@@ -78,7 +79,10 @@ pub(crate) struct GroupCommit {
 impl GroupCommit {
     /// Start the flusher thread over `flush`, the engine's "make everything
     /// applied so far durable" operation.
-    pub(crate) fn start<F>(flush: F) -> std::io::Result<Self>
+    ///
+    /// `gather` is how long the flusher waits, after the first waiter
+    /// arrives, for more writers to join the same flush (zero: flush at once).
+    pub(crate) fn start<F>(flush: F, gather: Duration) -> std::io::Result<Self>
     where
         F: Fn() -> FlushResult + Send + 'static,
     {
@@ -94,7 +98,7 @@ impl GroupCommit {
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("bridgekeys-store-flush".into())
-            .spawn(move || flusher(&worker, flush))?;
+            .spawn(move || flusher(&worker, flush, gather))?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -140,12 +144,23 @@ impl Drop for GroupCommit {
     }
 }
 
-fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F) {
+/// Most waiters one flush answers before it stops gathering.
+const MAX_BATCH: usize = 1024;
+
+fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) {
     loop {
         let batch = {
             let mut state = shared.state.lock();
             while state.waiters.is_empty() && !state.closed {
                 shared.wake.wait(&mut state);
+            }
+            if !gather.is_zero() {
+                let deadline = Instant::now() + gather;
+                while !state.closed && state.waiters.len() < MAX_BATCH {
+                    if shared.wake.wait_until(&mut state, deadline).timed_out() {
+                        break;
+                    }
+                }
             }
             if state.waiters.is_empty() {
                 return; // closed and drained
@@ -171,10 +186,13 @@ mod tests {
 
     #[tokio::test]
     async fn every_waiter_is_answered_and_flushes_are_shared() {
-        let gc = GroupCommit::start(|| {
-            std::thread::sleep(std::time::Duration::from_millis(2));
-            Ok(())
-        })
+        let gc = GroupCommit::start(
+            || {
+                std::thread::sleep(Duration::from_millis(2));
+                Ok(())
+            },
+            Duration::ZERO,
+        )
         .expect("thread");
         let pendings: Vec<_> = (0..200).map(|_| gc.pending()).collect();
         for p in pendings {
@@ -193,13 +211,16 @@ mod tests {
     async fn a_failed_flush_is_reported_to_its_waiters() {
         let fail = Arc::new(AtomicBool::new(true));
         let f = Arc::clone(&fail);
-        let gc = GroupCommit::start(move || {
-            if f.load(Ordering::SeqCst) {
-                Err("disk full".into())
-            } else {
-                Ok(())
-            }
-        })
+        let gc = GroupCommit::start(
+            move || {
+                if f.load(Ordering::SeqCst) {
+                    Err("disk full".into())
+                } else {
+                    Ok(())
+                }
+            },
+            Duration::from_micros(100),
+        )
         .expect("thread");
         let err = gc.pending().durable().await.expect_err("must fail");
         assert!(matches!(err, StoreError::Durability { ref reason } if reason == "disk full"));
@@ -209,7 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn pending_after_close_fails_instead_of_hanging() {
-        let gc = GroupCommit::start(|| Ok(())).expect("thread");
+        let gc = GroupCommit::start(|| Ok(()), Duration::ZERO).expect("thread");
         gc.close();
         assert!(matches!(
             gc.pending().durable().await,

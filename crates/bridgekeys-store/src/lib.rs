@@ -38,7 +38,7 @@ mod types;
 pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;
 pub use error::StoreError;
-pub use sled_store::{SCHEMA_VERSION, SledStore, SledStoreConfig};
+pub use sled_store::{DEFAULT_COMMIT_GATHER_US, SCHEMA_VERSION, SledStore, SledStoreConfig};
 pub use transactions::TransactionLog;
 pub use types::{AccountRecord, DeviceKey, DeviceWrite, OneTimeKeyRecord, Version};
 

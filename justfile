@@ -1,0 +1,22 @@
+# bridgekeys tasks. `just` is optional: each recipe is one plain command,
+# and README.md lists the same commands without it.
+
+# Run the quickstart example.
+run:
+    cargo run -p quickstart
+
+# The test command CI runs.
+test:
+    cargo test --workspace
+
+# Format, lint and test, as .ci/run does.
+ci:
+    bash .ci/run
+
+# Benchmark: raw crypto against durable claims (writes bench-results/manager.json).
+bench-manager:
+    mkdir -p bench-results && cargo run --release -p bridgekeys-bench -- manager --json bench-results/manager.json
+
+# The long crash torture (100 SIGKILL cycles).
+crash:
+    cargo run --release -p bridgekeys-bench -- crash --cycles 100
