@@ -161,7 +161,10 @@ impl<H: BridgeHandler> Appservice<H> {
     }
 
     /// The whole listener as an axum [`Router`] (a tower service), to mount
-    /// or merge into your own server. Unknown paths answer 404
+    /// in your own server: serve it as the whole app, or put your routes
+    /// first and hand the rest to it with
+    /// `Router::new().route(...).fallback_service(appservice.router())`
+    /// (it has its own fallback, so `merge` would conflict). Unknown paths answer 404
     /// `M_UNRECOGNIZED` and wrong methods 405 `M_UNRECOGNIZED`, after the
     /// token check; the operations endpoints ([`paths::LIVE`],
     /// [`paths::READY`], [`paths::METRICS`]) need no token.

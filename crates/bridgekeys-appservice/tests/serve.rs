@@ -245,3 +245,33 @@ async fn error_responses_are_counted_by_errcode() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn the_router_mounts_inside_a_bridge_authors_own_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    let app = axum::Router::new()
+        .route(
+            "/bridge/status",
+            axum::routing::get(|| async { "own route" }),
+        )
+        .fallback_service(fx.appservice.router());
+    let resp = tower::ServiceExt::oneshot(
+        app.clone(),
+        Request::get("/bridge/status").body(Body::empty()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (status, body) = call(
+        &app,
+        authed(Method::POST, paths::PING, json_body(&json!({}))),
+    )
+    .await;
+    assert_eq!((status, body), (StatusCode::OK, json!({})));
+    let (status, body) = call(&app, authed(Method::GET, "/unknown", Body::empty())).await;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (StatusCode::NOT_FOUND, Some("M_UNRECOGNIZED"))
+    );
+}
