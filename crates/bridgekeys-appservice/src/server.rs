@@ -200,6 +200,7 @@ impl<H: BridgeHandler> Appservice<H> {
             .route(paths::READY, get(health::ready::<H>))
             .route(paths::METRICS, get(health::metrics::<H>))
             .with_state(Arc::clone(&inner))
+            .method_not_allowed_fallback(method_not_allowed)
             .fallback_service(matrix)
             .layer(middleware::from_fn_with_state(inner, observe::<H>))
             .layer(Extension(BodyLimit(limit)))

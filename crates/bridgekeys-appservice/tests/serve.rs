@@ -202,6 +202,13 @@ async fn ping_room_queries_and_operations_endpoints_answer() {
         assert_eq!(status, StatusCode::OK, "{path} needs no token");
         assert!(body["status"].is_string());
     }
+    let (status, body) = fx
+        .call(Request::post(paths::METRICS).body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("M_UNRECOGNIZED"))
+    );
     let metrics = fx.metrics().await;
     assert!(metrics.contains("bridgekeys_appservice_claims_total"));
     assert!(metrics.contains("bridgekeys_appservice_keys_issued_total"));
