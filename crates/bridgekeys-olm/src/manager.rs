@@ -2,7 +2,9 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use bridgekeys_store::{DeviceKey, DeviceWrite, OneTimeKeyRecord, Pending, Store, Version};
+use bridgekeys_store::{
+    DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending, Store, Version,
+};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use ruma::{
@@ -259,13 +261,15 @@ impl AccountManager {
             Vec::new()
         };
         let outstanding = total - evicted.len() as u64;
-        let write = DeviceWrite {
+        let append = KeyAppend {
             account: device.encode(outstanding)?,
             add_keys: records,
-            remove_keys: evicted.clone(),
-            sessions: Vec::new(),
+            evict_keys: evicted.clone(),
         };
-        let pending = self.store.write_device(key, device.version, write)?;
+        let version = device
+            .version
+            .ok_or_else(|| OlmError::Corrupt("device without version".into()))?;
+        let pending = self.store.append_keys(key, version, append)?;
         device.version = Some(Version::next(device.version));
         device.outstanding = outstanding;
         if !evicted.is_empty() {

@@ -9,9 +9,12 @@
 //! * **Versioned updates.** Every write of a device names the version it read
 //!   ([`Version`]); a lost race is reported as [`StoreError::Conflict`], never
 //!   silently overwritten.
-//! * **Atomicity.** A device's account record, its new one-time keys, removed
-//!   keys and new sessions are written in one transaction: either all of it
-//!   or none of it is visible, after a crash too.
+//! * **Atomicity where it matters.** [`Store::write_device`] writes a
+//!   device's account record, new and removed one-time keys and new sessions
+//!   in one transaction: all of it or none of it, after a crash too. The hot
+//!   claim path uses [`Store::append_keys`] instead: the account first (by
+//!   compare-and-swap), then the keys, in order, which needs no transaction
+//!   because nothing of it is acknowledged before it is all durable.
 //! * **Durability before acknowledgement.** A write returns a [`Pending`]
 //!   handle; only when [`Pending::durable`] resolves is the write on disk.
 //!   Concurrent writers share one flush (group commit), so durability does not
@@ -40,7 +43,7 @@ pub use crypto::StoreKey;
 pub use error::StoreError;
 pub use sled_store::{DEFAULT_COMMIT_GATHER_US, SCHEMA_VERSION, SledStore, SledStoreConfig};
 pub use transactions::TransactionLog;
-pub use types::{AccountRecord, DeviceKey, DeviceWrite, OneTimeKeyRecord, Version};
+pub use types::{AccountRecord, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Version};
 
 /// What the account manager needs from durable storage.
 ///
@@ -61,6 +64,22 @@ pub trait Store: Send + Sync + 'static {
         device: &DeviceKey,
         expected: Option<Version>,
         write: DeviceWrite,
+    ) -> Result<Pending, StoreError>;
+
+    /// Record a key claim: compare-and-swap the account from `expected` to
+    /// the next version, then add the new keys and remove the evicted ones.
+    ///
+    /// Ordered, not atomic: until [`Pending::durable`] resolves a crash may
+    /// keep any part of it. That is safe for a claim because its keys are
+    /// returned only after the whole append is durable: a key that survives
+    /// a crash without its account update was never handed out, and its id
+    /// is simply issued again (overwriting it). Readers must treat an index
+    /// entry whose key record is missing or different as absent.
+    fn append_keys(
+        &self,
+        device: &DeviceKey,
+        expected: Version,
+        append: KeyAppend,
     ) -> Result<Pending, StoreError>;
 
     /// Find a stored one-time key of a device by its public key.

@@ -9,8 +9,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use zeroize::Zeroizing;
 
 use crate::{
-    AccountRecord, CommitStats, DeviceKey, DeviceWrite, OneTimeKeyRecord, Pending, Store,
-    StoreError, StoreKey, Version, commit::GroupCommit, crypto::Sealer, layout,
+    AccountRecord, CommitStats, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending,
+    Store, StoreError, StoreKey, Version, commit::GroupCommit, crypto::Sealer, layout,
 };
 
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
@@ -120,6 +120,52 @@ impl SledStore {
         &self.path
     }
 
+    /// Seal an account and its key changes for `write_device`/`append_keys`.
+    fn seal(
+        &self,
+        device: &DeviceKey,
+        expected: Option<Version>,
+        account: &[u8],
+        add: &[OneTimeKeyRecord],
+        remove: &[(u64, [u8; 32])],
+    ) -> SealedWrite {
+        let new_version = Version::next(expected);
+        let mut account_value = new_version.0.to_be_bytes().to_vec();
+        account_value.extend(
+            self.sealer
+                .seal(&layout::account_slot(device, new_version.0), account),
+        );
+        let added = add
+            .iter()
+            .map(|k| {
+                let slot = layout::otk(device, k.key_id);
+                let mut value = k.public_key.to_vec();
+                value.extend(self.sealer.seal(&slot, k.secret_key.as_slice()));
+                SealedKey {
+                    index: layout::otk_by_public(device, &k.public_key),
+                    id: k.key_id.to_be_bytes(),
+                    slot,
+                    value,
+                }
+            })
+            .collect();
+        let removed = remove
+            .iter()
+            .map(|(id, public)| {
+                (
+                    layout::otk(device, *id),
+                    layout::otk_by_public(device, public),
+                )
+            })
+            .collect();
+        SealedWrite {
+            account_key: layout::account(device),
+            account_value,
+            added,
+            removed,
+        }
+    }
+
     fn check_or_init(db: &sled::Db, sealer: &Sealer, path: &Path) -> Result<(), StoreError> {
         match db.get(layout::SCHEMA)? {
             None => {
@@ -200,6 +246,14 @@ impl Drop for SledStore {
     }
 }
 
+/// A device write, sealed and laid out, ready to apply.
+struct SealedWrite {
+    account_key: Vec<u8>,
+    account_value: Vec<u8>,
+    added: Vec<SealedKey>,
+    removed: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
 /// A one-time key ready to insert: its record and its public-key index entry.
 struct SealedKey {
     slot: Vec<u8>,
@@ -244,40 +298,14 @@ impl Store for SledStore {
         expected: Option<Version>,
         write: DeviceWrite,
     ) -> Result<Pending, StoreError> {
-        let new_version = Version::next(expected);
-        let account_key = layout::account(device);
-        let mut account_value = new_version.0.to_be_bytes().to_vec();
-        account_value.extend(
-            self.sealer
-                .seal(&layout::account_slot(device, new_version.0), &write.account),
-        );
-
         // Seal outside the transaction: its closure may run more than once.
-        let added: Vec<SealedKey> = write
-            .add_keys
-            .iter()
-            .map(|k| {
-                let slot = layout::otk(device, k.key_id);
-                let mut value = k.public_key.to_vec();
-                value.extend(self.sealer.seal(&slot, k.secret_key.as_slice()));
-                SealedKey {
-                    index: layout::otk_by_public(device, &k.public_key),
-                    id: k.key_id.to_be_bytes(),
-                    slot,
-                    value,
-                }
-            })
-            .collect();
-        let removed: Vec<(Vec<u8>, Vec<u8>)> = write
-            .remove_keys
-            .iter()
-            .map(|(id, public)| {
-                (
-                    layout::otk(device, *id),
-                    layout::otk_by_public(device, public),
-                )
-            })
-            .collect();
+        let sealed = self.seal(
+            device,
+            expected,
+            &write.account,
+            &write.add_keys,
+            &write.remove_keys,
+        );
         let sessions: Vec<(Vec<u8>, Vec<u8>)> = write
             .sessions
             .iter()
@@ -289,7 +317,7 @@ impl Store for SledStore {
             .collect();
 
         let outcome = self.db.transaction(|tx| {
-            let found = match tx.get(&account_key)? {
+            let found = match tx.get(&sealed.account_key)? {
                 Some(raw) => Some(Version(
                     version_of(&raw)
                         .map_err(ConflictableTransactionError::Abort)?
@@ -303,12 +331,15 @@ impl Store for SledStore {
                     found,
                 }));
             }
-            tx.insert(account_key.as_slice(), account_value.as_slice())?;
-            for k in &added {
+            tx.insert(
+                sealed.account_key.as_slice(),
+                sealed.account_value.as_slice(),
+            )?;
+            for k in &sealed.added {
                 tx.insert(k.slot.as_slice(), k.value.as_slice())?;
                 tx.insert(k.index.as_slice(), &k.id[..])?;
             }
-            for (slot, index) in &removed {
+            for (slot, index) in &sealed.removed {
                 tx.remove(slot.as_slice())?;
                 tx.remove(index.as_slice())?;
             }
@@ -322,6 +353,60 @@ impl Store for SledStore {
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(StoreError::Engine(e)),
         }
+    }
+
+    fn append_keys(
+        &self,
+        device: &DeviceKey,
+        expected: Version,
+        append: KeyAppend,
+    ) -> Result<Pending, StoreError> {
+        let sealed = self.seal(
+            device,
+            Some(expected),
+            &append.account,
+            &append.add_keys,
+            &append.evict_keys,
+        );
+        // 1. The account (with the advanced key-id counter) first, by
+        //    compare-and-swap on its exact stored bytes.
+        let current = self.db.get(&sealed.account_key)?;
+        let found = current
+            .as_deref()
+            .map(version_of)
+            .transpose()?
+            .map(|(v, _)| Version(v));
+        if found != Some(expected) {
+            return Err(StoreError::Conflict {
+                expected: Some(expected),
+                found,
+            });
+        }
+        if let Err(lost) =
+            self.db
+                .compare_and_swap(&sealed.account_key, current, Some(sealed.account_value))?
+        {
+            let found = lost
+                .current
+                .as_deref()
+                .map(version_of)
+                .transpose()?
+                .map(|(v, _)| Version(v));
+            return Err(StoreError::Conflict {
+                expected: Some(expected),
+                found,
+            });
+        }
+        // 2. Then the keys and evictions, as plain writes.
+        for k in &sealed.added {
+            self.db.insert(k.slot.as_slice(), k.value.as_slice())?;
+            self.db.insert(k.index.as_slice(), &k.id[..])?;
+        }
+        for (slot, index) in &sealed.removed {
+            self.db.remove(slot.as_slice())?;
+            self.db.remove(index.as_slice())?;
+        }
+        Ok(self.commit.pending())
     }
 
     fn one_time_key(
@@ -339,14 +424,19 @@ impl Store for SledStore {
             })?;
         let slot = layout::otk(device, key_id);
         let Some(raw) = self.db.get(&slot)? else {
-            return Err(StoreError::Corrupt {
-                what: "one-time key index without key".into(),
-            });
+            // Likewise a stale index entry whose key record never became durable.
+            return Ok(None);
         };
-        if raw.len() < 32 || raw[..32] != public_key[..] {
+        if raw.len() < 32 {
             return Err(StoreError::Corrupt {
                 what: "one-time key record".into(),
             });
+        }
+        if raw[..32] != public_key[..] {
+            // A stale index entry: left by an `append_keys` that a crash cut
+            // short before it was durable, its id since reused. That key was
+            // never handed out, so it is simply not ours.
+            return Ok(None);
         }
         let secret = self
             .sealer

@@ -54,7 +54,7 @@ pub struct HookedStore {
     hook: Mutex<Option<Hook>>,
     /// Make `record_transaction` fail (a broken disk for the txn log).
     pub fail_txn_record: AtomicBool,
-    /// Make `write_device` fail (a broken disk for device state).
+    /// Make `write_device` and `append_keys` fail (a broken disk for device state).
     pub fail_device_writes: AtomicBool,
 }
 
@@ -87,6 +87,23 @@ impl Store for HookedStore {
             });
         }
         self.inner.write_device(device, expected, write)
+    }
+    fn append_keys(
+        &self,
+        device: &DeviceKey,
+        expected: bridgekeys_store::Version,
+        append: bridgekeys_store::KeyAppend,
+    ) -> Result<Pending, StoreError> {
+        let hook = self.hook.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            hook(device);
+        }
+        if self.fail_device_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Durability {
+                reason: "injected: disk full".into(),
+            });
+        }
+        self.inner.append_keys(device, expected, append)
     }
     fn one_time_key(
         &self,
