@@ -5,11 +5,14 @@
 //! * [`store`]: durable, encrypted, versioned records ([`store::SledStore`]);
 //! * [`olm`]: the account manager that provisions puppet devices and hands
 //!   out signed one-time keys on demand, each exactly once
-//!   ([`olm::AccountManager`]).
+//!   ([`olm::AccountManager`]);
+//! * [`appservice`]: the listener the homeserver calls (MSC3983 key claims,
+//!   deduplicated transactions, queries) ([`appservice::Appservice`]).
 //!
-//! The appservice listener and the Synapse testkit join here as they land.
+//! The Synapse testkit joins here as it lands.
 //! Start with `examples/quickstart` and `docs/ARCHITECTURE.md`.
 #![deny(missing_docs)]
 
+pub use bridgekeys_appservice as appservice;
 pub use bridgekeys_olm as olm;
 pub use bridgekeys_store as store;
