@@ -14,16 +14,18 @@ use vodozemac::{
 };
 use zeroize::Zeroizing;
 
-use crate::OlmError;
+use crate::{OlmError, fallback::FallbackState};
 
 /// Format of [`StoredDevice`]; bump with a migration when it changes.
-const FORMAT: u32 = 1;
+/// 2 added `fallback` (absent in format 1 records: no fallback state yet).
+const FORMAT: u32 = 2;
 
 #[derive(Serialize)]
 struct StoredDeviceRef<'a> {
     format: u32,
     outstanding: u64,
     account: &'a AccountPickle,
+    fallback: &'a FallbackState,
 }
 
 #[derive(Deserialize)]
@@ -31,14 +33,18 @@ struct StoredDevice {
     format: u32,
     outstanding: u64,
     account: AccountPickle,
+    #[serde(default)]
+    fallback: FallbackState,
 }
 
 /// A loaded device: its account (holding no one-time keys), the store
-/// version it was read at and how many one-time keys it has outstanding.
+/// version it was read at, how many one-time keys it has outstanding and
+/// the schedule of its fallback keys.
 pub(crate) struct DeviceAccount {
     pub account: Account,
     pub version: Option<Version>,
     pub outstanding: u64,
+    pub fallback: FallbackState,
 }
 
 impl DeviceAccount {
@@ -47,6 +53,7 @@ impl DeviceAccount {
             account: Account::new(),
             version: None,
             outstanding: 0,
+            fallback: FallbackState::default(),
         }
     }
 
@@ -57,6 +64,7 @@ impl DeviceAccount {
             format: FORMAT,
             outstanding,
             account: &pickle,
+            fallback: &self.fallback,
         };
         serde_json::to_vec(&record)
             .map(Zeroizing::new)
@@ -66,7 +74,7 @@ impl DeviceAccount {
     pub(crate) fn decode(record: &AccountRecord) -> Result<Self, OlmError> {
         let stored: StoredDevice = serde_json::from_slice(&record.data)
             .map_err(|e| OlmError::Corrupt(format!("account record: {e}")))?;
-        if stored.format != FORMAT {
+        if !(1..=FORMAT).contains(&stored.format) {
             return Err(OlmError::Corrupt(format!(
                 "unknown account format {}",
                 stored.format
@@ -76,6 +84,7 @@ impl DeviceAccount {
             account: Account::from_pickle(stored.account),
             version: Some(record.version),
             outstanding: stored.outstanding,
+            fallback: stored.fallback,
         })
     }
 

@@ -17,17 +17,27 @@
 //! outstanding key or thousands. When a pre-key message arrives,
 //! [`AccountManager::decrypt_prekey`] loads the one key it names, creates the
 //! inbound session and removes the key (durably) only if decryption succeeded.
+//!
+//! Fallback keys (MSC2732) live inside the account pickle with their
+//! schedule beside it ([`fallback`]): generated and persisted before any
+//! upload ([`AccountManager::fallback_key_for_upload`]), rotated when used
+//! or too old and the previous one forgotten after a grace period
+//! ([`AccountManager::apply_fallback_policy`]), with an injected clock.
 #![deny(missing_docs)]
 
 mod account;
 mod config;
 mod error;
+pub mod fallback;
+mod fallback_ops;
 mod manager;
 mod signing;
 mod stats;
 
 pub use config::ManagerConfig;
 pub use error::OlmError;
+pub use fallback::{FallbackAction, FallbackPolicy, FallbackState, UnixMillis};
+pub use fallback_ops::FallbackKey;
 pub use manager::{AccountManager, ClaimedKey, InboundMessage};
 pub use signing::{canonical_json_for_signing, sign_json};
 pub use stats::ManagerStats;

@@ -67,10 +67,10 @@ type Slot = Arc<Mutex<DeviceAccount>>;
 /// (generate, sign, apply the write); the wait for durability happens after
 /// it is released, so concurrent claims share one flush.
 pub struct AccountManager {
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     config: ManagerConfig,
     slots: DashMap<DeviceKey, Slot>,
-    counters: Counters,
+    pub(crate) counters: Counters,
 }
 
 impl std::fmt::Debug for AccountManager {
@@ -357,15 +357,47 @@ impl AccountManager {
         let outstanding = device
             .outstanding
             .saturating_sub(u64::from(stored.is_some()));
-        let write = DeviceWrite {
-            account: device.encode(outstanding)?,
-            add_keys: Vec::new(),
-            remove_keys: stored.iter().map(|r| (r.key_id, r.public_key)).collect(),
-            sessions: vec![(session_id, Zeroizing::new(pickle))],
+        // A message on the current, published fallback key proves it was
+        // handed out: record it, so the rotation policy replaces it even if
+        // the homeserver's report never reaches us.
+        let used_public = message.one_time_key().to_base64();
+        let marks_used = stored.is_none()
+            && device
+                .fallback
+                .current
+                .as_ref()
+                .is_some_and(|c| c.published && !c.used && c.public_key == used_public);
+        let set_used = |device: &mut DeviceAccount, used: bool| {
+            if let Some(c) = device.fallback.current.as_mut() {
+                c.used = used;
+            }
         };
-        let pending = self.store.write_device(key, device.version, write)?;
+        if marks_used {
+            set_used(device, true);
+        }
+        let written = device.encode(outstanding).and_then(|account| {
+            let write = DeviceWrite {
+                account,
+                add_keys: Vec::new(),
+                remove_keys: stored.iter().map(|r| (r.key_id, r.public_key)).collect(),
+                sessions: vec![(session_id, Zeroizing::new(pickle))],
+            };
+            Ok(self.store.write_device(key, device.version, write)?)
+        });
+        let pending = match written {
+            Ok(p) => p,
+            Err(e) => {
+                if marks_used {
+                    set_used(device, false);
+                }
+                return Err(e);
+            }
+        };
         device.version = Some(Version::next(device.version));
         device.outstanding = outstanding;
+        if stored.is_none() {
+            Counters::add(&self.counters.fallback_prekeys, 1);
+        }
         let inbound = InboundMessage {
             session: created.session,
             plaintext: Zeroizing::new(created.plaintext),
@@ -376,7 +408,7 @@ impl AccountManager {
 
     /// The slot of an existing device (loading it from the store on first
     /// use); `UnknownDevice` if it was never created.
-    fn existing_slot(
+    pub(crate) fn existing_slot(
         &self,
         key: &DeviceKey,
         user_id: &UserId,
@@ -392,7 +424,7 @@ impl AccountManager {
     /// If even that read fails, the slot is dropped from the cache so the
     /// next call loads afresh; a holder of the old slot then loses its
     /// compare-and-swap instead of overwriting anything.
-    fn reload(&self, device: &mut DeviceAccount, key: &DeviceKey) {
+    pub(crate) fn reload(&self, device: &mut DeviceAccount, key: &DeviceKey) {
         match self
             .store
             .load_account(key)

@@ -15,6 +15,15 @@ pub struct ManagerStats {
     pub prekeys_refused: u64,
     /// Devices created.
     pub devices_created: u64,
+    /// Pre-key messages that used a fallback key (included in
+    /// `prekeys_decrypted`).
+    pub fallback_prekeys: u64,
+    /// Fallback keys generated for a device that had none.
+    pub fallback_keys_generated: u64,
+    /// Fallback keys replaced by a new one (used or too old).
+    pub fallback_rotations: u64,
+    /// Previous fallback keys forgotten after their grace period.
+    pub fallback_forgets: u64,
 }
 
 #[derive(Default)]
@@ -25,6 +34,10 @@ pub(crate) struct Counters {
     pub prekeys_decrypted: AtomicU64,
     pub prekeys_refused: AtomicU64,
     pub devices_created: AtomicU64,
+    pub fallback_prekeys: AtomicU64,
+    pub fallback_keys_generated: AtomicU64,
+    pub fallback_rotations: AtomicU64,
+    pub fallback_forgets: AtomicU64,
 }
 
 impl Counters {
@@ -41,6 +54,10 @@ impl Counters {
             prekeys_decrypted: get(&self.prekeys_decrypted),
             prekeys_refused: get(&self.prekeys_refused),
             devices_created: get(&self.devices_created),
+            fallback_prekeys: get(&self.fallback_prekeys),
+            fallback_keys_generated: get(&self.fallback_keys_generated),
+            fallback_rotations: get(&self.fallback_rotations),
+            fallback_forgets: get(&self.fallback_forgets),
         }
     }
 }

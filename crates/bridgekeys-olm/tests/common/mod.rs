@@ -43,3 +43,24 @@ pub fn prekey_message(
         OlmMessage::Normal(_) => panic!("first message of a session must be a pre-key message"),
     }
 }
+
+/// A peer's pre-key message to `user`'s device on an arbitrary public key
+/// (a fallback key), as a real client would send after a claim returned it.
+pub fn prekey_message_to(
+    manager: &AccountManager,
+    user: &UserId,
+    device: &DeviceId,
+    public_key: &[u8],
+    plaintext: &str,
+) -> (Curve25519PublicKey, PreKeyMessage) {
+    let peer = Account::new();
+    let identity = manager.identity_keys(user, device).unwrap();
+    let otk = Curve25519PublicKey::from_slice(public_key).unwrap();
+    let mut session = peer
+        .create_outbound_session(SessionConfig::version_1(), identity.curve25519, otk)
+        .unwrap();
+    match session.encrypt(plaintext).unwrap() {
+        OlmMessage::PreKey(m) => (peer.curve25519_key(), m),
+        OlmMessage::Normal(_) => panic!("first message of a session must be a pre-key message"),
+    }
+}

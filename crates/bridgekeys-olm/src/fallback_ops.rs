@@ -1,0 +1,302 @@
+//! Fallback key (MSC2732) operations of the [`AccountManager`].
+//!
+//! Every change is written into the device's account record (the vodozemac
+//! pickle that holds the private fallback keys, and the [`FallbackState`]
+//! beside it) in one atomic, versioned write, and is durable before the call
+//! returns. So a key is always on disk before anybody can upload it, and the
+//! schedule (times, published, used) survives restarts.
+
+use bridgekeys_store::{DeviceKey, DeviceWrite, Pending, Version};
+use ruma::{
+    DeviceId, DeviceSignatures, DeviceSigningKeyId, OneTimeKeyAlgorithm, OwnedOneTimeKeyId,
+    SigningKeyAlgorithm, UserId, encryption::SignedKey, serde::Base64,
+};
+use vodozemac::Curve25519PublicKey;
+
+use crate::{
+    AccountManager, OlmError,
+    account::{DeviceAccount, key_id_number},
+    fallback::{CurrentFallback, FallbackAction, FallbackPolicy, FallbackState, UnixMillis, due},
+    signing::sign_json,
+    stats::Counters,
+};
+
+/// A signed fallback key: `signed_curve25519:<id>` and
+/// `{"key", "fallback": true, "signatures"}`, for `/keys/upload`'s
+/// `fallback_keys` (or, optionally, a `keys/claim` answer).
+#[derive(Clone, Debug)]
+pub struct FallbackKey {
+    /// `signed_curve25519:<base64 key id>`. The id comes from vodozemac's
+    /// fallback counter, separate from the one-time keys': it can equal a
+    /// one-time key's id.
+    pub key_id: OwnedOneTimeKeyId,
+    /// The signed key object, `fallback: true` included in what is signed.
+    pub key: SignedKey,
+}
+
+fn key_id_string(id: u64) -> Result<OwnedOneTimeKeyId, OlmError> {
+    OwnedOneTimeKeyId::try_from(format!(
+        "{}:{}",
+        OneTimeKeyAlgorithm::SignedCurve25519,
+        vodozemac::base64_encode(id.to_be_bytes())
+    ))
+    .map_err(|e| OlmError::Corrupt(format!("fallback key id: {e}")))
+}
+
+/// Generate a fallback key in the account; the current one (if any) becomes
+/// the previous one (and an older previous one is dropped by vodozemac).
+fn generate(device: &mut DeviceAccount, now: UnixMillis) -> Result<(), OlmError> {
+    let had_current =
+        device.fallback.current.is_some() || !device.account.fallback_key().is_empty();
+    device.account.generate_fallback_key();
+    let (key_id, public) = device
+        .account
+        .fallback_key()
+        .into_iter()
+        .next()
+        .ok_or_else(|| OlmError::Corrupt("generated fallback key vanished".into()))?;
+    device.fallback.current = Some(CurrentFallback {
+        key_id: key_id_number(key_id)?,
+        public_key: public.to_base64(),
+        created_ms: now,
+        published: false,
+        used: false,
+    });
+    device.fallback.previous_since_ms = had_current.then_some(now);
+    Ok(())
+}
+
+fn sign_fallback(
+    device: &DeviceAccount,
+    current: &CurrentFallback,
+    user_id: &UserId,
+    device_id: &DeviceId,
+) -> Result<FallbackKey, OlmError> {
+    let public = Curve25519PublicKey::from_base64(&current.public_key)
+        .map_err(|e| OlmError::Corrupt(format!("fallback public key: {e}")))?;
+    let mut signed = SignedKey::new_fallback(Base64::new(public.to_vec()), DeviceSignatures::new());
+    // ed25519 signatures are deterministic: the same key signs to the same
+    // object every time, so a re-upload is byte-identical.
+    let signature = sign_json(&device.account, &signed)?;
+    signed.signatures.insert_signature(
+        user_id.to_owned(),
+        DeviceSigningKeyId::from_parts(SigningKeyAlgorithm::Ed25519, device_id),
+        signature,
+    );
+    Ok(FallbackKey {
+        key_id: key_id_string(current.key_id)?,
+        key: signed,
+    })
+}
+
+impl AccountManager {
+    /// The device's fallback key schedule, as stored.
+    pub fn fallback_state(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<FallbackState, OlmError> {
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let state = slot.lock().fallback.clone();
+        Ok(state)
+    }
+
+    /// The fallback key to upload, if the device has one that the homeserver
+    /// has not acknowledged yet.
+    ///
+    /// A device without a fallback key gets one, generated and written
+    /// **durably before it is returned**. Every later call returns the very
+    /// same signed key (byte-identical) until
+    /// [`AccountManager::mark_fallback_published`] records the upload's 200,
+    /// so a retry after a network error or a crash re-sends the same key and
+    /// never a new one. `None`: the current key is published already.
+    pub async fn fallback_key_for_upload(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        now: UnixMillis,
+    ) -> Result<Option<FallbackKey>, OlmError> {
+        self.update_device(user_id, device_id, |device| {
+            let generated = device.fallback.current.is_none();
+            if generated {
+                generate(device, now)?;
+            }
+            let upload = match &device.fallback.current {
+                Some(c) if !c.published => Some(sign_fallback(device, c, user_id, device_id)?),
+                _ => None,
+            };
+            Ok((upload, generated))
+        })
+        .await
+        .map(|(upload, generated)| {
+            if generated {
+                Counters::add(&self.counters.fallback_keys_generated, 1);
+            }
+            upload
+        })
+    }
+
+    /// Record that the homeserver acknowledged the upload of fallback key
+    /// `key_id`. Ignored (returns `false`) if that is no longer the current
+    /// key (a rotation happened meanwhile) or it was recorded already.
+    pub async fn mark_fallback_published(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        key_id: &OwnedOneTimeKeyId,
+    ) -> Result<bool, OlmError> {
+        self.update_device(user_id, device_id, |device| {
+            let Some(current) = device.fallback.current.as_ref() else {
+                return Ok((false, false));
+            };
+            if current.published || key_id_string(current.key_id)? != *key_id {
+                return Ok((false, false));
+            }
+            // The account holds no one-time keys, so this publishes exactly
+            // the fallback key.
+            device.account.mark_keys_as_published();
+            if let Some(c) = device.fallback.current.as_mut() {
+                c.published = true;
+            }
+            Ok((true, true))
+        })
+        .await
+        .map(|(marked, _)| marked)
+    }
+
+    /// Record that the homeserver reports the device's fallback key used
+    /// (MSC3202 `device_unused_fallback_key_types` without
+    /// `signed_curve25519`), so the policy rotates it.
+    ///
+    /// Only a published current key can be used; for an unpublished one (a
+    /// rotation waiting for its upload) the report is stale and ignored.
+    /// Returns whether the report changed anything.
+    pub async fn mark_fallback_used(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<bool, OlmError> {
+        self.update_device(user_id, device_id, |device| {
+            match device.fallback.current.as_mut() {
+                Some(c) if c.published && !c.used => {
+                    c.used = true;
+                    Ok((true, true))
+                }
+                _ => Ok((false, false)),
+            }
+        })
+        .await
+        .map(|(changed, _)| changed)
+    }
+
+    /// Take the next step of the device's fallback life cycle at `now`
+    /// ([`crate::fallback::due`]): generate, rotate or forget, durably. The
+    /// returned action says what was due; for [`FallbackAction::Upload`]
+    /// the caller uploads [`AccountManager::fallback_key_for_upload`]'s key,
+    /// for [`FallbackAction::Wait`] nothing is due before its time.
+    pub async fn apply_fallback_policy(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        policy: &FallbackPolicy,
+        now: UnixMillis,
+    ) -> Result<FallbackAction, OlmError> {
+        let action = self
+            .update_device(user_id, device_id, |device| {
+                let action = due(&device.fallback, policy, now);
+                let changed = match action {
+                    FallbackAction::Generate | FallbackAction::Rotate(_) => {
+                        generate(device, now)?;
+                        true
+                    }
+                    FallbackAction::ForgetPrevious => {
+                        device.account.forget_fallback_key();
+                        device.fallback.previous_since_ms = None;
+                        true
+                    }
+                    FallbackAction::Upload | FallbackAction::Wait { .. } => false,
+                };
+                Ok((action, changed))
+            })
+            .await?
+            .0;
+        match action {
+            FallbackAction::Generate => {
+                Counters::add(&self.counters.fallback_keys_generated, 1);
+            }
+            FallbackAction::Rotate(reason) => {
+                Counters::add(&self.counters.fallback_rotations, 1);
+                tracing::info!(%user_id, %device_id, ?reason, "rotated the fallback key");
+            }
+            FallbackAction::ForgetPrevious => {
+                Counters::add(&self.counters.fallback_forgets, 1);
+                tracing::info!(%user_id, %device_id, "forgot the previous fallback key");
+            }
+            FallbackAction::Upload | FallbackAction::Wait { .. } => {}
+        }
+        Ok(action)
+    }
+
+    /// The device's current fallback key, signed, if it is published: what
+    /// the homeserver itself would return once the one-time keys are gone.
+    /// For answering `keys/claim` with "extra keys" (MSC3983); see the
+    /// appservice's `include_fallback_in_claims` for why that is off by
+    /// default.
+    pub fn published_fallback_key(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<Option<FallbackKey>, OlmError> {
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let device = slot.lock();
+        match &device.fallback.current {
+            Some(c) if c.published => Ok(Some(sign_fallback(&device, c, user_id, device_id)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Run `change` on the device under its lock; if it reports a change,
+    /// write the account record (versioned, atomic) and wait until it is
+    /// durable. If it changed nothing, still wait for everything written so
+    /// far to be durable: a concurrent caller may have just generated the
+    /// key this call returns, and nothing may leave before it is on disk.
+    /// Any error puts the stored truth back into the cache.
+    async fn update_device<T>(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        change: impl FnOnce(&mut DeviceAccount) -> Result<(T, bool), OlmError>,
+    ) -> Result<(T, bool), OlmError> {
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let (out, changed, pending): (T, bool, Option<Pending>) = {
+            let mut device = slot.lock();
+            let result = change(&mut device).and_then(|(out, changed)| {
+                if !changed {
+                    return Ok((out, false, None));
+                }
+                let write = DeviceWrite {
+                    account: device.encode(device.outstanding)?,
+                    ..DeviceWrite::default()
+                };
+                let pending = self.store.write_device(&key, device.version, write)?;
+                device.version = Some(Version::next(device.version));
+                Ok((out, true, Some(pending)))
+            });
+            match result {
+                Ok(done) => done,
+                Err(e) => {
+                    self.reload(&mut device, &key);
+                    return Err(e);
+                }
+            }
+        };
+        match pending {
+            Some(p) => p.durable().await?,
+            None => self.store.sync().durable().await?,
+        }
+        Ok((out, changed))
+    }
+}
