@@ -10,6 +10,7 @@
 //! | `p/<device><public key>` | key id u64 BE (an index: public data only) |
 //! | `s/<device><session id>` | the sealed session pickle |
 //! | `t/<namespace len u32 BE><namespace><txn id>` | empty: a completed homeserver transaction (see `transactions.rs`) |
+//! | `r/<device>` | empty: a puppet device provisioned on the homeserver (see `puppets.rs`) |
 //!
 //! `<device>` is [`DeviceKey`]'s length-prefixed encoding, so prefixes of
 //! different devices never overlap. Key ids are big-endian so that a prefix
@@ -53,4 +54,10 @@ pub(crate) fn otk_by_public(device: &DeviceKey, public_key: &[u8; 32]) -> Vec<u8
 
 pub(crate) fn session(device: &DeviceKey, session_id: &str) -> Vec<u8> {
     join(b"s/", device, session_id.as_bytes())
+}
+
+pub(crate) const PUPPET_PREFIX: &[u8] = b"r/";
+
+pub(crate) fn puppet(device: &DeviceKey) -> Vec<u8> {
+    join(PUPPET_PREFIX, device, &[])
 }

@@ -40,6 +40,23 @@ impl DeviceKey {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.encoded
     }
+
+    /// Decode [`DeviceKey::as_bytes`]; `None` if malformed.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let len = |at: usize| -> Option<usize> {
+            let b = bytes.get(at..at + 4)?;
+            Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let user_len = len(0)?;
+        let split = 4 + user_len;
+        let device_len = len(split)?;
+        if bytes.len() != split + 4 + device_len {
+            return None;
+        }
+        let user = std::str::from_utf8(&bytes[4..split]).ok()?;
+        let device = std::str::from_utf8(&bytes[split + 4..]).ok()?;
+        Some(Self::new(user, device))
+    }
 }
 
 impl fmt::Debug for DeviceKey {
