@@ -17,12 +17,20 @@
 //! over the per-device or per-request cap is refused whole (400
 //! `M_INVALID_PARAM`) before any key is generated.
 //!
+//! With [`crate::Appservice::with_fallback_in_claims`] (off by default) each
+//! served device's published fallback key (`fallback: true`) is added to its
+//! one-time keys, unless a one-time key in the same answer has the same id.
+//!
 //! Every key in a 200 was durably stored first: the account manager returns
 //! keys only after its write is flushed; a device whose claim failed is left
 //! out. Devices are claimed in parallel (bounded by
 //! [`crate::Limits::claim_concurrency`]) on the runtime's worker threads.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use axum::{Json, extract::State};
 use bridgekeys_olm::OlmError;
@@ -101,6 +109,38 @@ fn plan(
     Ok((jobs, skipped))
 }
 
+/// Add the device's published fallback key to its claimed one-time keys
+/// (MSC3983 extra keys; see [`crate::Appservice::with_fallback_in_claims`]).
+/// vodozemac numbers fallback keys and one-time keys with separate counters,
+/// so the ids can be equal: the one-time key wins and the fallback key is
+/// left out, never overwriting a key or sharing its id. Returns whether it
+/// was added.
+fn add_fallback<H: BridgeHandler>(
+    inner: &Inner<H>,
+    job: &Job,
+    keys: &mut BTreeMap<OwnedOneTimeKeyId, SignedKey>,
+) -> bool {
+    let fallback = match inner
+        .manager
+        .published_fallback_key(&job.user_id, &job.device_id)
+    {
+        Ok(Some(f)) => f,
+        Ok(None) => return false,
+        Err(e) => {
+            tracing::warn!(user_id = %job.user_id, device_id = %job.device_id, error = %e,
+                "could not read the fallback key; answering one-time keys only");
+            return false;
+        }
+    };
+    if keys.contains_key(&fallback.key_id) {
+        tracing::debug!(user_id = %job.user_id, device_id = %job.device_id, key_id = %fallback.key_id,
+            "fallback key id equals a one-time key id in this answer; left out");
+        return false;
+    }
+    keys.insert(fallback.key_id, fallback.key);
+    true
+}
+
 /// The handler of all three claim paths.
 pub(crate) async fn claim<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
@@ -128,16 +168,23 @@ pub(crate) async fn claim<H: BridgeHandler>(
     }
     let mut response = ClaimResponse::new();
     let mut issued = 0u64;
+    let with_fallback = inner.fallback_in_claims.load(Ordering::SeqCst);
+    let mut fallbacks = 0u64;
     while let Some(joined) = tasks.join_next().await {
         let (job, result) =
             joined.map_err(|e| MatrixError::internal(format!("claim task failed: {e}")))?;
         match result {
             Ok(keys) => {
                 issued += keys.len() as u64;
-                response.entry(job.user_id).or_default().insert(
-                    job.device_id,
-                    keys.into_iter().map(|k| (k.key_id, k.key)).collect(),
-                );
+                let mut device_keys: BTreeMap<OwnedOneTimeKeyId, SignedKey> =
+                    keys.into_iter().map(|k| (k.key_id, k.key)).collect();
+                if with_fallback && add_fallback(&inner, &job, &mut device_keys) {
+                    fallbacks += 1;
+                }
+                response
+                    .entry(job.user_id)
+                    .or_default()
+                    .insert(job.device_id, device_keys);
             }
             Err(OlmError::UnknownDevice { .. }) => skipped += 1,
             Err(e) => {
@@ -154,6 +201,7 @@ pub(crate) async fn claim<H: BridgeHandler>(
     }
     inner.metrics.claims.inc();
     inner.metrics.keys_issued.inc_by(issued);
+    inner.metrics.fallback_in_claim(fallbacks);
     inner.metrics.claim_devices_refused.inc_by(skipped);
     inner
         .metrics

@@ -36,9 +36,10 @@ pub(crate) async fn ready<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>) 
 }
 
 pub(crate) async fn metrics<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>) -> Response {
-    inner
-        .metrics
-        .observe_evictions(inner.manager.stats().evicted_keys);
+    let stats = inner.manager.stats();
+    inner.metrics.observe_evictions(stats.evicted_keys);
+    let provision = inner.provisioner.get().map(|p| p.stats());
+    inner.metrics.observe_fallback(&stats, provision.as_ref());
     match inner.metrics.render() {
         Ok(text) => (
             [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

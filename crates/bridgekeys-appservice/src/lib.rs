@@ -18,6 +18,11 @@
 //! * **Operations**: liveness, readiness and Prometheus metrics.
 //! * **Registration**: the registration file type and a generator
 //!   ([`Registration`]).
+//! * **Provisioning** ([`provision`], [`homeserver`]): register puppets,
+//!   create their devices (MSC4190), upload device keys and fallback keys
+//!   (persisted first, re-sent identically on retry), and rotate fallback
+//!   keys in a background task. Attach with [`Appservice::with_provisioner`]
+//!   and the user query provisions accepted puppets.
 //!
 //! Use it two ways: [`Appservice::serve`] with graceful shutdown, or
 //! [`Appservice::router`] mounted in your own server.
@@ -47,9 +52,11 @@ mod config;
 mod error;
 mod handler;
 mod health;
+pub mod homeserver;
 mod metrics;
 mod namespace;
 mod ping;
+pub mod provision;
 mod registration;
 mod rooms;
 mod server;
@@ -60,7 +67,12 @@ mod users;
 pub use config::{AppserviceConfig, DEFAULT_PUPPET_DEVICE_ID, HsToken, Limits};
 pub use error::{AppserviceError, MatrixError};
 pub use handler::{BridgeHandler, HandlerError, UserDecision};
+pub use homeserver::{AsToken, HomeserverClient, HomeserverError};
 pub use namespace::UserNamespace;
+pub use provision::{
+    Clock, ManualClock, ProvisionConfig, ProvisionError, ProvisionStats, Provisioner, RotationTask,
+    SystemClock,
+};
 pub use registration::{NamespaceEntry, Namespaces, Registration, random_token};
 pub use server::{Appservice, paths, shutdown_signal};
 pub use transactions::{DecryptedToDevice, DeviceLists, RawToDevice, ToDevice, Transaction};

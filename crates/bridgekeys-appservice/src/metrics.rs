@@ -25,6 +25,35 @@ pub(crate) struct Metrics {
     pub prekeys_decrypted: IntCounter,
     pub errors: IntCounterVec,
     pub claim_seconds: Histogram,
+    fallback_rotations: Mirrored,
+    fallback_forgets: Mirrored,
+    fallback_uploads: Mirrored,
+    fallback_upload_retries: Mirrored,
+    fallback_claimed: IntCounter,
+}
+
+/// A Prometheus counter that mirrors a running total kept elsewhere (the
+/// account manager's or the provisioner's counters), brought up to date at
+/// scrape time.
+struct Mirrored {
+    counter: IntCounter,
+    seen: AtomicU64,
+}
+
+impl Mirrored {
+    fn new(registry: &Registry, name: &str, help: &str) -> Result<Self, AppserviceError> {
+        Ok(Self {
+            counter: counter(registry, name, help)?,
+            seen: AtomicU64::new(0),
+        })
+    }
+
+    fn observe(&self, total: u64) {
+        let seen = self.seen.fetch_max(total, Ordering::Relaxed);
+        if total > seen {
+            self.counter.inc_by(total - seen);
+        }
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, AppserviceError> {
@@ -87,6 +116,31 @@ impl Metrics {
             )?,
             errors,
             claim_seconds,
+            fallback_rotations: Mirrored::new(
+                &registry,
+                "fallback_rotations_total",
+                "Fallback keys replaced by a new one (reported used, or older than the maximum age).",
+            )?,
+            fallback_forgets: Mirrored::new(
+                &registry,
+                "fallback_forgets_total",
+                "Previous fallback keys forgotten after their grace period.",
+            )?,
+            fallback_uploads: Mirrored::new(
+                &registry,
+                "fallback_uploads_total",
+                "Key uploads (device keys and fallback key) acknowledged by the homeserver.",
+            )?,
+            fallback_upload_retries: Mirrored::new(
+                &registry,
+                "fallback_upload_retries_total",
+                "Key uploads retried after a transient failure (the same keys re-sent).",
+            )?,
+            fallback_claimed: counter(
+                &registry,
+                "fallback_keys_in_claims_total",
+                "Fallback keys included in keys/claim answers (MSC3983 extra keys; off by default).",
+            )?,
             registry,
         })
     }
@@ -97,6 +151,26 @@ impl Metrics {
         if total > seen {
             self.evicted_keys.inc_by(total - seen);
         }
+    }
+
+    /// Bring the fallback counters up to the account manager's and the
+    /// provisioner's figures.
+    pub(crate) fn observe_fallback(
+        &self,
+        manager: &bridgekeys_olm::ManagerStats,
+        provision: Option<&crate::ProvisionStats>,
+    ) {
+        self.fallback_rotations.observe(manager.fallback_rotations);
+        self.fallback_forgets.observe(manager.fallback_forgets);
+        if let Some(p) = provision {
+            self.fallback_uploads.observe(p.uploads);
+            self.fallback_upload_retries.observe(p.upload_retries);
+        }
+    }
+
+    /// Count fallback keys put into claim answers.
+    pub(crate) fn fallback_in_claim(&self, n: u64) {
+        self.fallback_claimed.inc_by(n);
     }
 
     /// The text exposition of every metric.

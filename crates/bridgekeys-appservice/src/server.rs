@@ -5,7 +5,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -24,8 +24,8 @@ use tracing::Instrument;
 
 use crate::{
     AppserviceConfig, AppserviceError, BridgeHandler, MatrixError, auth, body::BodyLimit, claim,
-    error::ErrCode, health, metrics::Metrics, ping, rooms, transactions, txn_locks::KeyedLocks,
-    users,
+    error::ErrCode, health, metrics::Metrics, ping, provision::Provisioner, rooms, transactions,
+    txn_locks::KeyedLocks, users,
 };
 
 /// Shared state of every request.
@@ -38,6 +38,10 @@ pub(crate) struct Inner<H> {
     pub txn_locks: KeyedLocks,
     pub retry_cache: transactions::RetryCache,
     pub draining: AtomicBool,
+    /// Set by [`Appservice::with_provisioner`].
+    pub provisioner: OnceLock<Arc<Provisioner>>,
+    /// Set by [`Appservice::with_fallback_in_claims`].
+    pub fallback_in_claims: AtomicBool,
 }
 
 /// The appservice listener of a bridge.
@@ -156,8 +160,39 @@ impl<H: BridgeHandler> Appservice<H> {
                 txn_locks: KeyedLocks::default(),
                 retry_cache: transactions::RetryCache::default(),
                 draining: AtomicBool::new(false),
+                provisioner: OnceLock::new(),
+                fallback_in_claims: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Provision puppets through `provisioner`: a user query the bridge
+    /// accepts then registers the puppet, creates its device and uploads its
+    /// keys before the 200 ([`Provisioner::ensure_device`]), and MSC3202
+    /// unused-fallback reports in transactions feed its rotation. Without a
+    /// provisioner only the local Olm account is created. Set once; a second
+    /// call is ignored (with a warning).
+    pub fn with_provisioner(self, provisioner: Arc<Provisioner>) -> Self {
+        if self.inner.provisioner.set(provisioner).is_err() {
+            tracing::warn!("a provisioner was already set; keeping the first");
+        }
+        self
+    }
+
+    /// Also return each device's published fallback key (`fallback: true`)
+    /// in `keys/claim` answers, next to the fresh one-time keys (MSC3983
+    /// "returning extra keys"). **Off by default**: the homeserver already
+    /// serves the fallback key itself when no one-time key is available,
+    /// and a fallback key in every answer makes every claimer that prefers
+    /// it share one key (weaker forward secrecy, replays only stopped by
+    /// the session store) and marks it used on the homeserver side, which
+    /// triggers needless rotations. OTK and fallback key ids come from
+    /// separate counters and can be equal: on a collision the one-time key
+    /// wins and the fallback key is left out, so one answer never carries
+    /// two keys under one id.
+    pub fn with_fallback_in_claims(self, on: bool) -> Self {
+        self.inner.fallback_in_claims.store(on, Ordering::SeqCst);
+        self
     }
 
     /// The whole listener as an axum [`Router`] (a tower service), to mount

@@ -299,6 +299,45 @@ async fn open_transaction<H: BridgeHandler>(
     })
 }
 
+/// Feed MSC3202 unused fallback key types of the bridge's devices into the
+/// fallback rotation: an entry without `signed_curve25519` means the
+/// homeserver handed the device's fallback key out. Marks it used (durably)
+/// so the rotation policy replaces it, and wakes the provisioner's rotation
+/// task if one is attached. A failure is logged, never fails the
+/// transaction: the report is a hint, and the key's age bounds its life
+/// anyway.
+async fn note_fallback_reports<H: BridgeHandler>(
+    inner: &Inner<H>,
+    reports: &UnusedFallbackKeyTypes,
+) {
+    for (user, devices) in reports {
+        let Ok(user_id) = OwnedUserId::try_from(user.as_str()) else {
+            continue;
+        };
+        if !inner.config.namespace.contains(&user_id) {
+            continue;
+        }
+        for (device, types) in devices {
+            let device_id: OwnedDeviceId = device.as_str().into();
+            let result = match inner.provisioner.get() {
+                Some(p) => p
+                    .note_unused_fallback_key_types(&user_id, &device_id, types)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None if types.iter().any(|t| t == "signed_curve25519") => Ok(()),
+                None => match inner.manager.mark_fallback_used(&user_id, &device_id).await {
+                    Ok(_) | Err(OlmError::UnknownDevice { .. }) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            if let Err(e) = result {
+                tracing::warn!(%user_id, %device_id, error = %e, "could not record the fallback key report");
+            }
+        }
+    }
+}
+
 /// Transactions holding decrypted pre-key messages whose processing has not
 /// been recorded yet, by id, so a retry hands over the same plaintext
 /// instead of failing to decrypt again. In memory only and bounded: the
@@ -371,6 +410,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         Some(cached) => cached,
         None => Arc::new(open_transaction(&inner, txn_id.clone(), body).await?),
     };
+    note_fallback_reports(&inner, &transaction.device_unused_fallback_key_types).await;
     let holds_plaintext = transaction
         .to_device
         .iter()

@@ -4,11 +4,14 @@
 //!
 //! Users outside the exclusive namespace are answered 404 without asking the
 //! bridge. For an in-namespace user the bridge's
-//! [`BridgeHandler::query_user`] decides; if it accepts, the puppet device's
-//! Olm account is created (idempotently, durably) before the 200, so key
-//! claims for it can be served from then on. Registering the user and
-//! uploading its device keys to the homeserver is the bridge's part (done in
-//! its handler or by the provisioning client), not this endpoint's.
+//! [`BridgeHandler::query_user`] decides; if it accepts, the puppet device is
+//! provisioned before the 200, so key claims for it can be served from then
+//! on. With a [`crate::Provisioner`] attached
+//! ([`crate::Appservice::with_provisioner`]) that is the whole of
+//! [`crate::Provisioner::ensure_device`]: the Olm account (durably), the
+//! user registered, the device created (MSC4190) and its device keys and
+//! fallback key uploaded. Without one, only the Olm account is created and
+//! the rest is the bridge's part.
 
 use std::sync::Arc;
 
@@ -39,6 +42,16 @@ pub(crate) async fn query_user<H: BridgeHandler>(
         return Err(MatrixError::not_found("no such user"));
     };
     let device_id = device_id.unwrap_or_else(|| inner.config.puppet_device_id.clone());
+    if let Some(provisioner) = inner.provisioner.get() {
+        provisioner
+            .ensure_device(&user_id, &device_id)
+            .await
+            .map_err(|e| {
+                tracing::warn!(%user_id, %device_id, error = %e, "provisioning the puppet failed");
+                MatrixError::internal("could not provision the puppet")
+            })?;
+        return Ok(Json(serde_json::Map::new()));
+    }
     inner
         .manager
         .create_device(&user_id, &device_id)

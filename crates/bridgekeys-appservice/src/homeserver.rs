@@ -1,0 +1,329 @@
+//! The bridge's client towards its homeserver: the three client-server
+//! calls that give a puppet a device the homeserver knows, with keys.
+//!
+//! Every request carries the `as_token` (Bearer) and asserts the puppet's
+//! identity with the `user_id` (and for key uploads `device_id`) query
+//! parameters (appservice identity assertion, device masquerading). Request
+//! bodies and paths come from ruma's client-api types:
+//!
+//! | step | request |
+//! |---|---|
+//! | register | `POST /_matrix/client/v3/register` `{"type": "m.login.application_service", "username", "inhibit_login"}` |
+//! | device (MSC4190) | `PUT /_matrix/client/v3/devices/{deviceId}?user_id=<puppet>` |
+//! | keys | `POST /_matrix/client/v3/keys/upload?user_id=<puppet>&device_id=<device>` `{"device_keys", "fallback_keys"}` |
+//!
+//! Plain `http://` only (an appservice usually reaches its homeserver on a
+//! local or private address); HTTP/1.1, one connection per request, which is
+//! plenty for provisioning and rotation traffic. The token never appears in
+//! logs or errors.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use bridgekeys_olm::FallbackKey;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use ruma::{
+    DeviceId, OneTimeKeyAlgorithm, UInt, UserId,
+    api::{
+        IncomingResponseExt, MatrixVersion, OutgoingRequest, OutgoingRequestAppserviceExt,
+        SupportedVersions,
+        auth_scheme::SendAccessToken,
+        client::{account::register, device::update_device, keys::upload_keys},
+    },
+    encryption::{DeviceKeys, OneTimeKey},
+    serde::Raw,
+};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+/// Why a homeserver call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeserverError {
+    /// The homeserver could not be reached or the exchange broke off
+    /// (connect, I/O, timeout). Transient: retry.
+    #[error("homeserver unreachable: {0}")]
+    Network(String),
+    /// The homeserver answered with a Matrix error.
+    #[error("homeserver answered {status} {errcode}: {error}")]
+    Matrix {
+        /// HTTP status.
+        status: u16,
+        /// Matrix `errcode` (`M_UNKNOWN` if the body had none).
+        errcode: String,
+        /// Matrix `error` message.
+        error: String,
+    },
+    /// A request could not be built or an answer not understood.
+    #[error("homeserver protocol error: {0}")]
+    Protocol(String),
+}
+
+impl HomeserverError {
+    /// Worth retrying: network failures, 5xx and 429 (rate limited).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Network(_) => true,
+            Self::Matrix { status, .. } => *status >= 500 || *status == 429,
+            Self::Protocol(_) => false,
+        }
+    }
+
+    /// The Matrix errcode, if the homeserver sent one.
+    pub fn errcode(&self) -> Option<&str> {
+        match self {
+            Self::Matrix { errcode, .. } => Some(errcode),
+            _ => None,
+        }
+    }
+
+    fn matrix_error(&self) -> Option<&str> {
+        match self {
+            Self::Matrix { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// A 400 saying a key "already exists". We only ever send one content
+    /// per key id (keys are persisted before their first upload), so this
+    /// means the homeserver has our upload from an earlier attempt.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, Self::Matrix { status: 400, .. })
+            && self
+                .matrix_error()
+                .is_some_and(|e| e.to_ascii_lowercase().contains("already exists"))
+    }
+}
+
+/// The appservice's `as_token`. Zeroized, never printed.
+#[derive(Clone)]
+pub struct AsToken(Zeroizing<String>);
+
+impl AsToken {
+    /// Wrap a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(Zeroizing::new(token.into()))
+    }
+}
+
+impl std::fmt::Debug for AsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AsToken(<redacted>)")
+    }
+}
+
+/// Outcome of a registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registered {
+    /// The user was created now.
+    Created,
+    /// The user existed already (`M_USER_IN_USE`): also success.
+    AlreadyExisted,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    errcode: Option<String>,
+    error: Option<String>,
+}
+
+/// A client for the homeserver, acting as the appservice.
+#[derive(Clone, Debug)]
+pub struct HomeserverClient {
+    base_url: String,
+    authority: http::uri::Authority,
+    as_token: AsToken,
+    timeout: Duration,
+    versions: SupportedVersions,
+}
+
+impl HomeserverClient {
+    /// A client for the homeserver at `base_url` (`http://host:port`).
+    pub fn new(base_url: &str, as_token: AsToken) -> Result<Self, HomeserverError> {
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        let uri: http::Uri = base_url
+            .parse()
+            .map_err(|e| HomeserverError::Protocol(format!("homeserver url: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(HomeserverError::Protocol(
+                "homeserver url must be http:// (TLS is not supported yet)".into(),
+            ));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| HomeserverError::Protocol("homeserver url has no host".into()))?;
+        Ok(Self {
+            base_url,
+            authority,
+            as_token,
+            timeout: Duration::from_secs(30),
+            versions: SupportedVersions {
+                versions: [MatrixVersion::V1_1].into(),
+                features: Default::default(),
+            },
+        })
+    }
+
+    /// Give up on a single request after `timeout` (default 30 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Register a puppet as the appservice (`m.login.application_service`).
+    /// `inhibit_login` (MSC4190 registrations) creates no device; without it
+    /// the homeserver creates `device_id` along with the user.
+    /// `M_USER_IN_USE` is success ([`Registered::AlreadyExisted`]).
+    pub async fn register(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        inhibit_login: bool,
+    ) -> Result<Registered, HomeserverError> {
+        let mut request = register::v3::Request::new();
+        request.username = Some(user_id.localpart().to_owned());
+        request.login_type = Some(register::LoginType::ApplicationService);
+        request.inhibit_login = inhibit_login;
+        if !inhibit_login {
+            request.device_id = Some(device_id.to_owned());
+        }
+        match self.call(request, None, None).await {
+            // The answer may carry an access token for the new device: it is
+            // dropped unread (the appservice acts through its as_token).
+            Ok(_) => Ok(Registered::Created),
+            Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(Registered::AlreadyExisted),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create (or touch) the puppet's device with MSC4190's
+    /// `PUT /devices/{deviceId}` as that puppet. Idempotent on the homeserver.
+    pub async fn create_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<(), HomeserverError> {
+        let request = update_device::v3::Request::new(device_id.to_owned());
+        self.call(request, Some(user_id), None).await.map(|_| ())
+    }
+
+    /// Upload the device's `device_keys` and/or its fallback key as that
+    /// device. A 400 "already exists" is success: this client only ever
+    /// sends one content per key id. Returns the one-time key counts.
+    pub async fn upload_keys(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        device_keys: Option<&DeviceKeys>,
+        fallback: Option<&FallbackKey>,
+    ) -> Result<BTreeMap<OneTimeKeyAlgorithm, UInt>, HomeserverError> {
+        let mut request = upload_keys::v3::Request::new();
+        request.device_keys = device_keys
+            .map(Raw::new)
+            .transpose()
+            .map_err(|e| HomeserverError::Protocol(format!("device keys: {e}")))?;
+        if let Some(f) = fallback {
+            let raw: Raw<OneTimeKey> = Raw::new(&f.key)
+                .map_err(|e| HomeserverError::Protocol(format!("fallback key: {e}")))?
+                .cast_unchecked();
+            request.fallback_keys = BTreeMap::from([(f.key_id.clone(), raw)]);
+        }
+        match self.call(request, Some(user_id), Some(device_id)).await {
+            Ok(response) => Ok(response.one_time_key_counts),
+            Err(e) if e.is_already_exists() => {
+                tracing::warn!(%user_id, %device_id, "homeserver already holds these keys; treating the upload as done");
+                Ok(BTreeMap::new())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Send one request as the appservice, asserting `user_id`/`device_id`.
+    async fn call<R>(
+        &self,
+        request: R,
+        user_id: Option<&UserId>,
+        device_id: Option<&DeviceId>,
+    ) -> Result<R::IncomingResponse, HomeserverError>
+    where
+        R: OutgoingRequest
+            + OutgoingRequestAppserviceExt
+            + ruma::api::Metadata<PathBuilder = ruma::api::path_builder::VersionHistory>,
+        for<'a> R::Authentication:
+            ruma::api::auth_scheme::AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let mut identity = ruma::api::AppserviceUserIdentity::default();
+        identity.user_id = user_id;
+        identity.device_id = device_id;
+        let http_request: http::Request<Vec<u8>> = request
+            .try_into_http_request_with_identity(
+                &self.base_url,
+                SendAccessToken::Appservice(&self.as_token.0),
+                identity,
+                std::borrow::Cow::Borrowed(&self.versions),
+            )
+            .map_err(|e| HomeserverError::Protocol(format!("building the request: {e}")))?;
+        let (status, body) = tokio::time::timeout(self.timeout, self.send(http_request))
+            .await
+            .map_err(|_| HomeserverError::Network("request timed out".into()))??;
+        if status.as_u16() >= 400 {
+            let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
+            let (errcode, error) = parsed.map(|b| (b.errcode, b.error)).unwrap_or((None, None));
+            return Err(HomeserverError::Matrix {
+                status: status.as_u16(),
+                errcode: errcode.unwrap_or_else(|| "M_UNKNOWN".into()),
+                error: error.unwrap_or_default(),
+            });
+        }
+        let response = http::Response::builder()
+            .status(status)
+            .body(body.as_ref())
+            .map_err(|e| HomeserverError::Protocol(e.to_string()))?;
+        R::IncomingResponse::try_from_http_response(response)
+            .map_err(|e| HomeserverError::Protocol(format!("unexpected answer: {e}")))
+    }
+
+    async fn send(
+        &self,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<(http::StatusCode, Bytes), HomeserverError> {
+        let net = |e: &dyn std::fmt::Display| HomeserverError::Network(e.to_string());
+        let host = self.authority.host();
+        let port = self.authority.port_u16().unwrap_or(80);
+        let stream = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| net(&e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| net(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "homeserver connection closed with an error");
+            }
+        });
+        let (mut parts, body) = request.into_parts();
+        // HTTP/1.1 origin form plus Host (the URI ruma built is absolute).
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        parts.uri = path
+            .parse()
+            .map_err(|e| HomeserverError::Protocol(format!("request path: {e}")))?;
+        let host_header = http::HeaderValue::from_str(self.authority.as_str())
+            .map_err(|e| HomeserverError::Protocol(format!("host header: {e}")))?;
+        parts.headers.insert(http::header::HOST, host_header);
+        let request = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
+        let response = sender.send_request(request).await.map_err(|e| net(&e))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| net(&e))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}

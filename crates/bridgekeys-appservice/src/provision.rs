@@ -1,0 +1,506 @@
+//! Puppet provisioning and fallback key rotation: the homeserver must know
+//! each puppet's device, its device keys and a fallback key, so that key
+//! claims are proxied to the bridge and still answered (with the fallback
+//! key) while the bridge is down.
+//!
+//! [`Provisioner::ensure_device`] (and [`Provisioner::ensure_puppet`] with
+//! the configured device id) does everything, idempotently and crash-safely:
+//!
+//! 1. The device's Olm account is created **durably** (identity keys).
+//! 2. If the puppet registry does not list the device yet: register the user
+//!    (`M_USER_IN_USE` is success), create the device (MSC4190
+//!    `PUT /devices/{id}`), then record the device in the registry.
+//! 3. The fallback key is generated and written **durably before it is
+//!    uploaded**; the upload (device keys and fallback key together) is
+//!    retried on transient failures with the same bytes; a 200 (or "already
+//!    exists") marks the key published.
+//!
+//! A retry after a crash or a network error at any point re-sends the same
+//! keys, never new ones: nothing is generated twice because every generated
+//! key is on disk before it leaves.
+//!
+//! Rotation: [`Provisioner::rotate_once`] walks the registry and applies the
+//! [`FallbackPolicy`] to each device (rotate when used or too old, upload,
+//! forget the previous key after the grace period), with times from an
+//! injectable [`Clock`]. [`Provisioner::start_rotation`] runs it in a
+//! background task that the bridge stops with [`RotationTask::stop`]; the
+//! listener's transaction path feeds MSC3202 `device_unused_fallback_key_types`
+//! in ([`Provisioner::note_unused_fallback_key_types`]) and wakes the task.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bridgekeys_olm::{
+    AccountManager, FallbackAction, FallbackPolicy, OlmError, UnixMillis, fallback::now_millis,
+};
+use bridgekeys_store::{DeviceKey, PuppetRegistry, StoreError};
+use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, UserId, encryption::DeviceKeys};
+use tokio::sync::{Notify, oneshot, watch};
+
+use crate::{
+    DEFAULT_PUPPET_DEVICE_ID, Registration,
+    homeserver::{HomeserverClient, HomeserverError},
+};
+
+/// The algorithm whose absence from `device_unused_fallback_key_types`
+/// means "your fallback key was used".
+const SIGNED_CURVE25519: &str = "signed_curve25519";
+
+/// Where the fallback schedule gets the time from. Injected so tests (and
+/// simulations) can move time; the times are stored, so they must be wall
+/// clock, not monotonic.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now(&self) -> UnixMillis;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> UnixMillis {
+        now_millis()
+    }
+}
+
+/// A clock that moves only when told to: for tests of the rotation schedule.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// A clock standing at `now`.
+    pub fn new(now: UnixMillis) -> Self {
+        Self(AtomicU64::new(now))
+    }
+
+    /// Move the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    /// Set the clock to `now`.
+    pub fn set(&self, now: UnixMillis) {
+        self.0.store(now, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> UnixMillis {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// How puppets are provisioned and fallback keys rotated.
+#[derive(Clone, Debug)]
+pub struct ProvisionConfig {
+    /// The device id of [`Provisioner::ensure_puppet`]: one fixed id per
+    /// puppet keeps provisioning idempotent across retries and restarts.
+    pub device_id: OwnedDeviceId,
+    /// The registration has `io.element.msc4190`: register with
+    /// `inhibit_login` and create devices with `PUT /devices/{id}`.
+    /// Without it the device is created by the registration itself (only
+    /// for users that did not exist yet).
+    pub msc4190: bool,
+    /// Fallback key ages.
+    pub policy: FallbackPolicy,
+    /// Attempts per homeserver call before giving up on transient failures
+    /// (network errors, 5xx, 429).
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles with each retry, at most 60 s.
+    pub retry_delay: Duration,
+    /// How often the background task walks all puppets (it is also woken
+    /// early when the homeserver reports a fallback key used).
+    pub rotation_interval: Duration,
+}
+
+impl Default for ProvisionConfig {
+    fn default() -> Self {
+        Self {
+            device_id: DEFAULT_PUPPET_DEVICE_ID.into(),
+            msc4190: true,
+            policy: FallbackPolicy::default(),
+            max_attempts: 5,
+            retry_delay: Duration::from_millis(500),
+            rotation_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ProvisionConfig {
+    /// Defaults, with MSC4190 as the registration says.
+    pub fn from_registration(registration: &Registration) -> Self {
+        Self {
+            msc4190: registration.msc4190,
+            ..Self::default()
+        }
+    }
+}
+
+/// Why provisioning or a rotation step failed. Nothing acknowledged by the
+/// homeserver is lost: a retry continues with the same persisted keys.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// A homeserver call failed (after retries, if transient).
+    #[error(transparent)]
+    Homeserver(#[from] HomeserverError),
+    /// The account manager failed.
+    #[error(transparent)]
+    Olm(#[from] OlmError),
+    /// The puppet registry failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A registry entry is not a valid user id.
+    #[error("puppet registry holds an invalid user id {0:?}")]
+    BadRegistryEntry(String),
+}
+
+/// Counters of the provisioner since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProvisionStats {
+    /// Devices newly provisioned on the homeserver (registered, created).
+    pub devices_provisioned: u64,
+    /// Key uploads acknowledged.
+    pub uploads: u64,
+    /// Uploads retried after a transient failure (same keys re-sent).
+    pub upload_retries: u64,
+    /// Completed passes of [`Provisioner::rotate_once`].
+    pub rotation_passes: u64,
+    /// Devices whose rotation step failed in a pass (retried next pass).
+    pub rotation_failures: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    devices_provisioned: AtomicU64,
+    uploads: AtomicU64,
+    upload_retries: AtomicU64,
+    rotation_passes: AtomicU64,
+    rotation_failures: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What one rotation pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RotationReport {
+    /// Devices visited.
+    pub devices: usize,
+    /// Devices whose step failed (logged; retried next pass).
+    pub failures: usize,
+}
+
+/// Provisions puppet devices on the homeserver and keeps their fallback keys
+/// fresh. See the module docs for the steps and their guarantees.
+pub struct Provisioner {
+    client: HomeserverClient,
+    manager: Arc<AccountManager>,
+    registry: Arc<dyn PuppetRegistry>,
+    config: ProvisionConfig,
+    clock: Arc<dyn Clock>,
+    counters: Counters,
+    wake: Notify,
+    passes: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Provisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provisioner")
+            .field("client", &self.client)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Provisioner {
+    /// A provisioner over the homeserver client, the account manager and the
+    /// puppet registry (usually the same `SledStore` the manager writes to),
+    /// with the system clock.
+    pub fn new(
+        client: HomeserverClient,
+        manager: Arc<AccountManager>,
+        registry: Arc<dyn PuppetRegistry>,
+        config: ProvisionConfig,
+    ) -> Self {
+        Self {
+            client,
+            manager,
+            registry,
+            config,
+            clock: Arc::new(SystemClock),
+            counters: Counters::default(),
+            wake: Notify::new(),
+            passes: watch::channel(0).0,
+        }
+    }
+
+    /// Use `clock` for the fallback schedule instead of the system clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The account manager.
+    pub fn manager(&self) -> &Arc<AccountManager> {
+        &self.manager
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> ProvisionStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ProvisionStats {
+            devices_provisioned: get(&self.counters.devices_provisioned),
+            uploads: get(&self.counters.uploads),
+            upload_retries: get(&self.counters.upload_retries),
+            rotation_passes: get(&self.counters.rotation_passes),
+            rotation_failures: get(&self.counters.rotation_failures),
+        }
+    }
+
+    /// Provision `user_id` with the configured device id; returns it.
+    pub async fn ensure_puppet(&self, user_id: &UserId) -> Result<OwnedDeviceId, ProvisionError> {
+        let device_id = self.config.device_id.clone();
+        self.ensure_device(user_id, &device_id).await?;
+        Ok(device_id)
+    }
+
+    /// Make sure the homeserver knows `device_id` of `user_id` with its
+    /// device keys and a published fallback key. Idempotent and cheap once
+    /// done (no homeserver call); safe to retry after any failure.
+    pub async fn ensure_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<(), ProvisionError> {
+        // 1. Identity keys, durably (the same keys on every call).
+        let device_keys = self.manager.create_device(user_id, device_id).await?;
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        // 2. The homeserver's side of the device.
+        if !self.registry.contains_puppet(&key)? {
+            let msc4190 = self.config.msc4190;
+            self.retry("register", None, || {
+                self.client.register(user_id, device_id, msc4190)
+            })
+            .await?;
+            if msc4190 {
+                self.retry("create device", None, || {
+                    self.client.create_device(user_id, device_id)
+                })
+                .await?;
+            }
+            self.registry.record_puppet(&key)?.durable().await?;
+            bump(&self.counters.devices_provisioned);
+            tracing::info!(%user_id, %device_id, "puppet device provisioned on the homeserver");
+        }
+        // 3. Device keys and the fallback key, persisted before upload.
+        self.upload_fallback(user_id, device_id, &device_keys)
+            .await?;
+        Ok(())
+    }
+
+    /// Upload the device's unpublished fallback key (if any) with its device
+    /// keys, retrying transient failures with the same bytes, and mark it
+    /// published on success. Returns whether anything was uploaded.
+    async fn upload_fallback(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        device_keys: &DeviceKeys,
+    ) -> Result<bool, ProvisionError> {
+        let Some(fallback) = self
+            .manager
+            .fallback_key_for_upload(user_id, device_id, self.clock.now())
+            .await?
+        else {
+            return Ok(false);
+        };
+        self.retry("upload keys", Some(&self.counters.upload_retries), || {
+            self.client
+                .upload_keys(user_id, device_id, Some(device_keys), Some(&fallback))
+        })
+        .await?;
+        self.manager
+            .mark_fallback_published(user_id, device_id, &fallback.key_id)
+            .await?;
+        bump(&self.counters.uploads);
+        tracing::info!(%user_id, %device_id, key_id = %fallback.key_id, "fallback key uploaded");
+        Ok(true)
+    }
+
+    async fn retry<T, F, Fut>(
+        &self,
+        what: &str,
+        retries: Option<&AtomicU64>,
+        mut op: F,
+    ) -> Result<T, HomeserverError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, HomeserverError>>,
+    {
+        let mut delay = self.config.retry_delay;
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() && attempt < self.config.max_attempts.max(1) => {
+                    tracing::warn!(what, attempt, error = %e, "homeserver call failed; retrying with the same content");
+                    if let Some(c) = retries {
+                        bump(c);
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Take every step of one device's fallback life cycle that is due now
+    /// (generate, rotate, upload, forget), until it waits.
+    pub async fn rotate_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<(), ProvisionError> {
+        // At most: forget, rotate, upload, then wait.
+        for _ in 0..6 {
+            let action = self
+                .manager
+                .apply_fallback_policy(user_id, device_id, &self.config.policy, self.clock.now())
+                .await?;
+            match action {
+                FallbackAction::Wait { .. } => break,
+                FallbackAction::Upload => {
+                    // Device keys ride along: identical re-uploads are
+                    // accepted, and they heal a provisioning that stopped
+                    // between the registry record and its first upload.
+                    let device_keys = self.manager.device_keys(user_id, device_id)?;
+                    self.upload_fallback(user_id, device_id, &device_keys)
+                        .await?;
+                }
+                FallbackAction::Generate
+                | FallbackAction::Rotate(_)
+                | FallbackAction::ForgetPrevious => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One rotation pass over every provisioned device. A failing device is
+    /// logged and counted and the pass goes on; the next pass retries it.
+    pub async fn rotate_once(&self) -> Result<RotationReport, ProvisionError> {
+        let mut report = RotationReport::default();
+        for key in self.registry.puppets()? {
+            report.devices += 1;
+            let result = match OwnedUserId::try_from(key.user_id()) {
+                Ok(user_id) => {
+                    let device_id: OwnedDeviceId = key.device_id().into();
+                    self.rotate_device(&user_id, &device_id).await
+                }
+                Err(_) => Err(ProvisionError::BadRegistryEntry(key.user_id().to_owned())),
+            };
+            if let Err(e) = result {
+                report.failures += 1;
+                bump(&self.counters.rotation_failures);
+                tracing::warn!(user_id = key.user_id(), device_id = key.device_id(), error = %e,
+                    "fallback rotation step failed; retried next pass");
+            }
+        }
+        bump(&self.counters.rotation_passes);
+        self.passes.send_modify(|n| *n += 1);
+        Ok(report)
+    }
+
+    /// Feed one MSC3202 `device_unused_fallback_key_types` entry in: if it
+    /// lacks `signed_curve25519`, the device's published fallback key was
+    /// used; it is marked (durably) and the rotation task woken. Returns
+    /// whether the key was newly marked used.
+    pub async fn note_unused_fallback_key_types(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        unused_types: &[String],
+    ) -> Result<bool, ProvisionError> {
+        if unused_types.iter().any(|t| t == SIGNED_CURVE25519) {
+            return Ok(false);
+        }
+        let marked = match self.manager.mark_fallback_used(user_id, device_id).await {
+            Ok(marked) => marked,
+            // Not a device of ours: nothing to rotate.
+            Err(OlmError::UnknownDevice { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if marked {
+            tracing::info!(%user_id, %device_id, "homeserver reports the fallback key used");
+            self.wake.notify_one();
+        }
+        Ok(marked)
+    }
+
+    /// Start the background rotation task: a pass now, then every
+    /// [`ProvisionConfig::rotation_interval`] or sooner when a used fallback
+    /// key is reported. Stop it with [`RotationTask::stop`]; stopping
+    /// mid-pass is safe (every step is durable before the next, and an
+    /// interrupted upload re-sends the same key next time).
+    pub fn start_rotation(self: &Arc<Self>) -> RotationTask {
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let this = Arc::clone(self);
+        let passes = self.passes.subscribe();
+        let handle = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    result = this.rotate_once() => {
+                        if let Err(e) = result {
+                            tracing::warn!(error = %e, "fallback rotation pass failed");
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    () = this.wake.notified() => {}
+                    () = tokio::time::sleep(this.config.rotation_interval) => {}
+                }
+            }
+            tracing::debug!("fallback rotation task stopped");
+        });
+        RotationTask {
+            stop: stop_tx,
+            handle,
+            passes,
+        }
+    }
+}
+
+/// The running background rotation task.
+#[derive(Debug)]
+pub struct RotationTask {
+    stop: oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<()>,
+    passes: watch::Receiver<u64>,
+}
+
+impl RotationTask {
+    /// Completed passes so far, as a watch: `changed().await` resolves when
+    /// the next pass completes (for tests and health checks).
+    pub fn passes(&self) -> watch::Receiver<u64> {
+        self.passes.clone()
+    }
+
+    /// Stop the task and wait until it has stopped.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        if let Err(e) = self.handle.await {
+            tracing::warn!(error = %e, "fallback rotation task ended abnormally");
+        }
+    }
+}

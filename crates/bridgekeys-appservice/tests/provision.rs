@@ -1,0 +1,686 @@
+//! Puppet provisioning and fallback key rotation against an in-process fake
+//! homeserver (axum on 127.0.0.1) that records every request and can fail
+//! uploads on demand.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    body::{Body, to_bytes},
+    extract::{Path as UrlPath, Query, State},
+    http::{HeaderMap, Method, Request, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{post, put},
+};
+use bridgekeys_appservice::{
+    Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient, HsToken,
+    Limits, ManualClock, ProvisionConfig, Provisioner, Transaction, UserDecision, UserNamespace,
+};
+use bridgekeys_olm::{AccountManager, ManagerConfig, fallback::FallbackPolicy};
+use bridgekeys_store::{PuppetRegistry, SledStore, SledStoreConfig, StoreKey, TransactionLog};
+use ruma::{OwnedDeviceId, OwnedUserId, UserId};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const AS_TOKEN: &str = "as-token-for-provisioning-tests";
+const HS_TOKEN: &str = "hs-token-for-provisioning-tests";
+const T0: u64 = 1_700_000_000_000;
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn puppet(n: usize) -> OwnedUserId {
+    format!("@echo_{n}:localhost").try_into().unwrap()
+}
+
+fn device() -> OwnedDeviceId {
+    "BRIDGEKEYS".into()
+}
+
+// ---------------------------------------------------------------------------
+// The fake homeserver.
+
+#[derive(Clone, Debug)]
+struct Recorded {
+    query: HashMap<String, String>,
+    body: Value,
+}
+
+#[derive(Default)]
+struct HsState {
+    registered: HashSet<String>,
+    registrations: Vec<Value>,
+    devices: Vec<Recorded>,
+    uploads: Vec<Recorded>,
+    /// Answer this many upcoming uploads with 500.
+    fail_uploads: usize,
+    /// (user, device, key id) -> fallback key content, as Synapse keeps it.
+    fallback: HashMap<(String, String, String), Value>,
+}
+
+#[derive(Clone, Default)]
+struct FakeHomeserver(Arc<Mutex<HsState>>);
+
+fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response {
+    (status, Json(json!({"errcode": errcode, "error": error}))).into_response()
+}
+
+fn authorized(headers: &HeaderMap) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {AS_TOKEN}"))
+}
+
+async fn register(
+    State(hs): State<FakeHomeserver>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return matrix_error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "bad token");
+    }
+    let mut s = hs.0.lock().unwrap();
+    s.registrations.push(body.clone());
+    let localpart = body["username"].as_str().unwrap_or_default().to_owned();
+    if !s.registered.insert(localpart.clone()) {
+        return matrix_error(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "taken");
+    }
+    Json(json!({"user_id": format!("@{localpart}:localhost")})).into_response()
+}
+
+async fn put_device(
+    State(hs): State<FakeHomeserver>,
+    headers: HeaderMap,
+    UrlPath(device_id): UrlPath<String>,
+    Query(query): Query<HashMap<String, String>>,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return matrix_error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "bad token");
+    }
+    let mut query = query;
+    query.insert("path_device_id".into(), device_id);
+    hs.0.lock().unwrap().devices.push(Recorded { query, body });
+    Json(json!({})).into_response()
+}
+
+async fn upload(
+    State(hs): State<FakeHomeserver>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return matrix_error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "bad token");
+    }
+    let mut s = hs.0.lock().unwrap();
+    s.uploads.push(Recorded {
+        query: query.clone(),
+        body: body.clone(),
+    });
+    if s.fail_uploads > 0 {
+        s.fail_uploads -= 1;
+        return matrix_error(StatusCode::BAD_GATEWAY, "M_UNKNOWN", "injected failure");
+    }
+    let (Some(user), Some(dev)) = (query.get("user_id"), query.get("device_id")) else {
+        return matrix_error(StatusCode::BAD_REQUEST, "M_UNKNOWN_DEVICE", "no device");
+    };
+    if let Some(keys) = body.get("fallback_keys").and_then(Value::as_object) {
+        for (id, key) in keys {
+            let slot = (user.clone(), dev.clone(), id.clone());
+            match s.fallback.get(&slot) {
+                Some(old) if old != key => {
+                    // Synapse: an existing key id with different content.
+                    return matrix_error(
+                        StatusCode::BAD_REQUEST,
+                        "M_INVALID_PARAM",
+                        "One time key already exists",
+                    );
+                }
+                _ => {
+                    s.fallback.insert(slot, key.clone());
+                }
+            }
+        }
+    }
+    Json(json!({"one_time_key_counts": {}})).into_response()
+}
+
+impl FakeHomeserver {
+    async fn start() -> (Self, String) {
+        let hs = Self::default();
+        let app = Router::new()
+            .route("/_matrix/client/v3/register", post(register))
+            .route("/_matrix/client/v3/devices/{device_id}", put(put_device))
+            .route("/_matrix/client/v3/keys/upload", post(upload))
+            .with_state(hs.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (hs, url)
+    }
+
+    fn fail_next_uploads(&self, n: usize) {
+        self.0.lock().unwrap().fail_uploads = n;
+    }
+
+    fn uploads(&self) -> Vec<Recorded> {
+        self.0.lock().unwrap().uploads.clone()
+    }
+
+    fn registrations(&self) -> Vec<Value> {
+        self.0.lock().unwrap().registrations.clone()
+    }
+
+    fn devices(&self) -> Vec<Recorded> {
+        self.0.lock().unwrap().devices.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The bridge side.
+
+struct Bridge {
+    store: Arc<SledStore>,
+    manager: Arc<AccountManager>,
+    provisioner: Arc<Provisioner>,
+    clock: Arc<ManualClock>,
+}
+
+fn open_bridge(dir: &Path, url: &str, config: ProvisionConfig) -> Bridge {
+    let store = Arc::new(
+        SledStore::open(SledStoreConfig::new(
+            dir.join("store"),
+            StoreKey::new([9; 32]),
+        ))
+        .unwrap(),
+    );
+    let manager = Arc::new(AccountManager::new(
+        Arc::clone(&store) as _,
+        ManagerConfig::default(),
+    ));
+    let client = HomeserverClient::new(url, AsToken::new(AS_TOKEN)).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let provisioner = Arc::new(
+        Provisioner::new(
+            client,
+            Arc::clone(&manager),
+            Arc::clone(&store) as Arc<dyn PuppetRegistry>,
+            config,
+        )
+        .with_clock(Arc::clone(&clock) as _),
+    );
+    Bridge {
+        store,
+        manager,
+        provisioner,
+        clock,
+    }
+}
+
+fn fast_retries() -> ProvisionConfig {
+    ProvisionConfig {
+        retry_delay: Duration::ZERO,
+        ..ProvisionConfig::default()
+    }
+}
+
+fn fallback_of(upload: &Recorded) -> (String, Value) {
+    let keys = upload.body["fallback_keys"].as_object().unwrap();
+    assert_eq!(keys.len(), 1, "one fallback key per upload");
+    let (id, key) = keys.iter().next().unwrap();
+    (id.clone(), key.clone())
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn ensure_puppet_registers_creates_the_device_and_uploads_persisted_keys() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    let user = puppet(1);
+
+    let device_id = b.provisioner.ensure_puppet(&user).await.unwrap();
+    assert_eq!(device_id, device());
+
+    assert_eq!(
+        hs.registrations(),
+        vec![json!({
+            "type": "m.login.application_service",
+            "username": "echo_1",
+            "inhibit_login": true,
+        })]
+    );
+    let devices = hs.devices();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].query["user_id"], user.as_str());
+    assert_eq!(devices[0].query["path_device_id"], "BRIDGEKEYS");
+
+    let uploads = hs.uploads();
+    assert_eq!(uploads.len(), 1);
+    assert_eq!(uploads[0].query["user_id"], user.as_str());
+    assert_eq!(uploads[0].query["device_id"], "BRIDGEKEYS");
+    let device_keys = b.manager.device_keys(&user, &device()).unwrap();
+    assert_eq!(
+        uploads[0].body["device_keys"],
+        serde_json::to_value(&device_keys).unwrap()
+    );
+    let (_, fallback) = fallback_of(&uploads[0]);
+    assert_eq!(fallback["fallback"], json!(true));
+    let state = b.manager.fallback_state(&user, &device()).unwrap();
+    let current = state.current.unwrap();
+    assert_eq!(fallback["key"], json!(current.public_key));
+    assert!(current.published, "a 200 marks the key published");
+    assert!(
+        b.store
+            .contains_puppet(&bridgekeys_store::DeviceKey::new(
+                user.as_str(),
+                "BRIDGEKEYS"
+            ))
+            .unwrap()
+    );
+
+    // Done once: a second call asks the homeserver nothing.
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    assert_eq!(hs.registrations().len(), 1);
+    assert_eq!(hs.devices().len(), 1);
+    assert_eq!(hs.uploads().len(), 1);
+    let stats = b.provisioner.stats();
+    assert_eq!((stats.devices_provisioned, stats.uploads), (1, 1));
+}
+
+#[tokio::test]
+async fn a_failed_upload_is_retried_with_identical_keys() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    hs.fail_next_uploads(2);
+
+    b.provisioner.ensure_puppet(&puppet(2)).await.unwrap();
+
+    let uploads = hs.uploads();
+    assert_eq!(uploads.len(), 3, "two failures, then success");
+    assert!(
+        uploads.iter().all(|u| u.body == uploads[0].body),
+        "every retry re-sends the very same keys"
+    );
+    let stats = b.provisioner.stats();
+    assert_eq!((stats.upload_retries, stats.uploads), (2, 1));
+    assert_eq!(b.manager.stats().fallback_keys_generated, 1);
+}
+
+#[tokio::test]
+async fn after_a_crash_with_the_upload_unacknowledged_the_same_keys_are_sent_again() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let user = puppet(3);
+    {
+        let b = open_bridge(
+            dir.path(),
+            &url,
+            ProvisionConfig {
+                max_attempts: 2,
+                ..fast_retries()
+            },
+        );
+        hs.fail_next_uploads(100);
+        let err = b.provisioner.ensure_puppet(&user).await.unwrap_err();
+        assert!(err.to_string().contains("502"), "{err}");
+        // The bridge goes down here (everything dropped, store closed).
+    }
+    hs.fail_next_uploads(0);
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+
+    let uploads = hs.uploads();
+    assert_eq!(uploads.len(), 3);
+    assert!(
+        uploads.iter().all(|u| u.body == uploads[0].body),
+        "the restarted bridge re-sends the persisted keys, not new ones"
+    );
+    assert_eq!(hs.registrations().len(), 1, "registered once");
+    assert_eq!(b.manager.stats().fallback_keys_generated, 0);
+    assert!(
+        b.manager
+            .fallback_state(&user, &device())
+            .unwrap()
+            .current
+            .unwrap()
+            .published
+    );
+}
+
+#[tokio::test]
+async fn an_existing_user_counts_as_registered() {
+    let (hs, url) = FakeHomeserver::start().await;
+    hs.0.lock().unwrap().registered.insert("echo_4".into());
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    b.provisioner.ensure_puppet(&puppet(4)).await.unwrap();
+    assert_eq!(hs.devices().len(), 1);
+    assert_eq!(hs.uploads().len(), 1);
+}
+
+#[tokio::test]
+async fn a_wrong_as_token_is_a_permanent_error_and_not_retried() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open_bridge(dir.path(), &url, fast_retries());
+    let client = HomeserverClient::new(&url, AsToken::new("wrong")).unwrap();
+    b.provisioner = Arc::new(Provisioner::new(
+        client,
+        Arc::clone(&b.manager),
+        Arc::clone(&b.store) as _,
+        fast_retries(),
+    ));
+    let err = b.provisioner.ensure_puppet(&puppet(5)).await.unwrap_err();
+    assert!(err.to_string().contains("M_UNKNOWN_TOKEN"), "{err}");
+    assert!(
+        !err.to_string().contains("wrong"),
+        "the token is never in errors"
+    );
+    assert!(hs.registrations().is_empty());
+}
+
+#[tokio::test]
+async fn a_used_report_rotates_uploads_the_new_key_and_forgets_the_old_one_after_grace() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    let user = puppet(6);
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    let (first_id, first_key) = fallback_of(&hs.uploads()[0]);
+
+    // A report that still lists signed_curve25519 is no news.
+    assert!(
+        !b.provisioner
+            .note_unused_fallback_key_types(&user, &device(), &["signed_curve25519".into()])
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.provisioner
+            .note_unused_fallback_key_types(&user, &device(), &[])
+            .await
+            .unwrap()
+    );
+    b.clock.advance(Duration::from_secs(60));
+    let report = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!((report.devices, report.failures), (1, 0));
+
+    let uploads = hs.uploads();
+    assert_eq!(uploads.len(), 2);
+    let (second_id, second_key) = fallback_of(&uploads[1]);
+    assert_ne!(second_id, first_id);
+    assert_ne!(second_key["key"], first_key["key"]);
+    assert_eq!(b.manager.stats().fallback_rotations, 1);
+    let state = b.manager.fallback_state(&user, &device()).unwrap();
+    assert!(state.previous_since_ms.is_some(), "previous key kept");
+
+    // Not before the grace period ...
+    b.clock.advance(HOUR - Duration::from_secs(1));
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(b.manager.stats().fallback_forgets, 0);
+    // ... but after it.
+    b.clock.advance(Duration::from_secs(1));
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(b.manager.stats().fallback_forgets, 1);
+    assert!(
+        b.manager
+            .fallback_state(&user, &device())
+            .unwrap()
+            .previous_since_ms
+            .is_none()
+    );
+    assert_eq!(hs.uploads().len(), 2, "forgetting uploads nothing");
+}
+
+#[tokio::test]
+async fn an_old_fallback_key_is_rotated_at_the_configured_age() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProvisionConfig {
+        policy: FallbackPolicy {
+            max_age: Duration::from_secs(24 * 3600),
+            grace: HOUR,
+        },
+        ..fast_retries()
+    };
+    let b = open_bridge(dir.path(), &url, config);
+    b.provisioner.ensure_puppet(&puppet(7)).await.unwrap();
+    b.clock.advance(Duration::from_secs(24 * 3600 - 1));
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(hs.uploads().len(), 1);
+    b.clock.advance(Duration::from_secs(1));
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(hs.uploads().len(), 2);
+    assert_eq!(b.manager.stats().fallback_rotations, 1);
+}
+
+#[tokio::test]
+async fn the_background_task_wakes_on_a_used_report_and_stops_on_request() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProvisionConfig {
+        rotation_interval: Duration::from_secs(24 * 3600),
+        ..fast_retries()
+    };
+    let b = open_bridge(dir.path(), &url, config);
+    let user = puppet(8);
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+
+    let task = b.provisioner.start_rotation();
+    let mut passes = task.passes();
+    passes.wait_for(|n| *n >= 1).await.unwrap();
+    assert_eq!(hs.uploads().len(), 1, "nothing due in the first pass");
+
+    b.provisioner
+        .note_unused_fallback_key_types(&user, &device(), &[])
+        .await
+        .unwrap();
+    // Woken by the report, long before the 24 h interval.
+    passes.wait_for(|n| *n >= 2).await.unwrap();
+    assert_eq!(hs.uploads().len(), 2, "rotated and uploaded");
+    task.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Through the listener.
+
+struct Accepting;
+
+impl BridgeHandler for Accepting {
+    async fn transaction(&self, _t: &Transaction) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    async fn query_user(&self, _user_id: &UserId) -> Result<UserDecision, HandlerError> {
+        Ok(UserDecision::Accept { device_id: None })
+    }
+}
+
+fn listener(b: &Bridge, fallback_in_claims: bool) -> Router {
+    let config = AppserviceConfig {
+        hs_token: HsToken::new(HS_TOKEN),
+        namespace: UserNamespace::new(
+            ["@echo_.*:localhost"],
+            Some("@echo_bot:localhost".try_into().unwrap()),
+        )
+        .unwrap(),
+        txn_namespace: "echo".into(),
+        puppet_device_id: device(),
+        limits: Limits::default(),
+    };
+    Appservice::new(
+        config,
+        Arc::clone(&b.manager),
+        Arc::clone(&b.store) as Arc<dyn TransactionLog>,
+        Arc::new(Accepting),
+    )
+    .unwrap()
+    .with_provisioner(Arc::clone(&b.provisioner))
+    .with_fallback_in_claims(fallback_in_claims)
+    .router()
+}
+
+async fn call(
+    router: &Router,
+    method: Method,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {HS_TOKEN}"))
+        .header("content-type", "application/json")
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+        .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn the_user_query_provisions_and_a_transaction_report_drives_rotation_into_the_metrics() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    let router = listener(&b, false);
+    let user = puppet(9);
+
+    let (status, _) = call(
+        &router,
+        Method::GET,
+        &format!("/_matrix/app/v1/users/{user}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(hs.registrations().len(), 1);
+    assert_eq!(hs.uploads().len(), 1, "provisioned before the 200");
+
+    let txn = json!({
+        "events": [],
+        "org.matrix.msc3202.device_unused_fallback_key_types": {
+            user.as_str(): {"BRIDGEKEYS": []},
+            "@someone_else:localhost": {"DEV": []},
+        },
+    });
+    let (status, _) = call(
+        &router,
+        Method::PUT,
+        "/_matrix/app/v1/transactions/t1",
+        Some(txn),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let current = b
+        .manager
+        .fallback_state(&user, &device())
+        .unwrap()
+        .current
+        .unwrap();
+    assert!(current.used, "the report was recorded");
+
+    // Rotation 1 (reported used) and its upload.
+    b.provisioner.rotate_once().await.unwrap();
+    // After the grace period the previous key is forgotten; then the new
+    // key is reported used too, and that rotation's upload fails once.
+    hs.fail_next_uploads(1);
+    b.clock.advance(HOUR);
+    b.provisioner.rotate_once().await.unwrap();
+    b.provisioner
+        .note_unused_fallback_key_types(&user, &device(), &[])
+        .await
+        .unwrap();
+    b.provisioner.rotate_once().await.unwrap();
+
+    let (status, metrics) = call(&router, Method::GET, "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    for line in [
+        "bridgekeys_appservice_fallback_rotations_total 2",
+        "bridgekeys_appservice_fallback_forgets_total 1",
+        "bridgekeys_appservice_fallback_upload_retries_total 1",
+        "bridgekeys_appservice_fallback_uploads_total 3",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn claims_carry_the_fallback_key_only_when_enabled_and_never_two_keys_under_one_id() {
+    let (_hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    let user = puppet(10);
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    let fallback = b
+        .manager
+        .published_fallback_key(&user, &device())
+        .unwrap()
+        .unwrap();
+    let claim = json!({ user.as_str(): {"BRIDGEKEYS": ["signed_curve25519"]} });
+    let keys_of = |body: &str| -> BTreeMap<String, Value> {
+        let v: Value = serde_json::from_str(body).unwrap();
+        serde_json::from_value(v[user.as_str()]["BRIDGEKEYS"].clone()).unwrap()
+    };
+
+    // Off (the default): one-time keys only.
+    let off = listener(&b, false);
+    let (status, body) = call(
+        &off,
+        Method::POST,
+        "/_matrix/app/v1/keys/claim",
+        Some(claim.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let keys = keys_of(&body);
+    assert_eq!(keys.len(), 1);
+    assert!(keys.values().all(|k| k.get("fallback").is_none()));
+    let first_otk_id = keys.keys().next().unwrap().clone();
+    assert_eq!(
+        first_otk_id,
+        fallback.key_id.to_string(),
+        "the first one-time key id equals the fallback key id (separate counters)"
+    );
+
+    // On: the fallback key joins, unless its id is taken by a one-time key.
+    let on = listener(&b, true);
+    let (_, body) = call(&on, Method::POST, "/_matrix/app/v1/keys/claim", Some(claim)).await;
+    let keys = keys_of(&body);
+    assert_eq!(keys.len(), 2, "{body}");
+    assert_eq!(
+        keys[fallback.key_id.as_str()],
+        serde_json::to_value(&fallback.key).unwrap()
+    );
+    assert_eq!(
+        keys.values()
+            .filter(|k| k["fallback"] == json!(true))
+            .count(),
+        1
+    );
+
+    // A claim whose one-time key id collides with the fallback key id: a
+    // fresh device's first claim.
+    let other = puppet(11);
+    b.provisioner.ensure_puppet(&other).await.unwrap();
+    let claim = json!({ other.as_str(): {"BRIDGEKEYS": ["signed_curve25519"]} });
+    let (_, body) = call(&on, Method::POST, "/_matrix/app/v1/keys/claim", Some(claim)).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let keys = v[other.as_str()]["BRIDGEKEYS"].as_object().unwrap();
+    assert_eq!(
+        keys.len(),
+        1,
+        "the fallback key is left out, not merged: {body}"
+    );
+    assert!(keys.values().all(|k| k.get("fallback").is_none()));
+}
