@@ -65,6 +65,19 @@ impl HookedStore {
     pub fn clear_hook(&self) {
         *self.hook.lock().unwrap() = None;
     }
+    /// Run the hook, then fail if device writes are set to fail.
+    fn before_device_write(&self, device: &DeviceKey) -> Result<(), StoreError> {
+        let hook = self.hook.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            hook(device);
+        }
+        if self.fail_device_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Durability {
+                reason: "injected: disk full".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Store for HookedStore {
@@ -77,15 +90,7 @@ impl Store for HookedStore {
         expected: Option<bridgekeys_store::Version>,
         write: DeviceWrite,
     ) -> Result<Pending, StoreError> {
-        let hook = self.hook.lock().unwrap().clone();
-        if let Some(hook) = hook {
-            hook(device);
-        }
-        if self.fail_device_writes.load(Ordering::SeqCst) {
-            return Err(StoreError::Durability {
-                reason: "injected: disk full".into(),
-            });
-        }
+        self.before_device_write(device)?;
         self.inner.write_device(device, expected, write)
     }
     fn append_keys(
@@ -94,15 +99,7 @@ impl Store for HookedStore {
         expected: bridgekeys_store::Version,
         append: bridgekeys_store::KeyAppend,
     ) -> Result<Pending, StoreError> {
-        let hook = self.hook.lock().unwrap().clone();
-        if let Some(hook) = hook {
-            hook(device);
-        }
-        if self.fail_device_writes.load(Ordering::SeqCst) {
-            return Err(StoreError::Durability {
-                reason: "injected: disk full".into(),
-            });
-        }
+        self.before_device_write(device)?;
         self.inner.append_keys(device, expected, append)
     }
     fn one_time_key(
