@@ -327,3 +327,49 @@ impl HomeserverClient {
         Ok((status, body))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(status: u16, errcode: &str, error: &str) -> HomeserverError {
+        HomeserverError::Matrix {
+            status,
+            errcode: errcode.into(),
+            error: error.into(),
+        }
+    }
+
+    #[test]
+    fn only_network_failures_5xx_and_429_are_retried() {
+        assert!(HomeserverError::Network("reset".into()).is_transient());
+        assert!(matrix(502, "M_UNKNOWN", "").is_transient());
+        assert!(matrix(429, "M_LIMIT_EXCEEDED", "").is_transient());
+        assert!(!matrix(400, "M_INVALID_PARAM", "").is_transient());
+        assert!(!matrix(401, "M_UNKNOWN_TOKEN", "").is_transient());
+        assert!(!HomeserverError::Protocol("bad".into()).is_transient());
+    }
+
+    #[test]
+    fn already_exists_is_recognised_only_on_a_400() {
+        assert!(
+            matrix(
+                400,
+                "M_INVALID_PARAM",
+                "One time key signed_curve25519:AAAAAA already exists. Old key: ..."
+            )
+            .is_already_exists()
+        );
+        assert!(!matrix(500, "M_UNKNOWN", "already exists").is_already_exists());
+        assert!(!matrix(400, "M_INVALID_PARAM", "bad json").is_already_exists());
+    }
+
+    #[test]
+    fn only_plain_http_urls_are_accepted_and_the_token_is_not_printed() {
+        assert!(HomeserverClient::new("https://hs.example", AsToken::new("t")).is_err());
+        assert!(HomeserverClient::new("not a url", AsToken::new("t")).is_err());
+        let client = HomeserverClient::new("http://127.0.0.1:8008/", AsToken::new("secret-token"))
+            .expect("client");
+        assert!(!format!("{client:?}").contains("secret-token"));
+    }
+}

@@ -56,8 +56,14 @@ struct HsState {
     registrations: Vec<Value>,
     devices: Vec<Recorded>,
     uploads: Vec<Recorded>,
-    /// Answer this many upcoming uploads with 500.
+    /// Answer this many upcoming uploads with 502 (nothing stored).
     fail_uploads: usize,
+    /// Store this many upcoming uploads, then answer 502 anyway (the 200
+    /// was lost on the way back).
+    lose_answers: usize,
+    /// Answer a re-upload of a stored fallback key id 400 "already exists"
+    /// even when the content is identical (a stricter homeserver).
+    strict_repeats: bool,
     /// (user, device, key id) -> fallback key content, as Synapse keeps it.
     fallback: HashMap<(String, String, String), Value>,
 }
@@ -134,7 +140,7 @@ async fn upload(
         for (id, key) in keys {
             let slot = (user.clone(), dev.clone(), id.clone());
             match s.fallback.get(&slot) {
-                Some(old) if old != key => {
+                Some(old) if old != key || s.strict_repeats => {
                     // Synapse: an existing key id with different content.
                     return matrix_error(
                         StatusCode::BAD_REQUEST,
@@ -147,6 +153,10 @@ async fn upload(
                 }
             }
         }
+    }
+    if s.lose_answers > 0 {
+        s.lose_answers -= 1;
+        return matrix_error(StatusCode::BAD_GATEWAY, "M_UNKNOWN", "answer lost");
     }
     Json(json!({"one_time_key_counts": {}})).into_response()
 }
@@ -353,6 +363,32 @@ async fn after_a_crash_with_the_upload_unacknowledged_the_same_keys_are_sent_aga
             .current
             .unwrap()
             .published
+    );
+}
+
+#[tokio::test]
+async fn a_lost_200_then_already_exists_for_the_same_key_counts_as_uploaded() {
+    let (hs, url) = FakeHomeserver::start().await;
+    {
+        let mut s = hs.0.lock().unwrap();
+        s.lose_answers = 1;
+        s.strict_repeats = true;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    let user = puppet(12);
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    let uploads = hs.uploads();
+    assert_eq!(uploads.len(), 2);
+    assert_eq!(uploads[0].body, uploads[1].body);
+    assert!(
+        b.manager
+            .fallback_state(&user, &device())
+            .unwrap()
+            .current
+            .unwrap()
+            .published,
+        "\"already exists\" for our own persisted key is success"
     );
 }
 

@@ -123,3 +123,50 @@ pub(crate) fn key_id_number(key_id: KeyId) -> Result<u64, OlmError> {
         .map_err(|_| OlmError::Corrupt("key id is not 8 bytes".into()))?;
     Ok(u64::from_be_bytes(array))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_format_1_record_without_fallback_state_still_loads() {
+        let account = Account::new();
+        let v1 = serde_json::json!({
+            "format": 1,
+            "outstanding": 3,
+            "account": account.pickle(),
+        });
+        let record = AccountRecord {
+            version: Version(4),
+            data: Zeroizing::new(serde_json::to_vec(&v1).expect("json")),
+        };
+        let device = DeviceAccount::decode(&record).expect("decode");
+        assert_eq!(device.outstanding, 3);
+        assert_eq!(device.fallback, FallbackState::default());
+        assert_eq!(
+            device.account.identity_keys().ed25519,
+            account.identity_keys().ed25519
+        );
+        // Written back, it is the current format.
+        let encoded = device.encode(3).expect("encode");
+        let value: serde_json::Value = serde_json::from_slice(&encoded).expect("json");
+        assert_eq!(value["format"], FORMAT);
+    }
+
+    #[test]
+    fn an_unknown_future_format_is_refused() {
+        let v9 = serde_json::json!({
+            "format": 9,
+            "outstanding": 0,
+            "account": Account::new().pickle(),
+        });
+        let record = AccountRecord {
+            version: Version(1),
+            data: Zeroizing::new(serde_json::to_vec(&v9).expect("json")),
+        };
+        assert!(matches!(
+            DeviceAccount::decode(&record),
+            Err(OlmError::Corrupt(_))
+        ));
+    }
+}
