@@ -20,7 +20,8 @@ use axum::{
 };
 use bridgekeys_appservice::{
     Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient, HsToken,
-    Limits, ManualClock, ProvisionConfig, Provisioner, Transaction, UserDecision, UserNamespace,
+    Limits, ManualClock, ProvisionConfig, Provisioner, ToDevice, Transaction, UserDecision,
+    UserNamespace,
 };
 use bridgekeys_olm::{AccountManager, ManagerConfig, fallback::FallbackPolicy};
 use bridgekeys_store::{PuppetRegistry, SledStore, SledStoreConfig, StoreKey, TransactionLog};
@@ -542,6 +543,14 @@ impl BridgeHandler for Accepting {
 }
 
 fn listener(b: &Bridge, fallback_in_claims: bool) -> Router {
+    listener_with(b, fallback_in_claims, Arc::new(Accepting))
+}
+
+fn listener_with<H: BridgeHandler>(
+    b: &Bridge,
+    fallback_in_claims: bool,
+    handler: Arc<H>,
+) -> Router {
     let config = AppserviceConfig {
         hs_token: HsToken::new(HS_TOKEN),
         namespace: UserNamespace::new(
@@ -557,7 +566,7 @@ fn listener(b: &Bridge, fallback_in_claims: bool) -> Router {
         config,
         Arc::clone(&b.manager),
         Arc::clone(&b.store) as Arc<dyn TransactionLog>,
-        Arc::new(Accepting),
+        handler,
     )
     .unwrap()
     .with_provisioner(Arc::clone(&b.provisioner))
@@ -719,4 +728,97 @@ async fn claims_carry_the_fallback_key_only_when_enabled_and_never_two_keys_unde
         "the fallback key is left out, not merged: {body}"
     );
     assert!(keys.values().all(|k| k.get("fallback").is_none()));
+}
+
+/// What a transaction's to-device messages became, in order:
+/// `Ok((plaintext, used_fallback_key))` or `Err(why undecryptable)`.
+#[derive(Default)]
+struct ToDeviceLog(Mutex<Vec<Result<(String, bool), String>>>);
+
+impl BridgeHandler for ToDeviceLog {
+    async fn transaction(&self, t: &Transaction) -> Result<(), HandlerError> {
+        let mut log = self.0.lock().unwrap();
+        for m in &t.to_device {
+            log.push(match m {
+                ToDevice::Decrypted(d) => Ok((
+                    String::from_utf8(d.inbound.plaintext.to_vec()).unwrap(),
+                    d.inbound.used_fallback_key,
+                )),
+                ToDevice::Other(o) => Err(o.undecryptable.clone().unwrap_or_default()),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_fallback_prekey_message_in_a_transaction_decrypts_once_and_its_replay_is_refused() {
+    use bridgekeys_olm::vodozemac::{
+        Curve25519PublicKey,
+        olm::{Account, OlmMessage, SessionConfig},
+    };
+    let (_hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    let user = puppet(13);
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    // What a peer gets from the homeserver once the one-time keys are gone.
+    let fallback = b
+        .manager
+        .published_fallback_key(&user, &device())
+        .unwrap()
+        .unwrap();
+    let identity = b.manager.identity_keys(&user, &device()).unwrap();
+    let peer = Account::new();
+    let mut session = peer
+        .create_outbound_session(
+            SessionConfig::version_1(),
+            identity.curve25519,
+            Curve25519PublicKey::from_slice(fallback.key.key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let OlmMessage::PreKey(message) = session.encrypt("via the fallback key").unwrap() else {
+        panic!("first message must be a pre-key message");
+    };
+    let to_device = json!({
+        "to_user_id": user.as_str(),
+        "to_device_id": "BRIDGEKEYS",
+        "type": "m.room.encrypted",
+        "sender": "@alice:localhost",
+        "content": {
+            "algorithm": "m.olm.v1.curve25519-aes-sha2",
+            "sender_key": peer.curve25519_key().to_base64(),
+            "ciphertext": {
+                identity.curve25519.to_base64(): {"type": 0, "body": message.to_base64()}
+            }
+        }
+    });
+    let log = Arc::new(ToDeviceLog::default());
+    let router = listener_with(&b, false, Arc::clone(&log));
+    for txn in ["f1", "f2"] {
+        // The same message again, in a new transaction: a replay.
+        let body = json!({"events": [], "de.sorunome.msc2409.to_device": [to_device.clone()]});
+        let (status, _) = call(
+            &router,
+            Method::PUT,
+            &format!("/_matrix/app/v1/transactions/{txn}"),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let seen = log.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0], Ok(("via the fallback key".to_owned(), true)));
+    let why = seen[1].clone().unwrap_err();
+    assert!(why.contains("replay"), "{why}");
+    // The fallback key stays, and is now known to be used.
+    let current = b
+        .manager
+        .fallback_state(&user, &device())
+        .unwrap()
+        .current
+        .unwrap();
+    assert_eq!(current.public_key, fallback.key.key.encode());
+    assert!(current.used);
 }

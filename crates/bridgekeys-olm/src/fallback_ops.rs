@@ -117,7 +117,7 @@ impl AccountManager {
         device_id: &DeviceId,
         now: UnixMillis,
     ) -> Result<Option<FallbackKey>, OlmError> {
-        self.update_device(user_id, device_id, |device| {
+        self.update_device(user_id, device_id, true, |device| {
             let generated = device.fallback.current.is_none();
             if generated {
                 generate(device, now)?;
@@ -146,7 +146,7 @@ impl AccountManager {
         device_id: &DeviceId,
         key_id: &OwnedOneTimeKeyId,
     ) -> Result<bool, OlmError> {
-        self.update_device(user_id, device_id, |device| {
+        self.update_device(user_id, device_id, false, |device| {
             let Some(current) = device.fallback.current.as_ref() else {
                 return Ok((false, false));
             };
@@ -177,7 +177,7 @@ impl AccountManager {
         user_id: &UserId,
         device_id: &DeviceId,
     ) -> Result<bool, OlmError> {
-        self.update_device(user_id, device_id, |device| {
+        self.update_device(user_id, device_id, false, |device| {
             match device.fallback.current.as_mut() {
                 Some(c) if c.published && !c.used => {
                     c.used = true;
@@ -203,7 +203,10 @@ impl AccountManager {
         now: UnixMillis,
     ) -> Result<FallbackAction, OlmError> {
         let action = self
-            .update_device(user_id, device_id, |device| {
+            // A `Wait` or `Upload` answer sends nothing anywhere (the upload
+            // itself goes through `fallback_key_for_upload`): no flush needed
+            // when nothing changed, so a pass over idle devices is cheap.
+            .update_device(user_id, device_id, false, |device| {
                 let action = due(&device.fallback, policy, now);
                 let changed = match action {
                     FallbackAction::Generate | FallbackAction::Rotate(_) => {
@@ -259,14 +262,16 @@ impl AccountManager {
 
     /// Run `change` on the device under its lock; if it reports a change,
     /// write the account record (versioned, atomic) and wait until it is
-    /// durable. If it changed nothing, still wait for everything written so
-    /// far to be durable: a concurrent caller may have just generated the
-    /// key this call returns, and nothing may leave before it is on disk.
+    /// durable. If it changed nothing and `leaves_process` (the result is
+    /// about to be sent somewhere), still wait for everything written so far
+    /// to be durable: a concurrent caller may have just generated the key
+    /// this call returns, and nothing may leave before it is on disk.
     /// Any error puts the stored truth back into the cache.
     async fn update_device<T>(
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
+        leaves_process: bool,
         change: impl FnOnce(&mut DeviceAccount) -> Result<(T, bool), OlmError>,
     ) -> Result<(T, bool), OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
@@ -295,7 +300,8 @@ impl AccountManager {
         };
         match pending {
             Some(p) => p.durable().await?,
-            None => self.store.sync().durable().await?,
+            None if leaves_process => self.store.sync().durable().await?,
+            None => {}
         }
         Ok((out, changed))
     }
