@@ -202,6 +202,19 @@ impl AccountManager {
         policy: &FallbackPolicy,
         now: UnixMillis,
     ) -> Result<FallbackAction, OlmError> {
+        // A device not in the cache is judged from its stored record without
+        // caching it: a pass over thousands of idle puppets must not load
+        // them all into memory. Only a device with something due is loaded.
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        if !self.is_loaded(&key)
+            && let Some(record) = self.store.load_account(&key)?
+        {
+            let stored = DeviceAccount::decode(&record)?;
+            let action = due(&stored.fallback, policy, now);
+            if let FallbackAction::Wait { .. } = action {
+                return Ok(action);
+            }
+        }
         let action = self
             // A `Wait` or `Upload` answer sends nothing anywhere (the upload
             // itself goes through `fallback_key_for_upload`): no flush needed

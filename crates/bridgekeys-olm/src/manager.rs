@@ -103,6 +103,18 @@ impl AccountManager {
         self.counters.snapshot()
     }
 
+    /// Devices whose decoded account is held in memory (loaded by a claim,
+    /// a pre-key message or a fallback change). Memory grows with it; a
+    /// rotation pass over idle devices does not load them.
+    pub fn loaded_devices(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the device's account is in the cache.
+    pub(crate) fn is_loaded(&self, key: &DeviceKey) -> bool {
+        self.slots.contains_key(key)
+    }
+
     /// Create the Olm account of a puppet device, durably, and return its
     /// signed `device_keys` object for `/keys/upload`.
     ///

@@ -399,3 +399,31 @@ async fn fallback_operations_refuse_unknown_devices() {
         .unwrap_err();
     assert!(matches!(err, OlmError::UnknownDevice { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn a_pass_over_idle_devices_does_not_load_them_into_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_key = StoreKey::generate();
+    let (user, device) = alice();
+    let policy = FallbackPolicy::default();
+    {
+        let m = open(dir.path(), &store_key);
+        provisioned(&m, T0).await;
+    }
+    let m = open(dir.path(), &store_key);
+    assert_eq!(m.loaded_devices(), 0);
+    assert!(matches!(
+        m.apply_fallback_policy(&user, &device, &policy, T0 + 1)
+            .await
+            .unwrap(),
+        FallbackAction::Wait { .. }
+    ));
+    assert_eq!(m.loaded_devices(), 0, "an idle device stays on disk only");
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, T0 + 8 * 24 * HOUR)
+            .await
+            .unwrap(),
+        FallbackAction::Rotate(RotationReason::Expired)
+    );
+    assert_eq!(m.loaded_devices(), 1);
+}
