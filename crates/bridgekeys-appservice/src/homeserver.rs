@@ -29,13 +29,19 @@ use ruma::{
         IncomingResponseExt, MatrixVersion, OutgoingRequest, OutgoingRequestAppserviceExt,
         SupportedVersions,
         auth_scheme::SendAccessToken,
-        client::{account::register, device::update_device, keys::upload_keys},
+        client::{
+            account::register,
+            device::update_device,
+            keys::upload_keys,
+            session::login,
+            uiaa::{MatrixUserIdentifier, UserIdentifier},
+        },
     },
     encryption::{DeviceKeys, OneTimeKey},
     serde::Raw,
 };
 use serde::Deserialize;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Why a homeserver call failed.
 #[derive(Debug, thiserror::Error)]
@@ -190,11 +196,37 @@ impl HomeserverClient {
         }
         match self.call(request, None, None).await {
             // The answer may carry an access token for the new device: it is
-            // dropped unread (the appservice acts through its as_token).
-            Ok(_) => Ok(Registered::Created),
+            // wiped unread (the appservice acts through its as_token).
+            Ok(mut response) => {
+                if let Some(token) = response.access_token.as_mut() {
+                    token.zeroize();
+                }
+                Ok(Registered::Created)
+            }
             Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(Registered::AlreadyExisted),
             Err(e) => Err(e),
         }
+    }
+
+    /// Create the device of an existing puppet without MSC4190: an
+    /// `m.login.application_service` login naming `device_id` (the
+    /// homeserver creates the device, or reuses it if it exists). The
+    /// returned access token is wiped unread: logging it out would delete
+    /// the device again, and the appservice acts through its `as_token`.
+    pub async fn login_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<(), HomeserverError> {
+        let identifier =
+            UserIdentifier::Matrix(MatrixUserIdentifier::new(user_id.as_str().to_owned()));
+        let mut request = login::v3::Request::new(login::v3::LoginInfo::ApplicationService(
+            login::v3::ApplicationService::new(identifier),
+        ));
+        request.device_id = Some(device_id.to_owned());
+        let mut response = self.call(request, None, None).await?;
+        response.access_token.zeroize();
+        Ok(())
     }
 
     /// Create (or touch) the puppet's device with MSC4190's

@@ -9,7 +9,8 @@
 //! 1. The device's Olm account is created **durably** (identity keys).
 //! 2. If the puppet registry does not list the device yet: register the user
 //!    (`M_USER_IN_USE` is success), create the device (MSC4190
-//!    `PUT /devices/{id}`), then record the device in the registry.
+//!    `PUT /devices/{id}`; without MSC4190 the registration or an appservice
+//!    login creates it), then record the device in the registry.
 //! 3. The fallback key is generated and written **durably before it is
 //!    uploaded**; the upload (device keys and fallback key together) is
 //!    retried on transient failures with the same bytes; a 200 (or "already
@@ -44,7 +45,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::{
     DEFAULT_PUPPET_DEVICE_ID, Registration,
-    homeserver::{HomeserverClient, HomeserverError},
+    homeserver::{HomeserverClient, HomeserverError, Registered},
 };
 
 /// The algorithm whose absence from `device_unused_fallback_key_types`
@@ -105,8 +106,9 @@ pub struct ProvisionConfig {
     pub device_id: OwnedDeviceId,
     /// The registration has `io.element.msc4190`: register with
     /// `inhibit_login` and create devices with `PUT /devices/{id}`.
-    /// Without it the device is created by the registration itself (only
-    /// for users that did not exist yet).
+    /// Without it the device is created by the registration itself, or for
+    /// a user that existed already by an `m.login.application_service`
+    /// login naming the device.
     pub msc4190: bool,
     /// Fallback key ages.
     pub policy: FallbackPolicy,
@@ -286,13 +288,21 @@ impl Provisioner {
         // 2. The homeserver's side of the device.
         if !self.registry.contains_puppet(&key)? {
             let msc4190 = self.config.msc4190;
-            self.retry("register", None, || {
-                self.client.register(user_id, device_id, msc4190)
-            })
-            .await?;
+            let registered = self
+                .retry("register", None, || {
+                    self.client.register(user_id, device_id, msc4190)
+                })
+                .await?;
             if msc4190 {
                 self.retry("create device", None, || {
                     self.client.create_device(user_id, device_id)
+                })
+                .await?;
+            } else if registered == Registered::AlreadyExisted {
+                // Without MSC4190 only a new user got its device with the
+                // registration; an existing one gets it by logging in.
+                self.retry("login device", None, || {
+                    self.client.login_device(user_id, device_id)
                 })
                 .await?;
             }

@@ -55,6 +55,7 @@ struct Recorded {
 struct HsState {
     registered: HashSet<String>,
     registrations: Vec<Value>,
+    logins: Vec<Value>,
     devices: Vec<Recorded>,
     uploads: Vec<Recorded>,
     /// Answer this many upcoming uploads with 502 (nothing stored).
@@ -98,6 +99,27 @@ async fn register(
         return matrix_error(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "taken");
     }
     Json(json!({"user_id": format!("@{localpart}:localhost")})).into_response()
+}
+
+async fn login(
+    State(hs): State<FakeHomeserver>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return matrix_error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "bad token");
+    }
+    let user = body["identifier"]["user"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    hs.0.lock().unwrap().logins.push(body.clone());
+    Json(json!({
+        "user_id": user,
+        "access_token": "device-token-from-login",
+        "device_id": body["device_id"],
+    }))
+    .into_response()
 }
 
 async fn put_device(
@@ -167,6 +189,7 @@ impl FakeHomeserver {
         let hs = Self::default();
         let app = Router::new()
             .route("/_matrix/client/v3/register", post(register))
+            .route("/_matrix/client/v3/login", post(login))
             .route("/_matrix/client/v3/devices/{device_id}", put(put_device))
             .route("/_matrix/client/v3/keys/upload", post(upload))
             .with_state(hs.clone());
@@ -186,6 +209,10 @@ impl FakeHomeserver {
 
     fn registrations(&self) -> Vec<Value> {
         self.0.lock().unwrap().registrations.clone()
+    }
+
+    fn logins(&self) -> Vec<Value> {
+        self.0.lock().unwrap().logins.clone()
     }
 
     fn devices(&self) -> Vec<Recorded> {
@@ -402,6 +429,43 @@ async fn an_existing_user_counts_as_registered() {
     b.provisioner.ensure_puppet(&puppet(4)).await.unwrap();
     assert_eq!(hs.devices().len(), 1);
     assert_eq!(hs.uploads().len(), 1);
+}
+
+#[tokio::test]
+async fn without_msc4190_registration_creates_the_device_and_an_existing_user_logs_in() {
+    let (hs, url) = FakeHomeserver::start().await;
+    hs.0.lock().unwrap().registered.insert("echo_15".into());
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProvisionConfig {
+        msc4190: false,
+        ..fast_retries()
+    };
+    let b = open_bridge(dir.path(), &url, config);
+
+    b.provisioner.ensure_puppet(&puppet(14)).await.unwrap();
+    assert_eq!(
+        hs.registrations()[0],
+        json!({
+            "type": "m.login.application_service",
+            "username": "echo_14",
+            "device_id": "BRIDGEKEYS",
+        }),
+        "a new user gets its device with the registration"
+    );
+    assert!(hs.logins().is_empty());
+
+    b.provisioner.ensure_puppet(&puppet(15)).await.unwrap();
+    assert_eq!(
+        hs.logins(),
+        vec![json!({
+            "type": "m.login.application_service",
+            "identifier": {"type": "m.id.user", "user": "@echo_15:localhost"},
+            "device_id": "BRIDGEKEYS",
+        })],
+        "an existing user gets its device by an appservice login"
+    );
+    assert!(hs.devices().is_empty(), "no MSC4190 device requests");
+    assert_eq!(hs.uploads().len(), 2);
 }
 
 #[tokio::test]
