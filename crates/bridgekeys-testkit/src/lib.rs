@@ -1,0 +1,338 @@
+//! Start a real Synapse for a test, so that a bridge is tested against the
+//! homeserver it will meet, not a mock of it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), bridgekeys_testkit::TestkitError> {
+//! use bridgekeys_testkit::{Synapse, SynapseOptions};
+//!
+//! let synapse = Synapse::start(SynapseOptions {
+//!     appservice_registrations: vec!["registration.yaml".into()],
+//!     ..SynapseOptions::default()
+//! })
+//! .await?;
+//! let alice = synapse.register_user("alice", "correct horse").await?;
+//! println!("{} talks to {}", alice.user_id, synapse.url());
+//! # Ok(()) }
+//! ```
+//!
+//! The first start creates a Python virtualenv with `matrix-synapse` from
+//! PyPI ([`SYNAPSE_VERSION`], about a minute) and caches it
+//! ([`default_venv_dir`]); later starts take seconds. Each [`Synapse`] has
+//! its own temporary data directory, SQLite database and free loopback
+//! port, and is stopped when dropped; if the test is panicking at that
+//! moment, the end of Synapse's log is printed to help find out why.
+#![deny(missing_docs)]
+
+mod config;
+mod error;
+mod http;
+mod venv;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub use error::TestkitError;
+pub use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+pub use venv::{SYNAPSE_VERSION, default_venv_dir, ensure_synapse, ensure_synapse_with};
+
+/// How to start a test homeserver.
+#[derive(Clone, Debug)]
+pub struct SynapseOptions {
+    /// The server name (the part after `:` in user ids).
+    pub server_name: String,
+    /// Appservice registration files to load (`app_service_config_files`).
+    pub appservice_registrations: Vec<PathBuf>,
+    /// The venv to use (created if needed); [`default_venv_dir`] if `None`.
+    pub venv: Option<PathBuf>,
+    /// How long Synapse may take to answer after it was started.
+    pub start_timeout: Duration,
+}
+
+impl Default for SynapseOptions {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".into(),
+            appservice_registrations: Vec::new(),
+            venv: None,
+            start_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// A user registered on the test homeserver.
+#[derive(Clone, Debug)]
+pub struct TestUser {
+    /// The full user id.
+    pub user_id: String,
+    /// Its access token.
+    pub access_token: String,
+    /// The device the registration logged in.
+    pub device_id: String,
+}
+
+/// A running Synapse, stopped on drop.
+#[derive(Debug)]
+pub struct Synapse {
+    child: Child,
+    port: u16,
+    server_name: String,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> Result<u16, TestkitError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(TestkitError::io("finding a free port"))?;
+    let port = listener
+        .local_addr()
+        .map_err(TestkitError::io("finding a free port"))?
+        .port();
+    Ok(port)
+}
+
+fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), TestkitError> {
+    std::fs::write(path, value.to_string())
+        .map_err(TestkitError::io(format!("writing {}", path.display())))
+}
+
+impl Synapse {
+    /// Install (once) and start a Synapse; returns when it answers HTTP.
+    pub async fn start(options: SynapseOptions) -> Result<Self, TestkitError> {
+        let venv = options.venv.clone().unwrap_or_else(default_venv_dir);
+        let python = tokio::task::spawn_blocking(move || ensure_synapse(&venv))
+            .await
+            .map_err(|e| TestkitError::PythonMissing {
+                detail: e.to_string(),
+            })??;
+
+        let dir = tempfile::Builder::new()
+            .prefix("bridgekeys-synapse-")
+            .tempdir()
+            .map_err(TestkitError::io("creating the data directory"))?;
+        let data = dir.path().to_owned();
+        let log = data.join("synapse.log");
+        let log_file = |what: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(TestkitError::io(format!("opening the log for {what}")))
+        };
+
+        // Synapse's own config: signing key, macaroon and form secrets.
+        let main_config = data.join("homeserver.yaml");
+        let generated = Command::new(&python)
+            .args([
+                "-m",
+                "synapse.app.homeserver",
+                "--generate-config",
+                "--report-stats=no",
+            ])
+            .arg("--server-name")
+            .arg(&options.server_name)
+            .arg("--config-path")
+            .arg(&main_config)
+            .arg("--data-directory")
+            .arg(&data)
+            .current_dir(&data)
+            .stdout(log_file("config generation")?)
+            .stderr(log_file("config generation")?)
+            .status()
+            .map_err(TestkitError::io("running synapse --generate-config"))?;
+        if !generated.success() {
+            return Err(TestkitError::Start {
+                reason: format!("--generate-config exited with {generated}"),
+                tail: log_tail(&log, 30),
+                log,
+            });
+        }
+
+        let port = free_port()?;
+        let overrides = data.join("overrides.yaml");
+        write_json(&data.join("log.config.yaml"), &config::log_config())?;
+        write_json(
+            &overrides,
+            &config::overrides(&data, port, &options.appservice_registrations),
+        )?;
+        let child = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(&main_config)
+            .arg("-c")
+            .arg(&overrides)
+            .current_dir(&data)
+            .stdin(Stdio::null())
+            .stdout(log_file("synapse")?)
+            .stderr(log_file("synapse")?)
+            .spawn()
+            .map_err(TestkitError::io("starting synapse"))?;
+        let mut synapse = Self {
+            child,
+            port,
+            server_name: options.server_name,
+            log,
+            dir,
+        };
+        synapse.wait_until_ready(options.start_timeout).await?;
+        tracing::info!(port, "synapse is up");
+        Ok(synapse)
+    }
+
+    /// Poll `/_matrix/client/versions` until it answers, the process exits
+    /// (an error with its log) or the timeout passes.
+    async fn wait_until_ready(&mut self, timeout: Duration) -> Result<(), TestkitError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(self.start_error(format!("synapse exited with {status}")));
+            }
+            if let Ok((StatusCode::OK, _)) = self
+                .request(Method::GET, "/_matrix/client/versions", None, None)
+                .await
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.start_error(format!(
+                    "no answer on port {} within {timeout:?}",
+                    self.port
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn start_error(&self, reason: String) -> TestkitError {
+        TestkitError::Start {
+            reason,
+            log: self.log.clone(),
+            tail: log_tail(&self.log, 40),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`: the client-server API base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The loopback port Synapse listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server name.
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    /// Synapse's log file (kept while the `Synapse` lives).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The data directory (config, database, log).
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last `lines` lines of Synapse's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log, lines)
+    }
+
+    /// A JSON request to the homeserver: status and JSON body.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        access_token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), TestkitError> {
+        http::json(self.port, method, path, access_token, body).await
+    }
+
+    /// Register a normal user (open registration with the dummy auth stage)
+    /// and return its id, access token and device.
+    pub async fn register_user(
+        &self,
+        localpart: &str,
+        password: &str,
+    ) -> Result<TestUser, TestkitError> {
+        let path = "/_matrix/client/v3/register";
+        let mut body = json!({ "username": localpart, "password": password });
+        let (status, answer) = self.request(Method::POST, path, None, Some(&body)).await?;
+        let answer = if status == StatusCode::UNAUTHORIZED {
+            // User-interactive auth: finish the dummy stage in the session.
+            body["auth"] = json!({ "type": "m.login.dummy", "session": answer["session"] });
+            let (status, answer) = self.request(Method::POST, path, None, Some(&body)).await?;
+            expect_ok("register", status, answer)?
+        } else {
+            expect_ok("register", status, answer)?
+        };
+        test_user(&answer)
+    }
+
+    /// Log an existing user in with a password (a new device).
+    pub async fn login(&self, localpart: &str, password: &str) -> Result<TestUser, TestkitError> {
+        let body = json!({
+            "type": "m.login.password",
+            "identifier": { "type": "m.id.user", "user": localpart },
+            "password": password
+        });
+        let (status, answer) = self
+            .request(Method::POST, "/_matrix/client/v3/login", None, Some(&body))
+            .await?;
+        test_user(&expect_ok("login", status, answer)?)
+    }
+}
+
+fn expect_ok(what: &str, status: StatusCode, answer: Value) -> Result<Value, TestkitError> {
+    if status == StatusCode::OK {
+        Ok(answer)
+    } else {
+        Err(TestkitError::Request {
+            what: what.into(),
+            detail: format!("{status}: {answer}"),
+        })
+    }
+}
+
+fn test_user(answer: &Value) -> Result<TestUser, TestkitError> {
+    let field = |name: &str| {
+        answer[name]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| TestkitError::Request {
+                what: "register/login".into(),
+                detail: format!("answer has no {name}: {answer}"),
+            })
+    };
+    Ok(TestUser {
+        user_id: field("user_id")?,
+        access_token: field("access_token")?,
+        device_id: field("device_id")?,
+    })
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- synapse log ({}), last 60 lines ---\n{}",
+                self.log.display(),
+                self.log_tail(60)
+            );
+        }
+    }
+}
