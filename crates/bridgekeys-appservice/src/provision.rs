@@ -27,6 +27,33 @@
 //! background task that the bridge stops with [`RotationTask::stop`]; the
 //! listener's transaction path feeds MSC3202 `device_unused_fallback_key_types`
 //! in ([`Provisioner::note_unused_fallback_key_types`]) and wakes the task.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use bridgekeys_appservice::*;
+//! # struct Bridge;
+//! # impl BridgeHandler for Bridge {
+//! #     async fn transaction(&self, _t: &Transaction) -> Result<(), HandlerError> { Ok(()) }
+//! # }
+//! # async fn run(manager: Arc<bridgekeys_olm::AccountManager>, store: Arc<bridgekeys_store::SledStore>,
+//! #     registration: Registration, config: AppserviceConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! let client = HomeserverClient::new("http://127.0.0.1:8008", AsToken::new(registration.as_token.clone()))?;
+//! let provisioner = Arc::new(Provisioner::new(
+//!     client,
+//!     Arc::clone(&manager),
+//!     store.clone(),
+//!     ProvisionConfig::from_registration(&registration),
+//! ));
+//! let rotation = provisioner.start_rotation();
+//! let appservice = Appservice::new(config, manager, store, Arc::new(Bridge))?
+//!     .with_provisioner(Arc::clone(&provisioner));
+//! let puppet = ruma::OwnedUserId::try_from("@echo_alice:localhost")?;
+//! provisioner.ensure_puppet(&puppet).await?;
+//! appservice.serve("127.0.0.1:29300".parse()?, shutdown_signal()).await?;
+//! rotation.stop().await;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::{
     sync::{
@@ -491,7 +518,8 @@ impl Provisioner {
     }
 }
 
-/// The running background rotation task.
+/// The running background rotation task. [`RotationTask::stop`] stops it
+/// and waits; dropping the handle also stops it (without waiting).
 #[derive(Debug)]
 pub struct RotationTask {
     stop: oneshot::Sender<()>,
