@@ -19,9 +19,9 @@ use axum::{
     routing::{post, put},
 };
 use bridgekeys_appservice::{
-    Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient, HsToken,
-    Limits, ManualClock, ProvisionConfig, Provisioner, ToDevice, Transaction, UserDecision,
-    UserNamespace,
+    Appservice, AppserviceConfig, AsToken, BridgeHandler, Clock, HandlerError, HomeserverClient,
+    HsToken, Limits, ManualClock, ProvisionConfig, Provisioner, ToDevice, Transaction,
+    UserDecision, UserNamespace,
 };
 use bridgekeys_olm::{AccountManager, ManagerConfig, fallback::FallbackPolicy};
 use bridgekeys_store::{PuppetRegistry, SledStore, SledStoreConfig, StoreKey, TransactionLog};
@@ -540,6 +540,61 @@ async fn a_used_report_rotates_uploads_the_new_key_and_forgets_the_old_one_after
             .is_none()
     );
     assert_eq!(hs.uploads().len(), 2, "forgetting uploads nothing");
+}
+
+#[tokio::test]
+async fn a_rotation_interrupted_by_a_restart_uploads_the_same_new_key_and_keeps_the_forget_time() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let user = puppet(16);
+    let rotated_at;
+    {
+        let b = open_bridge(
+            dir.path(),
+            &url,
+            ProvisionConfig {
+                max_attempts: 1,
+                ..fast_retries()
+            },
+        );
+        b.provisioner.ensure_puppet(&user).await.unwrap();
+        b.provisioner
+            .note_unused_fallback_key_types(&user, &device(), &[])
+            .await
+            .unwrap();
+        hs.fail_next_uploads(1);
+        b.clock.advance(Duration::from_secs(10));
+        rotated_at = b.clock.now();
+        let report = b.provisioner.rotate_once().await.unwrap();
+        assert_eq!(report.failures, 1, "the new key's upload failed");
+        assert_eq!(b.manager.stats().fallback_rotations, 1);
+    }
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    b.clock.set(rotated_at + 60_000);
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(
+        b.manager.stats().fallback_rotations,
+        0,
+        "no second rotation after the restart"
+    );
+    let uploads = hs.uploads();
+    assert_eq!(
+        uploads.len(),
+        3,
+        "first key, failed new key, retried new key"
+    );
+    assert_eq!(
+        uploads[1].body, uploads[2].body,
+        "the restarted bridge uploads the key it rotated to, not another"
+    );
+    assert_ne!(fallback_of(&uploads[0]).0, fallback_of(&uploads[2]).0);
+    // The grace period counts from the rotation before the restart.
+    b.clock.set(rotated_at + 3_600_000 - 1);
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(b.manager.stats().fallback_forgets, 0);
+    b.clock.set(rotated_at + 3_600_000);
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(b.manager.stats().fallback_forgets, 1);
 }
 
 #[tokio::test]
