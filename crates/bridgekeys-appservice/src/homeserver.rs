@@ -43,6 +43,10 @@ use ruma::{
 use serde::Deserialize;
 use zeroize::{Zeroize, Zeroizing};
 
+/// Largest homeserver answer read (register, device, keys/upload answers
+/// are a few hundred bytes).
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
 /// Why a homeserver call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HomeserverError {
@@ -350,11 +354,12 @@ impl HomeserverClient {
         let request = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
         let response = sender.send_request(request).await.map_err(|e| net(&e))?;
         let status = response.status();
-        let body = response
-            .into_body()
+        // The answers we expect are small; a runaway body is cut off rather
+        // than buffered whole.
+        let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
-            .map_err(|e| net(&e))?
+            .map_err(|e| HomeserverError::Network(format!("reading the answer: {e}")))?
             .to_bytes();
         Ok((status, body))
     }

@@ -469,6 +469,43 @@ async fn without_msc4190_registration_creates_the_device_and_an_existing_user_lo
 }
 
 #[tokio::test]
+async fn an_unreachable_homeserver_fails_provisioning_without_recording_the_puppet() {
+    // A port nobody listens on: connection refused.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProvisionConfig {
+        max_attempts: 3,
+        ..fast_retries()
+    };
+    let b = open_bridge(dir.path(), &url, config);
+    let user = puppet(17);
+    let err = b.provisioner.ensure_puppet(&user).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            bridgekeys_appservice::ProvisionError::Homeserver(
+                bridgekeys_appservice::HomeserverError::Network(_)
+            )
+        ),
+        "{err}"
+    );
+    assert!(
+        b.store.puppets().unwrap().is_empty(),
+        "not recorded as provisioned"
+    );
+    assert!(
+        b.manager
+            .fallback_state(&user, &device())
+            .unwrap()
+            .current
+            .is_none(),
+        "no fallback key generated before the device exists on the homeserver"
+    );
+}
+
+#[tokio::test]
 async fn a_wrong_as_token_is_a_permanent_error_and_not_retried() {
     let (hs, url) = FakeHomeserver::start().await;
     let dir = tempfile::tempdir().unwrap();
