@@ -254,6 +254,51 @@ impl AccountManager {
         Ok(action)
     }
 
+    /// Replace the device's fallback key now, whatever the policy says (for
+    /// an operator who suspects a leak). The current key becomes the
+    /// previous one (forgotten after the grace period by
+    /// [`AccountManager::apply_fallback_policy`]); a previous key still held
+    /// is dropped at once, which is why the policy itself never rotates
+    /// within a grace period. The new key needs an upload
+    /// ([`AccountManager::fallback_key_for_upload`]).
+    pub async fn rotate_fallback_key(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        now: UnixMillis,
+    ) -> Result<(), OlmError> {
+        self.update_device(user_id, device_id, false, |device| {
+            generate(device, now)?;
+            Ok(((), true))
+        })
+        .await?;
+        Counters::add(&self.counters.fallback_rotations, 1);
+        tracing::info!(%user_id, %device_id, "rotated the fallback key on request");
+        Ok(())
+    }
+
+    /// Forget the device's previous fallback key now, grace period or not.
+    /// Messages still in flight that used it can no longer be decrypted.
+    /// Returns whether there was one.
+    pub async fn forget_previous_fallback_key(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<bool, OlmError> {
+        let (forgot, _) = self
+            .update_device(user_id, device_id, false, |device| {
+                let forgot = device.account.forget_fallback_key();
+                let changed = forgot || device.fallback.previous_since_ms.is_some();
+                device.fallback.previous_since_ms = None;
+                Ok((forgot, changed))
+            })
+            .await?;
+        if forgot {
+            Counters::add(&self.counters.fallback_forgets, 1);
+        }
+        Ok(forgot)
+    }
+
     /// The device's current fallback key, signed, if it is published: what
     /// the homeserver itself would return once the one-time keys are gone.
     /// For answering `keys/claim` with "extra keys" (MSC3983); see the

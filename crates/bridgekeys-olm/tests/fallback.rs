@@ -427,3 +427,40 @@ async fn a_pass_over_idle_devices_does_not_load_them_into_memory() {
     );
     assert_eq!(m.loaded_devices(), 1);
 }
+
+#[tokio::test]
+async fn a_forced_rotation_and_forget_act_at_once_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path(), &StoreKey::generate());
+    let (user, device) = alice();
+    let old = provisioned(&m, T0).await;
+    m.rotate_fallback_key(&user, &device, T0 + 5).await.unwrap();
+    let new = m
+        .fallback_key_for_upload(&user, &device, T0 + 6)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(new.key.key, old.key.key);
+    assert_eq!(
+        m.fallback_state(&user, &device).unwrap().previous_since_ms,
+        Some(T0 + 5)
+    );
+    assert!(
+        m.forget_previous_fallback_key(&user, &device)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !m.forget_previous_fallback_key(&user, &device)
+            .await
+            .unwrap()
+    );
+    let (sender, message) = prekey_message_to(&m, &user, &device, old.key.key.as_bytes(), "x");
+    let err = m
+        .decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    let stats = m.stats();
+    assert_eq!((stats.fallback_rotations, stats.fallback_forgets), (1, 1));
+}
