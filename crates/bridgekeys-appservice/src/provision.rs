@@ -365,7 +365,7 @@ impl Provisioner {
         })
         .await?;
         self.manager
-            .mark_fallback_published(user_id, device_id, &fallback.key_id)
+            .mark_fallback_published(user_id, device_id, &fallback.key_id, self.clock.now())
             .await?;
         bump(&self.counters.uploads);
         tracing::info!(%user_id, %device_id, key_id = %fallback.key_id, "fallback key uploaded");

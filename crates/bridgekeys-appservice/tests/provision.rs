@@ -580,7 +580,8 @@ async fn a_used_report_rotates_uploads_the_new_key_and_forgets_the_old_one_after
 }
 
 #[tokio::test]
-async fn a_rotation_interrupted_by_a_restart_uploads_the_same_new_key_and_keeps_the_forget_time() {
+async fn a_rotation_interrupted_by_a_restart_uploads_the_same_new_key_and_keeps_the_old_one_until_grace_after_upload()
+ {
     let (hs, url) = FakeHomeserver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let user = puppet(16);
@@ -625,11 +626,76 @@ async fn a_rotation_interrupted_by_a_restart_uploads_the_same_new_key_and_keeps_
         "the restarted bridge uploads the key it rotated to, not another"
     );
     assert_ne!(fallback_of(&uploads[0]).0, fallback_of(&uploads[2]).0);
-    // The grace period counts from the rotation before the restart.
-    b.clock.set(rotated_at + 3_600_000 - 1);
+    // The grace period counts from the new key's upload (until then the
+    // homeserver still handed out the old key), across the restart.
+    let published_at = rotated_at + 60_000;
+    b.clock.set(published_at + 3_600_000 - 1);
     b.provisioner.rotate_once().await.unwrap();
     assert_eq!(b.manager.stats().fallback_forgets, 0);
-    b.clock.set(rotated_at + 3_600_000);
+    b.clock.set(published_at + 3_600_000);
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(b.manager.stats().fallback_forgets, 1);
+}
+
+#[tokio::test]
+async fn while_the_new_key_cannot_be_uploaded_the_previous_key_is_kept_past_the_grace_period() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(
+        dir.path(),
+        &url,
+        ProvisionConfig {
+            max_attempts: 1,
+            ..fast_retries()
+        },
+    );
+    let user = puppet(18);
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    let (_, old) = fallback_of(&hs.uploads()[0]);
+    b.provisioner
+        .note_unused_fallback_key_types(&user, &device(), &[])
+        .await
+        .unwrap();
+    hs.fail_next_uploads(1000);
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(b.manager.stats().fallback_rotations, 1);
+    // The homeserver is unreachable for hours: it still hands out the old
+    // key, so the old key must stay.
+    b.clock.advance(5 * HOUR);
+    let report = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(report.failures, 1);
+    assert_eq!(b.manager.stats().fallback_forgets, 0);
+    let identity = b.manager.identity_keys(&user, &device()).unwrap();
+    let peer = bridgekeys_olm::vodozemac::olm::Account::new();
+    let old_key =
+        bridgekeys_olm::vodozemac::Curve25519PublicKey::from_base64(old["key"].as_str().unwrap())
+            .unwrap();
+    let mut session = peer
+        .create_outbound_session(
+            bridgekeys_olm::vodozemac::olm::SessionConfig::version_1(),
+            identity.curve25519,
+            old_key,
+        )
+        .unwrap();
+    let bridgekeys_olm::vodozemac::olm::OlmMessage::PreKey(message) =
+        session.encrypt("still served").unwrap()
+    else {
+        panic!("pre-key message expected");
+    };
+    let inbound = b
+        .manager
+        .decrypt_prekey(&user, &device(), peer.curve25519_key(), &message)
+        .await
+        .unwrap();
+    assert!(inbound.used_fallback_key);
+
+    // Back up: the new key is uploaded, and the old one goes a grace period later.
+    hs.fail_next_uploads(0);
+    b.provisioner.rotate_once().await.unwrap();
+    b.clock.advance(HOUR - Duration::from_millis(1));
+    b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(b.manager.stats().fallback_forgets, 0);
+    b.clock.advance(Duration::from_millis(1));
     b.provisioner.rotate_once().await.unwrap();
     assert_eq!(b.manager.stats().fallback_forgets, 1);
 }

@@ -12,18 +12,21 @@
 //! The life cycle of one device, in order of precedence:
 //!
 //! 1. No fallback key yet: [`FallbackAction::Generate`].
-//! 2. A previous key kept for longer than [`FallbackPolicy::grace`] since the
-//!    rotation: [`FallbackAction::ForgetPrevious`] (MSC2732's security
-//!    section: do not keep the private part of a used fallback key).
-//! 3. The current key is not yet published (uploaded with a 200):
-//!    [`FallbackAction::Upload`] the same persisted key.
-//! 4. A previous key still within its grace period: wait. Rotating now would
-//!    make vodozemac (current + previous only) drop the previous key early,
-//!    and with it the messages still in flight that used it. The current key
-//!    keeps serving meanwhile; replays are refused by the session store.
-//! 5. The current key was reported used, or is older than
+//! 2. The current key is not yet published (uploaded with a 200):
+//!    [`FallbackAction::Upload`] the same persisted key. A previous key is
+//!    kept meanwhile, however long the homeserver is unreachable: until the
+//!    new key is up, the homeserver still hands out the previous one.
+//! 3. A previous key is held: [`FallbackAction::ForgetPrevious`] once
+//!    [`FallbackPolicy::grace`] has passed since the current key was
+//!    published (MSC2732's security section: do not keep the private part
+//!    of a used fallback key), else wait. Rotating within the grace period
+//!    would make vodozemac (current + previous only) drop the previous key
+//!    early, and with it the messages still in flight that used it; the
+//!    current key keeps serving meanwhile, replays are refused by the
+//!    session store.
+//! 4. The current key was reported used, or is older than
 //!    [`FallbackPolicy::max_age`]: [`FallbackAction::Rotate`].
-//! 6. Otherwise wait until it is too old.
+//! 5. Otherwise wait until it is too old.
 
 use std::time::Duration;
 
@@ -75,6 +78,12 @@ pub struct CurrentFallback {
     pub created_ms: UnixMillis,
     /// Uploaded and acknowledged (200) by the homeserver.
     pub published: bool,
+    /// When the acknowledgement was recorded: from then on the homeserver
+    /// hands out this key instead of the previous one, so the previous
+    /// key's grace period starts here. `None` in records written before
+    /// this field existed (the rotation time is used instead).
+    #[serde(default)]
+    pub published_ms: Option<UnixMillis>,
     /// The homeserver reported it used (or a pre-key message used it).
     pub used: bool,
 }
@@ -87,8 +96,8 @@ pub struct FallbackState {
     /// The current key, if one was ever generated.
     #[serde(default)]
     pub current: Option<CurrentFallback>,
-    /// When the previous key (still held) was replaced; `None` if no previous
-    /// key is held.
+    /// When the previous key (still held) was replaced by the current one
+    /// (the rotation); `None` if no previous key is held.
     #[serde(default)]
     pub previous_since_ms: Option<UnixMillis>,
 }
@@ -130,17 +139,18 @@ pub fn due(state: &FallbackState, policy: &FallbackPolicy, now: UnixMillis) -> F
     let Some(current) = &state.current else {
         return FallbackAction::Generate;
     };
-    let forget_at = state.previous_since_ms.map(|t| plus(t, policy.grace));
-    if let Some(at) = forget_at
-        && now >= at
-    {
-        return FallbackAction::ForgetPrevious;
-    }
     if !current.published {
         return FallbackAction::Upload;
     }
-    if forget_at.is_some() {
-        return FallbackAction::Wait { until: forget_at };
+    if let Some(rotated) = state.previous_since_ms {
+        let grace_from = current.published_ms.map_or(rotated, |p| p.max(rotated));
+        let forget_at = plus(grace_from, policy.grace);
+        if now >= forget_at {
+            return FallbackAction::ForgetPrevious;
+        }
+        return FallbackAction::Wait {
+            until: Some(forget_at),
+        };
     }
     if current.used {
         return FallbackAction::Rotate(RotationReason::Used);
@@ -167,6 +177,7 @@ mod tests {
                 public_key: "k".into(),
                 created_ms,
                 published: true,
+                published_ms: Some(created_ms),
                 used: false,
             }),
             previous_since_ms: None,
@@ -182,17 +193,36 @@ mod tests {
     }
 
     #[test]
-    fn an_unpublished_key_is_uploaded_before_anything_else_but_forgetting() {
+    fn an_unpublished_key_is_uploaded_first_and_the_previous_key_kept_until_then() {
         let mut s = published(0);
         if let Some(c) = s.current.as_mut() {
             c.published = false;
+            c.published_ms = None;
             c.used = true;
         }
         let p = FallbackPolicy::default();
         assert_eq!(due(&s, &p, 30 * 24 * HOUR), FallbackAction::Upload);
+        // Long past the grace period, but the homeserver may still hand out
+        // the previous key: keep it until the new one is up.
         s.previous_since_ms = Some(0);
-        assert_eq!(due(&s, &p, HOUR), FallbackAction::ForgetPrevious);
-        assert_eq!(due(&s, &p, HOUR - 1), FallbackAction::Upload);
+        assert_eq!(due(&s, &p, 5 * HOUR), FallbackAction::Upload);
+    }
+
+    #[test]
+    fn the_grace_period_starts_when_the_new_key_is_published() {
+        let p = FallbackPolicy::default();
+        let mut s = published(0);
+        s.previous_since_ms = Some(0);
+        if let Some(c) = s.current.as_mut() {
+            c.published_ms = Some(3 * HOUR);
+        }
+        assert_eq!(
+            due(&s, &p, 4 * HOUR - 1),
+            FallbackAction::Wait {
+                until: Some(4 * HOUR)
+            }
+        );
+        assert_eq!(due(&s, &p, 4 * HOUR), FallbackAction::ForgetPrevious);
     }
 
     #[test]

@@ -60,6 +60,7 @@ fn generate(device: &mut DeviceAccount, now: UnixMillis) -> Result<(), OlmError>
         public_key: public.to_base64(),
         created_ms: now,
         published: false,
+        published_ms: None,
         used: false,
     });
     device.fallback.previous_since_ms = had_current.then_some(now);
@@ -138,13 +139,15 @@ impl AccountManager {
     }
 
     /// Record that the homeserver acknowledged the upload of fallback key
-    /// `key_id`. Ignored (returns `false`) if that is no longer the current
-    /// key (a rotation happened meanwhile) or it was recorded already.
+    /// `key_id` at `now` (the previous key's grace period starts then).
+    /// Ignored (returns `false`) if that is no longer the current key (a
+    /// rotation happened meanwhile) or it was recorded already.
     pub async fn mark_fallback_published(
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
         key_id: &OwnedOneTimeKeyId,
+        now: UnixMillis,
     ) -> Result<bool, OlmError> {
         self.update_device(user_id, device_id, false, |device| {
             let Some(current) = device.fallback.current.as_ref() else {
@@ -158,6 +161,7 @@ impl AccountManager {
             device.account.mark_keys_as_published();
             if let Some(c) = device.fallback.current.as_mut() {
                 c.published = true;
+                c.published_ms = Some(now);
             }
             Ok((true, true))
         })

@@ -32,7 +32,7 @@ async fn provisioned(m: &AccountManager, now: u64) -> FallbackKey {
         .unwrap()
         .unwrap();
     assert!(
-        m.mark_fallback_published(&user, &device, &key.key_id)
+        m.mark_fallback_published(&user, &device, &key.key_id, now)
             .await
             .unwrap()
     );
@@ -85,12 +85,12 @@ async fn the_upload_key_is_persisted_first_and_the_same_until_published_even_acr
     // A stale acknowledgement (another id) changes nothing.
     let other: ruma::OwnedOneTimeKeyId = "signed_curve25519:AAAAAAAAAAZ".try_into().unwrap();
     assert!(
-        !m.mark_fallback_published(&user, &device, &other)
+        !m.mark_fallback_published(&user, &device, &other, T0 + 15)
             .await
             .unwrap()
     );
     assert!(
-        m.mark_fallback_published(&user, &device, &first.key_id)
+        m.mark_fallback_published(&user, &device, &first.key_id, T0 + 15)
             .await
             .unwrap()
     );
@@ -239,7 +239,7 @@ async fn a_used_report_rotates_and_the_previous_key_is_forgotten_after_grace_not
             .unwrap(),
         FallbackAction::Upload
     );
-    m.mark_fallback_published(&user, &device, &new.key_id)
+    m.mark_fallback_published(&user, &device, &new.key_id, t1)
         .await
         .unwrap();
 
@@ -350,31 +350,32 @@ async fn a_restart_in_the_middle_keeps_the_schedule() {
                 .created_ms,
             t1
         );
-        m.mark_fallback_published(&user, &device, &key.key_id)
+        m.mark_fallback_published(&user, &device, &key.key_id, t1 + 10)
             .await
             .unwrap();
     }
     {
-        // Restarted within the grace period: still waiting for the same time.
+        // Restarted within the grace period (which started when the new key
+        // was published, at t1 + 10): still waiting for the same time.
         let m = open(dir.path(), &store_key);
         assert_eq!(
-            m.apply_fallback_policy(&user, &device, &policy, t1 + HOUR - 1)
+            m.apply_fallback_policy(&user, &device, &policy, t1 + 10 + HOUR - 1)
                 .await
                 .unwrap(),
             FallbackAction::Wait {
-                until: Some(t1 + HOUR)
+                until: Some(t1 + 10 + HOUR)
             }
         );
     }
     let m = open(dir.path(), &store_key);
     assert_eq!(
-        m.apply_fallback_policy(&user, &device, &policy, t1 + HOUR)
+        m.apply_fallback_policy(&user, &device, &policy, t1 + 10 + HOUR)
             .await
             .unwrap(),
         FallbackAction::ForgetPrevious
     );
     assert_eq!(
-        m.apply_fallback_policy(&user, &device, &policy, t1 + HOUR)
+        m.apply_fallback_policy(&user, &device, &policy, t1 + 10 + HOUR)
             .await
             .unwrap(),
         FallbackAction::Wait {
