@@ -1,0 +1,285 @@
+//! The bridge itself: the handler that joins puppets to rooms and echoes
+//! messages, and the wiring of store, account manager, provisioner and
+//! listener.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context;
+use bridgekeys::{
+    appservice::{
+        Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient,
+        ProvisionConfig, Provisioner, Registration, Transaction, UserDecision, UserNamespace,
+    },
+    olm::{AccountManager, ManagerConfig},
+    store::{SledStore, SledStoreConfig},
+};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::{Config, client::PuppetClient};
+
+/// The part of a room event the bridge looks at.
+#[derive(Deserialize)]
+struct Event {
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    event_id: String,
+    room_id: OwnedRoomId,
+    sender: OwnedUserId,
+    #[serde(default)]
+    state_key: Option<String>,
+    #[serde(default)]
+    content: serde_json::Value,
+}
+
+/// The echo bridge's [`BridgeHandler`].
+pub struct EchoHandler {
+    puppets: UserNamespace,
+    bot: OwnedUserId,
+    provisioner: Arc<Provisioner>,
+    client: PuppetClient,
+    /// Which puppets are joined to which room (in memory; rebuilt from the
+    /// puppets' own join events and invites after a restart).
+    rooms: Mutex<HashMap<OwnedRoomId, BTreeSet<OwnedUserId>>>,
+}
+
+impl std::fmt::Debug for EchoHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EchoHandler")
+            .field("bot", &self.bot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EchoHandler {
+    /// A user the bridge speaks for: in the namespace, not the bot.
+    fn is_puppet(&self, user: &UserId) -> bool {
+        user != self.bot && self.puppets.contains(user)
+    }
+
+    fn joined(&self, room: &RoomId) -> Vec<OwnedUserId> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(room)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn set_joined(&self, room: &RoomId, user: &UserId, joined: bool) {
+        let mut rooms = self
+            .rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if joined {
+            rooms
+                .entry(room.to_owned())
+                .or_default()
+                .insert(user.to_owned());
+        } else if let Some(members) = rooms.get_mut(room) {
+            members.remove(user);
+        }
+    }
+
+    async fn handle(&self, event: &Event) -> anyhow::Result<()> {
+        match event.event_type.as_str() {
+            "m.room.member" => {
+                let Some(target) = event
+                    .state_key
+                    .as_deref()
+                    .and_then(|s| UserId::parse(s).ok())
+                else {
+                    return Ok(());
+                };
+                if !self.is_puppet(&target) {
+                    return Ok(());
+                }
+                match event.content["membership"].as_str() {
+                    Some("invite") => {
+                        self.provisioner
+                            .ensure_puppet(&target)
+                            .await
+                            .context("provisioning the invited puppet")?;
+                        self.client.join(&event.room_id, &target).await?;
+                        self.set_joined(&event.room_id, &target, true);
+                        tracing::info!(puppet = %target, room = %event.room_id, inviter = %event.sender, "puppet joined on invite");
+                    }
+                    Some("join") => self.set_joined(&event.room_id, &target, true),
+                    Some("leave" | "ban") => self.set_joined(&event.room_id, &target, false),
+                    _ => {}
+                }
+            }
+            "m.room.message" => {
+                if self.is_puppet(&event.sender) || event.sender == self.bot {
+                    return Ok(());
+                }
+                if event.content["msgtype"].as_str() != Some("m.text") {
+                    return Ok(());
+                }
+                let Some(body) = event.content["body"].as_str() else {
+                    return Ok(());
+                };
+                for puppet in self.joined(&event.room_id) {
+                    // One transaction id per (event, puppet): a retried
+                    // transaction sends nothing twice.
+                    let txn_id = format!("echo-{}-{}", event.event_id, puppet.localpart());
+                    let echoed = self
+                        .client
+                        .send_text(&event.room_id, &puppet, &txn_id, &format!("echo: {body}"))
+                        .await?;
+                    tracing::info!(%puppet, room = %event.room_id, of = %event.event_id, echo = %echoed, "echoed a message");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl BridgeHandler for EchoHandler {
+    async fn transaction(&self, transaction: &Transaction) -> Result<(), HandlerError> {
+        for raw in &transaction.events {
+            let Ok(event) = serde_json::from_str::<Event>(raw.get()) else {
+                continue;
+            };
+            // Events in order; the first failure fails the transaction, and
+            // the homeserver retries it whole (our effects are idempotent).
+            self.handle(&event).await.map_err(|e| {
+                tracing::warn!(event_id = %event.event_id, error = %format!("{e:#}"), "event failed; the transaction will be retried");
+                HandlerError::new(format!("{e:#}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn query_user(&self, user_id: &UserId) -> Result<UserDecision, HandlerError> {
+        if !self.is_puppet(user_id) {
+            return Ok(UserDecision::Reject);
+        }
+        // Every @echo_* exists; the listener provisions it (register,
+        // device, device keys, fallback key) before answering 200.
+        tracing::info!(puppet = %user_id, "homeserver asked about a puppet: accepting");
+        Ok(UserDecision::Accept { device_id: None })
+    }
+}
+
+/// A ready bridge: store open, listener built. [`EchoBridge::serve_on`] runs it.
+pub struct EchoBridge {
+    appservice: Appservice<EchoHandler>,
+    provisioner: Arc<Provisioner>,
+    manager: Arc<AccountManager>,
+    store: Arc<SledStore>,
+    config: Config,
+}
+
+impl std::fmt::Debug for EchoBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EchoBridge")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EchoBridge {
+    /// Open the store and wire everything: SledStore -> AccountManager ->
+    /// Provisioner -> Appservice.
+    pub fn open(config: Config) -> anyhow::Result<Self> {
+        let registration = Registration::load(&config.registration)
+            .with_context(|| format!("loading {}", config.registration.display()))?;
+        let server_name = ServerName::parse(&config.server_name)
+            .with_context(|| format!("invalid server name {:?}", config.server_name))?;
+        let store_dir = config.store_dir();
+        let store = Arc::new(
+            SledStore::open(SledStoreConfig::new(&store_dir, config.store_key()?))
+                .with_context(|| format!("opening the store at {}", store_dir.display()))?,
+        );
+        let manager = Arc::new(AccountManager::new(store.clone(), ManagerConfig::default()));
+        let hs = HomeserverClient::new(
+            &config.homeserver_url,
+            AsToken::new(registration.as_token.clone()),
+        )?;
+        let provisioner = Arc::new(Provisioner::new(
+            hs,
+            manager.clone(),
+            store.clone(),
+            ProvisionConfig::from_registration(&registration),
+        ));
+        let as_config = AppserviceConfig::from_registration(&registration, &server_name)?;
+        let regexes: Vec<&str> = registration
+            .namespaces
+            .users
+            .iter()
+            .filter(|n| n.exclusive)
+            .map(|n| n.regex.as_str())
+            .collect();
+        let handler = Arc::new(EchoHandler {
+            puppets: UserNamespace::new(regexes, None)?,
+            bot: UserId::parse_with_server_name(
+                registration.sender_localpart.as_str(),
+                &server_name,
+            )?,
+            provisioner: provisioner.clone(),
+            client: PuppetClient::new(&config.homeserver_url, &registration.as_token)?,
+            rooms: Mutex::default(),
+        });
+        let appservice = Appservice::new(as_config, manager.clone(), store.clone(), handler)?
+            .with_provisioner(provisioner.clone());
+        Ok(Self {
+            appservice,
+            provisioner,
+            manager,
+            store,
+            config,
+        })
+    }
+
+    /// The account manager (puppet devices, their keys).
+    pub fn manager(&self) -> &Arc<AccountManager> {
+        &self.manager
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<SledStore> {
+        &self.store
+    }
+
+    /// The provisioner.
+    pub fn provisioner(&self) -> &Arc<Provisioner> {
+        &self.provisioner
+    }
+
+    /// Serve on `listener` until `shutdown` resolves, with the fallback key
+    /// rotation task running alongside; then finish the requests in flight
+    /// and stop the task.
+    pub async fn serve_on(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let rotation = self.provisioner.start_rotation();
+        let served = self.appservice.serve_on(listener, shutdown).await;
+        rotation.stop().await;
+        served?;
+        Ok(())
+    }
+}
+
+/// Run the bridge of `config` on its listen address until `shutdown`.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let bridge = EchoBridge::open(config)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(%listen, "echo-bridge serving the appservice API");
+    bridge.serve_on(listener, shutdown).await
+}

@@ -1,0 +1,231 @@
+//! `config.toml` and `echo-bridge init`: the files a deployment starts from.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use bridgekeys::{appservice::Registration, store::StoreKey};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// The registration `id` of the echo bridge.
+pub const APPSERVICE_ID: &str = "echo";
+/// The bridge bot's localpart (`sender_localpart`).
+pub const BOT_LOCALPART: &str = "echo_bot";
+/// Name of the configuration file `init` writes.
+pub const CONFIG_FILE: &str = "config.toml";
+/// Name of the registration file `init` writes.
+pub const REGISTRATION_FILE: &str = "registration.yaml";
+
+/// The bridge's configuration file, as written by `init`.
+///
+/// Relative paths are resolved against the directory of the file.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// Client-server API of the homeserver (`http://host:port`).
+    pub homeserver_url: String,
+    /// The homeserver's server name (the part after `:` in user ids).
+    pub server_name: String,
+    /// Where the appservice API listens (the registration `url` points here).
+    pub listen: SocketAddr,
+    /// The registration file shared with the homeserver.
+    pub registration: PathBuf,
+    /// 32-byte key encrypting the store at rest, hex. Losing it loses every
+    /// puppet's keys; never log it.
+    pub store_key: String,
+    /// The store directory; `store` next to the config file if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("homeserver_url", &self.homeserver_url)
+            .field("server_name", &self.server_name)
+            .field("listen", &self.listen)
+            .field("registration", &self.registration)
+            .field("store_key", &"<redacted>")
+            .field("store_path", &self.store_path)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Read `path`, resolving relative paths against its directory.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        );
+        let mut config: Config =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.registration = base.join(&config.registration);
+        config.store_path =
+            Some(base.join(config.store_path.as_deref().unwrap_or(Path::new("store"))));
+        Ok(config)
+    }
+
+    /// The store directory (`store` next to the registration if unset).
+    pub fn store_dir(&self) -> PathBuf {
+        self.store_path.clone().unwrap_or_else(|| {
+            self.registration
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("store")
+        })
+    }
+
+    /// The store key, decoded.
+    pub fn store_key(&self) -> anyhow::Result<StoreKey> {
+        let bytes = decode_hex(&self.store_key).context("store_key must be 64 hex digits")?;
+        let bytes: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("store_key must be 32 bytes (64 hex digits)"))?;
+        Ok(StoreKey::new(bytes))
+    }
+}
+
+/// What `init` needs.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// Directory for `config.toml` and `registration.yaml` (created if missing).
+    pub dir: PathBuf,
+    /// The homeserver's client-server API.
+    pub homeserver_url: String,
+    /// The homeserver's server name.
+    pub server_name: String,
+    /// The listen address of the appservice API.
+    pub listen: SocketAddr,
+}
+
+/// What `init` wrote.
+#[derive(Clone, Debug)]
+pub struct Initialized {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// The registration file.
+    pub registration: PathBuf,
+    /// The user namespace regex registered.
+    pub user_regex: String,
+}
+
+/// The exclusive user namespace of the bridge on `server_name`.
+pub fn user_regex(server_name: &str) -> String {
+    format!("@echo_.*:{}", regex::escape(server_name))
+}
+
+/// Write a fresh `config.toml` and `registration.yaml` (random tokens and
+/// store key) into `options.dir`. Refuses, writing nothing, if either file
+/// exists: a new registration means new tokens the homeserver does not know,
+/// and a new store key makes the existing store unreadable.
+pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
+    std::fs::create_dir_all(&options.dir)
+        .with_context(|| format!("creating {}", options.dir.display()))?;
+    let config_path = options.dir.join(CONFIG_FILE);
+    let registration_path = options.dir.join(REGISTRATION_FILE);
+    for path in [&config_path, &registration_path] {
+        if path.exists() {
+            bail!(
+                "{} already exists; refusing to overwrite it (it holds the tokens and keys of an \
+                 existing bridge). Remove it first or choose another --dir.",
+                path.display()
+            );
+        }
+    }
+    let server_name = ruma::ServerName::parse(&options.server_name)
+        .with_context(|| format!("invalid server name {:?}", options.server_name))?;
+    let regex = user_regex(server_name.as_str());
+    let registration = Registration::generate(
+        APPSERVICE_ID,
+        format!("http://{}", options.listen),
+        BOT_LOCALPART,
+        regex.clone(),
+    );
+    let key = StoreKey::generate();
+    let config = Config {
+        homeserver_url: options.homeserver_url.trim_end_matches('/').to_owned(),
+        server_name: server_name.to_string(),
+        listen: options.listen,
+        registration: PathBuf::from(REGISTRATION_FILE),
+        store_key: encode_hex(key.as_bytes()),
+        store_path: None,
+    };
+    let text = Zeroizing::new(toml::to_string(&config).context("serializing the config")?);
+    write_new_private(
+        &config_path,
+        &format!(
+            "# echo-bridge configuration (written by `echo-bridge init`).\n\
+             # store_key encrypts the store: keep it secret, keep it safe.\n\
+             # Optional: store_path = \"store\" (relative to this file).\n{}",
+            text.as_str()
+        ),
+    )?;
+    if let Err(e) = registration.write_new(&registration_path) {
+        // Leave nothing half-initialised behind.
+        let _ = std::fs::remove_file(&config_path);
+        return Err(e).context(format!("writing {}", registration_path.display()));
+    }
+    Ok(Initialized {
+        config: config_path,
+        registration: registration_path,
+        user_regex: regex,
+    })
+}
+
+/// Create `path` (never overwriting), owner-only on Unix, synced.
+fn write_new_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex(text: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let text = text.trim();
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        bail!("odd length or non-ASCII");
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 2));
+    for i in (0..text.len()).step_by(2) {
+        out.push(u8::from_str_radix(&text[i..i + 2], 16).context("not a hex digit")?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(encode_hex(&bytes), "0001abff");
+        assert_eq!(decode_hex("0001abff").expect("hex").as_slice(), &bytes);
+        assert!(decode_hex("abc").is_err());
+        assert!(decode_hex("zz").is_err());
+    }
+
+    #[test]
+    fn the_namespace_escapes_the_server_name() {
+        assert_eq!(user_regex("example.org"), r"@echo_.*:example\.org");
+    }
+}

@@ -1,0 +1,339 @@
+//! `echo-bridge demo`: a local Synapse (bridgekeys-testkit), the bridge in
+//! this process, and a user who invites a puppet, claims a key for its
+//! device and gets an echo. [`Local`] is the same setup for tests.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use bridgekeys::{
+    appservice::{DEFAULT_PUPPET_DEVICE_ID, Registration},
+    olm::AccountManager,
+    store::{DeviceKey, SledStore, Store},
+};
+use bridgekeys_testkit::{Method, StatusCode, Synapse, SynapseOptions, TestUser};
+use ruma::serde::Base64;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+use crate::{Config, EchoBridge, InitOptions, client::encode, init};
+
+/// Synapse and the echo bridge, both running on loopback, set up exactly as
+/// a deployment would be: `init` writes the files, Synapse loads the
+/// registration, the bridge runs from the config.
+#[derive(Debug)]
+pub struct Local {
+    /// The homeserver (stopped on drop).
+    pub synapse: Synapse,
+    /// The configuration the bridge runs with.
+    pub config: Config,
+    /// The registration Synapse loaded.
+    pub registration: Registration,
+    /// The bridge's account manager.
+    pub manager: Arc<AccountManager>,
+    /// The bridge's store.
+    pub store: Arc<SledStore>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Local {
+    /// `init` into `dir`, start Synapse with the registration, then the
+    /// bridge in this process.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        // The bridge's port must be in the registration before Synapse
+        // starts: bind it first, serve it once the bridge is built.
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listen = listener.local_addr()?;
+        let done = init(&InitOptions {
+            dir: dir.to_owned(),
+            // Not known before Synapse starts; set below.
+            homeserver_url: "http://127.0.0.1:8008".into(),
+            server_name: "localhost".into(),
+            listen,
+        })?;
+        let synapse = Synapse::start(SynapseOptions {
+            appservice_registrations: vec![done.registration.clone()],
+            ..SynapseOptions::default()
+        })
+        .await
+        .context("starting Synapse")?;
+        let mut config = Config::load(&done.config)?;
+        config.homeserver_url = synapse.url();
+        let registration = Registration::load(&done.registration)?;
+        let bridge = EchoBridge::open(config.clone())?;
+        let manager = bridge.manager().clone();
+        let store = bridge.store().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(bridge.serve_on(listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            synapse,
+            config,
+            registration,
+            manager,
+            store,
+            stop: Some(stop),
+            server: Some(server),
+        })
+    }
+
+    /// A client-server request as `user`; fails on a non-200 answer.
+    pub async fn call(
+        &self,
+        user: &TestUser,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let (status, answer) = self
+            .synapse
+            .request(method.clone(), path, Some(&user.access_token), body)
+            .await?;
+        ensure!(
+            status == StatusCode::OK,
+            "{method} {path} answered {status}: {answer}"
+        );
+        Ok(answer)
+    }
+
+    /// Create a direct-message room with `invitee` invited; its room id.
+    pub async fn create_dm(&self, user: &TestUser, invitee: &str) -> anyhow::Result<String> {
+        let room = self
+            .call(
+                user,
+                Method::POST,
+                "/_matrix/client/v3/createRoom",
+                Some(&json!({
+                    "preset": "private_chat",
+                    "is_direct": true,
+                    "invite": [invitee],
+                    "name": "echo demo"
+                })),
+            )
+            .await?;
+        room["room_id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("createRoom answered no room_id")
+    }
+
+    /// Poll until `member` has joined `room` (as seen by `user`).
+    pub async fn wait_for_join(
+        &self,
+        user: &TestUser,
+        room: &str,
+        member: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let path = format!("/_matrix/client/v3/rooms/{}/joined_members", encode(room));
+        poll(timeout, || async {
+            let members = self.call(user, Method::GET, &path, None).await?;
+            Ok(members["joined"].get(member).map(|_| ()))
+        })
+        .await
+        .with_context(|| format!("{member} did not join {room}"))
+    }
+
+    /// Send an `m.text` message as `user`; its event id.
+    pub async fn send_text(
+        &self,
+        user: &TestUser,
+        room: &str,
+        txn_id: &str,
+        body: &str,
+    ) -> anyhow::Result<String> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+            encode(room),
+            encode(txn_id)
+        );
+        let sent = self
+            .call(
+                user,
+                Method::PUT,
+                &path,
+                Some(&json!({ "msgtype": "m.text", "body": body })),
+            )
+            .await?;
+        sent["event_id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("send answered no event_id")
+    }
+
+    /// The `m.room.message` events of `room` (newest first, up to 50).
+    pub async fn messages(&self, user: &TestUser, room: &str) -> anyhow::Result<Vec<Value>> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+            encode(room)
+        );
+        let page = self.call(user, Method::GET, &path, None).await?;
+        Ok(page["chunk"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter(|e| e["type"] == "m.room.message")
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Poll until `sender` has sent `body` in `room`; that event.
+    pub async fn wait_for_message(
+        &self,
+        user: &TestUser,
+        room: &str,
+        sender: &str,
+        body: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        poll(timeout, || async {
+            let messages = self.messages(user, room).await?;
+            Ok(messages
+                .into_iter()
+                .find(|e| e["sender"] == sender && e["content"]["body"] == body))
+        })
+        .await
+        .with_context(|| format!("no message {body:?} from {sender} in {room}"))
+    }
+
+    /// Stop the bridge gracefully (Synapse stops when dropped).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.context("the bridge task panicked")??;
+        }
+        Ok(())
+    }
+}
+
+/// Call `check` until it returns `Some`, at most `timeout`; errors count as
+/// "not yet" until the deadline, then the last one is returned.
+pub async fn poll<T, F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let last = match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        if Instant::now() >= deadline {
+            return Err(match last {
+                Some(e) => e.context(format!("still failing after {timeout:?}")),
+                None => anyhow::anyhow!("not done after {timeout:?}"),
+            });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Run the demo, printing each step.
+pub async fn demo() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("echo-bridge-demo-")
+        .tempdir()?;
+    println!(
+        "1. starting Synapse {} (first run installs it into {}, about a minute) and the bridge",
+        bridgekeys_testkit::SYNAPSE_VERSION,
+        bridgekeys_testkit::default_venv_dir().display()
+    );
+    let local = Local::start(dir.path()).await?;
+    println!(
+        "   Synapse at {}, bridge at http://{}, files in {} ({:.1?})",
+        local.synapse.url(),
+        local.config.listen,
+        dir.path().display(),
+        started.elapsed()
+    );
+    let result = story(&local).await;
+    local.stop().await?;
+    result?;
+    println!("done in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+async fn story(local: &Local) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(30);
+    let server = local.synapse.server_name().to_owned();
+    let alice = local
+        .synapse
+        .register_user("alice", "demo password alice")
+        .await?;
+    println!("2. registered {}", alice.user_id);
+
+    let bob = format!("@echo_bob:{server}");
+    let room = local.create_dm(&alice, &bob).await?;
+    println!(
+        "3. {} created the DM room {room} and invited {bob}",
+        alice.user_id
+    );
+
+    local.wait_for_join(&alice, &room, &bob, timeout).await?;
+    println!(
+        "4. {bob} joined (the bridge provisioned its device, device keys and fallback key first)"
+    );
+
+    let device = DEFAULT_PUPPET_DEVICE_ID;
+    let claim = local
+        .call(
+            &alice,
+            Method::POST,
+            "/_matrix/client/v3/keys/claim",
+            Some(&json!({ "one_time_keys": { bob.as_str(): { device: "signed_curve25519" } } })),
+        )
+        .await?;
+    let keys = claim["one_time_keys"][bob.as_str()][device]
+        .as_object()
+        .context("the claim returned no key for the puppet")?;
+    let (key_id, key) = keys.iter().next().context("the claim returned no key")?;
+    let public = Base64::<ruma::serde::base64::Standard>::parse(
+        key["key"].as_str().context("the key has no `key`")?,
+    )?;
+    let public: [u8; 32] = public
+        .as_bytes()
+        .try_into()
+        .context("the key is not 32 bytes")?;
+    let ours = local
+        .store
+        .one_time_key(&DeviceKey::new(bob.as_str(), device), &public)?
+        .is_some();
+    if !ours {
+        bail!("the claimed key {key_id} is not one the bridge generated");
+    }
+    println!(
+        "5. {} claimed {key_id} for {bob}/{device} through Synapse: generated on demand by the bridge \
+         (it is in the bridge's store; fallback: {}; keys issued so far: {})",
+        alice.user_id,
+        key.get("fallback").is_some(),
+        local.manager.stats().keys_issued
+    );
+
+    let body = "hello, echo";
+    local.send_text(&alice, &room, "demo-1", body).await?;
+    println!("6. {} said {body:?}", alice.user_id);
+
+    let echo = format!("echo: {body}");
+    let reply = local
+        .wait_for_message(&alice, &room, &bob, &echo, timeout)
+        .await?;
+    println!(
+        "7. {bob} answered {echo:?} (event {})",
+        reply["event_id"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The `echo-bridge` command line: `init`, `run`, `demo`.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+use echo_bridge::{Config, InitOptions};
+
+/// A tiny Matrix bridge on bridgekeys: @echo_* puppets join rooms they are
+/// invited to and echo every text message.
+#[derive(Parser)]
+#[command(name = "echo-bridge", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write DIR/config.toml and DIR/registration.yaml (fresh tokens and store key).
+    Init {
+        /// Directory for both files (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The homeserver's client-server API, e.g. http://127.0.0.1:8008.
+        #[arg(long)]
+        homeserver_url: String,
+        /// The homeserver's server name, e.g. example.org.
+        #[arg(long)]
+        server_name: String,
+        /// Where the appservice API listens, e.g. 127.0.0.1:29300.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Serve the appservice API until Ctrl-C or SIGTERM.
+    Run {
+        /// The configuration written by `init`.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a local Synapse and the bridge, and walk through an echo.
+    Demo,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Demo => "warn",
+        _ => "info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .init();
+    match cli.command {
+        Command::Init {
+            dir,
+            homeserver_url,
+            server_name,
+            listen,
+        } => {
+            let done = echo_bridge::init(&InitOptions {
+                dir,
+                homeserver_url,
+                server_name,
+                listen,
+            })?;
+            println!("wrote {}", done.config.display());
+            println!("wrote {}", done.registration.display());
+            println!("user namespace: {} (exclusive)", done.user_regex);
+            println!(
+                "next: add {} to the homeserver's app_service_config_files (see README), \
+                 restart it, then: echo-bridge run --config {}",
+                done.registration.display(),
+                done.config.display()
+            );
+        }
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            echo_bridge::run(config, bridgekeys::appservice::shutdown_signal()).await?;
+        }
+        Command::Demo => echo_bridge::demo::demo().await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The echo bridge against a real Synapse (bridgekeys-testkit): set up the
+//! way a deployment is (`init`, the registration loaded by Synapse, the
+//! bridge run from its config), then driven through the client-server API.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bridgekeys::appservice::{DEFAULT_PUPPET_DEVICE_ID, Registration};
+use bridgekeys_testkit::{Method, StatusCode};
+use echo_bridge::{Config, InitOptions, demo::Local, init};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_writes_a_registration_synapse_accepts_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = InitOptions {
+        dir: dir.path().join("bridge"),
+        homeserver_url: "http://127.0.0.1:8008/".into(),
+        server_name: "example.org".into(),
+        listen: "127.0.0.1:29300".parse().unwrap(),
+    };
+    let done = init(&options).unwrap();
+
+    // The registration: id, url, sender, exclusive escaped namespace, flags.
+    let yaml = std::fs::read_to_string(&done.registration).unwrap();
+    let reg = Registration::from_yaml(&yaml).unwrap();
+    assert_eq!(reg.id, "echo");
+    assert_eq!(reg.url.as_deref(), Some("http://127.0.0.1:29300"));
+    assert_eq!(reg.sender_localpart, "echo_bot");
+    assert_eq!(reg.namespaces.users.len(), 1);
+    assert_eq!(reg.namespaces.users[0].regex, r"@echo_.*:example\.org");
+    assert!(reg.namespaces.users[0].exclusive);
+    assert!(reg.receive_ephemeral && reg.push_ephemeral_unstable);
+    assert!(reg.msc3202 && reg.msc4190, "{yaml}");
+    assert_ne!(reg.as_token, reg.hs_token);
+    let raw: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    assert_eq!(raw["io.element.msc4190"], serde_yaml_ng::Value::Bool(true));
+    assert_eq!(raw["org.matrix.msc3202"], serde_yaml_ng::Value::Bool(true));
+
+    // The config: what was asked, a 32-byte store key, the store by default.
+    let config = Config::load(&done.config).unwrap();
+    assert_eq!(config.homeserver_url, "http://127.0.0.1:8008");
+    assert_eq!(config.server_name, "example.org");
+    assert_eq!(config.listen, options.listen);
+    assert_eq!(config.registration, options.dir.join("registration.yaml"));
+    assert_eq!(config.store_dir(), options.dir.join("store"));
+    assert_eq!(config.store_key.len(), 64);
+    config.store_key().unwrap();
+    assert!(
+        !format!("{config:?}").contains(&config.store_key),
+        "the store key is printed"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for path in [&done.config, &done.registration] {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is readable by others", path.display());
+        }
+    }
+
+    // A second init refuses, naming the file, and changes nothing.
+    let config_text = std::fs::read_to_string(&done.config).unwrap();
+    let error = init(&options).unwrap_err().to_string();
+    assert!(
+        error.contains("already exists") && error.contains("config.toml"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read_to_string(&done.config).unwrap(), config_text);
+    assert_eq!(std::fs::read_to_string(&done.registration).unwrap(), yaml);
+    // Also when only the registration is left.
+    std::fs::remove_file(&done.config).unwrap();
+    let error = init(&options).unwrap_err().to_string();
+    assert!(error.contains("registration.yaml"), "{error}");
+    assert!(!done.config.exists(), "a half-initialised directory");
+
+    // And Synapse accepts what init writes: a ping from Synapse reaches the
+    // bridge with the right hs_token.
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::start(dir.path()).await.unwrap();
+    let (status, pong) = local
+        .synapse
+        .request(
+            Method::POST,
+            "/_matrix/client/v1/appservice/echo/ping",
+            Some(&local.registration.as_token),
+            Some(&json!({ "transaction_id": "init-test" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{pong}");
+    assert!(pong["duration_ms"].is_number(), "{pong}");
+    local.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invited_puppet_joins_and_echoes_each_text_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::start(dir.path()).await.unwrap();
+    let alice = local
+        .synapse
+        .register_user("alice", "correct horse battery")
+        .await
+        .unwrap();
+    let bob = "@echo_bob:localhost";
+
+    let room = local.create_dm(&alice, bob).await.unwrap();
+    local
+        .wait_for_join(&alice, &room, bob, TIMEOUT)
+        .await
+        .unwrap();
+
+    for (i, body) in ["hello bridge", "second message"].iter().enumerate() {
+        local
+            .send_text(&alice, &room, &format!("t{i}"), body)
+            .await
+            .unwrap();
+        let echo = format!("echo: {body}");
+        let reply = local
+            .wait_for_message(&alice, &room, bob, &echo, TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(reply["content"]["msgtype"], "m.text");
+    }
+    // The second echo came after the first: by then the first message's
+    // transaction was done. Each message was echoed exactly once, and the
+    // puppet never echoed itself ("echo: echo: ...").
+    let messages = local.messages(&alice, &room).await.unwrap();
+    let from_bob: Vec<&str> = messages
+        .iter()
+        .filter(|e| e["sender"] == bob)
+        .map(|e| e["content"]["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        from_bob,
+        ["echo: second message", "echo: hello bridge"],
+        "{messages:#?}"
+    );
+    local.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_invite_keys_query_shows_the_puppets_device_with_the_bridges_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::start(dir.path()).await.unwrap();
+    let alice = local
+        .synapse
+        .register_user("alice", "correct horse battery")
+        .await
+        .unwrap();
+    let bob = "@echo_bob:localhost";
+    let room = local.create_dm(&alice, bob).await.unwrap();
+    local
+        .wait_for_join(&alice, &room, bob, TIMEOUT)
+        .await
+        .unwrap();
+
+    let query = local
+        .call(
+            &alice,
+            Method::POST,
+            "/_matrix/client/v3/keys/query",
+            Some(&json!({ "device_keys": { bob: [] } })),
+        )
+        .await
+        .unwrap();
+    let devices = query["device_keys"][bob].as_object().unwrap();
+    assert_eq!(devices.len(), 1, "{query}");
+    let published = &devices[DEFAULT_PUPPET_DEVICE_ID];
+    let user = ruma::UserId::parse(bob).unwrap();
+    let ours = local
+        .manager
+        .device_keys(&user, &ruma::OwnedDeviceId::from(DEFAULT_PUPPET_DEVICE_ID))
+        .unwrap();
+    let ours = serde_json::to_value(ours).unwrap();
+    assert_eq!(published["keys"], ours["keys"], "{query}");
+    assert_eq!(published["algorithms"], ours["algorithms"], "{query}");
+    local.stop().await.unwrap();
+}
