@@ -15,7 +15,7 @@ use bridgekeys::{
         ProvisionConfig, Provisioner, Registration, Transaction, UserDecision, UserNamespace,
     },
     olm::{AccountManager, ManagerConfig},
-    store::{SledStore, SledStoreConfig},
+    store::{PuppetRegistry, SledStore, SledStoreConfig},
 };
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
 use serde::Deserialize;
@@ -85,6 +85,39 @@ impl EchoHandler {
         } else if let Some(members) = rooms.get_mut(room) {
             members.remove(user);
         }
+    }
+
+    /// Learn which rooms the provisioned puppets are in from the homeserver
+    /// (after a restart the in-memory map is empty). Best effort: a puppet
+    /// that cannot be asked is logged and learnt from its next membership
+    /// event instead.
+    async fn rebuild_rooms(&self, registry: &dyn PuppetRegistry) -> anyhow::Result<usize> {
+        let mut known = 0;
+        let puppets: BTreeSet<String> = registry
+            .puppets()?
+            .iter()
+            .map(|d| d.user_id().to_owned())
+            .collect();
+        for puppet in puppets {
+            let Ok(puppet) = OwnedUserId::try_from(puppet) else {
+                continue;
+            };
+            if !self.is_puppet(&puppet) {
+                continue;
+            }
+            match self.client.joined_rooms(&puppet).await {
+                Ok(rooms) => {
+                    for room in rooms {
+                        self.set_joined(&room, &puppet, true);
+                        known += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%puppet, error = %format!("{e:#}"), "could not list the puppet's rooms");
+                }
+            }
+        }
+        Ok(known)
     }
 
     async fn handle(&self, event: &Event) -> anyhow::Result<()> {
@@ -172,6 +205,7 @@ impl BridgeHandler for EchoHandler {
 /// A ready bridge: store open, listener built. [`EchoBridge::serve_on`] runs it.
 pub struct EchoBridge {
     appservice: Appservice<EchoHandler>,
+    handler: Arc<EchoHandler>,
     provisioner: Arc<Provisioner>,
     manager: Arc<AccountManager>,
     store: Arc<SledStore>,
@@ -228,10 +262,12 @@ impl EchoBridge {
             client: PuppetClient::new(&config.homeserver_url, &registration.as_token)?,
             rooms: Mutex::default(),
         });
-        let appservice = Appservice::new(as_config, manager.clone(), store.clone(), handler)?
-            .with_provisioner(provisioner.clone());
+        let appservice =
+            Appservice::new(as_config, manager.clone(), store.clone(), handler.clone())?
+                .with_provisioner(provisioner.clone());
         Ok(Self {
             appservice,
+            handler,
             provisioner,
             manager,
             store,
@@ -254,14 +290,19 @@ impl EchoBridge {
         &self.provisioner
     }
 
-    /// Serve on `listener` until `shutdown` resolves, with the fallback key
-    /// rotation task running alongside; then finish the requests in flight
-    /// and stop the task.
+    /// Relearn the puppets' rooms from the homeserver, then serve on
+    /// `listener` until `shutdown` resolves, with the fallback key rotation
+    /// task running alongside; then finish the requests in flight and stop
+    /// the task.
     pub async fn serve_on(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        match self.handler.rebuild_rooms(self.store.as_ref()).await {
+            Ok(n) => tracing::info!(memberships = n, "puppet rooms relearnt from the homeserver"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not relearn the puppets' rooms"),
+        }
         let rotation = self.provisioner.start_rotation();
         let served = self.appservice.serve_on(listener, shutdown).await;
         rotation.stop().await;

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use ruma::{RoomId, UserId};
+use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
@@ -70,7 +70,7 @@ impl PuppetClient {
     /// `POST /rooms/{roomId}/join` as `user`.
     pub async fn join(&self, room: &RoomId, user: &UserId) -> anyhow::Result<()> {
         let path = format!("/_matrix/client/v3/rooms/{}/join", encode(room.as_str()));
-        self.call(http::Method::POST, &path, user, &json!({}))
+        self.call(http::Method::POST, &path, user, Some(&json!({})))
             .await
             .with_context(|| format!("{user} joining {room}"))?;
         Ok(())
@@ -95,11 +95,31 @@ impl PuppetClient {
                 http::Method::PUT,
                 &path,
                 user,
-                &json!({ "msgtype": "m.text", "body": body }),
+                Some(&json!({ "msgtype": "m.text", "body": body })),
             )
             .await
             .with_context(|| format!("{user} sending to {room}"))?;
         Ok(answer["event_id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The rooms `user` has joined (`GET /joined_rooms` as `user`).
+    pub async fn joined_rooms(&self, user: &UserId) -> anyhow::Result<Vec<OwnedRoomId>> {
+        let answer = self
+            .call(
+                http::Method::GET,
+                "/_matrix/client/v3/joined_rooms",
+                user,
+                None,
+            )
+            .await
+            .with_context(|| format!("listing the rooms of {user}"))?;
+        let rooms = answer["joined_rooms"]
+            .as_array()
+            .context("the answer has no joined_rooms")?
+            .iter()
+            .filter_map(|r| r.as_str().and_then(|r| OwnedRoomId::try_from(r).ok()))
+            .collect();
+        Ok(rooms)
     }
 
     async fn call(
@@ -107,7 +127,7 @@ impl PuppetClient {
         method: http::Method,
         path: &str,
         user: &UserId,
-        body: &Value,
+        body: Option<&Value>,
     ) -> anyhow::Result<Value> {
         let uri = format!("{path}?user_id={}", encode(user.as_str()));
         let request = http::Request::builder()
@@ -119,7 +139,7 @@ impl PuppetClient {
                 http::header::AUTHORIZATION,
                 format!("Bearer {}", self.as_token.as_str()),
             )
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()))))
             .context("building the request")?;
         let (status, answer) = tokio::time::timeout(self.timeout, self.send(request))
             .await

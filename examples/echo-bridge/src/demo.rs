@@ -32,10 +32,9 @@ pub struct Local {
     pub config: Config,
     /// The registration Synapse loaded.
     pub registration: Registration,
-    /// The bridge's account manager.
-    pub manager: Arc<AccountManager>,
-    /// The bridge's store.
-    pub store: Arc<SledStore>,
+    /// The bridge's account manager and store (`None` only while a restart
+    /// failed half-way).
+    parts: Option<(Arc<AccountManager>, Arc<SledStore>)>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -75,11 +74,20 @@ impl Local {
             synapse,
             config,
             registration,
-            manager,
-            store,
+            parts: Some((manager, store)),
             stop: Some(stop),
             server: Some(server),
         })
+    }
+
+    /// The running bridge's account manager.
+    pub fn manager(&self) -> Option<&Arc<AccountManager>> {
+        self.parts.as_ref().map(|(m, _)| m)
+    }
+
+    /// The running bridge's store.
+    pub fn store(&self) -> Option<&Arc<SledStore>> {
+        self.parts.as_ref().map(|(_, s)| s)
     }
 
     /// A client-server request as `user`; fails on a non-200 answer.
@@ -203,8 +211,24 @@ impl Local {
         .with_context(|| format!("no message {body:?} from {sender} in {room}"))
     }
 
-    /// Stop the bridge gracefully (Synapse stops when dropped).
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    /// Stop the bridge gracefully and start it again from its config and
+    /// store, on the same address (Synapse keeps running).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop_bridge().await?;
+        // Let go of the store: only one bridge may hold it open.
+        self.parts = None;
+        let listener = TcpListener::bind(self.config.listen).await?;
+        let bridge = EchoBridge::open(self.config.clone())?;
+        self.parts = Some((bridge.manager().clone(), bridge.store().clone()));
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.server = Some(tokio::spawn(bridge.serve_on(listener, async {
+            let _ = stopped.await;
+        })));
+        self.stop = Some(stop);
+        Ok(())
+    }
+
+    async fn stop_bridge(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -212,6 +236,11 @@ impl Local {
             server.await.context("the bridge task panicked")??;
         }
         Ok(())
+    }
+
+    /// Stop the bridge gracefully (Synapse stops when dropped).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop_bridge().await
     }
 }
 
@@ -308,8 +337,9 @@ async fn story(local: &Local) -> anyhow::Result<()> {
         .as_bytes()
         .try_into()
         .context("the key is not 32 bytes")?;
-    let ours = local
-        .store
+    let store = local.store().context("the bridge is not running")?;
+    let manager = local.manager().context("the bridge is not running")?;
+    let ours = store
         .one_time_key(&DeviceKey::new(bob.as_str(), device), &public)?
         .is_some();
     if !ours {
@@ -320,7 +350,7 @@ async fn story(local: &Local) -> anyhow::Result<()> {
          (it is in the bridge's store; fallback: {}; keys issued so far: {})",
         alice.user_id,
         key.get("fallback").is_some(),
-        local.manager.stats().keys_issued
+        manager.stats().keys_issued
     );
 
     let body = "hello, echo";

@@ -171,11 +171,42 @@ async fn after_the_invite_keys_query_shows_the_puppets_device_with_the_bridges_k
     let published = &devices[DEFAULT_PUPPET_DEVICE_ID];
     let user = ruma::UserId::parse(bob).unwrap();
     let ours = local
-        .manager
+        .manager()
+        .unwrap()
         .device_keys(&user, &ruma::OwnedDeviceId::from(DEFAULT_PUPPET_DEVICE_ID))
         .unwrap();
     let ours = serde_json::to_value(ours).unwrap();
     assert_eq!(published["keys"], ours["keys"], "{query}");
     assert_eq!(published["algorithms"], ours["algorithms"], "{query}");
+    local.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_puppet_still_echoes_in_the_rooms_it_had_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut local = Local::start(dir.path()).await.unwrap();
+    let alice = local
+        .synapse
+        .register_user("alice", "correct horse battery")
+        .await
+        .unwrap();
+    let bob = "@echo_bob:localhost";
+    let room = local.create_dm(&alice, bob).await.unwrap();
+    local
+        .wait_for_join(&alice, &room, bob, TIMEOUT)
+        .await
+        .unwrap();
+
+    // A new process: the room map starts empty and is relearnt from the
+    // homeserver; the store (puppet registry, keys) is the same.
+    local.restart().await.unwrap();
+    local
+        .send_text(&alice, &room, "after-restart", "still there?")
+        .await
+        .unwrap();
+    local
+        .wait_for_message(&alice, &room, bob, "echo: still there?", TIMEOUT)
+        .await
+        .unwrap();
     local.stop().await.unwrap();
 }
