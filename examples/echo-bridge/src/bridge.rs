@@ -155,6 +155,10 @@ impl EchoHandler {
                 if event.content["msgtype"].as_str() != Some("m.text") {
                     return Ok(());
                 }
+                // An edit repeats the message as "* <new text>": not echoed.
+                if event.content["m.relates_to"]["rel_type"] == "m.replace" {
+                    return Ok(());
+                }
                 let Some(body) = event.content["body"].as_str() else {
                     return Ok(());
                 };

@@ -96,7 +96,7 @@ async fn init_writes_a_registration_synapse_accepts_and_refuses_to_overwrite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invited_puppet_joins_and_echoes_each_text_message_once() {
+async fn an_invited_puppet_joins_and_echoes_each_text_message_once_but_not_edits_or_notices() {
     let dir = tempfile::tempdir().unwrap();
     let local = Local::start(dir.path()).await.unwrap();
     let alice = local
@@ -112,8 +112,9 @@ async fn an_invited_puppet_joins_and_echoes_each_text_message_once() {
         .await
         .unwrap();
 
+    let mut first = String::new();
     for (i, body) in ["hello bridge", "second message"].iter().enumerate() {
-        local
+        let sent = local
             .send_text(&alice, &room, &format!("t{i}"), body)
             .await
             .unwrap();
@@ -123,10 +124,37 @@ async fn an_invited_puppet_joins_and_echoes_each_text_message_once() {
             .await
             .unwrap();
         assert_eq!(reply["content"]["msgtype"], "m.text");
+        if i == 0 {
+            first = sent;
+            // An edit of the first message (also an m.text) is not echoed,
+            // nor is a notice.
+            let path = format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/edit",
+                room.replace('!', "%21").replace(':', "%3A")
+            );
+            let edit = json!({
+                "msgtype": "m.text",
+                "body": "* hello edited",
+                "m.new_content": { "msgtype": "m.text", "body": "hello edited" },
+                "m.relates_to": { "rel_type": "m.replace", "event_id": first }
+            });
+            local
+                .call(&alice, Method::PUT, &path, Some(&edit))
+                .await
+                .unwrap();
+            let path = path.replace("/edit", "/notice");
+            let notice = json!({ "msgtype": "m.notice", "body": "a notice" });
+            local
+                .call(&alice, Method::PUT, &path, Some(&notice))
+                .await
+                .unwrap();
+        }
     }
-    // The second echo came after the first: by then the first message's
-    // transaction was done. Each message was echoed exactly once, and the
-    // puppet never echoed itself ("echo: echo: ...").
+    assert!(!first.is_empty());
+    // Transactions arrive in order: once the second echo is there, the
+    // edit and the notice were processed too. Each text message was echoed
+    // exactly once, the edit and the notice not at all, and the puppet
+    // never echoed itself ("echo: echo: ...").
     let messages = local.messages(&alice, &room).await.unwrap();
     let from_bob: Vec<&str> = messages
         .iter()
@@ -208,5 +236,77 @@ async fn after_a_restart_the_puppet_still_echoes_in_the_rooms_it_had_joined() {
         .wait_for_message(&alice, &room, bob, "echo: still there?", TIMEOUT)
         .await
         .unwrap();
+    local.stop().await.unwrap();
+}
+
+/// `PUT` a transaction to the bridge as the homeserver would; the status.
+async fn put_transaction(local: &Local, txn_id: &str, body: &serde_json::Value) -> u16 {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(local.config.listen)
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::put(format!("/_matrix/app/v1/transactions/{txn_id}"))
+        .header("host", local.config.listen.to_string())
+        .header("content-type", "application/json")
+        .header(
+            "authorization",
+            format!("Bearer {}", local.registration.hs_token),
+        )
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await;
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_join_fails_is_refused_so_the_homeserver_retries_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::start(dir.path()).await.unwrap();
+    // An invite to a room that does not exist: provisioning works (real
+    // Synapse), the join cannot.
+    let transaction = json!({ "events": [{
+        "type": "m.room.member",
+        "event_id": "$invite-to-nowhere",
+        "room_id": "!nowhere:localhost",
+        "sender": "@alice:localhost",
+        "state_key": "@echo_carol:localhost",
+        "content": { "membership": "invite" },
+        "origin_server_ts": 0
+    }]});
+    assert_eq!(put_transaction(&local, "t-fail", &transaction).await, 500);
+    // Not recorded as done: the retry is processed again (and fails again),
+    // rather than answered 200 from the dedup log.
+    assert_eq!(put_transaction(&local, "t-fail", &transaction).await, 500);
+    // The puppet was provisioned on the way (keys/query shows its device).
+    let alice = local
+        .synapse
+        .register_user("alice", "correct horse battery")
+        .await
+        .unwrap();
+    let query = local
+        .call(
+            &alice,
+            Method::POST,
+            "/_matrix/client/v3/keys/query",
+            Some(&json!({ "device_keys": { "@echo_carol:localhost": [] } })),
+        )
+        .await
+        .unwrap();
+    assert!(
+        query["device_keys"]["@echo_carol:localhost"][DEFAULT_PUPPET_DEVICE_ID].is_object(),
+        "{query}"
+    );
+    // A transaction without failing effects is acknowledged.
+    assert_eq!(
+        put_transaction(&local, "t-ok", &json!({ "events": [] })).await,
+        200
+    );
     local.stop().await.unwrap();
 }
