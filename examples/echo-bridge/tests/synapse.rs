@@ -239,8 +239,14 @@ async fn after_a_restart_the_puppet_still_echoes_in_the_rooms_it_had_joined() {
     local.stop().await.unwrap();
 }
 
-/// `PUT` a transaction to the bridge as the homeserver would; the status.
-async fn put_transaction(local: &Local, txn_id: &str, body: &serde_json::Value) -> u16 {
+/// A request to the bridge as the homeserver makes it (Bearer hs_token);
+/// the status.
+async fn as_homeserver(
+    local: &Local,
+    method: http::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> u16 {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(local.config.listen)
         .await
@@ -250,19 +256,74 @@ async fn put_transaction(local: &Local, txn_id: &str, body: &serde_json::Value) 
             .await
             .unwrap();
     tokio::spawn(connection);
-    let request = http::Request::put(format!("/_matrix/app/v1/transactions/{txn_id}"))
+    let body = body.map_or_else(bytes::Bytes::new, |b| bytes::Bytes::from(b.to_string()));
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", local.config.listen.to_string())
         .header("content-type", "application/json")
         .header(
             "authorization",
             format!("Bearer {}", local.registration.hs_token),
         )
-        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .body(Full::new(body))
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
     let status = response.status().as_u16();
     let _ = response.into_body().collect().await;
     status
+}
+
+/// `PUT` a transaction to the bridge as the homeserver would; the status.
+async fn put_transaction(local: &Local, txn_id: &str, body: &serde_json::Value) -> u16 {
+    let path = format!("/_matrix/app/v1/transactions/{txn_id}");
+    as_homeserver(local, http::Method::PUT, &path, Some(body)).await
+}
+
+/// The device ids keys/query shows for `user`.
+async fn queried_devices(local: &Local, user: &str) -> Vec<String> {
+    let (status, query) = local
+        .synapse
+        .request(
+            Method::POST,
+            "/_matrix/client/v3/keys/query",
+            Some(&local.registration.as_token),
+            Some(&json!({ "device_keys": { user: [] } })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{query}");
+    query["device_keys"][user]
+        .as_object()
+        .map(|d| d.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_query_for_a_puppet_provisions_it_and_the_bot_is_not_a_puppet() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::start(dir.path()).await.unwrap();
+    let dave = "@echo_dave:localhost";
+    assert!(queried_devices(&local, dave).await.is_empty());
+    let path = format!("/_matrix/app/v1/users/{}", dave.replace(':', "%3A"));
+    assert_eq!(
+        as_homeserver(&local, http::Method::GET, &path, None).await,
+        200
+    );
+    assert_eq!(
+        queried_devices(&local, dave).await,
+        [DEFAULT_PUPPET_DEVICE_ID],
+        "the accepted puppet's device is on the homeserver"
+    );
+    for user in ["@echo_bot:localhost", "@alice:localhost"] {
+        let path = format!("/_matrix/app/v1/users/{}", user.replace(':', "%3A"));
+        assert_eq!(
+            as_homeserver(&local, http::Method::GET, &path, None).await,
+            404,
+            "{user}"
+        );
+    }
+    local.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
