@@ -1,97 +1,250 @@
 //! Against a real Synapse (started by bridgekeys-testkit): the homeserver
-//! proxies key claims to this listener, and what it hands to a client are
-//! our freshly generated, correctly signed, never repeated keys.
+//! proxies key claims to this listener, falls back to our uploaded fallback
+//! key when the bridge is down, reports its use so we rotate, and delivers
+//! pre-key to-device messages that the listener decrypts.
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::BTreeMap, collections::HashSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use bridgekeys_appservice::{
     Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient,
-    ProvisionConfig, Provisioner, Registration, Transaction,
+    ProvisionConfig, Provisioner, Registration, RotationTask, ToDevice, Transaction,
 };
-use bridgekeys_olm::{AccountManager, ManagerConfig};
+use bridgekeys_olm::{AccountManager, ManagerConfig, vodozemac};
 use bridgekeys_store::{DeviceKey, SledStore, SledStoreConfig, Store, StoreKey};
-use bridgekeys_testkit::{Method, StatusCode, Synapse, SynapseOptions};
-use ruma::{CanonicalJsonObject, ServerName, UserId, serde::Base64, signatures::verify_json};
+use bridgekeys_testkit::{Method, StatusCode, Synapse, SynapseOptions, TestUser};
+use ruma::{
+    CanonicalJsonObject, OwnedDeviceId, OwnedUserId, ServerName, UserId, serde::Base64,
+    signatures::verify_json,
+};
 use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
 
-struct Quiet;
+/// What the bridge's handler saw: decrypted pre-key messages, and how many
+/// room events arrived.
+struct Recorder(mpsc::UnboundedSender<(String, Vec<u8>)>, AtomicUsize);
 
-impl BridgeHandler for Quiet {
-    async fn transaction(&self, _: &Transaction) -> Result<(), HandlerError> {
+impl BridgeHandler for Recorder {
+    async fn transaction(&self, txn: &Transaction) -> Result<(), HandlerError> {
+        self.1.fetch_add(txn.events.len(), Ordering::SeqCst);
+        for message in &txn.to_device {
+            if let ToDevice::Decrypted(d) = message {
+                let _ = self
+                    .0
+                    .send((d.sender.clone(), d.inbound.plaintext.to_vec()));
+            }
+        }
         Ok(())
+    }
+}
+
+/// A bridge (listener + provisioner + rotation) and a Synapse that knows it.
+struct World {
+    _data: tempfile::TempDir,
+    store: Arc<SledStore>,
+    manager: Arc<AccountManager>,
+    registration: Registration,
+    addr: SocketAddr,
+    provisioner: Arc<Provisioner>,
+    recorder: Arc<Recorder>,
+    seen: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    running: Option<(
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+        RotationTask,
+    )>,
+    synapse: Synapse,
+    bob: OwnedUserId,
+    device: OwnedDeviceId,
+    alice: TestUser,
+}
+
+impl World {
+    async fn new() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SledStore::open(SledStoreConfig::new(
+                data.path().join("store"),
+                StoreKey::generate(),
+            ))
+            .unwrap(),
+        );
+        let manager = Arc::new(AccountManager::new(store.clone(), ManagerConfig::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let registration = Registration::generate(
+            "bridgekeys-e2e",
+            format!("http://{addr}"),
+            "echo_bot",
+            "@echo_.*:localhost",
+        );
+        let registration_path = data.path().join("registration.yaml");
+        registration.write_new(&registration_path).unwrap();
+        let synapse = Synapse::start(SynapseOptions {
+            appservice_registrations: vec![registration_path],
+            ..SynapseOptions::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("could not provide Synapse: {e}"));
+        let client =
+            HomeserverClient::new(&synapse.url(), AsToken::new(registration.as_token.clone()))
+                .unwrap();
+        let provisioner = Arc::new(Provisioner::new(
+            client,
+            manager.clone(),
+            store.clone(),
+            ProvisionConfig::from_registration(&registration),
+        ));
+        let (tx, seen) = mpsc::unbounded_channel();
+        let bob = UserId::parse("@echo_bob:localhost").unwrap();
+        let device = provisioner.ensure_puppet(&bob).await.unwrap();
+        let alice = synapse
+            .register_user("alice", "correct horse battery")
+            .await
+            .unwrap();
+        let mut world = World {
+            _data: data,
+            store,
+            manager,
+            registration,
+            addr,
+            provisioner,
+            recorder: Arc::new(Recorder(tx, AtomicUsize::new(0))),
+            seen,
+            running: None,
+            synapse,
+            bob,
+            device,
+            alice,
+        };
+        world.start_bridge(listener);
+        world
+    }
+
+    fn start_bridge(&mut self, listener: tokio::net::TcpListener) {
+        let server_name = <&ServerName>::try_from("localhost").unwrap();
+        let config = AppserviceConfig::from_registration(&self.registration, server_name).unwrap();
+        let appservice = Appservice::new(
+            config,
+            self.manager.clone(),
+            self.store.clone(),
+            self.recorder.clone(),
+        )
+        .unwrap()
+        .with_provisioner(self.provisioner.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            appservice
+                .serve_on(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        self.running = Some((stop, server, self.provisioner.start_rotation()));
+    }
+
+    async fn stop_bridge(&mut self) {
+        let (stop, server, rotation) = self.running.take().unwrap();
+        let _ = stop.send(());
+        server.await.unwrap();
+        rotation.stop().await;
+    }
+
+    async fn restart_bridge(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.start_bridge(listener);
+    }
+
+    async fn alice(&self, method: Method, path: &str, body: &Value) -> Value {
+        let (status, answer) = self
+            .synapse
+            .request(method, path, Some(&self.alice.access_token), Some(body))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{path}: {answer}");
+        answer
+    }
+
+    /// One key claimed for bob's device through the stable client endpoint.
+    async fn claim_one(&self) -> (String, Value) {
+        let body = json!({ "one_time_keys": { self.bob.as_str(): { self.device.as_str(): "signed_curve25519" } } });
+        let claim = self
+            .alice(Method::POST, "/_matrix/client/v3/keys/claim", &body)
+            .await;
+        let keys = claim["one_time_keys"][self.bob.as_str()][self.device.as_str()]
+            .as_object()
+            .unwrap();
+        assert_eq!(keys.len(), 1, "{claim}");
+        let (id, key) = keys.iter().next().unwrap();
+        (id.clone(), key.clone())
+    }
+
+    fn device_key(&self) -> DeviceKey {
+        DeviceKey::new(self.bob.as_str(), self.device.as_str())
+    }
+
+    fn is_our_one_time_key(&self, key: &Value) -> bool {
+        let public =
+            Base64::<ruma::serde::base64::Standard>::parse(key["key"].as_str().unwrap()).unwrap();
+        let public: [u8; 32] = public.as_bytes().try_into().unwrap();
+        self.store
+            .one_time_key(&self.device_key(), &public)
+            .unwrap()
+            .is_some()
+    }
+
+    fn published_fallback(&self) -> String {
+        let key = self
+            .manager
+            .published_fallback_key(&self.bob, &self.device)
+            .unwrap()
+            .unwrap();
+        key.key.key.encode()
+    }
+}
+
+/// Percent-encode the characters of Matrix ids that matter in a URL.
+fn encode(id: &str) -> String {
+    id.replace('%', "%25")
+        .replace('!', "%21")
+        .replace('@', "%40")
+        .replace(':', "%3A")
+        .replace('#', "%23")
+}
+
+/// Poll `check` until it holds or `limit` passes (then fail with `what`).
+async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synapse_proxies_key_claims_to_the_listener_and_hands_out_our_signed_keys() {
-    let data = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        SledStore::open(SledStoreConfig::new(
-            data.path().join("store"),
-            StoreKey::generate(),
-        ))
-        .unwrap(),
-    );
-    let manager = Arc::new(AccountManager::new(store.clone(), ManagerConfig::default()));
-
-    // The listener, on a port the registration names.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let registration =
-        Registration::generate("bridgekeys-e2e", url, "echo_bot", "@echo_.*:localhost");
-    let registration_path = data.path().join("registration.yaml");
-    registration.write_new(&registration_path).unwrap();
-    let server_name = <&ServerName>::try_from("localhost").unwrap();
-    let config = AppserviceConfig::from_registration(&registration, server_name).unwrap();
-    let appservice =
-        Appservice::new(config, manager.clone(), store.clone(), Arc::new(Quiet)).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        appservice
-            .serve_on(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-    });
-
-    let synapse = Synapse::start(SynapseOptions {
-        appservice_registrations: vec![registration_path],
-        ..SynapseOptions::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("could not provide Synapse: {e}"));
-
-    // Provision the puppet: user, device, device keys and fallback key.
-    let client =
-        HomeserverClient::new(&synapse.url(), AsToken::new(registration.as_token.clone())).unwrap();
-    let provisioner = Provisioner::new(
-        client,
-        manager.clone(),
-        store.clone(),
-        ProvisionConfig::from_registration(&registration),
-    );
-    let bob = UserId::parse("@echo_bob:localhost").unwrap();
-    let device = provisioner.ensure_puppet(&bob).await.unwrap();
-    let alice = synapse
-        .register_user("alice", "correct horse battery")
-        .await
-        .unwrap();
-    let token = Some(alice.access_token.as_str());
+    let mut w = World::new().await;
+    let (bob, device) = (w.bob.clone(), w.device.clone());
 
     // keys/query through Synapse shows our device keys.
-    let (status, query) = synapse
-        .request(
+    let query = w
+        .alice(
             Method::POST,
             "/_matrix/client/v3/keys/query",
-            token,
-            Some(&json!({ "device_keys": { bob.as_str(): [] } })),
+            &json!({ "device_keys": { bob.as_str(): [] } }),
         )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{query}");
+        .await;
     let published = &query["device_keys"][bob.as_str()][device.as_str()];
-    let ours = serde_json::to_value(manager.device_keys(&bob, &device).unwrap()).unwrap();
+    let ours = serde_json::to_value(w.manager.device_keys(&bob, &device).unwrap()).unwrap();
     assert_eq!(
         published["keys"], ours["keys"],
         "Synapse serves other device keys: {published}"
@@ -103,15 +256,11 @@ async fn synapse_proxies_key_claims_to_the_listener_and_hands_out_our_signed_key
         bob.to_string(),
         BTreeMap::from([(format!("ed25519:{device}"), Base64::parse(ed25519).unwrap())]),
     )]);
-    let device_key = DeviceKey::new(bob.as_str(), device.as_str());
     let check_ours = |id: &str, key: &Value| {
         let object: CanonicalJsonObject = serde_json::from_value(key.clone()).unwrap();
         verify_json(&key_map, &object).unwrap_or_else(|e| panic!("{id}: bad signature: {e}"));
-        let public =
-            Base64::<ruma::serde::base64::Standard>::parse(key["key"].as_str().unwrap()).unwrap();
-        let public: [u8; 32] = public.as_bytes().try_into().unwrap();
         assert!(
-            store.one_time_key(&device_key, &public).unwrap().is_some(),
+            w.is_our_one_time_key(key),
             "{id} was not generated by our listener"
         );
     };
@@ -119,28 +268,12 @@ async fn synapse_proxies_key_claims_to_the_listener_and_hands_out_our_signed_key
     // Ten claims on the stable client endpoint: ten different keys, all ours.
     let mut ids = HashSet::new();
     for _ in 0..10 {
-        let body =
-            json!({ "one_time_keys": { bob.as_str(): { device.as_str(): "signed_curve25519" } } });
-        let (status, claim) = synapse
-            .request(
-                Method::POST,
-                "/_matrix/client/v3/keys/claim",
-                token,
-                Some(&body),
-            )
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK, "{claim}");
-        let keys = claim["one_time_keys"][bob.as_str()][device.as_str()]
-            .as_object()
-            .unwrap();
-        assert_eq!(keys.len(), 1, "{claim}");
-        let (id, key) = keys.iter().next().unwrap();
+        let (id, key) = w.claim_one().await;
         assert!(
             key.get("fallback").is_none(),
-            "a fallback key while the bridge is up: {claim}"
+            "a fallback key while the bridge is up: {key}"
         );
-        check_ours(id, key);
+        check_ours(&id, &key);
         assert!(ids.insert(id.clone()), "key id {id} handed out twice");
     }
 
@@ -149,16 +282,13 @@ async fn synapse_proxies_key_claims_to_the_listener_and_hands_out_our_signed_key
     let body = json!({
         "one_time_keys": { bob.as_str(): { device.as_str(): ["signed_curve25519", "signed_curve25519"] } }
     });
-    let (status, claim) = synapse
-        .request(
+    let claim = w
+        .alice(
             Method::POST,
             "/_matrix/client/unstable/org.matrix.msc3983/keys/claim",
-            token,
-            Some(&body),
+            &body,
         )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{claim}");
+        .await;
     let keys = claim["one_time_keys"][bob.as_str()][device.as_str()]
         .as_object()
         .unwrap();
@@ -171,8 +301,157 @@ async fn synapse_proxies_key_claims_to_the_listener_and_hands_out_our_signed_key
         check_ours(id, key);
         assert!(ids.insert(id.clone()), "key id {id} handed out twice");
     }
-    assert_eq!(manager.stats().keys_issued, 12);
+    assert_eq!(w.manager.stats().keys_issued, 12);
+    w.stop_bridge().await;
+}
 
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_bridge_down_synapse_serves_our_fallback_key_and_its_reported_use_rotates_it() {
+    let mut w = World::new().await;
+    let first = w.published_fallback();
+
+    // Bob shares a room with alice, so room traffic makes him "interesting"
+    // to Synapse's MSC3202 reporting. (Synapse drops to-device messages
+    // while it considers the appservice down, but queues room events.)
+    let room = w
+        .alice(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            &json!({ "invite": [w.bob] }),
+        )
+        .await;
+    let room_id = room["room_id"].as_str().unwrap().to_owned();
+    let join = format!(
+        "/_matrix/client/v3/rooms/{}/join?user_id={}",
+        encode(&room_id),
+        encode(w.bob.as_str())
+    );
+    let (status, joined) = w
+        .synapse
+        .request(
+            Method::POST,
+            &join,
+            Some(&w.registration.as_token),
+            Some(&json!({})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{joined}");
+
+    // Bridge down: Synapse cannot ask us, so it hands out the uploaded fallback key.
+    w.stop_bridge().await;
+    let (_, key) = w.claim_one().await;
+    assert_eq!(key["fallback"], true, "{key}");
+    assert_eq!(key["key"], first.as_str());
+
+    // Bridge back. Synapse replays what it queued while we were down, but
+    // its catch-up transactions carry no MSC3202 fields (a Synapse
+    // limitation); the next live transaction reports that bob's fallback
+    // key was used, and the bridge rotates and uploads.
+    w.restart_bridge().await;
+    let seen_before = w.recorder.1.load(Ordering::SeqCst);
+    let send = |n: u32| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/t{n}",
+            encode(&room_id)
+        )
+    };
+    w.alice(
+        Method::PUT,
+        &send(1),
+        &json!({ "msgtype": "m.text", "body": "hello bob" }),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "Synapse to deliver to the restarted bridge",
+        async || w.recorder.1.load(Ordering::SeqCst) > seen_before,
+    )
+    .await;
+    w.alice(
+        Method::PUT,
+        &send(2),
+        &json!({ "msgtype": "m.text", "body": "still there?" }),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "the fallback key to rotate",
+        async || {
+            w.manager
+                .published_fallback_key(&w.bob, &w.device)
+                .unwrap()
+                .is_some_and(|k| k.key.key.encode() != first)
+        },
+    )
+    .await;
+    let second = w.published_fallback();
+
+    // Down again: the homeserver now serves the NEW fallback key.
+    w.stop_bridge().await;
+    let (_, key) = w.claim_one().await;
+    assert_eq!(key["fallback"], true, "{key}");
+    assert_eq!(
+        key["key"],
+        second.as_str(),
+        "Synapse still serves the old fallback key"
+    );
+    assert!(w.provisioner.stats().uploads >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prekey_message_sent_through_synapse_is_decrypted_by_the_bridge_and_consumes_its_key() {
+    let mut w = World::new().await;
+    let (id, key) = w.claim_one().await;
+    assert!(w.is_our_one_time_key(&key), "{id}");
+
+    // A client's Olm account opens a session with the claimed key.
+    let identity = w.manager.identity_keys(&w.bob, &w.device).unwrap();
+    let peer = vodozemac::olm::Account::new();
+    let otk = vodozemac::Curve25519PublicKey::from_base64(key["key"].as_str().unwrap()).unwrap();
+    let mut session = peer
+        .create_outbound_session(
+            vodozemac::olm::SessionConfig::version_1(),
+            identity.curve25519,
+            otk,
+        )
+        .unwrap();
+    let payload = json!({
+        "type": "m.dummy",
+        "content": {},
+        "sender": w.alice.user_id,
+        "recipient": w.bob,
+        "recipient_keys": { "ed25519": identity.ed25519.to_base64() },
+        "keys": { "ed25519": peer.ed25519_key().to_base64() }
+    });
+    let vodozemac::olm::OlmMessage::PreKey(message) = session.encrypt(payload.to_string()).unwrap()
+    else {
+        panic!("a new session starts with a pre-key message");
+    };
+    let content = json!({
+        "algorithm": "m.olm.v1.curve25519-aes-sha2",
+        "sender_key": peer.curve25519_key().to_base64(),
+        "ciphertext": { identity.curve25519.to_base64(): { "type": 0, "body": message.to_base64() } }
+    });
+    let body = json!({ "messages": { w.bob.as_str(): { w.device.as_str(): content } } });
+    w.alice(
+        Method::PUT,
+        "/_matrix/client/v3/sendToDevice/m.room.encrypted/olm1",
+        &body,
+    )
+    .await;
+
+    let (sender, plaintext) = tokio::time::timeout(Duration::from_secs(60), w.seen.recv())
+        .await
+        .expect("the bridge never received the pre-key message")
+        .unwrap();
+    assert_eq!(sender, w.alice.user_id);
+    let decrypted: Value = serde_json::from_slice(&plaintext).unwrap();
+    assert_eq!(decrypted, payload);
+    assert!(
+        !w.is_our_one_time_key(&key),
+        "the used one-time key is still stored"
+    );
+    assert_eq!(w.manager.stats().prekeys_decrypted, 1);
+    w.stop_bridge().await;
 }
