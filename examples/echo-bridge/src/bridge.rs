@@ -12,7 +12,8 @@ use anyhow::Context;
 use bridgekeys::{
     appservice::{
         Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient,
-        ProvisionConfig, Provisioner, Registration, Transaction, UserDecision, UserNamespace,
+        HomeserverError, ProvisionConfig, ProvisionError, Provisioner, Registration, Transaction,
+        UserDecision, UserNamespace,
     },
     olm::{AccountManager, ManagerConfig},
     store::{PuppetRegistry, SledStore, SledStoreConfig},
@@ -21,7 +22,10 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::{Config, client::PuppetClient};
+use crate::{
+    Config,
+    client::{PuppetClient, Refused},
+};
 
 /// The part of a room event the bridge looks at.
 #[derive(Deserialize)]
@@ -179,18 +183,39 @@ impl EchoHandler {
     }
 }
 
+/// Will the homeserver refuse this again, whatever we do?
+fn is_permanent(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        if let Some(refused) = cause.downcast_ref::<Refused>() {
+            return refused.is_permanent();
+        }
+        if let Some(ProvisionError::Homeserver(e)) = cause.downcast_ref::<ProvisionError>() {
+            return matches!(e, HomeserverError::Matrix { status, .. } if !e.is_transient() && *status < 500);
+        }
+        false
+    })
+}
+
 impl BridgeHandler for EchoHandler {
     async fn transaction(&self, transaction: &Transaction) -> Result<(), HandlerError> {
         for raw in &transaction.events {
             let Ok(event) = serde_json::from_str::<Event>(raw.get()) else {
                 continue;
             };
-            // Events in order; the first failure fails the transaction, and
-            // the homeserver retries it whole (our effects are idempotent).
-            self.handle(&event).await.map_err(|e| {
-                tracing::warn!(event_id = %event.event_id, error = %format!("{e:#}"), "event failed; the transaction will be retried");
-                HandlerError::new(format!("{e:#}"))
-            })?;
+            // Events in order. A failure that a retry may cure (network,
+            // 5xx, 429, our store) fails the transaction, and the homeserver
+            // retries it whole (our effects are idempotent). One the
+            // homeserver will refuse every time (4xx: the room is gone, the
+            // puppet was kicked) is logged and skipped: retrying it would
+            // hold up every later transaction for good.
+            if let Err(e) = self.handle(&event).await {
+                if is_permanent(&e) {
+                    tracing::warn!(event_id = %event.event_id, error = %format!("{e:#}"), "event refused by the homeserver; skipped");
+                } else {
+                    tracing::warn!(event_id = %event.event_id, error = %format!("{e:#}"), "event failed; the transaction will be retried");
+                    return Err(HandlerError::new(format!("{e:#}")));
+                }
+            }
         }
         Ok(())
     }
@@ -305,7 +330,9 @@ impl EchoBridge {
     ) -> anyhow::Result<()> {
         match self.handler.rebuild_rooms(self.store.as_ref()).await {
             Ok(n) => tracing::info!(memberships = n, "puppet rooms relearnt from the homeserver"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not relearn the puppets' rooms"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not relearn the puppets' rooms")
+            }
         }
         let rotation = self.provisioner.start_rotation();
         let served = self.appservice.serve_on(listener, shutdown).await;

@@ -17,6 +17,30 @@ use zeroize::Zeroizing;
 /// Largest answer read (join and send answers are tiny).
 const MAX_ANSWER: usize = 64 * 1024;
 
+/// The homeserver answered a call with an error status.
+#[derive(Debug)]
+pub struct Refused {
+    /// HTTP status.
+    pub status: u16,
+    /// The Matrix error body.
+    pub answer: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "homeserver answered {}: {}", self.status, self.answer)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Refused {
+    /// A 4xx other than 429: asking again will get the same answer.
+    pub fn is_permanent(&self) -> bool {
+        (400..500).contains(&self.status) && self.status != 429
+    }
+}
+
 /// Acts as the appservice's users on the homeserver.
 #[derive(Clone)]
 pub struct PuppetClient {
@@ -139,14 +163,20 @@ impl PuppetClient {
                 http::header::AUTHORIZATION,
                 format!("Bearer {}", self.as_token.as_str()),
             )
-            .body(Full::new(body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()))))
+            .body(Full::new(
+                body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+            ))
             .context("building the request")?;
         let (status, answer) = tokio::time::timeout(self.timeout, self.send(request))
             .await
             .context("the homeserver did not answer in time")??;
         if !status.is_success() {
             // The answer is a Matrix error: errcode and message, no secrets.
-            bail!("homeserver answered {status}: {answer}");
+            return Err(Refused {
+                status: status.as_u16(),
+                answer: answer.to_string(),
+            }
+            .into());
         }
         Ok(answer)
     }

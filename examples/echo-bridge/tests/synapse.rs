@@ -327,47 +327,62 @@ async fn a_user_query_for_a_puppet_provisions_it_and_the_bot_is_not_a_puppet() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_whose_join_fails_is_refused_so_the_homeserver_retries_it() {
+async fn a_transaction_whose_join_fails_transiently_is_retried_and_a_refused_one_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let local = Local::start(dir.path()).await.unwrap();
-    // An invite to a room that does not exist: provisioning works (real
-    // Synapse), the join cannot.
-    let transaction = json!({ "events": [{
-        "type": "m.room.member",
-        "event_id": "$invite-to-nowhere",
-        "room_id": "!nowhere:localhost",
-        "sender": "@alice:localhost",
-        "state_key": "@echo_carol:localhost",
-        "content": { "membership": "invite" },
-        "origin_server_ts": 0
-    }]});
-    assert_eq!(put_transaction(&local, "t-fail", &transaction).await, 500);
-    // Not recorded as done: the retry is processed again (and fails again),
-    // rather than answered 200 from the dedup log.
-    assert_eq!(put_transaction(&local, "t-fail", &transaction).await, 500);
-    // The puppet was provisioned on the way (keys/query shows its device).
+    let mut local = Local::start(dir.path()).await.unwrap();
     let alice = local
         .synapse
         .register_user("alice", "correct horse battery")
         .await
         .unwrap();
-    let query = local
-        .call(
-            &alice,
-            Method::POST,
-            "/_matrix/client/v3/keys/query",
-            Some(&json!({ "device_keys": { "@echo_carol:localhost": [] } })),
-        )
+    let bob = "@echo_bob:localhost";
+    let room = local.create_dm(&alice, bob).await.unwrap();
+    local
+        .wait_for_join(&alice, &room, bob, TIMEOUT)
         .await
         .unwrap();
-    assert!(
-        query["device_keys"]["@echo_carol:localhost"][DEFAULT_PUPPET_DEVICE_ID].is_object(),
-        "{query}"
-    );
-    // A transaction without failing effects is acknowledged.
+    let invite = |room: &str| {
+        json!({ "events": [{
+            "type": "m.room.member",
+            "event_id": format!("$invite-{room}"),
+            "room_id": room,
+            "sender": "@alice:localhost",
+            "state_key": bob,
+            "content": { "membership": "invite" },
+            "origin_server_ts": 0
+        }]})
+    };
+
+    // The homeserver cannot be reached: the join fails, the transaction is
+    // answered 500 and not recorded, so the retry is processed again.
+    let homeserver_url = local.config.homeserver_url.clone();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    local.config.homeserver_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    local.restart().await.unwrap();
+    assert_eq!(put_transaction(&local, "t-down", &invite(&room)).await, 500);
+    assert_eq!(put_transaction(&local, "t-down", &invite(&room)).await, 500);
+
+    // Reachable again: the retry goes through (the join is idempotent).
+    local.config.homeserver_url = homeserver_url;
+    local.restart().await.unwrap();
+    assert_eq!(put_transaction(&local, "t-down", &invite(&room)).await, 200);
+
+    // An invite to a room that does not exist: the homeserver refuses the
+    // join (4xx) and will every time; the event is skipped (logged) rather
+    // than blocking every later transaction.
     assert_eq!(
-        put_transaction(&local, "t-ok", &json!({ "events": [] })).await,
+        put_transaction(&local, "t-nowhere", &invite("!nowhere:localhost")).await,
         200
     );
+    // And the bridge goes on echoing.
+    local
+        .send_text(&alice, &room, "after", "still echoing?")
+        .await
+        .unwrap();
+    local
+        .wait_for_message(&alice, &room, bob, "echo: still echoing?", TIMEOUT)
+        .await
+        .unwrap();
     local.stop().await.unwrap();
 }
