@@ -1,8 +1,12 @@
 # bridgekeys tasks. `just` is optional: each recipe is one plain command,
 # and README.md lists the same commands without it.
 
-# Run the quickstart example.
+# The demo: a local Synapse, the echo bridge, a key claim and an echo.
 run:
+    cargo run --release -p echo-bridge -- demo
+
+# The key path alone, without a homeserver.
+quickstart:
     cargo run -p quickstart
 
 # The test command CI runs.
