@@ -109,6 +109,29 @@ impl std::fmt::Debug for Registration {
     }
 }
 
+/// Deepest flow-collection nesting [`Registration::from_yaml`] parses.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Whether `[`/`{` nest deeper than `max` (quotes and comments ignored: an
+/// over-estimate, which only a file with over a hundred unbalanced brackets
+/// in its strings could notice).
+fn flow_depth_exceeds(yaml: &str, max: usize) -> bool {
+    let mut depth = 0usize;
+    for byte in yaml.bytes() {
+        match byte {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// A fresh random token: 32 bytes from the OS RNG, URL-safe base64
 /// (43 characters, 256 bits).
 pub fn random_token() -> String {
@@ -150,7 +173,19 @@ impl Registration {
     }
 
     /// Parse a registration from YAML.
+    ///
+    /// Flow collections (`[`, `{`) nested deeper than 128 levels are refused
+    /// before parsing: the YAML parser's time grows with the square of that
+    /// depth (40 KB of `[` took seconds), and deserialisation would refuse
+    /// them anyway.
     pub fn from_yaml(yaml: &str) -> Result<Self, AppserviceError> {
+        if flow_depth_exceeds(yaml, MAX_FLOW_DEPTH) {
+            return Err(AppserviceError::RegistrationYaml(
+                <serde_yaml_ng::Error as serde::de::Error>::custom(format!(
+                    "flow collections nested deeper than {MAX_FLOW_DEPTH} levels"
+                )),
+            ));
+        }
         Ok(serde_yaml_ng::from_str(yaml)?)
     }
 
