@@ -204,6 +204,10 @@ fn decode_hex(text: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     if !text.len().is_multiple_of(2) || !text.is_ascii() {
         bail!("odd length or non-ASCII");
     }
+    // `from_str_radix` alone would take a sign: "+a" as 0x0a.
+    if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("not a hex digit");
+    }
     let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 2));
     for i in (0..text.len()).step_by(2) {
         out.push(u8::from_str_radix(&text[i..i + 2], 16).context("not a hex digit")?);
