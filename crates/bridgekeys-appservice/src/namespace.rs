@@ -28,12 +28,14 @@ impl UserNamespace {
         let regexes = exclusive_regexes
             .into_iter()
             .map(|r| {
-                Regex::new(&format!("^(?:{r})")).map_err(|source| {
-                    AppserviceError::BadNamespaceRegex {
+                // Checked alone first: only wrapped, an unbalanced regex such
+                // as `x)|(.*` compiles, and matches far more than it says.
+                Regex::new(r)
+                    .and_then(|_| Regex::new(&format!("^(?:{r})")))
+                    .map_err(|source| AppserviceError::BadNamespaceRegex {
                         regex: r.to_owned(),
                         source,
-                    }
-                })
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { regexes, sender })

@@ -237,3 +237,88 @@ fn an_alias_expansion_bomb_is_refused_quickly() {
     yaml.push_str("id: *a11\n");
     assert!(Registration::from_yaml(&yaml).is_err());
 }
+
+/// A namespace regex built from regex syntax fragments, balanced or not.
+fn namespace_regex() -> impl Strategy<Value = String> {
+    let fragment = prop_oneof![
+        Just("@echo_"),
+        Just(".*"),
+        Just(":localhost"),
+        Just("("),
+        Just(")"),
+        Just("|"),
+        Just("[a-z]"),
+        Just("["),
+        Just("]"),
+        Just("\\"),
+        Just("\\."),
+        Just("*"),
+        Just("+"),
+        Just("?"),
+        Just("^"),
+        Just("$"),
+        Just("{2}"),
+        Just("(?i)"),
+        Just("(?:"),
+        Just("x"),
+    ];
+    proptest::collection::vec(fragment, 0..8).prop_map(|f| f.concat())
+}
+
+fn user_id() -> impl Strategy<Value = ruma::OwnedUserId> {
+    prop_oneof![
+        "@echo_[a-z0-9]{0,6}:localhost",
+        "@[a-z_]{1,8}:localhost",
+        "@[a-z_]{1,8}:[a-z]{1,6}\\.org",
+        Just("@x:localhost".to_owned()),
+        Just("@echo_x:localhost".to_owned()),
+    ]
+    .prop_map(|s| s.as_str().try_into().unwrap())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn a_namespace_regex_means_what_it_means_alone_anchored_at_the_start_or_is_refused(
+        regex in namespace_regex(),
+        users in proptest::collection::vec(user_id(), 1..6),
+    ) {
+        let namespace = bridgekeys_appservice::UserNamespace::new([regex.as_str()], None);
+        match regex::Regex::new(&regex) {
+            Err(_) => prop_assert!(
+                namespace.is_err(),
+                "{:?} is not a regex, yet it was accepted as a namespace",
+                regex
+            ),
+            Ok(alone) => {
+                let namespace = namespace.unwrap();
+                for user in &users {
+                    // Synapse's re.match: a match starting at the start.
+                    // The leftmost match starts there if any does.
+                    let synapse = alone.find(user.as_str()).is_some_and(|m| m.start() == 0);
+                    prop_assert_eq!(namespace.contains(user), synapse, "{:?} on {}", regex, user);
+                }
+            }
+        }
+    }
+}
+
+/// Regression (found by this fuzzing): a regex that is malformed alone but
+/// balanced once wrapped in `^(?:…)` was accepted, and `x)|(.*` then claimed
+/// every user (Synapse refuses such a registration outright).
+#[test]
+fn a_namespace_regex_that_only_compiles_wrapped_is_refused() {
+    for regex in [")(", "x)|(.*", "@echo_.*:localhost)|(@.*"] {
+        assert!(
+            bridgekeys_appservice::UserNamespace::new([regex], None).is_err(),
+            "{regex} accepted"
+        );
+    }
+    let mut reg = Registration::generate("echo", "http://h:1", "echo_bot", "@echo_.*:hs)|(.*");
+    reg.namespaces.users[0].exclusive = true;
+    assert!(
+        bridgekeys_appservice::AppserviceConfig::from_registration(&reg, ruma::server_name!("hs"))
+            .is_err()
+    );
+}
