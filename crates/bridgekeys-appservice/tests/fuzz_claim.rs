@@ -31,7 +31,7 @@ use fuzzing::{json, nasty_string, raw_body, run};
 use proptest::prelude::*;
 use serde_json::Value;
 
-const CASES: u32 = 128;
+const CASES: u32 = 256;
 const PROVISIONED: [&str; 2] = ["@echo_0:localhost", "@echo_1:localhost"];
 
 fn limits() -> Limits {

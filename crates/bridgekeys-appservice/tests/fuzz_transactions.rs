@@ -35,7 +35,7 @@ use proptest::prelude::*;
 use ruma::OneTimeKeyAlgorithm;
 use serde_json::{Value, json};
 
-const CASES: u32 = 128;
+const CASES: u32 = 256;
 const PLAINTEXT: &str = "{\"type\":\"m.dummy\",\"content\":{}}";
 
 fn limits() -> Limits {
