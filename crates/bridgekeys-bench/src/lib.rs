@@ -6,5 +6,6 @@
 //! `bridgekeys-bench crash --cycles N` (the long run) share one implementation.
 
 pub mod crash;
+pub mod http;
 pub mod manager;
 pub mod support;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bridgekeys_bench::{crash, manager};
+use bridgekeys_bench::{crash, http, manager};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -24,6 +24,27 @@ enum Scenario {
         /// Concurrent claimers.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Claims to measure (1 key each).
+        #[arg(long, default_value_t = 40_000)]
+        claims: usize,
+        /// Seconds per raw crypto measurement.
+        #[arg(long, default_value_t = 3.0)]
+        raw_seconds: f64,
+        /// Directory for the store (on the disk you want measured).
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Key claims over loopback HTTP to the real listener (durable store).
+    Http {
+        /// Provisioned puppet devices.
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
         /// Claims to measure (1 key each).
         #[arg(long, default_value_t = 40_000)]
         claims: usize,
@@ -123,6 +144,45 @@ async fn main() -> anyhow::Result<()> {
             );
             println!(
                 "  ratio manager / raw (all cores)         {:>10.2}",
+                r.ratio_to_raw
+            );
+            write_json(json, &r)
+        }
+        Scenario::Http {
+            devices,
+            connections,
+            claims,
+            raw_seconds,
+            dir,
+            json,
+        } => {
+            let config = http::HttpBench {
+                devices,
+                connections,
+                claims,
+                raw_seconds,
+                dir,
+            };
+            let r = http::run(&config).await?;
+            println!("scenario: http");
+            println!(
+                "  raw vodozemac generate+sign, 1 thread   {:>10.0} keys/s",
+                r.raw_keys_per_s_1t
+            );
+            println!(
+                "  raw vodozemac generate+sign, all cores  {:>10.0} keys/s",
+                r.raw_keys_per_s_all
+            );
+            println!(
+                "  HTTP claims ({} connections, {} devices) {:>8.0} claims/s",
+                r.connections, r.devices, r.http_claims_per_s
+            );
+            println!(
+                "  claim latency p50 / p99                 {:>7.2} / {:.2} ms",
+                r.http_p50_ms, r.http_p99_ms
+            );
+            println!(
+                "  ratio HTTP / raw (all cores)            {:>10.2}",
                 r.ratio_to_raw
             );
             write_json(json, &r)
