@@ -12,7 +12,7 @@ use std::{
 use bridgekeys_appservice::{
     Appservice, AppserviceConfig, BridgeHandler, HandlerError, Registration, Transaction,
 };
-use bridgekeys_store::{SledStore, SledStoreConfig, StoreKey};
+use bridgekeys_store::StoreKey;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -22,8 +22,8 @@ use ruma::ServerName;
 use serde::Serialize;
 
 use crate::{
-    manager::raw_keys_per_s,
-    support::{percentile_ms, puppet},
+    manager::measure_raw,
+    support::{open_store, percentile_ms, puppet},
 };
 
 /// Knobs of the `http` scenario.
@@ -74,18 +74,12 @@ impl BridgeHandler for NoBridge {
 
 /// Run the scenario.
 pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let raw_1t = raw_keys_per_s(1, config.raw_seconds);
-    let raw_all = raw_keys_per_s(threads, config.raw_seconds);
+    let raw = measure_raw(config.raw_seconds);
+    let (raw_1t, raw_all) = (raw.per_s_1t, raw.per_s_all);
 
     std::fs::create_dir_all(&config.dir)?;
     let dir = tempfile::tempdir_in(&config.dir)?;
-    let store = Arc::new(SledStore::open(SledStoreConfig::new(
-        dir.path().join("store"),
-        StoreKey::generate(),
-    ))?);
+    let store = open_store(dir.path(), &StoreKey::generate())?;
     let manager = Arc::new(bridgekeys_olm::AccountManager::new(
         store.clone(),
         Default::default(),

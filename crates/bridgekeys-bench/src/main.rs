@@ -14,49 +14,43 @@ struct Cli {
     scenario: Scenario,
 }
 
+/// What the claim-throughput scenarios share.
+#[derive(clap::Args)]
+struct Load {
+    /// Provisioned puppet devices.
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Claims to measure (1 key each).
+    #[arg(long, default_value_t = 40_000)]
+    claims: usize,
+    /// Seconds per raw crypto measurement.
+    #[arg(long, default_value_t = 3.0)]
+    raw_seconds: f64,
+    /// Directory for the store (on the disk you want measured).
+    #[arg(long, default_value = "target/bench-data")]
+    dir: PathBuf,
+    /// Also write the figures as one JSON object to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Scenario {
     /// Raw vodozemac generate+sign keys/s against durable manager claims/s.
     Manager {
-        /// Provisioned puppet devices.
-        #[arg(long, default_value_t = 10_000)]
-        devices: usize,
         /// Concurrent claimers.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
-        /// Claims to measure (1 key each).
-        #[arg(long, default_value_t = 40_000)]
-        claims: usize,
-        /// Seconds per raw crypto measurement.
-        #[arg(long, default_value_t = 3.0)]
-        raw_seconds: f64,
-        /// Directory for the store (on the disk you want measured).
-        #[arg(long, default_value = "target/bench-data")]
-        dir: PathBuf,
-        /// Also write the figures as one JSON object to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        load: Load,
     },
     /// Key claims over loopback HTTP to the real listener (durable store).
     Http {
-        /// Provisioned puppet devices.
-        #[arg(long, default_value_t = 10_000)]
-        devices: usize,
         /// Concurrent keep-alive connections.
         #[arg(long, default_value_t = 64)]
         connections: usize,
-        /// Claims to measure (1 key each).
-        #[arg(long, default_value_t = 40_000)]
-        claims: usize,
-        /// Seconds per raw crypto measurement.
-        #[arg(long, default_value_t = 3.0)]
-        raw_seconds: f64,
-        /// Directory for the store (on the disk you want measured).
-        #[arg(long, default_value = "target/bench-data")]
-        dir: PathBuf,
-        /// Also write the figures as one JSON object to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        load: Load,
     },
     /// Kill a claiming child with SIGKILL N times; check no key is reused or lost.
     Crash {
@@ -101,14 +95,14 @@ fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::R
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
-        Scenario::Manager {
-            devices,
-            concurrency,
-            claims,
-            raw_seconds,
-            dir,
-            json,
-        } => {
+        Scenario::Manager { concurrency, load } => {
+            let Load {
+                devices,
+                claims,
+                raw_seconds,
+                dir,
+                json,
+            } = load;
             let config = manager::ManagerBench {
                 devices,
                 concurrency,
@@ -148,14 +142,14 @@ async fn main() -> anyhow::Result<()> {
             );
             write_json(json, &r)
         }
-        Scenario::Http {
-            devices,
-            connections,
-            claims,
-            raw_seconds,
-            dir,
-            json,
-        } => {
+        Scenario::Http { connections, load } => {
+            let Load {
+                devices,
+                claims,
+                raw_seconds,
+                dir,
+                json,
+            } = load;
             let config = http::HttpBench {
                 devices,
                 connections,

@@ -94,13 +94,36 @@ pub fn raw_keys_per_s(threads: usize, seconds: f64) -> f64 {
     total as f64 / seconds
 }
 
-/// Run the scenario.
-pub async fn run(config: &ManagerBench) -> anyhow::Result<ManagerReport> {
+/// The raw crypto figures every scenario compares against.
+#[derive(Clone, Copy, Debug)]
+pub struct Raw {
+    /// Threads of the all-core figure (the machine's cores).
+    pub threads: usize,
+    /// Keys/s on one thread.
+    pub per_s_1t: f64,
+    /// Keys/s on all cores.
+    pub per_s_all: f64,
+}
+
+/// Measure [`raw_keys_per_s`] on one thread and on all cores.
+pub fn measure_raw(seconds: f64) -> Raw {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let raw_1t = raw_keys_per_s(1, config.raw_seconds);
-    let raw_all = raw_keys_per_s(threads, config.raw_seconds);
+    Raw {
+        threads,
+        per_s_1t: raw_keys_per_s(1, seconds),
+        per_s_all: raw_keys_per_s(threads, seconds),
+    }
+}
+
+/// Run the scenario.
+pub async fn run(config: &ManagerBench) -> anyhow::Result<ManagerReport> {
+    let Raw {
+        threads,
+        per_s_1t: raw_1t,
+        per_s_all: raw_all,
+    } = measure_raw(config.raw_seconds);
 
     std::fs::create_dir_all(&config.dir)?;
     let dir = tempfile::tempdir_in(&config.dir)?;

@@ -10,8 +10,9 @@ use vodozemac::{
     olm::{Account, OlmMessage, PreKeyMessage, SessionConfig},
 };
 
-/// Open a manager over a sled store at `dir/store`.
-pub fn open_manager(dir: &Path, key: &StoreKey) -> Result<AccountManager, StoreError> {
+/// Open a sled store at `dir/store` (with the group-commit gather time from
+/// `BRIDGEKEYS_COMMIT_GATHER_US`, if set, for experiments).
+pub fn open_store(dir: &Path, key: &StoreKey) -> Result<Arc<SledStore>, StoreError> {
     let mut config = SledStoreConfig::new(dir.join("store"), key.clone());
     if let Some(us) = std::env::var("BRIDGEKEYS_COMMIT_GATHER_US")
         .ok()
@@ -19,9 +20,13 @@ pub fn open_manager(dir: &Path, key: &StoreKey) -> Result<AccountManager, StoreE
     {
         config.commit_gather = Duration::from_micros(us);
     }
-    let store = SledStore::open(config)?;
+    Ok(Arc::new(SledStore::open(config)?))
+}
+
+/// Open a manager over a sled store at `dir/store`.
+pub fn open_manager(dir: &Path, key: &StoreKey) -> Result<AccountManager, StoreError> {
     Ok(AccountManager::new(
-        Arc::new(store),
+        open_store(dir, key)?,
         ManagerConfig::default(),
     ))
 }
