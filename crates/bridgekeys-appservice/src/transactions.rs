@@ -206,6 +206,7 @@ const OLM_ALGORITHM: &str = "m.olm.v1.curve25519-aes-sha2";
 async fn open_to_device<H: BridgeHandler>(
     inner: &Inner<H>,
     msg: ToDeviceWire,
+    delivery: &str,
 ) -> Result<ToDevice, MatrixError> {
     let other = |msg: ToDeviceWire, undecryptable: Option<String>| {
         ToDevice::Other(RawToDevice {
@@ -258,7 +259,7 @@ async fn open_to_device<H: BridgeHandler>(
     };
     match inner
         .manager
-        .decrypt_prekey(&user_id, &device_id, sender_key, &message)
+        .decrypt_prekey_in_delivery(&user_id, &device_id, sender_key, &message, delivery)
         .await
     {
         Ok(inbound) => {
@@ -276,6 +277,13 @@ async fn open_to_device<H: BridgeHandler>(
     }
 }
 
+/// The delivery a transaction's pre-key messages are remembered under, so
+/// that a retry of the same transaction (even after a crash) gets the same
+/// plaintexts although their one-time keys are consumed.
+fn delivery_tag<H: BridgeHandler>(inner: &Inner<H>, txn_id: &str) -> String {
+    format!("txn/{}/{txn_id}", inner.config.txn_namespace)
+}
+
 /// Turn a parsed body into a [`Transaction`], decrypting pre-key messages.
 async fn open_transaction<H: BridgeHandler>(
     inner: &Inner<H>,
@@ -284,7 +292,7 @@ async fn open_transaction<H: BridgeHandler>(
 ) -> Result<Transaction, MatrixError> {
     let mut to_device = Vec::with_capacity(body.to_device.len() + body.to_device_unstable.len());
     for msg in body.to_device_unstable.into_iter().chain(body.to_device) {
-        to_device.push(open_to_device(inner, msg).await?);
+        to_device.push(open_to_device(inner, msg, &delivery_tag(inner, &txn_id)).await?);
     }
     let mut ephemeral = body.ephemeral_unstable;
     ephemeral.extend(body.ephemeral);
@@ -435,6 +443,16 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?;
     if holds_plaintext {
         inner.retry_cache.take(&txn_id);
+        // Recorded for good: the decrypted plaintexts kept (sealed) for a
+        // retry after a crash can go. If this fails they stay sealed on
+        // disk, and a retry of this id is a duplicate anyway.
+        if let Err(e) = inner
+            .manager
+            .forget_deliveries(&delivery_tag(&inner, &txn_id))
+            .await
+        {
+            tracing::warn!(%txn_id, error = %e, "could not forget the transaction's delivery records");
+        }
     }
     inner.metrics.transactions.inc();
     Ok(Json(serde_json::Map::new()))

@@ -448,3 +448,67 @@ async fn the_retry_of_a_failed_transaction_still_hands_over_its_decrypted_prekey
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_retried_transaction_still_hands_over_its_decrypted_prekey_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (body, message_bytes) = {
+        let fx = Fixture::open(dir.path(), Limits::default());
+        fx.provision(1).await;
+        let (msg, _) = prekey_to_device(&fx, "room key payload").await;
+        let ciphertext = msg["content"]["ciphertext"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap();
+        let message = bridgekeys_olm::vodozemac::olm::PreKeyMessage::from_base64(
+            ciphertext["body"].as_str().unwrap(),
+        )
+        .unwrap();
+        let body = json!({"events": [], "to_device": [msg]});
+        fx.handler.fail.store(true, Ordering::SeqCst);
+        let (status, _) = fx
+            .call(authed(
+                Method::PUT,
+                &txn_path("crash-olm"),
+                json_body(&body),
+            ))
+            .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        (body, message.to_bytes())
+        // The bridge process dies here: its in-memory retry cache is gone.
+    };
+
+    let fx = Fixture::open(dir.path(), Limits::default());
+    let dk = DeviceKey::new("@echo_0:localhost", "PUPPETDEV");
+    let tag = format!("txn/{TXN_NS}/crash-olm");
+    assert!(
+        fx.store
+            .load_delivery(&dk, &tag, &message_bytes)
+            .unwrap()
+            .is_some()
+    );
+    let (status, _) = fx
+        .call(authed(
+            Method::PUT,
+            &txn_path("crash-olm"),
+            json_body(&body),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        seen.decrypted.len(),
+        1,
+        "the retry after the crash lost the message"
+    );
+    assert_eq!(seen.decrypted[0].2, b"room key payload");
+    assert!(
+        fx.store
+            .load_delivery(&dk, &tag, &message_bytes)
+            .unwrap()
+            .is_none(),
+        "the plaintext is kept after the transaction was recorded"
+    );
+}

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use bridgekeys_store::{
-    DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending, Store, Version,
+    Delivery, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending, Store, Version,
 };
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -58,6 +58,15 @@ impl std::fmt::Debug for InboundMessage {
 }
 
 type Slot = Arc<Mutex<DeviceAccount>>;
+
+/// What a delivery remembers of a decrypted pre-key message (sealed at rest
+/// by the store). Plaintext in base64: it is bytes, not necessarily UTF-8.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DeliveryRecord {
+    session_id: String,
+    plaintext: String,
+    used_fallback_key: bool,
+}
 
 /// Owns the Olm accounts of a bridge's puppet devices.
 ///
@@ -312,11 +321,58 @@ impl AccountManager {
         sender_key: Curve25519PublicKey,
         message: &PreKeyMessage,
     ) -> Result<InboundMessage, OlmError> {
+        self.decrypt(user_id, device_id, sender_key, message, None)
+            .await
+    }
+
+    /// [`Self::decrypt_prekey`] for a message that arrived in a delivery
+    /// that may be retried, such as an appservice transaction (`delivery` is
+    /// its id).
+    ///
+    /// The result is remembered durably, sealed, in the same write that
+    /// consumes the one-time key, so the same message in a retry of the same
+    /// delivery gets the same plaintext back, even after a crash, although
+    /// its key is gone. In any other delivery it is still a replay
+    /// (`UnknownOneTimeKey` or `Replay`). Call
+    /// [`Self::forget_deliveries`] once the delivery is acknowledged for
+    /// good: the remembered plaintext is kept only until then.
+    pub async fn decrypt_prekey_in_delivery(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        sender_key: Curve25519PublicKey,
+        message: &PreKeyMessage,
+        delivery: &str,
+    ) -> Result<InboundMessage, OlmError> {
+        self.decrypt(user_id, device_id, sender_key, message, Some(delivery))
+            .await
+    }
+
+    /// Forget what [`Self::decrypt_prekey_in_delivery`] remembered for
+    /// `delivery`, durably.
+    pub async fn forget_deliveries(&self, delivery: &str) -> Result<(), OlmError> {
+        self.store.forget_deliveries(delivery)?.durable().await?;
+        Ok(())
+    }
+
+    async fn decrypt(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        sender_key: Curve25519PublicKey,
+        message: &PreKeyMessage,
+        delivery: Option<&str>,
+    ) -> Result<InboundMessage, OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         let slot = self.existing_slot(&key, user_id, device_id)?;
         let (inbound, pending) = {
             let mut device = slot.lock();
-            match self.decrypt_locked(&mut device, &key, sender_key, message) {
+            let result = match self.redelivered(&key, message, delivery) {
+                Ok(Some(inbound)) => Ok((inbound, self.store.sync())),
+                Ok(None) => self.decrypt_locked(&mut device, &key, sender_key, message, delivery),
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(done) => done,
                 Err(e) => {
                     Counters::add(&self.counters.prekeys_refused, 1);
@@ -330,12 +386,42 @@ impl AccountManager {
         Ok(inbound)
     }
 
+    /// The remembered result of `message` in `delivery`, if this is a retry.
+    fn redelivered(
+        &self,
+        key: &DeviceKey,
+        message: &PreKeyMessage,
+        delivery: Option<&str>,
+    ) -> Result<Option<InboundMessage>, OlmError> {
+        let Some(tag) = delivery else { return Ok(None) };
+        let Some(raw) = self.store.load_delivery(key, tag, &message.to_bytes())? else {
+            return Ok(None);
+        };
+        let corrupt = |what: &str| OlmError::Corrupt(format!("delivery record: {what}"));
+        let record: DeliveryRecord =
+            serde_json::from_slice(&raw).map_err(|e| corrupt(&e.to_string()))?;
+        let pickle = self
+            .store
+            .load_session(key, &record.session_id)?
+            .ok_or_else(|| corrupt("its session is gone"))?;
+        let pickle: vodozemac::olm::SessionPickle =
+            serde_json::from_slice(&pickle).map_err(|e| corrupt(&e.to_string()))?;
+        let plaintext =
+            vodozemac::base64_decode(&record.plaintext).map_err(|e| corrupt(&e.to_string()))?;
+        Ok(Some(InboundMessage {
+            session: Session::from_pickle(pickle),
+            plaintext: Zeroizing::new(plaintext),
+            used_fallback_key: record.used_fallback_key,
+        }))
+    }
+
     fn decrypt_locked(
         &self,
         device: &mut DeviceAccount,
         key: &DeviceKey,
         sender_key: Curve25519PublicKey,
         message: &PreKeyMessage,
+        delivery: Option<&str>,
     ) -> Result<(InboundMessage, Pending), OlmError> {
         let config = SessionConfig::version_1();
         let stored = self
@@ -387,12 +473,30 @@ impl AccountManager {
         if marks_used {
             set_used(device, true);
         }
+        let delivery = match delivery {
+            Some(tag) => {
+                let record = DeliveryRecord {
+                    session_id: session_id.clone(),
+                    plaintext: vodozemac::base64_encode(&created.plaintext),
+                    used_fallback_key: stored.is_none(),
+                };
+                let record = serde_json::to_vec(&record)
+                    .map_err(|e| OlmError::Corrupt(format!("cannot serialise delivery: {e}")))?;
+                Some(Delivery {
+                    tag: tag.to_owned(),
+                    message: message.to_bytes(),
+                    record: Zeroizing::new(record),
+                })
+            }
+            None => None,
+        };
         let written = device.encode(outstanding).and_then(|account| {
             let write = DeviceWrite {
                 account,
                 add_keys: Vec::new(),
                 remove_keys: stored.iter().map(|r| (r.key_id, r.public_key)).collect(),
                 sessions: vec![(session_id, Zeroizing::new(pickle))],
+                delivery,
             };
             Ok(self.store.write_device(key, device.version, write)?)
         });

@@ -381,3 +381,52 @@ fn file_bytes(dir: &std::path::Path) -> Vec<u8> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_retried_delivery_gets_the_same_plaintext_even_after_a_restart_and_no_other_delivery_does()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let store_key = StoreKey::generate();
+    let (user, device) = alice();
+    let (sender, message) = {
+        let m = manager(dir.path(), &store_key, ManagerConfig::default());
+        m.create_device(&user, &device).await.unwrap();
+        let key = m.claim(&user, &device, &SC, 1).await.unwrap().remove(0);
+        let (sender, message) = prekey_message(&m, &user, &device, &key, "only once");
+        let first = m
+            .decrypt_prekey_in_delivery(&user, &device, sender, &message, "txn-1")
+            .await
+            .unwrap();
+        assert_eq!(first.plaintext.as_slice(), b"only once");
+        (sender, message)
+        // The manager (and store) go: a crash before the delivery was acknowledged.
+    };
+    let m = manager(dir.path(), &store_key, ManagerConfig::default());
+    let again = m
+        .decrypt_prekey_in_delivery(&user, &device, sender, &message, "txn-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        again.plaintext.as_slice(),
+        b"only once",
+        "the retry lost the message"
+    );
+    // Another delivery of the same message is a replay: the key is gone.
+    let err = m
+        .decrypt_prekey_in_delivery(&user, &device, sender, &message, "txn-2")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    let err = m
+        .decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    // Once acknowledged and forgotten, the plaintext is no longer kept.
+    m.forget_deliveries("txn-1").await.unwrap();
+    let err = m
+        .decrypt_prekey_in_delivery(&user, &device, sender, &message, "txn-1")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+}

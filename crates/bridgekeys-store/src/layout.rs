@@ -9,6 +9,7 @@
 //! | `k/<device><key_id u64 BE>` | public key (32 bytes), then the sealed private key |
 //! | `p/<device><public key>` | key id u64 BE (an index: public data only) |
 //! | `s/<device><session id>` | the sealed session pickle |
+//! | `d/<tag length u32 BE><tag><device><message>` | a sealed delivery record, until the delivery is acknowledged |
 //! | `t/<namespace len u32 BE><namespace><txn id>` | empty: a completed homeserver transaction (see `transactions.rs`) |
 //! | `r/<device>` | empty: a puppet device provisioned on the homeserver (see `puppets.rs`) |
 //!
@@ -60,4 +61,20 @@ pub(crate) const PUPPET_PREFIX: &[u8] = b"r/";
 
 pub(crate) fn puppet(device: &DeviceKey) -> Vec<u8> {
     join(PUPPET_PREFIX, device, &[])
+}
+
+/// All delivery records of one tag share this prefix.
+pub(crate) fn delivery_prefix(tag: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + tag.len());
+    k.extend_from_slice(b"d/");
+    k.extend_from_slice(&(tag.len() as u32).to_be_bytes());
+    k.extend_from_slice(tag.as_bytes());
+    k
+}
+
+pub(crate) fn delivery(tag: &str, device: &DeviceKey, message: &[u8]) -> Vec<u8> {
+    let mut k = delivery_prefix(tag);
+    k.extend_from_slice(device.as_bytes());
+    k.extend_from_slice(message);
+    k
 }

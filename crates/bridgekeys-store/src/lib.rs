@@ -45,7 +45,9 @@ pub use error::StoreError;
 pub use puppets::PuppetRegistry;
 pub use sled_store::{DEFAULT_COMMIT_GATHER_US, SCHEMA_VERSION, SledStore, SledStoreConfig};
 pub use transactions::TransactionLog;
-pub use types::{AccountRecord, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Version};
+pub use types::{
+    AccountRecord, Delivery, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Version,
+};
 
 /// What the account manager needs from durable storage.
 ///
@@ -109,6 +111,19 @@ pub trait Store: Send + Sync + 'static {
         device: &DeviceKey,
         session_id: &str,
     ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+
+    /// The record a [`Delivery`] of `message` under `tag` left for `device`,
+    /// if it was not forgotten yet.
+    fn load_delivery(
+        &self,
+        device: &DeviceKey,
+        tag: &str,
+        message: &[u8],
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+
+    /// Forget every delivery record under `tag` (all devices), once the
+    /// delivery is acknowledged for good.
+    fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError>;
 
     /// Wait until everything written so far is on disk.
     fn sync(&self) -> Pending;

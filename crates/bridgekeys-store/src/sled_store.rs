@@ -315,6 +315,11 @@ impl Store for SledStore {
                 (slot, sealed)
             })
             .collect();
+        let delivery: Option<(Vec<u8>, Vec<u8>)> = write.delivery.as_ref().map(|d| {
+            let slot = layout::delivery(&d.tag, device, &d.message);
+            let sealed = self.sealer.seal(&slot, &d.record);
+            (slot, sealed)
+        });
 
         let outcome = self.db.transaction(|tx| {
             let found = match tx.get(&sealed.account_key)? {
@@ -344,6 +349,9 @@ impl Store for SledStore {
                 tx.remove(index.as_slice())?;
             }
             for (slot, sealed) in &sessions {
+                tx.insert(slot.as_slice(), sealed.as_slice())?;
+            }
+            if let Some((slot, sealed)) = &delivery {
                 tx.insert(slot.as_slice(), sealed.as_slice())?;
             }
             Ok(())
@@ -504,6 +512,33 @@ impl Store for SledStore {
             .ok_or_else(|| StoreError::Corrupt {
                 what: "session pickle".into(),
             })
+    }
+
+    fn load_delivery(
+        &self,
+        device: &DeviceKey,
+        tag: &str,
+        message: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let slot = layout::delivery(tag, device, message);
+        let Some(raw) = self.db.get(&slot)? else {
+            return Ok(None);
+        };
+        self.sealer
+            .open(&slot, &raw)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "delivery record".into(),
+            })
+    }
+
+    fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in self.db.scan_prefix(layout::delivery_prefix(tag)).keys() {
+            batch.remove(key?);
+        }
+        self.db.apply_batch(batch)?;
+        Ok(self.commit.pending())
     }
 
     fn sync(&self) -> Pending {

@@ -116,6 +116,22 @@ pub struct DeviceWrite {
     pub remove_keys: Vec<(u64, [u8; 32])>,
     /// Olm session pickles to store, as `(session_id, pickle)`.
     pub sessions: Vec<(String, Zeroizing<Vec<u8>>)>,
+    /// The result of a delivery to remember, so that the same delivery
+    /// retried (after a crash) gets the same answer: see [`Delivery`].
+    pub delivery: Option<Delivery>,
+}
+
+/// What a decrypted message delivery left behind: kept (sealed) until the
+/// delivery is acknowledged, because its one-time key is gone and the
+/// message could not be decrypted a second time.
+pub struct Delivery {
+    /// Who delivered it, e.g. the appservice transaction id. Forgotten as a
+    /// whole with [`crate::Store::forget_deliveries`].
+    pub tag: String,
+    /// The message as delivered (its bytes identify it within the tag).
+    pub message: Vec<u8>,
+    /// What to hand out again (the decryption result), sealed at rest.
+    pub record: Zeroizing<Vec<u8>>,
 }
 
 /// The write of a key claim: the account with its advanced key-id counter,

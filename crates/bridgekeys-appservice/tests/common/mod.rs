@@ -126,6 +126,17 @@ impl Store for HookedStore {
     ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
         self.inner.load_session(device, session_id)
     }
+    fn load_delivery(
+        &self,
+        device: &DeviceKey,
+        tag: &str,
+        message: &[u8],
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_delivery(device, tag, message)
+    }
+    fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
+        self.inner.forget_deliveries(tag)
+    }
     fn sync(&self) -> Pending {
         self.inner.sync()
     }
