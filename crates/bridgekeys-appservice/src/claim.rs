@@ -111,10 +111,11 @@ fn plan(
 
 /// Add the device's published fallback key to its claimed one-time keys
 /// (MSC3983 extra keys; see [`crate::Appservice::with_fallback_in_claims`]).
-/// vodozemac numbers fallback keys and one-time keys with separate counters,
-/// so the ids can be equal: the one-time key wins and the fallback key is
-/// left out, never overwriting a key or sharing its id. Returns whether it
-/// was added.
+/// One-time key ids come from the store's sequence, which starts above any
+/// id vodozemac gives a fallback key ([`bridgekeys_store::FIRST_KEY_ID`]),
+/// so the two cannot share an id; should they ever (a store written before
+/// that sequence), the one-time key wins and the fallback key is left out,
+/// never overwriting a key. Returns whether it was added.
 fn add_fallback<H: BridgeHandler>(
     inner: &Inner<H>,
     job: &Job,

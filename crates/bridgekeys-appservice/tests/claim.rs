@@ -223,6 +223,7 @@ async fn evictions_at_the_outstanding_key_bound_show_in_the_metrics() {
         bridgekeys_olm::ManagerConfig {
             max_keys_per_claim: 5,
             max_outstanding_keys: 5,
+            ..bridgekeys_olm::ManagerConfig::default()
         },
     );
     fx.provision(1).await;

@@ -1,10 +1,18 @@
 //! A device's account as it lives in memory and in the store.
 //!
-//! The stored form is the vodozemac account pickle with **no one-time keys**
-//! in it: the manager moves each new private key out of the account into its
-//! own store record right after generating it. The pickle therefore stays
-//! small and constant-size (identity keys, fallback keys and the key-id
-//! counter), and a claim never re-pickles outstanding keys.
+//! The stored form holds the vodozemac account pickle with **no one-time
+//! keys** in it, plus the fallback-key schedule. One-time keys never enter
+//! the account: a claim generates each key pair directly, signs it with the
+//! account's ed25519 key and stores the private half in its own record, under
+//! an id from the store-wide sequence. So a claim does not change the account
+//! at all, and the record is written only when the device is created, a
+//! pre-key message creates a session, or the fallback key changes.
+//!
+//! Format 3 (current) is one tag byte then the [`postcard`] encoding of
+//! [`StoredDevice`]: about 190 bytes, where the JSON of formats 1 and 2 took
+//! about 600 (every 32-byte key was an array of decimal numbers). Records in
+//! the old formats (they start with `{`) still load and are rewritten in
+//! format 3 by their next write.
 
 use bridgekeys_store::{AccountRecord, Version};
 use serde::{Deserialize, Serialize};
@@ -16,24 +24,28 @@ use zeroize::Zeroizing;
 
 use crate::{OlmError, fallback::FallbackState};
 
-/// Format of [`StoredDevice`]; bump with a migration when it changes.
-/// 2 added `fallback` (absent in format 1 records: no fallback state yet).
-const FORMAT: u32 = 2;
+/// The tag byte of the current binary format.
+const FORMAT: u8 = 3;
+
+/// Formats 1 and 2: JSON. 2 added `fallback`.
+#[derive(Deserialize)]
+struct JsonDevice {
+    format: u32,
+    account: AccountPickle,
+    #[serde(default)]
+    fallback: FallbackState,
+}
 
 #[derive(Serialize)]
 struct StoredDeviceRef<'a> {
-    format: u32,
-    outstanding: u64,
     account: &'a AccountPickle,
     fallback: &'a FallbackState,
 }
 
+/// Format 3, after its tag byte.
 #[derive(Deserialize)]
 struct StoredDevice {
-    format: u32,
-    outstanding: u64,
     account: AccountPickle,
-    #[serde(default)]
     fallback: FallbackState,
 }
 
@@ -43,8 +55,12 @@ struct StoredDevice {
 pub(crate) struct DeviceAccount {
     pub account: Account,
     pub version: Option<Version>,
+    /// Counted from the store when the device is loaded, then kept up to
+    /// date in memory (it is not part of the record).
     pub outstanding: u64,
     pub fallback: FallbackState,
+    /// Used since the cache last looked (the cache's second-chance bit).
+    pub recently_used: bool,
 }
 
 impl DeviceAccount {
@@ -54,37 +70,55 @@ impl DeviceAccount {
             version: None,
             outstanding: 0,
             fallback: FallbackState::default(),
+            recently_used: true,
         }
     }
 
     /// Serialise for [`bridgekeys_store::DeviceWrite::account`].
-    pub(crate) fn encode(&self, outstanding: u64) -> Result<Zeroizing<Vec<u8>>, OlmError> {
+    pub(crate) fn encode(&self) -> Result<Zeroizing<Vec<u8>>, OlmError> {
         let pickle = self.account.pickle();
         let record = StoredDeviceRef {
-            format: FORMAT,
-            outstanding,
             account: &pickle,
             fallback: &self.fallback,
         };
-        serde_json::to_vec(&record)
+        let mut out = Zeroizing::new(Vec::with_capacity(256));
+        out.push(FORMAT);
+        postcard::to_extend(&record, std::mem::take(&mut *out))
             .map(Zeroizing::new)
             .map_err(|e| OlmError::Corrupt(format!("cannot serialise account: {e}")))
     }
 
-    pub(crate) fn decode(record: &AccountRecord) -> Result<Self, OlmError> {
-        let stored: StoredDevice = serde_json::from_slice(&record.data)
-            .map_err(|e| OlmError::Corrupt(format!("account record: {e}")))?;
-        if !(1..=FORMAT).contains(&stored.format) {
-            return Err(OlmError::Corrupt(format!(
-                "unknown account format {}",
-                stored.format
-            )));
-        }
+    /// Decode a stored record. `outstanding` is the device's count of
+    /// stored one-time keys.
+    pub(crate) fn decode(record: &AccountRecord, outstanding: u64) -> Result<Self, OlmError> {
+        let (account, fallback) = match record.data.first() {
+            Some(b'{') => {
+                let stored: JsonDevice = serde_json::from_slice(&record.data)
+                    .map_err(|e| OlmError::Corrupt(format!("account record: {e}")))?;
+                if !(1..=2).contains(&stored.format) {
+                    return Err(OlmError::Corrupt(format!(
+                        "unknown account format {}",
+                        stored.format
+                    )));
+                }
+                (stored.account, stored.fallback)
+            }
+            Some(&FORMAT) => {
+                let stored: StoredDevice = postcard::from_bytes(&record.data[1..])
+                    .map_err(|e| OlmError::Corrupt(format!("account record: {e}")))?;
+                (stored.account, stored.fallback)
+            }
+            Some(other) => {
+                return Err(OlmError::Corrupt(format!("unknown account format {other}")));
+            }
+            None => return Err(OlmError::Corrupt("empty account record".into())),
+        };
         Ok(Self {
-            account: Account::from_pickle(stored.account),
+            account: Account::from_pickle(account),
             version: Some(record.version),
-            outstanding: stored.outstanding,
-            fallback: stored.fallback,
+            outstanding,
+            fallback,
+            recently_used: true,
         })
     }
 
@@ -128,45 +162,71 @@ pub(crate) fn key_id_number(key_id: KeyId) -> Result<u64, OlmError> {
 mod tests {
     use super::*;
 
+    fn record(version: u64, data: Vec<u8>) -> AccountRecord {
+        AccountRecord {
+            version: Version(version),
+            data: Zeroizing::new(data),
+        }
+    }
+
     #[test]
-    fn a_format_1_record_without_fallback_state_still_loads() {
+    fn a_format_1_json_record_without_fallback_state_still_loads_and_is_rewritten_compactly() {
         let account = Account::new();
         let v1 = serde_json::json!({
             "format": 1,
             "outstanding": 3,
             "account": account.pickle(),
         });
-        let record = AccountRecord {
-            version: Version(4),
-            data: Zeroizing::new(serde_json::to_vec(&v1).expect("json")),
-        };
-        let device = DeviceAccount::decode(&record).expect("decode");
+        let json = serde_json::to_vec(&v1).expect("json");
+        let device = DeviceAccount::decode(&record(4, json.clone()), 3).expect("decode");
         assert_eq!(device.outstanding, 3);
         assert_eq!(device.fallback, FallbackState::default());
         assert_eq!(
             device.account.identity_keys().ed25519,
             account.identity_keys().ed25519
         );
-        // Written back, it is the current format.
-        let encoded = device.encode(3).expect("encode");
-        let value: serde_json::Value = serde_json::from_slice(&encoded).expect("json");
-        assert_eq!(value["format"], FORMAT);
+        // Written back, it is the current binary format, and much smaller.
+        let encoded = device.encode().expect("encode");
+        assert_eq!(encoded[0], FORMAT);
+        assert!(
+            encoded.len() * 3 < json.len(),
+            "{} vs {}",
+            encoded.len(),
+            json.len()
+        );
     }
 
     #[test]
-    fn an_unknown_future_format_is_refused() {
+    fn the_compact_format_round_trips_keys_and_fallback_state() {
+        let mut device = DeviceAccount::new();
+        device.account.generate_fallback_key();
+        device.fallback.previous_since_ms = Some(42);
+        let encoded = device.encode().expect("encode");
+        let back = DeviceAccount::decode(&record(2, encoded.to_vec()), 0).expect("decode");
+        assert_eq!(back.account.identity_keys(), device.account.identity_keys());
+        assert_eq!(back.account.fallback_key(), device.account.fallback_key());
+        assert_eq!(back.fallback, device.fallback);
+        assert_eq!(back.version, Some(Version(2)));
+    }
+
+    #[test]
+    fn unknown_formats_and_truncated_records_are_refused() {
         let v9 = serde_json::json!({
             "format": 9,
             "outstanding": 0,
             "account": Account::new().pickle(),
         });
-        let record = AccountRecord {
-            version: Version(1),
-            data: Zeroizing::new(serde_json::to_vec(&v9).expect("json")),
-        };
-        assert!(matches!(
-            DeviceAccount::decode(&record),
-            Err(OlmError::Corrupt(_))
-        ));
+        let encoded = DeviceAccount::new().encode().expect("encode");
+        for bad in [
+            serde_json::to_vec(&v9).expect("json"),
+            vec![9, 1, 2, 3],
+            encoded[..encoded.len() / 2].to_vec(),
+            Vec::new(),
+        ] {
+            assert!(matches!(
+                DeviceAccount::decode(&record(1, bad), 0),
+                Err(OlmError::Corrupt(_))
+            ));
+        }
     }
 }

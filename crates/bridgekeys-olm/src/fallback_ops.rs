@@ -213,7 +213,8 @@ impl AccountManager {
         if !self.is_loaded(&key)
             && let Some(record) = self.store.load_account(&key)?
         {
-            let stored = DeviceAccount::decode(&record)?;
+            // Only its fallback schedule is read: no key count needed.
+            let stored = DeviceAccount::decode(&record, 0)?;
             let action = due(&stored.fallback, policy, now);
             if let FallbackAction::Wait { .. } = action {
                 return Ok(action);
@@ -345,7 +346,7 @@ impl AccountManager {
                     return Ok((out, false, None));
                 }
                 let write = DeviceWrite {
-                    account: device.encode(device.outstanding)?,
+                    account: device.encode()?,
                     ..DeviceWrite::default()
                 };
                 let pending = self.store.write_device(&key, device.version, write)?;

@@ -15,15 +15,13 @@ use ruma::{
     serde::Base64,
 };
 use vodozemac::{
-    Curve25519PublicKey,
+    Curve25519PublicKey, Curve25519SecretKey,
     olm::{PreKeyMessage, Session, SessionConfig, SessionCreationError},
 };
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::{
-    ManagerConfig, ManagerStats, OlmError,
-    account::{DeviceAccount, key_id_number},
-    signing::sign_json,
+    ManagerConfig, ManagerStats, OlmError, account::DeviceAccount, signing::sign_json,
     stats::Counters,
 };
 
@@ -79,6 +77,8 @@ pub struct AccountManager {
     pub(crate) store: Arc<dyn Store>,
     config: ManagerConfig,
     slots: DashMap<DeviceKey, Slot>,
+    /// Held while the cache shrinks, so one caller does it at a time.
+    shrinking: Mutex<()>,
     pub(crate) counters: Counters,
 }
 
@@ -98,6 +98,7 @@ impl AccountManager {
             store,
             config,
             slots: DashMap::new(),
+            shrinking: Mutex::new(()),
             counters: Counters::default(),
         }
     }
@@ -113,8 +114,9 @@ impl AccountManager {
     }
 
     /// Devices whose decoded account is held in memory (loaded by a claim,
-    /// a pre-key message or a fallback change). Memory grows with it; a
-    /// rotation pass over idle devices does not load them.
+    /// a pre-key message or a fallback change), at most about
+    /// [`ManagerConfig::max_cached_devices`]; a rotation pass over idle
+    /// devices does not load them.
     pub fn loaded_devices(&self) -> usize {
         self.slots.len()
     }
@@ -144,7 +146,7 @@ impl AccountManager {
         }
         let mut device = DeviceAccount::new();
         let write = DeviceWrite {
-            account: device.encode(0)?,
+            account: device.encode()?,
             ..DeviceWrite::default()
         };
         let pending = match self.store.write_device(&key, None, write) {
@@ -157,9 +159,7 @@ impl AccountManager {
         };
         device.version = Some(Version::next(None));
         let keys = device_keys(&device, user_id, device_id)?;
-        self.slots
-            .entry(key)
-            .or_insert_with(|| Arc::new(Mutex::new(device)));
+        self.cache(key, device);
         pending.durable().await?;
         Counters::add(&self.counters.devices_created, 1);
         tracing::info!(%user_id, %device_id, "created device account");
@@ -244,24 +244,20 @@ impl AccountManager {
         device_id: &DeviceId,
         count: usize,
     ) -> Result<(Vec<ClaimedKey>, Pending), OlmError> {
-        device.account.generate_one_time_keys(count);
-        // The account held no one-time keys before, so these are exactly the
-        // new ones. Move each private key out of the account into its own
-        // store record, so the account pickle never grows.
-        let mut fresh: Vec<_> = device.account.one_time_keys().into_iter().collect();
-        fresh.sort_by_key(|(id, _)| *id);
-        let mut records = Vec::with_capacity(fresh.len());
-        let mut claimed = Vec::with_capacity(fresh.len());
-        for (key_id, public_key) in fresh {
-            let secret = device
-                .account
-                .remove_one_time_key(public_key)
-                .ok_or_else(|| OlmError::Corrupt("generated key vanished".into()))?;
+        // Fresh key pairs straight from vodozemac, never entering the
+        // account: the account does not change, so it is not rewritten. Ids
+        // come from the store-wide sequence, which never repeats.
+        let first_id = self.store.reserve_key_ids(count as u64)?;
+        let mut records = Vec::with_capacity(count);
+        let mut claimed = Vec::with_capacity(count);
+        for key_id in first_id..first_id + count as u64 {
+            let secret = Curve25519SecretKey::new();
+            let public_key = Curve25519PublicKey::from(&secret);
             let mut bytes = secret.to_bytes();
             let secret_key = Zeroizing::new(*bytes);
             bytes.zeroize();
             records.push(OneTimeKeyRecord {
-                key_id: key_id_number(key_id)?,
+                key_id,
                 public_key: public_key.to_bytes(),
                 secret_key,
             });
@@ -283,15 +279,10 @@ impl AccountManager {
         };
         let outstanding = total - evicted.len() as u64;
         let append = KeyAppend {
-            account: device.encode(outstanding)?,
             add_keys: records,
             evict_keys: evicted.clone(),
         };
-        let version = device
-            .version
-            .ok_or_else(|| OlmError::Corrupt("device without version".into()))?;
-        let pending = self.store.append_keys(key, version, append)?;
-        device.version = Some(Version::next(device.version));
+        let pending = self.store.append_keys(key, append)?;
         device.outstanding = outstanding;
         if !evicted.is_empty() {
             Counters::add(&self.counters.evicted_keys, evicted.len() as u64);
@@ -490,7 +481,7 @@ impl AccountManager {
             }
             None => None,
         };
-        let written = device.encode(outstanding).and_then(|account| {
+        let written = device.encode().and_then(|account| {
             let write = DeviceWrite {
                 account,
                 add_keys: Vec::new(),
@@ -541,33 +532,88 @@ impl AccountManager {
     /// next call loads afresh; a holder of the old slot then loses its
     /// compare-and-swap instead of overwriting anything.
     pub(crate) fn reload(&self, device: &mut DeviceAccount, key: &DeviceKey) {
-        match self
-            .store
-            .load_account(key)
-            .map(|r| r.map(|r| DeviceAccount::decode(&r)))
-        {
-            Ok(Some(Ok(fresh))) => *device = fresh,
+        match self.load(key) {
+            Ok(Some(fresh)) => *device = fresh,
             _ => {
                 self.slots.remove(key);
             }
         }
     }
 
+    /// A device as stored, with its outstanding keys counted, or `None`.
+    fn load(&self, key: &DeviceKey) -> Result<Option<DeviceAccount>, OlmError> {
+        let Some(record) = self.store.load_account(key)? else {
+            return Ok(None);
+        };
+        let outstanding = self.store.count_one_time_keys(key)? as u64;
+        DeviceAccount::decode(&record, outstanding).map(Some)
+    }
+
     /// The cached slot, or the device loaded from the store, or `None`.
     /// Unknown devices never get a slot, so bad input cannot grow the map.
     fn slot(&self, key: &DeviceKey) -> Result<Option<Slot>, OlmError> {
         if let Some(slot) = self.slots.get(key) {
+            // A slot that is locked is in use: it will not be evicted anyway.
+            if let Some(mut device) = slot.try_lock() {
+                device.recently_used = true;
+            }
             return Ok(Some(Arc::clone(&slot)));
         }
-        let Some(record) = self.store.load_account(key)? else {
+        let Some(device) = self.load(key)? else {
             return Ok(None);
         };
-        let device = DeviceAccount::decode(&record)?;
-        let slot = self
-            .slots
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(device)));
-        Ok(Some(Arc::clone(&slot)))
+        Ok(Some(self.cache(key.clone(), device)))
+    }
+
+    /// Put a loaded or new device in the cache (unless another caller just
+    /// did: theirs stands), shrinking the cache if it is over its bound.
+    fn cache(&self, key: DeviceKey, device: DeviceAccount) -> Slot {
+        let slot = Arc::clone(
+            &self
+                .slots
+                .entry(key)
+                .or_insert_with(|| Arc::new(Mutex::new(device))),
+        );
+        if self.slots.len() > self.config.max_cached_devices {
+            self.shrink_cache();
+        }
+        slot
+    }
+
+    /// Evict idle devices until the cache is an eighth below its bound
+    /// (second chance: a device used since the last pass stays once more).
+    ///
+    /// Only slots nobody else holds are evicted, checked under the map's
+    /// shard lock, so a device never has two live copies. A copy would be
+    /// harmless for key ids (they are store-wide) but could lose a fallback
+    /// change to a compare-and-swap conflict.
+    fn shrink_cache(&self) {
+        let Some(_one_at_a_time) = self.shrinking.try_lock() else {
+            return;
+        };
+        let bound = self.config.max_cached_devices;
+        let excess = self.slots.len().saturating_sub(bound - bound / 8);
+        let mut evicted = 0;
+        for _pass in 0..2 {
+            self.slots.retain(|_, slot| {
+                if evicted >= excess || Arc::strong_count(slot) > 1 {
+                    return true;
+                }
+                let Some(mut device) = slot.try_lock() else {
+                    return true;
+                };
+                if std::mem::take(&mut device.recently_used) {
+                    return true;
+                }
+                evicted += 1;
+                false
+            });
+            if evicted >= excess {
+                break;
+            }
+        }
+        Counters::add(&self.counters.cache_evictions, evicted as u64);
+        tracing::debug!(evicted, bound, "account cache shrunk");
     }
 }
 
@@ -575,7 +621,7 @@ fn sign_one_time_key(
     device: &DeviceAccount,
     user_id: &UserId,
     device_id: &DeviceId,
-    key_id: vodozemac::KeyId,
+    key_id: u64,
     public_key: &Curve25519PublicKey,
 ) -> Result<ClaimedKey, OlmError> {
     let mut signed = SignedKey::new(Base64::new(public_key.to_vec()), DeviceSignatures::new());
@@ -588,7 +634,8 @@ fn sign_one_time_key(
     let key_id = OwnedOneTimeKeyId::try_from(format!(
         "{}:{}",
         OneTimeKeyAlgorithm::SignedCurve25519,
-        key_id.to_base64()
+        // vodozemac's key id form: the big-endian counter in base64.
+        vodozemac::base64_encode(key_id.to_be_bytes())
     ))
     .map_err(|e| OlmError::Corrupt(format!("key id: {e}")))?;
     Ok(ClaimedKey {

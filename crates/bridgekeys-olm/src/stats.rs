@@ -24,6 +24,8 @@ pub struct ManagerStats {
     pub fallback_rotations: u64,
     /// Previous fallback keys forgotten after their grace period.
     pub fallback_forgets: u64,
+    /// Idle devices dropped from the in-memory cache (still in the store).
+    pub cache_evictions: u64,
 }
 
 #[derive(Default)]
@@ -38,6 +40,7 @@ pub(crate) struct Counters {
     pub fallback_keys_generated: AtomicU64,
     pub fallback_rotations: AtomicU64,
     pub fallback_forgets: AtomicU64,
+    pub cache_evictions: AtomicU64,
 }
 
 impl Counters {
@@ -58,6 +61,7 @@ impl Counters {
             fallback_keys_generated: get(&self.fallback_keys_generated),
             fallback_rotations: get(&self.fallback_rotations),
             fallback_forgets: get(&self.fallback_forgets),
+            cache_evictions: get(&self.cache_evictions),
         }
     }
 }

@@ -222,6 +222,7 @@ async fn outstanding_keys_are_bounded_and_eviction_is_counted() {
     let config = ManagerConfig {
         max_keys_per_claim: 5,
         max_outstanding_keys: 8,
+        ..ManagerConfig::default()
     };
     let m = manager(dir.path(), &StoreKey::generate(), config);
     let (user, device) = alice();
@@ -325,7 +326,11 @@ async fn store_files_hold_no_private_key_material_in_plaintext() {
         }
         // The identity keys' private halves, read from the stored account.
         let account = m.store().load_account(&dev).unwrap().unwrap();
-        let json: serde_json::Value = serde_json::from_slice(&account.data).unwrap();
+        // Format 3: a tag byte, then the postcard form, account pickle first.
+        assert_eq!(account.data[0], 3, "account record format");
+        let (pickle, _) =
+            postcard::take_from_bytes::<vodozemac::olm::AccountPickle>(&account.data[1..]).unwrap();
+        let json = serde_json::to_value(&pickle).unwrap();
         let mut found = Vec::new();
         collect_byte_arrays(&json, &mut found);
         assert!(
@@ -429,4 +434,54 @@ async fn a_retried_delivery_gets_the_same_plaintext_even_after_a_restart_and_no_
         .await
         .unwrap_err();
     assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+}
+
+#[tokio::test]
+async fn the_account_cache_stays_bounded_and_evicted_devices_keep_their_keys_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ManagerConfig {
+        max_cached_devices: 16,
+        max_outstanding_keys: 3,
+        ..ManagerConfig::default()
+    };
+    let m = manager(dir.path(), &StoreKey::generate(), config);
+    let devices: Vec<_> = (0..64)
+        .map(|i| {
+            (
+                ruma::UserId::parse(format!("@echo_{i}:example.org")).unwrap(),
+                ruma::OwnedDeviceId::from(format!("DEV{i}").as_str()),
+            )
+        })
+        .collect();
+    let mut first_keys = Vec::new();
+    for (user, device) in &devices {
+        m.create_device(user, device).await.unwrap();
+        first_keys.push(m.claim(user, device, &SC, 2).await.unwrap());
+        assert!(
+            m.loaded_devices() <= 16,
+            "cache grew to {}",
+            m.loaded_devices()
+        );
+    }
+    assert!(m.stats().cache_evictions >= 64 - 16);
+    let mut ids = HashSet::new();
+    for (i, (user, device)) in devices.iter().enumerate() {
+        // Reloaded from the store with its outstanding keys counted: one more
+        // key than the bound allows evicts exactly the oldest one.
+        let more = m.claim(user, device, &SC, 2).await.unwrap();
+        let dev = DeviceKey::new(user.as_str(), device.as_str());
+        assert_eq!(m.store().count_one_time_keys(&dev).unwrap(), 3);
+        // A key claimed before the device left the cache still decrypts.
+        let kept = &first_keys[i][1];
+        let (sender, message) = prekey_message(&m, user, device, kept, "after eviction");
+        let inbound = m
+            .decrypt_prekey(user, device, sender, &message)
+            .await
+            .unwrap();
+        assert_eq!(inbound.plaintext.as_slice(), b"after eviction");
+        for k in first_keys[i].iter().chain(&more) {
+            assert!(ids.insert(k.key_id.clone()), "key id issued twice");
+        }
+    }
+    assert_eq!(m.stats().evicted_keys, 64);
 }

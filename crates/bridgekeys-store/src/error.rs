@@ -47,6 +47,9 @@ pub enum StoreError {
         /// Which record and why.
         what: String,
     },
+    /// The store-wide one-time key id sequence is used up (2^64 ids).
+    #[error("no one-time key ids left in this store")]
+    KeyIdsExhausted,
     /// The store could not make a write durable. The write was not acknowledged.
     #[error("the store could not flush to disk: {reason}")]
     Durability {

@@ -12,9 +12,11 @@
 //! * **Atomicity where it matters.** [`Store::write_device`] writes a
 //!   device's account record, new and removed one-time keys and new sessions
 //!   in one transaction: all of it or none of it, after a crash too. The hot
-//!   claim path uses [`Store::append_keys`] instead: the account first (by
-//!   compare-and-swap), then the keys, in order, which needs no transaction
-//!   because nothing of it is acknowledged before it is all durable.
+//!   claim path uses [`Store::append_keys`] instead: plain inserts of the new
+//!   keys, in order, which needs no transaction because nothing of it is
+//!   acknowledged before it is all durable. Key ids come from a store-wide
+//!   sequence ([`Store::reserve_key_ids`]) that never repeats, so a claim
+//!   does not rewrite the account at all.
 //! * **Durability before acknowledgement.** A write returns a [`Pending`]
 //!   handle; only when [`Pending::durable`] resolves is the write on disk.
 //!   Concurrent writers share one flush (group commit), so durability does not
@@ -43,7 +45,9 @@ pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;
 pub use error::StoreError;
 pub use puppets::PuppetRegistry;
-pub use sled_store::{DEFAULT_COMMIT_GATHER_US, SCHEMA_VERSION, SledStore, SledStoreConfig};
+pub use sled_store::{
+    DEFAULT_COMMIT_GATHER_US, FIRST_KEY_ID, SCHEMA_VERSION, SledStore, SledStoreConfig,
+};
 pub use transactions::TransactionLog;
 pub use types::{
     AccountRecord, Delivery, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Version,
@@ -70,21 +74,27 @@ pub trait Store: Send + Sync + 'static {
         write: DeviceWrite,
     ) -> Result<Pending, StoreError>;
 
-    /// Record a key claim: compare-and-swap the account from `expected` to
-    /// the next version, then add the new keys and remove the evicted ones.
+    /// Record a key claim: add the new one-time keys of a device and remove
+    /// the evicted ones. The account record is not touched: a claim changes
+    /// nothing in it (key ids come from [`Store::reserve_key_ids`]).
     ///
     /// Ordered, not atomic: until [`Pending::durable`] resolves a crash may
     /// keep any part of it. That is safe for a claim because its keys are
     /// returned only after the whole append is durable: a key that survives
-    /// a crash without its account update was never handed out, and its id
-    /// is simply issued again (overwriting it). Readers must treat an index
-    /// entry whose key record is missing or different as absent.
-    fn append_keys(
-        &self,
-        device: &DeviceKey,
-        expected: Version,
-        append: KeyAppend,
-    ) -> Result<Pending, StoreError>;
+    /// a crash of an unanswered claim is an unused outstanding key, and its
+    /// id is never issued again. Readers must treat an index entry whose key
+    /// record is missing or different as absent.
+    fn append_keys(&self, device: &DeviceKey, append: KeyAppend) -> Result<Pending, StoreError>;
+
+    /// Reserve `count` one-time key ids, returning the first: the ids
+    /// `first..first + count` were never returned before by this store and
+    /// never will be again, across crashes and restarts.
+    ///
+    /// Ids are store-wide (unique across devices too) and increasing, so the
+    /// lowest id of a device is its oldest key. The reservation is applied
+    /// before this returns: a write applied after it cannot become durable
+    /// without it, so waiting for the keys' own [`Pending`] is enough.
+    fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError>;
 
     /// Find a stored one-time key of a device by its public key.
     fn one_time_key(
@@ -102,7 +112,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
 
     /// Number of one-time keys stored for a device. Costs a scan of that
-    /// device's keys: meant for tests and operators, not the claim path.
+    /// device's keys (at most the outstanding-key bound): the manager counts
+    /// once when it loads a device, never per claim.
     fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError>;
 
     /// Load an Olm session pickle of a device by session id.

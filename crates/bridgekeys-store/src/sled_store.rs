@@ -16,6 +16,16 @@ use crate::{
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
 pub const DEFAULT_COMMIT_GATHER_US: u64 = 0;
 
+/// The first one-time key id [`Store::reserve_key_ids`] hands out. Ids below
+/// it belong to vodozemac's per-account counter (fallback keys, and the
+/// one-time keys of accounts created before store-wide ids), so the two
+/// never meet.
+pub const FIRST_KEY_ID: u64 = 1 << 32;
+
+/// Key ids reserved per durable write of the mark: one small write per this
+/// many keys; a restart skips at most this many ids.
+const KEY_ID_BLOCK: u64 = 1 << 16;
+
 /// The schema this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -55,6 +65,7 @@ pub struct SledStore {
     pub(crate) db: sled::Db,
     sealer: Sealer,
     pub(crate) commit: GroupCommit,
+    key_ids: parking_lot::Mutex<KeyIds>,
     /// Declared last, so it drops last: waits for sled to let go of the lock.
     _release: LockRelease,
 }
@@ -89,6 +100,7 @@ impl SledStore {
             })?;
         let sealer = config.key.cipher();
         Self::check_or_init(&db, &sealer, &path)?;
+        let key_ids = Self::load_key_ids(&db)?;
         // sled's `flush` writes its log with `sync_file_range`, which neither
         // flushes the drive's cache nor the file's size: survives a killed
         // process, not a power cut. An `fdatasync` of the log file after it
@@ -111,6 +123,7 @@ impl SledStore {
             db,
             sealer,
             commit,
+            key_ids: parking_lot::Mutex::new(key_ids),
             _release: release,
         })
     }
@@ -120,7 +133,7 @@ impl SledStore {
         &self.path
     }
 
-    /// Seal an account and its key changes for `write_device`/`append_keys`.
+    /// Seal an account and its key changes for `write_device`.
     fn seal(
         &self,
         device: &DeviceKey,
@@ -135,6 +148,22 @@ impl SledStore {
             self.sealer
                 .seal(&layout::account_slot(device, new_version.0), account),
         );
+        let (added, removed) = self.seal_keys(device, add, remove);
+        SealedWrite {
+            account_key: layout::account(device),
+            account_value,
+            added,
+            removed,
+        }
+    }
+
+    /// Seal new one-time keys and name the records of removed ones.
+    fn seal_keys(
+        &self,
+        device: &DeviceKey,
+        add: &[OneTimeKeyRecord],
+        remove: &[(u64, [u8; 32])],
+    ) -> (Vec<SealedKey>, Vec<(Vec<u8>, Vec<u8>)>) {
         let added = add
             .iter()
             .map(|k| {
@@ -158,12 +187,24 @@ impl SledStore {
                 )
             })
             .collect();
-        SealedWrite {
-            account_key: layout::account(device),
-            account_value,
-            added,
-            removed,
-        }
+        (added, removed)
+    }
+
+    /// Where key-id allocation resumes: at the durable mark, skipping what
+    /// the last run reserved but may not have used.
+    fn load_key_ids(db: &sled::Db) -> Result<KeyIds, StoreError> {
+        let mark = match db.get(layout::KEY_IDS)? {
+            None => FIRST_KEY_ID,
+            Some(raw) => <[u8; 8]>::try_from(raw.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    what: "key id mark".into(),
+                })?,
+        };
+        Ok(KeyIds {
+            next: mark,
+            reserved: mark,
+        })
     }
 
     fn check_or_init(db: &sled::Db, sealer: &Sealer, path: &Path) -> Result<(), StoreError> {
@@ -247,6 +288,13 @@ impl Drop for SledStore {
 }
 
 /// A device write, sealed and laid out, ready to apply.
+/// Key-id allocation: ids below `next` were handed out; ids below `reserved`
+/// are covered by the durable mark (`m/keyids`).
+struct KeyIds {
+    next: u64,
+    reserved: u64,
+}
+
 struct SealedWrite {
     account_key: Vec<u8>,
     account_value: Vec<u8>,
@@ -363,58 +411,39 @@ impl Store for SledStore {
         }
     }
 
-    fn append_keys(
-        &self,
-        device: &DeviceKey,
-        expected: Version,
-        append: KeyAppend,
-    ) -> Result<Pending, StoreError> {
-        let sealed = self.seal(
-            device,
-            Some(expected),
-            &append.account,
-            &append.add_keys,
-            &append.evict_keys,
-        );
-        // 1. The account (with the advanced key-id counter) first, by
-        //    compare-and-swap on its exact stored bytes.
-        let current = self.db.get(&sealed.account_key)?;
-        let found = current
-            .as_deref()
-            .map(version_of)
-            .transpose()?
-            .map(|(v, _)| Version(v));
-        if found != Some(expected) {
-            return Err(StoreError::Conflict {
-                expected: Some(expected),
-                found,
-            });
-        }
-        if let Err(lost) =
-            self.db
-                .compare_and_swap(&sealed.account_key, current, Some(sealed.account_value))?
-        {
-            let found = lost
-                .current
-                .as_deref()
-                .map(version_of)
-                .transpose()?
-                .map(|(v, _)| Version(v));
-            return Err(StoreError::Conflict {
-                expected: Some(expected),
-                found,
-            });
-        }
-        // 2. Then the keys and evictions, as plain writes.
-        for k in &sealed.added {
+    fn append_keys(&self, device: &DeviceKey, append: KeyAppend) -> Result<Pending, StoreError> {
+        let (added, removed) = self.seal_keys(device, &append.add_keys, &append.evict_keys);
+        // Each key record before its public-key index entry, so an index
+        // entry never points at a record that was not written.
+        for k in &added {
             self.db.insert(k.slot.as_slice(), k.value.as_slice())?;
             self.db.insert(k.index.as_slice(), &k.id[..])?;
         }
-        for (slot, index) in &sealed.removed {
+        for (slot, index) in &removed {
             self.db.remove(slot.as_slice())?;
             self.db.remove(index.as_slice())?;
         }
         Ok(self.commit.pending())
+    }
+
+    fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
+        let mut ids = self.key_ids.lock();
+        let first = ids.next;
+        let end = first
+            .checked_add(count)
+            .ok_or(StoreError::KeyIdsExhausted)?;
+        if end > ids.reserved {
+            // Move the durable mark first, while holding the lock: any key
+            // written with an id from the new range is applied after this
+            // record, so no flush can make such a key durable without it.
+            let reserved = end
+                .checked_add(KEY_ID_BLOCK)
+                .ok_or(StoreError::KeyIdsExhausted)?;
+            self.db.insert(layout::KEY_IDS, &reserved.to_be_bytes())?;
+            ids.reserved = reserved;
+        }
+        ids.next = end;
+        Ok(first)
     }
 
     fn one_time_key(

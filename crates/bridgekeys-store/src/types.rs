@@ -134,15 +134,13 @@ pub struct Delivery {
     pub record: Zeroizing<Vec<u8>>,
 }
 
-/// The write of a key claim: the account with its advanced key-id counter,
-/// the new one-time keys and the keys evicted to respect the bound.
+/// The write of a key claim: the new one-time keys and the keys evicted to
+/// respect the bound.
 ///
 /// Unlike a [`DeviceWrite`] it is not applied atomically but in order (see
 /// [`crate::Store::append_keys`]), which makes it several times cheaper.
 #[derive(Default)]
 pub struct KeyAppend {
-    /// The new serialised account state.
-    pub account: Zeroizing<Vec<u8>>,
     /// One-time keys to add.
     pub add_keys: Vec<OneTimeKeyRecord>,
     /// One-time keys to evict, as `(key_id, public_key)`.

@@ -2,8 +2,8 @@
 #![allow(clippy::unwrap_used)]
 
 use bridgekeys_store::{
-    DeviceKey, DeviceWrite, OneTimeKeyRecord, SCHEMA_VERSION, SledStore, SledStoreConfig, Store,
-    StoreError, StoreKey, Version,
+    DeviceKey, DeviceWrite, FIRST_KEY_ID, KeyAppend, OneTimeKeyRecord, SCHEMA_VERSION, SledStore,
+    SledStoreConfig, Store, StoreError, StoreKey, Version,
 };
 use zeroize::Zeroizing;
 
@@ -271,4 +271,76 @@ fn all_file_bytes(dir: &std::path::Path) -> Vec<u8> {
         }
     }
     out
+}
+
+#[tokio::test]
+async fn reserved_key_ids_never_repeat_across_reopens_and_stay_clear_of_vodozemac_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last = 0;
+    for round in 0..3 {
+        let store = open(dir.path(), &key).unwrap();
+        for count in [1u64, 3, 1, 50] {
+            let first = store.reserve_key_ids(count).unwrap();
+            assert!(first >= FIRST_KEY_ID, "id {first} is in vodozemac's range");
+            assert!(first >= last, "ids went backwards in round {round}");
+            for id in first..first + count {
+                assert!(seen.insert(id), "id {id} reserved twice");
+            }
+            last = first + count;
+        }
+        // Only the keys' own durability wait is needed for the mark.
+        store.sync().durable().await.unwrap();
+    }
+    assert_eq!(seen.len(), 3 * 55);
+}
+
+#[tokio::test]
+async fn appended_keys_are_found_by_public_key_and_evictions_remove_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &StoreKey::generate()).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    store
+        .write_device(&dev, None, account(b"v1"))
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    let append = KeyAppend {
+        add_keys: vec![otk(7, 1), otk(9, 2)],
+        evict_keys: Vec::new(),
+    };
+    store
+        .append_keys(&dev, append)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
+    assert_eq!(
+        store.one_time_key(&dev, &[2; 32]).unwrap().unwrap().key_id,
+        9
+    );
+    assert_eq!(
+        store.oldest_one_time_keys(&dev, 1).unwrap(),
+        vec![(7, [1; 32])]
+    );
+    let evict = KeyAppend {
+        add_keys: vec![otk(11, 3)],
+        evict_keys: vec![(7, [1; 32])],
+    };
+    store
+        .append_keys(&dev, evict)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert!(store.one_time_key(&dev, &[1; 32]).unwrap().is_none());
+    assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
+    // The account record was not touched by either append.
+    assert_eq!(
+        store.load_account(&dev).unwrap().unwrap().version,
+        Version(1)
+    );
 }

@@ -96,11 +96,13 @@ impl Store for HookedStore {
     fn append_keys(
         &self,
         device: &DeviceKey,
-        expected: bridgekeys_store::Version,
         append: bridgekeys_store::KeyAppend,
     ) -> Result<Pending, StoreError> {
         self.before_device_write(device)?;
-        self.inner.append_keys(device, expected, append)
+        self.inner.append_keys(device, append)
+    }
+    fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
+        self.inner.reserve_key_ids(count)
     }
     fn one_time_key(
         &self,
