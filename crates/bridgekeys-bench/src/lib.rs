@@ -9,3 +9,4 @@ pub mod crash;
 pub mod http;
 pub mod manager;
 pub mod support;
+pub mod synapse;
