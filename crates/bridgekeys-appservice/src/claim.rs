@@ -33,7 +33,7 @@ use std::{
 };
 
 use axum::{Json, extract::State};
-use bridgekeys_olm::OlmError;
+use bridgekeys_olm::{AccountManager, ClaimedKey, OlmError};
 use ruma::{
     OneTimeKeyAlgorithm, OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, encryption::SignedKey,
 };
@@ -142,38 +142,58 @@ fn add_fallback<H: BridgeHandler>(
     true
 }
 
+/// One device's share of a claim.
+async fn claim_device(
+    manager: Arc<AccountManager>,
+    job: Job,
+) -> (Job, Result<Vec<ClaimedKey>, OlmError>) {
+    let result = manager
+        .claim(
+            &job.user_id,
+            &job.device_id,
+            &OneTimeKeyAlgorithm::SignedCurve25519,
+            job.count,
+        )
+        .await;
+    (job, result)
+}
+
 /// The handler of all three claim paths.
 pub(crate) async fn claim<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
     MatrixJson(request): MatrixJson<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, MatrixError> {
     let started = Instant::now();
-    let (jobs, mut skipped) = plan(request, &inner)?;
-    let permits = Arc::new(Semaphore::new(inner.config.limits.claim_concurrency.max(1)));
-    let mut tasks = JoinSet::new();
-    for job in jobs {
-        let manager = Arc::clone(&inner.manager);
-        let permits = Arc::clone(&permits);
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            let result = manager
-                .claim(
-                    &job.user_id,
-                    &job.device_id,
-                    &OneTimeKeyAlgorithm::SignedCurve25519,
-                    job.count,
-                )
-                .await;
-            (job, result)
-        });
-    }
+    let (mut jobs, mut skipped) = plan(request, &inner)?;
+    // The usual request (a homeserver asking for one device) is served
+    // right here; only a request for several devices pays for tasks.
+    let results = if jobs.len() == 1 {
+        let job = jobs.remove(0);
+        vec![claim_device(Arc::clone(&inner.manager), job).await]
+    } else {
+        let permits = Arc::new(Semaphore::new(inner.config.limits.claim_concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        for job in jobs {
+            let manager = Arc::clone(&inner.manager);
+            let permits = Arc::clone(&permits);
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                claim_device(manager, job).await
+            });
+        }
+        let mut results = Vec::with_capacity(tasks.len());
+        while let Some(joined) = tasks.join_next().await {
+            results.push(
+                joined.map_err(|e| MatrixError::internal(format!("claim task failed: {e}")))?,
+            );
+        }
+        results
+    };
     let mut response = ClaimResponse::new();
     let mut issued = 0u64;
     let with_fallback = inner.fallback_in_claims.load(Ordering::SeqCst);
     let mut fallbacks = 0u64;
-    while let Some(joined) = tasks.join_next().await {
-        let (job, result) =
-            joined.map_err(|e| MatrixError::internal(format!("claim task failed: {e}")))?;
+    for (job, result) in results {
         match result {
             Ok(keys) => {
                 issued += keys.len() as u64;

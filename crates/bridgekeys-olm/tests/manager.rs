@@ -485,3 +485,46 @@ async fn the_account_cache_stays_bounded_and_evicted_devices_keep_their_keys_and
     }
     assert_eq!(m.stats().evicted_keys, 64);
 }
+
+#[tokio::test]
+async fn bulk_creation_makes_real_durable_accounts_and_leaves_existing_ones_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let (alice_user, alice_device) = alice();
+    let users: Vec<_> = (0..20)
+        .map(|i| ruma::UserId::parse(format!("@echo_{i}:example.org")).unwrap())
+        .collect();
+    let existing_keys = {
+        let m = manager(dir.path(), &key, ManagerConfig::default());
+        let existing = m.create_device(&alice_user, &alice_device).await.unwrap();
+        let list = users
+            .iter()
+            .map(|u| (u.as_ref(), device_id!("BULK")))
+            .chain([(alice_user.as_ref(), alice_device.as_ref())]);
+        assert_eq!(m.create_devices(list).await.unwrap(), 20);
+        assert_eq!(
+            m.loaded_devices(),
+            1,
+            "bulk creation does not fill the cache"
+        );
+        existing
+    };
+    // After a restart every device is there, with working, signed keys.
+    let m = manager(dir.path(), &key, ManagerConfig::default());
+    assert_eq!(
+        m.device_keys(&alice_user, &alice_device).unwrap().keys,
+        existing_keys.keys
+    );
+    let mut identities = HashSet::new();
+    for user in &users {
+        let keys = m.device_keys(user, device_id!("BULK")).unwrap();
+        assert!(identities.insert(format!("{:?}", keys.keys)));
+        let claimed = m.claim(user, device_id!("BULK"), &SC, 1).await.unwrap();
+        let (sender, message) = prekey_message(&m, user, device_id!("BULK"), &claimed[0], "hi");
+        let inbound = m
+            .decrypt_prekey(user, device_id!("BULK"), sender, &message)
+            .await
+            .unwrap();
+        assert_eq!(inbound.plaintext.as_slice(), b"hi");
+    }
+}

@@ -1,0 +1,228 @@
+//! The `storage` scenario: bytes on disk per idle provisioned device, against
+//! the usual alternative of 50 one-time keys uploaded per device.
+//!
+//! Each device goes through the state the provisioner leaves it in, minus
+//! the homeserver calls: account created, fallback key generated and marked
+//! published, device recorded in the puppet registry. Then the store is
+//! closed, opened once more and closed again (sled settles its log on
+//! open), and the files are measured: allocated blocks, not apparent sizes.
+//! An empty store, measured the same way, is subtracted.
+//!
+//! The alternative is computed, not run, and is generous to it: the
+//! homeserver side is the bytes PostgreSQL itself needs for Synapse's rows
+//! (`e2e_one_time_keys_json` and its unique index) with no page fill
+//! factor, bloat or WAL; the bridge side is the growth of the vodozemac
+//! account pickle that must keep the 50 private keys (postcard, sealed).
+//! Both use real keys signed as a client signs them.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use bridgekeys_olm::{AccountManager, sign_json};
+use bridgekeys_store::{PuppetRegistry, StoreKey};
+use serde::Serialize;
+use vodozemac::olm::Account;
+
+use crate::support::{device_key, open_store, puppet};
+
+/// Knobs of the `storage` scenario.
+#[derive(Clone, Debug)]
+pub struct StorageBench {
+    /// Devices to provision.
+    pub devices: usize,
+    /// Where the store goes (a temporary directory inside it).
+    pub dir: std::path::PathBuf,
+}
+
+/// What the alternative (50 uploaded one-time keys per device) costs.
+#[derive(Debug, Serialize)]
+pub struct UploadedKeysAlternative {
+    /// Keys uploaded per device.
+    pub keys_per_device: usize,
+    /// One signed key as the client uploads it (JSON bytes).
+    pub key_json_bytes: usize,
+    /// One `e2e_one_time_keys_json` row in PostgreSQL: tuple header, item
+    /// pointer and the column values (user, device, algorithm, key id,
+    /// timestamp, key JSON).
+    pub homeserver_row_bytes: usize,
+    /// Its entry in the unique index on (user, device, algorithm, key id).
+    pub homeserver_index_bytes: usize,
+    /// Bridge side: growth of the sealed account record holding the keys'
+    /// private halves until they are used.
+    pub bridge_bytes: usize,
+    /// Per device on top of an idle device's own state:
+    /// keys x (row + index) + bridge bytes.
+    pub extra_bytes_per_device: usize,
+    /// Our measured idle device plus that extra.
+    pub total_bytes_per_device: usize,
+}
+
+/// Figures of one `storage` run.
+#[derive(Debug, Serialize)]
+pub struct StorageReport {
+    /// Devices provisioned.
+    pub devices: usize,
+    /// Seconds to provision them.
+    pub provision_s: f64,
+    /// Allocated bytes of the settled store's files.
+    pub store_bytes: u64,
+    /// Allocated bytes of an empty store, settled the same way.
+    pub empty_store_bytes: u64,
+    /// (store_bytes - empty_store_bytes) / devices.
+    pub bytes_per_device: f64,
+    /// The 50-uploaded-keys alternative, computed.
+    pub alternative: UploadedKeysAlternative,
+}
+
+/// Run the scenario.
+pub async fn run(config: &StorageBench) -> anyhow::Result<StorageReport> {
+    std::fs::create_dir_all(&config.dir)?;
+    let empty = tempfile::tempdir_in(&config.dir)?;
+    let key = StoreKey::generate();
+    drop(open_store(empty.path(), &key)?);
+    let empty_store_bytes = settle_and_measure(empty.path(), &key)?;
+
+    let dir = tempfile::tempdir_in(&config.dir)?;
+    let provision_s = provision(dir.path(), &key, config.devices).await?;
+    let store_bytes = settle_and_measure(dir.path(), &key)?;
+    let bytes_per_device =
+        store_bytes.saturating_sub(empty_store_bytes) as f64 / config.devices.max(1) as f64;
+    let alternative = uploaded_keys_alternative(50, bytes_per_device.round() as usize)?;
+    Ok(StorageReport {
+        devices: config.devices,
+        provision_s,
+        store_bytes,
+        empty_store_bytes,
+        bytes_per_device,
+        alternative,
+    })
+}
+
+/// Provision `devices` as the provisioner would (without the homeserver).
+async fn provision(dir: &Path, key: &StoreKey, devices: usize) -> anyhow::Result<f64> {
+    const CHUNK: usize = 1_000;
+    let store = open_store(dir, key)?;
+    let manager = Arc::new(AccountManager::new(store.clone(), Default::default()));
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (manager, store, next) = (manager.clone(), store.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                if start >= devices {
+                    return anyhow::Ok(());
+                }
+                let ids = (start..(start + CHUNK).min(devices))
+                    .map(puppet)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                manager
+                    .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
+                    .await?;
+                for (user, device) in &ids {
+                    let now = bridgekeys_olm::fallback::now_millis();
+                    let fallback = manager
+                        .fallback_key_for_upload(user, device, now)
+                        .await?
+                        .ok_or_else(|| anyhow::anyhow!("no fallback key to upload"))?;
+                    manager
+                        .mark_fallback_published(user, device, &fallback.key_id, now)
+                        .await?;
+                    // Durable with the flush that ends the provisioning.
+                    let _applied = store.record_puppet(&device_key(user, device))?;
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    manager.store().sync().durable().await?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Close, reopen once, close; then the allocated bytes of every file.
+fn settle_and_measure(dir: &Path, key: &StoreKey) -> anyhow::Result<u64> {
+    drop(open_store(dir, key)?);
+    allocated_bytes(&dir.join("store"))
+}
+
+fn allocated_bytes(path: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            allocated_bytes(&entry.path())?
+        } else {
+            meta.blocks() * 512
+        };
+    }
+    Ok(total)
+}
+
+/// PostgreSQL's heap tuple header (23 bytes, aligned to 8) and item pointer.
+const PG_TUPLE_OVERHEAD: usize = 24 + 4;
+/// An index tuple's header and its item pointer in the index page.
+const PG_INDEX_OVERHEAD: usize = 8 + 4;
+
+/// A text value as PostgreSQL stores it: 1-byte length header up to 126
+/// bytes, 4-byte header beyond.
+fn pg_text(len: usize) -> usize {
+    len + if len < 127 { 1 } else { 4 }
+}
+
+fn uploaded_keys_alternative(
+    keys: usize,
+    idle_device_bytes: usize,
+) -> anyhow::Result<UploadedKeysAlternative> {
+    let (user, device) = puppet(123_456)?;
+    let mut account = Account::new();
+    let before = postcard_size(&account)?;
+    account.generate_one_time_keys(keys);
+    let after = postcard_size(&account)?;
+    // One key as the client uploads it and Synapse stores it (`key_json`).
+    let (key_id, public) = account
+        .one_time_keys()
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no key generated"))?;
+    let unsigned = serde_json::json!({ "key": public.to_base64() });
+    let signature = sign_json(&account, &unsigned)?;
+    let signed = serde_json::json!({
+        "key": public.to_base64(),
+        "signatures": { user.as_str(): { format!("ed25519:{device}"): signature } },
+    });
+    let key_json_bytes = serde_json::to_string(&signed)?.len();
+    let key_id = key_id.to_base64();
+    let algorithm = "signed_curve25519";
+    let index_key = pg_text(user.as_str().len())
+        + pg_text(device.as_str().len())
+        + pg_text(algorithm.len())
+        + pg_text(key_id.len());
+    let homeserver_row_bytes = PG_TUPLE_OVERHEAD + index_key + 8 + pg_text(key_json_bytes);
+    let homeserver_index_bytes = PG_INDEX_OVERHEAD + index_key;
+    let bridge_bytes = after.saturating_sub(before);
+    let extra = keys * (homeserver_row_bytes + homeserver_index_bytes) + bridge_bytes;
+    Ok(UploadedKeysAlternative {
+        keys_per_device: keys,
+        key_json_bytes,
+        homeserver_row_bytes,
+        homeserver_index_bytes,
+        bridge_bytes,
+        extra_bytes_per_device: extra,
+        total_bytes_per_device: idle_device_bytes + extra,
+    })
+}
+
+fn postcard_size(account: &Account) -> anyhow::Result<usize> {
+    Ok(postcard::to_allocvec(&account.pickle())?.len())
+}
