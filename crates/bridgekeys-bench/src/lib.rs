@@ -8,5 +8,7 @@
 pub mod crash;
 pub mod http;
 pub mod manager;
+pub mod scale;
+pub mod storage;
 pub mod support;
 pub mod synapse;

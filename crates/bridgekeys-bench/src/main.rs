@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bridgekeys_bench::{crash, http, manager};
+use bridgekeys_bench::{crash, http, manager, scale, storage};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -36,6 +36,45 @@ struct Load {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// vodozemac generate+sign keys/s, on one thread and on all cores.
+    Raw {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        raw_seconds: f64,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// p99 claim latency with 1k, 100k and 1M provisioned devices (cold cache).
+    Scale {
+        /// Provisioned device counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000, 100_000, 1_000_000])]
+        sizes: Vec<usize>,
+        /// Claims per size (1 key each).
+        #[arg(long, default_value_t = 20_000)]
+        claims: usize,
+        /// Concurrent claimers.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Directory for the stores (on the disk you want measured).
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Bytes on disk per idle provisioned device, against 50 uploaded keys.
+    Storage {
+        /// Devices to provision.
+        #[arg(long, default_value_t = 100_000)]
+        devices: usize,
+        /// Directory for the store (on the disk you want measured).
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Raw vodozemac generate+sign keys/s against durable manager claims/s.
     Manager {
         /// Concurrent claimers.
@@ -51,6 +90,35 @@ enum Scenario {
         connections: usize,
         #[command(flatten)]
         load: Load,
+    },
+    /// Key claims through a real Synapse: keys local devices uploaded, and
+    /// keys Synapse proxies to our listener (MSC3983); time in the listener.
+    Synapse {
+        /// Local users (one device each) that upload one-time keys.
+        #[arg(long, default_value_t = 40)]
+        local_devices: usize,
+        /// One-time keys each local device uploads (devices x keys must
+        /// cover claims + serial claims: every claim consumes a key).
+        #[arg(long, default_value_t = 55)]
+        keys_per_device: usize,
+        /// Puppets provisioned through the Provisioner (one device each).
+        #[arg(long, default_value_t = 100)]
+        puppets: usize,
+        /// Concurrent keep-alive connections to Synapse.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Claims per loaded phase (1 key each).
+        #[arg(long, default_value_t = 2_000)]
+        claims: usize,
+        /// Claims per serial phase (one connection; 0 skips them).
+        #[arg(long, default_value_t = 200)]
+        serial_claims: usize,
+        /// Directory for the store.
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Kill a claiming child with SIGKILL N times; check no key is reused or lost.
     Crash {
@@ -95,6 +163,88 @@ fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::R
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
+        Scenario::Raw { raw_seconds, json } => {
+            let raw = manager::measure_raw(raw_seconds);
+            println!("scenario: raw ({} cores)", raw.threads);
+            println!(
+                "  raw vodozemac generate+sign, 1 thread   {:>10.0} keys/s",
+                raw.per_s_1t
+            );
+            println!(
+                "  raw vodozemac generate+sign, all cores  {:>10.0} keys/s",
+                raw.per_s_all
+            );
+            write_json(
+                json,
+                &serde_json::json!({
+                    "threads": raw.threads,
+                    "raw_keys_per_s_1t": raw.per_s_1t,
+                    "raw_keys_per_s_all": raw.per_s_all,
+                }),
+            )
+        }
+        Scenario::Scale {
+            sizes,
+            claims,
+            concurrency,
+            dir,
+            json,
+        } => {
+            let config = scale::ScaleBench {
+                sizes,
+                claims,
+                concurrency,
+                dir,
+            };
+            let r = scale::run(&config).await?;
+            println!("scenario: scale ({} claimers, cold cache)", concurrency);
+            println!("  devices     provision   claims/s    p50 ms    p99 ms   cold loads");
+            for p in &r.points {
+                println!(
+                    "  {:>9}  {:>8.1} s  {:>9.0}  {:>8.2}  {:>8.2}  {:>11}",
+                    p.devices, p.provision_s, p.claims_per_s, p.p50_ms, p.p99_ms, p.cold_loads
+                );
+            }
+            println!(
+                "  scale_ratio (p99 largest / p99 smallest) {:>9.2}",
+                r.scale_ratio
+            );
+            write_json(json, &r)
+        }
+        Scenario::Storage { devices, dir, json } => {
+            let r = storage::run(&storage::StorageBench { devices, dir }).await?;
+            let a = &r.alternative;
+            println!("scenario: storage ({} devices)", r.devices);
+            println!(
+                "  provisioned (account, fallback key published, registry) in {:.1} s",
+                r.provision_s
+            );
+            println!(
+                "  store on disk (allocated), empty store   {:>10} / {} bytes",
+                r.store_bytes, r.empty_store_bytes
+            );
+            println!(
+                "  bytes per idle provisioned device       {:>10.0}",
+                r.bytes_per_device
+            );
+            println!(
+                "  alternative: {} uploaded keys per device, computed:",
+                a.keys_per_device
+            );
+            println!(
+                "    homeserver row + index per key        {:>10} + {} bytes",
+                a.homeserver_row_bytes, a.homeserver_index_bytes
+            );
+            println!(
+                "    bridge side (private halves kept)     {:>10} bytes",
+                a.bridge_bytes
+            );
+            println!(
+                "    per device, total                      {:>10} bytes",
+                a.total_bytes_per_device
+            );
+            write_json(json, &r)
+        }
         Scenario::Manager { concurrency, load } => {
             let Load {
                 devices,
@@ -210,6 +360,31 @@ async fn main() -> anyhow::Result<()> {
                 r.second_open_refused
             );
             write_json(json, &r)
+        }
+        Scenario::Synapse {
+            local_devices,
+            keys_per_device,
+            puppets,
+            connections,
+            claims,
+            serial_claims,
+            dir,
+            json,
+        } => {
+            let config = bridgekeys_bench::synapse::SynapseBench {
+                local_devices,
+                keys_per_device,
+                puppets,
+                connections,
+                claims,
+                serial_claims,
+                dir,
+            };
+            let r = bridgekeys_bench::synapse::run(&config).await?;
+            r.print();
+            write_json(json, &r)?;
+            anyhow::ensure!(r.failures() == 0, "{} claims failed a check", r.failures());
+            Ok(())
         }
         Scenario::CrashChild { dir, devices } => crash::child(dir, devices).await,
     }
