@@ -153,8 +153,8 @@ pub struct SynapseReport {
     pub direct_claim_p50_ms: f64,
     /// Mean of the same.
     pub direct_claim_mean_ms: f64,
-    /// One 4 KiB append + `fdatasync` in the store's directory, median: the
-    /// disk's share of a durable claim.
+    /// One 4 KiB in-place write + `fdatasync` in the store's directory,
+    /// median: the disk's barrier alone (noisy on a shared VM).
     pub fdatasync_p50_ms: f64,
     /// Mean of the same.
     pub fdatasync_mean_ms: f64,
@@ -255,7 +255,7 @@ impl SynapseReport {
             ms2(self.direct_claim_p50_ms, self.direct_claim_mean_ms),
         );
         row(
-            "  4 KiB write + fdatasync p50 / mean".into(),
+            "  in-place 4 KiB fdatasync p50 / mean".into(),
             ms2(self.fdatasync_p50_ms, self.fdatasync_mean_ms),
         );
         row(
@@ -671,20 +671,24 @@ impl CpuMeter {
     }
 }
 
-/// Median and mean of `n` 4 KiB appends each followed by `fdatasync`, in a
-/// file in `dir`: what one durable flush costs on this disk. On the 2-vCPU
-/// reference VM this swings between ~0.15 ms and ~4 ms with what else is
-/// running (a lone waiter on an idle VM seems to wake on a 4 ms tick), so
+/// Median and mean of `n` 4 KiB writes, each followed by `fdatasync`, into
+/// a preallocated file in `dir` (no size change, like sled's segments):
+/// what one durability barrier costs on this disk. On the 2-vCPU reference
+/// VM this swings between ~0.1 ms and ~4 ms with what else is running (a
+/// lone waiter on an otherwise idle VM seems to wake on a 4 ms tick), so
 /// read it next to `direct_claim_*`, which pays the same barrier.
 fn fdatasync_ms(dir: &std::path::Path, n: usize) -> anyhow::Result<(f64, f64)> {
-    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
     let path = dir.join("fsync-probe");
-    let mut file = std::fs::File::create(&path)?;
-    let block = [0x5au8; 4096];
+    let file = std::fs::File::create(&path)?;
+    file.set_len((n * BLOCK) as u64)?;
+    file.sync_all()?;
+    let block = [0x5au8; BLOCK];
     let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
         let t = Instant::now();
-        file.write_all(&block)?;
+        file.write_all_at(&block, (i * BLOCK) as u64)?;
         file.sync_data()?;
         times.push(t.elapsed());
     }
