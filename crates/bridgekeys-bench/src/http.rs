@@ -62,6 +62,13 @@ pub struct HttpReport {
     pub http_p99_ms: f64,
     /// http_claims_per_s / raw_keys_per_s_all.
     pub ratio_to_raw: f64,
+    /// The same load on `/_matrix/app/v1/ping` (authenticated, JSON, no
+    /// crypto, no store): what HTTP alone allows on this machine, requests/s.
+    pub http_floor_per_s: f64,
+    /// The best `ratio_to_raw` possible if the store cost nothing, with the
+    /// crypto and the HTTP floor sharing the cores:
+    /// 1 / (1 + raw_keys_per_s_all / http_floor_per_s).
+    pub ratio_bound_without_store: f64,
 }
 
 struct NoBridge;
@@ -84,10 +91,12 @@ pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
         store.clone(),
         Default::default(),
     ));
-    for i in 0..config.devices {
-        let (user, device) = puppet(i)?;
-        manager.create_device(&user, &device).await?;
-    }
+    let ids = (0..config.devices)
+        .map(puppet)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    manager
+        .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
+        .await?;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -113,49 +122,44 @@ pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
             .await
     });
 
-    let token = Arc::new(registration.hs_token.clone());
-    let remaining = Arc::new(AtomicUsize::new(config.claims));
-    let started = Instant::now();
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..config.connections {
-        let (token, remaining, devices) = (token.clone(), remaining.clone(), config.devices);
-        clients.spawn(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(connection);
-            let mut rng = StdRng::from_entropy();
-            let mut latencies = Vec::new();
-            while remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
-                let (user, device) = puppet(rng.gen_range(0..devices))?;
-                let body = serde_json::json!({ user.as_str(): { device.as_str(): ["signed_curve25519"] } });
-                let request = Request::post("/_matrix/app/unstable/org.matrix.msc3983/keys/claim")
-                    .header("host", addr.to_string())
-                    .header("authorization", format!("Bearer {token}"))
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body.to_string())))?;
-                let t = Instant::now();
-                sender.ready().await?;
-                let response = sender.send_request(request).await?;
-                let status = response.status();
-                let bytes = response.into_body().collect().await?.to_bytes();
-                latencies.push(t.elapsed());
-                let answer: serde_json::Value = serde_json::from_slice(&bytes)?;
-                let keys = answer[user.as_str()][device.as_str()].as_object().map_or(0, |k| k.len());
-                anyhow::ensure!(status == 200 && keys == 1, "claim answered {status}: {answer}");
-            }
-            anyhow::Ok(latencies)
-        });
-    }
-    let mut latencies = Vec::with_capacity(config.claims);
-    while let Some(r) = clients.join_next().await {
-        latencies.extend(r??);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let token = registration.hs_token.clone();
+    let devices = config.devices;
+    let claim = move |rng: &mut StdRng| -> anyhow::Result<Call> {
+        let (user, device) = puppet(rng.gen_range(0..devices))?;
+        let body = serde_json::json!({ user.as_str(): { device.as_str(): ["signed_curve25519"] } });
+        Ok(Call {
+            path: "/_matrix/app/unstable/org.matrix.msc3983/keys/claim",
+            body: body.to_string(),
+            check: Box::new(move |status, answer| {
+                let keys = answer[user.as_str()][device.as_str()]
+                    .as_object()
+                    .map_or(0, |k| k.len());
+                anyhow::ensure!(
+                    status == 200 && keys == 1,
+                    "claim answered {status}: {answer}"
+                );
+                Ok(())
+            }),
+        })
+    };
+    let (latencies, elapsed) = load(addr, &token, config.connections, config.claims, claim).await?;
+    // The floor: the same load on the cheapest authenticated endpoint, so
+    // HTTP, routing and JSON alone (no crypto, no store).
+    let ping = |_: &mut StdRng| -> anyhow::Result<Call> {
+        Ok(Call {
+            path: "/_matrix/app/v1/ping",
+            body: r#"{"transaction_id":"bench"}"#.to_owned(),
+            check: Box::new(|status, answer| {
+                anyhow::ensure!(status == 200, "ping answered {status}: {answer}");
+                Ok(())
+            }),
+        })
+    };
+    let (pings, ping_elapsed) = load(addr, &token, config.connections, config.claims, ping).await?;
     let _ = stop.send(());
     server.await??;
-    latencies.sort();
     let claims_per_s = latencies.len() as f64 / elapsed;
+    let floor_per_s = pings.len() as f64 / ping_elapsed;
     Ok(HttpReport {
         raw_keys_per_s_1t: raw_1t,
         raw_keys_per_s_all: raw_all,
@@ -166,5 +170,72 @@ pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
         http_p50_ms: percentile_ms(&latencies, 50.0),
         http_p99_ms: percentile_ms(&latencies, 99.0),
         ratio_to_raw: claims_per_s / raw_all,
+        http_floor_per_s: floor_per_s,
+        ratio_bound_without_store: 1.0 / (1.0 + raw_all / floor_per_s),
     })
+}
+
+/// One request of a load: where, what, and how to check the answer.
+struct Call {
+    path: &'static str,
+    body: String,
+    check: Box<dyn FnOnce(hyper::StatusCode, serde_json::Value) -> anyhow::Result<()> + Send>,
+}
+
+/// `total` requests made by `make` over `connections` keep-alive HTTP/1.1
+/// connections with the homeserver's token. Client-side latencies, sorted,
+/// and the seconds the whole load took.
+async fn load<F>(
+    addr: std::net::SocketAddr,
+    token: &str,
+    connections: usize,
+    total: usize,
+    make: F,
+) -> anyhow::Result<(Vec<std::time::Duration>, f64)>
+where
+    F: Fn(&mut StdRng) -> anyhow::Result<Call> + Clone + Send + 'static,
+{
+    let authorization = Arc::new(format!("Bearer {token}"));
+    let remaining = Arc::new(AtomicUsize::new(total));
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (authorization, remaining, make) =
+            (authorization.clone(), remaining.clone(), make.clone());
+        clients.spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            let mut rng = StdRng::from_entropy();
+            let mut latencies = Vec::new();
+            while remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let call = make(&mut rng)?;
+                let request = Request::post(call.path)
+                    .header("host", addr.to_string())
+                    .header("authorization", authorization.as_str())
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(call.body)))?;
+                let t = Instant::now();
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                let status = response.status();
+                let bytes = response.into_body().collect().await?.to_bytes();
+                latencies.push(t.elapsed());
+                (call.check)(status, serde_json::from_slice(&bytes)?)?;
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let mut latencies = Vec::with_capacity(total);
+    while let Some(r) = clients.join_next().await {
+        latencies.extend(r??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    Ok((latencies, elapsed))
 }

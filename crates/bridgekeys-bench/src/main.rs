@@ -329,6 +329,14 @@ async fn main() -> anyhow::Result<()> {
                 "  ratio HTTP / raw (all cores)            {:>10.2}",
                 r.ratio_to_raw
             );
+            println!(
+                "  HTTP floor: /ping, same load            {:>10.0} requests/s",
+                r.http_floor_per_s
+            );
+            println!(
+                "  best ratio if the store cost nothing    {:>10.2}",
+                r.ratio_bound_without_store
+            );
             write_json(json, &r)
         }
         Scenario::Crash {

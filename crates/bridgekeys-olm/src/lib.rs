@@ -6,17 +6,19 @@
 //!
 //! 1. serialises claims per device (claims for different devices run in
 //!    parallel),
-//! 2. generates fresh one-time keys in the device's account, signs each
+//! 2. generates fresh one-time key pairs with vodozemac, numbers them from
+//!    the store's never-repeating key-id sequence and signs each
 //!    `{"key": ...}` object over canonical JSON with the device's ed25519 key,
-//! 3. writes the advanced key-id counter and the private keys to the
-//!    [`Store`](bridgekeys_store::Store) in one atomic write, and
-//! 4. returns only once that write is durable.
+//! 3. writes the private keys to the [`Store`](bridgekeys_store::Store) as
+//!    records of their own (the account itself does not change, so it is not
+//!    rewritten), and
+//! 4. returns only once those writes are durable.
 //!
-//! Private one-time keys live in the store as separate records, not inside
-//! the account pickle, so a claim costs the same whether the device has one
-//! outstanding key or thousands. When a pre-key message arrives,
+//! So a claim costs the same whether the device has one outstanding key or
+//! thousands. When a pre-key message arrives,
 //! [`AccountManager::decrypt_prekey`] loads the one key it names, creates the
 //! inbound session and removes the key (durably) only if decryption succeeded.
+//! Decoded accounts are cached, up to [`ManagerConfig::max_cached_devices`].
 //!
 //! Fallback keys (MSC2732) live inside the account pickle with their
 //! schedule beside it ([`fallback`]): generated and persisted before any

@@ -163,7 +163,7 @@ impl SledStore {
         device: &DeviceKey,
         add: &[OneTimeKeyRecord],
         remove: &[(u64, [u8; 32])],
-    ) -> (Vec<SealedKey>, Vec<(Vec<u8>, Vec<u8>)>) {
+    ) -> (Vec<SealedKey>, Vec<RemovedKey>) {
         let added = add
             .iter()
             .map(|k| {
@@ -299,8 +299,11 @@ struct SealedWrite {
     account_key: Vec<u8>,
     account_value: Vec<u8>,
     added: Vec<SealedKey>,
-    removed: Vec<(Vec<u8>, Vec<u8>)>,
+    removed: Vec<RemovedKey>,
 }
+
+/// The record and the public-key index entry of a key to remove.
+type RemovedKey = (Vec<u8>, Vec<u8>);
 
 /// A one-time key ready to insert: its record and its public-key index entry.
 struct SealedKey {
