@@ -97,6 +97,11 @@ pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
     manager
         .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
         .await?;
+    // Steady state: a running bridge has its active devices in memory (the
+    // cold path is what the `scale` scenario measures).
+    for (user, device) in &ids {
+        manager.device_keys(user, device)?;
+    }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

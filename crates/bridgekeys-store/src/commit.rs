@@ -13,7 +13,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use parking_lot::{Condvar, Mutex};
@@ -81,7 +81,8 @@ impl GroupCommit {
     /// applied so far durable" operation.
     ///
     /// `gather` is how long the flusher waits, after the first waiter
-    /// arrives, for more writers to join the same flush (zero: flush at once).
+    /// arrives, for more writers to join the same flush, when the previous
+    /// flush answered more than one writer (zero: always flush at once).
     pub(crate) fn start<F>(flush: F, gather: Duration) -> std::io::Result<Self>
     where
         F: Fn() -> FlushResult + Send + 'static,
@@ -113,9 +114,13 @@ impl GroupCommit {
             return Pending(PendingInner::Failed(StoreError::Closed));
         }
         state.waiters.push(tx);
+        // Only the first waiter can find the flusher asleep on the condvar.
+        let first = state.waiters.len() == 1;
         self.shared.writes.fetch_add(1, Ordering::Relaxed);
         drop(state);
-        self.shared.wake.notify_one();
+        if first {
+            self.shared.wake.notify_one();
+        }
         Pending(PendingInner::Waiting(rx))
     }
 
@@ -144,29 +149,33 @@ impl Drop for GroupCommit {
     }
 }
 
-/// Most waiters one flush answers before it stops gathering.
+/// Most waiters one flush answers (the rest wait for the next one).
 const MAX_BATCH: usize = 1024;
 
 fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) {
+    let mut last_batch = 0;
     loop {
         let batch = {
             let mut state = shared.state.lock();
             while state.waiters.is_empty() && !state.closed {
                 shared.wake.wait(&mut state);
             }
-            if !gather.is_zero() {
-                let deadline = Instant::now() + gather;
-                while !state.closed && state.waiters.len() < MAX_BATCH {
-                    if shared.wake.wait_until(&mut state, deadline).timed_out() {
-                        break;
-                    }
-                }
+            // Gather only under concurrent load (the last flush answered
+            // several writers): a lone writer is answered at once. The
+            // flusher sleeps through the gathering instead of waking for
+            // every writer that joins.
+            if !gather.is_zero() && last_batch > 1 && !state.closed {
+                drop(state);
+                std::thread::sleep(gather);
+                state = shared.state.lock();
             }
             if state.waiters.is_empty() {
                 return; // closed and drained
             }
-            std::mem::take(&mut state.waiters)
+            let take = state.waiters.len().min(MAX_BATCH);
+            state.waiters.drain(..take).collect::<Vec<_>>()
         };
+        last_batch = batch.len();
         let result = flush();
         shared.flushes.fetch_add(1, Ordering::Relaxed);
         if let Err(reason) = &result {
@@ -226,6 +235,19 @@ mod tests {
         assert!(matches!(err, StoreError::Durability { ref reason } if reason == "disk full"));
         fail.store(false, Ordering::SeqCst);
         gc.pending().durable().await.expect("next flush succeeds");
+    }
+
+    #[tokio::test]
+    async fn a_lone_writer_is_not_held_back_by_the_gather_time() {
+        // A gather time far longer than the test's patience: only a flusher
+        // that skips gathering for a lone writer answers in time, every time.
+        let gc = GroupCommit::start(|| Ok(()), Duration::from_secs(60)).expect("thread");
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(10), gc.pending().durable())
+                .await
+                .expect("a lone writer waited for the gather time")
+                .expect("durable");
+        }
     }
 
     #[tokio::test]

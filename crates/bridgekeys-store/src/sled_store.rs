@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
-pub const DEFAULT_COMMIT_GATHER_US: u64 = 0;
+pub const DEFAULT_COMMIT_GATHER_US: u64 = 1_000;
 
 /// The first one-time key id [`Store::reserve_key_ids`] hands out. Ids below
 /// it belong to vodozemac's per-account counter (fallback keys, and the
@@ -39,8 +39,12 @@ pub struct SledStoreConfig {
     /// sled's page cache size in bytes.
     pub cache_capacity: u64,
     /// How long a flush waits for more writers to join it after the first
-    /// one asks (group commit). A little waiting turns many `fsync`s into
-    /// one when claims arrive together; it adds at most this much latency.
+    /// one asks (group commit), when the previous flush answered more than
+    /// one writer. Under concurrent load a little waiting turns many
+    /// `fsync`s into one and saves CPU (about a third more claims per second
+    /// over HTTP at 1 ms on the 2-core reference machine, see
+    /// `docs/BENCHMARKS.md`); it adds at most this much latency. A lone
+    /// writer is never held back. Default [`DEFAULT_COMMIT_GATHER_US`].
     pub commit_gather: Duration,
 }
 

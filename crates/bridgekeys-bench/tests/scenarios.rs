@@ -1,0 +1,99 @@
+//! Every benchmark scenario runs end to end on a tiny load and reports
+//! figures that hang together (so the documented runs cannot rot). These are
+//! not speed tests: no figure is compared with a time budget.
+#![allow(clippy::unwrap_used)]
+
+use bridgekeys_bench::{http, manager, scale, storage, synapse};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_and_http_scenarios_serve_every_claim_and_report_consistent_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager::run(&manager::ManagerBench {
+        devices: 50,
+        concurrency: 8,
+        claims: 300,
+        raw_seconds: 0.05,
+        dir: dir.path().to_owned(),
+    })
+    .await
+    .unwrap();
+    assert_eq!((m.devices, m.claims), (50, 300));
+    assert!(m.raw_keys_per_s_all > 0.0 && m.manager_claims_per_s > 0.0);
+    assert!(m.manager_p50_ms <= m.manager_p99_ms);
+    assert!(
+        (m.ratio_to_raw - m.manager_claims_per_s / m.raw_keys_per_s_all).abs() < 1e-9,
+        "the ratio is the two figures divided"
+    );
+
+    let h = http::run(&http::HttpBench {
+        devices: 50,
+        connections: 8,
+        claims: 300,
+        raw_seconds: 0.05,
+        dir: dir.path().to_owned(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(h.claims, 300, "every claim answered with one key");
+    assert!(h.http_claims_per_s > 0.0 && h.http_floor_per_s > 0.0);
+    assert!(h.http_p50_ms <= h.http_p99_ms);
+    assert!(h.ratio_bound_without_store > 0.0 && h.ratio_bound_without_store < 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_loads_cold_devices_and_storage_measures_real_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = scale::run(&scale::ScaleBench {
+        sizes: vec![100, 2_000],
+        claims: 400,
+        concurrency: 8,
+        dir: dir.path().to_owned(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.points.len(), 2);
+    assert_eq!(s.points[1].claims, 400);
+    // Every device starts cold after the reopen: with 2 000 devices most of
+    // the 400 claims must load theirs; with 100, at most 100 loads.
+    assert!(s.points[0].cold_loads <= 100);
+    assert!(s.points[1].cold_loads > 300, "{:?}", s.points[1]);
+    assert!((s.scale_ratio - s.points[1].p99_ms / s.points[0].p99_ms).abs() < 1e-9);
+    assert_eq!(s.p99_ms_1k, None, "no 1 000-device point was measured");
+
+    let st = storage::run(&storage::StorageBench {
+        devices: 500,
+        dir: dir.path().to_owned(),
+    })
+    .await
+    .unwrap();
+    assert!(st.store_bytes > st.empty_store_bytes);
+    // An idle device holds at least its sealed account (two 32-byte secrets,
+    // a fallback key, nonce and tag) and its registry key.
+    assert!(st.bytes_per_device > 150.0, "{}", st.bytes_per_device);
+    let a = &st.alternative;
+    assert_eq!(a.keys_per_device, 50);
+    assert!(a.key_json_bytes > 150, "a signed key with its signature");
+    assert_eq!(
+        a.total_bytes_per_device,
+        st.bytes_per_device.round() as usize + a.extra_bytes_per_device
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synapse_scenario_claims_local_and_proxied_keys_through_a_real_synapse() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = synapse::run(&synapse::SynapseBench {
+        local_devices: 3,
+        keys_per_device: 10,
+        puppets: 3,
+        connections: 4,
+        claims: 20,
+        serial_claims: 5,
+        dir: dir.path().to_owned(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.failures(), 0, "every claim returned one valid key");
+    assert!(r.synapse_local_claims_per_s > 0.0 && r.synapse_proxied_claims_per_s > 0.0);
+    assert!(r.appservice_share > 0.0 && r.appservice_share < 1.0);
+}
