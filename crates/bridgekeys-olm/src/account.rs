@@ -17,7 +17,7 @@
 use bridgekeys_store::{AccountRecord, Version};
 use serde::{Deserialize, Serialize};
 use vodozemac::{
-    Curve25519SecretKey, KeyId,
+    Curve25519SecretKey, Ed25519SecretKey, Ed25519Signature, KeyId,
     olm::{Account, AccountPickle},
 };
 use zeroize::Zeroizing;
@@ -49,11 +49,35 @@ struct StoredDevice {
     fallback: FallbackState,
 }
 
+/// The first field of a vodozemac account pickle (its ed25519 key), in
+/// vodozemac's own serde shape, so a cold device can sign without
+/// unpickling the whole account (see [`DeviceAccount::decode`]).
+#[derive(Deserialize)]
+struct PickleHead {
+    signing_key: SigningKeyHead,
+}
+
+/// Mirrors vodozemac's `SecretKeys` (same variants, same order). Only the
+/// usual `Normal` key is read; anything else loads the whole account.
+#[derive(Deserialize)]
+enum SigningKeyHead {
+    Normal(Ed25519SecretKey),
+    Expanded(serde::de::IgnoredAny),
+}
+
 /// A loaded device: its account (holding no one-time keys), the store
 /// version it was read at, how many one-time keys it has outstanding and
 /// the schedule of its fallback keys.
+///
+/// A device loaded from a format 3 record keeps its account pickled, with
+/// just its ed25519 key ready, until something needs the whole account:
+/// unpickling derives the public half of every key in it (identity keys,
+/// fallback keys), a scalar multiplication each, while a claim only signs.
+/// So the first claim on a cold device costs one derivation, not three or
+/// four.
 pub(crate) struct DeviceAccount {
-    pub account: Account,
+    account: Option<Account>,
+    pickled: Option<(AccountPickle, Ed25519SecretKey)>,
     pub version: Option<Version>,
     /// Counted from the store when the device is loaded, then kept up to
     /// date in memory (it is not part of the record).
@@ -66,7 +90,8 @@ pub(crate) struct DeviceAccount {
 impl DeviceAccount {
     pub(crate) fn new() -> Self {
         Self {
-            account: Account::new(),
+            account: Some(Account::new()),
+            pickled: None,
             version: None,
             outstanding: 0,
             fallback: FallbackState::default(),
@@ -74,9 +99,37 @@ impl DeviceAccount {
         }
     }
 
+    /// The whole account, unpickled on first use.
+    pub(crate) fn account(&mut self) -> Result<&mut Account, OlmError> {
+        if let Some((pickle, _)) = self.pickled.take() {
+            self.account = Some(Account::from_pickle(pickle));
+        }
+        self.account
+            .as_mut()
+            .ok_or_else(|| OlmError::Corrupt("device without an account".into()))
+    }
+
+    /// Sign `message` with the device's ed25519 key (the whole account is
+    /// not needed for that).
+    pub(crate) fn sign(&self, message: &str) -> Result<Ed25519Signature, OlmError> {
+        match (&self.account, &self.pickled) {
+            (Some(account), _) => Ok(account.sign(message)),
+            (None, Some((_, signer))) => Ok(signer.sign(message.as_bytes())),
+            (None, None) => Err(OlmError::Corrupt("device without an account".into())),
+        }
+    }
+
+    /// Sign `value` as Matrix signs JSON (canonical, without `signatures`
+    /// and `unsigned`); base64.
+    pub(crate) fn sign_json<T: Serialize>(&self, value: &T) -> Result<String, OlmError> {
+        Ok(self
+            .sign(&crate::signing::canonical_json_for_signing(value)?)?
+            .to_base64())
+    }
+
     /// Serialise for [`bridgekeys_store::DeviceWrite::account`].
-    pub(crate) fn encode(&self) -> Result<Zeroizing<Vec<u8>>, OlmError> {
-        let pickle = self.account.pickle();
+    pub(crate) fn encode(&mut self) -> Result<Zeroizing<Vec<u8>>, OlmError> {
+        let pickle = self.account()?.pickle();
         let record = StoredDeviceRef {
             account: &pickle,
             fallback: &self.fallback,
@@ -104,8 +157,27 @@ impl DeviceAccount {
                 (stored.account, stored.fallback)
             }
             Some(&FORMAT) => {
-                let stored: StoredDevice = postcard::from_bytes(&record.data[1..])
+                let body = &record.data[1..];
+                let stored: StoredDevice = postcard::from_bytes(body)
                     .map_err(|e| OlmError::Corrupt(format!("account record: {e}")))?;
+                // The pickle starts with the ed25519 key: read just that
+                // again as a ready signer, and leave the rest pickled.
+                if let Ok((
+                    PickleHead {
+                        signing_key: SigningKeyHead::Normal(signer),
+                    },
+                    _,
+                )) = postcard::take_from_bytes::<PickleHead>(body)
+                {
+                    return Ok(Self {
+                        account: None,
+                        pickled: Some((stored.account, signer)),
+                        version: Some(record.version),
+                        outstanding,
+                        fallback: stored.fallback,
+                        recently_used: true,
+                    });
+                }
                 (stored.account, stored.fallback)
             }
             Some(other) => {
@@ -114,7 +186,8 @@ impl DeviceAccount {
             None => return Err(OlmError::Corrupt("empty account record".into())),
         };
         Ok(Self {
-            account: Account::from_pickle(account),
+            account: Some(Account::from_pickle(account)),
+            pickled: None,
             version: Some(record.version),
             outstanding,
             fallback,
@@ -130,12 +203,12 @@ impl DeviceAccount {
     /// keeps stable for stored accounts): the key is inserted into
     /// `one_time_keys.private_keys` under its id.
     pub(crate) fn with_one_time_key(
-        &self,
+        &mut self,
         key_id: u64,
         secret: &[u8; 32],
     ) -> Result<Account, OlmError> {
         let corrupt = |e: serde_json::Error| OlmError::Corrupt(format!("account pickle: {e}"));
-        let mut pickle = serde_json::to_value(self.account.pickle()).map_err(corrupt)?;
+        let mut pickle = serde_json::to_value(self.account()?.pickle()).map_err(corrupt)?;
         let secret =
             serde_json::to_value(Curve25519SecretKey::from_slice(secret)).map_err(corrupt)?;
         let keys = pickle
@@ -178,11 +251,11 @@ mod tests {
             "account": account.pickle(),
         });
         let json = serde_json::to_vec(&v1).expect("json");
-        let device = DeviceAccount::decode(&record(4, json.clone()), 3).expect("decode");
+        let mut device = DeviceAccount::decode(&record(4, json.clone()), 3).expect("decode");
         assert_eq!(device.outstanding, 3);
         assert_eq!(device.fallback, FallbackState::default());
         assert_eq!(
-            device.account.identity_keys().ed25519,
+            device.account().expect("account").identity_keys().ed25519,
             account.identity_keys().ed25519
         );
         // Written back, it is the current binary format, and much smaller.
@@ -199,14 +272,41 @@ mod tests {
     #[test]
     fn the_compact_format_round_trips_keys_and_fallback_state() {
         let mut device = DeviceAccount::new();
-        device.account.generate_fallback_key();
+        device.account().expect("account").generate_fallback_key();
         device.fallback.previous_since_ms = Some(42);
         let encoded = device.encode().expect("encode");
-        let back = DeviceAccount::decode(&record(2, encoded.to_vec()), 0).expect("decode");
-        assert_eq!(back.account.identity_keys(), device.account.identity_keys());
-        assert_eq!(back.account.fallback_key(), device.account.fallback_key());
+        let mut back = DeviceAccount::decode(&record(2, encoded.to_vec()), 0).expect("decode");
+        let restored = back.account().expect("account");
+        let (keys, fallback) = (restored.identity_keys(), restored.fallback_key());
+        let original = device.account().expect("account");
+        assert_eq!(keys, original.identity_keys());
+        assert_eq!(fallback, original.fallback_key());
         assert_eq!(back.fallback, device.fallback);
         assert_eq!(back.version, Some(Version(2)));
+    }
+
+    #[test]
+    fn a_cold_device_signs_exactly_as_its_unpickled_account_would() {
+        let mut device = DeviceAccount::new();
+        device.account().expect("account").generate_fallback_key();
+        let identity = device.account().expect("account").identity_keys();
+        let encoded = device.encode().expect("encode");
+        let mut cold = DeviceAccount::decode(&record(1, encoded.to_vec()), 0).expect("decode");
+        assert!(
+            cold.account.is_none(),
+            "a format 3 record loads without unpickling"
+        );
+        let message = r#"{"key":"abc"}"#;
+        let lazy = cold.sign(message).expect("sign").to_base64();
+        // ed25519 is deterministic: the whole account signs to the same bytes.
+        let whole = cold.account().expect("account");
+        assert_eq!(whole.identity_keys(), identity);
+        assert_eq!(whole.sign(message).to_base64(), lazy);
+        assert_eq!(cold.sign(message).expect("sign").to_base64(), lazy);
+        identity
+            .ed25519
+            .verify(message.as_bytes(), &cold.sign(message).expect("sign"))
+            .expect("verifies with the device's identity key");
     }
 
     #[test]

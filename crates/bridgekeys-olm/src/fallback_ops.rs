@@ -17,7 +17,6 @@ use crate::{
     AccountManager, OlmError,
     account::{DeviceAccount, key_id_number},
     fallback::{CurrentFallback, FallbackAction, FallbackPolicy, FallbackState, UnixMillis, due},
-    signing::sign_json,
     stats::Counters,
 };
 
@@ -47,10 +46,10 @@ fn key_id_string(id: u64) -> Result<OwnedOneTimeKeyId, OlmError> {
 /// the previous one (and an older previous one is dropped by vodozemac).
 fn generate(device: &mut DeviceAccount, now: UnixMillis) -> Result<(), OlmError> {
     let had_current =
-        device.fallback.current.is_some() || !device.account.fallback_key().is_empty();
-    device.account.generate_fallback_key();
+        device.fallback.current.is_some() || !device.account()?.fallback_key().is_empty();
+    device.account()?.generate_fallback_key();
     let (key_id, public) = device
-        .account
+        .account()?
         .fallback_key()
         .into_iter()
         .next()
@@ -78,7 +77,7 @@ fn sign_fallback(
     let mut signed = SignedKey::new_fallback(Base64::new(public.to_vec()), DeviceSignatures::new());
     // ed25519 signatures are deterministic: the same key signs to the same
     // object every time, so a re-upload is byte-identical.
-    let signature = sign_json(&device.account, &signed)?;
+    let signature = device.sign_json(&signed)?;
     signed.signatures.insert_signature(
         user_id.to_owned(),
         DeviceSigningKeyId::from_parts(SigningKeyAlgorithm::Ed25519, device_id),
@@ -158,7 +157,7 @@ impl AccountManager {
             }
             // The account holds no one-time keys, so this publishes exactly
             // the fallback key.
-            device.account.mark_keys_as_published();
+            device.account()?.mark_keys_as_published();
             if let Some(c) = device.fallback.current.as_mut() {
                 c.published = true;
                 c.published_ms = Some(now);
@@ -232,7 +231,7 @@ impl AccountManager {
                         true
                     }
                     FallbackAction::ForgetPrevious => {
-                        device.account.forget_fallback_key();
+                        device.account()?.forget_fallback_key();
                         device.fallback.previous_since_ms = None;
                         true
                     }
@@ -292,7 +291,7 @@ impl AccountManager {
     ) -> Result<bool, OlmError> {
         let (forgot, _) = self
             .update_device(user_id, device_id, false, |device| {
-                let forgot = device.account.forget_fallback_key();
+                let forgot = device.account()?.forget_fallback_key();
                 let changed = forgot || device.fallback.previous_since_ms.is_some();
                 device.fallback.previous_since_ms = None;
                 Ok((forgot, changed))

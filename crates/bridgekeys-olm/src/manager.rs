@@ -20,10 +20,7 @@ use vodozemac::{
 };
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::{
-    ManagerConfig, ManagerStats, OlmError, account::DeviceAccount, signing::sign_json,
-    stats::Counters,
-};
+use crate::{ManagerConfig, ManagerStats, OlmError, account::DeviceAccount, stats::Counters};
 
 /// A one-time key handed out by a claim: its id (`signed_curve25519:<id>`)
 /// and the signed key object, ready for a `keys/claim` response.
@@ -138,7 +135,7 @@ impl AccountManager {
     ) -> Result<DeviceKeys, OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         if let Some(slot) = self.slot(&key)? {
-            let keys = device_keys(&slot.lock(), user_id, device_id)?;
+            let keys = device_keys(&mut slot.lock(), user_id, device_id)?;
             // It may have been created a moment ago by a call still waiting
             // for its flush: answer only once that flush is done too.
             self.store.sync().durable().await?;
@@ -158,7 +155,7 @@ impl AccountManager {
             Err(e) => return Err(e.into()),
         };
         device.version = Some(Version::next(None));
-        let keys = device_keys(&device, user_id, device_id)?;
+        let keys = device_keys(&mut device, user_id, device_id)?;
         self.cache(key, device);
         pending.durable().await?;
         Counters::add(&self.counters.devices_created, 1);
@@ -207,8 +204,8 @@ impl AccountManager {
     ) -> Result<DeviceKeys, OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         let slot = self.existing_slot(&key, user_id, device_id)?;
-        let device = slot.lock();
-        device_keys(&device, user_id, device_id)
+        let mut device = slot.lock();
+        device_keys(&mut device, user_id, device_id)
     }
 
     /// The device's identity keys (ed25519, curve25519).
@@ -219,7 +216,7 @@ impl AccountManager {
     ) -> Result<vodozemac::olm::IdentityKeys, OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         let slot = self.existing_slot(&key, user_id, device_id)?;
-        let keys = slot.lock().account.identity_keys();
+        let keys = slot.lock().account()?.identity_keys();
         Ok(keys)
     }
 
@@ -460,7 +457,7 @@ impl AccountManager {
             // Not a one-time key: it may be the fallback key, which the
             // account holds itself and which decryption does not consume.
             None => device
-                .account
+                .account()?
                 .create_inbound_session(config, sender_key, message),
         };
         let created = match result {
@@ -658,7 +655,7 @@ fn sign_one_time_key(
     public_key: &Curve25519PublicKey,
 ) -> Result<ClaimedKey, OlmError> {
     let mut signed = SignedKey::new(Base64::new(public_key.to_vec()), DeviceSignatures::new());
-    let signature = sign_json(&device.account, &signed)?;
+    let signature = device.sign_json(&signed)?;
     signed.signatures.insert_signature(
         user_id.to_owned(),
         DeviceSigningKeyId::from_parts(SigningKeyAlgorithm::Ed25519, device_id),
@@ -678,11 +675,11 @@ fn sign_one_time_key(
 }
 
 fn device_keys(
-    device: &DeviceAccount,
+    device: &mut DeviceAccount,
     user_id: &UserId,
     device_id: &DeviceId,
 ) -> Result<DeviceKeys, OlmError> {
-    let identity = device.account.identity_keys();
+    let identity = device.account()?.identity_keys();
     let keys = BTreeMap::from([
         (
             DeviceKeyId::from_parts(DeviceKeyAlgorithm::Curve25519, device_id),
@@ -703,7 +700,7 @@ fn device_keys(
         keys,
         CrossSigningOrDeviceSignatures::new(),
     );
-    let signature = sign_json(&device.account, &device_keys)?;
+    let signature = device.sign_json(&device_keys)?;
     device_keys.signatures.insert_signature(
         user_id.to_owned(),
         ruma::CrossSigningOrDeviceSigningKeyId::from_parts(

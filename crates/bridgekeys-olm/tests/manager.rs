@@ -80,7 +80,8 @@ async fn reopened_store_never_reuses_an_earlier_key_id() {
 #[tokio::test]
 async fn every_signature_verifies_with_an_independent_verifier() {
     let dir = tempfile::tempdir().unwrap();
-    let m = manager(dir.path(), &StoreKey::generate(), ManagerConfig::default());
+    let store_key = StoreKey::generate();
+    let m = manager(dir.path(), &store_key, ManagerConfig::default());
     let (user, device) = alice();
     let device_keys = m.create_device(&user, &device).await.unwrap();
 
@@ -123,6 +124,17 @@ async fn every_signature_verifies_with_an_independent_verifier() {
         claimed
             .iter()
             .all(|k| k.key_id.as_str().starts_with("signed_curve25519:"))
+    );
+    // A cold device (reopened store) signs without unpickling its account:
+    // its signatures verify just the same.
+    drop(m);
+    let m = manager(dir.path(), &store_key, ManagerConfig::default());
+    for k in m.claim(&user, &device, &SC, 3).await.unwrap() {
+        verify_json(&key_map, &to_object(serde_json::to_value(&k.key).unwrap())).unwrap();
+    }
+    assert_eq!(
+        m.device_keys(&user, &device).unwrap().keys,
+        device_keys.keys
     );
 }
 
