@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::{
     manager::measure_raw,
-    support::{open_store, percentile_ms, puppet},
+    support::{create_puppets, open_store, percentile_ms, puppet},
 };
 
 /// Knobs of the `http` scenario.
@@ -91,16 +91,12 @@ pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
         store.clone(),
         Default::default(),
     ));
-    let ids = (0..config.devices)
-        .map(puppet)
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    manager
-        .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
-        .await?;
+    create_puppets(&manager, config.devices).await?;
     // Steady state: a running bridge has its active devices in memory (the
     // cold path is what the `scale` scenario measures).
-    for (user, device) in &ids {
-        manager.device_keys(user, device)?;
+    for i in 0..config.devices {
+        let (user, device) = puppet(i)?;
+        manager.device_keys(&user, &device)?;
     }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

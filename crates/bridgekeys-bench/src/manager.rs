@@ -11,12 +11,10 @@ use std::{
 
 use bridgekeys_olm::sign_json;
 use bridgekeys_store::StoreKey;
-use rand::{Rng, SeedableRng, rngs::StdRng};
-use ruma::OneTimeKeyAlgorithm;
 use serde::Serialize;
 use vodozemac::olm::Account;
 
-use crate::support::{open_manager, percentile_ms, puppet};
+use crate::support::{claim_load, open_manager, percentile_ms, puppet};
 
 /// Knobs of the `manager` scenario.
 #[derive(Clone, Debug)]
@@ -151,36 +149,9 @@ pub async fn run(config: &ManagerBench) -> anyhow::Result<ManagerReport> {
     let provision_s = started.elapsed().as_secs_f64();
 
     let flushes_before = manager.store().commit_stats().flushes;
-    let remaining = Arc::new(AtomicUsize::new(config.claims));
-    let started = Instant::now();
-    let mut claimers = tokio::task::JoinSet::new();
-    for _ in 0..config.concurrency {
-        let (manager, remaining, devices) = (manager.clone(), remaining.clone(), config.devices);
-        claimers.spawn(async move {
-            let mut rng = StdRng::from_entropy();
-            let mut latencies = Vec::new();
-            while remaining
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                let (user, device) = puppet(rng.gen_range(0..devices))?;
-                let t = Instant::now();
-                let keys = manager
-                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
-                    .await?;
-                latencies.push(t.elapsed());
-                anyhow::ensure!(keys.len() == 1, "claim returned {} keys", keys.len());
-            }
-            Ok(latencies)
-        });
-    }
-    let mut latencies = Vec::with_capacity(config.claims);
-    while let Some(r) = claimers.join_next().await {
-        latencies.extend(r??);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let (latencies, elapsed) =
+        claim_load(&manager, config.devices, config.claims, config.concurrency).await?;
     let flushes = manager.store().commit_stats().flushes - flushes_before;
-    latencies.sort();
     let claims_per_s = latencies.len() as f64 / elapsed;
     Ok(ManagerReport {
         threads,

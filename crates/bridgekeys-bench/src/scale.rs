@@ -3,27 +3,17 @@
 //!
 //! For each size a fresh store gets that many real accounts (vodozemac
 //! identity keys, written through [`AccountManager::create_devices`], no
-//! homeserver). Then the store is reopened, as after a restart, so the
-//! account cache starts cold, and claims go to devices picked uniformly at
-//! random: with a million devices almost every claim is the first touch of
-//! its device and must load it from the store.
+//! homeserver). Once all are provisioned, each store in turn is reopened, as
+//! after a restart, so the account cache starts cold, and claims go to
+//! devices picked uniformly at random: with a million devices almost every
+//! claim is the first touch of its device and must load it from the store.
 
-use std::{
-    path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{path::Path, sync::Arc, time::Instant};
 
-use bridgekeys_olm::AccountManager;
 use bridgekeys_store::StoreKey;
-use rand::{Rng, SeedableRng, rngs::StdRng};
-use ruma::OneTimeKeyAlgorithm;
 use serde::Serialize;
 
-use crate::support::{open_manager, percentile_ms, puppet};
+use crate::support::{claim_load, create_puppets, open_manager, percentile_ms};
 
 /// Knobs of the `scale` scenario.
 #[derive(Clone, Debug)]
@@ -76,26 +66,38 @@ pub struct ScaleReport {
 /// Run the scenario.
 pub async fn run(config: &ScaleBench) -> anyhow::Result<ScaleReport> {
     std::fs::create_dir_all(&config.dir)?;
-    let mut points = Vec::new();
+    // Provision every size first, then measure the claim loads back to back:
+    // the loads take seconds and the provisioning minutes, and this
+    // machine's speed drifts over minutes, so the p99s are compared under
+    // the same conditions.
+    let mut stores = Vec::new();
     for &devices in &config.sizes {
         let dir = tempfile::tempdir_in(&config.dir)?;
         let key = StoreKey::generate();
         let provision_s = provision(dir.path(), &key, devices).await?;
+        stores.push((devices, dir, key, provision_s));
+    }
+    // Let the kernel finish writing the new stores back first, so that
+    // writeback does not compete with the first load measured.
+    std::process::Command::new("sync").status()?;
+    let mut points = Vec::new();
+    for (devices, dir, key, provision_s) in &stores {
         // Reopen, as after a restart: nothing cached.
-        let manager = Arc::new(open_manager(dir.path(), &key)?);
-        let (latencies, elapsed) = claim_load(&manager, devices, config).await?;
+        let manager = Arc::new(open_manager(dir.path(), key)?);
+        let (latencies, elapsed) =
+            claim_load(&manager, *devices, config.claims, config.concurrency).await?;
         let cold_loads = manager.loaded_devices() + manager.stats().cache_evictions as usize;
         points.push(ScalePoint {
-            devices,
-            provision_s,
+            devices: *devices,
+            provision_s: *provision_s,
             claims: latencies.len(),
             claims_per_s: latencies.len() as f64 / elapsed,
             p50_ms: percentile_ms(&latencies, 50.0),
             p99_ms: percentile_ms(&latencies, 99.0),
             cold_loads,
         });
-        drop(manager);
     }
+    drop(stores);
     let p99_at = |n: usize| points.iter().find(|p| p.devices == n).map(|p| p.p99_ms);
     let scale_ratio = match (points.first(), points.last()) {
         (Some(small), Some(large)) if small.p99_ms > 0.0 => large.p99_ms / small.p99_ms,
@@ -110,74 +112,11 @@ pub async fn run(config: &ScaleBench) -> anyhow::Result<ScaleReport> {
     })
 }
 
-/// Create `devices` accounts in a new store at `dir`, in chunks spread over
-/// the cores. Returns the seconds it took.
+/// Create `devices` accounts in a new store at `dir`. Returns the seconds
+/// it took.
 async fn provision(dir: &Path, key: &StoreKey, devices: usize) -> anyhow::Result<f64> {
-    const CHUNK: usize = 1_000;
     let manager = Arc::new(open_manager(dir, key)?);
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        let (manager, next) = (manager.clone(), next.clone());
-        tasks.spawn(async move {
-            loop {
-                let start = next.fetch_add(CHUNK, Ordering::Relaxed);
-                if start >= devices {
-                    return anyhow::Ok(());
-                }
-                let ids = (start..(start + CHUNK).min(devices))
-                    .map(puppet)
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                manager
-                    .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
-                    .await?;
-            }
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    create_puppets(&manager, devices).await?;
     Ok(started.elapsed().as_secs_f64())
-}
-
-/// `config.claims` claims of 1 key from `config.concurrency` claimers, each
-/// on a device picked uniformly among `devices`. Latencies sorted, and the
-/// seconds the whole load took.
-async fn claim_load(
-    manager: &Arc<AccountManager>,
-    devices: usize,
-    config: &ScaleBench,
-) -> anyhow::Result<(Vec<Duration>, f64)> {
-    let remaining = Arc::new(AtomicUsize::new(config.claims));
-    let started = Instant::now();
-    let mut claimers = tokio::task::JoinSet::new();
-    for _ in 0..config.concurrency {
-        let (manager, remaining) = (manager.clone(), remaining.clone());
-        claimers.spawn(async move {
-            let mut rng = StdRng::from_entropy();
-            let mut latencies = Vec::new();
-            while remaining
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                let (user, device) = puppet(rng.gen_range(0..devices))?;
-                let t = Instant::now();
-                let keys = manager
-                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
-                    .await?;
-                latencies.push(t.elapsed());
-                anyhow::ensure!(keys.len() == 1, "claim returned {} keys", keys.len());
-            }
-            anyhow::Ok(latencies)
-        });
-    }
-    let mut latencies = Vec::with_capacity(config.claims);
-    while let Some(r) = claimers.join_next().await {
-        latencies.extend(r??);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort();
-    Ok((latencies, elapsed))
 }

@@ -15,21 +15,14 @@
 //! account pickle that must keep the 50 private keys (postcard, sealed).
 //! Both use real keys signed as a client signs them.
 
-use std::{
-    path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Instant,
-};
+use std::{path::Path, sync::Arc, time::Instant};
 
 use bridgekeys_olm::{AccountManager, sign_json};
 use bridgekeys_store::{PuppetRegistry, StoreKey};
 use serde::Serialize;
 use vodozemac::olm::Account;
 
-use crate::support::{device_key, open_store, puppet};
+use crate::support::{device_key, in_chunks, open_store, puppet};
 
 /// Knobs of the `storage` scenario.
 #[derive(Clone, Debug)]
@@ -106,44 +99,33 @@ pub async fn run(config: &StorageBench) -> anyhow::Result<StorageReport> {
 
 /// Provision `devices` as the provisioner would (without the homeserver).
 async fn provision(dir: &Path, key: &StoreKey, devices: usize) -> anyhow::Result<f64> {
-    const CHUNK: usize = 1_000;
     let store = open_store(dir, key)?;
     let manager = Arc::new(AccountManager::new(store.clone(), Default::default()));
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..16 {
-        let (manager, store, next) = (manager.clone(), store.clone(), next.clone());
-        tasks.spawn(async move {
-            loop {
-                let start = next.fetch_add(CHUNK, Ordering::Relaxed);
-                if start >= devices {
-                    return anyhow::Ok(());
-                }
-                let ids = (start..(start + CHUNK).min(devices))
-                    .map(puppet)
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+    let work_manager = manager.clone();
+    // Many tasks: each device waits for two durable writes in turn.
+    in_chunks(devices, 16, move |ids| {
+        let (manager, store) = (work_manager.clone(), store.clone());
+        async move {
+            manager
+                .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
+                .await?;
+            for (user, device) in &ids {
+                let now = bridgekeys_olm::fallback::now_millis();
+                let fallback = manager
+                    .fallback_key_for_upload(user, device, now)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no fallback key to upload"))?;
                 manager
-                    .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
+                    .mark_fallback_published(user, device, &fallback.key_id, now)
                     .await?;
-                for (user, device) in &ids {
-                    let now = bridgekeys_olm::fallback::now_millis();
-                    let fallback = manager
-                        .fallback_key_for_upload(user, device, now)
-                        .await?
-                        .ok_or_else(|| anyhow::anyhow!("no fallback key to upload"))?;
-                    manager
-                        .mark_fallback_published(user, device, &fallback.key_id, now)
-                        .await?;
-                    // Durable with the flush that ends the provisioning.
-                    let _applied = store.record_puppet(&device_key(user, device))?;
-                }
+                // Durable with the flush that ends the provisioning.
+                let _applied = store.record_puppet(&device_key(user, device))?;
             }
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+            Ok(())
+        }
+    })
+    .await?;
     manager.store().sync().durable().await?;
     Ok(started.elapsed().as_secs_f64())
 }

@@ -1,19 +1,35 @@
 //! Small pieces the scenarios share.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use bridgekeys_olm::{AccountManager, ClaimedKey, ManagerConfig};
 use bridgekeys_store::{SledStore, SledStoreConfig, StoreError, StoreKey};
-use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, UserId};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use ruma::{DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId, UserId};
 use vodozemac::{
     Curve25519PublicKey,
     olm::{Account, OlmMessage, PreKeyMessage, SessionConfig},
 };
 
 /// Open a sled store at `dir/store` (with the group-commit gather time from
-/// `BRIDGEKEYS_COMMIT_GATHER_US`, if set, for experiments).
+/// `BRIDGEKEYS_COMMIT_GATHER_US` and sled's cache size from
+/// `BRIDGEKEYS_CACHE_MB`, if set, for experiments).
 pub fn open_store(dir: &Path, key: &StoreKey) -> Result<Arc<SledStore>, StoreError> {
     let mut config = SledStoreConfig::new(dir.join("store"), key.clone());
+    if let Some(mb) = std::env::var("BRIDGEKEYS_CACHE_MB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        config.cache_capacity = mb * 1024 * 1024;
+    }
     if let Some(us) = std::env::var("BRIDGEKEYS_COMMIT_GATHER_US")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -70,4 +86,92 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 /// Device key of a puppet, for direct store look-ups.
 pub fn device_key(user: &UserId, device: &DeviceId) -> bridgekeys_store::DeviceKey {
     bridgekeys_store::DeviceKey::new(user.as_str(), device.as_str())
+}
+
+/// The puppets `0..devices`, in chunks of 1 000 handed to `tasks` concurrent
+/// tasks running `work` (for bulk provisioning).
+pub async fn in_chunks<F, Fut>(devices: usize, tasks: usize, work: F) -> anyhow::Result<()>
+where
+    F: Fn(Vec<(OwnedUserId, OwnedDeviceId)>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    const CHUNK: usize = 1_000;
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..tasks {
+        let (next, work) = (next.clone(), work.clone());
+        set.spawn(async move {
+            loop {
+                let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                if start >= devices {
+                    return anyhow::Ok(());
+                }
+                let ids = (start..(start + CHUNK).min(devices))
+                    .map(puppet)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                work(ids).await?;
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Create the accounts of puppets `0..devices` in bulk, on every core.
+pub async fn create_puppets(manager: &Arc<AccountManager>, devices: usize) -> anyhow::Result<()> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let manager = manager.clone();
+    in_chunks(devices, workers, move |ids| {
+        let manager = manager.clone();
+        async move {
+            manager
+                .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
+                .await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// `claims` claims of 1 key from `concurrency` claimers, each on a puppet
+/// picked uniformly among `0..devices`. Latencies sorted, and the seconds
+/// the whole load took.
+pub async fn claim_load(
+    manager: &Arc<AccountManager>,
+    devices: usize,
+    claims: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Vec<Duration>, f64)> {
+    let remaining = Arc::new(AtomicUsize::new(claims));
+    let started = Instant::now();
+    let mut claimers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (manager, remaining) = (manager.clone(), remaining.clone());
+        claimers.spawn(async move {
+            let mut rng = StdRng::from_entropy();
+            let mut latencies = Vec::new();
+            while remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let (user, device) = puppet(rng.gen_range(0..devices))?;
+                let t = Instant::now();
+                let keys = manager
+                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
+                    .await?;
+                latencies.push(t.elapsed());
+                anyhow::ensure!(keys.len() == 1, "claim returned {} keys", keys.len());
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let mut latencies = Vec::with_capacity(claims);
+    while let Some(r) = claimers.join_next().await {
+        latencies.extend(r??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    Ok((latencies, elapsed))
 }
