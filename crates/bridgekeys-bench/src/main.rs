@@ -151,6 +151,12 @@ enum Scenario {
     },
 }
 
+/// The two raw crypto lines every scenario that measures them prints.
+fn print_raw(per_s_1t: f64, per_s_all: f64) {
+    println!("  raw vodozemac generate+sign, 1 thread   {per_s_1t:>10.0} keys/s");
+    println!("  raw vodozemac generate+sign, all cores  {per_s_all:>10.0} keys/s");
+}
+
 fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
     if let Some(path) = path {
         std::fs::write(&path, serde_json::to_string_pretty(value)? + "\n")
@@ -166,14 +172,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Raw { raw_seconds, json } => {
             let raw = manager::measure_raw(raw_seconds);
             println!("scenario: raw ({} cores)", raw.threads);
-            println!(
-                "  raw vodozemac generate+sign, 1 thread   {:>10.0} keys/s",
-                raw.per_s_1t
-            );
-            println!(
-                "  raw vodozemac generate+sign, all cores  {:>10.0} keys/s",
-                raw.per_s_all
-            );
+            print_raw(raw.per_s_1t, raw.per_s_all);
             write_json(
                 json,
                 &serde_json::json!({
@@ -262,14 +261,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let r = manager::run(&config).await?;
             println!("scenario: manager ({} cores)", r.threads);
-            println!(
-                "  raw vodozemac generate+sign, 1 thread   {:>10.0} keys/s",
-                r.raw_keys_per_s_1t
-            );
-            println!(
-                "  raw vodozemac generate+sign, all cores  {:>10.0} keys/s",
-                r.raw_keys_per_s_all
-            );
+            print_raw(r.raw_keys_per_s_1t, r.raw_keys_per_s_all);
             println!(
                 "  provisioned devices                     {:>10} in {:.1} s",
                 r.devices, r.provision_s
@@ -309,14 +301,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let r = http::run(&config).await?;
             println!("scenario: http");
-            println!(
-                "  raw vodozemac generate+sign, 1 thread   {:>10.0} keys/s",
-                r.raw_keys_per_s_1t
-            );
-            println!(
-                "  raw vodozemac generate+sign, all cores  {:>10.0} keys/s",
-                r.raw_keys_per_s_all
-            );
+            print_raw(r.raw_keys_per_s_1t, r.raw_keys_per_s_all);
             println!(
                 "  HTTP claims ({} connections, {} devices) {:>8.0} claims/s",
                 r.connections, r.devices, r.http_claims_per_s
