@@ -36,17 +36,13 @@ struct JsonDevice {
     fallback: FallbackState,
 }
 
+/// Format 3, after its tag byte: the fallback schedule first, then the
+/// account pickle, so a load can read the schedule and keep the pickle as
+/// bytes (decoding a pickle derives its ed25519 public key).
 #[derive(Serialize)]
 struct StoredDeviceRef<'a> {
-    account: &'a AccountPickle,
     fallback: &'a FallbackState,
-}
-
-/// Format 3, after its tag byte.
-#[derive(Deserialize)]
-struct StoredDevice {
-    account: AccountPickle,
-    fallback: FallbackState,
+    account: &'a AccountPickle,
 }
 
 /// The first field of a vodozemac account pickle (its ed25519 key), in
@@ -77,7 +73,8 @@ enum SigningKeyHead {
 /// four.
 pub(crate) struct DeviceAccount {
     account: Option<Account>,
-    pickled: Option<(AccountPickle, Ed25519SecretKey)>,
+    /// The account's postcard pickle and its ready ed25519 key.
+    pickled: Option<(Zeroizing<Vec<u8>>, Ed25519SecretKey)>,
     pub version: Option<Version>,
     /// Counted from the store when the device is loaded, then kept up to
     /// date in memory (it is not part of the record).
@@ -101,7 +98,9 @@ impl DeviceAccount {
 
     /// The whole account, unpickled on first use.
     pub(crate) fn account(&mut self) -> Result<&mut Account, OlmError> {
-        if let Some((pickle, _)) = self.pickled.take() {
+        if let Some((bytes, _)) = self.pickled.take() {
+            let pickle: AccountPickle = postcard::from_bytes(&bytes)
+                .map_err(|e| OlmError::Corrupt(format!("account pickle: {e}")))?;
             self.account = Some(Account::from_pickle(pickle));
         }
         self.account
@@ -131,8 +130,8 @@ impl DeviceAccount {
     pub(crate) fn encode(&mut self) -> Result<Zeroizing<Vec<u8>>, OlmError> {
         let pickle = self.account()?.pickle();
         let record = StoredDeviceRef {
-            account: &pickle,
             fallback: &self.fallback,
+            account: &pickle,
         };
         let mut out = Zeroizing::new(Vec::with_capacity(256));
         out.push(FORMAT);
@@ -157,28 +156,31 @@ impl DeviceAccount {
                 (stored.account, stored.fallback)
             }
             Some(&FORMAT) => {
-                let body = &record.data[1..];
-                let stored: StoredDevice = postcard::from_bytes(body)
-                    .map_err(|e| OlmError::Corrupt(format!("account record: {e}")))?;
-                // The pickle starts with the ed25519 key: read just that
-                // again as a ready signer, and leave the rest pickled.
+                let corrupt =
+                    |e: postcard::Error| OlmError::Corrupt(format!("account record: {e}"));
+                let (fallback, pickle) =
+                    postcard::take_from_bytes::<FallbackState>(&record.data[1..])
+                        .map_err(corrupt)?;
+                // The pickle starts with the ed25519 key: read just that as
+                // a ready signer and keep the rest as bytes.
                 if let Ok((
                     PickleHead {
                         signing_key: SigningKeyHead::Normal(signer),
                     },
                     _,
-                )) = postcard::take_from_bytes::<PickleHead>(body)
+                )) = postcard::take_from_bytes::<PickleHead>(pickle)
                 {
                     return Ok(Self {
                         account: None,
-                        pickled: Some((stored.account, signer)),
+                        pickled: Some((Zeroizing::new(pickle.to_vec()), signer)),
                         version: Some(record.version),
                         outstanding,
-                        fallback: stored.fallback,
+                        fallback,
                         recently_used: true,
                     });
                 }
-                (stored.account, stored.fallback)
+                let account: AccountPickle = postcard::from_bytes(pickle).map_err(corrupt)?;
+                (account, fallback)
             }
             Some(other) => {
                 return Err(OlmError::Corrupt(format!("unknown account format {other}")));
@@ -323,10 +325,13 @@ mod tests {
             encoded[..encoded.len() / 2].to_vec(),
             Vec::new(),
         ] {
-            assert!(matches!(
-                DeviceAccount::decode(&record(1, bad), 0),
-                Err(OlmError::Corrupt(_))
-            ));
+            // Refused when loaded, or at the latest when the whole account
+            // is needed (a cold device keeps its pickle as bytes until then).
+            let refused = match DeviceAccount::decode(&record(1, bad), 0) {
+                Err(e) => Some(e),
+                Ok(mut device) => device.account().err(),
+            };
+            assert!(matches!(refused, Some(OlmError::Corrupt(_))));
         }
     }
 }

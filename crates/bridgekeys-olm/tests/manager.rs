@@ -338,10 +338,12 @@ async fn store_files_hold_no_private_key_material_in_plaintext() {
         }
         // The identity keys' private halves, read from the stored account.
         let account = m.store().load_account(&dev).unwrap().unwrap();
-        // Format 3: a tag byte, then the postcard form, account pickle first.
+        // Format 3: a tag byte, then the postcard form: the fallback
+        // schedule, then the account pickle.
         assert_eq!(account.data[0], 3, "account record format");
-        let (pickle, _) =
-            postcard::take_from_bytes::<vodozemac::olm::AccountPickle>(&account.data[1..]).unwrap();
+        let (_, rest) =
+            postcard::take_from_bytes::<bridgekeys_olm::FallbackState>(&account.data[1..]).unwrap();
+        let (pickle, _) = postcard::take_from_bytes::<vodozemac::olm::AccountPickle>(rest).unwrap();
         let json = serde_json::to_value(&pickle).unwrap();
         let mut found = Vec::new();
         collect_byte_arrays(&json, &mut found);
