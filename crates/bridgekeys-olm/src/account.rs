@@ -8,11 +8,11 @@
 //! at all, and the record is written only when the device is created, a
 //! pre-key message creates a session, or the fallback key changes.
 //!
-//! Format 3 (current) is one tag byte then the [`postcard`] encoding of
-//! [`StoredDevice`]: about 190 bytes, where the JSON of formats 1 and 2 took
-//! about 600 (every 32-byte key was an array of decimal numbers). Records in
-//! the old formats (they start with `{`) still load and are rewritten in
-//! format 3 by their next write.
+//! Format 3 (current) is one tag byte then the [`postcard`] encoding of the
+//! fallback schedule and the pickle: about 190 bytes, where the JSON of
+//! formats 1 and 2 took about 600 (every 32-byte key was an array of decimal
+//! numbers). Records in the old formats (they start with `{`) still load and
+//! are rewritten in format 3 by their next write.
 
 use bridgekeys_store::{AccountRecord, Version};
 use serde::{Deserialize, Serialize};
