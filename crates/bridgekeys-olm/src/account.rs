@@ -15,6 +15,7 @@
 //! are rewritten in format 3 by their next write.
 
 use bridgekeys_store::{AccountRecord, Version};
+use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId};
 use serde::{Deserialize, Serialize};
 use vodozemac::{
     Curve25519SecretKey, Ed25519SecretKey, Ed25519Signature, KeyId,
@@ -222,6 +223,17 @@ impl DeviceAccount {
         let pickle: AccountPickle = serde_json::from_value(pickle).map_err(corrupt)?;
         Ok(Account::from_pickle(pickle))
     }
+}
+
+/// `signed_curve25519:<id>` in vodozemac's form (the big-endian number in
+/// base64), for one-time keys and fallback keys alike.
+pub(crate) fn key_id_string(id: u64) -> Result<OwnedOneTimeKeyId, OlmError> {
+    OwnedOneTimeKeyId::try_from(format!(
+        "{}:{}",
+        OneTimeKeyAlgorithm::SignedCurve25519,
+        vodozemac::base64_encode(id.to_be_bytes())
+    ))
+    .map_err(|e| OlmError::Corrupt(format!("key id: {e}")))
 }
 
 /// vodozemac's key id as a number: its base64 form is the big-endian counter.

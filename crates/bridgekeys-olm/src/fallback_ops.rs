@@ -8,14 +8,14 @@
 
 use bridgekeys_store::{DeviceKey, DeviceWrite, Pending, Version};
 use ruma::{
-    DeviceId, DeviceSignatures, DeviceSigningKeyId, OneTimeKeyAlgorithm, OwnedOneTimeKeyId,
-    SigningKeyAlgorithm, UserId, encryption::SignedKey, serde::Base64,
+    DeviceId, DeviceSignatures, DeviceSigningKeyId, OwnedOneTimeKeyId, SigningKeyAlgorithm, UserId,
+    encryption::SignedKey, serde::Base64,
 };
 use vodozemac::Curve25519PublicKey;
 
 use crate::{
     AccountManager, OlmError,
-    account::{DeviceAccount, key_id_number},
+    account::{DeviceAccount, key_id_number, key_id_string},
     fallback::{CurrentFallback, FallbackAction, FallbackPolicy, FallbackState, UnixMillis, due},
     stats::Counters,
 };
@@ -31,15 +31,6 @@ pub struct FallbackKey {
     pub key_id: OwnedOneTimeKeyId,
     /// The signed key object, `fallback: true` included in what is signed.
     pub key: SignedKey,
-}
-
-fn key_id_string(id: u64) -> Result<OwnedOneTimeKeyId, OlmError> {
-    OwnedOneTimeKeyId::try_from(format!(
-        "{}:{}",
-        OneTimeKeyAlgorithm::SignedCurve25519,
-        vodozemac::base64_encode(id.to_be_bytes())
-    ))
-    .map_err(|e| OlmError::Corrupt(format!("fallback key id: {e}")))
 }
 
 /// Generate a fallback key in the account; the current one (if any) becomes

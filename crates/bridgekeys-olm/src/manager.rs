@@ -20,7 +20,11 @@ use vodozemac::{
 };
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::{ManagerConfig, ManagerStats, OlmError, account::DeviceAccount, stats::Counters};
+use crate::{
+    ManagerConfig, ManagerStats, OlmError,
+    account::{DeviceAccount, key_id_string},
+    stats::Counters,
+};
 
 /// A one-time key handed out by a claim: its id (`signed_curve25519:<id>`)
 /// and the signed key object, ready for a `keys/claim` response.
@@ -222,9 +226,10 @@ impl AccountManager {
 
     /// Hand out `count` fresh signed one-time keys of a device.
     ///
-    /// The keys' private halves and the advanced key-id counter are on disk
-    /// before this returns, so a key that was returned can always start a
-    /// session later, and no key id is ever issued twice, whatever crashes.
+    /// The keys' private halves are on disk before this returns, so a key
+    /// that was returned can always start a session later; their ids come
+    /// from the store's sequence, so no key id is ever issued twice,
+    /// whatever crashes. The account itself is not written.
     /// Unknown devices are refused, never created on the fly.
     pub async fn claim(
         &self,
@@ -253,8 +258,8 @@ impl AccountManager {
             match self.claim_locked(&mut device, &key, user_id, device_id, count) {
                 Ok(done) => done,
                 Err(e) => {
-                    // The in-memory account may have advanced past the store:
-                    // put the stored truth back before anyone else uses it.
+                    // Part of the append may have been applied: reload, so
+                    // the outstanding-key count is recounted from the store.
                     self.reload(&mut device, &key);
                     return Err(e);
                 }
@@ -661,13 +666,7 @@ fn sign_one_time_key(
         DeviceSigningKeyId::from_parts(SigningKeyAlgorithm::Ed25519, device_id),
         signature,
     );
-    let key_id = OwnedOneTimeKeyId::try_from(format!(
-        "{}:{}",
-        OneTimeKeyAlgorithm::SignedCurve25519,
-        // vodozemac's key id form: the big-endian counter in base64.
-        vodozemac::base64_encode(key_id.to_be_bytes())
-    ))
-    .map_err(|e| OlmError::Corrupt(format!("key id: {e}")))?;
+    let key_id = key_id_string(key_id)?;
     Ok(ClaimedKey {
         key_id,
         key: signed,

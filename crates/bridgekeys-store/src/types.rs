@@ -107,8 +107,8 @@ impl fmt::Debug for OneTimeKeyRecord {
 /// Everything one atomic write of a device changes.
 #[derive(Default)]
 pub struct DeviceWrite {
-    /// The new serialised account state (always written: it carries the
-    /// key-id counter that must never go back).
+    /// The new serialised account state (always written: the version moves
+    /// with every device write).
     pub account: Zeroizing<Vec<u8>>,
     /// One-time keys to add.
     pub add_keys: Vec<OneTimeKeyRecord>,
