@@ -18,7 +18,7 @@
 //!   users: [{regex: "@echo_.*:localhost", exclusive: true}]
 //! ```
 
-use std::{io::Write, path::Path};
+use std::path::Path;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
@@ -213,16 +213,9 @@ impl Registration {
             path: path.to_owned(),
             source,
         };
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(path).map_err(io)?;
-        file.write_all(yaml.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
+        // Bytes and name both durable: a power cut right after cannot lose
+        // the file the homeserver is about to be configured with.
+        bridgekeys_store::durable::write_new(path, yaml.as_bytes(), 0o600).map_err(io)?;
         Ok(())
     }
 }

@@ -232,7 +232,7 @@ struct Bridge {
 
 fn open_bridge(dir: &Path, url: &str, config: ProvisionConfig) -> Bridge {
     let store = Arc::new(
-        SledStore::open(SledStoreConfig::new(
+        SledStore::open_or_create(SledStoreConfig::new(
             dir.join("store"),
             StoreKey::new([9; 32]),
         ))

@@ -71,7 +71,7 @@ impl World {
     async fn new() -> Self {
         let data = tempfile::tempdir().unwrap();
         let store = Arc::new(
-            SledStore::open(SledStoreConfig::new(
+            SledStore::open_or_create(SledStoreConfig::new(
                 data.path().join("store"),
                 StoreKey::generate(),
             ))

@@ -6,6 +6,12 @@
 //! * every key the child reported as returned (it reports only after the
 //!   claim returned, i.e. after the durable write) still starts an Olm
 //!   session: its private half survived the kill.
+//!
+//! With [`CrashConfig::power_loss`] every kill is also a power cut: the child
+//! runs under the `bridgekeys-powercut` shim, and after the kill the store's
+//! directory tree is replaced by what a disk would show under the chosen
+//! model (only what was synced, file and directory alike; or torn writes).
+//! The same two promises must hold, and the store must open every time.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -16,12 +22,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bridgekeys_store::{StoreError, StoreKey};
+use bridgekeys_olm::{AccountManager, ManagerConfig};
+use bridgekeys_powercut::{Disk, Model};
+use bridgekeys_store::{SledStore, SledStoreConfig, StoreError, StoreId, StoreKey};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use ruma::OneTimeKeyAlgorithm;
 use vodozemac::Curve25519PublicKey;
 
-use crate::support::{open_manager, prekey_message, public_key, puppet};
+use crate::support::{open_existing_manager, prekey_message, public_key, puppet};
 
 /// Environment variable that carries the store key to the child (hex).
 pub const KEY_ENV: &str = "BRIDGEKEYS_CRASH_STORE_KEY";
@@ -41,6 +49,8 @@ pub struct CrashConfig {
     pub dir: PathBuf,
     /// Seed of the kill schedule (random if `None`); printed for replays.
     pub seed: Option<u64>,
+    /// Cut the power at every kill, under this model (`None`: SIGKILL only).
+    pub power_loss: Option<Model>,
 }
 
 /// What a crash run saw.
@@ -56,6 +66,14 @@ pub struct CrashReport {
     pub second_open_refused: bool,
     /// The seed of the kill schedule.
     pub seed: u64,
+    /// The power-loss model, if every kill was also a power cut.
+    pub power_loss: Option<String>,
+    /// Power cuts survived (the store opened afterwards and kept every key).
+    pub power_cuts: usize,
+    /// Over all cuts: file and directory names the cut took away.
+    pub names_lost_to_cuts: usize,
+    /// Over all cuts: 4 KiB blocks whose content the cut changed.
+    pub blocks_lost_to_cuts: usize,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -73,6 +91,8 @@ fn unhex(s: &str) -> anyhow::Result<[u8; 32]> {
 
 /// One line the child printed, complete (newline-terminated).
 enum Report {
+    /// The child created the store, with this id.
+    Created(StoreId),
     Ready,
     Key {
         device: usize,
@@ -85,6 +105,12 @@ fn parse(line: &str) -> anyhow::Result<Report> {
     let mut parts = line.split_whitespace();
     match parts.next() {
         Some("READY") => Ok(Report::Ready),
+        Some("CREATED") => Ok(Report::Created(
+            parts
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("no store id"))?
+                .parse()?,
+        )),
         Some("KEY") => {
             let device = parts
                 .next()
@@ -112,21 +138,38 @@ pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
     let seed = config.seed.unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
     std::fs::create_dir_all(&config.dir)?;
-    let dir = tempfile::tempdir_in(&config.dir)?;
+    let base = tempfile::tempdir_in(&config.dir)?;
+    // The store lives in `data/store`; under power loss `data` is the
+    // simulated disk and `work` holds the shim's image of it.
+    let mut disk = Disk::new(base.path().join("data"), base.path().join("work"))?;
+    let data = disk.root().to_owned();
     let key = StoreKey::generate();
+    // The first child creates the store, explicitly, as `init` does (under
+    // power loss: on the simulated disk, so the first cut tests creation);
+    // every later open names its id.
+    let mut store_id: Option<StoreId> = None;
     let mut issued: HashMap<usize, HashSet<String>> = HashMap::new();
     let mut report = CrashReport {
         seed,
+        power_loss: config.power_loss.map(|m| format!("{m:?}").to_lowercase()),
         ..CrashReport::default()
     };
 
     for cycle in 0..config.cycles {
-        let mut child = Command::new(&config.exe)
+        let mut command = match config.power_loss {
+            Some(_) => disk.command(&config.exe)?,
+            None => Command::new(&config.exe),
+        };
+        let mut child = command
             .arg("crash-child")
             .arg("--dir")
-            .arg(dir.path())
+            .arg(&data)
             .arg("--devices")
             .arg(config.devices.to_string())
+            .args(match store_id {
+                Some(id) => vec!["--store-id".to_owned(), id.to_string()],
+                None => Vec::new(),
+            })
             .env(KEY_ENV, hex(key.as_bytes()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -172,6 +215,7 @@ pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
             };
             match parse(std::str::from_utf8(&line)?)? {
                 Report::Ready => ready = true,
+                Report::Created(id) => store_id = Some(id),
                 Report::Key {
                     device,
                     key_id,
@@ -180,11 +224,13 @@ pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
             }
         }
         anyhow::ensure!(ready, "cycle {cycle}: child reported keys before READY");
+        let store_id =
+            store_id.ok_or_else(|| anyhow::anyhow!("cycle {cycle}: no store was created"))?;
         if cycle == 0 {
             // The child holds the store: a second process must be refused clearly.
-            match open_manager(dir.path(), &key) {
+            match open_existing_manager(&data, &key, store_id) {
                 Err(StoreError::Locked { path }) => {
-                    anyhow::ensure!(path.starts_with(dir.path()), "Locked names {path:?}");
+                    anyhow::ensure!(path.starts_with(&data), "Locked names {path:?}");
                     report.second_open_refused = true;
                 }
                 Err(e) => anyhow::bail!("second open failed with the wrong error: {e}"),
@@ -207,7 +253,14 @@ pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
             }
         }
 
-        let manager = Arc::new(open_manager(dir.path(), &key)?);
+        if let Some(model) = config.power_loss {
+            let cut = disk.cut(model, &mut rng)?;
+            report.names_lost_to_cuts += cut.names_lost;
+            report.blocks_lost_to_cuts += cut.blocks_lost;
+        }
+        let manager = Arc::new(open_existing_manager(&data, &key, store_id).map_err(|e| {
+            anyhow::anyhow!("cycle {cycle}: the store did not open after the kill: {e}")
+        })?);
         let mut checks = tokio::task::JoinSet::new();
         for (device, key_id, otk) in keys {
             anyhow::ensure!(
@@ -234,15 +287,28 @@ pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
         }
         drop(manager);
         report.cycles += 1;
+        if config.power_loss.is_some() {
+            report.power_cuts += 1;
+        }
     }
     Ok(report)
 }
 
 /// The child: claim keys for random devices until killed (or a bounded
 /// number of claims), reporting each key after its claim returned.
-pub async fn child(dir: PathBuf, devices: usize) -> anyhow::Result<()> {
+pub async fn child(dir: PathBuf, devices: usize, store_id: Option<StoreId>) -> anyhow::Result<()> {
     let key = StoreKey::new(unhex(&std::env::var(KEY_ENV)?)?);
-    let manager = Arc::new(open_manager(&dir, &key)?);
+    let manager = match store_id {
+        Some(id) => open_existing_manager(&dir, &key, id)?,
+        None => {
+            let store = SledStore::create(SledStoreConfig::new(dir.join("store"), key.clone()))?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "CREATED {}", store.id())?;
+            out.flush()?;
+            AccountManager::new(Arc::new(store), ManagerConfig::default())
+        }
+    };
+    let manager = Arc::new(manager);
     for i in 0..devices {
         let (user, device) = puppet(i)?;
         manager.create_device(&user, &device).await?;

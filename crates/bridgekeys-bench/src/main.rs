@@ -134,6 +134,11 @@ enum Scenario {
         /// Seed of the kill schedule (random if absent).
         #[arg(long)]
         seed: Option<u64>,
+        /// Make every kill a power cut too, under this model: `strict`
+        /// (only synced data and synced directory entries survive) or `torn`
+        /// (entries and sizes survive, unsynced blocks are partly lost).
+        #[arg(long, value_name = "MODEL")]
+        power_loss: Option<bridgekeys_powercut::Model>,
         /// Directory for the store.
         #[arg(long, default_value = "target/bench-data")]
         dir: PathBuf,
@@ -148,6 +153,9 @@ enum Scenario {
         dir: PathBuf,
         #[arg(long)]
         devices: usize,
+        /// The store to open; absent: create it.
+        #[arg(long)]
+        store_id: Option<bridgekeys_store::StoreId>,
     },
 }
 
@@ -329,6 +337,7 @@ async fn main() -> anyhow::Result<()> {
             devices,
             max_keys_before_kill,
             seed,
+            power_loss,
             dir,
             json,
         } => {
@@ -340,10 +349,21 @@ async fn main() -> anyhow::Result<()> {
                 exe,
                 dir,
                 seed,
+                power_loss,
             };
             let r = crash::run(&config).await?;
             println!("scenario: crash (seed {})", r.seed);
             println!("  SIGKILL cycles survived                 {:>10}", r.cycles);
+            if let Some(model) = &r.power_loss {
+                println!(
+                    "  power cuts survived ({model:<6})           {:>10}",
+                    r.power_cuts
+                );
+                println!(
+                    "  names / blocks the cuts took away       {:>10} / {}",
+                    r.names_lost_to_cuts, r.blocks_lost_to_cuts
+                );
+            }
             println!(
                 "  keys reported, all verified after kill  {:>10} / {}",
                 r.keys_reported, r.keys_verified
@@ -379,6 +399,10 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(r.failures() == 0, "{} claims failed a check", r.failures());
             Ok(())
         }
-        Scenario::CrashChild { dir, devices } => crash::child(dir, devices).await,
+        Scenario::CrashChild {
+            dir,
+            devices,
+            store_id,
+        } => crash::child(dir, devices, store_id).await,
     }
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use bridgekeys_olm::{AccountManager, ClaimedKey, ManagerConfig};
-use bridgekeys_store::{SledStore, SledStoreConfig, StoreError, StoreKey};
+use bridgekeys_store::{SledStore, SledStoreConfig, StoreError, StoreId, StoreKey};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use ruma::{DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId, UserId};
 use vodozemac::{
@@ -36,7 +36,21 @@ pub fn open_store(dir: &Path, key: &StoreKey) -> Result<Arc<SledStore>, StoreErr
     {
         config.commit_gather = Duration::from_micros(us);
     }
-    Ok(Arc::new(SledStore::open(config)?))
+    Ok(Arc::new(SledStore::open_or_create(config)?))
+}
+
+/// Open the existing store at `dir/store`, which must have id `id`, as a
+/// bridge does after `init` (never creating one), and a manager over it.
+pub fn open_existing_manager(
+    dir: &Path,
+    key: &StoreKey,
+    id: StoreId,
+) -> Result<AccountManager, StoreError> {
+    let config = SledStoreConfig::new(dir.join("store"), key.clone()).expect_id(id);
+    Ok(AccountManager::new(
+        Arc::new(SledStore::open(config)?),
+        ManagerConfig::default(),
+    ))
 }
 
 /// Open a manager over a sled store at `dir/store`.

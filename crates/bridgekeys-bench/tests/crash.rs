@@ -13,6 +13,7 @@ async fn sigkill_at_random_moments_loses_no_key_and_reuses_no_key_id() {
         exe: env!("CARGO_BIN_EXE_bridgekeys-bench").into(),
         dir: data.path().to_owned(),
         seed: None,
+        power_loss: None,
     };
     let report = run(&config)
         .await
@@ -31,4 +32,39 @@ async fn sigkill_at_random_moments_loses_no_key_and_reuses_no_key_id() {
         report.second_open_refused,
         "a second process opened the held store"
     );
+}
+
+/// Every kill is also a power cut under `model`; the store must open after
+/// each one and keep both promises.
+async fn power_cuts(model: bridgekeys_powercut::Model) {
+    let data = tempfile::tempdir().unwrap();
+    let config = CrashConfig {
+        cycles: 20,
+        devices: 4,
+        max_keys_before_kill: 60,
+        exe: env!("CARGO_BIN_EXE_bridgekeys-bench").into(),
+        dir: data.path().to_owned(),
+        seed: None,
+        power_loss: Some(model),
+    };
+    let report = run(&config)
+        .await
+        .unwrap_or_else(|e| panic!("power-loss torture ({model:?}) failed: {e:#}"));
+    println!("{report:?}");
+    assert_eq!(report.power_cuts, 20, "the store opened after every cut");
+    assert!(report.keys_reported >= 20, "every cycle waits for a key");
+    assert_eq!(
+        report.keys_verified, report.keys_reported,
+        "an acknowledged key was lost to a power cut"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_under_claim_load_lose_no_acknowledged_key_strict_posix_model() {
+    power_cuts(bridgekeys_powercut::Model::Strict).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_under_claim_load_lose_no_acknowledged_key_torn_write_model() {
+    power_cuts(bridgekeys_powercut::Model::Torn).await;
 }

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use crate::Version;
+use crate::{StoreId, Version};
 
 /// Everything that can go wrong in the store.
 ///
@@ -14,6 +14,67 @@ pub enum StoreError {
     Locked {
         /// The store directory.
         path: PathBuf,
+    },
+    /// There is no store at the path (or only an empty directory): it was
+    /// never created, or it was moved or lost. Opening never creates one.
+    #[error(
+        "no bridgekeys store at {path} (missing or empty). If this bridge never had one, create it \
+         explicitly (`echo-bridge init`, or `SledStore::create`). If it had one, do not create a new \
+         one: it would give every puppet new identity keys and reuse key ids; restore the store \
+         directory from where it was (or from a backup, see docs/ARCHITECTURE.md) and check the \
+         configured path"
+    )]
+    Missing {
+        /// The configured store directory.
+        path: PathBuf,
+    },
+    /// [`crate::SledStore::create`] found something at the path already.
+    #[error(
+        "{path} already exists and is not empty: refusing to create a store over it (open it \
+         instead, or choose another path)"
+    )]
+    AlreadyExists {
+        /// The configured store directory.
+        path: PathBuf,
+    },
+    /// The store at the path is not the one the configuration names.
+    #[error(
+        "the store at {path} has id {found}, but the configuration expects {expected}: this is \
+         another bridge's store, or a new store created where this bridge's store was lost. \
+         Nothing was changed. Point the configuration at the right store (its id is in the \
+         store's `m/storeid` record and printed by `init`)"
+    )]
+    Foreign {
+        /// The store directory.
+        path: PathBuf,
+        /// The id the configuration expects.
+        expected: StoreId,
+        /// The id of the store found.
+        found: StoreId,
+    },
+    /// The storage engine could not read the store's files.
+    #[error(
+        "the store at {path} cannot be read: {reason}. Its files are `conf` (engine settings, \
+         written once at creation), `db` (the log) and `snap.*` (snapshots). Do not delete them \
+         and do not create a new store in their place (that re-issues identities and key ids): \
+         keep a copy of the directory, then restore the store from your latest backup as \
+         docs/ARCHITECTURE.md describes"
+    )]
+    Unreadable {
+        /// The store directory.
+        path: PathBuf,
+        /// What the engine reported.
+        reason: String,
+    },
+    /// A file-system operation on the store's directory failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What the store was doing.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
     },
     /// The store key from configuration does not open this store.
     #[error(

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `m/schema` | schema version, u32 big-endian |
 //! | `m/keycheck` | a sealed constant, to detect a wrong store key |
+//! | `m/storeid` | the [`crate::StoreId`], 16 bytes (not secret) |
 //! | `m/keyids` | u64 BE: every one-time key id handed out so far is below it |
 //! | `a/<device>` | version u64 BE, then the sealed account |
 //! | `k/<device><key_id u64 BE>` | public key (32 bytes), then the sealed private key |
@@ -23,6 +24,7 @@ use crate::DeviceKey;
 pub(crate) const SCHEMA: &[u8] = b"m/schema";
 pub(crate) const KEY_CHECK: &[u8] = b"m/keycheck";
 pub(crate) const KEY_IDS: &[u8] = b"m/keyids";
+pub(crate) const STORE_ID: &[u8] = b"m/storeid";
 pub(crate) const KEY_CHECK_PLAINTEXT: &[u8] = b"bridgekeys store key check v1";
 
 fn join(tag: &[u8], device: &DeviceKey, rest: &[u8]) -> Vec<u8> {

@@ -27,6 +27,15 @@
 //! * **Single owner.** A second process opening the same store gets
 //!   [`StoreError::Locked`] naming the path.
 //! * **A schema version record**, so the format can migrate later.
+//! * **Created on purpose, never silently.** [`SledStore::create`] makes a
+//!   new store, durable as a whole (files, directories and their entries
+//!   synced) before it returns; [`SledStore::open`] refuses a missing or
+//!   empty store ([`StoreError::Missing`]) instead of minting new identities,
+//!   and a store with another [`StoreId`] than the configured one
+//!   ([`StoreError::Foreign`]).
+//! * **Power-cut safe, not only kill-safe.** Every group commit syncs the log
+//!   file and, when its entries changed, the store directory
+//!   ([`durable`] has the helpers).
 //!
 //! [`SledStore`] is the default backend; the [`Store`] trait is what the
 //! account manager depends on.
@@ -34,7 +43,9 @@
 
 mod commit;
 mod crypto;
+pub mod durable;
 mod error;
+mod identity;
 mod layout;
 mod puppets;
 mod sled_store;
@@ -44,6 +55,7 @@ mod types;
 pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;
 pub use error::StoreError;
+pub use identity::{InvalidStoreId, StoreId};
 pub use puppets::PuppetRegistry;
 pub use sled_store::{
     DEFAULT_COMMIT_GATHER_US, FIRST_KEY_ID, SCHEMA_VERSION, SledStore, SledStoreConfig,

@@ -54,7 +54,7 @@ mod tests {
     use crate::{SledStoreConfig, StoreKey};
 
     fn open(dir: &std::path::Path) -> SledStore {
-        SledStore::open(SledStoreConfig::new(dir, StoreKey::new([7; 32]))).expect("open")
+        SledStore::open_or_create(SledStoreConfig::new(dir, StoreKey::new([7; 32]))).expect("open")
     }
 
     #[tokio::test]

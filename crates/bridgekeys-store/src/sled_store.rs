@@ -10,7 +10,8 @@ use zeroize::Zeroizing;
 
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending,
-    Store, StoreError, StoreKey, Version, commit::GroupCommit, crypto::Sealer, layout,
+    Store, StoreError, StoreId, StoreKey, Version, commit::GroupCommit, crypto::Sealer, durable,
+    layout,
 };
 
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
@@ -32,8 +33,13 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// How to open a [`SledStore`].
 #[derive(Clone, Debug)]
 pub struct SledStoreConfig {
-    /// The store directory (created if missing).
+    /// The store directory. [`SledStore::create`] makes it (and any missing
+    /// parents); [`SledStore::open`] requires it.
     pub path: PathBuf,
+    /// The id the store must have ([`SledStore::id`]); `None` accepts any.
+    /// A bridge records the id at creation and sets it on every open, so a
+    /// swapped or re-created store is refused ([`StoreError::Foreign`]).
+    pub expected_id: Option<StoreId>,
     /// The key that encrypts the store at rest.
     pub key: StoreKey,
     /// sled's page cache size in bytes, an upper bound on its memory.
@@ -57,10 +63,17 @@ impl SledStoreConfig {
     pub fn new(path: impl Into<PathBuf>, key: StoreKey) -> Self {
         Self {
             path: path.into(),
+            expected_id: None,
             key,
             cache_capacity: 1024 * 1024 * 1024,
             commit_gather: Duration::from_micros(DEFAULT_COMMIT_GATHER_US),
         }
+    }
+
+    /// Require the store to have this id (see [`SledStoreConfig::expected_id`]).
+    pub fn expect_id(mut self, id: StoreId) -> Self {
+        self.expected_id = Some(id);
+        self
     }
 }
 
@@ -70,6 +83,7 @@ impl SledStoreConfig {
 /// commit thread, which flushes exactly when somebody waits for it.
 pub struct SledStore {
     path: PathBuf,
+    id: StoreId,
     pub(crate) db: sled::Db,
     sealer: Sealer,
     pub(crate) commit: GroupCommit,
@@ -87,37 +101,125 @@ impl std::fmt::Debug for SledStore {
 }
 
 impl SledStore {
-    /// Open (or create) the store at `config.path`.
+    /// Create a new, empty store at `config.path` and open it.
     ///
-    /// Fails with [`StoreError::Locked`] if another process holds it,
-    /// [`StoreError::WrongKey`] if it was created with another key and
-    /// [`StoreError::UnsupportedSchema`] if a newer build wrote it. None of
-    /// these failures changes anything on disk.
+    /// Creation is all or nothing across a power cut: the store is built in
+    /// a staging directory next to `path`, every file and directory in it is
+    /// synced, then it is renamed into place and the parent directory is
+    /// synced. A cut before the rename leaves no store (a later `create`
+    /// clears the leftover staging directory); after it, the whole store.
+    ///
+    /// Fails with [`StoreError::AlreadyExists`] if `path` exists and is not
+    /// an empty directory. The new store's id is [`SledStore::id`]: record it
+    /// and set it with [`SledStoreConfig::expect_id`] on every later open.
+    pub fn create(config: SledStoreConfig) -> Result<Self, StoreError> {
+        let path = config.path.clone();
+        let io = |what: &'static str, p: &Path| {
+            let p = p.to_owned();
+            move |source| StoreError::Io {
+                what,
+                path: p,
+                source,
+            }
+        };
+        match std::fs::read_dir(&path) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(StoreError::AlreadyExists { path });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return Err(StoreError::AlreadyExists { path }),
+        }
+        let name = path.file_name().ok_or_else(|| StoreError::Io {
+            what: "a store path must name a directory",
+            path: path.clone(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        })?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        durable::create_dir_all(&parent).map_err(io("creating", &parent))?;
+        let mut staging_name = std::ffi::OsString::from(".");
+        staging_name.push(name);
+        staging_name.push(".creating");
+        let staging = parent.join(staging_name);
+        if staging.exists() {
+            // Left by a creation cut short: never opened, never acknowledged.
+            std::fs::remove_dir_all(&staging).map_err(io("removing", &staging))?;
+        }
+        let id = StoreId::generate();
+        {
+            let db = open_engine(&staging, &config)?;
+            let sealer = config.key.cipher();
+            let mut batch = sled::Batch::default();
+            batch.insert(layout::SCHEMA, &SCHEMA_VERSION.to_be_bytes());
+            batch.insert(
+                layout::KEY_CHECK,
+                sealer.seal(layout::KEY_CHECK, layout::KEY_CHECK_PLAINTEXT),
+            );
+            batch.insert(layout::STORE_ID, id.as_bytes());
+            db.apply_batch(batch)?;
+            db.flush()?;
+            drop(db);
+            // sled's pool may hold the files a moment longer: wait until it
+            // let go, so nothing writes after the sync below.
+            drop(LockRelease {
+                lock_file: staging.join("db"),
+            });
+        }
+        durable::sync_tree(&staging).map_err(io("syncing", &staging))?;
+        std::fs::rename(&staging, &path).map_err(io("moving the new store to", &path))?;
+        durable::sync_dir(&parent).map_err(io("syncing", &parent))?;
+        tracing::info!(path = %path.display(), store_id = %id, "created a new store");
+        Self::open(config.expect_id(id))
+    }
+
+    /// Open the existing store at `config.path`.
+    ///
+    /// Never creates one: a missing or empty store is
+    /// [`StoreError::Missing`]. Fails with [`StoreError::Foreign`] if
+    /// [`SledStoreConfig::expected_id`] names another store,
+    /// [`StoreError::Locked`] if another process holds it,
+    /// [`StoreError::WrongKey`] if it was created with another key,
+    /// [`StoreError::UnsupportedSchema`] if a newer build wrote it and
+    /// [`StoreError::Unreadable`] if its files cannot be read. None of these
+    /// failures changes anything on disk.
+    ///
+    /// A store created before store ids existed gets one at its first open.
     pub fn open(config: SledStoreConfig) -> Result<Self, StoreError> {
         let path = config.path.clone();
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(config.cache_capacity)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked { path: path.clone() }
-                }
-                other => StoreError::Engine(other),
-            })?;
+        // sled would create a missing database: check that one is there.
+        if !path.join("db").is_file() || !path.join("conf").is_file() {
+            return Err(StoreError::Missing { path });
+        }
+        let db = open_engine(&path, &config)?;
         let sealer = config.key.cipher();
-        Self::check_or_init(&db, &sealer, &path)?;
+        Self::check(&db, &sealer, &path)?;
+        let id = Self::identity(&db, &path, config.expected_id)?;
         let key_ids = Self::load_key_ids(&db)?;
+        let io = |what: &'static str, p: PathBuf| {
+            move |source| StoreError::Io {
+                what,
+                path: p,
+                source,
+            }
+        };
         // sled's `flush` writes its log with `sync_file_range`, which neither
         // flushes the drive's cache nor the file's size: survives a killed
         // process, not a power cut. An `fdatasync` of the log file after it
         // makes the flush a real durability barrier.
-        let log = std::fs::File::open(path.join("db")).map_err(|e| StoreError::Engine(e.into()))?;
+        let log = std::fs::File::open(path.join("db")).map_err(io("opening", path.join("db")))?;
+        // sled creates, renames and removes snapshot files in the store
+        // directory and never syncs it: the commit syncs it whenever its
+        // entries changed since the last sync.
+        let dir_watch = DirWatch::new(&path).map_err(io("syncing", path.clone()))?;
         let flush_db = db.clone();
         let commit = GroupCommit::start(
             move || {
                 flush_db.flush().map_err(|e| e.to_string())?;
+                dir_watch.sync_if_changed().map_err(|e| e.to_string())?;
                 log.sync_data().map_err(|e| e.to_string())
             },
             config.commit_gather,
@@ -128,12 +230,32 @@ impl SledStore {
         };
         Ok(Self {
             path,
+            id,
             db,
             sealer,
             commit,
             key_ids: parking_lot::Mutex::new(key_ids),
             _release: release,
         })
+    }
+
+    /// Open the store at `config.path`, creating it if there is none.
+    ///
+    /// For tests, examples and tools whose store can be thrown away. A
+    /// bridge should create its store once, explicitly, and then only
+    /// [`SledStore::open`] it: this function cannot tell a store that was
+    /// never created from one that was lost, and would replace a lost one
+    /// with an empty one.
+    pub fn open_or_create(config: SledStoreConfig) -> Result<Self, StoreError> {
+        match Self::open(config.clone()) {
+            Err(StoreError::Missing { .. }) => Self::create(config),
+            other => other,
+        }
+    }
+
+    /// The store's identity, minted at creation.
+    pub fn id(&self) -> StoreId {
+        self.id
     }
 
     /// The store directory.
@@ -215,46 +337,156 @@ impl SledStore {
         })
     }
 
-    fn check_or_init(db: &sled::Db, sealer: &Sealer, path: &Path) -> Result<(), StoreError> {
-        match db.get(layout::SCHEMA)? {
+    /// Schema and key check of an existing store.
+    fn check(db: &sled::Db, sealer: &Sealer, path: &Path) -> Result<(), StoreError> {
+        let Some(raw) = db.get(layout::SCHEMA)? else {
+            // The engine's files exist but hold no store: a creation that
+            // never finished (only possible before creation was staged).
+            return Err(StoreError::Missing {
+                path: path.to_owned(),
+            });
+        };
+        let found = <[u8; 4]>::try_from(raw.as_ref())
+            .map(u32::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt {
+                what: "schema record".into(),
+            })?;
+        if found != SCHEMA_VERSION {
+            return Err(StoreError::UnsupportedSchema {
+                path: path.to_owned(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let check = db
+            .get(layout::KEY_CHECK)?
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "key check record missing".into(),
+            })?;
+        match sealer.open(layout::KEY_CHECK, &check) {
+            Some(p) if p.as_slice() == layout::KEY_CHECK_PLAINTEXT => Ok(()),
+            _ => Err(StoreError::WrongKey {
+                path: path.to_owned(),
+            }),
+        }
+    }
+
+    /// The store's id, checked against the expected one. A store from before
+    /// ids gets one now, durably (unless an id was expected: then it is not
+    /// the configured store).
+    fn identity(
+        db: &sled::Db,
+        path: &Path,
+        expected: Option<StoreId>,
+    ) -> Result<StoreId, StoreError> {
+        let found = match db.get(layout::STORE_ID)? {
+            Some(raw) => StoreId::from_bytes(<[u8; 16]>::try_from(raw.as_ref()).map_err(|_| {
+                StoreError::Corrupt {
+                    what: "store id record".into(),
+                }
+            })?),
             None => {
-                // A new store: record schema and key check together, durably.
-                let mut batch = sled::Batch::default();
-                batch.insert(layout::SCHEMA, &SCHEMA_VERSION.to_be_bytes());
-                batch.insert(
-                    layout::KEY_CHECK,
-                    sealer.seal(layout::KEY_CHECK, layout::KEY_CHECK_PLAINTEXT),
-                );
-                db.apply_batch(batch)?;
-                db.flush()?;
-                Ok(())
-            }
-            Some(raw) => {
-                let found = <[u8; 4]>::try_from(raw.as_ref())
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt {
-                        what: "schema record".into(),
-                    })?;
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::UnsupportedSchema {
+                let id = StoreId::generate();
+                if let Some(expected) = expected {
+                    return Err(StoreError::Foreign {
                         path: path.to_owned(),
-                        found,
-                        supported: SCHEMA_VERSION,
+                        expected,
+                        found: id,
                     });
                 }
-                let check = db
-                    .get(layout::KEY_CHECK)?
-                    .ok_or_else(|| StoreError::Corrupt {
-                        what: "key check record missing".into(),
+                db.insert(layout::STORE_ID, id.as_bytes())?;
+                db.flush()?;
+                std::fs::File::open(path.join("db"))
+                    .and_then(|f| f.sync_data())
+                    .map_err(|source| StoreError::Io {
+                        what: "syncing",
+                        path: path.join("db"),
+                        source,
                     })?;
-                match sealer.open(layout::KEY_CHECK, &check) {
-                    Some(p) if p.as_slice() == layout::KEY_CHECK_PLAINTEXT => Ok(()),
-                    _ => Err(StoreError::WrongKey {
-                        path: path.to_owned(),
-                    }),
+                tracing::info!(path = %path.display(), store_id = %id, "gave a store from before store ids its id");
+                id
+            }
+        };
+        match expected {
+            Some(expected) if expected != found => Err(StoreError::Foreign {
+                path: path.to_owned(),
+                expected,
+                found,
+            }),
+            _ => Ok(found),
+        }
+    }
+}
+
+/// Open sled at `path` with the store's settings, naming the path in errors.
+fn open_engine(path: &Path, config: &SledStoreConfig) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(config.cache_capacity)
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked {
+                    path: path.to_owned(),
                 }
             }
+            sled::Error::Io(io) => StoreError::Io {
+                what: "opening",
+                path: path.to_owned(),
+                source: io,
+            },
+            other => StoreError::Unreadable {
+                path: path.to_owned(),
+                reason: other.to_string(),
+            },
+        })
+}
+
+/// Syncs a directory when its entries changed since the last sync.
+///
+/// Comparing the listing (names and inode numbers, a few entries) costs a
+/// few microseconds; an `fsync` of a directory can cost a drive cache flush
+/// even when nothing changed, so it is done only when needed. The listing is
+/// read before the sync: a change made after the read shows up as a
+/// difference at the next commit.
+struct DirWatch {
+    dir: PathBuf,
+    synced: parking_lot::Mutex<Vec<(std::ffi::OsString, u64)>>,
+}
+
+impl DirWatch {
+    /// Watch `dir`, syncing it once now.
+    fn new(dir: &Path) -> std::io::Result<Self> {
+        let watch = Self {
+            dir: dir.to_owned(),
+            synced: parking_lot::Mutex::new(Vec::new()),
+        };
+        let listing = watch.listing()?;
+        durable::sync_dir(dir)?;
+        *watch.synced.lock() = listing;
+        Ok(watch)
+    }
+
+    fn listing(&self) -> std::io::Result<Vec<(std::ffi::OsString, u64)>> {
+        use std::os::unix::fs::DirEntryExt;
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            out.push((entry.file_name(), entry.ino()));
         }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn sync_if_changed(&self) -> std::io::Result<()> {
+        let listing = self.listing()?;
+        let mut synced = self.synced.lock();
+        if *synced != listing {
+            durable::sync_dir(&self.dir)?;
+            *synced = listing;
+        }
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use bridgekeys_store::{
 use zeroize::Zeroizing;
 
 fn open(dir: &std::path::Path, key: &StoreKey) -> Result<SledStore, StoreError> {
-    SledStore::open(SledStoreConfig::new(dir.join("store"), key.clone()))
+    SledStore::open_or_create(SledStoreConfig::new(dir.join("store"), key.clone()))
 }
 
 fn account(bytes: &[u8]) -> DeviceWrite {
@@ -343,4 +343,107 @@ async fn appended_keys_are_found_by_public_key_and_evictions_remove_them() {
         store.load_account(&dev).unwrap().unwrap().version,
         Version(1)
     );
+}
+
+#[test]
+fn opening_a_missing_or_empty_store_is_refused_naming_the_path_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let missing = dir.path().join("store");
+    let err = SledStore::open(SledStoreConfig::new(&missing, key.clone())).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Missing { path } if path == &missing),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&missing.display().to_string()),
+        "{message}"
+    );
+    assert!(
+        message.contains("init"),
+        "says how to create one: {message}"
+    );
+    assert!(!missing.exists(), "opening created the store");
+
+    // An empty directory (say, a mount point) is not a store either.
+    std::fs::create_dir(&missing).unwrap();
+    let err = SledStore::open(SledStoreConfig::new(&missing, key.clone())).unwrap_err();
+    assert!(matches!(err, StoreError::Missing { .. }), "{err:?}");
+    assert_eq!(
+        std::fs::read_dir(&missing).unwrap().count(),
+        0,
+        "files appeared"
+    );
+
+    // Creating is explicit, and works over an empty directory.
+    let id = SledStore::create(SledStoreConfig::new(&missing, key.clone()))
+        .unwrap()
+        .id();
+    let store = SledStore::open(SledStoreConfig::new(&missing, key).expect_id(id)).unwrap();
+    assert_eq!(store.id(), id);
+}
+
+#[test]
+fn a_store_with_another_id_is_refused_and_left_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let ours = SledStore::create(SledStoreConfig::new(dir.path().join("ours"), key.clone()))
+        .unwrap()
+        .id();
+    let other_path = dir.path().join("other");
+    let theirs = SledStore::create(SledStoreConfig::new(&other_path, key.clone()))
+        .unwrap()
+        .id();
+    assert_ne!(ours, theirs, "ids are minted per store");
+    let before = all_file_bytes(&other_path);
+
+    let err = SledStore::open(SledStoreConfig::new(&other_path, key.clone()).expect_id(ours))
+        .unwrap_err();
+    match &err {
+        StoreError::Foreign {
+            path,
+            expected,
+            found,
+        } => {
+            assert_eq!(path, &other_path);
+            assert_eq!((*expected, *found), (ours, theirs));
+        }
+        other => panic!("expected Foreign, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains(&ours.to_string()) && message.contains(&theirs.to_string()),
+        "{message}"
+    );
+    assert_eq!(all_file_bytes(&other_path), before, "a refused open wrote");
+    // Its own id opens it.
+    SledStore::open(SledStoreConfig::new(&other_path, key).expect_id(theirs)).unwrap();
+}
+
+#[test]
+fn create_refuses_an_existing_store_and_reopening_keeps_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let path = dir.path().join("store");
+    let id = SledStore::create(SledStoreConfig::new(&path, key.clone()))
+        .unwrap()
+        .id();
+    let err = SledStore::create(SledStoreConfig::new(&path, key.clone())).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AlreadyExists { path: p } if p == &path),
+        "{err:?}"
+    );
+    assert_eq!(
+        SledStore::open(SledStoreConfig::new(&path, key))
+            .unwrap()
+            .id(),
+        id
+    );
+    // No staging directory is left next to it.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("store")]);
 }

@@ -16,7 +16,7 @@ use bridgekeys::{
         UserDecision, UserNamespace,
     },
     olm::{AccountManager, ManagerConfig},
-    store::{PuppetRegistry, SledStore, SledStoreConfig},
+    store::{PuppetRegistry, SledStore},
 };
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
 use serde::Deserialize;
@@ -258,10 +258,22 @@ impl EchoBridge {
         let server_name = ServerName::parse(&config.server_name)
             .with_context(|| format!("invalid server name {:?}", config.server_name))?;
         let store_dir = config.store_dir();
+        let store_config = config.store_config()?;
+        let expected = store_config.expected_id;
+        // Never creates a store: `init` did. A missing store is an error that
+        // says what to do, not a silent new set of puppet identities.
         let store = Arc::new(
-            SledStore::open(SledStoreConfig::new(&store_dir, config.store_key()?))
+            SledStore::open(store_config)
                 .with_context(|| format!("opening the store at {}", store_dir.display()))?,
         );
+        if expected.is_none() {
+            tracing::warn!(
+                store_id = %store.id(),
+                "the configuration does not name its store: add store_id = \"{}\" to it so that \
+                 a swapped or re-created store is refused",
+                store.id()
+            );
+        }
         let manager = Arc::new(AccountManager::new(store.clone(), ManagerConfig::default()));
         let hs = HomeserverClient::new(
             &config.homeserver_url,

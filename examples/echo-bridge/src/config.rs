@@ -1,13 +1,15 @@
 //! `config.toml` and `echo-bridge init`: the files a deployment starts from.
 
 use std::{
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, bail};
-use bridgekeys::{appservice::Registration, store::StoreKey};
+use bridgekeys::{
+    appservice::Registration,
+    store::{SledStore, SledStoreConfig, StoreId, StoreKey, durable},
+};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -39,6 +41,12 @@ pub struct Config {
     /// The store directory; `store` next to the config file if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_path: Option<PathBuf>,
+    /// The id of the store `init` created (32 hex digits). `run` refuses a
+    /// store with another id: a store swapped for another, or a new empty
+    /// one where the bridge's store was lost. Absent in configurations
+    /// written before store ids: then any store is accepted, with a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -50,6 +58,7 @@ impl std::fmt::Debug for Config {
             .field("registration", &self.registration)
             .field("store_key", &"<redacted>")
             .field("store_path", &self.store_path)
+            .field("store_id", &self.store_id)
             .finish()
     }
 }
@@ -77,6 +86,21 @@ impl Config {
                 .unwrap_or(Path::new("."))
                 .join("store")
         })
+    }
+
+    /// The store id `init` recorded, parsed.
+    pub fn store_id(&self) -> anyhow::Result<Option<StoreId>> {
+        self.store_id
+            .as_deref()
+            .map(|s| s.parse::<StoreId>().context("store_id"))
+            .transpose()
+    }
+
+    /// How to open the store: its path, key and (if recorded) expected id.
+    pub fn store_config(&self) -> anyhow::Result<SledStoreConfig> {
+        let mut config = SledStoreConfig::new(self.store_dir(), self.store_key()?);
+        config.expected_id = self.store_id()?;
+        Ok(config)
     }
 
     /// The store key, decoded.
@@ -112,6 +136,10 @@ pub struct Initialized {
     pub registration: PathBuf,
     /// The user namespace regex registered.
     pub user_regex: String,
+    /// The store created.
+    pub store: PathBuf,
+    /// Its id, recorded in the configuration.
+    pub store_id: StoreId,
 }
 
 /// The exclusive user namespace of the bridge on `server_name`.
@@ -120,15 +148,21 @@ pub fn user_regex(server_name: &str) -> String {
 }
 
 /// Write a fresh `config.toml` and `registration.yaml` (random tokens and
-/// store key) into `options.dir`. Refuses, writing nothing, if either file
-/// exists: a new registration means new tokens the homeserver does not know,
-/// and a new store key makes the existing store unreadable.
+/// store key) into `options.dir` and create the store (`store` beside them).
+/// Refuses, writing nothing, if either file or the store exists: a new
+/// registration means new tokens the homeserver does not know, a new store
+/// key makes the existing store unreadable, and a new store gives every
+/// puppet new identity keys.
+///
+/// Everything is durable when this returns: the files, the store, and their
+/// names in their directories (a power cut right after loses none of them).
 pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
-    std::fs::create_dir_all(&options.dir)
+    durable::create_dir_all(&options.dir)
         .with_context(|| format!("creating {}", options.dir.display()))?;
     let config_path = options.dir.join(CONFIG_FILE);
     let registration_path = options.dir.join(REGISTRATION_FILE);
-    for path in [&config_path, &registration_path] {
+    let store_path = options.dir.join("store");
+    for path in [&config_path, &registration_path, &store_path] {
         if path.exists() {
             bail!(
                 "{} already exists; refusing to overwrite it (it holds the tokens and keys of an \
@@ -147,6 +181,17 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
         regex.clone(),
     );
     let key = StoreKey::generate();
+    let store = SledStore::create(SledStoreConfig::new(&store_path, key.clone()))
+        .with_context(|| format!("creating the store at {}", store_path.display()))?;
+    let store_id = store.id();
+    drop(store);
+    // Leave nothing half-initialised behind if a file cannot be written: the
+    // store is brand new, nothing in it was ever handed out.
+    let undo = |e: anyhow::Error| {
+        let _ = std::fs::remove_file(&config_path);
+        let _ = std::fs::remove_dir_all(&store_path);
+        e
+    };
     let config = Config {
         homeserver_url: options.homeserver_url.trim_end_matches('/').to_owned(),
         server_name: server_name.to_string(),
@@ -154,8 +199,13 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
         registration: PathBuf::from(REGISTRATION_FILE),
         store_key: encode_hex(key.as_bytes()),
         store_path: None,
+        store_id: Some(store_id.to_string()),
     };
-    let text = Zeroizing::new(toml::to_string(&config).context("serializing the config")?);
+    let text = Zeroizing::new(
+        toml::to_string(&config)
+            .context("serializing the config")
+            .map_err(undo)?,
+    );
     write_new_private(
         &config_path,
         &format!(
@@ -164,35 +214,26 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
              # Optional: store_path = \"store\" (relative to this file).\n{}",
             text.as_str()
         ),
-    )?;
-    if let Err(e) = registration.write_new(&registration_path) {
-        // Leave nothing half-initialised behind.
-        let _ = std::fs::remove_file(&config_path);
-        return Err(e).context(format!("writing {}", registration_path.display()));
-    }
+    )
+    .map_err(undo)?;
+    registration
+        .write_new(&registration_path)
+        .context(format!("writing {}", registration_path.display()))
+        .map_err(undo)?;
     Ok(Initialized {
         config: config_path,
         registration: registration_path,
         user_regex: regex,
+        store: store_path,
+        store_id,
     })
 }
 
-/// Create `path` (never overwriting), owner-only on Unix, synced.
+/// Create `path` (never overwriting), owner-only on Unix, its bytes and its
+/// name durable.
 fn write_new_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    durable::write_new(path, contents.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn encode_hex(bytes: &[u8]) -> String {

@@ -16,7 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write DIR/config.toml and DIR/registration.yaml (fresh tokens and store key).
+    /// Write DIR/config.toml and DIR/registration.yaml (fresh tokens and
+    /// store key) and create the store DIR/store.
     Init {
         /// Directory for both files (created if missing).
         #[arg(long)]
@@ -81,6 +82,11 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             })?;
             println!("wrote {}", done.config.display());
             println!("wrote {}", done.registration.display());
+            println!(
+                "created the store {} (id {}, recorded in the config)",
+                done.store.display(),
+                done.store_id
+            );
             println!("user namespace: {} (exclusive)", done.user_regex);
             println!(
                 "next: add {} to the homeserver's app_service_config_files (see README), \

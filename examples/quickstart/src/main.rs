@@ -39,12 +39,20 @@ async fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--dir needs a path"))?,
         None => temp.path().to_owned(),
     };
-    let store = SledStore::open(SledStoreConfig::new(
+    //    Creating a store is explicit: a bridge creates it once (at `init`),
+    //    keeps its id, and from then on only opens it with that id
+    //    (`SledStore::open(config.expect_id(id))`), so a lost store is an
+    //    error, never a silent new one.
+    let store = SledStore::create(SledStoreConfig::new(
         dir.join("store"),
         StoreKey::generate(),
     ))?;
+    println!(
+        "1. store opened at {} (new, id {})",
+        dir.join("store").display(),
+        store.id()
+    );
     let manager = AccountManager::new(Arc::new(store), ManagerConfig::default());
-    println!("1. store opened at {}", dir.join("store").display());
 
     // 2. The puppet's device.
     let user = UserId::parse("@echo_bob:example.org")?;

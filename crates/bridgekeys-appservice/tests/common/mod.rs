@@ -269,7 +269,8 @@ impl Fixture {
     }
 
     pub fn open_with(dir: &Path, limits: Limits, manager_config: ManagerConfig) -> Self {
-        let sled = SledStore::open(SledStoreConfig::new(dir.join("store"), store_key())).unwrap();
+        let sled = SledStore::open_or_create(SledStoreConfig::new(dir.join("store"), store_key()))
+            .unwrap();
         let store = Arc::new(HookedStore {
             inner: Arc::new(sled),
             hook: Mutex::new(None),

@@ -19,7 +19,8 @@ pub fn alice() -> (OwnedUserId, OwnedDeviceId) {
 }
 
 pub fn manager(dir: &Path, key: &StoreKey, config: ManagerConfig) -> AccountManager {
-    let store = SledStore::open(SledStoreConfig::new(dir.join("store"), key.clone())).unwrap();
+    let store =
+        SledStore::open_or_create(SledStoreConfig::new(dir.join("store"), key.clone())).unwrap();
     AccountManager::new(Arc::new(store), config)
 }
 
