@@ -52,6 +52,24 @@ pub enum StoreError {
         /// The id of the store found.
         found: StoreId,
     },
+    /// The store's key-id sequence is behind its watermark (the file
+    /// `<store>.watermark` beside it): the store was restored from an older
+    /// backup, and would hand out key ids it handed out before.
+    #[error(
+        "the store at {path} is older than its key-id watermark (store mark {store_mark}, \
+         watermark {watermark}): it was restored from a backup. Keys handed out after that backup \
+         are lost with it. Nothing was changed. To use it anyway, open it once with \
+         accept_restored (echo-bridge: `run --accept-restored-store`): key ids then jump past \
+         the watermark so none is issued twice"
+    )]
+    RolledBack {
+        /// The store directory.
+        path: PathBuf,
+        /// The key-id mark found in the store.
+        store_mark: u64,
+        /// The mark the watermark file recorded.
+        watermark: u64,
+    },
     /// The storage engine could not read the store's files.
     #[error(
         "the store at {path} cannot be read: {reason}. Its files are `conf` (engine settings, \

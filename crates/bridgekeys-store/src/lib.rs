@@ -31,8 +31,10 @@
 //!   new store, durable as a whole (files, directories and their entries
 //!   synced) before it returns; [`SledStore::open`] refuses a missing or
 //!   empty store ([`StoreError::Missing`]) instead of minting new identities,
-//!   and a store with another [`StoreId`] than the configured one
-//!   ([`StoreError::Foreign`]).
+//!   a store with another [`StoreId`] than the configured one
+//!   ([`StoreError::Foreign`]), and a store restored from an older backup
+//!   ([`StoreError::RolledBack`], detected by a key-id watermark file kept
+//!   beside the store).
 //! * **Power-cut safe, not only kill-safe.** Every group commit syncs the log
 //!   file and, when its entries changed, the store directory
 //!   ([`durable`] has the helpers).
@@ -51,6 +53,7 @@ mod puppets;
 mod sled_store;
 mod transactions;
 mod types;
+mod watermark;
 
 pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;

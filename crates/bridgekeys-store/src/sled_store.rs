@@ -2,6 +2,10 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -11,7 +15,7 @@ use zeroize::Zeroizing;
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending,
     Store, StoreError, StoreId, StoreKey, Version, commit::GroupCommit, crypto::Sealer, durable,
-    layout,
+    layout, watermark,
 };
 
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
@@ -42,6 +46,12 @@ pub struct SledStoreConfig {
     pub expected_id: Option<StoreId>,
     /// The key that encrypts the store at rest.
     pub key: StoreKey,
+    /// Open a store whose key-id sequence is behind its watermark (restored
+    /// from a backup, see [`StoreError::RolledBack`]): the sequence jumps
+    /// past the watermark so no key id is issued twice. Default `false`: a
+    /// restore must be a decision, because every key handed out after the
+    /// backup was taken is lost with it.
+    pub accept_restored: bool,
     /// sled's page cache size in bytes, an upper bound on its memory.
     /// Default 1 GiB (sled's own default): enough for the whole store of a
     /// million idle puppets (about 850 MB on disk), so a cold device costs a
@@ -64,6 +74,7 @@ impl SledStoreConfig {
         Self {
             path: path.into(),
             expected_id: None,
+            accept_restored: false,
             key,
             cache_capacity: 1024 * 1024 * 1024,
             commit_gather: Duration::from_micros(DEFAULT_COMMIT_GATHER_US),
@@ -88,6 +99,9 @@ pub struct SledStore {
     sealer: Sealer,
     pub(crate) commit: GroupCommit,
     key_ids: parking_lot::Mutex<KeyIds>,
+    /// The key-id mark last applied (not yet necessarily durable), for the
+    /// watermark the group commit writes once it is durable.
+    applied_mark: Arc<AtomicU64>,
     /// Declared last, so it drops last: waits for sled to let go of the lock.
     _release: LockRelease,
 }
@@ -198,7 +212,9 @@ impl SledStore {
         let sealer = config.key.cipher();
         Self::check(&db, &sealer, &path)?;
         let id = Self::identity(&db, &path, config.expected_id)?;
-        let key_ids = Self::load_key_ids(&db)?;
+        let mut key_ids = Self::load_key_ids(&db)?;
+        let watermark =
+            Self::check_watermark(&db, &path, id, &mut key_ids, config.accept_restored)?;
         let io = |what: &'static str, p: PathBuf| {
             move |source| StoreError::Io {
                 what,
@@ -216,11 +232,17 @@ impl SledStore {
         // entries changed since the last sync.
         let dir_watch = DirWatch::new(&path).map_err(io("syncing", path.clone()))?;
         let flush_db = db.clone();
+        let applied_mark = Arc::new(AtomicU64::new(key_ids.reserved));
+        let flush_mark = applied_mark.clone();
         let commit = GroupCommit::start(
             move || {
+                // Every mark applied before the flush is durable after it.
+                let mark = flush_mark.load(Ordering::Acquire);
                 flush_db.flush().map_err(|e| e.to_string())?;
                 dir_watch.sync_if_changed().map_err(|e| e.to_string())?;
-                log.sync_data().map_err(|e| e.to_string())
+                log.sync_data().map_err(|e| e.to_string())?;
+                watermark.advance(mark);
+                Ok(())
             },
             config.commit_gather,
         )
@@ -235,6 +257,7 @@ impl SledStore {
             sealer,
             commit,
             key_ids: parking_lot::Mutex::new(key_ids),
+            applied_mark,
             _release: release,
         })
     }
@@ -335,6 +358,77 @@ impl SledStore {
             next: mark,
             reserved: mark,
         })
+    }
+
+    /// Compare the store's key-id mark with its watermark: a store behind
+    /// it was restored from an old backup (refused, or moved past the
+    /// watermark if `accept_restored`). Returns the watermark writer.
+    fn check_watermark(
+        db: &sled::Db,
+        path: &Path,
+        id: StoreId,
+        key_ids: &mut KeyIds,
+        accept_restored: bool,
+    ) -> Result<WatermarkWriter, StoreError> {
+        let file = watermark::path_for(path);
+        let recorded = match watermark::read(&file) {
+            Ok(Some((owner, mark))) if owner == id => Some(mark),
+            // Another store's (this path held another store before): ours
+            // replaces it below.
+            Ok(_) => None,
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "reading the key-id watermark",
+                    path: file,
+                    source,
+                });
+            }
+        };
+        if let Some(recorded) = recorded.filter(|r| *r > key_ids.reserved) {
+            if !accept_restored {
+                return Err(StoreError::RolledBack {
+                    path: path.to_owned(),
+                    store_mark: key_ids.reserved,
+                    watermark: recorded,
+                });
+            }
+            // Jump past every id the newer store may have handed out, durably,
+            // before any is issued.
+            db.insert(layout::KEY_IDS, &recorded.to_be_bytes())?;
+            db.flush()?;
+            std::fs::File::open(path.join("db"))
+                .and_then(|f| f.sync_data())
+                .map_err(|source| StoreError::Io {
+                    what: "syncing",
+                    path: path.join("db"),
+                    source,
+                })?;
+            tracing::warn!(
+                path = %path.display(),
+                from = key_ids.reserved,
+                to = recorded,
+                "opened a restored store: key ids jump past the watermark; keys handed out after the backup are gone"
+            );
+            key_ids.next = recorded;
+            key_ids.reserved = recorded;
+        }
+        let writer = WatermarkWriter {
+            file,
+            id,
+            written: AtomicU64::new(recorded.unwrap_or(0)),
+        };
+        // The store's durable mark is at least the watermark now: record it.
+        if recorded != Some(key_ids.reserved) {
+            watermark::write(&writer.file, id, key_ids.reserved).map_err(|source| {
+                StoreError::Io {
+                    what: "writing the key-id watermark",
+                    path: writer.file.clone(),
+                    source,
+                }
+            })?;
+            writer.written.store(key_ids.reserved, Ordering::Release);
+        }
+        Ok(writer)
     }
 
     /// Schema and key check of an existing store.
@@ -487,6 +581,34 @@ impl DirWatch {
             *synced = listing;
         }
         Ok(())
+    }
+}
+
+/// Writes the watermark file when a higher key-id mark became durable.
+struct WatermarkWriter {
+    file: PathBuf,
+    id: StoreId,
+    written: AtomicU64,
+}
+
+impl WatermarkWriter {
+    /// Called by the flusher after a successful flush with the mark that was
+    /// applied before it (so durable now). Rare: once per key-id block.
+    fn advance(&self, durable_mark: u64) {
+        if durable_mark <= self.written.load(Ordering::Acquire) {
+            return;
+        }
+        match watermark::write(&self.file, self.id, durable_mark) {
+            Ok(()) => self.written.store(durable_mark, Ordering::Release),
+            // The flush itself succeeded: the write it covers stays
+            // acknowledged. A stale watermark only weakens the restore check
+            // until the next flush retries.
+            Err(e) => tracing::warn!(
+                file = %self.file.display(),
+                error = %e,
+                "could not update the key-id watermark; will retry"
+            ),
+        }
     }
 }
 
@@ -684,6 +806,7 @@ impl Store for SledStore {
                 .ok_or(StoreError::KeyIdsExhausted)?;
             self.db.insert(layout::KEY_IDS, &reserved.to_be_bytes())?;
             ids.reserved = reserved;
+            self.applied_mark.store(reserved, Ordering::Release);
         }
         ids.next = end;
         Ok(first)

@@ -440,10 +440,89 @@ fn create_refuses_an_existing_store_and_reopening_keeps_its_id() {
             .id(),
         id
     );
-    // No staging directory is left next to it.
-    let names: Vec<_> = std::fs::read_dir(dir.path())
+    // No staging directory is left next to it: the store and its watermark.
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names, vec![std::ffi::OsString::from("store")]);
+    names.sort();
+    assert_eq!(names, vec!["store", "store.watermark"]);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_store_restored_from_an_old_backup_is_refused_until_accepted_and_then_reuses_no_key_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let path = dir.path().join("store");
+    let backup = dir.path().join("backup");
+    let config = || SledStoreConfig::new(&path, key.clone());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let store = SledStore::create(config()).unwrap();
+    let id = store.id();
+    let first = store.reserve_key_ids(1).unwrap();
+    rt.block_on(store.sync().durable()).unwrap();
+    drop(store);
+    copy_dir(&path, &backup);
+
+    // The bridge runs on: more than one block of key ids is handed out.
+    let store = SledStore::open(config().expect_id(id)).unwrap();
+    let last = store.reserve_key_ids(200_000).unwrap() + 200_000 - 1;
+    rt.block_on(store.sync().durable()).unwrap();
+    drop(store);
+
+    // The operator restores the old backup of the store directory.
+    std::fs::remove_dir_all(&path).unwrap();
+    copy_dir(&backup, &path);
+    let err = SledStore::open(config().expect_id(id)).unwrap_err();
+    let marks = match &err {
+        StoreError::RolledBack {
+            path: p,
+            store_mark,
+            watermark,
+        } => {
+            assert_eq!(p, &path);
+            assert!(store_mark < watermark && *watermark > last, "{err:?}");
+            (*store_mark, *watermark)
+        }
+        other => panic!("expected RolledBack, got {other:?}"),
+    };
+    assert!(err.to_string().contains("accept"), "says what to do: {err}");
+    // Refused without a change: the same marks again.
+    match SledStore::open(config().expect_id(id)).unwrap_err() {
+        StoreError::RolledBack {
+            store_mark,
+            watermark,
+            ..
+        } => assert_eq!(
+            (store_mark, watermark),
+            marks,
+            "a refused open moved a mark"
+        ),
+        other => panic!("expected RolledBack, got {other:?}"),
+    }
+
+    // Accepted on purpose: ids resume past everything handed out, and stay
+    // there after a plain reopen.
+    let mut accepting = config().expect_id(id);
+    accepting.accept_restored = true;
+    let store = SledStore::open(accepting).unwrap();
+    let next = store.reserve_key_ids(1).unwrap();
+    assert!(next > last && next > first, "key id {next} issued again");
+    rt.block_on(store.sync().durable()).unwrap();
+    drop(store);
+    let store = SledStore::open(config().expect_id(id)).unwrap();
+    assert!(store.reserve_key_ids(1).unwrap() > next);
 }

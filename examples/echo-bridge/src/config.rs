@@ -47,6 +47,11 @@ pub struct Config {
     /// written before store ids: then any store is accepted, with a warning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_id: Option<String>,
+    /// Accept a store restored from an older backup (`run
+    /// --accept-restored-store`, never from the file): its key ids jump past
+    /// the watermark. Keys handed out after the backup are lost.
+    #[serde(skip)]
+    pub accept_restored_store: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -100,6 +105,7 @@ impl Config {
     pub fn store_config(&self) -> anyhow::Result<SledStoreConfig> {
         let mut config = SledStoreConfig::new(self.store_dir(), self.store_key()?);
         config.expected_id = self.store_id()?;
+        config.accept_restored = self.accept_restored_store;
         Ok(config)
     }
 
@@ -200,6 +206,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
         store_key: encode_hex(key.as_bytes()),
         store_path: None,
         store_id: Some(store_id.to_string()),
+        accept_restored_store: false,
     };
     let text = Zeroizing::new(
         toml::to_string(&config)

@@ -37,6 +37,11 @@ enum Command {
         /// The configuration written by `init`.
         #[arg(long)]
         config: PathBuf,
+        /// Start on a store restored from an older backup (refused
+        /// otherwise): key ids jump past every id handed out before, and
+        /// keys handed out after the backup are lost. See the README.
+        #[arg(long)]
+        accept_restored_store: bool,
     },
     /// Start a local Synapse and the bridge, and walk through an echo.
     Demo,
@@ -95,8 +100,12 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 done.config.display()
             );
         }
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run {
+            config,
+            accept_restored_store,
+        } => {
+            let mut config = Config::load(&config)?;
+            config.accept_restored_store = accept_restored_store;
             echo_bridge::run(config, bridgekeys::appservice::shutdown_signal()).await?;
         }
         Command::Demo => echo_bridge::demo::demo().await?,
