@@ -394,15 +394,7 @@ impl SledStore {
             }
             // Jump past every id the newer store may have handed out, durably,
             // before any is issued.
-            db.insert(layout::KEY_IDS, &recorded.to_be_bytes())?;
-            db.flush()?;
-            std::fs::File::open(path.join("db"))
-                .and_then(|f| f.sync_data())
-                .map_err(|source| StoreError::Io {
-                    what: "syncing",
-                    path: path.join("db"),
-                    source,
-                })?;
+            put_durably(db, path, layout::KEY_IDS, &recorded.to_be_bytes())?;
             tracing::warn!(
                 path = %path.display(),
                 from = key_ids.reserved,
@@ -488,15 +480,7 @@ impl SledStore {
                         found: id,
                     });
                 }
-                db.insert(layout::STORE_ID, id.as_bytes())?;
-                db.flush()?;
-                std::fs::File::open(path.join("db"))
-                    .and_then(|f| f.sync_data())
-                    .map_err(|source| StoreError::Io {
-                        what: "syncing",
-                        path: path.join("db"),
-                        source,
-                    })?;
+                put_durably(db, path, layout::STORE_ID, id.as_bytes())?;
                 tracing::info!(path = %path.display(), store_id = %id, "gave a store from before store ids its id");
                 id
             }
@@ -510,6 +494,20 @@ impl SledStore {
             _ => Ok(found),
         }
     }
+}
+
+/// Write one record at open time and make it durable before going on (sled's
+/// flush, then an `fdatasync` of its log: see the group commit).
+fn put_durably(db: &sled::Db, path: &Path, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    db.insert(key, value)?;
+    db.flush()?;
+    std::fs::File::open(path.join("db"))
+        .and_then(|f| f.sync_data())
+        .map_err(|source| StoreError::Io {
+            what: "syncing",
+            path: path.join("db"),
+            source,
+        })
 }
 
 /// Open sled at `path` with the store's settings, naming the path in errors.
