@@ -70,6 +70,9 @@ pub struct CrashReport {
     pub power_loss: Option<String>,
     /// Power cuts survived (the store opened afterwards and kept every key).
     pub power_cuts: usize,
+    /// Of those, cuts during the child's start-up (creating or opening the
+    /// store, creating devices) rather than under claim load.
+    pub startup_cuts: usize,
     /// Over all cuts: file and directory names the cut took away.
     pub names_lost_to_cuts: usize,
     /// Over all cuts: 4 KiB blocks whose content the cut changed.
@@ -131,6 +134,28 @@ fn parse(line: &str) -> anyhow::Result<Report> {
         }
         _ => anyhow::bail!("unexpected child output {line:?}"),
     }
+}
+
+/// A key the child reported: device index, key id, public key.
+type Reported = (usize, String, Curve25519PublicKey);
+
+/// Take one line the child printed.
+fn take(
+    line: &[u8],
+    keys: &mut Vec<Reported>,
+    ready: &mut bool,
+    store_id: &mut Option<StoreId>,
+) -> anyhow::Result<()> {
+    match parse(std::str::from_utf8(line)?)? {
+        Report::Ready => *ready = true,
+        Report::Created(id) => *store_id = Some(id),
+        Report::Key {
+            device,
+            key_id,
+            public_key,
+        } => keys.push((device, key_id, public_key)),
+    }
+    Ok(())
 }
 
 /// Run the torture. Fails (with the reason) on the first broken promise.
@@ -197,67 +222,85 @@ pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
             }
         });
 
-        let kill_after = rng.gen_range(1..=config.max_keys_before_kill);
+        // Under power loss, one cycle in four (the first among them) cuts
+        // at a random moment of start-up instead: store creation (first
+        // cycle), recovery, the checks at open, device creation.
+        let startup_cut = config.power_loss.is_some() && cycle % 4 == 0;
         let mut keys = Vec::new();
         let mut ready = false;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while keys.len() < kill_after {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(wait) {
-                Ok(line) => line,
-                Err(e) => {
-                    let _ = child.kill();
-                    anyhow::bail!(
-                        "cycle {cycle}: child stopped reporting ({e}) after {} keys",
-                        keys.len()
-                    );
-                }
-            };
-            match parse(std::str::from_utf8(&line)?)? {
-                Report::Ready => ready = true,
-                Report::Created(id) => store_id = Some(id),
-                Report::Key {
-                    device,
-                    key_id,
-                    public_key,
-                } => keys.push((device, key_id, public_key)),
+        if startup_cut {
+            std::thread::sleep(Duration::from_micros(rng.gen_range(0..20_000)));
+        } else {
+            let kill_after = rng.gen_range(1..=config.max_keys_before_kill);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while keys.len() < kill_after {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                let line = match rx.recv_timeout(wait) {
+                    Ok(line) => line,
+                    Err(e) => {
+                        let _ = child.kill();
+                        anyhow::bail!(
+                            "cycle {cycle}: child stopped reporting ({e}) after {} keys",
+                            keys.len()
+                        );
+                    }
+                };
+                take(&line, &mut keys, &mut ready, &mut store_id)?;
             }
-        }
-        anyhow::ensure!(ready, "cycle {cycle}: child reported keys before READY");
-        let store_id =
-            store_id.ok_or_else(|| anyhow::anyhow!("cycle {cycle}: no store was created"))?;
-        if cycle == 0 {
-            // The child holds the store: a second process must be refused clearly.
-            match open_existing_manager(&data, &key, store_id) {
-                Err(StoreError::Locked { path }) => {
-                    anyhow::ensure!(path.starts_with(&data), "Locked names {path:?}");
-                    report.second_open_refused = true;
+            anyhow::ensure!(ready, "cycle {cycle}: child reported keys before READY");
+            if !report.second_open_refused {
+                // The child holds the store: a second process must be refused clearly.
+                let id = store_id.ok_or_else(|| anyhow::anyhow!("cycle {cycle}: no store id"))?;
+                match open_existing_manager(&data, &key, id) {
+                    Err(StoreError::Locked { path }) => {
+                        anyhow::ensure!(path.starts_with(&data), "Locked names {path:?}");
+                        report.second_open_refused = true;
+                    }
+                    Err(e) => anyhow::bail!("second open failed with the wrong error: {e}"),
+                    Ok(_) => anyhow::bail!("second open of a held store succeeded"),
                 }
-                Err(e) => anyhow::bail!("second open failed with the wrong error: {e}"),
-                Ok(_) => anyhow::bail!("second open of a held store succeeded"),
             }
+            // A random moment inside the claim loop.
+            std::thread::sleep(Duration::from_micros(rng.gen_range(0..3000)));
         }
-        // A random moment inside the claim loop.
-        std::thread::sleep(Duration::from_micros(rng.gen_range(0..3000)));
         child.kill()?; // SIGKILL on Unix
         child.wait()?;
         let _ = reader.join();
         for line in rx.try_iter() {
-            if let Report::Key {
-                device,
-                key_id,
-                public_key,
-            } = parse(std::str::from_utf8(&line)?)?
-            {
-                keys.push((device, key_id, public_key));
-            }
+            take(&line, &mut keys, &mut ready, &mut store_id)?;
         }
 
         if let Some(model) = config.power_loss {
             let cut = disk.cut(model, &mut rng)?;
             report.names_lost_to_cuts += cut.names_lost;
             report.blocks_lost_to_cuts += cut.blocks_lost;
+            if startup_cut {
+                report.startup_cuts += 1;
+            }
         }
+        let store_id = match store_id {
+            Some(id) => id,
+            // Cut before the child said which store it created: if the
+            // store is there, learn its id as an operator would; if it is
+            // not, creation was cut short and the next child creates it.
+            None if data.join("store").exists() => {
+                let id = SledStore::open(SledStoreConfig::new(data.join("store"), key.clone()))
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cycle {cycle}: the new store did not open after the cut: {e}"
+                        )
+                    })?
+                    .id();
+                store_id = Some(id);
+                id
+            }
+            None => {
+                anyhow::ensure!(keys.is_empty(), "cycle {cycle}: keys without a store");
+                report.cycles += 1;
+                report.power_cuts += 1;
+                continue;
+            }
+        };
         let manager = Arc::new(open_existing_manager(&data, &key, store_id).map_err(|e| {
             anyhow::anyhow!("cycle {cycle}: the store did not open after the kill: {e}")
         })?);
@@ -286,10 +329,13 @@ pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
             report.keys_verified += 1;
         }
         drop(manager);
-        report.cycles += 1;
         if config.power_loss.is_some() {
+            // The next child's shim takes the tree as durable: make it so
+            // (the checks above opened, recovered and wrote the store).
+            bridgekeys_store::durable::sync_tree(&data)?;
             report.power_cuts += 1;
         }
+        report.cycles += 1;
     }
     Ok(report)
 }

@@ -57,6 +57,9 @@ struct obj {
     uint32_t gen;
     uint8_t *dirty; /* one byte per block: written since the last sync */
     size_t dirty_len;
+    /* Held from the capture before a sync to its recording after it, so the
+     * syncs of one object are recorded in order. Taken before `lock`. */
+    pthread_mutex_t sync_lock;
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -67,6 +70,7 @@ static char shadow[PATH_MAX];
 static struct obj objs[MAX_OBJ];
 static int nobjs;
 static int fd_obj[MAX_FD]; /* object index + 1; 0 = not under the root */
+static uint32_t fd_gen[MAX_FD]; /* the object's generation when the fd was opened */
 
 static int (*real_open)(const char *, int, ...);
 static int (*real_open64)(const char *, int, ...);
@@ -89,6 +93,7 @@ static int (*real_fdatasync)(int);
 static int (*real_close)(int);
 static int (*real_unlink)(const char *);
 static int (*real_unlinkat)(int, const char *, int);
+static int (*real_rmdir)(const char *);
 static int (*real_rename)(const char *, const char *);
 static int (*real_renameat)(int, const char *, int, const char *);
 static int (*real_renameat2)(int, const char *, int, const char *, unsigned int);
@@ -132,6 +137,7 @@ static int obj_for_ino(uint64_t ino) {
     objs[nobjs].gen = 0;
     objs[nobjs].dirty = NULL;
     objs[nobjs].dirty_len = 0;
+    pthread_mutex_init(&objs[nobjs].sync_lock, NULL);
     return nobjs++;
 }
 
@@ -169,41 +175,50 @@ static void track_fd(int fd) {
     struct stat st;
     if (fstat(fd, &st) != 0) return;
     if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) return;
-    fd_obj[fd] = obj_for_ino((uint64_t)st.st_ino) + 1;
+    int o = obj_for_ino((uint64_t)st.st_ino);
+    fd_obj[fd] = o + 1;
+    fd_gen[fd] = objs[o].gen;
 }
 
 static int tracked(int fd) {
     return enabled && fd >= 0 && fd < MAX_FD && fd_obj[fd] != 0;
 }
 
-/* The name at `dirfd`/`path` is about to go away (unlink, or replaced by a
- * rename): if it is a file's last link, its inode becomes a new object. */
-static void retire(int dirfd, const char *path) {
+/* The name at `dirfd`/`path` is about to go away (unlink, rmdir, or replaced
+ * by a rename). If it is a file's last link or a directory, its inode will be
+ * a new object when reused: returns the inode to retire once the call
+ * succeeded, or 0. */
+static uint64_t to_retire(int dirfd, const char *path) {
     struct stat st;
-    if (fstatat(dirfd, path, &st, AT_SYMLINK_NOFOLLOW) != 0) return;
-    if (!S_ISREG(st.st_mode) || st.st_nlink != 1) return;
+    if (fstatat(dirfd, path, &st, AT_SYMLINK_NOFOLLOW) != 0) return 0;
+    if (S_ISREG(st.st_mode) && st.st_nlink == 1) return (uint64_t)st.st_ino;
+    if (S_ISDIR(st.st_mode)) return (uint64_t)st.st_ino;
+    return 0;
+}
+
+static void retire(uint64_t ino) {
+    if (ino == 0) return;
     pthread_mutex_lock(&lock);
     for (int i = nobjs - 1; i >= 0; i--) {
-        if (objs[i].ino == (uint64_t)st.st_ino) {
+        if (objs[i].ino == ino) {
             objs[i].gen++;
             free(objs[i].dirty);
             objs[i].dirty = NULL;
             objs[i].dirty_len = 0;
             /* g/<inode> tells the harness which generation is current. */
             char name[64], path_g[PATH_MAX];
-            snprintf(name, sizeof name, "%llu", (unsigned long long)st.st_ino);
+            snprintf(name, sizeof name, "%llu", (unsigned long long)ino);
             shadow_path(path_g, sizeof path_g, "g", name);
             int g = real_open64(path_g, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
             if (g < 0) die(path_g);
             snprintf(name, sizeof name, "%u", objs[i].gen);
             write_all(g, name, strlen(name), 0);
             real_close(g);
-            pthread_mutex_unlock(&lock);
-            return;
+            break;
         }
     }
-    /* Never seen in this run: not even in the initial walk, so not under the
-     * root. Nothing to do. */
+    /* Not found: never seen in this run, not even in the initial walk, so
+     * not under the root. */
     pthread_mutex_unlock(&lock);
 }
 
@@ -227,9 +242,9 @@ static void write_all(int fd, const void *buf, size_t len, off_t off) {
     }
 }
 
-/* Copy the blocks of object `o` written since its last sync from `src` (an
- * fd readable on the live file) into its durable image, at size `size`. */
-static void persist_file(int o, int src, off_t size, int whole) {
+/* Copy the whole content of file object `o` from `src` (an fd readable on
+ * the live file, `size` bytes) into its durable image. */
+static void persist_file(int o, int src, off_t size) {
     char id[64], path[PATH_MAX];
     obj_id(o, id, sizeof id);
     shadow_path(path, sizeof path, "f", id);
@@ -239,7 +254,6 @@ static void persist_file(int o, int src, off_t size, int whole) {
     static char buf[BLOCK];
     size_t blocks = ((size_t)size + BLOCK - 1) / BLOCK;
     for (size_t b = 0; b < blocks; b++) {
-        if (!whole && (b >= objs[o].dirty_len || !objs[o].dirty[b])) continue;
         off_t off = (off_t)(b * BLOCK);
         ssize_t r = pread(src, buf, BLOCK, off);
         if (r < 0) die("read live file");
@@ -249,19 +263,16 @@ static void persist_file(int o, int src, off_t size, int whole) {
     real_close(dst);
 }
 
-/* Record the current entries of the directory open at `dir` as durable. */
-static void persist_dir(int o, int dir) {
-    char id[64], path[PATH_MAX], tmp[PATH_MAX];
-    obj_id(o, id, sizeof id);
-    shadow_path(path, sizeof path, "d", id);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+/* The entries of the directory open at `dir`, as the lines of a durable
+ * listing, in a malloc'd buffer. Call with `lock` held. */
+static char *build_listing(int dir, size_t *len) {
     int dup_fd = real_openat64(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (dup_fd < 0) die("reopen directory");
     DIR *d = fdopendir(dup_fd);
     if (!d) die("fdopendir");
-    int out = real_open64(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (out < 0) die(tmp);
-    off_t at = 0;
+    size_t cap = 4096, at = 0;
+    char *buf = malloc(cap);
+    if (!buf) die("malloc");
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
@@ -275,13 +286,41 @@ static void persist_dir(int o, int dir) {
         char cid[64], line[PATH_MAX + 96];
         obj_id(child, cid, sizeof cid);
         int n = snprintf(line, sizeof line, "%c %s %s\n", kind, cid, e->d_name);
-        write_all(out, line, (size_t)n, at);
-        at += n;
+        if (n <= 0) continue;
+        while (at + (size_t)n > cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            if (!buf) die("realloc");
+        }
+        memcpy(buf + at, line, (size_t)n);
+        at += (size_t)n;
     }
     closedir(d);
+    *len = at;
+    return buf;
+}
+
+/* Record `listing` as the durable entries of directory object `id`. */
+static void write_listing(const char *id, const char *listing, size_t len) {
+    char path[PATH_MAX], tmp[PATH_MAX];
+    shadow_path(path, sizeof path, "d", id);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    int out = real_open64(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (out < 0) die(tmp);
+    write_all(out, listing, len, 0);
     real_close(out);
     /* Atomic against a kill in the middle: the old listing or the new one. */
     if (real_rename(tmp, path) != 0) die("rename listing");
+}
+
+/* Record the current entries of the directory open at `dir` as durable. */
+static void persist_dir(int o, int dir) {
+    char id[64];
+    obj_id(o, id, sizeof id);
+    size_t len;
+    char *listing = build_listing(dir, &len);
+    write_listing(id, listing, len);
+    free(listing);
 }
 
 /* The initial image: everything under the root is durable at start. */
@@ -306,7 +345,7 @@ static void snapshot_tree(const char *dir_path) {
         } else if (S_ISREG(cst.st_mode)) {
             int f = real_open64(child, O_RDONLY | O_CLOEXEC, 0);
             if (f < 0) die(child);
-            persist_file(obj_for_ino((uint64_t)cst.st_ino), f, cst.st_size, 1);
+            persist_file(obj_for_ino((uint64_t)cst.st_ino), f, cst.st_size);
             real_close(f);
         }
     }
@@ -335,6 +374,7 @@ __attribute__((constructor)) static void powercut_init(void) {
     real_close = must_sym("close");
     real_unlink = must_sym("unlink");
     real_unlinkat = must_sym("unlinkat");
+    real_rmdir = must_sym("rmdir");
     real_rename = must_sym("rename");
     real_renameat = must_sym("renameat");
     real_renameat2 = must_sym("renameat2");
@@ -347,8 +387,55 @@ __attribute__((constructor)) static void powercut_init(void) {
     const char *s = getenv("POWERCUT_SHADOW");
     if (!r || !s) return;
     if (!realpath(r, root)) die("POWERCUT_ROOT");
-    root_len = strlen(root);
     snprintf(shadow, sizeof shadow, "%s", s);
+    root_len = strlen(root);
+
+    /* One process is modelled per image. Its pid is recorded: the same pid
+     * again is that process after an exec (a wrapper script, say), which
+     * goes on with the image as it is; any other process that inherited the
+     * environment is not modelled (it must not take the tree as durable
+     * again over the same image). */
+    char pid_path[PATH_MAX];
+    snprintf(pid_path, sizeof pid_path, "%s/pid", shadow);
+    long owner = 0;
+    FILE *pf = fopen(pid_path, "r");
+    if (pf) {
+        if (fscanf(pf, "%ld", &owner) != 1) owner = 0;
+        fclose(pf);
+    }
+    if (owner != 0 && owner != (long)getpid()) return;
+    if (owner == (long)getpid()) {
+        /* After an exec: reload the generations the image already uses. */
+        char gdir[PATH_MAX];
+        snprintf(gdir, sizeof gdir, "%s/g", shadow);
+        DIR *d = opendir(gdir);
+        if (d) {
+            struct dirent *e;
+            while ((e = readdir(d)) != NULL) {
+                if (e->d_name[0] == '.') continue;
+                char gpath[PATH_MAX];
+                snprintf(gpath, sizeof gpath, "%s/%s", gdir, e->d_name);
+                FILE *gf = fopen(gpath, "r");
+                unsigned gen = 0;
+                if (gf) {
+                    if (fscanf(gf, "%u", &gen) != 1) gen = 0;
+                    fclose(gf);
+                }
+                int o = obj_for_ino(strtoull(e->d_name, NULL, 10));
+                objs[o].gen = gen;
+            }
+            closedir(d);
+        }
+        enabled = 1;
+        return;
+    }
+    char text[32];
+    int tn = snprintf(text, sizeof text, "%ld\n", (long)getpid());
+    int pfd = real_open64(pid_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (pfd < 0) return; /* another process got there first */
+    write_all(pfd, text, (size_t)tn, 0);
+    real_close(pfd);
+
     char sub[PATH_MAX];
     snprintf(sub, sizeof sub, "%s/f", shadow);
     if (mkdir(sub, 0700) != 0 && errno != EEXIST) die(sub);
@@ -390,7 +477,7 @@ static int after_open(int fd, off_t truncated) {
         int saved = errno;
         pthread_mutex_lock(&lock);
         track_fd(fd);
-        if (truncated > 0 && fd < MAX_FD && fd_obj[fd]) {
+        if (truncated > 0 && fd < MAX_FD && fd_obj[fd] && fd_gen[fd] == objs[fd_obj[fd] - 1].gen) {
             mark_dirty(fd_obj[fd] - 1, 0, (uint64_t)truncated);
         }
         pthread_mutex_unlock(&lock);
@@ -448,7 +535,10 @@ int creat64(const char *path, mode_t mode) {
 static void wrote(int fd, off_t off, ssize_t n) {
     if (n <= 0 || !tracked(fd)) return;
     pthread_mutex_lock(&lock);
-    if (fd_obj[fd]) mark_dirty(fd_obj[fd] - 1, (uint64_t)off, (uint64_t)n);
+    int o = fd_obj[fd] - 1;
+    /* A write through an fd whose file lost its last name reaches nothing
+     * a listing can name. */
+    if (o >= 0 && fd_gen[fd] == objs[o].gen) mark_dirty(o, (uint64_t)off, (uint64_t)n);
     pthread_mutex_unlock(&lock);
 }
 
@@ -526,38 +616,133 @@ int fallocate64(int fd, int mode, off_t off, off_t len) {
     return r;
 }
 
-static void synced(int fd) {
-    if (!tracked(fd)) return;
+/* What a sync is about to make durable, taken *before* the real call: only
+ * what the process wrote before asking is promised by it. Whatever is written
+ * while the sync runs stays dirty for the next one. */
+struct capture {
+    int o;
+    uint32_t gen;
+    int is_dir;
+    off_t size;
+    size_t n;       /* blocks captured */
+    size_t *blocks; /* their numbers */
+    char *data;     /* n * BLOCK bytes */
+    char *listing;  /* directories: the listing */
+    size_t listing_len;
+};
+
+/* Take the capture for a sync of `fd`; holds the object's sync lock until
+ * `record` is called. Returns 0 if there is nothing to model. */
+static int capture(int fd, struct capture *c) {
+    if (!tracked(fd)) return 0;
     int saved = errno;
-    pthread_mutex_lock(&lock);
+    memset(c, 0, sizeof *c);
     int o = fd_obj[fd] - 1;
-    if (o >= 0) {
-        struct stat st;
-        if (fstat(fd, &st) != 0) die("stat synced fd");
-        if (S_ISDIR(st.st_mode)) {
-            persist_dir(o, fd);
-        } else {
-            char link[64];
-            snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-            int src = real_open64(link, O_RDONLY | O_CLOEXEC, 0);
-            if (src < 0) die("reopen synced file");
-            persist_file(o, src, st.st_size, 0);
-            real_close(src);
+    if (o < 0) return 0;
+    pthread_mutex_lock(&objs[o].sync_lock);
+    pthread_mutex_lock(&lock);
+    struct stat st;
+    if (fstat(fd, &st) != 0) die("stat synced fd");
+    c->o = o;
+    c->gen = fd_gen[fd];
+    if (c->gen != objs[o].gen) {
+        /* The fd's file lost its last name: no listing can reach it. */
+        pthread_mutex_unlock(&lock);
+        pthread_mutex_unlock(&objs[o].sync_lock);
+        errno = saved;
+        return 0;
+    }
+    c->is_dir = S_ISDIR(st.st_mode);
+    c->size = st.st_size;
+    if (c->is_dir) {
+        c->listing = build_listing(fd, &c->listing_len);
+        pthread_mutex_unlock(&lock);
+        errno = saved;
+        return 1;
+    }
+    size_t blocks = ((size_t)st.st_size + BLOCK - 1) / BLOCK;
+    size_t limit = blocks < objs[o].dirty_len ? blocks : objs[o].dirty_len;
+    for (size_t b = 0; b < limit; b++) c->n += objs[o].dirty[b] ? 1 : 0;
+    c->blocks = malloc((c->n ? c->n : 1) * sizeof *c->blocks);
+    if (!c->blocks) die("malloc");
+    size_t k = 0;
+    for (size_t b = 0; b < limit; b++) {
+        if (objs[o].dirty[b]) {
+            c->blocks[k++] = b;
+            objs[o].dirty[b] = 0;
         }
     }
+    /* Blocks past the end are gone with the size; clear their marks too. */
+    for (size_t b = limit; b < objs[o].dirty_len; b++) objs[o].dirty[b] = 0;
     pthread_mutex_unlock(&lock);
+    /* Read the captured blocks now, before the real sync: they hold at least
+     * what was written before it was asked for. */
+    c->data = malloc((c->n ? c->n : 1) * BLOCK);
+    if (!c->data) die("malloc");
+    char link[64];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    int src = real_open64(link, O_RDONLY | O_CLOEXEC, 0);
+    if (src < 0) die("reopen synced file");
+    for (size_t i = 0; i < c->n; i++) {
+        memset(c->data + i * BLOCK, 0, BLOCK);
+        if (pread(src, c->data + i * BLOCK, BLOCK, (off_t)(c->blocks[i] * BLOCK)) < 0) {
+            die("read live file");
+        }
+    }
+    real_close(src);
+    errno = saved;
+    return 1;
+}
+
+/* After the real sync: record the capture as durable if it succeeded (else
+ * its blocks are dirty again), then let the next sync of the object go. */
+static void record(struct capture *c, int ok) {
+    int saved = errno;
+    int o = c->o;
+    pthread_mutex_lock(&lock);
+    if (ok && c->gen == objs[o].gen) {
+        char id[64];
+        obj_id(o, id, sizeof id);
+        if (c->is_dir) {
+            write_listing(id, c->listing, c->listing_len);
+        } else {
+            char path[PATH_MAX];
+            shadow_path(path, sizeof path, "f", id);
+            int dst = real_open64(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+            if (dst < 0) die(path);
+            if (real_ftruncate64(dst, c->size) != 0) die("truncate shadow");
+            for (size_t i = 0; i < c->n; i++) {
+                off_t off = (off_t)(c->blocks[i] * BLOCK);
+                if (off >= c->size) continue;
+                size_t len = (size_t)(c->size - off) < BLOCK ? (size_t)(c->size - off) : BLOCK;
+                write_all(dst, c->data + i * BLOCK, len, off);
+            }
+            real_close(dst);
+        }
+    } else if (!ok && !c->is_dir && c->gen == objs[o].gen) {
+        for (size_t i = 0; i < c->n; i++) mark_dirty(o, c->blocks[i] * BLOCK, 1);
+    }
+    pthread_mutex_unlock(&lock);
+    pthread_mutex_unlock(&objs[o].sync_lock);
+    free(c->blocks);
+    free(c->data);
+    free(c->listing);
     errno = saved;
 }
 
 int fsync(int fd) {
+    struct capture c;
+    int have = capture(fd, &c);
     int r = real_fsync(fd);
-    if (r == 0) synced(fd);
+    if (have) record(&c, r == 0);
     return r;
 }
 
 int fdatasync(int fd) {
+    struct capture c;
+    int have = capture(fd, &c);
     int r = real_fdatasync(fd);
-    if (r == 0) synced(fd);
+    if (have) record(&c, r == 0);
     return r;
 }
 
@@ -569,6 +754,7 @@ int close(int fd) {
 static int dup_of(int old, int fd) {
     if (fd >= 0 && fd < MAX_FD && enabled) {
         fd_obj[fd] = (old >= 0 && old < MAX_FD) ? fd_obj[old] : 0;
+        fd_gen[fd] = (old >= 0 && old < MAX_FD) ? fd_gen[old] : 0;
     }
     return fd;
 }
@@ -589,26 +775,43 @@ int fcntl(int fd, int cmd, ...) {
 }
 
 int unlink(const char *path) {
-    if (enabled) retire(AT_FDCWD, path);
-    return real_unlink(path);
+    uint64_t ino = enabled ? to_retire(AT_FDCWD, path) : 0;
+    int r = real_unlink(path);
+    if (r == 0) retire(ino);
+    return r;
 }
 
 int unlinkat(int dirfd, const char *path, int flags) {
-    if (enabled && !(flags & AT_REMOVEDIR)) retire(dirfd, path);
-    return real_unlinkat(dirfd, path, flags);
+    uint64_t ino = enabled ? to_retire(dirfd, path) : 0;
+    int r = real_unlinkat(dirfd, path, flags);
+    if (r == 0) retire(ino);
+    return r;
+}
+
+int rmdir(const char *path) {
+    uint64_t ino = enabled ? to_retire(AT_FDCWD, path) : 0;
+    int r = real_rmdir(path);
+    if (r == 0) retire(ino);
+    return r;
 }
 
 int rename(const char *from, const char *to) {
-    if (enabled) retire(AT_FDCWD, to);
-    return real_rename(from, to);
+    uint64_t ino = enabled ? to_retire(AT_FDCWD, to) : 0;
+    int r = real_rename(from, to);
+    if (r == 0) retire(ino);
+    return r;
 }
 
 int renameat(int fromfd, const char *from, int tofd, const char *to) {
-    if (enabled) retire(tofd, to);
-    return real_renameat(fromfd, from, tofd, to);
+    uint64_t ino = enabled ? to_retire(tofd, to) : 0;
+    int r = real_renameat(fromfd, from, tofd, to);
+    if (r == 0) retire(ino);
+    return r;
 }
 
 int renameat2(int fromfd, const char *from, int tofd, const char *to, unsigned int flags) {
-    if (enabled && !(flags & RENAME_EXCHANGE)) retire(tofd, to);
-    return real_renameat2(fromfd, from, tofd, to, flags);
+    uint64_t ino = (enabled && !(flags & RENAME_EXCHANGE)) ? to_retire(tofd, to) : 0;
+    int r = real_renameat2(fromfd, from, tofd, to, flags);
+    if (r == 0) retire(ino);
+    return r;
 }

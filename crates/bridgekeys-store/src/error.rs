@@ -39,18 +39,19 @@ pub enum StoreError {
     },
     /// The store at the path is not the one the configuration names.
     #[error(
-        "the store at {path} has id {found}, but the configuration expects {expected}: this is \
+        "the store at {path} has id {}, but the configuration expects {expected}: this is \
          another bridge's store, or a new store created where this bridge's store was lost. \
          Nothing was changed. Point the configuration at the right store (its id is in the \
-         store's `m/storeid` record and printed by `init`)"
+         store's `m/storeid` record and printed by `init`)",
+        found.map_or_else(|| "none (made before store ids)".to_owned(), |f| f.to_string())
     )]
     Foreign {
         /// The store directory.
         path: PathBuf,
         /// The id the configuration expects.
         expected: StoreId,
-        /// The id of the store found.
-        found: StoreId,
+        /// The id of the store found (`None`: a store made before store ids).
+        found: Option<StoreId>,
     },
     /// The store's key-id sequence is behind its watermark (the file
     /// `<store>.watermark` beside it): the store was restored from an older

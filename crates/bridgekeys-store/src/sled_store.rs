@@ -143,7 +143,13 @@ impl SledStore {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(_) => return Err(StoreError::AlreadyExists { path }),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "looking at",
+                    path,
+                    source,
+                });
+            }
         }
         let name = path.file_name().ok_or_else(|| StoreError::Io {
             what: "a store path must name a directory",
@@ -179,12 +185,16 @@ impl SledStore {
             drop(db);
             // sled's pool may hold the files a moment longer: wait until it
             // let go, so nothing writes after the sync below.
-            drop(LockRelease {
-                lock_file: staging.join("db"),
-            });
+            if !wait_for_unlock(&staging.join("db")) {
+                return Err(StoreError::Locked { path: staging });
+            }
         }
         durable::sync_tree(&staging).map_err(io("syncing", &staging))?;
-        std::fs::rename(&staging, &path).map_err(io("moving the new store to", &path))?;
+        std::fs::rename(&staging, &path).map_err(io(
+            "moving the new store into place (an empty directory is replaced; a mount point \
+             cannot be: configure a directory inside it) at",
+            &path,
+        ))?;
         durable::sync_dir(&parent).map_err(io("syncing", &parent))?;
         tracing::info!(path = %path.display(), store_id = %id, "created a new store");
         Self::open(config.expect_id(id))
@@ -241,8 +251,9 @@ impl SledStore {
                 flush_db.flush().map_err(|e| e.to_string())?;
                 dir_watch.sync_if_changed().map_err(|e| e.to_string())?;
                 log.sync_data().map_err(|e| e.to_string())?;
-                watermark.advance(mark);
-                Ok(())
+                watermark
+                    .advance(mark)
+                    .map_err(|e| format!("writing the key-id watermark: {e}"))
             },
             config.commit_gather,
         )
@@ -409,8 +420,12 @@ impl SledStore {
             id,
             written: AtomicU64::new(recorded.unwrap_or(0)),
         };
-        // The store's durable mark is at least the watermark now: record it.
+        // Record the store's mark, once it is surely on disk: after a kill
+        // the mark sled recovered may still be only in the page cache, and a
+        // watermark above the durable mark would refuse the store after a
+        // power cut.
         if recorded != Some(key_ids.reserved) {
+            sync_log(db, path)?;
             watermark::write(&writer.file, id, key_ids.reserved).map_err(|source| {
                 StoreError::Io {
                     what: "writing the key-id watermark",
@@ -472,14 +487,16 @@ impl SledStore {
                 }
             })?),
             None => {
-                let id = StoreId::generate();
                 if let Some(expected) = expected {
+                    // Every store made by `create` has an id: this one was
+                    // not made for this configuration.
                     return Err(StoreError::Foreign {
                         path: path.to_owned(),
                         expected,
-                        found: id,
+                        found: None,
                     });
                 }
+                let id = StoreId::generate();
                 put_durably(db, path, layout::STORE_ID, id.as_bytes())?;
                 tracing::info!(path = %path.display(), store_id = %id, "gave a store from before store ids its id");
                 id
@@ -489,7 +506,7 @@ impl SledStore {
             Some(expected) if expected != found => Err(StoreError::Foreign {
                 path: path.to_owned(),
                 expected,
-                found,
+                found: Some(found),
             }),
             _ => Ok(found),
         }
@@ -500,6 +517,12 @@ impl SledStore {
 /// flush, then an `fdatasync` of its log: see the group commit).
 fn put_durably(db: &sled::Db, path: &Path, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
     db.insert(key, value)?;
+    sync_log(db, path)
+}
+
+/// Make everything applied so far durable, outside the group commit (at
+/// open, before the commit thread exists).
+fn sync_log(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     db.flush()?;
     std::fs::File::open(path.join("db"))
         .and_then(|f| f.sync_data())
@@ -535,35 +558,65 @@ fn open_engine(path: &Path, config: &SledStoreConfig) -> Result<sled::Db, StoreE
         })
 }
 
-/// Syncs a directory when its entries changed since the last sync.
+/// Syncs the store's directories when their entries changed since the last
+/// sync: the store directory (sled creates, renames and removes snapshot
+/// files in it) and `blobs/` (sled writes every value too large for its log,
+/// above a quarter of a segment, to a file of its own there, and syncs
+/// neither the file nor the directory). A new file is synced before its
+/// directory, and both before the log that refers to it.
 ///
-/// Comparing the listing (names and inode numbers, a few entries) costs a
-/// few microseconds; an `fsync` of a directory can cost a drive cache flush
-/// even when nothing changed, so it is done only when needed. The listing is
-/// read before the sync: a change made after the read shows up as a
-/// difference at the next commit.
+/// Comparing listings (names and inode numbers, a few entries) costs a few
+/// microseconds; an `fsync` of a directory can cost a drive cache flush even
+/// when nothing changed, so it is done only when needed. A listing is read
+/// before its sync: a change made after the read shows up as a difference at
+/// the next commit.
 struct DirWatch {
+    dirs: Vec<WatchedDir>,
+}
+
+struct WatchedDir {
     dir: PathBuf,
     synced: parking_lot::Mutex<Vec<(std::ffi::OsString, u64)>>,
 }
 
 impl DirWatch {
-    /// Watch `dir`, syncing it once now.
-    fn new(dir: &Path) -> std::io::Result<Self> {
+    /// Watch the store directory and its `blobs/`, syncing them (and every
+    /// file in `blobs/`) once now.
+    fn new(store: &Path) -> std::io::Result<Self> {
         let watch = Self {
-            dir: dir.to_owned(),
-            synced: parking_lot::Mutex::new(Vec::new()),
+            dirs: [store.join("blobs"), store.to_owned()]
+                .into_iter()
+                .map(|dir| WatchedDir {
+                    dir,
+                    synced: parking_lot::Mutex::new(Vec::new()),
+                })
+                .collect(),
         };
-        let listing = watch.listing()?;
-        durable::sync_dir(dir)?;
-        *watch.synced.lock() = listing;
+        watch.sync_if_changed()?;
         Ok(watch)
     }
 
+    /// Sync what changed: new files, then their directory. `blobs/` first,
+    /// so its entry in the store directory is synced after its contents.
+    fn sync_if_changed(&self) -> std::io::Result<()> {
+        for watched in &self.dirs {
+            watched.sync_if_changed()?;
+        }
+        Ok(())
+    }
+}
+
+impl WatchedDir {
     fn listing(&self) -> std::io::Result<Vec<(std::ffi::OsString, u64)>> {
         use std::os::unix::fs::DirEntryExt;
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            // sled creates `blobs/` at open; a missing one has nothing to sync.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
             let entry = entry?;
             out.push((entry.file_name(), entry.ino()));
         }
@@ -574,10 +627,23 @@ impl DirWatch {
     fn sync_if_changed(&self) -> std::io::Result<()> {
         let listing = self.listing()?;
         let mut synced = self.synced.lock();
-        if *synced != listing {
-            durable::sync_dir(&self.dir)?;
-            *synced = listing;
+        if *synced == listing {
+            return Ok(());
         }
+        for entry in listing.iter().filter(|e| synced.binary_search(e).is_err()) {
+            let path = self.dir.join(&entry.0);
+            match std::fs::File::open(&path) {
+                Ok(file) if file.metadata()?.is_file() => file.sync_all()?,
+                Ok(_) => {}
+                // Removed since the listing (an old snapshot): nothing to sync.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !listing.is_empty() || self.dir.exists() {
+            durable::sync_dir(&self.dir)?;
+        }
+        *synced = listing;
         Ok(())
     }
 }
@@ -592,21 +658,17 @@ struct WatermarkWriter {
 impl WatermarkWriter {
     /// Called by the flusher after a successful flush with the mark that was
     /// applied before it (so durable now). Rare: once per key-id block.
-    fn advance(&self, durable_mark: u64) {
+    ///
+    /// A failure fails the flush: no key with an id above the watermark is
+    /// acknowledged, so a restore that later jumps to the watermark can never
+    /// re-issue an acknowledged id.
+    fn advance(&self, durable_mark: u64) -> std::io::Result<()> {
         if durable_mark <= self.written.load(Ordering::Acquire) {
-            return;
+            return Ok(());
         }
-        match watermark::write(&self.file, self.id, durable_mark) {
-            Ok(()) => self.written.store(durable_mark, Ordering::Release),
-            // The flush itself succeeded: the write it covers stays
-            // acknowledged. A stale watermark only weakens the restore check
-            // until the next flush retries.
-            Err(e) => tracing::warn!(
-                file = %self.file.display(),
-                error = %e,
-                "could not update the key-id watermark; will retry"
-            ),
-        }
+        watermark::write(&self.file, self.id, durable_mark)?;
+        self.written.store(durable_mark, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -624,18 +686,25 @@ struct LockRelease {
 
 impl Drop for LockRelease {
     fn drop(&mut self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let Ok(file) = std::fs::File::open(&self.lock_file) else {
-                return;
-            };
-            match file.try_lock() {
-                Ok(()) => return, // released again when `file` closes
-                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(_) => return,
+        wait_for_unlock(&self.lock_file);
+    }
+}
+
+/// Wait (up to 5 s) until nobody holds sled's lock on `lock_file`. False if
+/// it is still held then.
+fn wait_for_unlock(lock_file: &Path) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let Ok(file) = std::fs::File::open(lock_file) else {
+            return true;
+        };
+        match file.try_lock() {
+            Ok(()) => return true, // released again when `file` closes
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
             }
+            Err(std::fs::TryLockError::WouldBlock) => return false,
+            Err(_) => return true,
         }
     }
 }

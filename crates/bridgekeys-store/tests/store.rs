@@ -366,7 +366,7 @@ fn opening_a_missing_or_empty_store_is_refused_naming_the_path_and_creates_nothi
     );
     assert!(!missing.exists(), "opening created the store");
 
-    // An empty directory (say, a mount point) is not a store either.
+    // An empty directory is not a store either.
     std::fs::create_dir(&missing).unwrap();
     let err = SledStore::open(SledStoreConfig::new(&missing, key.clone())).unwrap_err();
     assert!(matches!(err, StoreError::Missing { .. }), "{err:?}");
@@ -407,7 +407,7 @@ fn a_store_with_another_id_is_refused_and_left_unchanged() {
             found,
         } => {
             assert_eq!(path, &other_path);
-            assert_eq!((*expected, *found), (ours, theirs));
+            assert_eq!((*expected, *found), (ours, Some(theirs)));
         }
         other => panic!("expected Foreign, got {other:?}"),
     }

@@ -168,7 +168,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
     let config_path = options.dir.join(CONFIG_FILE);
     let registration_path = options.dir.join(REGISTRATION_FILE);
     let store_path = options.dir.join("store");
-    for path in [&config_path, &registration_path, &store_path] {
+    for path in [&config_path, &registration_path] {
         if path.exists() {
             bail!(
                 "{} already exists; refusing to overwrite it (it holds the tokens and keys of an \
@@ -176,6 +176,14 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
                 path.display()
             );
         }
+    }
+    if store_path.exists() {
+        bail!(
+            "a store already exists at {} but no {CONFIG_FILE} names it; refusing to touch it. \
+             If an earlier `init` was interrupted, nothing in it was ever used: remove it and run \
+             `init` again. If it belongs to a bridge, restore that bridge's {CONFIG_FILE} instead.",
+            store_path.display()
+        );
     }
     let server_name = ruma::ServerName::parse(&options.server_name)
         .with_context(|| format!("invalid server name {:?}", options.server_name))?;
