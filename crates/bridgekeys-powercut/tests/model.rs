@@ -97,7 +97,7 @@ fn strict_model_keeps_only_what_was_synced_file_and_directory_alike() {
         "entries after the cut"
     );
     assert_content(&root.join("durable"), &vec![b'A'; 10000]);
-    assert_content(&root.join("renamed"), &vec![b'R'; 100]);
+    assert_content(&root.join("renamed"), &[b'R'; 100]);
     assert_content(&root.join("kept"), b"old");
     // Appended without a sync: the old content only.
     assert_content(&root.join("appended"), &vec![b'F'; 3000]);
@@ -132,8 +132,8 @@ fn torn_model_keeps_entries_and_sizes_but_only_part_of_unsynced_data() {
         );
         // Synced data is intact whatever the seed.
         assert_content(&root.join("durable-moved"), &vec![b'A'; 10000]);
-        assert_content(&root.join("no-dir-sync"), &vec![b'B'; 100]);
-        assert_content(&root.join("newdir/inner"), &vec![b'D'; 10]);
+        assert_content(&root.join("no-dir-sync"), &[b'B'; 100]);
+        assert_content(&root.join("newdir/inner"), &[b'D'; 10]);
         // Unsynced data: the new size, each block new or zeros.
         let no_sync = fs::read(root.join("no-sync")).unwrap();
         assert_eq!(no_sync.len(), 9000);
