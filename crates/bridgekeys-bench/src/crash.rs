@@ -272,6 +272,10 @@ pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
 
         if let Some(model) = config.power_loss {
             let cut = disk.cut(model, &mut rng)?;
+            anyhow::ensure!(
+                cut.shim_started || (!ready && keys.is_empty()),
+                "cycle {cycle}: the child ran but the power-cut shim did not start in it"
+            );
             report.names_lost_to_cuts += cut.names_lost;
             report.blocks_lost_to_cuts += cut.blocks_lost;
             if startup_cut {

@@ -360,6 +360,10 @@ async fn main() -> anyhow::Result<()> {
                     r.power_cuts
                 );
                 println!(
+                    "  of which during start-up                {:>10}",
+                    r.startup_cuts
+                );
+                println!(
                     "  names / blocks the cuts took away       {:>10} / {}",
                     r.names_lost_to_cuts, r.blocks_lost_to_cuts
                 );

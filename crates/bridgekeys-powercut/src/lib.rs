@@ -105,6 +105,11 @@ pub struct CutReport {
     pub names_lost: usize,
     /// Blocks whose content after the cut differs from before it.
     pub blocks_lost: usize,
+    /// Whether the shim had started in the process (taken its image of the
+    /// tree). A process killed before that ran none of its own code, so the
+    /// tree is left as it was; a caller that saw the process do anything
+    /// should treat `false` as the shim not loading.
+    pub shim_started: bool,
 }
 
 /// A simulated disk: a directory tree whose durability is modelled.
@@ -185,13 +190,21 @@ impl Disk {
     /// torn model's choice of blocks).
     pub fn cut(&mut self, model: Model, rng: &mut impl Rng) -> Result<CutReport, PowercutError> {
         let shadow = self.shadow();
+        if !shadow.join("root").exists() {
+            // Killed before the shim's constructor finished: before the
+            // program's own code ran. Nothing changed.
+            return Ok(CutReport::default());
+        }
         let image = Image::read(&shadow)?;
         self.cuts += 1;
         let after = self.work.join(format!("after-cut-{}", self.cuts));
         if after.exists() {
             fs::remove_dir_all(&after).map_err(io_err("clear the rebuild directory"))?;
         }
-        let mut report = CutReport::default();
+        let mut report = CutReport {
+            shim_started: true,
+            ..CutReport::default()
+        };
         match model {
             Model::Strict => image.rebuild_strict(&image.root, &after, &mut report)?,
             Model::Torn => image.rebuild_torn(&self.root, &after, rng, &mut report)?,
