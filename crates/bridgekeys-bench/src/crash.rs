@@ -16,7 +16,7 @@
 use std::{
     collections::{HashMap, HashSet},
     io::{BufRead, BufReader, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, mpsc},
     time::{Duration, Instant},
@@ -161,12 +161,27 @@ fn take(
 /// Run the torture. Fails (with the reason) on the first broken promise.
 pub async fn run(config: &CrashConfig) -> anyhow::Result<CrashReport> {
     let seed = config.seed.unwrap_or_else(rand::random);
-    let mut rng = StdRng::seed_from_u64(seed);
     std::fs::create_dir_all(&config.dir)?;
     let base = tempfile::tempdir_in(&config.dir)?;
+    match cycles(config, seed, base.path()).await {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            // Keep the evidence: the tree as the failing open saw it, and
+            // the shim's image.
+            let kept = base.keep();
+            Err(e.context(format!(
+                "crash torture failed (seed {seed}; the store and the image are kept in {})",
+                kept.display()
+            )))
+        }
+    }
+}
+
+async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<CrashReport> {
+    let mut rng = StdRng::seed_from_u64(seed);
     // The store lives in `data/store`; under power loss `data` is the
     // simulated disk and `work` holds the shim's image of it.
-    let mut disk = Disk::new(base.path().join("data"), base.path().join("work"))?;
+    let mut disk = Disk::new(base.join("data"), base.join("work"))?;
     let data = disk.root().to_owned();
     let key = StoreKey::generate();
     // The first child creates the store, explicitly, as `init` does (under

@@ -218,6 +218,7 @@ impl SledStore {
         if !path.join("db").is_file() || !path.join("conf").is_file() {
             return Err(StoreError::Missing { path });
         }
+        remove_incomplete_snapshots(&path)?;
         let db = open_engine(&path, &config)?;
         let sealer = config.key.cipher();
         Self::check(&db, &sealer, &path)?;
@@ -531,6 +532,42 @@ fn sync_log(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
             path: path.join("db"),
             source,
         })
+}
+
+/// Remove the snapshot files sled was still writing when it stopped.
+///
+/// sled writes a snapshot to `snap.<lsn>.generating`, syncs it and renames
+/// it to `snap.<lsn>`; but when it opens it reads the newest `snap.*` file
+/// *including* an unfinished `.generating` one, and a cut or kill while that
+/// file was being written (empty, short, or zeros where the size reached the
+/// disk before the data) makes the whole store unreadable ("Read corrupted
+/// data"). Such a file holds nothing the log does not: the previous snapshot
+/// is only removed after the rename, and sled rebuilds from the log without
+/// one. So it is removed (durably) before sled opens.
+fn remove_incomplete_snapshots(path: &Path) -> Result<(), StoreError> {
+    let io = |what: &'static str, p: &Path| {
+        let p = p.to_owned();
+        move |source| StoreError::Io {
+            what,
+            path: p,
+            source,
+        }
+    };
+    let mut removed = false;
+    for entry in std::fs::read_dir(path).map_err(io("listing", path))? {
+        let entry = entry.map_err(io("listing", path))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path()).map_err(io("removing", &entry.path()))?;
+            tracing::info!(file = %entry.path().display(), "removed an unfinished snapshot left by a crash");
+            removed = true;
+        }
+    }
+    if removed {
+        durable::sync_dir(path).map_err(io("syncing", path))?;
+    }
+    Ok(())
 }
 
 /// Open sled at `path` with the store's settings, naming the path in errors.
