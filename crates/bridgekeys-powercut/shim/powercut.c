@@ -449,11 +449,16 @@ __attribute__((constructor)) static void powercut_init(void) {
     if (stat(root, &st) != 0) die("stat root");
     char id[64];
     obj_id(obj_for_ino((uint64_t)st.st_ino), id, sizeof id);
-    snprintf(sub, sizeof sub, "%s/root", shadow);
+    /* Written aside and renamed: a kill in the middle of start-up leaves
+     * either no `root` (the program's code never ran) or a whole one. */
+    snprintf(sub, sizeof sub, "%s/root.tmp", shadow);
     int f = real_open64(sub, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (f < 0) die(sub);
     write_all(f, id, strlen(id), 0);
     real_close(f);
+    char root_file[PATH_MAX];
+    snprintf(root_file, sizeof root_file, "%s/root", shadow);
+    if (real_rename(sub, root_file) != 0) die("rename root");
     enabled = 1;
 }
 
