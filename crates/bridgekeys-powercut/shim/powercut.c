@@ -405,7 +405,26 @@ __attribute__((constructor)) static void powercut_init(void) {
     }
     if (owner != 0 && owner != (long)getpid()) return;
     if (owner == (long)getpid()) {
-        /* After an exec: reload the generations the image already uses. */
+        /* After an exec: the memory of the process before it is gone, but
+         * the image names every object it knows ("<inode>.<generation>" in
+         * f/ and d/, the current generation in g/). Reload them, so that an
+         * unlink still retires a known inode. */
+        const char *kinds[] = {"f", "d"};
+        for (int k = 0; k < 2; k++) {
+            char kdir[PATH_MAX];
+            snprintf(kdir, sizeof kdir, "%s/%s", shadow, kinds[k]);
+            DIR *d = opendir(kdir);
+            if (!d) continue;
+            struct dirent *e;
+            while ((e = readdir(d)) != NULL) {
+                unsigned long long ino;
+                unsigned gen;
+                if (sscanf(e->d_name, "%llu.%u", &ino, &gen) != 2) continue;
+                int o = obj_for_ino((uint64_t)ino);
+                if (gen > objs[o].gen) objs[o].gen = gen;
+            }
+            closedir(d);
+        }
         char gdir[PATH_MAX];
         snprintf(gdir, sizeof gdir, "%s/g", shadow);
         DIR *d = opendir(gdir);
