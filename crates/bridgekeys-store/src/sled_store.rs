@@ -128,14 +128,6 @@ impl SledStore {
     /// and set it with [`SledStoreConfig::expect_id`] on every later open.
     pub fn create(config: SledStoreConfig) -> Result<Self, StoreError> {
         let path = config.path.clone();
-        let io = |what: &'static str, p: &Path| {
-            let p = p.to_owned();
-            move |source| StoreError::Io {
-                what,
-                path: p,
-                source,
-            }
-        };
         match std::fs::read_dir(&path) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -143,13 +135,7 @@ impl SledStore {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(StoreError::Io {
-                    what: "looking at",
-                    path,
-                    source,
-                });
-            }
+            Err(source) => return Err(io("looking at", &path)(source)),
         }
         let name = path.file_name().ok_or_else(|| StoreError::Io {
             what: "a store path must name a directory",
@@ -226,22 +212,15 @@ impl SledStore {
         let mut key_ids = Self::load_key_ids(&db)?;
         let watermark =
             Self::check_watermark(&db, &path, id, &mut key_ids, config.accept_restored)?;
-        let io = |what: &'static str, p: PathBuf| {
-            move |source| StoreError::Io {
-                what,
-                path: p,
-                source,
-            }
-        };
         // sled's `flush` writes its log with `sync_file_range`, which neither
         // flushes the drive's cache nor the file's size: survives a killed
         // process, not a power cut. An `fdatasync` of the log file after it
         // makes the flush a real durability barrier.
-        let log = std::fs::File::open(path.join("db")).map_err(io("opening", path.join("db")))?;
+        let log = std::fs::File::open(path.join("db")).map_err(io("opening", &path.join("db")))?;
         // sled creates, renames and removes snapshot files in the store
         // directory and never syncs it: the commit syncs it whenever its
         // entries changed since the last sync.
-        let dir_watch = DirWatch::new(&path).map_err(io("syncing", path.clone()))?;
+        let dir_watch = DirWatch::new(&path).map_err(io("syncing", &path))?;
         let flush_db = db.clone();
         let applied_mark = Arc::new(AtomicU64::new(key_ids.reserved));
         let flush_mark = applied_mark.clone();
@@ -388,13 +367,7 @@ impl SledStore {
             // Another store's (this path held another store before): ours
             // replaces it below.
             Ok(_) => None,
-            Err(source) => {
-                return Err(StoreError::Io {
-                    what: "reading the key-id watermark",
-                    path: file,
-                    source,
-                });
-            }
+            Err(source) => return Err(io("reading the key-id watermark", &file)(source)),
         };
         if let Some(recorded) = recorded.filter(|r| *r > key_ids.reserved) {
             if !accept_restored {
@@ -427,13 +400,8 @@ impl SledStore {
         // power cut.
         if recorded != Some(key_ids.reserved) {
             sync_log(db, path)?;
-            watermark::write(&writer.file, id, key_ids.reserved).map_err(|source| {
-                StoreError::Io {
-                    what: "writing the key-id watermark",
-                    path: writer.file.clone(),
-                    source,
-                }
-            })?;
+            watermark::write(&writer.file, id, key_ids.reserved)
+                .map_err(io("writing the key-id watermark", &writer.file))?;
             writer.written.store(key_ids.reserved, Ordering::Release);
         }
         Ok(writer)
@@ -527,11 +495,13 @@ fn sync_log(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     db.flush()?;
     std::fs::File::open(path.join("db"))
         .and_then(|f| f.sync_data())
-        .map_err(|source| StoreError::Io {
-            what: "syncing",
-            path: path.join("db"),
-            source,
-        })
+        .map_err(io("syncing", &path.join("db")))
+}
+
+/// A file-system error of the store, naming what it was doing and where.
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Io { what, path, source }
 }
 
 /// Remove the snapshot files sled was still writing when it stopped.
@@ -545,14 +515,6 @@ fn sync_log(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
 /// is only removed after the rename, and sled rebuilds from the log without
 /// one. So it is removed (durably) before sled opens.
 fn remove_incomplete_snapshots(path: &Path) -> Result<(), StoreError> {
-    let io = |what: &'static str, p: &Path| {
-        let p = p.to_owned();
-        move |source| StoreError::Io {
-            what,
-            path: p,
-            source,
-        }
-    };
     let mut removed = false;
     for entry in std::fs::read_dir(path).map_err(io("listing", path))? {
         let entry = entry.map_err(io("listing", path))?;
