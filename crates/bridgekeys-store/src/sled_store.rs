@@ -195,7 +195,9 @@ impl SledStore {
     /// [`StoreError::WrongKey`] if it was created with another key,
     /// [`StoreError::UnsupportedSchema`] if a newer build wrote it and
     /// [`StoreError::Unreadable`] if its files cannot be read. None of these
-    /// failures changes anything on disk.
+    /// failures changes a record. (Opening may still tidy files no record
+    /// depends on: sled's recovery, and the removal of a snapshot file sled
+    /// never finished writing.)
     ///
     /// A store created before store ids existed gets one at its first open.
     pub fn open(config: SledStoreConfig) -> Result<Self, StoreError> {
@@ -218,8 +220,9 @@ impl SledStore {
         // makes the flush a real durability barrier.
         let log = std::fs::File::open(path.join("db")).map_err(io("opening", &path.join("db")))?;
         // sled creates, renames and removes snapshot files in the store
-        // directory and never syncs it: the commit syncs it whenever its
-        // entries changed since the last sync.
+        // directory and writes large values to files in `blobs/`, and syncs
+        // neither directory: the commit syncs them (and their new files)
+        // whenever their entries changed since the last sync.
         let dir_watch = DirWatch::new(&path).map_err(io("syncing", &path))?;
         let flush_db = db.clone();
         let applied_mark = Arc::new(AtomicU64::new(key_ids.reserved));
