@@ -2,19 +2,26 @@
 #![allow(clippy::unwrap_used)]
 
 use bridgekeys_bench::crash::{CrashConfig, run};
+use bridgekeys_powercut::Model;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_no_key_and_reuses_no_key_id() {
-    let data = tempfile::tempdir().unwrap();
-    let config = CrashConfig {
+/// The short CI run: 20 kills, 4 devices, up to 60 keys before each kill,
+/// the store under `data`.
+fn short_run(data: &tempfile::TempDir, power_loss: Option<Model>) -> CrashConfig {
+    CrashConfig {
         cycles: 20,
         devices: 4,
         max_keys_before_kill: 60,
         exe: env!("CARGO_BIN_EXE_bridgekeys-bench").into(),
         dir: data.path().to_owned(),
         seed: None,
-        power_loss: None,
-    };
+        power_loss,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_no_key_and_reuses_no_key_id() {
+    let data = tempfile::tempdir().unwrap();
+    let config = short_run(&data, None);
     let report = run(&config)
         .await
         .unwrap_or_else(|e| panic!("crash torture failed: {e:#}"));
@@ -36,17 +43,9 @@ async fn sigkill_at_random_moments_loses_no_key_and_reuses_no_key_id() {
 
 /// Every kill is also a power cut under `model`; the store must open after
 /// each one and keep both promises.
-async fn power_cuts(model: bridgekeys_powercut::Model) {
+async fn power_cuts(model: Model) {
     let data = tempfile::tempdir().unwrap();
-    let config = CrashConfig {
-        cycles: 20,
-        devices: 4,
-        max_keys_before_kill: 60,
-        exe: env!("CARGO_BIN_EXE_bridgekeys-bench").into(),
-        dir: data.path().to_owned(),
-        seed: None,
-        power_loss: Some(model),
-    };
+    let config = short_run(&data, Some(model));
     let report = run(&config)
         .await
         .unwrap_or_else(|e| panic!("power-loss torture ({model:?}) failed: {e:#}"));
@@ -68,10 +67,10 @@ async fn power_cuts(model: bridgekeys_powercut::Model) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_under_claim_load_lose_no_acknowledged_key_strict_posix_model() {
-    power_cuts(bridgekeys_powercut::Model::Strict).await;
+    power_cuts(Model::Strict).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_under_claim_load_lose_no_acknowledged_key_torn_write_model() {
-    power_cuts(bridgekeys_powercut::Model::Torn).await;
+    power_cuts(Model::Torn).await;
 }

@@ -754,21 +754,17 @@ static void record(struct capture *c, int ok) {
     errno = saved;
 }
 
-int fsync(int fd) {
+/* A real sync of `fd` between its capture and its recording. */
+static int modelled_sync(int fd, int (*call)(int)) {
     struct capture c;
     int have = capture(fd, &c);
-    int r = real_fsync(fd);
+    int r = call(fd);
     if (have) record(&c, r == 0);
     return r;
 }
 
-int fdatasync(int fd) {
-    struct capture c;
-    int have = capture(fd, &c);
-    int r = real_fdatasync(fd);
-    if (have) record(&c, r == 0);
-    return r;
-}
+int fsync(int fd) { return modelled_sync(fd, real_fsync); }
+int fdatasync(int fd) { return modelled_sync(fd, real_fdatasync); }
 
 int close(int fd) {
     if (enabled && fd >= 0 && fd < MAX_FD) fd_obj[fd] = 0;
