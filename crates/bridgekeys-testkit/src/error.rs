@@ -11,11 +11,12 @@ pub enum TestkitError {
         /// What failed.
         detail: String,
     },
-    /// Creating the venv or installing Synapse into it failed.
-    #[error("could not install matrix-synapse=={version} into {venv}: {detail}")]
+    /// Creating a venv or installing packages (Synapse, or the Olm peer's
+    /// matrix-nio) into it failed.
+    #[error("could not install {packages} into {venv}: {detail}")]
     Install {
-        /// The Synapse version asked for.
-        version: String,
+        /// The pinned requirements pip was asked for.
+        packages: String,
         /// The venv directory.
         venv: PathBuf,
         /// pip's (or venv's) complaint.
@@ -38,6 +39,20 @@ pub enum TestkitError {
         what: String,
         /// Status and body, or the transport error.
         detail: String,
+    },
+    /// The Olm peer (matrix-nio in a Python process) failed a command: it
+    /// answered an error, did not answer in time, or exited.
+    #[error("olm peer: {command} failed: {error}\n--- last lines of its log ({log}) ---\n{tail}")]
+    Peer {
+        /// The command (`start`, `login`, `send_olm`, `wait_to_device`, `quit`).
+        command: String,
+        /// The peer's error (e.g. `undecryptable: ...`) or what went wrong
+        /// talking to it.
+        error: String,
+        /// The peer's log file (its stderr: our script's and nio's logging).
+        log: PathBuf,
+        /// The end of that log.
+        tail: String,
     },
     /// A file could not be read or written.
     #[error("{what}: {source}")]

@@ -21,11 +21,38 @@
 //! its own temporary data directory, SQLite database and free loopback
 //! port, and is stopped when dropped; if the test is panicking at that
 //! moment, the end of Synapse's log is printed to help find out why.
+//!
+//! For Olm interop tests, an [`OlmPeer`] is a real Matrix client we did not
+//! write: matrix-nio ([`MATRIX_NIO_VERSION`]) on python-olm, i.e. libolm
+//! ([`PYTHON_OLM_VERSION`]), in its own cached venv
+//! ([`default_olm_peer_venv_dir`]), doing all of its Olm itself:
+//!
+//! ```no_run
+//! # fn bridge_sends_a_room_key_to(_: &str, _: &str) {}
+//! # async fn demo(synapse: &bridgekeys_testkit::Synapse) -> Result<(), bridgekeys_testkit::TestkitError> {
+//! use std::time::Duration;
+//! use bridgekeys_testkit::{OlmPeer, PeerLogin};
+//!
+//! synapse.register_user("carol", "pw").await?;
+//! let mut carol = OlmPeer::start().await?;
+//! let device = carol
+//!     .login(&PeerLogin::new(synapse.url(), "@carol:localhost", "pw"))
+//!     .await?;
+//! bridge_sends_a_room_key_to(&device.user_id, &device.device_id);
+//! let got = carol
+//!     .wait_to_device("m.room_key", Duration::from_secs(30))
+//!     .await?
+//!     .expect("the bridge's room key arrives");
+//! assert_eq!(got.sender_key, "the bridge device's curve25519 key");
+//! carol.quit().await?;
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
 
 mod config;
 mod error;
 mod http;
+mod peer;
 mod venv;
 
 use std::{
@@ -36,8 +63,14 @@ use std::{
 
 pub use error::TestkitError;
 pub use hyper::{Method, StatusCode};
+pub use peer::{
+    OlmPeer, PeerDevice, PeerDeviceKeys, PeerLogin, PeerVersions, ReceivedOlm, SentOlm,
+};
 use serde_json::{Value, json};
-pub use venv::{SYNAPSE_VERSION, default_venv_dir, ensure_synapse, ensure_synapse_with};
+pub use venv::{
+    MATRIX_NIO_VERSION, PYTHON_OLM_VERSION, SYNAPSE_VERSION, default_olm_peer_venv_dir,
+    default_venv_dir, ensure_olm_peer, ensure_olm_peer_with, ensure_synapse, ensure_synapse_with,
+};
 
 /// How to start a test homeserver.
 #[derive(Clone, Debug)]
@@ -94,7 +127,7 @@ fn free_port() -> Result<u16, TestkitError> {
     Ok(port)
 }
 
-fn log_tail(log: &Path, lines: usize) -> String {
+pub(crate) fn log_tail(log: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
