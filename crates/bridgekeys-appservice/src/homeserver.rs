@@ -1,5 +1,7 @@
-//! The bridge's client towards its homeserver: the three client-server
-//! calls that give a puppet a device the homeserver knows, with keys.
+//! The bridge's client towards its homeserver: the client-server calls
+//! that give a puppet a device the homeserver knows, with keys, and the
+//! ones a puppet device needs to talk Olm (query devices, claim their keys,
+//! send to-device messages).
 //!
 //! Every request carries the `as_token` (Bearer) and asserts the puppet's
 //! identity with the `user_id` (and for key uploads `device_id`) query
@@ -11,6 +13,9 @@
 //! | register | `POST /_matrix/client/v3/register` `{"type": "m.login.application_service", "username", "inhibit_login"}` |
 //! | device (MSC4190) | `PUT /_matrix/client/v3/devices/{deviceId}?user_id=<puppet>` |
 //! | keys | `POST /_matrix/client/v3/keys/upload?user_id=<puppet>&device_id=<device>` `{"device_keys", "fallback_keys"}` |
+//! | query | `POST /_matrix/client/v3/keys/query?user_id=<puppet>&device_id=<device>` `{"device_keys": {user: []}}` |
+//! | claim | `POST /_matrix/client/v3/keys/claim?user_id=<puppet>&device_id=<device>` `{"one_time_keys": {user: {device: "signed_curve25519"}}}` |
+//! | to-device | `PUT /_matrix/client/v3/sendToDevice/{type}/{txnId}?user_id=<puppet>&device_id=<device>` `{"messages": {user: {device: content}}}` |
 //!
 //! Plain `http://` only (an appservice usually reaches its homeserver on a
 //! local or private address); HTTP/1.1, one connection per request, which is
@@ -24,7 +29,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use ruma::{
-    DeviceId, OneTimeKeyAlgorithm, UInt, UserId,
+    DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedOneTimeKeyId, OwnedTransactionId,
+    OwnedUserId, UInt, UserId,
     api::{
         IncomingResponseExt, MatrixVersion, OutgoingRequest, OutgoingRequestAppserviceExt,
         SupportedVersions,
@@ -32,20 +38,33 @@ use ruma::{
         client::{
             account::register,
             device::update_device,
-            keys::upload_keys,
+            keys::{claim_keys, get_keys, upload_keys},
             session::login,
+            to_device::send_event_to_device,
             uiaa::{MatrixUserIdentifier, UserIdentifier},
         },
     },
     encryption::{DeviceKeys, OneTimeKey},
+    events::{AnyToDeviceEventContent, ToDeviceEventType},
     serde::Raw,
+    to_device::DeviceIdOrAllDevices,
 };
 use serde::Deserialize;
 use zeroize::{Zeroize, Zeroizing};
 
 /// Largest homeserver answer read (register, device, keys/upload answers
-/// are a few hundred bytes).
-const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// are a few hundred bytes; a keys/query for a batch of users with many
+/// devices can be a few hundred kilobytes).
+const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Device keys per user per device, as `keys/query` returns them.
+pub type QueriedDevices =
+    BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Raw<ruma::encryption::DeviceKeys>>>;
+
+/// Claimed one-time keys per user per device, as `keys/claim` returns them
+/// (at most one per device: we ask for one).
+pub type ClaimedKeys =
+    BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>>>;
 
 /// Why a homeserver call failed.
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +292,81 @@ impl HomeserverClient {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// `keys/query` as a puppet device: the device keys of `users` (all
+    /// their devices). Users the homeserver could not answer for are
+    /// simply absent (their servers are listed in its `failures`).
+    pub async fn query_keys(
+        &self,
+        as_user: &UserId,
+        as_device: &DeviceId,
+        users: impl IntoIterator<Item = OwnedUserId>,
+    ) -> Result<QueriedDevices, HomeserverError> {
+        let mut request = get_keys::v3::Request::new();
+        request.device_keys = users.into_iter().map(|u| (u, Vec::new())).collect();
+        request.timeout = Some(Duration::from_secs(10));
+        let response = self.call(request, Some(as_user), Some(as_device)).await?;
+        if !response.failures.is_empty() {
+            tracing::debug!(failures = ?response.failures.keys().collect::<Vec<_>>(), "keys/query could not reach some servers");
+        }
+        Ok(response.device_keys)
+    }
+
+    /// `keys/claim` as a puppet device: one `signed_curve25519` one-time
+    /// key of each listed device. Devices without a key to hand out are
+    /// absent from the answer.
+    pub async fn claim_keys(
+        &self,
+        as_user: &UserId,
+        as_device: &DeviceId,
+        devices: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>,
+    ) -> Result<ClaimedKeys, HomeserverError> {
+        let one_time_keys = devices
+            .into_iter()
+            .map(|(user, devices)| {
+                let wanted = devices
+                    .into_iter()
+                    .map(|d| (d, OneTimeKeyAlgorithm::SignedCurve25519))
+                    .collect();
+                (user, wanted)
+            })
+            .collect();
+        let mut request = claim_keys::v3::Request::new(one_time_keys);
+        request.timeout = Some(Duration::from_secs(10));
+        let response = self.call(request, Some(as_user), Some(as_device)).await?;
+        Ok(response.one_time_keys)
+    }
+
+    /// `sendToDevice` as a puppet device. `txn_id` makes a retry
+    /// idempotent: the homeserver delivers each (device, txn id) once.
+    pub async fn send_to_device(
+        &self,
+        as_user: &UserId,
+        as_device: &DeviceId,
+        event_type: &str,
+        txn_id: &str,
+        messages: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, serde_json::Value>>,
+    ) -> Result<(), HomeserverError> {
+        let mut wire: send_event_to_device::v3::Messages = BTreeMap::new();
+        for (user, devices) in messages {
+            let mut per_device = BTreeMap::new();
+            for (device, content) in devices {
+                let raw: Raw<AnyToDeviceEventContent> = Raw::new(&content)
+                    .map_err(|e| HomeserverError::Protocol(format!("to-device content: {e}")))?
+                    .cast_unchecked();
+                per_device.insert(DeviceIdOrAllDevices::DeviceId(device), raw);
+            }
+            wire.insert(user, per_device);
+        }
+        let request = send_event_to_device::v3::Request::new_raw(
+            ToDeviceEventType::from(event_type),
+            OwnedTransactionId::from(txn_id),
+            wire,
+        );
+        self.call(request, Some(as_user), Some(as_device))
+            .await
+            .map(|_| ())
     }
 
     /// Send one request as the appservice, asserting `user_id`/`device_id`.

@@ -9,8 +9,12 @@
 //!   devices the bridge provisioned, in its exclusive namespace, durably
 //!   stored before the answer ([`claim`]).
 //! * **Transactions** ([`transactions`]): events, ephemeral events,
-//!   to-device messages (Olm pre-key messages to puppets decrypted first) and
-//!   MSC3202 device data, processed once, with the id recorded durably.
+//!   to-device messages (Olm messages to puppets decrypted and their
+//!   payloads verified first) and MSC3202 device data, processed once, with
+//!   the id recorded durably.
+//! * **Olm for puppets** ([`olm`]): device tracking (`keys/query` as the
+//!   puppet, verified, durable, invalidated by `device_lists`) and
+//!   outbound to-device encryption ([`PuppetOlm::encrypt_to_device`]).
 //! * **Ping and queries** ([`paths::PING`], [`paths::USER`], [`paths::ROOM`]).
 //! * **Auth** on every Matrix route (Bearer or `access_token`, constant-time),
 //!   a body size limit, a request timeout, Matrix JSON errors, and
@@ -55,6 +59,7 @@ mod health;
 pub mod homeserver;
 mod metrics;
 mod namespace;
+pub mod olm;
 mod ping;
 pub mod provision;
 mod registration;
@@ -69,6 +74,7 @@ pub use error::{AppserviceError, MatrixError};
 pub use handler::{BridgeHandler, HandlerError, UserDecision};
 pub use homeserver::{AsToken, HomeserverClient, HomeserverError};
 pub use namespace::UserNamespace;
+pub use olm::{DeviceFailure, Devices, PuppetOlm, PuppetOlmError, SendReport};
 pub use provision::{
     Clock, ManualClock, ProvisionConfig, ProvisionError, ProvisionStats, Provisioner, RotationTask,
     SystemClock,

@@ -23,6 +23,11 @@ pub(crate) struct Metrics {
     pub duplicates: IntCounter,
     pub in_flight_duplicates: IntCounter,
     pub prekeys_decrypted: IntCounter,
+    pub olm_decrypted: IntCounter,
+    pub olm_payloads_refused: IntCounter,
+    pub olm_undecryptable: IntCounter,
+    sessions_evicted: Mirrored,
+    devices_refused: Mirrored,
     pub errors: IntCounterVec,
     pub claim_seconds: Histogram,
     fallback_rotations: Mirrored,
@@ -112,7 +117,32 @@ impl Metrics {
             prekeys_decrypted: counter(
                 &registry,
                 "prekey_messages_decrypted_total",
-                "Olm pre-key to-device messages decrypted for puppet devices.",
+                "Olm pre-key to-device messages that started a session of a puppet device.",
+            )?,
+            olm_decrypted: counter(
+                &registry,
+                "olm_messages_decrypted_total",
+                "Olm to-device messages (both types) decrypted and verified for puppet devices.",
+            )?,
+            olm_payloads_refused: counter(
+                &registry,
+                "olm_payloads_refused_total",
+                "Olm messages that decrypted but whose payload failed its checks (wrong recipient, sender or keys); never handed to the bridge.",
+            )?,
+            olm_undecryptable: counter(
+                &registry,
+                "olm_messages_undecryptable_total",
+                "Olm messages to puppet devices that could not be decrypted (no session, replay, unknown key, malformed).",
+            )?,
+            sessions_evicted: Mirrored::new(
+                &registry,
+                "olm_sessions_evicted_total",
+                "Olm sessions removed past the per-peer bound.",
+            )?,
+            devices_refused: Mirrored::new(
+                &registry,
+                "tracked_devices_refused_total",
+                "Queried devices refused (bad self-signature, keys changed under the same id).",
             )?,
             errors,
             claim_seconds,
@@ -162,6 +192,8 @@ impl Metrics {
     ) {
         self.fallback_rotations.observe(manager.fallback_rotations);
         self.fallback_forgets.observe(manager.fallback_forgets);
+        self.sessions_evicted.observe(manager.sessions_evicted);
+        self.devices_refused.observe(manager.devices_refused);
         if let Some(p) = provision {
             self.fallback_uploads.observe(p.uploads);
             self.fallback_upload_retries.observe(p.upload_retries);

@@ -203,6 +203,9 @@ pub struct ProvisionStats {
     pub rotation_passes: u64,
     /// Devices whose rotation step failed in a pass (retried next pass).
     pub rotation_failures: u64,
+    /// Devices rotated at once because a pre-key message used their
+    /// fallback key ([`Provisioner::fallback_key_used`]).
+    pub urgent_rotations: u64,
 }
 
 #[derive(Default)]
@@ -212,6 +215,7 @@ struct Counters {
     upload_retries: AtomicU64,
     rotation_passes: AtomicU64,
     rotation_failures: AtomicU64,
+    urgent_rotations: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -291,6 +295,7 @@ impl Provisioner {
             upload_retries: get(&self.counters.upload_retries),
             rotation_passes: get(&self.counters.rotation_passes),
             rotation_failures: get(&self.counters.rotation_failures),
+            urgent_rotations: get(&self.counters.urgent_rotations),
         }
     }
 
@@ -481,6 +486,32 @@ impl Provisioner {
             self.wake.notify_one();
         }
         Ok(marked)
+    }
+
+    /// A pre-key message was found to have started a session on this
+    /// device's fallback key (the account manager marked it used in the same
+    /// write): rotate that device now, in the background, instead of at the
+    /// next pass. Until the new key is uploaded, a homeserver that does not
+    /// proxy claims hands every claimer the same used key.
+    ///
+    /// The rotation runs on its own task so the transaction that carried
+    /// the message is not held up by an upload; a failure is logged and the
+    /// periodic pass retries.
+    pub fn fallback_key_used(self: &Arc<Self>, user_id: &UserId, device_id: &DeviceId) {
+        let this = Arc::clone(self);
+        let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
+        bump(&self.counters.urgent_rotations);
+        tokio::spawn(async move {
+            match this.rotate_device(&user_id, &device_id).await {
+                Ok(()) => {
+                    tracing::info!(%user_id, %device_id, "rotated a fallback key used by a pre-key message");
+                }
+                Err(e) => {
+                    tracing::warn!(%user_id, %device_id, error = %e, "could not rotate a used fallback key now; the next pass retries");
+                    this.wake.notify_one();
+                }
+            }
+        });
     }
 
     /// Start the background rotation task: a pass now, then every

@@ -42,6 +42,8 @@ pub(crate) struct Inner<H> {
     pub provisioner: OnceLock<Arc<Provisioner>>,
     /// Set by [`Appservice::with_fallback_in_claims`].
     pub fallback_in_claims: AtomicBool,
+    /// Set by [`Appservice::with_olm`].
+    pub olm: OnceLock<Arc<crate::PuppetOlm>>,
 }
 
 /// The appservice listener of a bridge.
@@ -162,6 +164,7 @@ impl<H: BridgeHandler> Appservice<H> {
                 draining: AtomicBool::new(false),
                 provisioner: OnceLock::new(),
                 fallback_in_claims: AtomicBool::new(false),
+                olm: OnceLock::new(),
             }),
         })
     }
@@ -175,6 +178,18 @@ impl<H: BridgeHandler> Appservice<H> {
     pub fn with_provisioner(self, provisioner: Arc<Provisioner>) -> Self {
         if self.inner.provisioner.set(provisioner).is_err() {
             tracing::warn!("a provisioner was already set; keeping the first");
+        }
+        self
+    }
+
+    /// Track devices through `olm`: each transaction's `device_lists`
+    /// (stable and MSC3202 names) marks changed users outdated, so their
+    /// devices are queried again before a puppet next encrypts to them,
+    /// and forgets users that left. Set once; a second call is ignored
+    /// (with a warning).
+    pub fn with_olm(self, olm: Arc<crate::PuppetOlm>) -> Self {
+        if self.inner.olm.set(olm).is_err() {
+            tracing::warn!("a PuppetOlm was already set; keeping the first");
         }
         self
     }

@@ -14,7 +14,7 @@
 //!   ],
 //!   "org.matrix.msc3202.device_one_time_keys_count": {"@p:hs": {"DEV": {"signed_curve25519": 0}}},
 //!   "org.matrix.msc3202.device_unused_fallback_key_types": {"@p:hs": {"DEV": []}},
-//!   "org.matrix.msc3202.device_lists": {"changed": ["@alice:hs"], "left": []}
+//!   "org.matrix.msc3202.device_lists": {"changed": ["@alice:hs"], "left": []}  // or device_lists
 //! }
 //! ```
 //!
@@ -24,16 +24,20 @@
 //!    for it (counted as an in-flight duplicate).
 //! 3. The durable log ([`TransactionLog`]) is asked: a completed id gets 200
 //!    without processing.
-//! 4. Olm pre-key messages (`m.room.encrypted`, `type: 0`) addressed to a
-//!    puppet device's curve25519 key are decrypted by the account manager,
-//!    which consumes the one-time key durably. Messages that cannot be
-//!    decrypted are handed over as received, with the reason; a store
-//!    failure fails the transaction.
+//! 4. Olm messages (`m.room.encrypted`, either type) addressed to a puppet
+//!    device's curve25519 key are decrypted by the account manager, which
+//!    verifies the payload (recipient, recipient keys, sender, sender keys)
+//!    and makes the session's ratchet step (and a consumed one-time key)
+//!    durable first. A message whose payload fails its checks is dropped:
+//!    counted, logged without plaintext, never handed to the bridge.
+//!    Messages that cannot be decrypted are handed over as received, with
+//!    the reason; a store failure fails the transaction.
 //! 5. The bridge's [`BridgeHandler::transaction`] runs; an error answers 500
 //!    so the homeserver retries. A transaction holding decrypted messages is
 //!    kept in memory until step 6 is done, and its retry reuses it: the
-//!    one-time keys are consumed, so the messages could not be decrypted
-//!    twice.
+//!    one-time keys and message keys are spent, so the messages could not
+//!    be decrypted twice (after a crash the sealed delivery records give
+//!    the same plaintexts back).
 //! 6. The id is recorded and the record flushed; only then 200.
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -42,8 +46,8 @@ use axum::{
     Json,
     extract::{Path, State},
 };
-use bridgekeys_olm::vodozemac::{Curve25519PublicKey, olm::PreKeyMessage};
-use bridgekeys_olm::{InboundMessage, OlmError};
+use bridgekeys_olm::vodozemac::{Curve25519PublicKey, olm::OlmMessage};
+use bridgekeys_olm::{DecryptedOlm, OLM_ALGORITHM, OlmError};
 use bridgekeys_store::TransactionLog;
 use ruma::{OwnedDeviceId, OwnedUserId};
 use serde::Deserialize;
@@ -106,33 +110,39 @@ pub(crate) struct TransactionBody {
         deserialize_with = "crate::body::optional_object"
     )]
     device_lists: Option<DeviceLists>,
+    #[serde(
+        default,
+        rename = "device_lists",
+        deserialize_with = "crate::body::optional_object"
+    )]
+    device_lists_stable: Option<DeviceLists>,
 }
 
 /// A to-device message handed to the bridge.
 #[derive(Debug)]
 pub enum ToDevice {
-    /// An Olm pre-key message to a puppet device, decrypted: its one-time
-    /// key is consumed and the new session stored, durably. Boxed: an Olm
-    /// session is a few kilobytes.
+    /// An Olm message to a puppet device, decrypted and its payload
+    /// verified; the session's new state is stored durably.
     Decrypted(Box<DecryptedToDevice>),
     /// Any other message, as received.
     Other(RawToDevice),
 }
 
-/// A pre-key message the account manager decrypted.
+/// An Olm message the account manager decrypted and verified.
 #[derive(Debug)]
 pub struct DecryptedToDevice {
     /// The puppet it was addressed to.
     pub to_user_id: OwnedUserId,
     /// The puppet's device.
     pub to_device_id: OwnedDeviceId,
-    /// The sending user, as the homeserver states it.
-    pub sender: String,
+    /// The sending user, as the homeserver states it (and the payload
+    /// confirmed).
+    pub sender: OwnedUserId,
     /// The sender's curve25519 identity key (from the message content).
     pub sender_key: Curve25519PublicKey,
-    /// The session and the plaintext (an `m.room.encrypted` payload's JSON).
-    /// Never log the plaintext.
-    pub inbound: InboundMessage,
+    /// The verified payload (`olm.payload`: inner type and content), the
+    /// session, and the whole plaintext. Never log the plaintext.
+    pub olm: DecryptedOlm,
 }
 
 /// A to-device message passed through untouched.
@@ -147,8 +157,9 @@ pub struct RawToDevice {
     pub sender: String,
     /// The content, as received.
     pub content: Box<RawValue>,
-    /// Set when this was a pre-key message to a puppet device that could not
-    /// be decrypted (replayed, unknown one-time key, tampered): why.
+    /// Set when this was an Olm message to a puppet device that could not
+    /// be decrypted (no session, replayed, unknown one-time key, tampered):
+    /// why.
     pub undecryptable: Option<String>,
 }
 
@@ -173,8 +184,9 @@ pub struct Transaction {
     pub events: Vec<Box<RawValue>>,
     /// Ephemeral events (stable and MSC2409 names merged).
     pub ephemeral: Vec<Box<RawValue>>,
-    /// To-device messages (stable and MSC2409 names merged), pre-key
-    /// messages to puppets decrypted.
+    /// To-device messages (stable and MSC2409 names merged), Olm messages
+    /// to puppets decrypted and verified (those that failed verification
+    /// are left out).
     pub to_device: Vec<ToDevice>,
     /// MSC3202 one-time key counts of the bridge's devices.
     pub device_one_time_keys_count: OneTimeKeyCounts,
@@ -199,15 +211,35 @@ struct OlmCiphertext {
     body: String,
 }
 
-const OLM_ALGORITHM: &str = "m.olm.v1.curve25519-aes-sha2";
-
-/// Decrypt `msg` if it is a pre-key message to a puppet device. `Err` only
-/// for store failures (the transaction then fails and is retried).
+/// Decrypt `msg` if it is an Olm message to a puppet device. `Ok(None)`:
+/// its payload failed verification, drop it. `Err` only for store failures
+/// (the transaction then fails and is retried).
 async fn open_to_device<H: BridgeHandler>(
     inner: &Inner<H>,
     msg: ToDeviceWire,
     delivery: &str,
-) -> Result<ToDevice, MatrixError> {
+) -> Result<Option<ToDevice>, MatrixError> {
+    let (user, device, sender) = (
+        msg.to_user_id.clone(),
+        msg.to_device_id.clone(),
+        msg.sender.clone(),
+    );
+    match decrypt_to_device(inner, msg, delivery).await? {
+        Ok(opened) => Ok(Some(opened)),
+        Err(e) => {
+            inner.metrics.olm_payloads_refused.inc();
+            tracing::warn!(to_user_id = %user, to_device_id = %device, %sender, error = %e, "dropped an Olm message whose payload failed verification");
+            Ok(None)
+        }
+    }
+}
+
+/// [`open_to_device`]'s work; the inner `Err` is a refused payload.
+async fn decrypt_to_device<H: BridgeHandler>(
+    inner: &Inner<H>,
+    msg: ToDeviceWire,
+    delivery: &str,
+) -> Result<Result<ToDevice, OlmError>, MatrixError> {
     let other = |msg: ToDeviceWire, undecryptable: Option<String>| {
         ToDevice::Other(RawToDevice {
             to_user_id: msg.to_user_id,
@@ -219,20 +251,20 @@ async fn open_to_device<H: BridgeHandler>(
         })
     };
     if msg.event_type != "m.room.encrypted" {
-        return Ok(other(msg, None));
+        return Ok(Ok(other(msg, None)));
     }
     let Ok(user_id) = OwnedUserId::try_from(msg.to_user_id.as_str()) else {
-        return Ok(other(msg, None));
+        return Ok(Ok(other(msg, None)));
     };
     if !inner.config.namespace.contains(&user_id) {
-        return Ok(other(msg, None));
+        return Ok(Ok(other(msg, None)));
     }
     let device_id: OwnedDeviceId = msg.to_device_id.as_str().into();
     let Ok(content) = serde_json::from_str::<OlmContent>(msg.content.get()) else {
-        return Ok(other(msg, None));
+        return Ok(Ok(other(msg, None)));
     };
     if content.algorithm != OLM_ALGORITHM {
-        return Ok(other(msg, None));
+        return Ok(Ok(other(msg, None)));
     }
     let identity = match inner.manager.identity_keys(&user_id, &device_id) {
         Ok(k) => k,
@@ -240,41 +272,67 @@ async fn open_to_device<H: BridgeHandler>(
             return Err(MatrixError::internal(format!("store: {e}")));
         }
         // Not a device the bridge provisioned: not ours to decrypt.
-        Err(_) => return Ok(other(msg, None)),
+        Err(_) => return Ok(Ok(other(msg, None))),
     };
     let Some(ciphertext) = content.ciphertext.get(&identity.curve25519.to_base64()) else {
-        return Ok(other(msg, None));
+        return Ok(Ok(other(msg, None)));
     };
-    if ciphertext.message_type != 0 {
-        // A normal message on an existing session: the bridge's business.
-        return Ok(other(msg, None));
-    }
+    let Ok(sender) = OwnedUserId::try_from(msg.sender.as_str()) else {
+        return Ok(Ok(other(msg, Some("malformed sender".into()))));
+    };
     let sender_key = match Curve25519PublicKey::from_base64(&content.sender_key) {
         Ok(k) => k,
-        Err(e) => return Ok(other(msg, Some(format!("bad sender_key: {e}")))),
+        Err(e) => return Ok(Ok(other(msg, Some(format!("bad sender_key: {e}"))))),
     };
-    let message = match PreKeyMessage::from_base64(&ciphertext.body) {
+    let message = match vodozemac_message(ciphertext.message_type, &ciphertext.body) {
         Ok(m) => m,
-        Err(e) => return Ok(other(msg, Some(format!("bad pre-key message: {e}")))),
+        Err(e) => return Ok(Ok(other(msg, Some(format!("bad Olm message: {e}"))))),
     };
     match inner
         .manager
-        .decrypt_prekey_in_delivery(&user_id, &device_id, sender_key, &message, delivery)
+        .decrypt_olm(
+            (&user_id, &device_id),
+            &sender,
+            sender_key,
+            &message,
+            Some(delivery),
+        )
         .await
     {
-        Ok(inbound) => {
-            inner.metrics.prekeys_decrypted.inc();
-            Ok(ToDevice::Decrypted(Box::new(DecryptedToDevice {
+        Ok(olm) => {
+            inner.metrics.olm_decrypted.inc();
+            if olm.new_session {
+                inner.metrics.prekeys_decrypted.inc();
+            }
+            if olm.used_fallback_key {
+                // Rotate now, not at the next pass: until a new key is up,
+                // a homeserver that does not proxy claims hands everyone
+                // this used one.
+                if let Some(provisioner) = inner.provisioner.get() {
+                    provisioner.fallback_key_used(&user_id, &device_id);
+                }
+            }
+            Ok(Ok(ToDevice::Decrypted(Box::new(DecryptedToDevice {
                 to_user_id: user_id,
                 to_device_id: device_id,
-                sender: msg.sender,
+                sender,
                 sender_key,
-                inbound,
-            })))
+                olm,
+            }))))
         }
         Err(OlmError::Store(e)) => Err(MatrixError::internal(format!("store: {e}"))),
-        Err(e) => Ok(other(msg, Some(e.to_string()))),
+        Err(e @ OlmError::Payload(_)) => Ok(Err(e)),
+        Err(e) => {
+            inner.metrics.olm_undecryptable.inc();
+            Ok(Ok(other(msg, Some(e.to_string()))))
+        }
     }
+}
+
+/// An Olm message of `message_type` (0 pre-key, 1 normal) from base64.
+fn vodozemac_message(message_type: u8, body: &str) -> Result<OlmMessage, String> {
+    let bytes = bridgekeys_olm::vodozemac::base64_decode(body).map_err(|e| e.to_string())?;
+    OlmMessage::from_parts(usize::from(message_type), &bytes).map_err(|e| e.to_string())
 }
 
 /// The delivery a transaction's pre-key messages are remembered under, so
@@ -292,7 +350,9 @@ async fn open_transaction<H: BridgeHandler>(
 ) -> Result<Transaction, MatrixError> {
     let mut to_device = Vec::with_capacity(body.to_device.len() + body.to_device_unstable.len());
     for msg in body.to_device_unstable.into_iter().chain(body.to_device) {
-        to_device.push(open_to_device(inner, msg, &delivery_tag(inner, &txn_id)).await?);
+        if let Some(opened) = open_to_device(inner, msg, &delivery_tag(inner, &txn_id)).await? {
+            to_device.push(opened);
+        }
     }
     let mut ephemeral = body.ephemeral_unstable;
     ephemeral.extend(body.ephemeral);
@@ -303,8 +363,27 @@ async fn open_transaction<H: BridgeHandler>(
         to_device,
         device_one_time_keys_count: body.otk_count.or(body.otk_counts).unwrap_or_default(),
         device_unused_fallback_key_types: body.unused_fallback.unwrap_or_default(),
-        device_lists: body.device_lists.unwrap_or_default(),
+        device_lists: merge_device_lists(body.device_lists_stable, body.device_lists),
     })
+}
+
+/// The stable and MSC3202 `device_lists`, merged (a homeserver sends one
+/// or the other; if both, every user named in either counts).
+fn merge_device_lists(stable: Option<DeviceLists>, unstable: Option<DeviceLists>) -> DeviceLists {
+    let mut merged = stable.unwrap_or_default();
+    if let Some(unstable) = unstable {
+        for user in unstable.changed {
+            if !merged.changed.contains(&user) {
+                merged.changed.push(user);
+            }
+        }
+        for user in unstable.left {
+            if !merged.left.contains(&user) {
+                merged.left.push(user);
+            }
+        }
+    }
+    merged
 }
 
 /// Feed MSC3202 unused fallback key types of the bridge's devices into the
@@ -419,6 +498,14 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         None => Arc::new(open_transaction(&inner, txn_id.clone(), body).await?),
     };
     note_fallback_reports(&inner, &transaction.device_unused_fallback_key_types).await;
+    if let Some(olm) = inner.olm.get() {
+        // Before the handler runs, so a handler that encrypts to a changed
+        // user queries its devices afresh. A store failure fails the
+        // transaction (retried), so no invalidation is lost.
+        olm.note_device_lists(&transaction.device_lists)
+            .await
+            .map_err(|e| MatrixError::internal(format!("device tracking: {e}")))?;
+    }
     let holds_plaintext = transaction
         .to_device
         .iter()

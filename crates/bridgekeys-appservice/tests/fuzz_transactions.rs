@@ -36,7 +36,8 @@ use ruma::OneTimeKeyAlgorithm;
 use serde_json::{Value, json};
 
 const CASES: u32 = 256;
-const PLAINTEXT: &str = "{\"type\":\"m.dummy\",\"content\":{}}";
+/// The content of the peer's (valid) payload, as the handler sees it.
+const PLAINTEXT: &str = "{\"n\":1}";
 
 fn limits() -> Limits {
     Limits {
@@ -309,7 +310,13 @@ fn spoiled_prekey_to_device_messages_never_panic_nor_consume_the_key_and_the_val
             let mut session = peer
                 .create_outbound_session(SessionConfig::version_1(), identity.curve25519, otk)
                 .unwrap();
-            let OlmMessage::PreKey(message) = session.encrypt(PLAINTEXT).unwrap() else {
+            let payload = json!({
+                "type": "m.dummy", "content": {"n": 1},
+                "sender": "@alice:localhost", "recipient": "@echo_0:localhost",
+                "recipient_keys": {"ed25519": identity.ed25519.to_base64()},
+                "keys": {"ed25519": peer.ed25519_key().to_base64()},
+            });
+            let OlmMessage::PreKey(message) = session.encrypt(payload.to_string()).unwrap() else {
                 panic!("first message of a session is a pre-key message")
             };
             let curve = identity.curve25519.to_base64();

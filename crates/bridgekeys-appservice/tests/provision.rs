@@ -677,14 +677,19 @@ async fn while_the_new_key_cannot_be_uploaded_the_previous_key_is_kept_past_the_
             old_key,
         )
         .unwrap();
-    let bridgekeys_olm::vodozemac::olm::OlmMessage::PreKey(message) =
-        session.encrypt("still served").unwrap()
-    else {
-        panic!("pre-key message expected");
-    };
+    let alice = ruma::user_id!("@alice:localhost");
+    let message = session
+        .encrypt(olm_payload(alice, &user, &identity, &peer, "still served").to_string())
+        .unwrap();
     let inbound = b
         .manager
-        .decrypt_prekey(&user, &device(), peer.curve25519_key(), &message)
+        .decrypt_olm(
+            (&user, &device()),
+            alice,
+            peer.curve25519_key(),
+            &message,
+            None,
+        )
         .await
         .unwrap();
     assert!(inbound.used_fallback_key);
@@ -954,8 +959,25 @@ async fn claims_carry_the_fallback_key_only_when_enabled_under_its_own_id() {
     );
 }
 
+/// A spec Olm payload from `sender` to `recipient`'s device, carrying
+/// `body`.
+fn olm_payload(
+    sender: &ruma::UserId,
+    recipient: &ruma::UserId,
+    identity: &bridgekeys_olm::vodozemac::olm::IdentityKeys,
+    peer: &bridgekeys_olm::vodozemac::olm::Account,
+    body: &str,
+) -> Value {
+    json!({
+        "type": "m.test", "content": {"body": body},
+        "sender": sender, "recipient": recipient,
+        "recipient_keys": {"ed25519": identity.ed25519.to_base64()},
+        "keys": {"ed25519": peer.ed25519_key().to_base64()},
+    })
+}
+
 /// What a transaction's to-device messages became, in order:
-/// `Ok((plaintext, used_fallback_key))` or `Err(why undecryptable)`.
+/// `Ok((content body, used_fallback_key))` or `Err(why undecryptable)`.
 #[derive(Default)]
 struct ToDeviceLog(Mutex<Vec<Result<(String, bool), String>>>);
 
@@ -964,10 +986,13 @@ impl BridgeHandler for ToDeviceLog {
         let mut log = self.0.lock().unwrap();
         for m in &t.to_device {
             log.push(match m {
-                ToDevice::Decrypted(d) => Ok((
-                    String::from_utf8(d.inbound.plaintext.to_vec()).unwrap(),
-                    d.inbound.used_fallback_key,
-                )),
+                ToDevice::Decrypted(d) => {
+                    let content: Value = serde_json::from_str(d.olm.payload.content.get()).unwrap();
+                    Ok((
+                        content["body"].as_str().unwrap().to_owned(),
+                        d.olm.used_fallback_key,
+                    ))
+                }
                 ToDevice::Other(o) => Err(o.undecryptable.clone().unwrap_or_default()),
             });
         }
@@ -976,7 +1001,8 @@ impl BridgeHandler for ToDeviceLog {
 }
 
 #[tokio::test]
-async fn a_fallback_prekey_message_in_a_transaction_decrypts_once_and_its_replay_is_refused() {
+async fn a_fallback_prekey_message_decrypts_once_its_replay_is_refused_and_the_key_is_rotated_at_once()
+ {
     use bridgekeys_olm::vodozemac::{
         Curve25519PublicKey,
         olm::{Account, OlmMessage, SessionConfig},
@@ -1001,9 +1027,17 @@ async fn a_fallback_prekey_message_in_a_transaction_decrypts_once_and_its_replay
             Curve25519PublicKey::from_slice(fallback.key.key.as_bytes()).unwrap(),
         )
         .unwrap();
-    let OlmMessage::PreKey(message) = session.encrypt("via the fallback key").unwrap() else {
+    let payload = olm_payload(
+        ruma::user_id!("@alice:localhost"),
+        &user,
+        &identity,
+        &peer,
+        "via the fallback key",
+    );
+    let OlmMessage::PreKey(message) = session.encrypt(payload.to_string()).unwrap() else {
         panic!("first message must be a pre-key message");
     };
+    let uploads_before = _hs.uploads().len();
     let to_device = json!({
         "to_user_id": user.as_str(),
         "to_device_id": "BRIDGEKEYS",
@@ -1036,13 +1070,30 @@ async fn a_fallback_prekey_message_in_a_transaction_decrypts_once_and_its_replay
     assert_eq!(seen[0], Ok(("via the fallback key".to_owned(), true)));
     let why = seen[1].clone().unwrap_err();
     assert!(why.contains("replay"), "{why}");
-    // The fallback key stays, and is now known to be used.
-    let current = b
-        .manager
-        .fallback_state(&user, &device())
+    // The used fallback key is replaced right away, not at the next pass
+    // (no pass runs in this test): a new one is generated and uploaded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let new_key = loop {
+        let state = b.manager.fallback_state(&user, &device()).unwrap();
+        let current = state.current.unwrap();
+        if current.published && current.public_key != fallback.key.key.encode() {
+            break current.public_key;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the used fallback key was not rotated"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let uploads = _hs.uploads();
+    assert_eq!(uploads.len(), uploads_before + 1);
+    let uploaded = uploads.last().unwrap().body["fallback_keys"]
+        .as_object()
         .unwrap()
-        .current
-        .unwrap();
-    assert_eq!(current.public_key, fallback.key.key.encode());
-    assert!(current.used);
+        .values()
+        .next()
+        .unwrap()["key"]
+        .clone();
+    assert_eq!(uploaded, json!(new_key));
+    assert_eq!(b.provisioner.stats().urgent_rotations, 1);
 }

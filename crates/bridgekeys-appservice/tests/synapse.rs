@@ -39,7 +39,7 @@ impl BridgeHandler for Recorder {
             if let ToDevice::Decrypted(d) = message {
                 let _ = self
                     .0
-                    .send((d.sender.clone(), d.inbound.plaintext.to_vec()));
+                    .send((d.sender.to_string(), d.olm.plaintext.to_vec()));
             }
         }
         Ok(())

@@ -253,38 +253,78 @@ async fn no_200_when_the_transaction_record_cannot_be_written() {
     assert!(!fx.store.transaction_completed(TXN_NS, "t").unwrap());
 }
 
-/// A peer encrypts `plaintext` to a puppet with a key claimed through the
-/// listener, and wraps it as the homeserver would deliver it.
-async fn prekey_to_device(fx: &Fixture, plaintext: &str) -> (Value, Curve25519PublicKey) {
-    let req = json!({"@echo_0:localhost": {"PUPPETDEV": ["signed_curve25519"]}});
-    let (_, body) = fx
-        .call(authed(Method::POST, paths::CLAIM[1], json_body(&req)))
-        .await;
-    let (_, key) = body["@echo_0:localhost"]["PUPPETDEV"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .next()
-        .unwrap();
-    let otk = Curve25519PublicKey::from_base64(key["key"].as_str().unwrap()).unwrap();
-    let identity = fx.manager.identity_keys(&puppet(0), &device()).unwrap();
-    let peer = Account::new();
-    let mut session = peer
-        .create_outbound_session(SessionConfig::version_1(), identity.curve25519, otk)
-        .unwrap();
-    let OlmMessage::PreKey(message) = session.encrypt(plaintext).unwrap() else {
-        panic!("first message of a session is a pre-key message")
-    };
-    let msg = json!({
-        "to_user_id": "@echo_0:localhost", "to_device_id": "PUPPETDEV",
-        "type": "m.room.encrypted", "sender": "@alice:localhost",
-        "content": {
-            "algorithm": "m.olm.v1.curve25519-aes-sha2",
-            "sender_key": peer.curve25519_key().to_base64(),
-            "ciphertext": {identity.curve25519.to_base64(): {"type": 0, "body": message.to_base64()}}
+/// A user's device talking Olm to puppet 0: a session started on a key
+/// claimed through the listener, and spec payloads from `@alice:localhost`.
+struct Peer {
+    account: Account,
+    session: bridgekeys_olm::vodozemac::olm::Session,
+    identity: bridgekeys_olm::vodozemac::olm::IdentityKeys,
+}
+
+impl Peer {
+    async fn new(fx: &Fixture) -> Self {
+        let req = json!({"@echo_0:localhost": {"PUPPETDEV": ["signed_curve25519"]}});
+        let (_, body) = fx
+            .call(authed(Method::POST, paths::CLAIM[1], json_body(&req)))
+            .await;
+        let (_, key) = body["@echo_0:localhost"]["PUPPETDEV"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap();
+        let otk = Curve25519PublicKey::from_base64(key["key"].as_str().unwrap()).unwrap();
+        let identity = fx.manager.identity_keys(&puppet(0), &device()).unwrap();
+        let account = Account::new();
+        let session = account
+            .create_outbound_session(SessionConfig::version_1(), identity.curve25519, otk)
+            .unwrap();
+        Self {
+            account,
+            session,
+            identity,
         }
-    });
-    (msg, peer.curve25519_key())
+    }
+
+    fn payload(&self, body: &str) -> Value {
+        json!({
+            "type": "m.test", "content": {"body": body},
+            "sender": "@alice:localhost", "sender_device": "ALICEDEV",
+            "recipient": "@echo_0:localhost",
+            "recipient_keys": {"ed25519": self.identity.ed25519.to_base64()},
+            "keys": {"ed25519": self.account.ed25519_key().to_base64()},
+        })
+    }
+
+    /// Encrypt `payload` and wrap it as the homeserver delivers it.
+    fn encrypt_to_device(&mut self, payload: &Value) -> Value {
+        let message = self.session.encrypt(payload.to_string()).unwrap();
+        let (kind, body) = match message {
+            OlmMessage::PreKey(m) => (0, m.to_base64()),
+            OlmMessage::Normal(m) => (1, m.to_base64()),
+        };
+        json!({
+            "to_user_id": "@echo_0:localhost", "to_device_id": "PUPPETDEV",
+            "type": "m.room.encrypted", "sender": "@alice:localhost",
+            "content": {
+                "algorithm": "m.olm.v1.curve25519-aes-sha2",
+                "sender_key": self.account.curve25519_key().to_base64(),
+                "ciphertext": {self.identity.curve25519.to_base64(): {"type": kind, "body": body}}
+            }
+        })
+    }
+}
+
+/// A peer's first (pre-key) message carrying `body` to puppet 0.
+async fn prekey_to_device(fx: &Fixture, body: &str) -> (Value, Curve25519PublicKey) {
+    let mut peer = Peer::new(fx).await;
+    let msg = peer.encrypt_to_device(&peer.payload(body));
+    (msg, peer.account.curve25519_key())
+}
+
+/// The content the handler sees for a payload carrying `body`.
+fn content(body: &str) -> Vec<u8> {
+    json!({"body": body}).to_string().into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,7 +332,7 @@ async fn a_prekey_message_to_a_puppet_is_handed_over_decrypted_and_consumes_its_
     let dir = tempfile::tempdir().unwrap();
     let fx = Fixture::open(dir.path(), Limits::default());
     fx.provision(1).await;
-    let (msg, _) = prekey_to_device(&fx, "{\"type\":\"m.room_key\"}").await;
+    let (msg, _) = prekey_to_device(&fx, "room key").await;
     let dk = DeviceKey::new("@echo_0:localhost", "PUPPETDEV");
     assert_eq!(fx.store.count_one_time_keys(&dk).unwrap(), 1);
 
@@ -305,7 +345,7 @@ async fn a_prekey_message_to_a_puppet_is_handed_over_decrypted_and_consumes_its_
     assert_eq!(seen.decrypted.len(), 1);
     assert_eq!(seen.decrypted[0].0, "@echo_0:localhost");
     assert_eq!(seen.decrypted[0].1, "@alice:localhost");
-    assert_eq!(seen.decrypted[0].2, b"{\"type\":\"m.room_key\"}");
+    assert_eq!(seen.decrypted[0].2, content("room key"));
     assert_eq!(
         fx.store.count_one_time_keys(&dk).unwrap(),
         0,
@@ -441,7 +481,7 @@ async fn the_retry_of_a_failed_transaction_still_hands_over_its_decrypted_prekey
         1,
         "the retry got the plaintext, not a replay error"
     );
-    assert_eq!(seen.decrypted[0].2, b"room key payload");
+    assert_eq!(seen.decrypted[0].2, content("room key payload"));
     assert_eq!(
         fx.metric("bridgekeys_appservice_prekey_messages_decrypted_total")
             .await,
@@ -466,6 +506,9 @@ async fn after_a_crash_the_retried_transaction_still_hands_over_its_decrypted_pr
             ciphertext["body"].as_str().unwrap(),
         )
         .unwrap();
+        // A delivery record is keyed by the message type and bytes.
+        let mut message_bytes = vec![0u8];
+        message_bytes.extend(message.to_bytes());
         let body = json!({"events": [], "to_device": [msg]});
         fx.handler.fail.store(true, Ordering::SeqCst);
         let (status, _) = fx
@@ -476,7 +519,7 @@ async fn after_a_crash_the_retried_transaction_still_hands_over_its_decrypted_pr
             ))
             .await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        (body, message.to_bytes())
+        (body, message_bytes)
         // The bridge process dies here: its in-memory retry cache is gone.
     };
 
@@ -503,12 +546,163 @@ async fn after_a_crash_the_retried_transaction_still_hands_over_its_decrypted_pr
         1,
         "the retry after the crash lost the message"
     );
-    assert_eq!(seen.decrypted[0].2, b"room key payload");
+    assert_eq!(seen.decrypted[0].2, content("room key payload"));
     assert!(
         fx.store
             .load_delivery(&dk, &tag, &message_bytes)
             .unwrap()
             .is_none(),
         "the plaintext is kept after the transaction was recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn normal_olm_messages_after_the_prekey_message_reach_the_handler_decrypted() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let mut peer = Peer::new(&fx).await;
+    let first = peer.encrypt_to_device(&peer.payload("one"));
+    let body = json!({"events": [], "to_device": [first]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("n-1"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // The puppet answers, so the peer's next messages are normal ones.
+    let recipient = bridgekeys_olm::Recipient {
+        user_id: ruma::user_id!("@alice:localhost"),
+        device_id: ruma::device_id!("ALICEDEV"),
+        curve25519: peer.account.curve25519_key(),
+        ed25519: peer.account.ed25519_key(),
+    };
+    let reply = fx
+        .manager
+        .encrypt_olm((&puppet(0), &device()), &recipient, "m.test", &json!({}))
+        .await
+        .unwrap();
+    let ciphertext = &reply.content["ciphertext"][peer.account.curve25519_key().to_base64()];
+    let message = OlmMessage::from_parts(
+        ciphertext["type"].as_u64().unwrap() as usize,
+        &bridgekeys_olm::vodozemac::base64_decode(ciphertext["body"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    peer.session.decrypt(&message).unwrap();
+    let second = peer.encrypt_to_device(&peer.payload("two"));
+    let third = peer.encrypt_to_device(&peer.payload("three"));
+    assert_eq!(
+        second["content"]["ciphertext"][peer.identity.curve25519.to_base64()]["type"],
+        1
+    );
+    let body = json!({"events": [], "to_device": [second, third]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("n-2"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[1].clone();
+    let bodies: Vec<Vec<u8>> = seen.decrypted.iter().map(|d| d.2.clone()).collect();
+    assert_eq!(bodies, vec![content("two"), content("three")]);
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_olm_messages_decrypted_total")
+            .await,
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misaddressed_payload_never_reaches_the_handler_is_counted_and_keeps_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let mut peer = Peer::new(&fx).await;
+    let mut payload = peer.payload("for someone else");
+    payload["recipient"] = json!("@echo_1:localhost");
+    let msg = peer.encrypt_to_device(&payload);
+    let body = json!({"events": [], "to_device": [msg]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("bad-1"), json_body(&body)))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a refused payload does not fail the transaction"
+    );
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert!(seen.decrypted.is_empty());
+    assert!(
+        seen.other_to_device.is_empty(),
+        "the refused message was handed over"
+    );
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_olm_payloads_refused_total")
+            .await,
+        1.0
+    );
+    let dk = DeviceKey::new("@echo_0:localhost", "PUPPETDEV");
+    assert_eq!(
+        fx.store.count_one_time_keys(&dk).unwrap(),
+        1,
+        "the key was consumed"
+    );
+    assert!(
+        fx.store
+            .sessions(&dk, &peer.account.curve25519_key().to_bytes())
+            .unwrap()
+            .is_empty(),
+        "a session was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_list_changes_under_either_name_mark_tracked_users_outdated_and_left_users_are_forgotten()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    let olm = Arc::new(bridgekeys_appservice::PuppetOlm::new(
+        Arc::clone(&fx.manager),
+        bridgekeys_appservice::HomeserverClient::new(
+            "http://127.0.0.1:9",
+            bridgekeys_appservice::AsToken::new("unused"),
+        )
+        .unwrap(),
+    ));
+    let fx = fx.with_olm(olm);
+    let track = |user: &'static str| {
+        let manager = Arc::clone(&fx.manager);
+        async move {
+            let user = ruma::UserId::parse(user).unwrap();
+            manager
+                .update_tracked_devices(&user, &Default::default())
+                .await
+                .unwrap();
+        }
+    };
+    for user in ["@a:localhost", "@b:localhost", "@c:localhost"] {
+        track(user).await;
+    }
+    let outdated = |user: &str| {
+        fx.manager
+            .tracked_devices(&ruma::UserId::parse(user).unwrap())
+            .unwrap()
+            .map(|t| t.outdated)
+    };
+    let body = json!({
+        "events": [],
+        "org.matrix.msc3202.device_lists": {"changed": ["@a:localhost"], "left": ["@c:localhost"]},
+        "device_lists": {"changed": ["@b:localhost"], "left": []},
+    });
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("dl"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(outdated("@a:localhost"), Some(true));
+    assert_eq!(outdated("@b:localhost"), Some(true));
+    assert_eq!(outdated("@c:localhost"), None);
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        seen.device_lists,
+        (
+            vec!["@b:localhost".to_owned(), "@a:localhost".to_owned()],
+            vec!["@c:localhost".to_owned()]
+        )
     );
 }

@@ -29,7 +29,9 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use ruma::OneTimeKeyAlgorithm;
 use vodozemac::Curve25519PublicKey;
 
-use crate::support::{open_existing_manager, prekey_message, public_key, puppet};
+use crate::support::{
+    PEER_USER, body_of, open_existing_manager, prekey_message, public_key, puppet,
+};
 
 /// Environment variable that carries the store key to the child (hex).
 pub const KEY_ENV: &str = "BRIDGEKEYS_CRASH_STORE_KEY";
@@ -333,12 +335,13 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
             checks.spawn(async move {
                 let (user, device_id) = puppet(device)?;
                 let identity = manager.identity_keys(&user, &device_id)?;
-                let (sender, message) = prekey_message(identity.curve25519, otk, "after the kill")?;
-                let inbound = manager
-                    .decrypt_prekey(&user, &device_id, sender, &message)
+                let (sender, message) = prekey_message(&user, identity, otk, "after the kill")?;
+                let peer_user = ruma::UserId::parse(PEER_USER)?;
+                let decrypted = manager
+                    .decrypt_olm((&user, &device_id), &peer_user, sender, &message, None)
                     .await
                     .map_err(|e| anyhow::anyhow!("key {key_id} of device {device} lost: {e}"))?;
-                anyhow::ensure!(inbound.plaintext.as_slice() == b"after the kill");
+                anyhow::ensure!(body_of(&decrypted)? == "after the kill");
                 anyhow::Ok(())
             });
             report.keys_reported += 1;

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use ruma::{DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId, UserId};
 use vodozemac::{
     Curve25519PublicKey,
-    olm::{Account, OlmMessage, PreKeyMessage, SessionConfig},
+    olm::{Account, OlmMessage, SessionConfig},
 };
 
 /// Open a sled store at `dir/store` (with the group-commit gather time from
@@ -67,20 +67,45 @@ pub fn puppet(i: usize) -> anyhow::Result<(OwnedUserId, OwnedDeviceId)> {
     Ok((user, OwnedDeviceId::from(format!("PUPPET{i}").as_str())))
 }
 
-/// A peer's first message to a puppet over a claimed key, as a real client
-/// would send it.
+/// The user the benchmark's peer devices send as.
+pub const PEER_USER: &str = "@bench-peer:localhost";
+
+/// A peer device's first Olm message to a puppet device on one of its
+/// one-time keys, with a spec payload (`content.body` = `body`) from
+/// [`PEER_USER`], as a real client would send it.
 pub fn prekey_message(
-    identity: Curve25519PublicKey,
+    recipient: &ruma::UserId,
+    identity: vodozemac::olm::IdentityKeys,
     one_time_key: Curve25519PublicKey,
-    plaintext: &str,
-) -> anyhow::Result<(Curve25519PublicKey, PreKeyMessage)> {
+    body: &str,
+) -> anyhow::Result<(Curve25519PublicKey, OlmMessage)> {
     let peer = Account::new();
-    let mut session =
-        peer.create_outbound_session(SessionConfig::version_1(), identity, one_time_key)?;
-    match session.encrypt(plaintext)? {
-        OlmMessage::PreKey(m) => Ok((peer.curve25519_key(), m)),
+    let mut session = peer.create_outbound_session(
+        SessionConfig::version_1(),
+        identity.curve25519,
+        one_time_key,
+    )?;
+    let payload = serde_json::json!({
+        "type": "m.bench",
+        "content": { "body": body },
+        "sender": PEER_USER,
+        "recipient": recipient,
+        "recipient_keys": { "ed25519": identity.ed25519.to_base64() },
+        "keys": { "ed25519": peer.ed25519_key().to_base64() },
+    });
+    match session.encrypt(payload.to_string())? {
+        m @ OlmMessage::PreKey(_) => Ok((peer.curve25519_key(), m)),
         OlmMessage::Normal(_) => anyhow::bail!("first message was not a pre-key message"),
     }
+}
+
+/// The `content.body` of a decrypted benchmark payload.
+pub fn body_of(decrypted: &bridgekeys_olm::DecryptedOlm) -> anyhow::Result<String> {
+    let content: serde_json::Value = serde_json::from_str(decrypted.payload.content.get())?;
+    content["body"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("payload without a body"))
 }
 
 /// The public key inside a claimed key object.

@@ -83,6 +83,9 @@ pub(crate) struct DeviceAccount {
     pub fallback: FallbackState,
     /// Used since the cache last looked (the cache's second-chance bit).
     pub recently_used: bool,
+    /// Sessions stored by schema 1 (by id alone), read on first need:
+    /// `None` until then, empty once re-stored by peer.
+    pub legacy: Option<Vec<bridgekeys_store::SessionRecord>>,
 }
 
 impl DeviceAccount {
@@ -94,6 +97,7 @@ impl DeviceAccount {
             outstanding: 0,
             fallback: FallbackState::default(),
             recently_used: true,
+            legacy: None,
         }
     }
 
@@ -178,6 +182,7 @@ impl DeviceAccount {
                         outstanding,
                         fallback,
                         recently_used: true,
+                        legacy: None,
                     });
                 }
                 let account: AccountPickle = postcard::from_bytes(pickle).map_err(corrupt)?;
@@ -195,6 +200,7 @@ impl DeviceAccount {
             outstanding,
             fallback,
             recently_used: true,
+            legacy: None,
         })
     }
 

@@ -18,6 +18,13 @@ pub struct ManagerConfig {
     /// costs a read and about 50 µs of key derivation. Counted in
     /// [`crate::ManagerStats::cache_evictions`].
     pub max_cached_devices: usize,
+    /// Most Olm sessions kept per (puppet device, peer curve25519 key).
+    /// A peer normally needs one; several appear when both sides start a
+    /// session at once or a peer restores an old backup. Past the bound the
+    /// least recently used is removed (counted in
+    /// [`crate::ManagerStats::sessions_evicted`]); its messages can no longer
+    /// be decrypted, and the peer starts a new session.
+    pub max_sessions_per_peer: usize,
 }
 
 impl Default for ManagerConfig {
@@ -26,6 +33,7 @@ impl Default for ManagerConfig {
             max_keys_per_claim: 50,
             max_outstanding_keys: 1000,
             max_cached_devices: 100_000,
+            max_sessions_per_peer: 5,
         }
     }
 }

@@ -36,6 +36,21 @@ pub enum OlmError {
     /// replay. Nothing was processed again.
     #[error("replayed pre-key message: its session already exists")]
     Replay,
+    /// The decrypted payload failed the spec's checks (wrong recipient,
+    /// sender or keys): refused, nothing stored, plaintext not released.
+    #[error("Olm payload refused: {0}")]
+    Payload(#[from] crate::PayloadError),
+    /// A normal (type 1) Olm message that none of the sender's stored
+    /// sessions decrypts (unknown session, evicted, or tampered).
+    #[error("no stored Olm session with the sender decrypts this message")]
+    NoMatchingSession,
+    /// A claimed one-time key of a recipient device did not verify against
+    /// the device's ed25519 key: refused, no session created.
+    #[error("the claimed one-time key's signature does not verify")]
+    BadKeySignature,
+    /// A message could not be encrypted (payload serialisation).
+    #[error("could not encrypt: {0}")]
+    Encryption(String),
     /// The stored account state could not be read back.
     #[error("stored account state is unreadable: {0}")]
     Corrupt(String),

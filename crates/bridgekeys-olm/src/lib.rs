@@ -29,18 +29,26 @@
 
 mod account;
 mod config;
+pub mod devices;
 mod error;
 pub mod fallback;
 mod fallback_ops;
 mod manager;
+mod outbound;
+pub mod payload;
+mod sessions;
 mod signing;
 mod stats;
 
 pub use config::ManagerConfig;
+pub use devices::{DeviceRefusal, DeviceUpdate, TrackedDevice, TrackedDevices};
 pub use error::OlmError;
 pub use fallback::{FallbackAction, FallbackPolicy, FallbackState, UnixMillis};
 pub use fallback_ops::FallbackKey;
-pub use manager::{AccountManager, ClaimedKey, InboundMessage};
+pub use manager::{AccountManager, ClaimedKey};
+pub use outbound::{EncryptedOlm, OLM_ALGORITHM, Recipient};
+pub use payload::{OlmPayload, PayloadError};
+pub use sessions::DecryptedOlm;
 pub use signing::{canonical_json_for_signing, sign_json};
 pub use stats::ManagerStats;
 

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use bridgekeys_store::{
-    Delivery, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending, Store, Version,
+    DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending, Store, Version,
 };
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -14,10 +14,7 @@ use ruma::{
     encryption::{DeviceKeys, SignedKey},
     serde::Base64,
 };
-use vodozemac::{
-    Curve25519PublicKey, Curve25519SecretKey,
-    olm::{PreKeyMessage, Session, SessionConfig, SessionCreationError},
-};
+use vodozemac::{Curve25519PublicKey, Curve25519SecretKey};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::{
@@ -36,36 +33,7 @@ pub struct ClaimedKey {
     pub key: SignedKey,
 }
 
-/// The result of a pre-key message that decrypted.
-pub struct InboundMessage {
-    /// The new inbound Olm session (already stored).
-    pub session: Session,
-    /// The decrypted payload. Never log it.
-    pub plaintext: Zeroizing<Vec<u8>>,
-    /// Whether the message used the device's fallback key rather than a
-    /// one-time key.
-    pub used_fallback_key: bool,
-}
-
-impl std::fmt::Debug for InboundMessage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InboundMessage")
-            .field("session_id", &self.session.session_id())
-            .field("used_fallback_key", &self.used_fallback_key)
-            .finish_non_exhaustive()
-    }
-}
-
-type Slot = Arc<Mutex<DeviceAccount>>;
-
-/// What a delivery remembers of a decrypted pre-key message (sealed at rest
-/// by the store). Plaintext in base64: it is bytes, not necessarily UTF-8.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct DeliveryRecord {
-    session_id: String,
-    plaintext: String,
-    used_fallback_key: bool,
-}
+pub(crate) type Slot = Arc<Mutex<DeviceAccount>>;
 
 /// Owns the Olm accounts of a bridge's puppet devices.
 ///
@@ -81,6 +49,10 @@ pub struct AccountManager {
     /// Held while the cache shrinks, so one caller does it at a time.
     shrinking: Mutex<()>,
     pub(crate) counters: Counters,
+    /// Serialises writes of tracked-device records.
+    pub(crate) tracking: Mutex<()>,
+    /// The last `last_used` stamp given to a session (see [`Self::session_clock`]).
+    session_stamp: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for AccountManager {
@@ -101,6 +73,36 @@ impl AccountManager {
             slots: DashMap::new(),
             shrinking: Mutex::new(()),
             counters: Counters::default(),
+            tracking: Mutex::new(()),
+            session_stamp: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The configuration.
+    pub(crate) fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    /// A `last_used` stamp for a session: wall-clock milliseconds, but
+    /// always above the previous stamp, so "most recently used" is exact
+    /// within a run and roughly right across restarts.
+    pub(crate) fn session_clock(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut last = self.session_stamp.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.session_stamp.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
         }
     }
 
@@ -331,221 +333,6 @@ impl AccountManager {
             );
         }
         Ok((claimed, pending))
-    }
-
-    /// Create the inbound Olm session a pre-key message starts, and decrypt it.
-    ///
-    /// The one-time key the message used is removed, and the new session
-    /// stored, only if decryption succeeds, and durably before the plaintext
-    /// is returned. A failed decryption changes nothing: the key stays usable.
-    /// A message that used the fallback key consumes nothing; replaying a
-    /// message whose session is already stored is refused.
-    pub async fn decrypt_prekey(
-        &self,
-        user_id: &UserId,
-        device_id: &DeviceId,
-        sender_key: Curve25519PublicKey,
-        message: &PreKeyMessage,
-    ) -> Result<InboundMessage, OlmError> {
-        self.decrypt(user_id, device_id, sender_key, message, None)
-            .await
-    }
-
-    /// [`Self::decrypt_prekey`] for a message that arrived in a delivery
-    /// that may be retried, such as an appservice transaction (`delivery` is
-    /// its id).
-    ///
-    /// The result is remembered durably, sealed, in the same write that
-    /// consumes the one-time key, so the same message in a retry of the same
-    /// delivery gets the same plaintext back, even after a crash, although
-    /// its key is gone. In any other delivery it is still a replay
-    /// (`UnknownOneTimeKey` or `Replay`). Call
-    /// [`Self::forget_deliveries`] once the delivery is acknowledged for
-    /// good: the remembered plaintext is kept only until then.
-    pub async fn decrypt_prekey_in_delivery(
-        &self,
-        user_id: &UserId,
-        device_id: &DeviceId,
-        sender_key: Curve25519PublicKey,
-        message: &PreKeyMessage,
-        delivery: &str,
-    ) -> Result<InboundMessage, OlmError> {
-        self.decrypt(user_id, device_id, sender_key, message, Some(delivery))
-            .await
-    }
-
-    /// Forget what [`Self::decrypt_prekey_in_delivery`] remembered for
-    /// `delivery`, durably.
-    pub async fn forget_deliveries(&self, delivery: &str) -> Result<(), OlmError> {
-        self.store.forget_deliveries(delivery)?.durable().await?;
-        Ok(())
-    }
-
-    async fn decrypt(
-        &self,
-        user_id: &UserId,
-        device_id: &DeviceId,
-        sender_key: Curve25519PublicKey,
-        message: &PreKeyMessage,
-        delivery: Option<&str>,
-    ) -> Result<InboundMessage, OlmError> {
-        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
-        let (inbound, pending) = {
-            let mut device = slot.lock();
-            let result = match self.redelivered(&key, message, delivery) {
-                Ok(Some(inbound)) => Ok((inbound, self.store.sync())),
-                Ok(None) => self.decrypt_locked(&mut device, &key, sender_key, message, delivery),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(done) => done,
-                Err(e) => {
-                    Counters::add(&self.counters.prekeys_refused, 1);
-                    tracing::debug!(%user_id, %device_id, error = %e, "pre-key message refused");
-                    return Err(e);
-                }
-            }
-        };
-        pending.durable().await?;
-        Counters::add(&self.counters.prekeys_decrypted, 1);
-        Ok(inbound)
-    }
-
-    /// The remembered result of `message` in `delivery`, if this is a retry.
-    fn redelivered(
-        &self,
-        key: &DeviceKey,
-        message: &PreKeyMessage,
-        delivery: Option<&str>,
-    ) -> Result<Option<InboundMessage>, OlmError> {
-        let Some(tag) = delivery else { return Ok(None) };
-        let Some(raw) = self.store.load_delivery(key, tag, &message.to_bytes())? else {
-            return Ok(None);
-        };
-        let corrupt = |what: &str| OlmError::Corrupt(format!("delivery record: {what}"));
-        let record: DeliveryRecord =
-            serde_json::from_slice(&raw).map_err(|e| corrupt(&e.to_string()))?;
-        let pickle = self
-            .store
-            .load_session(key, &record.session_id)?
-            .ok_or_else(|| corrupt("its session is gone"))?;
-        let pickle: vodozemac::olm::SessionPickle =
-            serde_json::from_slice(&pickle).map_err(|e| corrupt(&e.to_string()))?;
-        let plaintext =
-            vodozemac::base64_decode(&record.plaintext).map_err(|e| corrupt(&e.to_string()))?;
-        Ok(Some(InboundMessage {
-            session: Session::from_pickle(pickle),
-            plaintext: Zeroizing::new(plaintext),
-            used_fallback_key: record.used_fallback_key,
-        }))
-    }
-
-    fn decrypt_locked(
-        &self,
-        device: &mut DeviceAccount,
-        key: &DeviceKey,
-        sender_key: Curve25519PublicKey,
-        message: &PreKeyMessage,
-        delivery: Option<&str>,
-    ) -> Result<(InboundMessage, Pending), OlmError> {
-        let config = SessionConfig::version_1();
-        let stored = self
-            .store
-            .one_time_key(key, message.one_time_key().as_bytes())?;
-        let result = match &stored {
-            // Decrypt with a throw-away account holding just that key: the
-            // real account is untouched until the write below succeeds.
-            Some(record) => device
-                .with_one_time_key(record.key_id, &record.secret_key)?
-                .create_inbound_session(config, sender_key, message),
-            // Not a one-time key: it may be the fallback key, which the
-            // account holds itself and which decryption does not consume.
-            None => device
-                .account()?
-                .create_inbound_session(config, sender_key, message),
-        };
-        let created = match result {
-            Ok(created) => created,
-            Err(SessionCreationError::MissingOneTimeKey(_)) => {
-                return Err(OlmError::UnknownOneTimeKey);
-            }
-            Err(e) => return Err(OlmError::Decryption(e)),
-        };
-        let session_id = created.session.session_id();
-        if self.store.load_session(key, &session_id)?.is_some() {
-            return Err(OlmError::Replay);
-        }
-        let pickle = serde_json::to_vec(&created.session.pickle())
-            .map_err(|e| OlmError::Corrupt(format!("cannot serialise session: {e}")))?;
-        let outstanding = device
-            .outstanding
-            .saturating_sub(u64::from(stored.is_some()));
-        // A message on the current, published fallback key proves it was
-        // handed out: record it, so the rotation policy replaces it even if
-        // the homeserver's report never reaches us.
-        let used_public = message.one_time_key().to_base64();
-        let marks_used = stored.is_none()
-            && device
-                .fallback
-                .current
-                .as_ref()
-                .is_some_and(|c| c.published && !c.used && c.public_key == used_public);
-        let set_used = |device: &mut DeviceAccount, used: bool| {
-            if let Some(c) = device.fallback.current.as_mut() {
-                c.used = used;
-            }
-        };
-        if marks_used {
-            set_used(device, true);
-        }
-        let delivery = match delivery {
-            Some(tag) => {
-                let record = DeliveryRecord {
-                    session_id: session_id.clone(),
-                    plaintext: vodozemac::base64_encode(&created.plaintext),
-                    used_fallback_key: stored.is_none(),
-                };
-                let record = serde_json::to_vec(&record)
-                    .map_err(|e| OlmError::Corrupt(format!("cannot serialise delivery: {e}")))?;
-                Some(Delivery {
-                    tag: tag.to_owned(),
-                    message: message.to_bytes(),
-                    record: Zeroizing::new(record),
-                })
-            }
-            None => None,
-        };
-        let written = device.encode().and_then(|account| {
-            let write = DeviceWrite {
-                account,
-                add_keys: Vec::new(),
-                remove_keys: stored.iter().map(|r| (r.key_id, r.public_key)).collect(),
-                sessions: vec![(session_id, Zeroizing::new(pickle))],
-                delivery,
-            };
-            Ok(self.store.write_device(key, device.version, write)?)
-        });
-        let pending = match written {
-            Ok(p) => p,
-            Err(e) => {
-                if marks_used {
-                    set_used(device, false);
-                }
-                return Err(e);
-            }
-        };
-        device.version = Some(Version::next(device.version));
-        device.outstanding = outstanding;
-        if stored.is_none() {
-            Counters::add(&self.counters.fallback_prekeys, 1);
-        }
-        let inbound = InboundMessage {
-            session: created.session,
-            plaintext: Zeroizing::new(created.plaintext),
-            used_fallback_key: stored.is_none(),
-        };
-        Ok((inbound, pending))
     }
 
     /// The slot of an existing device (loading it from the store on first

@@ -9,7 +9,8 @@ pub struct ManagerStats {
     pub keys_issued: u64,
     /// Outstanding keys evicted because a device hit its bound.
     pub evicted_keys: u64,
-    /// Pre-key messages decrypted (one-time key consumed).
+    /// Pre-key messages that started a new session (one-time key consumed,
+    /// or the fallback key used).
     pub prekeys_decrypted: u64,
     /// Pre-key messages refused (unknown key or failed decryption).
     pub prekeys_refused: u64,
@@ -26,6 +27,20 @@ pub struct ManagerStats {
     pub fallback_forgets: u64,
     /// Idle devices dropped from the in-memory cache (still in the store).
     pub cache_evictions: u64,
+    /// Olm messages decrypted and verified (both types, new sessions included).
+    pub olm_decrypted: u64,
+    /// Olm messages refused before their payload was read (no session decrypts them, unknown key, replay).
+    pub olm_refused: u64,
+    /// Olm messages that decrypted but whose payload failed its checks.
+    pub payloads_refused: u64,
+    /// Olm sessions removed past the per-peer bound.
+    pub sessions_evicted: u64,
+    /// Outbound Olm sessions created from a claimed one-time key.
+    pub sessions_created_outbound: u64,
+    /// Olm messages encrypted to a recipient device.
+    pub olm_encrypted: u64,
+    /// Queried devices refused (bad signature, keys changed under the same id).
+    pub devices_refused: u64,
 }
 
 #[derive(Default)]
@@ -41,11 +56,22 @@ pub(crate) struct Counters {
     pub fallback_rotations: AtomicU64,
     pub fallback_forgets: AtomicU64,
     pub cache_evictions: AtomicU64,
+    pub olm_decrypted: AtomicU64,
+    pub olm_refused: AtomicU64,
+    pub payloads_refused: AtomicU64,
+    pub sessions_evicted: AtomicU64,
+    pub sessions_created_outbound: AtomicU64,
+    pub olm_encrypted: AtomicU64,
+    pub devices_refused: AtomicU64,
 }
 
 impl Counters {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn note_device_refused(&self) {
+        Self::add(&self.devices_refused, 1);
     }
 
     pub(crate) fn snapshot(&self) -> ManagerStats {
@@ -62,6 +88,13 @@ impl Counters {
             fallback_rotations: get(&self.fallback_rotations),
             fallback_forgets: get(&self.fallback_forgets),
             cache_evictions: get(&self.cache_evictions),
+            olm_decrypted: get(&self.olm_decrypted),
+            olm_refused: get(&self.olm_refused),
+            payloads_refused: get(&self.payloads_refused),
+            sessions_evicted: get(&self.sessions_evicted),
+            sessions_created_outbound: get(&self.sessions_created_outbound),
+            olm_encrypted: get(&self.olm_encrypted),
+            devices_refused: get(&self.devices_refused),
         }
     }
 }

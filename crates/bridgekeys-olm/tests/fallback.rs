@@ -12,7 +12,7 @@ use bridgekeys_olm::{
     fallback::RotationReason,
 };
 use bridgekeys_store::StoreKey;
-use common::{alice, manager, prekey_message_to};
+use common::{DecryptPrekey, alice, manager, prekey_message_to};
 use ruma::{CanonicalJsonObject, serde::Base64, signatures::verify_json};
 
 const HOUR: u64 = 3_600_000;

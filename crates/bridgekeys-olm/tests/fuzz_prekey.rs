@@ -15,7 +15,7 @@ mod common;
 
 use bridgekeys_olm::{AccountManager, ManagerConfig};
 use bridgekeys_store::{DeviceKey, StoreKey};
-use common::{alice, manager, prekey_message};
+use common::{DecryptPrekey, alice, manager, prekey_message};
 use proptest::{prelude::*, test_runner::TestRunner};
 use ruma::OneTimeKeyAlgorithm;
 use vodozemac::{Curve25519PublicKey, olm::PreKeyMessage};

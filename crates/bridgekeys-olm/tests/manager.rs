@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, collections::HashSet, sync::Arc};
 
 use bridgekeys_olm::{ManagerConfig, OlmError};
 use bridgekeys_store::{DeviceKey, StoreKey};
-use common::{alice, manager, prekey_message};
+use common::{DecryptPrekey, alice, manager, prekey_message};
 use ruma::{
     CanonicalJsonObject, OneTimeKeyAlgorithm, device_id, serde::Base64, signatures::verify_json,
 };
@@ -161,12 +161,13 @@ async fn a_claimed_key_starts_a_session_once_and_only_once() {
         .await
         .unwrap_err();
     assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
-    // And so is the very same message again.
+    // And so is the very same message again: it goes to the session it
+    // started, whose key for it is spent.
     let err = m
         .decrypt_prekey(&user, &device, sender, &message)
         .await
         .unwrap_err();
-    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    assert!(matches!(err, OlmError::Replay), "{err}");
     let stats = m.stats();
     assert_eq!((stats.prekeys_decrypted, stats.prekeys_refused), (1, 2));
 }
@@ -224,8 +225,14 @@ async fn consumed_key_stays_consumed_after_restart() {
         .decrypt_prekey(&user, &device, sender, &message)
         .await
         .unwrap_err();
+    assert!(matches!(err, OlmError::Replay), "{err}");
+    // A new peer on the same key finds it gone.
+    let (other, message) = prekey_message(&m, &user, &device, &key, "twice");
+    let err = m
+        .decrypt_prekey(&user, &device, other, &message)
+        .await
+        .unwrap_err();
     assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
-    drop(key);
 }
 
 #[tokio::test]
@@ -430,24 +437,25 @@ async fn a_retried_delivery_gets_the_same_plaintext_even_after_a_restart_and_no_
         b"only once",
         "the retry lost the message"
     );
-    // Another delivery of the same message is a replay: the key is gone.
+    // Another delivery of the same message is a replay: its session
+    // exists and its message key is spent.
     let err = m
         .decrypt_prekey_in_delivery(&user, &device, sender, &message, "txn-2")
         .await
         .unwrap_err();
-    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    assert!(matches!(err, OlmError::Replay), "{err}");
     let err = m
         .decrypt_prekey(&user, &device, sender, &message)
         .await
         .unwrap_err();
-    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    assert!(matches!(err, OlmError::Replay), "{err}");
     // Once acknowledged and forgotten, the plaintext is no longer kept.
     m.forget_deliveries("txn-1").await.unwrap();
     let err = m
         .decrypt_prekey_in_delivery(&user, &device, sender, &message, "txn-1")
         .await
         .unwrap_err();
-    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    assert!(matches!(err, OlmError::Replay), "{err}");
 }
 
 #[tokio::test]

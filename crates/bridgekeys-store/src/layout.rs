@@ -10,7 +10,9 @@
 //! | `a/<device>` | version u64 BE, then the sealed account |
 //! | `k/<device><key_id u64 BE>` | public key (32 bytes), then the sealed private key |
 //! | `p/<device><public key>` | key id u64 BE (an index: public data only) |
-//! | `s/<device><session id>` | the sealed session pickle |
+//! | `s/<device><session id>` | schema 1's sealed session pickle (migrated to `o/` on first use) |
+//! | `o/<device><peer curve25519 key><session id>` | last used (u64 BE), then the sealed session pickle |
+//! | `u/<user id>` | the sealed record of a tracked user's devices |
 //! | `d/<tag length u32 BE><tag><device><message>` | a sealed delivery record, until the delivery is acknowledged |
 //! | `t/<namespace len u32 BE><namespace><txn id>` | empty: a completed homeserver transaction (see `transactions.rs`) |
 //! | `r/<device>` | empty: a puppet device provisioned on the homeserver (see `puppets.rs`) |
@@ -59,6 +61,28 @@ pub(crate) fn otk_by_public(device: &DeviceKey, public_key: &[u8; 32]) -> Vec<u8
 
 pub(crate) fn session(device: &DeviceKey, session_id: &str) -> Vec<u8> {
     join(b"s/", device, session_id.as_bytes())
+}
+
+/// Every session of a device with one peer shares this prefix.
+pub(crate) fn peer_sessions(device: &DeviceKey, peer_key: &[u8; 32]) -> Vec<u8> {
+    join(b"o/", device, peer_key)
+}
+
+pub(crate) fn olm_session(device: &DeviceKey, peer_key: &[u8; 32], session_id: &str) -> Vec<u8> {
+    let mut k = peer_sessions(device, peer_key);
+    k.extend_from_slice(session_id.as_bytes());
+    k
+}
+
+pub(crate) fn legacy_session_prefix(device: &DeviceKey) -> Vec<u8> {
+    join(b"s/", device, &[])
+}
+
+pub(crate) fn tracked_user(user_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + user_id.len());
+    k.extend_from_slice(b"u/");
+    k.extend_from_slice(user_id.as_bytes());
+    k
 }
 
 pub(crate) const PUPPET_PREFIX: &[u8] = b"r/";

@@ -65,8 +65,12 @@ pub use sled_store::{
 };
 pub use transactions::TransactionLog;
 pub use types::{
-    AccountRecord, Delivery, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Version,
+    AccountRecord, Delivery, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, SessionRecord,
+    SessionWrite, Version,
 };
+
+/// A session stored by schema 1: `(session_id, pickle)`.
+pub type LegacySession = (String, zeroize::Zeroizing<Vec<u8>>);
 
 /// What the account manager needs from durable storage.
 ///
@@ -131,12 +135,53 @@ pub trait Store: Send + Sync + 'static {
     /// once when it loads a device, never per claim.
     fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError>;
 
-    /// Load an Olm session pickle of a device by session id.
+    /// One Olm session of a device with a peer (curve25519 key), by id.
     fn load_session(
         &self,
         device: &DeviceKey,
+        peer_key: &[u8; 32],
         session_id: &str,
+    ) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Every Olm session of a device with a peer, in no particular order.
+    /// The manager bounds how many there are, so this is a short scan.
+    fn sessions(
+        &self,
+        device: &DeviceKey,
+        peer_key: &[u8; 32],
+    ) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Sessions of a device written by schema 1, which stored them under
+    /// their id alone, as `(session_id, pickle)`. The manager re-stores
+    /// them by peer ([`SessionWrite::remove_legacy`]) the first time it
+    /// needs the device's sessions.
+    fn legacy_sessions(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Vec<LegacySession>, StoreError>;
+
+    /// Atomically apply `write` to a device's sessions (and its delivery
+    /// record): all of it or none of it, after a crash too.
+    fn write_sessions(
+        &self,
+        device: &DeviceKey,
+        write: SessionWrite,
+    ) -> Result<Pending, StoreError>;
+
+    /// The sealed record of a user's tracked devices, as the account
+    /// manager wrote it, or `None`.
+    fn load_tracked_user(
+        &self,
+        user_id: &str,
     ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+
+    /// Replace (`Some`) or forget (`None`) the record of a user's tracked
+    /// devices.
+    fn write_tracked_user(
+        &self,
+        user_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError>;
 
     /// The record a [`Delivery`] of `message` under `tag` left for `device`,
     /// if it was not forgotten yet.

@@ -14,8 +14,8 @@ use zeroize::Zeroizing;
 
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending,
-    Store, StoreError, StoreId, StoreKey, Version, commit::GroupCommit, crypto::Sealer, durable,
-    layout, watermark,
+    SessionRecord, SessionWrite, Store, StoreError, StoreId, StoreKey, Version,
+    commit::GroupCommit, crypto::Sealer, durable, layout, watermark,
 };
 
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
@@ -335,6 +335,59 @@ impl SledStore {
             })
             .collect();
         (added, removed)
+    }
+
+    /// Seal session records: `(slot, last_used || sealed pickle)`.
+    fn seal_sessions(
+        &self,
+        device: &DeviceKey,
+        sessions: &[SessionRecord],
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        sessions
+            .iter()
+            .map(|r| {
+                let slot = layout::olm_session(device, &r.peer_key, &r.session_id);
+                let mut value = r.last_used.to_be_bytes().to_vec();
+                value.extend(self.sealer.seal(&slot, &r.pickle));
+                (slot, value)
+            })
+            .collect()
+    }
+
+    fn seal_delivery(
+        &self,
+        device: &DeviceKey,
+        delivery: Option<&crate::Delivery>,
+    ) -> Option<(Vec<u8>, Vec<u8>)> {
+        delivery.map(|d| {
+            let slot = layout::delivery(&d.tag, device, &d.message);
+            let sealed = self.sealer.seal(&slot, &d.record);
+            (slot, sealed)
+        })
+    }
+
+    /// Open a stored session value found at `slot`.
+    fn open_session(
+        &self,
+        slot: &[u8],
+        peer_key: &[u8; 32],
+        session_id: String,
+        raw: &[u8],
+    ) -> Result<SessionRecord, StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            what: "session record".into(),
+        };
+        let (used, sealed) = raw.split_at_checked(8).ok_or_else(corrupt)?;
+        let last_used = <[u8; 8]>::try_from(used)
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt())?;
+        let pickle = self.sealer.open(slot, sealed).ok_or_else(corrupt)?;
+        Ok(SessionRecord {
+            peer_key: *peer_key,
+            session_id,
+            last_used,
+            pickle,
+        })
     }
 
     /// Where key-id allocation resumes: at the durable mark, skipping what
@@ -788,20 +841,8 @@ impl Store for SledStore {
             &write.add_keys,
             &write.remove_keys,
         );
-        let sessions: Vec<(Vec<u8>, Vec<u8>)> = write
-            .sessions
-            .iter()
-            .map(|(id, pickle)| {
-                let slot = layout::session(device, id);
-                let sealed = self.sealer.seal(&slot, pickle);
-                (slot, sealed)
-            })
-            .collect();
-        let delivery: Option<(Vec<u8>, Vec<u8>)> = write.delivery.as_ref().map(|d| {
-            let slot = layout::delivery(&d.tag, device, &d.message);
-            let sealed = self.sealer.seal(&slot, &d.record);
-            (slot, sealed)
-        });
+        let sessions = self.seal_sessions(device, &write.sessions);
+        let delivery = self.seal_delivery(device, write.delivery.as_ref());
 
         let outcome = self.db.transaction(|tx| {
             let found = match tx.get(&sealed.account_key)? {
@@ -829,6 +870,9 @@ impl Store for SledStore {
             for (slot, index) in &sealed.removed {
                 tx.remove(slot.as_slice())?;
                 tx.remove(index.as_slice())?;
+            }
+            for (peer, id) in &write.remove_sessions {
+                tx.remove(layout::olm_session(device, peer, id))?;
             }
             for (slot, sealed) in &sessions {
                 tx.insert(slot.as_slice(), sealed.as_slice())?;
@@ -964,9 +1008,81 @@ impl Store for SledStore {
     fn load_session(
         &self,
         device: &DeviceKey,
+        peer_key: &[u8; 32],
         session_id: &str,
-    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let slot = layout::session(device, session_id);
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let slot = layout::olm_session(device, peer_key, session_id);
+        let Some(raw) = self.db.get(&slot)? else {
+            return Ok(None);
+        };
+        self.open_session(&slot, peer_key, session_id.to_owned(), &raw)
+            .map(Some)
+    }
+
+    fn sessions(
+        &self,
+        device: &DeviceKey,
+        peer_key: &[u8; 32],
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        let prefix = layout::peer_sessions(device, peer_key);
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (slot, raw) = item?;
+            let id = String::from_utf8(slot[prefix.len()..].to_vec()).map_err(|_| {
+                StoreError::Corrupt {
+                    what: "session id".into(),
+                }
+            })?;
+            out.push(self.open_session(&slot, peer_key, id, &raw)?);
+        }
+        Ok(out)
+    }
+
+    fn legacy_sessions(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Vec<crate::LegacySession>, StoreError> {
+        let prefix = layout::legacy_session_prefix(device);
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (slot, raw) = item?;
+            let corrupt = || StoreError::Corrupt {
+                what: "schema 1 session".into(),
+            };
+            let id = String::from_utf8(slot[prefix.len()..].to_vec()).map_err(|_| corrupt())?;
+            let pickle = self.sealer.open(&slot, &raw).ok_or_else(corrupt)?;
+            out.push((id, pickle));
+        }
+        Ok(out)
+    }
+
+    fn write_sessions(
+        &self,
+        device: &DeviceKey,
+        write: SessionWrite,
+    ) -> Result<Pending, StoreError> {
+        let put = self.seal_sessions(device, &write.put);
+        let delivery = self.seal_delivery(device, write.delivery.as_ref());
+        let mut batch = sled::Batch::default();
+        for (peer, id) in &write.remove {
+            batch.remove(layout::olm_session(device, peer, id));
+        }
+        for id in &write.remove_legacy {
+            batch.remove(layout::session(device, id));
+        }
+        for (slot, value) in put {
+            batch.insert(slot, value);
+        }
+        if let Some((slot, sealed)) = delivery {
+            batch.insert(slot, sealed);
+        }
+        // A batch is atomic in sled, after a crash too.
+        self.db.apply_batch(batch)?;
+        Ok(self.commit.pending())
+    }
+
+    fn load_tracked_user(&self, user_id: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let slot = layout::tracked_user(user_id);
         let Some(raw) = self.db.get(&slot)? else {
             return Ok(None);
         };
@@ -974,8 +1090,26 @@ impl Store for SledStore {
             .open(&slot, &raw)
             .map(Some)
             .ok_or_else(|| StoreError::Corrupt {
-                what: "session pickle".into(),
+                what: "tracked devices record".into(),
             })
+    }
+
+    fn write_tracked_user(
+        &self,
+        user_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        let slot = layout::tracked_user(user_id);
+        match record {
+            Some(record) => {
+                let sealed = self.sealer.seal(&slot, record);
+                self.db.insert(slot, sealed)?;
+            }
+            None => {
+                self.db.remove(slot)?;
+            }
+        }
+        Ok(self.commit.pending())
     }
 
     fn load_delivery(

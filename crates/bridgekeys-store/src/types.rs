@@ -114,8 +114,10 @@ pub struct DeviceWrite {
     pub add_keys: Vec<OneTimeKeyRecord>,
     /// One-time keys to remove, as `(key_id, public_key)`.
     pub remove_keys: Vec<(u64, [u8; 32])>,
-    /// Olm session pickles to store, as `(session_id, pickle)`.
-    pub sessions: Vec<(String, Zeroizing<Vec<u8>>)>,
+    /// Olm sessions to store (new or updated).
+    pub sessions: Vec<SessionRecord>,
+    /// Olm sessions to remove (evicted), as `(peer_key, session_id)`.
+    pub remove_sessions: Vec<([u8; 32], String)>,
     /// The result of a delivery to remember, so that the same delivery
     /// retried (after a crash) gets the same answer: see [`Delivery`].
     pub delivery: Option<Delivery>,
@@ -145,4 +147,45 @@ pub struct KeyAppend {
     pub add_keys: Vec<OneTimeKeyRecord>,
     /// One-time keys to evict, as `(key_id, public_key)`.
     pub evict_keys: Vec<(u64, [u8; 32])>,
+}
+
+/// One Olm session of a device, as stored: found by the device and the
+/// other party's curve25519 identity key, because that is all an incoming
+/// message names.
+pub struct SessionRecord {
+    /// The other party's curve25519 identity key.
+    pub peer_key: [u8; 32],
+    /// The session id (vodozemac's, base64).
+    pub session_id: String,
+    /// When the session last decrypted or encrypted a message, in the
+    /// manager's clock (milliseconds): the most recently used session of a
+    /// peer is tried first, and the least recently used is evicted first.
+    pub last_used: u64,
+    /// The session pickle, sealed at rest.
+    pub pickle: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for SessionRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionRecord")
+            .field("session_id", &self.session_id)
+            .field("last_used", &self.last_used)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One atomic change to a device's Olm sessions: a ratchet step (the
+/// updated session), new sessions, evictions, and what the delivery that
+/// caused it must find on a retry. The account record is not touched.
+#[derive(Default)]
+pub struct SessionWrite {
+    /// Sessions to insert or replace.
+    pub put: Vec<SessionRecord>,
+    /// Sessions to remove, as `(peer_key, session_id)`.
+    pub remove: Vec<([u8; 32], String)>,
+    /// Sessions stored by schema 1 (under the session id alone) to remove,
+    /// once they are re-stored in `put`.
+    pub remove_legacy: Vec<String>,
+    /// The decryption result to remember for a retried delivery.
+    pub delivery: Option<Delivery>,
 }

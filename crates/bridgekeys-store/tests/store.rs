@@ -2,8 +2,8 @@
 #![allow(clippy::unwrap_used)]
 
 use bridgekeys_store::{
-    DeviceKey, DeviceWrite, FIRST_KEY_ID, KeyAppend, OneTimeKeyRecord, SCHEMA_VERSION, SledStore,
-    SledStoreConfig, Store, StoreError, StoreKey, Version,
+    DeviceKey, DeviceWrite, FIRST_KEY_ID, KeyAppend, OneTimeKeyRecord, SCHEMA_VERSION,
+    SessionRecord, SessionWrite, SledStore, SledStoreConfig, Store, StoreError, StoreKey, Version,
 };
 use zeroize::Zeroizing;
 
@@ -94,7 +94,12 @@ async fn keys_are_added_and_removed_atomically_with_the_account() {
             .unwrap();
         let mut w = account(b"two");
         w.remove_keys = vec![(1, [1; 32])];
-        w.sessions = vec![("sess".into(), Zeroizing::new(b"pickle".to_vec()))];
+        w.sessions = vec![SessionRecord {
+            peer_key: [7; 32],
+            session_id: "sess".into(),
+            last_used: 11,
+            pickle: Zeroizing::new(b"pickle".to_vec()),
+        }];
         store
             .write_device(&dev, Some(Version(1)), w)
             .unwrap()
@@ -112,13 +117,16 @@ async fn keys_are_added_and_removed_atomically_with_the_account() {
         vec![(2, [2; 32])]
     );
     assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
+    let session = store.load_session(&dev, &[7; 32], "sess").unwrap().unwrap();
     assert_eq!(
+        (session.pickle.as_slice(), session.last_used),
+        (&b"pickle"[..], 11)
+    );
+    assert!(
         store
-            .load_session(&dev, "sess")
+            .load_session(&dev, &[8; 32], "sess")
             .unwrap()
-            .unwrap()
-            .as_slice(),
-        b"pickle"
+            .is_none()
     );
     assert_eq!(
         store.load_account(&dev).unwrap().unwrap().data.as_slice(),
@@ -555,4 +563,81 @@ async fn an_unfinished_snapshot_left_by_a_crash_does_not_make_the_store_unreadab
         !unfinished.exists(),
         "the unfinished snapshot is still there"
     );
+}
+
+fn session(peer: u8, id: &str, last_used: u64, pickle: &[u8]) -> SessionRecord {
+    SessionRecord {
+        peer_key: [peer; 32],
+        session_id: id.into(),
+        last_used,
+        pickle: Zeroizing::new(pickle.to_vec()),
+    }
+}
+
+#[tokio::test]
+async fn sessions_are_found_by_peer_replaced_removed_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let dev = DeviceKey::new("@p:hs", "DEV");
+    let other = DeviceKey::new("@q:hs", "DEV");
+    {
+        let store = open(dir.path(), &key).unwrap();
+        let write = SessionWrite {
+            put: vec![
+                session(1, "a", 1, b"a1"),
+                session(1, "b", 2, b"b1"),
+                session(2, "c", 3, b"c1"),
+            ],
+            ..SessionWrite::default()
+        };
+        store
+            .write_sessions(&dev, write)
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+        // A ratchet step replaces a session; an eviction removes another.
+        let write = SessionWrite {
+            put: vec![session(1, "a", 4, b"a2")],
+            remove: vec![([1; 32], "b".into())],
+            ..SessionWrite::default()
+        };
+        store
+            .write_sessions(&dev, write)
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+        store
+            .write_tracked_user("@alice:hs", Some(b"devices"))
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+    }
+    let store = open(dir.path(), &key).unwrap();
+    let of_peer_1 = store.sessions(&dev, &[1; 32]).unwrap();
+    let found: Vec<_> = of_peer_1
+        .iter()
+        .map(|s| (s.session_id.as_str(), s.last_used, s.pickle.to_vec()))
+        .collect();
+    assert_eq!(found, vec![("a", 4, b"a2".to_vec())]);
+    assert_eq!(store.sessions(&dev, &[2; 32]).unwrap().len(), 1);
+    assert!(store.sessions(&other, &[1; 32]).unwrap().is_empty());
+    assert!(store.sessions(&dev, &[3; 32]).unwrap().is_empty());
+    assert_eq!(
+        store
+            .load_tracked_user("@alice:hs")
+            .unwrap()
+            .unwrap()
+            .as_slice(),
+        b"devices"
+    );
+    store
+        .write_tracked_user("@alice:hs", None)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert!(store.load_tracked_user("@alice:hs").unwrap().is_none());
 }

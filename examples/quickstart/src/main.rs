@@ -7,10 +7,13 @@
 //!    `device_keys` a bridge uploads with `/keys/upload`;
 //! 3. answer a key claim, as the homeserver would ask for it over MSC3983;
 //! 4. play a real user's client: start an Olm session with a claimed key and
-//!    send a pre-key message, which the bridge decrypts (consuming the key);
+//!    send a pre-key message, which the bridge decrypts (consuming the key)
+//!    after checking its payload is addressed to this puppet device;
 //! 5. show that the same key cannot be used twice.
 //!
 //! Run it with `cargo run -p quickstart` (add `-- --dir DIR` to keep the store).
+//! The second page, `cargo run -p quickstart --bin olm-exchange`, shows a
+//! two-way Olm conversation between the puppet and a user's device.
 
 use std::sync::Arc;
 
@@ -86,17 +89,33 @@ async fn main() -> anyhow::Result<()> {
         identity.curve25519,
         one_time_key,
     )?;
-    let OlmMessage::PreKey(message) = session.encrypt("hello, puppet")? else {
+    //    The plaintext of every Olm message names its sender and recipient
+    //    (the spec's payload); the bridge refuses one addressed elsewhere.
+    let alice = UserId::parse("@alice:example.org")?;
+    let payload = serde_json::json!({
+        "type": "m.dummy",
+        "content": {},
+        "sender": alice,
+        "recipient": user,
+        "recipient_keys": { "ed25519": identity.ed25519.to_base64() },
+        "keys": { "ed25519": peer.ed25519_key().to_base64() },
+    });
+    let message = session.encrypt(payload.to_string())?;
+    let OlmMessage::PreKey(_) = &message else {
         anyhow::bail!("a new session starts with a pre-key message");
     };
     let inbound = manager
-        .decrypt_prekey(&user, &device, peer.curve25519_key(), &message)
+        .decrypt_olm(
+            (&user, &device),
+            &alice,
+            peer.curve25519_key(),
+            &message,
+            None,
+        )
         .await?;
     println!(
-        "4. pre-key message decrypted ({} bytes), session {} stored, key {} consumed",
-        inbound.plaintext.len(),
-        inbound.session.session_id(),
-        claimed[0].key_id
+        "4. pre-key message decrypted ({} from {}), session {} stored, key {} consumed",
+        inbound.payload.event_type, inbound.payload.sender, inbound.session_id, claimed[0].key_id
     );
 
     // 5. The same key again: refused, because a one-time key is one-time.
@@ -106,11 +125,15 @@ async fn main() -> anyhow::Result<()> {
         identity.curve25519,
         one_time_key,
     )?;
-    let OlmMessage::PreKey(second) = replay.encrypt("me too")? else {
-        anyhow::bail!("a new session starts with a pre-key message");
-    };
+    let second = replay.encrypt(payload.to_string())?;
     match manager
-        .decrypt_prekey(&user, &device, other.curve25519_key(), &second)
+        .decrypt_olm(
+            (&user, &device),
+            &alice,
+            other.curve25519_key(),
+            &second,
+            None,
+        )
         .await
     {
         Err(OlmError::UnknownOneTimeKey) => println!(

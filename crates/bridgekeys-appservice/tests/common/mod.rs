@@ -124,9 +124,44 @@ impl Store for HookedStore {
     fn load_session(
         &self,
         device: &DeviceKey,
+        peer_key: &[u8; 32],
         session_id: &str,
+    ) -> Result<Option<bridgekeys_store::SessionRecord>, StoreError> {
+        self.inner.load_session(device, peer_key, session_id)
+    }
+    fn sessions(
+        &self,
+        device: &DeviceKey,
+        peer_key: &[u8; 32],
+    ) -> Result<Vec<bridgekeys_store::SessionRecord>, StoreError> {
+        self.inner.sessions(device, peer_key)
+    }
+    fn legacy_sessions(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Vec<bridgekeys_store::LegacySession>, StoreError> {
+        self.inner.legacy_sessions(device)
+    }
+    fn write_sessions(
+        &self,
+        device: &DeviceKey,
+        write: bridgekeys_store::SessionWrite,
+    ) -> Result<Pending, StoreError> {
+        self.before_device_write(device)?;
+        self.inner.write_sessions(device, write)
+    }
+    fn load_tracked_user(
+        &self,
+        user_id: &str,
     ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_session(device, session_id)
+        self.inner.load_tracked_user(user_id)
+    }
+    fn write_tracked_user(
+        &self,
+        user_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.inner.write_tracked_user(user_id, record)
     }
     fn load_delivery(
         &self,
@@ -214,8 +249,8 @@ impl BridgeHandler for Recorder {
             match m {
                 ToDevice::Decrypted(d) => seen.decrypted.push((
                     d.to_user_id.to_string(),
-                    d.sender.clone(),
-                    d.inbound.plaintext.to_vec(),
+                    d.sender.to_string(),
+                    d.olm.payload.content.get().as_bytes().to_vec(),
                 )),
                 ToDevice::Other(o) => seen
                     .other_to_device
@@ -297,6 +332,13 @@ impl Fixture {
             appservice,
             router,
         }
+    }
+
+    /// The same fixture with device tracking through `olm` attached.
+    pub fn with_olm(mut self, olm: Arc<bridgekeys_appservice::PuppetOlm>) -> Self {
+        self.appservice = self.appservice.clone().with_olm(olm);
+        self.router = self.appservice.router();
+        self
     }
 
     /// Provision puppets `0..n` with the test device.

@@ -1,0 +1,390 @@
+//! Olm for puppet devices through the homeserver: device tracking and
+//! outbound to-device encryption.
+//!
+//! The account manager ([`bridgekeys_olm`]) does the cryptography and keeps
+//! state; this module adds the homeserver calls, made **as the puppet
+//! device** (appservice identity assertion with `user_id` and `device_id`):
+//!
+//! * [`PuppetOlm::devices`]: the verified devices of some users. Users not
+//!   tracked yet, or marked outdated by `device_lists.changed`, are queried
+//!   with one batched `keys/query`; concurrent callers needing the same user
+//!   wait for the one query in flight instead of issuing another.
+//! * [`PuppetOlm::encrypt_to_device`]: encrypt content for a set of user
+//!   devices and send it. Each recipient device reuses its most recently
+//!   used session, or gets a one-time key claimed (one batched `keys/claim`)
+//!   whose signature is verified before a session is made from it. One
+//!   `sendToDevice` carries every message, under one transaction id that
+//!   its retries reuse, so the homeserver delivers each message once. A
+//!   device that cannot be reached (unknown, no key to claim, bad key) is
+//!   reported in [`SendReport::failed`]; the others are still sent.
+//! * [`PuppetOlm::note_device_lists`]: feed a transaction's
+//!   `device_lists` in (the listener does it when a `PuppetOlm` is attached
+//!   with [`crate::Appservice::with_olm`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use bridgekeys_olm::{AccountManager, OlmError, Recipient, TrackedDevices};
+use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, UserId};
+use serde_json::Value;
+
+use crate::{DeviceLists, HomeserverClient, HomeserverError};
+
+/// Why an Olm operation through the homeserver failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum PuppetOlmError {
+    /// The account manager refused or failed (unknown puppet device, store).
+    #[error(transparent)]
+    Olm(#[from] OlmError),
+    /// The homeserver call failed (after retries for transient failures).
+    #[error(transparent)]
+    Homeserver(#[from] HomeserverError),
+}
+
+/// Why one recipient device did not get its message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceFailure {
+    /// The device is not among the user's verified devices.
+    #[error("unknown or unverified device")]
+    UnknownDevice,
+    /// The homeserver had no one-time key (and no fallback key) to hand out.
+    #[error("no one-time key to claim")]
+    NoKeyToClaim,
+    /// The claimed key's signature did not verify with the device's key.
+    #[error("claimed key has a bad signature")]
+    BadKeySignature,
+    /// Encryption failed for another reason.
+    #[error("could not encrypt: {0}")]
+    Encryption(String),
+}
+
+/// What [`PuppetOlm::encrypt_to_device`] did, per device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SendReport {
+    /// Devices the message was sent to.
+    pub sent: Vec<(OwnedUserId, OwnedDeviceId)>,
+    /// How many of them reused an existing session.
+    pub sessions_reused: usize,
+    /// How many needed a claimed key and a new session.
+    pub sessions_created: usize,
+    /// Devices left out, and why.
+    pub failed: Vec<(OwnedUserId, OwnedDeviceId, DeviceFailure)>,
+    /// The `sendToDevice` transaction id used (none if nothing was sent).
+    pub txn_id: Option<String>,
+}
+
+/// Which devices of a user to address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Devices {
+    /// Every verified device of the user.
+    All,
+    /// Just these (each must be a verified device).
+    Only(Vec<OwnedDeviceId>),
+}
+
+/// Olm for puppet devices, through the homeserver. Cheap to share (`Arc`).
+pub struct PuppetOlm {
+    manager: Arc<AccountManager>,
+    homeserver: HomeserverClient,
+    /// One async lock per user being queried, so a user is never queried
+    /// twice at once.
+    querying: parking_lot::Mutex<HashMap<OwnedUserId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Attempts per homeserver call on transient failures.
+    attempts: u32,
+    queries: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for PuppetOlm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PuppetOlm").finish_non_exhaustive()
+    }
+}
+
+impl PuppetOlm {
+    /// Olm through `homeserver` for the puppet devices of `manager`.
+    pub fn new(manager: Arc<AccountManager>, homeserver: HomeserverClient) -> Self {
+        Self {
+            manager,
+            homeserver,
+            querying: parking_lot::Mutex::new(HashMap::new()),
+            attempts: 4,
+            queries: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The account manager.
+    pub fn manager(&self) -> &Arc<AccountManager> {
+        &self.manager
+    }
+
+    /// `keys/query` calls made so far.
+    pub fn queries(&self) -> u64 {
+        self.queries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The verified devices of `users`, querying the homeserver (as the
+    /// puppet device `puppet`) for users not tracked yet or outdated. A
+    /// user the homeserver returned nothing for maps to an empty list.
+    pub async fn devices(
+        &self,
+        puppet: (&UserId, &DeviceId),
+        users: &[OwnedUserId],
+    ) -> Result<BTreeMap<OwnedUserId, TrackedDevices>, PuppetOlmError> {
+        let wanted: BTreeSet<OwnedUserId> = users.iter().cloned().collect();
+        let mut out = BTreeMap::new();
+        let mut stale = Vec::new();
+        for user in &wanted {
+            match self.manager.tracked_devices(user)? {
+                Some(t) if !t.outdated => {
+                    out.insert(user.clone(), t);
+                }
+                _ => stale.push(user.clone()),
+            }
+        }
+        if !stale.is_empty() {
+            // Lock the users in order (no deadlock between two batches),
+            // then query only those still stale: a query that finished
+            // while we waited may have done the work.
+            let locks: Vec<_> = {
+                let mut map = self.querying.lock();
+                stale
+                    .iter()
+                    .map(|u| Arc::clone(map.entry(u.clone()).or_default()))
+                    .collect()
+            };
+            let mut guards = Vec::with_capacity(locks.len());
+            for lock in &locks {
+                guards.push(lock.lock().await);
+            }
+            let mut still = Vec::new();
+            for user in &stale {
+                match self.manager.tracked_devices(user)? {
+                    Some(t) if !t.outdated => {
+                        out.insert(user.clone(), t);
+                    }
+                    _ => still.push(user.clone()),
+                }
+            }
+            if !still.is_empty() {
+                self.queries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let answer = self
+                    .retry(|| {
+                        self.homeserver
+                            .query_keys(puppet.0, puppet.1, still.iter().cloned())
+                    })
+                    .await?;
+                for user in &still {
+                    let empty = BTreeMap::new();
+                    let listed = answer.get(user).unwrap_or(&empty);
+                    self.manager.update_tracked_devices(user, listed).await?;
+                    if let Some(t) = self.manager.tracked_devices(user)? {
+                        out.insert(user.clone(), t);
+                    }
+                }
+            }
+            drop(guards);
+            let mut map = self.querying.lock();
+            for (user, lock) in stale.iter().zip(&locks) {
+                // Only the map and our clone hold it: nobody waits on it.
+                if Arc::strong_count(lock) <= 2 {
+                    map.remove(user);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Encrypt `content` (an event of type `event_type`) from the puppet
+    /// device for each listed user's devices, and send it as
+    /// `m.room.encrypted` to-device messages.
+    ///
+    /// Sessions are reused where they exist; otherwise one key per device is
+    /// claimed (in one request) and verified. Every session step is durable
+    /// before anything is sent. Devices that cannot be reached are reported
+    /// in [`SendReport::failed`] without failing the others; the call fails
+    /// as a whole only if the homeserver or the store does.
+    pub async fn encrypt_to_device(
+        &self,
+        puppet: (&UserId, &DeviceId),
+        recipients: &BTreeMap<OwnedUserId, Devices>,
+        event_type: &str,
+        content: &Value,
+    ) -> Result<SendReport, PuppetOlmError> {
+        let users: Vec<OwnedUserId> = recipients.keys().cloned().collect();
+        let known = self.devices(puppet, &users).await?;
+        let mut report = SendReport::default();
+        // The verified target devices, and which lack a session.
+        let mut targets = Vec::new();
+        let mut to_claim: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>> = BTreeMap::new();
+        for (user, which) in recipients {
+            let Some(tracked) = known.get(user) else {
+                continue;
+            };
+            let ids: Vec<OwnedDeviceId> = match which {
+                Devices::All => tracked.devices.keys().cloned().collect(),
+                Devices::Only(ids) => ids.clone(),
+            };
+            for id in ids {
+                let Some(device) = tracked.devices.get(&id) else {
+                    report
+                        .failed
+                        .push((user.clone(), id, DeviceFailure::UnknownDevice));
+                    continue;
+                };
+                if self.manager.has_session(puppet, &device.curve25519)? {
+                    report.sessions_reused += 1;
+                } else {
+                    to_claim.entry(user.clone()).or_default().push(id.clone());
+                }
+                targets.push((user.clone(), device.clone()));
+            }
+        }
+        let mut unreachable = BTreeSet::new();
+        if !to_claim.is_empty() {
+            let claimed = self
+                .retry(|| {
+                    self.homeserver
+                        .claim_keys(puppet.0, puppet.1, to_claim.clone())
+                })
+                .await?;
+            for (user, ids) in &to_claim {
+                for id in ids {
+                    let key = claimed
+                        .get(user)
+                        .and_then(|d| d.get(id))
+                        .and_then(|keys| keys.values().next());
+                    let Some(key) = key else {
+                        report
+                            .failed
+                            .push((user.clone(), id.clone(), DeviceFailure::NoKeyToClaim));
+                        unreachable.insert((user.clone(), id.clone()));
+                        continue;
+                    };
+                    let Some(device) = known.get(user).and_then(|t| t.devices.get(id)) else {
+                        continue;
+                    };
+                    let key: Value = match serde_json::from_str(key.json().get()) {
+                        Ok(v) => v,
+                        Err(_) => Value::Null,
+                    };
+                    let recipient = Recipient::tracked(user, device);
+                    match self
+                        .manager
+                        .create_outbound_session(puppet, &recipient, &key)
+                        .await
+                    {
+                        Ok(_) => report.sessions_created += 1,
+                        Err(OlmError::BadKeySignature) => {
+                            tracing::warn!(%user, device_id = %id, "claimed one-time key has a bad signature; device left out");
+                            report.failed.push((
+                                user.clone(),
+                                id.clone(),
+                                DeviceFailure::BadKeySignature,
+                            ));
+                            unreachable.insert((user.clone(), id.clone()));
+                        }
+                        Err(e @ OlmError::Store(_)) => return Err(e.into()),
+                        Err(e) => {
+                            report.failed.push((
+                                user.clone(),
+                                id.clone(),
+                                DeviceFailure::Encryption(e.to_string()),
+                            ));
+                            unreachable.insert((user.clone(), id.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut messages: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Value>> = BTreeMap::new();
+        for (user, device) in &targets {
+            if unreachable.contains(&(user.clone(), device.device_id.clone())) {
+                continue;
+            }
+            let recipient = Recipient::tracked(user, device);
+            match self
+                .manager
+                .encrypt_olm(puppet, &recipient, event_type, content)
+                .await
+            {
+                Ok(encrypted) => {
+                    messages
+                        .entry(user.clone())
+                        .or_default()
+                        .insert(device.device_id.clone(), encrypted.content);
+                    report.sent.push((user.clone(), device.device_id.clone()));
+                }
+                Err(e @ OlmError::Store(_)) => return Err(e.into()),
+                Err(e) => report.failed.push((
+                    user.clone(),
+                    device.device_id.clone(),
+                    DeviceFailure::Encryption(e.to_string()),
+                )),
+            }
+        }
+        if !messages.is_empty() {
+            let txn_id = crate::random_token();
+            self.retry(|| {
+                self.homeserver.send_to_device(
+                    puppet.0,
+                    puppet.1,
+                    "m.room.encrypted",
+                    &txn_id,
+                    messages.clone(),
+                )
+            })
+            .await?;
+            report.txn_id = Some(txn_id);
+        }
+        Ok(report)
+    }
+
+    /// Take a transaction's `device_lists` in: `changed` users are marked
+    /// outdated (queried again before their devices are next used), `left`
+    /// users are no longer tracked.
+    pub async fn note_device_lists(&self, lists: &DeviceLists) -> Result<(), OlmError> {
+        let parse = |ids: &[String]| -> Vec<OwnedUserId> {
+            ids.iter()
+                .filter_map(|u| OwnedUserId::try_from(u.as_str()).ok())
+                .collect()
+        };
+        let changed = parse(&lists.changed);
+        let left = parse(&lists.left);
+        if !changed.is_empty() {
+            self.manager
+                .mark_devices_outdated(changed.iter().map(|u| u.as_ref()))
+                .await?;
+        }
+        if !left.is_empty() {
+            self.manager
+                .forget_tracked_devices(left.iter().map(|u| u.as_ref()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Run a homeserver call, retrying transient failures with backoff.
+    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, HomeserverError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, HomeserverError>>,
+    {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && attempt < self.attempts => {
+                    tracing::debug!(error = %e, attempt, "homeserver call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}

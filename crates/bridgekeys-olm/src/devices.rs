@@ -1,0 +1,296 @@
+//! Device tracking: the verified device keys of the users our puppets talk
+//! to, kept durably.
+//!
+//! The keys come from a `keys/query` the bridge makes as a puppet (the
+//! homeserver client lives in the appservice crate); this module decides
+//! what to believe:
+//!
+//! * a device is accepted only if its `device_keys` object names the queried
+//!   user and device and carries a valid self-signature by its own ed25519
+//!   key;
+//! * a device whose keys change under the same device id is **refused** and
+//!   reported: a device id names one set of keys for life, so a change is a
+//!   compromised or confused homeserver, never a normal event (the old keys
+//!   stay tracked);
+//! * devices missing from a fresh query are gone (deleted by their owner);
+//! * `device_lists.changed` marks a user outdated (the bridge queries again
+//!   before trusting the list), `device_lists.left` forgets the user.
+//!
+//! What is tracked feeds the payload checks ([`crate::payload`]): a message
+//! from a tracked device must show that device's keys.
+
+use std::collections::BTreeMap;
+
+use ruma::{
+    DeviceId, DeviceKeyAlgorithm, OwnedDeviceId, OwnedUserId, UserId, encryption::DeviceKeys,
+    serde::Raw,
+};
+use serde::{Deserialize, Serialize};
+use vodozemac::{Curve25519PublicKey, Ed25519PublicKey, Ed25519Signature};
+
+use crate::{AccountManager, OlmError, signing::canonical_json_for_signing};
+
+/// One device of a tracked user, with keys that passed verification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackedDevice {
+    /// The device id.
+    pub device_id: OwnedDeviceId,
+    /// Its curve25519 identity key (the Olm channel key).
+    pub curve25519: Curve25519PublicKey,
+    /// Its ed25519 signing key.
+    pub ed25519: Ed25519PublicKey,
+}
+
+/// The tracked devices of one user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackedDevices {
+    /// The user.
+    pub user_id: OwnedUserId,
+    /// Set by `device_lists.changed`: query again before relying on the list.
+    pub outdated: bool,
+    /// Verified devices, by id.
+    pub devices: BTreeMap<OwnedDeviceId, TrackedDevice>,
+}
+
+impl TrackedDevices {
+    /// The device whose curve25519 key is `key`, if tracked.
+    pub fn by_curve25519(&self, key: &Curve25519PublicKey) -> Option<&TrackedDevice> {
+        self.devices.values().find(|d| &d.curve25519 == key)
+    }
+}
+
+/// Why a queried device was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceRefusal {
+    /// The object could not be read as `device_keys`.
+    #[error("malformed device_keys")]
+    Malformed,
+    /// It names another user or device than the one it was listed under.
+    #[error("device_keys names another user or device")]
+    WrongIds,
+    /// It lacks its curve25519 or ed25519 key, or one is malformed.
+    #[error("device_keys lacks a valid curve25519 or ed25519 key")]
+    MissingKeys,
+    /// Its self-signature is missing or does not verify.
+    #[error("device_keys self-signature missing or invalid")]
+    BadSignature,
+    /// The device id is tracked with other keys: refused, old keys kept.
+    #[error("device keys changed under the same device id")]
+    KeysChanged,
+}
+
+/// What a query result changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceUpdate {
+    /// Devices newly tracked.
+    pub added: Vec<OwnedDeviceId>,
+    /// Devices no longer listed (deleted), no longer tracked.
+    pub removed: Vec<OwnedDeviceId>,
+    /// Devices refused, with why.
+    pub refused: Vec<(OwnedDeviceId, DeviceRefusal)>,
+}
+
+/// The stored record of one user (sealed by the store).
+#[derive(Serialize, Deserialize, Default)]
+struct Record {
+    outdated: bool,
+    /// device id -> (curve25519, ed25519), base64.
+    devices: BTreeMap<String, (String, String)>,
+}
+
+impl Record {
+    fn decode(bytes: &[u8]) -> Result<Self, OlmError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| OlmError::Corrupt(format!("tracked devices record: {e}")))
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, OlmError> {
+        serde_json::to_vec(self)
+            .map_err(|e| OlmError::Corrupt(format!("cannot serialise tracked devices: {e}")))
+    }
+
+    fn into_tracked(self, user_id: &UserId) -> Result<TrackedDevices, OlmError> {
+        let corrupt = |_| OlmError::Corrupt("tracked device key".into());
+        let mut devices = BTreeMap::new();
+        for (id, (curve, ed)) in self.devices {
+            let device_id: OwnedDeviceId = id.into();
+            devices.insert(
+                device_id.clone(),
+                TrackedDevice {
+                    device_id,
+                    curve25519: Curve25519PublicKey::from_base64(&curve).map_err(corrupt)?,
+                    ed25519: Ed25519PublicKey::from_base64(&ed).map_err(corrupt)?,
+                },
+            );
+        }
+        Ok(TrackedDevices {
+            user_id: user_id.to_owned(),
+            outdated: self.outdated,
+            devices,
+        })
+    }
+}
+
+/// Verify one queried `device_keys` object listed under `user_id`/`device_id`.
+pub fn verify_device_keys(
+    user_id: &UserId,
+    device_id: &DeviceId,
+    raw: &Raw<DeviceKeys>,
+) -> Result<TrackedDevice, DeviceRefusal> {
+    let keys: DeviceKeys = raw.deserialize().map_err(|_| DeviceRefusal::Malformed)?;
+    if keys.user_id != user_id || keys.device_id != device_id {
+        return Err(DeviceRefusal::WrongIds);
+    }
+    let key = |algorithm: DeviceKeyAlgorithm| {
+        keys.keys
+            .get(&ruma::DeviceKeyId::from_parts(algorithm, device_id))
+            .cloned()
+            .ok_or(DeviceRefusal::MissingKeys)
+    };
+    let curve25519 = Curve25519PublicKey::from_base64(&key(DeviceKeyAlgorithm::Curve25519)?)
+        .map_err(|_| DeviceRefusal::MissingKeys)?;
+    let ed25519 = Ed25519PublicKey::from_base64(&key(DeviceKeyAlgorithm::Ed25519)?)
+        .map_err(|_| DeviceRefusal::MissingKeys)?;
+    // Verify over the object as received (unknown fields included), not as
+    // ruma re-serialises it.
+    let value: serde_json::Value =
+        serde_json::from_str(raw.json().get()).map_err(|_| DeviceRefusal::Malformed)?;
+    let signature = value
+        .get("signatures")
+        .and_then(|s| s.get(user_id.as_str()))
+        .and_then(|s| s.get(format!("ed25519:{device_id}")))
+        .and_then(|s| s.as_str())
+        .ok_or(DeviceRefusal::BadSignature)?;
+    let signature =
+        Ed25519Signature::from_base64(signature).map_err(|_| DeviceRefusal::BadSignature)?;
+    let signed = canonical_json_for_signing(&value).map_err(|_| DeviceRefusal::Malformed)?;
+    ed25519
+        .verify(signed.as_bytes(), &signature)
+        .map_err(|_| DeviceRefusal::BadSignature)?;
+    Ok(TrackedDevice {
+        device_id: device_id.to_owned(),
+        curve25519,
+        ed25519,
+    })
+}
+
+impl AccountManager {
+    /// The tracked devices of `user_id`, or `None` if the user is not
+    /// tracked (never queried, or forgotten).
+    pub fn tracked_devices(&self, user_id: &UserId) -> Result<Option<TrackedDevices>, OlmError> {
+        match self.store.load_tracked_user(user_id.as_str())? {
+            Some(bytes) => Record::decode(&bytes)?.into_tracked(user_id).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Take in the result of a `keys/query` for `user_id` (its
+    /// `device_keys` entry): verify every device, refuse changed keys, drop
+    /// devices no longer listed, clear the outdated mark; durable before it
+    /// returns.
+    pub async fn update_tracked_devices(
+        &self,
+        user_id: &UserId,
+        queried: &BTreeMap<OwnedDeviceId, Raw<DeviceKeys>>,
+    ) -> Result<DeviceUpdate, OlmError> {
+        let (pending, update) = {
+            let _one_writer = self.tracking.lock();
+            let old = match self.store.load_tracked_user(user_id.as_str())? {
+                Some(bytes) => Record::decode(&bytes)?,
+                None => Record::default(),
+            };
+            let mut update = DeviceUpdate::default();
+            let mut record = Record::default();
+            for (device_id, raw) in queried {
+                let keys = match verify_device_keys(user_id, device_id, raw) {
+                    Ok(device) => (device.curve25519.to_base64(), device.ed25519.to_base64()),
+                    Err(refusal) => {
+                        // A device we knew stays as it was if its new
+                        // listing is bad; a new one is simply not tracked.
+                        if let Some(known) = old.devices.get(device_id.as_str()) {
+                            record.devices.insert(device_id.to_string(), known.clone());
+                        }
+                        update.refused.push((device_id.clone(), refusal));
+                        continue;
+                    }
+                };
+                match old.devices.get(device_id.as_str()) {
+                    Some(known) if *known != keys => {
+                        record.devices.insert(device_id.to_string(), known.clone());
+                        update
+                            .refused
+                            .push((device_id.clone(), DeviceRefusal::KeysChanged));
+                    }
+                    Some(_) => {
+                        record.devices.insert(device_id.to_string(), keys);
+                    }
+                    None => {
+                        record.devices.insert(device_id.to_string(), keys);
+                        update.added.push(device_id.clone());
+                    }
+                }
+            }
+            update.removed = old
+                .devices
+                .keys()
+                .filter(|id| !queried.contains_key(<&DeviceId>::from(id.as_str())))
+                .map(|id| OwnedDeviceId::from(id.as_str()))
+                .collect();
+            for (device_id, refusal) in &update.refused {
+                self.counters.note_device_refused();
+                tracing::warn!(%user_id, %device_id, reason = %refusal, "queried device refused");
+            }
+            let pending = self
+                .store
+                .write_tracked_user(user_id.as_str(), Some(&record.encode()?))?;
+            (pending, update)
+        };
+        pending.durable().await?;
+        Ok(update)
+    }
+
+    /// `device_lists.changed`: mark tracked users outdated, durably.
+    /// Untracked users are ignored. Returns the users marked.
+    pub async fn mark_devices_outdated<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a UserId>,
+    ) -> Result<Vec<OwnedUserId>, OlmError> {
+        let mut marked = Vec::new();
+        {
+            let _one_writer = self.tracking.lock();
+            for user_id in users {
+                let Some(bytes) = self.store.load_tracked_user(user_id.as_str())? else {
+                    continue;
+                };
+                let mut record = Record::decode(&bytes)?;
+                if record.outdated {
+                    continue;
+                }
+                record.outdated = true;
+                // Made durable by the sync below, with the others.
+                let _applied = self
+                    .store
+                    .write_tracked_user(user_id.as_str(), Some(&record.encode()?))?;
+                marked.push(user_id.to_owned());
+            }
+        }
+        self.store.sync().durable().await?;
+        Ok(marked)
+    }
+
+    /// `device_lists.left`: stop tracking these users, durably.
+    pub async fn forget_tracked_devices<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a UserId>,
+    ) -> Result<(), OlmError> {
+        {
+            let _one_writer = self.tracking.lock();
+            for user_id in users {
+                // Made durable by the sync below, with the others.
+                let _applied = self.store.write_tracked_user(user_id.as_str(), None)?;
+            }
+        }
+        self.store.sync().durable().await?;
+        Ok(())
+    }
+}
