@@ -49,6 +49,7 @@ impl BridgeHandler for Recorder {
 /// A bridge (listener + provisioner + rotation) and a Synapse that knows it.
 struct World {
     _data: tempfile::TempDir,
+    store_key: StoreKey,
     store: Arc<SledStore>,
     manager: Arc<AccountManager>,
     registration: Registration,
@@ -70,10 +71,11 @@ struct World {
 impl World {
     async fn new() -> Self {
         let data = tempfile::tempdir().unwrap();
+        let store_key = StoreKey::generate();
         let store = Arc::new(
             SledStore::open_or_create(SledStoreConfig::new(
                 data.path().join("store"),
-                StoreKey::generate(),
+                store_key.clone(),
             ))
             .unwrap(),
         );
@@ -112,6 +114,7 @@ impl World {
             .unwrap();
         let mut world = World {
             _data: data,
+            store_key,
             store,
             manager,
             registration,
@@ -162,6 +165,45 @@ impl World {
     async fn restart_bridge(&mut self) {
         let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
         self.start_bridge(listener);
+    }
+
+    /// A whole bridge restart: the listener stops, every handle on the
+    /// store is dropped (so the store is closed), and a new store, account
+    /// manager and provisioner are opened from disk before the listener
+    /// starts again. Only what was durable survives.
+    async fn reopen_bridge(&mut self) {
+        self.stop_bridge().await;
+        let path = self._data.path().join("store");
+        let open = |path: &std::path::Path| {
+            let store = Arc::new(
+                SledStore::open_or_create(SledStoreConfig::new(path, self.store_key.clone()))
+                    .unwrap(),
+            );
+            let manager = Arc::new(AccountManager::new(store.clone(), ManagerConfig::default()));
+            let client = HomeserverClient::new(
+                &self.synapse.url(),
+                AsToken::new(self.registration.as_token.clone()),
+            )
+            .unwrap();
+            let provisioner = Arc::new(Provisioner::new(
+                client,
+                manager.clone(),
+                store.clone(),
+                ProvisionConfig::from_registration(&self.registration),
+            ));
+            (store, manager, provisioner)
+        };
+        // Swap in a throw-away bridge so the real store's handles drop.
+        let scratch = tempfile::tempdir().unwrap();
+        let (store, manager, provisioner) = open(&scratch.path().join("store"));
+        self.provisioner = provisioner;
+        self.manager = manager;
+        self.store = store;
+        let (store, manager, provisioner) = open(&path);
+        self.provisioner = provisioner;
+        self.manager = manager;
+        self.store = store;
+        self.restart_bridge().await;
     }
 
     async fn alice(&self, method: Method, path: &str, body: &Value) -> Value {
@@ -453,5 +495,229 @@ async fn a_prekey_message_sent_through_synapse_is_decrypted_by_the_bridge_and_co
         "the used one-time key is still stored"
     );
     assert_eq!(w.manager.stats().prekeys_decrypted, 1);
+    w.stop_bridge().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puppet_and_a_real_client_exchange_olm_messages_both_ways_through_synapse_across_a_restart()
+ {
+    use bridgekeys_appservice::{Devices, PuppetOlm};
+    use bridgekeys_testkit::{OlmPeer, PeerLogin};
+    const WAIT: Duration = Duration::from_secs(30);
+
+    let mut w = World::new().await;
+    // Alice's second device is a real client we did not write (matrix-nio
+    // on libolm), doing its own Olm.
+    let mut peer = OlmPeer::start()
+        .await
+        .unwrap_or_else(|e| panic!("could not start the Olm peer: {e}"));
+    let me = peer
+        .login(&PeerLogin::new(
+            w.synapse.url(),
+            w.alice.user_id.clone(),
+            "correct horse battery",
+        ))
+        .await
+        .unwrap();
+    let alice = UserId::parse(&me.user_id).unwrap();
+    let alice_device = OwnedDeviceId::from(me.device_id.as_str());
+    let puppet_olm = |w: &World| {
+        PuppetOlm::new(
+            w.manager.clone(),
+            HomeserverClient::new(
+                &w.synapse.url(),
+                AsToken::new(w.registration.as_token.clone()),
+            )
+            .unwrap(),
+        )
+    };
+    let to_alice = BTreeMap::from([(alice.clone(), Devices::Only(vec![alice_device.clone()]))]);
+    let next_from_peer = async |w: &mut World| {
+        let (sender, plaintext) = tokio::time::timeout(WAIT, w.seen.recv())
+            .await
+            .expect("the bridge never received the peer's message")
+            .unwrap();
+        assert_eq!(sender, alice.as_str());
+        serde_json::from_slice::<Value>(&plaintext).unwrap()
+    };
+
+    // 1. The client claims a key of the puppet (proxied to our listener),
+    //    starts a session and sends a pre-key message.
+    let sent = peer
+        .send_olm(
+            w.bob.as_str(),
+            w.device.as_str(),
+            "org.bridgekeys.test.ping",
+            &json!({"n": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.message_type, 0);
+    let got = next_from_peer(&mut w).await;
+    assert_eq!(got["type"], "org.bridgekeys.test.ping");
+    assert_eq!(got["content"], json!({"n": 1}));
+    assert_eq!(got["sender_device"], json!(me.device_id));
+
+    // 2. The puppet answers on that session, through the homeserver as the
+    //    puppet device; nio decrypts it and checks the payload itself.
+    let olm = puppet_olm(&w);
+    let report = olm
+        .encrypt_to_device(
+            (&w.bob, &w.device),
+            &to_alice,
+            "org.bridgekeys.test.pong",
+            &json!({"n": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        report.sent,
+        vec![(alice.clone(), alice_device.clone())],
+        "{report:?}"
+    );
+    assert_eq!((report.sessions_reused, report.sessions_created), (1, 0));
+    let pong = peer
+        .wait_to_device("org.bridgekeys.test.pong", WAIT)
+        .await
+        .unwrap()
+        .expect("the client never received the puppet's answer");
+    assert!(pong.verified_payload);
+    assert_eq!(pong.keys_match, Some(true), "{pong:?}");
+    assert_eq!(pong.sender, w.bob.as_str());
+    assert_eq!(pong.content, json!({"n": 1}));
+    assert_eq!(pong.message_type, 1);
+    drop(olm);
+
+    // 3. Several rounds of normal messages both ways, with a whole bridge
+    //    restart in the middle: the sessions come back from the store.
+    for round in 2..=4 {
+        if round == 3 {
+            w.reopen_bridge().await;
+        }
+        let sent = peer
+            .send_olm(
+                w.bob.as_str(),
+                w.device.as_str(),
+                "org.bridgekeys.test.ping",
+                &json!({"n": round}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.message_type, 1, "round {round}");
+        let got = next_from_peer(&mut w).await;
+        assert_eq!(got["content"], json!({"n": round}));
+        let olm = puppet_olm(&w);
+        let report = olm
+            .encrypt_to_device(
+                (&w.bob, &w.device),
+                &to_alice,
+                "org.bridgekeys.test.pong",
+                &json!({"n": round}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(report.sessions_reused, 1, "round {round}: {report:?}");
+        let pong = peer
+            .wait_to_device("org.bridgekeys.test.pong", WAIT)
+            .await
+            .unwrap()
+            .expect("the client never received the puppet's answer");
+        assert_eq!(pong.content, json!({"n": round}));
+        assert_eq!(pong.message_type, 1);
+        assert_eq!(pong.keys_match, Some(true));
+    }
+    assert!(w.manager.stats().olm_decrypted >= 1);
+    peer.quit().await.unwrap();
+    w.stop_bridge().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puppet_starts_a_session_with_a_real_client_by_claiming_its_key_through_synapse() {
+    use bridgekeys_appservice::{Devices, PuppetOlm};
+    use bridgekeys_testkit::{OlmPeer, PeerLogin};
+    const WAIT: Duration = Duration::from_secs(30);
+
+    let mut w = World::new().await;
+    let mut peer = OlmPeer::start()
+        .await
+        .unwrap_or_else(|e| panic!("could not start the Olm peer: {e}"));
+    let me = peer
+        .login(&PeerLogin::new(
+            w.synapse.url(),
+            w.alice.user_id.clone(),
+            "correct horse battery",
+        ))
+        .await
+        .unwrap();
+    let alice = UserId::parse(&me.user_id).unwrap();
+    let olm = PuppetOlm::new(
+        w.manager.clone(),
+        HomeserverClient::new(
+            &w.synapse.url(),
+            AsToken::new(w.registration.as_token.clone()),
+        )
+        .unwrap(),
+    );
+    // Every device of Alice's: the one the test user registered has no
+    // keys (not an encrypting device) and is not listed as verified; the
+    // client's device is.
+    let devices = olm
+        .devices((&w.bob, &w.device), std::slice::from_ref(&alice))
+        .await
+        .unwrap();
+    let tracked = &devices[&alice];
+    assert!(
+        tracked
+            .devices
+            .contains_key(<&ruma::DeviceId>::from(me.device_id.as_str()))
+    );
+    let to_alice = BTreeMap::from([(alice.clone(), Devices::All)]);
+    let report = olm
+        .encrypt_to_device(
+            (&w.bob, &w.device),
+            &to_alice,
+            "org.bridgekeys.test.hello",
+            &json!({"from": "puppet"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.sessions_reused, report.sessions_created),
+        (0, 1),
+        "{report:?}"
+    );
+    assert!(report.failed.is_empty(), "{report:?}");
+    let hello = peer
+        .wait_to_device("org.bridgekeys.test.hello", WAIT)
+        .await
+        .unwrap()
+        .expect("the client never received the puppet's pre-key message");
+    assert_eq!(hello.message_type, 0);
+    assert!(hello.verified_payload);
+    assert_eq!(hello.keys_match, Some(true));
+    assert_eq!(hello.content, json!({"from": "puppet"}));
+    // One query served both calls: the user was tracked after the first.
+    assert_eq!(olm.queries(), 1);
+
+    // The client answers on the session the puppet started: the bridge
+    // decrypts its normal message.
+    let sent = peer
+        .send_olm(
+            w.bob.as_str(),
+            w.device.as_str(),
+            "org.bridgekeys.test.ping",
+            &json!({"n": 9}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.message_type, 1);
+    let (sender, plaintext) = tokio::time::timeout(WAIT, w.seen.recv())
+        .await
+        .expect("the bridge never received the answer")
+        .unwrap();
+    assert_eq!(sender, alice.as_str());
+    let got: Value = serde_json::from_slice(&plaintext).unwrap();
+    assert_eq!(got["content"], json!({"n": 9}));
+    peer.quit().await.unwrap();
     w.stop_bridge().await;
 }

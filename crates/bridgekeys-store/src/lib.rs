@@ -155,10 +155,7 @@ pub trait Store: Send + Sync + 'static {
     /// their id alone, as `(session_id, pickle)`. The manager re-stores
     /// them by peer ([`SessionWrite::remove_legacy`]) the first time it
     /// needs the device's sessions.
-    fn legacy_sessions(
-        &self,
-        device: &DeviceKey,
-    ) -> Result<Vec<LegacySession>, StoreError>;
+    fn legacy_sessions(&self, device: &DeviceKey) -> Result<Vec<LegacySession>, StoreError>;
 
     /// Atomically apply `write` to a device's sessions (and its delivery
     /// record): all of it or none of it, after a crash too.

@@ -1038,10 +1038,7 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn legacy_sessions(
-        &self,
-        device: &DeviceKey,
-    ) -> Result<Vec<crate::LegacySession>, StoreError> {
+    fn legacy_sessions(&self, device: &DeviceKey) -> Result<Vec<crate::LegacySession>, StoreError> {
         let prefix = layout::legacy_session_prefix(device);
         let mut out = Vec::new();
         for item in self.db.scan_prefix(&prefix) {
