@@ -721,3 +721,102 @@ async fn a_puppet_starts_a_session_with_a_real_client_by_claiming_its_key_throug
     peer.quit().await.unwrap();
     w.stop_bridge().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prekey_message_on_the_fallback_key_rotates_it_at_once_and_synapse_serves_the_new_one() {
+    let mut w = World::new().await;
+    let first = w.published_fallback();
+
+    // Bridge down: a client gets the fallback key from Synapse.
+    w.stop_bridge().await;
+    let (_, key) = w.claim_one().await;
+    assert_eq!(key["fallback"], true, "{key}");
+    assert_eq!(key["key"], first.as_str());
+
+    // Bridge up: the client's pre-key message on that key arrives. Bob
+    // shares no room with Alice, so no MSC3202 "fallback used" report comes:
+    // only the bridge's own finding can trigger the rotation, and the
+    // periodic pass is minutes away.
+    w.restart_bridge().await;
+    // Synapse marked the appservice down while it was away and drops
+    // to-device messages until it is up again: a ping (what a bridge does
+    // at start) makes it retry now and mark it up.
+    let ping = format!(
+        "/_matrix/client/v1/appservice/{}/ping",
+        encode(&w.registration.id)
+    );
+    let (status, answer) = w
+        .synapse
+        .request(
+            Method::POST,
+            &ping,
+            Some(&w.registration.as_token),
+            Some(&json!({})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let identity = w.manager.identity_keys(&w.bob, &w.device).unwrap();
+    let peer = vodozemac::olm::Account::new();
+    let fallback = vodozemac::Curve25519PublicKey::from_base64(&first).unwrap();
+    let mut session = peer
+        .create_outbound_session(
+            vodozemac::olm::SessionConfig::version_1(),
+            identity.curve25519,
+            fallback,
+        )
+        .unwrap();
+    let payload = json!({
+        "type": "m.dummy", "content": {},
+        "sender": w.alice.user_id, "recipient": w.bob,
+        "recipient_keys": { "ed25519": identity.ed25519.to_base64() },
+        "keys": { "ed25519": peer.ed25519_key().to_base64() }
+    });
+    let vodozemac::olm::OlmMessage::PreKey(message) = session.encrypt(payload.to_string()).unwrap()
+    else {
+        panic!("a new session starts with a pre-key message");
+    };
+    let content = json!({
+        "algorithm": "m.olm.v1.curve25519-aes-sha2",
+        "sender_key": peer.curve25519_key().to_base64(),
+        "ciphertext": { identity.curve25519.to_base64(): { "type": 0, "body": message.to_base64() } }
+    });
+    let body = json!({ "messages": { w.bob.as_str(): { w.device.as_str(): content } } });
+    w.alice(
+        Method::PUT,
+        "/_matrix/client/v3/sendToDevice/m.room.encrypted/fb1",
+        &body,
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(60), w.seen.recv())
+        .await
+        .expect("the bridge never received the pre-key message")
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the used fallback key to be replaced",
+        async || {
+            w.manager
+                .published_fallback_key(&w.bob, &w.device)
+                .unwrap()
+                .is_some_and(|k| k.key.key.encode() != first)
+        },
+    )
+    .await;
+    let second = w.published_fallback();
+    assert_eq!(
+        w.provisioner.stats().urgent_rotations,
+        1,
+        "the pre-key message's finding started the rotation"
+    );
+
+    // Down again: Synapse hands out the new fallback key.
+    w.stop_bridge().await;
+    let (_, key) = w.claim_one().await;
+    assert_eq!(key["fallback"], true, "{key}");
+    assert_eq!(
+        key["key"],
+        second.as_str(),
+        "Synapse still serves the used key"
+    );
+}
