@@ -3,14 +3,18 @@
 //! This facade re-exports the pieces a bridge author needs:
 //!
 //! * [`store`]: durable, encrypted, versioned records ([`store::SledStore`]);
-//! * [`olm`]: the account manager that provisions puppet devices and hands
-//!   out signed one-time keys on demand, each exactly once
-//!   ([`olm::AccountManager`]);
+//! * [`olm`]: the account manager that provisions puppet devices, hands
+//!   out signed one-time keys on demand, each exactly once, and speaks Olm
+//!   for them: verified payloads, lasting sessions, outbound encryption,
+//!   tracked devices ([`olm::AccountManager`]);
 //! * [`appservice`]: the listener the homeserver calls (MSC3983 key claims,
-//!   deduplicated transactions, queries) ([`appservice::Appservice`]).
+//!   deduplicated transactions with Olm messages decrypted, queries)
+//!   ([`appservice::Appservice`]), and Olm through the homeserver as a
+//!   puppet ([`appservice::PuppetOlm`]).
 //!
-//! The Synapse testkit joins here as it lands.
-//! Start with `examples/quickstart` and `docs/ARCHITECTURE.md`.
+//! Tests against a real Synapse and a real Olm client come from the
+//! separate `bridgekeys-testkit` crate.
+//! Start with `examples/quickstart` (two pages) and `docs/ARCHITECTURE.md`.
 #![deny(missing_docs)]
 
 pub use bridgekeys_appservice as appservice;
