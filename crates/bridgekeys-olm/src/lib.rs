@@ -15,10 +15,21 @@
 //! 4. returns only once those writes are durable.
 //!
 //! So a claim costs the same whether the device has one outstanding key or
-//! thousands. When a pre-key message arrives,
-//! [`AccountManager::decrypt_prekey`] loads the one key it names, creates the
-//! inbound session and removes the key (durably) only if decryption succeeded.
-//! Decoded accounts are cached, up to [`ManagerConfig::max_cached_devices`].
+//! thousands. Decoded accounts are cached, up to
+//! [`ManagerConfig::max_cached_devices`].
+//!
+//! Olm for puppet devices:
+//!
+//! * [`AccountManager::decrypt_olm`] decrypts any Olm message to a puppet
+//!   device. Sessions are stored by (device, peer key); a pre-key message
+//!   starts one from the one-time key it names (removed in the same write)
+//!   or goes to its existing session; the payload is checked
+//!   ([`payload`]) before anything is written, and the ratchet step is
+//!   durable before the plaintext is returned.
+//! * [`AccountManager::create_outbound_session`] (from a claimed key whose
+//!   signature is verified) and [`AccountManager::encrypt_olm`] (spec
+//!   payload, durable ratchet step before the ciphertext leaves).
+//! * [`devices`]: the verified device keys of the users puppets talk to.
 //!
 //! Fallback keys (MSC2732) live inside the account pickle with their
 //! schedule beside it ([`fallback`]): generated and persisted before any

@@ -12,8 +12,8 @@ use anyhow::Context;
 use bridgekeys::{
     appservice::{
         Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient,
-        HomeserverError, ProvisionConfig, ProvisionError, Provisioner, Registration, Transaction,
-        UserDecision, UserNamespace,
+        HomeserverError, ProvisionConfig, ProvisionError, Provisioner, PuppetOlm, Registration,
+        Transaction, UserDecision, UserNamespace,
     },
     olm::{AccountManager, ManagerConfig},
     store::{PuppetRegistry, SledStore},
@@ -236,6 +236,7 @@ pub struct EchoBridge {
     appservice: Appservice<EchoHandler>,
     handler: Arc<EchoHandler>,
     provisioner: Arc<Provisioner>,
+    olm: Arc<PuppetOlm>,
     manager: Arc<AccountManager>,
     store: Arc<SledStore>,
     config: Config,
@@ -279,6 +280,16 @@ impl EchoBridge {
             &config.homeserver_url,
             AsToken::new(registration.as_token.clone()),
         )?;
+        // Olm through the homeserver as a puppet: device tracking (kept
+        // current by the transactions' device lists) and to-device
+        // encryption.
+        let olm = Arc::new(PuppetOlm::new(
+            manager.clone(),
+            HomeserverClient::new(
+                &config.homeserver_url,
+                AsToken::new(registration.as_token.clone()),
+            )?,
+        ));
         let provisioner = Arc::new(Provisioner::new(
             hs,
             manager.clone(),
@@ -305,15 +316,23 @@ impl EchoBridge {
         });
         let appservice =
             Appservice::new(as_config, manager.clone(), store.clone(), handler.clone())?
-                .with_provisioner(provisioner.clone());
+                .with_provisioner(provisioner.clone())
+                .with_olm(olm.clone());
         Ok(Self {
             appservice,
+            olm,
             handler,
             provisioner,
             manager,
             store,
             config,
         })
+    }
+
+    /// Olm for the puppets through the homeserver (device tracking,
+    /// to-device encryption).
+    pub fn olm(&self) -> &Arc<PuppetOlm> {
+        &self.olm
     }
 
     /// The account manager (puppet devices, their keys).
