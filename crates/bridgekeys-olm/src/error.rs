@@ -40,6 +40,9 @@ pub enum OlmError {
     /// sender or keys): refused, nothing stored, plaintext not released.
     #[error("Olm payload refused: {0}")]
     Payload(#[from] crate::PayloadError),
+    /// A room key or a Megolm room event was refused.
+    #[error(transparent)]
+    Megolm(#[from] crate::MegolmError),
     /// A normal (type 1) Olm message that none of the sender's stored
     /// sessions decrypts (unknown session, evicted, or tampered).
     #[error("no stored Olm session with the sender decrypts this message")]

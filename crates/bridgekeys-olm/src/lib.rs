@@ -30,6 +30,8 @@
 //!   signature is verified) and [`AccountManager::encrypt_olm`] (spec
 //!   payload, durable ratchet step before the ciphertext leaves).
 //! * [`devices`]: the verified device keys of the users puppets talk to.
+//! * [`megolm`]: room keys from verified Olm payloads, and the room events
+//!   they decrypt (room, sender and replay checks).
 //!
 //! Fallback keys (MSC2732) live inside the account pickle with their
 //! schedule beside it ([`fallback`]): generated and persisted before any
@@ -45,6 +47,7 @@ mod error;
 pub mod fallback;
 mod fallback_ops;
 mod manager;
+pub mod megolm;
 mod outbound;
 pub mod payload;
 mod sessions;
@@ -57,6 +60,7 @@ pub use error::OlmError;
 pub use fallback::{FallbackAction, FallbackPolicy, FallbackState, UnixMillis};
 pub use fallback_ops::FallbackKey;
 pub use manager::{AccountManager, ClaimedKey};
+pub use megolm::{DecryptedRoomEvent, MEGOLM_ALGORITHM, MegolmError, RoomKeyOutcome};
 pub use outbound::{EncryptedOlm, OLM_ALGORITHM, Recipient};
 pub use payload::{OlmPayload, PayloadError};
 pub use sessions::DecryptedOlm;

@@ -51,6 +51,8 @@ pub struct AccountManager {
     pub(crate) counters: Counters,
     /// Serialises writes of tracked-device records.
     pub(crate) tracking: Mutex<()>,
+    /// Serialises compare-and-replace of group session records.
+    pub(crate) group_sessions: Mutex<()>,
     /// The last `last_used` stamp given to a session (see [`Self::session_clock`]).
     session_stamp: std::sync::atomic::AtomicU64,
 }
@@ -74,6 +76,7 @@ impl AccountManager {
             shrinking: Mutex::new(()),
             counters: Counters::default(),
             tracking: Mutex::new(()),
+            group_sessions: Mutex::new(()),
             session_stamp: std::sync::atomic::AtomicU64::new(0),
         }
     }

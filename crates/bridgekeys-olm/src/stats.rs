@@ -41,6 +41,12 @@ pub struct ManagerStats {
     pub olm_encrypted: u64,
     /// Queried devices refused (bad signature, keys changed under the same id).
     pub devices_refused: u64,
+    /// Room keys stored or improved (`m.room_key`).
+    pub room_keys_stored: u64,
+    /// Megolm room events decrypted.
+    pub room_events_decrypted: u64,
+    /// Megolm room events refused (unknown session, mismatch, replay, bad).
+    pub room_events_refused: u64,
 }
 
 #[derive(Default)]
@@ -63,6 +69,9 @@ pub(crate) struct Counters {
     pub sessions_created_outbound: AtomicU64,
     pub olm_encrypted: AtomicU64,
     pub devices_refused: AtomicU64,
+    pub room_keys_stored: AtomicU64,
+    pub room_events_decrypted: AtomicU64,
+    pub room_events_refused: AtomicU64,
 }
 
 impl Counters {
@@ -95,6 +104,9 @@ impl Counters {
             sessions_created_outbound: get(&self.sessions_created_outbound),
             olm_encrypted: get(&self.olm_encrypted),
             devices_refused: get(&self.devices_refused),
+            room_keys_stored: get(&self.room_keys_stored),
+            room_events_decrypted: get(&self.room_events_decrypted),
+            room_events_refused: get(&self.room_events_refused),
         }
     }
 }

@@ -13,6 +13,8 @@
 //! | `s/<device><session id>` | schema 1's sealed session pickle (migrated to `o/` on first use) |
 //! | `o/<device><peer curve25519 key><session id>` | last used (u64 BE), then the sealed session pickle |
 //! | `u/<user id>` | the sealed record of a tracked user's devices |
+//! | `g/<room len u32 BE><room id><session id>` | a sealed Megolm inbound group session record |
+//! | `x/<room len u32 BE><room id><session len u32 BE><session id><index u32 BE>` | the event id that first decrypted at that message index (replay protection) |
 //! | `d/<tag length u32 BE><tag><device><message>` | a sealed delivery record, until the delivery is acknowledged |
 //! | `t/<namespace len u32 BE><namespace><txn id>` | empty: a completed homeserver transaction (see `transactions.rs`) |
 //! | `r/<device>` | empty: a puppet device provisioned on the homeserver (see `puppets.rs`) |
@@ -82,6 +84,28 @@ pub(crate) fn tracked_user(user_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + user_id.len());
     k.extend_from_slice(b"u/");
     k.extend_from_slice(user_id.as_bytes());
+    k
+}
+
+fn room_prefixed(tag: &[u8], room_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tag.len() + 4 + room_id.len() + 48);
+    k.extend_from_slice(tag);
+    k.extend_from_slice(&(room_id.len() as u32).to_be_bytes());
+    k.extend_from_slice(room_id.as_bytes());
+    k
+}
+
+pub(crate) fn group_session(room_id: &str, session_id: &str) -> Vec<u8> {
+    let mut k = room_prefixed(b"g/", room_id);
+    k.extend_from_slice(session_id.as_bytes());
+    k
+}
+
+pub(crate) fn message_index(room_id: &str, session_id: &str, index: u32) -> Vec<u8> {
+    let mut k = room_prefixed(b"x/", room_id);
+    k.extend_from_slice(&(session_id.len() as u32).to_be_bytes());
+    k.extend_from_slice(session_id.as_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
     k
 }
 

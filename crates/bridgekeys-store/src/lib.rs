@@ -65,8 +65,8 @@ pub use sled_store::{
 };
 pub use transactions::TransactionLog;
 pub use types::{
-    AccountRecord, Delivery, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, SessionRecord,
-    SessionWrite, Version,
+    AccountRecord, Delivery, DeviceKey, DeviceWrite, IndexUse, KeyAppend, OneTimeKeyRecord,
+    SessionRecord, SessionWrite, Version,
 };
 
 /// A session stored by schema 1: `(session_id, pickle)`.
@@ -192,6 +192,33 @@ pub trait Store: Send + Sync + 'static {
     /// Forget every delivery record under `tag` (all devices), once the
     /// delivery is acknowledged for good.
     fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError>;
+
+    /// The sealed record of a Megolm inbound group session, by room and
+    /// session id, as the account manager wrote it.
+    fn load_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+
+    /// Store (or replace) a Megolm inbound group session record.
+    fn write_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        record: &[u8],
+    ) -> Result<Pending, StoreError>;
+
+    /// Record that `event_id` decrypted at `index` of a group session,
+    /// unless an event did before (atomically: two concurrent callers
+    /// cannot both see [`IndexUse::First`]).
+    fn record_message_index(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        index: u32,
+        event_id: &str,
+    ) -> Result<IndexUse, StoreError>;
 
     /// Wait until everything written so far is on disk.
     fn sync(&self) -> Pending;

@@ -13,8 +13,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use zeroize::Zeroizing;
 
 use crate::{
-    AccountRecord, CommitStats, DeviceKey, DeviceWrite, KeyAppend, OneTimeKeyRecord, Pending,
-    SessionRecord, SessionWrite, Store, StoreError, StoreId, StoreKey, Version,
+    AccountRecord, CommitStats, DeviceKey, DeviceWrite, IndexUse, KeyAppend, OneTimeKeyRecord,
+    Pending, SessionRecord, SessionWrite, Store, StoreError, StoreId, StoreKey, Version,
     commit::GroupCommit, crypto::Sealer, durable, layout, watermark,
 };
 
@@ -1134,6 +1134,55 @@ impl Store for SledStore {
         }
         self.db.apply_batch(batch)?;
         Ok(self.commit.pending())
+    }
+
+    fn load_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let slot = layout::group_session(room_id, session_id);
+        let Some(raw) = self.db.get(&slot)? else {
+            return Ok(None);
+        };
+        self.sealer
+            .open(&slot, &raw)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "group session record".into(),
+            })
+    }
+
+    fn write_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        record: &[u8],
+    ) -> Result<Pending, StoreError> {
+        let slot = layout::group_session(room_id, session_id);
+        let sealed = self.sealer.seal(&slot, record);
+        self.db.insert(slot, sealed)?;
+        Ok(self.commit.pending())
+    }
+
+    fn record_message_index(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        index: u32,
+        event_id: &str,
+    ) -> Result<IndexUse, StoreError> {
+        let slot = layout::message_index(room_id, session_id, index);
+        match self
+            .db
+            .compare_and_swap(&slot, None as Option<&[u8]>, Some(event_id.as_bytes()))?
+        {
+            Ok(()) => Ok(IndexUse::First(self.commit.pending())),
+            Err(found) if found.current.as_deref() == Some(event_id.as_bytes()) => {
+                Ok(IndexUse::SameEvent)
+            }
+            Err(_) => Ok(IndexUse::OtherEvent),
+        }
     }
 
     fn sync(&self) -> Pending {

@@ -189,3 +189,14 @@ pub struct SessionWrite {
     /// The decryption result to remember for a retried delivery.
     pub delivery: Option<Delivery>,
 }
+
+/// What [`crate::Store::record_message_index`] found.
+pub enum IndexUse {
+    /// The index was unused: it is now recorded for this event (applied;
+    /// durable with the next flush, e.g. the transaction's record).
+    First(crate::Pending),
+    /// The same event decrypted at this index before (a redelivery).
+    SameEvent,
+    /// Another event decrypted at this index before: a replay.
+    OtherEvent,
+}

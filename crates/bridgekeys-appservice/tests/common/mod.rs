@@ -174,6 +174,31 @@ impl Store for HookedStore {
     fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
         self.inner.forget_deliveries(tag)
     }
+    fn load_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_group_session(room_id, session_id)
+    }
+    fn write_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        record: &[u8],
+    ) -> Result<Pending, StoreError> {
+        self.inner.write_group_session(room_id, session_id, record)
+    }
+    fn record_message_index(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        index: u32,
+        event_id: &str,
+    ) -> Result<bridgekeys_store::IndexUse, StoreError> {
+        self.inner
+            .record_message_index(room_id, session_id, index, event_id)
+    }
     fn sync(&self) -> Pending {
         self.inner.sync()
     }

@@ -1,0 +1,346 @@
+//! Inbound Megolm: room keys that arrive in verified Olm payloads, and the
+//! room events they decrypt.
+//!
+//! * [`AccountManager::receive_room_key`] takes an `m.room_key` whose Olm
+//!   payload passed its checks ([`crate::DecryptedOlm`]) and stores an
+//!   inbound group session, sealed, keyed by (room id, session id), with
+//!   the Olm channel's curve25519 key, the sender's claimed ed25519 key and
+//!   the sending user. A copy that can decrypt more (a lower first known
+//!   index) replaces a stored one; a worse copy never does, and a key whose
+//!   session id does not match its own key is refused.
+//! * [`AccountManager::decrypt_room_event`] decrypts an `m.room.encrypted`
+//!   room event (`m.megolm.v1.aes-sha2`) and refuses it, with nothing
+//!   recorded, when
+//!   - the event's room is not the session's room,
+//!   - the event's sender is not the user who shared the session, or (when
+//!     the sender's devices are tracked) owns no device with the session's
+//!     curve25519 key,
+//!   - the content's `sender_key`, if present, is not the session's,
+//!   - or another event already decrypted at the same message index of the
+//!     session (a replay). The same event again (a redelivered
+//!     transaction) decrypts again.
+//!
+//! The first use of an index is recorded in the store before the plaintext
+//! is returned (applied, and durable with the next flush: the listener
+//! records the transaction, and flushes, before it answers).
+
+use ruma::{RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use vodozemac::{
+    Curve25519PublicKey, Ed25519PublicKey,
+    megolm::{
+        InboundGroupSession, InboundGroupSessionPickle, MegolmMessage, SessionConfig, SessionKey,
+        SessionOrdering,
+    },
+};
+use zeroize::Zeroizing;
+
+use crate::{AccountManager, DecryptedOlm, OlmError, stats::Counters};
+
+/// The Megolm algorithm name.
+pub const MEGOLM_ALGORITHM: &str = "m.megolm.v1.aes-sha2";
+
+/// Why a room key or a room event was refused. Nothing was stored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MegolmError {
+    /// The `m.room_key` content is malformed or not Megolm.
+    #[error("malformed m.room_key: {0}")]
+    BadRoomKey(&'static str),
+    /// The room key's `session_id` is not the id of the key it carries.
+    #[error("the room key's session id does not match its key")]
+    SessionIdMismatch,
+    /// The event's content is not a Megolm `m.room.encrypted` content.
+    #[error("malformed Megolm event content: {0}")]
+    BadEvent(&'static str),
+    /// No room key for this session has arrived (yet).
+    #[error("unknown Megolm session")]
+    UnknownSession,
+    /// The event was sent in another room than the session's.
+    #[error("the event's room is not the session's room")]
+    RoomMismatch,
+    /// The event's sender did not share this session (or owns no device
+    /// with its key).
+    #[error("the event's sender does not own the session")]
+    SenderMismatch,
+    /// The message failed to decrypt (bad signature or MAC, or an index
+    /// before the session's first known one).
+    #[error("could not decrypt the room event: {0}")]
+    Decryption(String),
+    /// Another event already decrypted at this message index.
+    #[error("replayed message index {0}")]
+    Replay(u32),
+}
+
+/// What [`AccountManager::receive_room_key`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoomKeyOutcome {
+    /// A new session was stored.
+    Stored,
+    /// It replaced a stored copy that could decrypt less.
+    Improved,
+    /// A stored copy was as good or better: kept, this one dropped.
+    Kept,
+}
+
+/// A decrypted room event.
+pub struct DecryptedRoomEvent {
+    /// The session that decrypted it.
+    pub session_id: String,
+    /// Its message index in that session.
+    pub message_index: u32,
+    /// The inner event type (`m.room.message`, ...).
+    pub event_type: String,
+    /// The inner content. Never log it.
+    pub content: Box<RawValue>,
+    /// The curve25519 key of the device that shared the session.
+    pub sender_key: Curve25519PublicKey,
+    /// Whether the sender's device keys were tracked and matched.
+    pub sender_device_verified: bool,
+}
+
+impl std::fmt::Debug for DecryptedRoomEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecryptedRoomEvent")
+            .field("session_id", &self.session_id)
+            .field("message_index", &self.message_index)
+            .field("event_type", &self.event_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stored inbound group session.
+#[derive(Serialize, Deserialize)]
+struct GroupRecord {
+    room_id: String,
+    /// The user whose verified Olm message carried the key.
+    sender: String,
+    /// The Olm channel's curve25519 key (base64).
+    sender_key: String,
+    /// The sender device's claimed ed25519 key (base64).
+    sender_ed25519: String,
+    pickle: InboundGroupSessionPickle,
+}
+
+#[derive(Deserialize)]
+struct RoomKeyContent {
+    algorithm: Option<String>,
+    room_id: Option<String>,
+    session_id: Option<String>,
+    session_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EncryptedContent {
+    algorithm: Option<String>,
+    ciphertext: Option<String>,
+    session_id: Option<String>,
+    sender_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Inner<'a> {
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+    room_id: Option<String>,
+}
+
+fn encode(record: &GroupRecord) -> Result<Zeroizing<Vec<u8>>, OlmError> {
+    rmp_serde::to_vec(record)
+        .map(Zeroizing::new)
+        .map_err(|e| OlmError::Corrupt(format!("cannot serialise group session: {e}")))
+}
+
+fn decode(bytes: &[u8]) -> Result<GroupRecord, OlmError> {
+    rmp_serde::from_slice(bytes).map_err(|e| OlmError::Corrupt(format!("group session: {e}")))
+}
+
+impl AccountManager {
+    /// Store the room key an `m.room_key` Olm payload carries (its payload
+    /// already verified by [`AccountManager::decrypt_olm`]). Durable before
+    /// it returns.
+    pub async fn receive_room_key(&self, olm: &DecryptedOlm) -> Result<RoomKeyOutcome, OlmError> {
+        let payload = &olm.payload;
+        if payload.event_type != "m.room_key" {
+            return Err(MegolmError::BadRoomKey("not an m.room_key").into());
+        }
+        let content: RoomKeyContent = serde_json::from_str(payload.content.get())
+            .map_err(|_| MegolmError::BadRoomKey("not a JSON object"))?;
+        if content.algorithm.as_deref() != Some(MEGOLM_ALGORITHM) {
+            return Err(MegolmError::BadRoomKey("algorithm").into());
+        }
+        let room_id = content
+            .room_id
+            .and_then(|r| ruma::OwnedRoomId::try_from(r).ok())
+            .ok_or(MegolmError::BadRoomKey("room_id"))?;
+        let session_id = content
+            .session_id
+            .ok_or(MegolmError::BadRoomKey("session_id"))?;
+        let key = content
+            .session_key
+            .as_deref()
+            .and_then(|k| SessionKey::from_base64(k).ok())
+            .ok_or(MegolmError::BadRoomKey("session_key"))?;
+        let mut session = InboundGroupSession::new(&key, SessionConfig::version_1());
+        if session.session_id() != session_id {
+            return Err(MegolmError::SessionIdMismatch.into());
+        }
+        let pending = {
+            let _one_writer = self.group_sessions.lock();
+            let outcome = match self
+                .store
+                .load_group_session(room_id.as_str(), &session_id)?
+            {
+                None => RoomKeyOutcome::Stored,
+                Some(bytes) => {
+                    let stored = decode(&bytes)?;
+                    let mut existing = InboundGroupSession::from_pickle(stored.pickle);
+                    // A copy from another sender or room under the same id
+                    // is not connected to the stored one: never replaces it.
+                    match session.compare(&mut existing) {
+                        SessionOrdering::Better
+                            if stored.room_id == room_id.as_str()
+                                && stored.sender_key == payload.sender_curve25519.to_base64() =>
+                        {
+                            RoomKeyOutcome::Improved
+                        }
+                        _ => return Ok(RoomKeyOutcome::Kept),
+                    }
+                }
+            };
+            let record = GroupRecord {
+                room_id: room_id.to_string(),
+                sender: payload.sender.to_string(),
+                sender_key: payload.sender_curve25519.to_base64(),
+                sender_ed25519: payload.sender_ed25519.to_base64(),
+                pickle: session.pickle(),
+            };
+            let pending =
+                self.store
+                    .write_group_session(room_id.as_str(), &session_id, &encode(&record)?)?;
+            (outcome, pending)
+        };
+        let (outcome, pending) = pending;
+        pending.durable().await?;
+        Counters::add(&self.counters.room_keys_stored, 1);
+        tracing::debug!(%room_id, sender = %payload.sender, ?outcome, "room key received");
+        Ok(outcome)
+    }
+
+    /// Decrypt an `m.room.encrypted` room event (`content`) sent by
+    /// `sender` in `room_id` with event id `event_id`; see the module docs
+    /// for the checks. A refusal records nothing.
+    pub fn decrypt_room_event(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        event_id: &str,
+        content: &RawValue,
+    ) -> Result<DecryptedRoomEvent, OlmError> {
+        let result = self.decrypt_room_event_inner(room_id, sender, event_id, content);
+        match &result {
+            Ok(_) => Counters::add(&self.counters.room_events_decrypted, 1),
+            Err(e) => {
+                Counters::add(&self.counters.room_events_refused, 1);
+                tracing::debug!(%room_id, %sender, %event_id, error = %e, "room event not decrypted");
+            }
+        }
+        result
+    }
+
+    fn decrypt_room_event_inner(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        event_id: &str,
+        content: &RawValue,
+    ) -> Result<DecryptedRoomEvent, OlmError> {
+        let content: EncryptedContent = serde_json::from_str(content.get())
+            .map_err(|_| MegolmError::BadEvent("not a JSON object"))?;
+        if content.algorithm.as_deref() != Some(MEGOLM_ALGORITHM) {
+            return Err(MegolmError::BadEvent("algorithm").into());
+        }
+        let session_id = content
+            .session_id
+            .ok_or(MegolmError::BadEvent("session_id"))?;
+        let message = content
+            .ciphertext
+            .as_deref()
+            .and_then(|c| MegolmMessage::from_base64(c).ok())
+            .ok_or(MegolmError::BadEvent("ciphertext"))?;
+        // Sessions are stored per room: a session shared for another room
+        // is not found here, which is the room check.
+        let Some(bytes) = self
+            .store
+            .load_group_session(room_id.as_str(), &session_id)?
+        else {
+            return Err(MegolmError::UnknownSession.into());
+        };
+        let record = decode(&bytes)?;
+        if record.room_id != room_id.as_str() {
+            return Err(MegolmError::RoomMismatch.into());
+        }
+        if record.sender != sender.as_str() {
+            return Err(MegolmError::SenderMismatch.into());
+        }
+        if content
+            .sender_key
+            .as_deref()
+            .is_some_and(|claimed| claimed != record.sender_key)
+        {
+            return Err(MegolmError::SenderMismatch.into());
+        }
+        let sender_key = Curve25519PublicKey::from_base64(&record.sender_key)
+            .map_err(|_| OlmError::Corrupt("group session sender key".into()))?;
+        let sender_ed25519 = Ed25519PublicKey::from_base64(&record.sender_ed25519)
+            .map_err(|_| OlmError::Corrupt("group session signing key".into()))?;
+        // Where the sender's devices are tracked, the session's key must be
+        // one of them, with the ed25519 key the sharer claimed.
+        let sender_device_verified = match self.tracked_devices(sender)? {
+            Some(tracked) => match tracked.by_curve25519(&sender_key) {
+                Some(device) if device.ed25519 == sender_ed25519 => true,
+                _ => return Err(MegolmError::SenderMismatch.into()),
+            },
+            None => false,
+        };
+        let mut session = InboundGroupSession::from_pickle(record.pickle);
+        let decrypted = session
+            .decrypt(&message)
+            .map_err(|e| MegolmError::Decryption(e.to_string()))?;
+        let plaintext = Zeroizing::new(decrypted.plaintext);
+        let inner: Inner<'_> = serde_json::from_slice(&plaintext)
+            .map_err(|_| MegolmError::BadEvent("plaintext is not an event"))?;
+        // The room inside the ciphertext must match the room too (clients
+        // put it there so a ciphertext cannot be replayed elsewhere).
+        if inner
+            .room_id
+            .as_deref()
+            .is_some_and(|r| r != room_id.as_str())
+        {
+            return Err(MegolmError::RoomMismatch.into());
+        }
+        let event_type = inner.event_type.ok_or(MegolmError::BadEvent("type"))?;
+        let inner_content = inner.content.ok_or(MegolmError::BadEvent("content"))?;
+        match self.store.record_message_index(
+            room_id.as_str(),
+            &session_id,
+            decrypted.message_index,
+            event_id,
+        )? {
+            bridgekeys_store::IndexUse::First(_) | bridgekeys_store::IndexUse::SameEvent => {}
+            bridgekeys_store::IndexUse::OtherEvent => {
+                return Err(MegolmError::Replay(decrypted.message_index).into());
+            }
+        }
+        Ok(DecryptedRoomEvent {
+            session_id,
+            message_index: decrypted.message_index,
+            event_type,
+            content: inner_content.to_owned(),
+            sender_key,
+            sender_device_verified,
+        })
+    }
+}
