@@ -63,6 +63,7 @@ pub mod olm;
 mod ping;
 pub mod provision;
 mod registration;
+pub mod room_events;
 mod rooms;
 mod server;
 pub mod transactions;
@@ -80,5 +81,6 @@ pub use provision::{
     SystemClock,
 };
 pub use registration::{NamespaceEntry, Namespaces, Registration, random_token};
+pub use room_events::EncryptedRoomEvent;
 pub use server::{Appservice, paths, shutdown_signal};
 pub use transactions::{DecryptedToDevice, DeviceLists, RawToDevice, ToDevice, Transaction};

@@ -26,6 +26,9 @@ pub(crate) struct Metrics {
     pub olm_decrypted: IntCounter,
     pub olm_payloads_refused: IntCounter,
     pub olm_undecryptable: IntCounter,
+    pub room_keys: IntCounter,
+    pub room_events_decrypted: IntCounter,
+    pub room_events_undecryptable: IntCounter,
     sessions_evicted: Mirrored,
     devices_refused: Mirrored,
     pub errors: IntCounterVec,
@@ -133,6 +136,21 @@ impl Metrics {
                 &registry,
                 "olm_messages_undecryptable_total",
                 "Olm messages to puppet devices that could not be decrypted (no session, replay, unknown key, malformed).",
+            )?,
+            room_keys: counter(
+                &registry,
+                "room_keys_received_total",
+                "Megolm room keys taken in from verified Olm messages (new, improved or already known).",
+            )?,
+            room_events_decrypted: counter(
+                &registry,
+                "room_events_decrypted_total",
+                "Megolm room events decrypted.",
+            )?,
+            room_events_undecryptable: counter(
+                &registry,
+                "room_events_undecryptable_total",
+                "Megolm room events that could not be decrypted (unknown session, mismatch, replay).",
             )?,
             sessions_evicted: Mirrored::new(
                 &registry,

@@ -194,6 +194,9 @@ pub struct Transaction {
     pub device_unused_fallback_key_types: UnusedFallbackKeyTypes,
     /// MSC3202 device list changes.
     pub device_lists: DeviceLists,
+    /// The Megolm `m.room.encrypted` events among `events`, in order, each
+    /// decrypted or with why not (see [`crate::room_events`]).
+    pub decrypted_events: Vec<crate::EncryptedRoomEvent>,
 }
 
 /// The Olm content of an `m.room.encrypted` to-device message.
@@ -354,10 +357,14 @@ async fn open_transaction<H: BridgeHandler>(
             to_device.push(opened);
         }
     }
+    // Room keys first: events later in this transaction may need them.
+    crate::room_events::take_room_keys(inner, &to_device).await?;
+    let decrypted_events = crate::room_events::decrypt_events(inner, &body.events)?;
     let mut ephemeral = body.ephemeral_unstable;
     ephemeral.extend(body.ephemeral);
     Ok(Transaction {
         txn_id,
+        decrypted_events,
         events: body.events,
         ephemeral,
         to_device,

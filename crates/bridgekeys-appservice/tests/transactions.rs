@@ -706,3 +706,97 @@ async fn device_list_changes_under_either_name_mark_tracked_users_outdated_and_l
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_key_in_a_transaction_decrypts_the_encrypted_room_events_that_come_with_it() {
+    use bridgekeys_olm::vodozemac::megolm::{GroupSession, SessionConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let mut peer = Peer::new(&fx).await;
+    let mut group = GroupSession::new(SessionConfig::version_1());
+    let room = "!dm:localhost";
+    let mut payload = peer.payload("");
+    payload["type"] = json!("m.room_key");
+    payload["content"] = json!({
+        "algorithm": "m.megolm.v1.aes-sha2", "room_id": room,
+        "session_id": group.session_id(), "session_key": group.session_key().to_base64(),
+    });
+    let key_message = peer.encrypt_to_device(&payload);
+    let mut event = |n: u32, body: &str| {
+        let plaintext =
+            json!({"type": "m.room.message", "room_id": room, "content": {"body": body}});
+        json!({
+            "type": "m.room.encrypted", "event_id": format!("$e{n}"), "room_id": room,
+            "sender": "@alice:localhost", "origin_server_ts": 1,
+            "content": {
+                "algorithm": "m.megolm.v1.aes-sha2",
+                "ciphertext": group.encrypt(plaintext.to_string()).to_base64(),
+                "session_id": group.session_id(),
+                "sender_key": peer.account.curve25519_key().to_base64(),
+                "device_id": "ALICEDEV",
+            }
+        })
+    };
+    let (first, second) = (event(1, "hello"), event(2, "again"));
+    let body = json!({
+        "events": [first, {"type": "m.room.message", "event_id": "$plain", "room_id": room, "sender": "@alice:localhost", "content": {}}, second.clone()],
+        "to_device": [key_message],
+    });
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("mg-1"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        seen.room_events,
+        vec![
+            ("$e1".to_owned(), Ok(json!({"body": "hello"}).to_string())),
+            ("$e2".to_owned(), Ok(json!({"body": "again"}).to_string())),
+        ]
+    );
+    assert_eq!(seen.events, 3, "the raw events are all still there");
+
+    // An event whose key never came is handed over with the reason; the
+    // same ciphertext under another event id is a replay.
+    let mut replayed = second;
+    replayed["event_id"] = json!("$e2-again");
+    let unknown = {
+        let mut other = GroupSession::new(SessionConfig::version_1());
+        let plaintext = json!({"type": "m.room.message", "room_id": room, "content": {}});
+        json!({
+            "type": "m.room.encrypted", "event_id": "$lost", "room_id": room,
+            "sender": "@alice:localhost",
+            "content": {
+                "algorithm": "m.megolm.v1.aes-sha2",
+                "ciphertext": other.encrypt(plaintext.to_string()).to_base64(),
+                "session_id": other.session_id(),
+            }
+        })
+    };
+    let body = json!({"events": [replayed, unknown]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("mg-2"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[1].clone();
+    assert_eq!(seen.room_events[0].0, "$e2-again");
+    assert!(
+        seen.room_events[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("replayed"),
+        "{:?}",
+        seen.room_events
+    );
+    assert_eq!(
+        seen.room_events[1],
+        ("$lost".to_owned(), Err("unknown Megolm session".to_owned()))
+    );
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_room_events_decrypted_total")
+            .await,
+        2.0
+    );
+}

@@ -233,6 +233,8 @@ pub struct Seen {
     pub otk_counts: Value,
     pub fallback_types: Value,
     pub device_lists: (Vec<String>, Vec<String>),
+    /// Encrypted room events: (event id, inner content or why not).
+    pub room_events: Vec<(String, Result<String, String>)>,
 }
 
 /// A bridge handler that records what it is given, and can be told to fail
@@ -268,6 +270,19 @@ impl BridgeHandler for Recorder {
             otk_counts: serde_json::to_value(&t.device_one_time_keys_count).unwrap(),
             fallback_types: serde_json::to_value(&t.device_unused_fallback_key_types).unwrap(),
             device_lists: (t.device_lists.changed.clone(), t.device_lists.left.clone()),
+            room_events: t
+                .decrypted_events
+                .iter()
+                .map(|e| {
+                    (
+                        e.event_id.to_string(),
+                        e.decrypted
+                            .as_ref()
+                            .map(|d| d.content.get().to_owned())
+                            .map_err(|why| why.to_string()),
+                    )
+                })
+                .collect(),
             ..Seen::default()
         };
         for m in &t.to_device {
