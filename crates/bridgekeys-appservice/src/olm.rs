@@ -27,8 +27,10 @@ use std::{
     time::Duration,
 };
 
-use bridgekeys_olm::{AccountManager, OlmError, Recipient, TrackedDevices};
-use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, UserId};
+use bridgekeys_olm::{
+    AccountManager, GroupRecipient, OlmError, Recipient, RotationSettings, TrackedDevices,
+};
+use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
 use crate::{DeviceLists, HomeserverClient, HomeserverError};
@@ -74,6 +76,23 @@ pub struct SendReport {
     pub failed: Vec<(OwnedUserId, OwnedDeviceId, DeviceFailure)>,
     /// The `sendToDevice` transaction id used (none if nothing was sent).
     pub txn_id: Option<String>,
+}
+
+/// An encrypted room event, ready to send as `m.room.encrypted`.
+#[derive(Clone, Debug)]
+pub struct RoomSend {
+    /// The `m.room.encrypted` content (Megolm).
+    pub content: Value,
+    /// The group session used.
+    pub session_id: String,
+    /// Whether a new session was started for this message.
+    pub rotated: bool,
+    /// Devices sent the session key for this message (new session or new
+    /// devices).
+    pub key_shared_with: usize,
+    /// Devices that could not be sent the key (they cannot read this
+    /// message; they are tried again with the next one).
+    pub key_failed: Vec<(OwnedUserId, OwnedDeviceId, DeviceFailure)>,
 }
 
 /// Which devices of a user to address.
@@ -341,6 +360,89 @@ impl PuppetOlm {
             report.txn_id = Some(txn_id);
         }
         Ok(report)
+    }
+
+    /// Encrypt a room event from the puppet device for an encrypted room
+    /// whose joined (and, per history visibility, invited) members are
+    /// `members`.
+    ///
+    /// The room's outbound group session is rotated when due (`settings`,
+    /// from the room's `m.room.encryption`) or when a device that had its
+    /// key is no longer among the members' verified devices; its key is
+    /// shared over Olm with every verified device that does not have it
+    /// yet, before the message is encrypted. The advanced ratchet is
+    /// durable before the content is returned. Any failure is an error:
+    /// there is no unencrypted fallback.
+    pub async fn encrypt_room_event(
+        &self,
+        puppet: (&UserId, &DeviceId),
+        room_id: &RoomId,
+        members: &[OwnedUserId],
+        settings: RotationSettings,
+        event_type: &str,
+        content: &Value,
+    ) -> Result<RoomSend, PuppetOlmError> {
+        let known = self.devices(puppet, members).await?;
+        let mut recipients = Vec::new();
+        for (user, tracked) in &known {
+            for device in tracked.devices.values() {
+                // The puppet device itself holds the session already.
+                if user == puppet.0 && device.device_id == puppet.1 {
+                    continue;
+                }
+                recipients.push(GroupRecipient::tracked(user, device));
+            }
+        }
+        let prepared = self
+            .manager
+            .prepare_group_session(puppet, room_id, settings, &recipients)
+            .await?;
+        let mut key_shared_with = 0;
+        let mut key_failed = Vec::new();
+        if !prepared.needs_key.is_empty() {
+            let mut targets: BTreeMap<OwnedUserId, Devices> = BTreeMap::new();
+            for r in &prepared.needs_key {
+                match targets
+                    .entry(r.user_id.clone())
+                    .or_insert_with(|| Devices::Only(Vec::new()))
+                {
+                    Devices::Only(ids) => ids.push(r.device_id.clone()),
+                    Devices::All => {}
+                }
+            }
+            let room_key: Value = serde_json::from_str(&prepared.room_key)
+                .map_err(|e| OlmError::Encryption(e.to_string()))?;
+            let report = self
+                .encrypt_to_device(puppet, &targets, "m.room_key", &room_key)
+                .await?;
+            let shared: Vec<GroupRecipient> = prepared
+                .needs_key
+                .iter()
+                .filter(|r| {
+                    report
+                        .sent
+                        .iter()
+                        .any(|(u, d)| *u == r.user_id && *d == r.device_id)
+                })
+                .cloned()
+                .collect();
+            key_shared_with = shared.len();
+            key_failed = report.failed;
+            self.manager
+                .mark_group_session_shared(puppet, room_id, &prepared.session_id, &shared)
+                .await?;
+        }
+        let content = self
+            .manager
+            .encrypt_room_event(puppet, room_id, event_type, content)
+            .await?;
+        Ok(RoomSend {
+            content,
+            session_id: prepared.session_id,
+            rotated: prepared.rotated,
+            key_shared_with,
+            key_failed,
+        })
     }
 
     /// Take a transaction's `device_lists` in: `changed` users are marked

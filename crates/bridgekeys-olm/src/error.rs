@@ -40,6 +40,10 @@ pub enum OlmError {
     /// sender or keys): refused, nothing stored, plaintext not released.
     #[error("Olm payload refused: {0}")]
     Payload(#[from] crate::PayloadError),
+    /// The puppet device has no outbound group session in the room:
+    /// prepare (and share) one before encrypting.
+    #[error("no outbound group session in this room: prepare one first")]
+    NoGroupSession,
     /// A room key or a Megolm room event was refused.
     #[error(transparent)]
     Megolm(#[from] crate::MegolmError),

@@ -32,6 +32,8 @@
 //! * [`devices`]: the verified device keys of the users puppets talk to.
 //! * [`megolm`]: room keys from verified Olm payloads, and the room events
 //!   they decrypt (room, sender and replay checks).
+//! * [`megolm_out`]: a puppet's outbound group session per room, rotated
+//!   when due, shared once per device, and never reusing a message index.
 //!
 //! Fallback keys (MSC2732) live inside the account pickle with their
 //! schedule beside it ([`fallback`]): generated and persisted before any
@@ -48,6 +50,7 @@ pub mod fallback;
 mod fallback_ops;
 mod manager;
 pub mod megolm;
+pub mod megolm_out;
 mod outbound;
 pub mod payload;
 mod sessions;
@@ -61,6 +64,7 @@ pub use fallback::{FallbackAction, FallbackPolicy, FallbackState, UnixMillis};
 pub use fallback_ops::FallbackKey;
 pub use manager::{AccountManager, ClaimedKey};
 pub use megolm::{DecryptedRoomEvent, MEGOLM_ALGORITHM, MegolmError, RoomKeyOutcome};
+pub use megolm_out::{GroupRecipient, PreparedGroupSession, RotationSettings};
 pub use outbound::{EncryptedOlm, OLM_ALGORITHM, Recipient};
 pub use payload::{OlmPayload, PayloadError};
 pub use sessions::DecryptedOlm;

@@ -158,6 +158,30 @@ fn decode(bytes: &[u8]) -> Result<GroupRecord, OlmError> {
 }
 
 impl AccountManager {
+    /// Store an inbound group session as shared by `sender` from the
+    /// device with these keys (applied; durable with the next flush).
+    pub(crate) fn store_group_session(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        sender_key: &Curve25519PublicKey,
+        sender_ed25519: &Ed25519PublicKey,
+        session: &InboundGroupSession,
+    ) -> Result<bridgekeys_store::Pending, OlmError> {
+        let record = GroupRecord {
+            room_id: room_id.to_string(),
+            sender: sender.to_string(),
+            sender_key: sender_key.to_base64(),
+            sender_ed25519: sender_ed25519.to_base64(),
+            pickle: session.pickle(),
+        };
+        Ok(self.store.write_group_session(
+            room_id.as_str(),
+            &session.session_id(),
+            &encode(&record)?,
+        )?)
+    }
+
     /// Store the room key an `m.room_key` Olm payload carries (its payload
     /// already verified by [`AccountManager::decrypt_olm`]). Durable before
     /// it returns.

@@ -47,6 +47,10 @@ pub struct ManagerStats {
     pub room_events_decrypted: u64,
     /// Megolm room events refused (unknown session, mismatch, replay, bad).
     pub room_events_refused: u64,
+    /// Outbound group sessions started (new rooms and rotations).
+    pub group_sessions_created: u64,
+    /// Megolm room events encrypted.
+    pub room_events_encrypted: u64,
 }
 
 #[derive(Default)]
@@ -72,6 +76,8 @@ pub(crate) struct Counters {
     pub room_keys_stored: AtomicU64,
     pub room_events_decrypted: AtomicU64,
     pub room_events_refused: AtomicU64,
+    pub group_sessions_created: AtomicU64,
+    pub room_events_encrypted: AtomicU64,
 }
 
 impl Counters {
@@ -107,6 +113,8 @@ impl Counters {
             room_keys_stored: get(&self.room_keys_stored),
             room_events_decrypted: get(&self.room_events_decrypted),
             room_events_refused: get(&self.room_events_refused),
+            group_sessions_created: get(&self.group_sessions_created),
+            room_events_encrypted: get(&self.room_events_encrypted),
         }
     }
 }

@@ -291,3 +291,147 @@ async fn a_tracked_sender_must_own_the_sessions_key() {
         MegolmError::SenderMismatch
     );
 }
+
+mod outbound {
+    use super::*;
+    use bridgekeys_olm::{GroupRecipient, RotationSettings};
+    use vodozemac::megolm::{InboundGroupSession, MegolmMessage};
+
+    fn recipient(user: &str, device: &str) -> GroupRecipient {
+        GroupRecipient {
+            user_id: OwnedUserId::try_from(user).unwrap(),
+            device_id: device.into(),
+            curve25519: vodozemac::olm::Account::new().curve25519_key().to_base64(),
+        }
+    }
+
+    fn room() -> &'static RoomId {
+        room_id!("!out:example.org")
+    }
+
+    /// What a member's client does with the shared key and a message.
+    fn member_reads(room_key: &str, content: &Value) -> (u32, Value) {
+        let key: Value = serde_json::from_str(room_key).unwrap();
+        let session_key = SessionKey::from_base64(key["session_key"].as_str().unwrap()).unwrap();
+        let mut inbound = InboundGroupSession::new(&session_key, SessionConfig::version_1());
+        assert_eq!(key["session_id"], content["session_id"]);
+        let message = MegolmMessage::from_base64(content["ciphertext"].as_str().unwrap()).unwrap();
+        let decrypted = inbound.decrypt(&message).unwrap();
+        (
+            decrypted.message_index,
+            serde_json::from_slice(&decrypted.plaintext).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_room_session_is_shared_once_per_device_rotated_when_a_device_goes_and_never_reuses_an_index()
+     {
+        let r = Room::new().await;
+        let from = (r.puppet.0.as_ref(), r.puppet.1.as_ref());
+        let err =
+            r.m.encrypt_room_event(from, room(), "m.room.message", &json!({}))
+                .await
+                .unwrap_err();
+        assert!(matches!(err, OlmError::NoGroupSession), "{err}");
+
+        let (a, b) = (recipient("@a:x", "A"), recipient("@b:x", "B"));
+        let settings = RotationSettings::default();
+        let first =
+            r.m.prepare_group_session(from, room(), settings, &[a.clone(), b.clone()])
+                .await
+                .unwrap();
+        assert!(first.rotated);
+        assert_eq!(first.needs_key, vec![a.clone(), b.clone()]);
+        r.m.mark_group_session_shared(from, room(), &first.session_id, std::slice::from_ref(&a))
+            .await
+            .unwrap();
+        // Only B still needs it; a new device C too.
+        let c = recipient("@a:x", "C");
+        let again =
+            r.m.prepare_group_session(from, room(), settings, &[a.clone(), b.clone(), c.clone()])
+                .await
+                .unwrap();
+        assert!(!again.rotated);
+        assert_eq!(again.session_id, first.session_id);
+        // Sorted by user then device: @a:x's C, then @b:x's B.
+        assert_eq!(again.needs_key, vec![c.clone(), b.clone()]);
+        r.m.mark_group_session_shared(from, room(), &first.session_id, &[b.clone(), c.clone()])
+            .await
+            .unwrap();
+
+        let mut indexes = Vec::new();
+        for n in 0..3 {
+            let content =
+                r.m.encrypt_room_event(from, room(), "m.room.message", &json!({"n": n}))
+                    .await
+                    .unwrap();
+            let (index, plaintext) = member_reads(&first.room_key, &content);
+            assert_eq!(plaintext["content"], json!({"n": n}));
+            assert_eq!(plaintext["room_id"], json!(room()));
+            indexes.push(index);
+        }
+        // A new manager on the same store (a restart) goes on from the
+        // stored index.
+        let fresh = AccountManager::new(r.m.store().clone(), ManagerConfig::default());
+        let content = fresh
+            .encrypt_room_event(from, room(), "m.room.message", &json!({"n": 3}))
+            .await
+            .unwrap();
+        indexes.push(member_reads(&first.room_key, &content).0);
+        assert_eq!(indexes, vec![0, 1, 2, 3], "an index was reused or skipped");
+        // The puppet's own copy reads it too.
+        let raw = serde_json::value::to_raw_value(&content).unwrap();
+        let own = fresh
+            .decrypt_room_event(room(), &r.puppet.0, "$own", &raw)
+            .unwrap();
+        assert_eq!(own.message_index, 3);
+
+        // Device B disappears (or its user left): the next message rotates.
+        let after = fresh
+            .prepare_group_session(from, room(), settings, &[a.clone(), c.clone()])
+            .await
+            .unwrap();
+        assert!(after.rotated);
+        assert_ne!(after.session_id, first.session_id);
+        assert_eq!(after.needs_key, vec![a, c]);
+    }
+
+    #[tokio::test]
+    async fn a_session_rotates_after_its_message_budget() {
+        let r = Room::new().await;
+        let from = (r.puppet.0.as_ref(), r.puppet.1.as_ref());
+        let settings = RotationSettings {
+            period_msgs: 2,
+            ..RotationSettings::default()
+        };
+        let a = recipient("@a:x", "A");
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            let prepared =
+                r.m.prepare_group_session(from, room(), settings, std::slice::from_ref(&a))
+                    .await
+                    .unwrap();
+            r.m.mark_group_session_shared(from, room(), &prepared.session_id, &prepared.needs_key)
+                .await
+                .unwrap();
+            r.m.encrypt_room_event(from, room(), "m.room.message", &json!({"n": n}))
+                .await
+                .unwrap();
+            ids.push(prepared.session_id);
+        }
+        assert_eq!(ids[0], ids[1]);
+        assert_ne!(ids[1], ids[2]);
+        assert_eq!(ids[2], ids[3]);
+        assert_ne!(ids[3], ids[4]);
+        assert_eq!(r.m.stats().group_sessions_created, 3);
+        assert_eq!(
+            RotationSettings::from_encryption_content(
+                &json!({"algorithm": "m.megolm.v1.aes-sha2", "rotation_period_msgs": 10})
+            ),
+            RotationSettings {
+                period_ms: RotationSettings::default().period_ms,
+                period_msgs: 10
+            }
+        );
+    }
+}

@@ -13,6 +13,7 @@
 //! | `s/<device><session id>` | schema 1's sealed session pickle (migrated to `o/` on first use) |
 //! | `o/<device><peer curve25519 key><session id>` | last used (u64 BE), then the sealed session pickle |
 //! | `u/<user id>` | the sealed record of a tracked user's devices |
+//! | `q/<device><room id>` | the sealed outbound Megolm session of a puppet device in a room |
 //! | `g/<room len u32 BE><room id><session id>` | a sealed Megolm inbound group session record |
 //! | `x/<room len u32 BE><room id><session len u32 BE><session id><index u32 BE>` | the event id that first decrypted at that message index (replay protection) |
 //! | `d/<tag length u32 BE><tag><device><message>` | a sealed delivery record, until the delivery is acknowledged |
@@ -93,6 +94,10 @@ fn room_prefixed(tag: &[u8], room_id: &str) -> Vec<u8> {
     k.extend_from_slice(&(room_id.len() as u32).to_be_bytes());
     k.extend_from_slice(room_id.as_bytes());
     k
+}
+
+pub(crate) fn outbound_group_session(device: &DeviceKey, room_id: &str) -> Vec<u8> {
+    join(b"q/", device, room_id.as_bytes())
 }
 
 pub(crate) fn group_session(room_id: &str, session_id: &str) -> Vec<u8> {

@@ -193,6 +193,23 @@ pub trait Store: Send + Sync + 'static {
     /// delivery is acknowledged for good.
     fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError>;
 
+    /// The sealed record of a puppet device's outbound Megolm session in a
+    /// room, as the account manager wrote it.
+    fn load_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+
+    /// Replace (`Some`) or discard (`None`) a puppet device's outbound
+    /// Megolm session record in a room.
+    fn write_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError>;
+
     /// The sealed record of a Megolm inbound group session, by room and
     /// session id, as the account manager wrote it.
     fn load_group_session(

@@ -1136,6 +1136,42 @@ impl Store for SledStore {
         Ok(self.commit.pending())
     }
 
+    fn load_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let slot = layout::outbound_group_session(device, room_id);
+        let Some(raw) = self.db.get(&slot)? else {
+            return Ok(None);
+        };
+        self.sealer
+            .open(&slot, &raw)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "outbound group session record".into(),
+            })
+    }
+
+    fn write_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        let slot = layout::outbound_group_session(device, room_id);
+        match record {
+            Some(record) => {
+                let sealed = self.sealer.seal(&slot, record);
+                self.db.insert(slot, sealed)?;
+            }
+            None => {
+                self.db.remove(slot)?;
+            }
+        }
+        Ok(self.commit.pending())
+    }
+
     fn load_group_session(
         &self,
         room_id: &str,

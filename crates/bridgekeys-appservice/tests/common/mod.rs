@@ -174,6 +174,23 @@ impl Store for HookedStore {
     fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
         self.inner.forget_deliveries(tag)
     }
+    fn load_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_outbound_group_session(device, room_id)
+    }
+    fn write_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.before_device_write(device)?;
+        self.inner
+            .write_outbound_group_session(device, room_id, record)
+    }
     fn load_group_session(
         &self,
         room_id: &str,
