@@ -15,7 +15,7 @@ use bridgekeys::{
         HomeserverError, ProvisionConfig, ProvisionError, Provisioner, PuppetOlm, Registration,
         Transaction, UserDecision, UserNamespace,
     },
-    olm::{AccountManager, ManagerConfig},
+    olm::{AccountManager, ManagerConfig, RotationSettings},
     store::{PuppetRegistry, SledStore},
 };
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
@@ -47,10 +47,16 @@ pub struct EchoHandler {
     puppets: UserNamespace,
     bot: OwnedUserId,
     provisioner: Arc<Provisioner>,
+    olm: Arc<PuppetOlm>,
     client: PuppetClient,
     /// Which puppets are joined to which room (in memory; rebuilt from the
     /// puppets' own join events and invites after a restart).
     rooms: Mutex<HashMap<OwnedRoomId, BTreeSet<OwnedUserId>>>,
+    /// Rooms known to be encrypted, with their rotation settings (from
+    /// `m.room.encryption` events, or asked of the homeserver once).
+    encrypted: Mutex<HashMap<OwnedRoomId, Option<RotationSettings>>>,
+    /// Encrypted messages that could not be decrypted (logged, counted).
+    undecryptable: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for EchoHandler {
@@ -124,8 +130,104 @@ impl EchoHandler {
         Ok(known)
     }
 
+    /// The room's encryption settings (`None`: not encrypted), asked of the
+    /// homeserver as `puppet` the first time.
+    async fn encryption(
+        &self,
+        room: &RoomId,
+        puppet: &UserId,
+    ) -> anyhow::Result<Option<RotationSettings>> {
+        let known = self
+            .encrypted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(room)
+            .copied();
+        if let Some(known) = known {
+            return Ok(known);
+        }
+        let settings = self
+            .client
+            .room_encryption(room, puppet)
+            .await?
+            .map(|c| RotationSettings::from_encryption_content(&c));
+        self.encrypted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(room.to_owned(), settings);
+        Ok(settings)
+    }
+
+    /// Echo `body` into `room` from every joined puppet: encrypted in an
+    /// encrypted room (never in the clear there), plain otherwise.
+    async fn echo(&self, room: &RoomId, of: &str, body: &str) -> anyhow::Result<()> {
+        for puppet in self.joined(room) {
+            // One transaction id per (event, puppet): a retried
+            // transaction sends nothing twice.
+            let txn_id = format!("echo-{of}-{}", puppet.localpart());
+            let text = format!("echo: {body}");
+            let echoed = match self.encryption(room, &puppet).await? {
+                None => self.client.send_text(room, &puppet, &txn_id, &text).await?,
+                Some(settings) => {
+                    let device = self
+                        .provisioner
+                        .ensure_puppet(&puppet)
+                        .await
+                        .context("the puppet's device")?;
+                    let members = self.client.joined_members(room, &puppet).await?;
+                    let sent = self
+                        .olm
+                        .encrypt_room_event(
+                            (&puppet, &device),
+                            room,
+                            &members,
+                            settings,
+                            "m.room.message",
+                            &serde_json::json!({ "msgtype": "m.text", "body": text }),
+                        )
+                        .await
+                        .context("encrypting the echo")?;
+                    if !sent.key_failed.is_empty() {
+                        tracing::warn!(%puppet, %room, devices = sent.key_failed.len(), "some devices could not be sent the room key");
+                    }
+                    self.client
+                        .send_event(room, &puppet, "m.room.encrypted", &txn_id, &sent.content)
+                        .await?
+                }
+            };
+            tracing::info!(%puppet, %room, %of, echo = %echoed, "echoed a message");
+        }
+        Ok(())
+    }
+
+    /// The transaction's unencrypted events, in order.
+    async fn plain_events(&self, transaction: &Transaction) -> Result<(), HandlerError> {
+        for raw in &transaction.events {
+            let Ok(event) = serde_json::from_str::<Event>(raw.get()) else {
+                continue;
+            };
+            // A failure that a retry may cure (network, 5xx, 429, our
+            // store) fails the transaction, and the homeserver retries it
+            // whole (our effects are idempotent). One the homeserver will
+            // refuse every time (4xx: the room is gone, the puppet was
+            // kicked) is logged and skipped: retrying it would hold up every
+            // later transaction for good.
+            outcome(&event.event_id, self.handle(&event).await)?;
+        }
+        Ok(())
+    }
+
     async fn handle(&self, event: &Event) -> anyhow::Result<()> {
         match event.event_type.as_str() {
+            "m.room.encryption" if event.state_key.as_deref() == Some("") => {
+                self.encrypted
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(
+                        event.room_id.clone(),
+                        Some(RotationSettings::from_encryption_content(&event.content)),
+                    );
+            }
             "m.room.member" => {
                 let Some(target) = event
                     .state_key
@@ -166,16 +268,7 @@ impl EchoHandler {
                 let Some(body) = event.content["body"].as_str() else {
                     return Ok(());
                 };
-                for puppet in self.joined(&event.room_id) {
-                    // One transaction id per (event, puppet): a retried
-                    // transaction sends nothing twice.
-                    let txn_id = format!("echo-{}-{}", event.event_id, puppet.localpart());
-                    let echoed = self
-                        .client
-                        .send_text(&event.room_id, &puppet, &txn_id, &format!("echo: {body}"))
-                        .await?;
-                    tracing::info!(%puppet, room = %event.room_id, of = %event.event_id, echo = %echoed, "echoed a message");
-                }
+                self.echo(&event.room_id, &event.event_id, body).await?;
             }
             _ => {}
         }
@@ -196,26 +289,60 @@ fn is_permanent(error: &anyhow::Error) -> bool {
     })
 }
 
+/// What a failed event means for the transaction: skip it (the homeserver
+/// will refuse it every time) or fail the transaction (a retry may cure it).
+fn outcome(event_id: &str, result: anyhow::Result<()>) -> Result<(), HandlerError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if is_permanent(&e) => {
+            tracing::warn!(%event_id, error = %format!("{e:#}"), "event refused by the homeserver; skipped");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(%event_id, error = %format!("{e:#}"), "event failed; the transaction will be retried");
+            Err(HandlerError::new(format!("{e:#}")))
+        }
+    }
+}
+
 impl BridgeHandler for EchoHandler {
     async fn transaction(&self, transaction: &Transaction) -> Result<(), HandlerError> {
-        for raw in &transaction.events {
-            let Ok(event) = serde_json::from_str::<Event>(raw.get()) else {
+        self.plain_events(transaction).await?;
+        // Encrypted messages, decrypted by the listener.
+        for encrypted in &transaction.decrypted_events {
+            let event = match &encrypted.decrypted {
+                Ok(event) => event,
+                Err(why) => {
+                    // In an encrypted room nothing is sent in the clear,
+                    // not even a notice: log and count.
+                    self.undecryptable
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(event_id = %encrypted.event_id, room = %encrypted.room_id, reason = %why, "could not decrypt a message");
+                    continue;
+                }
+            };
+            if event.event_type != "m.room.message"
+                || self.is_puppet(&encrypted.sender)
+                || encrypted.sender == self.bot
+            {
+                continue;
+            }
+            let Ok(content) = serde_json::from_str::<serde_json::Value>(event.content.get()) else {
                 continue;
             };
-            // Events in order. A failure that a retry may cure (network,
-            // 5xx, 429, our store) fails the transaction, and the homeserver
-            // retries it whole (our effects are idempotent). One the
-            // homeserver will refuse every time (4xx: the room is gone, the
-            // puppet was kicked) is logged and skipped: retrying it would
-            // hold up every later transaction for good.
-            if let Err(e) = self.handle(&event).await {
-                if is_permanent(&e) {
-                    tracing::warn!(event_id = %event.event_id, error = %format!("{e:#}"), "event refused by the homeserver; skipped");
-                } else {
-                    tracing::warn!(event_id = %event.event_id, error = %format!("{e:#}"), "event failed; the transaction will be retried");
-                    return Err(HandlerError::new(format!("{e:#}")));
-                }
+            if content["msgtype"].as_str() != Some("m.text")
+                || content["m.relates_to"]["rel_type"] == "m.replace"
+            {
+                continue;
             }
+            let Some(body) = content["body"].as_str() else {
+                continue;
+            };
+            outcome(
+                encrypted.event_id.as_str(),
+                self.echo(&encrypted.room_id, encrypted.event_id.as_str(), body)
+                    .await,
+            )?;
         }
         Ok(())
     }
@@ -311,8 +438,11 @@ impl EchoBridge {
                 &server_name,
             )?,
             provisioner: provisioner.clone(),
+            olm: olm.clone(),
             client: PuppetClient::new(&config.homeserver_url, &registration.as_token)?,
             rooms: Mutex::default(),
+            encrypted: Mutex::default(),
+            undecryptable: std::sync::atomic::AtomicU64::new(0),
         });
         let appservice =
             Appservice::new(as_config, manager.clone(), store.clone(), handler.clone())?
