@@ -49,6 +49,13 @@ pub struct Limits {
     pub max_devices_per_claim: usize,
     /// Most devices of one claim served at the same time.
     pub claim_concurrency: usize,
+    /// Most encrypted room events held (durably) while their room key has
+    /// not arrived. Past it the oldest is given up: handed to the bridge as
+    /// undecryptable.
+    pub max_held_events: usize,
+    /// How long an encrypted room event is held for its room key before it
+    /// is handed to the bridge as undecryptable.
+    pub held_event_max_age: Duration,
 }
 
 impl Default for Limits {
@@ -59,6 +66,8 @@ impl Default for Limits {
             max_keys_per_device: 20,
             max_devices_per_claim: 10_000,
             claim_concurrency: 64,
+            max_held_events: 10_000,
+            held_event_max_age: Duration::from_secs(24 * 3600),
         }
     }
 }

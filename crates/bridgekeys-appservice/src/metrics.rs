@@ -29,6 +29,9 @@ pub(crate) struct Metrics {
     pub room_keys: IntCounter,
     pub room_events_decrypted: IntCounter,
     pub room_events_undecryptable: IntCounter,
+    pub held_events: IntCounter,
+    pub held_events_released: IntCounter,
+    pub held_events_expired: IntCounter,
     sessions_evicted: Mirrored,
     devices_refused: Mirrored,
     pub errors: IntCounterVec,
@@ -151,6 +154,21 @@ impl Metrics {
                 &registry,
                 "room_events_undecryptable_total",
                 "Megolm room events that could not be decrypted (unknown session, mismatch, replay).",
+            )?,
+            held_events: counter(
+                &registry,
+                "room_events_held_total",
+                "Encrypted room events held because their room key had not arrived.",
+            )?,
+            held_events_released: counter(
+                &registry,
+                "room_events_held_released_total",
+                "Held room events decrypted when their room key arrived.",
+            )?,
+            held_events_expired: counter(
+                &registry,
+                "room_events_held_given_up_total",
+                "Held room events given up (too old, or pushed out by the bound) and handed over as undecryptable.",
             )?,
             sessions_evicted: Mirrored::new(
                 &registry,

@@ -194,9 +194,14 @@ pub struct Transaction {
     pub device_unused_fallback_key_types: UnusedFallbackKeyTypes,
     /// MSC3202 device list changes.
     pub device_lists: DeviceLists,
-    /// The Megolm `m.room.encrypted` events among `events`, in order, each
-    /// decrypted or with why not (see [`crate::room_events`]).
+    /// Megolm `m.room.encrypted` events, each decrypted or with why not:
+    /// first those held from earlier transactions whose room key came in
+    /// this one, then this transaction's own (in order; those whose key has
+    /// not come yet are held, not listed), then held events given up (see
+    /// [`crate::room_events`]).
     pub decrypted_events: Vec<crate::EncryptedRoomEvent>,
+    /// Held events handed over here, forgotten once this is recorded.
+    held_done: Vec<crate::room_events::HeldKey>,
 }
 
 /// The Olm content of an `m.room.encrypted` to-device message.
@@ -357,14 +362,19 @@ async fn open_transaction<H: BridgeHandler>(
             to_device.push(opened);
         }
     }
-    // Room keys first: events later in this transaction may need them.
-    crate::room_events::take_room_keys(inner, &to_device).await?;
-    let decrypted_events = crate::room_events::decrypt_events(inner, &body.events)?;
+    // Room keys first: events held earlier, and events later in this
+    // transaction, may need them.
+    let keys = crate::room_events::take_room_keys(inner, &to_device).await?;
+    let mut held_done = Vec::new();
+    let mut decrypted_events = crate::room_events::release_held(inner, &keys, &mut held_done)?;
+    decrypted_events.extend(crate::room_events::decrypt_events(inner, &body.events)?);
+    decrypted_events.extend(crate::room_events::expire_held(inner, &mut held_done)?);
     let mut ephemeral = body.ephemeral_unstable;
     ephemeral.extend(body.ephemeral);
     Ok(Transaction {
         txn_id,
         decrypted_events,
+        held_done,
         events: body.events,
         ephemeral,
         to_device,
@@ -516,7 +526,8 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
     let holds_plaintext = transaction
         .to_device
         .iter()
-        .any(|m| matches!(m, ToDevice::Decrypted(_)));
+        .any(|m| matches!(m, ToDevice::Decrypted(_)))
+        || !transaction.decrypted_events.is_empty();
     if holds_plaintext {
         // Kept until the record is durable: a handler failure, a timeout or
         // a failed record leaves it here for the homeserver's retry.
@@ -548,6 +559,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
             tracing::warn!(%txn_id, error = %e, "could not forget the transaction's delivery records");
         }
     }
+    crate::room_events::forget_held(&inner, &transaction.held_done);
     inner.metrics.transactions.inc();
     Ok(Json(serde_json::Map::new()))
 }

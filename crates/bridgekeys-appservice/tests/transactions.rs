@@ -757,29 +757,17 @@ async fn a_room_key_in_a_transaction_decrypts_the_encrypted_room_events_that_com
     );
     assert_eq!(seen.events, 3, "the raw events are all still there");
 
-    // An event whose key never came is handed over with the reason; the
-    // same ciphertext under another event id is a replay.
+    // The same ciphertext under another event id is a replay. (An event
+    // whose key has not come is held: see the tests below.)
     let mut replayed = second;
     replayed["event_id"] = json!("$e2-again");
-    let unknown = {
-        let mut other = GroupSession::new(SessionConfig::version_1());
-        let plaintext = json!({"type": "m.room.message", "room_id": room, "content": {}});
-        json!({
-            "type": "m.room.encrypted", "event_id": "$lost", "room_id": room,
-            "sender": "@alice:localhost",
-            "content": {
-                "algorithm": "m.megolm.v1.aes-sha2",
-                "ciphertext": other.encrypt(plaintext.to_string()).to_base64(),
-                "session_id": other.session_id(),
-            }
-        })
-    };
-    let body = json!({"events": [replayed, unknown]});
+    let body = json!({"events": [replayed]});
     let (status, _) = fx
         .call(authed(Method::PUT, &txn_path("mg-2"), json_body(&body)))
         .await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[1].clone();
+    assert_eq!(seen.room_events.len(), 1);
     assert_eq!(seen.room_events[0].0, "$e2-again");
     assert!(
         seen.room_events[0]
@@ -791,12 +779,142 @@ async fn a_room_key_in_a_transaction_decrypts_the_encrypted_room_events_that_com
         seen.room_events
     );
     assert_eq!(
-        seen.room_events[1],
-        ("$lost".to_owned(), Err("unknown Megolm session".to_owned()))
-    );
-    assert_eq!(
         fx.metric("bridgekeys_appservice_room_events_decrypted_total")
             .await,
         2.0
+    );
+}
+
+/// A room's group session and a peer that shares it with puppet 0.
+struct SharedRoom {
+    group: bridgekeys_olm::vodozemac::megolm::GroupSession,
+    room: &'static str,
+}
+
+impl SharedRoom {
+    fn new() -> Self {
+        Self {
+            group: bridgekeys_olm::vodozemac::megolm::GroupSession::new(
+                bridgekeys_olm::vodozemac::megolm::SessionConfig::version_1(),
+            ),
+            room: "!late:localhost",
+        }
+    }
+
+    fn event(&mut self, id: &str, body: &str) -> Value {
+        let plaintext =
+            json!({"type": "m.room.message", "room_id": self.room, "content": {"body": body}});
+        json!({
+            "type": "m.room.encrypted", "event_id": id, "room_id": self.room,
+            "sender": "@alice:localhost",
+            "content": {
+                "algorithm": "m.megolm.v1.aes-sha2",
+                "ciphertext": self.group.encrypt(plaintext.to_string()).to_base64(),
+                "session_id": self.group.session_id(),
+            }
+        })
+    }
+
+    fn key_for(&self, peer: &mut Peer) -> Value {
+        let mut payload = peer.payload("");
+        payload["type"] = json!("m.room_key");
+        payload["content"] = json!({
+            "algorithm": "m.megolm.v1.aes-sha2", "room_id": self.room,
+            "session_id": self.group.session_id(), "session_key": self.group.session_key().to_base64(),
+        });
+        peer.encrypt_to_device(&payload)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_key_comes_later_is_held_and_handed_over_once_when_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let mut peer = Peer::new(&fx).await;
+    let mut room = SharedRoom::new();
+    // The key is taken at index 0, but the event comes first.
+    let key = room.key_for(&mut peer);
+    let early = room.event("$early", "before the key");
+    let put = async |id: &str, body: Value| {
+        let (status, _) = fx
+            .call(authed(Method::PUT, &txn_path(id), json_body(&body)))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    };
+    put("late-1", json!({"events": [early]})).await;
+    put("late-2", json!({"events": [], "to_device": [key]})).await;
+    put("late-3", json!({"events": []})).await;
+    let seen = fx.handler.seen.lock().unwrap().clone();
+    assert!(
+        seen[0].room_events.is_empty(),
+        "held, not handed over undecryptable"
+    );
+    assert_eq!(
+        seen[1].room_events,
+        vec![(
+            "$early".to_owned(),
+            Ok(json!({"body": "before the key"}).to_string())
+        )]
+    );
+    assert!(seen[2].room_events.is_empty(), "handed over twice");
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_room_events_held_total")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_room_events_held_released_total")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_event_whose_key_never_comes_is_reported_undecryptable_once_and_survives_a_restart()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mut room = SharedRoom::new();
+    let lost = room.event("$lost", "no key");
+    {
+        let fx = Fixture::open(dir.path(), Limits::default());
+        let (status, _) = fx
+            .call(authed(
+                Method::PUT,
+                &txn_path("h-1"),
+                json_body(&json!({"events": [lost]})),
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(fx.handler.seen.lock().unwrap()[0].room_events.is_empty());
+    }
+    // Restarted with a zero wait: the held event is given up, once.
+    let fx = Fixture::open(
+        dir.path(),
+        Limits {
+            held_event_max_age: std::time::Duration::ZERO,
+            ..Limits::default()
+        },
+    );
+    for id in ["h-2", "h-3"] {
+        let (status, _) = fx
+            .call(authed(
+                Method::PUT,
+                &txn_path(id),
+                json_body(&json!({"events": []})),
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let seen = fx.handler.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[0].room_events,
+        vec![("$lost".to_owned(), Err("unknown Megolm session".to_owned()))]
+    );
+    assert!(seen[1].room_events.is_empty(), "reported twice");
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_room_events_held_given_up_total")
+            .await,
+        1.0
     );
 }

@@ -14,6 +14,7 @@
 //! | `o/<device><peer curve25519 key><session id>` | last used (u64 BE), then the sealed session pickle |
 //! | `u/<user id>` | the sealed record of a tracked user's devices |
 //! | `q/<device><room id>` | the sealed outbound Megolm session of a puppet device in a room |
+//! | `h/<room len u32 BE><room id><session len u32 BE><session id><event id>` | a sealed room event held until its room key arrives |
 //! | `g/<room len u32 BE><room id><session id>` | a sealed Megolm inbound group session record |
 //! | `x/<room len u32 BE><room id><session len u32 BE><session id><index u32 BE>` | the event id that first decrypted at that message index (replay protection) |
 //! | `d/<tag length u32 BE><tag><device><message>` | a sealed delivery record, until the delivery is acknowledged |
@@ -98,6 +99,36 @@ fn room_prefixed(tag: &[u8], room_id: &str) -> Vec<u8> {
 
 pub(crate) fn outbound_group_session(device: &DeviceKey, room_id: &str) -> Vec<u8> {
     join(b"q/", device, room_id.as_bytes())
+}
+
+pub(crate) const HELD_PREFIX: &[u8] = b"h/";
+
+pub(crate) fn held_session_prefix(room_id: &str, session_id: &str) -> Vec<u8> {
+    let mut k = room_prefixed(HELD_PREFIX, room_id);
+    k.extend_from_slice(&(session_id.len() as u32).to_be_bytes());
+    k.extend_from_slice(session_id.as_bytes());
+    k
+}
+
+pub(crate) fn held_event(room_id: &str, session_id: &str, event_id: &str) -> Vec<u8> {
+    let mut k = held_session_prefix(room_id, session_id);
+    k.extend_from_slice(event_id.as_bytes());
+    k
+}
+
+/// The (room id, session id, event id) of a held event's key.
+pub(crate) fn parse_held_event(key: &[u8]) -> Option<(String, String, String)> {
+    let rest = key.strip_prefix(HELD_PREFIX)?;
+    let take = |rest: &[u8]| -> Option<(String, usize)> {
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let s = std::str::from_utf8(rest.get(4..4 + len)?).ok()?.to_owned();
+        Some((s, 4 + len))
+    };
+    let (room, used) = take(rest)?;
+    let rest = &rest[used..];
+    let (session, used) = take(rest)?;
+    let event = std::str::from_utf8(&rest[used..]).ok()?.to_owned();
+    Some((room, session, event))
 }
 
 pub(crate) fn group_session(room_id: &str, session_id: &str) -> Vec<u8> {

@@ -65,8 +65,8 @@ pub use sled_store::{
 };
 pub use transactions::TransactionLog;
 pub use types::{
-    AccountRecord, Delivery, DeviceKey, DeviceWrite, IndexUse, KeyAppend, OneTimeKeyRecord,
-    SessionRecord, SessionWrite, Version,
+    AccountRecord, Delivery, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
+    OneTimeKeyRecord, SessionRecord, SessionWrite, Version,
 };
 
 /// A session stored by schema 1: `(session_id, pickle)`.
@@ -236,6 +236,20 @@ pub trait Store: Send + Sync + 'static {
         index: u32,
         event_id: &str,
     ) -> Result<IndexUse, StoreError>;
+
+    /// Hold (`Some`) or release (`None`) a room event that waits for the
+    /// room key of `session_id`.
+    fn hold_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError>;
+
+    /// Held events: those waiting for one session's key, or (with `None`)
+    /// all of them, in key order.
+    fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError>;
 
     /// Wait until everything written so far is on disk.
     fn sync(&self) -> Pending;

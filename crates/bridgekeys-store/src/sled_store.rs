@@ -13,9 +13,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use zeroize::Zeroizing;
 
 use crate::{
-    AccountRecord, CommitStats, DeviceKey, DeviceWrite, IndexUse, KeyAppend, OneTimeKeyRecord,
-    Pending, SessionRecord, SessionWrite, Store, StoreError, StoreId, StoreKey, Version,
-    commit::GroupCommit, crypto::Sealer, durable, layout, watermark,
+    AccountRecord, CommitStats, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
+    OneTimeKeyRecord, Pending, SessionRecord, SessionWrite, Store, StoreError, StoreId, StoreKey,
+    Version, commit::GroupCommit, crypto::Sealer, durable, layout, watermark,
 };
 
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
@@ -1219,6 +1219,50 @@ impl Store for SledStore {
             }
             Err(_) => Ok(IndexUse::OtherEvent),
         }
+    }
+
+    fn hold_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        let slot = layout::held_event(room_id, session_id, event_id);
+        match record {
+            Some(record) => {
+                let sealed = self.sealer.seal(&slot, record);
+                self.db.insert(slot, sealed)?;
+            }
+            None => {
+                self.db.remove(slot)?;
+            }
+        }
+        Ok(self.commit.pending())
+    }
+
+    fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError> {
+        let prefix = match session {
+            Some((room, session)) => layout::held_session_prefix(room, session),
+            None => layout::HELD_PREFIX.to_vec(),
+        };
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (slot, raw) = item?;
+            let corrupt = || StoreError::Corrupt {
+                what: "held event".into(),
+            };
+            let (room_id, session_id, event_id) =
+                layout::parse_held_event(&slot).ok_or_else(corrupt)?;
+            let record = self.sealer.open(&slot, &raw).ok_or_else(corrupt)?;
+            out.push(HeldEvent {
+                room_id,
+                session_id,
+                event_id,
+                record,
+            });
+        }
+        Ok(out)
     }
 
     fn sync(&self) -> Pending {

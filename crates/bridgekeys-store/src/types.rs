@@ -200,3 +200,15 @@ pub enum IndexUse {
     /// Another event decrypted at this index before: a replay.
     OtherEvent,
 }
+
+/// A room event held until its room key arrives.
+pub struct HeldEvent {
+    /// Its room.
+    pub room_id: String,
+    /// The Megolm session it needs.
+    pub session_id: String,
+    /// Its event id.
+    pub event_id: String,
+    /// What the caller stored with it (sealed at rest).
+    pub record: Zeroizing<Vec<u8>>,
+}

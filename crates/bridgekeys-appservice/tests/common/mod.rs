@@ -216,6 +216,21 @@ impl Store for HookedStore {
         self.inner
             .record_message_index(room_id, session_id, index, event_id)
     }
+    fn hold_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.inner.hold_event(room_id, session_id, event_id, record)
+    }
+    fn held_events(
+        &self,
+        session: Option<(&str, &str)>,
+    ) -> Result<Vec<bridgekeys_store::HeldEvent>, StoreError> {
+        self.inner.held_events(session)
+    }
     fn sync(&self) -> Pending {
         self.inner.sync()
     }
