@@ -26,7 +26,31 @@ Commands:
           "recipient_keys","sender_device_keys","keys_match"}
          or {"ok":false,"error":"timeout"}
          or {"ok":false,"error":"undecryptable: ..."}
+  {"cmd":"create_room","invite":[U...],"encrypted":true,"is_direct":true,
+   "name":N (optional)}
+      -> {"ok":true,"room_id"} once nio's own room state has the room
+  {"cmd":"invite","room_id":R,"user_id":U} -> {"ok":true}
+  {"cmd":"join","room_id":R} -> {"ok":true,"room_id"} once nio sees us joined
+  {"cmd":"leave","room_id":R} -> {"ok":true}
+  {"cmd":"wait_joined","room_id":R,"user_id":U,"timeout_ms":N}
+      -> {"ok":true,"joined":[U...]} or {"ok":false,"error":"timeout"}
+  {"cmd":"room_send","room_id":R,"body":B,"msgtype":"m.text" (optional)}
+      -> {"ok":true,"event_id","encrypted","session_id","shared_with":[[U,D]...],
+          "elapsed_ms"}
+  {"cmd":"wait_room_message","room_id":R,"sender":U (optional),
+   "body_prefix":P (optional),"timeout_ms":N}
+      -> {"ok":true,"room_id","event_id","sender","sender_device","body",
+          "msgtype","content","decrypted","verified","session_id","sender_key"}
+         or {"ok":false,"error":"timeout"}
+         or {"ok":false,"error":"undecryptable: ...","room_id","event_id",
+             "sender","sender_device","session_id","sender_key"}
   {"cmd":"quit"} -> {"ok":true}, then the process exits.
+
+Room messages (m.room.message, decrypted by nio or sent in the clear) and
+encrypted room events nio could not decrypt are queued as syncs bring them,
+whichever command synced, each event once (a rejoined room's timeline
+repeats its history); wait_room_message takes the first queued one that
+matches, so a message that came during another command is not lost.
 """
 
 import asyncio
@@ -53,12 +77,21 @@ log = logging.getLogger("olm_peer")
 COMMAND_TIMEOUT_S = 60
 # Longest single /sync long-poll while waiting.
 SYNC_POLL_MS = 10_000
-# Only to-device messages and key counts matter here.
+# To-device messages, key counts, device lists and joined rooms' state and
+# timelines (full member lists: nio shares room keys with the members it
+# knows); no presence, account data, typing or receipts.
 SYNC_FILTER = {
-    "room": {"rooms": []},
     "presence": {"types": []},
     "account_data": {"types": []},
+    "room": {
+        "ephemeral": {"types": []},
+        "account_data": {"types": []},
+        "state": {"lazy_load_members": False},
+        "timeline": {"limit": 100},
+    },
 }
+# How long create_room and join sync until nio's room state shows the room.
+ROOM_STATE_TIMEOUT_MS = 30_000
 
 
 def answer(obj):
@@ -72,15 +105,25 @@ try:
     from nio import (
         AsyncClient,
         AsyncClientConfig,
+        BadEvent,
+        JoinResponse,
         KeysClaimResponse,
         KeysQueryResponse,
         KeysUploadResponse,
         LoginResponse,
+        MegolmEvent,
+        RoomCreateResponse,
+        RoomInviteResponse,
+        RoomLeaveResponse,
+        RoomMessage,
+        RoomSendResponse,
         SyncResponse,
         ToDeviceMessage,
         ToDeviceResponse,
+        UnknownBadEvent,
     )
     from nio.crypto import ENCRYPTION_ENABLED
+    from nio.exceptions import EncryptionError
     from nio.events.to_device import OlmEvent
     from nio.responses import SyncResponse as _SyncResponse
 
@@ -132,6 +175,13 @@ def field(cmd, name, kind):
     return value
 
 
+def timeout_of(cmd):
+    timeout_ms = cmd.get("timeout_ms", 30_000)
+    if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms < 0:
+        raise PeerError("field 'timeout_ms' must be a non-negative integer")
+    return timeout_ms
+
+
 def error_of(response):
     """nio answers errors as ErrorResponse objects, not exceptions."""
     return f"{type(response).__name__}: {response}"
@@ -146,6 +196,20 @@ class Peer:
         self.failures = []
         self._current_event = None
         self._accepted = False
+        # Room messages and undecryptable encrypted room events, oldest
+        # first (see collect_room_event).
+        self.room_inbox = []
+        # Per Megolm event id: what nio's decryption of it said (a failure
+        # reason, or the sending device of a decrypted one).
+        self.megolm_failures = {}
+        self.megolm_devices = {}
+        # Room events queued so far, by id: a sync can bring an event again
+        # (a rejoined room's timeline repeats the history), it is queued once.
+        self.seen_room_events = set()
+        # Events this peer sent (wait_room_message without a sender skips
+        # them) and what nio's encrypt() produced during the last room_send.
+        self.sent_event_ids = set()
+        self._last_encrypted = None
 
     # --- hooks into nio -------------------------------------------------
 
@@ -220,6 +284,117 @@ class Peer:
         olm.handle_to_device_event = handle_to_device_event
         olm._handle_olm_event = handle_olm_event
 
+        # Megolm: nio decrypts every m.room.encrypted timeline event in
+        # BaseClient._handle_timeline_event through
+        # Olm._decrypt_megolm_no_error, which (nio 0.25.2) is
+        # decrypt_megolm_event with EncryptionError turned into None: the
+        # reason (no session with that id for this room, a libolm error,
+        # a replayed message index) only reaches nio's log. This wrapper does
+        # exactly the same and keeps the reason, by event id, for
+        # collect_room_event; a payload nio decrypted but rejected (schema)
+        # comes back as a BadEvent, and is recorded as a failure too.
+        def decrypt_megolm_no_error(event, room_id=None):
+            try:
+                result = olm.decrypt_megolm_event(event, room_id)
+            except EncryptionError as e:
+                self.megolm_failures[event.event_id] = str(e)
+                return None
+            if isinstance(result, (BadEvent, UnknownBadEvent)):
+                self.megolm_failures[event.event_id] = (
+                    f"nio decrypted it but rejected the payload: {result}"
+                )
+            else:
+                self.megolm_devices[event.event_id] = event.device_id
+            return result
+
+        olm._decrypt_megolm_no_error = decrypt_megolm_no_error
+
+    def install_client_hooks(self, client):
+        """Observe what nio's room_send encrypts: AsyncClient.room_send calls
+        self.encrypt(room_id, type, content) (Olm.group_encrypt with the
+        room's outbound group session) exactly when the room is encrypted;
+        the result names the Megolm session actually used."""
+        original_encrypt = client.encrypt
+
+        def encrypt(room_id, message_type, content):
+            result = original_encrypt(room_id, message_type, content)
+            self._last_encrypted = (room_id, result[1])
+            return result
+
+        client.encrypt = encrypt
+
+    def collect_room_event(self, room_id, event):
+        """Queue a joined room's timeline event, after nio handled the sync
+        (nio has then replaced each Megolm event it could decrypt by the
+        decrypted event, in place)."""
+        source = getattr(event, "source", None)
+        source = source if isinstance(source, dict) else {}
+        event_id = getattr(event, "event_id", None) or source.get("event_id")
+        if (room_id, event_id) in self.seen_room_events:
+            self.megolm_failures.pop(event_id, None)
+            self.megolm_devices.pop(event_id, None)
+            return
+        if isinstance(event, (MegolmEvent, BadEvent, UnknownBadEvent, RoomMessage)):
+            self.seen_room_events.add((room_id, event_id))
+        if isinstance(event, MegolmEvent):
+            self.megolm_devices.pop(event_id, None)
+            self.room_inbox.append(
+                {
+                    "kind": "undecryptable",
+                    "room_id": room_id,
+                    "event_id": event_id,
+                    "sender": event.sender,
+                    "sender_device": event.device_id,
+                    "session_id": event.session_id,
+                    "sender_key": event.sender_key,
+                    "reason": self.megolm_failures.pop(
+                        event_id, "nio did not decrypt it (no reason recorded)"
+                    ),
+                }
+            )
+        elif isinstance(event, (BadEvent, UnknownBadEvent)):
+            if event_id in self.megolm_failures:
+                reason = self.megolm_failures.pop(event_id)
+            elif source.get("type") == "m.room.encrypted":
+                # e.g. content without sender_key or device_id: nio 0.25.2's
+                # schema requires both, so the event never reaches Megolm.
+                reason = f"nio's parser rejected the encrypted event: {event}"
+            else:
+                log.warning("room %s: nio could not parse event %s: %s", room_id, event_id, event)
+                return
+            content = source.get("content") if isinstance(source.get("content"), dict) else {}
+            self.room_inbox.append(
+                {
+                    "kind": "undecryptable",
+                    "room_id": room_id,
+                    "event_id": event_id,
+                    "sender": source.get("sender") or getattr(event, "sender", None),
+                    "sender_device": content.get("device_id"),
+                    "session_id": content.get("session_id"),
+                    "sender_key": content.get("sender_key"),
+                    "reason": reason,
+                }
+            )
+        elif isinstance(event, RoomMessage):
+            content = source.get("content") if isinstance(source.get("content"), dict) else {}
+            body = getattr(event, "body", None)
+            self.room_inbox.append(
+                {
+                    "kind": "message",
+                    "room_id": room_id,
+                    "event_id": event_id,
+                    "sender": event.sender,
+                    "sender_device": self.megolm_devices.pop(event_id, None),
+                    "body": body if isinstance(body, str) else content.get("body"),
+                    "msgtype": content.get("msgtype"),
+                    "content": content,
+                    "decrypted": bool(event.decrypted),
+                    "verified": bool(event.verified),
+                    "session_id": event.session_id,
+                    "sender_key": event.sender_key,
+                }
+            )
+
     def record_unparsed(self, raw_events, parsed, nio_log):
         """m.room.encrypted to-device events nio's parser turned into
         BadEvent/None never reach the Olm machine; report them too."""
@@ -274,6 +449,7 @@ class Peer:
             raise PeerError("nio did not load its Olm machine after login")
         self.client = client
         self.install_hooks(client.olm)
+        self.install_client_hooks(client)
         # nio's own decision: a fresh account uploads device keys and
         # one-time keys (Olm.share_keys signs them).
         if client.should_upload_keys:
@@ -358,6 +534,11 @@ class Peer:
         response = await client.sync(timeout=poll_ms, sync_filter=SYNC_FILTER)
         if not isinstance(response, SyncResponse):
             raise PeerError(f"sync failed: {error_of(response)}")
+        for room_id, info in response.rooms.join.items():
+            if info.timeline.limited:
+                log.warning("room %s: the sync's timeline was limited, older events missed", room_id)
+            for event in info.timeline.events:
+                self.collect_room_event(room_id, event)
         # What nio's sync_forever does between syncs: replenish one-time
         # keys, send queued to-device messages (e.g. m.dummy to unwedge a
         # session), query changed devices, claim keys for wedged sessions.
@@ -373,9 +554,7 @@ class Peer:
     async def wait_to_device(self, cmd):
         _, olm = self.need_login()
         event_type = field(cmd, "type", str)
-        timeout_ms = cmd.get("timeout_ms", 30_000)
-        if not isinstance(timeout_ms, int) or timeout_ms < 0:
-            raise PeerError("field 'timeout_ms' must be a non-negative integer")
+        timeout_ms = timeout_of(cmd)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_ms / 1000
         while True:
@@ -423,6 +602,204 @@ class Peer:
             "keys_match": None if device is None else keys.get("ed25519") == device.ed25519,
         }
 
+    # --- rooms (nio's own Megolm) -------------------------------------------
+
+    async def sync_until(self, done, timeout_ms):
+        """Sync until done() holds; False if the time ran out first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        while True:
+            if done():
+                return True
+            remaining_ms = int((deadline - loop.time()) * 1000)
+            if remaining_ms <= 0:
+                return False
+            await self.sync_once(min(remaining_ms, SYNC_POLL_MS))
+
+    def joined(self, room_id, user_id):
+        room = self.client.rooms.get(room_id)
+        if room is None:
+            return False
+        user = room.users.get(user_id)
+        return user is not None and not user.invited
+
+    async def create_room(self, cmd):
+        client, _ = self.need_login()
+        invite = cmd.get("invite", [])
+        if not isinstance(invite, list) or not all(isinstance(u, str) for u in invite):
+            raise PeerError("field 'invite' must be a list of user ids")
+        encrypted = cmd.get("encrypted", True)
+        is_direct = cmd.get("is_direct", False)
+        name = cmd.get("name")
+        if not isinstance(encrypted, bool) or not isinstance(is_direct, bool):
+            raise PeerError("fields 'encrypted' and 'is_direct' must be booleans")
+        if name is not None and not isinstance(name, str):
+            raise PeerError("field 'name' must be a string")
+        initial_state = []
+        if encrypted:
+            initial_state.append(
+                {
+                    "type": "m.room.encryption",
+                    "state_key": "",
+                    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+                }
+            )
+        response = await client.room_create(
+            name=name, is_direct=is_direct, invite=invite, initial_state=initial_state
+        )
+        if not isinstance(response, RoomCreateResponse):
+            raise PeerError(f"createRoom failed: {error_of(response)}")
+        room_id = response.room_id
+        # nio learns of the room (and that it is encrypted) only from a sync.
+        if not await self.sync_until(lambda: self.joined(room_id, client.user_id), ROOM_STATE_TIMEOUT_MS):
+            raise PeerError(f"created {room_id}, but nio's syncs did not show it joined")
+        room = client.rooms[room_id]
+        if room.encrypted != encrypted:
+            raise PeerError(f"created {room_id}, but nio sees encrypted={room.encrypted}")
+        return {"ok": True, "room_id": room_id}
+
+    async def invite(self, cmd):
+        client, _ = self.need_login()
+        room_id = field(cmd, "room_id", str)
+        user_id = field(cmd, "user_id", str)
+        response = await client.room_invite(room_id, user_id)
+        if not isinstance(response, RoomInviteResponse):
+            raise PeerError(f"invite failed: {error_of(response)}")
+        return {"ok": True}
+
+    async def join(self, cmd):
+        client, _ = self.need_login()
+        room_id = field(cmd, "room_id", str)
+        response = await client.join(room_id)
+        if not isinstance(response, JoinResponse):
+            raise PeerError(f"join failed: {error_of(response)}")
+        room_id = response.room_id
+        if not await self.sync_until(lambda: self.joined(room_id, client.user_id), ROOM_STATE_TIMEOUT_MS):
+            raise PeerError(f"joined {room_id}, but nio's syncs did not show it")
+        return {"ok": True, "room_id": room_id}
+
+    async def leave(self, cmd):
+        client, _ = self.need_login()
+        room_id = field(cmd, "room_id", str)
+        response = await client.room_leave(room_id)
+        if not isinstance(response, RoomLeaveResponse):
+            raise PeerError(f"leave failed: {error_of(response)}")
+        # nio 0.25.2 ignores the "leave" section of /sync: it would keep the
+        # room, with us as a joined member, for ever. Forget it here (a
+        # rejoin's sync brings its full state again; nio remembers that it is
+        # encrypted), and drop nio's outbound group session for it, so that
+        # after a rejoin nio shares a fresh one with the members then.
+        client.rooms.pop(room_id, None)
+        client.invalidate_outbound_session(room_id)
+        return {"ok": True}
+
+    async def wait_joined(self, cmd):
+        client, _ = self.need_login()
+        room_id = field(cmd, "room_id", str)
+        user_id = field(cmd, "user_id", str)
+        timeout_ms = timeout_of(cmd)
+        if not await self.sync_until(lambda: self.joined(room_id, user_id), timeout_ms):
+            return {"ok": False, "error": "timeout"}
+        room = client.rooms[room_id]
+        return {"ok": True, "joined": sorted(u for u, m in room.users.items() if not m.invited)}
+
+    async def room_send(self, cmd):
+        client, olm = self.need_login()
+        room_id = field(cmd, "room_id", str)
+        body = field(cmd, "body", str)
+        msgtype = cmd.get("msgtype", "m.text")
+        if not isinstance(msgtype, str):
+            raise PeerError("field 'msgtype' must be a string")
+        if room_id not in client.rooms:
+            raise PeerError(f"nio does not know room {room_id} (create_room or join it first)")
+        # What a client's sync loop would have done just before: take in
+        # device-list changes (a member's new device) and membership changes,
+        # and keys/query the changed users (sync_once); nio invalidates the
+        # room's outbound group session when a member's devices changed.
+        await self.sync_once(0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._last_encrypted = None
+        # nio's room_send, for an encrypted room: /joined_members and
+        # keys/query unless the members are synced already, then (when no
+        # outbound group session is shared yet, or it expired or was
+        # invalidated) share_group_session: keys/claim for devices without
+        # an Olm session, m.room_key over Olm to every device of every
+        # member (joined or invited), then group_encrypt. Devices nobody
+        # verified get the key too, marked "ignored", because we pass
+        # ignore_unverified_devices=True (otherwise nio raises
+        # OlmUnverifiedDeviceError).
+        with NioLog() as logs:
+            response = await client.room_send(
+                room_id,
+                "m.room.message",
+                {"msgtype": msgtype, "body": body},
+                ignore_unverified_devices=True,
+            )
+        elapsed_ms = int((loop.time() - started) * 1000)
+        if not isinstance(response, RoomSendResponse):
+            raise PeerError(f"room send failed: {error_of(response)} (nio: {logs.text()})")
+        self.sent_event_ids.add(response.event_id)
+        encrypted = self._last_encrypted is not None and self._last_encrypted[0] == room_id
+        session_id = self._last_encrypted[1]["session_id"] if encrypted else None
+        shared_with = []
+        session = olm.outbound_group_sessions.get(room_id)
+        if encrypted and session is not None and session.id == session_id:
+            shared_with = sorted([u, d] for u, d in session.users_shared_with)
+        return {
+            "ok": True,
+            "event_id": response.event_id,
+            "encrypted": encrypted,
+            "session_id": session_id,
+            "shared_with": shared_with,
+            "elapsed_ms": elapsed_ms,
+        }
+
+    async def wait_room_message(self, cmd):
+        self.need_login()
+        room_id = field(cmd, "room_id", str)
+        sender = cmd.get("sender")
+        prefix = cmd.get("body_prefix")
+        if sender is not None and not isinstance(sender, str):
+            raise PeerError("field 'sender' must be a string")
+        if prefix is not None and not isinstance(prefix, str):
+            raise PeerError("field 'body_prefix' must be a string")
+        timeout_ms = timeout_of(cmd)
+
+        def take():
+            for index, entry in enumerate(self.room_inbox):
+                if entry["room_id"] != room_id:
+                    continue
+                if sender is not None and entry["sender"] != sender:
+                    continue
+                if sender is None and entry["event_id"] in self.sent_event_ids:
+                    continue
+                if entry["kind"] == "message" and prefix is not None:
+                    if not (entry["body"] or "").startswith(prefix):
+                        continue
+                del self.room_inbox[index]
+                return entry
+            return None
+
+        entry = None
+
+        def found():
+            nonlocal entry
+            entry = take()
+            return entry is not None
+
+        if not await self.sync_until(found, timeout_ms):
+            return {"ok": False, "error": "timeout"}
+        entry = dict(entry)
+        kind = entry.pop("kind")
+        if kind == "message":
+            return {"ok": True, **entry}
+        reason = entry.pop("reason")
+        if self.failures:
+            # A room key that failed to arrive over Olm is the usual cause.
+            reason += f" (Olm to-device failures not yet reported: {'; '.join(self.failures)})"
+        return {"ok": False, "error": f"undecryptable: {reason}", **entry}
+
     async def close(self):
         if self.client is not None:
             await self.client.close()
@@ -448,7 +825,16 @@ COMMANDS = {
     "login": Peer.login,
     "send_olm": Peer.send_olm,
     "wait_to_device": Peer.wait_to_device,
+    "create_room": Peer.create_room,
+    "invite": Peer.invite,
+    "join": Peer.join,
+    "leave": Peer.leave,
+    "wait_joined": Peer.wait_joined,
+    "room_send": Peer.room_send,
+    "wait_room_message": Peer.wait_room_message,
 }
+# Commands whose "timeout_ms" adds to the command's time limit.
+WAITING_COMMANDS = {"wait_to_device", "wait_joined", "wait_room_message"}
 
 
 async def run_command(cmd):
@@ -457,7 +843,7 @@ async def run_command(cmd):
     if handler is None:
         raise PeerError(f"unknown command {name!r}")
     limit = COMMAND_TIMEOUT_S
-    if name == "wait_to_device" and isinstance(cmd.get("timeout_ms"), int):
+    if name in WAITING_COMMANDS and isinstance(cmd.get("timeout_ms"), int):
         limit += cmd["timeout_ms"] / 1000
     try:
         return await asyncio.wait_for(handler(PEER, cmd), timeout=limit)

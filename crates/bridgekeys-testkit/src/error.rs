@@ -1,5 +1,7 @@
 use std::path::PathBuf;
 
+use crate::UndecryptableEvent;
+
 /// Why a test homeserver could not be provided.
 #[derive(Debug, thiserror::Error)]
 pub enum TestkitError {
@@ -44,7 +46,9 @@ pub enum TestkitError {
     /// answered an error, did not answer in time, or exited.
     #[error("olm peer: {command} failed: {error}\n--- last lines of its log ({log}) ---\n{tail}")]
     Peer {
-        /// The command (`start`, `login`, `send_olm`, `wait_to_device`, `quit`).
+        /// The command (`start`, `login`, `send_olm`, `wait_to_device`,
+        /// `create_room`, `invite`, `join`, `leave`, `wait_joined`, `room_send`,
+        /// `wait_room_message`, `quit`).
         command: String,
         /// The peer's error (e.g. `undecryptable: ...`) or what went wrong
         /// talking to it.
@@ -54,6 +58,19 @@ pub enum TestkitError {
         /// The end of that log.
         tail: String,
     },
+    /// The Olm peer received an encrypted room event that nio could not
+    /// decrypt (no room key for its session, a libolm error, a replayed
+    /// message index) or decrypted but rejected; see
+    /// [`OlmPeer::wait_room_message`](crate::OlmPeer::wait_room_message).
+    #[error(
+        "olm peer: nio could not decrypt {} from {} in {} (Megolm session {}): {}",
+        .0.event_id,
+        .0.sender,
+        .0.room_id,
+        .0.session_id.as_deref().unwrap_or("unknown"),
+        .0.reason
+    )]
+    Undecryptable(Box<UndecryptableEvent>),
     /// A file could not be read or written.
     #[error("{what}: {source}")]
     Io {

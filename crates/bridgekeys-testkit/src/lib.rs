@@ -64,7 +64,8 @@ use std::{
 pub use error::TestkitError;
 pub use hyper::{Method, StatusCode};
 pub use peer::{
-    OlmPeer, PeerDevice, PeerDeviceKeys, PeerLogin, PeerVersions, ReceivedOlm, SentOlm,
+    NewRoom, OlmPeer, PeerDevice, PeerDeviceKeys, PeerLogin, PeerRoomMessage, PeerVersions,
+    ReceivedOlm, RoomMessageQuery, SentOlm, SentRoomMessage, UndecryptableEvent, UserDevice,
 };
 use serde_json::{Value, json};
 pub use venv::{

@@ -9,6 +9,15 @@
 //! decrypting and checking received payloads. So a bridge whose Olm speaks
 //! with an [`OlmPeer`] through a real Synapse interoperates with an
 //! implementation that shares none of its code.
+//!
+//! The same holds for rooms and Megolm: [`OlmPeer::create_room`],
+//! [`OlmPeer::invite`], [`OlmPeer::join`], [`OlmPeer::leave`],
+//! [`OlmPeer::room_send`] and [`OlmPeer::wait_room_message`] are nio's own
+//! room handling, group session sharing (`m.room_key` over Olm to every
+//! member device, after `/keys/query` and `/keys/claim`), Megolm encryption
+//! and decryption. Several peers may log in as one user: each
+//! [`PeerLogin`] without a `device_id` is a new device with its own store,
+//! which gets the room keys of messages sent after it appeared.
 
 use std::{
     path::{Path, PathBuf},
@@ -31,7 +40,8 @@ const SCRIPT: &str = include_str!("../py/olm_peer.py");
 /// How long the peer may take to import nio and say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The peer gives up on a command after 60 s (plus the wait of a
-/// `wait_to_device`) and answers an error; we wait a little longer.
+/// `wait_to_device`, `wait_joined` or `wait_room_message`) and answers an
+/// error; we wait a little longer.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// Versions the running peer reported.
@@ -66,6 +76,7 @@ pub struct PeerLogin {
 
 impl PeerLogin {
     /// A login as a new device, with the store in the peer's temp directory.
+    /// Two peers logged in this way as one user are two devices of it.
     pub fn new(
         homeserver: impl Into<String>,
         user_id: impl Into<String>,
@@ -156,6 +167,149 @@ pub struct ReceivedOlm {
     /// device is unknown. nio itself never makes this check (it accepts
     /// any `keys`); the peer script makes it for the tests.
     pub keys_match: Option<bool>,
+}
+
+/// A room for [`OlmPeer::create_room`] to create.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewRoom {
+    /// Users to invite.
+    pub invite: Vec<String>,
+    /// Whether the room starts encrypted: an `m.room.encryption` state
+    /// event with `m.megolm.v1.aes-sha2` in the `initial_state`.
+    pub encrypted: bool,
+    /// `is_direct` on the invites (a DM).
+    pub is_direct: bool,
+    /// The room's name, if any.
+    pub name: Option<String>,
+}
+
+impl NewRoom {
+    /// An encrypted direct chat with `user_id`.
+    pub fn encrypted_dm(user_id: impl Into<String>) -> Self {
+        Self {
+            invite: vec![user_id.into()],
+            encrypted: true,
+            is_direct: true,
+            name: None,
+        }
+    }
+}
+
+/// A user's device, e.g. one that nio shared a room key with.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UserDevice {
+    /// The user id.
+    pub user_id: String,
+    /// The device id.
+    pub device_id: String,
+}
+
+/// What [`OlmPeer::room_send`] sent.
+#[derive(Clone, Debug)]
+pub struct SentRoomMessage {
+    /// The event id the homeserver gave it.
+    pub event_id: String,
+    /// Whether nio encrypted it (it does exactly when it knows the room is
+    /// encrypted).
+    pub encrypted: bool,
+    /// The Megolm session nio encrypted it with; `None` if not encrypted.
+    pub session_id: Option<String>,
+    /// The devices nio has shared that session with so far (over Olm,
+    /// `m.room_key`), sorted; the sending device itself is never in it.
+    pub shared_with: Vec<UserDevice>,
+    /// How long nio's `room_send` took, group session sharing included
+    /// (the catch-up sync before it not included).
+    pub elapsed: Duration,
+}
+
+/// Which room message [`OlmPeer::wait_room_message`] waits for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomMessageQuery {
+    /// The room.
+    pub room_id: String,
+    /// Only messages from this user; if `None`, from anyone, except the
+    /// messages this peer sent itself.
+    pub sender: Option<String>,
+    /// Only messages whose body starts with this. Undecryptable events have
+    /// no body and match whatever the prefix.
+    pub body_prefix: Option<String>,
+}
+
+impl RoomMessageQuery {
+    /// The next message in `room_id` that this peer did not send.
+    pub fn in_room(room_id: impl Into<String>) -> Self {
+        Self {
+            room_id: room_id.into(),
+            sender: None,
+            body_prefix: None,
+        }
+    }
+
+    /// Only messages from `user_id`.
+    #[must_use]
+    pub fn sent_by(mut self, user_id: impl Into<String>) -> Self {
+        self.sender = Some(user_id.into());
+        self
+    }
+
+    /// Only messages whose body starts with `prefix`.
+    #[must_use]
+    pub fn body_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.body_prefix = Some(prefix.into());
+        self
+    }
+}
+
+/// An `m.room.message` event the peer received: decrypted by nio from
+/// Megolm, or sent unencrypted.
+#[derive(Clone, Debug)]
+pub struct PeerRoomMessage {
+    /// The room.
+    pub room_id: String,
+    /// The event id.
+    pub event_id: String,
+    /// The sender.
+    pub sender: String,
+    /// The sending device, from the Megolm event's `device_id`; `None` if
+    /// not encrypted.
+    pub sender_device: Option<String>,
+    /// The body.
+    pub body: String,
+    /// The msgtype (`m.text`, `m.notice`, ...).
+    pub msgtype: Option<String>,
+    /// The (decrypted) content.
+    pub content: Value,
+    /// Whether it came encrypted and nio decrypted it with a room key it
+    /// holds (received over Olm, or its own).
+    pub decrypted: bool,
+    /// nio's `verified`: the sending device is one nio verified (never, for
+    /// the peer's: it verifies no one), or the peer itself.
+    pub verified: bool,
+    /// The Megolm session it was decrypted with; `None` if not encrypted.
+    pub session_id: Option<String>,
+    /// The Megolm event's `sender_key`; `None` if not encrypted.
+    pub sender_key: Option<String>,
+}
+
+/// An encrypted room event nio could not decrypt (or could, but rejected),
+/// as [`TestkitError::Undecryptable`] reports it.
+#[derive(Clone, Debug)]
+pub struct UndecryptableEvent {
+    /// The room.
+    pub room_id: String,
+    /// The event id.
+    pub event_id: String,
+    /// The sender.
+    pub sender: String,
+    /// The event's `device_id`, if it had one.
+    pub sender_device: Option<String>,
+    /// The event's `session_id`, if it had one.
+    pub session_id: Option<String>,
+    /// The event's `sender_key`, if it had one.
+    pub sender_key: Option<String>,
+    /// nio's reason, e.g. `Error decrypting megolm event, no session found
+    /// with session id ... for room ...`.
+    pub reason: String,
 }
 
 /// A matrix-nio client in a child process, doing its own Olm. Killed when
@@ -327,10 +481,13 @@ impl OlmPeer {
         event_type: &str,
         timeout: Duration,
     ) -> Result<Option<ReceivedOlm>, TestkitError> {
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let body = json!({ "type": event_type, "timeout_ms": timeout_ms });
+        let body = json!({ "type": event_type, "timeout_ms": millis(timeout) });
         let answer = match self
-            .command("wait_to_device", body, COMMAND_TIMEOUT + timeout)
+            .command(
+                "wait_to_device",
+                body,
+                COMMAND_TIMEOUT.saturating_add(timeout),
+            )
             .await
         {
             Ok(answer) => answer,
@@ -362,6 +519,181 @@ impl OlmPeer {
         }))
     }
 
+    /// Create a room as this peer's user; returns its id once nio's own
+    /// room state has it (nio learns rooms, and that they are encrypted,
+    /// only from its syncs).
+    pub async fn create_room(&mut self, room: &NewRoom) -> Result<String, TestkitError> {
+        let mut body = json!({
+            "invite": room.invite,
+            "encrypted": room.encrypted,
+            "is_direct": room.is_direct,
+        });
+        if let Some(name) = &room.name {
+            body["name"] = json!(name);
+        }
+        let answer = self.command("create_room", body, COMMAND_TIMEOUT).await?;
+        self.field("create_room", &answer, "room_id")
+    }
+
+    /// Invite `user_id` to a room (e.g. again, after it left: the rooms
+    /// [`OlmPeer::create_room`] makes are invite-only).
+    pub async fn invite(&mut self, room_id: &str, user_id: &str) -> Result<(), TestkitError> {
+        let body = json!({ "room_id": room_id, "user_id": user_id });
+        self.command("invite", body, COMMAND_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// Join a room (accept an invite, or rejoin after [`OlmPeer::leave`]);
+    /// returns when nio's room state shows the peer joined.
+    pub async fn join(&mut self, room_id: &str) -> Result<(), TestkitError> {
+        self.command("join", json!({ "room_id": room_id }), COMMAND_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    /// Leave a room. nio 0.25.2 ignores the `leave` part of `/sync`, so the
+    /// peer forgets the room in nio's state itself, and drops nio's
+    /// outbound Megolm session for it.
+    pub async fn leave(&mut self, room_id: &str) -> Result<(), TestkitError> {
+        self.command("leave", json!({ "room_id": room_id }), COMMAND_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    /// Sync until nio's room state shows `user_id` joined to `room_id`
+    /// (not merely invited); `Ok(false)` if it did not within `timeout`.
+    pub async fn wait_joined(
+        &mut self,
+        room_id: &str,
+        user_id: &str,
+        timeout: Duration,
+    ) -> Result<bool, TestkitError> {
+        let body = json!({
+            "room_id": room_id,
+            "user_id": user_id,
+            "timeout_ms": millis(timeout),
+        });
+        match self
+            .command("wait_joined", body, COMMAND_TIMEOUT.saturating_add(timeout))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(TestkitError::Peer { error, .. }) if error == "timeout" => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Send an `m.text` message with nio's `room_send`: in an encrypted
+    /// room nio encrypts it with its outbound Megolm session, first sharing
+    /// that session (when there is none yet, or it was rotated or
+    /// invalidated, e.g. because a member's devices changed) over Olm with
+    /// every device of every joined or invited member, after
+    /// `/joined_members`, `/keys/query` and `/keys/claim` as it needs them.
+    /// Devices nobody verified get the key too (`ignore_unverified_devices`).
+    /// A sync just before takes in device-list and membership changes, as a
+    /// client's sync loop would have.
+    pub async fn room_send(
+        &mut self,
+        room_id: &str,
+        body: &str,
+    ) -> Result<SentRoomMessage, TestkitError> {
+        self.room_send_msgtype(room_id, body, "m.text").await
+    }
+
+    /// [`OlmPeer::room_send`] with another msgtype (`m.notice`, `m.emote`).
+    pub async fn room_send_msgtype(
+        &mut self,
+        room_id: &str,
+        body: &str,
+        msgtype: &str,
+    ) -> Result<SentRoomMessage, TestkitError> {
+        let c = "room_send";
+        let request = json!({ "room_id": room_id, "body": body, "msgtype": msgtype });
+        let answer = self.command(c, request, COMMAND_TIMEOUT).await?;
+        let mut shared_with = Vec::new();
+        for pair in answer["shared_with"].as_array().into_iter().flatten() {
+            match (pair[0].as_str(), pair[1].as_str()) {
+                (Some(user_id), Some(device_id)) => shared_with.push(UserDevice {
+                    user_id: user_id.to_owned(),
+                    device_id: device_id.to_owned(),
+                }),
+                _ => return Err(self.error(c, format!("unreadable shared_with: {answer}"))),
+            }
+        }
+        Ok(SentRoomMessage {
+            event_id: self.field(c, &answer, "event_id")?,
+            encrypted: answer["encrypted"] == true,
+            session_id: answer["session_id"].as_str().map(str::to_owned),
+            shared_with,
+            elapsed: Duration::from_millis(answer["elapsed_ms"].as_u64().unwrap_or(0)),
+        })
+    }
+
+    /// Sync until an `m.room.message` matching `query` is there; `Ok(None)`
+    /// if none came within `timeout`.
+    ///
+    /// Every room message a sync brings is queued, whichever command
+    /// synced, so earlier ones are found too; the first match in arrival
+    /// order is taken. An encrypted event in the room (from the queried
+    /// sender, if any) that nio could not decrypt is taken the same way and
+    /// is a [`TestkitError::Undecryptable`], with nio's reason: e.g. a
+    /// device that logged in after a message was sent sees that message
+    /// (in its first sync's timeline) as undecryptable. nio decrypts an
+    /// event once, when the sync bringing it is handled (room keys from the
+    /// same sync's to-device events first): it does not retry when the key
+    /// comes later, so neither does the peer.
+    pub async fn wait_room_message(
+        &mut self,
+        query: &RoomMessageQuery,
+        timeout: Duration,
+    ) -> Result<Option<PeerRoomMessage>, TestkitError> {
+        let c = "wait_room_message";
+        let mut body = json!({ "room_id": query.room_id, "timeout_ms": millis(timeout) });
+        if let Some(sender) = &query.sender {
+            body["sender"] = json!(sender);
+        }
+        if let Some(prefix) = &query.body_prefix {
+            body["body_prefix"] = json!(prefix);
+        }
+        let answer = self
+            .exchange(c, body, COMMAND_TIMEOUT.saturating_add(timeout))
+            .await?;
+        let optional = |name: &str| answer[name].as_str().map(str::to_owned);
+        if answer["ok"] != true {
+            let error = text(&answer["error"]);
+            if error == "timeout" {
+                return Ok(None);
+            }
+            return match error.strip_prefix("undecryptable: ") {
+                Some(reason) if answer["event_id"].is_string() => {
+                    Err(TestkitError::Undecryptable(Box::new(UndecryptableEvent {
+                        room_id: self.field(c, &answer, "room_id")?,
+                        event_id: self.field(c, &answer, "event_id")?,
+                        sender: self.field(c, &answer, "sender")?,
+                        sender_device: optional("sender_device"),
+                        session_id: optional("session_id"),
+                        sender_key: optional("sender_key"),
+                        reason: reason.to_owned(),
+                    })))
+                }
+                _ => Err(self.error(c, error)),
+            };
+        }
+        Ok(Some(PeerRoomMessage {
+            room_id: self.field(c, &answer, "room_id")?,
+            event_id: self.field(c, &answer, "event_id")?,
+            sender: self.field(c, &answer, "sender")?,
+            sender_device: optional("sender_device"),
+            body: self.field(c, &answer, "body")?,
+            msgtype: optional("msgtype"),
+            content: answer["content"].clone(),
+            decrypted: answer["decrypted"] == true,
+            verified: answer["verified"] == true,
+            session_id: optional("session_id"),
+            sender_key: optional("sender_key"),
+        }))
+    }
+
     /// Ask the peer to close its client and exit, and wait until it has.
     pub async fn quit(mut self) -> Result<(), TestkitError> {
         let wait = Duration::from_secs(15);
@@ -377,6 +709,20 @@ impl OlmPeer {
     /// Send one command and read its answer; an `"ok": false` answer is an
     /// error carrying the peer's message.
     async fn command(
+        &mut self,
+        command: &str,
+        body: Value,
+        wait: Duration,
+    ) -> Result<Value, TestkitError> {
+        let answer = self.exchange(command, body, wait).await?;
+        if answer["ok"] == true {
+            return Ok(answer);
+        }
+        Err(self.error(command, text(&answer["error"])))
+    }
+
+    /// Send one command and read its answer, `"ok": false` or not.
+    async fn exchange(
         &mut self,
         command: &str,
         mut body: Value,
@@ -419,10 +765,7 @@ impl OlmPeer {
                 tracing::warn!(%line, "olm peer: skipping an answer to an earlier command");
                 continue;
             }
-            if answer["ok"] == true {
-                return Ok(answer);
-            }
-            return Err(self.error(command, text(&answer["error"])));
+            return Ok(answer);
         }
     }
 
@@ -457,6 +800,11 @@ impl OlmPeer {
             .and_then(|t| u8::try_from(t).ok())
             .ok_or_else(|| self.error(command, format!("answer has no message_type: {answer}")))
     }
+}
+
+/// A timeout in whole milliseconds, for the peer.
+fn millis(timeout: Duration) -> u64 {
+    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A JSON string's text, or the JSON itself for anything else.
