@@ -158,6 +158,25 @@ impl EchoHandler {
         Ok(settings)
     }
 
+    /// Discard every joined puppet's outbound session in `room` (the next
+    /// message starts a new one).
+    async fn forget_room_sessions(&self, room: &RoomId) -> anyhow::Result<()> {
+        for puppet in self.joined(room) {
+            let device = self
+                .provisioner
+                .ensure_puppet(&puppet)
+                .await
+                .context("the puppet's device")?;
+            self.olm
+                .manager()
+                .discard_group_session((&puppet, &device), room)
+                .await
+                .context("discarding the room session")?;
+            tracing::info!(%puppet, %room, "a member left: the room session will rotate");
+        }
+        Ok(())
+    }
+
     /// Echo `body` into `room` from every joined puppet: encrypted in an
     /// encrypted room (never in the clear there), plain otherwise.
     async fn echo(&self, room: &RoomId, of: &str, body: &str) -> anyhow::Result<()> {
@@ -237,6 +256,11 @@ impl EchoHandler {
                     return Ok(());
                 };
                 if !self.is_puppet(&target) {
+                    // A member who leaves must not read what comes next:
+                    // the puppets' room sessions are replaced.
+                    if matches!(event.content["membership"].as_str(), Some("leave" | "ban")) {
+                        self.forget_room_sessions(&event.room_id).await?;
+                    }
                     return Ok(());
                 }
                 match event.content["membership"].as_str() {
