@@ -365,5 +365,65 @@ async fn story(local: &Local) -> anyhow::Result<()> {
         "7. {bob} answered {echo:?} (event {})",
         reply["event_id"].as_str().unwrap_or("?")
     );
+    encrypted_story(local, &bob, "demo password alice", timeout).await
+}
+
+/// The same conversation in an encrypted DM, with a real client (matrix-nio
+/// on libolm, from the testkit) doing its own Olm and Megolm.
+async fn encrypted_story(
+    local: &Local,
+    bob: &str,
+    password: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use bridgekeys_testkit::{NewRoom, OlmPeer, PeerLogin, RoomMessageQuery};
+    println!(
+        "8. starting a real client with end-to-end encryption: matrix-nio {} on libolm (first run installs it, about half a minute)",
+        bridgekeys_testkit::MATRIX_NIO_VERSION
+    );
+    let mut client = OlmPeer::start().await?;
+    let server = local.synapse.server_name().to_owned();
+    let me = client
+        .login(&PeerLogin::new(
+            local.synapse.url(),
+            format!("@alice:{server}"),
+            password,
+        ))
+        .await?;
+    let room = client.create_room(&NewRoom::encrypted_dm(bob)).await?;
+    println!(
+        "9. {} (device {}) created the encrypted DM {room} and invited {bob}",
+        me.user_id, me.device_id
+    );
+    if !client.wait_joined(&room, bob, timeout).await? {
+        bail!("{bob} did not join the encrypted room");
+    }
+    let body = "hello, encrypted echo";
+    let sent = client.room_send(&room, body).await?;
+    println!(
+        "10. the client said {body:?}, encrypted (Megolm session {}, its key sent to {bob}'s device over Olm)",
+        sent.session_id.as_deref().unwrap_or("?")
+    );
+    let echo = client
+        .wait_room_message(
+            &RoomMessageQuery::in_room(&room)
+                .sent_by(bob)
+                .body_prefix(format!("echo: {body}")),
+            timeout,
+        )
+        .await?
+        .context("no encrypted echo arrived")?;
+    if !echo.decrypted {
+        bail!("the echo arrived in the clear");
+    }
+    let manager = local.manager().context("the bridge is not running")?;
+    println!(
+        "11. {bob} answered {:?}, encrypted (Megolm session {}), and the client decrypted it (bridge: {} room events decrypted, {} encrypted)",
+        echo.body,
+        echo.session_id.as_deref().unwrap_or("?"),
+        manager.stats().room_events_decrypted,
+        manager.stats().room_events_encrypted
+    );
+    client.quit().await?;
     Ok(())
 }
