@@ -104,13 +104,34 @@ pub enum Devices {
     Only(Vec<OwnedDeviceId>),
 }
 
+type QueryLocks = parking_lot::Mutex<HashMap<OwnedUserId, Arc<tokio::sync::Mutex<()>>>>;
+
+/// Removes the per-user query locks nobody else waits on, when dropped.
+struct TidyLocks<'a> {
+    map: &'a QueryLocks,
+    users: &'a [OwnedUserId],
+    locks: &'a [Arc<tokio::sync::Mutex<()>>],
+}
+
+impl Drop for TidyLocks<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock();
+        for (user, lock) in self.users.iter().zip(self.locks) {
+            // Only the map and our clone hold it: nobody waits on it.
+            if Arc::strong_count(lock) <= 2 {
+                map.remove(user);
+            }
+        }
+    }
+}
+
 /// Olm for puppet devices, through the homeserver. Cheap to share (`Arc`).
 pub struct PuppetOlm {
     manager: Arc<AccountManager>,
     homeserver: HomeserverClient,
     /// One async lock per user being queried, so a user is never queried
     /// twice at once.
-    querying: parking_lot::Mutex<HashMap<OwnedUserId, Arc<tokio::sync::Mutex<()>>>>,
+    querying: QueryLocks,
     /// Attempts per homeserver call on transient failures.
     attempts: u32,
     queries: std::sync::atomic::AtomicU64,
@@ -146,7 +167,8 @@ impl PuppetOlm {
 
     /// The verified devices of `users`, querying the homeserver (as the
     /// puppet device `puppet`) for users not tracked yet or outdated. A
-    /// user the homeserver returned nothing for maps to an empty list.
+    /// user the homeserver gave no answer for keeps what was tracked (or is
+    /// absent from the result).
     pub async fn devices(
         &self,
         puppet: (&UserId, &DeviceId),
@@ -174,6 +196,12 @@ impl PuppetOlm {
                     .map(|u| Arc::clone(map.entry(u.clone()).or_default()))
                     .collect()
             };
+            // Tidies the lock map however this call ends (error, cancel).
+            let _tidy = TidyLocks {
+                map: &self.querying,
+                users: &stale,
+                locks: &locks,
+            };
             let mut guards = Vec::with_capacity(locks.len());
             for lock in &locks {
                 guards.push(lock.lock().await);
@@ -190,29 +218,38 @@ impl PuppetOlm {
             if !still.is_empty() {
                 self.queries
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Read before asking: an invalidation that comes in while
+                // the query runs keeps the user outdated.
+                let mut generations = Vec::with_capacity(still.len());
+                for user in &still {
+                    generations.push(self.manager.tracked_generation(user)?);
+                }
                 let answer = self
                     .retry(|| {
                         self.homeserver
                             .query_keys(puppet.0, puppet.1, still.iter().cloned())
                     })
                     .await?;
-                for user in &still {
-                    let empty = BTreeMap::new();
-                    let listed = answer.get(user).unwrap_or(&empty);
-                    self.manager.update_tracked_devices(user, listed).await?;
+                for (user, generation) in still.iter().zip(generations) {
+                    // A user the homeserver did not answer for (their
+                    // server unreachable) is left as it was: an empty list
+                    // is not the same as no answer.
+                    let Some(listed) = answer.get(user) else {
+                        tracing::debug!(%user, "keys/query gave no answer for this user");
+                        if let Some(t) = self.manager.tracked_devices(user)? {
+                            out.insert(user.clone(), t);
+                        }
+                        continue;
+                    };
+                    self.manager
+                        .update_tracked_devices_since(user, listed, Some(generation))
+                        .await?;
                     if let Some(t) = self.manager.tracked_devices(user)? {
                         out.insert(user.clone(), t);
                     }
                 }
             }
             drop(guards);
-            let mut map = self.querying.lock();
-            for (user, lock) in stale.iter().zip(&locks) {
-                // Only the map and our clone hold it: nobody waits on it.
-                if Arc::strong_count(lock) <= 2 {
-                    map.remove(user);
-                }
-            }
         }
         Ok(out)
     }

@@ -226,13 +226,14 @@ async fn open_to_device<H: BridgeHandler>(
     inner: &Inner<H>,
     msg: ToDeviceWire,
     delivery: &str,
+    seen: &mut SeenMessages,
 ) -> Result<Option<ToDevice>, MatrixError> {
     let (user, device, sender) = (
         msg.to_user_id.clone(),
         msg.to_device_id.clone(),
         msg.sender.clone(),
     );
-    match decrypt_to_device(inner, msg, delivery).await? {
+    match decrypt_to_device(inner, msg, delivery, seen).await? {
         Ok(opened) => Ok(Some(opened)),
         Err(e) => {
             inner.metrics.olm_payloads_refused.inc();
@@ -247,6 +248,7 @@ async fn decrypt_to_device<H: BridgeHandler>(
     inner: &Inner<H>,
     msg: ToDeviceWire,
     delivery: &str,
+    seen: &mut SeenMessages,
 ) -> Result<Result<ToDevice, OlmError>, MatrixError> {
     let other = |msg: ToDeviceWire, undecryptable: Option<String>| {
         ToDevice::Other(RawToDevice {
@@ -296,6 +298,16 @@ async fn decrypt_to_device<H: BridgeHandler>(
         Ok(m) => m,
         Err(e) => return Ok(Ok(other(msg, Some(format!("bad Olm message: {e}"))))),
     };
+    // The same message twice in one transaction: the second copy would find
+    // the first one's delivery record and be handed over again.
+    let (kind, bytes) = message.clone().to_parts();
+    if !seen.insert((user_id.clone(), device_id.clone(), kind, bytes)) {
+        inner.metrics.olm_undecryptable.inc();
+        return Ok(Ok(other(
+            msg,
+            Some("a copy of an earlier message in this transaction".into()),
+        )));
+    }
     match inner
         .manager
         .decrypt_olm(
@@ -337,6 +349,10 @@ async fn decrypt_to_device<H: BridgeHandler>(
     }
 }
 
+/// The Olm messages of a transaction already opened: (device, message type
+/// and bytes).
+type SeenMessages = std::collections::HashSet<(OwnedUserId, OwnedDeviceId, usize, Vec<u8>)>;
+
 /// An Olm message of `message_type` (0 pre-key, 1 normal) from base64.
 fn vodozemac_message(message_type: u8, body: &str) -> Result<OlmMessage, String> {
     let bytes = bridgekeys_olm::vodozemac::base64_decode(body).map_err(|e| e.to_string())?;
@@ -357,8 +373,11 @@ async fn open_transaction<H: BridgeHandler>(
     body: TransactionBody,
 ) -> Result<Transaction, MatrixError> {
     let mut to_device = Vec::with_capacity(body.to_device.len() + body.to_device_unstable.len());
+    let mut seen = SeenMessages::new();
     for msg in body.to_device_unstable.into_iter().chain(body.to_device) {
-        if let Some(opened) = open_to_device(inner, msg, &delivery_tag(inner, &txn_id)).await? {
+        if let Some(opened) =
+            open_to_device(inner, msg, &delivery_tag(inner, &txn_id), &mut seen).await?
+        {
             to_device.push(opened);
         }
     }
@@ -389,13 +408,16 @@ async fn open_transaction<H: BridgeHandler>(
 fn merge_device_lists(stable: Option<DeviceLists>, unstable: Option<DeviceLists>) -> DeviceLists {
     let mut merged = stable.unwrap_or_default();
     if let Some(unstable) = unstable {
+        let mut changed: std::collections::HashSet<String> =
+            merged.changed.iter().cloned().collect();
         for user in unstable.changed {
-            if !merged.changed.contains(&user) {
+            if changed.insert(user.clone()) {
                 merged.changed.push(user);
             }
         }
+        let mut left: std::collections::HashSet<String> = merged.left.iter().cloned().collect();
         for user in unstable.left {
-            if !merged.left.contains(&user) {
+            if left.insert(user.clone()) {
                 merged.left.push(user);
             }
         }

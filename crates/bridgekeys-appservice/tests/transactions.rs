@@ -918,3 +918,27 @@ async fn a_held_event_whose_key_never_comes_is_reported_undecryptable_once_and_s
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_olm_message_twice_in_one_transaction_is_handed_over_decrypted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let (msg, _) = prekey_to_device(&fx, "only once").await;
+    let body = json!({"events": [], "to_device": [msg.clone(), msg]});
+    let (status, _) = fx
+        .call(authed(Method::PUT, &txn_path("dup"), json_body(&body)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = fx.handler.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.decrypted.len(), 1);
+    assert_eq!(seen.other_to_device.len(), 1);
+    assert!(
+        seen.other_to_device[0]
+            .1
+            .as_deref()
+            .is_some_and(|why| why.contains("copy")),
+        "{:?}",
+        seen.other_to_device
+    );
+}

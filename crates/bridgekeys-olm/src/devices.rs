@@ -11,10 +11,14 @@
 //! * a device whose keys change under the same device id is **refused** and
 //!   reported: a device id names one set of keys for life, so a change is a
 //!   compromised or confused homeserver, never a normal event (the old keys
-//!   stay tracked);
-//! * devices missing from a fresh query are gone (deleted by their owner);
+//!   stay tracked). That holds across omissions too: a device missing from
+//!   a fresh answer is no longer listed but its keys are kept as a
+//!   tombstone, as are those of a user no longer tracked, so a device id
+//!   cannot come back with other keys after being left out once;
 //! * `device_lists.changed` marks a user outdated (the bridge queries again
-//!   before trusting the list), `device_lists.left` forgets the user.
+//!   before trusting the list) and moves the user's generation on, so an
+//!   answer to a query sent before the change does not clear the mark;
+//!   `device_lists.left` stops tracking the user.
 //!
 //! What is tracked feeds the payload checks ([`crate::payload`]): a message
 //! from a tracked device must show that device's keys.
@@ -48,6 +52,10 @@ pub struct TrackedDevices {
     pub user_id: OwnedUserId,
     /// Set by `device_lists.changed`: query again before relying on the list.
     pub outdated: bool,
+    /// Moves on with every invalidation: pass it to
+    /// [`AccountManager::update_tracked_devices_since`] with the answer of a
+    /// query sent after reading it.
+    pub generation: u64,
     /// Verified devices, by id.
     pub devices: BTreeMap<OwnedDeviceId, TrackedDevice>,
 }
@@ -96,17 +104,34 @@ struct Record {
     outdated: bool,
     /// device id -> (curve25519, ed25519), base64.
     devices: BTreeMap<String, (String, String)>,
+    /// Keys of devices no longer listed: a device id never comes back with
+    /// other keys.
+    #[serde(default)]
+    retired: BTreeMap<String, (String, String)>,
+    /// The user is no longer tracked (`device_lists.left`); the record
+    /// stays for its tombstones.
+    #[serde(default)]
+    untracked: bool,
+    #[serde(default)]
+    generation: u64,
 }
 
 impl Record {
     fn decode(bytes: &[u8]) -> Result<Self, OlmError> {
         serde_json::from_slice(bytes)
-            .map_err(|e| OlmError::Corrupt(format!("tracked devices record: {e}")))
+            .map_err(|_| OlmError::Corrupt("tracked devices record".into()))
     }
 
     fn encode(&self) -> Result<Vec<u8>, OlmError> {
         serde_json::to_vec(self)
-            .map_err(|e| OlmError::Corrupt(format!("cannot serialise tracked devices: {e}")))
+            .map_err(|_| OlmError::Corrupt("cannot serialise tracked devices".into()))
+    }
+
+    /// The keys ever seen under `device_id`, listed or retired.
+    fn known(&self, device_id: &str) -> Option<&(String, String)> {
+        self.devices
+            .get(device_id)
+            .or_else(|| self.retired.get(device_id))
     }
 
     fn into_tracked(self, user_id: &UserId) -> Result<TrackedDevices, OlmError> {
@@ -126,6 +151,7 @@ impl Record {
         Ok(TrackedDevices {
             user_id: user_id.to_owned(),
             outdated: self.outdated,
+            generation: self.generation,
             devices,
         })
     }
@@ -179,8 +205,23 @@ impl AccountManager {
     /// tracked (never queried, or forgotten).
     pub fn tracked_devices(&self, user_id: &UserId) -> Result<Option<TrackedDevices>, OlmError> {
         match self.store.load_tracked_user(user_id.as_str())? {
-            Some(bytes) => Record::decode(&bytes)?.into_tracked(user_id).map(Some),
+            Some(bytes) => {
+                let record = Record::decode(&bytes)?;
+                if record.untracked {
+                    return Ok(None);
+                }
+                record.into_tracked(user_id).map(Some)
+            }
             None => Ok(None),
+        }
+    }
+
+    /// The user's generation (see [`TrackedDevices::generation`]), also
+    /// for users not tracked: read it before sending a `keys/query`.
+    pub fn tracked_generation(&self, user_id: &UserId) -> Result<u64, OlmError> {
+        match self.store.load_tracked_user(user_id.as_str())? {
+            Some(bytes) => Ok(Record::decode(&bytes)?.generation),
+            None => Ok(0),
         }
     }
 
@@ -193,6 +234,19 @@ impl AccountManager {
         user_id: &UserId,
         queried: &BTreeMap<OwnedDeviceId, Raw<DeviceKeys>>,
     ) -> Result<DeviceUpdate, OlmError> {
+        self.update_tracked_devices_since(user_id, queried, None)
+            .await
+    }
+
+    /// [`Self::update_tracked_devices`] for the answer to a query sent when
+    /// the user's generation was `generation`: if an invalidation came in
+    /// since, the list is stored but the user stays outdated.
+    pub async fn update_tracked_devices_since(
+        &self,
+        user_id: &UserId,
+        queried: &BTreeMap<OwnedDeviceId, Raw<DeviceKeys>>,
+        generation: Option<u64>,
+    ) -> Result<DeviceUpdate, OlmError> {
         let (pending, update) = {
             let _one_writer = self.tracking.lock();
             let old = match self.store.load_tracked_user(user_id.as_str())? {
@@ -200,7 +254,12 @@ impl AccountManager {
                 None => Record::default(),
             };
             let mut update = DeviceUpdate::default();
-            let mut record = Record::default();
+            let mut record = Record {
+                retired: old.retired.clone(),
+                generation: old.generation,
+                outdated: generation.is_some_and(|g| g != old.generation),
+                ..Record::default()
+            };
             for (device_id, raw) in queried {
                 let keys = match verify_device_keys(user_id, device_id, raw) {
                     Ok(device) => (device.curve25519.to_base64(), device.ed25519.to_base64()),
@@ -209,33 +268,38 @@ impl AccountManager {
                         // listing is bad; a new one is simply not tracked.
                         if let Some(known) = old.devices.get(device_id.as_str()) {
                             record.devices.insert(device_id.to_string(), known.clone());
+                            record.retired.remove(device_id.as_str());
                         }
                         update.refused.push((device_id.clone(), refusal));
                         continue;
                     }
                 };
-                match old.devices.get(device_id.as_str()) {
+                match old.known(device_id.as_str()) {
                     Some(known) if *known != keys => {
-                        record.devices.insert(device_id.to_string(), known.clone());
+                        // Listed or not, the id keeps its first keys.
+                        if old.devices.contains_key(device_id.as_str()) {
+                            record.devices.insert(device_id.to_string(), known.clone());
+                        }
                         update
                             .refused
                             .push((device_id.clone(), DeviceRefusal::KeysChanged));
                     }
-                    Some(_) => {
+                    Some(_) if old.devices.contains_key(device_id.as_str()) => {
                         record.devices.insert(device_id.to_string(), keys);
                     }
-                    None => {
+                    _ => {
+                        record.retired.remove(device_id.as_str());
                         record.devices.insert(device_id.to_string(), keys);
                         update.added.push(device_id.clone());
                     }
                 }
             }
-            update.removed = old
-                .devices
-                .keys()
-                .filter(|id| !queried.contains_key(<&DeviceId>::from(id.as_str())))
-                .map(|id| OwnedDeviceId::from(id.as_str()))
-                .collect();
+            for (id, keys) in &old.devices {
+                if !queried.contains_key(<&DeviceId>::from(id.as_str())) {
+                    record.retired.insert(id.clone(), keys.clone());
+                    update.removed.push(OwnedDeviceId::from(id.as_str()));
+                }
+            }
             for (device_id, refusal) in &update.refused {
                 self.counters.note_device_refused();
                 tracing::warn!(%user_id, %device_id, reason = %refusal, "queried device refused");
@@ -263,10 +327,13 @@ impl AccountManager {
                     continue;
                 };
                 let mut record = Record::decode(&bytes)?;
-                if record.outdated {
+                if record.untracked {
                     continue;
                 }
+                // The generation moves on even if already outdated: a query
+                // in flight must not clear this invalidation.
                 record.outdated = true;
+                record.generation += 1;
                 // Made durable by the sync below, with the others.
                 let _applied = self
                     .store
@@ -286,8 +353,21 @@ impl AccountManager {
         {
             let _one_writer = self.tracking.lock();
             for user_id in users {
+                let Some(bytes) = self.store.load_tracked_user(user_id.as_str())? else {
+                    continue;
+                };
+                // Not tracked any more, but its devices' keys stay as
+                // tombstones.
+                let mut record = Record::decode(&bytes)?;
+                let devices = std::mem::take(&mut record.devices);
+                record.retired.extend(devices);
+                record.untracked = true;
+                record.outdated = true;
+                record.generation += 1;
                 // Made durable by the sync below, with the others.
-                let _applied = self.store.write_tracked_user(user_id.as_str(), None)?;
+                let _applied = self
+                    .store
+                    .write_tracked_user(user_id.as_str(), Some(&record.encode()?))?;
             }
         }
         self.store.sync().durable().await?;

@@ -2,7 +2,11 @@ use bridgekeys_store::StoreError;
 
 /// Why the account manager refused or failed an operation.
 ///
-/// Every error leaves the device's stored state as it was.
+/// Every error leaves the device's stored state as it was, with one
+/// exception: when waiting for durability itself fails ([`OlmError::Store`]
+/// after the write was applied), the change may still reach the disk with a
+/// later flush. A message decrypted then is lost unless it came in a
+/// delivery (pass a delivery tag, as the listener does).
 #[derive(Debug, thiserror::Error)]
 pub enum OlmError {
     /// The device was never created with [`crate::AccountManager::create_device`].

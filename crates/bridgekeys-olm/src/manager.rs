@@ -353,15 +353,15 @@ impl AccountManager {
     }
 
     /// Replace a cached account with the stored one after a failed write.
-    /// If even that read fails, the slot is dropped from the cache so the
-    /// next call loads afresh; a holder of the old slot then loses its
-    /// compare-and-swap instead of overwriting anything.
+    /// If even that read fails, the cached copy stays as it was.
     pub(crate) fn reload(&self, device: &mut DeviceAccount, key: &DeviceKey) {
         match self.load(key) {
             Ok(Some(fresh)) => *device = fresh,
-            _ => {
-                self.slots.remove(key);
-            }
+            // The slot stays (removing a locked slot would let a second,
+            // independent copy of the device appear while this one is in
+            // use): its account writes are still guarded by the version,
+            // and sessions are read from the store on every use.
+            _ => tracing::warn!(?key, "could not reload a device after a failed write"),
         }
     }
 

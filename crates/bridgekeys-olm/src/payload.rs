@@ -130,14 +130,15 @@ struct KeyMap {
     ed25519: Option<String>,
 }
 
-/// Check a decrypted payload. `known` finds the tracked keys of a sender
-/// device, by the payload's `sender_device` or by the channel's curve25519
-/// key; `None` when the sender's devices are not tracked (the claimed key is
-/// then recorded, unverified).
+/// Check a decrypted payload. `known` finds the tracked keys of the sender
+/// device given the payload's `sender_device` (see [`sender_device`] for
+/// the usual rule): `Ok(None)` when it is not known (the claimed key is
+/// then recorded, unverified), an error when the payload names a device
+/// that contradicts what is tracked.
 pub fn verify<'k>(
     plaintext: &[u8],
     expected: &Expected<'_>,
-    known: impl Fn(Option<&ruma::DeviceId>) -> Option<KnownDevice<'k>>,
+    known: impl Fn(Option<&ruma::DeviceId>) -> Result<Option<KnownDevice<'k>>, PayloadError>,
 ) -> Result<OlmPayload, PayloadError> {
     let wire: Wire<'_> = serde_json::from_slice(plaintext).map_err(|_| PayloadError::NotJson)?;
     let event_type = wire.event_type.ok_or(PayloadError::Missing("type"))?;
@@ -167,7 +168,7 @@ pub fn verify<'k>(
     let sender_ed25519 =
         Ed25519PublicKey::from_base64(&claimed).map_err(|_| PayloadError::BadSenderKey)?;
     let sender_device: Option<OwnedDeviceId> = wire.sender_device.map(Into::into);
-    let device = known(sender_device.as_deref());
+    let device = known(sender_device.as_deref())?;
     let sender_device_verified = match device {
         Some(device) => {
             if device.curve25519 != expected.sender_curve25519 || device.ed25519 != sender_ed25519 {
@@ -179,13 +180,39 @@ pub fn verify<'k>(
     };
     Ok(OlmPayload {
         sender: expected.sender.to_owned(),
-        sender_device: sender_device.or_else(|| device.map(|d| d.device_id.to_owned())),
+        // The device the keys matched, when they did; otherwise what the
+        // payload says (unverified).
+        sender_device: device.map(|d| d.device_id.to_owned()).or(sender_device),
         sender_ed25519,
         sender_curve25519: expected.sender_curve25519,
         sender_device_verified,
         event_type,
         content: content.to_owned(),
     })
+}
+
+/// The usual lookup of a sender device among a user's tracked devices
+/// (`by_id`, `by_curve25519`, both over the same list):
+///
+/// * the payload names a tracked device: that device (its keys must then
+///   match the channel);
+/// * it names a device that is not tracked, while the channel's key belongs
+///   to a tracked device: a contradiction, refused
+///   ([`PayloadError::SenderKeysMismatch`]);
+/// * otherwise the device with the channel's key, if tracked.
+pub fn sender_device<'k>(
+    named: Option<&ruma::DeviceId>,
+    by_id: impl Fn(&ruma::DeviceId) -> Option<KnownDevice<'k>>,
+    by_channel: Option<KnownDevice<'k>>,
+) -> Result<Option<KnownDevice<'k>>, PayloadError> {
+    match named {
+        Some(id) => match by_id(id) {
+            Some(device) => Ok(Some(device)),
+            None if by_channel.is_some() => Err(PayloadError::SenderKeysMismatch),
+            None => Ok(None),
+        },
+        None => Ok(by_channel),
+    }
 }
 
 #[cfg(test)]
@@ -227,7 +254,9 @@ mod tests {
             })
         }
         fn check(&self, payload: &Value) -> Result<OlmPayload, PayloadError> {
-            verify(payload.to_string().as_bytes(), &self.expected(), |_| None)
+            verify(payload.to_string().as_bytes(), &self.expected(), |_| {
+                Ok(None)
+            })
         }
     }
 
@@ -287,7 +316,7 @@ mod tests {
                 "{field}"
             );
         }
-        let not_json = verify(b"\x00secret words", &f.expected(), |_| None);
+        let not_json = verify(b"\x00secret words", &f.expected(), |_| Ok(None));
         assert_eq!(not_json.err(), Some(PayloadError::NotJson));
     }
 
@@ -300,7 +329,8 @@ mod tests {
             curve25519: f.alice.curve25519_key(),
             ed25519: f.alice.ed25519_key(),
         };
-        let ok = verify(payload.as_bytes(), &f.expected(), |_| Some(matching)).expect("matches");
+        let ok =
+            verify(payload.as_bytes(), &f.expected(), |_| Ok(Some(matching))).expect("matches");
         assert!(ok.sender_device_verified);
         let imposter = Account::new();
         for known in [
@@ -314,9 +344,44 @@ mod tests {
             },
         ] {
             assert_eq!(
-                verify(payload.as_bytes(), &f.expected(), |_| Some(known)).err(),
+                verify(payload.as_bytes(), &f.expected(), |_| Ok(Some(known))).err(),
                 Some(PayloadError::SenderKeysMismatch)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod sender_device_rule {
+    use super::*;
+    use ruma::device_id;
+    use vodozemac::olm::Account;
+
+    #[test]
+    fn a_named_device_that_is_not_the_channels_tracked_device_is_a_contradiction() {
+        let a = Account::new();
+        let tracked = KnownDevice {
+            device_id: device_id!("REAL"),
+            curve25519: a.curve25519_key(),
+            ed25519: a.ed25519_key(),
+        };
+        let by_id = |id: &ruma::DeviceId| (id == "REAL").then_some(tracked);
+        // Named and tracked: that device.
+        assert_eq!(
+            sender_device(Some(device_id!("REAL")), by_id, Some(tracked)),
+            Ok(Some(tracked))
+        );
+        // Named, not tracked, but the channel's key is a tracked device's.
+        assert_eq!(
+            sender_device(Some(device_id!("GHOST")), by_id, Some(tracked)),
+            Err(PayloadError::SenderKeysMismatch)
+        );
+        // Named, not tracked, channel unknown: a new device, unverified.
+        assert_eq!(
+            sender_device(Some(device_id!("NEW")), by_id, None),
+            Ok(None)
+        );
+        // Not named: by the channel.
+        assert_eq!(sender_device(None, by_id, Some(tracked)), Ok(Some(tracked)));
     }
 }

@@ -89,22 +89,28 @@ struct DeliveryRecord {
     used_fallback_key: bool,
     #[serde(default)]
     new_session: bool,
+    /// Who sent it, and on which channel: a copy of the message presented
+    /// with another sender or sender key is not this delivery.
+    #[serde(default)]
+    sender: Option<String>,
+    #[serde(default)]
+    sender_key: Option<String>,
 }
 
 pub(crate) fn encode_session(session: &Session) -> Result<Zeroizing<Vec<u8>>, OlmError> {
     let mut out = Zeroizing::new(Vec::with_capacity(1024));
     out.push(SESSION_FORMAT);
     rmp_serde::encode::write(&mut *out, &session.pickle())
-        .map_err(|e| OlmError::Corrupt(format!("cannot serialise session: {e}")))?;
+        .map_err(|_| OlmError::Corrupt("cannot serialise a session".into()))?;
     Ok(out)
 }
 
 pub(crate) fn decode_session(bytes: &[u8]) -> Result<Session, OlmError> {
     let pickle: SessionPickle = match bytes.first() {
         Some(&SESSION_FORMAT) => rmp_serde::from_slice(&bytes[1..])
-            .map_err(|e| OlmError::Corrupt(format!("session pickle: {e}")))?,
+            .map_err(|_| OlmError::Corrupt("unreadable session pickle".into()))?,
         Some(b'{') => serde_json::from_slice(bytes)
-            .map_err(|e| OlmError::Corrupt(format!("session pickle: {e}")))?,
+            .map_err(|_| OlmError::Corrupt("unreadable session pickle".into()))?,
         _ => return Err(OlmError::Corrupt("unknown session format".into())),
     };
     Ok(Session::from_pickle(pickle))
@@ -222,18 +228,36 @@ impl AccountManager {
         delivery: Option<&str>,
     ) -> Result<Option<DecryptedOlm>, OlmError> {
         let Some(tag) = delivery else { return Ok(None) };
-        let Some(raw) = self
+        let mut raw = self
             .store
-            .load_delivery(key, tag, &message_bytes(message))?
-        else {
+            .load_delivery(key, tag, &message_bytes(message))?;
+        if raw.is_none() {
+            // Records written before the message type was part of the key
+            // (pre-key messages only, by the previous release).
+            if let OlmMessage::PreKey(prekey) = message {
+                raw = self.store.load_delivery(key, tag, &prekey.to_bytes())?;
+            }
+        }
+        let Some(raw) = raw else {
             return Ok(None);
         };
-        let corrupt = |what: &str| OlmError::Corrupt(format!("delivery record: {what}"));
-        let record: DeliveryRecord =
-            serde_json::from_slice(&raw).map_err(|e| corrupt(&e.to_string()))?;
-        let plaintext = Zeroizing::new(
-            vodozemac::base64_decode(&record.plaintext).map_err(|e| corrupt(&e.to_string()))?,
-        );
+        let corrupt = || OlmError::Corrupt("unreadable delivery record".into());
+        let record: DeliveryRecord = serde_json::from_slice(&raw).map_err(|_| corrupt())?;
+        let same_sender = record
+            .sender
+            .as_deref()
+            .is_none_or(|s| s == expected.sender.as_str());
+        let same_channel = record
+            .sender_key
+            .as_deref()
+            .is_none_or(|k| k == expected.sender_curve25519.to_base64());
+        if !(same_sender && same_channel) {
+            // Not the message that was delivered: decrypt it as any other
+            // (it will be refused as a replay).
+            return Ok(None);
+        }
+        let plaintext =
+            Zeroizing::new(vodozemac::base64_decode(&record.plaintext).map_err(|_| corrupt())?);
         let payload = verify(&plaintext, expected, tracked)?;
         Ok(Some(DecryptedOlm {
             session_id: record.session_id,
@@ -319,9 +343,11 @@ impl AccountManager {
                     plaintext: vodozemac::base64_encode(&opened.plaintext),
                     used_fallback_key,
                     new_session,
+                    sender: Some(expected.sender.to_string()),
+                    sender_key: Some(expected.sender_curve25519.to_base64()),
                 };
                 let remembered = serde_json::to_vec(&remembered)
-                    .map_err(|e| OlmError::Corrupt(format!("cannot serialise delivery: {e}")))?;
+                    .map_err(|_| OlmError::Corrupt("cannot serialise a delivery record".into()))?;
                 Some(Delivery {
                     tag: tag.to_owned(),
                     message: message_bytes(message),
@@ -445,6 +471,14 @@ impl AccountManager {
                 // Schema 1 sessions of this device, if any, are re-stored by
                 // the next ratchet step (they are still readable until then).
                 device.version = Some(bridgekeys_store::Version::next(device.version));
+                // Evicted schema 1 sessions must not be re-stored later.
+                if let Some(legacy) = device.legacy.as_mut() {
+                    legacy.retain(|l| {
+                        !evict
+                            .iter()
+                            .any(|(p, id)| *p == l.peer_key && *id == l.session_id)
+                    });
+                }
                 Ok(pending)
             }
             Err(e) => {
@@ -578,15 +612,23 @@ fn verify(
     tracked: &Option<TrackedDevices>,
 ) -> Result<OlmPayload, OlmError> {
     payload::verify(plaintext, expected, |named| {
-        let tracked = tracked.as_ref()?;
-        let device = named
-            .and_then(|id| tracked.devices.get(id))
-            .or_else(|| tracked.by_curve25519(&expected.sender_curve25519))?;
-        Some(KnownDevice {
-            device_id: &device.device_id,
-            curve25519: device.curve25519,
-            ed25519: device.ed25519,
-        })
+        let Some(tracked) = tracked.as_ref() else {
+            return Ok(None);
+        };
+        fn known(d: &crate::TrackedDevice) -> KnownDevice<'_> {
+            KnownDevice {
+                device_id: &d.device_id,
+                curve25519: d.curve25519,
+                ed25519: d.ed25519,
+            }
+        }
+        payload::sender_device(
+            named,
+            |id| tracked.devices.get(id).map(known),
+            tracked
+                .by_curve25519(&expected.sender_curve25519)
+                .map(known),
+        )
     })
     .map_err(OlmError::Payload)
 }

@@ -549,15 +549,32 @@ async fn a_message_from_a_tracked_device_must_carry_that_devices_signing_key() {
         "{err}"
     );
 
-    // With the right keys tracked it passes, and says it was verified.
+    // The tracked device id keeps its keys: the right ones are now refused
+    // under that id, also after the user was forgotten (a tombstone).
     m.forget_tracked_devices([peer_user()]).await.unwrap();
-    let queried = BTreeMap::from([(
+    let right = BTreeMap::from([(
         device_id!("PEERDEV").to_owned(),
         device_keys(&peer.account, peer_user(), device_id!("PEERDEV")),
     )]);
-    m.update_tracked_devices(peer_user(), &queried)
-        .await
-        .unwrap();
+    let update = m.update_tracked_devices(peer_user(), &right).await.unwrap();
+    assert_eq!(
+        update.refused,
+        vec![(device_id!("PEERDEV").to_owned(), DeviceRefusal::KeysChanged)]
+    );
+
+    // A bridge that tracked the right keys from the start verifies the
+    // sender device, and reports the device the keys matched.
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path(), &StoreKey::generate(), ManagerConfig::default());
+    let (user, device) = puppet(&m).await;
+    let key = m.claim(&user, &device, &SC, 1).await.unwrap().remove(0);
+    let mut peer = Peer::new(&m, &user, &device, key.key.key.as_bytes());
+    let right = BTreeMap::from([(
+        device_id!("PEERDEV").to_owned(),
+        device_keys(&peer.account, peer_user(), device_id!("PEERDEV")),
+    )]);
+    m.update_tracked_devices(peer_user(), &right).await.unwrap();
+    let message = peer.send(&m, &user, &device, "hi");
     let decrypted = m
         .decrypt_olm(
             (&user, &device),
@@ -573,4 +590,125 @@ async fn a_message_from_a_tracked_device_must_carry_that_devices_signing_key() {
         decrypted.payload.sender_device.as_deref(),
         Some(device_id!("PEERDEV"))
     );
+    // A payload naming another device of the sender's than the one whose
+    // key the channel is: refused.
+    let mut ghost: Value =
+        serde_json::from_str(&payload_for(&m, &user, &device, &peer.account, "boo")).unwrap();
+    ghost["sender_device"] = json!("GHOST");
+    let message = peer.session.encrypt(ghost.to_string()).unwrap();
+    let err = decrypt(&m, &user, &device, peer.curve25519(), &message, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OlmError::Payload(PayloadError::SenderKeysMismatch)),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_device_left_out_of_an_answer_cannot_come_back_with_other_keys_and_a_late_answer_keeps_the_invalidation()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path(), &StoreKey::generate(), ManagerConfig::default());
+    let bob = ruma::user_id!("@bob:example.org");
+    let (first, second) = (Account::new(), Account::new());
+    let listed = |account: &Account| {
+        BTreeMap::from([(
+            device_id!("PHONE").to_owned(),
+            device_keys(account, bob, device_id!("PHONE")),
+        )])
+    };
+    m.update_tracked_devices(bob, &listed(&first))
+        .await
+        .unwrap();
+    // One answer leaves the device out...
+    let update = m
+        .update_tracked_devices(bob, &BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(update.removed, vec![device_id!("PHONE").to_owned()]);
+    // ...the next lists it with other keys: refused, not "added".
+    let update = m
+        .update_tracked_devices(bob, &listed(&second))
+        .await
+        .unwrap();
+    assert!(update.added.is_empty(), "{update:?}");
+    assert_eq!(
+        update.refused,
+        vec![(device_id!("PHONE").to_owned(), DeviceRefusal::KeysChanged)]
+    );
+    assert!(m.tracked_devices(bob).unwrap().unwrap().devices.is_empty());
+    // With its own keys it comes back.
+    let update = m
+        .update_tracked_devices(bob, &listed(&first))
+        .await
+        .unwrap();
+    assert_eq!(update.added, vec![device_id!("PHONE").to_owned()]);
+
+    // A query is sent; device_lists.changed arrives before its answer: the
+    // answer is stored, but the user stays outdated.
+    let before = m.tracked_generation(bob).unwrap();
+    m.mark_devices_outdated([bob]).await.unwrap();
+    m.update_tracked_devices_since(bob, &listed(&first), Some(before))
+        .await
+        .unwrap();
+    assert!(m.tracked_devices(bob).unwrap().unwrap().outdated);
+    // The next query, sent after the change, clears it.
+    let now = m.tracked_generation(bob).unwrap();
+    m.update_tracked_devices_since(bob, &listed(&first), Some(now))
+        .await
+        .unwrap();
+    assert!(!m.tracked_devices(bob).unwrap().unwrap().outdated);
+}
+
+#[tokio::test]
+async fn a_remembered_delivery_is_only_given_back_to_the_same_sender_on_the_same_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path(), &StoreKey::generate(), ManagerConfig::default());
+    let (user, device) = puppet(&m).await;
+    let key = m.claim(&user, &device, &SC, 1).await.unwrap().remove(0);
+    let mut peer = Peer::new(&m, &user, &device, key.key.key.as_bytes());
+    let message = peer.send(&m, &user, &device, "once");
+    let first = decrypt(
+        &m,
+        &user,
+        &device,
+        peer.curve25519(),
+        &message,
+        Some("txn-9"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.plaintext, b"once");
+    // The same bytes in a retry of that delivery, claiming another channel
+    // or another sender: not the remembered message.
+    let other_key = Account::new().curve25519_key();
+    let err = decrypt(&m, &user, &device, other_key, &message, Some("txn-9"))
+        .await
+        .unwrap_err();
+    assert!(!matches!(err, OlmError::Store(_)), "{err}");
+    let mallory = ruma::user_id!("@mallory:example.org");
+    let err = m
+        .decrypt_olm(
+            (&user, &device),
+            mallory,
+            peer.curve25519(),
+            &message,
+            Some("txn-9"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::Replay), "{err}");
+    // The genuine retry still gets it.
+    let again = decrypt(
+        &m,
+        &user,
+        &device,
+        peer.curve25519(),
+        &message,
+        Some("txn-9"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.plaintext, b"once");
 }

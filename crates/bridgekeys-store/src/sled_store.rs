@@ -31,8 +31,15 @@ pub const FIRST_KEY_ID: u64 = 1 << 32;
 /// many keys; a restart skips at most this many ids.
 const KEY_ID_BLOCK: u64 = 1 << 16;
 
-/// The schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build writes. Schema 2 added Olm sessions stored by
+/// peer (`o/`), tracked devices, Megolm sessions and held events; a schema 1
+/// store is upgraded at open (its sessions are re-stored by peer on first
+/// use), and a build that only knows schema 1 refuses a schema 2 store
+/// instead of missing its sessions.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Older schemas this build opens and upgrades.
+const UPGRADABLE_SCHEMAS: &[u32] = &[1];
 
 /// How to open a [`SledStore`].
 #[derive(Clone, Debug)]
@@ -209,7 +216,10 @@ impl SledStore {
         remove_incomplete_snapshots(&path)?;
         let db = open_engine(&path, &config)?;
         let sealer = config.key.cipher();
-        Self::check(&db, &sealer, &path)?;
+        if Self::check(&db, &sealer, &path)? != SCHEMA_VERSION {
+            put_durably(&db, &path, layout::SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            tracing::info!(path = %path.display(), to = SCHEMA_VERSION, "store schema upgraded");
+        }
         let id = Self::identity(&db, &path, config.expected_id)?;
         let mut key_ids = Self::load_key_ids(&db)?;
         let watermark =
@@ -463,8 +473,8 @@ impl SledStore {
         Ok(writer)
     }
 
-    /// Schema and key check of an existing store.
-    fn check(db: &sled::Db, sealer: &Sealer, path: &Path) -> Result<(), StoreError> {
+    /// Schema and key check of an existing store; its schema version.
+    fn check(db: &sled::Db, sealer: &Sealer, path: &Path) -> Result<u32, StoreError> {
         let Some(raw) = db.get(layout::SCHEMA)? else {
             // The engine's files exist but hold no store: a creation that
             // never finished (only possible before creation was staged).
@@ -477,7 +487,7 @@ impl SledStore {
             .map_err(|_| StoreError::Corrupt {
                 what: "schema record".into(),
             })?;
-        if found != SCHEMA_VERSION {
+        if found != SCHEMA_VERSION && !UPGRADABLE_SCHEMAS.contains(&found) {
             return Err(StoreError::UnsupportedSchema {
                 path: path.to_owned(),
                 found,
@@ -490,7 +500,7 @@ impl SledStore {
                 what: "key check record missing".into(),
             })?;
         match sealer.open(layout::KEY_CHECK, &check) {
-            Some(p) if p.as_slice() == layout::KEY_CHECK_PLAINTEXT => Ok(()),
+            Some(p) if p.as_slice() == layout::KEY_CHECK_PLAINTEXT => Ok(found),
             _ => Err(StoreError::WrongKey {
                 path: path.to_owned(),
             }),

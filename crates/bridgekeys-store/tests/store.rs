@@ -237,6 +237,27 @@ fn newer_schema_is_refused() {
     );
 }
 
+#[test]
+fn a_schema_1_store_is_upgraded_at_open_so_an_older_build_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    drop(open(dir.path(), &key).unwrap());
+    let schema = || {
+        let raw = sled::open(dir.path().join("store")).unwrap();
+        let found = raw.get("m/schema").unwrap().unwrap();
+        u32::from_be_bytes(<[u8; 4]>::try_from(found.as_ref()).unwrap())
+    };
+    {
+        let raw = sled::open(dir.path().join("store")).unwrap();
+        raw.insert("m/schema", &1u32.to_be_bytes()).unwrap();
+        raw.flush().unwrap();
+    }
+    assert_eq!(schema(), 1);
+    drop(open(dir.path(), &key).expect("a schema 1 store opens"));
+    assert_eq!(schema(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 2);
+}
+
 #[tokio::test]
 async fn sealed_values_do_not_appear_in_the_files() {
     let dir = tempfile::tempdir().unwrap();
