@@ -25,6 +25,12 @@ pub struct ManagerConfig {
     /// [`crate::ManagerStats::sessions_evicted`]); its messages can no longer
     /// be decrypted, and the peer starts a new session.
     pub max_sessions_per_peer: usize,
+    /// Most Olm sessions kept per puppet device, all peers together. Anyone
+    /// can claim a key of a puppet and start a session with a new identity
+    /// key each time; past this bound the device's least recently used
+    /// sessions are removed (counted in
+    /// [`crate::ManagerStats::sessions_evicted`]), so storage stays bounded.
+    pub max_sessions_per_device: usize,
 }
 
 impl Default for ManagerConfig {
@@ -34,6 +40,7 @@ impl Default for ManagerConfig {
             max_outstanding_keys: 1000,
             max_cached_devices: 100_000,
             max_sessions_per_peer: 5,
+            max_sessions_per_device: 10_000,
         }
     }
 }

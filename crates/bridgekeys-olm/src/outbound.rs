@@ -117,7 +117,7 @@ impl AccountManager {
             let session = session.map_err(|e| OlmError::Encryption(e.to_string()))?;
             let peer = recipient.curve25519.to_bytes();
             let mut sessions = self.peer_sessions(&mut device, &dkey, &peer)?;
-            let evict = self.sessions_to_evict(&mut sessions, 1);
+            let evict = self.evictions_for_new_session(&dkey, &mut sessions)?;
             let record = bridgekeys_store::SessionRecord {
                 peer_key: peer,
                 session_id: session.session_id(),

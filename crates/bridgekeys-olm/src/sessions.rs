@@ -326,7 +326,7 @@ impl AccountManager {
             .as_ref()
             .is_some_and(|c| c.one_time_key.is_none());
         let evict = if new_session {
-            self.sessions_to_evict(&mut sessions, 1)
+            self.evictions_for_new_session(key, &mut sessions)?
         } else {
             Vec::new()
         };
@@ -581,6 +581,28 @@ impl AccountManager {
         }
         sessions.sort_by_key(|s| std::cmp::Reverse(s.last_used));
         Ok(sessions)
+    }
+
+    /// The sessions to remove before one more is added: the peer's least
+    /// recently used past [`crate::ManagerConfig::max_sessions_per_peer`]
+    /// (`sessions`: the peer's, most recently used first), then the
+    /// device's least recently used past
+    /// [`crate::ManagerConfig::max_sessions_per_device`].
+    pub(crate) fn evictions_for_new_session(
+        &self,
+        key: &DeviceKey,
+        sessions: &mut Vec<SessionRecord>,
+    ) -> Result<Vec<([u8; 32], String)>, OlmError> {
+        let mut evict = self.sessions_to_evict(sessions, 1);
+        let bound = self.config().max_sessions_per_device.max(1);
+        let mut stamps = self.store.session_stamps(key)?;
+        stamps.retain(|(peer, id, _)| !evict.iter().any(|(p, i)| p == peer && i == id));
+        let excess = (stamps.len() + 1).saturating_sub(bound);
+        if excess > 0 {
+            stamps.sort_by_key(|(_, _, used)| *used);
+            evict.extend(stamps.into_iter().take(excess).map(|(p, id, _)| (p, id)));
+        }
+        Ok(evict)
     }
 
     /// The least recently used sessions to remove so that `adding` more fit

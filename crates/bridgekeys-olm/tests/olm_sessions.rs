@@ -712,3 +712,72 @@ async fn a_remembered_delivery_is_only_given_back_to_the_same_sender_on_the_same
     .unwrap();
     assert_eq!(again.plaintext, b"once");
 }
+
+#[tokio::test]
+async fn eviction_follows_use_not_creation_and_a_device_holds_a_bounded_number_of_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ManagerConfig {
+        max_sessions_per_peer: 2,
+        max_sessions_per_device: 3,
+        ..ManagerConfig::default()
+    };
+    let m = manager(dir.path(), &StoreKey::generate(), config);
+    let (user, device) = puppet(&m).await;
+    let dev = DeviceKey::new(user.as_str(), device.as_str());
+    let keys = m.claim(&user, &device, &SC, 6).await.unwrap();
+    let identity = m.identity_keys(&user, &device).unwrap();
+    // One peer device starts sessions A and B; A is used again; C comes.
+    let account = Account::new();
+    let mut sessions = Vec::new();
+    for key in &keys[..3] {
+        let otk = vodozemac::Curve25519PublicKey::from_slice(key.key.key.as_bytes()).unwrap();
+        sessions.push(
+            account
+                .create_outbound_session(SessionConfig::version_1(), identity.curve25519, otk)
+                .unwrap(),
+        );
+    }
+    let send = async |session: &mut vodozemac::olm::Session, body: &str| {
+        let message = session
+            .encrypt(payload_for(&m, &user, &device, &account, body))
+            .unwrap();
+        decrypt(&m, &user, &device, account.curve25519_key(), &message, None)
+            .await
+            .unwrap()
+            .session_id
+    };
+    let a = send(&mut sessions[0], "a").await;
+    let b = send(&mut sessions[1], "b").await;
+    assert_eq!(send(&mut sessions[0], "a again").await, a);
+    let c = send(&mut sessions[2], "c").await;
+    let mut kept: Vec<String> = m
+        .store()
+        .sessions(&dev, &account.curve25519_key().to_bytes())
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    kept.sort();
+    let mut expected = vec![a.clone(), c.clone()];
+    expected.sort();
+    assert_eq!(kept, expected, "B was the least recently used, not A");
+    assert!(!kept.contains(&b));
+
+    // Two more peers: the device holds at most 3 sessions in all, and the
+    // least recently used one (A) goes first.
+    for key in &keys[3..5] {
+        let mut other = Peer::new(&m, &user, &device, key.key.key.as_bytes());
+        let message = other.send(&m, &user, &device, "hi");
+        decrypt(&m, &user, &device, other.curve25519(), &message, None)
+            .await
+            .unwrap();
+    }
+    let stamps = m.store().session_stamps(&dev).unwrap();
+    assert_eq!(stamps.len(), 3, "{stamps:?}");
+    assert!(
+        !stamps.iter().any(|(_, id, _)| *id == a),
+        "A outlived the bound"
+    );
+    assert!(stamps.iter().any(|(_, id, _)| *id == c));
+    assert_eq!(m.stats().sessions_evicted, 2);
+}

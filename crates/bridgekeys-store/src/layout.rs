@@ -78,6 +78,10 @@ pub(crate) fn olm_session(device: &DeviceKey, peer_key: &[u8; 32], session_id: &
     k
 }
 
+pub(crate) fn device_sessions(device: &DeviceKey) -> Vec<u8> {
+    join(b"o/", device, &[])
+}
+
 pub(crate) fn legacy_session_prefix(device: &DeviceKey) -> Vec<u8> {
     join(b"s/", device, &[])
 }

@@ -69,6 +69,10 @@ pub use types::{
     OneTimeKeyRecord, SessionRecord, SessionWrite, Version,
 };
 
+/// Where and when a session was last used: `(peer_key, session_id,
+/// last_used)`.
+pub type SessionStamp = ([u8; 32], String, u64);
+
 /// A session stored by schema 1: `(session_id, pickle)`.
 pub type LegacySession = (String, zeroize::Zeroizing<Vec<u8>>);
 
@@ -150,6 +154,11 @@ pub trait Store: Send + Sync + 'static {
         device: &DeviceKey,
         peer_key: &[u8; 32],
     ) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Every Olm session of a device (all peers), as `(peer_key,
+    /// session_id, last_used)`, without opening the sealed pickles: for
+    /// bounding a device's sessions.
+    fn session_stamps(&self, device: &DeviceKey) -> Result<Vec<SessionStamp>, StoreError>;
 
     /// Sessions of a device written by schema 1, which stored them under
     /// their id alone, as `(session_id, pickle)`. The manager re-stores

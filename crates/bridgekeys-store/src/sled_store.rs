@@ -1048,6 +1048,26 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn session_stamps(&self, device: &DeviceKey) -> Result<Vec<crate::SessionStamp>, StoreError> {
+        let prefix = layout::device_sessions(device);
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (slot, raw) = item?;
+            let corrupt = || StoreError::Corrupt {
+                what: "session record".into(),
+            };
+            let rest = &slot[prefix.len()..];
+            let peer =
+                <[u8; 32]>::try_from(rest.get(..32).ok_or_else(corrupt)?).map_err(|_| corrupt())?;
+            let id = String::from_utf8(rest[32..].to_vec()).map_err(|_| corrupt())?;
+            let used = <[u8; 8]>::try_from(raw.get(..8).ok_or_else(corrupt)?)
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt())?;
+            out.push((peer, id, used));
+        }
+        Ok(out)
+    }
+
     fn legacy_sessions(&self, device: &DeviceKey) -> Result<Vec<crate::LegacySession>, StoreError> {
         let prefix = layout::legacy_session_prefix(device);
         let mut out = Vec::new();

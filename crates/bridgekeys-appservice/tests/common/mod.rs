@@ -136,6 +136,12 @@ impl Store for HookedStore {
     ) -> Result<Vec<bridgekeys_store::SessionRecord>, StoreError> {
         self.inner.sessions(device, peer_key)
     }
+    fn session_stamps(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Vec<bridgekeys_store::SessionStamp>, StoreError> {
+        self.inner.session_stamps(device)
+    }
     fn legacy_sessions(
         &self,
         device: &DeviceKey,
