@@ -16,6 +16,7 @@
 //! | query | `POST /_matrix/client/v3/keys/query?user_id=<puppet>&device_id=<device>` `{"device_keys": {user: []}}` |
 //! | claim | `POST /_matrix/client/v3/keys/claim?user_id=<puppet>&device_id=<device>` `{"one_time_keys": {user: {device: "signed_curve25519"}}}` |
 //! | to-device | `PUT /_matrix/client/v3/sendToDevice/{type}/{txnId}?user_id=<puppet>&device_id=<device>` `{"messages": {user: {device: content}}}` |
+//! | ping | `POST /_matrix/client/v1/appservice/{appserviceId}/ping` `{}` (the homeserver then calls our `/ping`) |
 //!
 //! Plain `http://` only (an appservice usually reaches its homeserver on a
 //! local or private address); HTTP/1.1, one connection per request, which is
@@ -37,6 +38,7 @@ use ruma::{
         auth_scheme::SendAccessToken,
         client::{
             account::register,
+            appservice::request_ping,
             device::update_device,
             keys::{claim_keys, get_keys, upload_keys},
             session::login,
@@ -187,8 +189,9 @@ impl HomeserverClient {
             authority,
             as_token,
             timeout: Duration::from_secs(30),
+            // v1.1 for the v3 endpoints; v1.7 for the appservice ping.
             versions: SupportedVersions {
-                versions: [MatrixVersion::V1_1].into(),
+                versions: [MatrixVersion::V1_1, MatrixVersion::V1_7].into(),
                 features: Default::default(),
             },
         })
@@ -367,6 +370,19 @@ impl HomeserverClient {
         self.call(request, Some(as_user), Some(as_device))
             .await
             .map(|_| ())
+    }
+
+    /// Ask the homeserver to ping this appservice (`POST
+    /// /_matrix/client/v1/appservice/{id}/ping`): it calls our `/ping` and
+    /// answers with the round trip. Do it once the listener serves, at
+    /// start: Synapse then also retries at once what it held back while it
+    /// counted the appservice as down (until then it drops to-device
+    /// messages that come without room events).
+    pub async fn ping_appservice(&self, appservice_id: &str) -> Result<Duration, HomeserverError> {
+        let request = request_ping::v1::Request::new(appservice_id.to_owned());
+        self.call(request, None, None)
+            .await
+            .map(|answer| answer.duration)
     }
 
     /// Send one request as the appservice, asserting `user_id`/`device_id`.

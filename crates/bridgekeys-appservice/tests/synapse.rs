@@ -204,6 +204,15 @@ impl World {
         self.manager = manager;
         self.store = store;
         self.restart_bridge().await;
+        // As a bridge does at start: Synapse then delivers at once.
+        HomeserverClient::new(
+            &self.synapse.url(),
+            AsToken::new(self.registration.as_token.clone()),
+        )
+        .unwrap()
+        .ping_appservice(&self.registration.id)
+        .await
+        .expect("Synapse pinged the restarted listener");
     }
 
     async fn alice(&self, method: Method, path: &str, body: &Value) -> Value {
@@ -741,21 +750,15 @@ async fn a_prekey_message_on_the_fallback_key_rotates_it_at_once_and_synapse_ser
     // Synapse marked the appservice down while it was away and drops
     // to-device messages until it is up again: a ping (what a bridge does
     // at start) makes it retry now and mark it up.
-    let ping = format!(
-        "/_matrix/client/v1/appservice/{}/ping",
-        encode(&w.registration.id)
-    );
-    let (status, answer) = w
-        .synapse
-        .request(
-            Method::POST,
-            &ping,
-            Some(&w.registration.as_token),
-            Some(&json!({})),
-        )
+    let client = HomeserverClient::new(
+        &w.synapse.url(),
+        AsToken::new(w.registration.as_token.clone()),
+    )
+    .unwrap();
+    client
+        .ping_appservice(&w.registration.id)
         .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{answer}");
+        .expect("Synapse pinged the listener");
     let identity = w.manager.identity_keys(&w.bob, &w.device).unwrap();
     let peer = vodozemac::olm::Account::new();
     let fallback = vodozemac::Curve25519PublicKey::from_base64(&first).unwrap();
@@ -782,16 +785,27 @@ async fn a_prekey_message_on_the_fallback_key_rotates_it_at_once_and_synapse_ser
         "ciphertext": { identity.curve25519.to_base64(): { "type": 0, "body": message.to_base64() } }
     });
     let body = json!({ "messages": { w.bob.as_str(): { w.device.as_str(): content } } });
-    w.alice(
-        Method::PUT,
-        "/_matrix/client/v3/sendToDevice/m.room.encrypted/fb1",
-        &body,
-    )
-    .await;
-    tokio::time::timeout(Duration::from_secs(60), w.seen.recv())
-        .await
-        .expect("the bridge never received the pre-key message")
-        .unwrap();
+    // Synapse drops to-device messages for an appservice it still counts
+    // as down, and when it notices it is up again depends on its retry
+    // timer: send again (a new transaction id) until one copy arrives.
+    // Later copies are replays of the same message and decrypt to nothing.
+    let mut delivered = false;
+    for attempt in 0..12 {
+        w.alice(
+            Method::PUT,
+            &format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/fb{attempt}"),
+            &body,
+        )
+        .await;
+        if tokio::time::timeout(Duration::from_secs(5), w.seen.recv())
+            .await
+            .is_ok()
+        {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "the bridge never received the pre-key message");
     eventually(
         Duration::from_secs(10),
         "the used fallback key to be replaced",

@@ -391,6 +391,8 @@ pub struct EchoBridge {
     manager: Arc<AccountManager>,
     store: Arc<SledStore>,
     config: Config,
+    /// Asks the homeserver to ping us once serving (the registration id).
+    pinger: (HomeserverClient, String),
 }
 
 impl std::fmt::Debug for EchoBridge {
@@ -472,7 +474,15 @@ impl EchoBridge {
             Appservice::new(as_config, manager.clone(), store.clone(), handler.clone())?
                 .with_provisioner(provisioner.clone())
                 .with_olm(olm.clone());
+        let pinger = (
+            HomeserverClient::new(
+                &config.homeserver_url,
+                AsToken::new(registration.as_token.clone()),
+            )?,
+            registration.id.clone(),
+        );
         Ok(Self {
+            pinger,
             appservice,
             olm,
             handler,
@@ -520,7 +530,22 @@ impl EchoBridge {
             }
         }
         let rotation = self.provisioner.start_rotation();
+        // Once the listener serves: tell the homeserver we are up, so it
+        // delivers what it held back (and stops dropping to-device messages)
+        // now rather than at its next retry.
+        let ping = {
+            let (hs, id) = self.pinger;
+            tokio::spawn(async move {
+                match hs.ping_appservice(&id).await {
+                    Ok(rtt) => tracing::info!(?rtt, "the homeserver reached the bridge"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the homeserver could not ping the bridge")
+                    }
+                }
+            })
+        };
         let served = self.appservice.serve_on(listener, shutdown).await;
+        ping.abort();
         rotation.stop().await;
         served?;
         Ok(())
