@@ -7,11 +7,20 @@
 //!   claim returned, i.e. after the durable write) still starts an Olm
 //!   session: its private half survived the kill.
 //!
+//! Alongside the claims the child opens, answers and advances Olm sessions
+//! with peers the parent keeps ([`sessions`]): the parent feeds it the
+//! peers' messages on stdin and, after every kill, checks that every
+//! plaintext the child acknowledged came from a durable ratchet step (the
+//! peer's next message decrypts) that was not rolled back (the acknowledged
+//! message is refused in a new delivery).
+//!
 //! With [`CrashConfig::power_loss`] every kill is also a power cut: the child
 //! runs under the `bridgekeys-powercut` shim, and after the kill the store's
 //! directory tree is replaced by what a disk would show under the chosen
 //! model (only what was synced, file and directory alike; or torn writes).
 //! The same two promises must hold, and the store must open every time.
+
+pub mod sessions;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -53,6 +62,10 @@ pub struct CrashConfig {
     pub seed: Option<u64>,
     /// Cut the power at every kill, under this model (`None`: SIGKILL only).
     pub power_loss: Option<Model>,
+    /// Peer devices with Olm sessions to the puppets (0: no sessions).
+    pub peers: usize,
+    /// Messages each peer sends the child per cycle.
+    pub messages_per_peer: usize,
 }
 
 /// What a crash run saw.
@@ -79,6 +92,8 @@ pub struct CrashReport {
     pub names_lost_to_cuts: usize,
     /// Over all cuts: 4 KiB blocks whose content the cut changed.
     pub blocks_lost_to_cuts: usize,
+    /// The Olm-session checks.
+    pub sessions: sessions::SessionChecks,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -141,22 +156,43 @@ fn parse(line: &str) -> anyhow::Result<Report> {
 /// A key the child reported: device index, key id, public key.
 type Reported = (usize, String, Curve25519PublicKey);
 
+/// What the child printed in one cycle.
+#[derive(Default)]
+struct Seen {
+    keys: Vec<Reported>,
+    ready: bool,
+    sessions: sessions::ChildOutput,
+}
+
 /// Take one line the child printed.
-fn take(
-    line: &[u8],
-    keys: &mut Vec<Reported>,
-    ready: &mut bool,
-    store_id: &mut Option<StoreId>,
-) -> anyhow::Result<()> {
-    match parse(std::str::from_utf8(line)?)? {
-        Report::Ready => *ready = true,
+fn take(line: &[u8], seen: &mut Seen, store_id: &mut Option<StoreId>) -> anyhow::Result<()> {
+    let line = std::str::from_utf8(line)?;
+    if seen.sessions.take(line)? {
+        return Ok(());
+    }
+    match parse(line)? {
+        Report::Ready => seen.ready = true,
         Report::Created(id) => *store_id = Some(id),
         Report::Key {
             device,
             key_id,
             public_key,
-        } => keys.push((device, key_id, public_key)),
+        } => seen.keys.push((device, key_id, public_key)),
     }
+    Ok(())
+}
+
+/// Note key ids issued for `device`, failing on one issued before.
+fn issue(
+    issued: &mut HashMap<usize, HashSet<String>>,
+    cycle: usize,
+    device: usize,
+    key_id: &str,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        issued.entry(device).or_default().insert(key_id.to_owned()),
+        "cycle {cycle}: key id {key_id} of device {device} was issued twice"
+    );
     Ok(())
 }
 
@@ -191,6 +227,9 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
     // every later open names its id.
     let mut store_id: Option<StoreId> = None;
     let mut issued: HashMap<usize, HashSet<String>> = HashMap::new();
+    let mut peers = sessions::Peers::new(config.peers, config.messages_per_peer);
+    // Whether a child said READY: its devices are durable from then on.
+    let mut devices_created = false;
     let mut report = CrashReport {
         seed,
         power_loss: config.power_loss.map(|m| format!("{m:?}").to_lowercase()),
@@ -213,7 +252,7 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
                 None => Vec::new(),
             })
             .env(KEY_ENV, hex(key.as_bytes()))
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -221,6 +260,21 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
             .stdout
             .take()
             .ok_or_else(|| anyhow::anyhow!("no child stdout"))?;
+        // The peers' messages of this cycle, on the child's stdin (a write
+        // to a killed child fails, which ends the writer).
+        let script = peers.script(cycle)?;
+        let olm_lines = script.len();
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no child stdin"))?;
+        let writer = std::thread::spawn(move || {
+            for line in script {
+                if stdin.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let reader = std::thread::spawn(move || {
             let mut stdout = BufReader::new(stdout);
@@ -243,28 +297,41 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
         // at a random moment of start-up instead: store creation (first
         // cycle), recovery, the checks at open, device creation.
         let startup_cut = config.power_loss.is_some() && cycle % 4 == 0;
-        let mut keys = Vec::new();
-        let mut ready = false;
+        let mut seen = Seen::default();
         if startup_cut {
             std::thread::sleep(Duration::from_micros(rng.gen_range(0..20_000)));
         } else {
+            // Kill after a random number of keys and of acknowledged Olm
+            // messages (when there are any this cycle).
             let kill_after = rng.gen_range(1..=config.max_keys_before_kill);
+            let acks_before_kill = match olm_lines {
+                0 => 0,
+                n => rng.gen_range(1..=n),
+            };
             let deadline = Instant::now() + Duration::from_secs(120);
-            while keys.len() < kill_after {
+            while seen.keys.len() < kill_after || seen.sessions.acks.len() < acks_before_kill {
                 let wait = deadline.saturating_duration_since(Instant::now());
                 let line = match rx.recv_timeout(wait) {
                     Ok(line) => line,
                     Err(e) => {
                         let _ = child.kill();
                         anyhow::bail!(
-                            "cycle {cycle}: child stopped reporting ({e}) after {} keys",
-                            keys.len()
+                            "cycle {cycle}: child stopped reporting ({e}) after {} keys and {} \
+                             Olm messages",
+                            seen.keys.len(),
+                            seen.sessions.acks.len()
                         );
                     }
                 };
-                take(&line, &mut keys, &mut ready, &mut store_id)?;
+                if let Err(e) = take(&line, &mut seen, &mut store_id) {
+                    let _ = child.kill();
+                    return Err(e.context(format!("cycle {cycle}")));
+                }
             }
-            anyhow::ensure!(ready, "cycle {cycle}: child reported keys before READY");
+            anyhow::ensure!(
+                seen.ready,
+                "cycle {cycle}: child reported keys before READY"
+            );
             if !report.second_open_refused {
                 // The child holds the store: a second process must be refused clearly.
                 let id = store_id.ok_or_else(|| anyhow::anyhow!("cycle {cycle}: no store id"))?;
@@ -283,9 +350,17 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
         child.kill()?; // SIGKILL on Unix
         child.wait()?;
         let _ = reader.join();
+        let _ = writer.join();
         for line in rx.try_iter() {
-            take(&line, &mut keys, &mut ready, &mut store_id)?;
+            take(&line, &mut seen, &mut store_id)
+                .map_err(|e| e.context(format!("cycle {cycle}")))?;
         }
+        let Seen {
+            keys,
+            ready,
+            sessions: olm_output,
+        } = seen;
+        devices_created |= ready;
 
         if let Some(model) = config.power_loss {
             let cut = disk.cut(model, &mut rng)?;
@@ -316,7 +391,10 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
                 id
             }
             None => {
-                anyhow::ensure!(keys.is_empty(), "cycle {cycle}: keys without a store");
+                anyhow::ensure!(
+                    keys.is_empty() && olm_output.acks.is_empty(),
+                    "cycle {cycle}: keys or Olm messages without a store"
+                );
                 report.cycles += 1;
                 report.power_cuts += 1;
                 continue;
@@ -327,10 +405,7 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
         })?);
         let mut checks = tokio::task::JoinSet::new();
         for (device, key_id, otk) in keys {
-            anyhow::ensure!(
-                issued.entry(device).or_default().insert(key_id.clone()),
-                "cycle {cycle}: key id {key_id} of device {device} was issued twice"
-            );
+            issue(&mut issued, cycle, device, &key_id)?;
             let manager = manager.clone();
             checks.spawn(async move {
                 let (user, device_id) = puppet(device)?;
@@ -350,6 +425,21 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
             result??;
             report.keys_verified += 1;
         }
+        peers
+            .verify(&manager, cycle, olm_output, &mut report.sessions)
+            .await?;
+        // Peers not created yet (the first time the devices are there) get
+        // a session started on a key claimed here, for the next child; or
+        // one peer starts a new session.
+        if devices_created {
+            let mut claimed = peers.add_missing(&manager, config.devices).await?;
+            if claimed.is_empty() {
+                claimed.extend(peers.renew(&manager, cycle).await?);
+            }
+            for (device, key_id) in claimed {
+                issue(&mut issued, cycle, device, &key_id)?;
+            }
+        }
         drop(manager);
         if config.power_loss.is_some() {
             // The next child's shim takes the tree as durable: make it so
@@ -363,7 +453,9 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
 }
 
 /// The child: claim keys for random devices until killed (or a bounded
-/// number of claims), reporting each key after its claim returned.
+/// number of claims), reporting each key after its claim returned; decrypt
+/// the Olm messages read from stdin, reporting each plaintext after
+/// `decrypt_olm` returned ([`sessions::handle`]).
 pub async fn child(dir: PathBuf, devices: usize, store_id: Option<StoreId>) -> anyhow::Result<()> {
     let key = StoreKey::new(unhex(&std::env::var(KEY_ENV)?)?);
     let manager = match store_id {
@@ -418,6 +510,35 @@ pub async fn child(dir: PathBuf, devices: usize, store_id: Option<StoreId>) -> a
             anyhow::Ok(())
         });
     }
+    // Two Olm workers, each peer's messages in order on one of them.
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+        workers.push(line_tx);
+        let (manager, tx) = (manager.clone(), tx.clone());
+        tokio::spawn(async move {
+            while let Some(line) = lines.recv().await {
+                if let Err(e) = sessions::handle(&manager, &line, &tx).await {
+                    let error = format!("{e:#}").replace('\n', " ");
+                    let _ = tx.send(format!("ERROR {error}\n"));
+                    return;
+                }
+            }
+        });
+    }
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            let peer: usize = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            if workers[peer % workers.len()].send(line).is_err() {
+                return;
+            }
+        }
+    });
     drop(tx);
     let mut out = std::io::stdout().lock();
     while let Some(line) = rx.recv().await {

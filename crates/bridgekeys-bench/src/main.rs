@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bridgekeys_bench::{crash, http, manager, scale, storage};
+use bridgekeys_bench::{crash, http, manager, olm, scale, storage};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -83,6 +83,34 @@ enum Scenario {
         #[command(flatten)]
         load: Load,
     },
+    /// Durable Olm decrypts/s against raw vodozemac decrypts/s, and one
+    /// puppet's to-device fan-out to 100 devices (sessions claimed, reused).
+    Olm {
+        /// Puppet devices, each with one peer device sending to it.
+        #[arg(long, default_value_t = 2_000)]
+        devices: usize,
+        /// Normal (type 1) messages each peer sends.
+        #[arg(long, default_value_t = 20)]
+        messages: usize,
+        /// Concurrent decrypting tasks.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Recipient devices of one fan-out.
+        #[arg(long, default_value_t = 100)]
+        recipients: usize,
+        /// Fan-outs measured per kind (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        fanout_rounds: usize,
+        /// Alternating raw / durable slices the decrypts are measured in.
+        #[arg(long, default_value_t = 5)]
+        slices: usize,
+        /// Directory for the store (on the disk you want measured).
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Key claims over loopback HTTP to the real listener (durable store).
     Http {
         /// Concurrent keep-alive connections.
@@ -139,6 +167,12 @@ enum Scenario {
         /// (entries and sizes survive, unsynced blocks are partly lost).
         #[arg(long, value_name = "MODEL")]
         power_loss: Option<bridgekeys_powercut::Model>,
+        /// Peer devices with Olm sessions to the puppets (0: claims only).
+        #[arg(long, default_value_t = 8)]
+        peers: usize,
+        /// Olm messages each peer sends the child per cycle.
+        #[arg(long, default_value_t = 4)]
+        messages_per_peer: usize,
         /// Directory for the store.
         #[arg(long, default_value = "target/bench-data")]
         dir: PathBuf,
@@ -292,6 +326,86 @@ async fn main() -> anyhow::Result<()> {
             );
             write_json(json, &r)
         }
+        Scenario::Olm {
+            devices,
+            messages,
+            concurrency,
+            recipients,
+            fanout_rounds,
+            slices,
+            dir,
+            json,
+        } => {
+            let config = olm::OlmBench {
+                devices,
+                messages,
+                concurrency,
+                recipients,
+                fanout_rounds,
+                slices,
+                dir,
+            };
+            let r = olm::run(&config).await?;
+            let f = &r.fanout;
+            println!("scenario: olm ({} cores)", r.threads);
+            println!(
+                "  set-up: {} devices, a session each, {} messages per peer  {:.1} s",
+                r.devices, r.messages_per_peer, r.setup_s
+            );
+            println!(
+                "  raw vodozemac Session::decrypt, all cores {:>9.0} decrypts/s",
+                r.raw_decrypts_per_s
+            );
+            println!(
+                "  durable decrypt_olm ({} tasks)          {:>9.0} decrypts/s",
+                r.concurrency, r.decrypts_per_s
+            );
+            println!(
+                "  decrypt latency p50 / p99                {:>7.2} / {:.2} ms",
+                r.p50_ms, r.p99_ms
+            );
+            println!(
+                "  decrypts per fsync (group commit)        {:>9.1}",
+                r.decrypts_per_flush
+            );
+            if let (Some(cpu), Some(raw), Some(busy)) =
+                (r.cpu_us_per_decrypt, r.raw_cpu_us_per_decrypt, r.cpu_busy)
+            {
+                println!(
+                    "  CPU per decrypt: durable / raw           {cpu:>7.1} / {raw:.1} us (cores {:.0} % busy)",
+                    busy * 100.0
+                );
+            }
+            println!(
+                "  stored session pickle                    {:>9.0} bytes",
+                r.session_record_bytes
+            );
+            println!(
+                "  ratio decrypt_olm / raw (goal >= {})    {:>9.2} ({})",
+                r.goal_ratio,
+                r.ratio_to_raw,
+                if r.goal_met { "met" } else { "not met" }
+            );
+            println!(
+                "  fan-out to {} devices, sequential: claimed / reused  {:.1} / {:.1} ms (x{:.2}; {:.0} / {:.0} fsyncs)",
+                f.recipients,
+                f.claimed_ms,
+                f.reused_ms,
+                f.claimed_to_reused,
+                f.claimed_flushes,
+                f.reused_flushes
+            );
+            println!(
+                "  fan-out to {} devices, concurrent: claimed / reused  {:.1} / {:.1} ms (x{:.2}; {:.0} / {:.0} fsyncs)",
+                f.recipients,
+                f.claimed_ms_concurrent,
+                f.reused_ms_concurrent,
+                f.claimed_to_reused_concurrent,
+                f.claimed_flushes_concurrent,
+                f.reused_flushes_concurrent
+            );
+            write_json(json, &r)
+        }
         Scenario::Http { connections, load } => {
             let Load {
                 devices,
@@ -338,6 +452,8 @@ async fn main() -> anyhow::Result<()> {
             max_keys_before_kill,
             seed,
             power_loss,
+            peers,
+            messages_per_peer,
             dir,
             json,
         } => {
@@ -350,6 +466,8 @@ async fn main() -> anyhow::Result<()> {
                 dir,
                 seed,
                 power_loss,
+                peers,
+                messages_per_peer,
             };
             let r = crash::run(&config).await?;
             println!("scenario: crash (seed {})", r.seed);
@@ -371,6 +489,27 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "  keys reported, all verified after kill  {:>10} / {}",
                 r.keys_reported, r.keys_verified
+            );
+            let o = &r.sessions;
+            println!(
+                "  Olm messages acknowledged, all verified {:>10} / {} replays refused",
+                o.acknowledged, o.replays_refused
+            );
+            println!(
+                "    of which opened a session / normal    {:>10} / {}",
+                o.sessions_opened, o.normal_acknowledged
+            );
+            println!(
+                "  puppet replies / answers read by peers  {:>10} / {}",
+                o.replies_read, o.answers_read
+            );
+            println!(
+                "    of which on an older session          {:>10}",
+                o.replies_on_older_session
+            );
+            println!(
+                "  next messages decrypted after kills     {:>10} ({} peers)",
+                o.next_messages_decrypted, o.peers
             );
             println!(
                 "  second open while held refused          {:>10}",

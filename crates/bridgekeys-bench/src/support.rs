@@ -10,12 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bridgekeys_olm::{AccountManager, ClaimedKey, ManagerConfig};
+use bridgekeys_olm::{AccountManager, ClaimedKey, ManagerConfig, sign_json};
 use bridgekeys_store::{SledStore, SledStoreConfig, StoreError, StoreId, StoreKey};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use ruma::{DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId, UserId};
 use vodozemac::{
-    Curve25519PublicKey,
+    Curve25519PublicKey, Ed25519PublicKey,
     olm::{Account, OlmMessage, SessionConfig},
 };
 
@@ -70,6 +70,26 @@ pub fn puppet(i: usize) -> anyhow::Result<(OwnedUserId, OwnedDeviceId)> {
 /// The user the benchmark's peer devices send as.
 pub const PEER_USER: &str = "@bench-peer:localhost";
 
+/// A spec Olm payload (`content.body` = `body`) from [`PEER_USER`]'s device
+/// signing with `peer_ed25519` to `recipient`'s device with `recipient_ed25519`,
+/// as a real client would encrypt it.
+pub fn peer_payload(
+    recipient: &UserId,
+    recipient_ed25519: Ed25519PublicKey,
+    peer_ed25519: Ed25519PublicKey,
+    body: &str,
+) -> String {
+    serde_json::json!({
+        "type": "m.bench",
+        "content": { "body": body },
+        "sender": PEER_USER,
+        "recipient": recipient,
+        "recipient_keys": { "ed25519": recipient_ed25519.to_base64() },
+        "keys": { "ed25519": peer_ed25519.to_base64() },
+    })
+    .to_string()
+}
+
 /// A peer device's first Olm message to a puppet device on one of its
 /// one-time keys, with a spec payload (`content.body` = `body`) from
 /// [`PEER_USER`], as a real client would send it.
@@ -85,18 +105,57 @@ pub fn prekey_message(
         identity.curve25519,
         one_time_key,
     )?;
-    let payload = serde_json::json!({
-        "type": "m.bench",
-        "content": { "body": body },
-        "sender": PEER_USER,
-        "recipient": recipient,
-        "recipient_keys": { "ed25519": identity.ed25519.to_base64() },
-        "keys": { "ed25519": peer.ed25519_key().to_base64() },
-    });
-    match session.encrypt(payload.to_string())? {
+    let payload = peer_payload(recipient, identity.ed25519, peer.ed25519_key(), body);
+    match session.encrypt(payload)? {
         m @ OlmMessage::PreKey(_) => Ok((peer.curve25519_key(), m)),
         OlmMessage::Normal(_) => anyhow::bail!("first message was not a pre-key message"),
     }
+}
+
+/// The device id of benchmark peer `i` (a device of [`PEER_USER`]).
+pub fn peer_device(i: usize) -> OwnedDeviceId {
+    OwnedDeviceId::from(format!("PEER{i}").as_str())
+}
+
+/// The Olm message for the device with curve25519 key `to` in the
+/// `m.room.encrypted` content a puppet device produced
+/// ([`bridgekeys_olm::EncryptedOlm::content`]).
+pub fn message_for(
+    content: &serde_json::Value,
+    to: Curve25519PublicKey,
+) -> anyhow::Result<OlmMessage> {
+    let ciphertext = &content["ciphertext"][to.to_base64()];
+    let message_type = ciphertext["type"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no ciphertext type for the recipient"))?;
+    let body = ciphertext["body"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no ciphertext body for the recipient"))?;
+    Ok(OlmMessage::from_parts(
+        message_type as usize,
+        &vodozemac::base64_decode(body)?,
+    )?)
+}
+
+/// A fresh one-time key of a peer device, signed by it, as a claim through
+/// the homeserver returns it (`{"key": ..., "signatures": ...}`).
+pub fn signed_one_time_key(
+    peer: &mut Account,
+    user: &UserId,
+    device: &DeviceId,
+) -> anyhow::Result<serde_json::Value> {
+    peer.generate_one_time_keys(1);
+    let otk = *peer
+        .one_time_keys()
+        .values()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no one-time key generated"))?;
+    peer.mark_keys_as_published();
+    let mut key = serde_json::json!({ "key": otk.to_base64() });
+    let signature = sign_json(peer, &key)?;
+    key["signatures"] =
+        serde_json::json!({ user.as_str(): { format!("ed25519:{device}"): signature } });
+    Ok(key)
 }
 
 /// The `content.body` of a decrypted benchmark payload.

@@ -3,7 +3,7 @@
 //! not speed tests: no figure is compared with a time budget.
 #![allow(clippy::unwrap_used)]
 
-use bridgekeys_bench::{http, manager, scale, storage, synapse};
+use bridgekeys_bench::{http, manager, olm, scale, storage, synapse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_and_http_scenarios_serve_every_claim_and_report_consistent_figures() {
@@ -38,6 +38,38 @@ async fn manager_and_http_scenarios_serve_every_claim_and_report_consistent_figu
     assert!(h.http_claims_per_s > 0.0 && h.http_floor_per_s > 0.0);
     assert!(h.http_p50_ms <= h.http_p99_ms);
     assert!(h.ratio_bound_without_store > 0.0 && h.ratio_bound_without_store < 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn olm_scenario_decrypts_every_message_durably_and_fans_out_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = olm::run(&olm::OlmBench {
+        devices: 20,
+        messages: 5,
+        concurrency: 8,
+        recipients: 10,
+        fanout_rounds: 1,
+        slices: 2,
+        dir: dir.path().to_owned(),
+    })
+    .await
+    .unwrap();
+    // Every message was decrypted (and checked) both ways.
+    assert_eq!((r.decrypts, r.raw_decrypts, r.slices), (100, 100, 2));
+    assert!(r.decrypts_per_s > 0.0 && r.raw_decrypts_per_s > 0.0);
+    assert!(r.p50_ms <= r.p99_ms);
+    assert!((r.ratio_to_raw - r.decrypts_per_s / r.raw_decrypts_per_s).abs() < 1e-9);
+    assert_eq!(r.goal_met, r.ratio_to_raw >= r.goal_ratio);
+    assert!(r.decrypts_per_flush >= 1.0);
+    assert!(r.session_record_bytes > 100.0, "{}", r.session_record_bytes);
+    let f = &r.fanout;
+    assert_eq!(f.recipients, 10);
+    // One awaited call after the other: one fsync per session created and
+    // per message encrypted.
+    assert_eq!((f.claimed_flushes, f.reused_flushes), (20.0, 10.0));
+    assert!(f.claimed_flushes_concurrent <= 20.0 && f.reused_flushes_concurrent <= 10.0);
+    assert!((f.claimed_to_reused - f.claimed_ms / f.reused_ms).abs() < 1e-9);
+    assert!(f.claimed_ms > 0.0 && f.reused_ms_concurrent > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,14 +86,17 @@ impl AccountManager {
         &self.config
     }
 
-    /// A `last_used` stamp for a session: wall-clock milliseconds, but
-    /// always above the previous stamp, so "most recently used" is exact
-    /// within a run and roughly right across restarts.
+        /// A `last_used` stamp for a session: wall-clock microseconds, but
+    /// always above the previous stamp (and above every stamp read from the
+    /// store, see [`Self::saw_session_stamp`]), so "most recently used" is
+    /// exact within a run and stays right across restarts. (Milliseconds
+    /// ran ahead of the clock under bursts, and a restarted process then
+    /// stamped below the sessions used just before it.)
     pub(crate) fn session_clock(&self) -> u64 {
         use std::sync::atomic::Ordering;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+            .map_or(0, |d| d.as_micros() as u64);
         let mut last = self.session_stamp.load(Ordering::Relaxed);
         loop {
             let next = now.max(last + 1);
@@ -107,6 +110,12 @@ impl AccountManager {
                 Err(seen) => last = seen,
             }
         }
+    }
+
+        /// Keep the session clock above a stamp read from the store.
+    pub(crate) fn saw_session_stamp(&self, stamp: u64) {
+        self.session_stamp
+            .fetch_max(stamp, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The store this manager writes to.

@@ -158,7 +158,7 @@ pub struct SessionRecord {
     /// The session id (vodozemac's, base64).
     pub session_id: String,
     /// When the session last decrypted or encrypted a message, in the
-    /// manager's clock (milliseconds): the most recently used session of a
+    /// manager's clock (microseconds): the most recently used session of a
     /// peer is tried first, and the least recently used is evicted first.
     pub last_used: u64,
     /// The session pickle, sealed at rest.
