@@ -86,7 +86,7 @@ impl AccountManager {
         &self.config
     }
 
-        /// A `last_used` stamp for a session: wall-clock microseconds, but
+    /// A `last_used` stamp for a session: wall-clock microseconds, but
     /// always above the previous stamp (and above every stamp read from the
     /// store, see [`Self::saw_session_stamp`]), so "most recently used" is
     /// exact within a run and stays right across restarts. (Milliseconds
@@ -112,7 +112,7 @@ impl AccountManager {
         }
     }
 
-        /// Keep the session clock above a stamp read from the store.
+    /// Keep the session clock above a stamp read from the store.
     pub(crate) fn saw_session_stamp(&self, stamp: u64) {
         self.session_stamp
             .fetch_max(stamp, std::sync::atomic::Ordering::Relaxed);

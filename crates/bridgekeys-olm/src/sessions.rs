@@ -579,7 +579,7 @@ impl AccountManager {
                 });
             }
         }
-                sessions.sort_by_key(|s| std::cmp::Reverse(s.last_used));
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.last_used));
         if let Some(newest) = sessions.first() {
             self.saw_session_stamp(newest.last_used);
         }
