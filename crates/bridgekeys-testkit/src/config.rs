@@ -2,7 +2,8 @@
 //! config (server name, signing key, secrets) plus an override file with
 //! the loopback listener, SQLite, logging to our file, the appservice
 //! registrations, rate limits off and the experimental features an
-//! on-demand-key bridge relies on (`shared/specs/homeserver-facts.md`).
+//! on-demand-key bridge relies on (MSC2409 to-device, MSC3202, MSC3983,
+//! MSC3984).
 //!
 //! The override file is JSON, which is YAML too; Synapse merges `-c` files
 //! in order, later top-level keys winning.
