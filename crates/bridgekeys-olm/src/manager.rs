@@ -347,6 +347,16 @@ impl AccountManager {
         Ok((claimed, pending))
     }
 
+    /// The store key and slot of an existing device.
+    pub(crate) fn slot_of(
+        &self,
+        from: (&UserId, &DeviceId),
+    ) -> Result<(DeviceKey, Slot), OlmError> {
+        let key = DeviceKey::new(from.0.as_str(), from.1.as_str());
+        let slot = self.existing_slot(&key, from.0, from.1)?;
+        Ok((key, slot))
+    }
+
     /// The slot of an existing device (loading it from the store on first
     /// use); `UnknownDevice` if it was never created.
     pub(crate) fn existing_slot(

@@ -21,7 +21,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bridgekeys_store::DeviceKey;
 use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -161,9 +160,8 @@ impl AccountManager {
         settings: RotationSettings,
         recipients: &[GroupRecipient],
     ) -> Result<PreparedGroupSession, OlmError> {
-        let (user_id, device_id) = from;
-        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let (user_id, _) = from;
+        let (key, slot) = self.slot_of(from)?;
         let wanted: BTreeSet<GroupRecipient> = recipients.iter().cloned().collect();
         let (prepared, pending) = {
             let mut device = slot.lock();
@@ -251,9 +249,7 @@ impl AccountManager {
         session_id: &str,
         shared: &[GroupRecipient],
     ) -> Result<(), OlmError> {
-        let (user_id, device_id) = from;
-        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let (key, slot) = self.slot_of(from)?;
         let pending = {
             let _device = slot.lock();
             let Some(bytes) = self
@@ -289,9 +285,8 @@ impl AccountManager {
         event_type: &str,
         content: &Value,
     ) -> Result<Value, OlmError> {
-        let (user_id, device_id) = from;
-        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let (_, device_id) = from;
+        let (key, slot) = self.slot_of(from)?;
         let (encrypted, pending) = {
             let mut device = slot.lock();
             let identity = device.account()?.identity_keys();
@@ -338,9 +333,7 @@ impl AccountManager {
         from: (&UserId, &DeviceId),
         room_id: &RoomId,
     ) -> Result<(), OlmError> {
-        let (user_id, device_id) = from;
-        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let (key, slot) = self.slot_of(from)?;
         let pending = {
             let _device = slot.lock();
             self.store

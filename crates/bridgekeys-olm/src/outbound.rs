@@ -16,7 +16,6 @@
 //!    after that loses at most a message index the recipient never sees,
 //!    never reuses one.
 
-use bridgekeys_store::DeviceKey;
 use ruma::{DeviceId, UserId};
 use serde_json::{Value, json};
 use vodozemac::{
@@ -80,9 +79,7 @@ impl AccountManager {
         from: (&UserId, &DeviceId),
         peer: &Curve25519PublicKey,
     ) -> Result<bool, OlmError> {
-        let (user_id, device_id) = from;
-        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let (key, slot) = self.slot_of(from)?;
         let mut device = slot.lock();
         Ok(!self
             .peer_sessions(&mut device, &key, &peer.to_bytes())?
@@ -104,9 +101,7 @@ impl AccountManager {
         key: &Value,
     ) -> Result<String, OlmError> {
         let one_time_key = verify_signed_key(recipient, key)?;
-        let (user_id, device_id) = from;
-        let dkey = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&dkey, user_id, device_id)?;
+        let (dkey, slot) = self.slot_of(from)?;
         let (session_id, pending) = {
             let mut device = slot.lock();
             let session = device.account()?.create_outbound_session(
@@ -147,8 +142,7 @@ impl AccountManager {
         content: &Value,
     ) -> Result<EncryptedOlm, OlmError> {
         let (user_id, device_id) = from;
-        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let (key, slot) = self.slot_of(from)?;
         let (encrypted, pending) = {
             let mut device = slot.lock();
             let identity = device.account()?.identity_keys();

@@ -376,6 +376,35 @@ impl SledStore {
         })
     }
 
+    /// The sealed value at `slot`, opened (`what` names it in errors).
+    fn get_sealed(
+        &self,
+        slot: &[u8],
+        what: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let Some(raw) = self.db.get(slot)? else {
+            return Ok(None);
+        };
+        self.sealer
+            .open(slot, &raw)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt { what: what.into() })
+    }
+
+    /// Seal and store `record` at `slot`, or remove the slot (`None`).
+    fn put_sealed(&self, slot: Vec<u8>, record: Option<&[u8]>) -> Result<Pending, StoreError> {
+        match record {
+            Some(record) => {
+                let sealed = self.sealer.seal(&slot, record);
+                self.db.insert(slot, sealed)?;
+            }
+            None => {
+                self.db.remove(slot)?;
+            }
+        }
+        Ok(self.commit.pending())
+    }
+
     /// Open a stored session value found at `slot`.
     fn open_session(
         &self,
@@ -1109,16 +1138,7 @@ impl Store for SledStore {
     }
 
     fn load_tracked_user(&self, user_id: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let slot = layout::tracked_user(user_id);
-        let Some(raw) = self.db.get(&slot)? else {
-            return Ok(None);
-        };
-        self.sealer
-            .open(&slot, &raw)
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt {
-                what: "tracked devices record".into(),
-            })
+        self.get_sealed(&layout::tracked_user(user_id), "tracked devices record")
     }
 
     fn write_tracked_user(
@@ -1126,17 +1146,7 @@ impl Store for SledStore {
         user_id: &str,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
-        let slot = layout::tracked_user(user_id);
-        match record {
-            Some(record) => {
-                let sealed = self.sealer.seal(&slot, record);
-                self.db.insert(slot, sealed)?;
-            }
-            None => {
-                self.db.remove(slot)?;
-            }
-        }
-        Ok(self.commit.pending())
+        self.put_sealed(layout::tracked_user(user_id), record)
     }
 
     fn load_delivery(
@@ -1145,16 +1155,7 @@ impl Store for SledStore {
         tag: &str,
         message: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let slot = layout::delivery(tag, device, message);
-        let Some(raw) = self.db.get(&slot)? else {
-            return Ok(None);
-        };
-        self.sealer
-            .open(&slot, &raw)
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt {
-                what: "delivery record".into(),
-            })
+        self.get_sealed(&layout::delivery(tag, device, message), "delivery record")
     }
 
     fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
@@ -1171,16 +1172,10 @@ impl Store for SledStore {
         device: &DeviceKey,
         room_id: &str,
     ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let slot = layout::outbound_group_session(device, room_id);
-        let Some(raw) = self.db.get(&slot)? else {
-            return Ok(None);
-        };
-        self.sealer
-            .open(&slot, &raw)
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt {
-                what: "outbound group session record".into(),
-            })
+        self.get_sealed(
+            &layout::outbound_group_session(device, room_id),
+            "outbound group session record",
+        )
     }
 
     fn write_outbound_group_session(
@@ -1189,17 +1184,7 @@ impl Store for SledStore {
         room_id: &str,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
-        let slot = layout::outbound_group_session(device, room_id);
-        match record {
-            Some(record) => {
-                let sealed = self.sealer.seal(&slot, record);
-                self.db.insert(slot, sealed)?;
-            }
-            None => {
-                self.db.remove(slot)?;
-            }
-        }
-        Ok(self.commit.pending())
+        self.put_sealed(layout::outbound_group_session(device, room_id), record)
     }
 
     fn load_group_session(
@@ -1207,16 +1192,10 @@ impl Store for SledStore {
         room_id: &str,
         session_id: &str,
     ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let slot = layout::group_session(room_id, session_id);
-        let Some(raw) = self.db.get(&slot)? else {
-            return Ok(None);
-        };
-        self.sealer
-            .open(&slot, &raw)
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt {
-                what: "group session record".into(),
-            })
+        self.get_sealed(
+            &layout::group_session(room_id, session_id),
+            "group session record",
+        )
     }
 
     fn write_group_session(
@@ -1225,10 +1204,7 @@ impl Store for SledStore {
         session_id: &str,
         record: &[u8],
     ) -> Result<Pending, StoreError> {
-        let slot = layout::group_session(room_id, session_id);
-        let sealed = self.sealer.seal(&slot, record);
-        self.db.insert(slot, sealed)?;
-        Ok(self.commit.pending())
+        self.put_sealed(layout::group_session(room_id, session_id), Some(record))
     }
 
     fn record_message_index(
@@ -1258,17 +1234,7 @@ impl Store for SledStore {
         event_id: &str,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
-        let slot = layout::held_event(room_id, session_id, event_id);
-        match record {
-            Some(record) => {
-                let sealed = self.sealer.seal(&slot, record);
-                self.db.insert(slot, sealed)?;
-            }
-            None => {
-                self.db.remove(slot)?;
-            }
-        }
-        Ok(self.commit.pending())
+        self.put_sealed(layout::held_event(room_id, session_id, event_id), record)
     }
 
     fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError> {
