@@ -242,6 +242,10 @@ pub struct Provisioner {
     counters: Counters,
     wake: Notify,
     passes: watch::Sender<u64>,
+    /// Urgent rotations in flight ([`Provisioner::fallback_key_used`]):
+    /// stopping the rotation task waits for them, so that a stopped bridge
+    /// holds no task that still uses the store.
+    urgent: parking_lot::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl std::fmt::Debug for Provisioner {
@@ -272,6 +276,7 @@ impl Provisioner {
             counters: Counters::default(),
             wake: Notify::new(),
             passes: watch::channel(0).0,
+            urgent: parking_lot::Mutex::new(tokio::task::JoinSet::new()),
         }
     }
 
@@ -501,7 +506,10 @@ impl Provisioner {
         let this = Arc::clone(self);
         let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
         bump(&self.counters.urgent_rotations);
-        tokio::spawn(async move {
+        let mut urgent = self.urgent.lock();
+        // Reap the finished ones so the set stays as small as what runs.
+        while urgent.try_join_next().is_some() {}
+        urgent.spawn(async move {
             match this.rotate_device(&user_id, &device_id).await {
                 Ok(()) => {
                     tracing::info!(%user_id, %device_id, "rotated a fallback key used by a pre-key message");
@@ -512,6 +520,16 @@ impl Provisioner {
                 }
             }
         });
+    }
+
+    /// Wait for every urgent rotation started so far to end.
+    async fn finish_urgent_rotations(&self) {
+        let mut running = std::mem::take(&mut *self.urgent.lock());
+        while let Some(done) = running.join_next().await {
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "an urgent fallback rotation ended abnormally");
+            }
+        }
     }
 
     /// Start the background rotation task: a pass now, then every
@@ -539,6 +557,7 @@ impl Provisioner {
                     () = tokio::time::sleep(this.config.rotation_interval) => {}
                 }
             }
+            this.finish_urgent_rotations().await;
             tracing::debug!("fallback rotation task stopped");
         });
         RotationTask {
@@ -565,7 +584,8 @@ impl RotationTask {
         self.passes.clone()
     }
 
-    /// Stop the task and wait until it has stopped.
+    /// Stop the task and wait until it has stopped, together with every
+    /// urgent rotation ([`Provisioner::fallback_key_used`]) still running.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         if let Err(e) = self.handle.await {

@@ -335,7 +335,10 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
             if !report.second_open_refused {
                 // The child holds the store: a second process must be refused clearly.
                 let id = store_id.ok_or_else(|| anyhow::anyhow!("cycle {cycle}: no store id"))?;
-                match open_existing_manager(&data, &key, id) {
+                let mut config =
+                    SledStoreConfig::new(data.join("store"), key.clone()).expect_id(id);
+                config.lock_wait = Duration::ZERO;
+                match SledStore::open(config) {
                     Err(StoreError::Locked { path }) => {
                         anyhow::ensure!(path.starts_with(&data), "Locked names {path:?}");
                         report.second_open_refused = true;

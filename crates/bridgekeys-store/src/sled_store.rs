@@ -73,7 +73,18 @@ pub struct SledStoreConfig {
     /// `docs/BENCHMARKS.md`); it adds at most this much latency. A lone
     /// writer is never held back. Default [`DEFAULT_COMMIT_GATHER_US`].
     pub commit_gather: Duration,
+    /// How long [`SledStore::open`] waits for the store's lock when another
+    /// holder is letting go of it, before failing with
+    /// [`StoreError::Locked`]. A bridge restarted in place (a supervisor
+    /// starting the new process while the old one exits, or a restart
+    /// within one process whose last store handle is dropped on another
+    /// thread) then opens as soon as the lock is free instead of failing.
+    /// Default [`DEFAULT_LOCK_WAIT`]; zero fails at once.
+    pub lock_wait: Duration,
 }
+
+/// Default of [`SledStoreConfig::lock_wait`].
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 impl SledStoreConfig {
     /// A configuration with sled's default cache size.
@@ -85,6 +96,7 @@ impl SledStoreConfig {
             key,
             cache_capacity: 1024 * 1024 * 1024,
             commit_gather: Duration::from_micros(DEFAULT_COMMIT_GATHER_US),
+            lock_wait: DEFAULT_LOCK_WAIT,
         }
     }
 
@@ -198,7 +210,8 @@ impl SledStore {
     /// Never creates one: a missing or empty store is
     /// [`StoreError::Missing`]. Fails with [`StoreError::Foreign`] if
     /// [`SledStoreConfig::expected_id`] names another store,
-    /// [`StoreError::Locked`] if another process holds it,
+    /// [`StoreError::Locked`] if another process (or another handle in
+    /// this one) still holds it after [`SledStoreConfig::lock_wait`],
     /// [`StoreError::WrongKey`] if it was created with another key,
     /// [`StoreError::UnsupportedSchema`] if a newer build wrote it and
     /// [`StoreError::Unreadable`] if its files cannot be read. None of these
@@ -627,8 +640,21 @@ fn remove_incomplete_snapshots(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Open sled at `path` with the store's settings, naming the path in errors.
+/// Open sled at `path` with the store's settings, naming the path in errors;
+/// while the lock is held, retry until [`SledStoreConfig::lock_wait`] passed.
 fn open_engine(path: &Path, config: &SledStoreConfig) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + config.lock_wait;
+    loop {
+        match open_engine_once(path, config) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_engine_once(path: &Path, config: &SledStoreConfig) -> Result<sled::Db, StoreError> {
     sled::Config::new()
         .path(path)
         .cache_capacity(config.cache_capacity)

@@ -207,8 +207,15 @@ fn second_open_of_the_same_store_fails_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let key = StoreKey::generate();
     let first = open(dir.path(), &key).unwrap();
-    let err = open(dir.path(), &key).unwrap_err();
+    let mut config = SledStoreConfig::new(dir.path().join("store"), key.clone());
+    config.lock_wait = std::time::Duration::from_millis(200);
+    let started = std::time::Instant::now();
+    let err = SledStore::open(config).unwrap_err();
     assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(200),
+        "gave up before the configured wait"
+    );
     let message = err.to_string();
     assert!(
         message.contains(&dir.path().join("store").display().to_string()),
@@ -661,4 +668,24 @@ async fn sessions_are_found_by_peer_replaced_removed_and_survive_a_reopen() {
         .await
         .unwrap();
     assert!(store.load_tracked_user("@alice:hs").unwrap().is_none());
+}
+
+#[test]
+fn an_open_waits_for_a_holder_that_lets_go_within_the_lock_wait() {
+    // A restart in place: the old handle is dropped on another thread a
+    // moment after the new open starts. The open must wait for it, not fail.
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate();
+    let first = open(dir.path(), &key).unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        started_rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(first);
+    });
+    started_tx.send(()).unwrap();
+    let config = SledStoreConfig::new(dir.path().join("store"), key.clone());
+    let reopened = SledStore::open(config).expect("opens once the holder let go");
+    holder.join().unwrap();
+    drop(reopened);
 }

@@ -546,6 +546,9 @@ impl EchoBridge {
         };
         let served = self.appservice.serve_on(listener, shutdown).await;
         ping.abort();
+        // Wait for it to be gone too: nothing of this bridge may outlive
+        // `serve_on` (a restart reopens the store at once).
+        let _ = ping.await;
         rotation.stop().await;
         served?;
         Ok(())
