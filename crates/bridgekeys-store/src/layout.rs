@@ -86,6 +86,15 @@ pub(crate) fn legacy_session_prefix(device: &DeviceKey) -> Vec<u8> {
     join(b"s/", device, &[])
 }
 
+pub(crate) const ROOM_STATE_PREFIX: &[u8] = b"w/";
+
+pub(crate) fn room_state(room_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + room_id.len());
+    k.extend_from_slice(ROOM_STATE_PREFIX);
+    k.extend_from_slice(room_id.as_bytes());
+    k
+}
+
 pub(crate) fn tracked_user(user_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + user_id.len());
     k.extend_from_slice(b"u/");

@@ -260,6 +260,20 @@ pub trait Store: Send + Sync + 'static {
     /// all of them, in key order.
     fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError>;
 
+    /// The sealed record of what the bridge knows about a room (whether it
+    /// is encrypted, its members), as the appservice wrote it, or `None`.
+    fn load_room_state(
+        &self,
+        room_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+
+    /// Replace (`Some`) or forget (`None`) a room's state record.
+    fn write_room_state(&self, room_id: &str, record: Option<&[u8]>)
+    -> Result<Pending, StoreError>;
+
+    /// The rooms that have a state record, in key order.
+    fn room_state_ids(&self) -> Result<Vec<String>, StoreError>;
+
     /// Wait until everything written so far is on disk.
     fn sync(&self) -> Pending;
 

@@ -1287,6 +1287,33 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn load_room_state(&self, room_id: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get_sealed(&layout::room_state(room_id), "room state record")
+    }
+
+    fn write_room_state(
+        &self,
+        room_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.put_sealed(layout::room_state(room_id), record)
+    }
+
+    fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(layout::ROOM_STATE_PREFIX) {
+            let (slot, _) = item?;
+            let id = slot
+                .strip_prefix(layout::ROOM_STATE_PREFIX)
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "room state key".into(),
+                })?;
+            out.push(id.to_owned());
+        }
+        Ok(out)
+    }
+
     fn sync(&self) -> Pending {
         self.commit.pending()
     }

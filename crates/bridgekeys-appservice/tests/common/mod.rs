@@ -237,6 +237,22 @@ impl Store for HookedStore {
     ) -> Result<Vec<bridgekeys_store::HeldEvent>, StoreError> {
         self.inner.held_events(session)
     }
+    fn load_room_state(
+        &self,
+        room_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_room_state(room_id)
+    }
+    fn write_room_state(
+        &self,
+        room_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.inner.write_room_state(room_id, record)
+    }
+    fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.room_state_ids()
+    }
     fn sync(&self) -> Pending {
         self.inner.sync()
     }
