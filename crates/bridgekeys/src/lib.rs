@@ -10,7 +10,10 @@
 //! * [`appservice`]: the listener the homeserver calls (MSC3983 key claims,
 //!   deduplicated transactions with Olm messages decrypted, queries)
 //!   ([`appservice::Appservice`]), and Olm through the homeserver as a
-//!   puppet ([`appservice::PuppetOlm`]).
+//!   puppet ([`appservice::PuppetOlm`]);
+//! * [`PuppetRooms`]: encrypted rooms for puppets with ruma types, without
+//!   knowing Olm or Megolm ([`PuppetRooms::encrypt_room_event`],
+//!   [`PuppetRooms::decrypt_room_event`]).
 //!
 //! Tests against a real Synapse and a real Olm client come from the
 //! separate `bridgekeys-testkit` crate.
@@ -20,3 +23,9 @@
 pub use bridgekeys_appservice as appservice;
 pub use bridgekeys_olm as olm;
 pub use bridgekeys_store as store;
+/// The ruma version bridgekeys speaks (ids, events, API types).
+pub use ruma;
+
+pub mod rooms;
+
+pub use rooms::{DecryptedEvent, EncryptedContent, PuppetRooms, RoomCryptoError};

@@ -2,23 +2,23 @@
 //! messages, and the wiring of store, account manager, provisioner and
 //! listener.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    future::Future,
-    sync::{Arc, Mutex},
-};
+use std::{collections::BTreeSet, future::Future, num::NonZeroUsize, sync::Arc};
 
 use anyhow::Context;
 use bridgekeys::{
+    PuppetRooms,
     appservice::{
         Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient,
         HomeserverError, ProvisionConfig, ProvisionError, Provisioner, PuppetOlm, Registration,
-        Transaction, UserDecision, UserNamespace,
+        RoomStates, Transaction, UserDecision, UserNamespace, room_state::DEFAULT_CACHED_ROOMS,
     },
-    olm::{AccountManager, ManagerConfig, RotationSettings},
+    olm::{AccountManager, ManagerConfig},
     store::{PuppetRegistry, SledStore},
 };
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
+use ruma::{
+    OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId,
+    events::room::message::RoomMessageEventContent,
+};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -49,12 +49,12 @@ pub struct EchoHandler {
     provisioner: Arc<Provisioner>,
     olm: Arc<PuppetOlm>,
     client: PuppetClient,
-    /// Which puppets are joined to which room (in memory; rebuilt from the
-    /// puppets' own join events and invites after a restart).
-    rooms: Mutex<HashMap<OwnedRoomId, BTreeSet<OwnedUserId>>>,
-    /// Rooms known to be encrypted, with their rotation settings (from
-    /// `m.room.encryption` events, or asked of the homeserver once).
-    encrypted: Mutex<HashMap<OwnedRoomId, Option<RotationSettings>>>,
+    /// Which rooms are encrypted and who is in them: kept durably by the
+    /// listener from every transaction's state events (before this handler
+    /// runs), and read from the homeserver when a puppet joins a room.
+    rooms: Arc<RoomStates>,
+    /// Room encryption for the puppets (the bridgekeys facade).
+    crypto: PuppetRooms,
     /// Encrypted messages that could not be decrypted (logged, counted).
     undecryptable: std::sync::atomic::AtomicU64,
 }
@@ -73,34 +73,23 @@ impl EchoHandler {
         user != self.bot && self.puppets.contains(user)
     }
 
-    fn joined(&self, room: &RoomId) -> Vec<OwnedUserId> {
-        self.rooms
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(room)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+    /// The puppets joined to `room`, as the room state says.
+    fn joined(&self, room: &RoomId) -> anyhow::Result<Vec<OwnedUserId>> {
+        let Some(state) = self.rooms.get(room)? else {
+            return Ok(Vec::new());
+        };
+        Ok(state
+            .joined()
+            .filter(|u| self.is_puppet(u))
+            .map(ToOwned::to_owned)
+            .collect())
     }
 
-    fn set_joined(&self, room: &RoomId, user: &UserId, joined: bool) {
-        let mut rooms = self
-            .rooms
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if joined {
-            rooms
-                .entry(room.to_owned())
-                .or_default()
-                .insert(user.to_owned());
-        } else if let Some(members) = rooms.get_mut(room) {
-            members.remove(user);
-        }
-    }
-
-    /// Learn which rooms the provisioned puppets are in from the homeserver
-    /// (after a restart the in-memory map is empty). Best effort: a puppet
-    /// that cannot be asked is logged and learnt from its next membership
-    /// event instead.
+    /// Make sure the rooms the provisioned puppets are in have their full
+    /// state on record (a store written before room state was kept, or a
+    /// puppet whose join was never followed by a state read). Best effort:
+    /// a puppet that cannot be asked is logged, and its rooms are read at
+    /// their next echo instead.
     async fn rebuild_rooms(&self, registry: &dyn PuppetRegistry) -> anyhow::Result<usize> {
         let mut known = 0;
         let puppets: BTreeSet<String> = registry
@@ -118,8 +107,12 @@ impl EchoHandler {
             match self.client.joined_rooms(&puppet).await {
                 Ok(rooms) => {
                     for room in rooms {
-                        self.set_joined(&room, &puppet, true);
-                        known += 1;
+                        match self.rooms.ensure(&room, &puppet).await {
+                            Ok(_) => known += 1,
+                            Err(e) => {
+                                tracing::warn!(%puppet, %room, error = %e, "could not read the room state");
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -130,38 +123,10 @@ impl EchoHandler {
         Ok(known)
     }
 
-    /// The room's encryption settings (`None`: not encrypted), asked of the
-    /// homeserver as `puppet` the first time.
-    async fn encryption(
-        &self,
-        room: &RoomId,
-        puppet: &UserId,
-    ) -> anyhow::Result<Option<RotationSettings>> {
-        let known = self
-            .encrypted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(room)
-            .copied();
-        if let Some(known) = known {
-            return Ok(known);
-        }
-        let settings = self
-            .client
-            .room_encryption(room, puppet)
-            .await?
-            .map(|c| RotationSettings::from_encryption_content(&c));
-        self.encrypted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(room.to_owned(), settings);
-        Ok(settings)
-    }
-
     /// Discard every joined puppet's outbound session in `room` (the next
     /// message starts a new one).
     async fn forget_room_sessions(&self, room: &RoomId) -> anyhow::Result<()> {
-        for puppet in self.joined(room) {
+        for puppet in self.joined(room)? {
             let device = self
                 .provisioner
                 .ensure_puppet(&puppet)
@@ -180,39 +145,34 @@ impl EchoHandler {
     /// Echo `body` into `room` from every joined puppet: encrypted in an
     /// encrypted room (never in the clear there), plain otherwise.
     async fn echo(&self, room: &RoomId, of: &str, body: &str) -> anyhow::Result<()> {
-        for puppet in self.joined(room) {
+        for puppet in self.joined(room)? {
             // One transaction id per (event, puppet): a retried
             // transaction sends nothing twice.
             let txn_id = format!("echo-{of}-{}", puppet.localpart());
             let text = format!("echo: {body}");
-            let echoed = match self.encryption(room, &puppet).await? {
-                None => self.client.send_text(room, &puppet, &txn_id, &text).await?,
-                Some(settings) => {
-                    let device = self
-                        .provisioner
-                        .ensure_puppet(&puppet)
-                        .await
-                        .context("the puppet's device")?;
-                    let members = self.client.joined_members(room, &puppet).await?;
-                    let sent = self
-                        .olm
-                        .encrypt_room_event(
-                            (&puppet, &device),
-                            room,
-                            &members,
-                            settings,
-                            "m.room.message",
-                            &serde_json::json!({ "msgtype": "m.text", "body": text }),
-                        )
-                        .await
-                        .context("encrypting the echo")?;
-                    if !sent.key_failed.is_empty() {
-                        tracing::warn!(%puppet, %room, devices = sent.key_failed.len(), "some devices could not be sent the room key");
-                    }
-                    self.client
-                        .send_event(room, &puppet, "m.room.encrypted", &txn_id, &sent.content)
-                        .await?
+            // The full room state, read once as this puppet if the record
+            // was only built from transactions.
+            let state = self
+                .rooms
+                .ensure(room, &puppet)
+                .await
+                .context("the room state")?;
+            let echoed = if state.is_encrypted() {
+                // Never in the clear here: any failure fails the echo.
+                let sent = self
+                    .crypto
+                    .encrypt_room_event(&puppet, room, &RoomMessageEventContent::text_plain(text))
+                    .await
+                    .context("encrypting the echo")?;
+                if !sent.key_failed.is_empty() {
+                    tracing::warn!(%puppet, %room, devices = sent.key_failed.len(), "some devices could not be sent the room key");
                 }
+                let content = serde_json::to_value(&sent.content)?;
+                self.client
+                    .send_event(room, &puppet, "m.room.encrypted", &txn_id, &content)
+                    .await?
+            } else {
+                self.client.send_text(room, &puppet, &txn_id, &text).await?
             };
             tracing::info!(%puppet, %room, %of, echo = %echoed, "echoed a message");
         }
@@ -237,16 +197,9 @@ impl EchoHandler {
     }
 
     async fn handle(&self, event: &Event) -> anyhow::Result<()> {
+        // Room state (encryption, members) was recorded by the listener
+        // before this handler ran.
         match event.event_type.as_str() {
-            "m.room.encryption" if event.state_key.as_deref() == Some("") => {
-                self.encrypted
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(
-                        event.room_id.clone(),
-                        Some(RotationSettings::from_encryption_content(&event.content)),
-                    );
-            }
             "m.room.member" => {
                 let Some(target) = event
                     .state_key
@@ -263,19 +216,19 @@ impl EchoHandler {
                     }
                     return Ok(());
                 }
-                match event.content["membership"].as_str() {
-                    Some("invite") => {
-                        self.provisioner
-                            .ensure_puppet(&target)
-                            .await
-                            .context("provisioning the invited puppet")?;
-                        self.client.join(&event.room_id, &target).await?;
-                        self.set_joined(&event.room_id, &target, true);
-                        tracing::info!(puppet = %target, room = %event.room_id, inviter = %event.sender, "puppet joined on invite");
+                if event.content["membership"].as_str() == Some("invite") {
+                    self.provisioner
+                        .ensure_puppet(&target)
+                        .await
+                        .context("provisioning the invited puppet")?;
+                    self.client.join(&event.room_id, &target).await?;
+                    tracing::info!(puppet = %target, room = %event.room_id, inviter = %event.sender, "puppet joined on invite");
+                    // What happened in the room before the puppet was
+                    // in it (its encryption, the members) is read now;
+                    // if that fails, the first echo reads it.
+                    if let Err(e) = self.rooms.refresh(&event.room_id, &target).await {
+                        tracing::warn!(puppet = %target, room = %event.room_id, error = %e, "could not read the room state after joining");
                     }
-                    Some("join") => self.set_joined(&event.room_id, &target, true),
-                    Some("leave" | "ban") => self.set_joined(&event.room_id, &target, false),
-                    _ => {}
                 }
             }
             "m.room.message" => {
@@ -429,6 +382,16 @@ impl EchoBridge {
             );
         }
         let manager = Arc::new(AccountManager::new(store.clone(), ManagerConfig::default()));
+        let rooms = Arc::new(
+            RoomStates::new(
+                store.clone(),
+                NonZeroUsize::new(DEFAULT_CACHED_ROOMS).context("cache size")?,
+            )
+            .with_homeserver(HomeserverClient::new(
+                &config.homeserver_url,
+                AsToken::new(registration.as_token.clone()),
+            )?),
+        );
         let hs = HomeserverClient::new(
             &config.homeserver_url,
             AsToken::new(registration.as_token.clone()),
@@ -466,14 +429,15 @@ impl EchoBridge {
             provisioner: provisioner.clone(),
             olm: olm.clone(),
             client: PuppetClient::new(&config.homeserver_url, &registration.as_token)?,
-            rooms: Mutex::default(),
-            encrypted: Mutex::default(),
+            rooms: rooms.clone(),
+            crypto: PuppetRooms::new(olm.clone(), rooms.clone(), provisioner.clone()),
             undecryptable: std::sync::atomic::AtomicU64::new(0),
         });
         let appservice =
             Appservice::new(as_config, manager.clone(), store.clone(), handler.clone())?
                 .with_provisioner(provisioner.clone())
-                .with_olm(olm.clone());
+                .with_olm(olm.clone())
+                .with_room_states(rooms);
         let pinger = (
             HomeserverClient::new(
                 &config.homeserver_url,

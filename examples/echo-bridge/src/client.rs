@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
@@ -147,48 +147,6 @@ impl PuppetClient {
             .await
             .with_context(|| format!("{user} sending to {room}"))?;
         Ok(answer["event_id"].as_str().unwrap_or_default().to_owned())
-    }
-
-    /// The room's `m.room.encryption` content as `user` sees it, or `None`
-    /// if the room is not encrypted.
-    pub async fn room_encryption(
-        &self,
-        room: &RoomId,
-        user: &UserId,
-    ) -> anyhow::Result<Option<Value>> {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/state/m.room.encryption/",
-            encode(room.as_str())
-        );
-        match self.call(http::Method::GET, &path, user, None).await {
-            Ok(content) => Ok(Some(content)),
-            Err(e) if e.downcast_ref::<Refused>().is_some_and(|r| r.status == 404) => Ok(None),
-            Err(e) => Err(e.context(format!("reading the encryption state of {room}"))),
-        }
-    }
-
-    /// The joined members of `room`, as `user` sees them.
-    pub async fn joined_members(
-        &self,
-        room: &RoomId,
-        user: &UserId,
-    ) -> anyhow::Result<Vec<OwnedUserId>> {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/joined_members",
-            encode(room.as_str())
-        );
-        let answer = self
-            .call(http::Method::GET, &path, user, None)
-            .await
-            .with_context(|| format!("listing the members of {room}"))?;
-        Ok(answer["joined"]
-            .as_object()
-            .map(|m| {
-                m.keys()
-                    .filter_map(|u| OwnedUserId::try_from(u.as_str()).ok())
-                    .collect()
-            })
-            .unwrap_or_default())
     }
 
     /// The rooms `user` has joined (`GET /joined_rooms` as `user`).
