@@ -44,6 +44,7 @@
 
 mod account;
 mod config;
+pub mod cross_signing;
 pub mod devices;
 mod error;
 pub mod fallback;
@@ -58,6 +59,7 @@ mod signing;
 mod stats;
 
 pub use config::ManagerConfig;
+pub use cross_signing::CrossSigningKeys;
 pub use devices::{DeviceRefusal, DeviceUpdate, TrackedDevice, TrackedDevices};
 pub use error::OlmError;
 pub use fallback::{FallbackAction, FallbackPolicy, FallbackState, UnixMillis};

@@ -95,6 +95,13 @@ pub(crate) fn room_state(room_id: &str) -> Vec<u8> {
     k
 }
 
+pub(crate) fn cross_signing(user_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + user_id.len());
+    k.extend_from_slice(b"c/");
+    k.extend_from_slice(user_id.as_bytes());
+    k
+}
+
 pub(crate) fn tracked_user(user_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + user_id.len());
     k.extend_from_slice(b"u/");

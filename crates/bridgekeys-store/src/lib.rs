@@ -274,6 +274,23 @@ pub trait Store: Send + Sync + 'static {
     /// The rooms that have a state record, in key order.
     fn room_state_ids(&self) -> Result<Vec<String>, StoreError>;
 
+    /// The sealed cross-signing identity of a puppet user (its master,
+    /// self-signing and user-signing private keys), or `None`.
+    fn load_cross_signing(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+
+    /// Store a user's cross-signing identity, only if it has none yet:
+    /// `None` (and nothing written) if one is already stored, so two
+    /// concurrent creators end up with the same identity. An identity is
+    /// never replaced: clients pin it.
+    fn create_cross_signing(
+        &self,
+        user_id: &str,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError>;
+
     /// Wait until everything written so far is on disk.
     fn sync(&self) -> Pending;
 

@@ -1314,6 +1314,26 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn load_cross_signing(&self, user_id: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get_sealed(&layout::cross_signing(user_id), "cross-signing record")
+    }
+
+    fn create_cross_signing(
+        &self,
+        user_id: &str,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError> {
+        let slot = layout::cross_signing(user_id);
+        let sealed = self.sealer.seal(&slot, record);
+        match self
+            .db
+            .compare_and_swap(&slot, None as Option<&[u8]>, Some(sealed))?
+        {
+            Ok(()) => Ok(Some(self.commit.pending())),
+            Err(_) => Ok(None),
+        }
+    }
+
     fn sync(&self) -> Pending {
         self.commit.pending()
     }

@@ -253,6 +253,19 @@ impl Store for HookedStore {
     fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
         self.inner.room_state_ids()
     }
+    fn load_cross_signing(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_cross_signing(user_id)
+    }
+    fn create_cross_signing(
+        &self,
+        user_id: &str,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError> {
+        self.inner.create_cross_signing(user_id, record)
+    }
     fn sync(&self) -> Pending {
         self.inner.sync()
     }
