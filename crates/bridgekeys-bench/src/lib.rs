@@ -8,6 +8,7 @@
 pub mod crash;
 pub mod http;
 pub mod manager;
+pub mod megolm;
 pub mod olm;
 pub mod scale;
 pub mod storage;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bridgekeys_bench::{crash, http, manager, olm, scale, storage};
+use bridgekeys_bench::{crash, http, manager, megolm, olm, scale, storage};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -111,6 +111,43 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Megolm room events decrypted through the listener's transactions
+    /// (and the store) against raw vodozemac, and a puppet's session
+    /// rotation and messages in a room of 50 devices.
+    Megolm {
+        /// Room events per measured load (each shape, and the store level).
+        #[arg(long, default_value_t = 5_000)]
+        events: usize,
+        /// Transaction loads, EVENTSxIN_FLIGHT (Synapse sends one
+        /// transaction at a time), comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [
+            megolm::Shape { events_per_txn: 1, in_flight: 1 },
+            megolm::Shape { events_per_txn: 50, in_flight: 1 },
+            megolm::Shape { events_per_txn: 50, in_flight: 4 },
+        ])]
+        shapes: Vec<megolm::Shape>,
+        /// Messages per Megolm session (the room's rotation_period_msgs).
+        #[arg(long, default_value_t = 100)]
+        session_messages: usize,
+        /// Concurrent tasks of the store-level figure.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Alternating raw / durable slices per load.
+        #[arg(long, default_value_t = 5)]
+        slices: usize,
+        /// Devices in the room the puppet sends to.
+        #[arg(long, default_value_t = 50)]
+        recipients: usize,
+        /// Outbound rounds (fresh room and devices each).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Directory for the store (on the disk you want measured).
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Key claims over loopback HTTP to the real listener (durable store).
     Http {
         /// Concurrent keep-alive connections.
@@ -197,6 +234,88 @@ enum Scenario {
 fn print_raw(per_s_1t: f64, per_s_all: f64) {
     println!("  raw vodozemac generate+sign, 1 thread   {per_s_1t:>10.0} keys/s");
     println!("  raw vodozemac generate+sign, all cores  {per_s_all:>10.0} keys/s");
+}
+
+/// The `megolm` figures as a table.
+fn print_megolm(r: &megolm::MegolmReport) {
+    let us = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.1}"));
+    println!("scenario: megolm ({} cores)", r.threads);
+    println!(
+        "  set-up: {} room keys over Olm in transactions, {} messages per session  {:.1} s",
+        r.room_keys, r.session_messages, r.setup_s
+    );
+    println!(
+        "  transaction path (PUT /transactions over loopback HTTP, durable) vs raw InboundGroupSession::decrypt, all cores:"
+    );
+    println!(
+        "    events/txn x in flight   events/s    raw/s    ratio   txn p50 / p99 ms   fsyncs/txn   CPU us/event (raw)   CPU ratio"
+    );
+    for t in &r.transactions {
+        println!(
+            "    {:>22}  {:>9.0}  {:>7.0}  {:>7.3}   {:>6.2} / {:<6.2}    {:>9.2}   {:>7} ({:>5})    {:>9}",
+            t.shape,
+            t.events_per_s,
+            t.raw_decrypts_per_s,
+            t.ratio_to_raw,
+            t.txn_p50_ms,
+            t.txn_p99_ms,
+            t.fsyncs_per_txn,
+            us(t.cpu_us_per_event),
+            us(t.raw_cpu_us_per_decrypt),
+            t.cpu_ratio.map_or("?".to_owned(), |c| format!("{c:.3}"))
+        );
+    }
+    let s = &r.store_level;
+    println!(
+        "  store level: decrypt_room_event + flush ({} tasks)  {:>9.0} decrypts/s (raw {:.0}, ratio {:.3})",
+        s.concurrency, s.decrypts_per_s, s.raw_decrypts_per_s, s.ratio_to_raw
+    );
+    println!(
+        "    latency p50 / p99 {:.2} / {:.2} ms, {:.1} decrypts per fsync, CPU {} us/decrypt (raw {})",
+        s.p50_ms,
+        s.p99_ms,
+        s.decrypts_per_flush,
+        us(s.cpu_us_per_decrypt),
+        us(s.raw_cpu_us_per_decrypt)
+    );
+    println!(
+        "  raw decrypt with the session restored from its pickle each time  {:.1} us",
+        r.raw_from_pickle_us_per_decrypt
+    );
+    println!(
+        "  ratio transaction path / raw, {} (goal >= {})  {:.3} ({})",
+        r.headline_shape,
+        r.goal_ratio,
+        r.ratio_to_raw,
+        if r.goal_met { "met" } else { "not met" }
+    );
+    if let Some(load) = r.load_average_1m {
+        println!("  load average (1 min) at the end   {load:.2}");
+    }
+    let o = &r.outbound;
+    println!(
+        "  rotation in a room of {} devices: claimed Olm sessions / reused  {:.1} / {:.1} ms (raw vodozemac {:.1} / {:.1} ms)",
+        o.recipients,
+        o.rotation_claimed_ms,
+        o.rotation_reused_ms,
+        o.raw_rotation_claimed_ms,
+        o.raw_rotation_reused_ms
+    );
+    println!(
+        "    reused: new session {:.2} + key to each device {:.2} + recorded {:.2} + first encrypt {:.2} ms",
+        o.reused_prepare_ms, o.reused_share_ms, o.reused_mark_ms, o.reused_first_encrypt_ms
+    );
+    println!(
+        "    to-device messages per rotation {:.0}; Olm sessions created per claimed rotation {:.0}; fsyncs claimed / reused {:.0} / {:.0}",
+        o.to_device_per_rotation,
+        o.olm_sessions_per_claimed_rotation,
+        o.fsyncs_per_claimed_rotation,
+        o.fsyncs_per_reused_rotation
+    );
+    println!(
+        "  steady state ({} messages per round): encrypt_room_event p50 / p99 {:.3} / {:.3} ms, whole send {:.3} ms (raw encrypt {:.1} us)",
+        o.steady_messages, o.encrypt_ms, o.encrypt_p99_ms, o.send_ms, o.raw_encrypt_us
+    );
 }
 
 fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -404,6 +523,31 @@ async fn main() -> anyhow::Result<()> {
                 f.claimed_flushes_concurrent,
                 f.reused_flushes_concurrent
             );
+            write_json(json, &r)
+        }
+        Scenario::Megolm {
+            events,
+            shapes,
+            session_messages,
+            concurrency,
+            slices,
+            recipients,
+            rounds,
+            dir,
+            json,
+        } => {
+            let config = megolm::MegolmBench {
+                events,
+                shapes,
+                session_messages,
+                concurrency,
+                slices,
+                recipients,
+                rounds,
+                dir,
+            };
+            let r = megolm::run(&config).await?;
+            print_megolm(&r);
             write_json(json, &r)
         }
         Scenario::Http { connections, load } => {

@@ -30,8 +30,9 @@ use vodozemac::{
 };
 
 use crate::support::{
-    PEER_USER, body_of, create_puppets, message_for, open_manager, peer_device, peer_payload,
-    percentile_ms, public_key, puppet, signed_one_time_key,
+    PEER_USER, Spent, body_of, create_puppets, mean, measured, median, message_for, open_manager,
+    peer_device, peer_payload, percentile_ms, process_cpu_s, public_key, puppet,
+    signed_one_time_key,
 };
 
 /// The goal for [`OlmReport::ratio_to_raw`].
@@ -251,43 +252,6 @@ fn raw_pair(i: usize, messages: usize) -> anyhow::Result<(Session, Vec<OlmMessag
         .map(|n| Ok(outbound.encrypt(payload(&body(i, n)))?))
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok((inbound, messages))
-}
-
-/// Process CPU time (user + system, every thread, exited ones included)
-/// in seconds, from `/proc/self/stat`; `None` where that is not available.
-fn process_cpu_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the line, in USER_HZ (100 on Linux) ticks.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
-}
-
-/// Time and CPU time of a measured stretch.
-#[derive(Clone, Copy, Default)]
-struct Spent {
-    wall_s: f64,
-    cpu_s: Option<f64>,
-}
-
-impl Spent {
-    fn add(&mut self, other: Spent) {
-        self.wall_s += other.wall_s;
-        self.cpu_s = self.cpu_s.zip(other.cpu_s).map(|(a, b)| a + b);
-    }
-}
-
-/// Measure `work`'s wall and CPU time.
-async fn measured<T, F: std::future::Future<Output = T>>(work: F) -> (T, Spent) {
-    let cpu = process_cpu_s();
-    let started = Instant::now();
-    let out = work.await;
-    let wall_s = started.elapsed().as_secs_f64();
-    let cpu_s = cpu.zip(process_cpu_s()).map(|(a, b)| b - a);
-    (out, Spent { wall_s, cpu_s })
 }
 
 /// The plain vodozemac sessions of the raw figure, one set per thread.
@@ -612,18 +576,6 @@ fn recipients_read(
         }
     }
     Ok(())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => 0.0,
-        n => values[n / 2],
-    }
-}
-
-fn mean(values: &[f64]) -> f64 {
-    values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
 /// Measure both fan-out kinds, `rounds` times each, with fresh recipients

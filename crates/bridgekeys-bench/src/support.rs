@@ -273,3 +273,66 @@ pub async fn claim_load(
     latencies.sort();
     Ok((latencies, elapsed))
 }
+
+/// Process CPU time (user + system, every thread, exited ones included)
+/// in seconds, from `/proc/self/stat`; `None` where that is not available.
+pub fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in USER_HZ (100 on Linux) ticks.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// Time and CPU time of a measured stretch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Spent {
+    /// Wall-clock seconds.
+    pub wall_s: f64,
+    /// Process CPU seconds (every thread), where known.
+    pub cpu_s: Option<f64>,
+}
+
+impl Spent {
+    /// Nothing spent yet, with the CPU time known (zero) so that
+    /// [`Spent::add`] sums it.
+    pub fn zero() -> Self {
+        Self {
+            wall_s: 0.0,
+            cpu_s: Some(0.0),
+        }
+    }
+
+    /// Add another stretch.
+    pub fn add(&mut self, other: Spent) {
+        self.wall_s += other.wall_s;
+        self.cpu_s = self.cpu_s.zip(other.cpu_s).map(|(a, b)| a + b);
+    }
+}
+
+/// Measure `work`'s wall and CPU time.
+pub async fn measured<T, F: std::future::Future<Output = T>>(work: F) -> (T, Spent) {
+    let cpu = process_cpu_s();
+    let started = Instant::now();
+    let out = work.await;
+    let wall_s = started.elapsed().as_secs_f64();
+    let cpu_s = cpu.zip(process_cpu_s()).map(|(a, b)| b - a);
+    (out, Spent { wall_s, cpu_s })
+}
+
+/// The median (upper middle) of `values`; 0 if there are none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n => values[n / 2],
+    }
+}
+
+/// The mean of `values`; 0 if there are none.
+pub fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}

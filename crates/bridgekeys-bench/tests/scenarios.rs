@@ -3,7 +3,7 @@
 //! not speed tests: no figure is compared with a time budget.
 #![allow(clippy::unwrap_used)]
 
-use bridgekeys_bench::{http, manager, olm, scale, storage, synapse};
+use bridgekeys_bench::{http, manager, megolm, olm, scale, storage, synapse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_and_http_scenarios_serve_every_claim_and_report_consistent_figures() {
@@ -70,6 +70,51 @@ async fn olm_scenario_decrypts_every_message_durably_and_fans_out_both_ways() {
     assert!(f.claimed_flushes_concurrent <= 20.0 && f.reused_flushes_concurrent <= 10.0);
     assert!((f.claimed_to_reused - f.claimed_ms / f.reused_ms).abs() < 1e-9);
     assert!(f.claimed_ms > 0.0 && f.reused_ms_concurrent > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megolm_scenario_decrypts_every_event_through_transactions_and_rotates_for_every_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = megolm::run(&megolm::MegolmBench {
+        events: 60,
+        shapes: vec!["1x1".parse().unwrap(), "10x2".parse().unwrap()],
+        session_messages: 6,
+        concurrency: 4,
+        slices: 2,
+        recipients: 5,
+        rounds: 1,
+        dir: dir.path().to_owned(),
+    })
+    .await
+    .unwrap();
+    // Ten rooms per load, three loads, each key delivered over Olm.
+    assert_eq!((r.room_keys, r.slices), (30, 2));
+    let [one, ten] = &r.transactions[..] else {
+        panic!("{:?}", r.transactions)
+    };
+    // Every event decrypted (checked by the handler) in as many transactions.
+    assert_eq!((one.events, one.transactions), (60, 60));
+    assert_eq!((ten.events, ten.transactions), (60, 6));
+    for t in &r.transactions {
+        assert!(t.events_per_s > 0.0 && t.raw_decrypts_per_s > 0.0);
+        assert!((t.ratio_to_raw - t.events_per_s / t.raw_decrypts_per_s).abs() < 1e-9);
+        assert!(t.fsyncs_per_txn >= 0.9, "each answer waits for a flush");
+        assert!(t.txn_p50_ms <= t.txn_p99_ms);
+    }
+    assert_eq!(r.headline_shape, "1x1", "the fewest in flight");
+    assert_eq!(r.goal_met, r.ratio_to_raw >= r.goal_ratio);
+    assert_eq!(r.store_level.events, 60);
+    assert!(r.store_level.decrypts_per_s > 0.0 && r.raw_from_pickle_us_per_decrypt > 0.0);
+    let o = &r.outbound;
+    // One m.room_key per device per rotation, Olm sessions made once.
+    assert_eq!(o.to_device_per_rotation, 5.0);
+    assert_eq!(o.olm_sessions_per_claimed_rotation, 5.0);
+    assert_eq!(o.steady_messages, 5);
+    // Sequential and durable: at least one flush per session created, per
+    // key sent, for the new session, the record and the first message.
+    assert!(o.fsyncs_per_claimed_rotation >= 13.0, "{o:?}");
+    assert!(o.fsyncs_per_reused_rotation >= 8.0, "{o:?}");
+    assert!(o.rotation_claimed_ms > 0.0 && o.rotation_reused_ms > 0.0 && o.encrypt_ms > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
