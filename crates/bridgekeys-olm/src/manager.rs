@@ -53,6 +53,9 @@ pub struct AccountManager {
     pub(crate) tracking: Mutex<()>,
     /// Serialises compare-and-replace of group session records.
     pub(crate) group_sessions: Mutex<()>,
+    /// Decoded inbound group sessions, advanced to the last index they
+    /// decrypted (see [`crate::megolm`]).
+    pub(crate) group_cache: crate::megolm::GroupCache,
     /// The last `last_used` stamp given to a session (see [`Self::session_clock`]).
     session_stamp: std::sync::atomic::AtomicU64,
 }
@@ -77,6 +80,7 @@ impl AccountManager {
             counters: Counters::default(),
             tracking: Mutex::new(()),
             group_sessions: Mutex::new(()),
+            group_cache: crate::megolm::GroupCache::default(),
             session_stamp: std::sync::atomic::AtomicU64::new(0),
         }
     }

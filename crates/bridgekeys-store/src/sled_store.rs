@@ -1245,7 +1245,7 @@ impl Store for SledStore {
             .db
             .compare_and_swap(&slot, None as Option<&[u8]>, Some(event_id.as_bytes()))?
         {
-            Ok(()) => Ok(IndexUse::First(self.commit.pending())),
+            Ok(()) => Ok(IndexUse::First),
             Err(found) if found.current.as_deref() == Some(event_id.as_bytes()) => {
                 Ok(IndexUse::SameEvent)
             }

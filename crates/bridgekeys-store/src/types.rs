@@ -192,9 +192,12 @@ pub struct SessionWrite {
 
 /// What [`crate::Store::record_message_index`] found.
 pub enum IndexUse {
-    /// The index was unused: it is now recorded for this event (applied;
-    /// durable with the next flush, e.g. the transaction's record).
-    First(crate::Pending),
+    /// The index was unused: it is now recorded for this event (applied,
+    /// and durable with the next flush anybody asks for, e.g. the
+    /// transaction's record: asking for one per event would cost an
+    /// `fsync` per room event for nothing a crash could lose, since an
+    /// event whose transaction was not recorded is delivered again).
+    First,
     /// The same event decrypted at this index before (a redelivery).
     SameEvent,
     /// Another event decrypted at this index before: a replay.
