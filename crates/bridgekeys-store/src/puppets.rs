@@ -3,8 +3,10 @@
 //!
 //! The fallback key rotation task walks this list (the homeserver knows
 //! these devices, so their keys can be uploaded), and it survives restarts
-//! so rotation resumes where it was. Records are `r/<device>` keys with an
-//! empty value: user and device ids are public data, nothing is sealed.
+//! so rotation resumes where it was. Records are `r/<device>` keys whose
+//! value is empty, or one flag byte once the device is signed by its user's
+//! published cross-signing identity: user and device ids are public data,
+//! nothing is sealed.
 
 use crate::{DeviceKey, Pending, SledStore, StoreError, layout};
 
@@ -20,16 +22,46 @@ pub trait PuppetRegistry: Send + Sync + 'static {
 
     /// Every recorded device, in a stable order.
     fn puppets(&self) -> Result<Vec<DeviceKey>, StoreError>;
+
+    /// Record that `device` (already recorded) is signed by its user's
+    /// cross-signing keys on the homeserver, keys and signature uploaded.
+    fn record_cross_signed(&self, device: &DeviceKey) -> Result<Pending, StoreError>;
+
+    /// Whether [`PuppetRegistry::record_cross_signed`] was recorded for
+    /// `device` (puppets provisioned before cross-signing are not, and
+    /// are signed at their next use).
+    fn is_cross_signed(&self, device: &DeviceKey) -> Result<bool, StoreError>;
 }
+
+/// The flag byte of a cross-signed puppet device.
+const CROSS_SIGNED: u8 = 1;
 
 impl PuppetRegistry for SledStore {
     fn record_puppet(&self, device: &DeviceKey) -> Result<Pending, StoreError> {
-        self.db.insert(layout::puppet(device), &[][..])?;
+        // Only if absent: recording again keeps the cross-signed flag.
+        let _already = self.db.compare_and_swap(
+            layout::puppet(device),
+            None as Option<&[u8]>,
+            Some(&[][..]),
+        )?;
         Ok(self.commit.pending())
     }
 
     fn contains_puppet(&self, device: &DeviceKey) -> Result<bool, StoreError> {
         Ok(self.db.contains_key(layout::puppet(device))?)
+    }
+
+    fn record_cross_signed(&self, device: &DeviceKey) -> Result<Pending, StoreError> {
+        self.db
+            .insert(layout::puppet(device), &[CROSS_SIGNED][..])?;
+        Ok(self.commit.pending())
+    }
+
+    fn is_cross_signed(&self, device: &DeviceKey) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get(layout::puppet(device))?
+            .is_some_and(|v| v.first() == Some(&CROSS_SIGNED)))
     }
 
     fn puppets(&self) -> Result<Vec<DeviceKey>, StoreError> {
