@@ -56,6 +56,19 @@ pub struct Limits {
     /// How long an encrypted room event is held for its room key before it
     /// is handed to the bridge as undecryptable.
     pub held_event_max_age: Duration,
+    /// How long a held event waits for its room key before the bridge asks
+    /// for it: once past this, the puppet device the bridge names
+    /// ([`crate::BridgeHandler::room_key_requester`]) sends one
+    /// `m.room_key_request` to all of the sender's devices, per (room,
+    /// session). The homeserver does not order to-device messages and room
+    /// events, so a key usually arrives a transaction or two after its
+    /// events; a key that has not come after a minute was most likely lost
+    /// (to-device messages sent while the bridge was down can be dropped).
+    /// `Some(Duration::ZERO)` asks at the first check after the event is
+    /// held; `None` never asks. Checked after every transaction and by
+    /// [`crate::Appservice::request_room_keys`] (see
+    /// [`crate::room_events`]).
+    pub room_key_request_after: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -68,6 +81,7 @@ impl Default for Limits {
             claim_concurrency: 64,
             max_held_events: 10_000,
             held_event_max_age: Duration::from_secs(24 * 3600),
+            room_key_request_after: Some(Duration::from_secs(60)),
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use ruma::{OwnedDeviceId, RoomAliasId, UserId};
+use ruma::{OwnedDeviceId, OwnedUserId, RoomAliasId, RoomId, UserId};
 
 use crate::transactions::Transaction;
 
@@ -75,5 +75,22 @@ pub trait BridgeHandler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, HandlerError>> + Send {
         let _ = alias;
         async { Ok(false) }
+    }
+
+    /// Which puppet device asks `sender`'s devices for a room key of
+    /// `room_id` that has not arrived (`m.room_key_request`, see
+    /// [`crate::Limits::room_key_request_after`]): one of the bridge's
+    /// puppets that was in the room when the session was shared (a client
+    /// only answers devices it shared the session with), as (user, device).
+    /// Held events are kept per room, not per puppet, so the bridge, which
+    /// knows its puppets' rooms, names it. `None`: no request for this
+    /// room. Default: `None`, the bridge never asks.
+    fn room_key_requester(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+    ) -> impl Future<Output = Option<(OwnedUserId, OwnedDeviceId)>> + Send {
+        let _ = (room_id, sender);
+        async { None }
     }
 }

@@ -15,7 +15,7 @@
 //! | keys | `POST /_matrix/client/v3/keys/upload?user_id=<puppet>&device_id=<device>` `{"device_keys", "fallback_keys"}` |
 //! | query | `POST /_matrix/client/v3/keys/query?user_id=<puppet>&device_id=<device>` `{"device_keys": {user: []}}` |
 //! | claim | `POST /_matrix/client/v3/keys/claim?user_id=<puppet>&device_id=<device>` `{"one_time_keys": {user: {device: "signed_curve25519"}}}` |
-//! | to-device | `PUT /_matrix/client/v3/sendToDevice/{type}/{txnId}?user_id=<puppet>&device_id=<device>` `{"messages": {user: {device: content}}}` |
+//! | to-device | `PUT /_matrix/client/v3/sendToDevice/{type}/{txnId}?user_id=<puppet>&device_id=<device>` `{"messages": {user: {device: content}}}` (or `{user: {"*": content}}`: all of a user's devices) |
 //! | ping | `POST /_matrix/client/v1/appservice/{appserviceId}/ping` `{}` (the homeserver then calls our `/ping`) |
 //!
 //! Plain `http://` only (an appservice usually reaches its homeserver on a
@@ -361,6 +361,38 @@ impl HomeserverClient {
                 per_device.insert(DeviceIdOrAllDevices::DeviceId(device), raw);
             }
             wire.insert(user, per_device);
+        }
+        let request = send_event_to_device::v3::Request::new_raw(
+            ToDeviceEventType::from(event_type),
+            OwnedTransactionId::from(txn_id),
+            wire,
+        );
+        self.call(request, Some(as_user), Some(as_device))
+            .await
+            .map(|_| ())
+    }
+
+    /// Send the same unencrypted to-device message of `event_type` to every
+    /// device of each listed user (device id `*`), as the puppet device, in
+    /// one `sendToDevice` under `txn_id` (reuse it on a retry: the
+    /// homeserver then delivers it once).
+    pub async fn send_to_all_devices(
+        &self,
+        as_user: &UserId,
+        as_device: &DeviceId,
+        event_type: &str,
+        txn_id: &str,
+        messages: BTreeMap<OwnedUserId, serde_json::Value>,
+    ) -> Result<(), HomeserverError> {
+        let mut wire: send_event_to_device::v3::Messages = BTreeMap::new();
+        for (user, content) in messages {
+            let raw: Raw<AnyToDeviceEventContent> = Raw::new(&content)
+                .map_err(|e| HomeserverError::Protocol(format!("to-device content: {e}")))?
+                .cast_unchecked();
+            wire.insert(
+                user,
+                BTreeMap::from([(DeviceIdOrAllDevices::AllDevices, raw)]),
+            );
         }
         let request = send_event_to_device::v3::Request::new_raw(
             ToDeviceEventType::from(event_type),

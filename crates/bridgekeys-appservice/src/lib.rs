@@ -75,7 +75,9 @@ pub use error::{AppserviceError, MatrixError};
 pub use handler::{BridgeHandler, HandlerError, UserDecision};
 pub use homeserver::{AsToken, HomeserverClient, HomeserverError};
 pub use namespace::UserNamespace;
-pub use olm::{DeviceFailure, Devices, PuppetOlm, PuppetOlmError, RoomSend, SendReport};
+pub use olm::{
+    DeviceFailure, Devices, PuppetOlm, PuppetOlmError, RoomKeyRequest, RoomSend, SendReport,
+};
 pub use provision::{
     Clock, ManualClock, ProvisionConfig, ProvisionError, ProvisionStats, Provisioner, RotationTask,
     SystemClock,

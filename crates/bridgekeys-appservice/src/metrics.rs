@@ -32,6 +32,9 @@ pub(crate) struct Metrics {
     pub held_events: IntCounter,
     pub held_events_released: IntCounter,
     pub held_events_expired: IntCounter,
+    pub room_key_requests: IntCounter,
+    pub room_key_request_failures: IntCounter,
+    pub room_key_request_cancellations: IntCounter,
     sessions_evicted: Mirrored,
     devices_refused: Mirrored,
     pub errors: IntCounterVec,
@@ -169,6 +172,21 @@ impl Metrics {
                 &registry,
                 "room_events_held_given_up_total",
                 "Held room events given up (too old, or pushed out by the bound) and handed over as undecryptable.",
+            )?,
+            room_key_requests: counter(
+                &registry,
+                "room_key_requests_total",
+                "m.room_key_request messages sent for held room events whose key had not arrived (one per room and session).",
+            )?,
+            room_key_request_failures: counter(
+                &registry,
+                "room_key_requests_failed_total",
+                "Room key requests the homeserver did not take (tried again at the next check).",
+            )?,
+            room_key_request_cancellations: counter(
+                &registry,
+                "room_key_request_cancellations_total",
+                "Room key requests cancelled once their key arrived or their held events were given up.",
             )?,
             sessions_evicted: Mirrored::new(
                 &registry,

@@ -17,6 +17,11 @@
 //!   its retries reuse, so the homeserver delivers each message once. A
 //!   device that cannot be reached (unknown, no key to claim, bad key) is
 //!   reported in [`SendReport::failed`]; the others are still sent.
+//! * [`PuppetOlm::request_room_key`] and
+//!   [`PuppetOlm::cancel_room_key_request`]: ask a user's devices for a
+//!   Megolm session's key (`m.room_key_request`, unencrypted, to device id
+//!   `*`), and take the request back once the key has come (the listener
+//!   does both for held events, see [`crate::room_events`]).
 //! * [`PuppetOlm::note_device_lists`]: feed a transaction's
 //!   `device_lists` in (the listener does it when a `PuppetOlm` is attached
 //!   with [`crate::Appservice::with_olm`]).
@@ -30,8 +35,8 @@ use std::{
 use bridgekeys_olm::{
     AccountManager, GroupRecipient, OlmError, Recipient, RotationSettings, TrackedDevices,
 };
-use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, RoomId, UserId};
-use serde_json::Value;
+use ruma::{DeviceId, OwnedDeviceId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{Value, json};
 
 use crate::{DeviceLists, HomeserverClient, HomeserverError};
 
@@ -93,6 +98,20 @@ pub struct RoomSend {
     /// Devices that could not be sent the key (they cannot read this
     /// message; they are tried again with the next one).
     pub key_failed: Vec<(OwnedUserId, OwnedDeviceId, DeviceFailure)>,
+}
+
+/// What an `m.room_key_request` asks for: one Megolm session's key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomKeyRequest {
+    /// The room the session belongs to.
+    pub room_id: OwnedRoomId,
+    /// The session whose key is wanted.
+    pub session_id: String,
+    /// The sending device's curve25519 key, as the encrypted event stated
+    /// it (deprecated in the spec; left out when unknown).
+    pub sender_key: Option<String>,
+    /// Names the request; its cancellation repeats it.
+    pub request_id: String,
 }
 
 /// Which devices of a user to address.
@@ -480,6 +499,72 @@ impl PuppetOlm {
             key_shared_with,
             key_failed,
         })
+    }
+
+    /// Ask every device of `sender` (device id `*`) for a Megolm session's
+    /// key, as the puppet device `puppet`: an unencrypted `m.room_key_request`
+    /// to-device message (`action: "request"`, the session's algorithm,
+    /// room, session id and sender key, the request id and the puppet's
+    /// device id). A client answers (with an Olm `m.forwarded_room_key`)
+    /// only devices it shared the session with. One attempt, under a
+    /// `sendToDevice` transaction id derived from the request id: the
+    /// caller retries.
+    pub async fn request_room_key(
+        &self,
+        puppet: (&UserId, &DeviceId),
+        sender: &UserId,
+        request: &RoomKeyRequest,
+    ) -> Result<(), PuppetOlmError> {
+        let mut body = json!({
+            "algorithm": bridgekeys_olm::MEGOLM_ALGORITHM,
+            "room_id": request.room_id,
+            "session_id": request.session_id,
+        });
+        if let Some(key) = &request.sender_key {
+            body["sender_key"] = json!(key);
+        }
+        let content = json!({
+            "action": "request",
+            "body": body,
+            "request_id": request.request_id,
+            "requesting_device_id": puppet.1,
+        });
+        self.homeserver
+            .send_to_all_devices(
+                puppet.0,
+                puppet.1,
+                "m.room_key_request",
+                &format!("keyreq.{}", request.request_id),
+                BTreeMap::from([(sender.to_owned(), content)]),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Take back a [`PuppetOlm::request_room_key`] (`action:
+    /// "request_cancellation"`, the same request id), sent to every device
+    /// of `sender` as the puppet device that asked. One attempt.
+    pub async fn cancel_room_key_request(
+        &self,
+        puppet: (&UserId, &DeviceId),
+        sender: &UserId,
+        request_id: &str,
+    ) -> Result<(), PuppetOlmError> {
+        let content = json!({
+            "action": "request_cancellation",
+            "request_id": request_id,
+            "requesting_device_id": puppet.1,
+        });
+        self.homeserver
+            .send_to_all_devices(
+                puppet.0,
+                puppet.1,
+                "m.room_key_request",
+                &format!("keyreq-cancel.{request_id}"),
+                BTreeMap::from([(sender.to_owned(), content)]),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Take a transaction's `device_lists` in: `changed` users are marked

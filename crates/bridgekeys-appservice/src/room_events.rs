@@ -16,13 +16,41 @@
 //! transaction's `decrypted_events`. One held longer than
 //! [`crate::Limits::held_event_max_age`], or pushed out by the bound, is
 //! handed over once as undecryptable ([`MegolmError::UnknownSession`]).
+//!
+//! **Keys that never come: `m.room_key_request`.** To-device messages sent
+//! while the bridge was down can be lost. Once a held event has waited
+//! [`crate::Limits::room_key_request_after`] (default 60 s; `None` never
+//! asks), the puppet device the bridge names for its room
+//! ([`crate::BridgeHandler::room_key_requester`]; held events are kept per
+//! room, not per puppet) sends **one** unencrypted `m.room_key_request` to
+//! every device of the event's sender ([`crate::PuppetOlm::request_room_key`]):
+//! one per (room, session), however many events wait for it. The request
+//! (id, puppet device, time) is written into the session's held records,
+//! durably, only once the homeserver took it: a retried transaction or a
+//! restart does not ask again, and a failed send (logged, counted in
+//! `room_key_requests_failed_total`) is tried again at the next check.
+//! When the key comes, or the session's last held event is given up, the
+//! same puppet device sends a `request_cancellation` with the same request
+//! id (best effort: one attempt, logged on failure).
+//!
+//! The check runs after every recorded transaction (before its answer,
+//! one `sendToDevice` attempt per due session) and whenever the bridge
+//! calls [`crate::Appservice::request_room_keys`] (from a timer, if its
+//! transactions can be rare); one check at a time. Without a
+//! [`crate::PuppetOlm`] attached ([`crate::Appservice::with_olm`]) there is
+//! no homeserver client to send with, and nothing is asked. A crash between
+//! the send and its durable record asks once more after the restart.
+
+use std::collections::{BTreeMap, HashSet};
 
 use bridgekeys_olm::{DecryptedRoomEvent, MEGOLM_ALGORITHM, MegolmError, OlmError};
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
+use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::{BridgeHandler, MatrixError, server::Inner, transactions::ToDevice};
+use crate::{
+    BridgeHandler, MatrixError, olm::RoomKeyRequest, server::Inner, transactions::ToDevice,
+};
 
 /// One encrypted room event of a transaction, and what decrypting it gave.
 #[derive(Debug)]
@@ -56,16 +84,48 @@ struct SessionOnly {
 }
 
 #[derive(Deserialize)]
+struct SenderKeyOnly {
+    sender_key: Option<String>,
+}
+
+#[derive(Deserialize)]
 struct Algorithm {
     algorithm: Option<String>,
 }
 
-/// What a held event keeps: when it was held, and the event as received.
+/// What a held event keeps: when it was held, the event as received, and
+/// the key request sent for its session, if any.
 #[derive(serde::Serialize, Deserialize)]
 struct Held {
     held_ms: u64,
     sender: OwnedUserId,
     content: Box<RawValue>,
+    /// Absent in records written before key requests existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    requested: Option<Requested>,
+}
+
+/// An `m.room_key_request` the homeserver took for a held event's session.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub(crate) struct Requested {
+    /// The request id (its cancellation repeats it).
+    request_id: String,
+    /// When it was sent (ms since the epoch).
+    requested_ms: u64,
+    /// The puppet that asked.
+    user_id: OwnedUserId,
+    /// The puppet's device that asked.
+    device_id: OwnedDeviceId,
+}
+
+/// Keeps key-request checks one at a time, and keeps a check's writes from
+/// bringing back a held event that a recorded transaction just forgot.
+#[derive(Default)]
+pub(crate) struct KeyRequests {
+    /// Held by the running check.
+    check: tokio::sync::Mutex<()>,
+    /// Held while held records are rewritten or forgotten.
+    held: parking_lot::Mutex<()>,
 }
 
 fn now_ms() -> u64 {
@@ -146,17 +206,240 @@ fn decrypt_one<H: BridgeHandler>(
     }
 }
 
-/// A held event's (room id, session id, event id).
-pub(crate) type HeldKey = (String, String, String);
+/// A held event handed over by a transaction: its (room id, session id,
+/// event id), and its session's key request with the sender asked.
+#[derive(Debug)]
+pub(crate) struct HeldKey {
+    room_id: String,
+    session_id: String,
+    event_id: String,
+    request: Option<(OwnedUserId, Requested)>,
+}
+
+impl HeldKey {
+    fn new(room_id: &str, session_id: &str, event_id: &str, record: &Held) -> Self {
+        Self {
+            room_id: room_id.to_owned(),
+            session_id: session_id.to_owned(),
+            event_id: event_id.to_owned(),
+            request: record.requested.clone().map(|r| (record.sender.clone(), r)),
+        }
+    }
+}
 
 /// Forget held events handed over by a transaction that is now recorded.
 /// A failure is logged: the event is then handed over again later (at
 /// least once, as with any redelivery).
 pub(crate) fn forget_held<H: BridgeHandler>(inner: &Inner<H>, done: &[HeldKey]) {
-    for (room, session, event) in done {
-        if let Err(e) = inner.manager.store().hold_event(room, session, event, None) {
-            tracing::warn!(%room, %event, error = %e, "could not forget a held event");
+    let _held = inner.key_requests.held.lock();
+    for h in done {
+        if let Err(e) =
+            inner
+                .manager
+                .store()
+                .hold_event(&h.room_id, &h.session_id, &h.event_id, None)
+        {
+            tracing::warn!(room = %h.room_id, event = %h.event_id, error = %e, "could not forget a held event");
         }
+    }
+}
+
+/// After a transaction is recorded (and its handed-over held events
+/// forgotten): take back the key requests of sessions it left with no
+/// held event, then send the requests now due ([`request_due`]).
+pub(crate) async fn after_recorded<H: BridgeHandler>(inner: &Inner<H>, done: &[HeldKey]) {
+    cancel_requests(inner, done).await;
+    request_due(inner).await;
+}
+
+/// Send `request_cancellation` for the key requests of `done`'s sessions
+/// that have no held event left (the key came, or all were given up).
+/// Best effort: one attempt, a failure is logged.
+async fn cancel_requests<H: BridgeHandler>(inner: &Inner<H>, done: &[HeldKey]) {
+    let Some(olm) = inner.olm.get() else {
+        return;
+    };
+    let mut cancelled = HashSet::new();
+    for h in done {
+        let Some((sender, request)) = &h.request else {
+            continue;
+        };
+        if !cancelled.insert(request.request_id.as_str()) {
+            continue;
+        }
+        match inner
+            .manager
+            .store()
+            .held_events(Some((&h.room_id, &h.session_id)))
+        {
+            Ok(left) if left.is_empty() => {}
+            // Others of the session still wait: the request stands.
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(room = %h.room_id, error = %e, "could not read held events; key request not cancelled");
+                continue;
+            }
+        }
+        let puppet = (request.user_id.as_ref(), request.device_id.as_ref());
+        match olm
+            .cancel_room_key_request(puppet, sender, &request.request_id)
+            .await
+        {
+            Ok(()) => {
+                inner.metrics.room_key_request_cancellations.inc();
+                tracing::debug!(room = %h.room_id, session_id = %h.session_id, %sender, request_id = %request.request_id, "room key request cancelled");
+            }
+            Err(e) => {
+                tracing::warn!(room = %h.room_id, session_id = %h.session_id, %sender, request_id = %request.request_id, error = %e, "could not cancel a room key request");
+            }
+        }
+    }
+}
+
+/// One held event of a session: its id and record.
+type HeldRecord = (String, Held);
+
+/// Send one `m.room_key_request` for each session whose oldest held event
+/// has waited [`crate::Limits::room_key_request_after`] and that was not
+/// asked for yet; record each sent request durably in the session's held
+/// records. Skipped without a wait, without a [`crate::PuppetOlm`], or
+/// while another check runs. Failures are logged and retried at the next
+/// check.
+pub(crate) async fn request_due<H: BridgeHandler>(inner: &Inner<H>) {
+    let Some(wait) = inner.config.limits.room_key_request_after else {
+        return;
+    };
+    let Some(olm) = inner.olm.get() else {
+        return;
+    };
+    let Ok(_one_check) = inner.key_requests.check.try_lock() else {
+        return;
+    };
+    let held = match inner.manager.store().held_events(None) {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read held events for key requests");
+            return;
+        }
+    };
+    let mut sessions: BTreeMap<(String, String), Vec<HeldRecord>> = BTreeMap::new();
+    for h in held {
+        let Ok(record) = serde_json::from_slice::<Held>(&h.record) else {
+            continue;
+        };
+        sessions
+            .entry((h.room_id, h.session_id))
+            .or_default()
+            .push((h.event_id, record));
+    }
+    let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    let now = now_ms();
+    for ((room, session), events) in sessions {
+        if let Some(request) = events.iter().find_map(|(_, r)| r.requested.clone()) {
+            // Asked already (perhaps before a restart); events held since
+            // then get the same request, so its cancellation finds it.
+            if events.iter().any(|(_, r)| r.requested.is_none()) {
+                mark_requested(inner, &room, &session, &request).await;
+            }
+            continue;
+        }
+        let Some((_, oldest)) = events.iter().min_by_key(|(_, r)| r.held_ms) else {
+            continue;
+        };
+        if now.saturating_sub(oldest.held_ms) < wait_ms {
+            continue;
+        }
+        let Ok(room_id) = OwnedRoomId::try_from(room.as_str()) else {
+            continue;
+        };
+        let sender = oldest.sender.clone();
+        let Some((user_id, device_id)) = inner.handler.room_key_requester(&room_id, &sender).await
+        else {
+            tracing::debug!(%room, session_id = %session, %sender, "no puppet named to request the room key");
+            continue;
+        };
+        if !inner.config.namespace.contains(&user_id)
+            || inner.manager.identity_keys(&user_id, &device_id).is_err()
+        {
+            tracing::warn!(%room, puppet = %user_id, device_id = %device_id, "the puppet named to request a room key is not a device of the bridge");
+            continue;
+        }
+        let request = RoomKeyRequest {
+            room_id,
+            session_id: session.clone(),
+            sender_key: serde_json::from_str::<SenderKeyOnly>(oldest.content.get())
+                .ok()
+                .and_then(|k| k.sender_key),
+            request_id: crate::random_token(),
+        };
+        if let Err(e) = olm
+            .request_room_key((&user_id, &device_id), &sender, &request)
+            .await
+        {
+            inner.metrics.room_key_request_failures.inc();
+            tracing::warn!(%room, session_id = %session, %sender, puppet = %user_id, error = %e, "could not send a room key request; trying again at the next check");
+            continue;
+        }
+        inner.metrics.room_key_requests.inc();
+        tracing::info!(%room, session_id = %session, %sender, puppet = %user_id, device_id = %device_id, request_id = %request.request_id, held = events.len(), "room key requested from the sender's devices");
+        let requested = Requested {
+            request_id: request.request_id,
+            requested_ms: now,
+            user_id,
+            device_id,
+        };
+        mark_requested(inner, &room, &session, &requested).await;
+    }
+}
+
+/// Write `request` into the session's held records that lack it, and wait
+/// until that is on disk. A failure is logged (the session is then asked
+/// for again at the next check).
+async fn mark_requested<H: BridgeHandler>(
+    inner: &Inner<H>,
+    room: &str,
+    session: &str,
+    request: &Requested,
+) {
+    let store = inner.manager.store();
+    let written = {
+        // Only events still held: one a recorded transaction has just
+        // forgotten must not come back.
+        let _held = inner.key_requests.held.lock();
+        match store.held_events(Some((room, session))) {
+            Ok(events) => {
+                let mut written = true;
+                for h in events {
+                    let Ok(mut record) = serde_json::from_slice::<Held>(&h.record) else {
+                        continue;
+                    };
+                    if record.requested.is_some() {
+                        continue;
+                    }
+                    record.requested = Some(request.clone());
+                    let result = serde_json::to_vec(&record)
+                        .map_err(|e| e.to_string())
+                        .and_then(|bytes| {
+                            store
+                                .hold_event(room, session, &h.event_id, Some(&bytes))
+                                .map(|_applied| ())
+                                .map_err(|e| e.to_string())
+                        });
+                    if let Err(e) = result {
+                        written = false;
+                        tracing::warn!(%room, event = %h.event_id, error = %e, "could not record a room key request");
+                    }
+                }
+                written
+            }
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "could not record a room key request");
+                false
+            }
+        }
+    };
+    if written && let Err(e) = store.sync().durable().await {
+        tracing::warn!(%room, error = %e, "a room key request's record is not on disk");
     }
 }
 
@@ -186,10 +469,11 @@ pub(crate) fn release_held<H: BridgeHandler>(
             {
                 // Forgotten only once this transaction is recorded: a crash
                 // before that hands it over again (at least once).
-                done.push((
-                    room_id.to_string(),
-                    session_id.clone(),
-                    held.event_id.clone(),
+                done.push(HeldKey::new(
+                    room_id.as_str(),
+                    session_id,
+                    &held.event_id,
+                    &record,
                 ));
                 inner.metrics.held_events_released.inc();
                 out.push(EncryptedRoomEvent {
@@ -231,7 +515,12 @@ pub(crate) fn expire_held<H: BridgeHandler>(
         if n >= over && now.saturating_sub(held_ms) < max_age {
             continue;
         }
-        done.push((h.room_id.clone(), h.session_id.clone(), h.event_id.clone()));
+        done.push(HeldKey::new(
+            &h.room_id,
+            &h.session_id,
+            &h.event_id,
+            &record,
+        ));
         let (Ok(room_id), Ok(event_id)) = (
             OwnedRoomId::try_from(h.room_id.as_str()),
             OwnedEventId::try_from(h.event_id.as_str()),
@@ -281,10 +570,24 @@ pub(crate) fn decrypt_events<H: BridgeHandler>(
             let session_id = serde_json::from_str::<SessionOnly>(content.get())
                 .map(|s| s.session_id)
                 .unwrap_or_default();
+            // Held already (a retried transaction): it keeps its age and
+            // its session's key request, so the request is not sent again.
+            let earlier = inner
+                .manager
+                .store()
+                .held_events(Some((room_id.as_str(), &session_id)))
+                .map_err(store_error)?
+                .into_iter()
+                .find(|h| h.event_id == event_id.as_str())
+                .and_then(|h| serde_json::from_slice::<Held>(&h.record).ok());
+            let again = earlier.is_some();
+            let (held_ms, requested) =
+                earlier.map_or((now_ms(), None), |h| (h.held_ms, h.requested));
             let record = Held {
-                held_ms: now_ms(),
+                held_ms,
                 sender,
                 content: content.to_owned(),
+                requested,
             };
             let record = serde_json::to_vec(&record).map_err(store_error)?;
             let _applied = inner
@@ -297,7 +600,9 @@ pub(crate) fn decrypt_events<H: BridgeHandler>(
                     Some(&record),
                 )
                 .map_err(store_error)?;
-            inner.metrics.held_events.inc();
+            if !again {
+                inner.metrics.held_events.inc();
+            }
             continue;
         };
         out.push(EncryptedRoomEvent {

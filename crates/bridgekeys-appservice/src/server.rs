@@ -44,6 +44,8 @@ pub(crate) struct Inner<H> {
     pub fallback_in_claims: AtomicBool,
     /// Set by [`Appservice::with_olm`].
     pub olm: OnceLock<Arc<crate::PuppetOlm>>,
+    /// Key-request checks, one at a time ([`crate::room_events`]).
+    pub key_requests: crate::room_events::KeyRequests,
 }
 
 /// The appservice listener of a bridge.
@@ -165,6 +167,7 @@ impl<H: BridgeHandler> Appservice<H> {
                 provisioner: OnceLock::new(),
                 fallback_in_claims: AtomicBool::new(false),
                 olm: OnceLock::new(),
+                key_requests: Default::default(),
             }),
         })
     }
@@ -192,6 +195,18 @@ impl<H: BridgeHandler> Appservice<H> {
             tracing::warn!("a PuppetOlm was already set; keeping the first");
         }
         self
+    }
+
+    /// Send the `m.room_key_request`s now due: one per session of the
+    /// held events whose room key has not come within
+    /// [`crate::Limits::room_key_request_after`], from the puppet device
+    /// [`BridgeHandler::room_key_requester`] names, unless asked already
+    /// (see [`crate::room_events`]). The listener does this after every
+    /// transaction; call it from a timer as well if transactions can be
+    /// rare. Does nothing without [`Appservice::with_olm`]; failures are
+    /// logged and tried again at the next check.
+    pub async fn request_room_keys(&self) {
+        crate::room_events::request_due(&self.inner).await;
     }
 
     /// Also return each device's published fallback key (`fallback: true`)

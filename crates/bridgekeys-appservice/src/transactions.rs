@@ -582,6 +582,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         }
     }
     crate::room_events::forget_held(&inner, &transaction.held_done);
+    crate::room_events::after_recorded(&inner, &transaction.held_done).await;
     inner.metrics.transactions.inc();
     Ok(Json(serde_json::Map::new()))
 }
