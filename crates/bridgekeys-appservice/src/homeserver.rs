@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use ruma::{
     DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedOneTimeKeyId, OwnedTransactionId,
-    OwnedUserId, UInt, UserId,
+    OwnedUserId, RoomId, UInt, UserId,
     api::{
         IncomingResponseExt, MatrixVersion, OutgoingRequest, OutgoingRequestAppserviceExt,
         SupportedVersions,
@@ -40,13 +40,14 @@ use ruma::{
             account::register,
             appservice::request_ping,
             device::update_device,
-            keys::{claim_keys, get_keys, upload_keys},
+            keys::{claim_keys, get_keys, upload_keys, upload_signatures, upload_signing_keys},
             session::login,
+            state::get_state_events,
             to_device::send_event_to_device,
             uiaa::{MatrixUserIdentifier, UserIdentifier},
         },
     },
-    encryption::{DeviceKeys, OneTimeKey},
+    encryption::{CrossSigningKey, DeviceKeys, OneTimeKey},
     events::{AnyToDeviceEventContent, ToDeviceEventType},
     serde::Raw,
     to_device::DeviceIdOrAllDevices,
@@ -297,6 +298,56 @@ impl HomeserverClient {
         }
     }
 
+    /// `keys/device_signing/upload` as `user_id`: its master, self-signing
+    /// and user-signing keys. Without interactive auth, as homeservers
+    /// allow for a user's first upload and for a repeat of the same keys
+    /// (MSC3967), so a retry is safe; anything else is refused (401).
+    pub async fn upload_cross_signing_keys(
+        &self,
+        user_id: &UserId,
+        master: &CrossSigningKey,
+        self_signing: &CrossSigningKey,
+        user_signing: &CrossSigningKey,
+    ) -> Result<(), HomeserverError> {
+        let raw = |key: &CrossSigningKey| {
+            Raw::new(key).map_err(|e| HomeserverError::Protocol(format!("cross-signing key: {e}")))
+        };
+        let mut request = upload_signing_keys::v3::Request::new();
+        request.master_key = Some(raw(master)?);
+        request.self_signing_key = Some(raw(self_signing)?);
+        request.user_signing_key = Some(raw(user_signing)?);
+        self.call(request, Some(user_id), None).await.map(|_| ())
+    }
+
+    /// `keys/signatures/upload` as `user_id`: its device `signed` (device
+    /// keys carrying the self-signing key's signature). A signature the
+    /// homeserver refuses is an error naming why.
+    pub async fn upload_device_signature(
+        &self,
+        user_id: &UserId,
+        signed: &DeviceKeys,
+    ) -> Result<(), HomeserverError> {
+        let mut keys = upload_signatures::v3::SignedKeys::new();
+        keys.add_device_keys(
+            signed.device_id.clone(),
+            Raw::new(signed).map_err(|e| HomeserverError::Protocol(format!("device keys: {e}")))?,
+        );
+        let request =
+            upload_signatures::v3::Request::new(BTreeMap::from([(user_id.to_owned(), keys)]));
+        let response = self.call(request, Some(user_id), None).await?;
+        if let Some(failure) = response.failures.values().flat_map(|f| f.values()).next() {
+            // ruma keeps the failure's fields private: read its wire form.
+            let wire = serde_json::to_value(failure).unwrap_or_default();
+            let text = |field: &str| wire[field].as_str().unwrap_or_default().to_owned();
+            return Err(HomeserverError::Matrix {
+                status: 400,
+                errcode: text("errcode"),
+                error: text("error"),
+            });
+        }
+        Ok(())
+    }
+
     /// `keys/query` as a puppet device: the device keys of `users` (all
     /// their devices). Users the homeserver could not answer for are
     /// simply absent (their servers are listed in its `failures`).
@@ -370,6 +421,22 @@ impl HomeserverClient {
         self.call(request, Some(as_user), Some(as_device))
             .await
             .map(|_| ())
+    }
+
+    /// The current state events of `room` (`GET /rooms/{room}/state`), as
+    /// `as_user` (who must be in the room), as raw JSON.
+    pub async fn room_state(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+    ) -> Result<Vec<Box<serde_json::value::RawValue>>, HomeserverError> {
+        let request = get_state_events::v3::Request::new(room.to_owned());
+        let response = self.call(request, Some(as_user), None).await?;
+        Ok(response
+            .room_state
+            .into_iter()
+            .map(|event| event.into_json())
+            .collect())
     }
 
     /// Send the same unencrypted to-device message of `event_type` to every

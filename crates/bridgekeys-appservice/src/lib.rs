@@ -64,6 +64,7 @@ mod ping;
 pub mod provision;
 mod registration;
 pub mod room_events;
+pub mod room_state;
 mod rooms;
 mod server;
 pub mod transactions;
@@ -84,5 +85,6 @@ pub use provision::{
 };
 pub use registration::{NamespaceEntry, Namespaces, Registration, random_token};
 pub use room_events::EncryptedRoomEvent;
+pub use room_state::{RoomEncryption, RoomState, RoomStateError, RoomStates};
 pub use server::{Appservice, paths, shutdown_signal};
 pub use transactions::{DecryptedToDevice, DeviceLists, RawToDevice, ToDevice, Transaction};

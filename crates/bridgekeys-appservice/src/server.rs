@@ -46,6 +46,8 @@ pub(crate) struct Inner<H> {
     pub olm: OnceLock<Arc<crate::PuppetOlm>>,
     /// Key-request checks, one at a time ([`crate::room_events`]).
     pub key_requests: crate::room_events::KeyRequests,
+    /// Set by [`Appservice::with_room_states`].
+    pub rooms: OnceLock<Arc<crate::RoomStates>>,
 }
 
 /// The appservice listener of a bridge.
@@ -168,6 +170,7 @@ impl<H: BridgeHandler> Appservice<H> {
                 fallback_in_claims: AtomicBool::new(false),
                 olm: OnceLock::new(),
                 key_requests: Default::default(),
+                rooms: OnceLock::new(),
             }),
         })
     }
@@ -193,6 +196,19 @@ impl<H: BridgeHandler> Appservice<H> {
     pub fn with_olm(self, olm: Arc<crate::PuppetOlm>) -> Self {
         if self.inner.olm.set(olm).is_err() {
             tracing::warn!("a PuppetOlm was already set; keeping the first");
+        }
+        self
+    }
+
+    /// Keep `rooms` up to date: the state events of every transaction
+    /// (`m.room.encryption`, `m.room.member`, `m.room.history_visibility`)
+    /// are applied, durably, before the handler runs, so the handler
+    /// (and a puppet encrypting from it) sees the room as the transaction
+    /// left it. A store failure fails the transaction (the homeserver
+    /// retries it).
+    pub fn with_room_states(self, rooms: Arc<crate::RoomStates>) -> Self {
+        if self.inner.rooms.set(rooms).is_err() {
+            tracing::warn!("room states were already set; keeping the first");
         }
         self
     }

@@ -545,6 +545,12 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
             .await
             .map_err(|e| MatrixError::internal(format!("device tracking: {e}")))?;
     }
+    if let Some(rooms) = inner.rooms.get() {
+        rooms
+            .apply_events(&transaction.events)
+            .await
+            .map_err(|e| MatrixError::internal(format!("room state: {e}")))?;
+    }
     let holds_plaintext = transaction
         .to_device
         .iter()
@@ -570,9 +576,16 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?;
     if holds_plaintext {
         inner.retry_cache.take(&txn_id);
+    }
+    let delivered_olm = transaction
+        .to_device
+        .iter()
+        .any(|m| matches!(m, ToDevice::Decrypted(_)));
+    if delivered_olm {
         // Recorded for good: the decrypted plaintexts kept (sealed) for a
         // retry after a crash can go. If this fails they stay sealed on
-        // disk, and a retry of this id is a duplicate anyway.
+        // disk, and a retry of this id is a duplicate anyway. (Room events
+        // leave no delivery records: nothing to forget without Olm.)
         if let Err(e) = inner
             .manager
             .forget_deliveries(&delivery_tag(&inner, &txn_id))
