@@ -15,6 +15,11 @@
 //!    uploaded**; the upload (device keys and fallback key together) is
 //!    retried on transient failures with the same bytes; a 200 (or "already
 //!    exists") marks the key published.
+//! 4. With [`ProvisionConfig::cross_signing`] (the default): the user's
+//!    cross-signing identity (created durably once, never replaced) and the
+//!    device's signature by its self-signing key are uploaded, then the
+//!    device is marked cross-signed in the registry. Puppets provisioned
+//!    before this step existed are signed at their next `ensure_device`.
 //!
 //! A retry after a crash or a network error at any point re-sends the same
 //! keys, never new ones: nothing is generated twice because every generated
@@ -147,6 +152,12 @@ pub struct ProvisionConfig {
     /// How often the background task walks all puppets (it is also woken
     /// early when the homeserver reports a fallback key used).
     pub rotation_interval: Duration,
+    /// Give each puppet user a cross-signing identity and sign its device
+    /// with it (default on). Clients that only share room keys with
+    /// cross-signed devices (MSC4153, identity-based sharing) otherwise
+    /// leave puppets out of encrypted rooms. Turn off only for a homeserver
+    /// that refuses the upload.
+    pub cross_signing: bool,
 }
 
 impl Default for ProvisionConfig {
@@ -158,6 +169,7 @@ impl Default for ProvisionConfig {
             max_attempts: 5,
             retry_delay: Duration::from_millis(500),
             rotation_interval: Duration::from_secs(300),
+            cross_signing: true,
         }
     }
 }
@@ -206,6 +218,9 @@ pub struct ProvisionStats {
     /// Devices rotated at once because a pre-key message used their
     /// fallback key ([`Provisioner::fallback_key_used`]).
     pub urgent_rotations: u64,
+    /// Devices signed by their user's cross-signing identity (keys and
+    /// signature uploaded).
+    pub devices_cross_signed: u64,
 }
 
 #[derive(Default)]
@@ -216,6 +231,7 @@ struct Counters {
     rotation_passes: AtomicU64,
     rotation_failures: AtomicU64,
     urgent_rotations: AtomicU64,
+    devices_cross_signed: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -301,6 +317,7 @@ impl Provisioner {
             rotation_passes: get(&self.counters.rotation_passes),
             rotation_failures: get(&self.counters.rotation_failures),
             urgent_rotations: get(&self.counters.urgent_rotations),
+            devices_cross_signed: get(&self.counters.devices_cross_signed),
         }
     }
 
@@ -350,6 +367,43 @@ impl Provisioner {
         // 3. Device keys and the fallback key, persisted before upload.
         self.upload_fallback(user_id, device_id, &device_keys)
             .await?;
+        // 4. The user's cross-signing identity and the device's signature
+        //    by it (puppets provisioned before are signed at their next use).
+        if self.config.cross_signing && !self.registry.is_cross_signed(&key)? {
+            self.cross_sign(user_id, device_id).await?;
+            self.registry.record_cross_signed(&key)?.durable().await?;
+            bump(&self.counters.devices_cross_signed);
+        }
+        Ok(())
+    }
+
+    /// Upload `user_id`'s cross-signing keys (the same ones on every call:
+    /// they are durable before anything is sent) and `device_id`'s
+    /// signature by its self-signing key.
+    async fn cross_sign(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<(), ProvisionError> {
+        let keys = self.manager.cross_signing_keys(user_id).await?;
+        self.retry("upload cross-signing keys", None, || {
+            self.client.upload_cross_signing_keys(
+                user_id,
+                &keys.master_key,
+                &keys.self_signing_key,
+                &keys.user_signing_key,
+            )
+        })
+        .await?;
+        let signed = self
+            .manager
+            .self_signed_device_keys(user_id, device_id)
+            .await?;
+        self.retry("upload the device signature", None, || {
+            self.client.upload_device_signature(user_id, &signed)
+        })
+        .await?;
+        tracing::info!(%user_id, %device_id, "puppet device cross-signed");
         Ok(())
     }
 

@@ -68,6 +68,12 @@ struct HsState {
     strict_repeats: bool,
     /// (user, device, key id) -> fallback key content, as Synapse keeps it.
     fallback: HashMap<(String, String, String), Value>,
+    /// `keys/device_signing/upload` bodies.
+    cross_signing_uploads: Vec<Recorded>,
+    /// `keys/signatures/upload` bodies.
+    signature_uploads: Vec<Recorded>,
+    /// Answer this many upcoming cross-signing uploads with 502.
+    fail_cross_signing: usize,
 }
 
 #[derive(Clone, Default)]
@@ -184,6 +190,40 @@ async fn upload(
     Json(json!({"one_time_key_counts": {}})).into_response()
 }
 
+async fn upload_cross_signing(
+    State(hs): State<FakeHomeserver>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return matrix_error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "bad token");
+    }
+    let mut s = hs.0.lock().unwrap();
+    s.cross_signing_uploads.push(Recorded { query, body });
+    if s.fail_cross_signing > 0 {
+        s.fail_cross_signing -= 1;
+        return matrix_error(StatusCode::BAD_GATEWAY, "M_UNKNOWN", "injected failure");
+    }
+    Json(json!({})).into_response()
+}
+
+async fn upload_signatures(
+    State(hs): State<FakeHomeserver>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return matrix_error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "bad token");
+    }
+    hs.0.lock()
+        .unwrap()
+        .signature_uploads
+        .push(Recorded { query, body });
+    Json(json!({"failures": {}})).into_response()
+}
+
 impl FakeHomeserver {
     async fn start() -> (Self, String) {
         let hs = Self::default();
@@ -192,6 +232,14 @@ impl FakeHomeserver {
             .route("/_matrix/client/v3/login", post(login))
             .route("/_matrix/client/v3/devices/{device_id}", put(put_device))
             .route("/_matrix/client/v3/keys/upload", post(upload))
+            .route(
+                "/_matrix/client/v3/keys/device_signing/upload",
+                post(upload_cross_signing),
+            )
+            .route(
+                "/_matrix/client/v3/keys/signatures/upload",
+                post(upload_signatures),
+            )
             .with_state(hs.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1096,4 +1144,106 @@ async fn a_fallback_prekey_message_decrypts_once_its_replay_is_refused_and_the_k
         .clone();
     assert_eq!(uploaded, json!(new_key));
     assert_eq!(b.provisioner.stats().urgent_rotations, 1);
+}
+
+/// The verify-key map ruma-signatures wants: one ed25519 key of `user`.
+fn one_key(user: &str, public: &str) -> BTreeMap<String, BTreeMap<String, ruma::serde::Base64>> {
+    BTreeMap::from([(
+        user.to_owned(),
+        BTreeMap::from([(
+            format!("ed25519:{public}"),
+            ruma::serde::Base64::parse(public).unwrap(),
+        )]),
+    )])
+}
+
+fn public_of(key: &Value) -> String {
+    key["keys"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_puppet_is_cross_signed_once_with_the_same_keys_on_every_attempt_and_restart() {
+    let (hs, url) = FakeHomeserver::start().await;
+    hs.0.lock().unwrap().fail_cross_signing = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let user = puppet(7);
+    {
+        let b = open_bridge(dir.path(), &url, fast_retries());
+        b.provisioner.ensure_puppet(&user).await.unwrap();
+        b.provisioner.ensure_puppet(&user).await.unwrap();
+        assert_eq!(b.provisioner.stats().devices_cross_signed, 1);
+    }
+    // A restart: the device is marked cross-signed, nothing is sent again.
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    assert_eq!(b.provisioner.stats().devices_cross_signed, 0);
+
+    let s = hs.0.lock().unwrap();
+    // One failed attempt, retried with identical keys; then never again.
+    assert_eq!(s.cross_signing_uploads.len(), 2);
+    assert_eq!(
+        s.cross_signing_uploads[0].body,
+        s.cross_signing_uploads[1].body
+    );
+    assert_eq!(
+        s.cross_signing_uploads[0]
+            .query
+            .get("user_id")
+            .map(String::as_str),
+        Some(user.as_str())
+    );
+    assert_eq!(s.signature_uploads.len(), 1);
+
+    let keys = &s.cross_signing_uploads[0].body;
+    let master = public_of(&keys["master_key"]);
+    let ssk = public_of(&keys["self_signing_key"]);
+    let object =
+        |v: &Value| -> ruma::CanonicalJsonObject { serde_json::from_value(v.clone()).unwrap() };
+    let by_master = one_key(user.as_str(), &master);
+    ruma::signatures::verify_json(&by_master, &object(&keys["self_signing_key"])).unwrap();
+    ruma::signatures::verify_json(&by_master, &object(&keys["user_signing_key"])).unwrap();
+    // The signed device is this puppet's device, signed by the self-signing key.
+    let signed = &s.signature_uploads[0].body[user.as_str()][device().as_str()];
+    assert_eq!(signed["device_id"], device().as_str());
+    let device_keys = b.manager.device_keys(&user, &device()).unwrap();
+    assert_eq!(
+        signed["keys"],
+        serde_json::to_value(&device_keys.keys).unwrap()
+    );
+    ruma::signatures::verify_json(&one_key(user.as_str(), &ssk), &object(signed)).unwrap();
+}
+
+#[tokio::test]
+async fn a_puppet_provisioned_before_cross_signing_is_signed_at_its_next_use() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let user = puppet(8);
+    {
+        let old = ProvisionConfig {
+            cross_signing: false,
+            ..fast_retries()
+        };
+        let b = open_bridge(dir.path(), &url, old);
+        b.provisioner.ensure_puppet(&user).await.unwrap();
+    }
+    assert!(hs.0.lock().unwrap().cross_signing_uploads.is_empty());
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    assert_eq!(b.provisioner.stats().devices_cross_signed, 1);
+    assert_eq!(
+        b.provisioner.stats().devices_provisioned,
+        0,
+        "not provisioned again"
+    );
+    let s = hs.0.lock().unwrap();
+    assert_eq!(s.cross_signing_uploads.len(), 1);
+    assert_eq!(s.signature_uploads.len(), 1);
 }

@@ -307,6 +307,42 @@ async fn synapse_proxies_key_claims_to_the_listener_and_hands_out_our_signed_key
         bob.to_string(),
         BTreeMap::from([(format!("ed25519:{device}"), Base64::parse(ed25519).unwrap())]),
     )]);
+    // The puppet is cross-signed (MSC4153 clients trust only that): Synapse
+    // shows its master and self-signing keys, the self-signing key carries
+    // the master's signature, and the device carries the self-signing key's.
+    let master = &query["master_keys"][bob.as_str()];
+    let ssk = &query["self_signing_keys"][bob.as_str()];
+    let only_key = |key: &Value| -> String {
+        let keys = key["keys"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no keys in {key}"));
+        assert_eq!(keys.len(), 1, "{key}");
+        keys.values().next().unwrap().as_str().unwrap().to_owned()
+    };
+    let (master_public, ssk_public) = (only_key(master), only_key(ssk));
+    let by = |public: &str| {
+        BTreeMap::from([(
+            bob.to_string(),
+            BTreeMap::from([(format!("ed25519:{public}"), Base64::parse(public).unwrap())]),
+        )])
+    };
+    let canonical =
+        |v: &Value| -> CanonicalJsonObject { serde_json::from_value(v.clone()).unwrap() };
+    verify_json(&by(&master_public), &canonical(ssk))
+        .expect("the master signed the self-signing key");
+    assert!(
+        published["signatures"][bob.as_str()][format!("ed25519:{ssk_public}")].is_string(),
+        "the device is not signed by the self-signing key: {published}"
+    );
+    let mut by_ssk = published.clone();
+    // Check that signature alone (the device's own is checked below).
+    by_ssk["signatures"][bob.as_str()]
+        .as_object_mut()
+        .unwrap()
+        .retain(|id, _| id == &format!("ed25519:{ssk_public}"));
+    verify_json(&by(&ssk_public), &canonical(&by_ssk))
+        .expect("the self-signing key signed the device");
+
     let check_ours = |id: &str, key: &Value| {
         let object: CanonicalJsonObject = serde_json::from_value(key.clone()).unwrap();
         verify_json(&key_map, &object).unwrap_or_else(|e| panic!("{id}: bad signature: {e}"));
