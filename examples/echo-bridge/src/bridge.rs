@@ -16,7 +16,7 @@ use bridgekeys::{
     store::{PuppetRegistry, SledStore},
 };
 use ruma::{
-    OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId,
+    OwnedDeviceId, OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId,
     events::room::message::RoomMessageEventContent,
 };
 use serde::Deserialize;
@@ -324,6 +324,18 @@ impl BridgeHandler for EchoHandler {
         Ok(())
     }
 
+    async fn room_key_requester(
+        &self,
+        room_id: &RoomId,
+        _sender: &UserId,
+    ) -> Option<(OwnedUserId, OwnedDeviceId)> {
+        // A puppet in the room asks: the sender's client only answers a
+        // device it shared the session with.
+        let puppet = self.joined(room_id).ok()?.into_iter().next()?;
+        let device = self.provisioner.ensure_puppet(&puppet).await.ok()?;
+        Some((puppet, device))
+    }
+
     async fn query_user(&self, user_id: &UserId) -> Result<UserDecision, HandlerError> {
         if !self.is_puppet(user_id) {
             return Ok(UserDecision::Reject);
@@ -508,7 +520,21 @@ impl EchoBridge {
                 }
             })
         };
+        // Room keys that never came are asked for after every transaction;
+        // this timer also asks while no transaction arrives.
+        let requests = {
+            let appservice = self.appservice.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(KEY_REQUEST_CHECK);
+                loop {
+                    every.tick().await;
+                    appservice.request_room_keys().await;
+                }
+            })
+        };
         let served = self.appservice.serve_on(listener, shutdown).await;
+        requests.abort();
+        let _ = requests.await;
         ping.abort();
         // Wait for it to be gone too: nothing of this bridge may outlive
         // `serve_on` (a restart reopens the store at once).
@@ -518,6 +544,10 @@ impl EchoBridge {
         Ok(())
     }
 }
+
+/// How often the bridge checks for room keys to ask for while no
+/// transaction arrives.
+const KEY_REQUEST_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Run the bridge of `config` on its listen address until `shutdown`.
 pub async fn run(
