@@ -326,6 +326,7 @@ impl PuppetOlm {
                         .claim_keys(puppet.0, puppet.1, to_claim.clone())
                 })
                 .await?;
+            let mut to_create = Vec::new();
             for (user, ids) in &to_claim {
                 for id in ids {
                     let key = claimed
@@ -346,46 +347,65 @@ impl PuppetOlm {
                         Ok(v) => v,
                         Err(_) => Value::Null,
                     };
+                    to_create.push((user, id, device, key));
+                }
+            }
+            // All at once, sharing the store's flushes (see below).
+            let created =
+                futures_util::future::join_all(to_create.iter().map(|(user, _, device, key)| {
                     let recipient = Recipient::tracked(user, device);
-                    match self
-                        .manager
-                        .create_outbound_session(puppet, &recipient, &key)
-                        .await
-                    {
-                        Ok(_) => report.sessions_created += 1,
-                        Err(OlmError::BadKeySignature) => {
-                            tracing::warn!(%user, device_id = %id, "claimed one-time key has a bad signature; device left out");
-                            report.failed.push((
-                                user.clone(),
-                                id.clone(),
-                                DeviceFailure::BadKeySignature,
-                            ));
-                            unreachable.insert((user.clone(), id.clone()));
-                        }
-                        Err(e @ OlmError::Store(_)) => return Err(e.into()),
-                        Err(e) => {
-                            report.failed.push((
-                                user.clone(),
-                                id.clone(),
-                                DeviceFailure::Encryption(e.to_string()),
-                            ));
-                            unreachable.insert((user.clone(), id.clone()));
-                        }
+                    async move {
+                        self.manager
+                            .create_outbound_session(puppet, &recipient, key)
+                            .await
+                    }
+                }))
+                .await;
+            for ((user, id, _, _), result) in to_create.into_iter().zip(created) {
+                match result {
+                    Ok(_) => report.sessions_created += 1,
+                    Err(OlmError::BadKeySignature) => {
+                        tracing::warn!(%user, device_id = %id, "claimed one-time key has a bad signature; device left out");
+                        report.failed.push((
+                            user.clone(),
+                            id.clone(),
+                            DeviceFailure::BadKeySignature,
+                        ));
+                        unreachable.insert((user.clone(), id.clone()));
+                    }
+                    Err(e @ OlmError::Store(_)) => return Err(e.into()),
+                    Err(e) => {
+                        report.failed.push((
+                            user.clone(),
+                            id.clone(),
+                            DeviceFailure::Encryption(e.to_string()),
+                        ));
+                        unreachable.insert((user.clone(), id.clone()));
                     }
                 }
             }
         }
         let mut messages: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Value>> = BTreeMap::new();
-        for (user, device) in &targets {
-            if unreachable.contains(&(user.clone(), device.device_id.clone())) {
-                continue;
-            }
+        let reachable: Vec<_> = targets
+            .iter()
+            .filter(|(user, device)| {
+                !unreachable.contains(&(user.clone(), device.device_id.clone()))
+            })
+            .collect();
+        // All at once: each message's ratchet step must be durable before it
+        // leaves, and together they share the store's flushes (one `fsync`
+        // for a room key to fifty devices instead of fifty).
+        let encrypted = futures_util::future::join_all(reachable.iter().map(|(user, device)| {
             let recipient = Recipient::tracked(user, device);
-            match self
-                .manager
-                .encrypt_olm(puppet, &recipient, event_type, content)
-                .await
-            {
+            async move {
+                self.manager
+                    .encrypt_olm(puppet, &recipient, event_type, content)
+                    .await
+            }
+        }))
+        .await;
+        for ((user, device), result) in reachable.into_iter().zip(encrypted) {
+            match result {
                 Ok(encrypted) => {
                     messages
                         .entry(user.clone())

@@ -545,7 +545,8 @@ pub(crate) fn decrypt_events<H: BridgeHandler>(
     inner: &Inner<H>,
     events: &[Box<RawValue>],
 ) -> Result<Vec<EncryptedRoomEvent>, MatrixError> {
-    let mut out = Vec::new();
+    // The transaction's Megolm events, in order.
+    let mut candidates = Vec::new();
     for raw in events {
         let Ok(event) = serde_json::from_str::<Envelope<'_>>(raw.get()) else {
             continue;
@@ -564,12 +565,30 @@ pub(crate) fn decrypt_events<H: BridgeHandler>(
         if algorithm.as_deref() != Some(MEGOLM_ALGORITHM) {
             continue;
         }
-        let Some(decrypted) = decrypt_one(inner, &room_id, &sender, &event_id, content)? else {
+        let session_id = serde_json::from_str::<SessionOnly>(content.get())
+            .map(|s| s.session_id)
+            .unwrap_or_default();
+        candidates.push(Candidate {
+            event_id,
+            room_id,
+            sender,
+            content,
+            session_id,
+        });
+    }
+    let results = decrypt_candidates(inner, &candidates)?;
+    let mut out = Vec::new();
+    for (candidate, decrypted) in candidates.into_iter().zip(results) {
+        let Candidate {
+            event_id,
+            room_id,
+            sender,
+            content,
+            session_id,
+        } = candidate;
+        let Some(decrypted) = decrypted else {
             // Its room key has not come (yet): hold it, sealed, until it
             // does. Applied now, durable with the transaction's record.
-            let session_id = serde_json::from_str::<SessionOnly>(content.get())
-                .map(|s| s.session_id)
-                .unwrap_or_default();
             // Held already (a retried transaction): it keeps its age and
             // its session's key request, so the request is not sent again.
             let earlier = inner
@@ -613,4 +632,81 @@ pub(crate) fn decrypt_events<H: BridgeHandler>(
         });
     }
     Ok(out)
+}
+
+/// A Megolm room event of a transaction, parsed.
+struct Candidate<'a> {
+    event_id: OwnedEventId,
+    room_id: OwnedRoomId,
+    sender: OwnedUserId,
+    content: &'a RawValue,
+    session_id: String,
+}
+
+/// What [`decrypt_one`] gives for one candidate.
+type Outcome = Option<Result<DecryptedRoomEvent, MegolmError>>;
+
+/// Below this many events a transaction is decrypted on the calling thread
+/// (starting a thread costs more than it saves).
+const PARALLEL_FROM: usize = 8;
+
+/// Decrypt `candidates`, in their order. Events of one Megolm session stay
+/// on one thread, in order (its decoded session is cached advanced, and
+/// replay records are taken in order); different sessions are spread over
+/// the cores: a transaction from a bridge in many rooms carries one or two
+/// events of each of many sessions.
+fn decrypt_candidates<H: BridgeHandler>(
+    inner: &Inner<H>,
+    candidates: &[Candidate<'_>],
+) -> Result<Vec<Outcome>, MatrixError> {
+    let one = |c: &Candidate<'_>| decrypt_one(inner, &c.room_id, &c.sender, &c.event_id, c.content);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    if candidates.len() < PARALLEL_FROM || threads < 2 {
+        return candidates.iter().map(one).collect();
+    }
+    // Sessions to threads: each session's events go to one bucket.
+    let mut bucket_of: std::collections::HashMap<(&str, &str), usize> =
+        std::collections::HashMap::new();
+    let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); threads];
+    for (i, c) in candidates.iter().enumerate() {
+        let next = bucket_of.len() % threads;
+        let b = *bucket_of
+            .entry((c.room_id.as_str(), c.session_id.as_str()))
+            .or_insert(next);
+        buckets[b].push(i);
+    }
+    buckets.retain(|b| !b.is_empty());
+    if buckets.len() < 2 {
+        return candidates.iter().map(one).collect();
+    }
+    let mut results: Vec<Option<Outcome>> = (0..candidates.len()).map(|_| None).collect();
+    let run = |bucket: &[usize]| -> Result<Vec<(usize, Outcome)>, MatrixError> {
+        bucket
+            .iter()
+            .map(|&i| one(&candidates[i]).map(|o| (i, o)))
+            .collect()
+    };
+    let done: Vec<Result<Vec<(usize, Outcome)>, MatrixError>> =
+        std::thread::scope(|scope| {
+            let (first, rest) = buckets
+                .split_first()
+                .map_or((&[][..], &[][..]), |(f, r)| (f.as_slice(), r));
+            let others: Vec<_> = rest
+                .iter()
+                .map(|bucket| scope.spawn(|| run(bucket)))
+                .collect();
+            let mut all = vec![run(first)];
+            for handle in others {
+                all.push(handle.join().unwrap_or_else(|_| {
+                    Err(MatrixError::internal("a decryption thread panicked"))
+                }));
+            }
+            all
+        });
+    for part in done {
+        for (i, outcome) in part? {
+            results[i] = Some(outcome);
+        }
+    }
+    Ok(results.into_iter().map(Option::flatten).collect())
 }

@@ -942,3 +942,66 @@ async fn the_same_olm_message_twice_in_one_transaction_is_handed_over_decrypted_
         seen.other_to_device
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_many_sessions_is_decrypted_in_order_with_replays_refused_and_unknown_keys_held()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Fixture::open(dir.path(), Limits::default());
+    fx.provision(1).await;
+    let mut peer = Peer::new(&fx).await;
+    let mut rooms: Vec<SharedRoom> = (0..4).map(|_| SharedRoom::new()).collect();
+    let keys: Vec<Value> = rooms[..3].iter().map(|r| r.key_for(&mut peer)).collect();
+    // The fourth session's key, taken at index 0 but delivered last.
+    let late_key = rooms[3].key_for(&mut peer);
+    let put = async |id: &str, body: Value| {
+        let (status, _) = fx
+            .call(authed(Method::PUT, &txn_path(id), json_body(&body)))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    };
+    put("many-1", json!({"events": [], "to_device": keys})).await;
+    // Three rounds over four sessions, interleaved; the fourth's key has
+    // not come. One event is replayed under another id, in the same
+    // transaction: the first in order wins.
+    let mut events = Vec::new();
+    let mut expected = Vec::new();
+    for round in 0..3 {
+        for (s, room) in rooms.iter_mut().enumerate() {
+            let id = format!("$r{round}s{s}");
+            let body = format!("round {round} session {s}");
+            let event = room.event(&id, &body);
+            if s < 3 {
+                expected.push((id.clone(), Ok(json!({ "body": body }).to_string())));
+            }
+            events.push(event);
+        }
+    }
+    let mut replay = events[1].clone();
+    replay["event_id"] = json!("$replayed");
+    events.push(replay);
+    put("many-2", json!({ "events": events })).await;
+    let seen = fx.handler.seen.lock().unwrap().clone();
+    let got = &seen[1].room_events;
+    assert_eq!(got.len(), expected.len() + 1, "{got:?}");
+    assert_eq!(&got[..expected.len()], &expected[..], "order and content");
+    let (id, result) = &got[expected.len()];
+    assert_eq!(id, "$replayed");
+    assert!(result.is_err(), "a replayed index was accepted");
+    // The fourth session's three events were held, and come with its key.
+    put("many-3", json!({"events": [], "to_device": [late_key]})).await;
+    let seen = fx.handler.seen.lock().unwrap().clone();
+    let released: Vec<&str> = seen[2]
+        .room_events
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(released.len(), 3, "{released:?}");
+    for round in 0..3 {
+        assert!(
+            released.contains(&format!("$r{round}s3").as_str()),
+            "{released:?}"
+        );
+    }
+    assert!(seen[2].room_events.iter().all(|(_, r)| r.is_ok()));
+}

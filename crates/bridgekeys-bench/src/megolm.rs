@@ -833,8 +833,8 @@ impl Sent {
 /// One message from the puppet device `from` in `room`, as
 /// `PuppetOlm::encrypt_room_event` sends it (minus the homeserver calls):
 /// prepare the session, share its key over Olm with the devices that lack
-/// it (creating Olm sessions from claimed keys where there are none, one
-/// device after the other as `encrypt_to_device` does), record them, then
+/// it (creating Olm sessions from claimed keys where there are none, all
+/// devices at once as `encrypt_to_device` does), record them, then
 /// encrypt.
 async fn send(
     manager: &AccountManager,
@@ -879,17 +879,32 @@ async fn send(
                 lacking.push(*m);
             }
         }
-        for m in lacking {
-            manager
-                .create_outbound_session(from, &recipient(&member_user, m), &m.key)
-                .await?;
+        // All at once, as `encrypt_to_device` does: the durable writes
+        // share the store's flushes.
+        let created = futures_util::future::join_all(lacking.iter().map(|m| {
+            let member_user = &member_user;
+            async move {
+                manager
+                    .create_outbound_session(from, &recipient(member_user, m), &m.key)
+                    .await
+            }
+        }))
+        .await;
+        for result in created {
+            result?;
             sessions_created += 1;
         }
-        for (k, m) in &targets {
-            let encrypted = manager
-                .encrypt_olm(from, &recipient(&member_user, m), "m.room_key", &room_key)
-                .await?;
-            to_device.push((*k, encrypted.content));
+        let encrypted = futures_util::future::join_all(targets.iter().map(|(_, m)| {
+            let (member_user, room_key) = (&member_user, &room_key);
+            async move {
+                manager
+                    .encrypt_olm(from, &recipient(member_user, m), "m.room_key", room_key)
+                    .await
+            }
+        }))
+        .await;
+        for ((k, _), result) in targets.iter().zip(encrypted) {
+            to_device.push((*k, result?.content));
         }
     }
     let share = t.elapsed();
