@@ -40,7 +40,8 @@ Commands:
   {"cmd":"wait_room_message","room_id":R,"sender":U (optional),
    "body_prefix":P (optional),"timeout_ms":N}
       -> {"ok":true,"room_id","event_id","sender","sender_device","body",
-          "msgtype","content","decrypted","verified","session_id","sender_key"}
+          "msgtype","content","decrypted","verified","session_id","sender_key",
+          "message_index"}
          or {"ok":false,"error":"timeout"}
          or {"ok":false,"error":"undecryptable: ...","room_id","event_id",
              "sender","sender_device","session_id","sender_key"}
@@ -54,6 +55,8 @@ matches, so a message that came during another command is not lost.
 """
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import os
@@ -139,6 +142,29 @@ except Exception as e:  # noqa: BLE001 - reported, then exit
     sys.exit(1)
 
 
+def megolm_message_index(ciphertext):
+    """The message index of a Megolm message (the m.room.encrypted
+    content's "ciphertext"), read from the message itself: unpadded base64
+    of a version byte 0x03, then protobuf field 1 (tag 0x08), a varint: the
+    index. The same index libolm's InboundGroupSession.decrypt returns (nio
+    drops it). None if the message is not laid out that way."""
+    if not isinstance(ciphertext, str):
+        return None
+    try:
+        raw = base64.b64decode(ciphertext + "=" * (-len(ciphertext) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) < 3 or raw[0] != 0x03 or raw[1] != 0x08:
+        return None
+    index, shift = 0, 0
+    for byte in raw[2:7]:
+        index |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return index
+        shift += 7
+    return None
+
+
 class PeerError(Exception):
     """A command failed; the message is the answer's "error"."""
 
@@ -203,6 +229,8 @@ class Peer:
         # reason, or the sending device of a decrypted one).
         self.megolm_failures = {}
         self.megolm_devices = {}
+        # Per decrypted Megolm event id: the message index it had.
+        self.megolm_indices = {}
         # Room events queued so far, by id: a sync can bring an event again
         # (a rejoined room's timeline repeats the history), it is queued once.
         self.seen_room_events = set()
@@ -305,6 +333,7 @@ class Peer:
                 )
             else:
                 self.megolm_devices[event.event_id] = event.device_id
+                self.megolm_indices[event.event_id] = megolm_message_index(event.ciphertext)
             return result
 
         olm._decrypt_megolm_no_error = decrypt_megolm_no_error
@@ -333,11 +362,13 @@ class Peer:
         if (room_id, event_id) in self.seen_room_events:
             self.megolm_failures.pop(event_id, None)
             self.megolm_devices.pop(event_id, None)
+            self.megolm_indices.pop(event_id, None)
             return
         if isinstance(event, (MegolmEvent, BadEvent, UnknownBadEvent, RoomMessage)):
             self.seen_room_events.add((room_id, event_id))
         if isinstance(event, MegolmEvent):
             self.megolm_devices.pop(event_id, None)
+            self.megolm_indices.pop(event_id, None)
             self.room_inbox.append(
                 {
                     "kind": "undecryptable",
@@ -392,6 +423,7 @@ class Peer:
                     "verified": bool(event.verified),
                     "session_id": event.session_id,
                     "sender_key": event.sender_key,
+                    "message_index": self.megolm_indices.pop(event_id, None),
                 }
             )
 

@@ -289,6 +289,11 @@ pub struct PeerRoomMessage {
     pub session_id: Option<String>,
     /// The Megolm event's `sender_key`; `None` if not encrypted.
     pub sender_key: Option<String>,
+    /// The Megolm message index it was encrypted at (read from the
+    /// ciphertext nio decrypted: the index libolm decrypted it with); `None`
+    /// if not encrypted. A sender that never reuses an index gives every
+    /// message of a session a new one.
+    pub message_index: Option<u32>,
 }
 
 /// An encrypted room event nio could not decrypt (or could, but rejected),
@@ -691,6 +696,9 @@ impl OlmPeer {
             verified: answer["verified"] == true,
             session_id: optional("session_id"),
             sender_key: optional("sender_key"),
+            message_index: answer["message_index"]
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok()),
         }))
     }
 
