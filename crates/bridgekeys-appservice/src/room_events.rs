@@ -79,18 +79,8 @@ struct Envelope<'a> {
 }
 
 #[derive(Deserialize)]
-struct SessionOnly {
-    session_id: String,
-}
-
-#[derive(Deserialize)]
 struct SenderKeyOnly {
     sender_key: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Algorithm {
-    algorithm: Option<String>,
 }
 
 /// What a held event keeps: when it was held, the event as received, and
@@ -559,15 +549,18 @@ pub(crate) fn decrypt_events<H: BridgeHandler>(
         else {
             continue;
         };
-        let algorithm = serde_json::from_str::<Algorithm>(content.get())
-            .ok()
-            .and_then(|a| a.algorithm);
-        if algorithm.as_deref() != Some(MEGOLM_ALGORITHM) {
+        // One look at the content for both fields.
+        let Ok(Outer {
+            algorithm: Some(algorithm),
+            session_id,
+        }) = serde_json::from_str::<Outer<'_>>(content.get())
+        else {
+            continue;
+        };
+        if algorithm != MEGOLM_ALGORITHM {
             continue;
         }
-        let session_id = serde_json::from_str::<SessionOnly>(content.get())
-            .map(|s| s.session_id)
-            .unwrap_or_default();
+        let session_id = session_id.unwrap_or_default().into_owned();
         candidates.push(Candidate {
             event_id,
             room_id,
@@ -632,6 +625,15 @@ pub(crate) fn decrypt_events<H: BridgeHandler>(
         });
     }
     Ok(out)
+}
+
+/// The outer fields of an `m.room.encrypted` content this module routes by.
+#[derive(Deserialize)]
+struct Outer<'a> {
+    #[serde(borrow)]
+    algorithm: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    session_id: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// A Megolm room event of a transaction, parsed.
