@@ -98,7 +98,14 @@ async fn megolm_scenario_decrypts_every_event_through_transactions_and_rotates_f
     for t in &r.transactions {
         assert!(t.events_per_s > 0.0 && t.raw_decrypts_per_s > 0.0);
         assert!((t.ratio_to_raw - t.events_per_s / t.raw_decrypts_per_s).abs() < 1e-9);
-        assert!(t.fsyncs_per_txn >= 0.9, "each answer waits for a flush");
+        // Each answer waits for a flush; transactions in flight together
+        // may share one (group commit).
+        assert!(
+            t.fsyncs_per_txn * t.in_flight as f64 >= 0.9,
+            "each answer waits for a flush: {} per txn with {} in flight",
+            t.fsyncs_per_txn,
+            t.in_flight
+        );
         assert!(t.txn_p50_ms <= t.txn_p99_ms);
     }
     assert_eq!(r.headline_shape, "1x1", "the fewest in flight");
@@ -110,10 +117,11 @@ async fn megolm_scenario_decrypts_every_event_through_transactions_and_rotates_f
     assert_eq!(o.to_device_per_rotation, 5.0);
     assert_eq!(o.olm_sessions_per_claimed_rotation, 5.0);
     assert_eq!(o.steady_messages, 5);
-    // Sequential and durable: at least one flush per session created, per
-    // key sent, for the new session, the record and the first message.
-    assert!(o.fsyncs_per_claimed_rotation >= 13.0, "{o:?}");
-    assert!(o.fsyncs_per_reused_rotation >= 8.0, "{o:?}");
+    // Durable: at least one flush for the sessions created and one for the
+    // keys sent (each group shares its flushes), and one each for the new
+    // session, the record and the first message.
+    assert!(o.fsyncs_per_claimed_rotation >= 5.0, "{o:?}");
+    assert!(o.fsyncs_per_reused_rotation >= 4.0, "{o:?}");
     assert!(o.rotation_claimed_ms > 0.0 && o.rotation_reused_ms > 0.0 && o.encrypt_ms > 0.0);
 }
 
