@@ -210,13 +210,24 @@ impl RoomState {
 
 /// The fields of a room event this module reads.
 #[derive(Deserialize)]
-struct StateEvent {
+struct StateEvent<'a> {
     #[serde(rename = "type")]
     event_type: String,
     room_id: Option<OwnedRoomId>,
     state_key: Option<String>,
-    #[serde(default)]
-    content: serde_json::Value,
+    /// Left raw: only the few tracked state events are parsed further (a
+    /// transaction is mostly messages, whose content this never needs).
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+}
+
+impl StateEvent<'_> {
+    /// The content, parsed (`null` when absent or not JSON).
+    fn content(&self) -> serde_json::Value {
+        self.content
+            .and_then(|c| serde_json::from_str(c.get()).ok())
+            .unwrap_or_default()
+    }
 }
 
 fn is_tracked(event_type: &str) -> bool {
@@ -299,7 +310,7 @@ impl RoomStates {
     /// transaction, in order), durably. Returns how many changed a record.
     pub async fn apply_events(&self, events: &[Box<RawValue>]) -> Result<usize, RoomStateError> {
         // Group by room, keeping each room's order.
-        let mut by_room: BTreeMap<OwnedRoomId, Vec<StateEvent>> = BTreeMap::new();
+        let mut by_room: BTreeMap<OwnedRoomId, Vec<StateEvent<'_>>> = BTreeMap::new();
         for raw in events {
             let Ok(event) = serde_json::from_str::<StateEvent>(raw.get()) else {
                 continue;
@@ -321,7 +332,7 @@ impl RoomStates {
                 if state.apply(
                     &event.event_type,
                     event.state_key.as_deref().unwrap_or_default(),
-                    &event.content,
+                    &event.content(),
                 ) {
                     changed += 1;
                     any = true;
@@ -358,7 +369,7 @@ impl RoomStates {
                 continue;
             };
             if let Some(key) = event.state_key.as_deref() {
-                state.apply(&event.event_type, key, &event.content);
+                state.apply(&event.event_type, key, &event.content());
             }
         }
         self.put(room, state).await
