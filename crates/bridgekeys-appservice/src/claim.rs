@@ -161,9 +161,13 @@ async fn claim_device(
 /// The handler of all three claim paths.
 pub(crate) async fn claim<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
-    MatrixJson(request): MatrixJson<ClaimRequest>,
+    MatrixJson(mut request): MatrixJson<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, MatrixError> {
     let started = Instant::now();
+    if let Some(pool) = inner.pool.get() {
+        // The claim-mode probe is noted and answered with no key.
+        pool.take_probe(&mut request);
+    }
     let (mut jobs, mut skipped) = plan(request, &inner)?;
     // The usual request (a homeserver asking for one device) is served
     // right here; only a request for several devices pays for tasks.

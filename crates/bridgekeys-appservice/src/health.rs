@@ -4,7 +4,9 @@
 //!
 //! * `GET /_bridgekeys/live`: 200 `{"status":"ok"}` while the process serves.
 //! * `GET /_bridgekeys/ready`: 200 while accepting work, 503 once graceful
-//!   shutdown has begun (so a load balancer stops sending).
+//!   shutdown has begun (so a load balancer stops sending). With a key pool
+//!   attached the body also names the claim mode:
+//!   `{"status":"ready","claim_mode":"pool"}` ([`crate::pool`]).
 //! * `GET /metrics`: Prometheus text format.
 
 use std::sync::{Arc, atomic::Ordering};
@@ -31,7 +33,11 @@ pub(crate) async fn ready<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>) 
         )
             .into_response()
     } else {
-        Json(json!({"status": "ready"})).into_response()
+        let mut body = json!({"status": "ready"});
+        if let Some(pool) = inner.pool.get() {
+            body["claim_mode"] = json!(pool.mode().as_str());
+        }
+        Json(body).into_response()
     }
 }
 
@@ -40,6 +46,9 @@ pub(crate) async fn metrics<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>
     inner.metrics.observe_evictions(stats.evicted_keys);
     let provision = inner.provisioner.get().map(|p| p.stats());
     inner.metrics.observe_fallback(&stats, provision.as_ref());
+    if let Some(pool) = inner.pool.get() {
+        inner.metrics.observe_pool(pool.mode(), &pool.stats());
+    }
     match inner.metrics.render() {
         Ok(text) => (
             [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

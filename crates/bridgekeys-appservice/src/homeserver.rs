@@ -392,6 +392,51 @@ impl HomeserverClient {
         Ok(response.one_time_keys)
     }
 
+    /// `keys/claim` as the appservice's sender itself (no identity
+    /// asserted): one `signed_curve25519` key of each listed device. Used
+    /// by the claim-mode probe ([`crate::pool`]).
+    pub async fn claim_keys_as_appservice(
+        &self,
+        devices: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>,
+    ) -> Result<ClaimedKeys, HomeserverError> {
+        let one_time_keys = devices
+            .into_iter()
+            .map(|(user, devices)| {
+                let wanted = devices
+                    .into_iter()
+                    .map(|d| (d, OneTimeKeyAlgorithm::SignedCurve25519))
+                    .collect();
+                (user, wanted)
+            })
+            .collect();
+        let mut request = claim_keys::v3::Request::new(one_time_keys);
+        request.timeout = Some(Duration::from_secs(10));
+        Ok(self.call(request, None, None).await?.one_time_keys)
+    }
+
+    /// Upload one-time keys of a puppet device as that device (an uploaded
+    /// pool, [`crate::pool`]); with no keys, an empty body that only reads
+    /// the device's counts. Empty fields are left out of the body (some
+    /// homeservers refuse `null`). Returns the counts after the upload.
+    pub async fn upload_one_time_keys(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        keys: &[bridgekeys_olm::ClaimedKey],
+    ) -> Result<BTreeMap<OneTimeKeyAlgorithm, UInt>, HomeserverError> {
+        let mut request = upload_keys::v3::Request::new();
+        for key in keys {
+            let raw: Raw<OneTimeKey> = Raw::new(&key.key)
+                .map_err(|e| HomeserverError::Protocol(format!("one-time key: {e}")))?
+                .cast_unchecked();
+            request.one_time_keys.insert(key.key_id.clone(), raw);
+        }
+        Ok(self
+            .call(request, Some(user_id), Some(device_id))
+            .await?
+            .one_time_key_counts)
+    }
+
     /// `sendToDevice` as a puppet device. `txn_id` makes a retry
     /// idempotent: the homeserver delivers each (device, txn id) once.
     pub async fn send_to_device(

@@ -61,6 +61,7 @@ mod metrics;
 mod namespace;
 pub mod olm;
 mod ping;
+pub mod pool;
 pub mod provision;
 mod registration;
 pub mod room_events;
@@ -79,6 +80,7 @@ pub use namespace::UserNamespace;
 pub use olm::{
     DeviceFailure, Devices, PuppetOlm, PuppetOlmError, RoomKeyRequest, RoomSend, SendReport,
 };
+pub use pool::{ClaimMode, KeyPool, ModeSetting, PoolConfig, PoolError, PoolStats, PoolTask};
 pub use provision::{
     Clock, ManualClock, ProvisionConfig, ProvisionError, ProvisionStats, Provisioner, RotationTask,
     SystemClock,

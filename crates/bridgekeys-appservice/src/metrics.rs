@@ -6,7 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::AppserviceError;
@@ -44,6 +45,12 @@ pub(crate) struct Metrics {
     fallback_uploads: Mirrored,
     fallback_upload_retries: Mirrored,
     fallback_claimed: IntCounter,
+    claim_mode: IntGaugeVec,
+    pool_uploads: Mirrored,
+    pool_keys_uploaded: Mirrored,
+    pool_failures: Mirrored,
+    pool_probes: Mirrored,
+    pool_contacted: IntGauge,
 }
 
 /// A Prometheus counter that mirrors a running total kept elsewhere (the
@@ -94,7 +101,42 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(claim_seconds.clone()))?;
+        let claim_mode = IntGaugeVec::new(
+            Opts::new(
+                "claim_mode",
+                "1 for the one-time key claim mode in force (proxied, pool, unknown), 0 for the others.",
+            ),
+            &["mode"],
+        )?;
+        registry.register(Box::new(claim_mode.clone()))?;
+        let pool_contacted = IntGauge::new(
+            "pool_contacted_devices",
+            "Puppet devices contacted since start (those that keep an uploaded pool in pool mode).",
+        )?;
+        registry.register(Box::new(pool_contacted.clone()))?;
         Ok(Self {
+            claim_mode,
+            pool_contacted,
+            pool_uploads: Mirrored::new(
+                &registry,
+                "pool_uploads_total",
+                "Uploads of one-time keys to a puppet device's pool (pool mode).",
+            )?,
+            pool_keys_uploaded: Mirrored::new(
+                &registry,
+                "pool_keys_uploaded_total",
+                "One-time keys uploaded to pools (each durable before its upload).",
+            )?,
+            pool_failures: Mirrored::new(
+                &registry,
+                "pool_top_up_failures_total",
+                "Pool top-ups that failed (retried at the next count or check).",
+            )?,
+            pool_probes: Mirrored::new(
+                &registry,
+                "claim_mode_probes_total",
+                "Claim-mode detections run.",
+            )?,
             claims: counter(&registry, "claims_total", "keys/claim requests answered.")?,
             claim_devices_refused: counter(
                 &registry,
@@ -252,6 +294,21 @@ impl Metrics {
             self.fallback_uploads.observe(p.uploads);
             self.fallback_upload_retries.observe(p.upload_retries);
         }
+    }
+
+    /// Bring the claim mode and pool figures up to date.
+    pub(crate) fn observe_pool(&self, mode: crate::ClaimMode, stats: &crate::PoolStats) {
+        for m in crate::ClaimMode::ALL {
+            self.claim_mode
+                .with_label_values(&[m.as_str()])
+                .set(i64::from(m == mode));
+        }
+        self.pool_uploads.observe(stats.uploads);
+        self.pool_keys_uploaded.observe(stats.keys_uploaded);
+        self.pool_failures.observe(stats.failures);
+        self.pool_probes.observe(stats.probes);
+        self.pool_contacted
+            .set(i64::try_from(stats.contacted_devices).unwrap_or(i64::MAX));
     }
 
     /// Count fallback keys put into claim answers.

@@ -48,6 +48,8 @@ pub(crate) struct Inner<H> {
     pub key_requests: crate::room_events::KeyRequests,
     /// Set by [`Appservice::with_room_states`].
     pub rooms: OnceLock<Arc<crate::RoomStates>>,
+    /// Set by [`Appservice::with_key_pool`].
+    pub pool: OnceLock<Arc<crate::KeyPool>>,
 }
 
 /// The appservice listener of a bridge.
@@ -171,6 +173,7 @@ impl<H: BridgeHandler> Appservice<H> {
                 olm: OnceLock::new(),
                 key_requests: Default::default(),
                 rooms: OnceLock::new(),
+                pool: OnceLock::new(),
             }),
         })
     }
@@ -209,6 +212,20 @@ impl<H: BridgeHandler> Appservice<H> {
     pub fn with_room_states(self, rooms: Arc<crate::RoomStates>) -> Self {
         if self.inner.rooms.set(rooms).is_err() {
             tracing::warn!("room states were already set; keeping the first");
+        }
+        self
+    }
+
+    /// Keep uploaded one-time key pools where the homeserver does not
+    /// proxy claims ([`crate::pool`]): the claim handler answers `pool`'s
+    /// probe (so its detection works), and each transaction's one-time key
+    /// counts, to-device messages and invites of puppets feed it. The mode
+    /// shows in `/metrics` and `/_bridgekeys/ready`. Start its background
+    /// task with [`crate::KeyPool::start`] once the listener serves. Set
+    /// once; a second call is ignored (with a warning).
+    pub fn with_key_pool(self, pool: Arc<crate::KeyPool>) -> Self {
+        if self.inner.pool.set(pool).is_err() {
+            tracing::warn!("a key pool was already set; keeping the first");
         }
         self
     }

@@ -99,6 +99,12 @@ pub(crate) struct TransactionBody {
     otk_count: Option<OneTimeKeyCounts>,
     #[serde(default, rename = "org.matrix.msc3202.device_one_time_key_counts")]
     otk_counts: Option<OneTimeKeyCounts>,
+    #[serde(default, rename = "device_one_time_keys_count")]
+    otk_count_stable: Option<OneTimeKeyCounts>,
+    #[serde(default, rename = "device_one_time_key_counts")]
+    otk_counts_stable: Option<OneTimeKeyCounts>,
+    #[serde(default, rename = "device_unused_fallback_key_types")]
+    unused_fallback_stable: Option<UnusedFallbackKeyTypes>,
     #[serde(
         default,
         rename = "org.matrix.msc3202.device_unused_fallback_key_types"
@@ -397,8 +403,16 @@ async fn open_transaction<H: BridgeHandler>(
         events: body.events,
         ephemeral,
         to_device,
-        device_one_time_keys_count: body.otk_count.or(body.otk_counts).unwrap_or_default(),
-        device_unused_fallback_key_types: body.unused_fallback.unwrap_or_default(),
+        device_one_time_keys_count: body
+            .otk_count_stable
+            .or(body.otk_counts_stable)
+            .or(body.otk_count)
+            .or(body.otk_counts)
+            .unwrap_or_default(),
+        device_unused_fallback_key_types: body
+            .unused_fallback_stable
+            .or(body.unused_fallback)
+            .unwrap_or_default(),
         device_lists: merge_device_lists(body.device_lists_stable, body.device_lists),
     })
 }
@@ -462,6 +476,70 @@ async fn note_fallback_reports<H: BridgeHandler>(
             }
         }
     }
+}
+
+/// Feed the uploaded pools ([`crate::pool`]) from a transaction: the
+/// one-time key counts of puppet devices (each device named is contacted,
+/// and a low count tops it up), to-device messages to puppet devices, and
+/// invites of puppet users. Costs nothing outside pool mode but the counts'
+/// walk; top-ups run in the background (their keys are durable first).
+fn note_pool_contacts<H: BridgeHandler>(inner: &Inner<H>, transaction: &Transaction) {
+    let Some(pool) = inner.pool.get() else {
+        return;
+    };
+    let ours = |user: &str| {
+        OwnedUserId::try_from(user)
+            .ok()
+            .filter(|u| inner.config.namespace.contains(u))
+    };
+    for (user, devices) in &transaction.device_one_time_keys_count {
+        let Some(user_id) = ours(user) else { continue };
+        for (device, counts) in devices {
+            let count = counts.get("signed_curve25519").copied().unwrap_or(0);
+            pool.note_count(&user_id, device.as_str().into(), count);
+        }
+    }
+    if pool.mode() != crate::ClaimMode::Pool {
+        return;
+    }
+    for message in &transaction.to_device {
+        match message {
+            ToDevice::Decrypted(m) => pool.touch(&m.to_user_id, &m.to_device_id),
+            ToDevice::Other(m) => {
+                if let Some(user_id) = ours(&m.to_user_id) {
+                    pool.touch(&user_id, m.to_device_id.as_str().into());
+                }
+            }
+        }
+    }
+    for event in &transaction.events {
+        if let Some(user_id) = invited(event).as_deref().and_then(ours) {
+            pool.touch_user(&user_id);
+        }
+    }
+}
+
+/// The user an `m.room.member` invite event invites.
+fn invited(event: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Member<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        state_key: Option<std::borrow::Cow<'a, str>>,
+        content: Option<Membership<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Membership<'a> {
+        #[serde(borrow)]
+        membership: Option<std::borrow::Cow<'a, str>>,
+    }
+    let member: Member<'_> = serde_json::from_str(event.get()).ok()?;
+    let invite =
+        member.kind == "m.room.member" && member.content?.membership.as_deref() == Some("invite");
+    invite
+        .then(|| member.state_key.map(|s| s.into_owned()))
+        .flatten()
 }
 
 /// Transactions holding decrypted pre-key messages whose processing has not
@@ -537,6 +615,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         None => Arc::new(open_transaction(&inner, txn_id.clone(), body).await?),
     };
     note_fallback_reports(&inner, &transaction.device_unused_fallback_key_types).await;
+    note_pool_contacts(&inner, &transaction);
     if let Some(olm) = inner.olm.get() {
         // Before the handler runs, so a handler that encrypts to a changed
         // user queries its devices afresh. A store failure fails the

@@ -15,7 +15,12 @@ use serde_json::{Value, json};
 const UNLIMITED: fn() -> Value = || json!({ "per_second": 9999, "burst_count": 9999 });
 
 /// The override configuration for a test homeserver.
-pub(crate) fn overrides(dir: &Path, port: u16, registrations: &[PathBuf]) -> Value {
+pub(crate) fn overrides(
+    dir: &Path,
+    port: u16,
+    registrations: &[PathBuf],
+    proxy_key_claims: bool,
+) -> Value {
     json!({
         "listeners": [{
             "port": port,
@@ -48,7 +53,7 @@ pub(crate) fn overrides(dir: &Path, port: u16, registrations: &[PathBuf]) -> Val
         "experimental_features": {
             "msc2409_to_device_messages_enabled": true,
             "msc3202_transaction_extensions": true,
-            "msc3983_appservice_otk_claims": true,
+            "msc3983_appservice_otk_claims": proxy_key_claims,
             "msc3984_appservice_key_query": true
         }
     })

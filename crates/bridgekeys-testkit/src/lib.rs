@@ -84,6 +84,10 @@ pub struct SynapseOptions {
     pub venv: Option<PathBuf>,
     /// How long Synapse may take to answer after it was started.
     pub start_timeout: Duration,
+    /// Whether Synapse asks appservices for their users' one-time keys
+    /// (`msc3983_appservice_otk_claims`, default on). Off, it behaves as
+    /// homeservers without MSC3983 do: only uploaded keys are handed out.
+    pub proxy_key_claims: bool,
 }
 
 impl Default for SynapseOptions {
@@ -93,6 +97,7 @@ impl Default for SynapseOptions {
             appservice_registrations: Vec::new(),
             venv: None,
             start_timeout: Duration::from_secs(90),
+            proxy_key_claims: true,
         }
     }
 }
@@ -196,7 +201,12 @@ impl Synapse {
         write_json(&data.join("log.config.yaml"), &config::log_config())?;
         write_json(
             &overrides,
-            &config::overrides(&data, port, &options.appservice_registrations),
+            &config::overrides(
+                &data,
+                port,
+                &options.appservice_registrations,
+                options.proxy_key_claims,
+            ),
         )?;
         let child = Command::new(&python)
             .args(["-m", "synapse.app.homeserver", "-c"])

@@ -9,8 +9,9 @@ use bridgekeys::{
     PuppetRooms,
     appservice::{
         Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient,
-        HomeserverError, ProvisionConfig, ProvisionError, Provisioner, PuppetOlm, Registration,
-        RoomStates, Transaction, UserDecision, UserNamespace, room_state::DEFAULT_CACHED_ROOMS,
+        HomeserverError, KeyPool, ProvisionConfig, ProvisionError, Provisioner, PuppetOlm,
+        Registration, RoomStates, Transaction, UserDecision, UserNamespace,
+        room_state::DEFAULT_CACHED_ROOMS,
     },
     olm::{AccountManager, ManagerConfig},
     store::{PuppetRegistry, SledStore},
@@ -356,6 +357,9 @@ pub struct EchoBridge {
     manager: Arc<AccountManager>,
     store: Arc<SledStore>,
     config: Config,
+    /// Claim-mode detection and uploaded pools (homeservers that do not
+    /// proxy claims).
+    pool: Arc<KeyPool>,
     /// Asks the homeserver to ping us once serving (the registration id).
     pinger: (HomeserverClient, String),
 }
@@ -425,6 +429,18 @@ impl EchoBridge {
             ProvisionConfig::from_registration(&registration),
         ));
         let as_config = AppserviceConfig::from_registration(&registration, &server_name)?;
+        // Where the homeserver does not ask us for one-time keys, contacted
+        // puppets keep a small uploaded pool; the mode is detected.
+        let pool = Arc::new(KeyPool::new(
+            manager.clone(),
+            HomeserverClient::new(
+                &config.homeserver_url,
+                AsToken::new(registration.as_token.clone()),
+            )?,
+            registration.id.clone(),
+            UserId::parse_with_server_name(registration.sender_localpart.as_str(), &server_name)?,
+            config.one_time_keys.pool_config()?,
+        ));
         let regexes: Vec<&str> = registration
             .namespaces
             .users
@@ -449,7 +465,8 @@ impl EchoBridge {
             Appservice::new(as_config, manager.clone(), store.clone(), handler.clone())?
                 .with_provisioner(provisioner.clone())
                 .with_olm(olm.clone())
-                .with_room_states(rooms);
+                .with_room_states(rooms)
+                .with_key_pool(pool.clone());
         let pinger = (
             HomeserverClient::new(
                 &config.homeserver_url,
@@ -459,6 +476,7 @@ impl EchoBridge {
         );
         Ok(Self {
             pinger,
+            pool,
             appservice,
             olm,
             handler,
@@ -485,6 +503,11 @@ impl EchoBridge {
         &self.store
     }
 
+    /// Claim-mode detection and the uploaded pools.
+    pub fn key_pool(&self) -> &Arc<KeyPool> {
+        &self.pool
+    }
+
     /// The provisioner.
     pub fn provisioner(&self) -> &Arc<Provisioner> {
         &self.provisioner
@@ -506,6 +529,9 @@ impl EchoBridge {
             }
         }
         let rotation = self.provisioner.start_rotation();
+        // Detects the claim mode once the listener below serves (the
+        // listener is bound, so the homeserver's probe waits for it).
+        let pool = self.pool.start();
         // Once the listener serves: tell the homeserver we are up, so it
         // delivers what it held back (and stops dropping to-device messages)
         // now rather than at its next retry.
@@ -540,6 +566,7 @@ impl EchoBridge {
         // `serve_on` (a restart reopens the store at once).
         let _ = ping.await;
         rotation.stop().await;
+        pool.stop().await;
         served?;
         Ok(())
     }

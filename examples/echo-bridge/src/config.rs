@@ -52,6 +52,97 @@ pub struct Config {
     /// the watermark. Keys handed out after the backup are lost.
     #[serde(skip)]
     pub accept_restored_store: bool,
+    /// `[one_time_keys]`: how puppets' one-time keys reach the users who
+    /// claim them (detected by default; see [`PoolSettings`]).
+    #[serde(default)]
+    pub one_time_keys: PoolSettings,
+}
+
+/// How one-time keys reach claimers: handed out on demand where the
+/// homeserver proxies claims (MSC3983), from a small uploaded pool per
+/// contacted puppet device where it does not.
+///
+/// ```toml
+/// [one_time_keys]
+/// mode = "detect"            # or "proxied" / "pool" when you know
+/// pool_size = 10             # keys per contacted device in pool mode
+/// refill_below = 5           # top up when the homeserver holds fewer
+/// probe_interval_secs = 600  # how often the mode is detected again
+/// check_interval_secs = 300  # how often contacted devices' counts are read
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolSettings {
+    /// `detect`, `proxied` or `pool`.
+    pub mode: PoolMode,
+    /// Keys per contacted puppet device after a top-up.
+    pub pool_size: usize,
+    /// Top up when the homeserver holds fewer than this many.
+    pub refill_below: usize,
+    /// Seconds between two detections of the mode.
+    pub probe_interval_secs: u64,
+    /// Seconds between two checks of contacted devices' counts.
+    pub check_interval_secs: u64,
+}
+
+/// The `mode` of [`PoolSettings`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Find out at start and every `probe_interval_secs`.
+    #[default]
+    Detect,
+    /// The homeserver proxies claims (Synapse with
+    /// `msc3983_appservice_otk_claims`): never upload one-time keys.
+    Proxied,
+    /// It does not: keep uploaded pools.
+    Pool,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        let d = bridgekeys::appservice::PoolConfig::default();
+        Self {
+            mode: PoolMode::Detect,
+            pool_size: d.size,
+            refill_below: d.refill_below,
+            probe_interval_secs: d.probe_interval.as_secs(),
+            check_interval_secs: d.check_interval.as_secs(),
+        }
+    }
+}
+
+impl PoolSettings {
+    /// The library's configuration from these settings; refuses sizes the
+    /// account manager would refuse.
+    pub fn pool_config(&self) -> anyhow::Result<bridgekeys::appservice::PoolConfig> {
+        use bridgekeys::appservice::{ModeSetting, PoolConfig};
+        if self.pool_size == 0 || self.pool_size > 50 {
+            bail!(
+                "one_time_keys.pool_size must be 1 to 50, not {}",
+                self.pool_size
+            );
+        }
+        if self.refill_below > self.pool_size {
+            bail!(
+                "one_time_keys.refill_below ({}) must not exceed pool_size ({})",
+                self.refill_below,
+                self.pool_size
+            );
+        }
+        Ok(PoolConfig {
+            mode: match self.mode {
+                PoolMode::Detect => ModeSetting::Detect,
+                PoolMode::Proxied => ModeSetting::Proxied,
+                PoolMode::Pool => ModeSetting::Pool,
+            },
+            size: self.pool_size,
+            refill_below: self.refill_below,
+            probe_interval: std::time::Duration::from_secs(self.probe_interval_secs.max(1)),
+            check_interval: std::time::Duration::from_secs(self.check_interval_secs.max(1)),
+            ..PoolConfig::default()
+        })
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -64,6 +155,7 @@ impl std::fmt::Debug for Config {
             .field("store_key", &"<redacted>")
             .field("store_path", &self.store_path)
             .field("store_id", &self.store_id)
+            .field("one_time_keys", &self.one_time_keys)
             .finish()
     }
 }
@@ -215,6 +307,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
         store_path: None,
         store_id: Some(store_id.to_string()),
         accept_restored_store: false,
+        one_time_keys: PoolSettings::default(),
     };
     let text = Zeroizing::new(
         toml::to_string(&config)

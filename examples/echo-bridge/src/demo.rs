@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use bridgekeys::{
-    appservice::{DEFAULT_PUPPET_DEVICE_ID, Registration},
+    appservice::{DEFAULT_PUPPET_DEVICE_ID, KeyPool, Registration},
     olm::AccountManager,
     store::{DeviceKey, SledStore, Store},
 };
@@ -20,6 +20,24 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::{Config, EchoBridge, InitOptions, client::encode, init};
+
+/// How [`Local::start_with`] sets things up.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    /// Synapse proxies key claims to the bridge (MSC3983; default on).
+    pub proxy_key_claims: bool,
+    /// The bridge's `[one_time_keys]` settings.
+    pub one_time_keys: crate::PoolSettings,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self {
+            proxy_key_claims: true,
+            one_time_keys: crate::PoolSettings::default(),
+        }
+    }
+}
 
 /// Synapse and the echo bridge, both running on loopback, set up exactly as
 /// a deployment would be: `init` writes the files, Synapse loads the
@@ -34,7 +52,7 @@ pub struct Local {
     pub registration: Registration,
     /// The bridge's account manager and store (`None` only while a restart
     /// failed half-way).
-    parts: Option<(Arc<AccountManager>, Arc<SledStore>)>,
+    parts: Option<(Arc<AccountManager>, Arc<SledStore>, Arc<KeyPool>)>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -43,6 +61,12 @@ impl Local {
     /// `init` into `dir`, start Synapse with the registration, then the
     /// bridge in this process.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, LocalOptions::default()).await
+    }
+
+    /// [`Local::start`] with a choice of homeserver behaviour and bridge
+    /// settings.
+    pub async fn start_with(dir: &Path, options: LocalOptions) -> anyhow::Result<Self> {
         // The bridge's port must be in the registration before Synapse
         // starts: bind it first, serve it once the bridge is built.
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -56,16 +80,19 @@ impl Local {
         })?;
         let synapse = Synapse::start(SynapseOptions {
             appservice_registrations: vec![done.registration.clone()],
+            proxy_key_claims: options.proxy_key_claims,
             ..SynapseOptions::default()
         })
         .await
         .context("starting Synapse")?;
         let mut config = Config::load(&done.config)?;
         config.homeserver_url = synapse.url();
+        config.one_time_keys = options.one_time_keys;
         let registration = Registration::load(&done.registration)?;
         let bridge = EchoBridge::open(config.clone())?;
         let manager = bridge.manager().clone();
         let store = bridge.store().clone();
+        let pool = bridge.key_pool().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(bridge.serve_on(listener, async {
             let _ = stopped.await;
@@ -74,7 +101,7 @@ impl Local {
             synapse,
             config,
             registration,
-            parts: Some((manager, store)),
+            parts: Some((manager, store, pool)),
             stop: Some(stop),
             server: Some(server),
         })
@@ -82,12 +109,17 @@ impl Local {
 
     /// The running bridge's account manager.
     pub fn manager(&self) -> Option<&Arc<AccountManager>> {
-        self.parts.as_ref().map(|(m, _)| m)
+        self.parts.as_ref().map(|(m, _, _)| m)
+    }
+
+    /// The running bridge's claim-mode detector and pools.
+    pub fn key_pool(&self) -> Option<&Arc<KeyPool>> {
+        self.parts.as_ref().map(|(_, _, p)| p)
     }
 
     /// The running bridge's store.
     pub fn store(&self) -> Option<&Arc<SledStore>> {
-        self.parts.as_ref().map(|(_, s)| s)
+        self.parts.as_ref().map(|(_, s, _)| s)
     }
 
     /// A client-server request as `user`; fails on a non-200 answer.
@@ -219,7 +251,11 @@ impl Local {
         self.parts = None;
         let listener = TcpListener::bind(self.config.listen).await?;
         let bridge = EchoBridge::open(self.config.clone())?;
-        self.parts = Some((bridge.manager().clone(), bridge.store().clone()));
+        self.parts = Some((
+            bridge.manager().clone(),
+            bridge.store().clone(),
+            bridge.key_pool().clone(),
+        ));
         let (stop, stopped) = oneshot::channel::<()>();
         self.server = Some(tokio::spawn(bridge.serve_on(listener, async {
             let _ = stopped.await;

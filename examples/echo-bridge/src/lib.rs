@@ -20,6 +20,6 @@ pub mod demo;
 pub use bridge::{EchoBridge, EchoHandler, run};
 pub use client::PuppetClient;
 pub use config::{
-    APPSERVICE_ID, BOT_LOCALPART, CONFIG_FILE, Config, InitOptions, Initialized, REGISTRATION_FILE,
-    init, user_regex,
+    APPSERVICE_ID, BOT_LOCALPART, CONFIG_FILE, Config, InitOptions, Initialized, PoolMode,
+    PoolSettings, REGISTRATION_FILE, init, user_regex,
 };

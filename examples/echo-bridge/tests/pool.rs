@@ -1,0 +1,261 @@
+//! Homeservers that do not proxy key claims (MSC3983 off): the bridge
+//! finds that out, keeps a small uploaded pool for contacted puppets,
+//! refills it as clients claim, and a real client's encrypted DM starts on
+//! a pool key. With claims proxied, it uploads none.
+#![allow(clippy::unwrap_used)]
+
+use std::{collections::BTreeSet, time::Duration};
+
+use bridgekeys::{
+    appservice::{ClaimMode, DEFAULT_PUPPET_DEVICE_ID},
+    olm::vodozemac::Ed25519Signature,
+    store::{DeviceKey, Store},
+};
+use bridgekeys_testkit::{Method, NewRoom, OlmPeer, PeerLogin, RoomMessageQuery, TestUser};
+use echo_bridge::{
+    PoolMode, PoolSettings,
+    demo::{Local, LocalOptions, poll},
+};
+use ruma::UserId;
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(45);
+const BOB: &str = "@echo_bob:localhost";
+const PASSWORD: &str = "correct horse battery";
+
+fn settings(pool_size: usize, refill_below: usize) -> PoolSettings {
+    PoolSettings {
+        mode: PoolMode::Detect,
+        pool_size,
+        refill_below,
+        probe_interval_secs: 600,
+        // Contacted devices' counts are read every second: claims by a
+        // client bring no transaction for the puppet, so this is what
+        // notices them here.
+        check_interval_secs: 1,
+    }
+}
+
+async fn ready_body(local: &Local) -> Value {
+    let url = format!("http://{}/_bridgekeys/ready", local.config.listen);
+    let stream = tokio::net::TcpStream::connect(local.config.listen)
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get(url)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+async fn wait_mode(local: &Local, wanted: ClaimMode) {
+    poll(TIMEOUT, || async {
+        let mode = local.key_pool().unwrap().mode();
+        Ok((mode == wanted).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the claim mode never became {wanted}: {e:#}"));
+    assert_eq!(ready_body(local).await["claim_mode"], wanted.as_str());
+}
+
+/// Claim one key of Bob's puppet device as `user`: (key id, key object).
+async fn claim_one(local: &Local, user: &TestUser) -> Option<(String, Value)> {
+    let answer = local
+        .call(
+            user,
+            Method::POST,
+            "/_matrix/client/v3/keys/claim",
+            Some(&json!({ "one_time_keys": { BOB: { DEFAULT_PUPPET_DEVICE_ID: "signed_curve25519" } } })),
+        )
+        .await
+        .unwrap();
+    let keys = answer["one_time_keys"][BOB][DEFAULT_PUPPET_DEVICE_ID].as_object()?;
+    keys.iter()
+        .next()
+        .map(|(id, key)| (id.clone(), key.clone()))
+}
+
+fn assert_signed_by_bob(local: &Local, key_id: &str, key: &Value) {
+    assert!(key_id.starts_with("signed_curve25519:"), "{key_id}");
+    assert!(
+        key.get("fallback").is_none(),
+        "a fallback key was served: the pool ran dry ({key_id})"
+    );
+    let bob = UserId::parse(BOB).unwrap();
+    let identity = local
+        .manager()
+        .unwrap()
+        .identity_keys(&bob, DEFAULT_PUPPET_DEVICE_ID.into())
+        .unwrap();
+    let signature = key["signatures"][BOB][format!("ed25519:{DEFAULT_PUPPET_DEVICE_ID}")]
+        .as_str()
+        .unwrap();
+    let signed = bridgekeys::olm::canonical_json_for_signing(key).unwrap();
+    identity
+        .ed25519
+        .verify(
+            signed.as_bytes(),
+            &Ed25519Signature::from_base64(signature).unwrap(),
+        )
+        .expect("a pool key signed by the puppet device");
+}
+
+fn outstanding_keys(local: &Local) -> usize {
+    local
+        .store()
+        .unwrap()
+        .count_one_time_keys(&DeviceKey::new(BOB, DEFAULT_PUPPET_DEVICE_ID))
+        .unwrap()
+}
+
+async fn client(local: &Local) -> OlmPeer {
+    let mut peer = OlmPeer::start().await.unwrap();
+    peer.login(&PeerLogin::new(
+        local.synapse.url(),
+        "@alice:localhost",
+        PASSWORD,
+    ))
+    .await
+    .unwrap();
+    peer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_proxied_claims_contacted_puppets_keep_an_uploaded_pool_that_refills_and_starts_sessions()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::start_with(
+        dir.path(),
+        LocalOptions {
+            proxy_key_claims: false,
+            one_time_keys: settings(10, 5),
+        },
+    )
+    .await
+    .unwrap();
+    wait_mode(&local, ClaimMode::Pool).await;
+    let alice = local
+        .synapse
+        .register_user("alice", PASSWORD)
+        .await
+        .unwrap();
+    let mut phone = client(&local).await;
+
+    // 1. Alice invites the puppet to an encrypted DM: the invite contacts
+    //    its device, which gets its pool (10 keys, durable before upload).
+    let room = phone
+        .create_room(&NewRoom::encrypted_dm(BOB))
+        .await
+        .unwrap();
+    assert!(phone.wait_joined(&room, BOB, TIMEOUT).await.unwrap());
+    let pool = local.key_pool().unwrap().clone();
+    poll(TIMEOUT, || async {
+        Ok((pool.stats().keys_uploaded >= 10).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(outstanding_keys(&local), 10);
+
+    // 2. Her client (matrix-nio) claims a pool key and sends the room key
+    //    in a pre-key message on it; the echo decrypts, so the puppet
+    //    decrypted the pre-key message, and the key's record is gone.
+    phone.room_send(&room, "hello").await.unwrap();
+    let echo = phone
+        .wait_room_message(
+            &RoomMessageQuery::in_room(&room)
+                .sent_by(BOB)
+                .body_prefix("echo: hello"),
+            TIMEOUT,
+        )
+        .await
+        .unwrap()
+        .expect("the echo");
+    assert!(echo.decrypted);
+    assert_eq!(
+        outstanding_keys(&local),
+        9,
+        "the pre-key message was not on a pool key"
+    );
+
+    // 3. Claims drain the pool; the bridge notices and refills it. Every
+    //    key served is a one-time key (never the fallback), signed by the
+    //    device, and none is served twice.
+    let mut seen_ids = BTreeSet::new();
+    let mut seen_keys = BTreeSet::new();
+    let uploads_before = pool.stats().uploads;
+    for round in 0..3 {
+        for _ in 0..6 {
+            let (key_id, key) = claim_one(&local, &alice)
+                .await
+                .unwrap_or_else(|| panic!("no key in round {round}"));
+            assert_signed_by_bob(&local, &key_id, &key);
+            assert!(seen_ids.insert(key_id.clone()), "{key_id} served twice");
+            assert!(
+                seen_keys.insert(key["key"].as_str().unwrap().to_owned()),
+                "a key was served twice"
+            );
+        }
+        // Six claimed: the homeserver holds fewer than 5, so the next
+        // check tops the pool up.
+        let wanted = uploads_before + round + 1;
+        poll(TIMEOUT, || async {
+            Ok((pool.stats().uploads >= wanted).then_some(()))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the pool was not refilled after round {round}: {e:#}"));
+    }
+    assert_eq!(seen_ids.len(), 18);
+    assert_eq!(pool.stats().failures, 0);
+
+    phone.quit().await.unwrap();
+    local.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_proxied_claims_no_one_time_key_is_uploaded_and_keys_come_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::start_with(
+        dir.path(),
+        LocalOptions {
+            proxy_key_claims: true,
+            one_time_keys: settings(10, 5),
+        },
+    )
+    .await
+    .unwrap();
+    wait_mode(&local, ClaimMode::Proxied).await;
+    let alice = local
+        .synapse
+        .register_user("alice", PASSWORD)
+        .await
+        .unwrap();
+    let room = local.create_dm(&alice, BOB).await.unwrap();
+    local
+        .wait_for_join(&alice, &room, BOB, TIMEOUT)
+        .await
+        .unwrap();
+    // Keys are made per claim, by the listener, and differ every time.
+    let (first, _) = claim_one(&local, &alice).await.unwrap();
+    let (second, _) = claim_one(&local, &alice).await.unwrap();
+    assert_ne!(first, second);
+    // The homeserver holds no uploaded one-time key of the puppet.
+    let bob = UserId::parse(BOB).unwrap();
+    let counts = local
+        .key_pool()
+        .unwrap()
+        .read_counts(&bob, DEFAULT_PUPPET_DEVICE_ID.into())
+        .await
+        .unwrap();
+    assert_eq!(counts, 0, "one-time keys were uploaded while proxied");
+    assert_eq!(local.key_pool().unwrap().stats().keys_uploaded, 0);
+    local.stop().await.unwrap();
+}
