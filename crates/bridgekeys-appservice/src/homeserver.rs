@@ -367,6 +367,19 @@ impl HomeserverClient {
         Ok(response.device_keys)
     }
 
+    /// `keys/query` as the appservice's sender (no identity asserted): the
+    /// devices of `users` as the homeserver knows them now. Used to notice
+    /// a puppet device the homeserver lost.
+    pub async fn query_keys_as_appservice(
+        &self,
+        users: impl IntoIterator<Item = OwnedUserId>,
+    ) -> Result<QueriedDevices, HomeserverError> {
+        let mut request = get_keys::v3::Request::new();
+        request.device_keys = users.into_iter().map(|u| (u, Vec::new())).collect();
+        request.timeout = Some(Duration::from_secs(10));
+        Ok(self.call(request, None, None).await?.device_keys)
+    }
+
     /// `keys/claim` as a puppet device: one `signed_curve25519` one-time
     /// key of each listed device. Devices without a key to hand out are
     /// absent from the answer.

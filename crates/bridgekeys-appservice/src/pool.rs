@@ -193,6 +193,7 @@ pub struct KeyPool {
     contacted: Mutex<HashSet<DeviceRef>>,
     in_flight: Mutex<HashSet<DeviceRef>>,
     spawned: Mutex<JoinSet<()>>,
+    provisioner: std::sync::OnceLock<Arc<crate::Provisioner>>,
     probes: AtomicU64,
     probes_seen: AtomicU64,
     uploads: AtomicU64,
@@ -252,12 +253,21 @@ impl KeyPool {
             contacted: Mutex::default(),
             in_flight: Mutex::default(),
             spawned: Mutex::new(JoinSet::new()),
+            provisioner: std::sync::OnceLock::new(),
             probes: AtomicU64::new(0),
             probes_seen: AtomicU64::new(0),
             uploads: AtomicU64::new(0),
             keys_uploaded: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         }
+    }
+
+    /// Provision a puppet device again through `provisioner` when the
+    /// homeserver answers a pool upload with "unknown device" (it deleted
+    /// the device). Set once.
+    pub fn with_provisioner(self, provisioner: Arc<crate::Provisioner>) -> Self {
+        let _ = self.provisioner.set(provisioner);
+        self
     }
 
     /// The current mode.
@@ -393,6 +403,13 @@ impl KeyPool {
             Err(PoolError::Olm(OlmError::UnknownDevice { .. })) => {
                 // Not a device of ours (or not created yet): no pool.
                 lock(&self.contacted).remove(&(user_id.to_owned(), device_id.to_owned()));
+            }
+            Err(PoolError::Homeserver(e)) if e.errcode() == Some("M_UNKNOWN_DEVICE") => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%user_id, %device_id, "the homeserver no longer knows this puppet device");
+                if let Some(p) = self.provisioner.get() {
+                    p.device_unknown(user_id, device_id);
+                }
             }
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);

@@ -221,6 +221,9 @@ pub struct ProvisionStats {
     /// Devices signed by their user's cross-signing identity (keys and
     /// signature uploaded).
     pub devices_cross_signed: u64,
+    /// Devices the homeserver had lost, provisioned again with the same
+    /// keys ([`Provisioner::reprovision`]).
+    pub devices_reprovisioned: u64,
 }
 
 #[derive(Default)]
@@ -232,6 +235,7 @@ struct Counters {
     rotation_failures: AtomicU64,
     urgent_rotations: AtomicU64,
     devices_cross_signed: AtomicU64,
+    devices_reprovisioned: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -318,6 +322,7 @@ impl Provisioner {
             rotation_failures: get(&self.counters.rotation_failures),
             urgent_rotations: get(&self.counters.urgent_rotations),
             devices_cross_signed: get(&self.counters.devices_cross_signed),
+            devices_reprovisioned: get(&self.counters.devices_reprovisioned),
         }
     }
 
@@ -572,6 +577,117 @@ impl Provisioner {
                     tracing::warn!(%user_id, %device_id, error = %e, "could not rotate a used fallback key now; the next pass retries");
                     this.wake.notify_one();
                 }
+            }
+        });
+    }
+
+    /// Provision a puppet device again after the homeserver lost it (a
+    /// stale-device pruning such as Synapse's `delete_stale_devices_after`
+    /// deleted it, or an admin did): the device is created again with the
+    /// **same** identity keys, its device keys and current fallback key are
+    /// uploaded again, and it is signed again by its user's self-signing
+    /// key. Nothing is generated: sessions, outstanding one-time keys and
+    /// the user's cross-signing identity stay valid. Safe to repeat.
+    pub async fn reprovision(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<(), ProvisionError> {
+        // Ours, or refused: no homeserver call for a device we never made.
+        self.manager.identity_keys(user_id, device_id)?;
+        let device_keys = self.manager.create_device(user_id, device_id).await?;
+        let msc4190 = self.config.msc4190;
+        self.retry("register", None, || {
+            self.client.register(user_id, device_id, msc4190)
+        })
+        .await?;
+        if msc4190 {
+            self.retry("create device", None, || {
+                self.client.create_device(user_id, device_id)
+            })
+            .await?;
+        } else {
+            self.retry("login device", None, || {
+                self.client.login_device(user_id, device_id)
+            })
+            .await?;
+        }
+        // The published fallback key (the homeserver forgot it with the
+        // device) goes up again with the device keys; an unpublished one is
+        // uploaded and marked published as at first provisioning.
+        let published = self.manager.published_fallback_key(user_id, device_id)?;
+        self.retry("upload keys", Some(&self.counters.upload_retries), || {
+            self.client
+                .upload_keys(user_id, device_id, Some(&device_keys), published.as_ref())
+        })
+        .await?;
+        self.upload_fallback(user_id, device_id, &device_keys)
+            .await?;
+        if self.config.cross_signing {
+            self.cross_sign(user_id, device_id).await?;
+        }
+        bump(&self.counters.devices_reprovisioned);
+        tracing::info!(%user_id, %device_id, "puppet device was gone from the homeserver: provisioned again with the same keys");
+        Ok(())
+    }
+
+    /// Whether the homeserver still knows `device_id` of `user_id` (a
+    /// `keys/query` as the appservice); if it lost it, provision it again
+    /// ([`Provisioner::reprovision`]). Returns whether it did. Devices
+    /// this bridge never provisioned are left alone.
+    pub async fn check_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<bool, ProvisionError> {
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        if !self.registry.contains_puppet(&key)? {
+            return Ok(false);
+        }
+        let devices = self
+            .retry("query the puppet's devices", None, || {
+                self.client
+                    .query_keys_as_appservice(std::iter::once(user_id.to_owned()))
+            })
+            .await?;
+        let present = devices
+            .get(user_id)
+            .is_some_and(|d| d.contains_key(device_id));
+        if present {
+            return Ok(false);
+        }
+        self.reprovision(user_id, device_id).await?;
+        Ok(true)
+    }
+
+    /// The homeserver reports the device list of puppet `user_id` changed
+    /// (`device_lists.changed` in a transaction): check in the background
+    /// that its device ([`ProvisionConfig::device_id`]) is still there, and
+    /// provision it again if not. Stopping the rotation task waits for it.
+    pub fn puppet_devices_changed(self: &Arc<Self>, user_id: &UserId) {
+        let this = Arc::clone(self);
+        let user_id = user_id.to_owned();
+        let device_id = self.config.device_id.clone();
+        let mut running = self.urgent.lock();
+        while running.try_join_next().is_some() {}
+        running.spawn(async move {
+            if let Err(e) = this.check_device(&user_id, &device_id).await {
+                tracing::warn!(%user_id, %device_id, error = %e, "could not check that the puppet device still exists");
+            }
+        });
+    }
+
+    /// A homeserver call as the device answered that the device is
+    /// unknown: provision it again in the background (tracked like
+    /// [`Provisioner::puppet_devices_changed`]).
+    pub fn device_unknown(self: &Arc<Self>, user_id: &UserId, device_id: &DeviceId) {
+        let this = Arc::clone(self);
+        let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
+        let mut running = self.urgent.lock();
+        while running.try_join_next().is_some() {}
+        running.spawn(async move {
+            if let Err(e) = this.reprovision(&user_id, &device_id).await {
+                tracing::warn!(%user_id, %device_id, error = %e, "could not provision a lost puppet device again");
             }
         });
     }

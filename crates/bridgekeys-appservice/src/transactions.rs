@@ -624,6 +624,17 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
             .await
             .map_err(|e| MatrixError::internal(format!("device tracking: {e}")))?;
     }
+    if let Some(provisioner) = inner.provisioner.get() {
+        // A puppet's own device list changed: make sure the homeserver
+        // still has its device (stale-device pruning deletes them).
+        for user in &transaction.device_lists.changed {
+            if let Ok(user_id) = OwnedUserId::try_from(user.as_str())
+                && inner.config.namespace.contains(&user_id)
+            {
+                provisioner.puppet_devices_changed(&user_id);
+            }
+        }
+    }
     if let Some(rooms) = inner.rooms.get() {
         rooms
             .apply_events(&transaction.events)

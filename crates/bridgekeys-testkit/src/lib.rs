@@ -117,6 +117,7 @@ pub struct TestUser {
 #[derive(Debug)]
 pub struct Synapse {
     child: Child,
+    python: PathBuf,
     port: u16,
     server_name: String,
     log: PathBuf,
@@ -221,6 +222,7 @@ impl Synapse {
             .map_err(TestkitError::io("starting synapse"))?;
         let mut synapse = Self {
             child,
+            python,
             port,
             server_name: options.server_name,
             log,
@@ -323,6 +325,42 @@ impl Synapse {
             expect_ok("register", status, answer)?
         };
         test_user(&answer)
+    }
+
+    /// Register a server admin with Synapse's own `register_new_matrix_user`
+    /// (the config's shared registration secret), logged in: for admin API
+    /// calls such as deleting a user's device.
+    pub async fn register_admin(
+        &self,
+        localpart: &str,
+        password: &str,
+    ) -> Result<TestUser, TestkitError> {
+        let status = Command::new(&self.python)
+            .args([
+                "-m",
+                "synapse._scripts.register_new_matrix_user",
+                "-a",
+                "-u",
+            ])
+            .arg(localpart)
+            .arg("-p")
+            .arg(password)
+            .arg("-c")
+            .arg(self.dir.path().join("homeserver.yaml"))
+            .arg(self.url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(TestkitError::io("running register_new_matrix_user"))?;
+        if !status.success() {
+            return Err(TestkitError::Start {
+                reason: format!("register_new_matrix_user exited with {status}"),
+                log: self.log.clone(),
+                tail: log_tail(&self.log, 20),
+            });
+        }
+        self.login(localpart, password).await
     }
 
     /// Log an existing user in with a password (a new device).

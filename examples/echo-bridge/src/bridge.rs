@@ -431,16 +431,22 @@ impl EchoBridge {
         let as_config = AppserviceConfig::from_registration(&registration, &server_name)?;
         // Where the homeserver does not ask us for one-time keys, contacted
         // puppets keep a small uploaded pool; the mode is detected.
-        let pool = Arc::new(KeyPool::new(
-            manager.clone(),
-            HomeserverClient::new(
-                &config.homeserver_url,
-                AsToken::new(registration.as_token.clone()),
-            )?,
-            registration.id.clone(),
-            UserId::parse_with_server_name(registration.sender_localpart.as_str(), &server_name)?,
-            config.one_time_keys.pool_config()?,
-        ));
+        let pool = Arc::new(
+            KeyPool::new(
+                manager.clone(),
+                HomeserverClient::new(
+                    &config.homeserver_url,
+                    AsToken::new(registration.as_token.clone()),
+                )?,
+                registration.id.clone(),
+                UserId::parse_with_server_name(
+                    registration.sender_localpart.as_str(),
+                    &server_name,
+                )?,
+                config.one_time_keys.pool_config()?,
+            )
+            .with_provisioner(provisioner.clone()),
+        );
         let regexes: Vec<&str> = registration
             .namespaces
             .users

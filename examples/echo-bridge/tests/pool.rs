@@ -259,3 +259,95 @@ async fn with_proxied_claims_no_one_time_key_is_uploaded_and_keys_come_on_demand
     assert_eq!(local.key_pool().unwrap().stats().keys_uploaded, 0);
     local.stop().await.unwrap();
 }
+
+/// Bob's devices as `user` sees them through `keys/query`: device id ->
+/// ed25519 key.
+async fn bob_devices(local: &Local, user: &TestUser) -> serde_json::Map<String, Value> {
+    let answer = local
+        .call(
+            user,
+            Method::POST,
+            "/_matrix/client/v3/keys/query",
+            Some(&json!({ "device_keys": { BOB: [] } })),
+        )
+        .await
+        .unwrap();
+    answer["device_keys"][BOB]
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puppet_device_deleted_by_an_admin_is_provisioned_again_with_the_same_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Local::start(dir.path()).await.unwrap();
+    let alice = local
+        .synapse
+        .register_user("alice", PASSWORD)
+        .await
+        .unwrap();
+    let admin = local
+        .synapse
+        .register_admin("admin", PASSWORD)
+        .await
+        .unwrap();
+    let room = local.create_dm(&alice, BOB).await.unwrap();
+    local
+        .wait_for_join(&alice, &room, BOB, TIMEOUT)
+        .await
+        .unwrap();
+    let before = bob_devices(&local, &alice).await;
+    let ed25519 = format!("ed25519:{DEFAULT_PUPPET_DEVICE_ID}");
+    let identity = before[DEFAULT_PUPPET_DEVICE_ID]["keys"][&ed25519].clone();
+    assert!(identity.is_string(), "{before:?}");
+
+    // Stale-device pruning, done by hand: the admin API deletes the device.
+    let path = format!(
+        "/_synapse/admin/v2/users/{}/devices/{DEFAULT_PUPPET_DEVICE_ID}",
+        BOB.replace('@', "%40").replace(':', "%3A")
+    );
+    local
+        .call(&admin, Method::DELETE, &path, None)
+        .await
+        .unwrap();
+    assert!(
+        bob_devices(&local, &alice).await.is_empty(),
+        "the device is still there"
+    );
+
+    // The next transaction tells the bridge Bob's device list changed; it
+    // finds the device gone and provisions it again, with the same keys.
+    local
+        .send_text(&alice, &room, "lost-device-1", "are you there?")
+        .await
+        .unwrap();
+    let after = poll(TIMEOUT, || async {
+        let devices = bob_devices(&local, &alice).await;
+        Ok(devices
+            .contains_key(DEFAULT_PUPPET_DEVICE_ID)
+            .then_some(devices))
+    })
+    .await
+    .expect("the puppet device was not provisioned again");
+    assert_eq!(
+        after[DEFAULT_PUPPET_DEVICE_ID]["keys"][&ed25519], identity,
+        "the device came back with other keys"
+    );
+    // Signed by its user's self-signing key again.
+    let signatures = after[DEFAULT_PUPPET_DEVICE_ID]["signatures"][BOB]
+        .as_object()
+        .unwrap();
+    assert!(
+        signatures.len() >= 2,
+        "not cross-signed again: {signatures:?}"
+    );
+
+    // Claims work again, signed by the same device key.
+    let (key_id, key) = claim_one(&local, &alice)
+        .await
+        .expect("a key of the device provisioned again");
+    assert_signed_by_bob(&local, &key_id, &key);
+    assert_eq!(local.key_pool().unwrap().stats().keys_uploaded, 0);
+    local.stop().await.unwrap();
+}
