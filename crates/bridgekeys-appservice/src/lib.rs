@@ -15,6 +15,8 @@
 //! * **Olm for puppets** ([`olm`]): device tracking (`keys/query` as the
 //!   puppet, verified, durable, invalidated by `device_lists`) and
 //!   outbound to-device encryption ([`PuppetOlm::encrypt_to_device`]).
+//! * **Key queries** (MSC3984, [`paths::QUERY`]): provisioned puppets'
+//!   device keys from the store, cross-signature included ([`query`]).
 //! * **Ping and queries** ([`paths::PING`], [`paths::USER`], [`paths::ROOM`]).
 //! * **Auth** on every Matrix route (Bearer or `access_token`, constant-time),
 //!   a body size limit, a request timeout, Matrix JSON errors, and
@@ -63,6 +65,7 @@ pub mod olm;
 mod ping;
 pub mod pool;
 pub mod provision;
+pub mod query;
 mod registration;
 pub mod room_events;
 pub mod room_state;

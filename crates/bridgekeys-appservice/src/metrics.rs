@@ -16,6 +16,7 @@ use crate::AppserviceError;
 pub(crate) struct Metrics {
     registry: Registry,
     pub claims: IntCounter,
+    pub key_queries: IntCounter,
     pub claim_devices_refused: IntCounter,
     pub keys_issued: IntCounter,
     pub evicted_keys: IntCounter,
@@ -115,6 +116,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(pool_contacted.clone()))?;
         Ok(Self {
+            key_queries: counter(
+                &registry,
+                "key_queries_total",
+                "MSC3984 keys/query requests answered from the store.",
+            )?,
             claim_mode,
             pool_contacted,
             pool_uploads: Mirrored::new(

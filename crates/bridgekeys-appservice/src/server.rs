@@ -24,8 +24,8 @@ use tracing::Instrument;
 
 use crate::{
     AppserviceConfig, AppserviceError, BridgeHandler, MatrixError, auth, body::BodyLimit, claim,
-    error::ErrCode, health, metrics::Metrics, ping, provision::Provisioner, rooms, transactions,
-    txn_locks::KeyedLocks, users,
+    error::ErrCode, health, metrics::Metrics, ping, provision::Provisioner, query, rooms,
+    transactions, txn_locks::KeyedLocks, users,
 };
 
 /// Shared state of every request.
@@ -86,6 +86,12 @@ pub mod paths {
         "/_matrix/app/v1/keys/claim",
         "/_matrix/app/unstable/org.matrix.msc3983/keys/claim",
         "/_matrix/app/v1/unstable/org.matrix.msc3983/keys/claim",
+    ];
+    /// Key query paths (MSC3984): the unstable path Synapse calls, and the
+    /// stable form.
+    pub const QUERY: [&str; 2] = [
+        "/_matrix/app/unstable/org.matrix.msc3984/keys/query",
+        "/_matrix/app/v1/keys/query",
     ];
     /// Transaction paths (the second is the legacy one).
     pub const TRANSACTION: [&str; 2] = [
@@ -273,6 +279,9 @@ impl<H: BridgeHandler> Appservice<H> {
         let mut matrix = Router::new();
         for path in paths::CLAIM {
             matrix = matrix.route(path, post(claim::claim::<H>));
+        }
+        for path in paths::QUERY {
+            matrix = matrix.route(path, post(query::query::<H>));
         }
         for path in paths::TRANSACTION {
             matrix = matrix.route(path, put(transactions::put_transaction::<H>));

@@ -195,6 +195,27 @@ impl AccountManager {
         })
     }
 
+    /// The device keys as the homeserver should publish them: signed by the
+    /// device and, when its user has a cross-signing identity, by the
+    /// user's self-signing key too. Never creates an identity (a read-only
+    /// path: answering a key query).
+    pub fn published_device_keys(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<DeviceKeys, OlmError> {
+        let device_keys = self.device_keys(user_id, device_id)?;
+        let Some(record) = self.store().load_cross_signing(user_id.as_str())? else {
+            return Ok(device_keys);
+        };
+        let identity = Identity::decode(&record)?;
+        let mut object = serde_json::to_value(&device_keys)
+            .map_err(|e| OlmError::Corrupt(format!("device keys: {e}")))?;
+        // The self-signing signature joins the device's own.
+        sign_into(&mut object, user_id, &identity.self_signing)?;
+        serde_json::from_value(object).map_err(|e| OlmError::Corrupt(format!("device keys: {e}")))
+    }
+
     /// The puppet device's keys signed by its user's self-signing key (the
     /// identity is created on first use), as `keys/signatures/upload` takes
     /// them: the device keys with that one signature.

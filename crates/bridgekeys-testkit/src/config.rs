@@ -20,6 +20,7 @@ pub(crate) fn overrides(
     port: u16,
     registrations: &[PathBuf],
     proxy_key_claims: bool,
+    proxy_key_queries: bool,
 ) -> Value {
     json!({
         "listeners": [{
@@ -54,7 +55,7 @@ pub(crate) fn overrides(
             "msc2409_to_device_messages_enabled": true,
             "msc3202_transaction_extensions": true,
             "msc3983_appservice_otk_claims": proxy_key_claims,
-            "msc3984_appservice_key_query": true
+            "msc3984_appservice_key_query": proxy_key_queries
         }
     })
 }

@@ -88,6 +88,10 @@ pub struct SynapseOptions {
     /// (`msc3983_appservice_otk_claims`, default on). Off, it behaves as
     /// homeservers without MSC3983 do: only uploaded keys are handed out.
     pub proxy_key_claims: bool,
+    /// Whether Synapse asks appservices for their users' device keys
+    /// (`msc3984_appservice_key_query`, default on). Off, `keys/query`
+    /// shows the homeserver's own copy.
+    pub proxy_key_queries: bool,
 }
 
 impl Default for SynapseOptions {
@@ -98,6 +102,7 @@ impl Default for SynapseOptions {
             venv: None,
             start_timeout: Duration::from_secs(90),
             proxy_key_claims: true,
+            proxy_key_queries: true,
         }
     }
 }
@@ -207,6 +212,7 @@ impl Synapse {
                 port,
                 &options.appservice_registrations,
                 options.proxy_key_claims,
+                options.proxy_key_queries,
             ),
         )?;
         let child = Command::new(&python)

@@ -26,6 +26,9 @@ use crate::{Config, EchoBridge, InitOptions, client::encode, init};
 pub struct LocalOptions {
     /// Synapse proxies key claims to the bridge (MSC3983; default on).
     pub proxy_key_claims: bool,
+    /// Synapse asks the bridge for its puppets' device keys (MSC3984;
+    /// default on).
+    pub proxy_key_queries: bool,
     /// The bridge's `[one_time_keys]` settings.
     pub one_time_keys: crate::PoolSettings,
 }
@@ -34,6 +37,7 @@ impl Default for LocalOptions {
     fn default() -> Self {
         Self {
             proxy_key_claims: true,
+            proxy_key_queries: true,
             one_time_keys: crate::PoolSettings::default(),
         }
     }
@@ -81,6 +85,7 @@ impl Local {
         let synapse = Synapse::start(SynapseOptions {
             appservice_registrations: vec![done.registration.clone()],
             proxy_key_claims: options.proxy_key_claims,
+            proxy_key_queries: options.proxy_key_queries,
             ..SynapseOptions::default()
         })
         .await

@@ -37,7 +37,12 @@ fn settings(pool_size: usize, refill_below: usize) -> PoolSettings {
 }
 
 async fn ready_body(local: &Local) -> Value {
-    let url = format!("http://{}/_bridgekeys/ready", local.config.listen);
+    serde_json::from_slice(&get(local, "/_bridgekeys/ready").await).unwrap()
+}
+
+/// GET `path` from the bridge's listener (no token: operations endpoints).
+async fn get(local: &Local, path: &str) -> bytes::Bytes {
+    let url = format!("http://{}{path}", local.config.listen);
     let stream = tokio::net::TcpStream::connect(local.config.listen)
         .await
         .unwrap();
@@ -54,7 +59,7 @@ async fn ready_body(local: &Local) -> Value {
         .await
         .unwrap()
         .to_bytes();
-    serde_json::from_slice(&body).unwrap()
+    body
 }
 
 async fn wait_mode(local: &Local, wanted: ClaimMode) {
@@ -138,6 +143,7 @@ async fn without_proxied_claims_contacted_puppets_keep_an_uploaded_pool_that_ref
         LocalOptions {
             proxy_key_claims: false,
             one_time_keys: settings(10, 5),
+            ..LocalOptions::default()
         },
     )
     .await
@@ -228,6 +234,7 @@ async fn with_proxied_claims_no_one_time_key_is_uploaded_and_keys_come_on_demand
         LocalOptions {
             proxy_key_claims: true,
             one_time_keys: settings(10, 5),
+            ..LocalOptions::default()
         },
     )
     .await
@@ -256,6 +263,23 @@ async fn with_proxied_claims_no_one_time_key_is_uploaded_and_keys_come_on_demand
         .await
         .unwrap();
     assert_eq!(counts, 0, "one-time keys were uploaded while proxied");
+    // Key queries are proxied too (MSC3984): Alice's query of Bob's keys
+    // is answered by the bridge, from its store.
+    let devices = bob_devices(&local, &alice).await;
+    assert!(
+        devices.contains_key(DEFAULT_PUPPET_DEVICE_ID),
+        "{devices:?}"
+    );
+    let metrics = String::from_utf8(get(&local, "/metrics").await.to_vec()).unwrap();
+    let answered = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bridgekeys_appservice_key_queries_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        answered >= 1.0,
+        "the homeserver never asked the bridge: {answered}"
+    );
     assert_eq!(local.key_pool().unwrap().stats().keys_uploaded, 0);
     local.stop().await.unwrap();
 }
@@ -281,7 +305,17 @@ async fn bob_devices(local: &Local, user: &TestUser) -> serde_json::Map<String, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puppet_device_deleted_by_an_admin_is_provisioned_again_with_the_same_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let local = Local::start(dir.path()).await.unwrap();
+    // Key queries show the homeserver's own copy of the device (with
+    // MSC3984 the bridge would answer them from its store).
+    let local = Local::start_with(
+        dir.path(),
+        LocalOptions {
+            proxy_key_queries: false,
+            ..LocalOptions::default()
+        },
+    )
+    .await
+    .unwrap();
     let alice = local
         .synapse
         .register_user("alice", PASSWORD)
