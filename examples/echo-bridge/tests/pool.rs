@@ -55,11 +55,10 @@ async fn get(local: &Local, path: &str) -> bytes::Bytes {
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
-    let body = http_body_util::BodyExt::collect(response.into_body())
+    http_body_util::BodyExt::collect(response.into_body())
         .await
         .unwrap()
-        .to_bytes();
-    body
+        .to_bytes()
 }
 
 async fn wait_mode(local: &Local, wanted: ClaimMode) {
