@@ -311,9 +311,20 @@ impl KeyPool {
         self.probes.fetch_add(1, Ordering::Relaxed);
         // A claim the listener never sees means "not proxied" only if the
         // homeserver can reach the listener at all.
-        if let Err(e) = self.client.ping_appservice(&self.appservice_id).await {
-            tracing::warn!(error = %e, "the homeserver could not ping the listener; claim mode unchanged");
-            return self.mode();
+        match self.client.ping_appservice(&self.appservice_id).await {
+            Ok(_) => {}
+            // A homeserver without the ping endpoint (MSC2659): probe
+            // anyway. Mistaking an unreachable listener for "pool" only
+            // uploads a few valid keys; the next detection corrects it.
+            Err(HomeserverError::Matrix {
+                status, errcode, ..
+            }) if status == 404 || status == 405 || errcode == "M_UNRECOGNIZED" => {
+                tracing::debug!("the homeserver has no appservice ping; probing without it");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the homeserver could not ping the listener; claim mode unchanged");
+                return self.mode();
+            }
         }
         let before = self.probes_seen.load(Ordering::SeqCst);
         let probe = BTreeMap::from([(

@@ -20,7 +20,9 @@
 //! cheap: at most [`crate::Limits::max_devices_per_claim`] devices named
 //! (else 400 `M_INVALID_PARAM`, nothing read), one account read and one
 //! signature per device, nothing written. An empty device list means the
-//! puppet's device ([`crate::AppserviceConfig::puppet_device_id`]).
+//! puppet's device ([`crate::AppserviceConfig::puppet_device_id`]). With a
+//! key pool attached, a queried device counts as contacted
+//! ([`crate::KeyPool::touch`]).
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -69,6 +71,11 @@ pub(crate) async fn query<H: BridgeHandler>(
         for device_id in devices {
             match inner.manager.published_device_keys(&user_id, &device_id) {
                 Ok(keys) => {
+                    if let Some(pool) = inner.pool.get() {
+                        // Someone looks the puppet up: it may be claimed
+                        // from soon (in pool mode its pool is filled now).
+                        pool.touch(&user_id, &device_id);
+                    }
                     response
                         .device_keys
                         .entry(user_id.clone())

@@ -68,6 +68,9 @@ enum Scenario {
         /// Devices to provision.
         #[arg(long, default_value_t = 100_000)]
         devices: usize,
+        /// Keys per contacted device in the uploaded pool measured beside.
+        #[arg(long, default_value_t = 10)]
+        pool_size: usize,
         /// Directory for the store (on the disk you want measured).
         #[arg(long, default_value = "target/bench-data")]
         dir: PathBuf,
@@ -371,8 +374,18 @@ async fn main() -> anyhow::Result<()> {
             );
             write_json(json, &r)
         }
-        Scenario::Storage { devices, dir, json } => {
-            let r = storage::run(&storage::StorageBench { devices, dir }).await?;
+        Scenario::Storage {
+            devices,
+            pool_size,
+            dir,
+            json,
+        } => {
+            let r = storage::run(&storage::StorageBench {
+                devices,
+                dir,
+                pool_size,
+            })
+            .await?;
             let a = &r.alternative;
             println!("scenario: storage ({} devices)", r.devices);
             println!(
@@ -402,6 +415,19 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "    per device, total                      {:>10} bytes",
                 a.total_bytes_per_device
+            );
+            let p = &r.pool;
+            println!(
+                "  uploaded pool of {} keys (homeservers that do not proxy claims), per contacted device:",
+                p.keys_per_device
+            );
+            println!(
+                "    bridge side (measured) + homeserver    {:>10.0} + {} bytes",
+                p.bridge_bytes, p.homeserver_bytes
+            );
+            println!(
+                "    per contacted device, total            {:>10.0} bytes (never contacted: {:.0})",
+                p.total_bytes_per_device, r.bytes_per_device
             );
             write_json(json, &r)
         }

@@ -14,6 +14,14 @@
 //! factor, bloat or WAL; the bridge side is the growth of the vodozemac
 //! account pickle that must keep the 50 private keys (postcard, sealed).
 //! Both use real keys signed as a client signs them.
+//!
+//! The uploaded pool (homeservers that do not proxy claims) is measured
+//! beside both: a second store whose devices each also hold a pool of
+//! one-time keys made by the account manager (as `KeyPool` makes them),
+//! its bridge side measured like the idle store, its homeserver side
+//! computed like the alternative's (the same rows, fewer of them). A
+//! device that was never contacted has no pool: it costs what an on-demand
+//! device costs.
 
 use std::{path::Path, sync::Arc, time::Instant};
 
@@ -31,6 +39,25 @@ pub struct StorageBench {
     pub devices: usize,
     /// Where the store goes (a temporary directory inside it).
     pub dir: std::path::PathBuf,
+    /// Keys per contacted device in the uploaded pool (`KeyPool`'s default
+    /// is 10).
+    pub pool_size: usize,
+}
+
+/// What an uploaded pool costs per contacted device (idle devices that were
+/// never contacted have none).
+#[derive(Debug, Serialize)]
+pub struct PoolCost {
+    /// Keys in the pool.
+    pub keys_per_device: usize,
+    /// Bridge side, measured: the pool keys' records (private halves,
+    /// sealed) per device, over an idle device.
+    pub bridge_bytes: f64,
+    /// Homeserver side, computed: keys x (row + index), as for the
+    /// alternative.
+    pub homeserver_bytes: usize,
+    /// An idle device plus both sides.
+    pub total_bytes_per_device: f64,
 }
 
 /// What the alternative (50 uploaded one-time keys per device) costs.
@@ -71,6 +98,8 @@ pub struct StorageReport {
     pub bytes_per_device: f64,
     /// The 50-uploaded-keys alternative, computed.
     pub alternative: UploadedKeysAlternative,
+    /// The uploaded pool of a contacted device.
+    pub pool: PoolCost,
 }
 
 /// Run the scenario.
@@ -82,12 +111,28 @@ pub async fn run(config: &StorageBench) -> anyhow::Result<StorageReport> {
     let empty_store_bytes = settle_and_measure(empty.path(), &key)?;
 
     let dir = tempfile::tempdir_in(&config.dir)?;
-    let provision_s = provision(dir.path(), &key, config.devices).await?;
+    let provision_s = provision(dir.path(), &key, config.devices, 0).await?;
     let store_bytes = settle_and_measure(dir.path(), &key)?;
-    let bytes_per_device =
-        store_bytes.saturating_sub(empty_store_bytes) as f64 / config.devices.max(1) as f64;
+    let per_device =
+        |bytes: u64| bytes.saturating_sub(empty_store_bytes) as f64 / config.devices.max(1) as f64;
+    let bytes_per_device = per_device(store_bytes);
     let alternative = uploaded_keys_alternative(50, bytes_per_device.round() as usize)?;
+    drop(dir);
+
+    let pooled = tempfile::tempdir_in(&config.dir)?;
+    provision(pooled.path(), &key, config.devices, config.pool_size).await?;
+    let pooled_bytes = per_device(settle_and_measure(pooled.path(), &key)?);
+    let bridge_bytes = (pooled_bytes - bytes_per_device).max(0.0);
+    let homeserver_bytes =
+        config.pool_size * (alternative.homeserver_row_bytes + alternative.homeserver_index_bytes);
+    let pool = PoolCost {
+        keys_per_device: config.pool_size,
+        bridge_bytes,
+        homeserver_bytes,
+        total_bytes_per_device: bytes_per_device + bridge_bytes + homeserver_bytes as f64,
+    };
     Ok(StorageReport {
+        pool,
         devices: config.devices,
         provision_s,
         store_bytes,
@@ -97,8 +142,14 @@ pub async fn run(config: &StorageBench) -> anyhow::Result<StorageReport> {
     })
 }
 
-/// Provision `devices` as the provisioner would (without the homeserver).
-async fn provision(dir: &Path, key: &StoreKey, devices: usize) -> anyhow::Result<f64> {
+/// Provision `devices` as the provisioner would (without the homeserver),
+/// each with `pool_keys` one-time keys made for an uploaded pool.
+async fn provision(
+    dir: &Path,
+    key: &StoreKey,
+    devices: usize,
+    pool_keys: usize,
+) -> anyhow::Result<f64> {
     let store = open_store(dir, key)?;
     let manager = Arc::new(AccountManager::new(store.clone(), Default::default()));
     let started = Instant::now();
@@ -121,6 +172,16 @@ async fn provision(dir: &Path, key: &StoreKey, devices: usize) -> anyhow::Result
                     .await?;
                 // Durable with the flush that ends the provisioning.
                 let _applied = store.record_puppet(&device_key(user, device))?;
+                if pool_keys > 0 {
+                    manager
+                        .claim(
+                            user,
+                            device,
+                            &ruma::OneTimeKeyAlgorithm::SignedCurve25519,
+                            pool_keys,
+                        )
+                        .await?;
+                }
             }
             Ok(())
         }

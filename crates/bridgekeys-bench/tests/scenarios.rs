@@ -148,6 +148,7 @@ async fn scale_loads_cold_devices_and_storage_measures_real_files() {
     let st = storage::run(&storage::StorageBench {
         devices: 500,
         dir: dir.path().to_owned(),
+        pool_size: 10,
     })
     .await
     .unwrap();
@@ -162,6 +163,17 @@ async fn scale_loads_cold_devices_and_storage_measures_real_files() {
         a.total_bytes_per_device,
         st.bytes_per_device.round() as usize + a.extra_bytes_per_device
     );
+    // A pool of 10 keys: its records on the bridge (each at least a 32-byte
+    // secret and its public key) and 10 rows on the homeserver, less than
+    // the 50 of the alternative.
+    let p = &st.pool;
+    assert_eq!(p.keys_per_device, 10);
+    assert!(p.bridge_bytes > 10.0 * 64.0, "{}", p.bridge_bytes);
+    assert_eq!(
+        p.homeserver_bytes,
+        10 * (a.homeserver_row_bytes + a.homeserver_index_bytes)
+    );
+    assert!(p.total_bytes_per_device < a.total_bytes_per_device as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
