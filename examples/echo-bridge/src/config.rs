@@ -294,6 +294,21 @@ mod tests {
     }
 
     #[test]
+    fn homeserver_ca_is_optional_and_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(CONFIG_FILE);
+        let base = "homeserver_url = \"https://[::1]:8448\"\nserver_name = \"example.org\"\n\
+                    listen = \"127.0.0.1:29300\"\nregistration = \"registration.yaml\"\n\
+                    store_key = \"00\"\n";
+        std::fs::write(&path, base).expect("write");
+        assert_eq!(Config::load(&path).expect("load").homeserver_ca, None);
+        std::fs::write(&path, format!("{base}homeserver_ca = \"ca.pem\"\n")).expect("write");
+        let config = Config::load(&path).expect("load");
+        assert_eq!(config.homeserver_ca, Some(dir.path().join("ca.pem")));
+        assert_eq!(config.homeserver_url, "https://[::1]:8448");
+    }
+
+    #[test]
     fn the_namespace_escapes_the_server_name() {
         assert_eq!(user_regex("example.org"), r"@echo_.*:example\.org");
     }
