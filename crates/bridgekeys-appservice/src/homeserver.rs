@@ -18,17 +18,36 @@
 //! | to-device | `PUT /_matrix/client/v3/sendToDevice/{type}/{txnId}?user_id=<puppet>&device_id=<device>` `{"messages": {user: {device: content}}}` (or `{user: {"*": content}}`: all of a user's devices) |
 //! | ping | `POST /_matrix/client/v1/appservice/{appserviceId}/ping` `{}` (the homeserver then calls our `/ping`) |
 //!
-//! Plain `http://` only (an appservice usually reaches its homeserver on a
-//! local or private address); HTTP/1.1, one connection per request, which is
-//! plenty for provisioning and rotation traffic. The token never appears in
-//! logs or errors.
+//! The transport is one [`reqwest::Client`] per [`HomeserverClient`]
+//! (clones share it, and with it its pool of kept-alive connections):
+//! `http://` or `https://` homeservers, host names, IPv4 or IPv6 literals
+//! (`http://[::1]:8008`), HTTP/1.1. TLS is rustls; the roots trusted are
+//! the Mozilla set built in (webpki-roots), not the system's store, plus any
+//! given with [`HomeserverClient::with_root_certificate`] (a homeserver
+//! behind a private CA, or a test's self-signed certificate). No proxy from
+//! the environment and no redirects are followed: the appservice talks to
+//! its own homeserver directly, and the `as_token` goes nowhere else.
+//!
+//! Each call gives up after its timeout ([`HomeserverClient::with_timeout`])
+//! and retries transient failures (network errors, 5xx, 429) a bounded
+//! number of times with exponential backoff and jitter, waiting at least
+//! what a 429 asks for (`retry_after_ms`, or a `Retry-After` header in
+//! seconds): see [`RetryPolicy`]. Exactly one layer retries a call: the
+//! [`Provisioner`](crate::Provisioner) and [`PuppetOlm`](crate::PuppetOlm)
+//! run their own retry loops (with their own bounds, counters and logs, and
+//! also honouring `retry_after`), so they switch the retries of the client
+//! they are given off; everything else that calls the client directly
+//! (room state reads, the appservice ping, a bridge's own calls) gets the
+//! client's retries.
+//!
+//! The token never appears in logs, errors or `Debug` output (it is sent as
+//! a header marked sensitive, and only to the configured homeserver).
 
 use std::{collections::BTreeMap, time::Duration};
 
 use bridgekeys_olm::FallbackKey;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
+use rand::Rng;
 use ruma::{
     DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedOneTimeKeyId, OwnedTransactionId,
     OwnedUserId, RoomId, UInt, UserId,
@@ -85,6 +104,9 @@ pub enum HomeserverError {
         errcode: String,
         /// Matrix `error` message.
         error: String,
+        /// How long the homeserver asked us to wait before asking again (a
+        /// 429's `retry_after_ms`, or its `Retry-After` header).
+        retry_after: Option<Duration>,
     },
     /// A request could not be built or an answer not understood.
     #[error("homeserver protocol error: {0}")]
@@ -105,6 +127,15 @@ impl HomeserverError {
     pub fn errcode(&self) -> Option<&str> {
         match self {
             Self::Matrix { errcode, .. } => Some(errcode),
+            _ => None,
+        }
+    }
+
+    /// How long the homeserver asked us to wait before the next attempt,
+    /// if it said (rate limiting).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Matrix { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -157,39 +188,159 @@ pub enum Registered {
 struct ErrorBody {
     errcode: Option<String>,
     error: Option<String>,
+    retry_after_ms: Option<u64>,
 }
 
-/// A client for the homeserver, acting as the appservice.
-#[derive(Clone, Debug)]
+/// How a [`HomeserverClient`] retries a call that failed transiently
+/// ([`HomeserverError::is_transient`]: network errors, 5xx, 429).
+///
+/// Retry `n` (from 0) waits a random time between half and all of
+/// `base_delay * 2^n`, at most `max_delay` (jitter, so that many puppets
+/// throttled together do not come back together), and at least what the
+/// homeserver asked for with a 429. A homeserver asking for more than
+/// `max_delay` is not waited for: the error (with its
+/// [`retry_after`](HomeserverError::retry_after)) goes to the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0: one attempt only).
+    pub max_retries: u32,
+    /// Backoff before the first retry; doubles with each retry.
+    pub base_delay: Duration,
+    /// Longest wait before any retry.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 3 retries from 200 ms, waits of at most 10 s: a call gives up within
+    /// a few seconds unless the homeserver asked for longer waits.
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries: every failure goes straight to the caller (for callers
+    /// that run their own retry loop).
+    pub fn none() -> Self {
+        Self {
+            max_retries: 0,
+            ..Self::default()
+        }
+    }
+
+    /// The wait before retry number `retry` (from 0) after `error`, or
+    /// `None` if the error is not retried (not transient, retries used up,
+    /// or the homeserver asked for a longer wait than `max_delay`).
+    pub fn delay(&self, retry: u32, error: &HomeserverError) -> Option<Duration> {
+        if !error.is_transient() || retry >= self.max_retries {
+            return None;
+        }
+        let asked = error.retry_after().unwrap_or_default();
+        if asked > self.max_delay {
+            return None;
+        }
+        let backoff = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(retry))
+            .min(self.max_delay);
+        let jittered = backoff / 2 + rand::thread_rng().gen_range(Duration::ZERO..=backoff / 2);
+        Some(jittered.max(asked))
+    }
+}
+
+/// A client for the homeserver, acting as the appservice. Cheap to clone
+/// (clones share one connection pool).
+#[derive(Clone)]
 pub struct HomeserverClient {
     base_url: String,
-    authority: http::uri::Authority,
+    http: reqwest::Client,
+    extra_roots: Vec<reqwest::Certificate>,
     as_token: AsToken,
     timeout: Duration,
+    retry: RetryPolicy,
     versions: SupportedVersions,
 }
 
+impl std::fmt::Debug for HomeserverClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HomeserverClient")
+            .field("base_url", &self.base_url)
+            .field("as_token", &self.as_token)
+            .field("extra_roots", &self.extra_roots.len())
+            .field("timeout", &self.timeout)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The transport: rustls (Mozilla roots plus `extra_roots`), HTTP/1.1 with
+/// kept-alive connections, no proxy from the environment, no redirects.
+fn build_transport(
+    extra_roots: &[reqwest::Certificate],
+) -> Result<reqwest::Client, HomeserverError> {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("bridgekeys/", env!("CARGO_PKG_VERSION")));
+    for root in extra_roots {
+        builder = builder.add_root_certificate(root.clone());
+    }
+    builder
+        .build()
+        .map_err(|e| HomeserverError::Protocol(format!("building the http client: {}", chain(&e))))
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message names
+/// the step; the cause says what went wrong, such as an unknown issuer).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 impl HomeserverClient {
-    /// A client for the homeserver at `base_url` (`http://host:port`).
+    /// A client for the homeserver at `base_url` (`http://` or `https://`,
+    /// host name or IP literal, IPv6 in brackets: `http://[::1]:8008`).
     pub fn new(base_url: &str, as_token: AsToken) -> Result<Self, HomeserverError> {
         let base_url = base_url.trim_end_matches('/').to_owned();
-        let uri: http::Uri = base_url
-            .parse()
+        let url = reqwest::Url::parse(&base_url)
             .map_err(|e| HomeserverError::Protocol(format!("homeserver url: {e}")))?;
-        if uri.scheme_str() != Some("http") {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(HomeserverError::Protocol(format!(
+                "homeserver url must be http:// or https://, not {}://",
+                url.scheme()
+            )));
+        }
+        if url.host().is_none() {
             return Err(HomeserverError::Protocol(
-                "homeserver url must be http:// (TLS is not supported yet)".into(),
+                "homeserver url has no host".into(),
             ));
         }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| HomeserverError::Protocol("homeserver url has no host".into()))?;
+        if !url.username().is_empty() || url.password().is_some() || url.query().is_some() {
+            return Err(HomeserverError::Protocol(
+                "homeserver url must not carry credentials or a query".into(),
+            ));
+        }
         Ok(Self {
             base_url,
-            authority,
+            http: build_transport(&[])?,
+            extra_roots: Vec::new(),
             as_token,
             timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
             // v1.1 for the v3 endpoints; v1.7 for the appservice ping.
             versions: SupportedVersions {
                 versions: [MatrixVersion::V1_1, MatrixVersion::V1_7].into(),
@@ -198,10 +349,43 @@ impl HomeserverClient {
         })
     }
 
-    /// Give up on a single request after `timeout` (default 30 s).
+    /// Also trust the root certificate(s) in `pem` (one or more PEM
+    /// `CERTIFICATE` blocks) for `https://` homeservers. For a homeserver
+    /// whose certificate comes from a private CA (common for an appservice
+    /// on an internal network) or is self-signed (tests): the built-in
+    /// roots stay trusted too. Builds a new connection pool; this client's
+    /// clones made before keep the old one.
+    pub fn with_root_certificate(mut self, pem: &[u8]) -> Result<Self, HomeserverError> {
+        let roots = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| HomeserverError::Protocol(format!("root certificate: {}", chain(&e))))?;
+        if roots.is_empty() {
+            return Err(HomeserverError::Protocol(
+                "root certificate: no PEM CERTIFICATE block found".into(),
+            ));
+        }
+        self.extra_roots.extend(roots);
+        self.http = build_transport(&self.extra_roots)?;
+        Ok(self)
+    }
+
+    /// Give up on a single attempt of a request after `timeout` (default
+    /// 30 s; connecting, sending and reading the answer included).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Retry transient failures as `policy` says (default:
+    /// [`RetryPolicy::default`]; [`RetryPolicy::none`] for callers with a
+    /// retry loop of their own).
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The retry policy in force.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
     }
 
     /// Register a puppet as the appservice (`m.login.application_service`).
@@ -343,6 +527,7 @@ impl HomeserverClient {
                 status: 400,
                 errcode: text("errcode"),
                 error: text("error"),
+                retry_after: None,
             });
         }
         Ok(())
@@ -542,8 +727,13 @@ impl HomeserverClient {
             .map(|answer| answer.duration)
     }
 
-    /// Send one request as the appservice, asserting `user_id`/`device_id`.
-    async fn call<R>(
+    /// Send any client-server request (a ruma request type) as the
+    /// appservice, asserting `user_id` (and `device_id`), with this
+    /// client's transport, timeout and retries ([`RetryPolicy`]): for a
+    /// bridge's own calls (join a room, send an event) beside the ones
+    /// above. Retries re-send the same request: use it for idempotent
+    /// calls (a send with its transaction id, a join).
+    pub async fn call<R>(
         &self,
         request: R,
         user_id: Option<&UserId>,
@@ -559,7 +749,7 @@ impl HomeserverClient {
         let mut identity = ruma::api::AppserviceUserIdentity::default();
         identity.user_id = user_id;
         identity.device_id = device_id;
-        let http_request: http::Request<Vec<u8>> = request
+        let mut http_request: http::Request<Vec<u8>> = request
             .try_into_http_request_with_identity(
                 &self.base_url,
                 SendAccessToken::Appservice(&self.as_token.0),
@@ -567,68 +757,112 @@ impl HomeserverClient {
                 std::borrow::Cow::Borrowed(&self.versions),
             )
             .map_err(|e| HomeserverError::Protocol(format!("building the request: {e}")))?;
-        let (status, body) = tokio::time::timeout(self.timeout, self.send(http_request))
-            .await
-            .map_err(|_| HomeserverError::Network("request timed out".into()))??;
-        if status.as_u16() >= 400 {
-            let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
-            let (errcode, error) = parsed.map(|b| (b.errcode, b.error)).unwrap_or((None, None));
-            return Err(HomeserverError::Matrix {
-                status: status.as_u16(),
-                errcode: errcode.unwrap_or_else(|| "M_UNKNOWN".into()),
-                error: error.unwrap_or_default(),
-            });
+        if let Some(auth) = http_request
+            .headers_mut()
+            .get_mut(http::header::AUTHORIZATION)
+        {
+            auth.set_sensitive(true);
         }
+        let mut request = reqwest::Request::try_from(http_request)
+            .map_err(|e| HomeserverError::Protocol(format!("building the request: {e}")))?;
+        *request.timeout_mut() = Some(self.timeout);
+        let mut retry = 0;
+        let answer = loop {
+            let attempt = request.try_clone().ok_or_else(|| {
+                HomeserverError::Protocol("the request body cannot be sent again".into())
+            })?;
+            let error = match self.send(attempt).await {
+                Ok(answer) if answer.status.as_u16() < 400 => break answer,
+                Ok(answer) => matrix_error(answer.status, &answer.body, answer.retry_after),
+                Err(e) => e,
+            };
+            match self.retry.delay(retry, &error) {
+                Some(wait) => {
+                    tracing::debug!(
+                        method = %request.method(),
+                        path = request.url().path(),
+                        retry = retry + 1,
+                        wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        error = %error,
+                        "homeserver call failed; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                    retry += 1;
+                }
+                None => return Err(error),
+            }
+        };
         let response = http::Response::builder()
-            .status(status)
-            .body(body.as_ref())
+            .status(answer.status)
+            .body(answer.body.as_ref())
             .map_err(|e| HomeserverError::Protocol(e.to_string()))?;
         R::IncomingResponse::try_from_http_response(response)
             .map_err(|e| HomeserverError::Protocol(format!("unexpected answer: {e}")))
     }
 
-    async fn send(
-        &self,
-        request: http::Request<Vec<u8>>,
-    ) -> Result<(http::StatusCode, Bytes), HomeserverError> {
-        let net = |e: &dyn std::fmt::Display| HomeserverError::Network(e.to_string());
-        let host = self.authority.host();
-        let port = self.authority.port_u16().unwrap_or(80);
-        let stream = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| net(&e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| net(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "homeserver connection closed with an error");
+    /// One attempt.
+    async fn send(&self, request: reqwest::Request) -> Result<Answer, HomeserverError> {
+        let net = |e: &reqwest::Error| {
+            if e.is_timeout() {
+                HomeserverError::Network(format!("request timed out: {}", chain(e)))
+            } else {
+                HomeserverError::Network(chain(e))
             }
-        });
-        let (mut parts, body) = request.into_parts();
-        // HTTP/1.1 origin form plus Host (the URI ruma built is absolute).
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
-        parts.uri = path
-            .parse()
-            .map_err(|e| HomeserverError::Protocol(format!("request path: {e}")))?;
-        let host_header = http::HeaderValue::from_str(self.authority.as_str())
-            .map_err(|e| HomeserverError::Protocol(format!("host header: {e}")))?;
-        parts.headers.insert(http::header::HOST, host_header);
-        let request = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
-        let response = sender.send_request(request).await.map_err(|e| net(&e))?;
+        };
+        let mut response = self.http.execute(request).await.map_err(|e| net(&e))?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         // The answers we expect are small; a runaway body is cut off rather
         // than buffered whole.
-        let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| HomeserverError::Network(format!("reading the answer: {e}")))?
-            .to_bytes();
-        Ok((status, body))
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| net(&e))? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(HomeserverError::Protocol(format!(
+                    "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer {
+            status,
+            body: body.freeze(),
+            retry_after,
+        })
+    }
+}
+
+/// A homeserver's answer to one attempt.
+struct Answer {
+    status: http::StatusCode,
+    body: Bytes,
+    /// Its `Retry-After` header, if it had one in seconds (the HTTP-date
+    /// form is not read: the backoff applies then).
+    retry_after: Option<Duration>,
+}
+
+/// The Matrix error of an error answer; `retry_after_ms` in the body wins
+/// over a `Retry-After` header.
+fn matrix_error(
+    status: http::StatusCode,
+    body: &[u8],
+    retry_after_header: Option<Duration>,
+) -> HomeserverError {
+    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let (errcode, error, retry_after_ms) = parsed
+        .map(|b| (b.errcode, b.error, b.retry_after_ms))
+        .unwrap_or((None, None, None));
+    HomeserverError::Matrix {
+        status: status.as_u16(),
+        errcode: errcode.unwrap_or_else(|| "M_UNKNOWN".into()),
+        error: error.unwrap_or_default(),
+        retry_after: retry_after_ms
+            .map(Duration::from_millis)
+            .or(retry_after_header),
     }
 }
 
@@ -641,6 +875,7 @@ mod tests {
             status,
             errcode: errcode.into(),
             error: error.into(),
+            retry_after: None,
         }
     }
 
@@ -669,11 +904,98 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_urls_are_accepted_and_the_token_is_not_printed() {
-        assert!(HomeserverClient::new("https://hs.example", AsToken::new("t")).is_err());
-        assert!(HomeserverClient::new("not a url", AsToken::new("t")).is_err());
+    fn http_https_and_ipv6_urls_are_accepted_and_the_token_is_not_printed() {
+        for url in [
+            "http://127.0.0.1:8008/",
+            "https://hs.example",
+            "http://[::1]:8008",
+            "https://[2001:db8::1]",
+        ] {
+            HomeserverClient::new(url, AsToken::new("t")).expect(url);
+        }
+        for url in [
+            "not a url",
+            "ftp://hs.example",
+            "http://user:pw@hs.example",
+            "http://hs.example?x=1",
+        ] {
+            assert!(
+                HomeserverClient::new(url, AsToken::new("t")).is_err(),
+                "{url}"
+            );
+        }
         let client = HomeserverClient::new("http://127.0.0.1:8008/", AsToken::new("secret-token"))
             .expect("client");
-        assert!(!format!("{client:?}").contains("secret-token"));
+        let printed = format!("{client:?}");
+        assert!(!printed.contains("secret-token"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+    }
+
+    #[test]
+    fn a_root_certificate_must_be_pem() {
+        let client =
+            HomeserverClient::new("https://hs.example", AsToken::new("t")).expect("client");
+        assert!(
+            client
+                .clone()
+                .with_root_certificate(b"not a certificate")
+                .is_err()
+        );
+        assert!(client.with_root_certificate(b"").is_err());
+    }
+
+    #[test]
+    fn retry_waits_back_off_with_jitter_honour_retry_after_and_stop_at_the_bound() {
+        let policy = RetryPolicy {
+            max_retries: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        let unavailable = matrix(503, "M_UNKNOWN", "");
+        for retry in 0..3 {
+            let full = Duration::from_millis(100 * 2u64.pow(retry));
+            for _ in 0..50 {
+                let wait = policy.delay(retry, &unavailable).expect("retried");
+                assert!(wait >= full / 2 && wait <= full, "{retry}: {wait:?}");
+            }
+        }
+        assert_eq!(policy.delay(3, &unavailable), None, "bounded");
+        assert_eq!(policy.delay(0, &matrix(400, "M_BAD_JSON", "")), None);
+        let limited = |ms| HomeserverError::Matrix {
+            status: 429,
+            errcode: "M_LIMIT_EXCEEDED".into(),
+            error: String::new(),
+            retry_after: Some(Duration::from_millis(ms)),
+        };
+        assert_eq!(
+            policy.delay(0, &limited(700)),
+            Some(Duration::from_millis(700)),
+            "at least what the homeserver asked for"
+        );
+        assert_eq!(
+            policy.delay(0, &limited(5000)),
+            None,
+            "longer than max_delay"
+        );
+        assert_eq!(RetryPolicy::none().delay(0, &unavailable), None);
+    }
+
+    #[test]
+    fn retry_after_ms_in_the_body_wins_over_the_header() {
+        let body = br#"{"errcode":"M_LIMIT_EXCEEDED","error":"slow down","retry_after_ms":1500}"#;
+        let e = matrix_error(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            body,
+            Some(Duration::from_secs(9)),
+        );
+        assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
+        assert_eq!(e.errcode(), Some("M_LIMIT_EXCEEDED"));
+        let e = matrix_error(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            b"",
+            Some(Duration::from_secs(2)),
+        );
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(2)));
+        assert_eq!(e.errcode(), Some("M_UNKNOWN"));
     }
 }

@@ -78,7 +78,7 @@ mod users;
 pub use config::{AppserviceConfig, DEFAULT_PUPPET_DEVICE_ID, HsToken, Limits};
 pub use error::{AppserviceError, MatrixError};
 pub use handler::{BridgeHandler, HandlerError, UserDecision};
-pub use homeserver::{AsToken, HomeserverClient, HomeserverError};
+pub use homeserver::{AsToken, HomeserverClient, HomeserverError, RetryPolicy};
 pub use namespace::UserNamespace;
 pub use olm::{
     DeviceFailure, Devices, PuppetOlm, PuppetOlmError, RoomKeyRequest, RoomSend, SendReport,

@@ -151,7 +151,8 @@ pub struct PuppetOlm {
     /// One async lock per user being queried, so a user is never queried
     /// twice at once.
     querying: QueryLocks,
-    /// Attempts per homeserver call on transient failures.
+    /// Attempts per homeserver call on transient failures (this layer
+    /// retries; the client's own retries are off).
     attempts: u32,
     queries: std::sync::atomic::AtomicU64,
 }
@@ -163,11 +164,14 @@ impl std::fmt::Debug for PuppetOlm {
 }
 
 impl PuppetOlm {
-    /// Olm through `homeserver` for the puppet devices of `manager`.
+    /// Olm through `homeserver` for the puppet devices of `manager`. Its
+    /// calls are retried here (4 attempts, backoff from 200 ms, at least a
+    /// 429's `retry_after`), so `homeserver` is used with its own retries
+    /// off ([`RetryPolicy::none`](crate::RetryPolicy::none)).
     pub fn new(manager: Arc<AccountManager>, homeserver: HomeserverClient) -> Self {
         Self {
             manager,
-            homeserver,
+            homeserver: homeserver.with_retry_policy(crate::RetryPolicy::none()),
             querying: parking_lot::Mutex::new(HashMap::new()),
             attempts: 4,
             queries: std::sync::atomic::AtomicU64::new(0),
@@ -623,7 +627,8 @@ impl PuppetOlm {
             match call().await {
                 Err(e) if e.is_transient() && attempt < self.attempts => {
                     tracing::debug!(error = %e, attempt, "homeserver call failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    let asked = e.retry_after().unwrap_or_default();
+                    tokio::time::sleep(delay.max(asked.min(Duration::from_secs(30)))).await;
                     delay *= 2;
                     attempt += 1;
                 }

@@ -145,9 +145,11 @@ pub struct ProvisionConfig {
     /// Fallback key ages.
     pub policy: FallbackPolicy,
     /// Attempts per homeserver call before giving up on transient failures
-    /// (network errors, 5xx, 429).
+    /// (network errors, 5xx, 429). The provisioner is the one layer that
+    /// retries its calls: it switches the retries of its client off.
     pub max_attempts: u32,
     /// Wait before the first retry; doubles with each retry, at most 60 s.
+    /// A homeserver's `retry_after` (429) makes the wait longer, up to 60 s.
     pub retry_delay: Duration,
     /// How often the background task walks all puppets (it is also woken
     /// early when the homeserver reports a fallback key used).
@@ -280,7 +282,10 @@ impl std::fmt::Debug for Provisioner {
 impl Provisioner {
     /// A provisioner over the homeserver client, the account manager and the
     /// puppet registry (usually the same `SledStore` the manager writes to),
-    /// with the system clock.
+    /// with the system clock. The provisioner retries its calls itself
+    /// ([`ProvisionConfig::max_attempts`]), so it uses `client` with the
+    /// client's own retries off ([`RetryPolicy::none`](crate::RetryPolicy::none)):
+    /// retries are not multiplied.
     pub fn new(
         client: HomeserverClient,
         manager: Arc<AccountManager>,
@@ -288,7 +293,7 @@ impl Provisioner {
         config: ProvisionConfig,
     ) -> Self {
         Self {
-            client,
+            client: client.with_retry_policy(crate::RetryPolicy::none()),
             manager,
             registry,
             config,
@@ -461,7 +466,8 @@ impl Provisioner {
                     if let Some(c) = retries {
                         bump(c);
                     }
-                    tokio::time::sleep(delay).await;
+                    let asked = e.retry_after().unwrap_or_default();
+                    tokio::time::sleep(delay.max(asked.min(Duration::from_secs(60)))).await;
                     delay = (delay * 2).min(Duration::from_secs(60));
                     attempt += 1;
                 }

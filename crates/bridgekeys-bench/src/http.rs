@@ -1,5 +1,10 @@
 //! The `http` scenario: key claims over loopback HTTP to the real listener
 //! (auth, parsing, namespace, durable store), as the homeserver sends them.
+//!
+//! The load generator stays on raw hyper (one HTTP/1 connection per
+//! client task, nothing between it and the socket) rather than reqwest:
+//! it measures the server's throughput and latency, so the client side
+//! must add as little, and as predictable, work as it can.
 
 use std::{
     sync::{

@@ -490,6 +490,9 @@ async fn new_load(
 /// PUT every `(txn id, body)` to the listener over `in_flight` keep-alive
 /// connections (each takes the next transaction when its previous one is
 /// answered); every answer must be 200. Client-side latencies, sorted.
+///
+/// Raw hyper on purpose (not reqwest): a load generator measuring the
+/// listener, with exactly `in_flight` connections and no pool in between.
 async fn put_transactions(
     listener: &Listener,
     bodies: Vec<(String, String)>,

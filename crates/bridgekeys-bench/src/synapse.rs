@@ -399,6 +399,10 @@ fn check_answer(answer: &Value, target: &Target, kind: Kind) -> Result<String, S
         .ok_or_else(|| format!("no public key in {key}"))
 }
 
+/// The claim load generator's connection: raw hyper on purpose (not
+/// reqwest), to measure Synapse's throughput over exactly the connections
+/// asked for, with nothing in between. The bridge's own homeserver calls
+/// go through `HomeserverClient` (reqwest).
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn connect(port: u16) -> anyhow::Result<Sender> {

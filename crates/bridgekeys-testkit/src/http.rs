@@ -1,15 +1,33 @@
-//! A minimal JSON-over-HTTP/1.1 client for loopback calls to the homeserver.
-//! One connection per request: tests make few calls, clarity beats pooling.
+//! A minimal JSON client for loopback calls to the homeserver, on reqwest
+//! (the transport bridgekeys' own homeserver client uses).
+//!
+//! One process-wide client without idle connections: a test's calls are
+//! few, and a pooled connection belongs to the tokio runtime that opened it
+//! (each `#[tokio::test]` has its own, and a connection left in a shared
+//! pool by a finished test would be dead for the next).
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use std::sync::OnceLock;
+
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::TestkitError;
 
-/// Send `body` (if any) as JSON and read the JSON answer.
+fn client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    if let Some(client) = CLIENT.get() {
+        return Ok(client);
+    }
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .map_err(|e| format!("building the http client: {e}"))?;
+    Ok(CLIENT.get_or_init(|| client))
+}
+
+/// Send `body` (if any) as JSON and read the JSON answer (a body that is
+/// not JSON comes back as a string).
 pub(crate) async fn json(
     port: u16,
     method: Method,
@@ -22,39 +40,19 @@ pub(crate) async fn json(
         what: what.clone(),
         detail,
     };
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    tokio::spawn(connection);
-    let payload = match body {
-        Some(v) => Bytes::from(v.to_string()),
-        None => Bytes::new(),
-    };
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{port}"))
-        .header("content-type", "application/json");
+    let mut request = client()
+        .map_err(fail)?
+        .request(method.clone(), format!("http://127.0.0.1:{port}{path}"))
+        .header("content-type", "application/json")
+        .body(body.map(Value::to_string).unwrap_or_default());
     if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
+        request = request.bearer_auth(token);
     }
-    let request = request
-        .body(Full::new(payload))
-        .map_err(|e| fail(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    // Only the error's own text: reqwest's source chain names the URL,
+    // never the Authorization header.
+    let response = request.send().await.map_err(|e| fail(e.to_string()))?;
     let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .to_bytes();
+    let bytes = response.bytes().await.map_err(|e| fail(e.to_string()))?;
     let value = if bytes.is_empty() {
         Value::Null
     } else {

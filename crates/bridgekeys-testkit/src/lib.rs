@@ -62,11 +62,11 @@ use std::{
 };
 
 pub use error::TestkitError;
-pub use hyper::{Method, StatusCode};
 pub use peer::{
     NewRoom, OlmPeer, PeerDevice, PeerDeviceKeys, PeerLogin, PeerRoomMessage, PeerVersions,
     ReceivedOlm, RoomMessageQuery, SentOlm, SentRoomMessage, UndecryptableEvent, UserDevice,
 };
+pub use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 pub use venv::{
     MATRIX_NIO_VERSION, PYTHON_OLM_VERSION, SYNAPSE_VERSION, default_olm_peer_venv_dir,

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     Config,
-    client::{PuppetClient, Refused},
+    client::{self, PuppetClient},
 };
 
 /// The part of a room event the bridge looks at.
@@ -257,8 +257,8 @@ impl EchoHandler {
 /// Will the homeserver refuse this again, whatever we do?
 fn is_permanent(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        if let Some(refused) = cause.downcast_ref::<Refused>() {
-            return refused.is_permanent();
+        if let Some(e) = cause.downcast_ref::<HomeserverError>() {
+            return client::is_permanent(e);
         }
         if let Some(ProvisionError::Homeserver(e)) = cause.downcast_ref::<ProvisionError>() {
             return matches!(e, HomeserverError::Matrix { status, .. } if !e.is_transient() && *status < 500);
@@ -398,32 +398,30 @@ impl EchoBridge {
             );
         }
         let manager = Arc::new(AccountManager::new(store.clone(), ManagerConfig::default()));
+        // One client, one connection pool: every user below gets a clone.
+        let mut hs = HomeserverClient::new(
+            &config.homeserver_url,
+            AsToken::new(registration.as_token.clone()),
+        )?;
+        if let Some(ca) = &config.homeserver_ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            hs = hs
+                .with_root_certificate(&pem)
+                .with_context(|| format!("the certificate(s) in {}", ca.display()))?;
+        }
         let rooms = Arc::new(
             RoomStates::new(
                 store.clone(),
                 NonZeroUsize::new(DEFAULT_CACHED_ROOMS).context("cache size")?,
             )
-            .with_homeserver(HomeserverClient::new(
-                &config.homeserver_url,
-                AsToken::new(registration.as_token.clone()),
-            )?),
+            .with_homeserver(hs.clone()),
         );
-        let hs = HomeserverClient::new(
-            &config.homeserver_url,
-            AsToken::new(registration.as_token.clone()),
-        )?;
         // Olm through the homeserver as a puppet: device tracking (kept
         // current by the transactions' device lists) and to-device
         // encryption.
-        let olm = Arc::new(PuppetOlm::new(
-            manager.clone(),
-            HomeserverClient::new(
-                &config.homeserver_url,
-                AsToken::new(registration.as_token.clone()),
-            )?,
-        ));
+        let olm = Arc::new(PuppetOlm::new(manager.clone(), hs.clone()));
         let provisioner = Arc::new(Provisioner::new(
-            hs,
+            hs.clone(),
             manager.clone(),
             store.clone(),
             ProvisionConfig::from_registration(&registration),
@@ -434,10 +432,7 @@ impl EchoBridge {
         let pool = Arc::new(
             KeyPool::new(
                 manager.clone(),
-                HomeserverClient::new(
-                    &config.homeserver_url,
-                    AsToken::new(registration.as_token.clone()),
-                )?,
+                hs.clone(),
                 registration.id.clone(),
                 UserId::parse_with_server_name(
                     registration.sender_localpart.as_str(),
@@ -462,7 +457,7 @@ impl EchoBridge {
             )?,
             provisioner: provisioner.clone(),
             olm: olm.clone(),
-            client: PuppetClient::new(&config.homeserver_url, &registration.as_token)?,
+            client: PuppetClient::new(hs.clone()),
             rooms: rooms.clone(),
             crypto: PuppetRooms::new(olm.clone(), rooms.clone(), provisioner.clone()),
             undecryptable: std::sync::atomic::AtomicU64::new(0),
@@ -473,13 +468,7 @@ impl EchoBridge {
                 .with_olm(olm.clone())
                 .with_room_states(rooms)
                 .with_key_pool(pool.clone());
-        let pinger = (
-            HomeserverClient::new(
-                &config.homeserver_url,
-                AsToken::new(registration.as_token.clone()),
-            )?,
-            registration.id.clone(),
-        );
+        let pinger = (hs, registration.id.clone());
         Ok(Self {
             pinger,
             pool,

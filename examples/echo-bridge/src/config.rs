@@ -27,8 +27,14 @@ pub const REGISTRATION_FILE: &str = "registration.yaml";
 /// Relative paths are resolved against the directory of the file.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Config {
-    /// Client-server API of the homeserver (`http://host:port`).
+    /// Client-server API of the homeserver (`http://host:port` or
+    /// `https://host`; IPv6 literals in brackets).
     pub homeserver_url: String,
+    /// A PEM file of root certificate(s) to trust for an `https://`
+    /// homeserver beside the built-in (Mozilla) roots: a private CA, or a
+    /// self-signed certificate. Relative to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub homeserver_ca: Option<PathBuf>,
     /// The homeserver's server name (the part after `:` in user ids).
     pub server_name: String,
     /// Where the appservice API listens (the registration `url` points here).
@@ -149,6 +155,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("homeserver_url", &self.homeserver_url)
+            .field("homeserver_ca", &self.homeserver_ca)
             .field("server_name", &self.server_name)
             .field("listen", &self.listen)
             .field("registration", &self.registration)
@@ -170,6 +177,7 @@ impl Config {
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.registration = base.join(&config.registration);
+        config.homeserver_ca = config.homeserver_ca.map(|ca| base.join(ca));
         config.store_path =
             Some(base.join(config.store_path.as_deref().unwrap_or(Path::new("store"))));
         Ok(config)
@@ -300,6 +308,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
     };
     let config = Config {
         homeserver_url: options.homeserver_url.trim_end_matches('/').to_owned(),
+        homeserver_ca: None,
         server_name: server_name.to_string(),
         listen: options.listen,
         registration: PathBuf::from(REGISTRATION_FILE),
@@ -375,6 +384,21 @@ mod tests {
         assert_eq!(decode_hex("0001abff").expect("hex").as_slice(), &bytes);
         assert!(decode_hex("abc").is_err());
         assert!(decode_hex("zz").is_err());
+    }
+
+    #[test]
+    fn homeserver_ca_is_optional_and_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(CONFIG_FILE);
+        let base = "homeserver_url = \"https://[::1]:8448\"\nserver_name = \"example.org\"\n\
+                    listen = \"127.0.0.1:29300\"\nregistration = \"registration.yaml\"\n\
+                    store_key = \"00\"\n";
+        std::fs::write(&path, base).expect("write");
+        assert_eq!(Config::load(&path).expect("load").homeserver_ca, None);
+        std::fs::write(&path, format!("{base}homeserver_ca = \"ca.pem\"\n")).expect("write");
+        let config = Config::load(&path).expect("load");
+        assert_eq!(config.homeserver_ca, Some(dir.path().join("ca.pem")));
+        assert_eq!(config.homeserver_url, "https://[::1]:8448");
     }
 
     #[test]
