@@ -45,6 +45,13 @@ fn routes() -> Vec<Route> {
         wrong_shape: Some(json!({"@echo_0:localhost": ["signed_curve25519"]})),
         ok: StatusCode::OK,
     };
+    let query = |path| Route {
+        method: Method::POST,
+        path,
+        good: Some(json!({"@echo_0:localhost": ["PUPPETDEV"]})),
+        wrong_shape: Some(json!({"@echo_0:localhost": "PUPPETDEV"})),
+        ok: StatusCode::OK,
+    };
     let txn = |path| Route {
         method: Method::PUT,
         path,
@@ -56,6 +63,8 @@ fn routes() -> Vec<Route> {
         claim("/_matrix/app/v1/keys/claim"),
         claim("/_matrix/app/unstable/org.matrix.msc3983/keys/claim"),
         claim("/_matrix/app/v1/unstable/org.matrix.msc3983/keys/claim"),
+        query("/_matrix/app/unstable/org.matrix.msc3984/keys/query"),
+        query("/_matrix/app/v1/keys/query"),
         txn("/_matrix/app/v1/transactions/txn-1"),
         txn("/transactions/txn-1"),
         Route {
@@ -337,7 +346,7 @@ async fn unknown_routes_answer_m_unrecognized_so_synapse_reads_not_supported() {
         (Method::GET, "/_matrix/app/v1/thirdparty/protocol/irc"),
         (
             Method::POST,
-            "/_matrix/app/unstable/org.matrix.msc3984/keys/query",
+            "/_matrix/app/unstable/org.matrix.msc9999/keys/query",
         ),
         (Method::POST, "/_matrix/app/v2/keys/claim"),
         (Method::GET, "/_matrix/app/v1/keys/claim/extra"),
