@@ -158,6 +158,23 @@ impl HomeserverError {
     }
 }
 
+/// A `keys/claim` for one `signed_curve25519` key of each listed device.
+fn claim_request(devices: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>) -> claim_keys::v3::Request {
+    let one_time_keys = devices
+        .into_iter()
+        .map(|(user, devices)| {
+            let wanted = devices
+                .into_iter()
+                .map(|d| (d, OneTimeKeyAlgorithm::SignedCurve25519))
+                .collect();
+            (user, wanted)
+        })
+        .collect();
+    let mut request = claim_keys::v3::Request::new(one_time_keys);
+    request.timeout = Some(Duration::from_secs(10));
+    request
+}
+
 /// The appservice's `as_token`. Zeroized, never printed.
 #[derive(Clone)]
 pub struct AsToken(Zeroizing<String>);
@@ -574,18 +591,7 @@ impl HomeserverClient {
         as_device: &DeviceId,
         devices: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>,
     ) -> Result<ClaimedKeys, HomeserverError> {
-        let one_time_keys = devices
-            .into_iter()
-            .map(|(user, devices)| {
-                let wanted = devices
-                    .into_iter()
-                    .map(|d| (d, OneTimeKeyAlgorithm::SignedCurve25519))
-                    .collect();
-                (user, wanted)
-            })
-            .collect();
-        let mut request = claim_keys::v3::Request::new(one_time_keys);
-        request.timeout = Some(Duration::from_secs(10));
+        let request = claim_request(devices);
         let response = self.call(request, Some(as_user), Some(as_device)).await?;
         Ok(response.one_time_keys)
     }
@@ -597,19 +603,10 @@ impl HomeserverClient {
         &self,
         devices: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>,
     ) -> Result<ClaimedKeys, HomeserverError> {
-        let one_time_keys = devices
-            .into_iter()
-            .map(|(user, devices)| {
-                let wanted = devices
-                    .into_iter()
-                    .map(|d| (d, OneTimeKeyAlgorithm::SignedCurve25519))
-                    .collect();
-                (user, wanted)
-            })
-            .collect();
-        let mut request = claim_keys::v3::Request::new(one_time_keys);
-        request.timeout = Some(Duration::from_secs(10));
-        Ok(self.call(request, None, None).await?.one_time_keys)
+        Ok(self
+            .call(claim_request(devices), None, None)
+            .await?
+            .one_time_keys)
     }
 
     /// Upload one-time keys of a puppet device as that device (an uploaded

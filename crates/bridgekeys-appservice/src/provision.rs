@@ -351,25 +351,7 @@ impl Provisioner {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         // 2. The homeserver's side of the device.
         if !self.registry.contains_puppet(&key)? {
-            let msc4190 = self.config.msc4190;
-            let registered = self
-                .retry("register", None, || {
-                    self.client.register(user_id, device_id, msc4190)
-                })
-                .await?;
-            if msc4190 {
-                self.retry("create device", None, || {
-                    self.client.create_device(user_id, device_id)
-                })
-                .await?;
-            } else if registered == Registered::AlreadyExisted {
-                // Without MSC4190 only a new user got its device with the
-                // registration; an existing one gets it by logging in.
-                self.retry("login device", None, || {
-                    self.client.login_device(user_id, device_id)
-                })
-                .await?;
-            }
+            self.create_on_homeserver(user_id, device_id).await?;
             self.registry.record_puppet(&key)?.durable().await?;
             bump(&self.counters.devices_provisioned);
             tracing::info!(%user_id, %device_id, "puppet device provisioned on the homeserver");
@@ -383,6 +365,36 @@ impl Provisioner {
             self.cross_sign(user_id, device_id).await?;
             self.registry.record_cross_signed(&key)?.durable().await?;
             bump(&self.counters.devices_cross_signed);
+        }
+        Ok(())
+    }
+
+    /// Register the user (an existing one is fine) and create the device on
+    /// the homeserver: with MSC4190 by `PUT /devices`, without it by the
+    /// registration itself (a new user) or a login naming the device.
+    async fn create_on_homeserver(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<(), HomeserverError> {
+        let msc4190 = self.config.msc4190;
+        let registered = self
+            .retry("register", None, || {
+                self.client.register(user_id, device_id, msc4190)
+            })
+            .await?;
+        if msc4190 {
+            self.retry("create device", None, || {
+                self.client.create_device(user_id, device_id)
+            })
+            .await?;
+        } else if registered == Registered::AlreadyExisted {
+            // Without MSC4190 only a new user got its device with the
+            // registration; an existing one gets it by logging in.
+            self.retry("login device", None, || {
+                self.client.login_device(user_id, device_id)
+            })
+            .await?;
         }
         Ok(())
     }
@@ -602,22 +614,9 @@ impl Provisioner {
         // Ours, or refused: no homeserver call for a device we never made.
         self.manager.identity_keys(user_id, device_id)?;
         let device_keys = self.manager.create_device(user_id, device_id).await?;
-        let msc4190 = self.config.msc4190;
-        self.retry("register", None, || {
-            self.client.register(user_id, device_id, msc4190)
-        })
-        .await?;
-        if msc4190 {
-            self.retry("create device", None, || {
-                self.client.create_device(user_id, device_id)
-            })
-            .await?;
-        } else {
-            self.retry("login device", None, || {
-                self.client.login_device(user_id, device_id)
-            })
-            .await?;
-        }
+        // The user exists: register says so, and the device is made by
+        // MSC4190's `PUT /devices` or a login.
+        self.create_on_homeserver(user_id, device_id).await?;
         // The published fallback key (the homeserver forgot it with the
         // device) goes up again with the device keys; an unpublished one is
         // uploaded and marked published as at first provisioning.

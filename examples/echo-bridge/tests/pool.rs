@@ -121,6 +121,32 @@ fn outstanding_keys(local: &Local) -> usize {
         .unwrap()
 }
 
+/// Synapse (claims proxied or not) and the bridge, once the bridge found
+/// the mode `expected`; Alice registered.
+async fn start(
+    dir: &std::path::Path,
+    proxy_key_claims: bool,
+    expected: ClaimMode,
+) -> (Local, TestUser) {
+    let local = Local::start_with(
+        dir,
+        LocalOptions {
+            proxy_key_claims,
+            one_time_keys: settings(10, 5),
+            ..LocalOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_mode(&local, expected).await;
+    let alice = local
+        .synapse
+        .register_user("alice", PASSWORD)
+        .await
+        .unwrap();
+    (local, alice)
+}
+
 async fn client(local: &Local) -> OlmPeer {
     let mut peer = OlmPeer::start().await.unwrap();
     peer.login(&PeerLogin::new(
@@ -137,22 +163,7 @@ async fn client(local: &Local) -> OlmPeer {
 async fn without_proxied_claims_contacted_puppets_keep_an_uploaded_pool_that_refills_and_starts_sessions()
  {
     let dir = tempfile::tempdir().unwrap();
-    let local = Local::start_with(
-        dir.path(),
-        LocalOptions {
-            proxy_key_claims: false,
-            one_time_keys: settings(10, 5),
-            ..LocalOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_mode(&local, ClaimMode::Pool).await;
-    let alice = local
-        .synapse
-        .register_user("alice", PASSWORD)
-        .await
-        .unwrap();
+    let (local, alice) = start(dir.path(), false, ClaimMode::Pool).await;
     let mut phone = client(&local).await;
 
     // 1. Alice invites the puppet to an encrypted DM: the invite contacts
@@ -228,22 +239,7 @@ async fn without_proxied_claims_contacted_puppets_keep_an_uploaded_pool_that_ref
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_proxied_claims_no_one_time_key_is_uploaded_and_keys_come_on_demand() {
     let dir = tempfile::tempdir().unwrap();
-    let local = Local::start_with(
-        dir.path(),
-        LocalOptions {
-            proxy_key_claims: true,
-            one_time_keys: settings(10, 5),
-            ..LocalOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_mode(&local, ClaimMode::Proxied).await;
-    let alice = local
-        .synapse
-        .register_user("alice", PASSWORD)
-        .await
-        .unwrap();
+    let (local, alice) = start(dir.path(), true, ClaimMode::Proxied).await;
     let room = local.create_dm(&alice, BOB).await.unwrap();
     local
         .wait_for_join(&alice, &room, BOB, TIMEOUT)
