@@ -69,6 +69,12 @@ pub struct Limits {
     /// [`crate::Appservice::request_room_keys`] (see
     /// [`crate::room_events`]).
     pub room_key_request_after: Option<Duration>,
+    /// How long a completed transaction's dedup record is kept
+    /// ([`crate::Appservice::prune_transactions`] removes older ones).
+    /// It only has to outlive the homeserver's retries of that
+    /// transaction, which come within minutes of a failure (Synapse backs
+    /// off up to about 8.5 minutes); the default keeps a week.
+    pub transaction_record_max_age: Duration,
 }
 
 impl Default for Limits {
@@ -82,6 +88,7 @@ impl Default for Limits {
             max_held_events: 10_000,
             held_event_max_age: Duration::from_secs(24 * 3600),
             room_key_request_after: Some(Duration::from_secs(60)),
+            transaction_record_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -188,4 +188,7 @@ pub enum AppserviceError {
     /// Binding or serving the socket failed.
     #[error("listener I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The store failed (pruning the transaction log).
+    #[error("store: {0}")]
+    Store(#[from] bridgekeys_store::StoreError),
 }

@@ -236,6 +236,23 @@ impl<H: BridgeHandler> Appservice<H> {
         self
     }
 
+    /// Remove transaction dedup records older than
+    /// [`crate::Limits::transaction_record_max_age`], so the log does not
+    /// grow with every transaction ever received; returns how many went.
+    /// Call it from a timer (hourly is plenty) and at start. Durable before
+    /// it returns.
+    pub async fn prune_transactions(&self) -> Result<usize, AppserviceError> {
+        let max_age = self.inner.config.limits.transaction_record_max_age;
+        let before = bridgekeys_store::unix_millis()
+            .saturating_sub(u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX));
+        let (pruned, pending) = self.inner.txn_log.prune_transactions(before)?;
+        pending.durable().await?;
+        if pruned > 0 {
+            tracing::info!(pruned, "old transaction dedup records removed");
+        }
+        Ok(pruned)
+    }
+
     /// Send the `m.room_key_request`s now due: one per session of the
     /// held events whose room key has not come within
     /// [`crate::Limits::room_key_request_after`], from the puppet device

@@ -1005,3 +1005,42 @@ async fn a_transaction_of_many_sessions_is_decrypted_in_order_with_replays_refus
     }
     assert!(seen[2].room_events.iter().all(|(_, r)| r.is_ok()));
 }
+
+#[tokio::test]
+async fn dedup_records_are_kept_for_their_max_age_and_pruned_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = json!({"events": [{"type": "m.room.message"}]});
+    let send = |fx: &Fixture, id: &'static str| {
+        let request = authed(Method::PUT, &txn_path(id), json_body(&body));
+        let router = fx.router.clone();
+        async move { call(&router, request).await.0 }
+    };
+    {
+        // Within the default week: pruning keeps the record, the retry is
+        // acknowledged without processing.
+        let fx = Fixture::open(dir.path(), Limits::default());
+        assert_eq!(send(&fx, "t1").await, StatusCode::OK);
+        assert_eq!(fx.appservice.prune_transactions().await.unwrap(), 0);
+        assert_eq!(send(&fx, "t1").await, StatusCode::OK);
+        assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 1);
+    }
+    // With a max age of zero every record written before now goes: the log
+    // does not grow without bound (and a retry that old would be processed
+    // again, which is why the default is far past the homeserver's retries).
+    let limits = Limits {
+        transaction_record_max_age: std::time::Duration::ZERO,
+        ..Limits::default()
+    };
+    let fx = Fixture::open(dir.path(), limits);
+    let recorded = bridgekeys_store::unix_millis();
+    while bridgekeys_store::unix_millis() <= recorded {
+        std::thread::yield_now();
+    }
+    assert_eq!(fx.appservice.prune_transactions().await.unwrap(), 1);
+    assert_eq!(send(&fx, "t1").await, StatusCode::OK);
+    assert_eq!(
+        fx.handler.calls.load(Ordering::SeqCst),
+        1,
+        "processed again"
+    );
+}

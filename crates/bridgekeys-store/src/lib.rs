@@ -63,7 +63,7 @@ pub use puppets::PuppetRegistry;
 pub use sled_store::{
     DEFAULT_COMMIT_GATHER_US, FIRST_KEY_ID, SCHEMA_VERSION, SledStore, SledStoreConfig,
 };
-pub use transactions::TransactionLog;
+pub use transactions::{TransactionLog, unix_millis};
 pub use types::{
     AccountRecord, Delivery, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
     OneTimeKeyRecord, SessionRecord, SessionWrite, Version,

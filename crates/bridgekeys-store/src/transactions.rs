@@ -9,8 +9,13 @@
 //! acknowledged without being processed again. Keeping this in memory only is
 //! a known field failure (duplicates after every restart): it lives here.
 //!
-//! Records are `t/<length-prefixed namespace><txn id>` keys with an empty
-//! value: public data (a homeserver-chosen id), so nothing is sealed.
+//! Records are `t/<length-prefixed namespace><txn id>` keys whose value is
+//! the time they were recorded (Unix milliseconds, 8 bytes big-endian;
+//! records written before that have an empty value and count as recorded at
+//! 0): public data (a homeserver-chosen id), so nothing is sealed. A record
+//! only has to outlive the homeserver's retries of its transaction, so
+//! [`TransactionLog::prune_transactions`] removes old ones and the log does
+//! not grow without bound.
 
 use crate::{Pending, SledStore, StoreError};
 
@@ -28,6 +33,19 @@ pub trait TransactionLog: Send + Sync + 'static {
     /// The record is applied when this returns; await [`Pending::durable`]
     /// before acknowledging the transaction. Recording twice is harmless.
     fn record_transaction(&self, namespace: &str, txn_id: &str) -> Result<Pending, StoreError>;
+
+    /// Remove every record (all namespaces) recorded before `before` (Unix
+    /// milliseconds); returns how many, and the write to wait for. Pick
+    /// `before` well past the homeserver's retry horizon: a transaction
+    /// retried after its record is gone is processed again.
+    fn prune_transactions(&self, before: u64) -> Result<(usize, Pending), StoreError>;
+}
+
+/// Now, in Unix milliseconds (0 if the clock is before 1970).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn txn_key(namespace: &str, txn_id: &str) -> Vec<u8> {
@@ -45,8 +63,26 @@ impl TransactionLog for SledStore {
     }
 
     fn record_transaction(&self, namespace: &str, txn_id: &str) -> Result<Pending, StoreError> {
-        self.db.insert(txn_key(namespace, txn_id), &[][..])?;
+        self.db
+            .insert(txn_key(namespace, txn_id), &unix_millis().to_be_bytes()[..])?;
         Ok(self.commit.pending())
+    }
+
+    fn prune_transactions(&self, before: u64) -> Result<(usize, Pending), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut pruned = 0;
+        for entry in self.db.scan_prefix(b"t/") {
+            let (key, value) = entry?;
+            let recorded = <[u8; 8]>::try_from(value.as_ref()).map_or(0, u64::from_be_bytes);
+            if recorded < before {
+                batch.remove(key);
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            self.db.apply_batch(batch)?;
+        }
+        Ok((pruned, self.commit.pending()))
     }
 }
 
@@ -76,5 +112,34 @@ mod tests {
         assert!(store.transaction_completed("as", "t1").expect("read"));
         assert!(!store.transaction_completed("other", "t1").expect("read"));
         assert!(!store.transaction_completed("as", "t2").expect("read"));
+    }
+
+    #[tokio::test]
+    async fn records_older_than_the_cutoff_are_pruned_durably_and_newer_ones_stay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = open(dir.path());
+            let _applied = store.record_transaction("as", "old").expect("record");
+            // A record written before timestamps: empty value, counts as 0.
+            store
+                .db
+                .insert(txn_key("as", "legacy"), &[][..])
+                .expect("insert");
+            let cutoff = unix_millis();
+            // The next record is strictly newer than the cutoff.
+            while unix_millis() <= cutoff {
+                std::thread::yield_now();
+            }
+            let _applied = store.record_transaction("other", "new").expect("record");
+            let (none, _) = store.prune_transactions(0).expect("prune");
+            assert_eq!(none, 0, "nothing is older than the epoch");
+            let (pruned, pending) = store.prune_transactions(cutoff + 1).expect("prune");
+            pending.durable().await.expect("durable");
+            assert_eq!(pruned, 2);
+        }
+        let store = open(dir.path());
+        assert!(!store.transaction_completed("as", "old").expect("read"));
+        assert!(!store.transaction_completed("as", "legacy").expect("read"));
+        assert!(store.transaction_completed("other", "new").expect("read"));
     }
 }

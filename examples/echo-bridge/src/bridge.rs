@@ -547,9 +547,18 @@ impl EchoBridge {
             let appservice = self.appservice.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(KEY_REQUEST_CHECK);
+                let mut ticks: u64 = 0;
                 loop {
                     every.tick().await;
                     appservice.request_room_keys().await;
+                    // At start and then hourly: old transaction dedup
+                    // records go, so the log does not grow forever.
+                    if ticks.is_multiple_of(PRUNE_EVERY_TICKS)
+                        && let Err(e) = appservice.prune_transactions().await
+                    {
+                        tracing::warn!(error = %e, "could not prune old transaction records");
+                    }
+                    ticks += 1;
                 }
             })
         };
@@ -570,6 +579,10 @@ impl EchoBridge {
 /// How often the bridge checks for room keys to ask for while no
 /// transaction arrives.
 const KEY_REQUEST_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Transaction records are pruned every this many key-request checks
+/// (hourly).
+const PRUNE_EVERY_TICKS: u64 = 3600 / KEY_REQUEST_CHECK.as_secs();
 
 /// Run the bridge of `config` on its listen address until `shutdown`.
 pub async fn run(

@@ -286,6 +286,9 @@ impl TransactionLog for HookedStore {
         }
         self.inner.record_transaction(namespace, txn_id)
     }
+    fn prune_transactions(&self, before: u64) -> Result<(usize, Pending), StoreError> {
+        self.inner.prune_transactions(before)
+    }
 }
 
 /// What the recording handler saw of a transaction (no secrets kept beyond
