@@ -46,18 +46,32 @@ fn functions(dir: &Path, into: &mut BTreeSet<String>) {
     }
 }
 
-/// Test names cited as `file.rs::name` (or `...::name`).
+/// Test names cited as `file.rs::name` (or `...::name`); `Type::field`
+/// and `module::item` paths are not citations.
 fn cited_tests(text: &str) -> Vec<String> {
-    text.split("::")
-        .skip(1)
-        .map(|rest| {
-            rest.chars()
-                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
-                .collect::<String>()
+    text.match_indices("::")
+        .filter(|(at, _)| {
+            let before = &text[..*at];
+            // `file.rs::name`, `...::name`, or `file.rs::module::name`.
+            before.ends_with(".rs")
+                || before.ends_with("...")
+                || before.rsplit_once("::").is_some_and(|(head, module)| {
+                    head.ends_with(".rs")
+                        && !module.is_empty()
+                        && module.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
         })
-        // Test names are sentences; shorter ones are paths like `paths::CLAIM`
-        // or module items, not citations.
-        .filter(|name| name.len() >= 25 && !name.ends_with('_'))
+        .filter_map(|(at, _)| {
+            let rest = &text[at + 2..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            // A module on the way to the test is not a test itself.
+            (!rest[name.len()..].starts_with("::")).then_some(name)
+        })
+        // A name cut short (`prefix_`) names a family of tests.
+        .filter(|name| !name.is_empty() && !name.ends_with('_'))
         .collect()
 }
 
@@ -103,6 +117,15 @@ fn the_documents_do_not_point_outside_the_repository() {
 #[test]
 fn a_citation_is_read_up_to_the_end_of_its_name() {
     let text = "proved by `tests/x.rs::a_claim_on_every_path_returns_keys`, and `paths::CLAIM`; \
-                `...::the_retry_runs_after_a_failed_record_` is a prefix";
-    assert_eq!(cited_tests(text), ["a_claim_on_every_path_returns_keys"]);
+                `...::the_retry_runs_after_a_failed_record_` is a prefix, \
+                `Limits::transaction_record_max_age` a field, `...::dedup_survives`, \
+                `megolm.rs::outbound::a_session_rotates`";
+    assert_eq!(
+        cited_tests(text),
+        [
+            "a_claim_on_every_path_returns_keys",
+            "dedup_survives",
+            "a_session_rotates"
+        ]
+    );
 }
