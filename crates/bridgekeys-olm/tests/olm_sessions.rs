@@ -781,3 +781,51 @@ async fn eviction_follows_use_not_creation_and_a_device_holds_a_bounded_number_o
     assert!(stamps.iter().any(|(_, id, _)| *id == c));
     assert_eq!(m.stats().sessions_evicted, 2);
 }
+
+/// Issue 14, item 8: a device cached at a version another holder of the
+/// store has since replaced (another manager on the same store rotated its
+/// fallback key) fails one pre-key message with the conflict, reloads, and
+/// decrypts the homeserver's retry of the same message. Without the reload
+/// every later message for that device would fail the same way.
+#[tokio::test]
+async fn a_pre_key_message_on_a_stale_cached_account_fails_once_then_the_retry_decrypts() {
+    use bridgekeys_store::{SledStore, SledStoreConfig, StoreError};
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(
+        SledStore::create(SledStoreConfig::new(
+            dir.path().join("store"),
+            StoreKey::generate(),
+        ))
+        .unwrap(),
+    );
+    let cached = AccountManager::new(store.clone(), ManagerConfig::default());
+    let other = AccountManager::new(store, ManagerConfig::default());
+    let (user, device) = puppet(&cached).await;
+    // `cached` holds the device in memory from here on.
+    let key = cached
+        .claim(&user, &device, &SC, 1)
+        .await
+        .unwrap()
+        .remove(0);
+    other.rotate_fallback_key(&user, &device, 1).await.unwrap();
+
+    let mut peer = Peer::new(&cached, &user, &device, key.key.key.as_bytes());
+    let message = peer.send(&cached, &user, &device, "hello");
+    let first = decrypt(&cached, &user, &device, peer.curve25519(), &message, None).await;
+    assert!(
+        matches!(first, Err(OlmError::Store(StoreError::Conflict { .. }))),
+        "the stale version is refused: {first:?}"
+    );
+    let dev = DeviceKey::new(user.as_str(), device.as_str());
+    assert_eq!(
+        cached.store().count_one_time_keys(&dev).unwrap(),
+        1,
+        "the refused attempt kept the key"
+    );
+    let retry = decrypt(&cached, &user, &device, peer.curve25519(), &message, None)
+        .await
+        .expect("the retry decrypts on the reloaded account");
+    assert_eq!(retry.plaintext, b"hello");
+    assert!(retry.new_session);
+    assert_eq!(cached.store().count_one_time_keys(&dev).unwrap(), 0);
+}
