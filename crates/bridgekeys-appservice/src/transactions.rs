@@ -182,7 +182,10 @@ impl std::fmt::Debug for RawToDevice {
 }
 
 /// One transaction, ready for the bridge.
-#[derive(Debug)]
+///
+/// Its `Debug` names what it carries without the contents: room and
+/// ephemeral events are counted, not printed (a message body in a log is
+/// plaintext in a log), and decrypted messages print no plaintext.
 pub struct Transaction {
     /// The homeserver's transaction id.
     pub txn_id: String,
@@ -208,6 +211,28 @@ pub struct Transaction {
     pub decrypted_events: Vec<crate::EncryptedRoomEvent>,
     /// Held events handed over here, forgotten once this is recorded.
     held_done: Vec<crate::room_events::HeldKey>,
+}
+
+impl std::fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction")
+            .field("txn_id", &self.txn_id)
+            .field("events", &self.events.len())
+            .field("ephemeral", &self.ephemeral.len())
+            .field("to_device", &self.to_device)
+            .field(
+                "device_one_time_keys_count",
+                &self.device_one_time_keys_count,
+            )
+            .field(
+                "device_unused_fallback_key_types",
+                &self.device_unused_fallback_key_types,
+            )
+            .field("device_lists", &self.device_lists)
+            .field("decrypted_events", &self.decrypted_events)
+            .field("held_done", &self.held_done.len())
+            .finish()
+    }
 }
 
 /// The Olm content of an `m.room.encrypted` to-device message.
@@ -688,4 +713,47 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
     crate::room_events::after_recorded(&inner, &transaction.held_done).await;
     inner.metrics.transactions.inc();
     Ok(Json(serde_json::Map::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_debug_of_a_transaction_counts_its_events_and_prints_no_content() {
+        let event = |body: &str| {
+            serde_json::value::to_raw_value(&serde_json::json!({
+                "type": "m.room.message",
+                "content": {"msgtype": "m.text", "body": body},
+            }))
+            .unwrap()
+        };
+        let transaction = Transaction {
+            txn_id: "txn-7".into(),
+            events: vec![event("the launch code is 0000"), event("second")],
+            ephemeral: vec![event("typing secret")],
+            to_device: vec![ToDevice::Other(RawToDevice {
+                to_user_id: "@echo_a:hs".into(),
+                to_device_id: "D".into(),
+                event_type: "m.secret.send".into(),
+                sender: "@alice:hs".into(),
+                content: serde_json::value::to_raw_value(&serde_json::json!({"secret": "s3cr3t"}))
+                    .unwrap(),
+                undecryptable: None,
+            })],
+            device_one_time_keys_count: Default::default(),
+            device_unused_fallback_key_types: Default::default(),
+            device_lists: DeviceLists::default(),
+            decrypted_events: Vec::new(),
+            held_done: Vec::new(),
+        };
+        let printed = format!("{transaction:?}");
+        assert!(printed.contains("txn-7"), "{printed}");
+        assert!(printed.contains("events: 2"), "{printed}");
+        assert!(printed.contains("m.secret.send"), "{printed}");
+        for secret in ["launch code", "second", "typing secret", "s3cr3t"] {
+            assert!(!printed.contains(secret), "{secret:?} in {printed}");
+        }
+    }
 }

@@ -17,6 +17,7 @@
 use bridgekeys_store::{AccountRecord, Version};
 use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use vodozemac::{
     Curve25519SecretKey, Ed25519SecretKey, Ed25519Signature, KeyId,
     olm::{Account, AccountPickle},
@@ -209,26 +210,51 @@ impl DeviceAccount {
     ///
     /// vodozemac has no API to put a known secret key back into an account,
     /// so this goes through the account's serde pickle (a format vodozemac
-    /// keeps stable for stored accounts): the key is inserted into
-    /// `one_time_keys.private_keys` under its id.
+    /// keeps stable for stored accounts, and the exact vodozemac version is
+    /// pinned): the key is inserted into `one_time_keys.private_keys` under
+    /// its id. Every buffer holding the pickle's text is sized exactly
+    /// first (so it never reallocates and leaves a copy behind) and zeroed
+    /// when dropped; the rest of the pickle is borrowed, never copied.
     pub(crate) fn with_one_time_key(
         &mut self,
         key_id: u64,
         secret: &[u8; 32],
     ) -> Result<Account, OlmError> {
         let corrupt = |e: serde_json::Error| OlmError::Corrupt(format!("account pickle: {e}"));
-        let mut pickle = serde_json::to_value(self.account()?.pickle()).map_err(corrupt)?;
-        let secret =
-            serde_json::to_value(Curve25519SecretKey::from_slice(secret)).map_err(corrupt)?;
-        let keys = pickle
-            .get_mut("one_time_keys")
-            .and_then(|o| o.get_mut("private_keys"))
-            .and_then(|k| k.as_object_mut())
-            .ok_or_else(|| OlmError::Corrupt("account pickle has no one-time key map".into()))?;
-        keys.insert(key_id.to_string(), secret);
-        let pickle: AccountPickle = serde_json::from_value(pickle).map_err(corrupt)?;
+        let text = crate::wipe::json_zeroizing(&self.account()?.pickle()).map_err(corrupt)?;
+        let mut view: PickleView<'_> = serde_json::from_slice(&text).map_err(corrupt)?;
+        view.one_time_keys
+            .private_keys
+            .insert(key_id, Curve25519SecretKey::from_slice(secret));
+        let with_key = crate::wipe::json_zeroizing(&view).map_err(corrupt)?;
+        let pickle: AccountPickle = serde_json::from_slice(&with_key).map_err(corrupt)?;
         Ok(Account::from_pickle(pickle))
     }
+}
+
+/// vodozemac's account pickle with everything but the one-time secret keys
+/// borrowed as raw JSON (field names as vodozemac's `AccountPickle`).
+#[derive(Serialize, Deserialize)]
+struct PickleView<'a> {
+    #[serde(borrow)]
+    signing_key: &'a RawValue,
+    #[serde(borrow)]
+    diffie_hellman_key: &'a RawValue,
+    #[serde(borrow)]
+    one_time_keys: OneTimeKeysView<'a>,
+    #[serde(borrow)]
+    fallback_keys: &'a RawValue,
+}
+
+/// vodozemac's `OneTimeKeysPickle`, its secret keys typed (they zeroize
+/// themselves when dropped).
+#[derive(Serialize, Deserialize)]
+struct OneTimeKeysView<'a> {
+    #[serde(alias = "key_id")]
+    next_key_id: u64,
+    #[serde(borrow)]
+    public_keys: &'a RawValue,
+    private_keys: std::collections::BTreeMap<u64, Curve25519SecretKey>,
 }
 
 /// `signed_curve25519:<id>` in vodozemac's form (the big-endian number in

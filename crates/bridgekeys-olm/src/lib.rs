@@ -57,6 +57,7 @@ pub mod payload;
 mod sessions;
 mod signing;
 mod stats;
+mod wipe;
 
 pub use config::ManagerConfig;
 pub use cross_signing::CrossSigningKeys;

@@ -85,7 +85,7 @@ impl std::fmt::Debug for DecryptedOlm {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct DeliveryRecord {
     session_id: String,
-    plaintext: String,
+    plaintext: Zeroizing<String>,
     used_fallback_key: bool,
     #[serde(default)]
     new_session: bool,
@@ -129,7 +129,7 @@ fn message_bytes(message: &OlmMessage) -> Vec<u8> {
 struct Opened {
     session_id: String,
     session: Session,
-    plaintext: Vec<u8>,
+    plaintext: Zeroizing<Vec<u8>>,
     /// Set when the message starts a new session.
     created: Option<Created>,
 }
@@ -256,8 +256,9 @@ impl AccountManager {
             // (it will be refused as a replay).
             return Ok(None);
         }
-        let plaintext =
-            Zeroizing::new(vodozemac::base64_decode(&record.plaintext).map_err(|_| corrupt())?);
+        let plaintext = Zeroizing::new(
+            vodozemac::base64_decode(record.plaintext.as_str()).map_err(|_| corrupt())?,
+        );
         let payload = verify(&plaintext, expected, tracked)?;
         Ok(Some(DecryptedOlm {
             session_id: record.session_id,
@@ -288,7 +289,7 @@ impl AccountManager {
                         found = Some(Opened {
                             session_id: record.session_id.clone(),
                             session,
-                            plaintext,
+                            plaintext: Zeroizing::new(plaintext),
                             created: None,
                         });
                         break;
@@ -307,7 +308,7 @@ impl AccountManager {
                         Opened {
                             session_id,
                             session,
-                            plaintext,
+                            plaintext: Zeroizing::new(plaintext),
                             created: None,
                         }
                     }
@@ -340,18 +341,18 @@ impl AccountManager {
             Some(tag) => {
                 let remembered = DeliveryRecord {
                     session_id: opened.session_id.clone(),
-                    plaintext: vodozemac::base64_encode(&opened.plaintext),
+                    plaintext: Zeroizing::new(vodozemac::base64_encode(&opened.plaintext)),
                     used_fallback_key,
                     new_session,
                     sender: Some(expected.sender.to_string()),
                     sender_key: Some(expected.sender_curve25519.to_base64()),
                 };
-                let remembered = serde_json::to_vec(&remembered)
+                let remembered = crate::wipe::json_zeroizing(&remembered)
                     .map_err(|_| OlmError::Corrupt("cannot serialise a delivery record".into()))?;
                 Some(Delivery {
                     tag: tag.to_owned(),
                     message: message_bytes(message),
-                    record: Zeroizing::new(remembered),
+                    record: remembered,
                 })
             }
             None => None,
@@ -373,7 +374,7 @@ impl AccountManager {
         let decrypted = DecryptedOlm {
             session_id: opened.session_id,
             payload,
-            plaintext: Zeroizing::new(opened.plaintext),
+            plaintext: opened.plaintext,
             new_session,
             used_fallback_key,
         };
@@ -424,7 +425,7 @@ impl AccountManager {
         Ok(Opened {
             session_id: created.session.session_id(),
             session: created.session,
-            plaintext: created.plaintext,
+            plaintext: Zeroizing::new(created.plaintext),
             created: Some(Created {
                 one_time_key: stored.map(|r| (r.key_id, r.public_key)),
                 marks_fallback_used,
