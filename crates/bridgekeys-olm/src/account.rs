@@ -8,18 +8,27 @@
 //! at all, and the record is written only when the device is created, a
 //! pre-key message creates a session, or the fallback key changes.
 //!
-//! Format 3 (current) is one tag byte then the [`postcard`] encoding of the
-//! fallback schedule and the pickle: about 190 bytes, where the JSON of
-//! formats 1 and 2 took about 600 (every 32-byte key was an array of decimal
-//! numbers). Records in the old formats (they start with `{`) still load and
-//! are rewritten in format 3 by their next write.
+//! Format 4 (current) is one tag byte, the device's ed25519 public key (32
+//! bytes), then the [`postcard`] encoding of the fallback schedule and the
+//! pickle: about 220 bytes, where the JSON of formats 1 and 2 took about 600
+//! (every 32-byte key was an array of decimal numbers). Format 3 is the same
+//! without the public key. Records in older formats still load and are
+//! rewritten in format 4 by their next write.
+//!
+//! The stored public key is checked against the key the pickle yields at
+//! every load. The pickle is vodozemac's serde form, and the fast signing
+//! path reads its first field in vodozemac's layout: if a vodozemac upgrade
+//! ever changed that layout, a load would refuse the record
+//! ([`OlmError::Corrupt`]) instead of signing keys with the wrong key. The
+//! vodozemac version is pinned exactly for the same reason, and a fixture
+//! store written in this format (`tests/fixtures/`) must keep loading.
 
 use bridgekeys_store::{AccountRecord, Version};
 use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use vodozemac::{
-    Curve25519SecretKey, Ed25519SecretKey, Ed25519Signature, KeyId,
+    Curve25519SecretKey, Ed25519PublicKey, Ed25519SecretKey, Ed25519Signature, KeyId,
     olm::{Account, AccountPickle},
 };
 use zeroize::Zeroizing;
@@ -27,7 +36,10 @@ use zeroize::Zeroizing;
 use crate::{OlmError, fallback::FallbackState};
 
 /// The tag byte of the current binary format.
-const FORMAT: u8 = 3;
+const FORMAT: u8 = 4;
+
+/// Format 3: as 4 without the stored ed25519 public key.
+const FORMAT_3: u8 = 3;
 
 /// Formats 1 and 2: JSON. 2 added `fallback`.
 #[derive(Deserialize)]
@@ -38,8 +50,8 @@ struct JsonDevice {
     fallback: FallbackState,
 }
 
-/// Format 3, after its tag byte: the fallback schedule first, then the
-/// account pickle, so a load can read the schedule and keep the pickle as
+/// Formats 3 and 4, after their header: the fallback schedule first, then
+/// the account pickle, so a load can read the schedule and keep the pickle as
 /// bytes (decoding a pickle derives its ed25519 public key).
 #[derive(Serialize)]
 struct StoredDeviceRef<'a> {
@@ -134,13 +146,16 @@ impl DeviceAccount {
 
     /// Serialise for [`bridgekeys_store::DeviceWrite::account`].
     pub(crate) fn encode(&mut self) -> Result<Zeroizing<Vec<u8>>, OlmError> {
-        let pickle = self.account()?.pickle();
+        let account = self.account()?;
+        let ed25519 = account.identity_keys().ed25519;
+        let pickle = account.pickle();
         let record = StoredDeviceRef {
             fallback: &self.fallback,
             account: &pickle,
         };
         let mut out = Zeroizing::new(Vec::with_capacity(256));
         out.push(FORMAT);
+        out.extend_from_slice(ed25519.as_bytes());
         postcard::to_extend(&record, std::mem::take(&mut *out))
             .map(Zeroizing::new)
             .map_err(|e| OlmError::Corrupt(format!("cannot serialise account: {e}")))
@@ -161,33 +176,18 @@ impl DeviceAccount {
                 }
                 (stored.account, stored.fallback)
             }
+            Some(&FORMAT_3) => {
+                return Self::decode_binary(record, &record.data[1..], None, outstanding);
+            }
             Some(&FORMAT) => {
-                let corrupt =
-                    |e: postcard::Error| OlmError::Corrupt(format!("account record: {e}"));
-                let (fallback, pickle) =
-                    postcard::take_from_bytes::<FallbackState>(&record.data[1..])
-                        .map_err(corrupt)?;
-                // The pickle starts with the ed25519 key: read just that as
-                // a ready signer and keep the rest as bytes.
-                if let Ok((
-                    PickleHead {
-                        signing_key: SigningKeyHead::Normal(signer),
-                    },
-                    _,
-                )) = postcard::take_from_bytes::<PickleHead>(pickle)
-                {
-                    return Ok(Self {
-                        account: None,
-                        pickled: Some((Zeroizing::new(pickle.to_vec()), signer)),
-                        version: Some(record.version),
-                        outstanding,
-                        fallback,
-                        recently_used: true,
-                        legacy: None,
-                    });
-                }
-                let account: AccountPickle = postcard::from_bytes(pickle).map_err(corrupt)?;
-                (account, fallback)
+                let body = &record.data[1..];
+                let stored: [u8; 32] = body
+                    .get(..32)
+                    .and_then(|k| k.try_into().ok())
+                    .ok_or_else(|| OlmError::Corrupt("account record: truncated".into()))?;
+                let stored = Ed25519PublicKey::from_slice(&stored)
+                    .map_err(|e| OlmError::Corrupt(format!("account record: {e}")))?;
+                return Self::decode_binary(record, &body[32..], Some(stored), outstanding);
             }
             Some(other) => {
                 return Err(OlmError::Corrupt(format!("unknown account format {other}")));
@@ -203,6 +203,54 @@ impl DeviceAccount {
             recently_used: true,
             legacy: None,
         })
+    }
+
+    /// Formats 3 and 4 after their header: the fallback schedule, then the
+    /// pickle. With `stored` (format 4), the pickle's ed25519 key must be
+    /// that key.
+    fn decode_binary(
+        record: &AccountRecord,
+        body: &[u8],
+        stored: Option<Ed25519PublicKey>,
+        outstanding: u64,
+    ) -> Result<Self, OlmError> {
+        let corrupt = |e: postcard::Error| OlmError::Corrupt(format!("account record: {e}"));
+        let (fallback, pickle) =
+            postcard::take_from_bytes::<FallbackState>(body).map_err(corrupt)?;
+        let check = |found: Ed25519PublicKey| match stored {
+            Some(stored) if stored != found => Err(OlmError::Corrupt(
+                "the account's signing key is not the stored identity key (was the record \
+                 written by another vodozemac pickle layout?)"
+                    .into(),
+            )),
+            _ => Ok(()),
+        };
+        let mut device = Self {
+            account: None,
+            pickled: None,
+            version: Some(record.version),
+            outstanding,
+            fallback,
+            recently_used: true,
+            legacy: None,
+        };
+        // The pickle starts with the ed25519 key: read just that as a ready
+        // signer and keep the rest as bytes.
+        if let Ok((
+            PickleHead {
+                signing_key: SigningKeyHead::Normal(signer),
+            },
+            _,
+        )) = postcard::take_from_bytes::<PickleHead>(pickle)
+        {
+            check(signer.public_key())?;
+            device.pickled = Some((Zeroizing::new(pickle.to_vec()), signer));
+            return Ok(device);
+        }
+        let account = Account::from_pickle(postcard::from_bytes(pickle).map_err(corrupt)?);
+        check(account.identity_keys().ed25519)?;
+        device.account = Some(account);
+        Ok(device)
     }
 
     /// A throw-away copy of the account holding exactly one one-time key,
@@ -353,6 +401,44 @@ mod tests {
             .ed25519
             .verify(message.as_bytes(), &cold.sign(message).expect("sign"))
             .expect("verifies with the device's identity key");
+    }
+
+    #[test]
+    fn a_record_whose_pickle_yields_another_signing_key_than_the_stored_one_is_refused() {
+        let mut device = DeviceAccount::new();
+        let identity = device.account().expect("account").identity_keys();
+        let encoded = device.encode().expect("encode");
+        assert_eq!(encoded[0], FORMAT);
+        assert_eq!(&encoded[1..33], identity.ed25519.as_bytes());
+        // The same pickle under another device's key: what a pickle layout
+        // read the wrong way would look like.
+        let mut swapped = encoded.to_vec();
+        swapped[1..33].copy_from_slice(Account::new().identity_keys().ed25519.as_bytes());
+        assert!(matches!(
+            DeviceAccount::decode(&record(1, swapped), 0),
+            Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
+        ));
+        // Untouched, it loads and signs as the device.
+        let cold = DeviceAccount::decode(&record(1, encoded.to_vec()), 0).expect("decode");
+        let message = "m";
+        identity
+            .ed25519
+            .verify(message.as_bytes(), &cold.sign(message).expect("sign"))
+            .expect("signed by the stored key");
+    }
+
+    #[test]
+    fn a_format_3_record_without_the_stored_key_still_loads_and_is_rewritten_as_format_4() {
+        let mut device = DeviceAccount::new();
+        let identity = device.account().expect("account").identity_keys();
+        let encoded = device.encode().expect("encode");
+        let mut v3 = vec![FORMAT_3];
+        v3.extend_from_slice(&encoded[33..]);
+        let mut old = DeviceAccount::decode(&record(3, v3), 0).expect("decode");
+        assert_eq!(old.account().expect("account").identity_keys(), identity);
+        let rewritten = old.encode().expect("encode");
+        assert_eq!(rewritten[0], FORMAT);
+        assert_eq!(&rewritten[1..33], identity.ed25519.as_bytes());
     }
 
     #[test]
