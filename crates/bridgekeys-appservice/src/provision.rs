@@ -25,10 +25,15 @@
 //! keys, never new ones: nothing is generated twice because every generated
 //! key is on disk before it leaves.
 //!
-//! Rotation: [`Provisioner::rotate_once`] walks the registry and applies the
-//! [`FallbackPolicy`] to each device (rotate when used or too old, upload,
-//! forget the previous key after the grace period), with times from an
-//! injectable [`Clock`]. [`Provisioner::start_rotation`] runs it in a
+//! Rotation: [`Provisioner::rotate_once`] applies the [`FallbackPolicy`] to
+//! each device that is due (rotate when used or too old, upload, forget the
+//! previous key after the grace period), with times from an injectable
+//! [`Clock`]. Each step schedules the device's next one in the registry's
+//! index, so a pass reads only the devices due, not every device; the first
+//! pass after start and then one every
+//! [`ProvisionConfig::full_rotation_pass_interval`] walk every device (a
+//! device scheduled by nothing, a changed policy, or a fallback key
+//! rotated by hand through the account manager is caught there). [`Provisioner::start_rotation`] runs it in a
 //! background task that the bridge stops with [`RotationTask::stop`]; the
 //! listener's transaction path feeds MSC3202 `device_unused_fallback_key_types`
 //! in ([`Provisioner::note_unused_fallback_key_types`]) and wakes the task.
@@ -151,9 +156,14 @@ pub struct ProvisionConfig {
     /// Wait before the first retry; doubles with each retry, at most 60 s.
     /// A homeserver's `retry_after` (429) makes the wait longer, up to 60 s.
     pub retry_delay: Duration,
-    /// How often the background task walks all puppets (it is also woken
-    /// early when the homeserver reports a fallback key used).
+    /// How often the background task runs a pass over the puppets that are
+    /// due (it is also woken early when the homeserver reports a fallback
+    /// key used).
     pub rotation_interval: Duration,
+    /// How often a pass walks every puppet instead of only those its
+    /// schedule says are due (the first pass after start always does).
+    /// Default one day.
+    pub full_rotation_pass_interval: Duration,
     /// Give each puppet user a cross-signing identity and sign its device
     /// with it (default on). Clients that only share room keys with
     /// cross-signed devices (MSC4153, identity-based sharing) otherwise
@@ -171,6 +181,7 @@ impl Default for ProvisionConfig {
             max_attempts: 5,
             retry_delay: Duration::from_millis(500),
             rotation_interval: Duration::from_secs(300),
+            full_rotation_pass_interval: Duration::from_secs(24 * 3600),
             cross_signing: true,
         }
     }
@@ -249,9 +260,14 @@ fn bump(c: &AtomicU64) {
 pub struct RotationReport {
     /// Devices visited.
     pub devices: usize,
+    /// Whether the pass walked every puppet (otherwise only those due).
+    pub full: bool,
     /// Devices whose step failed (logged; retried next pass).
     pub failures: usize,
 }
+
+/// Devices read from the rotation schedule at a time.
+const DUE_BATCH: usize = 1024;
 
 /// Provisions puppet devices on the homeserver and keeps their fallback keys
 /// fresh. See the module docs for the steps and their guarantees.
@@ -268,6 +284,8 @@ pub struct Provisioner {
     /// stopping the rotation task waits for them, so that a stopped bridge
     /// holds no task that still uses the store.
     urgent: parking_lot::Mutex<tokio::task::JoinSet<()>>,
+    /// When the last pass over every puppet started (`None`: none yet).
+    last_full_pass: parking_lot::Mutex<Option<UnixMillis>>,
 }
 
 impl std::fmt::Debug for Provisioner {
@@ -302,6 +320,7 @@ impl Provisioner {
             wake: Notify::new(),
             passes: watch::channel(0).0,
             urgent: parking_lot::Mutex::new(tokio::task::JoinSet::new()),
+            last_full_pass: parking_lot::Mutex::new(None),
         }
     }
 
@@ -353,6 +372,8 @@ impl Provisioner {
         if !self.registry.contains_puppet(&key)? {
             self.create_on_homeserver(user_id, device_id).await?;
             self.registry.record_puppet(&key)?.durable().await?;
+            // Due at once: the next pass reads its real schedule.
+            self.schedule(&key, self.clock.now(), None);
             bump(&self.counters.devices_provisioned);
             tracing::info!(%user_id, %device_id, "puppet device provisioned on the homeserver");
         }
@@ -495,6 +516,48 @@ impl Provisioner {
         user_id: &UserId,
         device_id: &DeviceId,
     ) -> Result<(), ProvisionError> {
+        self.rotate_and_schedule(user_id, device_id, None).await
+    }
+
+    /// [`Provisioner::rotate_device`], then schedule the device's next step:
+    /// when its policy says, or at once (the next pass) if the step failed
+    /// or did not settle. `found_at` is the schedule entry it was found
+    /// under, replaced.
+    async fn rotate_and_schedule(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        found_at: Option<UnixMillis>,
+    ) -> Result<(), ProvisionError> {
+        let result = self.step_device(user_id, device_id).await;
+        // A failed or unsettled device is due at once: the next pass (the
+        // current pass skips the devices that failed in it).
+        let now = self.clock.now();
+        let next = match &result {
+            Ok(Some(until)) => (*until).max(now),
+            Ok(None) | Err(_) => now,
+        };
+        let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+        self.schedule(&key, next, found_at);
+        result.map(|_| ())
+    }
+
+    /// Record when `device`'s next rotation step is due. Not waited for: a
+    /// schedule lost in a crash is rebuilt by the full pass after start.
+    fn schedule(&self, device: &DeviceKey, due: UnixMillis, found_at: Option<UnixMillis>) {
+        if let Err(e) = self.registry.schedule_rotation(device, due, found_at) {
+            tracing::warn!(user_id = device.user_id(), device_id = device.device_id(), error = %e,
+                "could not schedule the next fallback rotation step; the next full pass will");
+        }
+    }
+
+    /// Take the device's fallback steps that are due now; the time of the
+    /// next one (`None` if none was reached after a few steps).
+    async fn step_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<Option<UnixMillis>, ProvisionError> {
         // At most: forget, rotate, upload, then wait.
         for _ in 0..6 {
             let action = self
@@ -502,7 +565,9 @@ impl Provisioner {
                 .apply_fallback_policy(user_id, device_id, &self.config.policy, self.clock.now())
                 .await?;
             match action {
-                FallbackAction::Wait { .. } => break,
+                FallbackAction::Wait { until } => {
+                    return Ok(Some(until.unwrap_or(UnixMillis::MAX)));
+                }
                 FallbackAction::Upload => {
                     // Device keys ride along: identical re-uploads are
                     // accepted, and they heal a provisioning that stopped
@@ -516,32 +581,89 @@ impl Provisioner {
                 | FallbackAction::ForgetPrevious => {}
             }
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// One rotation pass over every provisioned device. A failing device is
-    /// logged and counted and the pass goes on; the next pass retries it.
+    /// One rotation pass: over the devices whose next step is due, or over
+    /// every provisioned device when this is the first pass since start or
+    /// [`ProvisionConfig::full_rotation_pass_interval`] has passed since the
+    /// last full one. A failing device is logged and counted and the pass
+    /// goes on; the next pass retries it.
     pub async fn rotate_once(&self) -> Result<RotationReport, ProvisionError> {
-        let mut report = RotationReport::default();
-        for key in self.registry.puppets()? {
-            report.devices += 1;
-            let result = match OwnedUserId::try_from(key.user_id()) {
-                Ok(user_id) => {
-                    let device_id: OwnedDeviceId = key.device_id().into();
-                    self.rotate_device(&user_id, &device_id).await
+        let now = self.clock.now();
+        let full = {
+            let mut last = self.last_full_pass.lock();
+            let interval = self.config.full_rotation_pass_interval.as_millis();
+            let due = last.is_none_or(|at| u128::from(now) >= u128::from(at) + interval);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        let mut report = RotationReport {
+            full,
+            ..RotationReport::default()
+        };
+        if full {
+            for key in self.registry.puppets()? {
+                self.rotate_entry(&key, None, &mut report).await;
+            }
+        } else {
+            // In batches. A device handled is scheduled after `now`, unless
+            // it failed: then it is due again at once, for the next pass,
+            // and this pass skips it.
+            let mut failed = std::collections::HashSet::new();
+            loop {
+                let batch = self.registry.due_rotations(now, DUE_BATCH)?;
+                let fresh: Vec<_> = batch
+                    .into_iter()
+                    .filter(|(key, _)| !failed.contains(key))
+                    .collect();
+                if fresh.is_empty() {
+                    break;
                 }
-                Err(_) => Err(ProvisionError::BadRegistryEntry(key.user_id().to_owned())),
-            };
-            if let Err(e) = result {
-                report.failures += 1;
-                bump(&self.counters.rotation_failures);
-                tracing::warn!(user_id = key.user_id(), device_id = key.device_id(), error = %e,
-                    "fallback rotation step failed; retried next pass");
+                for (key, found_at) in fresh {
+                    if !self.rotate_entry(&key, Some(found_at), &mut report).await {
+                        failed.insert(key);
+                    }
+                }
             }
         }
         bump(&self.counters.rotation_passes);
         self.passes.send_modify(|n| *n += 1);
         Ok(report)
+    }
+
+    /// One device of a pass; whether its step succeeded.
+    async fn rotate_entry(
+        &self,
+        key: &DeviceKey,
+        found_at: Option<UnixMillis>,
+        report: &mut RotationReport,
+    ) -> bool {
+        report.devices += 1;
+        let result = match OwnedUserId::try_from(key.user_id()) {
+            Ok(user_id) => {
+                let device_id: OwnedDeviceId = key.device_id().into();
+                self.rotate_and_schedule(&user_id, &device_id, found_at)
+                    .await
+            }
+            Err(_) => {
+                // Never due again: only a full pass meets it.
+                self.schedule(key, UnixMillis::MAX, found_at);
+                Err(ProvisionError::BadRegistryEntry(key.user_id().to_owned()))
+            }
+        };
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                report.failures += 1;
+                bump(&self.counters.rotation_failures);
+                tracing::warn!(user_id = key.user_id(), device_id = key.device_id(), error = %e,
+                    "fallback rotation step failed; retried next pass");
+                false
+            }
+        }
     }
 
     /// Feed one MSC3202 `device_unused_fallback_key_types` entry in: if it
@@ -565,6 +687,8 @@ impl Provisioner {
         };
         if marked {
             tracing::info!(%user_id, %device_id, "homeserver reports the fallback key used");
+            let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+            self.schedule(&key, self.clock.now(), None);
             self.wake.notify_one();
         }
         Ok(marked)

@@ -1247,3 +1247,57 @@ async fn a_puppet_provisioned_before_cross_signing_is_signed_at_its_next_use() {
     assert_eq!(s.cross_signing_uploads.len(), 1);
     assert_eq!(s.signature_uploads.len(), 1);
 }
+
+/// Issue 14, item 10: after the first (full) pass, a pass reads only the
+/// devices its schedule says are due, not every device; a reported use
+/// makes one device due at once; a full pass comes back after its interval.
+#[tokio::test]
+async fn after_the_first_pass_a_rotation_pass_visits_only_the_devices_that_are_due() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(
+        dir.path(),
+        &url,
+        ProvisionConfig {
+            full_rotation_pass_interval: Duration::from_secs(30 * 24 * 3600),
+            ..fast_retries()
+        },
+    );
+    let users: Vec<_> = (40..50).map(puppet).collect();
+    for user in &users {
+        b.provisioner.ensure_puppet(user).await.unwrap();
+    }
+    let first = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!((first.devices, first.full), (10, true));
+    // Nothing is due for a week: a pass reads no device.
+    b.clock.advance(Duration::from_secs(3600));
+    let idle = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!((idle.devices, idle.full, idle.failures), (0, false, 0));
+    // One device's fallback key is reported used: only it is due.
+    assert!(
+        b.provisioner
+            .note_unused_fallback_key_types(&users[3], &device(), &[])
+            .await
+            .unwrap()
+    );
+    let uploads = hs.uploads().len();
+    let one = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!((one.devices, one.full), (1, false));
+    assert_eq!(b.manager.stats().fallback_rotations, 1);
+    assert_eq!(hs.uploads().len(), uploads + 1, "its new key was uploaded");
+    // Its previous key is forgotten after the grace period, by a pass that
+    // reads it alone.
+    b.clock.advance(HOUR);
+    let grace = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!(grace.devices, 1);
+    assert_eq!(b.manager.stats().fallback_forgets, 1);
+    // A week on, every original key is too old: all ten are due.
+    b.clock.advance(Duration::from_secs(7 * 24 * 3600));
+    let expired = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!((expired.devices, expired.failures), (10, 0));
+    assert!(b.manager.stats().fallback_rotations >= 10);
+    // Past the full-pass interval: every device again, due or not.
+    b.clock.advance(Duration::from_secs(30 * 24 * 3600));
+    let full = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!((full.devices, full.full), (10, true));
+}

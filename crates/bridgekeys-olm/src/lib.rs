@@ -57,6 +57,7 @@ pub mod payload;
 mod sessions;
 mod signing;
 mod stats;
+mod throttle;
 mod wipe;
 
 pub use config::ManagerConfig;

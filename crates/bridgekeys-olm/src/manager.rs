@@ -58,6 +58,8 @@ pub struct AccountManager {
     pub(crate) group_cache: crate::megolm::GroupCache,
     /// The last `last_used` stamp given to a session (see [`Self::session_clock`]).
     session_stamp: std::sync::atomic::AtomicU64,
+    /// Eviction warnings, at most one a minute.
+    eviction_warnings: crate::throttle::Throttle,
 }
 
 impl std::fmt::Debug for AccountManager {
@@ -82,6 +84,7 @@ impl AccountManager {
             group_sessions: Mutex::new(()),
             group_cache: crate::megolm::GroupCache::default(),
             session_stamp: std::sync::atomic::AtomicU64::new(0),
+            eviction_warnings: crate::throttle::Throttle::new(std::time::Duration::from_secs(60)),
         }
     }
 
@@ -339,14 +342,23 @@ impl AccountManager {
         device.outstanding = outstanding;
         if !evicted.is_empty() {
             Counters::add(&self.counters.evicted_keys, evicted.len() as u64);
-            tracing::warn!(
-                %user_id,
-                %device_id,
-                evicted = evicted.len(),
-                oldest_key_id = evicted[0].0,
-                bound = self.config.max_outstanding_keys,
-                "outstanding one-time keys over the bound: evicted the oldest"
-            );
+            // One line a minute at most: at the bound, every claim evicts.
+            if let Some(held) = self
+                .eviction_warnings
+                .note(std::time::Instant::now(), evicted.len() as u64)
+            {
+                tracing::warn!(
+                    %user_id,
+                    %device_id,
+                    evicted = evicted.len(),
+                    oldest_key_id = evicted[0].0,
+                    bound = self.config.max_outstanding_keys,
+                    evictions_not_logged = held.events,
+                    keys_evicted_not_logged = held.amount,
+                    "outstanding one-time keys over the bound: evicted the oldest \
+                     (at most one such line a minute; the totals are in the metrics)"
+                );
+            }
         }
         Ok((claimed, pending))
     }

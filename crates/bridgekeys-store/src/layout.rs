@@ -19,7 +19,8 @@
 //! | `x/<room len u32 BE><room id><session len u32 BE><session id><index u32 BE>` | the event id that first decrypted at that message index (replay protection) |
 //! | `d/<tag length u32 BE><tag><device><message>` | a sealed delivery record, until the delivery is acknowledged |
 //! | `t/<namespace len u32 BE><namespace><txn id>` | empty: a completed homeserver transaction (see `transactions.rs`) |
-//! | `r/<device>` | empty: a puppet device provisioned on the homeserver (see `puppets.rs`) |
+//! | `r/<device>` | a puppet device provisioned on the homeserver: empty, or a flag byte (cross-signed), then the due time of its next rotation step u64 BE once scheduled (see `puppets.rs`) |
+//! | `n/<due u64 BE><device>` | empty: the rotation schedule, so a pass reads only the devices due (see `puppets.rs`) |
 //!
 //! `<device>` is [`DeviceKey`]'s length-prefixed encoding, so prefixes of
 //! different devices never overlap. Key ids are big-endian so that a prefix
@@ -169,6 +170,18 @@ pub(crate) const PUPPET_PREFIX: &[u8] = b"r/";
 
 pub(crate) fn puppet(device: &DeviceKey) -> Vec<u8> {
     join(PUPPET_PREFIX, device, &[])
+}
+
+pub(crate) const ROTATION_PREFIX: &[u8] = b"n/";
+
+/// The schedule entry of `device` due at `due_ms`: big-endian first, so a
+/// range scan up to now yields exactly the devices due, earliest first.
+pub(crate) fn rotation(due_ms: u64, device: &DeviceKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(ROTATION_PREFIX.len() + 8 + device.as_bytes().len());
+    k.extend_from_slice(ROTATION_PREFIX);
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(device.as_bytes());
+    k
 }
 
 /// All delivery records of one tag share this prefix.

@@ -4,9 +4,17 @@
 //! The fallback key rotation task walks this list (the homeserver knows
 //! these devices, so their keys can be uploaded), and it survives restarts
 //! so rotation resumes where it was. Records are `r/<device>` keys whose
-//! value is empty, or one flag byte once the device is signed by its user's
-//! published cross-signing identity: user and device ids are public data,
-//! nothing is sealed.
+//! value is empty, or one flag byte (set once the device is signed by its
+//! user's published cross-signing identity) followed, once the device is
+//! scheduled, by the due time of its next rotation step.
+//!
+//! The schedule is an index, `n/<due><device>`, so a rotation pass reads
+//! only the devices that are due ([`PuppetRegistry::due_rotations`]) instead
+//! of every device: with a million idle puppets, a pass every few minutes
+//! would otherwise read a million records each time. User and device ids
+//! and times are public data: nothing here is sealed.
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::{DeviceKey, Pending, SledStore, StoreError, layout};
 
@@ -31,6 +39,33 @@ pub trait PuppetRegistry: Send + Sync + 'static {
     /// `device` (puppets provisioned before cross-signing are not, and
     /// are signed at their next use).
     fn is_cross_signed(&self, device: &DeviceKey) -> Result<bool, StoreError>;
+
+    /// Schedule the next rotation step of `device` (recorded) at `due_ms`,
+    /// replacing its earlier schedule and, when given, the entry `found_at`
+    /// it was found under by [`PuppetRegistry::due_rotations`]. A device not
+    /// recorded is left alone. Applied when this returns; await
+    /// [`Pending::durable`] before relying on it.
+    fn schedule_rotation(
+        &self,
+        device: &DeviceKey,
+        due_ms: u64,
+        found_at: Option<u64>,
+    ) -> Result<Pending, StoreError>;
+
+    /// The devices whose next rotation step is due at `now_ms` (scheduled at
+    /// or before it), earliest first, each with the time it was scheduled
+    /// at, at most `limit` of them. Devices never scheduled are not listed:
+    /// a full pass over [`PuppetRegistry::puppets`] schedules them.
+    fn due_rotations(&self, now_ms: u64, limit: usize)
+    -> Result<Vec<(DeviceKey, u64)>, StoreError>;
+}
+
+/// The due time stored after the flag byte of a registry value, if any.
+fn scheduled_at(value: &[u8]) -> Option<u64> {
+    value
+        .get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
 }
 
 /// The flag byte of a cross-signed puppet device.
@@ -52,9 +87,78 @@ impl PuppetRegistry for SledStore {
     }
 
     fn record_cross_signed(&self, device: &DeviceKey) -> Result<Pending, StoreError> {
-        self.db
-            .insert(layout::puppet(device), &[CROSS_SIGNED][..])?;
+        // The flag byte only: a scheduled due time after it stays.
+        self.db.update_and_fetch(layout::puppet(device), |old| {
+            let mut value = old.map_or_else(Vec::new, <[u8]>::to_vec);
+            match value.first_mut() {
+                Some(flag) => *flag = CROSS_SIGNED,
+                None => value.push(CROSS_SIGNED),
+            }
+            Some(value)
+        })?;
         Ok(self.commit.pending())
+    }
+
+    fn schedule_rotation(
+        &self,
+        device: &DeviceKey,
+        due_ms: u64,
+        found_at: Option<u64>,
+    ) -> Result<Pending, StoreError> {
+        let record = layout::puppet(device);
+        let entry = layout::rotation(due_ms, device);
+        let outcome = self.db.transaction(|tx| {
+            let Some(value) = tx.get(&record)? else {
+                return Ok(());
+            };
+            for old in [scheduled_at(&value), found_at].into_iter().flatten() {
+                if old != due_ms {
+                    tx.remove(layout::rotation(old, device))?;
+                }
+            }
+            tx.insert(entry.as_slice(), &[][..])?;
+            let mut updated = [0u8; 9];
+            updated[0] = value.first().copied().unwrap_or(0);
+            updated[1..].copy_from_slice(&due_ms.to_be_bytes());
+            tx.insert(record.as_slice(), &updated[..])?;
+            Ok::<(), ConflictableTransactionError<StoreError>>(())
+        });
+        match outcome {
+            Ok(()) => Ok(self.commit.pending()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Engine(e)),
+        }
+    }
+
+    fn due_rotations(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
+        let start = layout::ROTATION_PREFIX.to_vec();
+        let mut end = layout::ROTATION_PREFIX.to_vec();
+        // Everything scheduled at or before now: up to (now + 1), exclusive
+        // (at u64::MAX, up to the end of the prefix).
+        match now_ms.checked_add(1) {
+            Some(next) => end.extend_from_slice(&next.to_be_bytes()),
+            None => end = vec![layout::ROTATION_PREFIX[0], layout::ROTATION_PREFIX[1] + 1],
+        }
+        let corrupt = || StoreError::Corrupt {
+            what: "rotation schedule entry".into(),
+        };
+        let mut out = Vec::new();
+        for item in self.db.range(start..end).keys().take(limit) {
+            let key = item?;
+            let rest = &key[layout::ROTATION_PREFIX.len()..];
+            let due = rest
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(corrupt)?;
+            let device = DeviceKey::from_bytes(&rest[8..]).ok_or_else(corrupt)?;
+            out.push((device, due));
+        }
+        Ok(out)
     }
 
     fn is_cross_signed(&self, device: &DeviceKey) -> Result<bool, StoreError> {
@@ -110,5 +214,81 @@ mod tests {
         let store = open(dir.path());
         assert!(store.contains_puppet(&a).expect("read"));
         assert_eq!(store.puppets().expect("list"), vec![a, b]);
+    }
+
+    #[tokio::test]
+    async fn the_schedule_lists_only_due_devices_keeps_one_entry_each_and_the_cross_signed_flag() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let devices: Vec<DeviceKey> = (0..5)
+            .map(|i| DeviceKey::new(&format!("@echo_{i}:hs"), "DEV"))
+            .collect();
+        for (i, d) in devices.iter().enumerate() {
+            store
+                .record_puppet(d)
+                .expect("record")
+                .durable()
+                .await
+                .expect("durable");
+            store
+                .schedule_rotation(d, 1_000 * (i as u64 + 1), None)
+                .expect("schedule")
+                .durable()
+                .await
+                .expect("durable");
+        }
+        store
+            .record_cross_signed(&devices[1])
+            .expect("flag")
+            .durable()
+            .await
+            .expect("durable");
+        // Not recorded: not scheduled either.
+        let stranger = DeviceKey::new("@stranger:hs", "DEV");
+        store
+            .schedule_rotation(&stranger, 0, None)
+            .expect("no-op")
+            .durable()
+            .await
+            .expect("durable");
+        let due = store.due_rotations(2_000, 100).expect("due");
+        assert_eq!(
+            due,
+            vec![(devices[0].clone(), 1_000), (devices[1].clone(), 2_000)]
+        );
+        assert_eq!(store.due_rotations(2_000, 1).expect("due").len(), 1);
+        // Rescheduled: its old entry goes, its flag stays.
+        store
+            .schedule_rotation(&devices[1], 9_000, Some(2_000))
+            .expect("reschedule")
+            .durable()
+            .await
+            .expect("durable");
+        assert!(store.is_cross_signed(&devices[1]).expect("flag"));
+        let all: Vec<u64> = store
+            .due_rotations(u64::MAX, 100)
+            .expect("all")
+            .into_iter()
+            .map(|(_, due)| due)
+            .collect();
+        assert_eq!(all, vec![1_000, 3_000, 4_000, 5_000, 9_000]);
+        // Scheduled before being flagged: the flag keeps the schedule.
+        store
+            .record_cross_signed(&devices[4])
+            .expect("flag")
+            .durable()
+            .await
+            .expect("durable");
+        assert_eq!(store.due_rotations(u64::MAX, 100).expect("all").len(), 5);
+        assert!(store.is_cross_signed(&devices[4]).expect("flag"));
+        assert!(!store.is_cross_signed(&devices[3]).expect("flag"));
+        // Recording again keeps the schedule.
+        store
+            .record_puppet(&devices[3])
+            .expect("record again")
+            .durable()
+            .await
+            .expect("durable");
+        assert_eq!(store.due_rotations(4_000, 100).expect("due").len(), 3);
     }
 }
