@@ -12,7 +12,7 @@
 //!   proxied"), then claims a key of a probe device of its own sender
 //!   through the client-server API. The probe device has no uploaded keys,
 //!   so a proxying homeserver must ask our listener, which notes the probe
-//!   and answers nothing for it ([`KeyPool::take_probe`]). Seen:
+//!   and answers nothing for it (`KeyPool::take_probe`). Seen:
 //!   [`ClaimMode::Proxied`]; not seen: [`ClaimMode::Pool`]. Run at start
 //!   and every [`PoolConfig::probe_interval`]; the mode is in `/metrics`,
 //!   `/_bridgekeys/ready` and one log line when it changes.

@@ -2,7 +2,7 @@
 //! provisioned devices.
 //!
 //! For each size a fresh store gets that many real accounts (vodozemac
-//! identity keys, written through [`AccountManager::create_devices`], no
+//! identity keys, written through [`AccountManager::create_devices`](bridgekeys_olm::AccountManager::create_devices), no
 //! homeserver). Once all are provisioned, each store in turn is reopened, as
 //! after a restart, so the account cache starts cold, and claims go to
 //! devices picked uniformly at random: with a million devices almost every

@@ -61,7 +61,8 @@ pub use error::StoreError;
 pub use identity::{InvalidStoreId, StoreId};
 pub use puppets::PuppetRegistry;
 pub use sled_store::{
-    DEFAULT_COMMIT_GATHER_US, FIRST_KEY_ID, SCHEMA_VERSION, SledStore, SledStoreConfig,
+    DEFAULT_COMMIT_GATHER_US, DEFAULT_LOCK_WAIT, FIRST_KEY_ID, SCHEMA_VERSION, SledStore,
+    SledStoreConfig,
 };
 pub use transactions::{TransactionLog, unix_millis};
 pub use types::{
