@@ -234,14 +234,18 @@ impl<F> BridgeBuilder<F> {
     }
 
     /// How uploaded one-time key pools are kept and the claim mode found
-    /// (default: detected, [`PoolConfig::default`]).
+    /// (default: detected, [`PoolConfig::default`]). Its
+    /// `puppet_device_id` is replaced by the provisioner's device id.
     pub fn pool_config(mut self, config: PoolConfig) -> Self {
         self.pool_config = config;
         self
     }
 
     /// How puppets are provisioned (default:
-    /// [`ProvisionConfig::from_registration`]).
+    /// [`ProvisionConfig::from_registration`]). Its `device_id` is the
+    /// puppet device id of every piece: the listener's
+    /// ([`AppserviceConfig::puppet_device_id`]) and the key pool's
+    /// ([`PoolConfig::puppet_device_id`]) are set to it.
     pub fn provision_config(mut self, config: ProvisionConfig) -> Self {
         self.provision_config = Some(config);
         self
@@ -311,10 +315,17 @@ where
                     server_name: server_name.clone(),
                     source,
                 })?;
+        let provision_config = self
+            .provision_config
+            .unwrap_or_else(|| ProvisionConfig::from_registration(&registration));
+        // One puppet device id for every piece: the provisioner's.
         let mut config = AppserviceConfig::from_registration(&registration, &server_name)?;
+        config.puppet_device_id = provision_config.device_id.clone();
         if let Some(limits) = self.limits {
             config.limits = limits;
         }
+        let mut pool_config = self.pool_config;
+        pool_config.puppet_device_id = provision_config.device_id.clone();
         let puppets = UserNamespace::new(
             registration
                 .namespaces
@@ -338,9 +349,6 @@ where
         let rooms =
             Arc::new(RoomStates::new(store.clone(), cached).with_homeserver(homeserver.clone()));
         let olm = Arc::new(PuppetOlm::new(manager.clone(), homeserver.clone()));
-        let provision_config = self
-            .provision_config
-            .unwrap_or_else(|| ProvisionConfig::from_registration(&registration));
         let provisioner = Arc::new(Provisioner::new(
             homeserver.clone(),
             manager.clone(),
@@ -353,7 +361,7 @@ where
                 homeserver.clone(),
                 registration.id.clone(),
                 bot.clone(),
-                self.pool_config,
+                pool_config,
             )
             .with_provisioner(provisioner.clone()),
         );

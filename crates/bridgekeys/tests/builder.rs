@@ -69,6 +69,10 @@ async fn the_parts_are_wired_from_the_registration() {
     let bridge = Bridgekeys::builder(registration.clone(), "example.org".try_into().unwrap())
         .homeserver_url("http://127.0.0.1:1")
         .store(Arc::clone(&store))
+        .pool_config(bridgekeys::appservice::PoolConfig {
+            puppet_device_id: "ELSEWHERE".into(),
+            ..Default::default()
+        })
         .handler(|parts: &Parts| {
             assert_eq!(parts.registration.id, "test-bridge");
             Counting::default()
@@ -87,6 +91,11 @@ async fn the_parts_are_wired_from_the_registration() {
         "the bot is not a puppet"
     );
     assert!(Arc::ptr_eq(bridge.store(), &store));
+    assert_eq!(
+        bridge.key_pool().config().puppet_device_id,
+        "BRIDGEKEYS",
+        "the provisioner's device id"
+    );
     assert!(Arc::ptr_eq(bridge.olm().manager(), bridge.manager()));
     // One account manager behind everything: a device made through one
     // piece is known to the others.
