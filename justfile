@@ -9,6 +9,10 @@ run:
 quickstart:
     cargo run -p quickstart
 
+# The key-claim service mounted alone in an existing axum app (checks itself, exits).
+claim-only:
+    cargo run -p claim-only
+
 # The test command CI runs.
 test:
     cargo test --workspace

@@ -17,6 +17,9 @@
 //! over the per-device or per-request cap is refused whole (400
 //! `M_INVALID_PARAM`) before any key is generated.
 //!
+//! The same code answers for the whole listener ([`crate::Appservice`]) and
+//! for the claim paths mounted alone ([`crate::ClaimService`]).
+//!
 //! With [`crate::Appservice::with_fallback_in_claims`] (off by default) each
 //! served device's published fallback key (`fallback: true`) is added to its
 //! one-time keys, unless a one-time key in the same answer has the same id.
@@ -39,7 +42,10 @@ use ruma::{
 };
 use tokio::{sync::Semaphore, task::JoinSet};
 
-use crate::{BridgeHandler, MatrixError, body::MatrixJson, server::Inner};
+use crate::{
+    BridgeHandler, KeyPool, Limits, MatrixError, UserNamespace, body::MatrixJson,
+    metrics::ClaimMetrics, server::Inner,
+};
 
 /// The request: user id -> device id -> one algorithm name per key.
 ///
@@ -51,6 +57,18 @@ pub type ClaimRequest = BTreeMap<String, BTreeMap<String, Vec<String>>>;
 pub type ClaimResponse =
     BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, BTreeMap<OwnedOneTimeKeyId, SignedKey>>>;
 
+/// What answering a claim needs, borrowed from whichever service serves it
+/// (the whole [`crate::Appservice`] or the claim-only
+/// [`crate::ClaimService`]).
+pub(crate) struct ClaimContext<'a> {
+    pub limits: &'a Limits,
+    pub namespace: &'a UserNamespace,
+    pub manager: &'a Arc<AccountManager>,
+    pub metrics: &'a ClaimMetrics,
+    pub pool: Option<&'a Arc<KeyPool>>,
+    pub fallback_in_claims: bool,
+}
+
 struct Job {
     user_id: OwnedUserId,
     device_id: OwnedDeviceId,
@@ -59,11 +77,8 @@ struct Job {
 
 /// Check the caps and pick the devices to serve. Pure: nothing is touched
 /// before every cap has passed.
-fn plan(
-    request: ClaimRequest,
-    inner: &Inner<impl BridgeHandler>,
-) -> Result<(Vec<Job>, u64), MatrixError> {
-    let limits = &inner.config.limits;
+fn plan(request: ClaimRequest, cx: &ClaimContext<'_>) -> Result<(Vec<Job>, u64), MatrixError> {
+    let limits = cx.limits;
     let devices: usize = request.values().map(BTreeMap::len).sum();
     if devices > limits.max_devices_per_claim {
         return Err(MatrixError::invalid_param(format!(
@@ -87,7 +102,7 @@ fn plan(
     let mut skipped = 0u64;
     for (user, device_map) in request {
         let user_id = match OwnedUserId::try_from(user.as_str()) {
-            Ok(u) if inner.config.namespace.contains(&u) => u,
+            Ok(u) if cx.namespace.contains(&u) => u,
             _ => {
                 skipped += device_map.len() as u64;
                 continue;
@@ -116,15 +131,12 @@ fn plan(
 /// so the two cannot share an id; should they ever (a store written before
 /// that sequence), the one-time key wins and the fallback key is left out,
 /// never overwriting a key. Returns whether it was added.
-fn add_fallback<H: BridgeHandler>(
-    inner: &Inner<H>,
+fn add_fallback(
+    manager: &AccountManager,
     job: &Job,
     keys: &mut BTreeMap<OwnedOneTimeKeyId, SignedKey>,
 ) -> bool {
-    let fallback = match inner
-        .manager
-        .published_fallback_key(&job.user_id, &job.device_id)
-    {
+    let fallback = match manager.published_fallback_key(&job.user_id, &job.device_id) {
         Ok(Some(f)) => f,
         Ok(None) => return false,
         Err(e) => {
@@ -158,27 +170,44 @@ async fn claim_device(
     (job, result)
 }
 
-/// The handler of all three claim paths.
+/// The handler of all three claim paths in the whole listener.
 pub(crate) async fn claim<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
-    MatrixJson(mut request): MatrixJson<ClaimRequest>,
+    MatrixJson(request): MatrixJson<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, MatrixError> {
+    let cx = ClaimContext {
+        limits: &inner.config.limits,
+        namespace: &inner.config.namespace,
+        manager: &inner.manager,
+        metrics: &inner.metrics.claim,
+        pool: inner.pool.get(),
+        fallback_in_claims: inner.fallback_in_claims.load(Ordering::SeqCst),
+    };
+    answer(&cx, request).await.map(Json)
+}
+
+/// Answer one claim: the one function behind every claim path, whichever
+/// service mounts it.
+pub(crate) async fn answer(
+    cx: &ClaimContext<'_>,
+    mut request: ClaimRequest,
+) -> Result<ClaimResponse, MatrixError> {
     let started = Instant::now();
-    if let Some(pool) = inner.pool.get() {
+    if let Some(pool) = cx.pool {
         // The claim-mode probe is noted and answered with no key.
         pool.take_probe(&mut request);
     }
-    let (mut jobs, mut skipped) = plan(request, &inner)?;
+    let (mut jobs, mut skipped) = plan(request, cx)?;
     // The usual request (a homeserver asking for one device) is served
     // right here; only a request for several devices pays for tasks.
     let results = if jobs.len() == 1 {
         let job = jobs.remove(0);
-        vec![claim_device(Arc::clone(&inner.manager), job).await]
+        vec![claim_device(Arc::clone(cx.manager), job).await]
     } else {
-        let permits = Arc::new(Semaphore::new(inner.config.limits.claim_concurrency.max(1)));
+        let permits = Arc::new(Semaphore::new(cx.limits.claim_concurrency.max(1)));
         let mut tasks = JoinSet::new();
         for job in jobs {
-            let manager = Arc::clone(&inner.manager);
+            let manager = Arc::clone(cx.manager);
             let permits = Arc::clone(&permits);
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
@@ -195,7 +224,7 @@ pub(crate) async fn claim<H: BridgeHandler>(
     };
     let mut response = ClaimResponse::new();
     let mut issued = 0u64;
-    let with_fallback = inner.fallback_in_claims.load(Ordering::SeqCst);
+    let with_fallback = cx.fallback_in_claims;
     let mut fallbacks = 0u64;
     for (job, result) in results {
         match result {
@@ -203,7 +232,7 @@ pub(crate) async fn claim<H: BridgeHandler>(
                 issued += keys.len() as u64;
                 let mut device_keys: BTreeMap<OwnedOneTimeKeyId, SignedKey> =
                     keys.into_iter().map(|k| (k.key_id, k.key)).collect();
-                if with_fallback && add_fallback(&inner, &job, &mut device_keys) {
+                if with_fallback && add_fallback(cx.manager, &job, &mut device_keys) {
                     fallbacks += 1;
                 }
                 response
@@ -214,27 +243,21 @@ pub(crate) async fn claim<H: BridgeHandler>(
             Err(OlmError::UnknownDevice { .. }) => skipped += 1,
             Err(e) => {
                 skipped += 1;
-                inner
-                    .metrics
-                    .errors
-                    .with_label_values(&["claim_device"])
-                    .inc();
+                cx.metrics.errors.with_label_values(&["claim_device"]).inc();
                 tracing::warn!(user_id = %job.user_id, device_id = %job.device_id, error = %e,
                     "claim for a device failed; left out (the homeserver uses the fallback key)");
             }
         }
     }
-    inner.metrics.claims.inc();
-    inner.metrics.keys_issued.inc_by(issued);
-    inner.metrics.fallback_in_claim(fallbacks);
-    inner.metrics.claim_devices_refused.inc_by(skipped);
-    inner
-        .metrics
-        .observe_evictions(inner.manager.stats().evicted_keys);
-    inner
-        .metrics
+    cx.metrics.claims.inc();
+    cx.metrics.keys_issued.inc_by(issued);
+    cx.metrics.fallback_in_claim(fallbacks);
+    cx.metrics.claim_devices_refused.inc_by(skipped);
+    cx.metrics
+        .observe_evictions(cx.manager.stats().evicted_keys);
+    cx.metrics
         .claim_seconds
         .observe(started.elapsed().as_secs_f64());
     tracing::debug!(issued, skipped, "claim answered");
-    Ok(Json(response))
+    Ok(response)
 }

@@ -41,14 +41,19 @@ pub(crate) async fn ready<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>) 
     }
 }
 
-pub(crate) async fn metrics<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>) -> Response {
+/// Bring the mirrored counters up to the figures kept elsewhere.
+pub(crate) fn refresh_metrics<H>(inner: &Inner<H>) {
     let stats = inner.manager.stats();
-    inner.metrics.observe_evictions(stats.evicted_keys);
+    inner.metrics.claim.observe_evictions(stats.evicted_keys);
     let provision = inner.provisioner.get().map(|p| p.stats());
     inner.metrics.observe_fallback(&stats, provision.as_ref());
     if let Some(pool) = inner.pool.get() {
         inner.metrics.observe_pool(pool.mode(), &pool.stats());
     }
+}
+
+pub(crate) async fn metrics<H: BridgeHandler>(State(inner): State<Arc<Inner<H>>>) -> Response {
+    refresh_metrics(&inner);
     match inner.metrics.render() {
         Ok(text) => (
             [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

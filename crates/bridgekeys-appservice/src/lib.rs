@@ -30,8 +30,11 @@
 //!   keys in a background task. Attach with [`Appservice::with_provisioner`]
 //!   and the user query provisions accepted puppets.
 //!
-//! Use it two ways: [`Appservice::serve`] with graceful shutdown, or
-//! [`Appservice::router`] mounted in your own server.
+//! Use it three ways: [`Appservice::serve`] with graceful shutdown,
+//! [`Appservice::router`] mounted in your own server (or
+//! [`Appservice::router_without_operations`], without the health and
+//! metrics endpoints), or only the key claims with [`ClaimService`] when
+//! your bridge already has an appservice framework.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -54,6 +57,7 @@
 mod auth;
 mod body;
 pub mod claim;
+mod claim_service;
 mod config;
 mod error;
 mod handler;
@@ -75,6 +79,7 @@ pub mod transactions;
 mod txn_locks;
 mod users;
 
+pub use claim_service::ClaimService;
 pub use config::{AppserviceConfig, DEFAULT_PUPPET_DEVICE_ID, HsToken, Limits};
 pub use error::{AppserviceError, MatrixError};
 pub use handler::{BridgeHandler, HandlerError, UserDecision};

@@ -12,15 +12,98 @@ use prometheus::{
 
 use crate::AppserviceError;
 
+/// The counters of the claim paths, and the error counts by errcode: what
+/// the whole listener and the claim-only service ([`crate::ClaimService`])
+/// both keep.
+pub(crate) struct ClaimMetrics {
+    pub claims: IntCounter,
+    pub claim_devices_refused: IntCounter,
+    pub keys_issued: IntCounter,
+    evicted_keys: IntCounter,
+    evicted_seen: AtomicU64,
+    pub errors: IntCounterVec,
+    pub claim_seconds: Histogram,
+    fallback_claimed: IntCounter,
+}
+
+impl ClaimMetrics {
+    /// The claim counters, registered in `registry`.
+    pub(crate) fn register(registry: &Registry) -> Result<Self, AppserviceError> {
+        let errors = IntCounterVec::new(
+            Opts::new("errors_total", "Error responses, by Matrix errcode."),
+            &["errcode"],
+        )?;
+        registry.register(Box::new(errors.clone()))?;
+        let claim_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "claim_duration_seconds",
+                "Time to answer a keys/claim request, durable write included.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(claim_seconds.clone()))?;
+        Ok(Self {
+            claims: counter(registry, "claims_total", "keys/claim requests answered.")?,
+            claim_devices_refused: counter(
+                registry,
+                "claim_devices_skipped_total",
+                "Devices of claims left out (outside the namespace, unknown, failed).",
+            )?,
+            keys_issued: counter(registry, "keys_issued_total", "One-time keys handed out.")?,
+            evicted_keys: counter(
+                registry,
+                "evicted_keys_total",
+                "Outstanding one-time keys evicted at the per-device bound.",
+            )?,
+            evicted_seen: AtomicU64::new(0),
+            errors,
+            claim_seconds,
+            fallback_claimed: counter(
+                registry,
+                "fallback_keys_in_claims_total",
+                "Fallback keys included in keys/claim answers (MSC3983 extra keys; off by default).",
+            )?,
+        })
+    }
+
+    /// Bring the eviction counter up to the account manager's figure.
+    pub(crate) fn observe_evictions(&self, total: u64) {
+        let seen = self.evicted_seen.fetch_max(total, Ordering::Relaxed);
+        if total > seen {
+            self.evicted_keys.inc_by(total - seen);
+        }
+    }
+
+    /// Count fallback keys put into claim answers.
+    pub(crate) fn fallback_in_claim(&self, n: u64) {
+        self.fallback_claimed.inc_by(n);
+    }
+}
+
+/// A fresh registry whose metric names carry the `bridgekeys_appservice_`
+/// prefix.
+pub(crate) fn new_registry() -> Result<Registry, AppserviceError> {
+    Ok(Registry::new_custom(
+        Some("bridgekeys_appservice".into()),
+        None,
+    )?)
+}
+
+/// The text exposition of every metric of `registry`.
+pub(crate) fn render(registry: &Registry) -> Result<String, prometheus::Error> {
+    let mut buf = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut buf)?;
+    String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
 /// The listener's counters.
 pub(crate) struct Metrics {
     registry: Registry,
-    pub claims: IntCounter,
+    /// Claims and errors (shared with the claim-only service's code).
+    pub claim: ClaimMetrics,
     pub key_queries: IntCounter,
-    pub claim_devices_refused: IntCounter,
-    pub keys_issued: IntCounter,
-    pub evicted_keys: IntCounter,
-    evicted_seen: AtomicU64,
     pub transactions: IntCounter,
     pub duplicates: IntCounter,
     pub in_flight_duplicates: IntCounter,
@@ -39,13 +122,10 @@ pub(crate) struct Metrics {
     pub room_key_request_cancellations: IntCounter,
     sessions_evicted: Mirrored,
     devices_refused: Mirrored,
-    pub errors: IntCounterVec,
-    pub claim_seconds: Histogram,
     fallback_rotations: Mirrored,
     fallback_forgets: Mirrored,
     fallback_uploads: Mirrored,
     fallback_upload_retries: Mirrored,
-    fallback_claimed: IntCounter,
     claim_mode: IntGaugeVec,
     pool_uploads: Mirrored,
     pool_keys_uploaded: Mirrored,
@@ -86,22 +166,8 @@ fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, Ap
 
 impl Metrics {
     pub(crate) fn new() -> Result<Self, AppserviceError> {
-        let registry = Registry::new_custom(Some("bridgekeys_appservice".into()), None)?;
-        let errors = IntCounterVec::new(
-            Opts::new("errors_total", "Error responses, by Matrix errcode."),
-            &["errcode"],
-        )?;
-        registry.register(Box::new(errors.clone()))?;
-        let claim_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "claim_duration_seconds",
-                "Time to answer a keys/claim request, durable write included.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-        )?;
-        registry.register(Box::new(claim_seconds.clone()))?;
+        let registry = new_registry()?;
+        let claim = ClaimMetrics::register(&registry)?;
         let claim_mode = IntGaugeVec::new(
             Opts::new(
                 "claim_mode",
@@ -116,6 +182,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(pool_contacted.clone()))?;
         Ok(Self {
+            claim,
             key_queries: counter(
                 &registry,
                 "key_queries_total",
@@ -143,19 +210,6 @@ impl Metrics {
                 "claim_mode_probes_total",
                 "Claim-mode detections run.",
             )?,
-            claims: counter(&registry, "claims_total", "keys/claim requests answered.")?,
-            claim_devices_refused: counter(
-                &registry,
-                "claim_devices_skipped_total",
-                "Devices of claims left out (outside the namespace, unknown, failed).",
-            )?,
-            keys_issued: counter(&registry, "keys_issued_total", "One-time keys handed out.")?,
-            evicted_keys: counter(
-                &registry,
-                "evicted_keys_total",
-                "Outstanding one-time keys evicted at the per-device bound.",
-            )?,
-            evicted_seen: AtomicU64::new(0),
             transactions: counter(
                 &registry,
                 "transactions_total",
@@ -246,8 +300,6 @@ impl Metrics {
                 "tracked_devices_refused_total",
                 "Queried devices refused (bad self-signature, keys changed under the same id).",
             )?,
-            errors,
-            claim_seconds,
             fallback_rotations: Mirrored::new(
                 &registry,
                 "fallback_rotations_total",
@@ -268,21 +320,8 @@ impl Metrics {
                 "fallback_upload_retries_total",
                 "Key uploads retried after a transient failure (the same keys re-sent).",
             )?,
-            fallback_claimed: counter(
-                &registry,
-                "fallback_keys_in_claims_total",
-                "Fallback keys included in keys/claim answers (MSC3983 extra keys; off by default).",
-            )?,
             registry,
         })
-    }
-
-    /// Bring the eviction counter up to the account manager's figure.
-    pub(crate) fn observe_evictions(&self, total: u64) {
-        let seen = self.evicted_seen.fetch_max(total, Ordering::Relaxed);
-        if total > seen {
-            self.evicted_keys.inc_by(total - seen);
-        }
     }
 
     /// Bring the fallback counters up to the account manager's and the
@@ -317,15 +356,8 @@ impl Metrics {
             .set(i64::try_from(stats.contacted_devices).unwrap_or(i64::MAX));
     }
 
-    /// Count fallback keys put into claim answers.
-    pub(crate) fn fallback_in_claim(&self, n: u64) {
-        self.fallback_claimed.inc_by(n);
-    }
-
     /// The text exposition of every metric.
     pub(crate) fn render(&self) -> Result<String, prometheus::Error> {
-        let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
-        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+        render(&self.registry)
     }
 }

@@ -116,14 +116,22 @@ async fn unrecognized() -> MatrixError {
     MatrixError::unrecognized()
 }
 
-async fn method_not_allowed() -> MatrixError {
+pub(crate) async fn method_not_allowed() -> MatrixError {
     MatrixError::method_not_allowed()
+}
+
+/// What the outermost middleware needs: the request timeout and the error
+/// counts.
+#[derive(Clone)]
+pub(crate) struct Observer {
+    pub timeout: std::time::Duration,
+    pub errors: prometheus::IntCounterVec,
 }
 
 /// Outermost middleware: a tracing span per request (method and path only:
 /// the query may carry the token), the request timeout, and error counts.
-async fn observe<H: BridgeHandler>(
-    State(inner): State<Arc<Inner<H>>>,
+pub(crate) async fn observe(
+    State(observer): State<Arc<Observer>>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -134,7 +142,7 @@ async fn observe<H: BridgeHandler>(
         status = tracing::field::Empty,
     );
     async move {
-        let timeout = inner.config.limits.request_timeout;
+        let timeout = observer.timeout;
         let response = match tokio::time::timeout(timeout, next.run(req)).await {
             Ok(r) => r,
             Err(_) => {
@@ -143,7 +151,7 @@ async fn observe<H: BridgeHandler>(
             }
         };
         if let Some(ErrCode(code)) = response.extensions().get::<ErrCode>() {
-            inner.metrics.errors.with_label_values(&[code]).inc();
+            observer.errors.with_label_values(&[code]).inc();
         }
         tracing::Span::current().record("status", response.status().as_u16());
         tracing::debug!("answered");
@@ -289,7 +297,56 @@ impl<H: BridgeHandler> Appservice<H> {
     /// `M_UNRECOGNIZED` and wrong methods 405 `M_UNRECOGNIZED`, after the
     /// token check; the operations endpoints ([`paths::LIVE`],
     /// [`paths::READY`], [`paths::METRICS`]) need no token.
+    ///
+    /// To leave the operations endpoints out (your server has its own
+    /// health checks and metrics), mount
+    /// [`Appservice::router_without_operations`] instead; for the key
+    /// claims alone, [`crate::ClaimService`].
     pub fn router(&self) -> Router {
+        let inner = Arc::clone(&self.inner);
+        Router::new()
+            .route(paths::LIVE, get(health::live))
+            .route(paths::READY, get(health::ready::<H>))
+            .route(paths::METRICS, get(health::metrics::<H>))
+            .with_state(Arc::clone(&inner))
+            .method_not_allowed_fallback(method_not_allowed)
+            .fallback_service(self.matrix_routes())
+            .layer(middleware::from_fn_with_state(self.observer(), observe))
+            .layer(Extension(BodyLimit(inner.config.limits.max_body_bytes)))
+    }
+
+    /// The Matrix API of the listener only, without the operations
+    /// endpoints: [`paths::LIVE`], [`paths::READY`] and [`paths::METRICS`]
+    /// are not served (they get the token check and 404 `M_UNRECOGNIZED`
+    /// like any unknown path). Everything else is as
+    /// [`Appservice::router`]: auth, limits, timeout, error counts, and a
+    /// fallback of its own (mount it with `fallback_service` or
+    /// `nest_service`, not `merge`). Serve your own probes, and the
+    /// listener's metrics with [`Appservice::metrics_text`] if you like.
+    pub fn router_without_operations(&self) -> Router {
+        self.matrix_routes()
+            .layer(middleware::from_fn_with_state(self.observer(), observe))
+            .layer(Extension(BodyLimit(
+                self.inner.config.limits.max_body_bytes,
+            )))
+    }
+
+    /// The Prometheus text exposition of the listener's metrics (what
+    /// [`paths::METRICS`] serves), for a server that exposes them itself.
+    pub fn metrics_text(&self) -> Result<String, AppserviceError> {
+        health::refresh_metrics(&self.inner);
+        Ok(self.inner.metrics.render()?)
+    }
+
+    fn observer(&self) -> Arc<Observer> {
+        Arc::new(Observer {
+            timeout: self.inner.config.limits.request_timeout,
+            errors: self.inner.metrics.claim.errors.clone(),
+        })
+    }
+
+    /// The Matrix routes behind the token check, with their fallbacks.
+    fn matrix_routes(&self) -> Router {
         let inner = Arc::clone(&self.inner);
         let limit = inner.config.limits.max_body_bytes;
         let token = Arc::new(inner.config.hs_token.clone());
@@ -309,7 +366,7 @@ impl<H: BridgeHandler> Appservice<H> {
         for path in paths::ROOM {
             matrix = matrix.route(path, get(rooms::query_room::<H>));
         }
-        let matrix = matrix
+        matrix
             .route(paths::PING, post(ping::ping))
             .fallback(unrecognized)
             .method_not_allowed_fallback(method_not_allowed)
@@ -318,16 +375,7 @@ impl<H: BridgeHandler> Appservice<H> {
                 token,
                 auth::require_hs_token,
             ))
-            .with_state(Arc::clone(&inner));
-        Router::new()
-            .route(paths::LIVE, get(health::live))
-            .route(paths::READY, get(health::ready::<H>))
-            .route(paths::METRICS, get(health::metrics::<H>))
-            .with_state(Arc::clone(&inner))
-            .method_not_allowed_fallback(method_not_allowed)
-            .fallback_service(matrix)
-            .layer(middleware::from_fn_with_state(inner, observe::<H>))
-            .layer(Extension(BodyLimit(limit)))
+            .with_state(inner)
     }
 
     /// Bind `addr` and serve until `shutdown` resolves, then shut down

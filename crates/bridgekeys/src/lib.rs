@@ -11,6 +11,8 @@
 //!   deduplicated transactions with Olm messages decrypted, queries)
 //!   ([`appservice::Appservice`]), and Olm through the homeserver as a
 //!   puppet ([`appservice::PuppetOlm`]);
+//! * [`Bridgekeys::builder`]: all of the above wired from a registration
+//!   in a few lines, served with its background tasks ([`Bridge::serve_on`]);
 //! * [`PuppetRooms`]: encrypted rooms for puppets with ruma types, without
 //!   knowing Olm or Megolm ([`PuppetRooms::encrypt_room_event`],
 //!   [`PuppetRooms::decrypt_room_event`]).
@@ -26,6 +28,8 @@ pub use bridgekeys_store as store;
 /// The ruma version bridgekeys speaks (ids, events, API types).
 pub use ruma;
 
+pub mod builder;
 pub mod rooms;
 
+pub use builder::{Bridge, BridgeBuilder, BridgeError, Bridgekeys, Parts};
 pub use rooms::{DecryptedEvent, EncryptedContent, PuppetRooms, RoomCryptoError};

@@ -2,18 +2,16 @@
 //! messages, and the wiring of store, account manager, provisioner and
 //! listener.
 
-use std::{collections::BTreeSet, future::Future, num::NonZeroUsize, sync::Arc};
+use std::{collections::BTreeSet, future::Future, sync::Arc};
 
 use anyhow::Context;
 use bridgekeys::{
-    PuppetRooms,
+    Bridge, Bridgekeys, Parts, PuppetRooms,
     appservice::{
-        Appservice, AppserviceConfig, AsToken, BridgeHandler, HandlerError, HomeserverClient,
-        HomeserverError, KeyPool, ProvisionConfig, ProvisionError, Provisioner, PuppetOlm,
-        Registration, RoomStates, Transaction, UserDecision, UserNamespace,
-        room_state::DEFAULT_CACHED_ROOMS,
+        BridgeHandler, HandlerError, HomeserverError, KeyPool, ProvisionError, Provisioner,
+        PuppetOlm, Registration, RoomStates, Transaction, UserDecision, UserNamespace,
     },
-    olm::{AccountManager, ManagerConfig},
+    olm::AccountManager,
     store::{PuppetRegistry, SledStore},
 };
 use ruma::{
@@ -350,18 +348,8 @@ impl BridgeHandler for EchoHandler {
 
 /// A ready bridge: store open, listener built. [`EchoBridge::serve_on`] runs it.
 pub struct EchoBridge {
-    appservice: Appservice<EchoHandler>,
-    handler: Arc<EchoHandler>,
-    provisioner: Arc<Provisioner>,
-    olm: Arc<PuppetOlm>,
-    manager: Arc<AccountManager>,
-    store: Arc<SledStore>,
+    bridge: Bridge<EchoHandler>,
     config: Config,
-    /// Claim-mode detection and uploaded pools (homeservers that do not
-    /// proxy claims).
-    pool: Arc<KeyPool>,
-    /// Asks the homeserver to ping us once serving (the registration id).
-    pinger: (HomeserverClient, String),
 }
 
 impl std::fmt::Debug for EchoBridge {
@@ -372,9 +360,26 @@ impl std::fmt::Debug for EchoBridge {
     }
 }
 
+impl EchoHandler {
+    /// The handler over the pieces the bridgekeys builder made.
+    fn new(parts: &Parts) -> Self {
+        Self {
+            puppets: parts.puppets.clone(),
+            bot: parts.bot.clone(),
+            provisioner: parts.provisioner.clone(),
+            olm: parts.olm.clone(),
+            client: PuppetClient::new(parts.homeserver.clone()),
+            rooms: parts.rooms.clone(),
+            crypto: parts.puppet_rooms.clone(),
+            undecryptable: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
 impl EchoBridge {
-    /// Open the store and wire everything: SledStore -> AccountManager ->
-    /// Provisioner -> Appservice.
+    /// Open the store and wire everything with the bridgekeys builder
+    /// (store, account manager, homeserver client, room states, Olm,
+    /// provisioner, key pool, listener).
     pub fn open(config: Config) -> anyhow::Result<Self> {
         let registration = Registration::load(&config.registration)
             .with_context(|| format!("loading {}", config.registration.display()))?;
@@ -397,192 +402,68 @@ impl EchoBridge {
                 store.id()
             );
         }
-        let manager = Arc::new(AccountManager::new(store.clone(), ManagerConfig::default()));
-        // One client, one connection pool: every user below gets a clone.
-        let mut hs = HomeserverClient::new(
-            &config.homeserver_url,
-            AsToken::new(registration.as_token.clone()),
-        )?;
+        let mut builder = Bridgekeys::builder(registration, server_name)
+            .homeserver_url(&config.homeserver_url)
+            .store(store)
+            .pool_config(config.one_time_keys.pool_config()?);
         if let Some(ca) = &config.homeserver_ca {
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-            hs = hs
-                .with_root_certificate(&pem)
-                .with_context(|| format!("the certificate(s) in {}", ca.display()))?;
+            builder = builder.root_certificate_pem(pem);
         }
-        let rooms = Arc::new(
-            RoomStates::new(
-                store.clone(),
-                NonZeroUsize::new(DEFAULT_CACHED_ROOMS).context("cache size")?,
-            )
-            .with_homeserver(hs.clone()),
-        );
-        // Olm through the homeserver as a puppet: device tracking (kept
-        // current by the transactions' device lists) and to-device
-        // encryption.
-        let olm = Arc::new(PuppetOlm::new(manager.clone(), hs.clone()));
-        let provisioner = Arc::new(Provisioner::new(
-            hs.clone(),
-            manager.clone(),
-            store.clone(),
-            ProvisionConfig::from_registration(&registration),
-        ));
-        let as_config = AppserviceConfig::from_registration(&registration, &server_name)?;
-        // Where the homeserver does not ask us for one-time keys, contacted
-        // puppets keep a small uploaded pool; the mode is detected.
-        let pool = Arc::new(
-            KeyPool::new(
-                manager.clone(),
-                hs.clone(),
-                registration.id.clone(),
-                UserId::parse_with_server_name(
-                    registration.sender_localpart.as_str(),
-                    &server_name,
-                )?,
-                config.one_time_keys.pool_config()?,
-            )
-            .with_provisioner(provisioner.clone()),
-        );
-        let regexes: Vec<&str> = registration
-            .namespaces
-            .users
-            .iter()
-            .filter(|n| n.exclusive)
-            .map(|n| n.regex.as_str())
-            .collect();
-        let handler = Arc::new(EchoHandler {
-            puppets: UserNamespace::new(regexes, None)?,
-            bot: UserId::parse_with_server_name(
-                registration.sender_localpart.as_str(),
-                &server_name,
-            )?,
-            provisioner: provisioner.clone(),
-            olm: olm.clone(),
-            client: PuppetClient::new(hs.clone()),
-            rooms: rooms.clone(),
-            crypto: PuppetRooms::new(olm.clone(), rooms.clone(), provisioner.clone()),
-            undecryptable: std::sync::atomic::AtomicU64::new(0),
-        });
-        let appservice =
-            Appservice::new(as_config, manager.clone(), store.clone(), handler.clone())?
-                .with_provisioner(provisioner.clone())
-                .with_olm(olm.clone())
-                .with_room_states(rooms)
-                .with_key_pool(pool.clone());
-        let pinger = (hs, registration.id.clone());
-        Ok(Self {
-            pinger,
-            pool,
-            appservice,
-            olm,
-            handler,
-            provisioner,
-            manager,
-            store,
-            config,
-        })
+        let bridge = builder
+            .handler(EchoHandler::new)
+            .build()
+            .context("wiring the bridge")?;
+        Ok(Self { bridge, config })
     }
 
     /// Olm for the puppets through the homeserver (device tracking,
     /// to-device encryption).
     pub fn olm(&self) -> &Arc<PuppetOlm> {
-        &self.olm
+        self.bridge.olm()
     }
 
     /// The account manager (puppet devices, their keys).
     pub fn manager(&self) -> &Arc<AccountManager> {
-        &self.manager
+        self.bridge.manager()
     }
 
     /// The store.
     pub fn store(&self) -> &Arc<SledStore> {
-        &self.store
+        self.bridge.store()
     }
 
     /// Claim-mode detection and the uploaded pools.
     pub fn key_pool(&self) -> &Arc<KeyPool> {
-        &self.pool
+        self.bridge.key_pool()
     }
 
     /// The provisioner.
     pub fn provisioner(&self) -> &Arc<Provisioner> {
-        &self.provisioner
+        self.bridge.provisioner()
     }
 
     /// Relearn the puppets' rooms from the homeserver, then serve on
-    /// `listener` until `shutdown` resolves, with the fallback key rotation
-    /// task running alongside; then finish the requests in flight and stop
-    /// the task.
+    /// `listener` until `shutdown` resolves, with the bridge's background
+    /// tasks alongside (fallback key rotation, key pools, the ping, room key
+    /// requests, transaction pruning: [`Bridge::serve_on`]); then finish the
+    /// requests in flight and stop every task.
     pub async fn serve_on(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        match self.handler.rebuild_rooms(self.store.as_ref()).await {
+        let handler = self.bridge.handler();
+        match handler.rebuild_rooms(self.bridge.store().as_ref()).await {
             Ok(n) => tracing::info!(memberships = n, "puppet rooms relearnt from the homeserver"),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "could not relearn the puppets' rooms")
             }
         }
-        let rotation = self.provisioner.start_rotation();
-        // Detects the claim mode once the listener below serves (the
-        // listener is bound, so the homeserver's probe waits for it).
-        let pool = self.pool.start();
-        // Once the listener serves: tell the homeserver we are up, so it
-        // delivers what it held back (and stops dropping to-device messages)
-        // now rather than at its next retry.
-        let ping = {
-            let (hs, id) = self.pinger;
-            tokio::spawn(async move {
-                match hs.ping_appservice(&id).await {
-                    Ok(rtt) => tracing::info!(?rtt, "the homeserver reached the bridge"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the homeserver could not ping the bridge")
-                    }
-                }
-            })
-        };
-        // Room keys that never came are asked for after every transaction;
-        // this timer also asks while no transaction arrives.
-        let requests = {
-            let appservice = self.appservice.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(KEY_REQUEST_CHECK);
-                let mut ticks: u64 = 0;
-                loop {
-                    every.tick().await;
-                    appservice.request_room_keys().await;
-                    // At start and then hourly: old transaction dedup
-                    // records go, so the log does not grow forever.
-                    if ticks.is_multiple_of(PRUNE_EVERY_TICKS)
-                        && let Err(e) = appservice.prune_transactions().await
-                    {
-                        tracing::warn!(error = %e, "could not prune old transaction records");
-                    }
-                    ticks += 1;
-                }
-            })
-        };
-        let served = self.appservice.serve_on(listener, shutdown).await;
-        requests.abort();
-        let _ = requests.await;
-        ping.abort();
-        // Wait for it to be gone too: nothing of this bridge may outlive
-        // `serve_on` (a restart reopens the store at once).
-        let _ = ping.await;
-        rotation.stop().await;
-        pool.stop().await;
-        served?;
+        self.bridge.serve_on(listener, shutdown).await?;
         Ok(())
     }
 }
-
-/// How often the bridge checks for room keys to ask for while no
-/// transaction arrives.
-const KEY_REQUEST_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Transaction records are pruned every this many key-request checks
-/// (hourly).
-const PRUNE_EVERY_TICKS: u64 = 3600 / KEY_REQUEST_CHECK.as_secs();
 
 /// Run the bridge of `config` on its listen address until `shutdown`.
 pub async fn run(
