@@ -385,6 +385,13 @@ impl EchoBridge {
             .with_context(|| format!("loading {}", config.registration.display()))?;
         let server_name = ServerName::parse(&config.server_name)
             .with_context(|| format!("invalid server name {:?}", config.server_name))?;
+        // Every setting is checked before the store is touched.
+        let provision = config.fallback.provision_config(&registration)?;
+        let (keys, limits) = (config.keys.manager_config()?, config.limits.limits()?);
+        let (pool, cached_rooms) = (
+            config.one_time_keys.pool_config()?,
+            config.rooms.cached_rooms()?,
+        );
         let store_dir = config.store_dir();
         let store_config = config.store_config()?;
         let expected = store_config.expected_id;
@@ -405,7 +412,11 @@ impl EchoBridge {
         let mut builder = Bridgekeys::builder(registration, server_name)
             .homeserver_url(&config.homeserver_url)
             .store(store)
-            .pool_config(config.one_time_keys.pool_config()?);
+            .pool_config(pool)
+            .manager_config(keys)
+            .provision_config(provision)
+            .limits(limits)
+            .cached_rooms(cached_rooms);
         if let Some(ca) = &config.homeserver_ca {
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
             builder = builder.root_certificate_pem(pem);

@@ -13,6 +13,8 @@ use bridgekeys::{
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::tunables::{FallbackSettings, KeySettings, LimitSettings, LogSettings, RoomSettings};
+
 /// The registration `id` of the echo bridge.
 pub const APPSERVICE_ID: &str = "echo";
 /// The bridge bot's localpart (`sender_localpart`).
@@ -62,6 +64,21 @@ pub struct Config {
     /// claim them (detected by default; see [`PoolSettings`]).
     #[serde(default)]
     pub one_time_keys: PoolSettings,
+    /// `[keys]`: the account manager's bounds.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub keys: KeySettings,
+    /// `[fallback]`: fallback key ages and the rotation task.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub fallback: FallbackSettings,
+    /// `[limits]`: the listener's bounds.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub limits: LimitSettings,
+    /// `[rooms]`: the room-state cache.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rooms: RoomSettings,
+    /// `[logging]`: log format and colour.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub logging: LogSettings,
 }
 
 /// How one-time keys reach claimers: handed out on demand where the
@@ -151,6 +168,12 @@ impl PoolSettings {
     }
 }
 
+/// Sections left at their defaults are not written: the file `init` writes
+/// stays short, and follows the library's defaults until a field is set.
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
@@ -163,6 +186,11 @@ impl std::fmt::Debug for Config {
             .field("store_path", &self.store_path)
             .field("store_id", &self.store_id)
             .field("one_time_keys", &self.one_time_keys)
+            .field("keys", &self.keys)
+            .field("fallback", &self.fallback)
+            .field("limits", &self.limits)
+            .field("rooms", &self.rooms)
+            .field("logging", &self.logging)
             .finish()
     }
 }
@@ -317,6 +345,11 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
         store_id: Some(store_id.to_string()),
         accept_restored_store: false,
         one_time_keys: PoolSettings::default(),
+        keys: KeySettings::default(),
+        fallback: FallbackSettings::default(),
+        limits: LimitSettings::default(),
+        rooms: RoomSettings::default(),
+        logging: LogSettings::default(),
     };
     let text = Zeroizing::new(
         toml::to_string(&config)

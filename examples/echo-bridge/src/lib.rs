@@ -16,6 +16,7 @@ mod bridge;
 mod client;
 mod config;
 pub mod demo;
+pub mod tunables;
 
 pub use bridge::{EchoBridge, EchoHandler, run};
 pub use client::PuppetClient;

@@ -2,8 +2,12 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use echo_bridge::{Config, InitOptions};
+use echo_bridge::{
+    Config, InitOptions,
+    tunables::{LogFormat, LogSettings},
+};
 
 /// A tiny Matrix bridge on bridgekeys: @echo_* puppets join rooms they are
 /// invited to and echo every text message.
@@ -54,13 +58,29 @@ async fn main() -> ExitCode {
         Command::Demo => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .init();
-    match execute(cli.command).await {
+    // `run` reads its configuration first: it says how to log.
+    let loaded = match &cli.command {
+        Command::Run {
+            config,
+            accept_restored_store,
+        } => match Config::load(config) {
+            Ok(mut config) => {
+                config.accept_restored_store = *accept_restored_store;
+                Some(config)
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let logging = loaded
+        .as_ref()
+        .map(|c| c.logging.clone())
+        .unwrap_or_default();
+    init_logging(&logging, default_filter);
+    match execute(cli.command, loaded).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The chain of causes, one line; never a secret (none is put in
@@ -71,7 +91,22 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn execute(command: Command) -> anyhow::Result<()> {
+/// Logs to stdout: text (colour only on a terminal, unless the config
+/// says otherwise) or one JSON object per line; `RUST_LOG` filters.
+fn init_logging(settings: &LogSettings, default_filter: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(settings.ansi(std::io::stdout().is_terminal()));
+    match settings.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn execute(command: Command, loaded: Option<Config>) -> anyhow::Result<()> {
     match command {
         Command::Init {
             dir,
@@ -100,12 +135,8 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 done.config.display()
             );
         }
-        Command::Run {
-            config,
-            accept_restored_store,
-        } => {
-            let mut config = Config::load(&config)?;
-            config.accept_restored_store = accept_restored_store;
+        Command::Run { .. } => {
+            let config = loaded.context("the configuration was not loaded")?;
             echo_bridge::run(config, bridgekeys::appservice::shutdown_signal()).await?;
         }
         Command::Demo => echo_bridge::demo::demo().await?,
