@@ -3,7 +3,7 @@
 
 # The demo: a local Synapse, the echo bridge, a key claim and an echo.
 run:
-    cargo run --release -p echo-bridge -- demo
+    cargo run --release -p echo-bridge --features demo -- demo
 
 # The key path alone, without a homeserver.
 quickstart:
@@ -15,7 +15,7 @@ claim-only:
 
 # The test command CI runs.
 test:
-    cargo test --workspace
+    cargo test --workspace --all-features
 
 # Format, lint and test, as .ci/run does.
 ci:

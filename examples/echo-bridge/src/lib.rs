@@ -8,13 +8,15 @@
 //! * [`init`] writes `config.toml` and `registration.yaml`;
 //! * [`run`] serves the appservice API until shut down ([`EchoBridge`] for
 //!   the pieces, e.g. in tests);
-//! * [`demo::demo`] runs the whole story against a local Synapse.
+//! * `demo::demo` (feature `demo`) runs the whole story against a local
+//!   Synapse.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these.
 
 mod bridge;
 mod client;
 mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod tunables;
 

@@ -139,7 +139,13 @@ async fn execute(command: Command, loaded: Option<Config>) -> anyhow::Result<()>
             let config = loaded.context("the configuration was not loaded")?;
             echo_bridge::run(config, bridgekeys::appservice::shutdown_signal()).await?;
         }
+        #[cfg(feature = "demo")]
         Command::Demo => echo_bridge::demo::demo().await?,
+        #[cfg(not(feature = "demo"))]
+        Command::Demo => anyhow::bail!(
+            "this echo-bridge was built without the demo (it needs a throwaway Synapse): \
+             cargo run --release -p echo-bridge --features demo -- demo"
+        ),
     }
     Ok(())
 }
