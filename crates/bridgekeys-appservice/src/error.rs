@@ -154,6 +154,7 @@ impl IntoResponse for MatrixError {
 
 /// Why the listener could not be set up or run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AppserviceError {
     /// A namespace regex in the registration does not compile.
     #[error("namespace regex {regex:?} is invalid: {source}")]

@@ -8,14 +8,54 @@ use crate::transactions::Transaction;
 
 /// A bridge's handler failed. The listener answers 500 `M_UNKNOWN` and does
 /// not record the transaction, so the homeserver retries it.
+///
+/// It carries what failed as a source error ([`std::error::Error::source`]),
+/// so the listener's log line shows the whole chain; never put secrets in
+/// either.
 #[derive(Debug, thiserror::Error)]
-#[error("bridge handler failed: {0}")]
-pub struct HandlerError(pub String);
+#[error("bridge handler failed: {reason}")]
+pub struct HandlerError {
+    reason: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
 
 impl HandlerError {
-    /// A handler error with a reason (logged; never put secrets in it).
+    /// A handler error with a reason and no underlying error.
     pub fn new(reason: impl Into<String>) -> Self {
-        Self(reason.into())
+        Self {
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// A handler error caused by `source`, with what the handler was doing.
+    pub fn with_source(
+        reason: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self {
+            reason: reason.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// What the handler was doing.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// The error and every source under it, `: `-separated, for one log
+    /// line.
+    pub(crate) fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut next = std::error::Error::source(self);
+        while let Some(e) = next {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            next = e.source();
+        }
+        out
     }
 }
 

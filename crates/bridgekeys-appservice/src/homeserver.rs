@@ -90,6 +90,7 @@ pub type ClaimedKeys =
 
 /// Why a homeserver call failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HomeserverError {
     /// The homeserver could not be reached or the exchange broke off
     /// (connect, I/O, timeout). Transient: retry.

@@ -42,6 +42,7 @@ use crate::{DeviceLists, HomeserverClient, HomeserverError};
 
 /// Why an Olm operation through the homeserver failed as a whole.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PuppetOlmError {
     /// The account manager refused or failed (unknown puppet device, store).
     #[error(transparent)]
@@ -595,13 +596,7 @@ impl PuppetOlm {
     /// outdated (queried again before their devices are next used), `left`
     /// users are no longer tracked.
     pub async fn note_device_lists(&self, lists: &DeviceLists) -> Result<(), OlmError> {
-        let parse = |ids: &[String]| -> Vec<OwnedUserId> {
-            ids.iter()
-                .filter_map(|u| OwnedUserId::try_from(u.as_str()).ok())
-                .collect()
-        };
-        let changed = parse(&lists.changed);
-        let left = parse(&lists.left);
+        let (changed, left) = (&lists.changed, &lists.left);
         if !changed.is_empty() {
             self.manager
                 .mark_devices_outdated(changed.iter().map(|u| u.as_ref()))

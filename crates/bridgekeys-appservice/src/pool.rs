@@ -151,6 +151,7 @@ impl Default for PoolConfig {
 /// Why a pool step failed. Nothing is lost: keys made for an upload that
 /// failed are durable and simply never handed out.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PoolError {
     /// The account manager failed (store, unknown device).
     #[error(transparent)]

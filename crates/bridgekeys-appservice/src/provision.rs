@@ -77,17 +77,15 @@ use bridgekeys_olm::{
     AccountManager, FallbackAction, FallbackPolicy, OlmError, UnixMillis, fallback::now_millis,
 };
 use bridgekeys_store::{DeviceKey, PuppetRegistry, StoreError};
-use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, UserId, encryption::DeviceKeys};
+use ruma::{
+    DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId, UserId, encryption::DeviceKeys,
+};
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::{
     DEFAULT_PUPPET_DEVICE_ID, Registration,
     homeserver::{HomeserverClient, HomeserverError, Registered},
 };
-
-/// The algorithm whose absence from `device_unused_fallback_key_types`
-/// means "your fallback key was used".
-const SIGNED_CURVE25519: &str = "signed_curve25519";
 
 /// Where the fallback schedule gets the time from. Injected so tests (and
 /// simulations) can move time; the times are stored, so they must be wall
@@ -200,6 +198,7 @@ impl ProvisionConfig {
 /// Why provisioning or a rotation step failed. Nothing acknowledged by the
 /// homeserver is lost: a retry continues with the same persisted keys.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProvisionError {
     /// A homeserver call failed (after retries, if transient).
     #[error(transparent)]
@@ -674,9 +673,9 @@ impl Provisioner {
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
-        unused_types: &[String],
+        unused_types: &[OneTimeKeyAlgorithm],
     ) -> Result<bool, ProvisionError> {
-        if unused_types.iter().any(|t| t == SIGNED_CURVE25519) {
+        if unused_types.contains(&OneTimeKeyAlgorithm::SignedCurve25519) {
             return Ok(false);
         }
         let marked = match self.manager.mark_fallback_used(user_id, device_id).await {

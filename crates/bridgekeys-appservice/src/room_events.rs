@@ -44,7 +44,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use bridgekeys_olm::{DecryptedRoomEvent, MEGOLM_ALGORITHM, MegolmError, OlmError};
-use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedUserId};
+use ruma::{
+    OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedUserId, events::AnyTimelineEvent, serde::Raw,
+};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -533,12 +535,12 @@ pub(crate) fn expire_held<H: BridgeHandler>(
 /// key has not arrived.
 pub(crate) fn decrypt_events<H: BridgeHandler>(
     inner: &Inner<H>,
-    events: &[Box<RawValue>],
+    events: &[Raw<AnyTimelineEvent>],
 ) -> Result<Vec<EncryptedRoomEvent>, MatrixError> {
     // The transaction's Megolm events, in order.
     let mut candidates = Vec::new();
     for raw in events {
-        let Ok(event) = serde_json::from_str::<Envelope<'_>>(raw.get()) else {
+        let Ok(event) = serde_json::from_str::<Envelope<'_>>(raw.json().get()) else {
             continue;
         };
         if event.event_type != "m.room.encrypted" {

@@ -33,7 +33,11 @@ use bridgekeys_olm::{MEGOLM_ALGORITHM, RotationSettings};
 use bridgekeys_store::{Store, StoreError};
 use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UserId,
-    events::room::{history_visibility::HistoryVisibility, member::MembershipState},
+    events::{
+        AnyTimelineEvent,
+        room::{history_visibility::HistoryVisibility, member::MembershipState},
+    },
+    serde::Raw,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -45,6 +49,7 @@ pub const DEFAULT_CACHED_ROOMS: usize = 10_000;
 
 /// Why room state could not be read or updated.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RoomStateError {
     /// The store failed (nothing was changed, or the write was not durable).
     #[error("store: {0}")]
@@ -308,11 +313,14 @@ impl RoomStates {
 
     /// Apply the state events among `events` (room events of a
     /// transaction, in order), durably. Returns how many changed a record.
-    pub async fn apply_events(&self, events: &[Box<RawValue>]) -> Result<usize, RoomStateError> {
+    pub async fn apply_events(
+        &self,
+        events: &[Raw<AnyTimelineEvent>],
+    ) -> Result<usize, RoomStateError> {
         // Group by room, keeping each room's order.
         let mut by_room: BTreeMap<OwnedRoomId, Vec<StateEvent<'_>>> = BTreeMap::new();
         for raw in events {
-            let Ok(event) = serde_json::from_str::<StateEvent>(raw.get()) else {
+            let Ok(event) = serde_json::from_str::<StateEvent>(raw.json().get()) else {
                 continue;
             };
             if event.state_key.is_none() || !is_tracked(&event.event_type) {

@@ -49,27 +49,39 @@ use axum::{
 use bridgekeys_olm::vodozemac::{Curve25519PublicKey, olm::OlmMessage};
 use bridgekeys_olm::{DecryptedOlm, OLM_ALGORITHM, OlmError};
 use bridgekeys_store::TransactionLog;
-use ruma::{OwnedDeviceId, OwnedUserId};
+pub use ruma::api::appservice::event::push_events::v1::{DeviceLists, EphemeralData};
+use ruma::{
+    OneTimeKeyAlgorithm, OwnedDeviceId, OwnedTransactionId, OwnedUserId, UInt,
+    events::{AnyTimelineEvent, AnyToDeviceEventContent, ToDeviceEventType},
+    serde::Raw,
+};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::{BridgeHandler, MatrixError, body::MatrixJson, server::Inner};
 
 /// One-time key counts: user -> device -> algorithm -> count.
-pub type OneTimeKeyCounts = BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>;
+pub type OneTimeKeyCounts =
+    BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, BTreeMap<OneTimeKeyAlgorithm, UInt>>>;
 /// Unused fallback key types: user -> device -> algorithms. An empty list
 /// means the device's fallback key was used: rotate it.
-pub type UnusedFallbackKeyTypes = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+pub type UnusedFallbackKeyTypes =
+    BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Vec<OneTimeKeyAlgorithm>>>;
 
-/// MSC3202 device list changes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct DeviceLists {
-    /// Users whose devices changed.
+/// The counts as sent: ids and algorithms as strings, so that one bad entry
+/// does not refuse the whole transaction (it is left out of the typed map).
+type WireCounts = BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>;
+/// The unused fallback key types as sent.
+type WireFallbackTypes = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+/// MSC3202 device list changes as sent (ids as strings: one malformed id is
+/// left out, not a refused transaction).
+#[derive(Default, Deserialize)]
+struct WireDeviceLists {
     #[serde(default)]
-    pub changed: Vec<String>,
-    /// Users the bridge no longer shares a room with.
+    changed: Vec<String>,
     #[serde(default)]
-    pub left: Vec<String>,
+    left: Vec<String>,
 }
 
 /// A to-device message as the homeserver sends it (MSC2409).
@@ -96,32 +108,32 @@ pub(crate) struct TransactionBody {
     #[serde(default, rename = "de.sorunome.msc2409.to_device")]
     to_device_unstable: Vec<ToDeviceWire>,
     #[serde(default, rename = "org.matrix.msc3202.device_one_time_keys_count")]
-    otk_count: Option<OneTimeKeyCounts>,
+    otk_count: Option<WireCounts>,
     #[serde(default, rename = "org.matrix.msc3202.device_one_time_key_counts")]
-    otk_counts: Option<OneTimeKeyCounts>,
+    otk_counts: Option<WireCounts>,
     #[serde(default, rename = "device_one_time_keys_count")]
-    otk_count_stable: Option<OneTimeKeyCounts>,
+    otk_count_stable: Option<WireCounts>,
     #[serde(default, rename = "device_one_time_key_counts")]
-    otk_counts_stable: Option<OneTimeKeyCounts>,
+    otk_counts_stable: Option<WireCounts>,
     #[serde(default, rename = "device_unused_fallback_key_types")]
-    unused_fallback_stable: Option<UnusedFallbackKeyTypes>,
+    unused_fallback_stable: Option<WireFallbackTypes>,
     #[serde(
         default,
         rename = "org.matrix.msc3202.device_unused_fallback_key_types"
     )]
-    unused_fallback: Option<UnusedFallbackKeyTypes>,
+    unused_fallback: Option<WireFallbackTypes>,
     #[serde(
         default,
         rename = "org.matrix.msc3202.device_lists",
         deserialize_with = "crate::body::optional_object"
     )]
-    device_lists: Option<DeviceLists>,
+    device_lists: Option<WireDeviceLists>,
     #[serde(
         default,
         rename = "device_lists",
         deserialize_with = "crate::body::optional_object"
     )]
-    device_lists_stable: Option<DeviceLists>,
+    device_lists_stable: Option<WireDeviceLists>,
 }
 
 /// A to-device message handed to the bridge.
@@ -151,18 +163,20 @@ pub struct DecryptedToDevice {
     pub olm: DecryptedOlm,
 }
 
-/// A to-device message passed through untouched.
+/// A to-device message passed through untouched (its content not parsed:
+/// [`Raw::deserialize`] it when needed). Messages whose recipient or sender
+/// is not a valid id are left out of the transaction.
 pub struct RawToDevice {
     /// Recipient user.
-    pub to_user_id: String,
+    pub to_user_id: OwnedUserId,
     /// Recipient device.
-    pub to_device_id: String,
+    pub to_device_id: OwnedDeviceId,
     /// Event type.
-    pub event_type: String,
+    pub event_type: ToDeviceEventType,
     /// Sender.
-    pub sender: String,
+    pub sender: OwnedUserId,
     /// The content, as received.
-    pub content: Box<RawValue>,
+    pub content: Raw<AnyToDeviceEventContent>,
     /// Set when this was an Olm message to a puppet device that could not
     /// be decrypted (no session, replayed, unknown one-time key, tampered):
     /// why.
@@ -188,11 +202,12 @@ impl std::fmt::Debug for RawToDevice {
 /// plaintext in a log), and decrypted messages print no plaintext.
 pub struct Transaction {
     /// The homeserver's transaction id.
-    pub txn_id: String,
-    /// Room events, as received.
-    pub events: Vec<Box<RawValue>>,
+    pub txn_id: OwnedTransactionId,
+    /// Room events, as received (parse one with [`Raw::deserialize`], or
+    /// read single fields with [`Raw::get_field`]).
+    pub events: Vec<Raw<AnyTimelineEvent>>,
     /// Ephemeral events (stable and MSC2409 names merged).
-    pub ephemeral: Vec<Box<RawValue>>,
+    pub ephemeral: Vec<Raw<EphemeralData>>,
     /// To-device messages (stable and MSC2409 names merged), Olm messages
     /// to puppets decrypted and verified (those that failed verification
     /// are left out).
@@ -201,7 +216,8 @@ pub struct Transaction {
     pub device_one_time_keys_count: OneTimeKeyCounts,
     /// MSC3202 unused fallback key types of the bridge's devices.
     pub device_unused_fallback_key_types: UnusedFallbackKeyTypes,
-    /// MSC3202 device list changes.
+    /// MSC3202 device list changes (stable and unstable names merged;
+    /// malformed user ids left out).
     pub device_lists: DeviceLists,
     /// Megolm `m.room.encrypted` events, each decrypted or with why not:
     /// first those held from earlier transactions whose room key came in
@@ -251,7 +267,7 @@ struct OlmCiphertext {
 }
 
 /// Decrypt `msg` if it is an Olm message to a puppet device. `Ok(None)`:
-/// its payload failed verification, drop it. `Err` only for store failures
+/// its payload failed verification, or an id in it is malformed: drop it. `Err` only for store failures
 /// (the transaction then fails and is retried).
 async fn open_to_device<H: BridgeHandler>(
     inner: &Inner<H>,
@@ -265,7 +281,7 @@ async fn open_to_device<H: BridgeHandler>(
         msg.sender.clone(),
     );
     match decrypt_to_device(inner, msg, delivery, seen).await? {
-        Ok(opened) => Ok(Some(opened)),
+        Ok(opened) => Ok(opened),
         Err(e) => {
             inner.metrics.olm_payloads_refused.inc();
             tracing::warn!(to_user_id = %user, to_device_id = %device, %sender, error = %e, "dropped an Olm message whose payload failed verification");
@@ -280,27 +296,32 @@ async fn decrypt_to_device<H: BridgeHandler>(
     msg: ToDeviceWire,
     delivery: &str,
     seen: &mut SeenMessages,
-) -> Result<Result<ToDevice, OlmError>, MatrixError> {
+) -> Result<Result<Option<ToDevice>, OlmError>, MatrixError> {
+    let (Ok(user_id), Ok(sender)) = (
+        OwnedUserId::try_from(msg.to_user_id.as_str()),
+        OwnedUserId::try_from(msg.sender.as_str()),
+    ) else {
+        // Not a message anyone could have sent or be sent.
+        tracing::debug!("left out a to-device message with a malformed user id");
+        return Ok(Ok(None));
+    };
+    let device_id: OwnedDeviceId = msg.to_device_id.as_str().into();
     let other = |msg: ToDeviceWire, undecryptable: Option<String>| {
-        ToDevice::Other(RawToDevice {
-            to_user_id: msg.to_user_id,
-            to_device_id: msg.to_device_id,
-            event_type: msg.event_type,
-            sender: msg.sender,
-            content: msg.content,
+        Some(ToDevice::Other(RawToDevice {
+            to_user_id: user_id.clone(),
+            to_device_id: device_id.clone(),
+            event_type: msg.event_type.as_str().into(),
+            sender: sender.clone(),
+            content: Raw::from_json(msg.content),
             undecryptable,
-        })
+        }))
     };
     if msg.event_type != "m.room.encrypted" {
         return Ok(Ok(other(msg, None)));
     }
-    let Ok(user_id) = OwnedUserId::try_from(msg.to_user_id.as_str()) else {
-        return Ok(Ok(other(msg, None)));
-    };
     if !inner.config.namespace.contains(&user_id) {
         return Ok(Ok(other(msg, None)));
     }
-    let device_id: OwnedDeviceId = msg.to_device_id.as_str().into();
     let Ok(content) = serde_json::from_str::<OlmContent>(msg.content.get()) else {
         return Ok(Ok(other(msg, None)));
     };
@@ -317,9 +338,6 @@ async fn decrypt_to_device<H: BridgeHandler>(
     };
     let Some(ciphertext) = content.ciphertext.get(&identity.curve25519.to_base64()) else {
         return Ok(Ok(other(msg, None)));
-    };
-    let Ok(sender) = OwnedUserId::try_from(msg.sender.as_str()) else {
-        return Ok(Ok(other(msg, Some("malformed sender".into()))));
     };
     let sender_key = match Curve25519PublicKey::from_base64(&content.sender_key) {
         Ok(k) => k,
@@ -363,13 +381,13 @@ async fn decrypt_to_device<H: BridgeHandler>(
                     provisioner.fallback_key_used(&user_id, &device_id);
                 }
             }
-            Ok(Ok(ToDevice::Decrypted(Box::new(DecryptedToDevice {
+            Ok(Ok(Some(ToDevice::Decrypted(Box::new(DecryptedToDevice {
                 to_user_id: user_id,
                 to_device_id: device_id,
                 sender,
                 sender_key,
                 olm,
-            }))))
+            })))))
         }
         Err(OlmError::Store(e)) => Err(MatrixError::internal(format!("store: {e}"))),
         Err(e @ OlmError::Payload(_)) => Ok(Err(e)),
@@ -400,14 +418,14 @@ fn delivery_tag<H: BridgeHandler>(inner: &Inner<H>, txn_id: &str) -> String {
 /// Turn a parsed body into a [`Transaction`], decrypting pre-key messages.
 async fn open_transaction<H: BridgeHandler>(
     inner: &Inner<H>,
-    txn_id: String,
+    txn_id: OwnedTransactionId,
     body: TransactionBody,
 ) -> Result<Transaction, MatrixError> {
     let mut to_device = Vec::with_capacity(body.to_device.len() + body.to_device_unstable.len());
     let mut seen = SeenMessages::new();
     for msg in body.to_device_unstable.into_iter().chain(body.to_device) {
         if let Some(opened) =
-            open_to_device(inner, msg, &delivery_tag(inner, &txn_id), &mut seen).await?
+            open_to_device(inner, msg, &delivery_tag(inner, txn_id.as_str()), &mut seen).await?
         {
             to_device.push(opened);
         }
@@ -417,46 +435,105 @@ async fn open_transaction<H: BridgeHandler>(
     let keys = crate::room_events::take_room_keys(inner, &to_device).await?;
     let mut held_done = Vec::new();
     let mut decrypted_events = crate::room_events::release_held(inner, &keys, &mut held_done)?;
-    decrypted_events.extend(crate::room_events::decrypt_events(inner, &body.events)?);
+    let events: Vec<Raw<AnyTimelineEvent>> = body.events.into_iter().map(Raw::from_json).collect();
+    decrypted_events.extend(crate::room_events::decrypt_events(inner, &events)?);
     decrypted_events.extend(crate::room_events::expire_held(inner, &mut held_done)?);
-    let mut ephemeral = body.ephemeral_unstable;
-    ephemeral.extend(body.ephemeral);
+    let ephemeral = body
+        .ephemeral_unstable
+        .into_iter()
+        .chain(body.ephemeral)
+        .map(Raw::from_json)
+        .collect();
     Ok(Transaction {
         txn_id,
         decrypted_events,
         held_done,
-        events: body.events,
+        events,
         ephemeral,
         to_device,
-        device_one_time_keys_count: body
-            .otk_count_stable
-            .or(body.otk_counts_stable)
-            .or(body.otk_count)
-            .or(body.otk_counts)
-            .unwrap_or_default(),
-        device_unused_fallback_key_types: body
-            .unused_fallback_stable
-            .or(body.unused_fallback)
-            .unwrap_or_default(),
+        device_one_time_keys_count: typed_counts(
+            body.otk_count_stable
+                .or(body.otk_counts_stable)
+                .or(body.otk_count)
+                .or(body.otk_counts)
+                .unwrap_or_default(),
+        ),
+        device_unused_fallback_key_types: typed_fallback_types(
+            body.unused_fallback_stable
+                .or(body.unused_fallback)
+                .unwrap_or_default(),
+        ),
         device_lists: merge_device_lists(body.device_lists_stable, body.device_lists),
     })
 }
 
+/// The counts with typed keys; entries whose user id is malformed are left
+/// out (they cannot be the bridge's devices).
+fn typed_counts(wire: WireCounts) -> OneTimeKeyCounts {
+    wire.into_iter()
+        .filter_map(|(user, devices)| Some((OwnedUserId::try_from(user).ok()?, devices)))
+        .map(|(user, devices)| {
+            let devices = devices
+                .into_iter()
+                .map(|(device, counts)| {
+                    let counts = counts
+                        .into_iter()
+                        .map(|(algorithm, n)| {
+                            (
+                                OneTimeKeyAlgorithm::from(algorithm),
+                                UInt::try_from(n).unwrap_or(UInt::MAX),
+                            )
+                        })
+                        .collect();
+                    (OwnedDeviceId::from(device), counts)
+                })
+                .collect();
+            (user, devices)
+        })
+        .collect()
+}
+
+/// The unused fallback key types with typed keys, as [`typed_counts`].
+fn typed_fallback_types(wire: WireFallbackTypes) -> UnusedFallbackKeyTypes {
+    wire.into_iter()
+        .filter_map(|(user, devices)| Some((OwnedUserId::try_from(user).ok()?, devices)))
+        .map(|(user, devices)| {
+            let devices = devices
+                .into_iter()
+                .map(|(device, types)| {
+                    let types = types.into_iter().map(OneTimeKeyAlgorithm::from).collect();
+                    (OwnedDeviceId::from(device), types)
+                })
+                .collect();
+            (user, devices)
+        })
+        .collect()
+}
+
 /// The stable and MSC3202 `device_lists`, merged (a homeserver sends one
-/// or the other; if both, every user named in either counts).
-fn merge_device_lists(stable: Option<DeviceLists>, unstable: Option<DeviceLists>) -> DeviceLists {
-    let mut merged = stable.unwrap_or_default();
-    if let Some(unstable) = unstable {
-        let mut changed: std::collections::HashSet<String> =
-            merged.changed.iter().cloned().collect();
-        for user in unstable.changed {
-            if changed.insert(user.clone()) {
+/// or the other; if both, every user named in either counts, once);
+/// malformed user ids left out.
+fn merge_device_lists(
+    stable: Option<WireDeviceLists>,
+    unstable: Option<WireDeviceLists>,
+) -> DeviceLists {
+    let mut merged = DeviceLists::new();
+    let mut seen = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
+    for lists in [stable, unstable].into_iter().flatten() {
+        for user in lists.changed {
+            if let Ok(user) = OwnedUserId::try_from(user)
+                && seen.0.insert(user.clone())
+            {
                 merged.changed.push(user);
             }
         }
-        let mut left: std::collections::HashSet<String> = merged.left.iter().cloned().collect();
-        for user in unstable.left {
-            if left.insert(user.clone()) {
+        for user in lists.left {
+            if let Ok(user) = OwnedUserId::try_from(user)
+                && seen.1.insert(user.clone())
+            {
                 merged.left.push(user);
             }
         }
@@ -475,23 +552,19 @@ async fn note_fallback_reports<H: BridgeHandler>(
     inner: &Inner<H>,
     reports: &UnusedFallbackKeyTypes,
 ) {
-    for (user, devices) in reports {
-        let Ok(user_id) = OwnedUserId::try_from(user.as_str()) else {
-            continue;
-        };
-        if !inner.config.namespace.contains(&user_id) {
+    for (user_id, devices) in reports {
+        if !inner.config.namespace.contains(user_id) {
             continue;
         }
-        for (device, types) in devices {
-            let device_id: OwnedDeviceId = device.as_str().into();
+        for (device_id, types) in devices {
             let result = match inner.provisioner.get() {
                 Some(p) => p
-                    .note_unused_fallback_key_types(&user_id, &device_id, types)
+                    .note_unused_fallback_key_types(user_id, device_id, types)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
-                None if types.iter().any(|t| t == "signed_curve25519") => Ok(()),
-                None => match inner.manager.mark_fallback_used(&user_id, &device_id).await {
+                None if types.contains(&OneTimeKeyAlgorithm::SignedCurve25519) => Ok(()),
+                None => match inner.manager.mark_fallback_used(user_id, device_id).await {
                     Ok(_) | Err(OlmError::UnknownDevice { .. }) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 },
@@ -517,11 +590,15 @@ fn note_pool_contacts<H: BridgeHandler>(inner: &Inner<H>, transaction: &Transact
             .ok()
             .filter(|u| inner.config.namespace.contains(u))
     };
-    for (user, devices) in &transaction.device_one_time_keys_count {
-        let Some(user_id) = ours(user) else { continue };
+    for (user_id, devices) in &transaction.device_one_time_keys_count {
+        if !inner.config.namespace.contains(user_id) {
+            continue;
+        }
         for (device, counts) in devices {
-            let count = counts.get("signed_curve25519").copied().unwrap_or(0);
-            pool.note_count(&user_id, device.as_str().into(), count);
+            let count = counts
+                .get(&OneTimeKeyAlgorithm::SignedCurve25519)
+                .map_or(0, |n| u64::from(*n));
+            pool.note_count(user_id, device, count);
         }
     }
     if pool.mode() != crate::ClaimMode::Pool {
@@ -531,14 +608,14 @@ fn note_pool_contacts<H: BridgeHandler>(inner: &Inner<H>, transaction: &Transact
         match message {
             ToDevice::Decrypted(m) => pool.touch(&m.to_user_id, &m.to_device_id),
             ToDevice::Other(m) => {
-                if let Some(user_id) = ours(&m.to_user_id) {
-                    pool.touch(&user_id, m.to_device_id.as_str().into());
+                if inner.config.namespace.contains(&m.to_user_id) {
+                    pool.touch(&m.to_user_id, &m.to_device_id);
                 }
             }
         }
     }
     for event in &transaction.events {
-        if let Some(user_id) = invited(event).as_deref().and_then(ours) {
+        if let Some(user_id) = invited(event.json()).as_deref().and_then(ours) {
             pool.touch_user(&user_id);
         }
     }
@@ -637,7 +714,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
     // decrypted (their keys are consumed) reuses that work.
     let transaction = match inner.retry_cache.take(&txn_id) {
         Some(cached) => cached,
-        None => Arc::new(open_transaction(&inner, txn_id.clone(), body).await?),
+        None => Arc::new(open_transaction(&inner, txn_id.as_str().into(), body).await?),
     };
     note_fallback_reports(&inner, &transaction.device_unused_fallback_key_types).await;
     note_pool_contacts(&inner, &transaction);
@@ -679,7 +756,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
             .put(txn_id.clone(), Arc::clone(&transaction));
     }
     if let Err(e) = inner.handler.transaction(&transaction).await {
-        tracing::warn!(%txn_id, error = %e, "bridge handler failed; the homeserver will retry");
+        tracing::warn!(%txn_id, error = %e.chain(), "bridge handler failed; the homeserver will retry");
         return Err(MatrixError::internal(
             "the bridge could not process the transaction",
         ));
@@ -723,28 +800,37 @@ mod tests {
     #[test]
     fn the_debug_of_a_transaction_counts_its_events_and_prints_no_content() {
         let event = |body: &str| {
-            serde_json::value::to_raw_value(&serde_json::json!({
-                "type": "m.room.message",
-                "content": {"msgtype": "m.text", "body": body},
-            }))
-            .unwrap()
+            Raw::from_json(
+                serde_json::value::to_raw_value(&serde_json::json!({
+                    "type": "m.room.message",
+                    "content": {"msgtype": "m.text", "body": body},
+                }))
+                .unwrap(),
+            )
         };
         let transaction = Transaction {
             txn_id: "txn-7".into(),
             events: vec![event("the launch code is 0000"), event("second")],
-            ephemeral: vec![event("typing secret")],
+            ephemeral: vec![Raw::from_json(
+                serde_json::value::to_raw_value(&serde_json::json!({
+                    "type": "m.typing", "content": {"user_ids": ["@typing_secret:hs"]},
+                }))
+                .unwrap(),
+            )],
             to_device: vec![ToDevice::Other(RawToDevice {
-                to_user_id: "@echo_a:hs".into(),
+                to_user_id: "@echo_a:hs".try_into().unwrap(),
                 to_device_id: "D".into(),
                 event_type: "m.secret.send".into(),
-                sender: "@alice:hs".into(),
-                content: serde_json::value::to_raw_value(&serde_json::json!({"secret": "s3cr3t"}))
-                    .unwrap(),
+                sender: "@alice:hs".try_into().unwrap(),
+                content: Raw::from_json(
+                    serde_json::value::to_raw_value(&serde_json::json!({"secret": "s3cr3t"}))
+                        .unwrap(),
+                ),
                 undecryptable: None,
             })],
             device_one_time_keys_count: Default::default(),
             device_unused_fallback_key_types: Default::default(),
-            device_lists: DeviceLists::default(),
+            device_lists: DeviceLists::new(),
             decrypted_events: Vec::new(),
             held_done: Vec::new(),
         };
@@ -752,7 +838,7 @@ mod tests {
         assert!(printed.contains("txn-7"), "{printed}");
         assert!(printed.contains("events: 2"), "{printed}");
         assert!(printed.contains("m.secret.send"), "{printed}");
-        for secret in ["launch code", "second", "typing secret", "s3cr3t"] {
+        for secret in ["launch code", "second", "typing_secret", "s3cr3t"] {
             assert!(!printed.contains(secret), "{secret:?} in {printed}");
         }
     }

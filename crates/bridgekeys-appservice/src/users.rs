@@ -35,7 +35,7 @@ pub(crate) async fn query_user<H: BridgeHandler>(
         ));
     }
     let decision = inner.handler.query_user(&user_id).await.map_err(|e| {
-        tracing::warn!(%user_id, error = %e, "user query handler failed");
+        tracing::warn!(%user_id, error = %e.chain(), "user query handler failed");
         MatrixError::internal("the bridge could not answer the user query")
     })?;
     let UserDecision::Accept { device_id } = decision else {

@@ -8,6 +8,7 @@ use bridgekeys_store::StoreError;
 /// later flush. A message decrypted then is lost unless it came in a
 /// delivery (pass a delivery tag, as the listener does).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OlmError {
     /// The device was never created with [`crate::AccountManager::create_device`].
     #[error("unknown device {device_id} of {user_id}")]

@@ -43,6 +43,7 @@ pub const MEGOLM_ALGORITHM: &str = "m.megolm.v1.aes-sha2";
 
 /// Why a room key or a room event was refused. Nothing was stored.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum MegolmError {
     /// The `m.room_key` content is malformed or not Megolm.
     #[error("malformed m.room_key: {0}")]

@@ -31,6 +31,7 @@ use vodozemac::{Curve25519PublicKey, Ed25519PublicKey};
 /// Why a decrypted Olm payload was refused. Nothing was stored, and the
 /// plaintext reached no one.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PayloadError {
     /// The plaintext is not a JSON object of the expected shape.
     #[error("the decrypted payload is not a JSON object with the Olm payload fields")]

@@ -6,6 +6,7 @@ use crate::{StoreId, Version};
 ///
 /// Each variant leaves the store unchanged: a failed write writes nothing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// Another process (or another handle in this one) holds the store open.
     #[error(

@@ -82,6 +82,7 @@ const PRUNE_EVERY_CHECKS: u64 = 3600 / ROOM_KEY_CHECK.as_secs();
 
 /// Why a bridge could not be built or served.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BridgeError {
     /// A required builder setting was not given.
     #[error("the bridge builder needs {0}")]

@@ -24,6 +24,9 @@
 
 pub use bridgekeys_appservice as appservice;
 pub use bridgekeys_olm as olm;
+/// The vodozemac version bridgekeys stores and speaks (the key types a
+/// bridge names: `Curve25519PublicKey`, `Ed25519PublicKey`, Olm messages).
+pub use bridgekeys_olm::vodozemac;
 pub use bridgekeys_store as store;
 /// The ruma version bridgekeys speaks (ids, events, API types).
 pub use ruma;

@@ -141,6 +141,7 @@ async fn encrypt_refuses_a_room_that_is_not_encrypted_or_not_megolm() {
             "type": event_type, "state_key": key, "room_id": room,
             "sender": "@alice:hs", "event_id": "$s", "content": content,
         }))
+        .map(bridgekeys::ruma::serde::Raw::from_json)
         .unwrap()
     };
     s.rooms

@@ -181,7 +181,7 @@ impl EchoHandler {
     /// The transaction's unencrypted events, in order.
     async fn plain_events(&self, transaction: &Transaction) -> Result<(), HandlerError> {
         for raw in &transaction.events {
-            let Ok(event) = serde_json::from_str::<Event>(raw.get()) else {
+            let Ok(event) = serde_json::from_str::<Event>(raw.json().get()) else {
                 continue;
             };
             // A failure that a retry may cure (network, 5xx, 429, our
@@ -276,7 +276,7 @@ fn outcome(event_id: &str, result: anyhow::Result<()>) -> Result<(), HandlerErro
         }
         Err(e) => {
             tracing::warn!(%event_id, error = %format!("{e:#}"), "event failed; the transaction will be retried");
-            Err(HandlerError::new(format!("{e:#}")))
+            Err(HandlerError::with_source(format!("event {event_id}"), e))
         }
     }
 }
