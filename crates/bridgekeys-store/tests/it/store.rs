@@ -1,8 +1,7 @@
 //! Behaviour of the sled store: versions, atomicity, keys, locking, schema.
-#![allow(clippy::unwrap_used)]
 
 use bridgekeys_store::{
-    DeviceKey, DeviceWrite, FIRST_KEY_ID, KeyAppend, OneTimeKeyRecord, SCHEMA_VERSION,
+    DeviceKey, DeviceWrite, FIRST_KEY_ID, KeyAppend, OneTimeKeyRecord, Pending, SCHEMA_VERSION,
     SessionRecord, SessionWrite, SledStore, SledStoreConfig, Store, StoreError, StoreKey, Version,
 };
 use zeroize::Zeroizing;
@@ -18,6 +17,11 @@ fn account(bytes: &[u8]) -> DeviceWrite {
     }
 }
 
+/// Wait until an accepted write is durable.
+async fn durable(write: Result<Pending, StoreError>) {
+    write.unwrap().durable().await.unwrap();
+}
+
 fn otk(id: u64, fill: u8) -> OneTimeKeyRecord {
     OneTimeKeyRecord {
         key_id: id,
@@ -31,18 +35,8 @@ async fn stale_version_is_a_conflict_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), &StoreKey::generate()).unwrap();
     let dev = DeviceKey::new("@a:x", "D");
-    store
-        .write_device(&dev, None, account(b"v1"))
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
-    store
-        .write_device(&dev, Some(Version(1)), account(b"v2"))
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    durable(store.write_device(&dev, None, account(b"v1"))).await;
+    durable(store.write_device(&dev, Some(Version(1)), account(b"v2"))).await;
 
     let mut stale = account(b"stale");
     stale.add_keys.push(otk(7, 7));
@@ -86,12 +80,7 @@ async fn keys_are_added_and_removed_atomically_with_the_account() {
         let store = open(dir.path(), &key).unwrap();
         let mut w = account(b"one");
         w.add_keys = vec![otk(1, 1), otk(2, 2), otk(3, 3)];
-        store
-            .write_device(&dev, None, w)
-            .unwrap()
-            .durable()
-            .await
-            .unwrap();
+        durable(store.write_device(&dev, None, w)).await;
         let mut w = account(b"two");
         w.remove_keys = vec![(1, [1; 32])];
         w.sessions = vec![SessionRecord {
@@ -100,12 +89,7 @@ async fn keys_are_added_and_removed_atomically_with_the_account() {
             last_used: 11,
             pickle: Zeroizing::new(b"pickle".to_vec()),
         }];
-        store
-            .write_device(&dev, Some(Version(1)), w)
-            .unwrap()
-            .durable()
-            .await
-            .unwrap();
+        durable(store.write_device(&dev, Some(Version(1)), w)).await;
     }
     // Reopened: the durable state is all there.
     let store = open(dir.path(), &key).unwrap();
@@ -142,18 +126,8 @@ async fn devices_with_prefix_related_ids_do_not_see_each_others_keys() {
     let b = DeviceKey::new("@a:x", "DD");
     let mut w = account(b"a");
     w.add_keys = vec![otk(1, 1)];
-    store
-        .write_device(&a, None, w)
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
-    store
-        .write_device(&b, None, account(b"b"))
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    durable(store.write_device(&a, None, w)).await;
+    durable(store.write_device(&b, None, account(b"b"))).await;
     assert_eq!(store.count_one_time_keys(&b).unwrap(), 0);
     assert!(store.one_time_key(&b, &[1; 32]).unwrap().is_none());
 }
@@ -168,12 +142,7 @@ async fn every_acknowledged_concurrent_write_survives_reopen() {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let dev = DeviceKey::new("@a:x", &format!("D{i}"));
-            store
-                .write_device(&dev, None, account(b"x"))
-                .unwrap()
-                .durable()
-                .await
-                .unwrap();
+            durable(store.write_device(&dev, None, account(b"x"))).await;
         }));
     }
     for t in tasks {
@@ -279,12 +248,7 @@ async fn sealed_values_do_not_appear_in_the_files() {
             public_key: [1; 32],
             secret_key: Zeroizing::new(secret),
         }];
-        store
-            .write_device(&dev, None, w)
-            .unwrap()
-            .durable()
-            .await
-            .unwrap();
+        durable(store.write_device(&dev, None, w)).await;
     }
     let bytes = all_file_bytes(&dir.path().join("store"));
     assert!(!bytes.is_empty());
@@ -337,22 +301,12 @@ async fn appended_keys_are_found_by_public_key_and_evictions_remove_them() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), &StoreKey::generate()).unwrap();
     let dev = DeviceKey::new("@a:x", "D");
-    store
-        .write_device(&dev, None, account(b"v1"))
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    durable(store.write_device(&dev, None, account(b"v1"))).await;
     let append = KeyAppend {
         add_keys: vec![otk(7, 1), otk(9, 2)],
         evict_keys: Vec::new(),
     };
-    store
-        .append_keys(&dev, append)
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    durable(store.append_keys(&dev, append)).await;
     assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
     assert_eq!(
         store.one_time_key(&dev, &[2; 32]).unwrap().unwrap().key_id,
@@ -366,12 +320,7 @@ async fn appended_keys_are_found_by_public_key_and_evictions_remove_them() {
         add_keys: vec![otk(11, 3)],
         evict_keys: vec![(7, [1; 32])],
     };
-    store
-        .append_keys(&dev, evict)
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    durable(store.append_keys(&dev, evict)).await;
     assert!(store.one_time_key(&dev, &[1; 32]).unwrap().is_none());
     assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
     // The account record was not touched by either append.
@@ -573,12 +522,7 @@ async fn an_unfinished_snapshot_left_by_a_crash_does_not_make_the_store_unreadab
     let store = SledStore::create(SledStoreConfig::new(&path, key.clone())).unwrap();
     let id = store.id();
     let dev = DeviceKey::new("@a:x", "D");
-    store
-        .write_device(&dev, None, account(b"kept"))
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    durable(store.write_device(&dev, None, account(b"kept"))).await;
     drop(store);
     let unfinished = path.join("snap.7FFFFFFFFFFFFFFF.generating");
     std::fs::write(&unfinished, [0u8; 102]).unwrap();
@@ -618,30 +562,15 @@ async fn sessions_are_found_by_peer_replaced_removed_and_survive_a_reopen() {
             ],
             ..SessionWrite::default()
         };
-        store
-            .write_sessions(&dev, write)
-            .unwrap()
-            .durable()
-            .await
-            .unwrap();
+        durable(store.write_sessions(&dev, write)).await;
         // A ratchet step replaces a session; an eviction removes another.
         let write = SessionWrite {
             put: vec![session(1, "a", 4, b"a2")],
             remove: vec![([1; 32], "b".into())],
             ..SessionWrite::default()
         };
-        store
-            .write_sessions(&dev, write)
-            .unwrap()
-            .durable()
-            .await
-            .unwrap();
-        store
-            .write_tracked_user("@alice:hs", Some(b"devices"))
-            .unwrap()
-            .durable()
-            .await
-            .unwrap();
+        durable(store.write_sessions(&dev, write)).await;
+        durable(store.write_tracked_user("@alice:hs", Some(b"devices"))).await;
     }
     let store = open(dir.path(), &key).unwrap();
     let of_peer_1 = store.sessions(&dev, &[1; 32]).unwrap();
@@ -661,12 +590,7 @@ async fn sessions_are_found_by_peer_replaced_removed_and_survive_a_reopen() {
             .as_slice(),
         b"devices"
     );
-    store
-        .write_tracked_user("@alice:hs", None)
-        .unwrap()
-        .durable()
-        .await
-        .unwrap();
+    durable(store.write_tracked_user("@alice:hs", None)).await;
     assert!(store.load_tracked_user("@alice:hs").unwrap().is_none());
 }
 

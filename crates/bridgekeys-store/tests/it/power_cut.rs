@@ -3,7 +3,6 @@
 //!
 //! The test runs itself as the child (an ignored test that only acts when
 //! the parent sets `BRIDGEKEYS_BLOB_CHILD`), under the power-cut shim.
-#![allow(clippy::unwrap_used)]
 
 use std::{io::BufRead, path::Path, process::Stdio};
 
@@ -55,10 +54,14 @@ fn a_large_acknowledged_value_survives_a_power_cut() {
         drop(SledStore::create(config(disk.root())).unwrap());
         bridgekeys_store::durable::sync_tree(disk.root()).unwrap();
 
+        // This binary holds every test module: the child's full test name
+        // is its path below the crate root (`power_cut::blob_child`).
+        let (_, module) = module_path!().split_once("::").unwrap();
+        let child_test = format!("{module}::blob_child");
         let mut child = disk
             .command(std::env::current_exe().unwrap())
             .unwrap()
-            .args(["--ignored", "--exact", "blob_child", "--nocapture"])
+            .args(["--ignored", "--exact", &child_test, "--nocapture"])
             .env(CHILD_ENV, disk.root())
             .stdout(Stdio::piped())
             .spawn()
