@@ -9,9 +9,6 @@
 //! A change to a record format, to serde shapes or to the vodozemac version
 //! (pinned exactly in the workspace) that breaks reading old records fails
 //! here.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{path::Path, sync::Arc};
 
@@ -78,7 +75,7 @@ async fn reads_fixture(name: &str) {
     );
 
     let (sender, on_session) = message(&manifest["on_stored_session"]);
-    let read = common::decrypt(&m, &user, &device, sender, &on_session, None)
+    let read = crate::common::decrypt(&m, &user, &device, sender, &on_session, None)
         .await
         .unwrap();
     assert_eq!(
@@ -93,7 +90,7 @@ async fn reads_fixture(name: &str) {
     let dev = DeviceKey::new(user.as_str(), device.as_str());
     assert_eq!(m.store().count_one_time_keys(&dev).unwrap(), 1);
     let (sender, on_key) = message(&manifest["on_outstanding_key"]);
-    let read = common::decrypt(&m, &user, &device, sender, &on_key, None)
+    let read = crate::common::decrypt(&m, &user, &device, sender, &on_key, None)
         .await
         .unwrap();
     assert_eq!(

@@ -1,18 +1,15 @@
 //! Fallback keys (MSC2732): persisted before upload, the same key until
 //! published, decrypting without being consumed, replays refused, and the
 //! rotation schedule (injected clock) across restarts.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
+use crate::common::{DecryptPrekey, alice, manager, prekey_message_to};
 use bridgekeys_olm::{
     AccountManager, FallbackAction, FallbackKey, FallbackPolicy, ManagerConfig, OlmError,
     fallback::RotationReason,
 };
 use bridgekeys_store::StoreKey;
-use common::{DecryptPrekey, alice, manager, prekey_message_to};
 use ruma::{CanonicalJsonObject, serde::Base64, signatures::verify_json};
 
 const HOUR: u64 = 3_600_000;

@@ -1,13 +1,10 @@
 //! The account manager's promises, each proved by name.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{collections::BTreeMap, collections::HashSet, sync::Arc};
 
+use crate::common::{DecryptPrekey, alice, manager, prekey_message};
 use bridgekeys_olm::{ManagerConfig, OlmError};
 use bridgekeys_store::{DeviceKey, StoreKey};
-use common::{DecryptPrekey, alice, manager, prekey_message};
 use ruma::{
     CanonicalJsonObject, OneTimeKeyAlgorithm, device_id, serde::Base64, signatures::verify_json,
 };

@@ -7,15 +7,15 @@
 //! Default case counts keep `cargo test --workspace` fast. Longer run:
 //!
 //! ```sh
-//! PROPTEST_CASES=10000 cargo test -p bridgekeys-olm --test fuzz_prekey
+//! PROPTEST_CASES=10000 cargo test -p bridgekeys-olm --test it fuzz_prekey::
 //! ```
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
+use crate::{
+    common::{DecryptPrekey, alice, manager, prekey_message},
+    fuzzing,
+};
 use bridgekeys_olm::{AccountManager, ManagerConfig};
 use bridgekeys_store::{DeviceKey, StoreKey};
-use common::{DecryptPrekey, alice, manager, prekey_message};
 use proptest::{prelude::*, test_runner::TestRunner};
 use ruma::OneTimeKeyAlgorithm;
 use vodozemac::{Curve25519PublicKey, olm::PreKeyMessage};
@@ -23,20 +23,8 @@ use vodozemac::{Curve25519PublicKey, olm::PreKeyMessage};
 const SC: OneTimeKeyAlgorithm = OneTimeKeyAlgorithm::SignedCurve25519;
 const PLAINTEXT: &str = "the original, valid message";
 
-/// Default number of cases per property (`PROPTEST_CASES` overrides it).
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        // Shrinking a failure is welcome; keeping failures in a file is not
-        // (the regression tests below are named instead).
-        failure_persistence: None,
-        ..ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(128),
-        )
-    }
-}
+/// Cases per property unless `PROPTEST_CASES` says otherwise.
+const CASES: u32 = 128;
 
 /// One puppet device over a temp store, and a runtime to drive it.
 struct Rig {
@@ -125,45 +113,6 @@ impl Rig {
     }
 }
 
-/// A mutation of a byte string: flip, set, insert, remove, truncate, append.
-#[derive(Clone, Debug)]
-enum Mutation {
-    Flip(usize, u8),
-    Set(usize, u8),
-    Insert(usize, u8),
-    Remove(usize),
-    Truncate(usize),
-    Append(Vec<u8>),
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        (any::<usize>(), 1..=255u8).prop_map(|(i, b)| Mutation::Flip(i, b)),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Set(i, b)),
-        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
-        any::<usize>().prop_map(Mutation::Remove),
-        any::<usize>().prop_map(Mutation::Truncate),
-        proptest::collection::vec(any::<u8>(), 1..16).prop_map(Mutation::Append),
-    ]
-}
-
-fn apply(bytes: &mut Vec<u8>, mutations: &[Mutation]) {
-    for m in mutations {
-        let len = bytes.len();
-        match m {
-            Mutation::Flip(i, b) if len > 0 => bytes[i % len] ^= b,
-            Mutation::Set(i, b) if len > 0 => bytes[i % len] = *b,
-            Mutation::Insert(i, b) => bytes.insert(i % (len + 1), *b),
-            Mutation::Remove(i) if len > 0 => {
-                bytes.remove(i % len);
-            }
-            Mutation::Truncate(i) => bytes.truncate(i % (len + 1)),
-            Mutation::Append(tail) => bytes.extend_from_slice(tail),
-            _ => {}
-        }
-    }
-}
-
 /// Protobuf-encode a pre-key message from its parts (version 3), so that
 /// structurally valid messages with arbitrary keys and payloads reach the
 /// session-creation code, not just the decoder.
@@ -190,11 +139,11 @@ fn encode_prekey(otk: &[u8], base: &[u8], identity: &[u8], inner: &[u8]) -> Vec<
     out
 }
 
-/// Run `check` on `config()` cases of `strategy` against one rig (a store
+/// Run `check` on `CASES` cases of `strategy` against one rig (a store
 /// and device shared by the property's cases; each case claims a fresh key).
 fn run<S: Strategy>(strategy: S, check: impl Fn(&Rig, S::Value)) {
     let rig = Rig::new();
-    let mut runner = TestRunner::new(config());
+    let mut runner = TestRunner::new(fuzzing::config(CASES));
     runner
         .run(&strategy, |value| {
             check(&rig, value);
@@ -233,11 +182,11 @@ fn arbitrary_base64_never_panics_decrypt_prekey_nor_consumes_the_key() {
 #[test]
 fn mutated_valid_messages_never_panic_decrypt_prekey_nor_consume_the_key() {
     run(
-        proptest::collection::vec(mutation(), 1..6),
+        proptest::collection::vec(fuzzing::mutation(), 1..6),
         |rig, mutations| {
             let (sender, original) = rig.fresh_message();
             let mut bytes = original.to_bytes();
-            apply(&mut bytes, &mutations);
+            fuzzing::apply(&mut bytes, &mutations);
             try_bytes(rig, &bytes, sender, &original);
         },
     );

@@ -1,17 +1,14 @@
 //! Olm sessions of puppet devices: verified payloads, sessions that last,
 //! outbound encryption and device tracking.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::collections::BTreeMap;
 
+use crate::common::{Peer, alice, decrypt, manager, payload_for, peer_user};
 use bridgekeys_olm::{
     AccountManager, DeviceRefusal, ManagerConfig, OlmError, PayloadError, Recipient,
     canonical_json_for_signing,
 };
 use bridgekeys_store::{DeviceKey, StoreKey};
-use common::{Peer, alice, decrypt, manager, payload_for, peer_user};
 use ruma::{DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, UserId, device_id, serde::Raw};
 use serde_json::{Value, json};
 use vodozemac::olm::{Account, OlmMessage, SessionConfig};

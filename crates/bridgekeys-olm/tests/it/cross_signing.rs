@@ -1,15 +1,12 @@
 //! Cross-signing identities for puppets: created once and for good,
 //! durable across a reopen, shared by concurrent first uses, and every
 //! signature verifies with an independent verifier (ruma-signatures).
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{collections::BTreeMap, sync::Arc};
 
+use crate::common::{alice, manager};
 use bridgekeys_olm::ManagerConfig;
 use bridgekeys_store::StoreKey;
-use common::{alice, manager};
 use ruma::{CanonicalJsonObject, serde::Base64, signatures::verify_json};
 
 fn object<T: serde::Serialize>(value: &T) -> CanonicalJsonObject {

@@ -1,16 +1,13 @@
 //! Inbound Megolm: room keys from verified Olm payloads, room events they
 //! decrypt, and every refusal (room, sender, replay, worse copy) leaving
 //! nothing behind.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
+use crate::common::{Peer, alice, manager, peer_user};
 use bridgekeys_olm::{
     AccountManager, ManagerConfig, MegolmError, OlmError, RoomKeyOutcome,
     canonical_json_for_signing,
 };
 use bridgekeys_store::StoreKey;
-use common::{Peer, alice, manager, peer_user};
 use ruma::{OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId, RoomId, room_id};
 use serde_json::{Value, json};
 use vodozemac::megolm::{GroupSession, SessionConfig, SessionKey};
