@@ -4,13 +4,12 @@
 //! it appeared (and not what came before), a rejoin gets a fresh session,
 //! and plaintext and undecryptable events are told apart from decrypted
 //! ones.
-#![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
+use crate::common::{start_synapse, two_peers};
 use bridgekeys_testkit::{
-    Method, NewRoom, OlmPeer, PeerLogin, RoomMessageQuery, StatusCode, Synapse, SynapseOptions,
-    TestkitError, UserDevice,
+    Method, NewRoom, OlmPeer, PeerLogin, RoomMessageQuery, StatusCode, TestkitError, UserDevice,
 };
 use serde_json::json;
 
@@ -26,17 +25,10 @@ fn device(d: &bridgekeys_testkit::PeerDevice) -> UserDevice {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nio_peers_talk_megolm_in_an_encrypted_dm() {
     let started = Instant::now();
-    let synapse = Synapse::start(SynapseOptions {
-        server_name: "megolmpeer.local".into(),
-        ..SynapseOptions::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("could not provide Synapse: {e}"));
+    let synapse = start_synapse("megolmpeer.local").await;
     let alice_user = synapse.register_user("alice", "alice pw").await.unwrap();
     synapse.register_user("bob", "bob pw").await.unwrap();
-    let (alice, bob) = tokio::join!(OlmPeer::start(), OlmPeer::start());
-    let mut alice = alice.unwrap_or_else(|e| panic!("could not start the olm peer: {e}"));
-    let mut bob = bob.unwrap();
+    let (mut alice, mut bob) = two_peers().await;
     let a = alice
         .login(&PeerLogin::new(
             synapse.url(),

@@ -1,16 +1,11 @@
 //! The testkit gives a test a real, working Synapse.
-#![allow(clippy::unwrap_used)]
 
-use bridgekeys_testkit::{Method, StatusCode, Synapse, SynapseOptions};
+use crate::common::start_synapse;
+use bridgekeys_testkit::{Method, StatusCode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_started_synapse_registers_users_who_can_then_use_the_client_api() {
-    let synapse = Synapse::start(SynapseOptions {
-        server_name: "testkit.local".into(),
-        ..SynapseOptions::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("could not provide Synapse: {e}"));
+    let synapse = start_synapse("testkit.local").await;
     let alice = synapse
         .register_user("alice", "correct horse battery")
         .await

@@ -1,13 +1,12 @@
 //! The Olm peer is a working, independent Olm client: two of them (matrix-nio
 //! on libolm) exchange Olm to-device messages both ways through a real
 //! Synapse, before any bridge test relies on one.
-#![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
+use crate::common::{start_synapse, two_peers};
 use bridgekeys_testkit::{
-    MATRIX_NIO_VERSION, Method, OlmPeer, PYTHON_OLM_VERSION, PeerLogin, StatusCode, Synapse,
-    SynapseOptions, TestkitError,
+    MATRIX_NIO_VERSION, Method, PYTHON_OLM_VERSION, PeerLogin, StatusCode, TestkitError,
 };
 use serde_json::json;
 
@@ -16,21 +15,14 @@ const WAIT: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nio_peers_exchange_olm_to_device_messages_both_ways() {
     let started = Instant::now();
-    let synapse = Synapse::start(SynapseOptions {
-        server_name: "olmpeer.local".into(),
-        ..SynapseOptions::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("could not provide Synapse: {e}"));
+    let synapse = start_synapse("olmpeer.local").await;
     let alice_user = synapse
         .register_user("alice", "alice password")
         .await
         .unwrap();
     synapse.register_user("bob", "bob password").await.unwrap();
 
-    let (alice, bob) = tokio::join!(OlmPeer::start(), OlmPeer::start());
-    let mut alice = alice.unwrap_or_else(|e| panic!("could not start the olm peer: {e}"));
-    let mut bob = bob.unwrap();
+    let (mut alice, mut bob) = two_peers().await;
     assert_eq!(alice.versions().matrix_nio, MATRIX_NIO_VERSION);
     assert_eq!(alice.versions().python_olm, PYTHON_OLM_VERSION);
     eprintln!(
