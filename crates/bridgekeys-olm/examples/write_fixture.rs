@@ -1,4 +1,4 @@
-//! Writes the fixture store that `tests/fixture.rs` reads: a store in the
+//! Writes the fixture store that `tests/it/fixture.rs` reads: a store in the
 //! current record formats holding a puppet device with a published fallback
 //! key, a cross-signing identity, an Olm session and an outstanding one-time
 //! key, plus a manifest of what a reader must find in it and messages only

@@ -2,7 +2,6 @@
 //! with a certificate trusted through `with_root_certificate` (and refused
 //! without it), an IPv6 literal URL, and the retries of a rate-limited call
 //! (honouring `retry_after_ms` and `Retry-After`, bounded).
-#![allow(clippy::unwrap_used)]
 
 use std::{
     net::SocketAddr,

@@ -1,7 +1,6 @@
 //! Puppet provisioning and fallback key rotation against an in-process fake
 //! homeserver (axum on 127.0.0.1) that records every request and can fail
 //! uploads on demand.
-#![allow(clippy::unwrap_used)]
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

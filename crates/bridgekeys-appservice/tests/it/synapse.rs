@@ -2,7 +2,6 @@
 //! proxies key claims to this listener, falls back to our uploaded fallback
 //! key when the bridge is down, reports its use so we rotate, and delivers
 //! pre-key to-device messages that the listener decrypts.
-#![allow(clippy::unwrap_used)]
 
 use std::{
     collections::{BTreeMap, HashSet},

@@ -5,23 +5,17 @@
 //! Default case counts keep `cargo test --workspace` fast. Longer run:
 //!
 //! ```sh
-//! PROPTEST_CASES=50000 cargo test -p bridgekeys-appservice --test fuzz_registration
+//! PROPTEST_CASES=50000 cargo test -p bridgekeys-appservice --test it fuzz_registration::
 //! ```
-#![allow(clippy::unwrap_used)]
 
 use bridgekeys_appservice::{NamespaceEntry, Namespaces, Registration};
 use proptest::prelude::*;
 
+use crate::fuzzing;
+
+/// Cases per property unless `PROPTEST_CASES` says otherwise.
 fn config() -> ProptestConfig {
-    ProptestConfig {
-        failure_persistence: None,
-        ..ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(256),
-        )
-    }
+    fuzzing::config(256)
 }
 
 /// A scalar, collection or YAML syntax fragment.

@@ -1,14 +1,12 @@
 //! The key-claim service mounted alone in a bridge's own axum app, and the
 //! whole listener mounted without its operations endpoints.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::sync::{
     Arc,
     atomic::{AtomicUsize, Ordering},
 };
 
+use crate::common::*;
 use axum::{
     Router,
     body::Body,
@@ -18,7 +16,6 @@ use axum::{
 use bridgekeys_appservice::{ClaimService, HsToken, Limits, paths};
 use bridgekeys_olm::{AccountManager, ManagerConfig};
 use bridgekeys_store::{SledStore, SledStoreConfig};
-use common::*;
 use serde_json::{Value, json};
 
 /// An account manager over a fresh store, with puppets `0..n` provisioned.

@@ -1,22 +1,19 @@
 //! The listener over a real socket: graceful shutdown lets in-flight claims
 //! finish with their durable write; queries, ping and the operations
 //! endpoints; errors counted by errcode.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{
     sync::{Mutex, atomic::Ordering},
     time::Duration,
 };
 
+use crate::common::*;
 use axum::{
     body::Body,
     http::{Method, Request, StatusCode},
 };
 use bridgekeys_appservice::{Limits, paths};
 use bridgekeys_store::{DeviceKey, Store};
-use common::*;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -3,7 +3,6 @@
 //! sessions are reused or made from a verified claimed key, and each
 //! unreachable device is reported on its own. (The same paths against a
 //! real Synapse and a real client are in `synapse.rs`.)
-#![allow(clippy::unwrap_used)]
 
 use std::{
     collections::BTreeMap,

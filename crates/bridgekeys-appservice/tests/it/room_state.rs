@@ -1,22 +1,19 @@
 //! Durable room state through the listener: the state events of a
 //! transaction are applied before the handler runs, survive a restart, and
 //! memory stays bounded.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{
     num::NonZeroUsize,
     sync::{Arc, Mutex},
 };
 
+use crate::common::{authed, call, config, json_body, store_key};
 use axum::http::{Method, StatusCode};
 use bridgekeys_appservice::{
     Appservice, BridgeHandler, HandlerError, Limits, RoomStates, Transaction, UserDecision,
 };
 use bridgekeys_olm::{AccountManager, MEGOLM_ALGORITHM, ManagerConfig};
 use bridgekeys_store::{SledStore, SledStoreConfig, Store, TransactionLog};
-use common::{authed, call, config, json_body, store_key};
 use ruma::{RoomId, UserId};
 use serde_json::{Value, json};
 

@@ -1,12 +1,10 @@
 //! Transactions: everything is handed over, each id is processed once (also
 //! when the duplicate arrives mid-flight or after a restart), failures make
 //! the homeserver retry, and pre-key messages to puppets arrive decrypted.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::sync::{Arc, atomic::Ordering};
 
+use crate::common::*;
 use axum::http::{Method, StatusCode};
 use bridgekeys_appservice::{Limits, paths};
 use bridgekeys_olm::vodozemac::{
@@ -14,7 +12,6 @@ use bridgekeys_olm::vodozemac::{
     olm::{Account, OlmMessage, SessionConfig},
 };
 use bridgekeys_store::{DeviceKey, Store, TransactionLog};
-use common::*;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 

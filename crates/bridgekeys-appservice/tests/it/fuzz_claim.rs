@@ -9,25 +9,21 @@
 //! Default case counts keep `cargo test --workspace` fast. Longer run:
 //!
 //! ```sh
-//! PROPTEST_CASES=5000 cargo test -p bridgekeys-appservice --test fuzz_claim
+//! PROPTEST_CASES=5000 cargo test -p bridgekeys-appservice --test it fuzz_claim::
 //! ```
-#![allow(clippy::unwrap_used)]
-
-mod common;
-mod fuzzing;
 
 use std::{
     collections::{BTreeMap, HashSet},
     sync::Mutex,
 };
 
+use crate::common::*;
+use crate::fuzzing::{json, nasty_string, raw_body, run};
 use axum::{
     body::Body,
     http::{Method, StatusCode},
 };
 use bridgekeys_appservice::{Limits, paths};
-use common::*;
-use fuzzing::{json, nasty_string, raw_body, run};
 use proptest::prelude::*;
 use serde_json::Value;
 

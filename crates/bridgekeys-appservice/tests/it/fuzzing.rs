@@ -1,6 +1,5 @@
 //! Shared pieces of the listener's property tests (fuzzing): the case
 //! count, a runner over one fixture, and strategies for untrusted JSON.
-#![allow(dead_code, clippy::unwrap_used)]
 
 use proptest::{prelude::*, test_runner::TestRunner};
 use serde_json::Value;

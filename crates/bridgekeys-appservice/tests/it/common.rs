@@ -555,3 +555,18 @@ pub fn assert_signed_key(
         .expect("the key is signed by the puppet device");
     assert!(key["key"].is_string());
 }
+
+/// A log writer that keeps everything written to it, for the tests that
+/// read the logs.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

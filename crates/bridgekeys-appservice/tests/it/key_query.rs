@@ -1,14 +1,11 @@
 //! MSC3984 key queries: provisioned puppets' device keys from the store,
 //! with exactly the signatures the homeserver would publish.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
+use crate::common::*;
 use axum::http::{Method, StatusCode};
 use bridgekeys_appservice::{Limits, paths};
 use bridgekeys_olm::{canonical_json_for_signing, vodozemac};
 use bridgekeys_store::Store;
-use common::*;
 use serde_json::{Value, json};
 
 fn verify(key: &str, object: &Value, signature: &str) -> bool {

@@ -5,9 +5,6 @@
 //! is tried again, and when the key comes the event is decrypted and the
 //! request cancelled. The homeserver is a local stand-in that records each
 //! `sendToDevice` as the puppet sent it.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{
     collections::BTreeMap,
@@ -16,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use crate::common::{authed, config, device, json_body, metric_value, puppet, store_key};
 use axum::{
     Json, Router,
     extract::{Path, Query, State},
@@ -35,7 +33,6 @@ use bridgekeys_olm::{
     },
 };
 use bridgekeys_store::{SledStore, SledStoreConfig, Store, TransactionLog};
-use common::{authed, config, device, json_body, metric_value, puppet, store_key};
 use ruma::{OwnedDeviceId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -199,7 +196,7 @@ impl Rig {
     }
 
     async fn put(&self, txn_id: &str, body: Value) {
-        let (status, _) = common::call(
+        let (status, _) = crate::common::call(
             &self.router,
             authed(
                 Method::PUT,
@@ -245,7 +242,7 @@ struct Alice {
 impl Alice {
     async fn new(rig: &Rig) -> Self {
         let req = json!({"@echo_0:localhost": {"PUPPETDEV": ["signed_curve25519"]}});
-        let (_, body) = common::call(
+        let (_, body) = crate::common::call(
             &rig.router,
             authed(Method::POST, paths::CLAIM[1], json_body(&req)),
         )

@@ -9,15 +9,13 @@
 //! Default case counts keep `cargo test --workspace` fast. Longer run:
 //!
 //! ```sh
-//! PROPTEST_CASES=5000 cargo test -p bridgekeys-appservice --test fuzz_transactions
+//! PROPTEST_CASES=5000 cargo test -p bridgekeys-appservice --test it fuzz_transactions::
 //! ```
-#![allow(clippy::unwrap_used)]
-
-mod common;
-mod fuzzing;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::common::*;
+use crate::fuzzing::{Mutation, apply, json, mutations, nasty_string, path_segment, raw_body, run};
 use axum::{
     body::Body,
     http::{Method, StatusCode},
@@ -29,8 +27,6 @@ use bridgekeys_olm::vodozemac::{
     olm::{Account, OlmMessage, SessionConfig},
 };
 use bridgekeys_store::{DeviceKey, Store, TransactionLog};
-use common::*;
-use fuzzing::{Mutation, apply, json, mutations, nasty_string, path_segment, raw_body, run};
 use proptest::prelude::*;
 use ruma::OneTimeKeyAlgorithm;
 use serde_json::{Value, json};

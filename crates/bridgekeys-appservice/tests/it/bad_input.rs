@@ -1,17 +1,14 @@
 //! Every bad-input class on every route: the status and errcode the spec
 //! names, and no state changed (no durable write, no key issued, no device
 //! created, no handler call, no transaction recorded).
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
+use crate::common::*;
 use axum::{
     body::Body,
     http::{Method, Request, StatusCode},
 };
 use bridgekeys_appservice::Limits;
 use bridgekeys_store::TransactionLog;
-use common::*;
 use serde_json::{Value, json};
 
 const LIMIT: usize = 64 * 1024;

@@ -2,9 +2,6 @@
 //! in ways a real Synapse does not show on demand (no ping endpoint, a
 //! listener it cannot reach). The real homeserver cases (claims proxied or
 //! not) are in `examples/echo-bridge/tests/pool.rs`, against Synapse.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{
     net::SocketAddr,
@@ -14,6 +11,7 @@ use std::{
     },
 };
 
+use crate::common::*;
 use axum::{
     Json, Router,
     http::{Method, StatusCode},
@@ -22,7 +20,6 @@ use axum::{
 use bridgekeys_appservice::{
     AsToken, ClaimMode, HomeserverClient, KeyPool, Limits, ModeSetting, PoolConfig, paths,
 };
-use common::*;
 use serde_json::{Value, json};
 
 const BOT: &str = "@echo_bot:localhost";

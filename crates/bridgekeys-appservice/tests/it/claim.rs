@@ -1,8 +1,5 @@
 //! Key claims: what is served, to whom, in parallel, at scale, and never
 //! without its durable write.
-#![allow(clippy::unwrap_used)]
-
-mod common;
 
 use std::{
     collections::HashSet,
@@ -10,10 +7,10 @@ use std::{
     time::Duration,
 };
 
+use crate::common::*;
 use axum::http::{Method, StatusCode};
 use bridgekeys_appservice::{Limits, paths};
 use bridgekeys_store::Store;
-use common::*;
 use serde_json::{Value, json};
 
 fn keys_of<'a>(body: &'a Value, user: &str, device: &str) -> &'a serde_json::Map<String, Value> {
