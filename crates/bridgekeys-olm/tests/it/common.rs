@@ -1,11 +1,14 @@
 //! Shared helpers of the account manager tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::{path::Path, sync::Arc};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use bridgekeys_olm::{AccountManager, ClaimedKey, ManagerConfig, OlmError};
 use bridgekeys_store::{SledStore, SledStoreConfig, StoreKey};
-use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, UserId, device_id, user_id};
+use ruma::{
+    DeviceId, OwnedDeviceId, OwnedUserId, UserId, device_id, encryption::DeviceKeys, serde::Base64,
+    signatures::PublicKeyMap, user_id,
+};
 use serde_json::json;
 use vodozemac::{
     Curve25519PublicKey,
@@ -201,4 +204,19 @@ pub fn prekey_message_to(
         OlmMessage::PreKey(m) => (peer.curve25519(), m),
         OlmMessage::Normal(_) => panic!("first message of a session must be a pre-key message"),
     }
+}
+
+/// The key map `verify_json` checks a signature of `device` against: its
+/// ed25519 key, taken from the device keys it published.
+pub fn verifier_keys(user: &UserId, device: &DeviceId, device_keys: &DeviceKeys) -> PublicKeyMap {
+    let ed25519 = device_keys
+        .keys
+        .iter()
+        .find(|(id, _)| id.as_str().starts_with("ed25519:"))
+        .unwrap()
+        .1;
+    BTreeMap::from([(
+        user.to_string(),
+        BTreeMap::from([(format!("ed25519:{device}"), Base64::parse(ed25519).unwrap())]),
+    )])
 }

@@ -2,15 +2,15 @@
 //! published, decrypting without being consumed, replays refused, and the
 //! rotation schedule (injected clock) across restarts.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
-use crate::common::{DecryptPrekey, alice, manager, prekey_message_to};
+use crate::common::{DecryptPrekey, alice, manager, prekey_message_to, verifier_keys};
 use bridgekeys_olm::{
     AccountManager, FallbackAction, FallbackKey, FallbackPolicy, ManagerConfig, OlmError,
     fallback::RotationReason,
 };
 use bridgekeys_store::StoreKey;
-use ruma::{CanonicalJsonObject, serde::Base64, signatures::verify_json};
+use ruma::{CanonicalJsonObject, signatures::verify_json};
 
 const HOUR: u64 = 3_600_000;
 const T0: u64 = 1_700_000_000_000;
@@ -122,16 +122,7 @@ async fn the_fallback_key_is_marked_fallback_and_its_signature_verifies_independ
     assert!(key.key_id.as_str().starts_with("signed_curve25519:"));
     let value = json(&key);
     assert_eq!(value["fallback"], serde_json::Value::Bool(true));
-    let ed25519 = device_keys
-        .keys
-        .iter()
-        .find(|(id, _)| id.as_str().starts_with("ed25519:"))
-        .unwrap()
-        .1;
-    let key_map = BTreeMap::from([(
-        user.to_string(),
-        BTreeMap::from([(format!("ed25519:{device}"), Base64::parse(ed25519).unwrap())]),
-    )]);
+    let key_map = verifier_keys(&user, &device, &device_keys);
     let object: CanonicalJsonObject = serde_json::from_value(value.clone()).unwrap();
     verify_json(&key_map, &object).unwrap();
     // `fallback: true` is covered by the signature.

@@ -1,13 +1,11 @@
 //! The account manager's promises, each proved by name.
 
-use std::{collections::BTreeMap, collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc};
 
-use crate::common::{DecryptPrekey, alice, manager, prekey_message};
+use crate::common::{DecryptPrekey, alice, manager, prekey_message, verifier_keys};
 use bridgekeys_olm::{ManagerConfig, OlmError};
 use bridgekeys_store::{DeviceKey, StoreKey};
-use ruma::{
-    CanonicalJsonObject, OneTimeKeyAlgorithm, device_id, serde::Base64, signatures::verify_json,
-};
+use ruma::{CanonicalJsonObject, OneTimeKeyAlgorithm, device_id, signatures::verify_json};
 
 const SC: OneTimeKeyAlgorithm = OneTimeKeyAlgorithm::SignedCurve25519;
 
@@ -83,16 +81,7 @@ async fn every_signature_verifies_with_an_independent_verifier() {
     let device_keys = m.create_device(&user, &device).await.unwrap();
 
     // The verifier's key comes from the published device_keys object.
-    let ed25519 = device_keys
-        .keys
-        .iter()
-        .find(|(id, _)| id.as_str().starts_with("ed25519:"))
-        .unwrap()
-        .1;
-    let key_map = BTreeMap::from([(
-        user.to_string(),
-        BTreeMap::from([(format!("ed25519:{device}"), Base64::parse(ed25519).unwrap())]),
-    )]);
+    let key_map = verifier_keys(&user, &device, &device_keys);
     let to_object =
         |v: serde_json::Value| -> CanonicalJsonObject { serde_json::from_value(v).unwrap() };
 
