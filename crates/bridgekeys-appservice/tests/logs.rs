@@ -31,13 +31,7 @@ async fn logs_at_trace_level_carry_no_token_key_or_plaintext() {
     let uri = format!("{}?access_token={TOKEN}", paths::CLAIM[1]);
     let req = Request::post(uri).body(json_body(&claim)).unwrap();
     let (_, body) = fx.call(req).await;
-    let (_, key) = body["@echo_0:localhost"]["PUPPETDEV"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .next()
-        .unwrap();
-    let public_key = key["key"].as_str().unwrap().to_owned();
+    let public_key = claimed_public_key(&body).to_owned();
     let (_, _) = fx
         .call(
             Request::post(paths::CLAIM[1])

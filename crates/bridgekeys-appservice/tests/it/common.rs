@@ -307,6 +307,23 @@ pub struct Seen {
     pub room_events: Vec<(String, Result<String, String>)>,
 }
 
+/// A transaction's encrypted room events: (event id, inner content or why
+/// not).
+pub fn room_events(t: &Transaction) -> Vec<(String, Result<String, String>)> {
+    t.decrypted_events
+        .iter()
+        .map(|e| {
+            (
+                e.event_id.to_string(),
+                e.decrypted
+                    .as_ref()
+                    .map(|d| d.content.get().to_owned())
+                    .map_err(|why| why.to_string()),
+            )
+        })
+        .collect()
+}
+
 /// A bridge handler that records what it is given, and can be told to fail
 /// or to block inside a transaction until released.
 #[derive(Default)]
@@ -340,19 +357,7 @@ impl BridgeHandler for Recorder {
             otk_counts: serde_json::to_value(&t.device_one_time_keys_count).unwrap(),
             fallback_types: serde_json::to_value(&t.device_unused_fallback_key_types).unwrap(),
             device_lists: (t.device_lists.changed.clone(), t.device_lists.left.clone()),
-            room_events: t
-                .decrypted_events
-                .iter()
-                .map(|e| {
-                    (
-                        e.event_id.to_string(),
-                        e.decrypted
-                            .as_ref()
-                            .map(|d| d.content.get().to_owned())
-                            .map_err(|why| why.to_string()),
-                    )
-                })
-                .collect(),
+            room_events: room_events(t),
             ..Seen::default()
         };
         for m in &t.to_device {
@@ -461,6 +466,12 @@ impl Fixture {
         }
     }
 
+    /// PUT transaction `id` with `body`, on the current path.
+    pub async fn put_transaction(&self, id: &str, body: &Value) -> (StatusCode, Value) {
+        let path = format!("/_matrix/app/v1/transactions/{id}");
+        self.call(authed(Method::PUT, &path, json_body(body))).await
+    }
+
     pub async fn call(&self, req: Request<Body>) -> (StatusCode, Value) {
         call(&self.router, req).await
     }
@@ -503,6 +514,31 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The one public key of a published key object (`{"keys": {id: key}}`).
+pub fn public_of(key: &Value) -> String {
+    key["keys"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The public key of the one key a claim answer holds for `@echo_0`'s
+/// `PUPPETDEV`.
+pub fn claimed_public_key(answer: &Value) -> &str {
+    let (_, key) = answer["@echo_0:localhost"]["PUPPETDEV"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
+    key["key"].as_str().unwrap()
 }
 
 pub async fn call(router: &Router, req: Request<Body>) -> (StatusCode, Value) {

@@ -26,15 +26,7 @@ async fn a_key_query_answers_provisioned_puppets_with_their_own_and_their_cross_
     fx.provision(2).await;
     // Puppet 0 has a cross-signing identity; puppet 1 does not (yet).
     let cross = fx.manager.cross_signing_keys(&puppet(0)).await.unwrap();
-    let self_signing = serde_json::to_value(&cross.self_signing_key).unwrap()["keys"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let self_signing = public_of(&serde_json::to_value(&cross.self_signing_key).unwrap());
     let request = json!({
         "@echo_0:localhost": ["PUPPETDEV", "NOSUCHDEV"],
         "@echo_1:localhost": [],

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use crate::common::public_of;
 use axum::{
     Json, Router,
     body::{Body, to_bytes},
@@ -1154,18 +1155,6 @@ fn one_key(user: &str, public: &str) -> BTreeMap<String, BTreeMap<String, ruma::
             ruma::serde::Base64::parse(public).unwrap(),
         )]),
     )])
-}
-
-fn public_of(key: &Value) -> String {
-    key["keys"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test]

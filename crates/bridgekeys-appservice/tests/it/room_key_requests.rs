@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{authed, config, device, json_body, metric_value, puppet, store_key};
+use crate::common::{
+    authed, claimed_public_key, config, device, json_body, metric_value, puppet, room_events,
+    store_key,
+};
 use axum::{
     Json, Router,
     extract::{Path, Query, State},
@@ -116,20 +119,7 @@ struct Bridge {
 
 impl BridgeHandler for Bridge {
     async fn transaction(&self, t: &Transaction) -> Result<(), HandlerError> {
-        let events = t
-            .decrypted_events
-            .iter()
-            .map(|e| {
-                (
-                    e.event_id.to_string(),
-                    e.decrypted
-                        .as_ref()
-                        .map(|d| d.content.get().to_owned())
-                        .map_err(|why| why.to_string()),
-                )
-            })
-            .collect();
-        self.seen.lock().unwrap().push(events);
+        self.seen.lock().unwrap().push(room_events(t));
         Ok(())
     }
 
@@ -247,13 +237,7 @@ impl Alice {
             authed(Method::POST, paths::CLAIM[1], json_body(&req)),
         )
         .await;
-        let (_, key) = body["@echo_0:localhost"]["PUPPETDEV"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .next()
-            .unwrap();
-        let otk = Curve25519PublicKey::from_base64(key["key"].as_str().unwrap()).unwrap();
+        let otk = Curve25519PublicKey::from_base64(claimed_public_key(&body)).unwrap();
         let puppet_keys = rig.manager.identity_keys(&puppet(0), &device()).unwrap();
         let account = Account::new();
         let olm = account

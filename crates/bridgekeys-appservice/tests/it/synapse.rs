@@ -19,7 +19,9 @@ use bridgekeys_appservice::{
 };
 use bridgekeys_olm::{AccountManager, ManagerConfig, vodozemac};
 use bridgekeys_store::{DeviceKey, SledStore, SledStoreConfig, Store, StoreKey};
-use bridgekeys_testkit::{Method, StatusCode, Synapse, SynapseOptions, TestUser};
+use bridgekeys_testkit::{
+    Method, OlmPeer, PeerDevice, PeerLogin, StatusCode, Synapse, SynapseOptions, TestUser,
+};
 use ruma::{
     CanonicalJsonObject, OwnedDeviceId, OwnedUserId, ServerName, UserId, serde::Base64,
     signatures::verify_json,
@@ -68,6 +70,23 @@ struct World {
 }
 
 impl World {
+    /// Alice's second device: a real client we did not write (matrix-nio on
+    /// libolm), doing its own Olm, logged in.
+    async fn alice_peer(&self) -> (OlmPeer, PeerDevice) {
+        let mut peer = OlmPeer::start()
+            .await
+            .unwrap_or_else(|e| panic!("could not start the Olm peer: {e}"));
+        let me = peer
+            .login(&PeerLogin::new(
+                self.synapse.url(),
+                self.alice.user_id.clone(),
+                "correct horse battery",
+            ))
+            .await
+            .unwrap();
+        (peer, me)
+    }
+
     async fn new() -> Self {
         let data = tempfile::tempdir().unwrap();
         let store_key = StoreKey::generate();
@@ -546,23 +565,12 @@ async fn a_prekey_message_sent_through_synapse_is_decrypted_by_the_bridge_and_co
 async fn a_puppet_and_a_real_client_exchange_olm_messages_both_ways_through_synapse_across_a_restart()
  {
     use bridgekeys_appservice::{Devices, PuppetOlm};
-    use bridgekeys_testkit::{OlmPeer, PeerLogin};
     const WAIT: Duration = Duration::from_secs(30);
 
     let mut w = World::new().await;
     // Alice's second device is a real client we did not write (matrix-nio
     // on libolm), doing its own Olm.
-    let mut peer = OlmPeer::start()
-        .await
-        .unwrap_or_else(|e| panic!("could not start the Olm peer: {e}"));
-    let me = peer
-        .login(&PeerLogin::new(
-            w.synapse.url(),
-            w.alice.user_id.clone(),
-            "correct horse battery",
-        ))
-        .await
-        .unwrap();
+    let (mut peer, me) = w.alice_peer().await;
     let alice = UserId::parse(&me.user_id).unwrap();
     let alice_device = OwnedDeviceId::from(me.device_id.as_str());
     let puppet_olm = |w: &World| {
@@ -678,21 +686,10 @@ async fn a_puppet_and_a_real_client_exchange_olm_messages_both_ways_through_syna
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puppet_starts_a_session_with_a_real_client_by_claiming_its_key_through_synapse() {
     use bridgekeys_appservice::{Devices, PuppetOlm};
-    use bridgekeys_testkit::{OlmPeer, PeerLogin};
     const WAIT: Duration = Duration::from_secs(30);
 
     let mut w = World::new().await;
-    let mut peer = OlmPeer::start()
-        .await
-        .unwrap_or_else(|e| panic!("could not start the Olm peer: {e}"));
-    let me = peer
-        .login(&PeerLogin::new(
-            w.synapse.url(),
-            w.alice.user_id.clone(),
-            "correct horse battery",
-        ))
-        .await
-        .unwrap();
+    let (mut peer, me) = w.alice_peer().await;
     let alice = UserId::parse(&me.user_id).unwrap();
     let olm = PuppetOlm::new(
         w.manager.clone(),

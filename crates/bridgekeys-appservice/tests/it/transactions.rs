@@ -37,9 +37,7 @@ async fn every_part_of_a_transaction_reaches_the_handler_under_stable_and_unstab
         "org.matrix.msc3202.device_unused_fallback_key_types": {"@echo_0:localhost": {"PUPPETDEV": []}},
         "org.matrix.msc3202.device_lists": {"changed": ["@alice:localhost"], "left": ["@bob:localhost"]},
     });
-    let (status, resp) = fx
-        .call(authed(Method::PUT, &txn_path("t1"), json_body(&body)))
-        .await;
+    let (status, resp) = fx.put_transaction("t1", &body).await;
     assert_eq!((status, resp), (StatusCode::OK, json!({})));
     let seen = fx.handler.seen.lock().unwrap()[0].clone();
     assert_eq!(seen.txn_id, "t1");
@@ -168,37 +166,19 @@ async fn dedup_survives_a_restart() {
     let body = json!({"events": [{"type": "m.room.message"}]});
     {
         let fx = Fixture::open(dir.path(), Limits::default());
-        let (status, _) = fx
-            .call(authed(
-                Method::PUT,
-                &txn_path("before-restart"),
-                json_body(&body),
-            ))
-            .await;
+        let (status, _) = fx.put_transaction("before-restart", &body).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 1);
     } // listener, manager and store closed: a process restart
     let fx = Fixture::open(dir.path(), Limits::default());
-    let (status, _) = fx
-        .call(authed(
-            Method::PUT,
-            &txn_path("before-restart"),
-            json_body(&body),
-        ))
-        .await;
+    let (status, _) = fx.put_transaction("before-restart", &body).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         fx.handler.calls.load(Ordering::SeqCst),
         0,
         "not processed again after the restart"
     );
-    let (status, _) = fx
-        .call(authed(
-            Method::PUT,
-            &txn_path("after-restart"),
-            json_body(&body),
-        ))
-        .await;
+    let (status, _) = fx.put_transaction("after-restart", &body).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         fx.handler.calls.load(Ordering::SeqCst),
@@ -213,9 +193,7 @@ async fn a_handler_failure_answers_an_error_and_the_retry_is_processed() {
     let fx = Fixture::open(dir.path(), Limits::default());
     let body = json!({"events": [{"type": "m.room.message"}]});
     fx.handler.fail.store(true, Ordering::SeqCst);
-    let (status, resp) = fx
-        .call(authed(Method::PUT, &txn_path("flaky"), json_body(&body)))
-        .await;
+    let (status, resp) = fx.put_transaction("flaky", &body).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(resp["errcode"], "M_UNKNOWN");
     assert!(
@@ -223,9 +201,7 @@ async fn a_handler_failure_answers_an_error_and_the_retry_is_processed() {
         "a failure is not recorded"
     );
     fx.handler.fail.store(false, Ordering::SeqCst);
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("flaky"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("flaky", &body).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         fx.handler.calls.load(Ordering::SeqCst),
@@ -242,9 +218,7 @@ async fn no_200_when_the_transaction_record_cannot_be_written() {
     let fx = Fixture::open(dir.path(), Limits::default());
     fx.store.fail_txn_record.store(true, Ordering::SeqCst);
     let body = json!({"events": []});
-    let (status, resp) = fx
-        .call(authed(Method::PUT, &txn_path("t"), json_body(&body)))
-        .await;
+    let (status, resp) = fx.put_transaction("t", &body).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(resp["errcode"], "M_UNKNOWN");
     assert!(!fx.store.transaction_completed(TXN_NS, "t").unwrap());
@@ -264,13 +238,7 @@ impl Peer {
         let (_, body) = fx
             .call(authed(Method::POST, paths::CLAIM[1], json_body(&req)))
             .await;
-        let (_, key) = body["@echo_0:localhost"]["PUPPETDEV"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .next()
-            .unwrap();
-        let otk = Curve25519PublicKey::from_base64(key["key"].as_str().unwrap()).unwrap();
+        let otk = Curve25519PublicKey::from_base64(claimed_public_key(&body)).unwrap();
         let identity = fx.manager.identity_keys(&puppet(0), &device()).unwrap();
         let account = Account::new();
         let session = account
@@ -334,9 +302,7 @@ async fn a_prekey_message_to_a_puppet_is_handed_over_decrypted_and_consumes_its_
     assert_eq!(fx.store.count_one_time_keys(&dk).unwrap(), 1);
 
     let body = json!({"events": [], "de.sorunome.msc2409.to_device": [msg.clone()]});
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("olm-1"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("olm-1", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[0].clone();
     assert_eq!(seen.decrypted.len(), 1);
@@ -357,9 +323,7 @@ async fn a_prekey_message_to_a_puppet_is_handed_over_decrypted_and_consumes_its_
     // The same message in a new transaction (a replay): handed over as
     // received, marked undecryptable; the transaction still succeeds.
     let body = json!({"events": [], "to_device": [msg]});
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("olm-2"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("olm-2", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[1].clone();
     assert!(seen.decrypted.is_empty());
@@ -393,9 +357,7 @@ async fn encrypted_messages_not_for_a_puppet_device_pass_through_untouched() {
         json!({"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA": ct});
     let body =
         json!({"events": [], "to_device": [to_unknown_device, to_foreign_user, for_another_key]});
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("pass"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("pass", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[0].clone();
     assert!(seen.decrypted.is_empty());
@@ -423,18 +385,14 @@ async fn a_transaction_past_the_timeout_is_answered_503_not_recorded_and_its_ret
     let (entered_tx, _entered) = mpsc::unbounded_channel();
     *fx.handler.gate.lock().unwrap() = Some((entered_tx, Arc::new(Notify::new())));
     let body = json!({"events": []});
-    let (status, resp) = fx
-        .call(authed(Method::PUT, &txn_path("slow"), json_body(&body)))
-        .await;
+    let (status, resp) = fx.put_transaction("slow", &body).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp["errcode"], "M_UNKNOWN");
     assert!(!fx.store.transaction_completed(TXN_NS, "slow").unwrap());
 
     // The abandoned attempt released its hold on the id: the retry runs.
     *fx.handler.gate.lock().unwrap() = None;
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("slow"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("slow", &body).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(fx.handler.calls.load(Ordering::SeqCst), 2);
     assert!(fx.store.transaction_completed(TXN_NS, "slow").unwrap());
@@ -448,13 +406,7 @@ async fn the_retry_of_a_failed_transaction_still_hands_over_its_decrypted_prekey
     let (msg, _) = prekey_to_device(&fx, "room key payload").await;
     let body = json!({"events": [], "to_device": [msg]});
     fx.handler.fail.store(true, Ordering::SeqCst);
-    let (status, _) = fx
-        .call(authed(
-            Method::PUT,
-            &txn_path("retry-olm"),
-            json_body(&body),
-        ))
-        .await;
+    let (status, _) = fx.put_transaction("retry-olm", &body).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     let dk = DeviceKey::new("@echo_0:localhost", "PUPPETDEV");
     assert_eq!(
@@ -464,13 +416,7 @@ async fn the_retry_of_a_failed_transaction_still_hands_over_its_decrypted_prekey
     );
 
     fx.handler.fail.store(false, Ordering::SeqCst);
-    let (status, _) = fx
-        .call(authed(
-            Method::PUT,
-            &txn_path("retry-olm"),
-            json_body(&body),
-        ))
-        .await;
+    let (status, _) = fx.put_transaction("retry-olm", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[0].clone();
     assert_eq!(
@@ -508,13 +454,7 @@ async fn after_a_crash_the_retried_transaction_still_hands_over_its_decrypted_pr
         message_bytes.extend(message.to_bytes());
         let body = json!({"events": [], "to_device": [msg]});
         fx.handler.fail.store(true, Ordering::SeqCst);
-        let (status, _) = fx
-            .call(authed(
-                Method::PUT,
-                &txn_path("crash-olm"),
-                json_body(&body),
-            ))
-            .await;
+        let (status, _) = fx.put_transaction("crash-olm", &body).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         (body, message_bytes)
         // The bridge process dies here: its in-memory retry cache is gone.
@@ -529,13 +469,7 @@ async fn after_a_crash_the_retried_transaction_still_hands_over_its_decrypted_pr
             .unwrap()
             .is_some()
     );
-    let (status, _) = fx
-        .call(authed(
-            Method::PUT,
-            &txn_path("crash-olm"),
-            json_body(&body),
-        ))
-        .await;
+    let (status, _) = fx.put_transaction("crash-olm", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[0].clone();
     assert_eq!(
@@ -561,9 +495,7 @@ async fn normal_olm_messages_after_the_prekey_message_reach_the_handler_decrypte
     let mut peer = Peer::new(&fx).await;
     let first = peer.encrypt_to_device(&peer.payload("one"));
     let body = json!({"events": [], "to_device": [first]});
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("n-1"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("n-1", &body).await;
     assert_eq!(status, StatusCode::OK);
     // The puppet answers, so the peer's next messages are normal ones.
     let recipient = bridgekeys_olm::Recipient {
@@ -591,9 +523,7 @@ async fn normal_olm_messages_after_the_prekey_message_reach_the_handler_decrypte
         1
     );
     let body = json!({"events": [], "to_device": [second, third]});
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("n-2"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("n-2", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[1].clone();
     let bodies: Vec<Vec<u8>> = seen.decrypted.iter().map(|d| d.2.clone()).collect();
@@ -615,9 +545,7 @@ async fn a_misaddressed_payload_never_reaches_the_handler_is_counted_and_keeps_i
     payload["recipient"] = json!("@echo_1:localhost");
     let msg = peer.encrypt_to_device(&payload);
     let body = json!({"events": [], "to_device": [msg]});
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("bad-1"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("bad-1", &body).await;
     assert_eq!(
         status,
         StatusCode::OK,
@@ -687,9 +615,7 @@ async fn device_list_changes_under_either_name_mark_tracked_users_outdated_and_l
         "org.matrix.msc3202.device_lists": {"changed": ["@a:localhost"], "left": ["@c:localhost"]},
         "device_lists": {"changed": ["@b:localhost"], "left": []},
     });
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("dl"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("dl", &body).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(outdated("@a:localhost"), Some(true));
     assert_eq!(outdated("@b:localhost"), Some(true));
@@ -740,9 +666,7 @@ async fn a_room_key_in_a_transaction_decrypts_the_encrypted_room_events_that_com
         "events": [first, {"type": "m.room.message", "event_id": "$plain", "room_id": room, "sender": "@alice:localhost", "content": {}}, second.clone()],
         "to_device": [key_message],
     });
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("mg-1"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("mg-1", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[0].clone();
     assert_eq!(
@@ -759,9 +683,7 @@ async fn a_room_key_in_a_transaction_decrypts_the_encrypted_room_events_that_com
     let mut replayed = second;
     replayed["event_id"] = json!("$e2-again");
     let body = json!({"events": [replayed]});
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("mg-2"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("mg-2", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[1].clone();
     assert_eq!(seen.room_events.len(), 1);
@@ -834,9 +756,7 @@ async fn an_event_whose_key_comes_later_is_held_and_handed_over_once_when_it_arr
     let key = room.key_for(&mut peer);
     let early = room.event("$early", "before the key");
     let put = async |id: &str, body: Value| {
-        let (status, _) = fx
-            .call(authed(Method::PUT, &txn_path(id), json_body(&body)))
-            .await;
+        let (status, _) = fx.put_transaction(id, &body).await;
         assert_eq!(status, StatusCode::OK);
     };
     put("late-1", json!({"events": [early]})).await;
@@ -875,13 +795,7 @@ async fn a_held_event_whose_key_never_comes_is_reported_undecryptable_once_and_s
     let lost = room.event("$lost", "no key");
     {
         let fx = Fixture::open(dir.path(), Limits::default());
-        let (status, _) = fx
-            .call(authed(
-                Method::PUT,
-                &txn_path("h-1"),
-                json_body(&json!({"events": [lost]})),
-            ))
-            .await;
+        let (status, _) = fx.put_transaction("h-1", &json!({"events": [lost]})).await;
         assert_eq!(status, StatusCode::OK);
         assert!(fx.handler.seen.lock().unwrap()[0].room_events.is_empty());
     }
@@ -894,13 +808,7 @@ async fn a_held_event_whose_key_never_comes_is_reported_undecryptable_once_and_s
         },
     );
     for id in ["h-2", "h-3"] {
-        let (status, _) = fx
-            .call(authed(
-                Method::PUT,
-                &txn_path(id),
-                json_body(&json!({"events": []})),
-            ))
-            .await;
+        let (status, _) = fx.put_transaction(id, &json!({"events": []})).await;
         assert_eq!(status, StatusCode::OK);
     }
     let seen = fx.handler.seen.lock().unwrap().clone();
@@ -923,9 +831,7 @@ async fn the_same_olm_message_twice_in_one_transaction_is_handed_over_decrypted_
     fx.provision(1).await;
     let (msg, _) = prekey_to_device(&fx, "only once").await;
     let body = json!({"events": [], "to_device": [msg.clone(), msg]});
-    let (status, _) = fx
-        .call(authed(Method::PUT, &txn_path("dup"), json_body(&body)))
-        .await;
+    let (status, _) = fx.put_transaction("dup", &body).await;
     assert_eq!(status, StatusCode::OK);
     let seen = fx.handler.seen.lock().unwrap()[0].clone();
     assert_eq!(seen.decrypted.len(), 1);
@@ -952,9 +858,7 @@ async fn a_transaction_of_many_sessions_is_decrypted_in_order_with_replays_refus
     // The fourth session's key, taken at index 0 but delivered last.
     let late_key = rooms[3].key_for(&mut peer);
     let put = async |id: &str, body: Value| {
-        let (status, _) = fx
-            .call(authed(Method::PUT, &txn_path(id), json_body(&body)))
-            .await;
+        let (status, _) = fx.put_transaction(id, &body).await;
         assert_eq!(status, StatusCode::OK);
     };
     put("many-1", json!({"events": [], "to_device": keys})).await;
