@@ -70,6 +70,42 @@ struct World {
 }
 
 impl World {
+    /// A client's Olm account (sending as Alice) opens a session on the
+    /// puppet's key `key` (base64): the `m.dummy` payload of its first,
+    /// pre-key message, and the `sendToDevice` body that carries it.
+    fn prekey_message_to_puppet(&self, key: &str) -> (Value, Value) {
+        let identity = self.manager.identity_keys(&self.bob, &self.device).unwrap();
+        let peer = vodozemac::olm::Account::new();
+        let key = vodozemac::Curve25519PublicKey::from_base64(key).unwrap();
+        let mut session = peer
+            .create_outbound_session(
+                vodozemac::olm::SessionConfig::version_1(),
+                identity.curve25519,
+                key,
+            )
+            .unwrap();
+        let payload = json!({
+            "type": "m.dummy",
+            "content": {},
+            "sender": self.alice.user_id,
+            "recipient": self.bob,
+            "recipient_keys": { "ed25519": identity.ed25519.to_base64() },
+            "keys": { "ed25519": peer.ed25519_key().to_base64() }
+        });
+        let vodozemac::olm::OlmMessage::PreKey(message) =
+            session.encrypt(payload.to_string()).unwrap()
+        else {
+            panic!("a new session starts with a pre-key message");
+        };
+        let content = json!({
+            "algorithm": "m.olm.v1.curve25519-aes-sha2",
+            "sender_key": peer.curve25519_key().to_base64(),
+            "ciphertext": { identity.curve25519.to_base64(): { "type": 0, "body": message.to_base64() } }
+        });
+        let body = json!({ "messages": { self.bob.as_str(): { self.device.as_str(): content } } });
+        (payload, body)
+    }
+
     /// Alice's second device: a real client we did not write (matrix-nio on
     /// libolm), doing its own Olm, logged in.
     async fn alice_peer(&self) -> (OlmPeer, PeerDevice) {
@@ -511,34 +547,7 @@ async fn a_prekey_message_sent_through_synapse_is_decrypted_by_the_bridge_and_co
     assert!(w.is_our_one_time_key(&key), "{id}");
 
     // A client's Olm account opens a session with the claimed key.
-    let identity = w.manager.identity_keys(&w.bob, &w.device).unwrap();
-    let peer = vodozemac::olm::Account::new();
-    let otk = vodozemac::Curve25519PublicKey::from_base64(key["key"].as_str().unwrap()).unwrap();
-    let mut session = peer
-        .create_outbound_session(
-            vodozemac::olm::SessionConfig::version_1(),
-            identity.curve25519,
-            otk,
-        )
-        .unwrap();
-    let payload = json!({
-        "type": "m.dummy",
-        "content": {},
-        "sender": w.alice.user_id,
-        "recipient": w.bob,
-        "recipient_keys": { "ed25519": identity.ed25519.to_base64() },
-        "keys": { "ed25519": peer.ed25519_key().to_base64() }
-    });
-    let vodozemac::olm::OlmMessage::PreKey(message) = session.encrypt(payload.to_string()).unwrap()
-    else {
-        panic!("a new session starts with a pre-key message");
-    };
-    let content = json!({
-        "algorithm": "m.olm.v1.curve25519-aes-sha2",
-        "sender_key": peer.curve25519_key().to_base64(),
-        "ciphertext": { identity.curve25519.to_base64(): { "type": 0, "body": message.to_base64() } }
-    });
-    let body = json!({ "messages": { w.bob.as_str(): { w.device.as_str(): content } } });
+    let (payload, body) = w.prekey_message_to_puppet(key["key"].as_str().unwrap());
     w.alice(
         Method::PUT,
         "/_matrix/client/v3/sendToDevice/m.room.encrypted/olm1",
@@ -791,32 +800,7 @@ async fn a_prekey_message_on_the_fallback_key_rotates_it_at_once_and_synapse_ser
         .ping_appservice(&w.registration.id)
         .await
         .expect("Synapse pinged the listener");
-    let identity = w.manager.identity_keys(&w.bob, &w.device).unwrap();
-    let peer = vodozemac::olm::Account::new();
-    let fallback = vodozemac::Curve25519PublicKey::from_base64(&first).unwrap();
-    let mut session = peer
-        .create_outbound_session(
-            vodozemac::olm::SessionConfig::version_1(),
-            identity.curve25519,
-            fallback,
-        )
-        .unwrap();
-    let payload = json!({
-        "type": "m.dummy", "content": {},
-        "sender": w.alice.user_id, "recipient": w.bob,
-        "recipient_keys": { "ed25519": identity.ed25519.to_base64() },
-        "keys": { "ed25519": peer.ed25519_key().to_base64() }
-    });
-    let vodozemac::olm::OlmMessage::PreKey(message) = session.encrypt(payload.to_string()).unwrap()
-    else {
-        panic!("a new session starts with a pre-key message");
-    };
-    let content = json!({
-        "algorithm": "m.olm.v1.curve25519-aes-sha2",
-        "sender_key": peer.curve25519_key().to_base64(),
-        "ciphertext": { identity.curve25519.to_base64(): { "type": 0, "body": message.to_base64() } }
-    });
-    let body = json!({ "messages": { w.bob.as_str(): { w.device.as_str(): content } } });
+    let (_, body) = w.prekey_message_to_puppet(&first);
     // Synapse drops to-device messages for an appservice it still counts
     // as down, and when it notices it is up again depends on its retry
     // timer: send again (a new transaction id) until one copy arrives.
