@@ -21,6 +21,13 @@ async fn puppet(m: &AccountManager) -> (ruma::OwnedUserId, OwnedDeviceId) {
     (user, device)
 }
 
+/// A peer whose outbound session is on a one-time key claimed of the
+/// puppet device.
+async fn peer_on_a_claimed_key(m: &AccountManager, user: &UserId, device: &DeviceId) -> Peer {
+    let key = m.claim(user, device, &SC, 1).await.unwrap().remove(0);
+    Peer::new(m, user, device, key.key.key.as_bytes())
+}
+
 fn counts(m: &AccountManager, user: &UserId, device: &DeviceId, peer: &Peer) -> (usize, usize) {
     let dev = DeviceKey::new(user.as_str(), device.as_str());
     (
@@ -144,8 +151,7 @@ async fn normal_messages_after_a_prekey_message_decrypt_both_ways_and_survive_a_
     let mut peer = {
         let m = manager(dir.path(), &store_key, ManagerConfig::default());
         m.create_device(&user, &device).await.unwrap();
-        let key = m.claim(&user, &device, &SC, 1).await.unwrap().remove(0);
-        let mut peer = Peer::new(&m, &user, &device, key.key.key.as_bytes());
+        let mut peer = peer_on_a_claimed_key(&m, &user, &device).await;
         let first = peer.send(&m, &user, &device, "one");
         let inbound = decrypt(&m, &user, &device, peer.curve25519(), &first, None)
             .await
@@ -207,8 +213,7 @@ async fn a_second_prekey_message_on_a_known_session_goes_to_that_session() {
     let dir = tempfile::tempdir().unwrap();
     let m = manager(dir.path(), &StoreKey::generate(), ManagerConfig::default());
     let (user, device) = puppet(&m).await;
-    let key = m.claim(&user, &device, &SC, 1).await.unwrap().remove(0);
-    let mut peer = Peer::new(&m, &user, &device, key.key.key.as_bytes());
+    let mut peer = peer_on_a_claimed_key(&m, &user, &device).await;
     // The peer sends twice before hearing back: both are pre-key messages
     // of one session, on one (consumed after the first) one-time key.
     let first = peer.send(&m, &user, &device, "first");
@@ -564,8 +569,7 @@ async fn a_message_from_a_tracked_device_must_carry_that_devices_signing_key() {
     let dir = tempfile::tempdir().unwrap();
     let m = manager(dir.path(), &StoreKey::generate(), ManagerConfig::default());
     let (user, device) = puppet(&m).await;
-    let key = m.claim(&user, &device, &SC, 1).await.unwrap().remove(0);
-    let mut peer = Peer::new(&m, &user, &device, key.key.key.as_bytes());
+    let mut peer = peer_on_a_claimed_key(&m, &user, &device).await;
     let right = BTreeMap::from([(
         device_id!("PEERDEV").to_owned(),
         device_keys(&peer.account, peer_user(), device_id!("PEERDEV")),
@@ -663,8 +667,7 @@ async fn a_remembered_delivery_is_only_given_back_to_the_same_sender_on_the_same
     let dir = tempfile::tempdir().unwrap();
     let m = manager(dir.path(), &StoreKey::generate(), ManagerConfig::default());
     let (user, device) = puppet(&m).await;
-    let key = m.claim(&user, &device, &SC, 1).await.unwrap().remove(0);
-    let mut peer = Peer::new(&m, &user, &device, key.key.key.as_bytes());
+    let mut peer = peer_on_a_claimed_key(&m, &user, &device).await;
     let message = peer.send(&m, &user, &device, "once");
     let first = decrypt(
         &m,
