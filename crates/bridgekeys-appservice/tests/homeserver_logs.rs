@@ -5,10 +5,12 @@
 //! Alone in its own test binary: the subscriber is process-wide.
 #![allow(clippy::unwrap_used)]
 
+#[path = "it/common.rs"]
+mod common;
+
 use std::{
-    io::Write,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -16,22 +18,10 @@ use std::{
 
 use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::post};
 use bridgekeys_appservice::{AsToken, HomeserverClient, RetryPolicy};
+use common::Captured;
 use serde_json::json;
 
 const AS_TOKEN: &str = "as-token-that-must-not-be-logged";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn no_token_in_trace_logs_of_retried_and_failed_calls() {

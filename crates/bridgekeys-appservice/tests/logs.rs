@@ -6,30 +6,13 @@
 //! other test thread hits the same callsites first.
 #![allow(clippy::unwrap_used)]
 
+#[path = "it/common.rs"]
 mod common;
-
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
 
 use axum::http::{Method, Request, StatusCode};
 use bridgekeys_appservice::{Limits, paths};
 use common::*;
 use serde_json::json;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn logs_at_trace_level_carry_no_token_key_or_plaintext() {
@@ -48,13 +31,7 @@ async fn logs_at_trace_level_carry_no_token_key_or_plaintext() {
     let uri = format!("{}?access_token={TOKEN}", paths::CLAIM[1]);
     let req = Request::post(uri).body(json_body(&claim)).unwrap();
     let (_, body) = fx.call(req).await;
-    let (_, key) = body["@echo_0:localhost"]["PUPPETDEV"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .next()
-        .unwrap();
-    let public_key = key["key"].as_str().unwrap().to_owned();
+    let public_key = claimed_public_key(&body).to_owned();
     let (_, _) = fx
         .call(
             Request::post(paths::CLAIM[1])

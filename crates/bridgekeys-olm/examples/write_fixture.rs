@@ -1,4 +1,4 @@
-//! Writes the fixture store that `tests/fixture.rs` reads: a store in the
+//! Writes the fixture store that `tests/it/fixture.rs` reads: a store in the
 //! current record formats holding a puppet device with a published fallback
 //! key, a cross-signing identity, an Olm session and an outstanding one-time
 //! key, plus a manifest of what a reader must find in it and messages only
@@ -10,7 +10,7 @@
 //! committed stay: every later version must still read them.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common.rs"]
 mod common;
 
 use std::sync::Arc;

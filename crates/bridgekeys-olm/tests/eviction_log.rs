@@ -6,6 +6,7 @@
 //! other test thread hits the same callsites first.
 #![allow(clippy::unwrap_used)]
 
+#[path = "it/common.rs"]
 mod common;
 
 use std::{

@@ -7,6 +7,7 @@
 //! ([`bridgekeys_leakcheck`]).
 #![allow(clippy::unwrap_used)]
 
+#[path = "it/common.rs"]
 mod common;
 
 use bridgekeys_leakcheck::{LeakCheck, Pattern, freed_blocks_holding};

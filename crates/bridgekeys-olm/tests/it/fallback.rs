@@ -1,0 +1,455 @@
+//! Fallback keys (MSC2732): persisted before upload, the same key until
+//! published, decrypting without being consumed, replays refused, and the
+//! rotation schedule (injected clock) across restarts.
+
+use std::{path::Path, time::Duration};
+
+use crate::common::{DecryptPrekey, alice, manager, prekey_message_to, verifier_keys};
+use bridgekeys_olm::{
+    AccountManager, FallbackAction, FallbackKey, FallbackPolicy, ManagerConfig, OlmError,
+    fallback::RotationReason,
+};
+use bridgekeys_store::StoreKey;
+use ruma::{CanonicalJsonObject, signatures::verify_json};
+
+const HOUR: u64 = 3_600_000;
+const T0: u64 = 1_700_000_000_000;
+
+fn open(dir: &Path, key: &StoreKey) -> AccountManager {
+    manager(dir, key, ManagerConfig::default())
+}
+
+/// Create the device, upload its first fallback key at `now` and record the 200.
+async fn provisioned(m: &AccountManager, now: u64) -> FallbackKey {
+    let (user, device) = alice();
+    m.create_device(&user, &device).await.unwrap();
+    let key = m
+        .fallback_key_for_upload(&user, &device, now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        m.mark_fallback_published(&user, &device, &key.key_id, now)
+            .await
+            .unwrap()
+    );
+    key
+}
+
+fn json(key: &FallbackKey) -> serde_json::Value {
+    serde_json::to_value(&key.key).unwrap()
+}
+
+#[tokio::test]
+async fn the_upload_key_is_persisted_first_and_the_same_until_published_even_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_key = StoreKey::generate();
+    let (user, device) = alice();
+    let first = {
+        let m = open(dir.path(), &store_key);
+        m.create_device(&user, &device).await.unwrap();
+        let first = m
+            .fallback_key_for_upload(&user, &device, T0)
+            .await
+            .unwrap()
+            .unwrap();
+        let again = m
+            .fallback_key_for_upload(&user, &device, T0 + 5)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.key_id, again.key_id);
+        assert_eq!(
+            json(&first),
+            json(&again),
+            "a retry re-sends the same bytes"
+        );
+        assert_eq!(m.stats().fallback_keys_generated, 1);
+        first
+    };
+    // "Crash" before the upload's 200 was recorded: the reopened store
+    // hands out the very same key, never a new one.
+    let m = open(dir.path(), &store_key);
+    let after = m
+        .fallback_key_for_upload(&user, &device, T0 + 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(json(&first), json(&after));
+    assert_eq!(m.stats().fallback_keys_generated, 0);
+    assert!(m.published_fallback_key(&user, &device).unwrap().is_none());
+
+    // A stale acknowledgement (another id) changes nothing.
+    let other: ruma::OwnedOneTimeKeyId = "signed_curve25519:AAAAAAAAAAZ".try_into().unwrap();
+    assert!(
+        !m.mark_fallback_published(&user, &device, &other, T0 + 15)
+            .await
+            .unwrap()
+    );
+    assert!(
+        m.mark_fallback_published(&user, &device, &first.key_id, T0 + 15)
+            .await
+            .unwrap()
+    );
+    assert!(
+        m.fallback_key_for_upload(&user, &device, T0 + 20)
+            .await
+            .unwrap()
+            .is_none(),
+        "a published key is not uploaded again"
+    );
+    drop(m);
+    let m = open(dir.path(), &store_key);
+    let published = m.published_fallback_key(&user, &device).unwrap().unwrap();
+    assert_eq!(json(&published), json(&first), "published survives restart");
+    let state = m.fallback_state(&user, &device).unwrap();
+    let current = state.current.unwrap();
+    assert!(current.published && !current.used);
+    assert_eq!(current.created_ms, T0);
+}
+
+#[tokio::test]
+async fn the_fallback_key_is_marked_fallback_and_its_signature_verifies_independently() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path(), &StoreKey::generate());
+    let (user, device) = alice();
+    let device_keys = m.create_device(&user, &device).await.unwrap();
+    let key = m
+        .fallback_key_for_upload(&user, &device, T0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(key.key_id.as_str().starts_with("signed_curve25519:"));
+    let value = json(&key);
+    assert_eq!(value["fallback"], serde_json::Value::Bool(true));
+    let key_map = verifier_keys(&user, &device, &device_keys);
+    let object: CanonicalJsonObject = serde_json::from_value(value.clone()).unwrap();
+    verify_json(&key_map, &object).unwrap();
+    // `fallback: true` is covered by the signature.
+    let mut forged = value;
+    forged.as_object_mut().unwrap().remove("fallback");
+    let forged: CanonicalJsonObject = serde_json::from_value(forged).unwrap();
+    assert!(verify_json(&key_map, &forged).is_err());
+}
+
+#[tokio::test]
+async fn a_prekey_message_on_the_fallback_key_decrypts_and_the_key_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path(), &StoreKey::generate());
+    let (user, device) = alice();
+    let key = provisioned(&m, T0).await;
+
+    for text in ["first peer", "second peer"] {
+        let (sender, message) = prekey_message_to(&m, &user, &device, key.key.key.as_bytes(), text);
+        let inbound = m
+            .decrypt_prekey(&user, &device, sender, &message)
+            .await
+            .unwrap();
+        assert!(inbound.used_fallback_key);
+        assert_eq!(inbound.plaintext.as_slice(), text.as_bytes());
+    }
+    let state = m.fallback_state(&user, &device).unwrap();
+    let current = state.current.unwrap();
+    assert_eq!(
+        current.public_key,
+        key.key.key.encode(),
+        "the fallback key is not consumed by use"
+    );
+    assert!(current.used, "a message on it records it as used");
+    let stats = m.stats();
+    assert_eq!((stats.prekeys_decrypted, stats.fallback_prekeys), (2, 2));
+}
+
+#[tokio::test]
+async fn a_replayed_fallback_prekey_message_is_refused_also_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_key = StoreKey::generate();
+    let (user, device) = alice();
+    let m = open(dir.path(), &store_key);
+    let key = provisioned(&m, T0).await;
+    let (sender, message) = prekey_message_to(&m, &user, &device, key.key.key.as_bytes(), "once");
+    m.decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .unwrap();
+    let err = m
+        .decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::Replay), "{err}");
+    drop(m);
+    let m = open(dir.path(), &store_key);
+    let err = m
+        .decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::Replay), "{err}");
+    assert_eq!(m.stats().prekeys_decrypted, 0);
+}
+
+#[tokio::test]
+async fn a_used_report_rotates_and_the_previous_key_is_forgotten_after_grace_not_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path(), &StoreKey::generate());
+    let (user, device) = alice();
+    let policy = FallbackPolicy::default();
+    let old = provisioned(&m, T0).await;
+    assert!(matches!(
+        m.apply_fallback_policy(&user, &device, &policy, T0 + 1)
+            .await
+            .unwrap(),
+        FallbackAction::Wait { .. }
+    ));
+
+    assert!(m.mark_fallback_used(&user, &device).await.unwrap());
+    assert!(
+        !m.mark_fallback_used(&user, &device).await.unwrap(),
+        "a repeated report changes nothing"
+    );
+    let t1 = T0 + 2 * HOUR;
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, t1)
+            .await
+            .unwrap(),
+        FallbackAction::Rotate(RotationReason::Used)
+    );
+    let new = m
+        .fallback_key_for_upload(&user, &device, t1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(new.key.key, old.key.key);
+    assert_ne!(new.key_id, old.key_id);
+    // A report that arrives before the new key is uploaded is stale.
+    assert!(!m.mark_fallback_used(&user, &device).await.unwrap());
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, t1 + 1)
+            .await
+            .unwrap(),
+        FallbackAction::Upload
+    );
+    m.mark_fallback_published(&user, &device, &new.key_id, t1)
+        .await
+        .unwrap();
+
+    // Within the grace period the previous key still decrypts.
+    let (sender, message) = prekey_message_to(&m, &user, &device, old.key.key.as_bytes(), "late");
+    assert!(
+        m.decrypt_prekey(&user, &device, sender, &message)
+            .await
+            .unwrap()
+            .used_fallback_key
+    );
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, t1 + HOUR - 1)
+            .await
+            .unwrap(),
+        FallbackAction::Wait {
+            until: Some(t1 + HOUR)
+        }
+    );
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, t1 + HOUR)
+            .await
+            .unwrap(),
+        FallbackAction::ForgetPrevious
+    );
+    let (sender, message) =
+        prekey_message_to(&m, &user, &device, old.key.key.as_bytes(), "too late");
+    let err = m
+        .decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    // The current key is unaffected.
+    let (sender, message) =
+        prekey_message_to(&m, &user, &device, new.key.key.as_bytes(), "current");
+    m.decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .unwrap();
+    let stats = m.stats();
+    assert_eq!((stats.fallback_rotations, stats.fallback_forgets), (1, 1));
+}
+
+#[tokio::test]
+async fn an_old_key_rotates_at_max_age_and_not_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path(), &StoreKey::generate());
+    let (user, device) = alice();
+    let policy = FallbackPolicy {
+        max_age: Duration::from_secs(24 * 3600),
+        grace: Duration::from_secs(60),
+    };
+    provisioned(&m, T0).await;
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, T0 + 24 * HOUR - 1)
+            .await
+            .unwrap(),
+        FallbackAction::Wait {
+            until: Some(T0 + 24 * HOUR)
+        }
+    );
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, T0 + 24 * HOUR)
+            .await
+            .unwrap(),
+        FallbackAction::Rotate(RotationReason::Expired)
+    );
+    let state = m.fallback_state(&user, &device).unwrap();
+    assert_eq!(state.previous_since_ms, Some(T0 + 24 * HOUR));
+    assert_eq!(state.current.unwrap().created_ms, T0 + 24 * HOUR);
+}
+
+#[tokio::test]
+async fn a_restart_in_the_middle_keeps_the_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_key = StoreKey::generate();
+    let (user, device) = alice();
+    let policy = FallbackPolicy::default();
+    let t1 = T0 + 8 * 24 * HOUR;
+    {
+        let m = open(dir.path(), &store_key);
+        provisioned(&m, T0).await;
+        assert_eq!(
+            m.apply_fallback_policy(&user, &device, &policy, t1)
+                .await
+                .unwrap(),
+            FallbackAction::Rotate(RotationReason::Expired)
+        );
+    }
+    {
+        // Restarted before the upload: the same rotated key is uploaded.
+        let m = open(dir.path(), &store_key);
+        assert_eq!(
+            m.apply_fallback_policy(&user, &device, &policy, t1 + 10)
+                .await
+                .unwrap(),
+            FallbackAction::Upload
+        );
+        let key = m
+            .fallback_key_for_upload(&user, &device, t1 + 10)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            m.fallback_state(&user, &device)
+                .unwrap()
+                .current
+                .unwrap()
+                .created_ms,
+            t1
+        );
+        m.mark_fallback_published(&user, &device, &key.key_id, t1 + 10)
+            .await
+            .unwrap();
+    }
+    {
+        // Restarted within the grace period (which started when the new key
+        // was published, at t1 + 10): still waiting for the same time.
+        let m = open(dir.path(), &store_key);
+        assert_eq!(
+            m.apply_fallback_policy(&user, &device, &policy, t1 + 10 + HOUR - 1)
+                .await
+                .unwrap(),
+            FallbackAction::Wait {
+                until: Some(t1 + 10 + HOUR)
+            }
+        );
+    }
+    let m = open(dir.path(), &store_key);
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, t1 + 10 + HOUR)
+            .await
+            .unwrap(),
+        FallbackAction::ForgetPrevious
+    );
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, t1 + 10 + HOUR)
+            .await
+            .unwrap(),
+        FallbackAction::Wait {
+            until: Some(t1 + 7 * 24 * HOUR)
+        }
+    );
+}
+
+#[tokio::test]
+async fn fallback_operations_refuse_unknown_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path(), &StoreKey::generate());
+    let (user, device) = alice();
+    let err = m
+        .fallback_key_for_upload(&user, &device, T0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::UnknownDevice { .. }), "{err}");
+    let err = m
+        .apply_fallback_policy(&user, &device, &FallbackPolicy::default(), T0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::UnknownDevice { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_pass_over_idle_devices_does_not_load_them_into_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_key = StoreKey::generate();
+    let (user, device) = alice();
+    let policy = FallbackPolicy::default();
+    {
+        let m = open(dir.path(), &store_key);
+        provisioned(&m, T0).await;
+    }
+    let m = open(dir.path(), &store_key);
+    assert_eq!(m.loaded_devices(), 0);
+    assert!(matches!(
+        m.apply_fallback_policy(&user, &device, &policy, T0 + 1)
+            .await
+            .unwrap(),
+        FallbackAction::Wait { .. }
+    ));
+    assert_eq!(m.loaded_devices(), 0, "an idle device stays on disk only");
+    assert_eq!(
+        m.apply_fallback_policy(&user, &device, &policy, T0 + 8 * 24 * HOUR)
+            .await
+            .unwrap(),
+        FallbackAction::Rotate(RotationReason::Expired)
+    );
+    assert_eq!(m.loaded_devices(), 1);
+}
+
+#[tokio::test]
+async fn a_forced_rotation_and_forget_act_at_once_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path(), &StoreKey::generate());
+    let (user, device) = alice();
+    let old = provisioned(&m, T0).await;
+    m.rotate_fallback_key(&user, &device, T0 + 5).await.unwrap();
+    let new = m
+        .fallback_key_for_upload(&user, &device, T0 + 6)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(new.key.key, old.key.key);
+    assert_eq!(
+        m.fallback_state(&user, &device).unwrap().previous_since_ms,
+        Some(T0 + 5)
+    );
+    assert!(
+        m.forget_previous_fallback_key(&user, &device)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !m.forget_previous_fallback_key(&user, &device)
+            .await
+            .unwrap()
+    );
+    let (sender, message) = prekey_message_to(&m, &user, &device, old.key.key.as_bytes(), "x");
+    let err = m
+        .decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
+    let stats = m.stats();
+    assert_eq!((stats.fallback_rotations, stats.fallback_forgets), (1, 1));
+}

@@ -1,0 +1,9 @@
+//! The testkit's integration tests (a real Synapse, the nio Olm peer), one
+//! module per area, in one test binary.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+mod megolm_peer;
+mod olm_peer;
+mod synapse;
