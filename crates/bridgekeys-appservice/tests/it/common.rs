@@ -351,12 +351,23 @@ impl BridgeHandler for Recorder {
             return Err(HandlerError::new("injected failure"));
         }
         let mut seen = Seen {
-            txn_id: t.txn_id.clone(),
+            txn_id: t.txn_id.to_string(),
             events: t.events.len(),
             ephemeral: t.ephemeral.len(),
             otk_counts: serde_json::to_value(&t.device_one_time_keys_count).unwrap(),
             fallback_types: serde_json::to_value(&t.device_unused_fallback_key_types).unwrap(),
-            device_lists: (t.device_lists.changed.clone(), t.device_lists.left.clone()),
+            device_lists: (
+                t.device_lists
+                    .changed
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                t.device_lists
+                    .left
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
             room_events: room_events(t),
             ..Seen::default()
         };
@@ -369,7 +380,7 @@ impl BridgeHandler for Recorder {
                 )),
                 ToDevice::Other(o) => seen
                     .other_to_device
-                    .push((o.event_type.clone(), o.undecryptable.clone())),
+                    .push((o.event_type.to_string(), o.undecryptable.clone())),
             }
         }
         self.seen.lock().unwrap().push(seen);

@@ -251,13 +251,10 @@ async fn queries_are_batched_never_concurrent_for_a_user_and_repeated_after_inva
     fx.olm.devices(fx.puppet(), &users).await.unwrap();
     assert_eq!(fx.queries().len(), 1);
     // ...until device_lists says they changed; users that left are forgotten.
-    fx.olm
-        .note_device_lists(&DeviceLists {
-            changed: vec!["@a:hs".into()],
-            left: vec!["@b:hs".into()],
-        })
-        .await
-        .unwrap();
+    let mut lists = DeviceLists::new();
+    lists.changed = vec!["@a:hs".try_into().unwrap()];
+    lists.left = vec!["@b:hs".try_into().unwrap()];
+    fx.olm.note_device_lists(&lists).await.unwrap();
     assert!(
         fx.olm
             .manager()

@@ -331,11 +331,12 @@ async fn store_files_hold_no_private_key_material_in_plaintext() {
         }
         // The identity keys' private halves, read from the stored account.
         let account = m.store().load_account(&dev).unwrap().unwrap();
-        // Format 3: a tag byte, then the postcard form: the fallback
-        // schedule, then the account pickle.
-        assert_eq!(account.data[0], 3, "account record format");
+        // Format 4: a tag byte, the ed25519 public key (32 bytes), then
+        // the postcard form: the fallback schedule, then the account pickle.
+        assert_eq!(account.data[0], 4, "account record format");
         let (_, rest) =
-            postcard::take_from_bytes::<bridgekeys_olm::FallbackState>(&account.data[1..]).unwrap();
+            postcard::take_from_bytes::<bridgekeys_olm::FallbackState>(&account.data[33..])
+                .unwrap();
         let (pickle, _) = postcard::take_from_bytes::<vodozemac::olm::AccountPickle>(rest).unwrap();
         let json = serde_json::to_value(&pickle).unwrap();
         let mut found = Vec::new();
