@@ -252,6 +252,39 @@ impl AccountManager {
     /// from the store's sequence, so no key id is ever issued twice,
     /// whatever crashes. The account itself is not written.
     /// Unknown devices are refused, never created on the fly.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use bridgekeys_olm::{AccountManager, ManagerConfig, canonical_json_for_signing};
+    /// use bridgekeys_store::{SledStore, SledStoreConfig, StoreKey};
+    /// use ruma::{OneTimeKeyAlgorithm, device_id, user_id};
+    /// use vodozemac::Ed25519Signature;
+    ///
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = SledStore::create(SledStoreConfig::new(dir.path().join("keys"), StoreKey::generate()))?;
+    /// let manager = AccountManager::new(Arc::new(store), ManagerConfig::default());
+    /// let (puppet, device) = (user_id!("@echo_alice:example.org"), device_id!("PUPPETDEV"));
+    /// manager.create_device(puppet, device).await?;
+    ///
+    /// let keys = manager.claim(puppet, device, &OneTimeKeyAlgorithm::SignedCurve25519, 2).await?;
+    /// assert_eq!(keys.len(), 2);
+    /// assert_ne!(keys[0].key_id, keys[1].key_id, "no key id is handed out twice");
+    /// // Each key is signed by the puppet device's ed25519 key.
+    /// let ed25519 = manager.identity_keys(puppet, device)?.ed25519;
+    /// for claimed in &keys {
+    ///     let signature = claimed.key.signatures[puppet].values().next().ok_or("unsigned")?;
+    ///     ed25519.verify(
+    ///         canonical_json_for_signing(&claimed.key)?.as_bytes(),
+    ///         &Ed25519Signature::from_base64(signature)?,
+    ///     )?;
+    /// }
+    /// // A device the bridge never created gets nothing.
+    /// assert!(manager.claim(puppet, device_id!("OTHER"), &OneTimeKeyAlgorithm::SignedCurve25519, 1).await.is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn claim(
         &self,
         user_id: &UserId,

@@ -36,3 +36,9 @@ pub mod rooms;
 
 pub use builder::{Bridge, BridgeBuilder, BridgeError, Bridgekeys, Parts};
 pub use rooms::{DecryptedEvent, EncryptedContent, PuppetRooms, RoomCryptoError};
+
+/// The Rust snippets of the README, compiled (and run where they can) as
+/// doc tests, so the front page never shows code that does not build.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
