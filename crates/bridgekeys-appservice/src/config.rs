@@ -32,6 +32,7 @@ impl std::fmt::Debug for HsToken {
 
 /// Bounds on what one request may cost.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest request body accepted; larger gets 413 `M_TOO_LARGE`. Synapse
     /// sends at most 100 events and 100 to-device messages per transaction.
@@ -95,6 +96,7 @@ impl Default for Limits {
 
 /// Configuration of an [`crate::Appservice`].
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct AppserviceConfig {
     /// The token the homeserver must present.
     pub hs_token: HsToken,
@@ -116,6 +118,23 @@ pub struct AppserviceConfig {
 pub const DEFAULT_PUPPET_DEVICE_ID: &str = "BRIDGEKEYS";
 
 impl AppserviceConfig {
+    /// A configuration from its three required parts, with the default
+    /// puppet device id ([`DEFAULT_PUPPET_DEVICE_ID`]) and default limits;
+    /// set the other fields after.
+    pub fn new(
+        hs_token: HsToken,
+        namespace: UserNamespace,
+        txn_namespace: impl Into<String>,
+    ) -> Self {
+        Self {
+            hs_token,
+            namespace,
+            txn_namespace: txn_namespace.into(),
+            puppet_device_id: DEFAULT_PUPPET_DEVICE_ID.into(),
+            limits: Limits::default(),
+        }
+    }
+
     /// The configuration a registration implies, with default limits.
     pub fn from_registration(
         registration: &Registration,

@@ -219,6 +219,7 @@ struct ErrorBody {
 /// `max_delay` is not waited for: the error (with its
 /// [`retry_after`](HomeserverError::retry_after)) goes to the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Retries after the first attempt (0: one attempt only).
     pub max_retries: u32,

@@ -111,6 +111,7 @@ pub enum ModeSetting {
 
 /// How the pool is kept.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct PoolConfig {
     /// Detect the mode or use a fixed one.
     pub mode: ModeSetting,

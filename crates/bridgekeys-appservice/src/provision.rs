@@ -135,6 +135,7 @@ impl Clock for ManualClock {
 
 /// How puppets are provisioned and fallback keys rotated.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ProvisionConfig {
     /// The device id of [`Provisioner::ensure_puppet`]: one fixed id per
     /// puppet keeps provisioning idempotent across retries and restarts.

@@ -64,10 +64,12 @@ async fn no_token_in_trace_logs_of_retried_and_failed_calls() {
 
     let hs = HomeserverClient::new(&url, AsToken::new(AS_TOKEN))
         .unwrap()
-        .with_retry_policy(RetryPolicy {
-            max_retries: 3,
-            base_delay: Duration::from_millis(1),
-            max_delay: Duration::from_secs(1),
+        .with_retry_policy({
+            let mut c = RetryPolicy::default();
+            c.max_retries = 3;
+            c.base_delay = Duration::from_millis(1);
+            c.max_delay = Duration::from_secs(1);
+            c
         });
     hs.ping_appservice("bridge").await.unwrap();
     let refused = hs.ping_appservice("bridge").await.unwrap_err();

@@ -1,5 +1,6 @@
 /// Limits of the account manager.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ManagerConfig {
     /// Most one-time keys one claim may ask for, per device. A homeserver
     /// asks for a handful (Synapse caps a client at 5 per device); a larger

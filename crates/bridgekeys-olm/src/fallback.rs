@@ -47,6 +47,7 @@ pub fn now_millis() -> UnixMillis {
 
 /// How long fallback keys live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FallbackPolicy {
     /// Rotate a fallback key that is older than this even if nobody used it,
     /// so a key whose private part leaked stops being served. Default 7 days.

@@ -44,9 +44,10 @@ async fn fifty_evicting_claims_write_one_warning_and_count_every_eviction() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let dir = tempfile::tempdir().unwrap();
-    let config = ManagerConfig {
-        max_outstanding_keys: 2,
-        ..ManagerConfig::default()
+    let config = {
+        let mut c = ManagerConfig::default();
+        c.max_outstanding_keys = 2;
+        c
     };
     let m = manager(dir.path(), &StoreKey::generate(), config);
     let (user, device) = alice();

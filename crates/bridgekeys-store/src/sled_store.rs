@@ -43,6 +43,7 @@ const UPGRADABLE_SCHEMAS: &[u32] = &[1];
 
 /// How to open a [`SledStore`].
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SledStoreConfig {
     /// The store directory. [`SledStore::create`] makes it (and any missing
     /// parents); [`SledStore::open`] requires it.

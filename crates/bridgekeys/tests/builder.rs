@@ -69,9 +69,10 @@ async fn the_parts_are_wired_from_the_registration() {
     let bridge = Bridgekeys::builder(registration.clone(), "example.org".try_into().unwrap())
         .homeserver_url("http://127.0.0.1:1")
         .store(Arc::clone(&store))
-        .pool_config(bridgekeys::appservice::PoolConfig {
-            puppet_device_id: "ELSEWHERE".into(),
-            ..Default::default()
+        .pool_config({
+            let mut c = bridgekeys::appservice::PoolConfig::default();
+            c.puppet_device_id = "ELSEWHERE".into();
+            c
         })
         .handler(|parts: &Parts| {
             assert_eq!(parts.registration.id, "test-bridge");

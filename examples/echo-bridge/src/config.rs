@@ -153,17 +153,18 @@ impl PoolSettings {
                 self.pool_size
             );
         }
-        Ok(PoolConfig {
-            mode: match self.mode {
+        Ok({
+            let mut c = PoolConfig::default();
+            c.mode = match self.mode {
                 PoolMode::Detect => ModeSetting::Detect,
                 PoolMode::Proxied => ModeSetting::Proxied,
                 PoolMode::Pool => ModeSetting::Pool,
-            },
-            size: self.pool_size,
-            refill_below: self.refill_below,
-            probe_interval: std::time::Duration::from_secs(self.probe_interval_secs.max(1)),
-            check_interval: std::time::Duration::from_secs(self.check_interval_secs.max(1)),
-            ..PoolConfig::default()
+            };
+            c.size = self.pool_size;
+            c.refill_below = self.refill_below;
+            c.probe_interval = std::time::Duration::from_secs(self.probe_interval_secs.max(1));
+            c.check_interval = std::time::Duration::from_secs(self.check_interval_secs.max(1));
+            c
         })
     }
 }

@@ -87,12 +87,14 @@ impl KeySettings {
                 bail!("keys.{name} must be at least 1");
             }
         }
-        Ok(ManagerConfig {
-            max_outstanding_keys: self.max_outstanding_keys,
-            max_cached_devices: self.max_cached_devices,
-            max_keys_per_claim: self.max_keys_per_claim,
-            max_sessions_per_peer: self.max_sessions_per_peer,
-            max_sessions_per_device: self.max_sessions_per_device,
+        Ok({
+            let mut c = ManagerConfig::default();
+            c.max_outstanding_keys = self.max_outstanding_keys;
+            c.max_cached_devices = self.max_cached_devices;
+            c.max_keys_per_claim = self.max_keys_per_claim;
+            c.max_sessions_per_peer = self.max_sessions_per_peer;
+            c.max_sessions_per_device = self.max_sessions_per_device;
+            c
         })
     }
 }
@@ -132,14 +134,17 @@ impl FallbackSettings {
         if self.full_pass_interval_secs < self.rotation_interval_secs {
             bail!("fallback.full_pass_interval_secs must not be below rotation_interval_secs");
         }
-        Ok(ProvisionConfig {
-            policy: FallbackPolicy {
-                max_age: Duration::from_secs(self.max_age_secs),
-                grace: Duration::from_secs(self.grace_secs),
-            },
-            rotation_interval: Duration::from_secs(self.rotation_interval_secs),
-            full_rotation_pass_interval: Duration::from_secs(self.full_pass_interval_secs),
-            ..ProvisionConfig::from_registration(registration)
+        Ok({
+            let mut c = ProvisionConfig::from_registration(registration);
+            c.policy = {
+                let mut c = FallbackPolicy::default();
+                c.max_age = Duration::from_secs(self.max_age_secs);
+                c.grace = Duration::from_secs(self.grace_secs);
+                c
+            };
+            c.rotation_interval = Duration::from_secs(self.rotation_interval_secs);
+            c.full_rotation_pass_interval = Duration::from_secs(self.full_pass_interval_secs);
+            c
         })
     }
 }
@@ -215,16 +220,19 @@ impl LimitSettings {
                 "limits.room_key_request_after_secs must be -1 (never) or at least 0",
             )?)),
         };
-        Ok(Limits {
-            max_body_bytes: self.max_body_bytes,
-            request_timeout: Duration::from_secs(self.request_timeout_secs),
-            max_keys_per_device: self.max_keys_per_device,
-            max_devices_per_claim: self.max_devices_per_claim,
-            claim_concurrency: self.claim_concurrency,
-            max_held_events: self.max_held_events,
-            held_event_max_age: Duration::from_secs(self.held_event_max_age_secs),
-            room_key_request_after,
-            transaction_record_max_age: Duration::from_secs(self.transaction_record_max_age_secs),
+        Ok({
+            let mut c = Limits::default();
+            c.max_body_bytes = self.max_body_bytes;
+            c.request_timeout = Duration::from_secs(self.request_timeout_secs);
+            c.max_keys_per_device = self.max_keys_per_device;
+            c.max_devices_per_claim = self.max_devices_per_claim;
+            c.claim_concurrency = self.claim_concurrency;
+            c.max_held_events = self.max_held_events;
+            c.held_event_max_age = Duration::from_secs(self.held_event_max_age_secs);
+            c.room_key_request_after = room_key_request_after;
+            c.transaction_record_max_age =
+                Duration::from_secs(self.transaction_record_max_age_secs);
+            c
         })
     }
 }

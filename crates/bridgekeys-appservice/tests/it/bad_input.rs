@@ -14,11 +14,12 @@ use serde_json::{Value, json};
 const LIMIT: usize = 64 * 1024;
 
 fn limits() -> Limits {
-    Limits {
-        max_body_bytes: LIMIT,
-        max_keys_per_device: 20,
-        max_devices_per_claim: 2000,
-        ..Limits::default()
+    {
+        let mut c = Limits::default();
+        c.max_body_bytes = LIMIT;
+        c.max_keys_per_device = 20;
+        c.max_devices_per_claim = 2000;
+        c
     }
 }
 
@@ -420,13 +421,11 @@ async fn claims_for_foreign_users_unknown_devices_and_algorithms_get_no_keys_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_key_and_device_counts_are_refused_whole_before_any_key_is_made() {
     let dir = tempfile::tempdir().unwrap();
-    let fx = Fixture::open(
-        dir.path(),
-        Limits {
-            max_body_bytes: 1024 * 1024,
-            ..limits()
-        },
-    );
+    let fx = Fixture::open(dir.path(), {
+        let mut c = limits();
+        c.max_body_bytes = 1024 * 1024;
+        c
+    });
     fx.provision(1).await;
     let many_keys = vec!["signed_curve25519"; 21];
     let mut many_devices = serde_json::Map::new();

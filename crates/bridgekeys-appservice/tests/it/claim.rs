@@ -214,15 +214,12 @@ async fn a_device_whose_write_fails_is_left_out_never_answered_with_undurable_ke
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evictions_at_the_outstanding_key_bound_show_in_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let fx = Fixture::open_with(
-        dir.path(),
-        Limits::default(),
-        bridgekeys_olm::ManagerConfig {
-            max_keys_per_claim: 5,
-            max_outstanding_keys: 5,
-            ..bridgekeys_olm::ManagerConfig::default()
-        },
-    );
+    let fx = Fixture::open_with(dir.path(), Limits::default(), {
+        let mut c = bridgekeys_olm::ManagerConfig::default();
+        c.max_keys_per_claim = 5;
+        c.max_outstanding_keys = 5;
+        c
+    });
     fx.provision(1).await;
     let req = json!({"@echo_0:localhost": {"PUPPETDEV": vec!["signed_curve25519"; 4]}});
     for _ in 0..2 {

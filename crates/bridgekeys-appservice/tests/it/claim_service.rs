@@ -209,10 +209,11 @@ async fn the_claim_service_serves_nothing_but_claims_and_leaves_the_apps_routes_
 async fn the_mounted_claim_service_keeps_the_body_limit_the_caps_and_matrix_errors() {
     let dir = tempfile::tempdir().unwrap();
     let manager = manager(dir.path(), 1).await;
-    let limits = Limits {
-        max_body_bytes: 256,
-        max_keys_per_device: 2,
-        ..Limits::default()
+    let limits = {
+        let mut c = Limits::default();
+        c.max_body_bytes = 256;
+        c.max_keys_per_device = 2;
+        c
     };
     let claims = claims(Arc::clone(&manager), limits);
     let app = app(&claims, Arc::default());

@@ -411,16 +411,19 @@ pub struct Fixture {
 }
 
 pub fn config(limits: Limits) -> AppserviceConfig {
-    AppserviceConfig {
-        hs_token: HsToken::new(TOKEN),
-        namespace: UserNamespace::new(
-            ["@echo_.*:localhost"],
-            Some("@echo_bot:localhost".try_into().unwrap()),
-        )
-        .unwrap(),
-        txn_namespace: TXN_NS.into(),
-        puppet_device_id: device(),
-        limits,
+    {
+        let mut c = AppserviceConfig::new(
+            HsToken::new(TOKEN),
+            UserNamespace::new(
+                ["@echo_.*:localhost"],
+                Some("@echo_bot:localhost".try_into().unwrap()),
+            )
+            .unwrap(),
+            TXN_NS,
+        );
+        c.puppet_device_id = device();
+        c.limits = limits;
+        c
     }
 }
 

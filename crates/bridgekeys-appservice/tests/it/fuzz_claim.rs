@@ -31,11 +31,12 @@ const CASES: u32 = 256;
 const PROVISIONED: [&str; 2] = ["@echo_0:localhost", "@echo_1:localhost"];
 
 fn limits() -> Limits {
-    Limits {
-        max_body_bytes: 256 * 1024,
-        max_keys_per_device: 20,
-        max_devices_per_claim: 16,
-        ..Limits::default()
+    {
+        let mut c = Limits::default();
+        c.max_body_bytes = 256 * 1024;
+        c.max_keys_per_device = 20;
+        c.max_devices_per_claim = 16;
+        c
     }
 }
 

@@ -36,9 +36,10 @@ const CASES: u32 = 256;
 const PLAINTEXT: &str = "{\"n\":1}";
 
 fn limits() -> Limits {
-    Limits {
-        max_body_bytes: 256 * 1024,
-        ..Limits::default()
+    {
+        let mut c = Limits::default();
+        c.max_body_bytes = 256 * 1024;
+        c
     }
 }
 

@@ -235,10 +235,12 @@ async fn an_ipv6_literal_url_reaches_a_server_on_the_ipv6_loopback() {
 /// A policy whose own backoff is negligible, so that the waits measured
 /// are the homeserver's.
 fn quick(max_retries: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_retries,
-        base_delay: Duration::from_millis(1),
-        max_delay: Duration::from_secs(5),
+    {
+        let mut c = RetryPolicy::default();
+        c.max_retries = max_retries;
+        c.base_delay = Duration::from_millis(1);
+        c.max_delay = Duration::from_secs(5);
+        c
     }
 }
 

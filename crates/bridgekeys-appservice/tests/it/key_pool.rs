@@ -31,9 +31,10 @@ fn pool(fx: &Fixture, homeserver: &str, mode: ModeSetting) -> Arc<KeyPool> {
         client,
         "echo",
         BOT.try_into().unwrap(),
-        PoolConfig {
-            mode,
-            ..PoolConfig::default()
+        {
+            let mut c = PoolConfig::default();
+            c.mode = mode;
+            c
         },
     ))
 }

@@ -86,9 +86,10 @@ async fn a_key_query_answers_provisioned_puppets_with_their_own_and_their_cross_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_query_over_the_device_bound_or_malformed_is_refused_with_a_matrix_error() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits {
-        max_devices_per_claim: 3,
-        ..Limits::default()
+    let limits = {
+        let mut c = Limits::default();
+        c.max_devices_per_claim = 3;
+        c
     };
     let fx = Fixture::open(dir.path(), limits);
     fx.provision(1).await;

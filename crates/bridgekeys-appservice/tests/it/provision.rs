@@ -310,9 +310,10 @@ fn open_bridge(dir: &Path, url: &str, config: ProvisionConfig) -> Bridge {
 }
 
 fn fast_retries() -> ProvisionConfig {
-    ProvisionConfig {
-        retry_delay: Duration::ZERO,
-        ..ProvisionConfig::default()
+    {
+        let mut c = ProvisionConfig::default();
+        c.retry_delay = Duration::ZERO;
+        c
     }
 }
 
@@ -407,14 +408,11 @@ async fn after_a_crash_with_the_upload_unacknowledged_the_same_keys_are_sent_aga
     let dir = tempfile::tempdir().unwrap();
     let user = puppet(3);
     {
-        let b = open_bridge(
-            dir.path(),
-            &url,
-            ProvisionConfig {
-                max_attempts: 2,
-                ..fast_retries()
-            },
-        );
+        let b = open_bridge(dir.path(), &url, {
+            let mut c = fast_retries();
+            c.max_attempts = 2;
+            c
+        });
         hs.fail_next_uploads(100);
         let err = b.provisioner.ensure_puppet(&user).await.unwrap_err();
         assert!(err.to_string().contains("502"), "{err}");
@@ -484,9 +482,10 @@ async fn without_msc4190_registration_creates_the_device_and_an_existing_user_lo
     let (hs, url) = FakeHomeserver::start().await;
     hs.0.lock().unwrap().registered.insert("echo_15".into());
     let dir = tempfile::tempdir().unwrap();
-    let config = ProvisionConfig {
-        msc4190: false,
-        ..fast_retries()
+    let config = {
+        let mut c = fast_retries();
+        c.msc4190 = false;
+        c
     };
     let b = open_bridge(dir.path(), &url, config);
 
@@ -523,9 +522,10 @@ async fn an_unreachable_homeserver_fails_provisioning_without_recording_the_pupp
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
     let dir = tempfile::tempdir().unwrap();
-    let config = ProvisionConfig {
-        max_attempts: 3,
-        ..fast_retries()
+    let config = {
+        let mut c = fast_retries();
+        c.max_attempts = 3;
+        c
     };
     let b = open_bridge(dir.path(), &url, config);
     let user = puppet(17);
@@ -635,14 +635,11 @@ async fn a_rotation_interrupted_by_a_restart_uploads_the_same_new_key_and_keeps_
     let user = puppet(16);
     let rotated_at;
     {
-        let b = open_bridge(
-            dir.path(),
-            &url,
-            ProvisionConfig {
-                max_attempts: 1,
-                ..fast_retries()
-            },
-        );
+        let b = open_bridge(dir.path(), &url, {
+            let mut c = fast_retries();
+            c.max_attempts = 1;
+            c
+        });
         b.provisioner.ensure_puppet(&user).await.unwrap();
         b.provisioner
             .note_unused_fallback_key_types(&user, &device(), &[])
@@ -689,14 +686,11 @@ async fn a_rotation_interrupted_by_a_restart_uploads_the_same_new_key_and_keeps_
 async fn while_the_new_key_cannot_be_uploaded_the_previous_key_is_kept_past_the_grace_period() {
     let (hs, url) = FakeHomeserver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let b = open_bridge(
-        dir.path(),
-        &url,
-        ProvisionConfig {
-            max_attempts: 1,
-            ..fast_retries()
-        },
-    );
+    let b = open_bridge(dir.path(), &url, {
+        let mut c = fast_retries();
+        c.max_attempts = 1;
+        c
+    });
     let user = puppet(18);
     b.provisioner.ensure_puppet(&user).await.unwrap();
     let (_, old) = fallback_of(&hs.uploads()[0]);
@@ -757,12 +751,15 @@ async fn while_the_new_key_cannot_be_uploaded_the_previous_key_is_kept_past_the_
 async fn an_old_fallback_key_is_rotated_at_the_configured_age() {
     let (hs, url) = FakeHomeserver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = ProvisionConfig {
-        policy: FallbackPolicy {
-            max_age: Duration::from_secs(24 * 3600),
-            grace: HOUR,
-        },
-        ..fast_retries()
+    let config = {
+        let mut c = fast_retries();
+        c.policy = {
+            let mut c = FallbackPolicy::default();
+            c.max_age = Duration::from_secs(24 * 3600);
+            c.grace = HOUR;
+            c
+        };
+        c
     };
     let b = open_bridge(dir.path(), &url, config);
     b.provisioner.ensure_puppet(&puppet(7)).await.unwrap();
@@ -779,9 +776,10 @@ async fn an_old_fallback_key_is_rotated_at_the_configured_age() {
 async fn the_background_task_wakes_on_a_used_report_and_stops_on_request() {
     let (hs, url) = FakeHomeserver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = ProvisionConfig {
-        rotation_interval: Duration::from_secs(24 * 3600),
-        ..fast_retries()
+    let config = {
+        let mut c = fast_retries();
+        c.rotation_interval = Duration::from_secs(24 * 3600);
+        c
     };
     let b = open_bridge(dir.path(), &url, config);
     let user = puppet(8);
@@ -826,16 +824,19 @@ fn listener_with<H: BridgeHandler>(
     fallback_in_claims: bool,
     handler: Arc<H>,
 ) -> Router {
-    let config = AppserviceConfig {
-        hs_token: HsToken::new(HS_TOKEN),
-        namespace: UserNamespace::new(
-            ["@echo_.*:localhost"],
-            Some("@echo_bot:localhost".try_into().unwrap()),
-        )
-        .unwrap(),
-        txn_namespace: "echo".into(),
-        puppet_device_id: device(),
-        limits: Limits::default(),
+    let config = {
+        let mut c = AppserviceConfig::new(
+            HsToken::new(HS_TOKEN),
+            UserNamespace::new(
+                ["@echo_.*:localhost"],
+                Some("@echo_bot:localhost".try_into().unwrap()),
+            )
+            .unwrap(),
+            "echo",
+        );
+        c.puppet_device_id = device();
+        c.limits = Limits::default();
+        c
     };
     Appservice::new(
         config,
@@ -1215,9 +1216,10 @@ async fn a_puppet_provisioned_before_cross_signing_is_signed_at_its_next_use() {
     let dir = tempfile::tempdir().unwrap();
     let user = puppet(8);
     {
-        let old = ProvisionConfig {
-            cross_signing: false,
-            ..fast_retries()
+        let old = {
+            let mut c = fast_retries();
+            c.cross_signing = false;
+            c
         };
         let b = open_bridge(dir.path(), &url, old);
         b.provisioner.ensure_puppet(&user).await.unwrap();
@@ -1243,14 +1245,11 @@ async fn a_puppet_provisioned_before_cross_signing_is_signed_at_its_next_use() {
 async fn after_the_first_pass_a_rotation_pass_visits_only_the_devices_that_are_due() {
     let (hs, url) = FakeHomeserver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let b = open_bridge(
-        dir.path(),
-        &url,
-        ProvisionConfig {
-            full_rotation_pass_interval: Duration::from_secs(30 * 24 * 3600),
-            ..fast_retries()
-        },
-    );
+    let b = open_bridge(dir.path(), &url, {
+        let mut c = fast_retries();
+        c.full_rotation_pass_interval = Duration::from_secs(30 * 24 * 3600);
+        c
+    });
     let users: Vec<_> = (40..50).map(puppet).collect();
     for user in &users {
         b.provisioner.ensure_puppet(user).await.unwrap();

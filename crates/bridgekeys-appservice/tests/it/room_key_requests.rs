@@ -162,9 +162,10 @@ impl Rig {
             requester: names.then(|| (puppet(0), device())),
             ..Bridge::default()
         });
-        let limits = Limits {
-            room_key_request_after: wait,
-            ..Limits::default()
+        let limits = {
+            let mut c = Limits::default();
+            c.room_key_request_after = wait;
+            c
         };
         let client = HomeserverClient::new(hs_url, AsToken::new("as-token")).unwrap();
         let appservice = Appservice::new(

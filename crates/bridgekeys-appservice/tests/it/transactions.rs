@@ -374,13 +374,11 @@ async fn encrypted_messages_not_for_a_puppet_device_pass_through_untouched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_past_the_timeout_is_answered_503_not_recorded_and_its_retry_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let fx = Fixture::open(
-        dir.path(),
-        Limits {
-            request_timeout: std::time::Duration::from_millis(200),
-            ..Limits::default()
-        },
-    );
+    let fx = Fixture::open(dir.path(), {
+        let mut c = Limits::default();
+        c.request_timeout = std::time::Duration::from_millis(200);
+        c
+    });
     // A handler that never finishes (never released).
     let (entered_tx, _entered) = mpsc::unbounded_channel();
     *fx.handler.gate.lock().unwrap() = Some((entered_tx, Arc::new(Notify::new())));
@@ -800,13 +798,11 @@ async fn a_held_event_whose_key_never_comes_is_reported_undecryptable_once_and_s
         assert!(fx.handler.seen.lock().unwrap()[0].room_events.is_empty());
     }
     // Restarted with a zero wait: the held event is given up, once.
-    let fx = Fixture::open(
-        dir.path(),
-        Limits {
-            held_event_max_age: std::time::Duration::ZERO,
-            ..Limits::default()
-        },
-    );
+    let fx = Fixture::open(dir.path(), {
+        let mut c = Limits::default();
+        c.held_event_max_age = std::time::Duration::ZERO;
+        c
+    });
     for id in ["h-2", "h-3"] {
         let (status, _) = fx.put_transaction(id, &json!({"events": []})).await;
         assert_eq!(status, StatusCode::OK);
@@ -928,9 +924,10 @@ async fn dedup_records_are_kept_for_their_max_age_and_pruned_after_it() {
     // With a max age of zero every record written before now goes: the log
     // does not grow without bound (and a retry that old would be processed
     // again, which is why the default is far past the homeserver's retries).
-    let limits = Limits {
-        transaction_record_max_age: std::time::Duration::ZERO,
-        ..Limits::default()
+    let limits = {
+        let mut c = Limits::default();
+        c.transaction_record_max_age = std::time::Duration::ZERO;
+        c
     };
     let fx = Fixture::open(dir.path(), limits);
     let recorded = bridgekeys_store::unix_millis();

@@ -275,9 +275,11 @@ async fn an_old_key_rotates_at_max_age_and_not_before() {
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path(), &StoreKey::generate());
     let (user, device) = alice();
-    let policy = FallbackPolicy {
-        max_age: Duration::from_secs(24 * 3600),
-        grace: Duration::from_secs(60),
+    let policy = {
+        let mut c = FallbackPolicy::default();
+        c.max_age = Duration::from_secs(24 * 3600);
+        c.grace = Duration::from_secs(60);
+        c
     };
     provisioned(&m, T0).await;
     assert_eq!(

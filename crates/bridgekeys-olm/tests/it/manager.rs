@@ -224,10 +224,11 @@ async fn consumed_key_stays_consumed_after_restart() {
 #[tokio::test]
 async fn outstanding_keys_are_bounded_and_eviction_is_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ManagerConfig {
-        max_keys_per_claim: 5,
-        max_outstanding_keys: 8,
-        ..ManagerConfig::default()
+    let config = {
+        let mut c = ManagerConfig::default();
+        c.max_keys_per_claim = 5;
+        c.max_outstanding_keys = 8;
+        c
     };
     let m = manager(dir.path(), &StoreKey::generate(), config);
     let (user, device) = alice();
@@ -448,10 +449,11 @@ async fn a_retried_delivery_gets_the_same_plaintext_even_after_a_restart_and_no_
 #[tokio::test]
 async fn the_account_cache_stays_bounded_and_evicted_devices_keep_their_keys_and_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ManagerConfig {
-        max_cached_devices: 16,
-        max_outstanding_keys: 3,
-        ..ManagerConfig::default()
+    let config = {
+        let mut c = ManagerConfig::default();
+        c.max_cached_devices = 16;
+        c.max_outstanding_keys = 3;
+        c
     };
     let m = manager(dir.path(), &StoreKey::generate(), config);
     let devices: Vec<_> = (0..64)

@@ -267,9 +267,10 @@ async fn a_normal_message_no_session_decrypts_is_refused() {
 #[tokio::test]
 async fn sessions_per_peer_are_bounded_and_the_least_recently_used_goes() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ManagerConfig {
-        max_sessions_per_peer: 2,
-        ..ManagerConfig::default()
+    let config = {
+        let mut c = ManagerConfig::default();
+        c.max_sessions_per_peer = 2;
+        c
     };
     let m = manager(dir.path(), &StoreKey::generate(), config);
     let (user, device) = puppet(&m).await;
@@ -716,10 +717,11 @@ async fn a_remembered_delivery_is_only_given_back_to_the_same_sender_on_the_same
 #[tokio::test]
 async fn eviction_follows_use_not_creation_and_a_device_holds_a_bounded_number_of_sessions() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ManagerConfig {
-        max_sessions_per_peer: 2,
-        max_sessions_per_device: 3,
-        ..ManagerConfig::default()
+    let config = {
+        let mut c = ManagerConfig::default();
+        c.max_sessions_per_peer = 2;
+        c.max_sessions_per_device = 3;
+        c
     };
     let m = manager(dir.path(), &StoreKey::generate(), config);
     let (user, device) = puppet(&m).await;
