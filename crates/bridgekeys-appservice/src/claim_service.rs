@@ -179,10 +179,19 @@ impl ClaimService {
             .route_layer(Extension(BodyLimit(limit)))
     }
 
+    /// Register the claim counters in your own Prometheus registry as
+    /// well, so your `/metrics` serves them (names prefixed
+    /// `bridgekeys_appservice_`, values shared with
+    /// [`ClaimService::registry`]). Refused if the registry already holds
+    /// metrics of these names.
+    pub fn register_metrics(&self, registry: &Registry) -> Result<(), AppserviceError> {
+        self.state.metrics.register_in(registry)
+    }
+
     /// The claim counters (claims answered, keys issued, devices left out,
     /// evictions, errors by errcode, answer times), in a registry of their
-    /// own with the `bridgekeys_appservice_` prefix: gather it next to your
-    /// own registry's metrics.
+    /// own: gather it next to your own registry's metrics, or use
+    /// [`ClaimService::register_metrics`].
     pub fn registry(&self) -> &Registry {
         &self.state.registry
     }
@@ -208,5 +217,11 @@ async fn claim_handler(
         pool: None,
         fallback_in_claims: state.fallback_in_claims.load(Ordering::SeqCst),
     };
-    claim::answer(&cx, request).await.map(Json)
+    let answer = claim::answer(&cx, request).await.map(Json);
+    // Kept current here, not only when metrics_text() renders: an
+    // author's registry is gathered without asking us.
+    state
+        .metrics
+        .observe_evictions(state.manager.stats().evicted_keys);
+    answer
 }

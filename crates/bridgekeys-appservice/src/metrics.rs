@@ -30,7 +30,7 @@ impl ClaimMetrics {
     /// The claim counters, registered in `registry`.
     pub(crate) fn register(registry: &Registry) -> Result<Self, AppserviceError> {
         let errors = IntCounterVec::new(
-            Opts::new("errors_total", "Error responses, by Matrix errcode."),
+            Opts::new("errors_total", "Error responses, by Matrix errcode.").namespace(NAMESPACE),
             &["errcode"],
         )?;
         registry.register(Box::new(errors.clone()))?;
@@ -39,6 +39,7 @@ impl ClaimMetrics {
                 "claim_duration_seconds",
                 "Time to answer a keys/claim request, durable write included.",
             )
+            .namespace(NAMESPACE)
             .buckets(vec![
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
@@ -68,6 +69,23 @@ impl ClaimMetrics {
         })
     }
 
+    /// Register the same counters (they share their values) in `registry`
+    /// too, under the same names.
+    pub(crate) fn register_in(&self, registry: &Registry) -> Result<(), AppserviceError> {
+        registry.register(Box::new(self.errors.clone()))?;
+        registry.register(Box::new(self.claim_seconds.clone()))?;
+        for c in [
+            &self.claims,
+            &self.claim_devices_refused,
+            &self.keys_issued,
+            &self.evicted_keys,
+            &self.fallback_claimed,
+        ] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        Ok(())
+    }
+
     /// Bring the eviction counter up to the account manager's figure.
     pub(crate) fn observe_evictions(&self, total: u64) {
         let seen = self.evicted_seen.fetch_max(total, Ordering::Relaxed);
@@ -82,13 +100,14 @@ impl ClaimMetrics {
     }
 }
 
-/// A fresh registry whose metric names carry the `bridgekeys_appservice_`
-/// prefix.
+/// Every metric name starts with `bridgekeys_appservice_`. The prefix is
+/// part of each metric (not of a registry), so the names stay the same in
+/// any registry the metrics are registered into.
+pub(crate) const NAMESPACE: &str = "bridgekeys_appservice";
+
+/// A fresh registry for the listener's own `/metrics`.
 pub(crate) fn new_registry() -> Result<Registry, AppserviceError> {
-    Ok(Registry::new_custom(
-        Some("bridgekeys_appservice".into()),
-        None,
-    )?)
+    Ok(Registry::new())
 }
 
 /// The text exposition of every metric of `registry`.
@@ -159,7 +178,7 @@ impl Mirrored {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, AppserviceError> {
-    let c = IntCounter::new(name, help)?;
+    let c = IntCounter::with_opts(Opts::new(name, help).namespace(NAMESPACE))?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
 }
@@ -172,13 +191,17 @@ impl Metrics {
             Opts::new(
                 "claim_mode",
                 "1 for the one-time key claim mode in force (proxied, pool, unknown), 0 for the others.",
-            ),
+            )
+            .namespace(NAMESPACE),
             &["mode"],
         )?;
         registry.register(Box::new(claim_mode.clone()))?;
-        let pool_contacted = IntGauge::new(
-            "pool_contacted_devices",
-            "Puppet devices contacted since start (those that keep an uploaded pool in pool mode).",
+        let pool_contacted = IntGauge::with_opts(
+            Opts::new(
+                "pool_contacted_devices",
+                "Puppet devices contacted since start (those that keep an uploaded pool in pool mode).",
+            )
+            .namespace(NAMESPACE),
         )?;
         registry.register(Box::new(pool_contacted.clone()))?;
         Ok(Self {

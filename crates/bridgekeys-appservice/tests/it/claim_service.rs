@@ -352,3 +352,45 @@ async fn the_listener_without_operations_serves_the_matrix_api_but_no_health_or_
     .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// Issue 14, item 2: a bridge with its own Prometheus registry gets the
+/// claim counters in it, under the same names as on the listener's
+/// `/metrics`, and they count the claims served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_counters_land_in_the_authors_own_registry_under_the_usual_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = manager(dir.path(), 1).await;
+    let claims = claims(Arc::clone(&manager), Limits::default());
+    let mine = prometheus::Registry::new();
+    let own = prometheus::IntCounter::new("my_bridge_messages_total", "mine").unwrap();
+    mine.register(Box::new(own.clone())).unwrap();
+    claims.register_metrics(&mine).unwrap();
+    let app = app(&claims, Arc::default());
+    let req =
+        json!({puppet(0).as_str(): {"PUPPETDEV": ["signed_curve25519", "signed_curve25519"]}});
+    let (status, body) = call(&app, authed(Method::POST, paths::CLAIM[0], json_body(&req))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&mine.gather())
+        .unwrap();
+    assert_eq!(
+        metric_value(&text, "bridgekeys_appservice_claims_total"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&text, "bridgekeys_appservice_keys_issued_total"),
+        2.0
+    );
+    assert!(text.contains("my_bridge_messages_total"), "{text}");
+    // The same names as the service's own exposition.
+    assert_eq!(
+        metric_value(
+            &claims.metrics_text().unwrap(),
+            "bridgekeys_appservice_claims_total"
+        ),
+        1.0
+    );
+    // Registering twice in one registry is refused, not silently doubled.
+    assert!(claims.register_metrics(&mine).is_err());
+}
