@@ -6,7 +6,7 @@
 //! Default case counts keep `cargo test --workspace` fast. Longer run:
 //!
 //! ```sh
-//! PROPTEST_CASES=50000 cargo test -p echo-bridge --test fuzz_config
+//! PROPTEST_CASES=50000 cargo test -p echo-bridge --features demo --test it fuzz_config::
 //! ```
 #![allow(clippy::unwrap_used)]
 

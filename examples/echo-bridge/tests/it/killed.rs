@@ -6,18 +6,16 @@
 //! reaching the room.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::{
     os::unix::process::ExitStatusExt,
     sync::{Arc, Mutex},
 };
 
-use bridgekeys_testkit::{Method, NewRoom, PeerRoomMessage, RoomMessageQuery};
-use common::{
+use crate::common::{
     BOB, Deployment, Exchange, Hook, PASSWORD, Proxy, TIMEOUT, Upstream, client, echo_of, hook,
     megolm_message_index,
 };
+use bridgekeys_testkit::{Method, NewRoom, PeerRoomMessage, RoomMessageQuery};
 use tokio::sync::oneshot;
 
 /// Between the bridge and Synapse (client-server API): passes everything

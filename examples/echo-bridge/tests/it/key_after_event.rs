@@ -5,15 +5,13 @@
 //! proxy between Synapse and the bridge makes the bad order certain.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 
-use bridgekeys_testkit::{Method, NewRoom, RoomMessageQuery, StatusCode};
-use common::{
+use crate::common::{
     Answer, BOB, Deployment, Exchange, Hook, PASSWORD, Proxy, TIMEOUT, Upstream, client, echo_of,
     hook,
 };
+use bridgekeys_testkit::{Method, NewRoom, RoomMessageQuery, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
