@@ -256,6 +256,7 @@ fn bump(c: &AtomicU64) {
 }
 
 /// What one rotation pass did.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RotationReport {
     /// Devices visited.
@@ -538,8 +539,14 @@ impl Provisioner {
             Ok(None) | Err(_) => now,
         };
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        self.schedule(&key, next, found_at);
-        result.map(|_| ())
+        // A schedule that cannot be written fails the step: the device
+        // stays where it was found (due), and the failure is counted.
+        let scheduled = self.registry.schedule_rotation(&key, next, found_at);
+        result?;
+        // Not waited for: a schedule lost in a crash is rebuilt by the full
+        // pass after start.
+        let _applied = scheduled?;
+        Ok(())
     }
 
     /// Record when `device`'s next rotation step is due. Not waited for: a
@@ -592,13 +599,9 @@ impl Provisioner {
     pub async fn rotate_once(&self) -> Result<RotationReport, ProvisionError> {
         let now = self.clock.now();
         let full = {
-            let mut last = self.last_full_pass.lock();
+            let last = self.last_full_pass.lock();
             let interval = self.config.full_rotation_pass_interval.as_millis();
-            let due = last.is_none_or(|at| u128::from(now) >= u128::from(at) + interval);
-            if due {
-                *last = Some(now);
-            }
-            due
+            last.is_none_or(|at| u128::from(now) >= u128::from(at) + interval)
         };
         let mut report = RotationReport {
             full,
@@ -608,25 +611,32 @@ impl Provisioner {
             for key in self.registry.puppets()? {
                 self.rotate_entry(&key, None, &mut report).await;
             }
+            // Only a walk that got through counts: one cut short by an
+            // error or a stop is walked again by the next pass.
+            *self.last_full_pass.lock() = Some(now);
         } else {
-            // In batches. A device handled is scheduled after `now`, unless
-            // it failed: then it is due again at once, for the next pass,
-            // and this pass skips it.
-            let mut failed = std::collections::HashSet::new();
+            // In batches, behind a cursor, so the scan moves strictly
+            // forward. A device handled here is rescheduled (after `now`,
+            // or at once if it failed, or at a time the clock says is
+            // still due if the clock went back); its new entry may lie
+            // ahead of the cursor, so each device is handled once a pass.
+            let mut handled = std::collections::HashSet::new();
+            let mut cursor: Option<(DeviceKey, UnixMillis)> = None;
             loop {
-                let batch = self.registry.due_rotations(now, DUE_BATCH)?;
-                let fresh: Vec<_> = batch
-                    .into_iter()
-                    .filter(|(key, _)| !failed.contains(key))
-                    .collect();
-                if fresh.is_empty() {
+                let batch = self
+                    .registry
+                    .due_rotations(now, cursor.as_ref(), DUE_BATCH)?;
+                let Some(last) = batch.last().cloned() else {
                     break;
-                }
-                for (key, found_at) in fresh {
-                    if !self.rotate_entry(&key, Some(found_at), &mut report).await {
-                        failed.insert(key);
+                };
+                for (key, found_at) in batch {
+                    if handled.insert(key.clone()) {
+                        self.rotate_entry(&key, Some(found_at), &mut report).await;
                     }
                 }
+                cursor = Some(last);
+                // A pass over many devices gives the runtime a turn.
+                tokio::task::yield_now().await;
             }
         }
         bump(&self.counters.rotation_passes);
@@ -634,13 +644,13 @@ impl Provisioner {
         Ok(report)
     }
 
-    /// One device of a pass; whether its step succeeded.
+    /// One device of a pass (a failure is counted and logged).
     async fn rotate_entry(
         &self,
         key: &DeviceKey,
         found_at: Option<UnixMillis>,
         report: &mut RotationReport,
-    ) -> bool {
+    ) {
         report.devices += 1;
         let result = match OwnedUserId::try_from(key.user_id()) {
             Ok(user_id) => {
@@ -654,15 +664,11 @@ impl Provisioner {
                 Err(ProvisionError::BadRegistryEntry(key.user_id().to_owned()))
             }
         };
-        match result {
-            Ok(()) => true,
-            Err(e) => {
-                report.failures += 1;
-                bump(&self.counters.rotation_failures);
-                tracing::warn!(user_id = key.user_id(), device_id = key.device_id(), error = %e,
-                    "fallback rotation step failed; retried next pass");
-                false
-            }
+        if let Err(e) = result {
+            report.failures += 1;
+            bump(&self.counters.rotation_failures);
+            tracing::warn!(user_id = key.user_id(), device_id = key.device_id(), error = %e,
+                "fallback rotation step failed; retried next pass");
         }
     }
 

@@ -488,7 +488,8 @@ pub(crate) fn expire_held<H: BridgeHandler>(
 ) -> Result<Vec<EncryptedRoomEvent>, MatrixError> {
     let limits = &inner.config.limits;
     let now = now_ms();
-    let max_age = limits.held_event_max_age.as_millis() as u64;
+    // A configured age past u64 milliseconds means "never", not a wrap.
+    let max_age = u64::try_from(limits.held_event_max_age.as_millis()).unwrap_or(u64::MAX);
     let mut held: Vec<(u64, bridgekeys_store::HeldEvent, Held)> = inner
         .manager
         .store()

@@ -301,8 +301,15 @@ async fn decrypt_to_device<H: BridgeHandler>(
         OwnedUserId::try_from(msg.to_user_id.as_str()),
         OwnedUserId::try_from(msg.sender.as_str()),
     ) else {
-        // Not a message anyone could have sent or be sent.
-        tracing::debug!("left out a to-device message with a malformed user id");
+        // Not a message anyone could have sent or be sent (ids are
+        // public; cut short, they cannot flood the log).
+        let short = |id: &str| id.chars().take(80).collect::<String>();
+        tracing::debug!(
+            to_user_id = %short(&msg.to_user_id),
+            sender = %short(&msg.sender),
+            event_type = %short(&msg.event_type),
+            "left out a to-device message with a malformed user id"
+        );
         return Ok(Ok(None));
     };
     let device_id: OwnedDeviceId = msg.to_device_id.as_str().into();

@@ -153,12 +153,17 @@ impl DeviceAccount {
             fallback: &self.fallback,
             account: &pickle,
         };
-        let mut out = Zeroizing::new(Vec::with_capacity(256));
+        let corrupt =
+            |e: postcard::Error| OlmError::Corrupt(format!("cannot serialise account: {e}"));
+        // Sized exactly first: a buffer that grew would free a copy of the
+        // identity secrets on the way.
+        let size = postcard::serialize_with_flavor(&record, postcard::ser_flavors::Size::default())
+            .map_err(corrupt)?;
+        let mut out = Zeroizing::new(Vec::with_capacity(1 + 32 + size));
         out.push(FORMAT);
         out.extend_from_slice(ed25519.as_bytes());
-        postcard::to_extend(&record, std::mem::take(&mut *out))
-            .map(Zeroizing::new)
-            .map_err(|e| OlmError::Corrupt(format!("cannot serialise account: {e}")))
+        let out = postcard::to_extend(&record, std::mem::take(&mut *out)).map_err(corrupt)?;
+        Ok(Zeroizing::new(out))
     }
 
     /// Decode a stored record. `outstanding` is the device's count of
@@ -281,8 +286,10 @@ impl DeviceAccount {
 }
 
 /// vodozemac's account pickle with everything but the one-time secret keys
-/// borrowed as raw JSON (field names as vodozemac's `AccountPickle`).
+/// borrowed as raw JSON (field names as vodozemac's `AccountPickle`). A
+/// field it does not know is refused, never dropped.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PickleView<'a> {
     #[serde(borrow)]
     signing_key: &'a RawValue,
@@ -297,6 +304,7 @@ struct PickleView<'a> {
 /// vodozemac's `OneTimeKeysPickle`, its secret keys typed (they zeroize
 /// themselves when dropped).
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct OneTimeKeysView<'a> {
     #[serde(alias = "key_id")]
     next_key_id: u64,

@@ -98,7 +98,10 @@ pub struct OlmPayload {
     pub sender_device_verified: bool,
     /// The inner event type (`m.room_key`, `m.dummy`, ...).
     pub event_type: String,
-    /// The inner event content. Never log it.
+    /// The inner event content. Never log it. It is the bridge's copy and
+    /// is not wiped when dropped (the library's own copies, the plaintext
+    /// buffer and the delivery record, are): a bridge that keeps secrets
+    /// from it (an `m.room_key`'s `session_key`) wipes them itself.
     pub content: Box<RawValue>,
 }
 

@@ -54,10 +54,16 @@ pub trait PuppetRegistry: Send + Sync + 'static {
 
     /// The devices whose next rotation step is due at `now_ms` (scheduled at
     /// or before it), earliest first, each with the time it was scheduled
-    /// at, at most `limit` of them. Devices never scheduled are not listed:
-    /// a full pass over [`PuppetRegistry::puppets`] schedules them.
-    fn due_rotations(&self, now_ms: u64, limit: usize)
-    -> Result<Vec<(DeviceKey, u64)>, StoreError>;
+    /// at, at most `limit` of them, starting strictly after the entry
+    /// `after` (a cursor: the last entry of the previous batch). Devices
+    /// never scheduled are not listed: a full pass over
+    /// [`PuppetRegistry::puppets`] schedules them.
+    fn due_rotations(
+        &self,
+        now_ms: u64,
+        after: Option<&(DeviceKey, u64)>,
+        limit: usize,
+    ) -> Result<Vec<(DeviceKey, u64)>, StoreError>;
 }
 
 /// The due time stored after the flag byte of a registry value, if any.
@@ -109,6 +115,11 @@ impl PuppetRegistry for SledStore {
         let entry = layout::rotation(due_ms, device);
         let outcome = self.db.transaction(|tx| {
             let Some(value) = tx.get(&record)? else {
+                // Not (or no longer) recorded: its entry, if it was found
+                // under one, goes rather than being found again and again.
+                if let Some(old) = found_at {
+                    tx.remove(layout::rotation(old, device))?;
+                }
                 return Ok(());
             };
             for old in [scheduled_at(&value), found_at].into_iter().flatten() {
@@ -133,9 +144,14 @@ impl PuppetRegistry for SledStore {
     fn due_rotations(
         &self,
         now_ms: u64,
+        after: Option<&(DeviceKey, u64)>,
         limit: usize,
     ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
-        let start = layout::ROTATION_PREFIX.to_vec();
+        use std::ops::Bound;
+        let start = match after {
+            Some((device, due)) => Bound::Excluded(layout::rotation(*due, device)),
+            None => Bound::Included(layout::ROTATION_PREFIX.to_vec()),
+        };
         let mut end = layout::ROTATION_PREFIX.to_vec();
         // Everything scheduled at or before now: up to (now + 1), exclusive
         // (at u64::MAX, up to the end of the prefix).
@@ -147,7 +163,12 @@ impl PuppetRegistry for SledStore {
             what: "rotation schedule entry".into(),
         };
         let mut out = Vec::new();
-        for item in self.db.range(start..end).keys().take(limit) {
+        for item in self
+            .db
+            .range::<Vec<u8>, _>((start, Bound::Excluded(end)))
+            .keys()
+            .take(limit)
+        {
             let key = item?;
             let rest = &key[layout::ROTATION_PREFIX.len()..];
             let due = rest
@@ -251,12 +272,12 @@ mod tests {
             .durable()
             .await
             .expect("durable");
-        let due = store.due_rotations(2_000, 100).expect("due");
+        let due = store.due_rotations(2_000, None, 100).expect("due");
         assert_eq!(
             due,
             vec![(devices[0].clone(), 1_000), (devices[1].clone(), 2_000)]
         );
-        assert_eq!(store.due_rotations(2_000, 1).expect("due").len(), 1);
+        assert_eq!(store.due_rotations(2_000, None, 1).expect("due").len(), 1);
         // Rescheduled: its old entry goes, its flag stays.
         store
             .schedule_rotation(&devices[1], 9_000, Some(2_000))
@@ -266,7 +287,7 @@ mod tests {
             .expect("durable");
         assert!(store.is_cross_signed(&devices[1]).expect("flag"));
         let all: Vec<u64> = store
-            .due_rotations(u64::MAX, 100)
+            .due_rotations(u64::MAX, None, 100)
             .expect("all")
             .into_iter()
             .map(|(_, due)| due)
@@ -279,9 +300,33 @@ mod tests {
             .durable()
             .await
             .expect("durable");
-        assert_eq!(store.due_rotations(u64::MAX, 100).expect("all").len(), 5);
+        assert_eq!(
+            store.due_rotations(u64::MAX, None, 100).expect("all").len(),
+            5
+        );
         assert!(store.is_cross_signed(&devices[4]).expect("flag"));
         assert!(!store.is_cross_signed(&devices[3]).expect("flag"));
+        // A cursor continues strictly after the entry it names.
+        let first = store.due_rotations(u64::MAX, None, 2).expect("first");
+        let rest = store
+            .due_rotations(u64::MAX, first.last(), 100)
+            .expect("rest");
+        assert_eq!(first.len() + rest.len(), 5);
+        assert!(!rest.contains(&first[1]));
+        // An entry found for a device no longer recorded is removed.
+        let ghost = DeviceKey::new("@ghost:hs", "DEV");
+        store
+            .db
+            .insert(layout::rotation(500, &ghost), &[][..])
+            .expect("orphan");
+        assert_eq!(store.due_rotations(500, None, 100).expect("due").len(), 1);
+        store
+            .schedule_rotation(&ghost, 9_999, Some(500))
+            .expect("drop it")
+            .durable()
+            .await
+            .expect("durable");
+        assert!(store.due_rotations(500, None, 100).expect("due").is_empty());
         // Recording again keeps the schedule.
         store
             .record_puppet(&devices[3])
@@ -289,6 +334,6 @@ mod tests {
             .durable()
             .await
             .expect("durable");
-        assert_eq!(store.due_rotations(4_000, 100).expect("due").len(), 3);
+        assert_eq!(store.due_rotations(4_000, None, 100).expect("due").len(), 3);
     }
 }

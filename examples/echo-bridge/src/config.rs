@@ -202,8 +202,19 @@ impl Config {
         let text = Zeroizing::new(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         );
-        let mut config: Config =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
+            // The message and the line, never toml's quote of the line: it
+            // may be the store key.
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            match line {
+                Some(line) => {
+                    anyhow::anyhow!("parsing {} (line {line}): {}", path.display(), e.message())
+                }
+                None => anyhow::anyhow!("parsing {}: {}", path.display(), e.message()),
+            }
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.registration = base.join(&config.registration);
         config.homeserver_ca = config.homeserver_ca.map(|ca| base.join(ca));

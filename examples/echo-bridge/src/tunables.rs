@@ -432,6 +432,18 @@ colour = "always"
     }
 
     #[test]
+    fn a_malformed_config_is_reported_by_line_without_quoting_the_store_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let secret = "d41d8cd98f00b204e9800998ecf8427ed41d8cd98f00b204e9800998ecf8427e";
+        let text = BASE.replace("store_key = \"00\"", &format!("store_key = \"{secret}"));
+        std::fs::write(&path, text).unwrap();
+        let error = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(!error.contains(secret), "{error}");
+        assert!(error.contains("line 6"), "{error}");
+    }
+
+    #[test]
     fn unknown_fields_and_impossible_values_are_refused_with_their_name() {
         let unknown = parse("[keys]\nmax_outstanding = 5\n").err().unwrap();
         assert!(unknown.to_string().contains("max_outstanding"), "{unknown}");
