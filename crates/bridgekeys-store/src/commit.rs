@@ -8,6 +8,7 @@
 //! starts after it was taken.
 
 use std::{
+    future::Future,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -36,18 +37,49 @@ pub struct CommitStats {
 ///
 /// Await [`Pending::durable`] before acknowledging anything that depends on
 /// the write: that is the durability-before-acknowledgement rule.
+///
+/// Every backend returns one from each write. sled's comes from the group
+/// commit; another backend makes its own: [`Pending::ready`] when the write
+/// was durable before the call returned (a database transaction that
+/// committed), [`Pending::from_future`] when durability comes later,
+/// [`Pending::failed`] when it never will.
 #[must_use = "a write is not durable until Pending::durable resolves"]
 pub struct Pending(PendingInner);
 
+/// A backend's own wait for durability.
+type DurableFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
 enum PendingInner {
     Waiting(oneshot::Receiver<FlushResult>),
+    Ready,
+    Later(DurableFuture),
     Failed(StoreError),
 }
 
 impl Pending {
+    /// A write that was durable before it was returned.
+    pub fn ready() -> Self {
+        Self(PendingInner::Ready)
+    }
+
+    /// A write that is durable once `durable` resolves `Ok`.
+    pub fn from_future(
+        durable: impl Future<Output = Result<(), StoreError>> + Send + 'static,
+    ) -> Self {
+        Self(PendingInner::Later(Box::pin(durable)))
+    }
+
+    /// A write that was applied but cannot be made durable: awaiting it
+    /// gives `error`.
+    pub fn failed(error: StoreError) -> Self {
+        Self(PendingInner::Failed(error))
+    }
+
     /// Resolves once the write is on disk, or with the error that kept it off.
     pub async fn durable(self) -> Result<(), StoreError> {
         match self.0 {
+            PendingInner::Ready => Ok(()),
+            PendingInner::Later(durable) => durable.await,
             PendingInner::Failed(e) => Err(e),
             PendingInner::Waiting(rx) => match rx.await {
                 Ok(Ok(())) => Ok(()),
@@ -111,7 +143,7 @@ impl GroupCommit {
         let (tx, rx) = oneshot::channel();
         let mut state = self.shared.state.lock();
         if state.closed {
-            return Pending(PendingInner::Failed(StoreError::Closed));
+            return Pending::failed(StoreError::Closed);
         }
         state.waiters.push(tx);
         // Only the first waiter can find the flusher asleep on the condvar.
@@ -192,6 +224,37 @@ fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) 
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
+
+    /// Issue 15, item 1: a backend outside this crate signals durability
+    /// with the public constructors, and a write reported durable later
+    /// waits for exactly its future.
+    #[tokio::test]
+    async fn a_backends_own_pending_writes_resolve_as_the_backend_says() {
+        Pending::ready().durable().await.expect("durable at once");
+        let (tx, rx) = oneshot::channel::<Result<(), StoreError>>();
+        let later = tokio::spawn(
+            Pending::from_future(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+                .durable(),
+        );
+        tokio::task::yield_now().await;
+        assert!(
+            !later.is_finished(),
+            "not durable before the backend says so"
+        );
+        tx.send(Ok(())).expect("send");
+        later.await.expect("join").expect("durable");
+        let refused =
+            Pending::from_future(async { Err(StoreError::engine("the database went away")) })
+                .durable()
+                .await;
+        assert!(
+            matches!(&refused, Err(StoreError::Engine(e)) if e.to_string() == "the database went away")
+        );
+        assert!(matches!(
+            Pending::failed(StoreError::Closed).durable().await,
+            Err(StoreError::Closed)
+        ));
+    }
 
     #[tokio::test]
     async fn every_waiter_is_answered_and_flushes_are_shared() {

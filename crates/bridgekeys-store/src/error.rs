@@ -140,7 +140,22 @@ pub enum StoreError {
     /// The store was closed before a pending write was flushed.
     #[error("the store was closed before the write was flushed")]
     Closed,
-    /// An error of the storage engine.
+    /// An error of the storage engine (sled, or another backend's
+    /// database): boxed, so the contract names no engine and any backend
+    /// can report its own.
     #[error("storage engine error: {0}")]
-    Engine(#[from] sled::Error),
+    Engine(Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl StoreError {
+    /// An error of a backend's storage engine ([`StoreError::Engine`]).
+    pub fn engine(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Self::Engine(error.into())
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        Self::Engine(Box::new(error))
+    }
 }

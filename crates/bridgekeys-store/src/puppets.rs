@@ -137,7 +137,7 @@ impl PuppetRegistry for SledStore {
         match outcome {
             Ok(()) => Ok(self.commit.pending()),
             Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(StoreError::Engine(e)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
 

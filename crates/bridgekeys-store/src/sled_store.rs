@@ -264,7 +264,7 @@ impl SledStore {
             },
             config.commit_gather,
         )
-        .map_err(|e| StoreError::Engine(sled::Error::Io(e)))?;
+        .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
         let release = LockRelease {
             lock_file: path.join("db"),
         };
@@ -951,7 +951,7 @@ impl Store for SledStore {
         match outcome {
             Ok(()) => Ok(self.commit.pending()),
             Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(StoreError::Engine(e)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
 
