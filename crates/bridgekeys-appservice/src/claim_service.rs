@@ -217,11 +217,7 @@ async fn claim_handler(
         pool: None,
         fallback_in_claims: state.fallback_in_claims.load(Ordering::SeqCst),
     };
-    let answer = claim::answer(&cx, request).await.map(Json);
-    // Kept current here, not only when metrics_text() renders: an
-    // author's registry is gathered without asking us.
-    state
-        .metrics
-        .observe_evictions(state.manager.stats().evicted_keys);
-    answer
+    // `answer` also brings the eviction counter up to date, so an author's
+    // registry, gathered without asking us, stays current.
+    claim::answer(&cx, request).await.map(Json)
 }
