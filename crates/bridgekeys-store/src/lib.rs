@@ -64,11 +64,22 @@ pub use sled_store::{
     DEFAULT_COMMIT_GATHER_US, DEFAULT_LOCK_WAIT, FIRST_KEY_ID, SCHEMA_VERSION, SledStore,
     SledStoreConfig,
 };
-pub use transactions::{TransactionLog, unix_millis};
+pub use transactions::{TransactionClaim, TransactionLog, unix_millis};
 pub use types::{
     AccountRecord, Delivery, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
     OneTimeKeyRecord, SessionRecord, SessionWrite, Version,
 };
+
+/// Everything a bridge keeps durably, behind one object: the account
+/// store, the transaction log and the puppet registry.
+///
+/// Implemented for every type that implements the three; a bridge holds an
+/// `Arc<dyn Backend>` and hands it on as `Arc<dyn Store>`,
+/// `Arc<dyn TransactionLog>` or `Arc<dyn PuppetRegistry>` (trait upcasting),
+/// so the same code runs on sled, in memory or on another backend.
+pub trait Backend: Store + TransactionLog + PuppetRegistry {}
+
+impl<T: Store + TransactionLog + PuppetRegistry> Backend for T {}
 
 /// Where and when a session was last used: `(peer_key, session_id,
 /// last_used)`.

@@ -39,6 +39,67 @@ pub trait TransactionLog: Send + Sync + 'static {
     /// `before` well past the homeserver's retry horizon: a transaction
     /// retried after its record is gone is processed again.
     fn prune_transactions(&self, before: u64) -> Result<(usize, Pending), StoreError>;
+
+    /// Claim the right to process transaction `txn_id` of `namespace` for
+    /// `lease_ms` milliseconds, as `owner` (one id per running listener).
+    ///
+    /// This is what keeps a transaction from being processed twice when
+    /// several bridge processes share one store: the homeserver retries a
+    /// transaction that timed out, and the retry may land on another
+    /// process while the first still works on it. Exactly one caller holds
+    /// an unexpired lease at a time; claiming again as the same owner
+    /// renews it. A lease ends with [`TransactionLog::record_transaction`]
+    /// (completed), [`TransactionLog::release_transaction`] (failed, free
+    /// for a retry) or by expiring (its owner died).
+    ///
+    /// The default suits a backend only one process can open (sled): the
+    /// listener's own per-id lock already serialises duplicates there, so
+    /// it reports [`TransactionClaim::Completed`] or
+    /// [`TransactionClaim::Claimed`] and stores no lease.
+    fn claim_transaction(
+        &self,
+        namespace: &str,
+        txn_id: &str,
+        owner: &str,
+        lease_ms: u64,
+    ) -> Result<TransactionClaim, StoreError> {
+        let _ = (owner, lease_ms);
+        Ok(if self.transaction_completed(namespace, txn_id)? {
+            TransactionClaim::Completed
+        } else {
+            TransactionClaim::Claimed
+        })
+    }
+
+    /// Give up `owner`'s lease on a transaction that was not completed (its
+    /// processing failed), so a retry anywhere may claim it at once. A
+    /// lease held by another owner is left alone. The default does nothing
+    /// (see [`TransactionLog::claim_transaction`]).
+    fn release_transaction(
+        &self,
+        namespace: &str,
+        txn_id: &str,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        let _ = (namespace, txn_id, owner);
+        Ok(())
+    }
+}
+
+/// What [`TransactionLog::claim_transaction`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransactionClaim {
+    /// The transaction was completed before: acknowledge, do not process.
+    Completed,
+    /// The caller now holds the lease: process it, then record it.
+    Claimed,
+    /// Another owner holds an unexpired lease: it is being processed
+    /// elsewhere. Wait and ask again (it completes, or its lease expires).
+    HeldElsewhere {
+        /// When that lease expires, in Unix milliseconds.
+        until_ms: u64,
+    },
 }
 
 /// Now, in Unix milliseconds (0 if the clock is before 1970).
