@@ -40,7 +40,11 @@
 //!   ([`durable`] has the helpers).
 //!
 //! [`SledStore`] is the default backend; the [`Store`] trait is what the
-//! account manager depends on.
+//! account manager depends on. With the feature `postgres`, `PgStore`
+//! (module `pg_store`) keeps the same records in PostgreSQL for bridges
+//! that run several processes on one database: there the single-owner
+//! lock gives way to compare-and-swap transactions, database-issued key-id
+//! blocks and transaction leases, and `COMMIT` is the durability point.
 #![deny(missing_docs)]
 
 mod commit;
@@ -49,6 +53,8 @@ pub mod durable;
 mod error;
 mod identity;
 mod layout;
+#[cfg(feature = "postgres")]
+pub mod pg_store;
 mod puppets;
 mod sled_store;
 mod transactions;
@@ -59,6 +65,11 @@ pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;
 pub use error::StoreError;
 pub use identity::{InvalidStoreId, StoreId};
+#[cfg(feature = "postgres")]
+pub use pg_store::{
+    DEFAULT_KEY_ID_BLOCK, DEFAULT_MAX_APPEND_BATCH, DEFAULT_PG_POOL_SIZE, PG_SCHEMA_VERSION,
+    PgStore, PgStoreConfig,
+};
 pub use puppets::PuppetRegistry;
 pub use sled_store::{
     DEFAULT_COMMIT_GATHER_US, DEFAULT_LOCK_WAIT, FIRST_KEY_ID, SCHEMA_VERSION, SledStore,

@@ -1,0 +1,884 @@
+//! [`Store`] for [`PgStore`]: the account records, keys, sessions and the
+//! other sealed records, one table each (see `0001_initial.sql`).
+
+use std::collections::HashMap;
+
+use tokio::sync::oneshot;
+use zeroize::Zeroizing;
+
+use super::{Pg, PgStore, appender::AppendJob, bits, key_id_sql, ord, params, unbits, unord};
+use crate::{
+    AccountRecord, CommitStats, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
+    OneTimeKeyRecord, Pending, SessionRecord, SessionWrite, Store, StoreError, Version, layout,
+};
+
+/// Session rows as column arrays: peer keys, session ids, last used,
+/// sealed pickles.
+type SessionColumns = (Vec<Vec<u8>>, Vec<String>, Vec<i64>, Vec<Vec<u8>>);
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt { what: what.into() }
+}
+
+fn key32(raw: &[u8], what: &str) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(raw).map_err(|_| corrupt(what))
+}
+
+impl PgStore {
+    /// The sealed value of a one-column lookup, opened against `slot`.
+    fn get_sealed(
+        &self,
+        sql: &'static str,
+        params: super::Params,
+        slot: &[u8],
+        what: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let rows = self.engine.query(sql, params)?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let raw: Vec<u8> = row.try_get(0).pg()?;
+        self.sealer
+            .open(slot, &raw)
+            .map(Some)
+            .ok_or_else(|| corrupt(what))
+    }
+
+    /// One statement that changes a record, durable when it returns.
+    fn write(&self, sql: &'static str, params: super::Params) -> Result<Pending, StoreError> {
+        self.engine.execute(sql, params)?;
+        Ok(Pending::ready())
+    }
+
+    /// Seal keys for a write: `(order-preserving id, public, sealed)`, the
+    /// last of any duplicate id winning (as a later insert would in sled).
+    fn seal_keys(
+        &self,
+        device: &DeviceKey,
+        keys: &[OneTimeKeyRecord],
+    ) -> Vec<(u64, [u8; 32], Vec<u8>)> {
+        let mut by_id: HashMap<u64, usize> = HashMap::new();
+        let mut out: Vec<(u64, [u8; 32], Vec<u8>)> = Vec::with_capacity(keys.len());
+        for k in keys {
+            let sealed = self
+                .sealer
+                .seal(&layout::otk(device, k.key_id), k.secret_key.as_slice());
+            match by_id.get(&k.key_id) {
+                Some(&at) => out[at] = (k.key_id, k.public_key, sealed),
+                None => {
+                    by_id.insert(k.key_id, out.len());
+                    out.push((k.key_id, k.public_key, sealed));
+                }
+            }
+        }
+        out
+    }
+
+    /// Seal sessions: `(peer, id, last_used, sealed)`, last duplicate wins.
+    fn seal_sessions(&self, device: &DeviceKey, sessions: &[SessionRecord]) -> SessionColumns {
+        let mut by_id: HashMap<([u8; 32], &str), usize> = HashMap::new();
+        let mut peers = Vec::new();
+        let mut ids = Vec::new();
+        let mut used = Vec::new();
+        let mut sealed = Vec::new();
+        for r in sessions {
+            let slot = layout::olm_session(device, &r.peer_key, &r.session_id);
+            let value = self.sealer.seal(&slot, &r.pickle);
+            match by_id.get(&(r.peer_key, r.session_id.as_str())) {
+                Some(&at) => {
+                    used[at] = bits(r.last_used);
+                    sealed[at] = value;
+                }
+                None => {
+                    by_id.insert((r.peer_key, r.session_id.as_str()), peers.len());
+                    peers.push(r.peer_key.to_vec());
+                    ids.push(r.session_id.clone());
+                    used.push(bits(r.last_used));
+                    sealed.push(value);
+                }
+            }
+        }
+        (peers, ids, used, sealed)
+    }
+
+    /// A delivery record sealed: `(tag, message, sealed)`.
+    fn seal_delivery(
+        &self,
+        device: &DeviceKey,
+        delivery: Option<&crate::Delivery>,
+    ) -> Option<(String, Vec<u8>, Vec<u8>)> {
+        delivery.map(|d| {
+            let slot = layout::delivery(&d.tag, device, &d.message);
+            (
+                d.tag.clone(),
+                d.message.clone(),
+                self.sealer.seal(&slot, &d.record),
+            )
+        })
+    }
+
+    /// Open a session row: `(peer_key, session_id, last_used, sealed)`.
+    fn open_session(
+        &self,
+        device: &DeviceKey,
+        row: &tokio_postgres::Row,
+    ) -> Result<SessionRecord, StoreError> {
+        let peer: Vec<u8> = row.try_get(0).pg()?;
+        let peer_key = key32(&peer, "session peer key")?;
+        let session_id: String = row.try_get(1).pg()?;
+        let last_used = unbits(row.try_get(2).pg()?);
+        let sealed: Vec<u8> = row.try_get(3).pg()?;
+        let slot = layout::olm_session(device, &peer_key, &session_id);
+        let pickle = self
+            .sealer
+            .open(&slot, &sealed)
+            .ok_or_else(|| corrupt("session record"))?;
+        Ok(SessionRecord {
+            peer_key,
+            session_id,
+            last_used,
+            pickle,
+        })
+    }
+}
+
+const UPSERT_SESSIONS: &str = "INSERT INTO bk_olm_sessions (device, peer_key, session_id, last_used, sealed) \
+     SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::int8[], $5::bytea[]) \
+     ON CONFLICT (device, peer_key, session_id) DO UPDATE \
+     SET last_used = excluded.last_used, sealed = excluded.sealed";
+
+const REMOVE_SESSIONS: &str = "DELETE FROM bk_olm_sessions WHERE device = $1 AND (peer_key, session_id) IN \
+     (SELECT * FROM unnest($2::bytea[], $3::text[]))";
+
+const UPSERT_DELIVERY: &str = "INSERT INTO bk_deliveries (tag, device, message_hash, message, sealed) \
+     VALUES ($1, $2, sha256($3), $3, $4) \
+     ON CONFLICT (tag, device, message_hash) DO UPDATE SET message = excluded.message, sealed = excluded.sealed";
+
+impl Store for PgStore {
+    fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
+        let rows = self.engine.query(
+            "SELECT version, sealed FROM bk_accounts WHERE device = $1",
+            params![device.as_bytes().to_vec()],
+        )?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let version: i64 = row.try_get(0).pg()?;
+        let version = u64::try_from(version).map_err(|_| corrupt("account version"))?;
+        let sealed: Vec<u8> = row.try_get(1).pg()?;
+        let data = self
+            .sealer
+            .open(&layout::account_slot(device, version), &sealed)
+            .ok_or_else(|| corrupt("account record"))?;
+        Ok(Some(AccountRecord {
+            version: Version(version),
+            data,
+        }))
+    }
+
+    fn write_device(
+        &self,
+        device: &DeviceKey,
+        expected: Option<Version>,
+        write: DeviceWrite,
+    ) -> Result<Pending, StoreError> {
+        let new_version = Version::next(expected);
+        let new = i64::try_from(new_version.0).map_err(|_| corrupt("account version"))?;
+        let expected_sql = match expected {
+            Some(v) => Some(i64::try_from(v.0).map_err(|_| corrupt("account version"))?),
+            None => None,
+        };
+        let account = self
+            .sealer
+            .seal(&layout::account_slot(device, new_version.0), &write.account);
+        let added = self.seal_keys(device, &write.add_keys);
+        let (add_ids, add_publics, add_sealed) = split_keys(added);
+        let remove_ids: Vec<i64> = write.remove_keys.iter().map(|(id, _)| ord(*id)).collect();
+        let (peers, ids, used, sealed) = self.seal_sessions(device, &write.sessions);
+        let (rm_peers, rm_ids): (Vec<Vec<u8>>, Vec<String>) = write
+            .remove_sessions
+            .iter()
+            .map(|(p, id)| (p.to_vec(), id.clone()))
+            .unzip();
+        let delivery = self.seal_delivery(device, write.delivery.as_ref());
+        let dev = device.as_bytes().to_vec();
+        self.engine.call(move |pool| async move {
+            let mut client = pool.get().await.pg()?;
+            let tx = client.transaction().await.pg()?;
+            // The compare-and-swap: of two racing writers with the same
+            // expected version, the second's statement waits for the first
+            // to commit, then matches no row.
+            let changed = match expected_sql {
+                Some(v) => tx
+                    .execute(
+                        "UPDATE bk_accounts SET version = $2, sealed = $3 \
+                         WHERE device = $1 AND version = $4",
+                        &[&dev, &new, &account, &v],
+                    )
+                    .await
+                    .pg()?,
+                None => tx
+                    .execute(
+                        "INSERT INTO bk_accounts (device, version, sealed) VALUES ($1, $2, $3) \
+                         ON CONFLICT (device) DO NOTHING",
+                        &[&dev, &new, &account],
+                    )
+                    .await
+                    .pg()?,
+            };
+            if changed != 1 {
+                let found = tx
+                    .query_opt("SELECT version FROM bk_accounts WHERE device = $1", &[&dev])
+                    .await
+                    .pg()?
+                    .map(|row| row.try_get::<_, i64>(0))
+                    .transpose()
+                    .pg()?
+                    .map(|v| Version(u64::try_from(v).unwrap_or_default()));
+                // Dropping the transaction rolls it back.
+                return Err(StoreError::Conflict { expected, found });
+            }
+            if !add_ids.is_empty() {
+                tx.execute(
+                    "INSERT INTO bk_one_time_keys (device, key_id, public_key, sealed) \
+                     SELECT $1, * FROM unnest($2::int8[], $3::bytea[], $4::bytea[]) \
+                     ON CONFLICT (device, key_id) DO UPDATE \
+                     SET public_key = excluded.public_key, sealed = excluded.sealed",
+                    &[&dev, &add_ids, &add_publics, &add_sealed],
+                )
+                .await
+                .pg()?;
+            }
+            if !remove_ids.is_empty() {
+                tx.execute(
+                    "DELETE FROM bk_one_time_keys WHERE device = $1 AND key_id = ANY($2)",
+                    &[&dev, &remove_ids],
+                )
+                .await
+                .pg()?;
+            }
+            if !rm_peers.is_empty() {
+                tx.execute(REMOVE_SESSIONS, &[&dev, &rm_peers, &rm_ids])
+                    .await
+                    .pg()?;
+            }
+            if !peers.is_empty() {
+                tx.execute(UPSERT_SESSIONS, &[&dev, &peers, &ids, &used, &sealed])
+                    .await
+                    .pg()?;
+            }
+            if let Some((tag, message, sealed)) = &delivery {
+                tx.execute(UPSERT_DELIVERY, &[tag, &dev, message, sealed])
+                    .await
+                    .pg()?;
+            }
+            tx.commit().await.pg()
+        })?;
+        self.engine.committed();
+        Ok(Pending::ready())
+    }
+
+    fn append_keys(&self, device: &DeviceKey, append: KeyAppend) -> Result<Pending, StoreError> {
+        let added = self.seal_keys(device, &append.add_keys);
+        let dev = device.as_bytes().to_vec();
+        let (done, answer) = oneshot::channel();
+        {
+            let queue = self.engine.appends.lock();
+            let Some(queue) = queue.as_ref() else {
+                return Err(StoreError::Closed);
+            };
+            let mut overlay = self.engine.overlay.lock();
+            let seq = overlay.record(
+                &dev,
+                added.iter().map(|(id, p, s)| (*id, *p, s.clone())),
+                append.evict_keys.iter().map(|(id, _)| *id),
+            );
+            let job = AppendJob {
+                seq,
+                device: dev,
+                add: added
+                    .into_iter()
+                    .map(|(id, p, s)| (ord(id), p.to_vec(), s))
+                    .collect(),
+                evict: append.evict_keys.iter().map(|(id, _)| ord(*id)).collect(),
+                done,
+            };
+            // Queued under the overlay lock: the writer sees jobs in
+            // sequence order.
+            if queue.send(job).is_err() {
+                overlay.forget(seq);
+                return Err(StoreError::Closed);
+            }
+        }
+        self.engine
+            .stats
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Pending::from_future(async move {
+            match answer.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(reason)) => Err(StoreError::Durability { reason }),
+                Err(_) => Err(StoreError::Closed),
+            }
+        }))
+    }
+
+    fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
+        let mut ids = self.key_ids.lock();
+        let end = ids
+            .next
+            .checked_add(count)
+            .ok_or(StoreError::KeyIdsExhausted)?;
+        if ids.next != 0 && end <= ids.end {
+            let first = ids.next;
+            ids.next = end;
+            return Ok(first);
+        }
+        // A new block from the counter row, committed before any id of it
+        // is used: no other process, and no later run, gets these ids. The
+        // rest of the old block is skipped (ids must be contiguous).
+        let take = count.max(self.key_id_block);
+        let take_sql = key_id_sql(take)?;
+        let rows = self.engine.call(move |pool| async move {
+            let client = pool.get().await.pg()?;
+            client
+                .query(
+                    "UPDATE bk_key_ids SET next_id = next_id + $1 \
+                     WHERE next_id <= 9223372036854775807 - $1 RETURNING next_id - $1",
+                    &[&take_sql],
+                )
+                .await
+                .pg()
+        })?;
+        let row = rows.first().ok_or(StoreError::KeyIdsExhausted)?;
+        let first: i64 = row.try_get(0).pg()?;
+        let first = u64::try_from(first).map_err(|_| corrupt("key id counter"))?;
+        ids.next = first + count;
+        ids.end = first + take;
+        Ok(first)
+    }
+
+    fn one_time_key(
+        &self,
+        device: &DeviceKey,
+        public_key: &[u8; 32],
+    ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
+        // The overlay first (see appender.rs for why that order is safe).
+        let view = self.engine.overlay.lock().view(device.as_bytes());
+        let found = match view.live.iter().find(|(_, p, _)| p == public_key) {
+            Some((id, _, sealed)) => Some((*id, sealed.clone())),
+            None => {
+                let rows = self.engine.query(
+                    "SELECT key_id, sealed FROM bk_one_time_keys \
+                     WHERE device = $1 AND public_key = $2 ORDER BY key_id",
+                    params![device.as_bytes().to_vec(), public_key.to_vec()],
+                )?;
+                let mut found = None;
+                for row in rows {
+                    let id = unord(row.try_get(0).pg()?);
+                    if !view.masked.contains(&id) {
+                        found = Some((id, row.try_get::<_, Vec<u8>>(1).pg()?));
+                        break;
+                    }
+                }
+                found
+            }
+        };
+        let Some((key_id, sealed)) = found else {
+            return Ok(None);
+        };
+        let secret = self
+            .sealer
+            .open(&layout::otk(device, key_id), &sealed)
+            .ok_or_else(|| corrupt("one-time key secret"))?;
+        let secret_key = Zeroizing::new(
+            <[u8; 32]>::try_from(secret.as_slice()).map_err(|_| corrupt("one-time key length"))?,
+        );
+        Ok(Some(OneTimeKeyRecord {
+            key_id,
+            public_key: *public_key,
+            secret_key,
+        }))
+    }
+
+    fn oldest_one_time_keys(
+        &self,
+        device: &DeviceKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        let view = self.engine.overlay.lock().view(device.as_bytes());
+        let fetch = i64::try_from(limit.saturating_add(view.masked.len())).unwrap_or(i64::MAX);
+        let rows = self.engine.query(
+            "SELECT key_id, public_key FROM bk_one_time_keys WHERE device = $1 \
+             ORDER BY key_id LIMIT $2",
+            params![device.as_bytes().to_vec(), fetch],
+        )?;
+        let mut out: Vec<(u64, [u8; 32])> = Vec::with_capacity(rows.len() + view.live.len());
+        for row in rows {
+            let id = unord(row.try_get(0).pg()?);
+            if !view.masked.contains(&id) {
+                let public: Vec<u8> = row.try_get(1).pg()?;
+                out.push((id, key32(&public, "one-time key record")?));
+            }
+        }
+        out.extend(view.live.iter().map(|(id, p, _)| (*id, *p)));
+        out.sort_unstable_by_key(|(id, _)| *id);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
+        let view = self.engine.overlay.lock().view(device.as_bytes());
+        let masked: Vec<i64> = view.masked.iter().map(|id| ord(*id)).collect();
+        let rows = self.engine.query(
+            "SELECT count(*) FROM bk_one_time_keys WHERE device = $1 AND NOT (key_id = ANY($2))",
+            params![device.as_bytes().to_vec(), masked],
+        )?;
+        let stored: i64 = rows
+            .first()
+            .ok_or_else(|| corrupt("key count"))?
+            .try_get(0)
+            .pg()?;
+        Ok(usize::try_from(stored).unwrap_or_default() + view.live.len())
+    }
+
+    fn load_session(
+        &self,
+        device: &DeviceKey,
+        peer_key: &[u8; 32],
+        session_id: &str,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let rows = self.engine.query(
+            "SELECT peer_key, session_id, last_used, sealed FROM bk_olm_sessions \
+             WHERE device = $1 AND peer_key = $2 AND session_id = $3",
+            params![
+                device.as_bytes().to_vec(),
+                peer_key.to_vec(),
+                session_id.to_owned()
+            ],
+        )?;
+        rows.first()
+            .map(|row| self.open_session(device, row))
+            .transpose()
+    }
+
+    fn sessions(
+        &self,
+        device: &DeviceKey,
+        peer_key: &[u8; 32],
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        let rows = self.engine.query(
+            "SELECT peer_key, session_id, last_used, sealed FROM bk_olm_sessions \
+             WHERE device = $1 AND peer_key = $2 ORDER BY session_id",
+            params![device.as_bytes().to_vec(), peer_key.to_vec()],
+        )?;
+        rows.iter()
+            .map(|row| self.open_session(device, row))
+            .collect()
+    }
+
+    fn session_stamps(&self, device: &DeviceKey) -> Result<Vec<crate::SessionStamp>, StoreError> {
+        let rows = self.engine.query(
+            "SELECT peer_key, session_id, last_used FROM bk_olm_sessions \
+             WHERE device = $1 ORDER BY peer_key, session_id",
+            params![device.as_bytes().to_vec()],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let peer: Vec<u8> = row.try_get(0).pg()?;
+                Ok((
+                    key32(&peer, "session peer key")?,
+                    row.try_get(1).pg()?,
+                    unbits(row.try_get(2).pg()?),
+                ))
+            })
+            .collect()
+    }
+
+    fn legacy_sessions(
+        &self,
+        _device: &DeviceKey,
+    ) -> Result<Vec<crate::LegacySession>, StoreError> {
+        // Schema 1 sessions exist only in sled stores written before
+        // schema 2; a PostgreSQL store never holds any.
+        Ok(Vec::new())
+    }
+
+    fn write_sessions(
+        &self,
+        device: &DeviceKey,
+        write: SessionWrite,
+    ) -> Result<Pending, StoreError> {
+        let (peers, ids, used, sealed) = self.seal_sessions(device, &write.put);
+        let (rm_peers, rm_ids): (Vec<Vec<u8>>, Vec<String>) = write
+            .remove
+            .iter()
+            .map(|(p, id)| (p.to_vec(), id.clone()))
+            .unzip();
+        let delivery = self.seal_delivery(device, write.delivery.as_ref());
+        let dev = device.as_bytes().to_vec();
+        self.engine.call(move |pool| async move {
+            let mut client = pool.get().await.pg()?;
+            let tx = client.transaction().await.pg()?;
+            if !rm_peers.is_empty() {
+                tx.execute(REMOVE_SESSIONS, &[&dev, &rm_peers, &rm_ids])
+                    .await
+                    .pg()?;
+            }
+            if !peers.is_empty() {
+                tx.execute(UPSERT_SESSIONS, &[&dev, &peers, &ids, &used, &sealed])
+                    .await
+                    .pg()?;
+            }
+            if let Some((tag, message, sealed)) = &delivery {
+                tx.execute(UPSERT_DELIVERY, &[tag, &dev, message, sealed])
+                    .await
+                    .pg()?;
+            }
+            tx.commit().await.pg()
+        })?;
+        self.engine.committed();
+        Ok(Pending::ready())
+    }
+
+    fn load_tracked_user(&self, user_id: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get_sealed(
+            "SELECT sealed FROM bk_tracked_users WHERE user_id = $1",
+            params![user_id.to_owned()],
+            &layout::tracked_user(user_id),
+            "tracked devices record",
+        )
+    }
+
+    fn write_tracked_user(
+        &self,
+        user_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        match record {
+            Some(record) => self.write(
+                "INSERT INTO bk_tracked_users (user_id, sealed) VALUES ($1, $2) \
+                 ON CONFLICT (user_id) DO UPDATE SET sealed = excluded.sealed",
+                params![
+                    user_id.to_owned(),
+                    self.sealer.seal(&layout::tracked_user(user_id), record)
+                ],
+            ),
+            None => self.write(
+                "DELETE FROM bk_tracked_users WHERE user_id = $1",
+                params![user_id.to_owned()],
+            ),
+        }
+    }
+
+    fn load_delivery(
+        &self,
+        device: &DeviceKey,
+        tag: &str,
+        message: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get_sealed(
+            "SELECT sealed FROM bk_deliveries \
+             WHERE tag = $1 AND device = $2 AND message_hash = sha256($3) AND message = $3",
+            params![tag.to_owned(), device.as_bytes().to_vec(), message.to_vec()],
+            &layout::delivery(tag, device, message),
+            "delivery record",
+        )
+    }
+
+    fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
+        self.write(
+            "DELETE FROM bk_deliveries WHERE tag = $1",
+            params![tag.to_owned()],
+        )
+    }
+
+    fn load_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get_sealed(
+            "SELECT sealed FROM bk_outbound_group_sessions WHERE device = $1 AND room_id = $2",
+            params![device.as_bytes().to_vec(), room_id.to_owned()],
+            &layout::outbound_group_session(device, room_id),
+            "outbound group session record",
+        )
+    }
+
+    fn write_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        match record {
+            Some(record) => self.write(
+                "INSERT INTO bk_outbound_group_sessions (device, room_id, sealed) \
+                 VALUES ($1, $2, $3) \
+                 ON CONFLICT (device, room_id) DO UPDATE SET sealed = excluded.sealed",
+                params![
+                    device.as_bytes().to_vec(),
+                    room_id.to_owned(),
+                    self.sealer
+                        .seal(&layout::outbound_group_session(device, room_id), record)
+                ],
+            ),
+            None => self.write(
+                "DELETE FROM bk_outbound_group_sessions WHERE device = $1 AND room_id = $2",
+                params![device.as_bytes().to_vec(), room_id.to_owned()],
+            ),
+        }
+    }
+
+    fn load_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get_sealed(
+            "SELECT sealed FROM bk_group_sessions WHERE room_id = $1 AND session_id = $2",
+            params![room_id.to_owned(), session_id.to_owned()],
+            &layout::group_session(room_id, session_id),
+            "group session record",
+        )
+    }
+
+    fn write_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        record: &[u8],
+    ) -> Result<Pending, StoreError> {
+        self.write(
+            "INSERT INTO bk_group_sessions (room_id, session_id, sealed) VALUES ($1, $2, $3) \
+             ON CONFLICT (room_id, session_id) DO UPDATE SET sealed = excluded.sealed",
+            params![
+                room_id.to_owned(),
+                session_id.to_owned(),
+                self.sealer
+                    .seal(&layout::group_session(room_id, session_id), record)
+            ],
+        )
+    }
+
+    fn record_message_index(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        index: u32,
+        event_id: &str,
+    ) -> Result<IndexUse, StoreError> {
+        let inserted = self.engine.execute(
+            "INSERT INTO bk_message_indexes (room_id, session_id, message_index, event_id) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            params![
+                room_id.to_owned(),
+                session_id.to_owned(),
+                i64::from(index),
+                event_id.to_owned()
+            ],
+        )?;
+        if inserted == 1 {
+            return Ok(IndexUse::First);
+        }
+        // Index records are never removed: the committed one is there.
+        let rows = self.engine.query(
+            "SELECT event_id FROM bk_message_indexes \
+             WHERE room_id = $1 AND session_id = $2 AND message_index = $3",
+            params![room_id.to_owned(), session_id.to_owned(), i64::from(index)],
+        )?;
+        let first: String = rows
+            .first()
+            .ok_or_else(|| corrupt("message index record"))?
+            .try_get(0)
+            .pg()?;
+        Ok(if first == event_id {
+            IndexUse::SameEvent
+        } else {
+            IndexUse::OtherEvent
+        })
+    }
+
+    fn hold_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        match record {
+            Some(record) => self.write(
+                "INSERT INTO bk_held_events (room_id, session_id, event_id, sealed) \
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (room_id, session_id, event_id) DO UPDATE SET sealed = excluded.sealed",
+                params![
+                    room_id.to_owned(),
+                    session_id.to_owned(),
+                    event_id.to_owned(),
+                    self.sealer.seal(
+                        &layout::held_event(room_id, session_id, event_id),
+                        record
+                    )
+                ],
+            ),
+            None => self.write(
+                "DELETE FROM bk_held_events \
+                 WHERE room_id = $1 AND session_id = $2 AND event_id = $3",
+                params![
+                    room_id.to_owned(),
+                    session_id.to_owned(),
+                    event_id.to_owned()
+                ],
+            ),
+        }
+    }
+
+    /// Ordered by room, session and event id (bytewise), not by sled's
+    /// length-prefixed key order.
+    fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError> {
+        let rows = match session {
+            Some((room, session)) => self.engine.query(
+                "SELECT room_id, session_id, event_id, sealed FROM bk_held_events \
+                 WHERE room_id = $1 AND session_id = $2 ORDER BY event_id",
+                params![room.to_owned(), session.to_owned()],
+            )?,
+            None => self.engine.query(
+                "SELECT room_id, session_id, event_id, sealed FROM bk_held_events \
+                 ORDER BY room_id, session_id, event_id",
+                Vec::new(),
+            )?,
+        };
+        rows.iter()
+            .map(|row| {
+                let room_id: String = row.try_get(0).pg()?;
+                let session_id: String = row.try_get(1).pg()?;
+                let event_id: String = row.try_get(2).pg()?;
+                let sealed: Vec<u8> = row.try_get(3).pg()?;
+                let record = self
+                    .sealer
+                    .open(
+                        &layout::held_event(&room_id, &session_id, &event_id),
+                        &sealed,
+                    )
+                    .ok_or_else(|| corrupt("held event"))?;
+                Ok(HeldEvent {
+                    room_id,
+                    session_id,
+                    event_id,
+                    record,
+                })
+            })
+            .collect()
+    }
+
+    fn load_room_state(&self, room_id: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get_sealed(
+            "SELECT sealed FROM bk_room_states WHERE room_id = $1",
+            params![room_id.to_owned()],
+            &layout::room_state(room_id),
+            "room state record",
+        )
+    }
+
+    fn write_room_state(
+        &self,
+        room_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        match record {
+            Some(record) => self.write(
+                "INSERT INTO bk_room_states (room_id, sealed) VALUES ($1, $2) \
+                 ON CONFLICT (room_id) DO UPDATE SET sealed = excluded.sealed",
+                params![
+                    room_id.to_owned(),
+                    self.sealer.seal(&layout::room_state(room_id), record)
+                ],
+            ),
+            None => self.write(
+                "DELETE FROM bk_room_states WHERE room_id = $1",
+                params![room_id.to_owned()],
+            ),
+        }
+    }
+
+    fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self.engine.query(
+            "SELECT room_id FROM bk_room_states ORDER BY room_id",
+            Vec::new(),
+        )?;
+        rows.iter().map(|row| row.try_get(0).pg()).collect()
+    }
+
+    fn load_cross_signing(&self, user_id: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.get_sealed(
+            "SELECT sealed FROM bk_cross_signing WHERE user_id = $1",
+            params![user_id.to_owned()],
+            &layout::cross_signing(user_id),
+            "cross-signing record",
+        )
+    }
+
+    fn create_cross_signing(
+        &self,
+        user_id: &str,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError> {
+        let inserted = self.engine.execute(
+            "INSERT INTO bk_cross_signing (user_id, sealed) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO NOTHING",
+            params![
+                user_id.to_owned(),
+                self.sealer.seal(&layout::cross_signing(user_id), record)
+            ],
+        )?;
+        Ok((inserted == 1).then(Pending::ready))
+    }
+
+    fn sync(&self) -> Pending {
+        // Every write but the queued key appends committed before it
+        // returned; a barrier through the queue waits for those.
+        let (done, answer) = oneshot::channel();
+        {
+            let queue = self.engine.appends.lock();
+            let Some(queue) = queue.as_ref() else {
+                return Pending::failed(StoreError::Closed);
+            };
+            let seq = self.engine.overlay.lock().record(&[], [], []);
+            let job = AppendJob {
+                seq,
+                device: Vec::new(),
+                add: Vec::new(),
+                evict: Vec::new(),
+                done,
+            };
+            if queue.send(job).is_err() {
+                return Pending::failed(StoreError::Closed);
+            }
+        }
+        Pending::from_future(async move {
+            match answer.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(reason)) => Err(StoreError::Durability { reason }),
+                Err(_) => Err(StoreError::Closed),
+            }
+        })
+    }
+
+    fn commit_stats(&self) -> CommitStats {
+        self.engine.stats()
+    }
+}
+
+/// Column arrays of sealed keys: order-preserving ids, publics, sealed.
+fn split_keys(keys: Vec<(u64, [u8; 32], Vec<u8>)>) -> (Vec<i64>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut ids = Vec::with_capacity(keys.len());
+    let mut publics = Vec::with_capacity(keys.len());
+    let mut sealed = Vec::with_capacity(keys.len());
+    for (id, public, value) in keys {
+        ids.push(ord(id));
+        publics.push(public.to_vec());
+        sealed.push(value);
+    }
+    (ids, publics, sealed)
+}
