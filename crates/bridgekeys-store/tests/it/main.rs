@@ -5,5 +5,7 @@
 //! power-cut shim.
 #![allow(clippy::unwrap_used)]
 
+#[cfg(feature = "postgres")]
+mod postgres;
 mod power_cut;
 mod store;

@@ -1,0 +1,640 @@
+//! PgStore against a real PostgreSQL server, as several bridge processes
+//! sharing one database: each "process" is its own `PgStore` (own pool,
+//! own runtime thread, own key-id block) on the same database.
+//!
+//! The server: `BRIDGEKEYS_TEST_POSTGRES_URL` (a `postgres://` URL of a
+//! role that may `CREATE DATABASE`); every test gets a fresh database on
+//! it. Without it these tests fail, saying so: they never pass silently.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Barrier},
+};
+
+use bridgekeys_store::{
+    DeviceKey, DeviceWrite, FIRST_KEY_ID, KeyAppend, OneTimeKeyRecord, PG_SCHEMA_VERSION, Pending,
+    PgStore, PgStoreConfig, PuppetRegistry, SessionRecord, SessionWrite, Store, StoreError,
+    StoreId, StoreKey, TransactionClaim, TransactionLog, Version,
+};
+use zeroize::Zeroizing;
+
+/// The environment variable naming the test server.
+const URL_ENV: &str = "BRIDGEKEYS_TEST_POSTGRES_URL";
+
+/// A fresh, empty database; its URL.
+async fn fresh_database() -> String {
+    let base = std::env::var(URL_ENV).unwrap_or_else(|_| {
+        panic!(
+            "the PostgreSQL tests need a server: set {URL_ENV} to a postgres:// URL of a role \
+             that may CREATE DATABASE (e.g. postgres://bk@127.0.0.1:55432/postgres)"
+        )
+    });
+    let name = format!("bk_test_{}", StoreId::generate());
+    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test server at {URL_ENV}: {e}"));
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    drop(client);
+    let _ = connection.await;
+    // postgres://user@host:port/<database>
+    let scheme_end = base.find("://").expect("a postgres:// URL") + 3;
+    let path_at = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{name}", &base[..path_at])
+}
+
+/// A raw connection to the test database, for what a store never does.
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+fn config(url: &str, key: &StoreKey) -> PgStoreConfig {
+    PgStoreConfig::new(url, key.clone())
+}
+
+fn account(bytes: &[u8]) -> DeviceWrite {
+    DeviceWrite {
+        account: Zeroizing::new(bytes.to_vec()),
+        ..DeviceWrite::default()
+    }
+}
+
+fn otk(id: u64, fill: u8) -> OneTimeKeyRecord {
+    OneTimeKeyRecord {
+        key_id: id,
+        public_key: [fill; 32],
+        secret_key: Zeroizing::new([fill ^ 0xff; 32]),
+    }
+}
+
+async fn durable(write: Result<Pending, StoreError>) {
+    write.unwrap().durable().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_processes_reserving_at_once_never_get_the_same_key_id_nor_after_a_restart() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let mut small = config(&url, &key);
+    small.key_id_block = 8;
+    let a = PgStore::create(small.clone()).unwrap();
+    let b = PgStore::open(small.clone()).unwrap();
+    let start = Barrier::new(2);
+    let ranges: Vec<(u64, u64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|store| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    (0..300u64)
+                        .map(|i| {
+                            let count = 1 + i % 3;
+                            (store.reserve_key_ids(count).unwrap(), count)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mut seen = HashSet::new();
+    for (first, count) in &ranges {
+        assert!(*first >= FIRST_KEY_ID);
+        for id in *first..first + count {
+            assert!(seen.insert(id), "key id {id} was handed out twice");
+        }
+    }
+    let highest = seen.iter().max().copied().unwrap();
+    drop((a, b));
+    let again = PgStore::open(small).unwrap();
+    assert!(
+        again.reserve_key_ids(1).unwrap() > highest,
+        "a restarted process reuses no id"
+    );
+}
+
+#[tokio::test]
+async fn of_two_processes_consuming_the_same_one_time_key_exactly_one_wins() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    let mut first = account(b"v1");
+    first.add_keys.push(otk(7, 7));
+    durable(a.write_device(&dev, None, first)).await;
+
+    for round in 0..5u8 {
+        // Both processes read the device, then race to consume a key.
+        let key_id = 100 + u64::from(round);
+        let version = a.load_account(&dev).unwrap().unwrap().version;
+        let mut add = account(b"add");
+        add.add_keys.push(otk(key_id, round));
+        durable(a.write_device(&dev, Some(version), add)).await;
+        let version = Version(version.0 + 1);
+        assert_eq!(b.load_account(&dev).unwrap().unwrap().version, version);
+        let start = Barrier::new(2);
+        let results: Vec<Result<Pending, StoreError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = [(&a, b"by a"), (&b, b"by b")]
+                .into_iter()
+                .map(|(store, data)| {
+                    let (start, dev) = (&start, &dev);
+                    s.spawn(move || {
+                        let mut consume = account(data);
+                        consume.remove_keys.push((key_id, [round; 32]));
+                        start.wait();
+                        store.write_device(dev, Some(version), consume)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let wins = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "round {round}: exactly one consumer wins");
+        let lost = results.into_iter().find_map(Result::err).unwrap();
+        assert!(
+            matches!(
+                lost,
+                StoreError::Conflict { expected: Some(e), found: Some(f) }
+                    if e == version && f == Version(version.0 + 1)
+            ),
+            "round {round}: {lost:?}"
+        );
+        for store in [&a, &b] {
+            assert!(store.one_time_key(&dev, &[round; 32]).unwrap().is_none());
+        }
+    }
+    assert!(
+        b.one_time_key(&dev, &[7; 32]).unwrap().is_some(),
+        "an untouched key stays"
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_lease_is_held_by_one_process_at_a_time_until_recorded_released_or_expired() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    let minute = 60_000;
+    assert_eq!(
+        a.claim_transaction("as", "t1", "a", minute).unwrap(),
+        TransactionClaim::Claimed
+    );
+    let TransactionClaim::HeldElsewhere { until_ms } =
+        b.claim_transaction("as", "t1", "b", minute).unwrap()
+    else {
+        panic!("b must see a's lease");
+    };
+    assert!(until_ms > bridgekeys_store::unix_millis());
+    assert_eq!(
+        a.claim_transaction("as", "t1", "a", minute).unwrap(),
+        TransactionClaim::Claimed,
+        "the owner renews"
+    );
+    // Another namespace is another transaction.
+    assert_eq!(
+        b.claim_transaction("other", "t1", "b", minute).unwrap(),
+        TransactionClaim::Claimed
+    );
+    b.release_transaction("as", "t1", "b").unwrap();
+    assert!(
+        matches!(
+            b.claim_transaction("as", "t1", "b", minute).unwrap(),
+            TransactionClaim::HeldElsewhere { .. }
+        ),
+        "releasing someone else's lease does nothing"
+    );
+    a.release_transaction("as", "t1", "a").unwrap();
+    assert_eq!(
+        b.claim_transaction("as", "t1", "b", minute).unwrap(),
+        TransactionClaim::Claimed,
+        "a released lease is free at once"
+    );
+    durable(b.record_transaction("as", "t1")).await;
+    assert!(a.transaction_completed("as", "t1").unwrap());
+    assert_eq!(
+        a.claim_transaction("as", "t1", "a", minute).unwrap(),
+        TransactionClaim::Completed
+    );
+    b.release_transaction("as", "t1", "b").unwrap();
+    assert!(
+        a.transaction_completed("as", "t1").unwrap(),
+        "releasing never undoes a completion"
+    );
+    // A lease of 0 ms has expired by the next claim (the database's clock
+    // does not run backwards).
+    assert_eq!(
+        a.claim_transaction("as", "t2", "a", 0).unwrap(),
+        TransactionClaim::Claimed
+    );
+    assert_eq!(
+        b.claim_transaction("as", "t2", "b", minute).unwrap(),
+        TransactionClaim::Claimed,
+        "an expired lease (its owner died) is taken over"
+    );
+}
+
+#[tokio::test]
+async fn of_many_concurrent_claims_from_two_processes_exactly_one_gets_the_lease() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    for txn in 0..5 {
+        let txn = format!("txn{txn}");
+        let start = Barrier::new(8);
+        let claims: Vec<TransactionClaim> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = if i % 2 == 0 { &a } else { &b };
+                    let (start, txn) = (&start, &txn);
+                    s.spawn(move || {
+                        start.wait();
+                        store
+                            .claim_transaction("as", txn, &format!("owner{i}"), 60_000)
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let claimed = claims
+            .iter()
+            .filter(|c| **c == TransactionClaim::Claimed)
+            .count();
+        assert_eq!(claimed, 1, "{txn}: {claims:?}");
+    }
+}
+
+#[tokio::test]
+async fn what_one_process_writes_the_other_reads() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    let peer = [3; 32];
+    let mut write = account(b"acct");
+    write.sessions.push(SessionRecord {
+        peer_key: peer,
+        session_id: "s1".into(),
+        last_used: 42,
+        pickle: Zeroizing::new(b"pickle".to_vec()),
+    });
+    durable(a.write_device(&dev, None, write)).await;
+    durable(a.write_tracked_user("@u:x", Some(b"tracked"))).await;
+    durable(a.write_group_session("!r:x", "g1", b"group")).await;
+    durable(a.write_room_state("!r:x", Some(b"state"))).await;
+    durable(a.record_puppet(&dev)).await;
+    assert!(a.create_cross_signing("@u:x", b"xs").unwrap().is_some());
+
+    assert_eq!(
+        b.load_account(&dev).unwrap().unwrap().data.as_slice(),
+        b"acct"
+    );
+    let session = b.load_session(&dev, &peer, "s1").unwrap().unwrap();
+    assert_eq!(
+        (session.last_used, session.pickle.as_slice()),
+        (42, &b"pickle"[..])
+    );
+    assert_eq!(
+        b.load_tracked_user("@u:x").unwrap().unwrap().as_slice(),
+        b"tracked"
+    );
+    assert_eq!(
+        b.load_group_session("!r:x", "g1")
+            .unwrap()
+            .unwrap()
+            .as_slice(),
+        b"group"
+    );
+    assert_eq!(b.room_state_ids().unwrap(), vec!["!r:x".to_owned()]);
+    assert!(b.contains_puppet(&dev).unwrap());
+    assert!(
+        b.create_cross_signing("@u:x", b"other").unwrap().is_none(),
+        "the first identity stays"
+    );
+    assert_eq!(
+        a.load_cross_signing("@u:x").unwrap().unwrap().as_slice(),
+        b"xs"
+    );
+}
+
+#[tokio::test]
+async fn appended_keys_are_visible_at_return_durable_with_their_pending_and_evicted_in_order() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    durable(a.write_device(&dev, None, account(b"v1"))).await;
+    let before = a.commit_stats();
+    let mut pendings = Vec::new();
+    let mut ids = Vec::new();
+    for round in 0..50u8 {
+        let first = a.reserve_key_ids(2).unwrap();
+        ids.extend([first, first + 1]);
+        let append = KeyAppend {
+            add_keys: vec![otk(first, round), otk(first + 1, round.wrapping_add(100))],
+            evict_keys: Vec::new(),
+        };
+        pendings.push(a.append_keys(&dev, append).unwrap());
+        // Visible to this process before it is durable.
+        assert_eq!(
+            a.one_time_key(&dev, &[round; 32]).unwrap().unwrap().key_id,
+            first
+        );
+        assert_eq!(a.count_one_time_keys(&dev).unwrap(), ids.len());
+    }
+    let oldest = a.oldest_one_time_keys(&dev, 3).unwrap();
+    assert_eq!(
+        oldest.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        ids[..3]
+    );
+    // Evict the three oldest in a later append, queued behind the rest.
+    let evict = KeyAppend {
+        add_keys: Vec::new(),
+        evict_keys: oldest.clone(),
+    };
+    pendings.push(a.append_keys(&dev, evict).unwrap());
+    assert_eq!(a.count_one_time_keys(&dev).unwrap(), ids.len() - 3);
+    for p in pendings {
+        p.durable().await.unwrap();
+    }
+    let stats = a.commit_stats();
+    assert_eq!(stats.writes - before.writes, 51);
+    assert!(
+        stats.flushes - before.flushes < 51,
+        "queued claims share commits: {stats:?} after {before:?}"
+    );
+    // Durable: the other process sees exactly the result.
+    assert_eq!(b.count_one_time_keys(&dev).unwrap(), ids.len() - 3);
+    assert_eq!(
+        b.oldest_one_time_keys(&dev, 1).unwrap()[0].0,
+        ids[3],
+        "the evicted keys are gone"
+    );
+    let found = b.one_time_key(&dev, &[10; 32]).unwrap().unwrap();
+    assert_eq!(*found.secret_key, [10 ^ 0xff; 32]);
+    b.sync().durable().await.unwrap();
+}
+
+#[tokio::test]
+async fn everything_survives_dropping_and_reopening_the_store() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let dev = DeviceKey::new("@a:x", "D");
+    let id = {
+        let store = PgStore::create(config(&url, &key)).unwrap();
+        let mut write = account(b"acct");
+        write.add_keys.push(otk(5, 5));
+        durable(store.write_device(&dev, None, write)).await;
+        let first = store.reserve_key_ids(1).unwrap();
+        // Not awaited: dropping the store commits what is queued.
+        let _queued = store
+            .append_keys(
+                &dev,
+                KeyAppend {
+                    add_keys: vec![otk(first, 9)],
+                    evict_keys: Vec::new(),
+                },
+            )
+            .unwrap();
+        durable(store.write_sessions(
+            &dev,
+            SessionWrite {
+                put: vec![SessionRecord {
+                    peer_key: [1; 32],
+                    session_id: "s".into(),
+                    last_used: u64::MAX,
+                    pickle: Zeroizing::new(b"p".to_vec()),
+                }],
+                ..SessionWrite::default()
+            },
+        ))
+        .await;
+        durable(store.hold_event("!r:x", "g", "$e", Some(b"held"))).await;
+        durable(store.record_transaction("as", "t")).await;
+        durable(store.record_puppet(&dev)).await;
+        durable(store.schedule_rotation(&dev, u64::MAX - 1, None)).await;
+        store.id()
+    };
+    let store = PgStore::open(config(&url, &key).expect_id(id)).unwrap();
+    assert_eq!(store.id(), id);
+    let rec = store.load_account(&dev).unwrap().unwrap();
+    assert_eq!(
+        (rec.version, rec.data.as_slice()),
+        (Version(1), &b"acct"[..])
+    );
+    assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
+    assert!(store.one_time_key(&dev, &[9; 32]).unwrap().is_some());
+    assert_eq!(store.session_stamps(&dev).unwrap()[0].2, u64::MAX);
+    assert_eq!(
+        store.held_events(None).unwrap()[0].record.as_slice(),
+        b"held"
+    );
+    assert!(store.transaction_completed("as", "t").unwrap());
+    assert_eq!(
+        store.due_rotations(u64::MAX, None, 10).unwrap(),
+        vec![(dev.clone(), u64::MAX - 1)]
+    );
+    assert!(
+        store
+            .due_rotations(u64::MAX - 2, None, 10)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_store_refuses_a_wrong_key_another_id_a_missing_store_and_a_second_creation() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    assert!(matches!(
+        PgStore::open(config(&url, &key)),
+        Err(StoreError::Missing { .. })
+    ));
+    let id = PgStore::create(config(&url, &key)).unwrap().id();
+    assert!(matches!(
+        PgStore::create(config(&url, &key)),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    let Err(StoreError::WrongKey { path }) = PgStore::open(config(&url, &StoreKey::generate()))
+    else {
+        panic!("a wrong key must be refused");
+    };
+    assert!(path.to_string_lossy().starts_with("postgres://"));
+    let other = StoreId::generate();
+    assert!(matches!(
+        PgStore::open(config(&url, &key).expect_id(other)),
+        Err(StoreError::Foreign { expected, found: Some(found), .. }) if expected == other && found == id
+    ));
+    assert_eq!(
+        PgStore::open_or_create(config(&url, &key)).unwrap().id(),
+        id
+    );
+}
+
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_build_is_refused_with_a_typed_error() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    drop(PgStore::create(config(&url, &key)).unwrap());
+    raw(&url)
+        .await
+        .execute("INSERT INTO bk_schema_version (version) VALUES (99)", &[])
+        .await
+        .unwrap();
+    let err = PgStore::open(config(&url, &key)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::UnsupportedSchema { found: 99, supported, .. } if supported == PG_SCHEMA_VERSION
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn processes_starting_at_once_on_an_empty_database_make_one_store() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let start = Barrier::new(4);
+    let ids: Vec<StoreId> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (start, url, key) = (&start, &url, &key);
+                s.spawn(move || {
+                    start.wait();
+                    PgStore::open_or_create(config(url, key)).unwrap().id()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    let versions = raw(&url)
+        .await
+        .query("SELECT version FROM bk_schema_version", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        versions.len(),
+        PG_SCHEMA_VERSION as usize,
+        "each migration ran once"
+    );
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_database_in_clear() {
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let store = Arc::new(PgStore::create(config(&url, &key)).unwrap());
+    let dev = DeviceKey::new("@a:x", "D");
+    let secret = b"SECRET-PLAINTEXT-MARKER";
+    let mut write = account(secret);
+    write.add_keys.push(OneTimeKeyRecord {
+        key_id: 1,
+        public_key: [1; 32],
+        secret_key: Zeroizing::new(*b"SECRET-PLAINTEXT-MARKER-32-BYTES"),
+    });
+    write.sessions.push(SessionRecord {
+        peer_key: [2; 32],
+        session_id: "s".into(),
+        last_used: 1,
+        pickle: Zeroizing::new(secret.to_vec()),
+    });
+    durable(store.write_device(&dev, None, write)).await;
+    durable(store.write_tracked_user("@u:x", Some(secret))).await;
+    durable(store.write_outbound_group_session(&dev, "!r:x", Some(secret))).await;
+    durable(store.write_group_session("!r:x", "g", secret)).await;
+    durable(store.hold_event("!r:x", "g", "$e", Some(secret))).await;
+    durable(store.write_room_state("!r:x", Some(secret))).await;
+    store.create_cross_signing("@u:x", secret).unwrap();
+    let client = raw(&url).await;
+    let tables = client
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_name LIKE 'bk_%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let marker: String = b"SECRET-PLAINTEXT"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut rows_seen = 0;
+    for table in tables {
+        let table: String = table.get(0);
+        let dump = client
+            .query(&format!("SELECT t::text FROM {table} t"), &[])
+            .await
+            .unwrap();
+        for row in dump {
+            let text: String = row.get(0);
+            rows_seen += 1;
+            assert!(
+                !text.contains(&marker) && !text.contains("SECRET-PLAINTEXT"),
+                "{table} holds a secret in clear"
+            );
+        }
+    }
+    assert!(
+        rows_seen > 10,
+        "the dump saw the records ({rows_seen} rows)"
+    );
+}
+
+#[tokio::test]
+async fn the_rotation_schedule_lists_due_devices_in_order_behind_a_cursor() {
+    let url = fresh_database().await;
+    let store = PgStore::create(config(&url, &StoreKey::generate())).unwrap();
+    let devices: Vec<DeviceKey> = (0..5)
+        .map(|i| DeviceKey::new(&format!("@echo_{i}:hs"), "DEV"))
+        .collect();
+    for (i, d) in devices.iter().enumerate() {
+        durable(store.record_puppet(d)).await;
+        durable(store.schedule_rotation(d, 1_000 * (i as u64 + 1), None)).await;
+    }
+    durable(store.record_cross_signed(&devices[1])).await;
+    let stranger = DeviceKey::new("@stranger:hs", "DEV");
+    durable(store.schedule_rotation(&stranger, 0, None)).await;
+    assert_eq!(
+        store.due_rotations(2_000, None, 100).unwrap(),
+        vec![(devices[0].clone(), 1_000), (devices[1].clone(), 2_000)]
+    );
+    durable(store.schedule_rotation(&devices[1], 9_000, Some(2_000))).await;
+    assert!(store.is_cross_signed(&devices[1]).unwrap());
+    let all: Vec<u64> = store
+        .due_rotations(u64::MAX, None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(_, due)| due)
+        .collect();
+    assert_eq!(all, vec![1_000, 3_000, 4_000, 5_000, 9_000]);
+    let first = store.due_rotations(u64::MAX, None, 2).unwrap();
+    let rest = store.due_rotations(u64::MAX, first.last(), 100).unwrap();
+    assert_eq!(first.len() + rest.len(), 5);
+    assert!(!rest.contains(&first[1]));
+    durable(store.record_puppet(&devices[3])).await;
+    assert_eq!(
+        store.due_rotations(4_000, None, 100).unwrap().len(),
+        3,
+        "recording again keeps the schedule"
+    );
+    assert_eq!(store.puppets().unwrap().len(), 5);
+}
