@@ -81,6 +81,13 @@ pub trait Backend: Store + TransactionLog + PuppetRegistry {}
 
 impl<T: Store + TransactionLog + PuppetRegistry> Backend for T {}
 
+impl std::fmt::Debug for dyn Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Backends hold secrets and need not be Debug: name it only.
+        f.write_str("dyn Backend")
+    }
+}
+
 /// Where and when a session was last used: `(peer_key, session_id,
 /// last_used)`.
 pub type SessionStamp = ([u8; 32], String, u64);
