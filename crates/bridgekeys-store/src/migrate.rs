@@ -2,7 +2,7 @@
 //! embedded sled store to PostgreSQL when the bridge outgrows one process).
 //!
 //! A source backend lists every record it holds, opened
-//! ([`Export::export`]); [`copy`] writes each one into the target through
+//! ([`Export::records`]); [`copy`] writes each one into the target through
 //! the ordinary [`Backend`] methods, so the target seals them under its own
 //! slots and the copy works between any two backends. What must hold:
 //!
@@ -39,7 +39,7 @@ use crate::{
     SessionRecord, SessionWrite, StoreError,
 };
 
-/// One record of a store, opened, as [`Export::export`] lists it.
+/// One record of a store, opened, as [`Export::records`] lists it.
 #[non_exhaustive]
 pub enum Record {
     /// Every one-time key id the store ever handed out is below this.
