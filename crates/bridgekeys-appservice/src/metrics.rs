@@ -126,6 +126,7 @@ pub(crate) struct Metrics {
     pub transactions: IntCounter,
     pub duplicates: IntCounter,
     pub in_flight_duplicates: IntCounter,
+    pub held_elsewhere: IntCounter,
     pub prekeys_decrypted: IntCounter,
     pub olm_decrypted: IntCounter,
     pub olm_payloads_refused: IntCounter,
@@ -247,6 +248,11 @@ impl Metrics {
                 &registry,
                 "transactions_in_flight_duplicate_total",
                 "Transactions that arrived while the same id was being processed, and waited.",
+            )?,
+            held_elsewhere: counter(
+                &registry,
+                "transactions_held_elsewhere_total",
+                "Transactions that arrived while another process sharing the store processed the same id, and waited for it.",
             )?,
             prekeys_decrypted: counter(
                 &registry,

@@ -36,6 +36,9 @@ pub(crate) struct Inner<H> {
     pub handler: Arc<H>,
     pub metrics: Metrics,
     pub txn_locks: KeyedLocks,
+    /// This listener's name in transaction leases
+    /// ([`TransactionLog::claim_transaction`]): unique per running listener.
+    pub txn_owner: String,
     pub retry_cache: transactions::RetryCache,
     pub draining: AtomicBool,
     /// Set by [`Appservice::with_provisioner`].
@@ -180,6 +183,7 @@ impl<H: BridgeHandler> Appservice<H> {
                 handler,
                 metrics: Metrics::new()?,
                 txn_locks: KeyedLocks::default(),
+                txn_owner: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
                 retry_cache: transactions::RetryCache::default(),
                 draining: AtomicBool::new(false),
                 provisioner: OnceLock::new(),

@@ -22,8 +22,13 @@
 //! 1. The body is parsed whole first: a bad body changes nothing.
 //! 2. A per-id lock: a duplicate arriving while the first is running waits
 //!    for it (counted as an in-flight duplicate).
-//! 3. The durable log ([`TransactionLog`]) is asked: a completed id gets 200
-//!    without processing.
+//! 3. The durable log ([`TransactionLog`]) is asked for the id's lease: a
+//!    completed id gets 200 without processing. When several bridge
+//!    processes share one store, the homeserver's retry may land on another
+//!    process while the first still works on it; the lease makes that one
+//!    wait until the first records the id (then 200 without processing) or
+//!    gives it up (a failed attempt releases it, a dead process's lease
+//!    expires: request timeout plus 10 s). Counted as held elsewhere.
 //! 4. Olm messages (`m.room.encrypted`, either type) addressed to a puppet
 //!    device's curve25519 key are decrypted by the account manager, which
 //!    verifies the payload (recipient, recipient keys, sender, sender keys)
@@ -48,7 +53,7 @@ use axum::{
 };
 use bridgekeys_olm::vodozemac::{Curve25519PublicKey, olm::OlmMessage};
 use bridgekeys_olm::{DecryptedOlm, OLM_ALGORITHM, OlmError};
-use bridgekeys_store::TransactionLog;
+use bridgekeys_store::{TransactionClaim, TransactionLog};
 pub use ruma::api::appservice::event::push_events::v1::{DeviceLists, EphemeralData};
 use ruma::{
     OneTimeKeyAlgorithm, OwnedDeviceId, OwnedTransactionId, OwnedUserId, UInt,
@@ -696,6 +701,89 @@ impl RetryCache {
     }
 }
 
+/// How long a transaction lease lasts past the request timeout: the
+/// request (and its work) is abandoned at the timeout, so a lease this long
+/// outlives every attempt of its owner and needs no renewal.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A held transaction lease: released on drop unless the transaction was
+/// recorded, so a failed attempt leaves the id free for the retry at once.
+struct Lease<'a> {
+    log: &'a dyn TransactionLog,
+    namespace: &'a str,
+    txn_id: &'a str,
+    owner: &'a str,
+    done: bool,
+}
+
+impl Lease<'_> {
+    /// The transaction is recorded: recording ended the lease.
+    fn completed(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if !self.done
+            && let Err(e) = self
+                .log
+                .release_transaction(self.namespace, self.txn_id, self.owner)
+        {
+            // It expires on its own; the retry waits until then.
+            tracing::warn!(txn_id = %self.txn_id, error = %e, "could not release the transaction lease");
+        }
+    }
+}
+
+/// Claim the lease of a transaction (see
+/// [`TransactionLog::claim_transaction`]); `None` if it was completed
+/// before. While another process sharing the store holds it, wait: it
+/// completes (then `None`) or gives it up (then it is ours). The request
+/// timeout bounds the wait.
+async fn claim<'a, H: BridgeHandler>(
+    inner: &'a Inner<H>,
+    namespace: &'a str,
+    txn_id: &'a str,
+) -> Result<Option<Lease<'a>>, MatrixError> {
+    let log: &dyn TransactionLog = inner.txn_log.as_ref();
+    let lease_ms = u64::try_from((inner.config.limits.request_timeout + LEASE_MARGIN).as_millis())
+        .unwrap_or(u64::MAX);
+    let mut pause = std::time::Duration::from_millis(20);
+    let mut counted = false;
+    loop {
+        match log
+            .claim_transaction(namespace, txn_id, &inner.txn_owner, lease_ms)
+            .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?
+        {
+            TransactionClaim::Completed => return Ok(None),
+            TransactionClaim::Claimed => {
+                return Ok(Some(Lease {
+                    log,
+                    namespace,
+                    txn_id,
+                    owner: &inner.txn_owner,
+                    done: false,
+                }));
+            }
+            TransactionClaim::HeldElsewhere { .. } => {
+                if !counted {
+                    counted = true;
+                    inner.metrics.held_elsewhere.inc();
+                    tracing::debug!(%txn_id, "transaction is being processed by another process; waiting for it");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+            other => {
+                return Err(MatrixError::internal(format!(
+                    "transaction log: unexpected claim {other:?}"
+                )));
+            }
+        }
+    }
+}
+
 /// The handler of `PUT /transactions/{txnId}` (both prefixes).
 pub(crate) async fn put_transaction<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
@@ -708,14 +796,11 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         .lock(&txn_id, || inner.metrics.in_flight_duplicates.inc())
         .await;
     let log: &dyn TransactionLog = inner.txn_log.as_ref();
-    if log
-        .transaction_completed(ns, &txn_id)
-        .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?
-    {
+    let Some(mut lease) = claim(&inner, ns, &txn_id).await? else {
         inner.metrics.duplicates.inc();
         tracing::debug!(%txn_id, "duplicate transaction acknowledged without processing");
         return Ok(Json(serde_json::Map::new()));
-    }
+    };
 
     // A retry of a transaction whose pre-key messages were already
     // decrypted (their keys are consumed) reuses that work.
@@ -773,6 +858,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
         .durable()
         .await
         .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?;
+    lease.completed();
     if holds_plaintext {
         inner.retry_cache.take(&txn_id);
     }

@@ -34,7 +34,6 @@ use anyhow::Context;
 use bridgekeys::{
     appservice::DEFAULT_PUPPET_DEVICE_ID,
     olm::{canonical_json_for_signing, vodozemac::Ed25519SecretKey},
-    store::Store,
 };
 use bridgekeys_testkit::{Method, StatusCode, TestUser};
 use echo_bridge::demo::{Local, poll};

@@ -53,9 +53,11 @@ pub mod durable;
 mod error;
 mod identity;
 mod layout;
+pub mod migrate;
 #[cfg(feature = "postgres")]
 pub mod pg_store;
 mod puppets;
+mod sled_export;
 mod sled_store;
 mod transactions;
 mod types;
@@ -91,6 +93,13 @@ pub use types::{
 pub trait Backend: Store + TransactionLog + PuppetRegistry {}
 
 impl<T: Store + TransactionLog + PuppetRegistry> Backend for T {}
+
+impl std::fmt::Debug for dyn Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Backends hold secrets and need not be Debug: name it only.
+        f.write_str("dyn Backend")
+    }
+}
 
 /// Where and when a session was last used: `(peer_key, session_id,
 /// last_used)`.

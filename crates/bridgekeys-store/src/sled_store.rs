@@ -116,7 +116,7 @@ pub struct SledStore {
     path: PathBuf,
     id: StoreId,
     pub(crate) db: sled::Db,
-    sealer: Sealer,
+    pub(crate) sealer: Sealer,
     pub(crate) commit: GroupCommit,
     key_ids: parking_lot::Mutex<KeyIds>,
     /// The key-id mark last applied (not yet necessarily durable), for the

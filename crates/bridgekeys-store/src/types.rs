@@ -41,6 +41,19 @@ impl DeviceKey {
         &self.encoded
     }
 
+    /// Split a device key off the front of `bytes` (a record key after its
+    /// tag): the device and what follows it; `None` if malformed.
+    pub(crate) fn split_front(bytes: &[u8]) -> Option<(Self, &[u8])> {
+        let len = |at: usize| -> Option<usize> {
+            let b = bytes.get(at..at + 4)?;
+            Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let split = 4 + len(0)?;
+        let end = split + 4 + len(split)?;
+        let device = Self::from_bytes(bytes.get(..end)?)?;
+        Some((device, &bytes[end..]))
+    }
+
     /// Decode [`DeviceKey::as_bytes`]; `None` if malformed.
     pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
         let len = |at: usize| -> Option<usize> {

@@ -66,7 +66,7 @@ use bridgekeys_appservice::{
     Registration, RoomStates, UserNamespace, room_state::DEFAULT_CACHED_ROOMS,
 };
 use bridgekeys_olm::{AccountManager, ManagerConfig};
-use bridgekeys_store::SledStore;
+use bridgekeys_store::Backend;
 use ruma::{OwnedServerName, OwnedUserId, UserId};
 use tokio::net::TcpListener;
 
@@ -146,7 +146,7 @@ impl Bridgekeys {
 /// What the builder made, handed to the handler factory
 /// ([`BridgeBuilder::handler`]) and kept by the [`Bridge`]. Every piece is
 /// shared (`Arc` or a cheap clone): clone what your handler keeps.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Parts {
     /// The registration the bridge was built from.
@@ -154,7 +154,7 @@ pub struct Parts {
     /// The homeserver's server name.
     pub server_name: OwnedServerName,
     /// The store (puppet accounts, sessions, room state, transaction log).
-    pub store: Arc<SledStore>,
+    pub store: Arc<dyn Backend>,
     /// The account manager: puppet devices, their keys, Olm sessions.
     pub manager: Arc<AccountManager>,
     /// The homeserver client as the appservice (one connection pool; every
@@ -178,6 +178,18 @@ pub struct Parts {
     pub bot: OwnedUserId,
 }
 
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The store is any backend (no Debug bound); the rest tells which
+        // bridge this is.
+        f.debug_struct("Parts")
+            .field("server_name", &self.server_name)
+            .field("bot", &self.bot)
+            .field("puppets", &self.puppets)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds a [`Bridge`]; see [`Bridgekeys::builder`]. `F` is the handler
 /// factory once [`BridgeBuilder::handler`] has set it.
 #[must_use = "a builder does nothing until built"]
@@ -185,7 +197,7 @@ pub struct BridgeBuilder<F = ()> {
     registration: Registration,
     server_name: OwnedServerName,
     homeserver_url: Option<String>,
-    store: Option<Arc<SledStore>>,
+    store: Option<Arc<dyn Backend>>,
     root_certificate_pem: Option<Vec<u8>>,
     manager_config: ManagerConfig,
     pool_config: PoolConfig,
@@ -216,7 +228,7 @@ impl<F> BridgeBuilder<F> {
 
     /// The open store (required). Create it once at install time and open
     /// it with its expected id afterwards (see `SledStore::open`).
-    pub fn store(mut self, store: Arc<SledStore>) -> Self {
+    pub fn store(mut self, store: Arc<dyn Backend>) -> Self {
         self.store = Some(store);
         self
     }
@@ -435,7 +447,7 @@ impl<H: BridgeHandler> Bridge<H> {
     }
 
     /// The store.
-    pub fn store(&self) -> &Arc<SledStore> {
+    pub fn store(&self) -> &Arc<dyn Backend> {
         &self.parts.store
     }
 

@@ -12,7 +12,7 @@ use bridgekeys::{
         PuppetOlm, Registration, RoomStates, Transaction, UserDecision, UserNamespace,
     },
     olm::AccountManager,
-    store::{PuppetRegistry, SledStore},
+    store::{Backend, PuppetRegistry, SledStore},
 };
 use ruma::{
     OwnedDeviceId, OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId,
@@ -440,7 +440,7 @@ impl EchoBridge {
     }
 
     /// The store.
-    pub fn store(&self) -> &Arc<SledStore> {
+    pub fn store(&self) -> &Arc<dyn Backend> {
         self.bridge.store()
     }
 

@@ -12,7 +12,7 @@ use anyhow::{Context, bail, ensure};
 use bridgekeys::{
     appservice::{DEFAULT_PUPPET_DEVICE_ID, KeyPool, Registration},
     olm::AccountManager,
-    store::{DeviceKey, SledStore, Store},
+    store::{Backend, DeviceKey},
 };
 use bridgekeys_testkit::{Method, StatusCode, Synapse, SynapseOptions, TestUser};
 use ruma::serde::Base64;
@@ -43,6 +43,9 @@ impl Default for LocalOptions {
     }
 }
 
+/// The running bridge's manager, store and key pool.
+type RunningParts = (Arc<AccountManager>, Arc<dyn Backend>, Arc<KeyPool>);
+
 /// Synapse and the echo bridge, both running on loopback, set up exactly as
 /// a deployment would be: `init` writes the files, Synapse loads the
 /// registration, the bridge runs from the config.
@@ -56,7 +59,7 @@ pub struct Local {
     pub registration: Registration,
     /// The bridge's account manager and store (`None` only while a restart
     /// failed half-way).
-    parts: Option<(Arc<AccountManager>, Arc<SledStore>, Arc<KeyPool>)>,
+    parts: Option<RunningParts>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -123,7 +126,7 @@ impl Local {
     }
 
     /// The running bridge's store.
-    pub fn store(&self) -> Option<&Arc<SledStore>> {
+    pub fn store(&self) -> Option<&Arc<dyn Backend>> {
         self.parts.as_ref().map(|(_, s, _)| s)
     }
 

@@ -5,6 +5,7 @@
 //! power-cut shim.
 #![allow(clippy::unwrap_used)]
 
+mod migrate;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod power_cut;

@@ -68,7 +68,7 @@ async fn the_parts_are_wired_from_the_registration() {
     let registration = registration();
     let bridge = Bridgekeys::builder(registration.clone(), "example.org".try_into().unwrap())
         .homeserver_url("http://127.0.0.1:1")
-        .store(Arc::clone(&store))
+        .store(store.clone())
         .pool_config({
             let mut c = bridgekeys::appservice::PoolConfig::default();
             c.puppet_device_id = "ELSEWHERE".into();
@@ -91,7 +91,8 @@ async fn the_parts_are_wired_from_the_registration() {
         !parts.puppets.contains(&parts.bot),
         "the bot is not a puppet"
     );
-    assert!(Arc::ptr_eq(bridge.store(), &store));
+    let ours: Arc<dyn bridgekeys::store::Backend> = store.clone();
+    assert!(Arc::ptr_eq(bridge.store(), &ours));
     assert_eq!(
         bridge.key_pool().config().puppet_device_id,
         "BRIDGEKEYS",
@@ -121,13 +122,13 @@ async fn a_builder_without_its_store_or_homeserver_or_with_a_bad_one_says_what_i
         .build();
     assert!(matches!(no_store, Err(BridgeError::Missing(what)) if what.contains("store")));
     let no_url = Bridgekeys::builder(registration(), server.clone())
-        .store(Arc::clone(&store))
+        .store(store.clone())
         .handler(|_: &Parts| Counting::default())
         .build();
     assert!(matches!(no_url, Err(BridgeError::Missing(what)) if what.contains("homeserver")));
     let bad_url = Bridgekeys::builder(registration(), server.clone())
         .homeserver_url("not a url")
-        .store(Arc::clone(&store))
+        .store(store.clone())
         .handler(|_: &Parts| Counting::default())
         .build();
     assert!(
@@ -137,7 +138,7 @@ async fn a_builder_without_its_store_or_homeserver_or_with_a_bad_one_says_what_i
     let bad_pem = Bridgekeys::builder(registration(), server.clone())
         .homeserver_url("https://127.0.0.1:1")
         .root_certificate_pem(b"not a certificate".to_vec())
-        .store(Arc::clone(&store))
+        .store(store.clone())
         .handler(|_: &Parts| Counting::default())
         .build();
     assert!(

@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, time::Duration};
 use bridgekeys::{
     appservice::{ClaimMode, DEFAULT_PUPPET_DEVICE_ID},
     olm::vodozemac::Ed25519Signature,
-    store::{DeviceKey, Store},
+    store::DeviceKey,
 };
 use bridgekeys_testkit::{Method, NewRoom, OlmPeer, PeerLogin, RoomMessageQuery, TestUser};
 use echo_bridge::{

@@ -1,0 +1,230 @@
+//! Listing every record of a sled store for a migration
+//! ([`crate::migrate::Export`]): one prefix scan per kind of record (see
+//! [`crate::layout`]), each record opened with the store key. Indexes
+//! (`p/` public keys, `n/` rotation schedule) and metadata are not listed:
+//! the target builds its own from the records.
+
+use zeroize::Zeroizing;
+
+use crate::{
+    Delivery, DeviceKey, FIRST_KEY_ID, HeldEvent, OneTimeKeyRecord, SessionRecord, SledStore,
+    StoreError, layout,
+    migrate::{Export, Record},
+};
+
+/// The kinds of records, in the order they are listed: the key-id floor
+/// first (nothing may be issued below it), accounts before their keys.
+const PREFIXES: &[&[u8]] = &[
+    b"a/", b"k/", b"o/", b"s/", b"d/", b"u/", b"q/", b"g/", b"x/", b"h/", b"w/", b"c/", b"t/",
+    b"r/",
+];
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt {
+        what: format!("{what} (while exporting)"),
+    }
+}
+
+/// A length-prefixed string off the front of `bytes`, and the rest.
+fn take_str<'a>(bytes: &'a [u8], what: &str) -> Result<(String, &'a [u8]), StoreError> {
+    let len = bytes
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| corrupt(what))? as usize;
+    let s = bytes.get(4..4 + len).ok_or_else(|| corrupt(what))?;
+    let s = std::str::from_utf8(s).map_err(|_| corrupt(what))?;
+    Ok((s.to_owned(), &bytes[4 + len..]))
+}
+
+fn utf8(bytes: &[u8], what: &str) -> Result<String, StoreError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| corrupt(what))
+}
+
+fn u64_at(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
+    bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt(what))
+}
+
+impl SledStore {
+    fn open_slot(
+        &self,
+        slot: &[u8],
+        sealed: &[u8],
+        what: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        self.sealer.open(slot, sealed).ok_or_else(|| corrupt(what))
+    }
+
+    /// Decode the record at `key` (its tag `tag` included) with `value`.
+    fn decode(&self, tag: &[u8], key: &[u8], value: &[u8]) -> Result<Record, StoreError> {
+        let rest = &key[tag.len()..];
+        let device = |what: &str| DeviceKey::split_front(rest).ok_or_else(|| corrupt(what));
+        Ok(match tag {
+            b"a/" => {
+                let (device, _) = device("account key")?;
+                let version = u64_at(value, "account version")?;
+                let data = self.open_slot(
+                    &layout::account_slot(&device, version),
+                    &value[8..],
+                    "account",
+                )?;
+                Record::Account { device, data }
+            }
+            b"k/" => {
+                let (device, id) = device("one-time key")?;
+                let key_id = u64_at(id, "one-time key id")?;
+                let public_key = value
+                    .get(..32)
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| corrupt("one-time key record"))?;
+                let secret = self.open_slot(key, &value[32..], "one-time key secret")?;
+                let secret_key = Zeroizing::new(
+                    <[u8; 32]>::try_from(secret.as_slice())
+                        .map_err(|_| corrupt("one-time key length"))?,
+                );
+                Record::OneTimeKey {
+                    device,
+                    key: OneTimeKeyRecord {
+                        key_id,
+                        public_key,
+                        secret_key,
+                    },
+                }
+            }
+            b"o/" => {
+                let (device, rest) = device("session")?;
+                let peer_key = rest
+                    .get(..32)
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| corrupt("session peer"))?;
+                let session_id = utf8(&rest[32..], "session id")?;
+                let last_used = u64_at(value, "session record")?;
+                let pickle = self.open_slot(key, &value[8..], "session")?;
+                Record::Session {
+                    device,
+                    session: SessionRecord {
+                        peer_key,
+                        session_id,
+                        last_used,
+                        pickle,
+                    },
+                }
+            }
+            b"s/" => {
+                let (device, id) = device("schema 1 session")?;
+                Record::LegacySession {
+                    device,
+                    session_id: utf8(id, "schema 1 session id")?,
+                }
+            }
+            b"d/" => {
+                let (tag, rest) = take_str(rest, "delivery tag")?;
+                let (device, message) =
+                    DeviceKey::split_front(rest).ok_or_else(|| corrupt("delivery key"))?;
+                let record = self.open_slot(key, value, "delivery record")?;
+                Record::Delivery {
+                    device,
+                    delivery: Delivery {
+                        tag,
+                        message: message.to_vec(),
+                        record,
+                    },
+                }
+            }
+            b"u/" => Record::TrackedUser {
+                user_id: utf8(rest, "tracked user")?,
+                data: self.open_slot(key, value, "tracked devices record")?,
+            },
+            b"q/" => {
+                let (device, room) = device("outbound group session")?;
+                Record::OutboundGroupSession {
+                    device,
+                    room_id: utf8(room, "outbound group session room")?,
+                    data: self.open_slot(key, value, "outbound group session record")?,
+                }
+            }
+            b"g/" => {
+                let (room_id, session) = take_str(rest, "group session room")?;
+                Record::GroupSession {
+                    room_id,
+                    session_id: utf8(session, "group session id")?,
+                    data: self.open_slot(key, value, "group session record")?,
+                }
+            }
+            b"x/" => {
+                let (room_id, rest) = take_str(rest, "message index room")?;
+                let (session_id, rest) = take_str(rest, "message index session")?;
+                let index = rest
+                    .get(..4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(|| corrupt("message index"))?;
+                Record::MessageIndex {
+                    room_id,
+                    session_id,
+                    index,
+                    event_id: utf8(value, "message index event")?,
+                }
+            }
+            b"h/" => {
+                let (room_id, session_id, event_id) =
+                    layout::parse_held_event(key).ok_or_else(|| corrupt("held event key"))?;
+                Record::HeldEvent(HeldEvent {
+                    room_id,
+                    session_id,
+                    event_id,
+                    record: self.open_slot(key, value, "held event")?,
+                })
+            }
+            b"w/" => Record::RoomState {
+                room_id: utf8(rest, "room state key")?,
+                data: self.open_slot(key, value, "room state record")?,
+            },
+            b"c/" => Record::CrossSigning {
+                user_id: utf8(rest, "cross-signing key")?,
+                data: self.open_slot(key, value, "cross-signing record")?,
+            },
+            b"t/" => {
+                let (namespace, id) = take_str(rest, "transaction namespace")?;
+                Record::Transaction {
+                    namespace,
+                    txn_id: utf8(id, "transaction id")?,
+                }
+            }
+            b"r/" => {
+                let (device, _) = device("puppet")?;
+                Record::Puppet {
+                    device,
+                    cross_signed: value.first() == Some(&1),
+                    due_ms: value
+                        .get(1..9)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map(u64::from_be_bytes),
+                }
+            }
+            _ => return Err(corrupt("record kind")),
+        })
+    }
+}
+
+impl Export for SledStore {
+    fn records(&self) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_> {
+        let floor = std::iter::once_with(move || {
+            Ok(Record::KeyIdFloor(match self.db.get(layout::KEY_IDS)? {
+                None => FIRST_KEY_ID,
+                Some(raw) => u64_at(&raw, "key id mark")?,
+            }))
+        });
+        let records = PREFIXES.iter().flat_map(move |tag| {
+            self.db.scan_prefix(tag).map(move |item| {
+                let (key, value) = item?;
+                self.decode(tag, &key, &value)
+            })
+        });
+        Box::new(floor.chain(records))
+    }
+}
