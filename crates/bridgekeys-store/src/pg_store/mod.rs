@@ -54,6 +54,13 @@
 //! * Migrations run at open under a transaction-scoped advisory lock, so
 //!   processes starting at once apply each migration once.
 //!
+//! # Migration
+//!
+//! `PgStore` implements [`Export`](crate::migrate::Export), so
+//! [`migrate::copy`](crate::migrate::copy) moves a sled store into a fresh
+//! `PgStore` (the usual direction, when a bridge outgrows one process) and
+//! a PostgreSQL store back out again.
+//!
 //! # Not (yet) here
 //!
 //! Connections are plain TCP or Unix sockets (`NoTls`): put the database on
@@ -65,6 +72,7 @@
 //! from an old backup is not detected.
 
 mod appender;
+mod export;
 mod log;
 mod store;
 

@@ -638,3 +638,55 @@ async fn the_rotation_schedule_lists_due_devices_in_order_behind_a_cursor() {
     );
     assert_eq!(store.puppets().unwrap().len(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_populated_pg_store_holds_every_kind_of_record() {
+    let url = fresh_database().await;
+    let store = PgStore::create(config(&url, &StoreKey::generate())).unwrap();
+    let populated = crate::migrate::populate(&store).await;
+    crate::migrate::assert_holds(&store, &populated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_store_copied_into_postgres_and_back_keeps_every_record_and_its_key_ids() {
+    use bridgekeys_store::{
+        SledStore, SledStoreConfig,
+        migrate::{Export, copy},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sled = SledStore::create(SledStoreConfig::new(
+        dir.path().join("sled"),
+        StoreKey::generate(),
+    ))
+    .unwrap();
+    let populated = crate::migrate::populate(&sled).await;
+    let url = fresh_database().await;
+    let key = StoreKey::generate();
+    let pg = PgStore::create(config(&url, &key)).unwrap();
+    let report = copy(&sled, &pg).await.unwrap();
+    assert_eq!((report.accounts, report.one_time_keys), (2, 4));
+    crate::migrate::assert_holds(&pg, &populated);
+    let next = pg.reserve_key_ids(1).unwrap();
+    assert!(next >= report.key_id_floor, "no id below the sled floor");
+    let id = pg.id();
+    drop(pg);
+
+    // Reopened as another process would, then exported to a new sled store.
+    let pg = PgStore::open(config(&url, &key).expect_id(id)).unwrap();
+    crate::migrate::assert_holds(&pg, &populated);
+    // A listing abandoned halfway leaves the store usable.
+    assert!(pg.records().take(2).count() == 2);
+    let back = SledStore::create(SledStoreConfig::new(
+        dir.path().join("back"),
+        StoreKey::generate(),
+    ))
+    .unwrap();
+    let report = copy(&pg, &back).await.unwrap();
+    assert!(
+        report.key_id_floor > next,
+        "the floor covers ids pg handed out"
+    );
+    assert_eq!(report.puppets, 2);
+    crate::migrate::assert_holds(&back, &populated);
+    assert!(back.reserve_key_ids(1).unwrap() > next);
+}
