@@ -46,7 +46,7 @@
 //!   whose account update is a compare-and-swap on the version (`UPDATE ...
 //!   WHERE version = $expected`), so of two processes consuming the same
 //!   one-time key exactly one wins and the other gets
-//!   [`StoreError::Conflict`](crate::StoreError::Conflict).
+//!   [`StoreError::Conflict`].
 //! * Transaction leases ([`TransactionLog::claim_transaction`](crate::TransactionLog::claim_transaction))
 //!   are rows, claimed with one upsert that succeeds only where no other
 //!   owner holds an unexpired lease; lease times are the database's clock,
@@ -83,6 +83,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -144,7 +145,15 @@ pub struct PgStoreConfig {
     /// Most queued key appends one group commit writes (the rest wait for
     /// the next). Default [`DEFAULT_MAX_APPEND_BATCH`].
     pub max_append_batch: usize,
+    /// How long a call waits for a connection (opening one, or one of the
+    /// pool to come free) before it fails with [`StoreError::Engine`]
+    /// instead of blocking its caller indefinitely on an unreachable
+    /// database. Default [`DEFAULT_PG_CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
 }
+
+/// Default of [`PgStoreConfig::connect_timeout`].
+pub const DEFAULT_PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl PgStoreConfig {
     /// A configuration with the defaults.
@@ -156,6 +165,7 @@ impl PgStoreConfig {
             pool_size: DEFAULT_PG_POOL_SIZE,
             key_id_block: DEFAULT_KEY_ID_BLOCK,
             max_append_batch: DEFAULT_MAX_APPEND_BATCH,
+            connect_timeout: DEFAULT_PG_CONNECT_TIMEOUT,
         }
     }
 
@@ -178,6 +188,7 @@ impl std::fmt::Debug for PgStoreConfig {
             .field("pool_size", &self.pool_size)
             .field("key_id_block", &self.key_id_block)
             .field("max_append_batch", &self.max_append_batch)
+            .field("connect_timeout", &self.connect_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -289,6 +300,10 @@ impl PgStore {
         );
         let pool = Pool::builder(manager)
             .max_size(config.pool_size.max(2))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
             .build()
             .map_err(StoreError::engine)?;
         let engine = Engine::start(pool, config.max_append_batch.max(1))?;

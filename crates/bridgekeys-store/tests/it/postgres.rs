@@ -690,3 +690,22 @@ async fn a_sled_store_copied_into_postgres_and_back_keeps_every_record_and_its_k
     crate::migrate::assert_holds(&back, &populated);
     assert!(back.reserve_key_ids(1).unwrap() > next);
 }
+
+#[tokio::test]
+async fn an_unreachable_database_fails_within_the_connect_timeout_instead_of_hanging() {
+    // A port nothing listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = PgStoreConfig::new(
+        format!("postgres://nobody@127.0.0.1:{port}/nothing"),
+        StoreKey::generate(),
+    );
+    config.connect_timeout = std::time::Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let err = PgStore::open(config).unwrap_err();
+    assert!(matches!(err, StoreError::Engine(_)), "{err:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
