@@ -627,7 +627,9 @@ impl Engine {
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         self.call(move |pool| async move {
             let client = pool.get().await.pg()?;
-            client.query(sql, &refs(&params)).await.pg()
+            // Prepared once per connection: one round trip per call after.
+            let statement = client.prepare_cached(sql).await.pg()?;
+            client.query(&statement, &refs(&params)).await.pg()
         })
     }
 
@@ -636,7 +638,8 @@ impl Engine {
     fn execute(&self, sql: &'static str, params: Params) -> Result<u64, StoreError> {
         let n = self.call(move |pool| async move {
             let client = pool.get().await.pg()?;
-            client.execute(sql, &refs(&params)).await.pg()
+            let statement = client.prepare_cached(sql).await.pg()?;
+            client.execute(&statement, &refs(&params)).await.pg()
         })?;
         self.committed();
         Ok(n)
