@@ -55,6 +55,9 @@ mod transactions;
 mod types;
 mod watermark;
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;
 pub use error::StoreError;
