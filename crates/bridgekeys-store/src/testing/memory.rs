@@ -23,7 +23,8 @@ use crate::{
 /// [`StoreError::Conflict`], all-or-nothing device and session writes, a
 /// key-id sequence from [`FIRST_KEY_ID`] that never repeats (for the life of
 /// the object), the same orders for listings, create-once cross-signing
-/// identities, the puppet registry's rotation schedule with its cursor.
+/// identities, the puppet registry's rotation schedule with its cursor. It
+/// passes the whole [`conformance`](crate::testing::conformance) suite.
 ///
 /// What it does not have is a disk: nothing survives the object, so
 /// "durable" means "applied" and every write returns [`Pending::ready`]

@@ -8,6 +8,13 @@
 //!   ([`MemoryStore::fail_writes`], [`MemoryStore::fail_durability`]). Its
 //!   leases are real, so one `MemoryStore` shared by two listeners stands in
 //!   for two processes sharing one database.
+//! * [`conformance`]: the [`Store`](crate::Store) contract in executable
+//!   form: one check per guarantee, run against any backend with
+//!   [`conformance_tests!`](crate::conformance_tests) (and
+//!   [`lease_conformance_tests!`](crate::lease_conformance_tests) for a
+//!   backend several processes share).
+
+pub mod conformance;
 mod memory;
 
 pub use memory::MemoryStore;

@@ -5,5 +5,6 @@
 //! power-cut shim.
 #![allow(clippy::unwrap_used)]
 
+mod conformance;
 mod power_cut;
 mod store;
