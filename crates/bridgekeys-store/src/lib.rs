@@ -4,28 +4,81 @@
 //! answer: the private half of each key it returned is on disk and will still
 //! be there when the pre-key message arrives. This crate is where that promise
 //! is kept. It knows nothing about Olm; it stores opaque, already-serialised
-//! device state and the one-time keys that belong to it, and guarantees:
+//! device state and the one-time keys that belong to it.
+//!
+//! # The contract
+//!
+//! The account manager and the appservice depend on the [`Store`],
+//! [`TransactionLog`] and [`PuppetRegistry`] traits (together, a
+//! [`Backend`]), not on an engine. Any crate may implement a backend; every
+//! backend must guarantee:
 //!
 //! * **Versioned updates.** Every write of a device names the version it read
-//!   ([`Version`]); a lost race is reported as [`StoreError::Conflict`], never
-//!   silently overwritten.
+//!   ([`Version`]: 1 for the first write, one more for each write after); a
+//!   lost race is reported as [`StoreError::Conflict`] naming the version
+//!   expected and the one found, never silently overwritten, and changes
+//!   nothing.
 //! * **Atomicity where it matters.** [`Store::write_device`] writes a
-//!   device's account record, new and removed one-time keys and new sessions
-//!   in one transaction: all of it or none of it, after a crash too. The hot
-//!   claim path uses [`Store::append_keys`] instead: plain inserts of the new
-//!   keys, in order, which needs no transaction because nothing of it is
-//!   acknowledged before it is all durable. Key ids come from a store-wide
-//!   sequence ([`Store::reserve_key_ids`]) that never repeats, so a claim
-//!   does not rewrite the account at all.
+//!   device's account record, new and removed one-time keys, new and removed
+//!   sessions and its delivery record in one transaction: all of it or none
+//!   of it, after a crash too; so does [`Store::write_sessions`]. Removing a
+//!   key that is already gone is no error. The hot claim path uses
+//!   [`Store::append_keys`] instead: plain inserts of the new keys, in order,
+//!   which needs no transaction because nothing of it is acknowledged before
+//!   it is all durable (readers treat a public-key index entry whose key
+//!   record is missing or different as absent).
+//! * **Key ids never repeat.** Key ids come from a store-wide sequence
+//!   ([`Store::reserve_key_ids`]), at or above [`FIRST_KEY_ID`] and
+//!   increasing, that never hands out an id twice: not to concurrent callers,
+//!   not after a crash or a restart, not to another process sharing the
+//!   store. So a claim does not rewrite the account at all.
+//! * **Visible on return.** A write is applied when its call returns: every
+//!   later read, from any thread (or any process sharing the store), sees it.
 //! * **Durability before acknowledgement.** A write returns a [`Pending`]
-//!   handle; only when [`Pending::durable`] resolves is the write on disk.
-//!   Concurrent writers share one flush (group commit), so durability does not
-//!   cost one `fsync` per claim.
+//!   handle; only when [`Pending::durable`] resolves `Ok` is the write on
+//!   disk, power cut included, together with any key-id reservation applied
+//!   before it. Nothing is acknowledged before that.
+//! * **Once only.** A user's cross-signing identity is created once
+//!   ([`Store::create_cross_signing`]: concurrent creators get one winner,
+//!   and it is never replaced), a message index is first used once
+//!   ([`Store::record_message_index`]), and a transaction is processed by one
+//!   lease holder at a time ([`TransactionLog::claim_transaction`]: a
+//!   backend several processes share must keep real leases).
+//! * **Stable orders.** The oldest one-time keys come lowest id first; room
+//!   state ids in byte order; held events grouped by session, each session's
+//!   in event-id byte order; due rotations earliest first behind a cursor.
+//! * **Secrets sealed at rest.** Every record value except public data (ids,
+//!   public keys, times) is encrypted wherever the backend keeps it at rest.
+//! * **A failed call changes nothing** ([`StoreError`]).
+//!
+//! What a trait call can observe of this contract is checked by the
+//! conformance suite:
+#![cfg_attr(
+    feature = "testing",
+    doc = "[`testing::conformance`], with [`testing::MemoryStore`] as a second reference backend"
+)]
+#![cfg_attr(
+    not(feature = "testing"),
+    doc = "`testing::conformance`, with `testing::MemoryStore` as a second reference backend"
+)]
+//! (feature `testing`). A new backend runs it in its tests with one line,
+//! `bridgekeys_store::conformance_tests!(fresh())`. `MemoryStore` keeps
+//! nothing at rest (it holds its records in memory only, in wiped-on-drop
+//! buffers), so it needs no sealing.
+//!
+//! # The sled backend
+//!
+//! [`SledStore`] is the default backend. On top of the contract:
+//!
+//! * **Group commit.** Concurrent writers share one flush, so durability
+//!   does not cost one `fsync` per claim.
 //! * **Encryption at rest.** Secret values are sealed with XChaCha20-Poly1305
 //!   under a 32-byte [`StoreKey`] from configuration, bound to the record's
 //!   slot. A wrong key is detected at open time ([`StoreError::WrongKey`]).
 //! * **Single owner.** A second process opening the same store gets
-//!   [`StoreError::Locked`] naming the path.
+//!   [`StoreError::Locked`] naming the path. (So its transaction claims are
+//!   the trait's default, without stored leases: the listener's own lock
+//!   serialises duplicates.)
 //! * **A schema version record**, so the format can migrate later.
 //! * **Created on purpose, never silently.** [`SledStore::create`] makes a
 //!   new store, durable as a whole (files, directories and their entries
@@ -34,17 +87,10 @@
 //!   a store with another [`StoreId`] than the configured one
 //!   ([`StoreError::Foreign`]), and a store restored from an older backup
 //!   ([`StoreError::RolledBack`], detected by a key-id watermark file kept
-//!   beside the store).
+//!   beside the store), whose key ids would otherwise repeat.
 //! * **Power-cut safe, not only kill-safe.** Every group commit syncs the log
 //!   file and, when its entries changed, the store directory
 //!   ([`durable`] has the helpers).
-//!
-//! [`SledStore`] is the default backend; the [`Store`] trait is what the
-//! account manager depends on. With the feature `postgres`, `PgStore`
-//! (module `pg_store`) keeps the same records in PostgreSQL for bridges
-//! that run several processes on one database: there the single-owner
-//! lock gives way to compare-and-swap transactions, database-issued key-id
-//! blocks and transaction leases, and `COMMIT` is the durability point.
 #![deny(missing_docs)]
 
 mod commit;
@@ -62,6 +108,9 @@ mod sled_store;
 mod transactions;
 mod types;
 mod watermark;
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;
@@ -110,9 +159,24 @@ pub type LegacySession = (String, zeroize::Zeroizing<Vec<u8>>);
 
 /// What the account manager needs from durable storage.
 ///
-/// Implementations must honour the guarantees listed in the crate docs:
-/// compare-and-swap versions, atomic device writes, durability signalled
-/// through [`Pending`], and secrets encrypted at rest.
+/// Implementations must honour the contract in the [crate docs](crate#the-contract):
+/// compare-and-swap versions ([`StoreError::Conflict`], nothing changed),
+/// atomic device and session writes, key ids that never repeat, writes
+/// visible when their call returns and durable when [`Pending::durable`]
+/// resolves, create-once cross-signing identities and message indexes, the
+/// listing orders each method states, and secrets encrypted at rest.
+/// Every method may be called from many threads at once (hence `Send +
+/// Sync`).
+///
+/// The executable form of this contract is the conformance suite
+#[cfg_attr(
+    feature = "testing",
+    doc = "([`testing::conformance`], feature `testing`)."
+)]
+#[cfg_attr(
+    not(feature = "testing"),
+    doc = "(`testing::conformance`, feature `testing`)."
+)]
 pub trait Store: Send + Sync + 'static {
     /// Load the account record of a device, or `None` if it was never created.
     fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError>;
@@ -288,8 +352,11 @@ pub trait Store: Send + Sync + 'static {
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError>;
 
-    /// Held events: those waiting for one session's key, or (with `None`)
-    /// all of them, in key order.
+    /// Held events: those waiting for one session's key (that room and
+    /// session exactly), or (with `None`) all of them. Each session's
+    /// events are listed together, in event-id byte order. (sled lists
+    /// sessions by room id length, room id, session id length, session id:
+    /// its key order; callers must not depend on the order of sessions.)
     fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError>;
 
     /// The sealed record of what the bridge knows about a room (whether it
@@ -303,7 +370,8 @@ pub trait Store: Send + Sync + 'static {
     fn write_room_state(&self, room_id: &str, record: Option<&[u8]>)
     -> Result<Pending, StoreError>;
 
-    /// The rooms that have a state record, in key order.
+    /// The rooms that have a state record, in byte order of their ids (not
+    /// a locale's collation: `"!B"` comes before `"!a"`).
     fn room_state_ids(&self) -> Result<Vec<String>, StoreError>;
 
     /// The sealed cross-signing identity of a puppet user (its master,

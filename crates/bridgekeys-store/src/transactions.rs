@@ -55,7 +55,10 @@ pub trait TransactionLog: Send + Sync + 'static {
     /// The default suits a backend only one process can open (sled): the
     /// listener's own per-id lock already serialises duplicates there, so
     /// it reports [`TransactionClaim::Completed`] or
-    /// [`TransactionClaim::Claimed`] and stores no lease.
+    /// [`TransactionClaim::Claimed`] and stores no lease. A backend that
+    /// several processes share must implement it for real (the lease
+    /// checks of the conformance suite, `testing::conformance::LEASE_CHECKS`
+    /// with feature `testing`, say what that means).
     fn claim_transaction(
         &self,
         namespace: &str,

@@ -71,6 +71,36 @@ pub enum TestkitError {
         .0.reason
     )]
     Undecryptable(Box<UndecryptableEvent>),
+    /// No usable PostgreSQL for a [`Postgres`](crate::Postgres): its
+    /// programs are not installed, or (as root) there is no user or tool to
+    /// run the server as someone else.
+    #[error(
+        "PostgreSQL is required for this test ({detail}); install it with `apt-get install postgresql` (Debian puts the server in /usr/lib/postgresql/<version>/bin, which is searched after PATH), or point BRIDGEKEYS_POSTGRES_BIN at a directory with initdb, postgres, pg_isready and psql"
+    )]
+    PostgresMissing {
+        /// What was not found.
+        detail: String,
+    },
+    /// The PostgreSQL server did not come up (`initdb` failed, the server
+    /// exited, or it did not accept connections in time).
+    #[error("postgres did not start: {reason}\n--- last lines of its log ({log}) ---\n{tail}")]
+    PostgresStart {
+        /// What went wrong.
+        reason: String,
+        /// The log file (`initdb`'s and the server's output).
+        log: PathBuf,
+        /// The end of the log.
+        tail: String,
+    },
+    /// A command on the running PostgreSQL server failed: `psql` (creating
+    /// a database, a query), or stopping or killing it.
+    #[error("postgres: {what} failed: {detail}")]
+    Postgres {
+        /// Which command.
+        what: String,
+        /// Its exit status and complaint.
+        detail: String,
+    },
     /// A file could not be read or written.
     #[error("{what}: {source}")]
     Io {

@@ -1,5 +1,6 @@
-//! Start a real Synapse for a test, so that a bridge is tested against the
-//! homeserver it will meet, not a mock of it.
+//! Start a real Synapse (and, for stores, a real PostgreSQL) for a test, so
+//! that a bridge is tested against the homeserver and database it will
+//! meet, not mocks of them.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), bridgekeys_testkit::TestkitError> {
@@ -47,12 +48,38 @@
 //! carol.quit().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! For a store on PostgreSQL, a [`Postgres`] is a real, throwaway server:
+//! `initdb` into a temporary directory, `postgres` on a free loopback port
+//! with `fsync` on (the tests are about durability; [`PostgresOptions`]
+//! can turn it off), a password-protected superuser, and one fresh
+//! database per test. [`Postgres::kill`] and [`Postgres::restart`] crash
+//! and recover it. It uses the PostgreSQL command-line tools, found on
+//! `PATH` or in Debian's `/usr/lib/postgresql/<version>/bin`
+//! (`apt-get install postgresql`); as root, it runs the server as the
+//! `postgres` (else `nobody`) user, since PostgreSQL refuses root. It is
+//! stopped and its directory removed when dropped; if the test is
+//! panicking, the end of its log is printed.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), bridgekeys_testkit::TestkitError> {
+//! use bridgekeys_testkit::Postgres;
+//!
+//! let mut pg = Postgres::start().await?;
+//! let url = pg.create_database("my_test").await?; // postgres://…/my_test
+//! pg.psql("my_test", "CREATE TABLE t (n int); INSERT INTO t VALUES (1)").await?;
+//! pg.kill().await?; // SIGKILL to the server and all of its processes
+//! pg.restart().await?; // crash recovery, same port and URL
+//! assert_eq!(pg.psql("my_test", "SELECT n FROM t").await?, "1");
+//! # let _ = url; Ok(()) }
+//! ```
 #![deny(missing_docs)]
 
 mod config;
 mod error;
 mod http;
 mod peer;
+mod postgres;
 mod venv;
 
 use std::{
@@ -66,6 +93,7 @@ pub use peer::{
     NewRoom, OlmPeer, PeerDevice, PeerDeviceKeys, PeerLogin, PeerRoomMessage, PeerVersions,
     ReceivedOlm, RoomMessageQuery, SentOlm, SentRoomMessage, UndecryptableEvent, UserDevice,
 };
+pub use postgres::{POSTGRES_BIN_ENV, Postgres, PostgresOptions};
 pub use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 pub use venv::{

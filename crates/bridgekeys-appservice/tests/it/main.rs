@@ -26,5 +26,6 @@ mod provision;
 mod room_key_requests;
 mod room_state;
 mod serve;
+mod shared_store;
 mod synapse;
 mod transactions;

@@ -5,6 +5,7 @@
 //! power-cut shim.
 #![allow(clippy::unwrap_used)]
 
+mod conformance;
 mod migrate;
 #[cfg(feature = "postgres")]
 mod postgres;

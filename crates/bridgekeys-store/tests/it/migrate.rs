@@ -279,3 +279,15 @@ async fn a_copy_into_a_store_holding_one_of_the_accounts_is_refused() {
         "the target's own account is left as it was"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_store_copied_into_another_backend_holds_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = sled(dir.path(), "source");
+    let populated = populate(source.as_ref()).await;
+    let target = bridgekeys_store::testing::MemoryStore::new();
+    let report = copy(source.as_ref(), &target).await.unwrap();
+    assert_eq!(report.one_time_keys, 4);
+    assert_holds(&target, &populated);
+    assert!(target.reserve_key_ids(1).unwrap() >= report.key_id_floor);
+}

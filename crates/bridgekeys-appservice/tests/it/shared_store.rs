@@ -1,0 +1,158 @@
+//! Several bridge processes on one store: two listeners sharing one
+//! `MemoryStore` (with real transaction leases) stand for two processes on
+//! one PostgreSQL database. A homeserver retry that lands on the other
+//! process is handled once.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use axum::{
+    Router,
+    http::{Method, StatusCode},
+};
+use bridgekeys_appservice::{Appservice, Limits};
+use bridgekeys_olm::{AccountManager, ManagerConfig};
+use bridgekeys_store::{Backend, TransactionLog, testing::MemoryStore};
+use serde_json::json;
+use tokio::sync::{Notify, mpsc};
+
+use crate::common::{Recorder, TXN_NS, authed, call, config, json_body, metric_value};
+
+/// One "process": its own manager, handler and listener on the shared store.
+struct Process {
+    handler: Arc<Recorder>,
+    router: Router,
+}
+
+impl Process {
+    fn on(store: &Arc<MemoryStore>) -> Self {
+        let backend: Arc<dyn Backend> = store.clone();
+        let manager = Arc::new(AccountManager::new(
+            backend.clone(),
+            ManagerConfig::default(),
+        ));
+        let handler = Arc::new(Recorder::default());
+        let appservice = Appservice::new(
+            config(Limits::default()),
+            manager,
+            backend,
+            Arc::clone(&handler),
+        )
+        .unwrap();
+        Self {
+            handler,
+            router: appservice.router(),
+        }
+    }
+
+    async fn put(&self, id: &str) -> StatusCode {
+        let body = json!({"events": [{"type": "m.room.message"}]});
+        let path = format!("/_matrix/app/v1/transactions/{id}");
+        call(&self.router, authed(Method::PUT, &path, json_body(&body)))
+            .await
+            .0
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        metric_value(&metrics_text(&self.router).await, name)
+    }
+}
+
+async fn metrics_text(router: &Router) -> String {
+    use axum::body::{Body, to_bytes};
+    use tower::ServiceExt;
+    let resp = router
+        .clone()
+        .oneshot(
+            axum::http::Request::get("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    String::from_utf8(
+        to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+const HELD_ELSEWHERE: &str = "bridgekeys_appservice_transactions_held_elsewhere_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_retried_to_another_process_while_the_first_handles_it_is_handled_once() {
+    let store = Arc::new(MemoryStore::new());
+    let (first, second) = (Process::on(&store), Process::on(&store));
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    *first.handler.gate.lock().unwrap() = Some((entered_tx, Arc::clone(&release)));
+
+    let first = Arc::new(first);
+    let running = {
+        let first = Arc::clone(&first);
+        tokio::spawn(async move { first.put("slow").await })
+    };
+    // The first process is inside the bridge's handler, not yet recorded.
+    entered.recv().await.unwrap();
+    let second = Arc::new(second);
+    let retried = {
+        let second = Arc::clone(&second);
+        tokio::spawn(async move { second.put("slow").await })
+    };
+    // The retry found the lease held by the first process (a condition,
+    // not a sleep: the second listener's counter says so).
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while second.metric(HELD_ELSEWHERE).await < 1.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the retry waited for the lease held by the other process");
+    assert_eq!(second.handler.calls.load(Ordering::SeqCst), 0);
+    assert!(
+        !retried.is_finished(),
+        "the retry is not answered before the first records"
+    );
+    release.notify_one();
+
+    assert_eq!(running.await.unwrap(), StatusCode::OK);
+    assert_eq!(retried.await.unwrap(), StatusCode::OK);
+    assert_eq!(first.handler.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        second.handler.calls.load(Ordering::SeqCst),
+        0,
+        "handled once, by the first process"
+    );
+    assert_eq!(
+        second
+            .metric("bridgekeys_appservice_transactions_duplicate_total")
+            .await,
+        1.0
+    );
+    assert!(store.transaction_completed(TXN_NS, "slow").unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_releases_the_lease_so_the_retry_on_another_process_runs_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let (first, second) = (Process::on(&store), Process::on(&store));
+    first.handler.fail.store(true, Ordering::SeqCst);
+    assert_eq!(first.put("flaky").await, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!store.transaction_completed(TXN_NS, "flaky").unwrap());
+
+    // Without the release, the retry would wait for the lease to expire
+    // (request timeout plus 10 s) and count as held elsewhere.
+    assert_eq!(second.put("flaky").await, StatusCode::OK);
+    assert_eq!(second.handler.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(second.metric(HELD_ELSEWHERE).await, 0.0);
+    assert!(store.transaction_completed(TXN_NS, "flaky").unwrap());
+    // And back on the first process it is now a duplicate.
+    first.handler.fail.store(false, Ordering::SeqCst);
+    assert_eq!(first.put("flaky").await, StatusCode::OK);
+    assert_eq!(
+        first.handler.calls.load(Ordering::SeqCst),
+        1,
+        "only the failed attempt"
+    );
+}
