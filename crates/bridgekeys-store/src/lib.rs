@@ -91,6 +91,16 @@
 //! * **Power-cut safe, not only kill-safe.** Every group commit syncs the log
 //!   file and, when its entries changed, the store directory
 //!   ([`durable`] has the helpers).
+//!
+//! # The PostgreSQL backend
+//!
+//! With the feature `postgres`, `PgStore` (module `pg_store`) keeps the same
+//! records, sealed the same way, in one PostgreSQL database that several
+//! bridge processes share: compare-and-swap transactions instead of the
+//! single-owner lock, key ids from a counter row in blocks, real transaction
+//! leases, versioned migrations, and `COMMIT` as the durability point (the
+//! claim path's appends commit asynchronously and share one synchronous
+//! flush). It passes the conformance suite, lease checks included.
 #![deny(missing_docs)]
 
 mod commit;

@@ -126,3 +126,11 @@ CREATE TABLE bk_puppets (
     due_ms BIGINT
 );
 CREATE INDEX bk_puppets_schedule ON bk_puppets (due_ms, device) WHERE due_ms IS NOT NULL;
+
+-- One row per open PgStore: the group commit of appended one-time keys
+-- flushes the WAL by committing a write here synchronously (see
+-- appender.rs); each process has its own row, so none waits on another's.
+CREATE TABLE bk_flush (
+    instance BIGINT PRIMARY KEY,
+    flushes BIGINT NOT NULL
+);

@@ -15,27 +15,25 @@
 //!
 //! # Durability
 //!
-//! PostgreSQL's `COMMIT` is the durability point: every connection runs
-//! with `synchronous_commit=on` (set as a connection option unless the URL
-//! sets it), so a committed transaction is flushed to the WAL (and to a
-//! synchronous standby, if one is configured). Writes other than
+//! PostgreSQL's `COMMIT` is the durability point: every connection but the
+//! append connections below runs with `synchronous_commit=on` (set as a
+//! connection option unless the URL sets it), so a committed transaction is
+//! flushed to the WAL (and to a synchronous standby, if one is configured). Writes other than
 //! [`Store::append_keys`](crate::Store::append_keys) run their transaction
 //! before they return and hand back [`Pending::ready`](crate::Pending::ready).
 //!
 //! The hot claim path is cheap: [`Store::reserve_key_ids`](crate::Store::reserve_key_ids)
 //! hands out ids from a block reserved in the database
 //! ([`PgStoreConfig::key_id_block`] ids per round trip), and
-//! [`Store::append_keys`](crate::Store::append_keys) queues its sealed rows to
-//! a writer task that inserts the keys of every claim queued meanwhile in one
-//! transaction (group commit); each claim's [`Pending`](crate::Pending)
-//! resolves when that transaction committed. The appended keys are visible to
-//! this process's readers (`one_time_key`, `oldest_one_time_keys`,
-//! `count_one_time_keys`) as soon as `append_keys` returns, through a local
-//! overlay of the queued rows, as with the other backends: the account
-//! manager reads a device's oldest keys for eviction while an earlier claim
-//! of the same device may still be committing. Other processes see them once
-//! committed (they cannot have been handed out before).
-//!
+//! [`Store::append_keys`](crate::Store::append_keys) writes its keys in one
+//! statement on a connection with `synchronous_commit=off`: visible to every
+//! reader, in every process, when it returns, without waiting for a disk
+//! flush. Its [`Pending`](crate::Pending) resolves after the next flush of
+//! the group commit: one synchronous commit for every claim that waited
+//! meanwhile, which flushes the WAL past all of their commits (see
+//! `appender.rs`). A database crash may lose an append that was not flushed
+//! yet: nobody acknowledged its keys, and their ids are never issued again.
+
 //! # Several processes
 //!
 //! * Key ids come from one counter row (`bk_key_ids`), taken in blocks: ids
@@ -93,7 +91,7 @@ use crate::{
     CommitStats, StoreError, StoreId, StoreKey, crypto::Sealer, layout, sled_store::FIRST_KEY_ID,
 };
 
-use appender::{AppendJob, Overlay};
+use appender::Waiter;
 
 /// The schema version this build of [`PgStore`] writes (the highest
 /// migration it knows). A database at a higher version is refused with
@@ -133,17 +131,17 @@ pub struct PgStoreConfig {
     /// bridge records the id at creation and sets it on every open, so
     /// another bridge's database is refused ([`StoreError::Foreign`]).
     pub expected_id: Option<StoreId>,
-    /// Most connections this process holds open. Each synchronous call uses
-    /// one for its round trips; the group-commit writer uses one. Default
-    /// [`DEFAULT_PG_POOL_SIZE`].
+    /// Most connections this process holds open for each of its two pools
+    /// (synchronous commits; the claim path's asynchronous appends). Each
+    /// call uses one for its round trips. Default [`DEFAULT_PG_POOL_SIZE`].
     pub pool_size: usize,
     /// Key ids taken from the database counter per round trip: a claim
     /// costs a database round trip for ids only once per this many keys,
     /// and a crash or restart skips at most this many ids. Default
     /// [`DEFAULT_KEY_ID_BLOCK`].
     pub key_id_block: u64,
-    /// Most queued key appends one group commit writes (the rest wait for
-    /// the next). Default [`DEFAULT_MAX_APPEND_BATCH`].
+    /// Most waiting key appends one group-commit flush answers (the rest
+    /// wait for the next). Default [`DEFAULT_MAX_APPEND_BATCH`].
     pub max_append_batch: usize,
     /// How long a call waits for a connection (opening one, or one of the
     /// pool to come free) before it fails with [`StoreError::Engine`]
@@ -286,27 +284,17 @@ impl PgStore {
             .map_err(|e| StoreError::engine(format!("invalid PostgreSQL url: {e}")))?;
         let location = PathBuf::from(describe(&pg));
         let options = pg.get_options().unwrap_or_default().to_owned();
+        let mut appends = pg.clone();
+        // The claim path's appends: visible at commit, durable with the
+        // next group-commit flush (see appender.rs).
+        appends.options(format!("{options} -c synchronous_commit=off").trim());
         if !options.contains("synchronous_commit") {
             // COMMIT is the durability point: make sure it flushes.
-            let options = format!("{options} -c synchronous_commit=on");
-            pg.options(options.trim());
+            pg.options(format!("{options} -c synchronous_commit=on").trim());
         }
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size.max(2))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(config.connect_timeout))
-            .create_timeout(Some(config.connect_timeout))
-            .recycle_timeout(Some(config.connect_timeout))
-            .build()
-            .map_err(StoreError::engine)?;
-        let engine = Engine::start(pool, config.max_append_batch.max(1))?;
+        let pool = build_pool(pg, &config)?;
+        let append_pool = build_pool(appends, &config)?;
+        let engine = Engine::start(pool, append_pool, config.max_append_batch.max(1))?;
         let opened = {
             let key = config.key.clone();
             let expected = config.expected_id;
@@ -323,6 +311,25 @@ impl PgStore {
             key_id_block: config.key_id_block.max(1),
         })
     }
+}
+
+/// A pool over `pg` with the configured size and timeouts.
+fn build_pool(pg: tokio_postgres::Config, config: &PgStoreConfig) -> Result<Pool, StoreError> {
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size.max(2))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(config.connect_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .recycle_timeout(Some(config.connect_timeout))
+        .build()
+        .map_err(StoreError::engine)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -541,12 +548,17 @@ pub(crate) fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
-/// The background runtime, its pool and the group-commit writer.
+/// The background runtime, its pools and the group-commit flusher.
 struct Engine {
     handle: tokio::runtime::Handle,
+    /// Connections that commit synchronously.
     pool: Pool,
-    appends: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<AppendJob>>>,
-    overlay: Arc<parking_lot::Mutex<Overlay>>,
+    /// Connections that commit asynchronously (appended keys only).
+    append_pool: Pool,
+    /// Waiters for the next flush; `None` once closing.
+    flushes: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Waiter>>>,
+    /// Appends committed (asynchronously) so far.
+    appended: Arc<AtomicU64>,
     stats: Arc<Stats>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -559,16 +571,17 @@ pub(crate) struct Stats {
 }
 
 impl Engine {
-    /// Start the runtime thread; it runs the writer until the store drops.
-    fn start(pool: Pool, max_batch: usize) -> Result<Self, StoreError> {
-        let overlay = Arc::new(parking_lot::Mutex::new(Overlay::default()));
+    /// Start the runtime thread; it runs the flusher until the store drops.
+    fn start(pool: Pool, append_pool: Pool, max_batch: usize) -> Result<Self, StoreError> {
         let stats = Arc::new(Stats::default());
+        let appended = Arc::new(AtomicU64::new(0));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (handle_tx, handle_rx) = std::sync::mpsc::sync_channel(1);
-        let writer = appender::Writer {
+        let flusher = appender::Flusher {
             pool: pool.clone(),
-            overlay: Arc::clone(&overlay),
             stats: Arc::clone(&stats),
+            appended: Arc::clone(&appended),
+            instance: rand::random(),
             max_batch,
         };
         let thread = std::thread::Builder::new()
@@ -582,7 +595,7 @@ impl Engine {
                         let _ = handle_tx.send(Ok(runtime.handle().clone()));
                         // Runs until every sender is gone (the store
                         // dropped) and the queue is drained.
-                        runtime.block_on(writer.run(rx));
+                        runtime.block_on(flusher.run(rx));
                     }
                     Err(e) => {
                         let _ = handle_tx.send(Err(e));
@@ -597,10 +610,32 @@ impl Engine {
         Ok(Self {
             handle,
             pool,
-            appends: parking_lot::Mutex::new(Some(tx)),
-            overlay,
+            append_pool,
+            flushes: parking_lot::Mutex::new(Some(tx)),
+            appended,
             stats,
             thread: parking_lot::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Wait for the next flush: everything committed before this call is
+    /// durable when the returned handle resolves. Counts as a write.
+    fn flushed(&self) -> crate::Pending {
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let queued = match self.flushes.lock().as_ref() {
+            Some(queue) => queue.send(done).is_ok(),
+            None => false,
+        };
+        if !queued {
+            return crate::Pending::failed(StoreError::Closed);
+        }
+        crate::Pending::from_future(async move {
+            match answer.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(reason)) => Err(StoreError::Durability { reason }),
+                Err(_) => Err(StoreError::Closed),
+            }
         })
     }
 
@@ -661,9 +696,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        // Closing the queue lets the writer commit what is queued and stop;
-        // then the runtime thread ends.
-        self.appends.lock().take();
+        // Closing the queue lets the flusher answer what is queued and
+        // stop; then the runtime thread ends.
+        self.flushes.lock().take();
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
         }

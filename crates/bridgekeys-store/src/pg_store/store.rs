@@ -3,10 +3,9 @@
 
 use std::collections::HashMap;
 
-use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
-use super::{Pg, PgStore, appender::AppendJob, bits, key_id_sql, ord, params, unbits, unord};
+use super::{Pg, PgStore, bits, key_id_sql, ord, params, unbits, unord};
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
     OneTimeKeyRecord, Pending, SessionRecord, SessionWrite, Store, StoreError, Version, layout,
@@ -279,48 +278,39 @@ impl Store for PgStore {
     }
 
     fn append_keys(&self, device: &DeviceKey, append: KeyAppend) -> Result<Pending, StoreError> {
-        let added = self.seal_keys(device, &append.add_keys);
+        let evict: Vec<i64> = append.evict_keys.iter().map(|(id, _)| ord(*id)).collect();
+        // Added, then evicted: a key both added and evicted ends up gone.
+        let added: Vec<_> = self
+            .seal_keys(device, &append.add_keys)
+            .into_iter()
+            .filter(|(id, _, _)| !evict.contains(&ord(*id)))
+            .collect();
+        let (ids, publics, sealed) = split_keys(added);
         let dev = device.as_bytes().to_vec();
-        let (done, answer) = oneshot::channel();
-        {
-            let queue = self.engine.appends.lock();
-            let Some(queue) = queue.as_ref() else {
-                return Err(StoreError::Closed);
-            };
-            let mut overlay = self.engine.overlay.lock();
-            let seq = overlay.record(
-                &dev,
-                added.iter().map(|(id, p, s)| (*id, *p, s.clone())),
-                append.evict_keys.iter().map(|(id, _)| *id),
-            );
-            let job = AppendJob {
-                seq,
-                device: dev,
-                add: added
-                    .into_iter()
-                    .map(|(id, p, s)| (ord(id), p.to_vec(), s))
-                    .collect(),
-                evict: append.evict_keys.iter().map(|(id, _)| ord(*id)).collect(),
-                done,
-            };
-            // Queued under the overlay lock: the writer sees jobs in
-            // sequence order.
-            if queue.send(job).is_err() {
-                overlay.forget(seq);
-                return Err(StoreError::Closed);
-            }
-        }
+        let pool = self.engine.append_pool.clone();
+        self.engine.call(move |_| async move {
+            let client = pool.get().await.pg()?;
+            // One statement, committed asynchronously (see appender.rs).
+            let statement = client
+                .prepare_cached(
+                    "WITH added AS (\
+                     INSERT INTO bk_one_time_keys (device, key_id, public_key, sealed) \
+                     SELECT $1, * FROM unnest($2::int8[], $3::bytea[], $4::bytea[]) \
+                     ON CONFLICT (device, key_id) DO UPDATE \
+                     SET public_key = excluded.public_key, sealed = excluded.sealed RETURNING 1) \
+                     DELETE FROM bk_one_time_keys WHERE device = $1 AND key_id = ANY($5)",
+                )
+                .await
+                .pg()?;
+            client
+                .execute(&statement, &[&dev, &ids, &publics, &sealed, &evict])
+                .await
+                .pg()
+        })?;
         self.engine
-            .stats
-            .writes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Pending::from_future(async move {
-            match answer.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(reason)) => Err(StoreError::Durability { reason }),
-                Err(_) => Err(StoreError::Closed),
-            }
-        }))
+            .appended
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(self.engine.flushed())
     }
 
     fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
@@ -363,26 +353,17 @@ impl Store for PgStore {
         device: &DeviceKey,
         public_key: &[u8; 32],
     ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
-        // The overlay first (see appender.rs for why that order is safe).
-        let view = self.engine.overlay.lock().view(device.as_bytes());
-        let found = match view.live.iter().find(|(_, p, _)| p == public_key) {
-            Some((id, _, sealed)) => Some((*id, sealed.clone())),
-            None => {
-                let rows = self.engine.query(
-                    "SELECT key_id, sealed FROM bk_one_time_keys \
-                     WHERE device = $1 AND public_key = $2 ORDER BY key_id",
-                    params![device.as_bytes().to_vec(), public_key.to_vec()],
-                )?;
-                let mut found = None;
-                for row in rows {
-                    let id = unord(row.try_get(0).pg()?);
-                    if !view.masked.contains(&id) {
-                        found = Some((id, row.try_get::<_, Vec<u8>>(1).pg()?));
-                        break;
-                    }
-                }
-                found
-            }
+        let rows = self.engine.query(
+            "SELECT key_id, sealed FROM bk_one_time_keys \
+             WHERE device = $1 AND public_key = $2 ORDER BY key_id LIMIT 1",
+            params![device.as_bytes().to_vec(), public_key.to_vec()],
+        )?;
+        let found = match rows.first() {
+            Some(row) => Some((
+                unord(row.try_get(0).pg()?),
+                row.try_get::<_, Vec<u8>>(1).pg()?,
+            )),
+            None => None,
         };
         let Some((key_id, sealed)) = found else {
             return Ok(None);
@@ -406,40 +387,36 @@ impl Store for PgStore {
         device: &DeviceKey,
         limit: usize,
     ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
-        let view = self.engine.overlay.lock().view(device.as_bytes());
-        let fetch = i64::try_from(limit.saturating_add(view.masked.len())).unwrap_or(i64::MAX);
         let rows = self.engine.query(
             "SELECT key_id, public_key FROM bk_one_time_keys WHERE device = $1 \
              ORDER BY key_id LIMIT $2",
-            params![device.as_bytes().to_vec(), fetch],
+            params![
+                device.as_bytes().to_vec(),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
         )?;
-        let mut out: Vec<(u64, [u8; 32])> = Vec::with_capacity(rows.len() + view.live.len());
-        for row in rows {
-            let id = unord(row.try_get(0).pg()?);
-            if !view.masked.contains(&id) {
+        rows.iter()
+            .map(|row| {
                 let public: Vec<u8> = row.try_get(1).pg()?;
-                out.push((id, key32(&public, "one-time key record")?));
-            }
-        }
-        out.extend(view.live.iter().map(|(id, p, _)| (*id, *p)));
-        out.sort_unstable_by_key(|(id, _)| *id);
-        out.truncate(limit);
-        Ok(out)
+                Ok((
+                    unord(row.try_get(0).pg()?),
+                    key32(&public, "one-time key record")?,
+                ))
+            })
+            .collect()
     }
 
     fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
-        let view = self.engine.overlay.lock().view(device.as_bytes());
-        let masked: Vec<i64> = view.masked.iter().map(|id| ord(*id)).collect();
         let rows = self.engine.query(
-            "SELECT count(*) FROM bk_one_time_keys WHERE device = $1 AND NOT (key_id = ANY($2))",
-            params![device.as_bytes().to_vec(), masked],
+            "SELECT count(*) FROM bk_one_time_keys WHERE device = $1",
+            params![device.as_bytes().to_vec()],
         )?;
         let stored: i64 = rows
             .first()
             .ok_or_else(|| corrupt("key count"))?
             .try_get(0)
             .pg()?;
-        Ok(usize::try_from(stored).unwrap_or_default() + view.live.len())
+        usize::try_from(stored).map_err(|_| corrupt("key count"))
     }
 
     fn load_session(
@@ -836,33 +813,9 @@ impl Store for PgStore {
     }
 
     fn sync(&self) -> Pending {
-        // Every write but the queued key appends committed before it
-        // returned; a barrier through the queue waits for those.
-        let (done, answer) = oneshot::channel();
-        {
-            let queue = self.engine.appends.lock();
-            let Some(queue) = queue.as_ref() else {
-                return Pending::failed(StoreError::Closed);
-            };
-            let seq = self.engine.overlay.lock().record(&[], [], []);
-            let job = AppendJob {
-                seq,
-                device: Vec::new(),
-                add: Vec::new(),
-                evict: Vec::new(),
-                done,
-            };
-            if queue.send(job).is_err() {
-                return Pending::failed(StoreError::Closed);
-            }
-        }
-        Pending::from_future(async move {
-            match answer.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(reason)) => Err(StoreError::Durability { reason }),
-                Err(_) => Err(StoreError::Closed),
-            }
-        })
+        // Every write but the appended keys committed synchronously before
+        // it returned; the next flush makes those durable too.
+        self.engine.flushed()
     }
 
     fn commit_stats(&self) -> CommitStats {
