@@ -1,5 +1,6 @@
 //! The conformance suite (`bridgekeys_store::testing::conformance`) against
-//! both backends of this crate: the in-memory one and sled.
+//! every backend of this crate: the in-memory one, sled and (feature
+//! `postgres`) PostgreSQL.
 
 /// Every check, leases included: the memory store's leases are real.
 mod memory {
@@ -35,4 +36,24 @@ mod sled {
     }
 
     bridgekeys_store::conformance_tests!(fresh());
+}
+
+/// Every check, leases included, each on a fresh database of the shared
+/// test server (see `pg_server`).
+#[cfg(feature = "postgres")]
+mod pg {
+    use std::sync::Arc;
+
+    use bridgekeys_store::{Backend, PgStore, PgStoreConfig, StoreKey};
+
+    use crate::pg_server::{ServerGuard, fresh_database};
+
+    async fn fresh() -> (Arc<dyn Backend>, ServerGuard) {
+        let (url, server) = fresh_database().await;
+        let store = PgStore::create(PgStoreConfig::new(url, StoreKey::generate())).unwrap();
+        (Arc::new(store), server)
+    }
+
+    bridgekeys_store::conformance_tests!(fresh());
+    bridgekeys_store::lease_conformance_tests!(fresh());
 }

@@ -8,6 +8,8 @@
 mod conformance;
 mod migrate;
 #[cfg(feature = "postgres")]
+mod pg_server;
+#[cfg(feature = "postgres")]
 mod postgres;
 mod power_cut;
 mod store;

@@ -2,9 +2,7 @@
 //! sharing one database: each "process" is its own `PgStore` (own pool,
 //! own runtime thread, own key-id block) on the same database.
 //!
-//! The server: `BRIDGEKEYS_TEST_POSTGRES_URL` (a `postgres://` URL of a
-//! role that may `CREATE DATABASE`); every test gets a fresh database on
-//! it. Without it these tests fail, saying so: they never pass silently.
+//! The server and a fresh database per test come from `pg_server`.
 
 use std::{
     collections::HashSet,
@@ -18,35 +16,7 @@ use bridgekeys_store::{
 };
 use zeroize::Zeroizing;
 
-/// The environment variable naming the test server.
-const URL_ENV: &str = "BRIDGEKEYS_TEST_POSTGRES_URL";
-
-/// A fresh, empty database; its URL.
-async fn fresh_database() -> String {
-    let base = std::env::var(URL_ENV).unwrap_or_else(|_| {
-        panic!(
-            "the PostgreSQL tests need a server: set {URL_ENV} to a postgres:// URL of a role \
-             that may CREATE DATABASE (e.g. postgres://bk@127.0.0.1:55432/postgres)"
-        )
-    });
-    let name = format!("bk_test_{}", StoreId::generate());
-    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to the test server at {URL_ENV}: {e}"));
-    let connection = tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    drop(client);
-    let _ = connection.await;
-    // postgres://user@host:port/<database>
-    let scheme_end = base.find("://").expect("a postgres:// URL") + 3;
-    let path_at = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    format!("{}/{name}", &base[..path_at])
-}
+use crate::pg_server::fresh_database;
 
 /// A raw connection to the test database, for what a store never does.
 async fn raw(url: &str) -> tokio_postgres::Client {
@@ -82,7 +52,7 @@ async fn durable(write: Result<Pending, StoreError>) {
 
 #[tokio::test]
 async fn two_processes_reserving_at_once_never_get_the_same_key_id_nor_after_a_restart() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let mut small = config(&url, &key);
     small.key_id_block = 8;
@@ -128,7 +98,7 @@ async fn two_processes_reserving_at_once_never_get_the_same_key_id_nor_after_a_r
 
 #[tokio::test]
 async fn of_two_processes_consuming_the_same_one_time_key_exactly_one_wins() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let a = PgStore::create(config(&url, &key)).unwrap();
     let b = PgStore::open(config(&url, &key)).unwrap();
@@ -185,7 +155,7 @@ async fn of_two_processes_consuming_the_same_one_time_key_exactly_one_wins() {
 
 #[tokio::test]
 async fn a_transaction_lease_is_held_by_one_process_at_a_time_until_recorded_released_or_expired() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let a = PgStore::create(config(&url, &key)).unwrap();
     let b = PgStore::open(config(&url, &key)).unwrap();
@@ -250,7 +220,7 @@ async fn a_transaction_lease_is_held_by_one_process_at_a_time_until_recorded_rel
 
 #[tokio::test]
 async fn of_many_concurrent_claims_from_two_processes_exactly_one_gets_the_lease() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let a = PgStore::create(config(&url, &key)).unwrap();
     let b = PgStore::open(config(&url, &key)).unwrap();
@@ -282,7 +252,7 @@ async fn of_many_concurrent_claims_from_two_processes_exactly_one_gets_the_lease
 
 #[tokio::test]
 async fn what_one_process_writes_the_other_reads() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let a = PgStore::create(config(&url, &key)).unwrap();
     let b = PgStore::open(config(&url, &key)).unwrap();
@@ -336,7 +306,7 @@ async fn what_one_process_writes_the_other_reads() {
 
 #[tokio::test]
 async fn appended_keys_are_visible_to_every_process_at_return_and_evicted_in_order() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let a = PgStore::create(config(&url, &key)).unwrap();
     let b = PgStore::open(config(&url, &key)).unwrap();
@@ -389,7 +359,7 @@ async fn appended_keys_are_visible_to_every_process_at_return_and_evicted_in_ord
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_share_their_flushes() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let store = PgStore::create(config(&url, &StoreKey::generate())).unwrap();
     let before = store.commit_stats();
     let pendings: Vec<Pending> = std::thread::scope(|s| {
@@ -434,7 +404,7 @@ async fn concurrent_claims_share_their_flushes() {
 
 #[tokio::test]
 async fn everything_survives_dropping_and_reopening_the_store() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let dev = DeviceKey::new("@a:x", "D");
     let id = {
@@ -501,7 +471,7 @@ async fn everything_survives_dropping_and_reopening_the_store() {
 
 #[tokio::test]
 async fn a_store_refuses_a_wrong_key_another_id_a_missing_store_and_a_second_creation() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     assert!(matches!(
         PgStore::open(config(&url, &key)),
@@ -530,7 +500,7 @@ async fn a_store_refuses_a_wrong_key_another_id_a_missing_store_and_a_second_cre
 
 #[tokio::test]
 async fn a_database_migrated_by_a_newer_build_is_refused_with_a_typed_error() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     drop(PgStore::create(config(&url, &key)).unwrap());
     raw(&url)
@@ -550,7 +520,7 @@ async fn a_database_migrated_by_a_newer_build_is_refused_with_a_typed_error() {
 
 #[tokio::test]
 async fn processes_starting_at_once_on_an_empty_database_make_one_store() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let start = Barrier::new(4);
     let ids: Vec<StoreId> = std::thread::scope(|s| {
@@ -580,7 +550,7 @@ async fn processes_starting_at_once_on_an_empty_database_make_one_store() {
 
 #[tokio::test]
 async fn no_secret_reaches_the_database_in_clear() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let store = Arc::new(PgStore::create(config(&url, &key)).unwrap());
     let dev = DeviceKey::new("@a:x", "D");
@@ -640,7 +610,7 @@ async fn no_secret_reaches_the_database_in_clear() {
 
 #[tokio::test]
 async fn the_rotation_schedule_lists_due_devices_in_order_behind_a_cursor() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let store = PgStore::create(config(&url, &StoreKey::generate())).unwrap();
     let devices: Vec<DeviceKey> = (0..5)
         .map(|i| DeviceKey::new(&format!("@echo_{i}:hs"), "DEV"))
@@ -680,7 +650,7 @@ async fn the_rotation_schedule_lists_due_devices_in_order_behind_a_cursor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_populated_pg_store_holds_every_kind_of_record() {
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let store = PgStore::create(config(&url, &StoreKey::generate())).unwrap();
     let populated = crate::migrate::populate(&store).await;
     crate::migrate::assert_holds(&store, &populated);
@@ -699,7 +669,7 @@ async fn a_sled_store_copied_into_postgres_and_back_keeps_every_record_and_its_k
     ))
     .unwrap();
     let populated = crate::migrate::populate(&sled).await;
-    let url = fresh_database().await;
+    let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let pg = PgStore::create(config(&url, &key)).unwrap();
     let report = copy(&sled, &pg).await.unwrap();
