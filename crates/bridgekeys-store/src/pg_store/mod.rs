@@ -6,8 +6,8 @@
 //! The [`Store`](crate::Store) methods are synchronous and are called from
 //! inside tokio tasks, sometimes on a current-thread runtime, where
 //! `Handle::block_on` or `block_in_place` would panic. So a `PgStore` owns a
-//! thread of its own running a current-thread tokio runtime with the
-//! connection pool (`deadpool-postgres` over `tokio-postgres`). A method
+//! thread of its own running a current-thread tokio runtime with its
+//! connection pools (`deadpool-postgres` over `tokio-postgres`). A method
 //! spawns its database work on that runtime and blocks its caller on a
 //! plain channel until the answer comes, the way sled blocks its caller on
 //! disk I/O. Sealing and opening happen on the caller's thread: the
@@ -18,9 +18,10 @@
 //! PostgreSQL's `COMMIT` is the durability point: every connection but the
 //! append connections below runs with `synchronous_commit=on` (set as a
 //! connection option unless the URL sets it), so a committed transaction is
-//! flushed to the WAL (and to a synchronous standby, if one is configured). Writes other than
-//! [`Store::append_keys`](crate::Store::append_keys) run their transaction
-//! before they return and hand back [`Pending::ready`](crate::Pending::ready).
+//! flushed to the WAL (and to a synchronous standby, if one is configured).
+//! Writes other than [`Store::append_keys`](crate::Store::append_keys) run
+//! their transaction before they return and hand back
+//! [`Pending::ready`](crate::Pending::ready).
 //!
 //! The hot claim path is cheap: [`Store::reserve_key_ids`](crate::Store::reserve_key_ids)
 //! hands out ids from a block reserved in the database
@@ -33,7 +34,7 @@
 //! meanwhile, which flushes the WAL past all of their commits (see
 //! `appender.rs`). A database crash may lose an append that was not flushed
 //! yet: nobody acknowledged its keys, and their ids are never issued again.
-
+//!
 //! # Several processes
 //!
 //! * Key ids come from one counter row (`bk_key_ids`), taken in blocks: ids
