@@ -718,3 +718,44 @@ async fn an_unreachable_database_fails_within_the_connect_timeout_instead_of_han
     assert!(matches!(err, StoreError::Engine(_)), "{err:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_killed_database_server_and_the_store_reconnects() {
+    // A server of its own: this test kills it.
+    let mut server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("crash").await.unwrap();
+    let key = StoreKey::generate();
+    let store = PgStore::create(config(&url, &key)).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    durable(store.write_device(&dev, None, account(b"acct"))).await;
+    let mut pendings = Vec::new();
+    let mut publics = Vec::new();
+    for i in 0..40u8 {
+        let id = store.reserve_key_ids(1).unwrap();
+        publics.push((id, i));
+        let append = KeyAppend {
+            add_keys: vec![otk(id, i)],
+            evict_keys: Vec::new(),
+        };
+        pendings.push(store.append_keys(&dev, append).unwrap());
+    }
+    for p in pendings {
+        p.durable().await.unwrap();
+    }
+    durable(store.record_transaction("as", "done")).await;
+
+    server.kill().await.unwrap();
+    server.restart().await.unwrap();
+
+    // The same store goes on once the database is back (its broken
+    // connections are replaced), and sees every acknowledged write.
+    assert_eq!(store.count_one_time_keys(&dev).unwrap(), 40);
+    let next = store.reserve_key_ids(1).unwrap();
+    let reopened = PgStore::open(config(&url, &key)).unwrap();
+    for (id, fill) in publics {
+        let found = reopened.one_time_key(&dev, &[fill; 32]).unwrap().unwrap();
+        assert_eq!(found.key_id, id);
+    }
+    assert!(reopened.transaction_completed("as", "done").unwrap());
+    assert!(reopened.reserve_key_ids(1).unwrap() > next, "no id repeats");
+}
