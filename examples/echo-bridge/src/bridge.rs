@@ -12,7 +12,7 @@ use bridgekeys::{
         PuppetOlm, Registration, RoomStates, Transaction, UserDecision, UserNamespace,
     },
     olm::AccountManager,
-    store::{Backend, PuppetRegistry, SledStore},
+    store::{Backend, PuppetRegistry},
 };
 use ruma::{
     OwnedDeviceId, OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId,
@@ -392,21 +392,18 @@ impl EchoBridge {
             config.one_time_keys.pool_config()?,
             config.rooms.cached_rooms()?,
         );
-        let store_dir = config.store_dir();
-        let store_config = config.store_config()?;
-        let expected = store_config.expected_id;
-        // Never creates a store: `init` did. A missing store is an error that
-        // says what to do, not a silent new set of puppet identities.
-        let store = Arc::new(
-            SledStore::open(store_config)
-                .with_context(|| format!("opening the store at {}", store_dir.display()))?,
-        );
+        let expected = config.store_id()?;
+        // Never creates a store: `init` (or `migrate`) did. A missing store
+        // is an error that says what to do, not a silent new set of puppet
+        // identities.
+        let opened = crate::storage::open(&config)?;
+        let store = opened.store;
         if expected.is_none() {
             tracing::warn!(
-                store_id = %store.id(),
+                store_id = %opened.id,
                 "the configuration does not name its store: add store_id = \"{}\" to it so that \
                  a swapped or re-created store is refused",
-                store.id()
+                opened.id
             );
         }
         let mut builder = Bridgekeys::builder(registration, server_name)

@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context, bail};
 use bridgekeys::{
     appservice::Registration,
-    store::{SledStore, SledStoreConfig, StoreId, StoreKey, durable},
+    store::{SledStoreConfig, StoreId, StoreKey, durable},
 };
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -46,6 +46,12 @@ pub struct Config {
     /// 32-byte key encrypting the store at rest, hex. Losing it loses every
     /// puppet's keys; never log it.
     pub store_key: String,
+    /// The PostgreSQL database to keep the store in, as a URL
+    /// (`postgres://user:password@host:5432/dbname`), for a bridge that
+    /// runs as several processes; absent: the embedded sled store at
+    /// `store_path` (the default). It may hold a password: never log it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
     /// The store directory; `store` next to the config file if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_path: Option<PathBuf>,
@@ -184,6 +190,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("registration", &self.registration)
             .field("store_key", &"<redacted>")
+            .field("database", &self.database.as_ref().map(|_| "<redacted>"))
             .field("store_path", &self.store_path)
             .field("store_id", &self.store_id)
             .field("one_time_keys", &self.one_time_keys)
@@ -271,6 +278,9 @@ pub struct InitOptions {
     pub server_name: String,
     /// The listen address of the appservice API.
     pub listen: SocketAddr,
+    /// Create the store in this PostgreSQL database (it must hold none)
+    /// instead of the sled store `store` beside the files.
+    pub database: Option<String>,
 }
 
 /// What `init` wrote.
@@ -282,8 +292,9 @@ pub struct Initialized {
     pub registration: PathBuf,
     /// The user namespace regex registered.
     pub user_regex: String,
-    /// The store created.
-    pub store: PathBuf,
+    /// The store created: its directory, or the database without its
+    /// password.
+    pub store: String,
     /// Its id, recorded in the configuration.
     pub store_id: StoreId,
 }
@@ -317,7 +328,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
             );
         }
     }
-    if store_path.exists() {
+    if options.database.is_none() && store_path.exists() {
         bail!(
             "a store already exists at {} but no {CONFIG_FILE} names it; refusing to touch it. \
              If an earlier `init` was interrupted, nothing in it was ever used: remove it and run \
@@ -335,15 +346,17 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
         regex.clone(),
     );
     let key = StoreKey::generate();
-    let store = SledStore::create(SledStoreConfig::new(&store_path, key.clone()))
-        .with_context(|| format!("creating the store at {}", store_path.display()))?;
-    let store_id = store.id();
-    drop(store);
+    let database = options.database.as_deref();
+    let store_id = crate::storage::create(database, &store_path, &key)?;
     // Leave nothing half-initialised behind if a file cannot be written: the
-    // store is brand new, nothing in it was ever handed out.
+    // store is brand new, nothing in it was ever handed out. (A new
+    // PostgreSQL store stays: the database is the operator's; `init` again
+    // into it is refused, so they see it.)
     let undo = |e: anyhow::Error| {
         let _ = std::fs::remove_file(&config_path);
-        let _ = std::fs::remove_dir_all(&store_path);
+        if database.is_none() {
+            let _ = std::fs::remove_dir_all(&store_path);
+        }
         e
     };
     let config = Config {
@@ -353,6 +366,7 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
         listen: options.listen,
         registration: PathBuf::from(REGISTRATION_FILE),
         store_key: encode_hex(key.as_bytes()),
+        database: options.database.clone(),
         store_path: None,
         store_id: Some(store_id.to_string()),
         accept_restored_store: false,
@@ -386,7 +400,10 @@ pub fn init(options: &InitOptions) -> anyhow::Result<Initialized> {
         config: config_path,
         registration: registration_path,
         user_regex: regex,
-        store: store_path,
+        store: match database {
+            None => store_path.display().to_string(),
+            Some(_) => "the PostgreSQL database".to_owned(),
+        },
         store_id,
     })
 }

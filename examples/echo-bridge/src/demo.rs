@@ -84,6 +84,7 @@ impl Local {
             homeserver_url: "http://127.0.0.1:8008".into(),
             server_name: "localhost".into(),
             listen,
+            database: None,
         })?;
         let synapse = Synapse::start(SynapseOptions {
             appservice_registrations: vec![done.registration.clone()],

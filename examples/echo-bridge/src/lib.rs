@@ -18,6 +18,7 @@ mod client;
 mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod storage;
 pub mod tunables;
 
 pub use bridge::{EchoBridge, EchoHandler, run};

@@ -35,6 +35,11 @@ enum Command {
         /// Where the appservice API listens, e.g. 127.0.0.1:29300.
         #[arg(long)]
         listen: SocketAddr,
+        /// Keep the store in this PostgreSQL database (it must hold no
+        /// store yet), e.g. postgres://bridge:secret@db/echo, instead of
+        /// the sled store DIR/store. For a bridge run as several processes.
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Serve the appservice API until Ctrl-C or SIGTERM.
     Run {
@@ -46,6 +51,17 @@ enum Command {
         /// keys handed out after the backup are lost. See the README.
         #[arg(long)]
         accept_restored_store: bool,
+    },
+    /// Copy the sled store of a stopped bridge into a new store in an empty
+    /// PostgreSQL database, then point config.toml at it (`database`,
+    /// `store_id`) and rename the sled store to `<store>.migrated`.
+    Migrate {
+        /// The configuration written by `init`.
+        #[arg(long)]
+        config: PathBuf,
+        /// The PostgreSQL database, e.g. postgres://bridge:secret@db/echo.
+        #[arg(long)]
+        to: String,
     },
     /// Start a local Synapse and the bridge, and walk through an echo.
     Demo,
@@ -113,19 +129,20 @@ async fn execute(command: Command, loaded: Option<Config>) -> anyhow::Result<()>
             homeserver_url,
             server_name,
             listen,
+            database,
         } => {
             let done = echo_bridge::init(&InitOptions {
                 dir,
                 homeserver_url,
                 server_name,
                 listen,
+                database,
             })?;
             println!("wrote {}", done.config.display());
             println!("wrote {}", done.registration.display());
             println!(
                 "created the store {} (id {}, recorded in the config)",
-                done.store.display(),
-                done.store_id
+                done.store, done.store_id
             );
             println!("user namespace: {} (exclusive)", done.user_regex);
             println!(
@@ -138,6 +155,27 @@ async fn execute(command: Command, loaded: Option<Config>) -> anyhow::Result<()>
         Command::Run { .. } => {
             let config = loaded.context("the configuration was not loaded")?;
             echo_bridge::run(config, bridgekeys::appservice::shutdown_signal()).await?;
+        }
+        Command::Migrate { config, to } => {
+            let done = echo_bridge::storage::migrate(&config, &to).await?;
+            let r = &done.report;
+            println!(
+                "copied {} accounts, {} one-time keys, {} Olm sessions, {} Megolm sessions, \
+                 {} transactions, {} puppets (key ids continue from {})",
+                r.accounts,
+                r.one_time_keys,
+                r.sessions,
+                r.group_sessions,
+                r.transactions,
+                r.puppets,
+                r.key_id_floor
+            );
+            println!(
+                "{} now names the PostgreSQL store (id {}); the sled store was moved to {}",
+                config.display(),
+                done.store_id,
+                done.old_store.display()
+            );
         }
         #[cfg(feature = "demo")]
         Command::Demo => echo_bridge::demo::demo().await?,

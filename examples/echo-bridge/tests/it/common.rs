@@ -75,6 +75,7 @@ impl Deployment {
             homeserver_url: "http://127.0.0.1:8008".into(),
             server_name: "localhost".into(),
             listen: appservice_addr.unwrap_or(bridge_addr),
+            database: None,
         })?;
         let synapse = Synapse::start(SynapseOptions {
             appservice_registrations: vec![done.registration.clone()],

@@ -46,6 +46,7 @@ fn valid_config() -> String {
         homeserver_url: "http://127.0.0.1:8008".into(),
         server_name: "example.org".into(),
         listen: "127.0.0.1:29300".parse().unwrap(),
+        database: None,
     })
     .unwrap();
     std::fs::read_to_string(done.config).unwrap()

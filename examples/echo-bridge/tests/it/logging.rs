@@ -22,6 +22,7 @@ fn logs_until_serving(extra: &str) -> String {
         homeserver_url: "http://127.0.0.1:9".into(),
         server_name: "example.org".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
+        database: None,
     })
     .unwrap();
     let mut text = std::fs::read_to_string(&done.config).unwrap();

@@ -11,5 +11,7 @@ mod key_after_event;
 mod killed;
 mod logging;
 mod pool;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod power_cut;
 mod synapse;

@@ -55,6 +55,7 @@ fn a_bridge_whose_store_is_missing_or_foreign_refuses_to_start() {
         homeserver_url: "http://127.0.0.1:8008".into(),
         server_name: "example.org".into(),
         listen: "127.0.0.1:29300".parse().unwrap(),
+        database: None,
     };
     let ours = init(&options("ours")).unwrap();
     let theirs = init(&options("theirs")).unwrap();
@@ -69,7 +70,10 @@ fn a_bridge_whose_store_is_missing_or_foreign_refuses_to_start() {
         echo_bridge::EchoBridge::open(config.clone()).unwrap_err()
     );
     assert!(message.contains("no bridgekeys store"), "{message}");
-    assert!(!ours.store.exists(), "starting the bridge created a store");
+    assert!(
+        !std::path::Path::new(&ours.store).exists(),
+        "starting the bridge created a store"
+    );
 
     // Swapped: another bridge's store in its place (same key, to show that
     // the id, not the key, catches it).

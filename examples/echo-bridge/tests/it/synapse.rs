@@ -20,6 +20,7 @@ async fn init_writes_a_registration_synapse_accepts_and_refuses_to_overwrite() {
         homeserver_url: "http://127.0.0.1:8008/".into(),
         server_name: "example.org".into(),
         listen: "127.0.0.1:29300".parse().unwrap(),
+        database: None,
     };
     let done = init(&options).unwrap();
 
