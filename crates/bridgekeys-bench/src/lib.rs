@@ -11,6 +11,7 @@ pub mod http;
 pub mod manager;
 pub mod megolm;
 pub mod olm;
+pub mod progress;
 pub mod scale;
 pub mod storage;
 pub mod support;
