@@ -5,6 +5,7 @@
 //! lives here too so that `cargo test` (a short run) and
 //! `bridgekeys-bench crash --cycles N` (the long run) share one implementation.
 
+pub mod all;
 pub mod charts;
 pub mod crash;
 pub mod http;
