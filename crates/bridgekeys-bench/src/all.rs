@@ -574,8 +574,8 @@ fn now_rfc3339() -> String {
     rfc3339_utc(seconds)
 }
 
-/// Run the scenarios of `config` one after the other. Fails only if none
-/// could be attempted; each scenario's failure is in the report.
+/// Run the scenarios of `config` one after the other. A scenario's failure
+/// is in the report's `errors`, and the next one still runs.
 pub async fn run(config: &AllConfig) -> AllReport {
     let mut report = AllReport {
         date: now_rfc3339(),
