@@ -38,8 +38,9 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use ruma::OneTimeKeyAlgorithm;
 use vodozemac::Curve25519PublicKey;
 
-use crate::support::{
-    PEER_USER, body_of, open_existing_manager, prekey_message, public_key, puppet,
+use crate::{
+    progress::Progress,
+    support::{PEER_USER, body_of, open_existing_manager, prekey_message, public_key, puppet},
 };
 
 /// Environment variable that carries the store key to the child (hex).
@@ -236,6 +237,7 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
         ..CrashReport::default()
     };
 
+    let progress = Progress::new("crash: survived", "cycles", config.cycles);
     for cycle in 0..config.cycles {
         let mut command = match config.power_loss {
             Some(_) => disk.command(&config.exe)?,
@@ -400,6 +402,7 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
                 );
                 report.cycles += 1;
                 report.power_cuts += 1;
+                progress.add(1);
                 continue;
             }
         };
@@ -451,7 +454,9 @@ async fn cycles(config: &CrashConfig, seed: u64, base: &Path) -> anyhow::Result<
             report.power_cuts += 1;
         }
         report.cycles += 1;
+        progress.add(1);
     }
+    progress.finish();
     Ok(report)
 }
 

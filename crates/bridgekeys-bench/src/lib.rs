@@ -5,11 +5,14 @@
 //! lives here too so that `cargo test` (a short run) and
 //! `bridgekeys-bench crash --cycles N` (the long run) share one implementation.
 
+pub mod all;
+pub mod charts;
 pub mod crash;
 pub mod http;
 pub mod manager;
 pub mod megolm;
 pub mod olm;
+pub mod progress;
 pub mod scale;
 pub mod storage;
 pub mod support;

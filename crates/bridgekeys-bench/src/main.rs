@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bridgekeys_bench::{crash, http, manager, megolm, olm, scale, storage};
+use bridgekeys_bench::{all, charts, crash, http, manager, megolm, olm, scale, storage};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -36,6 +36,37 @@ struct Load {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Every scenario with a goal (raw, manager, http at 1/4/16/64
+    /// connections, scale, storage, synapse, crash), one after the other;
+    /// one JSON with each report and each goal (met or not), a summary
+    /// table, and SVG charts next to the JSON.
+    All {
+        /// Tiny loads (smoke run: exercises every path, figures mean nothing).
+        #[arg(long)]
+        quick: bool,
+        /// Run only these scenarios, comma-separated.
+        #[arg(long, value_delimiter = ',', value_enum)]
+        only: Vec<all::Name>,
+        /// Leave these scenarios out, comma-separated (e.g. `synapse`, which
+        /// installs and starts a real Synapse).
+        #[arg(long, value_delimiter = ',', value_enum)]
+        skip: Vec<all::Name>,
+        /// Override the `scale` device counts, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        scale_sizes: Option<Vec<usize>>,
+        /// Override the `storage` device count.
+        #[arg(long)]
+        storage_devices: Option<usize>,
+        /// Override the crash torture's cycles.
+        #[arg(long)]
+        crash_cycles: Option<usize>,
+        /// Directory for the stores (on the disk you want measured).
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Write the summary JSON here (and the charts next to it).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// vodozemac generate+sign keys/s, on one thread and on all cores.
     Raw {
         /// Seconds per measurement.
@@ -153,9 +184,10 @@ enum Scenario {
     },
     /// Key claims over loopback HTTP to the real listener (durable store).
     Http {
-        /// Concurrent keep-alive connections.
-        #[arg(long, default_value_t = 64)]
-        connections: usize,
+        /// Concurrent keep-alive connections; several, comma-separated,
+        /// run the load at each (JSON `{"runs": [...]}` and a chart).
+        #[arg(long, value_delimiter = ',', default_values_t = [64])]
+        connections: Vec<usize>,
         #[command(flatten)]
         load: Load,
     },
@@ -321,6 +353,32 @@ fn print_megolm(r: &megolm::MegolmReport) {
     );
 }
 
+/// The `http` figures of one connection count.
+fn print_http(r: &http::HttpReport) {
+    println!("scenario: http");
+    print_raw(r.raw_keys_per_s_1t, r.raw_keys_per_s_all);
+    println!(
+        "  HTTP claims ({} connections, {} devices) {:>8.0} claims/s",
+        r.connections, r.devices, r.http_claims_per_s
+    );
+    println!(
+        "  claim latency p50 / p99                 {:>7.2} / {:.2} ms",
+        r.http_p50_ms, r.http_p99_ms
+    );
+    println!(
+        "  ratio HTTP / raw (all cores)            {:>10.2}",
+        r.ratio_to_raw
+    );
+    println!(
+        "  HTTP floor: /ping, same load            {:>10.0} requests/s",
+        r.http_floor_per_s
+    );
+    println!(
+        "  best ratio if the store cost nothing    {:>10.2}",
+        r.ratio_bound_without_store
+    );
+}
+
 fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
     if let Some(path) = path {
         std::fs::write(&path, serde_json::to_string_pretty(value)? + "\n")
@@ -333,6 +391,54 @@ fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::R
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
+        Scenario::All {
+            quick,
+            only,
+            skip,
+            scale_sizes,
+            storage_devices,
+            crash_cycles,
+            dir,
+            json,
+        } => {
+            let mut sizes = if quick {
+                all::Sizes::quick()
+            } else {
+                all::Sizes::full()
+            };
+            if let Some(v) = scale_sizes {
+                sizes.scale_sizes = v;
+            }
+            if let Some(v) = storage_devices {
+                sizes.storage.0 = v;
+            }
+            if let Some(v) = crash_cycles {
+                sizes.crash_cycles = v;
+            }
+            let scenarios = all::Name::ALL
+                .into_iter()
+                .filter(|n| (only.is_empty() || only.contains(n)) && !skip.contains(n))
+                .collect();
+            let config = all::AllConfig {
+                scenarios,
+                sizes,
+                quick,
+                dir,
+                exe: std::env::current_exe()?,
+            };
+            let mut report = all::run(&config).await;
+            if let Some(json) = &json {
+                report.write_charts(json);
+            }
+            report.print();
+            write_json(json, &report)?;
+            anyhow::ensure!(
+                report.errors.is_empty(),
+                "failed: {}",
+                report.errors.keys().copied().collect::<Vec<_>>().join(", ")
+            );
+            Ok(())
+        }
         Scenario::Raw { raw_seconds, json } => {
             let raw = manager::measure_raw(raw_seconds);
             println!("scenario: raw ({} cores)", raw.threads);
@@ -372,7 +478,13 @@ async fn main() -> anyhow::Result<()> {
                 "  scale_ratio (p99 largest / p99 smallest) {:>9.2}",
                 r.scale_ratio
             );
-            write_json(json, &r)
+            write_json(json.clone(), &r)?;
+            if let Some(json) = json {
+                let path = charts::path_beside(&json, charts::P99_VS_DEVICES);
+                charts::p99_vs_devices(&path, &charts::device_points(&r), 1.5)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
         }
         Scenario::Storage {
             devices,
@@ -429,7 +541,13 @@ async fn main() -> anyhow::Result<()> {
                 "    per contacted device, total            {:>10.0} bytes (never contacted: {:.0})",
                 p.total_bytes_per_device, r.bytes_per_device
             );
-            write_json(json, &r)
+            write_json(json.clone(), &r)?;
+            if let Some(json) = json {
+                let path = charts::path_beside(&json, charts::BYTES_PER_DEVICE);
+                charts::bytes_per_device(&path, &charts::bytes_bars(&r), 512.0)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
         }
         Scenario::Manager { concurrency, load } => {
             let Load {
@@ -584,37 +702,35 @@ async fn main() -> anyhow::Result<()> {
                 dir,
                 json,
             } = load;
-            let config = http::HttpBench {
-                devices,
-                connections,
-                claims,
-                raw_seconds,
-                dir,
-            };
-            let r = http::run(&config).await?;
-            println!("scenario: http");
-            print_raw(r.raw_keys_per_s_1t, r.raw_keys_per_s_all);
-            println!(
-                "  HTTP claims ({} connections, {} devices) {:>8.0} claims/s",
-                r.connections, r.devices, r.http_claims_per_s
-            );
-            println!(
-                "  claim latency p50 / p99                 {:>7.2} / {:.2} ms",
-                r.http_p50_ms, r.http_p99_ms
-            );
-            println!(
-                "  ratio HTTP / raw (all cores)            {:>10.2}",
-                r.ratio_to_raw
-            );
-            println!(
-                "  HTTP floor: /ping, same load            {:>10.0} requests/s",
-                r.http_floor_per_s
-            );
-            println!(
-                "  best ratio if the store cost nothing    {:>10.2}",
-                r.ratio_bound_without_store
-            );
-            write_json(json, &r)
+            let mut runs = Vec::new();
+            for connections in connections {
+                let config = http::HttpBench {
+                    devices,
+                    connections,
+                    claims,
+                    raw_seconds,
+                    dir: dir.clone(),
+                };
+                let r = http::run(&config).await?;
+                print_http(&r);
+                runs.push(r);
+            }
+            match <[_; 1]>::try_from(runs) {
+                Ok([r]) => write_json(json, &r),
+                Err(runs) => {
+                    let sweep = all::HttpSweep { runs };
+                    write_json(json.clone(), &sweep)?;
+                    if let Some(json) = json {
+                        let path = charts::path_beside(&json, charts::CLAIMS_VS_CONNECTIONS);
+                        charts::claims_vs_connections(
+                            &path,
+                            &charts::connection_points(&sweep.runs),
+                        )?;
+                        println!("wrote {}", path.display());
+                    }
+                    Ok(())
+                }
+            }
         }
         Scenario::Crash {
             cycles,

@@ -13,7 +13,10 @@ use std::{path::Path, sync::Arc, time::Instant};
 use bridgekeys_store::StoreKey;
 use serde::Serialize;
 
-use crate::support::{claim_load, create_puppets, open_manager, percentile_ms};
+use crate::{
+    progress::Progress,
+    support::{claim_load, create_puppets_reporting, open_manager, percentile_ms},
+};
 
 /// Knobs of the `scale` scenario.
 #[derive(Clone, Debug)]
@@ -117,6 +120,7 @@ pub async fn run(config: &ScaleBench) -> anyhow::Result<ScaleReport> {
 async fn provision(dir: &Path, key: &StoreKey, devices: usize) -> anyhow::Result<f64> {
     let manager = Arc::new(open_manager(dir, key)?);
     let started = Instant::now();
-    create_puppets(&manager, devices).await?;
+    let progress = Progress::new("scale: provisioned", "devices", devices);
+    create_puppets_reporting(&manager, devices, Some(progress)).await?;
     Ok(started.elapsed().as_secs_f64())
 }

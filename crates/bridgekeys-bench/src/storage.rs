@@ -30,7 +30,10 @@ use bridgekeys_store::{PuppetRegistry, StoreKey};
 use serde::Serialize;
 use vodozemac::olm::Account;
 
-use crate::support::{device_key, in_chunks, open_store, puppet};
+use crate::{
+    progress::Progress,
+    support::{device_key, in_chunks_reporting, open_store, puppet},
+};
 
 /// Knobs of the `storage` scenario.
 #[derive(Clone, Debug)]
@@ -154,8 +157,14 @@ async fn provision(
     let manager = Arc::new(AccountManager::new(store.clone(), Default::default()));
     let started = Instant::now();
     let work_manager = manager.clone();
+    let what = if pool_keys > 0 {
+        format!("storage: provisioned (pool of {pool_keys} keys)")
+    } else {
+        "storage: provisioned (idle)".to_owned()
+    };
+    let progress = Progress::new(what, "devices", devices);
     // Many tasks: each device waits for two durable writes in turn.
-    in_chunks(devices, 16, move |ids| {
+    in_chunks_reporting(devices, 16, Some(progress), move |ids| {
         let (manager, store) = (work_manager.clone(), store.clone());
         async move {
             manager

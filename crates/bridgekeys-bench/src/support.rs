@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::progress::Progress;
 use bridgekeys_olm::{AccountManager, ClaimedKey, ManagerConfig, sign_json};
 use bridgekeys_store::{SledStore, SledStoreConfig, StoreError, StoreId, StoreKey};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -193,11 +194,26 @@ where
     F: Fn(Vec<(OwnedUserId, OwnedDeviceId)>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
+    in_chunks_reporting(devices, tasks, None, work).await
+}
+
+/// [`in_chunks`], counting each finished chunk's devices on `progress`
+/// (and printing its final line at the end).
+pub async fn in_chunks_reporting<F, Fut>(
+    devices: usize,
+    tasks: usize,
+    progress: Option<Progress>,
+    work: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Vec<(OwnedUserId, OwnedDeviceId)>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
     const CHUNK: usize = 1_000;
     let next = Arc::new(AtomicUsize::new(0));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..tasks {
-        let (next, work) = (next.clone(), work.clone());
+        let (next, work, progress) = (next.clone(), work.clone(), progress.clone());
         set.spawn(async move {
             loop {
                 let start = next.fetch_add(CHUNK, Ordering::Relaxed);
@@ -207,21 +223,37 @@ where
                 let ids = (start..(start + CHUNK).min(devices))
                     .map(puppet)
                     .collect::<anyhow::Result<Vec<_>>>()?;
+                let n = ids.len();
                 work(ids).await?;
+                if let Some(progress) = &progress {
+                    progress.add(n);
+                }
             }
         });
     }
     while let Some(r) = set.join_next().await {
         r??;
     }
+    if let Some(progress) = &progress {
+        progress.finish();
+    }
     Ok(())
 }
 
 /// Create the accounts of puppets `0..devices` in bulk, on every core.
 pub async fn create_puppets(manager: &Arc<AccountManager>, devices: usize) -> anyhow::Result<()> {
+    create_puppets_reporting(manager, devices, None).await
+}
+
+/// [`create_puppets`], counting the devices created on `progress`.
+pub async fn create_puppets_reporting(
+    manager: &Arc<AccountManager>,
+    devices: usize,
+    progress: Option<Progress>,
+) -> anyhow::Result<()> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let manager = manager.clone();
-    in_chunks(devices, workers, move |ids| {
+    in_chunks_reporting(devices, workers, progress, move |ids| {
         let manager = manager.clone();
         async move {
             manager
