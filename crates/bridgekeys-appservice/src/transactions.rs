@@ -701,30 +701,72 @@ impl RetryCache {
     }
 }
 
-/// How long a transaction lease lasts past the request timeout: the
-/// request (and its work) is abandoned at the timeout, so a lease this long
-/// outlives every attempt of its owner and needs no renewal.
+/// How long a transaction lease lasts past the request timeout. The
+/// request is abandoned at the timeout, but only at an await point: a
+/// store call that blocks past it would let the lease expire under a live
+/// owner, so the lease is also renewed while held (every third of it).
 const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A held transaction lease: released on drop unless the transaction was
-/// recorded, so a failed attempt leaves the id free for the retry at once.
+/// A held transaction lease: renewed while held, released on drop unless
+/// the transaction was recorded, so a failed attempt leaves the id free for
+/// the retry at once.
 struct Lease<'a> {
     log: &'a dyn TransactionLog,
     namespace: &'a str,
     txn_id: &'a str,
     owner: &'a str,
     done: bool,
+    /// Set by the renewal when another owner took the lease (ours
+    /// expired): this attempt must not record the transaction.
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    renewal: tokio::task::JoinHandle<()>,
 }
 
 impl Lease<'_> {
+    /// Whether the lease is still ours (checked right before recording).
+    fn held(&self) -> bool {
+        !self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The transaction is recorded: recording ended the lease.
     fn completed(&mut self) {
         self.done = true;
     }
 }
 
+/// Renew `owner`'s lease every third of `lease_ms` until aborted; note in
+/// `lost` if another owner holds it or it was completed elsewhere.
+fn renew(
+    log: Arc<dyn TransactionLog>,
+    namespace: String,
+    txn_id: String,
+    owner: String,
+    lease_ms: u64,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let every = std::time::Duration::from_millis((lease_ms / 3).max(1));
+        loop {
+            tokio::time::sleep(every).await;
+            match log.claim_transaction(&namespace, &txn_id, &owner, lease_ms) {
+                Ok(TransactionClaim::Claimed) => {}
+                Ok(other) => {
+                    tracing::warn!(%txn_id, found = ?other, "the transaction lease was lost while processing; this attempt will not record it");
+                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                // Not renewed this time; the lease still runs.
+                Err(e) => {
+                    tracing::warn!(%txn_id, error = %e, "could not renew the transaction lease")
+                }
+            }
+        }
+    })
+}
+
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
+        self.renewal.abort();
         if !self.done
             && let Err(e) = self
                 .log
@@ -758,12 +800,23 @@ async fn claim<'a, H: BridgeHandler>(
         {
             TransactionClaim::Completed => return Ok(None),
             TransactionClaim::Claimed => {
+                let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let renewal = renew(
+                    Arc::clone(&inner.txn_log),
+                    namespace.to_owned(),
+                    txn_id.to_owned(),
+                    inner.txn_owner.clone(),
+                    lease_ms,
+                    Arc::clone(&lost),
+                );
                 return Ok(Some(Lease {
                     log,
                     namespace,
                     txn_id,
                     owner: &inner.txn_owner,
                     done: false,
+                    lost,
+                    renewal,
                 }));
             }
             TransactionClaim::HeldElsewhere { .. } => {
@@ -853,6 +906,13 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
             "the bridge could not process the transaction",
         ));
     }
+    if !lease.held() {
+        // Another process took the transaction over while this attempt
+        // ran too long: it records it, not this one.
+        return Err(MatrixError::internal(
+            "the transaction was taken over by another process",
+        ));
+    }
     log.record_transaction(ns, &txn_id)
         .map_err(|e| MatrixError::internal(format!("transaction log: {e}")))?
         .durable()
@@ -889,6 +949,62 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use bridgekeys_store::testing::MemoryStore;
+
+    /// Poll `check` until it holds, for at most 10 s.
+    async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if check() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_lease_is_renewed_past_its_length_and_a_lease_taken_over_is_noticed() {
+        let store = Arc::new(MemoryStore::new());
+        let log: Arc<dyn TransactionLog> = store.clone();
+        let lease_ms = 600;
+        assert_eq!(
+            log.claim_transaction("ns", "t", "a", lease_ms).unwrap(),
+            TransactionClaim::Claimed
+        );
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renewal = renew(
+            Arc::clone(&log),
+            "ns".into(),
+            "t".into(),
+            "a".into(),
+            lease_ms,
+            Arc::clone(&lost),
+        );
+        // Three lease lengths later, the renewed lease still keeps "b" out.
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(3 * lease_ms);
+        while std::time::Instant::now() < until {
+            assert!(
+                matches!(
+                    log.claim_transaction("ns", "t", "b", lease_ms).unwrap(),
+                    TransactionClaim::HeldElsewhere { .. }
+                ),
+                "the lease expired although its owner renewed it"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(!lost.load(std::sync::atomic::Ordering::SeqCst));
+
+        // Taken over (as after an expiry under a stalled owner): the
+        // renewal notices, so the owner will not record it.
+        log.release_transaction("ns", "t", "a").unwrap();
+        assert_eq!(
+            log.claim_transaction("ns", "t", "b", lease_ms).unwrap(),
+            TransactionClaim::Claimed
+        );
+        assert!(eventually(|| lost.load(std::sync::atomic::Ordering::SeqCst)).await);
+        assert!(renewal.is_finished() || eventually(|| renewal.is_finished()).await);
+    }
 
     #[test]
     fn the_debug_of_a_transaction_counts_its_events_and_prints_no_content() {

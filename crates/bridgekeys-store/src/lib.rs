@@ -129,7 +129,7 @@ pub use identity::{InvalidStoreId, StoreId};
 #[cfg(feature = "postgres")]
 pub use pg_store::{
     DEFAULT_KEY_ID_BLOCK, DEFAULT_MAX_APPEND_BATCH, DEFAULT_PG_CONNECT_TIMEOUT,
-    DEFAULT_PG_POOL_SIZE, PG_SCHEMA_VERSION, PgStore, PgStoreConfig,
+    DEFAULT_PG_OPERATION_TIMEOUT, DEFAULT_PG_POOL_SIZE, PG_SCHEMA_VERSION, PgStore, PgStoreConfig,
 };
 pub use puppets::PuppetRegistry;
 pub use sled_store::{

@@ -151,7 +151,11 @@ pub async fn migrate(config_path: &Path, to: &str) -> anyhow::Result<Migrated> {
         .context("copying the store into PostgreSQL")?;
     let store_id = target.id();
     drop(target);
-    drop(source);
+    // The sled store stays open (its lock held) until the configuration
+    // names PostgreSQL and the store is renamed: a bridge restarting
+    // meanwhile (a supervisor retrying) gets `Locked`, never a window in
+    // which it could start on the old store and issue key ids the new one
+    // also issues.
     point_config_at(config_path, to, store_id)?;
     let old_store = store_dir.with_extension("migrated");
     std::fs::rename(&store_dir, &old_store).with_context(|| {
@@ -163,6 +167,7 @@ pub async fn migrate(config_path: &Path, to: &str) -> anyhow::Result<Migrated> {
     })?;
     durable::sync_parent(&old_store)
         .with_context(|| format!("syncing the directory of {}", old_store.display()))?;
+    drop(source);
     Ok(Migrated {
         report,
         store_id,

@@ -1,7 +1,7 @@
 //! Several bridge processes on one store: two listeners sharing one
-//! `MemoryStore` (with real transaction leases) stand for two processes on
-//! one PostgreSQL database. A homeserver retry that lands on the other
-//! process is handled once.
+//! `MemoryStore` (with real transaction leases), and two listeners on two
+//! `PgStore`s over one real PostgreSQL database, stand for two processes.
+//! A homeserver retry that lands on the other process is handled once.
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -11,7 +11,7 @@ use axum::{
 };
 use bridgekeys_appservice::{Appservice, Limits};
 use bridgekeys_olm::{AccountManager, ManagerConfig};
-use bridgekeys_store::{Backend, TransactionLog, testing::MemoryStore};
+use bridgekeys_store::{Backend, PgStore, PgStoreConfig, StoreKey, testing::MemoryStore};
 use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 
@@ -24,8 +24,7 @@ struct Process {
 }
 
 impl Process {
-    fn on(store: &Arc<MemoryStore>) -> Self {
-        let backend: Arc<dyn Backend> = store.clone();
+    fn on(backend: Arc<dyn Backend>) -> Self {
         let manager = Arc::new(AccountManager::new(
             backend.clone(),
             ManagerConfig::default(),
@@ -82,8 +81,31 @@ const HELD_ELSEWHERE: &str = "bridgekeys_appservice_transactions_held_elsewhere_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transaction_retried_to_another_process_while_the_first_handles_it_is_handled_once() {
-    let store = Arc::new(MemoryStore::new());
-    let (first, second) = (Process::on(&store), Process::on(&store));
+    let store: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+    retried_elsewhere_is_handled_once(&store, &store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_postgres_a_transaction_retried_to_another_process_while_the_first_handles_it_is_handled_once()
+ {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("shared_listeners").await.unwrap();
+    let key = StoreKey::generate();
+    // Two stores on one database: two processes' views of it.
+    let first: Arc<dyn Backend> =
+        Arc::new(PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap());
+    let second: Arc<dyn Backend> = Arc::new(PgStore::open(PgStoreConfig::new(&url, key)).unwrap());
+    retried_elsewhere_is_handled_once(&first, &second).await;
+}
+
+/// A retry landing on `second`'s listener while `first`'s handles the
+/// transaction waits, and is acknowledged without being handled again.
+async fn retried_elsewhere_is_handled_once(first: &Arc<dyn Backend>, second: &Arc<dyn Backend>) {
+    let store = Arc::clone(first);
+    let (first, second) = (
+        Process::on(Arc::clone(first)),
+        Process::on(Arc::clone(second)),
+    );
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
     *first.handler.gate.lock().unwrap() = Some((entered_tx, Arc::clone(&release)));
@@ -135,8 +157,8 @@ async fn a_transaction_retried_to_another_process_while_the_first_handles_it_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attempt_releases_the_lease_so_the_retry_on_another_process_runs_at_once() {
-    let store = Arc::new(MemoryStore::new());
-    let (first, second) = (Process::on(&store), Process::on(&store));
+    let store: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+    let (first, second) = (Process::on(store.clone()), Process::on(store.clone()));
     first.handler.fail.store(true, Ordering::SeqCst);
     assert_eq!(first.put("flaky").await, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(!store.transaction_completed(TXN_NS, "flaky").unwrap());

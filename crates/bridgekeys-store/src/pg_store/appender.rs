@@ -11,6 +11,15 @@
 //! When it returns, all of those appends are durable: one flush for many
 //! claims, and PostgreSQL's own group commit across processes on top.
 //!
+//! That argument holds within one life of the server: an append whose
+//! asynchronous commit was lost in a crash of the database server must not
+//! be answered by a flush that ran after the restart (on a new connection,
+//! the pool replaces dead ones without a word). So the append statement
+//! returns the server's start time (`pg_postmaster_start_time()`), the
+//! waiter carries it, and the flush returns its own: a waiter whose append
+//! ran in another life of the server than the flush is answered with an
+//! error, never `Ok`.
+//!
 //! An append committed but not yet flushed is lost in a crash of the
 //! database server: that is allowed ([`Store::append_keys`](crate::Store::append_keys)
 //! is ordered, not atomic, until durable), because no caller acknowledged
@@ -28,8 +37,19 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Pg, Stats};
 use crate::StoreError;
 
-/// Someone waiting for everything committed so far to be durable.
-pub(crate) type Waiter = oneshot::Sender<Result<(), String>>;
+/// Someone waiting for everything committed so far to be durable: the
+/// start time of the server their append committed on (`None`: no append
+/// of their own, e.g. `sync`), and where to answer.
+pub(crate) type Waiter = (Option<i64>, oneshot::Sender<Result<(), String>>);
+
+/// SQL for the server's start time, in microseconds since the epoch: the
+/// same value for the whole life of the server, another after a restart.
+macro_rules! server_life {
+    () => {
+        "(extract(epoch from pg_postmaster_start_time()) * 1000000)::int8"
+    };
+}
+pub(crate) use server_life;
 
 /// The flusher task: one synchronous commit per batch of waiters.
 pub(crate) struct Flusher {
@@ -42,6 +62,8 @@ pub(crate) struct Flusher {
     /// This store's row in `bk_flush`.
     pub(crate) instance: i64,
     pub(crate) max_batch: usize,
+    /// Bound of one flush (`PgStoreConfig::operation_timeout`).
+    pub(crate) timeout: std::time::Duration,
 }
 
 impl Flusher {
@@ -49,6 +71,8 @@ impl Flusher {
     /// flush runs the next batch gathers: that is the group commit.
     pub(crate) async fn run(self, mut queue: mpsc::UnboundedReceiver<Waiter>) {
         let mut flushed = 0;
+        // The server life the last flush ran in.
+        let mut flushed_in: Option<i64> = None;
         while let Some(first) = queue.recv().await {
             let mut batch = vec![first];
             while batch.len() < self.max_batch {
@@ -62,21 +86,39 @@ impl Flusher {
             let result = if appended == flushed {
                 // Nothing asynchronous since the last flush: every other
                 // write committed synchronously already.
-                Ok(())
+                Ok(flushed_in)
             } else {
-                let result = self.flush().await;
-                if result.is_ok() {
-                    flushed = appended;
-                    self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-                } else if let Err(e) = &result {
-                    tracing::error!(error = %e, waiters = batch.len(), "flushing appended one-time keys failed; those claims are not acknowledged");
+                let result = tokio::time::timeout(self.timeout, self.flush())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Durability {
+                            reason: format!("the database did not flush within {:?}", self.timeout),
+                        })
+                    });
+                match &result {
+                    Ok(life) => {
+                        flushed = appended;
+                        flushed_in = Some(*life);
+                        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, waiters = batch.len(), "flushing appended one-time keys failed; those claims are not acknowledged");
+                    }
                 }
-                result
+                result.map(Some)
             };
-            let answer = result.map_err(|e| e.to_string());
-            for waiter in batch {
+            for (appended_in, waiter) in batch {
+                let answer = match &result {
+                    Err(e) => Err(e.to_string()),
+                    Ok(life) if appended_in.is_none() || appended_in == *life => Ok(()),
+                    Ok(_) => Err(
+                        "the database server restarted before the appended keys were \
+                                  flushed: they may be lost, so the claim is not acknowledged"
+                            .to_owned(),
+                    ),
+                };
                 // The caller may have given up (request cancelled): fine.
-                let _ = waiter.send(answer.clone());
+                let _ = waiter.send(answer);
             }
         }
         // The store is closing: its row goes (a crashed process leaves a
@@ -93,16 +135,17 @@ impl Flusher {
 
     /// One transaction that writes WAL (this store's own counter row, so
     /// processes do not queue on one row lock) and commits synchronously.
-    async fn flush(&self) -> Result<(), StoreError> {
+    async fn flush(&self) -> Result<i64, StoreError> {
         let client = self.pool.get().await.pg()?;
         let statement = client
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "INSERT INTO bk_flush (instance, flushes) VALUES ($1, 1) \
-                 ON CONFLICT (instance) DO UPDATE SET flushes = bk_flush.flushes + 1",
-            )
+                 ON CONFLICT (instance) DO UPDATE SET flushes = bk_flush.flushes + 1 RETURNING ",
+                server_life!()
+            ))
             .await
             .pg()?;
-        client.execute(&statement, &[&self.instance]).await.pg()?;
-        Ok(())
+        let row = client.query_one(&statement, &[&self.instance]).await.pg()?;
+        row.try_get(0).pg()
     }
 }

@@ -1,5 +1,5 @@
 //! The PostgreSQL backend ([`PgStore`], feature `postgres`): several bridge
-//! processes on one database (issue 15).
+//! processes on one database.
 //!
 //! # How the synchronous trait meets an async driver
 //!
@@ -17,7 +17,7 @@
 //!
 //! PostgreSQL's `COMMIT` is the durability point: every connection but the
 //! append connections below runs with `synchronous_commit=on` (set as a
-//! connection option unless the URL sets it), so a committed transaction is
+//! connection option, over whatever the URL says), so a committed transaction is
 //! flushed to the WAL (and to a synchronous standby, if one is configured).
 //! Writes other than [`Store::append_keys`](crate::Store::append_keys) run
 //! their transaction before they return and hand back
@@ -149,7 +149,19 @@ pub struct PgStoreConfig {
     /// instead of blocking its caller indefinitely on an unreachable
     /// database. Default [`DEFAULT_PG_CONNECT_TIMEOUT`].
     pub connect_timeout: Duration,
+    /// How long one call (its statements, after it has a connection) may
+    /// take before it fails with [`StoreError::Engine`], and how long a
+    /// group-commit flush may take before its claims fail. A database host
+    /// that vanished mid-query (power loss, a moved address) would
+    /// otherwise hold the caller until TCP gives up, many minutes later.
+    /// Connections also send TCP keepalives after 10 s idle and give up on
+    /// unacknowledged data after this long. Default
+    /// [`DEFAULT_PG_OPERATION_TIMEOUT`].
+    pub operation_timeout: Duration,
 }
+
+/// Default of [`PgStoreConfig::operation_timeout`].
+pub const DEFAULT_PG_OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default of [`PgStoreConfig::connect_timeout`].
 pub const DEFAULT_PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -165,6 +177,7 @@ impl PgStoreConfig {
             key_id_block: DEFAULT_KEY_ID_BLOCK,
             max_append_batch: DEFAULT_MAX_APPEND_BATCH,
             connect_timeout: DEFAULT_PG_CONNECT_TIMEOUT,
+            operation_timeout: DEFAULT_PG_OPERATION_TIMEOUT,
         }
     }
 
@@ -188,6 +201,7 @@ impl std::fmt::Debug for PgStoreConfig {
             .field("key_id_block", &self.key_id_block)
             .field("max_append_batch", &self.max_append_batch)
             .field("connect_timeout", &self.connect_timeout)
+            .field("operation_timeout", &self.operation_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -289,13 +303,18 @@ impl PgStore {
         // The claim path's appends: visible at commit, durable with the
         // next group-commit flush (see appender.rs).
         appends.options(format!("{options} -c synchronous_commit=off").trim());
-        if !options.contains("synchronous_commit") {
-            // COMMIT is the durability point: make sure it flushes.
-            pg.options(format!("{options} -c synchronous_commit=on").trim());
-        }
+        // COMMIT is the durability point: make sure it flushes, whatever
+        // the URL says (a later `-c` wins): a URL that turned it off would
+        // make every acknowledgement a guess.
+        pg.options(format!("{options} -c synchronous_commit=on").trim());
         let pool = build_pool(pg, &config)?;
         let append_pool = build_pool(appends, &config)?;
-        let engine = Engine::start(pool, append_pool, config.max_append_batch.max(1))?;
+        let engine = Engine::start(
+            pool,
+            append_pool,
+            config.max_append_batch.max(1),
+            config.operation_timeout,
+        )?;
         let opened = {
             let key = config.key.clone();
             let expected = config.expected_id;
@@ -315,7 +334,16 @@ impl PgStore {
 }
 
 /// A pool over `pg` with the configured size and timeouts.
-fn build_pool(pg: tokio_postgres::Config, config: &PgStoreConfig) -> Result<Pool, StoreError> {
+fn build_pool(mut pg: tokio_postgres::Config, config: &PgStoreConfig) -> Result<Pool, StoreError> {
+    // A dead peer is noticed within seconds, not the kernel's hours.
+    pg.keepalives(true);
+    if pg.get_keepalives_idle() > Duration::from_secs(10) {
+        pg.keepalives_idle(Duration::from_secs(10));
+    }
+    #[cfg(target_os = "linux")]
+    if pg.get_tcp_user_timeout().is_none() {
+        pg.tcp_user_timeout(config.operation_timeout);
+    }
     let manager = Manager::from_config(
         pg,
         NoTls,
@@ -562,6 +590,8 @@ struct Engine {
     appended: Arc<AtomicU64>,
     stats: Arc<Stats>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Bound of one call (see [`PgStoreConfig::operation_timeout`]).
+    timeout: Duration,
 }
 
 /// Counters behind [`crate::Store::commit_stats`].
@@ -573,7 +603,12 @@ pub(crate) struct Stats {
 
 impl Engine {
     /// Start the runtime thread; it runs the flusher until the store drops.
-    fn start(pool: Pool, append_pool: Pool, max_batch: usize) -> Result<Self, StoreError> {
+    fn start(
+        pool: Pool,
+        append_pool: Pool,
+        max_batch: usize,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let stats = Arc::new(Stats::default());
         let appended = Arc::new(AtomicU64::new(0));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -584,6 +619,7 @@ impl Engine {
             appended: Arc::clone(&appended),
             instance: rand::random(),
             max_batch,
+            timeout,
         };
         let thread = std::thread::Builder::new()
             .name("bridgekeys-pg".into())
@@ -616,16 +652,19 @@ impl Engine {
             appended,
             stats,
             thread: parking_lot::Mutex::new(Some(thread)),
+            timeout,
         })
     }
 
     /// Wait for the next flush: everything committed before this call is
     /// durable when the returned handle resolves. Counts as a write.
-    fn flushed(&self) -> crate::Pending {
+    /// `life`: the server life the caller's append committed in (see
+    /// appender.rs); a flush in another life answers it with an error.
+    fn flushed(&self, life: Option<i64>) -> crate::Pending {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         let (done, answer) = tokio::sync::oneshot::channel();
         let queued = match self.flushes.lock().as_ref() {
-            Some(queue) => queue.send(done).is_ok(),
+            Some(queue) => queue.send((life, done)).is_ok(),
             None => false,
         };
         if !queued {
@@ -648,9 +687,19 @@ impl Engine {
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let fut = work(self.pool.clone());
+        let timeout = self.timeout;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         drop(self.handle.spawn(async move {
-            let _ = tx.send(fut.await);
+            // Past the bound the work is dropped: an open transaction is
+            // rolled back by the server when its connection goes.
+            let answer = tokio::time::timeout(timeout, fut)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::engine(format!(
+                        "the database did not answer within {timeout:?}"
+                    )))
+                });
+            let _ = tx.send(answer);
         }));
         rx.recv().map_err(|_| StoreError::Closed)?
     }

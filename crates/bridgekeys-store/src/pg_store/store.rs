@@ -288,29 +288,35 @@ impl Store for PgStore {
         let (ids, publics, sealed) = split_keys(added);
         let dev = device.as_bytes().to_vec();
         let pool = self.engine.append_pool.clone();
-        self.engine.call(move |_| async move {
+        let life = self.engine.call(move |_| async move {
             let client = pool.get().await.pg()?;
-            // One statement, committed asynchronously (see appender.rs).
+            // One statement, committed asynchronously (see appender.rs); it
+            // answers the life of the server it committed on.
             let statement = client
-                .prepare_cached(
+                .prepare_cached(concat!(
                     "WITH added AS (\
                      INSERT INTO bk_one_time_keys (device, key_id, public_key, sealed) \
                      SELECT $1, * FROM unnest($2::int8[], $3::bytea[], $4::bytea[]) \
                      ON CONFLICT (device, key_id) DO UPDATE \
-                     SET public_key = excluded.public_key, sealed = excluded.sealed RETURNING 1) \
-                     DELETE FROM bk_one_time_keys WHERE device = $1 AND key_id = ANY($5)",
-                )
+                     SET public_key = excluded.public_key, sealed = excluded.sealed RETURNING 1), \
+                     evicted AS (\
+                     DELETE FROM bk_one_time_keys WHERE device = $1 AND key_id = ANY($5) \
+                     RETURNING 1) \
+                     SELECT ",
+                    super::appender::server_life!()
+                ))
                 .await
                 .pg()?;
-            client
-                .execute(&statement, &[&dev, &ids, &publics, &sealed, &evict])
+            let row = client
+                .query_one(&statement, &[&dev, &ids, &publics, &sealed, &evict])
                 .await
-                .pg()
+                .pg()?;
+            row.try_get::<_, i64>(0).pg()
         })?;
         self.engine
             .appended
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Ok(self.engine.flushed())
+        Ok(self.engine.flushed(Some(life)))
     }
 
     fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
@@ -814,8 +820,9 @@ impl Store for PgStore {
 
     fn sync(&self) -> Pending {
         // Every write but the appended keys committed synchronously before
-        // it returned; the next flush makes those durable too.
-        self.engine.flushed()
+        // it returned; the next flush makes those durable too (each append's
+        // own Pending says whether its keys survived a server restart).
+        self.engine.flushed(None)
     }
 
     fn commit_stats(&self) -> CommitStats {
