@@ -219,8 +219,10 @@ pub trait Store: Send + Sync + 'static {
     /// `first..first + count` were never returned before by this store and
     /// never will be again, across crashes and restarts.
     ///
-    /// Ids are store-wide (unique across devices too) and increasing, so the
-    /// lowest id of a device is its oldest key. The reservation is applied
+    /// Ids are store-wide (unique across devices too) and increase within
+    /// one process (several processes sharing a store take blocks, so
+    /// across processes the lowest id need not be the oldest key: see
+    /// [`Store::oldest_one_time_keys`]). The reservation is applied
     /// before this returns: a write applied after it cannot become durable
     /// without it, so waiting for the keys' own [`Pending`] is enough.
     fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError>;
@@ -232,8 +234,9 @@ pub trait Store: Send + Sync + 'static {
         public_key: &[u8; 32],
     ) -> Result<Option<OneTimeKeyRecord>, StoreError>;
 
-    /// The `limit` oldest (lowest key id) stored one-time keys of a device, as
-    /// `(key_id, public_key)` pairs, oldest first.
+    /// The `limit` oldest stored one-time keys of a device (in the order
+    /// they were stored, whichever process stored them: the ones to evict
+    /// first), as `(key_id, public_key)` pairs, oldest first.
     fn oldest_one_time_keys(
         &self,
         device: &DeviceKey,

@@ -38,9 +38,15 @@ CREATE TABLE bk_one_time_keys (
     key_id BIGINT NOT NULL,
     public_key BYTEA NOT NULL,
     sealed BYTEA NOT NULL,
+    -- The order keys were stored in, for evicting the oldest: key ids come
+    -- in blocks per process, so across processes the lowest id is not the
+    -- oldest key (a long-running process's block sits below a restarted
+    -- one's).
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
     PRIMARY KEY (device, key_id)
 );
 CREATE INDEX bk_one_time_keys_by_public ON bk_one_time_keys (device, public_key);
+CREATE INDEX bk_one_time_keys_by_age ON bk_one_time_keys (device, seq);
 
 CREATE TABLE bk_olm_sessions (
     device BYTEA NOT NULL,

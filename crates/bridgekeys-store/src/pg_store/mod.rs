@@ -39,8 +39,10 @@
 //!
 //! * Key ids come from one counter row (`bk_key_ids`), taken in blocks: ids
 //!   never repeat across processes, crashes and restarts (a crash skips the
-//!   rest of a block). Within a process ids increase; across processes a
-//!   device's lowest id is only roughly its oldest key.
+//!   rest of a block). Within a process ids increase; across processes the
+//!   lowest id is not the oldest key (a long-running process's block sits
+//!   below a restarted one's), so keys also carry the order they were
+//!   stored in (`seq`), and the oldest are evicted first by that.
 //! * [`Store::write_device`](crate::Store::write_device) is one transaction
 //!   whose account update is a compare-and-swap on the version (`UPDATE ...
 //!   WHERE version = $expected`), so of two processes consuming the same

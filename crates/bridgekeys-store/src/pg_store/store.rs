@@ -395,7 +395,7 @@ impl Store for PgStore {
     ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
         let rows = self.engine.query(
             "SELECT key_id, public_key FROM bk_one_time_keys WHERE device = $1 \
-             ORDER BY key_id LIMIT $2",
+             ORDER BY seq LIMIT $2",
             params![
                 device.as_bytes().to_vec(),
                 i64::try_from(limit).unwrap_or(i64::MAX)

@@ -85,7 +85,7 @@ pub const CHECKS: &[&str] = &[
     "a_prekey_race_has_exactly_one_winner_and_the_key_goes_once",
     "reserved_key_ids_start_at_first_key_id_increase_and_never_repeat",
     "concurrent_key_id_reservations_are_all_distinct",
-    "appended_keys_are_found_counted_and_listed_lowest_id_first",
+    "appended_keys_are_found_counted_and_listed_oldest_first",
     "evicted_keys_are_gone_and_the_others_stay",
     "a_one_time_key_of_another_device_is_not_found",
     "a_key_index_entry_whose_record_is_gone_or_different_is_absent",
@@ -142,7 +142,7 @@ macro_rules! conformance_tests {
             a_prekey_race_has_exactly_one_winner_and_the_key_goes_once,
             reserved_key_ids_start_at_first_key_id_increase_and_never_repeat,
             concurrent_key_id_reservations_are_all_distinct,
-            appended_keys_are_found_counted_and_listed_lowest_id_first,
+            appended_keys_are_found_counted_and_listed_oldest_first,
             evicted_keys_are_gone_and_the_others_stay,
             a_one_time_key_of_another_device_is_not_found,
             a_key_index_entry_whose_record_is_gone_or_different_is_absent,
@@ -639,10 +639,11 @@ pub async fn concurrent_key_id_reservations_are_all_distinct(backend: Arc<dyn Ba
 }
 
 /// Keys added with [`Store::append_keys`](crate::Store::append_keys) are
-/// found by public key (with their secret), counted, and listed lowest id
-/// first (whatever order they were appended in), up to the limit, once the
-/// append is durable; the account is not touched.
-pub async fn appended_keys_are_found_counted_and_listed_lowest_id_first(backend: Arc<dyn Backend>) {
+/// found by public key (with their secret), counted, and listed oldest
+/// first (in the order they were stored, which in one process is also
+/// increasing id order), up to the limit, once the append is durable; the
+/// account is not touched.
+pub async fn appended_keys_are_found_counted_and_listed_oldest_first(backend: Arc<dyn Backend>) {
     let dev = device("@a:hs", "DEV");
     durable("create", backend.write_device(&dev, None, account(b"v1"))).await;
     durable(
@@ -650,7 +651,7 @@ pub async fn appended_keys_are_found_counted_and_listed_lowest_id_first(backend:
         backend.append_keys(
             &dev,
             KeyAppend {
-                add_keys: vec![otk(9, 2), otk(7, 1), otk(300, 3)],
+                add_keys: vec![otk(7, 1), otk(8, 4), otk(9, 2)],
                 evict_keys: Vec::new(),
             },
         ),
@@ -661,7 +662,7 @@ pub async fn appended_keys_are_found_counted_and_listed_lowest_id_first(backend:
         backend.append_keys(
             &dev,
             KeyAppend {
-                add_keys: vec![otk(8, 4)],
+                add_keys: vec![otk(300, 3)],
                 evict_keys: Vec::new(),
             },
         ),

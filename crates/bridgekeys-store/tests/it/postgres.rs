@@ -759,3 +759,43 @@ async fn acknowledged_writes_survive_a_killed_database_server_and_the_store_reco
     assert!(reopened.transaction_completed("as", "done").unwrap());
     assert!(reopened.reserve_key_ids(1).unwrap() > next, "no id repeats");
 }
+
+#[tokio::test]
+async fn across_processes_the_oldest_key_is_the_first_stored_not_the_lowest_id() {
+    let (url, _server) = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    durable(a.write_device(&dev, None, account(b"v1"))).await;
+    // A takes its block first (it started first) and hands out nothing yet.
+    let _ = a.reserve_key_ids(1).unwrap();
+    // B hands out three keys: ids above A's whole block.
+    let mut from_b = Vec::new();
+    for i in 0..3u8 {
+        let id = b.reserve_key_ids(1).unwrap();
+        from_b.push(id);
+        let append = KeyAppend {
+            add_keys: vec![otk(id, i)],
+            evict_keys: vec![],
+        };
+        durable(b.append_keys(&dev, append)).await;
+    }
+    // Now A hands out the newest key, with the lowest id of all.
+    let newest = a.reserve_key_ids(1).unwrap();
+    assert!(newest < from_b[0]);
+    let append = KeyAppend {
+        add_keys: vec![otk(newest, 9)],
+        evict_keys: vec![],
+    };
+    durable(a.append_keys(&dev, append)).await;
+    let oldest: Vec<u64> = b
+        .oldest_one_time_keys(&dev, 4)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let mut expected = from_b.clone();
+    expected.push(newest);
+    assert_eq!(oldest, expected, "evicted first: B's keys, then A's newest");
+}
