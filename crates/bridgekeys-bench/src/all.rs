@@ -30,6 +30,9 @@ pub enum Name {
     Manager,
     /// Claims over loopback HTTP at several connection counts.
     Http,
+    /// Manager claims on PostgreSQL beside sled, and 3 processes on one
+    /// database against 1 (starts a local PostgreSQL).
+    Postgres,
     /// p99 claim latency against provisioned devices.
     Scale,
     /// Bytes on disk per idle device.
@@ -42,10 +45,11 @@ pub enum Name {
 
 impl Name {
     /// Every scenario, in running order.
-    pub const ALL: [Name; 7] = [
+    pub const ALL: [Name; 8] = [
         Name::Raw,
         Name::Manager,
         Name::Http,
+        Name::Postgres,
         Name::Scale,
         Name::Storage,
         Name::Synapse,
@@ -58,6 +62,7 @@ impl Name {
             Name::Raw => "raw",
             Name::Manager => "manager",
             Name::Http => "http",
+            Name::Postgres => "postgres",
             Name::Scale => "scale",
             Name::Storage => "storage",
             Name::Synapse => "synapse",
@@ -77,6 +82,8 @@ pub struct Sizes {
     pub http: (usize, usize),
     /// `http`: the connection counts.
     pub http_connections: Vec<usize>,
+    /// `postgres`: devices, claims, claimers (as `manager`), processes.
+    pub postgres: (usize, usize, usize, usize),
     /// `scale`: the device counts.
     pub scale_sizes: Vec<usize>,
     /// `scale`: claims per size and claimers.
@@ -100,6 +107,7 @@ impl Sizes {
             manager: (10_000, 40_000, 64),
             http: (10_000, 40_000),
             http_connections: vec![1, 4, 16, 64],
+            postgres: (10_000, 40_000, 64, 3),
             scale_sizes: vec![1_000, 100_000, 1_000_000],
             scale_load: (20_000, 64),
             storage: (100_000, 10),
@@ -125,6 +133,7 @@ impl Sizes {
             manager: (50, 300, 8),
             http: (50, 200),
             http_connections: vec![1, 4, 16, 64],
+            postgres: (50, 300, 8, 3),
             scale_sizes: vec![100, 1_000],
             scale_load: (200, 8),
             storage: (300, 10),
@@ -189,6 +198,10 @@ pub struct Scenarios {
     /// `http`, once per connection count.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSweep>,
+    /// `postgres`: as `manager --store postgres --processes N` writes it
+    /// (sled's figures, and PostgreSQL's in `postgres`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<ManagerReport>,
     /// `scale`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scale: Option<ScaleReport>,
@@ -358,6 +371,11 @@ pub fn goals(s: &Scenarios) -> Vec<Goal> {
         .as_ref()
         .map(|r| r.points.iter().map(|p| p.devices).collect())
         .unwrap_or_default();
+    let pg = s.postgres.as_ref().and_then(|r| r.postgres.as_ref());
+    let pg_full = s
+        .postgres
+        .as_ref()
+        .is_some_and(|m| m.devices >= 10_000 && m.claims >= 40_000 && m.concurrency == 64);
     let crash_share = s.crash.as_ref().and_then(|c| {
         (c.keys_reported > 0).then(|| c.keys_verified as f64 / c.keys_reported as f64)
     });
@@ -377,6 +395,28 @@ pub fn goals(s: &Scenarios) -> Vec<Goal> {
             Threshold::AtLeast(0.7),
             "64 claimers, 10 000 devices, 40 000 claims",
             manager_full,
+        ),
+        goal(
+            "postgres.manager_ratio_to_sled",
+            Name::Postgres,
+            pg.map(|p| p.postgres_to_sled),
+            Threshold::AtLeast(crate::pg::GOAL_POSTGRES_TO_SLED),
+            "manager claims on PostgreSQL (fsync on) over sled, same run: 64 claimers, \
+             10 000 devices, 40 000 claims",
+            pg_full,
+        ),
+        goal(
+            "postgres.processes_to_one",
+            Name::Postgres,
+            pg.and_then(|p| p.processes.as_ref())
+                .map(|x| x.processes_to_one),
+            Threshold::AtLeast(crate::pg::GOAL_PROCESSES_TO_ONE),
+            "3 processes on one PostgreSQL database over 1, same total load \
+             (40 000 claims, 64 claimers)",
+            pg_full
+                && pg
+                    .and_then(|p| p.processes.as_ref())
+                    .is_some_and(|x| x.many.processes >= 3),
         ),
         goal(
             "storage.bytes_per_device",
@@ -522,6 +562,36 @@ impl AllReport {
                 );
             }
         }
+        if let Some((p, pg)) = self
+            .scenarios
+            .postgres
+            .as_ref()
+            .and_then(|p| p.postgres.as_ref().map(|pg| (p, pg)))
+        {
+            println!(
+                "  postgres vs sled      claims/s   p50 ms   p99 ms   (PostgreSQL: {})",
+                pg.server
+            );
+            println!(
+                "  {:>19}  {:>9.0}  {:>7.2}  {:>7.2}",
+                "sled", p.manager_claims_per_s, p.manager_p50_ms, p.manager_p99_ms
+            );
+            println!(
+                "  {:>19}  {:>9.0}  {:>7.2}  {:>7.2}",
+                "postgres", pg.claims_per_s, pg.p50_ms, pg.p99_ms
+            );
+            if let Some(x) = &pg.processes {
+                for r in [&x.one, &x.many] {
+                    println!(
+                        "  {:>19}  {:>9.0}  {:>7.2}  {:>7.2}",
+                        format!("postgres x{}", r.processes),
+                        r.claims_per_s,
+                        r.p50_ms,
+                        r.p99_ms
+                    );
+                }
+            }
+        }
         println!(
             "  {:<32} {:>12}  {:>10}  {:<8} conditions",
             "goal", "value", "goal", "met"
@@ -659,6 +729,26 @@ async fn run_one(
             }
             out.http = Some(HttpSweep { runs });
         }
+        Name::Postgres => {
+            let (devices, claims, concurrency, processes) = sizes.postgres;
+            out.postgres = Some(
+                manager::run_compared(
+                    &manager::ManagerBench {
+                        devices,
+                        concurrency,
+                        claims,
+                        raw_seconds: sizes.raw_seconds,
+                        dir,
+                    },
+                    &crate::pg::PgBench {
+                        url: None,
+                        processes,
+                        exe: config.exe.clone(),
+                    },
+                )
+                .await?,
+            );
+        }
         Name::Scale => {
             let (claims, concurrency) = sizes.scale_load;
             out.scale = Some(
@@ -768,6 +858,8 @@ mod tests {
             [
                 "http.ratio_to_raw",
                 "manager.ratio_to_raw",
+                "postgres.manager_ratio_to_sled",
+                "postgres.processes_to_one",
                 "storage.bytes_per_device",
                 "scale.scale_ratio",
                 "scale.p99_ms_1m",
@@ -821,6 +913,74 @@ mod tests {
         assert!(!ratio.met && !ratio.at_goal_conditions);
         let p99 = g.iter().find(|g| g.name == "scale.p99_ms_1m").unwrap();
         assert_eq!((p99.value, p99.met), (None, false), "no 1M point measured");
+    }
+
+    #[test]
+    fn postgres_goals_read_the_ratio_and_the_processes() {
+        let run = |processes, claims_per_s| crate::pg::ProcessRun {
+            processes,
+            claims: 40_000,
+            claimers: 64,
+            wall_s: 40_000.0 / claims_per_s,
+            claims_per_s,
+            p50_ms: 2.0,
+            p99_ms: 9.0,
+        };
+        let report = ManagerReport {
+            threads: 2,
+            raw_keys_per_s_1t: 14_000.0,
+            raw_keys_per_s_all: 20_000.0,
+            devices: 10_000,
+            provision_s: 1.0,
+            concurrency: 64,
+            claims: 40_000,
+            manager_claims_per_s: 10_000.0,
+            manager_p50_ms: 3.0,
+            manager_p99_ms: 10.0,
+            claims_per_flush: 20.0,
+            ratio_to_raw: 0.5,
+            postgres: Some(crate::manager::PgClaims {
+                server: "local".into(),
+                pool_size: 8,
+                provision_s: 2.0,
+                claims: 40_000,
+                claims_per_s: 6_000.0,
+                p50_ms: 4.0,
+                p99_ms: 12.0,
+                claims_per_flush: 10.0,
+                ratio_to_raw: 0.3,
+                postgres_to_sled: 0.6,
+                goal_postgres_to_sled: 0.5,
+                goal_met: true,
+                processes: Some(crate::pg::ProcessesReport {
+                    load: "same".into(),
+                    one: run(1, 5_000.0),
+                    many: run(3, 4_500.0),
+                    processes_to_one: 0.9,
+                    goal: 1.0,
+                    goal_met: false,
+                }),
+            }),
+        };
+        let s = Scenarios {
+            postgres: Some(report),
+            ..Scenarios::default()
+        };
+        let g = goals(&s);
+        let ratio = g
+            .iter()
+            .find(|g| g.name == "postgres.manager_ratio_to_sled")
+            .unwrap();
+        assert_eq!(ratio.value, Some(0.6));
+        assert!(ratio.met && ratio.at_goal_conditions);
+        let x = g
+            .iter()
+            .find(|g| g.name == "postgres.processes_to_one")
+            .unwrap();
+        assert_eq!(
+            (x.value, x.met, x.at_goal_conditions),
+            (Some(0.9), false, true)
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::{
     manager::measure_raw,
+    pg::Server,
     support::{create_puppets, open_store, percentile_ms, puppet},
 };
 
@@ -74,6 +75,29 @@ pub struct HttpReport {
     /// crypto and the HTTP floor sharing the cores:
     /// 1 / (1 + raw_keys_per_s_all / http_floor_per_s).
     pub ratio_bound_without_store: f64,
+    /// The same claim load on a PostgreSQL store, measured in the same run
+    /// (`--store postgres`); the figures above are sled's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PgHttp>,
+}
+
+/// The `http` claim load on a PostgreSQL store, beside sled's.
+#[derive(Debug, Serialize)]
+pub struct PgHttp {
+    /// Where the server is (a local one shares the machine's cores).
+    pub server: String,
+    /// Claims measured.
+    pub claims: usize,
+    /// Claims per second over HTTP, durable.
+    pub http_claims_per_s: f64,
+    /// Median claim latency (client side).
+    pub http_p50_ms: f64,
+    /// 99th percentile claim latency (client side).
+    pub http_p99_ms: f64,
+    /// http_claims_per_s / raw_keys_per_s_all.
+    pub ratio_to_raw: f64,
+    /// http_claims_per_s / sled's http_claims_per_s.
+    pub postgres_to_sled: f64,
 }
 
 struct NoBridge;
@@ -84,14 +108,72 @@ impl BridgeHandler for NoBridge {
     }
 }
 
-/// Run the scenario.
+/// Run the scenario (sled).
 pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
+    run_on(config, None).await
+}
+
+/// Run the scenario on sled, then the same claim load on a fresh
+/// PostgreSQL database of `server`, in the same run.
+pub async fn run_compared(config: &HttpBench, server: &Server) -> anyhow::Result<HttpReport> {
+    run_on(config, Some(server)).await
+}
+
+async fn run_on(config: &HttpBench, server: Option<&Server>) -> anyhow::Result<HttpReport> {
     let raw = measure_raw(config.raw_seconds);
     let (raw_1t, raw_all) = (raw.per_s_1t, raw.per_s_all);
 
     std::fs::create_dir_all(&config.dir)?;
     let dir = tempfile::tempdir_in(&config.dir)?;
     let store = open_store(dir.path(), &StoreKey::generate())?;
+    let (latencies, elapsed, floor_per_s) = serve_and_load(store, config, true).await?;
+    let claims_per_s = latencies.len() as f64 / elapsed;
+    let floor_per_s = floor_per_s.unwrap_or(f64::NAN);
+    let postgres = match server {
+        None => None,
+        Some(server) => {
+            let url = server.fresh_database("http").await?;
+            let store = crate::pg::create_store(&url, &StoreKey::generate()).await?;
+            let (pg, pg_elapsed, _) = serve_and_load(store, config, false).await?;
+            let pg_per_s = pg.len() as f64 / pg_elapsed;
+            Some(PgHttp {
+                server: server.describe(),
+                claims: pg.len(),
+                http_claims_per_s: pg_per_s,
+                http_p50_ms: percentile_ms(&pg, 50.0),
+                http_p99_ms: percentile_ms(&pg, 99.0),
+                ratio_to_raw: pg_per_s / raw_all,
+                postgres_to_sled: pg_per_s / claims_per_s,
+            })
+        }
+    };
+    Ok(HttpReport {
+        raw_keys_per_s_1t: raw_1t,
+        raw_keys_per_s_all: raw_all,
+        devices: config.devices,
+        connections: config.connections,
+        claims: latencies.len(),
+        http_claims_per_s: claims_per_s,
+        http_p50_ms: percentile_ms(&latencies, 50.0),
+        http_p99_ms: percentile_ms(&latencies, 99.0),
+        ratio_to_raw: claims_per_s / raw_all,
+        http_floor_per_s: floor_per_s,
+        ratio_bound_without_store: 1.0 / (1.0 + raw_all / floor_per_s),
+        postgres,
+    })
+}
+
+/// Provision the devices in `store`, serve the listener over it and run
+/// the claim load (and, with `floor`, the same load on `/ping`): claim
+/// latencies sorted, the seconds they took, and pings/s.
+async fn serve_and_load<S>(
+    store: Arc<S>,
+    config: &HttpBench,
+    floor: bool,
+) -> anyhow::Result<(Vec<std::time::Duration>, f64, Option<f64>)>
+where
+    S: bridgekeys_store::Store + bridgekeys_store::TransactionLog + 'static,
+{
     let manager = Arc::new(bridgekeys_olm::AccountManager::new(
         store.clone(),
         Default::default(),
@@ -116,7 +198,7 @@ pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
     let appservice = Appservice::new(
         AppserviceConfig::from_registration(&registration, server_name)?,
         manager.clone(),
-        store.clone(),
+        store,
         Arc::new(NoBridge),
     )?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -149,36 +231,28 @@ pub async fn run(config: &HttpBench) -> anyhow::Result<HttpReport> {
         })
     };
     let (latencies, elapsed) = load(addr, &token, config.connections, config.claims, claim).await?;
-    // The floor: the same load on the cheapest authenticated endpoint, so
-    // HTTP, routing and JSON alone (no crypto, no store).
-    let ping = |_: &mut StdRng| -> anyhow::Result<Call> {
-        Ok(Call {
-            path: "/_matrix/app/v1/ping",
-            body: r#"{"transaction_id":"bench"}"#.to_owned(),
-            check: Box::new(|status, answer| {
-                anyhow::ensure!(status == 200, "ping answered {status}: {answer}");
-                Ok(())
-            }),
-        })
+    let floor_per_s = if floor {
+        // The floor: the same load on the cheapest authenticated endpoint,
+        // so HTTP, routing and JSON alone (no crypto, no store).
+        let ping = |_: &mut StdRng| -> anyhow::Result<Call> {
+            Ok(Call {
+                path: "/_matrix/app/v1/ping",
+                body: r#"{"transaction_id":"bench"}"#.to_owned(),
+                check: Box::new(|status, answer| {
+                    anyhow::ensure!(status == 200, "ping answered {status}: {answer}");
+                    Ok(())
+                }),
+            })
+        };
+        let (pings, ping_elapsed) =
+            load(addr, &token, config.connections, config.claims, ping).await?;
+        Some(pings.len() as f64 / ping_elapsed)
+    } else {
+        None
     };
-    let (pings, ping_elapsed) = load(addr, &token, config.connections, config.claims, ping).await?;
     let _ = stop.send(());
     server.await??;
-    let claims_per_s = latencies.len() as f64 / elapsed;
-    let floor_per_s = pings.len() as f64 / ping_elapsed;
-    Ok(HttpReport {
-        raw_keys_per_s_1t: raw_1t,
-        raw_keys_per_s_all: raw_all,
-        devices: config.devices,
-        connections: config.connections,
-        claims: latencies.len(),
-        http_claims_per_s: claims_per_s,
-        http_p50_ms: percentile_ms(&latencies, 50.0),
-        http_p99_ms: percentile_ms(&latencies, 99.0),
-        ratio_to_raw: claims_per_s / raw_all,
-        http_floor_per_s: floor_per_s,
-        ratio_bound_without_store: 1.0 / (1.0 + raw_all / floor_per_s),
-    })
+    Ok((latencies, elapsed, floor_per_s))
 }
 
 /// One request of a load: where, what, and how to check the answer.

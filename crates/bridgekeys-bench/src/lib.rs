@@ -12,6 +12,7 @@ pub mod http;
 pub mod manager;
 pub mod megolm;
 pub mod olm;
+pub mod pg;
 pub mod progress;
 pub mod scale;
 pub mod storage;

@@ -32,6 +32,25 @@ struct Load {
     /// Also write the figures as one JSON object to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `postgres`: measure sled, then the same load on a PostgreSQL store,
+    /// in the same run, and report them side by side.
+    #[arg(long, value_enum, default_value_t = StoreKind::Sled)]
+    store: StoreKind,
+    /// With `--store postgres`: an existing server (a `postgres://` URL
+    /// whose user may create databases; each measurement gets a fresh
+    /// one, dropped at the end). Default: a throwaway local server
+    /// (fsync on) sharing this machine's cores.
+    #[arg(long)]
+    postgres_url: Option<String>,
+}
+
+/// Which store the claim-throughput scenarios measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// sled only.
+    Sled,
+    /// sled, then PostgreSQL, in the same run.
+    Postgres,
 }
 
 #[derive(Subcommand)]
@@ -114,6 +133,11 @@ enum Scenario {
         /// Concurrent claimers.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// With `--store postgres`: also run the claims from this many
+        /// processes on one database against one process, same total
+        /// claims and claimers (0 or 1: not measured).
+        #[arg(long, default_value_t = 3)]
+        processes: usize,
         #[command(flatten)]
         load: Load,
     },
@@ -252,6 +276,19 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// (internal) a claiming process of `manager --store postgres
+    /// --processes N` (database URL and key in the environment).
+    #[command(hide = true)]
+    PgClaimChild {
+        #[arg(long)]
+        store_id: bridgekeys_store::StoreId,
+        #[arg(long)]
+        devices: usize,
+        #[arg(long)]
+        claims: usize,
+        #[arg(long)]
+        concurrency: usize,
+    },
     /// (internal) the claiming child of `crash`.
     #[command(hide = true)]
     CrashChild {
@@ -377,6 +414,68 @@ fn print_http(r: &http::HttpReport) {
         "  best ratio if the store cost nothing    {:>10.2}",
         r.ratio_bound_without_store
     );
+    if let Some(p) = &r.postgres {
+        println!("  PostgreSQL: {}", p.server);
+        println!(
+            "  HTTP claims on PostgreSQL               {:>10.0} claims/s",
+            p.http_claims_per_s
+        );
+        println!(
+            "  claim latency p50 / p99                 {:>7.2} / {:.2} ms",
+            p.http_p50_ms, p.http_p99_ms
+        );
+        println!(
+            "  postgres_to_sled (goal >= {})          {:>10.2}",
+            bridgekeys_bench::pg::GOAL_POSTGRES_TO_SLED,
+            p.postgres_to_sled
+        );
+    }
+}
+
+/// The PostgreSQL side of a `manager --store postgres` run, beside sled's.
+fn print_manager_postgres(r: &manager::ManagerReport) {
+    let Some(p) = &r.postgres else {
+        return;
+    };
+    println!("  PostgreSQL: {}", p.server);
+    println!("                                            sled    PostgreSQL");
+    println!(
+        "  durable claims/s                    {:>10.0}  {:>10.0}",
+        r.manager_claims_per_s, p.claims_per_s
+    );
+    println!(
+        "  claim latency p50 ms                {:>10.2}  {:>10.2}",
+        r.manager_p50_ms, p.p50_ms
+    );
+    println!(
+        "  claim latency p99 ms                {:>10.2}  {:>10.2}",
+        r.manager_p99_ms, p.p99_ms
+    );
+    println!(
+        "  claims per flush                    {:>10.1}  {:>10.1}",
+        r.claims_per_flush, p.claims_per_flush
+    );
+    println!(
+        "  postgres_to_sled (goal >= {})      {:>10.2} ({})",
+        p.goal_postgres_to_sled,
+        p.postgres_to_sled,
+        if p.goal_met { "met" } else { "not met" }
+    );
+    if let Some(x) = &p.processes {
+        println!("  processes on one database: {}", x.load);
+        for run in [&x.one, &x.many] {
+            println!(
+                "    {} process(es), {} claimers  {:>8.0} claims/s  p50 / p99 {:.2} / {:.2} ms",
+                run.processes, run.claimers, run.claims_per_s, run.p50_ms, run.p99_ms
+            );
+        }
+        println!(
+            "  processes_to_one (goal >= {})        {:>10.2} ({})",
+            x.goal,
+            x.processes_to_one,
+            if x.goal_met { "met" } else { "not met" }
+        );
+    }
 }
 
 fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -549,13 +648,19 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Scenario::Manager { concurrency, load } => {
+        Scenario::Manager {
+            concurrency,
+            processes,
+            load,
+        } => {
             let Load {
                 devices,
                 claims,
                 raw_seconds,
                 dir,
                 json,
+                store,
+                postgres_url,
             } = load;
             let config = manager::ManagerBench {
                 devices,
@@ -564,7 +669,17 @@ async fn main() -> anyhow::Result<()> {
                 raw_seconds,
                 dir,
             };
-            let r = manager::run(&config).await?;
+            let r = match store {
+                StoreKind::Sled => manager::run(&config).await?,
+                StoreKind::Postgres => {
+                    let pg = bridgekeys_bench::pg::PgBench {
+                        url: postgres_url,
+                        processes,
+                        exe: std::env::current_exe()?,
+                    };
+                    manager::run_compared(&config, &pg).await?
+                }
+            };
             println!("scenario: manager ({} cores)", r.threads);
             print_raw(r.raw_keys_per_s_1t, r.raw_keys_per_s_all);
             println!(
@@ -587,6 +702,7 @@ async fn main() -> anyhow::Result<()> {
                 "  ratio manager / raw (all cores)         {:>10.2}",
                 r.ratio_to_raw
             );
+            print_manager_postgres(&r);
             write_json(json, &r)
         }
         Scenario::Olm {
@@ -701,7 +817,15 @@ async fn main() -> anyhow::Result<()> {
                 raw_seconds,
                 dir,
                 json,
+                store,
+                postgres_url,
             } = load;
+            let server = match store {
+                StoreKind::Sled => None,
+                StoreKind::Postgres => {
+                    Some(bridgekeys_bench::pg::Server::start(postgres_url).await?)
+                }
+            };
             let mut runs = Vec::new();
             for connections in connections {
                 let config = http::HttpBench {
@@ -711,9 +835,24 @@ async fn main() -> anyhow::Result<()> {
                     raw_seconds,
                     dir: dir.clone(),
                 };
-                let r = http::run(&config).await?;
+                let r = match &server {
+                    None => http::run(&config).await,
+                    Some(server) => http::run_compared(&config, server).await,
+                };
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if let Some(server) = &server {
+                            server.clean_up().await;
+                        }
+                        return Err(e);
+                    }
+                };
                 print_http(&r);
                 runs.push(r);
+            }
+            if let Some(server) = &server {
+                server.clean_up().await;
             }
             match <[_; 1]>::try_from(runs) {
                 Ok([r]) => write_json(json, &r),
@@ -828,6 +967,12 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(r.failures() == 0, "{} claims failed a check", r.failures());
             Ok(())
         }
+        Scenario::PgClaimChild {
+            store_id,
+            devices,
+            claims,
+            concurrency,
+        } => bridgekeys_bench::pg::child(store_id, devices, claims, concurrency).await,
         Scenario::CrashChild {
             dir,
             devices,

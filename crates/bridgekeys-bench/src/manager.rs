@@ -9,12 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bridgekeys_olm::sign_json;
+use bridgekeys_olm::{AccountManager, ManagerConfig, sign_json};
 use bridgekeys_store::StoreKey;
 use serde::Serialize;
 use vodozemac::olm::Account;
 
-use crate::support::{claim_load, open_manager, percentile_ms, puppet};
+use crate::{
+    pg::{GOAL_POSTGRES_TO_SLED, PgBench, Server},
+    support::{claim_load, open_manager, percentile_ms, puppet},
+};
 
 /// Knobs of the `manager` scenario.
 #[derive(Clone, Debug)]
@@ -58,6 +61,42 @@ pub struct ManagerReport {
     pub claims_per_flush: f64,
     /// manager_claims_per_s / raw_keys_per_s_all.
     pub ratio_to_raw: f64,
+    /// The same load on a PostgreSQL store, measured in the same run
+    /// (`--store postgres`); the figures above are sled's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PgClaims>,
+}
+
+/// The `manager` load on a PostgreSQL store, beside sled's.
+#[derive(Debug, Serialize)]
+pub struct PgClaims {
+    /// Where the server is (a local one shares the machine's cores).
+    pub server: String,
+    /// Connections per pool of the store (its default).
+    pub pool_size: usize,
+    /// Seconds to provision the devices (durably).
+    pub provision_s: f64,
+    /// Claims measured.
+    pub claims: usize,
+    /// Durable claims per second (1 key each), one process.
+    pub claims_per_s: f64,
+    /// Median claim latency.
+    pub p50_ms: f64,
+    /// 99th percentile claim latency.
+    pub p99_ms: f64,
+    /// Claims answered per group-commit flush (synchronous commit).
+    pub claims_per_flush: f64,
+    /// claims_per_s / raw_keys_per_s_all.
+    pub ratio_to_raw: f64,
+    /// claims_per_s / sled's manager_claims_per_s.
+    pub postgres_to_sled: f64,
+    /// The goal of `postgres_to_sled`.
+    pub goal_postgres_to_sled: f64,
+    /// Whether it is met.
+    pub goal_met: bool,
+    /// Several processes on the database against one (`--processes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<crate::pg::ProcessesReport>,
 }
 
 /// Keys per second of the bare crypto: generate one OTK, sign its canonical
@@ -115,18 +154,104 @@ pub fn measure_raw(seconds: f64) -> Raw {
     }
 }
 
-/// Run the scenario.
+/// Run the scenario (sled).
 pub async fn run(config: &ManagerBench) -> anyhow::Result<ManagerReport> {
-    let Raw {
-        threads,
-        per_s_1t: raw_1t,
-        per_s_all: raw_all,
-    } = measure_raw(config.raw_seconds);
+    let raw = measure_raw(config.raw_seconds);
+    run_sled(config, raw).await
+}
 
+/// Run the scenario on sled and on PostgreSQL, in the same run (one raw
+/// figure, the same load on each), and N processes on PostgreSQL.
+pub async fn run_compared(config: &ManagerBench, pg: &PgBench) -> anyhow::Result<ManagerReport> {
+    let raw = measure_raw(config.raw_seconds);
+    let mut report = run_sled(config, raw).await?;
+    let server = Server::start(pg.url.clone()).await?;
+    let measured = run_postgres(config, pg, &server, &report).await;
+    server.clean_up().await;
+    report.postgres = Some(measured?);
+    Ok(report)
+}
+
+async fn run_sled(config: &ManagerBench, raw: Raw) -> anyhow::Result<ManagerReport> {
     std::fs::create_dir_all(&config.dir)?;
     let dir = tempfile::tempdir_in(&config.dir)?;
     let manager = Arc::new(open_manager(dir.path(), &StoreKey::generate())?);
+    let m = measure(&manager, config).await?;
+    Ok(ManagerReport {
+        threads: raw.threads,
+        raw_keys_per_s_1t: raw.per_s_1t,
+        raw_keys_per_s_all: raw.per_s_all,
+        devices: config.devices,
+        provision_s: m.provision_s,
+        concurrency: config.concurrency,
+        claims: m.latencies.len(),
+        manager_claims_per_s: m.claims_per_s,
+        manager_p50_ms: percentile_ms(&m.latencies, 50.0),
+        manager_p99_ms: percentile_ms(&m.latencies, 99.0),
+        claims_per_flush: m.claims_per_flush,
+        ratio_to_raw: m.claims_per_s / raw.per_s_all,
+        postgres: None,
+    })
+}
 
+async fn run_postgres(
+    config: &ManagerBench,
+    pg: &PgBench,
+    server: &Server,
+    sled: &ManagerReport,
+) -> anyhow::Result<PgClaims> {
+    let url = server.fresh_database("manager").await?;
+    let key = StoreKey::generate();
+    let store = crate::pg::create_store(&url, &key).await?;
+    let id = store.id();
+    let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
+    let m = measure(&manager, config).await?;
+    drop(manager);
+    let processes = if pg.processes > 1 {
+        Some(
+            crate::pg::compare_processes(
+                &pg.exe,
+                &url,
+                &key,
+                id,
+                config.devices,
+                config.claims,
+                config.concurrency,
+                pg.processes,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let postgres_to_sled = m.claims_per_s / sled.manager_claims_per_s;
+    Ok(PgClaims {
+        server: server.describe(),
+        pool_size: bridgekeys_store::DEFAULT_PG_POOL_SIZE,
+        provision_s: m.provision_s,
+        claims: m.latencies.len(),
+        claims_per_s: m.claims_per_s,
+        p50_ms: percentile_ms(&m.latencies, 50.0),
+        p99_ms: percentile_ms(&m.latencies, 99.0),
+        claims_per_flush: m.claims_per_flush,
+        ratio_to_raw: m.claims_per_s / sled.raw_keys_per_s_all,
+        postgres_to_sled,
+        goal_postgres_to_sled: GOAL_POSTGRES_TO_SLED,
+        goal_met: postgres_to_sled >= GOAL_POSTGRES_TO_SLED,
+        processes,
+    })
+}
+
+/// What [`measure`] saw.
+struct Measured {
+    provision_s: f64,
+    latencies: Vec<Duration>,
+    claims_per_s: f64,
+    claims_per_flush: f64,
+}
+
+/// Provision the devices, then the claim load.
+async fn measure(manager: &Arc<AccountManager>, config: &ManagerBench) -> anyhow::Result<Measured> {
     let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -150,21 +275,12 @@ pub async fn run(config: &ManagerBench) -> anyhow::Result<ManagerReport> {
 
     let flushes_before = manager.store().commit_stats().flushes;
     let (latencies, elapsed) =
-        claim_load(&manager, config.devices, config.claims, config.concurrency).await?;
+        claim_load(manager, config.devices, config.claims, config.concurrency).await?;
     let flushes = manager.store().commit_stats().flushes - flushes_before;
-    let claims_per_s = latencies.len() as f64 / elapsed;
-    Ok(ManagerReport {
-        threads,
-        raw_keys_per_s_1t: raw_1t,
-        raw_keys_per_s_all: raw_all,
-        devices: config.devices,
+    Ok(Measured {
         provision_s,
-        concurrency: config.concurrency,
-        claims: latencies.len(),
-        manager_claims_per_s: claims_per_s,
-        manager_p50_ms: percentile_ms(&latencies, 50.0),
-        manager_p99_ms: percentile_ms(&latencies, 99.0),
+        claims_per_s: latencies.len() as f64 / elapsed,
         claims_per_flush: latencies.len() as f64 / flushes.max(1) as f64,
-        ratio_to_raw: claims_per_s / raw_all,
+        latencies,
     })
 }

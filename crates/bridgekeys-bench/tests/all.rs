@@ -33,7 +33,12 @@ fn all_quick_writes_one_json_with_every_scenario_and_goal_and_the_charts() {
     let scenarios = report["scenarios"].as_object().unwrap();
     let mut ran: Vec<_> = scenarios.keys().map(String::as_str).collect();
     ran.sort_unstable();
-    assert_eq!(ran, ["crash", "http", "manager", "raw", "scale", "storage"]);
+    assert_eq!(
+        ran,
+        [
+            "crash", "http", "manager", "postgres", "raw", "scale", "storage"
+        ]
+    );
     // The HTTP load at each connection count of the goal's chart.
     let connections: Vec<_> = scenarios["http"]["runs"]
         .as_array()
@@ -56,6 +61,8 @@ fn all_quick_writes_one_json_with_every_scenario_and_goal_and_the_charts() {
         [
             "http.ratio_to_raw",
             "manager.ratio_to_raw",
+            "postgres.manager_ratio_to_sled",
+            "postgres.processes_to_one",
             "storage.bytes_per_device",
             "scale.scale_ratio",
             "scale.p99_ms_1m",
@@ -70,6 +77,12 @@ fn all_quick_writes_one_json_with_every_scenario_and_goal_and_the_charts() {
     let value = |name: &str| goals.iter().find(|g| g["name"] == name).unwrap()["value"].clone();
     assert!(value("http.ratio_to_raw").as_f64().unwrap() > 0.0);
     assert_eq!(value("crash.keys_verified_share"), 1.0);
+    // PostgreSQL beside sled, and 3 processes on one database against 1.
+    assert!(value("postgres.manager_ratio_to_sled").as_f64().unwrap() > 0.0);
+    assert!(value("postgres.processes_to_one").as_f64().unwrap() > 0.0);
+    let pg = &scenarios["postgres"]["postgres"];
+    assert_eq!(pg["processes"]["many"]["processes"], 3);
+    assert_eq!(pg["processes"]["many"]["claims"], 300);
     assert!(
         value("synapse.serial_appservice_share").is_null(),
         "skipped"
@@ -121,7 +134,7 @@ fn all_only_runs_the_scenarios_named_and_still_lists_every_goal() {
         .cloned()
         .collect();
     assert_eq!(ran, ["raw"]);
-    assert_eq!(report["goals"].as_array().unwrap().len(), 7);
+    assert_eq!(report["goals"].as_array().unwrap().len(), 9);
     assert!(
         report["goals"]
             .as_array()

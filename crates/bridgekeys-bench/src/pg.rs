@@ -1,0 +1,427 @@
+//! PostgreSQL-backed claims beside sled-backed ones (issue 15): the server
+//! (a throwaway local one from the testkit, or `--postgres-url`), a fresh
+//! database per measurement, and the multi-process claim load.
+//!
+//! The multi-process load: the parent provisions the devices in one
+//! database, then starts bridgekeys-bench children (the hidden
+//! `pg-claim-child` subcommand) on it. Each child opens the store, loads
+//! every device into its cache (a running bridge's steady state), prints
+//! `ready`, waits for `go` on stdin, runs its share of the claims and prints
+//! one JSON line with its latencies. The parent says `go` to all of them at
+//! once and times the window from `go` to the last child's answer. The one-
+//! and the N-process runs share the same total load: the same claims and
+//! the same claimers in all, split evenly over the processes.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bridgekeys_olm::{AccountManager, ManagerConfig};
+use bridgekeys_store::{PgStore, PgStoreConfig, StoreId, StoreKey};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::support::{claim_load, percentile_ms, puppet};
+
+/// The environment variable a child reads the database URL from (not its
+/// command line, where `ps` shows the password).
+pub const URL_ENV: &str = "BRIDGEKEYS_BENCH_PG_URL";
+
+/// The environment variable a child reads the store key from (hex).
+pub const KEY_ENV: &str = "BRIDGEKEYS_BENCH_PG_KEY";
+
+/// The goal of `postgres_to_sled` (issue 15).
+pub const GOAL_POSTGRES_TO_SLED: f64 = 0.5;
+
+/// The goal of `processes_to_one` (issue 15).
+pub const GOAL_PROCESSES_TO_ONE: f64 = 1.0;
+
+/// What the PostgreSQL side of a run needs.
+#[derive(Clone, Debug)]
+pub struct PgBench {
+    /// An existing server (a URL whose user may `CREATE DATABASE`); `None`:
+    /// start a throwaway one on this machine (fsync on).
+    pub url: Option<String>,
+    /// Processes of the multi-process load (0 or 1: not measured).
+    pub processes: usize,
+    /// The `bridgekeys-bench` executable (the children).
+    pub exe: PathBuf,
+}
+
+/// The server the databases are created on.
+pub enum Server {
+    /// A throwaway server from the testkit, on this machine.
+    Local(Box<bridgekeys_testkit::Postgres>),
+    /// `--postgres-url`; the databases created are dropped at the end.
+    External {
+        /// The URL given.
+        url: String,
+        /// Databases this run created.
+        created: std::sync::Mutex<Vec<String>>,
+    },
+}
+
+impl Server {
+    /// Start a local server (fsync on), or use `url`.
+    pub async fn start(url: Option<String>) -> anyhow::Result<Self> {
+        Ok(match url {
+            Some(url) => {
+                with_database(&url, "x")?;
+                Server::External {
+                    url,
+                    created: Default::default(),
+                }
+            }
+            None => Server::Local(Box::new(
+                bridgekeys_testkit::Postgres::start()
+                    .await
+                    .context("starting a local PostgreSQL (initdb and postgres from PATH or /usr/lib/postgresql)")?,
+            )),
+        })
+    }
+
+    /// Where the server is, for the report.
+    pub fn describe(&self) -> String {
+        match self {
+            Server::Local(_) => "local throwaway server (bridgekeys-testkit), same machine, \
+                                 sharing its cores with the benchmark; fsync on"
+                .to_owned(),
+            Server::External { url, .. } => {
+                let location = url
+                    .parse::<tokio_postgres::Config>()
+                    .ok()
+                    .and_then(|c| {
+                        let host = match c.get_hosts().first()? {
+                            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                        };
+                        Some(format!("{host}:{}", c.get_ports().first().unwrap_or(&5432)))
+                    })
+                    .unwrap_or_else(|| "?".to_owned());
+                format!("external server at {location} (--postgres-url)")
+            }
+        }
+    }
+
+    /// A new empty database; its URL.
+    pub async fn fresh_database(&self, what: &str) -> anyhow::Result<String> {
+        let name = format!("bkbench_{what}_{:08x}", rand::random::<u32>());
+        match self {
+            Server::Local(pg) => Ok(pg.create_database(&name).await?),
+            Server::External { url, created } => {
+                execute(url, &format!("CREATE DATABASE \"{name}\"")).await?;
+                if let Ok(mut created) = created.lock() {
+                    created.push(name.clone());
+                }
+                with_database(url, &name)
+            }
+        }
+    }
+
+    /// Drop the databases this run created on an external server (a local
+    /// one goes away whole when dropped). Best effort.
+    pub async fn clean_up(&self) {
+        if let Server::External { url, created } = self {
+            let names = created.lock().map(|c| c.clone()).unwrap_or_default();
+            for name in names {
+                if let Err(e) = execute(url, &format!("DROP DATABASE IF EXISTS \"{name}\"")).await {
+                    eprintln!("postgres: could not drop database {name}: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// Run one statement on `url`.
+async fn execute(url: &str, sql: &str) -> anyhow::Result<()> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to --postgres-url")?;
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(sql)
+        .await
+        .with_context(|| format!("running {sql}"))?;
+    drop(client);
+    let _ = connection.await;
+    Ok(())
+}
+
+/// `url` (a `postgres://` URL) with its database replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let scheme_end = url
+        .find("://")
+        .filter(|_| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        .ok_or_else(|| anyhow::anyhow!("--postgres-url must be a postgres:// URL"))?
+        + 3;
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let after = &rest[authority_end..];
+    let query = after.find('?').map_or("", |q| &after[q..]);
+    Ok(format!(
+        "{}{}/{name}{query}",
+        &url[..scheme_end],
+        &rest[..authority_end]
+    ))
+}
+
+/// Create a PostgreSQL store in the (empty) database at `url`.
+pub async fn create_store(url: &str, key: &StoreKey) -> anyhow::Result<Arc<PgStore>> {
+    let config = PgStoreConfig::new(url, key.clone());
+    let store = tokio::task::spawn_blocking(move || PgStore::create(config)).await??;
+    Ok(Arc::new(store))
+}
+
+/// One claim load, over one or several processes.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessRun {
+    /// Processes claiming at once.
+    pub processes: usize,
+    /// Claims in all.
+    pub claims: usize,
+    /// Claimers in all (split over the processes).
+    pub claimers: usize,
+    /// Seconds from `go` to the last process's answer.
+    pub wall_s: f64,
+    /// claims / wall_s.
+    pub claims_per_s: f64,
+    /// Median claim latency, every process's claims merged.
+    pub p50_ms: f64,
+    /// 99th percentile claim latency, merged.
+    pub p99_ms: f64,
+}
+
+/// N processes claiming on one database against one process.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessesReport {
+    /// How the two loads compare.
+    pub load: String,
+    /// One process.
+    pub one: ProcessRun,
+    /// N processes.
+    pub many: ProcessRun,
+    /// many.claims_per_s / one.claims_per_s.
+    pub processes_to_one: f64,
+    /// The goal of `processes_to_one`.
+    pub goal: f64,
+    /// Whether it is met.
+    pub goal_met: bool,
+}
+
+/// What one child prints when it is done.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChildOutput {
+    /// Claims made.
+    pub claims: usize,
+    /// Seconds its load took.
+    pub elapsed_s: f64,
+    /// Each claim's latency, microseconds.
+    pub latencies_us: Vec<u64>,
+}
+
+/// The children's share of `total` for child `i` of `n` (at least 1).
+fn share(total: usize, i: usize, n: usize) -> usize {
+    (total / n + usize::from(i < total % n)).max(1)
+}
+
+/// `claims` claims by `claimers` claimers in all, over `processes`
+/// children on the store at `url` (id `id`, key `key`), devices
+/// `0..devices` provisioned there already.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_processes(
+    exe: &Path,
+    url: &str,
+    key: &StoreKey,
+    id: StoreId,
+    devices: usize,
+    claims: usize,
+    claimers: usize,
+    processes: usize,
+) -> anyhow::Result<ProcessRun> {
+    let processes = processes.max(1);
+    let key_hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let mut children = Vec::new();
+    for i in 0..processes {
+        let mut child = tokio::process::Command::new(exe)
+            .arg("pg-claim-child")
+            .arg("--store-id")
+            .arg(id.to_string())
+            .arg("--devices")
+            .arg(devices.to_string())
+            .arg("--claims")
+            .arg(share(claims, i, processes).to_string())
+            .arg("--concurrency")
+            .arg(share(claimers, i, processes).to_string())
+            .env(URL_ENV, url)
+            .env(KEY_ENV, &key_hex)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        children.push((child, stdin, BufReader::new(stdout).lines()));
+    }
+    for (_, _, lines) in &mut children {
+        match lines.next_line().await? {
+            Some(l) if l == "ready" => {}
+            other => anyhow::bail!("a claim child did not get ready: {other:?}"),
+        }
+    }
+    let started = Instant::now();
+    for (_, stdin, _) in &mut children {
+        stdin.write_all(b"go\n").await?;
+        stdin.flush().await?;
+    }
+    let mut waits = tokio::task::JoinSet::new();
+    for (mut child, stdin, mut lines) in children {
+        waits.spawn(async move {
+            let line = lines
+                .next_line()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("a claim child ended without its figures"))?;
+            let done = started.elapsed();
+            let output: ChildOutput = serde_json::from_str(&line)?;
+            drop(stdin);
+            let status = child.wait().await?;
+            anyhow::ensure!(status.success(), "a claim child exited with {status}");
+            anyhow::Ok((output, done))
+        });
+    }
+    let mut latencies = Vec::with_capacity(claims);
+    let mut window = Duration::ZERO;
+    let mut total = 0;
+    while let Some(r) = waits.join_next().await {
+        let (output, done) = r??;
+        total += output.claims;
+        window = window.max(done);
+        latencies.extend(output.latencies_us.into_iter().map(Duration::from_micros));
+    }
+    latencies.sort();
+    let wall_s = window.as_secs_f64();
+    Ok(ProcessRun {
+        processes,
+        claims: total,
+        claimers: (0..processes).map(|i| share(claimers, i, processes)).sum(),
+        wall_s,
+        claims_per_s: total as f64 / wall_s,
+        p50_ms: percentile_ms(&latencies, 50.0),
+        p99_ms: percentile_ms(&latencies, 99.0),
+    })
+}
+
+/// One process against `processes` on the store at `url`, same total load.
+#[allow(clippy::too_many_arguments)]
+pub async fn compare_processes(
+    exe: &Path,
+    url: &str,
+    key: &StoreKey,
+    id: StoreId,
+    devices: usize,
+    claims: usize,
+    claimers: usize,
+    processes: usize,
+) -> anyhow::Result<ProcessesReport> {
+    let one = run_processes(exe, url, key, id, devices, claims, claimers, 1).await?;
+    let many = run_processes(exe, url, key, id, devices, claims, claimers, processes).await?;
+    let processes_to_one = many.claims_per_s / one.claims_per_s;
+    Ok(ProcessesReport {
+        load: format!(
+            "the same total load: {claims} claims by {claimers} claimers in all, split evenly \
+             over the processes; each process loads every device first; wall clock from the \
+             common start to the last process's answer"
+        ),
+        one,
+        many,
+        processes_to_one,
+        goal: GOAL_PROCESSES_TO_ONE,
+        goal_met: processes_to_one >= GOAL_PROCESSES_TO_ONE,
+    })
+}
+
+/// The hidden `pg-claim-child` subcommand: see the module docs.
+pub async fn child(
+    store_id: StoreId,
+    devices: usize,
+    claims: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let url = std::env::var(URL_ENV).with_context(|| format!("{URL_ENV} not set"))?;
+    let hex = std::env::var(KEY_ENV).with_context(|| format!("{KEY_ENV} not set"))?;
+    let mut bytes = [0u8; 32];
+    anyhow::ensure!(hex.len() == 64, "{KEY_ENV} is not 32 bytes of hex");
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)?;
+    }
+    let config = PgStoreConfig::new(url, StoreKey::new(bytes)).expect_id(store_id);
+    let store = tokio::task::spawn_blocking(move || PgStore::open(config)).await??;
+    let manager = Arc::new(AccountManager::new(
+        Arc::new(store),
+        ManagerConfig::default(),
+    ));
+    for i in 0..devices {
+        let (user, device) = puppet(i)?;
+        manager.device_keys(&user, &device)?;
+    }
+    println!("ready");
+    let go = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    anyhow::ensure!(go.trim_end() == "go", "expected go, got {go:?}");
+    let (latencies, elapsed_s) = claim_load(&manager, devices, claims, concurrency).await?;
+    let output = ChildOutput {
+        claims: latencies.len(),
+        elapsed_s,
+        latencies_us: latencies.iter().map(|d| d.as_micros() as u64).collect(),
+    };
+    println!("{}", serde_json::to_string(&output)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn database_is_replaced_in_the_url() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres", "b").unwrap(),
+            "postgres://u:p@h:5432/b"
+        );
+        assert_eq!(
+            with_database("postgresql://h/db?sslmode=disable", "b").unwrap(),
+            "postgresql://h/b?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h", "b").unwrap(),
+            "postgres://h/b"
+        );
+        assert!(with_database("host=h dbname=x", "b").is_err());
+    }
+
+    #[test]
+    fn shares_add_up() {
+        assert_eq!((0..3).map(|i| share(40_000, i, 3)).sum::<usize>(), 40_000);
+        assert_eq!(
+            (0..3).map(|i| share(64, i, 3)).collect::<Vec<_>>(),
+            [22, 21, 21]
+        );
+        assert_eq!(share(2, 2, 3), 1, "never no claimer");
+    }
+}
