@@ -1,8 +1,10 @@
 //! Wire a whole bridge from its registration in a few lines.
 //!
 //! [`Bridgekeys::builder`] takes the registration and the server name, the
-//! homeserver URL and an open [`SledStore`], and builds every piece on
-//! them, the way a bridge wires them by hand:
+//! homeserver URL and an open store (any [`Backend`]: the embedded
+//! [`SledStore`](bridgekeys_store::SledStore), or a PostgreSQL store shared
+//! by several processes), and builds every piece on them, the way a bridge
+//! wires them by hand:
 //!
 //! store → [`AccountManager`] → [`HomeserverClient`] → [`RoomStates`] →
 //! [`PuppetOlm`] → [`Provisioner`] → [`KeyPool`] → your handler →
