@@ -19,8 +19,12 @@
 //! directory tree is replaced by what a disk would show under the chosen
 //! model (only what was synced, file and directory alike; or torn writes).
 //! The same two promises must hold, and the store must open every time.
+//!
+//! [`shared`] is the same torture for several processes on one PostgreSQL
+//! database (`crash --store postgres --processes N`).
 
 pub mod sessions;
+pub mod shared;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -97,11 +101,11 @@ pub struct CrashReport {
     pub sessions: sessions::SessionChecks,
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> anyhow::Result<[u8; 32]> {
+pub(crate) fn unhex(s: &str) -> anyhow::Result<[u8; 32]> {
     anyhow::ensure!(s.len() == 64, "store key must be 64 hex digits");
     let mut out = [0u8; 32];
     for (i, byte) in out.iter_mut().enumerate() {

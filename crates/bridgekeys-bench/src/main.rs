@@ -263,15 +263,29 @@ enum Scenario {
         /// (entries and sizes survive, unsynced blocks are partly lost).
         #[arg(long, value_name = "MODEL")]
         power_loss: Option<bridgekeys_powercut::Model>,
-        /// Peer devices with Olm sessions to the puppets (0: claims only).
-        #[arg(long, default_value_t = 8)]
-        peers: usize,
-        /// Olm messages each peer sends the child per cycle.
-        #[arg(long, default_value_t = 4)]
-        messages_per_peer: usize,
-        /// Directory for the store.
+        /// Peer devices with Olm sessions to the puppets (0: claims only);
+        /// default 8. Sled only.
+        #[arg(long)]
+        peers: Option<usize>,
+        /// Olm messages each peer sends the child per cycle; default 4.
+        /// Sled only.
+        #[arg(long)]
+        messages_per_peer: Option<usize>,
+        /// Directory for the store (sled).
         #[arg(long, default_value = "target/bench-data")]
         dir: PathBuf,
+        /// The store the children share: `sled` (one child at a time, on a
+        /// directory) or `postgres` (`--processes` children at once on one
+        /// database, claims only).
+        #[arg(long, value_enum, default_value_t = CrashStore::Sled)]
+        store: CrashStore,
+        /// Child processes claiming at once (more than 1 needs `--store postgres`).
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
+        /// With `--store postgres`: an existing, empty database (else a
+        /// throwaway server is started and a database created on it).
+        #[arg(long, value_name = "URL")]
+        postgres_url: Option<String>,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -292,14 +306,54 @@ enum Scenario {
     /// (internal) the claiming child of `crash`.
     #[command(hide = true)]
     CrashChild {
-        #[arg(long)]
-        dir: PathBuf,
+        /// The sled store's directory.
+        #[arg(long, required_unless_present = "postgres")]
+        dir: Option<PathBuf>,
+        /// The shared PostgreSQL database instead (the store must exist).
+        #[arg(
+            long,
+            value_name = "URL",
+            conflicts_with = "dir",
+            requires = "store_id"
+        )]
+        postgres: Option<String>,
         #[arg(long)]
         devices: usize,
-        /// The store to open; absent: create it.
+        /// The store to open; absent: create it (sled only).
         #[arg(long)]
         store_id: Option<bridgekeys_store::StoreId>,
     },
+}
+
+/// The store of the crash torture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CrashStore {
+    /// A sled store in `--dir`, one child at a time.
+    Sled,
+    /// One PostgreSQL database shared by `--processes` children.
+    Postgres,
+}
+
+/// The shared-database crash torture's figures.
+fn print_crash_shared(r: &crash::shared::SharedReport) {
+    println!(
+        "scenario: crash, {} processes on one {} database (seed {})",
+        r.processes, r.store, r.seed
+    );
+    println!("  SIGKILL cycles survived                 {:>10}", r.cycles);
+    println!("  SIGKILLs sent (with the final ones)     {:>10}", r.kills);
+    println!(
+        "  keys reported, all verified after kill  {:>10} / {}",
+        r.keys_reported, r.keys_verified
+    );
+    println!(
+        "  signatures verified                     {:>10}",
+        r.signatures_verified
+    );
+    println!(
+        "  repeated key ids / repeated keys        {:>10} / {}",
+        r.repeated_key_ids, r.repeated_keys
+    );
 }
 
 /// The two raw crypto lines every scenario that measures them prints.
@@ -880,9 +934,40 @@ async fn main() -> anyhow::Result<()> {
             peers,
             messages_per_peer,
             dir,
+            store,
+            processes,
+            postgres_url,
             json,
         } => {
             let exe = std::env::current_exe()?;
+            if store == CrashStore::Postgres {
+                anyhow::ensure!(
+                    power_loss.is_none() && peers.is_none() && messages_per_peer.is_none(),
+                    "--power-loss, --peers and --messages-per-peer are for --store sled only: \
+                     the shared-database torture runs claims under SIGKILL"
+                );
+                let config = crash::shared::SharedConfig {
+                    processes,
+                    cycles,
+                    devices,
+                    max_keys_before_kill,
+                    exe,
+                    seed,
+                    postgres_url,
+                };
+                let r = crash::shared::run(&config).await?;
+                print_crash_shared(&r);
+                return write_json(json, &r);
+            }
+            anyhow::ensure!(
+                processes == 1,
+                "--processes {processes}: more than one process needs --store postgres \
+                 (a sled store is held by one process)"
+            );
+            anyhow::ensure!(
+                postgres_url.is_none(),
+                "--postgres-url needs --store postgres"
+            );
             let config = crash::CrashConfig {
                 cycles,
                 devices,
@@ -891,8 +976,8 @@ async fn main() -> anyhow::Result<()> {
                 dir,
                 seed,
                 power_loss,
-                peers,
-                messages_per_peer,
+                peers: peers.unwrap_or(8),
+                messages_per_peer: messages_per_peer.unwrap_or(4),
             };
             let r = crash::run(&config).await?;
             println!("scenario: crash (seed {})", r.seed);
@@ -975,8 +1060,13 @@ async fn main() -> anyhow::Result<()> {
         } => bridgekeys_bench::pg::child(store_id, devices, claims, concurrency).await,
         Scenario::CrashChild {
             dir,
+            postgres,
             devices,
             store_id,
-        } => crash::child(dir, devices, store_id).await,
+        } => match (postgres, dir, store_id) {
+            (Some(url), _, Some(id)) => crash::shared::child(url, id, devices).await,
+            (None, Some(dir), store_id) => crash::child(dir, devices, store_id).await,
+            _ => anyhow::bail!("crash-child needs --dir, or --postgres with --store-id"),
+        },
     }
 }
