@@ -736,8 +736,12 @@ impl Lease<'_> {
 
 /// Renew `owner`'s lease every third of `lease_ms` until aborted; note in
 /// `lost` if another owner holds it or it was completed elsewhere.
+///
+/// The task holds the log weakly: an aborted task is only dropped at the
+/// runtime's next turn, and a strong handle would keep the store open
+/// (and a single-process store locked) past the listener's end.
 fn renew(
-    log: Arc<dyn TransactionLog>,
+    log: std::sync::Weak<dyn TransactionLog>,
     namespace: String,
     txn_id: String,
     owner: String,
@@ -748,6 +752,7 @@ fn renew(
         let every = std::time::Duration::from_millis((lease_ms / 3).max(1));
         loop {
             tokio::time::sleep(every).await;
+            let Some(log) = log.upgrade() else { return };
             match log.claim_transaction(&namespace, &txn_id, &owner, lease_ms) {
                 Ok(TransactionClaim::Claimed) => {}
                 Ok(other) => {
@@ -802,7 +807,7 @@ async fn claim<'a, H: BridgeHandler>(
             TransactionClaim::Claimed => {
                 let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let renewal = renew(
-                    Arc::clone(&inner.txn_log),
+                    Arc::downgrade(&inner.txn_log),
                     namespace.to_owned(),
                     txn_id.to_owned(),
                     inner.txn_owner.clone(),
@@ -974,7 +979,7 @@ mod tests {
         );
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let renewal = renew(
-            Arc::clone(&log),
+            Arc::downgrade(&log),
             "ns".into(),
             "t".into(),
             "a".into(),
