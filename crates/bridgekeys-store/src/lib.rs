@@ -34,6 +34,11 @@
 //!   store. So a claim does not rewrite the account at all.
 //! * **Visible on return.** A write is applied when its call returns: every
 //!   later read, from any thread (or any process sharing the store), sees it.
+//!   One exception: keys from [`Store::append_keys`] must be visible through
+//!   the same store handle at return, but other processes need only see
+//!   them once they are durable. No one can use a key before its claim is
+//!   answered, and a claim is answered only after that, so a backend may
+//!   queue appends and commit many at once.
 //! * **Durability before acknowledgement.** A write returns a [`Pending`]
 //!   handle; only when [`Pending::durable`] resolves `Ok` is the write on
 //!   disk, power cut included, together with any key-id reservation applied
@@ -44,7 +49,7 @@
 //!   ([`Store::record_message_index`]), and a transaction is processed by one
 //!   lease holder at a time ([`TransactionLog::claim_transaction`]: a
 //!   backend several processes share must keep real leases).
-//! * **Stable orders.** The oldest one-time keys come lowest id first; room
+//! * **Stable orders.** The oldest one-time keys come first stored first; room
 //!   state ids in byte order; held events grouped by session, each session's
 //!   in event-id byte order; due rotations earliest first behind a cursor.
 //! * **Secrets sealed at rest.** Every record value except public data (ids,
@@ -99,8 +104,8 @@
 //! bridge processes share: compare-and-swap transactions instead of the
 //! single-owner lock, key ids from a counter row in blocks, real transaction
 //! leases, versioned migrations, and `COMMIT` as the durability point (the
-//! claim path's appends commit asynchronously and share one synchronous
-//! flush). It passes the conformance suite, lease checks included.
+//! claim path's appends are queued and committed many to one statement). It
+//! passes the conformance suite, lease checks included.
 #![deny(missing_docs)]
 
 mod commit;

@@ -15,25 +15,25 @@
 //!
 //! # Durability
 //!
-//! PostgreSQL's `COMMIT` is the durability point: every connection but the
-//! append connections below runs with `synchronous_commit=on` (set as a
-//! connection option, over whatever the URL says), so a committed transaction is
-//! flushed to the WAL (and to a synchronous standby, if one is configured).
-//! Writes other than [`Store::append_keys`](crate::Store::append_keys) run
-//! their transaction before they return and hand back
-//! [`Pending::ready`](crate::Pending::ready).
+//! PostgreSQL's `COMMIT` is the durability point: every connection runs
+//! with `synchronous_commit=on` (set as a connection option, over whatever
+//! the URL says), so a committed transaction is flushed to the WAL (and to
+//! a synchronous standby, if one is configured). Writes other than
+//! [`Store::append_keys`](crate::Store::append_keys) run their transaction
+//! before they return and hand back [`Pending::ready`](crate::Pending::ready).
 //!
-//! The hot claim path is cheap: [`Store::reserve_key_ids`](crate::Store::reserve_key_ids)
-//! hands out ids from a block reserved in the database
-//! ([`PgStoreConfig::key_id_block`] ids per round trip), and
-//! [`Store::append_keys`](crate::Store::append_keys) writes its keys in one
-//! statement on a connection with `synchronous_commit=off`: visible to every
-//! reader, in every process, when it returns, without waiting for a disk
-//! flush. Its [`Pending`](crate::Pending) resolves after the next flush of
-//! the group commit: one synchronous commit for every claim that waited
-//! meanwhile, which flushes the WAL past all of their commits (see
-//! `appender.rs`). A database crash may lose an append that was not flushed
-//! yet: nobody acknowledged its keys, and their ids are never issued again.
+//! The hot claim path does not wait for the database at all:
+//! [`Store::reserve_key_ids`](crate::Store::reserve_key_ids) hands out ids
+//! from a block reserved in the database ([`PgStoreConfig::key_id_block`]
+//! ids per round trip), and [`Store::append_keys`](crate::Store::append_keys)
+//! queues its keys and returns. One writer commits everything queued
+//! meanwhile in one statement, and each append's [`Pending`](crate::Pending)
+//! resolves when that commit returns: one commit for many claims (see
+//! `appender.rs`). An append is visible to this process's readers when
+//! `append_keys` returns, and to other processes once it is durable, which
+//! is before any claim of it is answered. A database crash may lose a
+//! queued append: nobody acknowledged its keys, and their ids are never
+//! issued again.
 //!
 //! # Several processes
 //!
@@ -94,8 +94,6 @@ use crate::{
     CommitStats, StoreError, StoreId, StoreKey, crypto::Sealer, layout, sled_store::FIRST_KEY_ID,
 };
 
-use appender::Waiter;
-
 /// The schema version this build of [`PgStore`] writes (the highest
 /// migration it knows). A database at a higher version is refused with
 /// [`StoreError::UnsupportedSchema`].
@@ -134,17 +132,17 @@ pub struct PgStoreConfig {
     /// bridge records the id at creation and sets it on every open, so
     /// another bridge's database is refused ([`StoreError::Foreign`]).
     pub expected_id: Option<StoreId>,
-    /// Most connections this process holds open for each of its two pools
-    /// (synchronous commits; the claim path's asynchronous appends). Each
-    /// call uses one for its round trips. Default [`DEFAULT_PG_POOL_SIZE`].
+    /// Most connections this process holds open. Each call uses one for
+    /// its round trips; the claim path's writer uses one per commit.
+    /// Default [`DEFAULT_PG_POOL_SIZE`].
     pub pool_size: usize,
     /// Key ids taken from the database counter per round trip: a claim
     /// costs a database round trip for ids only once per this many keys,
     /// and a crash or restart skips at most this many ids. Default
     /// [`DEFAULT_KEY_ID_BLOCK`].
     pub key_id_block: u64,
-    /// Most waiting key appends one group-commit flush answers (the rest
-    /// wait for the next). Default [`DEFAULT_MAX_APPEND_BATCH`].
+    /// Most queued key appends one commit carries (the rest wait for the
+    /// next). Default [`DEFAULT_MAX_APPEND_BATCH`].
     pub max_append_batch: usize,
     /// How long a call waits for a connection (opening one, or one of the
     /// pool to come free) before it fails with [`StoreError::Engine`]
@@ -301,19 +299,13 @@ impl PgStore {
             .map_err(|e| StoreError::engine(format!("invalid PostgreSQL url: {e}")))?;
         let location = PathBuf::from(describe(&pg));
         let options = pg.get_options().unwrap_or_default().to_owned();
-        let mut appends = pg.clone();
-        // The claim path's appends: visible at commit, durable with the
-        // next group-commit flush (see appender.rs).
-        appends.options(format!("{options} -c synchronous_commit=off").trim());
         // COMMIT is the durability point: make sure it flushes, whatever
         // the URL says (a later `-c` wins): a URL that turned it off would
         // make every acknowledgement a guess.
         pg.options(format!("{options} -c synchronous_commit=on").trim());
         let pool = build_pool(pg, &config)?;
-        let append_pool = build_pool(appends, &config)?;
         let engine = Engine::start(
             pool,
-            append_pool,
             config.max_append_batch.max(1),
             config.operation_timeout,
         )?;
@@ -579,17 +571,13 @@ pub(crate) fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
-/// The background runtime, its pools and the group-commit flusher.
+/// The background runtime, its pool and the claim path's writer.
 struct Engine {
     handle: tokio::runtime::Handle,
-    /// Connections that commit synchronously.
+    /// Connections (every one commits synchronously).
     pool: Pool,
-    /// Connections that commit asynchronously (appended keys only).
-    append_pool: Pool,
-    /// Waiters for the next flush; `None` once closing.
-    flushes: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Waiter>>>,
-    /// Appends committed (asynchronously) so far.
-    appended: Arc<AtomicU64>,
+    /// Appended keys not yet committed, and the queue to their writer.
+    appender: Arc<appender::Appender>,
     stats: Arc<Stats>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Bound of one call (see [`PgStoreConfig::operation_timeout`]).
@@ -604,22 +592,16 @@ pub(crate) struct Stats {
 }
 
 impl Engine {
-    /// Start the runtime thread; it runs the flusher until the store drops.
-    fn start(
-        pool: Pool,
-        append_pool: Pool,
-        max_batch: usize,
-        timeout: Duration,
-    ) -> Result<Self, StoreError> {
+    /// Start the runtime thread; it runs the appends' writer until the
+    /// store drops.
+    fn start(pool: Pool, max_batch: usize, timeout: Duration) -> Result<Self, StoreError> {
         let stats = Arc::new(Stats::default());
-        let appended = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (appender, queue) = appender::Appender::new(Arc::clone(&stats), timeout * 2);
         let (handle_tx, handle_rx) = std::sync::mpsc::sync_channel(1);
-        let flusher = appender::Flusher {
+        let writer = appender::Writer {
             pool: pool.clone(),
+            appender: Arc::clone(&appender),
             stats: Arc::clone(&stats),
-            appended: Arc::clone(&appended),
-            instance: rand::random(),
             max_batch,
             timeout,
         };
@@ -632,9 +614,9 @@ impl Engine {
                 match runtime {
                     Ok(runtime) => {
                         let _ = handle_tx.send(Ok(runtime.handle().clone()));
-                        // Runs until every sender is gone (the store
-                        // dropped) and the queue is drained.
-                        runtime.block_on(flusher.run(rx));
+                        // Runs until the queue is closed (the store
+                        // dropped) and drained.
+                        runtime.block_on(writer.run(queue));
                     }
                     Err(e) => {
                         let _ = handle_tx.send(Err(e));
@@ -649,35 +631,10 @@ impl Engine {
         Ok(Self {
             handle,
             pool,
-            append_pool,
-            flushes: parking_lot::Mutex::new(Some(tx)),
-            appended,
+            appender,
             stats,
             thread: parking_lot::Mutex::new(Some(thread)),
             timeout,
-        })
-    }
-
-    /// Wait for the next flush: everything committed before this call is
-    /// durable when the returned handle resolves. Counts as a write.
-    /// `life`: the server life the caller's append committed in (see
-    /// appender.rs); a flush in another life answers it with an error.
-    fn flushed(&self, life: Option<i64>) -> crate::Pending {
-        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        let (done, answer) = tokio::sync::oneshot::channel();
-        let queued = match self.flushes.lock().as_ref() {
-            Some(queue) => queue.send((life, done)).is_ok(),
-            None => false,
-        };
-        if !queued {
-            return crate::Pending::failed(StoreError::Closed);
-        }
-        crate::Pending::from_future(async move {
-            match answer.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(reason)) => Err(StoreError::Durability { reason }),
-                Err(_) => Err(StoreError::Closed),
-            }
         })
     }
 
@@ -748,9 +705,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        // Closing the queue lets the flusher answer what is queued and
+        // Closing the queue lets the writer commit what is queued and
         // stop; then the runtime thread ends.
-        self.flushes.lock().take();
+        self.appender.close();
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
         }

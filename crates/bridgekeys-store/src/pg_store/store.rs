@@ -1,7 +1,7 @@
 //! [`Store`] for [`PgStore`]: the account records, keys, sessions and the
 //! other sealed records, one table each (see `0001_initial.sql`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use zeroize::Zeroizing;
 
@@ -201,6 +201,9 @@ impl Store for PgStore {
             .unzip();
         let delivery = self.seal_delivery(device, write.delivery.as_ref());
         let dev = device.as_bytes().to_vec();
+        // After this device's queued appends: a key consumed here must not
+        // be inserted again by a batch behind it.
+        self.engine.appender.settle(&dev)?;
         self.engine.call(move |pool| async move {
             let mut client = pool.get().await.pg()?;
             let tx = client.transaction().await.pg()?;
@@ -278,45 +281,16 @@ impl Store for PgStore {
     }
 
     fn append_keys(&self, device: &DeviceKey, append: KeyAppend) -> Result<Pending, StoreError> {
+        // No round trip here: the writer commits it with the other appends
+        // queued meanwhile, and this process's readers see it at once (see
+        // appender.rs).
         let evict: Vec<i64> = append.evict_keys.iter().map(|(id, _)| ord(*id)).collect();
-        // Added, then evicted: a key both added and evicted ends up gone.
-        let added: Vec<_> = self
+        let added = self
             .seal_keys(device, &append.add_keys)
             .into_iter()
-            .filter(|(id, _, _)| !evict.contains(&ord(*id)))
+            .map(|(id, public, sealed)| (ord(id), public, sealed))
             .collect();
-        let (ids, publics, sealed) = split_keys(added);
-        let dev = device.as_bytes().to_vec();
-        let pool = self.engine.append_pool.clone();
-        let life = self.engine.call(move |_| async move {
-            let client = pool.get().await.pg()?;
-            // One statement, committed asynchronously (see appender.rs); it
-            // answers the life of the server it committed on.
-            let statement = client
-                .prepare_cached(concat!(
-                    "WITH added AS (\
-                     INSERT INTO bk_one_time_keys (device, key_id, public_key, sealed) \
-                     SELECT $1, * FROM unnest($2::int8[], $3::bytea[], $4::bytea[]) \
-                     ON CONFLICT (device, key_id) DO UPDATE \
-                     SET public_key = excluded.public_key, sealed = excluded.sealed RETURNING 1), \
-                     evicted AS (\
-                     DELETE FROM bk_one_time_keys WHERE device = $1 AND key_id = ANY($5) \
-                     RETURNING 1) \
-                     SELECT ",
-                    super::appender::server_life!()
-                ))
-                .await
-                .pg()?;
-            let row = client
-                .query_one(&statement, &[&dev, &ids, &publics, &sealed, &evict])
-                .await
-                .pg()?;
-            row.try_get::<_, i64>(0).pg()
-        })?;
-        self.engine
-            .appended
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Ok(self.engine.flushed(Some(life)))
+        Ok(self.engine.appender.append(device.as_bytes(), added, evict))
     }
 
     fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
@@ -359,17 +333,26 @@ impl Store for PgStore {
         device: &DeviceKey,
         public_key: &[u8; 32],
     ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
-        let rows = self.engine.query(
-            "SELECT key_id, sealed FROM bk_one_time_keys \
-             WHERE device = $1 AND public_key = $2 ORDER BY key_id LIMIT 1",
-            params![device.as_bytes().to_vec(), public_key.to_vec()],
-        )?;
-        let found = match rows.first() {
-            Some(row) => Some((
-                unord(row.try_get(0).pg()?),
-                row.try_get::<_, Vec<u8>>(1).pg()?,
-            )),
-            None => None,
+        // The overlay first, then the database (see appender.rs).
+        let overlay = self.engine.appender.overlay(device.as_bytes());
+        let found = match overlay.added.iter().find(|(_, p, _)| p == public_key) {
+            Some((id, _, sealed)) => Some((unord(*id), sealed.clone())),
+            None => {
+                let rows = self.engine.query(
+                    "SELECT key_id, sealed FROM bk_one_time_keys \
+                     WHERE device = $1 AND public_key = $2 ORDER BY key_id",
+                    params![device.as_bytes().to_vec(), public_key.to_vec()],
+                )?;
+                let mut found = None;
+                for row in &rows {
+                    let id: i64 = row.try_get(0).pg()?;
+                    if !overlay.evicted.contains(&id) {
+                        found = Some((unord(id), row.try_get::<_, Vec<u8>>(1).pg()?));
+                        break;
+                    }
+                }
+                found
+            }
         };
         let Some((key_id, sealed)) = found else {
             return Ok(None);
@@ -393,36 +376,65 @@ impl Store for PgStore {
         device: &DeviceKey,
         limit: usize,
     ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        let overlay = self.engine.appender.overlay(device.as_bytes());
+        // Enough rows that the ones evicted meanwhile can be skipped.
+        let want = limit.saturating_add(overlay.evicted.len());
         let rows = self.engine.query(
             "SELECT key_id, public_key FROM bk_one_time_keys WHERE device = $1 \
              ORDER BY seq LIMIT $2",
             params![
                 device.as_bytes().to_vec(),
-                i64::try_from(limit).unwrap_or(i64::MAX)
+                i64::try_from(want).unwrap_or(i64::MAX)
             ],
         )?;
-        rows.iter()
-            .map(|row| {
-                let public: Vec<u8> = row.try_get(1).pg()?;
-                Ok((
-                    unord(row.try_get(0).pg()?),
-                    key32(&public, "one-time key record")?,
-                ))
-            })
-            .collect()
+        let mut oldest = Vec::with_capacity(limit.min(rows.len() + overlay.added.len()));
+        let mut seen = HashSet::new();
+        for row in &rows {
+            let id: i64 = row.try_get(0).pg()?;
+            if overlay.evicted.contains(&id) {
+                continue;
+            }
+            let public: Vec<u8> = row.try_get(1).pg()?;
+            seen.insert(id);
+            oldest.push((unord(id), key32(&public, "one-time key record")?));
+        }
+        // Appended in this process and not committed: the newest.
+        for (id, public, _) in &overlay.added {
+            if !seen.contains(id) {
+                oldest.push((unord(*id), *public));
+            }
+        }
+        oldest.truncate(limit);
+        Ok(oldest)
     }
 
     fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
+        let overlay = self.engine.appender.overlay(device.as_bytes());
+        if overlay.added.is_empty() && overlay.evicted.is_empty() {
+            let rows = self.engine.query(
+                "SELECT count(*) FROM bk_one_time_keys WHERE device = $1",
+                params![device.as_bytes().to_vec()],
+            )?;
+            let stored: i64 = rows
+                .first()
+                .ok_or_else(|| corrupt("key count"))?
+                .try_get(0)
+                .pg()?;
+            return usize::try_from(stored).map_err(|_| corrupt("key count"));
+        }
         let rows = self.engine.query(
-            "SELECT count(*) FROM bk_one_time_keys WHERE device = $1",
+            "SELECT key_id FROM bk_one_time_keys WHERE device = $1",
             params![device.as_bytes().to_vec()],
         )?;
-        let stored: i64 = rows
-            .first()
-            .ok_or_else(|| corrupt("key count"))?
-            .try_get(0)
-            .pg()?;
-        usize::try_from(stored).map_err(|_| corrupt("key count"))
+        let mut ids = HashSet::with_capacity(rows.len() + overlay.added.len());
+        for row in &rows {
+            ids.insert(row.try_get::<_, i64>(0).pg()?);
+        }
+        ids.extend(overlay.added.iter().map(|(id, _, _)| *id));
+        Ok(ids
+            .iter()
+            .filter(|id| !overlay.evicted.contains(id))
+            .count())
     }
 
     fn load_session(
@@ -820,9 +832,9 @@ impl Store for PgStore {
 
     fn sync(&self) -> Pending {
         // Every write but the appended keys committed synchronously before
-        // it returned; the next flush makes those durable too (each append's
-        // own Pending says whether its keys survived a server restart).
-        self.engine.flushed(None)
+        // it returned; the appends queued so far are committed (or failed,
+        // as their own Pending says) when this resolves.
+        self.engine.appender.barrier()
     }
 
     fn commit_stats(&self) -> CommitStats {

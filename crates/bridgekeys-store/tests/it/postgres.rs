@@ -305,14 +305,13 @@ async fn what_one_process_writes_the_other_reads() {
 }
 
 #[tokio::test]
-async fn appended_keys_are_visible_to_every_process_at_return_and_evicted_in_order() {
+async fn appended_keys_are_visible_here_at_return_everywhere_once_durable_and_evicted_in_order() {
     let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let a = PgStore::create(config(&url, &key)).unwrap();
     let b = PgStore::open(config(&url, &key)).unwrap();
     let dev = DeviceKey::new("@a:x", "D");
     durable(a.write_device(&dev, None, account(b"v1"))).await;
-    let mut pendings = Vec::new();
     let mut ids = Vec::new();
     for round in 0..20u8 {
         let first = a.reserve_key_ids(2).unwrap();
@@ -321,9 +320,17 @@ async fn appended_keys_are_visible_to_every_process_at_return_and_evicted_in_ord
             add_keys: vec![otk(first, round), otk(first + 1, round.wrapping_add(100))],
             evict_keys: Vec::new(),
         };
-        pendings.push(a.append_keys(&dev, append).unwrap());
-        // Applied when it returns, for the other process too, before it
-        // is durable.
+        let pending = a.append_keys(&dev, append).unwrap();
+        // Applied for this process when it returns, before it is durable.
+        assert_eq!(
+            a.one_time_key(&dev, &[round; 32]).unwrap().unwrap().key_id,
+            first
+        );
+        assert_eq!(a.count_one_time_keys(&dev).unwrap(), ids.len());
+        assert_eq!(a.oldest_one_time_keys(&dev, 100).unwrap().len(), ids.len());
+        // For the other process once durable (a key is only ever used
+        // after its claim was answered, which is after that).
+        pending.durable().await.unwrap();
         assert_eq!(
             b.one_time_key(&dev, &[round; 32]).unwrap().unwrap().key_id,
             first
@@ -335,26 +342,111 @@ async fn appended_keys_are_visible_to_every_process_at_return_and_evicted_in_ord
         oldest.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         ids[..3]
     );
-    // b evicts the three oldest while a's appends may still be flushing.
+    // b evicts the three oldest; b sees it at once, a once it is durable.
     let evict = KeyAppend {
         add_keys: Vec::new(),
         evict_keys: oldest,
     };
-    pendings.push(b.append_keys(&dev, evict).unwrap());
+    let pending = b.append_keys(&dev, evict).unwrap();
+    assert_eq!(b.count_one_time_keys(&dev).unwrap(), ids.len() - 3);
+    assert_eq!(b.oldest_one_time_keys(&dev, 1).unwrap()[0].0, ids[3]);
+    assert!(b.one_time_key(&dev, &[0; 32]).unwrap().is_none());
+    pending.durable().await.unwrap();
     assert_eq!(a.count_one_time_keys(&dev).unwrap(), ids.len() - 3);
-    for p in pendings {
-        p.durable().await.unwrap();
-    }
     assert_eq!(a.oldest_one_time_keys(&dev, 1).unwrap()[0].0, ids[3]);
     let found = a.one_time_key(&dev, &[10; 32]).unwrap().unwrap();
     assert_eq!(*found.secret_key, [10 ^ 0xff; 32]);
-    // Nothing appended since the last flush: a sync needs no new one.
+    // Nothing appended since the last commit: a sync needs no new one.
     let before = a.commit_stats();
     a.sync().durable().await.unwrap();
     a.sync().durable().await.unwrap();
     let after = a.commit_stats();
     assert_eq!(after.flushes, before.flushes, "{before:?} -> {after:?}");
-    assert_eq!(after.writes, before.writes + 2);
+}
+
+#[tokio::test]
+async fn a_key_consumed_right_after_its_append_is_not_inserted_again_by_the_queued_commit() {
+    let (url, _server) = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    durable(a.write_device(&dev, None, account(b"v1"))).await;
+    for round in 0..30u8 {
+        let id = a.reserve_key_ids(1).unwrap();
+        let pending = a
+            .append_keys(
+                &dev,
+                KeyAppend {
+                    add_keys: vec![otk(id, round)],
+                    evict_keys: Vec::new(),
+                },
+            )
+            .unwrap();
+        // Consumed at once, without waiting for the append's commit.
+        let version = a.load_account(&dev).unwrap().unwrap().version;
+        let consume = DeviceWrite {
+            remove_keys: vec![(id, [round; 32])],
+            ..account(b"v")
+        };
+        durable(a.write_device(&dev, Some(version), consume)).await;
+        pending.durable().await.unwrap();
+        assert!(a.one_time_key(&dev, &[round; 32]).unwrap().is_none());
+        assert!(b.one_time_key(&dev, &[round; 32]).unwrap().is_none());
+    }
+    assert_eq!(a.count_one_time_keys(&dev).unwrap(), 0);
+    assert_eq!(b.count_one_time_keys(&dev).unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_key_added_and_evicted_in_one_commit_is_never_stored() {
+    let (url, _server) = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    let mut pendings = Vec::new();
+    let mut kept = Vec::new();
+    for round in 0..40u8 {
+        let id = a.reserve_key_ids(1).unwrap();
+        pendings.push(
+            a.append_keys(
+                &dev,
+                KeyAppend {
+                    add_keys: vec![otk(id, round)],
+                    evict_keys: Vec::new(),
+                },
+            )
+            .unwrap(),
+        );
+        // Every other key is evicted by the next append, likely while
+        // both still wait in the same batch.
+        if round % 2 == 0 {
+            pendings.push(
+                a.append_keys(
+                    &dev,
+                    KeyAppend {
+                        add_keys: Vec::new(),
+                        evict_keys: vec![(id, [round; 32])],
+                    },
+                )
+                .unwrap(),
+            );
+        } else {
+            kept.push(id);
+        }
+        assert_eq!(a.count_one_time_keys(&dev).unwrap(), kept.len());
+    }
+    for p in pendings {
+        p.durable().await.unwrap();
+    }
+    let stored: Vec<u64> = b
+        .oldest_one_time_keys(&dev, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(stored, kept);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
