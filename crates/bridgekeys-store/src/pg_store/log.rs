@@ -39,11 +39,17 @@ impl TransactionLog for PgStore {
     }
 
     /// Also removes leases that expired before `before` (their owners
-    /// died long ago); only completion records are counted.
+    /// died long ago); only completion records are counted. Leases are
+    /// timed by the database's clock and `before` by the caller's: a lease
+    /// is removed only once it expired by both, so a caller whose clock runs
+    /// ahead cannot free a lease that is still held.
     fn prune_transactions(&self, before: u64) -> Result<(usize, Pending), StoreError> {
         let rows = self.engine.query(
+            // The database's clock as `DB_NOW` reads it.
             "WITH gone AS (DELETE FROM bk_transactions \
-             WHERE COALESCE(completed_at, lease_until) < $1 RETURNING completed_at) \
+             WHERE completed_at < $1 OR (completed_at IS NULL AND lease_until < \
+             LEAST($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)) \
+             RETURNING completed_at) \
              SELECT count(*) FILTER (WHERE completed_at IS NOT NULL) FROM gone",
             params![millis(before)],
         )?;

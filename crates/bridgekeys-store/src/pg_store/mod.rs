@@ -125,6 +125,9 @@ pub struct PgStoreConfig {
     /// The database, as a libpq-style URL or key-value string (parsed by
     /// `tokio_postgres::Config`), e.g.
     /// `postgres://bridge:secret@db.internal:5432/bridgekeys`. No TLS.
+    /// Without a password in it, the password is taken from the
+    /// `PGPASSWORD` environment variable when that is set (as libpq does),
+    /// so it need not be written into a config file or a command line.
     pub url: String,
     /// The key that seals every secret before it reaches the database.
     pub key: StoreKey,
@@ -298,6 +301,13 @@ impl PgStore {
             .parse()
             .map_err(|e| StoreError::engine(format!("invalid PostgreSQL url: {e}")))?;
         let location = PathBuf::from(describe(&pg));
+        // As libpq does: a URL without a password takes `PGPASSWORD`, so the
+        // password need not sit in a config file or on a command line.
+        if pg.get_password().is_none()
+            && let Some(password) = std::env::var_os("PGPASSWORD")
+        {
+            pg.password(password.as_encoded_bytes());
+        }
         let options = pg.get_options().unwrap_or_default().to_owned();
         // COMMIT is the durability point: make sure it flushes, whatever
         // the URL says (a later `-c` wins): a URL that turned it off would

@@ -219,6 +219,32 @@ async fn a_transaction_lease_is_held_by_one_process_at_a_time_until_recorded_rel
 }
 
 #[tokio::test]
+async fn pruning_with_a_clock_far_ahead_removes_old_records_but_never_a_lease_still_held() {
+    let (url, _server) = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = PgStore::create(config(&url, &key)).unwrap();
+    let b = PgStore::open(config(&url, &key)).unwrap();
+    assert_eq!(
+        a.claim_transaction("as", "held", "a", 60_000).unwrap(),
+        TransactionClaim::Claimed
+    );
+    durable(a.record_transaction("as", "done")).await;
+    // A caller whose clock is a day ahead of the database's.
+    let day_ahead = bridgekeys_store::unix_millis() + 86_400_000;
+    let (pruned, pending) = b.prune_transactions(day_ahead).unwrap();
+    pending.durable().await.unwrap();
+    assert_eq!(pruned, 1, "the completion record is older than the cutoff");
+    assert!(!a.transaction_completed("as", "done").unwrap());
+    assert!(
+        matches!(
+            b.claim_transaction("as", "held", "b", 60_000).unwrap(),
+            TransactionClaim::HeldElsewhere { .. }
+        ),
+        "a's lease runs for another minute by the database's clock"
+    );
+}
+
+#[tokio::test]
 async fn of_many_concurrent_claims_from_two_processes_exactly_one_gets_the_lease() {
     let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();

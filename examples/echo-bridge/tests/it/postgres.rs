@@ -223,3 +223,47 @@ async fn init_with_a_database_creates_the_store_there_and_refuses_one_that_holds
     assert!(format!("{err:#}").contains("already"), "{err:#}");
     assert!(!tmp.path().join("b").join("config.toml").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_url_without_a_password_takes_it_from_pgpassword() {
+    let postgres = Postgres::start().await.unwrap();
+    let url = postgres.create_database("echo_pgpassword").await.unwrap();
+    let bare = format!(
+        "postgres://{}@127.0.0.1:{}/echo_pgpassword",
+        postgres.user(),
+        postgres.port()
+    );
+    assert_ne!(url, bare, "the testkit's URL carries a password");
+    let tmp = tempfile::tempdir().unwrap();
+    let init = |dir: &str, password: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_echo-bridge"));
+        command
+            .arg("init")
+            .arg("--dir")
+            .arg(tmp.path().join(dir))
+            .args(["--homeserver-url", "http://127.0.0.1:8008"])
+            .args(["--server-name", "example.org"])
+            .args(["--listen", "127.0.0.1:29301"])
+            .args(["--database", &bare])
+            .env_remove("PGPASSWORD");
+        if let Some(password) = password {
+            command.env("PGPASSWORD", password);
+        }
+        command.output().unwrap()
+    };
+    let refused = init("without", None);
+    assert!(!refused.status.success(), "the server asks for a password");
+    let created = init("with", Some(postgres.password()));
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let config = Config::load(&tmp.path().join("with").join("config.toml")).unwrap();
+    assert_eq!(config.database.as_deref(), Some(bare.as_str()));
+    let written = std::fs::read_to_string(tmp.path().join("with").join("config.toml")).unwrap();
+    assert!(
+        !written.contains(&format!(":{}@", postgres.password())),
+        "no password in the config"
+    );
+}
