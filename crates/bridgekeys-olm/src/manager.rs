@@ -319,7 +319,17 @@ impl AccountManager {
                 }
             }
         };
-        pending.durable().await?;
+        if let Err(e) = pending.durable().await {
+            // The keys may never have been stored (a backend that commits
+            // claims in batches stores none of a failed batch): an inflated
+            // count would later evict keys already handed out. So take them
+            // off the count (counting low only lets the bound be passed
+            // until the next load), then recount if the store answers.
+            let mut device = slot.lock();
+            device.outstanding = device.outstanding.saturating_sub(claimed.len() as u64);
+            self.reload(&mut device, &key);
+            return Err(e.into());
+        }
         Counters::add(&self.counters.claims, 1);
         Counters::add(&self.counters.keys_issued, claimed.len() as u64);
         Ok(claimed)

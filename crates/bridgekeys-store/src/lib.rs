@@ -409,7 +409,9 @@ pub trait Store: Send + Sync + 'static {
         record: &[u8],
     ) -> Result<Option<Pending>, StoreError>;
 
-    /// Wait until everything written so far is on disk.
+    /// Wait until everything written so far is on disk. A write that
+    /// could not be made durable reports that through its own [`Pending`];
+    /// this one need not repeat it.
     fn sync(&self) -> Pending;
 
     /// Counters of the group commit (writes, flushes), for benchmarks and metrics.

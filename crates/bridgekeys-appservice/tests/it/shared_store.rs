@@ -178,3 +178,91 @@ async fn a_failed_attempt_releases_the_lease_so_the_retry_on_another_process_run
         "only the failed attempt"
     );
 }
+
+/// A claim whose commit failed must not leave the manager counting its
+/// keys: PostgreSQL commits claims in batches, and a failed batch stores
+/// none of them. An inflated count would make a later claim evict keys
+/// already handed out to peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_claims_whose_commit_failed_are_recounted_so_no_handed_out_key_is_evicted() {
+    use bridgekeys_store::{DeviceKey, Store};
+    use ruma::{OneTimeKeyAlgorithm, device_id, user_id};
+
+    let mut server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("recount").await.unwrap();
+    let mut store_config = PgStoreConfig::new(&url, StoreKey::generate());
+    store_config.connect_timeout = std::time::Duration::from_secs(2);
+    let store = Arc::new(PgStore::create(store_config).unwrap());
+    let mut manager_config = ManagerConfig::default();
+    manager_config.max_outstanding_keys = 4;
+    let manager = Arc::new(AccountManager::new(store.clone(), manager_config));
+    let (user, device) = (user_id!("@bot_a:example.org"), device_id!("PUPPET"));
+    let algorithm = OneTimeKeyAlgorithm::SignedCurve25519;
+    manager.create_device(user, device).await.unwrap();
+    let handed_out: Vec<[u8; 32]> = manager
+        .claim(user, device, &algorithm, 3)
+        .await
+        .unwrap()
+        .iter()
+        .map(|k| <[u8; 32]>::try_from(k.key.key.as_bytes()).unwrap())
+        .collect();
+
+    // Two claims whose commit is held up by a table lock, then lost with
+    // the database server.
+    let (locker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE bk_one_time_keys IN SHARE MODE")
+        .await
+        .unwrap();
+    let claims: Vec<_> = (0..2)
+        .map(|_| {
+            let manager = Arc::clone(&manager);
+            let algorithm = algorithm.clone();
+            tokio::spawn(async move { manager.claim(user, device, &algorithm, 1).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = locker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit never blocked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    server.kill().await.unwrap();
+    drop(locker);
+    for claim in claims {
+        assert!(
+            claim.await.unwrap().is_err(),
+            "nothing lost is acknowledged"
+        );
+    }
+    server.restart().await.unwrap();
+
+    // 3 outstanding + 1 is within the bound of 4: nothing is evicted. (A
+    // count of 5 would evict the two oldest, handed out above.)
+    manager.claim(user, device, &algorithm, 1).await.unwrap();
+    let key = DeviceKey::new(user.as_str(), device.as_str());
+    assert_eq!(store.count_one_time_keys(&key).unwrap(), 4);
+    for public in &handed_out {
+        assert!(
+            store.one_time_key(&key, public).unwrap().is_some(),
+            "a key handed out to a peer is still there for its pre-key message"
+        );
+    }
+}

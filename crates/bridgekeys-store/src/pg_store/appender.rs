@@ -43,7 +43,7 @@
 //! is answered. A key id of a failed append is never issued again.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -215,9 +215,16 @@ impl Appender {
             }
         };
         let mut done = self.done.lock();
-        let deadline = std::time::Instant::now() + self.timeout;
+        // The bound runs from the writer's last progress, not from the
+        // start: a backlog of several batches is no reason to give up.
+        let mut seen = *done;
+        let mut deadline = std::time::Instant::now() + self.timeout;
         while *done < last {
-            if self.finished.wait_until(&mut done, deadline).timed_out() && *done < last {
+            let timed_out = self.finished.wait_until(&mut done, deadline).timed_out();
+            if *done > seen {
+                seen = *done;
+                deadline = std::time::Instant::now() + self.timeout;
+            } else if timed_out {
                 return Err(StoreError::engine(format!(
                     "the appended one-time keys of this device were not committed within {:?}",
                     self.timeout
@@ -268,7 +275,9 @@ fn answered(reply: oneshot::Receiver<Result<(), String>>) -> Pending {
 
 /// The writer task: one synchronous commit per batch of queued appends.
 pub(crate) struct Writer {
-    /// The pool of synchronous connections.
+    /// The writer's own connections (synchronous commits, and the
+    /// operation timeout as `statement_timeout`), so a busy pool never
+    /// holds the claims up.
     pub(crate) pool: Pool,
     pub(crate) appender: Arc<Appender>,
     pub(crate) stats: Arc<Stats>,
@@ -276,6 +285,10 @@ pub(crate) struct Writer {
     /// Bound of one batch (`PgStoreConfig::operation_timeout`).
     pub(crate) timeout: Duration,
 }
+
+/// How much longer than the operation timeout the writer waits for a
+/// statement the server should have cancelled already.
+const LAST_RESORT: Duration = Duration::from_secs(5);
 
 /// The batch's statement: the net inserts, then the net evictions.
 const APPLY: &str = "WITH added AS (\
@@ -314,7 +327,11 @@ impl Writer {
             let result = if columns.1.is_empty() && columns.5.is_empty() {
                 Ok(())
             } else {
-                let outcome = tokio::time::timeout(self.timeout, self.apply(columns))
+                // The server cancels the statement itself after the
+                // operation timeout (`statement_timeout` on the writer's
+                // connections); this bound is the last resort for a server
+                // that stopped answering at all.
+                let outcome = tokio::time::timeout(self.timeout + LAST_RESORT, self.apply(columns))
                     .await
                     .unwrap_or_else(|_| {
                         Err(StoreError::engine(format!(
@@ -343,29 +360,38 @@ impl Writer {
     async fn apply(&self, columns: Columns) -> Result<(), StoreError> {
         let (devices, ids, publics, sealed, evict_devices, evict_ids) = columns;
         let client = self.pool.get().await.pg()?;
-        let statement = client.prepare_cached(APPLY).await.pg()?;
-        client
-            .execute(
-                &statement,
-                &[
-                    &devices,
-                    &ids,
-                    &publics,
-                    &sealed,
-                    &evict_devices,
-                    &evict_ids,
-                ],
-            )
-            .await
-            .pg()?;
-        Ok(())
+        let result = async {
+            let statement = client.prepare_cached(APPLY).await?;
+            client
+                .execute(
+                    &statement,
+                    &[
+                        &devices,
+                        &ids,
+                        &publics,
+                        &sealed,
+                        &evict_devices,
+                        &evict_ids,
+                    ],
+                )
+                .await
+        }
+        .await;
+        if result.is_err() {
+            // Not back into the pool: a connection whose statement failed
+            // may be broken, and closing it ends anything still running.
+            drop(deadpool_postgres::Object::take(client));
+        }
+        result.map(|_| ()).pg()
     }
 }
 
 /// The net effect of a batch: every key added and not evicted within the
 /// batch (the last of a repeated id winning), and every eviction.
 fn net_effect(batch: &[Op]) -> Columns {
-    let mut evicted: HashSet<(&[u8], i64)> = HashSet::new();
+    // Sorted: two processes evicting the same keys lock their rows in the
+    // same order, so their batches cannot deadlock each other.
+    let mut evicted: BTreeSet<(&[u8], i64)> = BTreeSet::new();
     for op in batch {
         if let Some(device) = &op.device {
             evicted.extend(op.evicted.iter().map(|id| (device.as_slice(), *id)));

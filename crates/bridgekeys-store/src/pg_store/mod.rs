@@ -313,9 +313,27 @@ impl PgStore {
         // the URL says (a later `-c` wins): a URL that turned it off would
         // make every acknowledgement a guess.
         pg.options(format!("{options} -c synchronous_commit=on").trim());
+        // The claim path's writer: its own two connections, whose statements
+        // the server cancels after the operation timeout.
+        let mut writes = pg.clone();
+        writes.options(
+            format!(
+                "{options} -c synchronous_commit=on -c statement_timeout={}",
+                config.operation_timeout.as_millis().max(1)
+            )
+            .trim(),
+        );
+        let writer_pool = build_pool(
+            writes,
+            &PgStoreConfig {
+                pool_size: 2,
+                ..config.clone()
+            },
+        )?;
         let pool = build_pool(pg, &config)?;
         let engine = Engine::start(
             pool,
+            writer_pool,
             config.max_append_batch.max(1),
             config.operation_timeout,
         )?;
@@ -604,12 +622,17 @@ pub(crate) struct Stats {
 impl Engine {
     /// Start the runtime thread; it runs the appends' writer until the
     /// store drops.
-    fn start(pool: Pool, max_batch: usize, timeout: Duration) -> Result<Self, StoreError> {
+    fn start(
+        pool: Pool,
+        writer_pool: Pool,
+        max_batch: usize,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let stats = Arc::new(Stats::default());
         let (appender, queue) = appender::Appender::new(Arc::clone(&stats), timeout * 2);
         let (handle_tx, handle_rx) = std::sync::mpsc::sync_channel(1);
         let writer = appender::Writer {
-            pool: pool.clone(),
+            pool: writer_pool,
             appender: Arc::clone(&appender),
             stats: Arc::clone(&stats),
             max_batch,

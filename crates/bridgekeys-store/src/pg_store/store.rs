@@ -201,9 +201,11 @@ impl Store for PgStore {
             .unzip();
         let delivery = self.seal_delivery(device, write.delivery.as_ref());
         let dev = device.as_bytes().to_vec();
-        // After this device's queued appends: a key consumed here must not
+        // After this device's queued appends: a key removed here must not
         // be inserted again by a batch behind it.
-        self.engine.appender.settle(&dev)?;
+        if !remove_ids.is_empty() {
+            self.engine.appender.settle(&dev)?;
+        }
         self.engine.call(move |pool| async move {
             let mut client = pool.get().await.pg()?;
             let tx = client.transaction().await.pg()?;

@@ -390,49 +390,169 @@ async fn appended_keys_are_visible_here_at_return_everywhere_once_durable_and_ev
     assert_eq!(after.flushes, before.flushes, "{before:?} -> {after:?}");
 }
 
-#[tokio::test]
+/// A key id as the `key_id` column holds it (order-preserving: top bit
+/// flipped).
+fn key_id_column(id: u64) -> i64 {
+    i64::from_be_bytes((id ^ (1 << 63)).to_be_bytes())
+}
+
+/// Insert row `(device, key_id)` in an open transaction of a raw
+/// connection: a store's commit that inserts the same row waits for this
+/// transaction, until the returned client rolls it back. `device` is the
+/// column's bytes, read back from a row the store wrote.
+async fn hold_key_row(url: &str, device: &[u8], id: u64) -> tokio_postgres::Client {
+    let client = raw(url).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .execute(
+            "INSERT INTO bk_one_time_keys (device, key_id, public_key, sealed) \
+             VALUES ($1, $2, $3, $4)",
+            &[&device, &key_id_column(id), &vec![0u8; 32], &vec![0u8; 1]],
+        )
+        .await
+        .unwrap();
+    client
+}
+
+/// The `device` column of the stored keys of the device whose key has
+/// public key `[fill; 32]`.
+async fn device_column(url: &str, fill: u8) -> Vec<u8> {
+    raw(url)
+        .await
+        .query_one(
+            "SELECT device FROM bk_one_time_keys WHERE public_key = $1",
+            &[&vec![fill; 32]],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Wait until some statement on the database waits for a lock (the
+/// store's writer behind [`hold_key_row`]).
+async fn until_a_statement_waits_for_a_lock(url: &str) {
+    let watcher = raw(url).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never blocked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_consumed_right_after_its_append_is_not_inserted_again_by_the_queued_commit() {
     let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
-    let a = PgStore::create(config(&url, &key)).unwrap();
+    let a = Arc::new(PgStore::create(config(&url, &key)).unwrap());
     let b = PgStore::open(config(&url, &key)).unwrap();
     let dev = DeviceKey::new("@a:x", "D");
     durable(a.write_device(&dev, None, account(b"v1"))).await;
-    for round in 0..30u8 {
-        let id = a.reserve_key_ids(1).unwrap();
-        let pending = a
-            .append_keys(
-                &dev,
-                KeyAppend {
-                    add_keys: vec![otk(id, round)],
-                    evict_keys: Vec::new(),
-                },
-            )
-            .unwrap();
-        // Consumed at once, without waiting for the append's commit.
-        let version = a.load_account(&dev).unwrap().unwrap().version;
-        let consume = DeviceWrite {
-            remove_keys: vec![(id, [round; 32])],
-            ..account(b"v")
-        };
-        durable(a.write_device(&dev, Some(version), consume)).await;
-        pending.durable().await.unwrap();
-        assert!(a.one_time_key(&dev, &[round; 32]).unwrap().is_none());
-        assert!(b.one_time_key(&dev, &[round; 32]).unwrap().is_none());
+    let warm = a.reserve_key_ids(1).unwrap();
+    durable(a.append_keys(
+        &dev,
+        KeyAppend {
+            add_keys: vec![otk(warm, 1)],
+            evict_keys: Vec::new(),
+        },
+    ))
+    .await;
+    let column = device_column(&url, 1).await;
+
+    // The append's commit is held up by a row lock on its key...
+    let id = a.reserve_key_ids(1).unwrap();
+    let holder = hold_key_row(&url, &column, id).await;
+    let pending = a
+        .append_keys(
+            &dev,
+            KeyAppend {
+                add_keys: vec![otk(id, 7)],
+                evict_keys: Vec::new(),
+            },
+        )
+        .unwrap();
+    until_a_statement_waits_for_a_lock(&url).await;
+    // ...while the key is consumed. Unordered, the delete would find no
+    // row and the held-up insert would bring the key back afterwards.
+    let version = a.load_account(&dev).unwrap().unwrap().version;
+    let consumer = {
+        let a = Arc::clone(&a);
+        let dev = dev.clone();
+        tokio::task::spawn_blocking(move || {
+            let consume = DeviceWrite {
+                remove_keys: vec![(id, [7; 32])],
+                ..account(b"v2")
+            };
+            a.write_device(&dev, Some(version), consume)
+        })
+    };
+    // Give an unordered consumer time to finish first (an ordered one
+    // waits for the commit whatever happens here).
+    for _ in 0..50 {
+        if consumer.is_finished() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(a.count_one_time_keys(&dev).unwrap(), 0);
-    assert_eq!(b.count_one_time_keys(&dev).unwrap(), 0);
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    consumer.await.unwrap().unwrap().durable().await.unwrap();
+    pending.durable().await.unwrap();
+    assert!(a.one_time_key(&dev, &[7; 32]).unwrap().is_none());
+    assert!(b.one_time_key(&dev, &[7; 32]).unwrap().is_none());
+    assert_eq!(
+        b.count_one_time_keys(&dev).unwrap(),
+        1,
+        "only the first key"
+    );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_added_and_evicted_in_one_commit_is_never_stored() {
     let (url, _server) = fresh_database().await;
     let key = StoreKey::generate();
     let a = PgStore::create(config(&url, &key)).unwrap();
     let b = PgStore::open(config(&url, &key)).unwrap();
     let dev = DeviceKey::new("@a:x", "D");
-    let mut pendings = Vec::new();
-    let mut kept = Vec::new();
+    let first = a.reserve_key_ids(1).unwrap();
+    durable(a.append_keys(
+        &dev,
+        KeyAppend {
+            add_keys: vec![otk(first, 200)],
+            evict_keys: Vec::new(),
+        },
+    ))
+    .await;
+    let column = device_column(&url, 200).await;
+    // One commit held up, so everything after it gathers in the next one.
+    let held = a.reserve_key_ids(1).unwrap();
+    let holder = hold_key_row(&url, &column, held).await;
+    let before = a.commit_stats();
+    let mut pendings = vec![
+        a.append_keys(
+            &dev,
+            KeyAppend {
+                add_keys: vec![otk(held, 201)],
+                evict_keys: Vec::new(),
+            },
+        )
+        .unwrap(),
+    ];
+    until_a_statement_waits_for_a_lock(&url).await;
+    let mut kept = vec![first, held];
     for round in 0..40u8 {
         let id = a.reserve_key_ids(1).unwrap();
         pendings.push(
@@ -445,8 +565,8 @@ async fn a_key_added_and_evicted_in_one_commit_is_never_stored() {
             )
             .unwrap(),
         );
-        // Every other key is evicted by the next append, likely while
-        // both still wait in the same batch.
+        // Every other key is evicted by the next append, in the same
+        // commit.
         if round % 2 == 0 {
             pendings.push(
                 a.append_keys(
@@ -463,9 +583,16 @@ async fn a_key_added_and_evicted_in_one_commit_is_never_stored() {
         }
         assert_eq!(a.count_one_time_keys(&dev).unwrap(), kept.len());
     }
+    holder.batch_execute("ROLLBACK").await.unwrap();
     for p in pendings {
         p.durable().await.unwrap();
     }
+    let after = a.commit_stats();
+    assert_eq!(
+        after.flushes - before.flushes,
+        2,
+        "the held-up commit, then one for all 60 appends behind it"
+    );
     let stored: Vec<u64> = b
         .oldest_one_time_keys(&dev, 100)
         .unwrap()
@@ -473,6 +600,77 @@ async fn a_key_added_and_evicted_in_one_commit_is_never_stored() {
         .map(|(id, _)| id)
         .collect();
     assert_eq!(stored, kept);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_caught_by_a_database_crash_all_fail_leave_nothing_behind_and_appends_go_on_after()
+{
+    // A server of its own: this test kills it.
+    let mut server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("failed_batch").await.unwrap();
+    let key = StoreKey::generate();
+    let mut cfg = config(&url, &key);
+    cfg.connect_timeout = std::time::Duration::from_secs(2);
+    let store = PgStore::create(cfg).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    let first = store.reserve_key_ids(1).unwrap();
+    durable(store.append_keys(
+        &dev,
+        KeyAppend {
+            add_keys: vec![otk(first, 100)],
+            evict_keys: Vec::new(),
+        },
+    ))
+    .await;
+    let column = device_column(&url, 100).await;
+    let held = store.reserve_key_ids(1).unwrap();
+    let holder = hold_key_row(&url, &column, held).await;
+    let mut pendings = Vec::new();
+    for (i, id) in std::iter::once(held)
+        .chain((0..5).map(|_| store.reserve_key_ids(1).unwrap()))
+        .enumerate()
+    {
+        pendings.push(
+            store
+                .append_keys(
+                    &dev,
+                    KeyAppend {
+                        add_keys: vec![otk(id, i as u8)],
+                        evict_keys: Vec::new(),
+                    },
+                )
+                .unwrap(),
+        );
+        if i == 0 {
+            until_a_statement_waits_for_a_lock(&url).await;
+        }
+    }
+    assert_eq!(store.count_one_time_keys(&dev).unwrap(), 7);
+
+    server.kill().await.unwrap();
+    drop(holder);
+    for p in pendings {
+        assert!(
+            matches!(p.durable().await, Err(StoreError::Durability { .. })),
+            "no append caught by the crash is acknowledged"
+        );
+    }
+    server.restart().await.unwrap();
+    assert_eq!(
+        store.count_one_time_keys(&dev).unwrap(),
+        1,
+        "the failed appends left neither the database nor this process's view"
+    );
+    let next = store.reserve_key_ids(1).unwrap();
+    durable(store.append_keys(
+        &dev,
+        KeyAppend {
+            add_keys: vec![otk(next, 50)],
+            evict_keys: Vec::new(),
+        },
+    ))
+    .await;
+    assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
