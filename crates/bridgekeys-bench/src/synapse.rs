@@ -148,6 +148,14 @@ pub struct SynapseReport {
     pub serial_listener_p50_ms: f64,
     /// Serial: listener mean / mean client latency of a proxied claim.
     pub serial_appservice_share: f64,
+    /// Serial: of the listener's time per claim request, the mean spent
+    /// waiting for the request body to arrive (the homeserver's sending).
+    pub serial_listener_body_wait_mean_ms: f64,
+    /// Serial: of the listener's time per claim request, the mean spent
+    /// answering the parsed claim (the durable `AccountManager::claim` and
+    /// the answer's assembly; the listener's `claim_duration_seconds`). The rest is
+    /// HTTP, authentication and JSON in and out.
+    pub serial_listener_answer_mean_ms: f64,
     /// Serial `AccountManager::claim` without HTTP (durable), median: the
     /// floor of the listener's time.
     pub direct_claim_p50_ms: f64,
@@ -247,6 +255,18 @@ impl SynapseReport {
             ms2(self.serial_listener_mean_ms, self.serial_listener_p50_ms),
         );
         row(
+            "    of which: body wait / answering / HTTP+JSON".into(),
+            format!(
+                "{:.2} / {:.2} / {:.2} ms",
+                self.serial_listener_body_wait_mean_ms,
+                self.serial_listener_answer_mean_ms,
+                (self.serial_listener_mean_ms
+                    - self.serial_listener_body_wait_mean_ms
+                    - self.serial_listener_answer_mean_ms)
+                    .max(0.0)
+            ),
+        );
+        row(
             "  appservice_share".into(),
             format!("{:>7.3}", self.serial_appservice_share),
         );
@@ -296,16 +316,20 @@ impl BridgeHandler for NoBridge {
     }
 }
 
-/// Time spent inside the listener on the claim paths.
+/// Time spent inside the listener on the claim paths, and how much of it
+/// went on waiting for the request body.
 #[derive(Default)]
-struct ListenerClock(Mutex<Vec<Duration>>);
+struct ListenerClock(Mutex<(Vec<Duration>, Duration)>);
 
 impl ListenerClock {
-    fn record(&self, d: Duration) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+    fn record(&self, d: Duration, body_wait: Duration) {
+        let mut clock = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        clock.0.push(d);
+        clock.1 += body_wait;
     }
 
-    fn take(&self) -> Vec<Duration> {
+    /// The times recorded since the last take, and their body waits' sum.
+    fn take(&self) -> (Vec<Duration>, Duration) {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -322,9 +346,35 @@ async fn time_claims(
         return next.run(req).await;
     }
     let started = Instant::now();
-    let response = next.run(req).await;
-    clock.record(started.elapsed());
+    // The body first, so the time spent waiting for it (the homeserver's
+    // send, not our work) is told apart.
+    let (parts, body) = req.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let body_in = started.elapsed();
+    let response = next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await;
+    clock.record(started.elapsed(), body_in);
     response
+}
+
+/// `(sum, count)` of the listener's `claim_duration_seconds` histogram: the time
+/// spent answering claims once the request is parsed (the account
+/// manager's durable claim and the answer's assembly).
+fn claim_seconds(appservice_metrics: &str) -> (f64, f64) {
+    let value = |name: &str| {
+        appservice_metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("bridgekeys_appservice_claim_duration_seconds_sum "),
+        value("bridgekeys_appservice_claim_duration_seconds_count "),
+    )
 }
 
 /// Whose keys a phase claims.
@@ -771,6 +821,7 @@ pub async fn run(config: &SynapseBench) -> anyhow::Result<SynapseReport> {
     )?
     .with_provisioner(provisioner.clone());
     let clock = Arc::new(ListenerClock::default());
+    let appservice_metrics = appservice.clone();
     let app = appservice
         .router()
         .layer(middleware::from_fn_with_state(clock.clone(), time_claims));
@@ -904,7 +955,7 @@ pub async fn run(config: &SynapseBench) -> anyhow::Result<SynapseReport> {
     .await?;
     let proxied_cpu = cpu.stop();
     let flushes = store.commit_stats().flushes - flushes_before;
-    let mut listener_times = clock.take();
+    let (mut listener_times, _) = clock.take();
     listener_times.sort();
 
     // Serial phases: one connection, the cost of each hop without queueing.
@@ -917,6 +968,7 @@ pub async fn run(config: &SynapseBench) -> anyhow::Result<SynapseReport> {
     )
     .await?;
     clock.take();
+    let answered_before = claim_seconds(&appservice_metrics.metrics_text()?);
     let serial_proxied = phase(
         &puppet_targets,
         &puppet_cursor,
@@ -925,8 +977,20 @@ pub async fn run(config: &SynapseBench) -> anyhow::Result<SynapseReport> {
         Kind::Proxied,
     )
     .await?;
-    let mut serial_listener = clock.take();
+    let (mut serial_listener, serial_body_wait) = clock.take();
     serial_listener.sort();
+    let answered_after = claim_seconds(&appservice_metrics.metrics_text()?);
+    let serial_answer_mean_ms = {
+        let (sum, count) = (
+            answered_after.0 - answered_before.0,
+            answered_after.1 - answered_before.1,
+        );
+        if count > 0.0 {
+            sum * 1000.0 / count
+        } else {
+            0.0
+        }
+    };
 
     // The floor of the listener's time: the durable claim alone.
     let mut direct = Vec::with_capacity(config.serial_claims);
@@ -1019,6 +1083,9 @@ pub async fn run(config: &SynapseBench) -> anyhow::Result<SynapseReport> {
         serial_listener_mean_ms,
         serial_listener_p50_ms: percentile_ms(&serial_listener, 50.0),
         serial_appservice_share: share(serial_listener_mean_ms, serial_proxied.mean_ms()),
+        serial_listener_body_wait_mean_ms: serial_body_wait.as_secs_f64() * 1000.0
+            / serial_listener.len().max(1) as f64,
+        serial_listener_answer_mean_ms: serial_answer_mean_ms,
         direct_claim_p50_ms: percentile_ms(&direct, 50.0),
         direct_claim_mean_ms: mean_ms(&direct),
         fdatasync_p50_ms,
@@ -1028,4 +1095,20 @@ pub async fn run(config: &SynapseBench) -> anyhow::Result<SynapseReport> {
         local_keys_not_uploaded,
         first_failure,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claim_seconds;
+
+    #[test]
+    fn the_claim_histogram_is_read_from_the_listeners_metrics() {
+        let text = "# TYPE bridgekeys_appservice_claim_duration_seconds histogram\n\
+            bridgekeys_appservice_claim_duration_seconds_bucket{le=\"0.0005\"} 3\n\
+            bridgekeys_appservice_claim_duration_seconds_sum 0.125\n\
+            bridgekeys_appservice_claim_duration_seconds_count 250\n\
+            bridgekeys_appservice_claims_total 250\n";
+        assert_eq!(claim_seconds(text), (0.125, 250.0));
+        assert_eq!(claim_seconds(""), (0.0, 0.0));
+    }
 }
