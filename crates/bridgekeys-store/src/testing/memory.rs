@@ -75,6 +75,9 @@ type Secret = Zeroizing<Vec<u8>>;
 /// A stored one-time key: its public half and its secret half.
 type StoredKey = ([u8; 32], Zeroizing<[u8; 32]>);
 
+/// A stored Olm session: `(last used, pickle, version)`.
+type StoredSession = (u64, Secret, Version);
+
 /// A held event's key in sled's order: `(room length, room id, session
 /// length, session id, event id)`, which sorts exactly as sled's
 /// `h/<len><room><len><session><event>` keys do.
@@ -92,7 +95,7 @@ struct State {
     /// [`FIRST_KEY_ID`]).
     next_key_id: u64,
     /// `(device, peer key, session id)` → `(last used, pickle, version)`.
-    sessions: BTreeMap<(Dev, [u8; 32], String), (u64, Secret, Version)>,
+    sessions: BTreeMap<(Dev, [u8; 32], String), StoredSession>,
     /// `(device, session id)` → pickle: schema 1's sessions, only ever
     /// there when a test seeds them ([`MemoryStore::seed_legacy_session`]).
     legacy_sessions: BTreeMap<(Dev, String), Secret>,
@@ -318,7 +321,7 @@ impl State {
         &'a self,
         device: &'a Dev,
         peer: Option<&'a [u8; 32]>,
-    ) -> impl Iterator<Item = (&'a [u8; 32], &'a String, &'a (u64, Secret, Version))> + 'a {
+    ) -> impl Iterator<Item = (&'a [u8; 32], &'a String, &'a StoredSession)> + 'a {
         let start = (device.clone(), *peer.unwrap_or(&[0; 32]), String::new());
         self.sessions
             .range(start..)
