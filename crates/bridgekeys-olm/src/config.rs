@@ -32,6 +32,17 @@ pub struct ManagerConfig {
     /// sessions are removed (counted in
     /// [`crate::ManagerStats::sessions_evicted`]), so storage stays bounded.
     pub max_sessions_per_device: usize,
+    /// How many times one operation that advances a stored session (an Olm
+    /// encryption or decryption, a Megolm encryption, a change of an
+    /// outbound group session) is attempted when its write loses a race:
+    /// another process sharing the store advanced the same session first
+    /// (the store's compare-and-swap refused the write, nothing changed).
+    /// Each attempt reloads the session and redoes the step on its latest
+    /// state; each lost race means another process made progress, so a
+    /// handful is plenty. Past it the operation fails with
+    /// [`crate::OlmError::Contended`]. At least 1; counted in
+    /// [`crate::ManagerStats::session_conflicts`].
+    pub session_write_attempts: usize,
 }
 
 impl Default for ManagerConfig {
@@ -42,6 +53,7 @@ impl Default for ManagerConfig {
             max_cached_devices: 100_000,
             max_sessions_per_peer: 5,
             max_sessions_per_device: 10_000,
+            session_write_attempts: 16,
         }
     }
 }

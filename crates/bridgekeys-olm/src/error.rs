@@ -69,6 +69,18 @@ pub enum OlmError {
     /// JSON could not be put in canonical form for signing.
     #[error("canonical JSON: {0}")]
     CanonicalJson(#[from] ruma::CanonicalJsonError),
+    /// A session's write lost the race to another process sharing the
+    /// store on every one of
+    /// [`crate::ManagerConfig::session_write_attempts`] attempts. Nothing
+    /// was returned and nothing of this operation was stored; it may be
+    /// retried.
+    #[error("{what}: another process advanced the same session on each of {attempts} attempts")]
+    Contended {
+        /// The operation.
+        what: &'static str,
+        /// How many attempts lost.
+        attempts: usize,
+    },
     /// The store failed; nothing was acknowledged.
     #[error(transparent)]
     Store(#[from] StoreError),

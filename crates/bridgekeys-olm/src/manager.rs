@@ -125,6 +125,70 @@ impl AccountManager {
             .fetch_max(stamp, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Run `attempt` until its session write does not lose a race to
+    /// another process: a [`StoreError::Conflict`](bridgekeys_store::StoreError::Conflict)
+    /// means the store refused the write and changed nothing, because the
+    /// session was advanced since it was loaded; the attempt is then redone
+    /// (it must reload what it read: `attempt` gets the attempt number, and
+    /// every attempt after the first follows a conflict). At most
+    /// [`ManagerConfig::session_write_attempts`] attempts, then
+    /// [`OlmError::Contended`]. Nothing an attempt that conflicted computed
+    /// (a ciphertext, a plaintext) is ever returned, so no message index or
+    /// chain step is handed out twice.
+    pub(crate) fn retry_conflicts<T>(
+        &self,
+        what: &'static str,
+        mut attempt: impl FnMut(usize) -> Result<T, OlmError>,
+    ) -> Result<T, OlmError> {
+        let attempts = self.config.session_write_attempts.max(1);
+        for n in 0..attempts {
+            match attempt(n) {
+                Err(OlmError::Store(bridgekeys_store::StoreError::Conflict {
+                    expected,
+                    found,
+                })) => {
+                    Counters::add(&self.counters.session_conflicts, 1);
+                    tracing::debug!(
+                        what,
+                        attempt = n + 1,
+                        ?expected,
+                        ?found,
+                        "a session write lost a race to another process: reloading and redoing it"
+                    );
+                }
+                other => return other,
+            }
+        }
+        tracing::warn!(
+            what,
+            attempts,
+            "a session write lost every race to other processes"
+        );
+        Err(OlmError::Contended { what, attempts })
+    }
+
+    /// [`Self::retry_conflicts`] for an operation on a device's Olm
+    /// sessions: after a conflict the device is reloaded from the store
+    /// before the next attempt, so neither its account nor its cached
+    /// schema 1 sessions are older than what the other process wrote.
+    pub(crate) fn retry_device_conflicts<T>(
+        &self,
+        what: &'static str,
+        device: &mut DeviceAccount,
+        key: &DeviceKey,
+        mut attempt: impl FnMut(&mut DeviceAccount) -> Result<T, OlmError>,
+    ) -> Result<T, OlmError> {
+        self.retry_conflicts(what, |n| {
+            if n > 0 {
+                self.reload(device, key);
+                // Even if the reload failed, the cached schema 1 sessions
+                // must be read again.
+                device.legacy = None;
+            }
+            attempt(device)
+        })
+    }
+
     /// The store this manager writes to.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store

@@ -166,70 +166,77 @@ impl AccountManager {
         let (prepared, pending) = {
             let mut device = slot.lock();
             let identity = device.account()?.identity_keys();
-            let current = match self
-                .store
-                .load_outbound_group_session(&key, room_id.as_str())?
-            {
-                Some(bytes) => Some(decode(&bytes)?),
-                None => None,
-            };
-            let now = now_ms();
-            let keep = current.filter(|c| {
-                now.saturating_sub(c.created_ms) < settings.period_ms
-                    && c.messages < settings.period_msgs
-                    && c.shared_with.is_subset(&wanted)
-            });
-            let (record, rotated, pending) = match keep {
-                Some(record) => (record, false, None),
-                None => {
-                    let session = GroupSession::new(SessionConfig::version_1());
-                    let record = OutboundRecord {
-                        session_id: session.session_id(),
-                        pickle: session.pickle(),
-                        created_ms: now,
-                        messages: 0,
-                        shared_with: BTreeSet::new(),
-                    };
-                    // The puppet's own inbound copy, then the outbound one.
-                    let inbound = InboundGroupSession::new(
-                        &session.session_key(),
-                        SessionConfig::version_1(),
-                    );
-                    let _applied = self.store_group_session(
-                        room_id,
-                        user_id,
-                        &identity.curve25519,
-                        &identity.ed25519,
-                        &inbound,
-                    )?;
-                    let pending = self.store.write_outbound_group_session(
-                        &key,
-                        room_id.as_str(),
-                        Some(&encode(&record)?),
-                    )?;
-                    (record, true, Some(pending))
-                }
-            };
-            let OutboundRecord {
-                session_id,
-                pickle,
-                shared_with,
-                ..
-            } = record;
-            let session = GroupSession::from_pickle(pickle);
-            let room_key = json!({
-                "algorithm": MEGOLM_ALGORITHM,
-                "room_id": room_id,
-                "session_id": session_id,
-                "session_key": session.session_key().to_base64(),
-            });
-            let prepared = PreparedGroupSession {
-                session_id,
-                room_key: Zeroizing::new(room_key.to_string()),
-                needs_key: wanted.difference(&shared_with).cloned().collect(),
-                rotated,
-            };
-            (prepared, pending)
+            self.retry_conflicts("preparing an outbound group session", |_| {
+                let stored = self
+                    .store
+                    .load_outbound_group_session(&key, room_id.as_str())?;
+                let version = stored.as_ref().map(|s| s.version);
+                let current = match stored {
+                    Some(stored) => Some(decode(&stored.data)?),
+                    None => None,
+                };
+                let now = now_ms();
+                let keep = current.filter(|c| {
+                    now.saturating_sub(c.created_ms) < settings.period_ms
+                        && c.messages < settings.period_msgs
+                        && c.shared_with.is_subset(&wanted)
+                });
+                let (record, rotated, pending) = match keep {
+                    Some(record) => (record, false, None),
+                    None => {
+                        let session = GroupSession::new(SessionConfig::version_1());
+                        let record = OutboundRecord {
+                            session_id: session.session_id(),
+                            pickle: session.pickle(),
+                            created_ms: now,
+                            messages: 0,
+                            shared_with: BTreeSet::new(),
+                        };
+                        // The puppet's own inbound copy, then the outbound one.
+                        let inbound = InboundGroupSession::new(
+                            &session.session_key(),
+                            SessionConfig::version_1(),
+                        );
+                        let _applied = self.store_group_session(
+                            room_id,
+                            user_id,
+                            &identity.curve25519,
+                            &identity.ed25519,
+                            &inbound,
+                        )?;
+                        // Replaces the session read above only if no other
+                        // process rotated or advanced it since (then this
+                        // attempt is redone on what it stored).
+                        let pending = self.store.write_outbound_group_session(
+                            &key,
+                            room_id.as_str(),
+                            version,
+                            Some(&encode(&record)?),
+                        )?;
+                        (record, true, Some(pending))
+                    }
+                };
+                let OutboundRecord {
+                    session_id,
+                    pickle,
+                    shared_with,
+                    ..
+                } = record;
+                let session = GroupSession::from_pickle(pickle);
+                let room_key = json!({
+                    "algorithm": MEGOLM_ALGORITHM,
+                    "room_id": room_id,
+                    "session_id": session_id,
+                    "session_key": session.session_key().to_base64(),
+                });
+                let prepared = PreparedGroupSession {
+                    session_id,
+                    room_key: Zeroizing::new(room_key.to_string()),
+                    needs_key: wanted.difference(&shared_with).cloned().collect(),
+                    rotated,
+                };
+                Ok((prepared, pending))
+            })?
         };
         if let Some(pending) = pending {
             pending.durable().await?;
@@ -252,24 +259,32 @@ impl AccountManager {
         let (key, slot) = self.slot_of(from)?;
         let pending = {
             let _device = slot.lock();
-            let Some(bytes) = self
-                .store
-                .load_outbound_group_session(&key, room_id.as_str())?
-            else {
-                return Ok(());
-            };
-            let mut record = decode(&bytes)?;
-            if record.session_id != session_id {
-                return Ok(());
-            }
-            record.shared_with.extend(shared.iter().cloned());
-            self.store.write_outbound_group_session(
-                &key,
-                room_id.as_str(),
-                Some(&encode(&record)?),
-            )?
+            // The record holds the ratchet too: written back only if no
+            // other process advanced it since it was read, or this would
+            // roll the ratchet back and a message index would be used twice.
+            self.retry_conflicts("recording who holds a room key", |_| {
+                let Some(stored) = self
+                    .store
+                    .load_outbound_group_session(&key, room_id.as_str())?
+                else {
+                    return Ok(None);
+                };
+                let mut record = decode(&stored.data)?;
+                if record.session_id != session_id {
+                    return Ok(None);
+                }
+                record.shared_with.extend(shared.iter().cloned());
+                Ok(Some(self.store.write_outbound_group_session(
+                    &key,
+                    room_id.as_str(),
+                    Some(stored.version),
+                    Some(&encode(&record)?),
+                )?))
+            })?
         };
-        pending.durable().await?;
+        if let Some(pending) = pending {
+            pending.durable().await?;
+        }
         Ok(())
     }
 
@@ -290,36 +305,45 @@ impl AccountManager {
         let (encrypted, pending) = {
             let mut device = slot.lock();
             let identity = device.account()?.identity_keys();
-            let bytes = self
-                .store
-                .load_outbound_group_session(&key, room_id.as_str())?
-                .ok_or(OlmError::NoGroupSession)?;
-            let mut record = decode(&bytes)?;
-            let mut session = GroupSession::from_pickle(record.pickle);
-            let plaintext = Zeroizing::new(
-                serde_json::to_string(&json!({
-                    "type": event_type,
-                    "content": content,
-                    "room_id": room_id,
-                }))
-                .map_err(|e| OlmError::Encryption(e.to_string()))?,
-            );
-            let message = session.encrypt(plaintext.as_bytes());
-            record.pickle = session.pickle();
-            record.messages += 1;
-            let pending = self.store.write_outbound_group_session(
-                &key,
-                room_id.as_str(),
-                Some(&encode(&record)?),
-            )?;
-            let encrypted = json!({
-                "algorithm": MEGOLM_ALGORITHM,
-                "ciphertext": message.to_base64(),
-                "session_id": record.session_id,
-                "sender_key": identity.curve25519.to_base64(),
-                "device_id": device_id,
-            });
-            (encrypted, pending)
+            // Loaded on every attempt: another process sharing the store may
+            // have encrypted with this session since, and its message index
+            // must not be used again.
+            self.retry_conflicts("encrypting a room event", |_| {
+                let stored = self
+                    .store
+                    .load_outbound_group_session(&key, room_id.as_str())?
+                    .ok_or(OlmError::NoGroupSession)?;
+                let mut record = decode(&stored.data)?;
+                let mut session = GroupSession::from_pickle(record.pickle);
+                let plaintext = Zeroizing::new(
+                    serde_json::to_string(&json!({
+                        "type": event_type,
+                        "content": content,
+                        "room_id": room_id,
+                    }))
+                    .map_err(|e| OlmError::Encryption(e.to_string()))?,
+                );
+                let message = session.encrypt(plaintext.as_bytes());
+                record.pickle = session.pickle();
+                record.messages += 1;
+                // Stored only if the session is still at the version read: else
+                // this ciphertext (whose index another process may have used)
+                // is dropped and the event encrypted again.
+                let pending = self.store.write_outbound_group_session(
+                    &key,
+                    room_id.as_str(),
+                    Some(stored.version),
+                    Some(&encode(&record)?),
+                )?;
+                let encrypted = json!({
+                    "algorithm": MEGOLM_ALGORITHM,
+                    "ciphertext": message.to_base64(),
+                    "session_id": record.session_id,
+                    "sender_key": identity.curve25519.to_base64(),
+                    "device_id": device_id,
+                });
+                Ok((encrypted, pending))
+            })?
         };
         pending.durable().await?;
         Counters::add(&self.counters.room_events_encrypted, 1);
@@ -336,10 +360,24 @@ impl AccountManager {
         let (key, slot) = self.slot_of(from)?;
         let pending = {
             let _device = slot.lock();
-            self.store
-                .write_outbound_group_session(&key, room_id.as_str(), None)?
+            self.retry_conflicts("discarding an outbound group session", |_| {
+                match self
+                    .store
+                    .load_outbound_group_session(&key, room_id.as_str())?
+                {
+                    Some(stored) => Ok(Some(self.store.write_outbound_group_session(
+                        &key,
+                        room_id.as_str(),
+                        Some(stored.version),
+                        None,
+                    )?)),
+                    None => Ok(None),
+                }
+            })?
         };
-        pending.durable().await?;
+        if let Some(pending) = pending {
+            pending.durable().await?;
+        }
         Ok(())
     }
 }

@@ -104,24 +104,34 @@ impl AccountManager {
         let (dkey, slot) = self.slot_of(from)?;
         let (session_id, pending) = {
             let mut device = slot.lock();
-            let session = device.account()?.create_outbound_session(
-                SessionConfig::version_1(),
-                recipient.curve25519,
-                one_time_key,
-            );
-            let session = session.map_err(|e| OlmError::Encryption(e.to_string()))?;
-            let peer = recipient.curve25519.to_bytes();
-            let mut sessions = self.peer_sessions(&mut device, &dkey, &peer)?;
-            let evict = self.evictions_for_new_session(&dkey, &mut sessions)?;
-            let record = bridgekeys_store::SessionRecord {
-                peer_key: peer,
-                session_id: session.session_id(),
-                last_used: self.session_clock(),
-                pickle: encode_session(&session)?,
-            };
-            let pending = self.write_ratchet_step(&mut device, &dkey, record, &evict, None)?;
-            Counters::add(&self.counters.sessions_evicted, evict.len() as u64);
-            (session.session_id(), pending)
+            self.retry_device_conflicts(
+                "creating an outbound Olm session",
+                &mut device,
+                &dkey,
+                |device| {
+                    let session = device.account()?.create_outbound_session(
+                        SessionConfig::version_1(),
+                        recipient.curve25519,
+                        one_time_key,
+                    );
+                    let session = session.map_err(|e| OlmError::Encryption(e.to_string()))?;
+                    let peer = recipient.curve25519.to_bytes();
+                    let mut sessions = self.peer_sessions(device, &dkey, &peer)?;
+                    let evict = self.evictions_for_new_session(&dkey, &mut sessions)?;
+                    let record = bridgekeys_store::SessionRecord {
+                        peer_key: peer,
+                        session_id: session.session_id(),
+                        last_used: self.session_clock(),
+                        pickle: encode_session(&session)?,
+                        // A new session: the store refuses it if one with
+                        // its id exists.
+                        version: None,
+                    };
+                    let pending = self.write_ratchet_step(device, &dkey, record, &evict, None)?;
+                    Counters::add(&self.counters.sessions_evicted, evict.len() as u64);
+                    Ok((session.session_id(), pending))
+                },
+            )?
         };
         pending.durable().await?;
         Counters::add(&self.counters.sessions_created_outbound, 1);
@@ -145,50 +155,59 @@ impl AccountManager {
         let (key, slot) = self.slot_of(from)?;
         let (encrypted, pending) = {
             let mut device = slot.lock();
-            let identity = device.account()?.identity_keys();
-            let peer = recipient.curve25519.to_bytes();
-            let sessions = self.peer_sessions(&mut device, &key, &peer)?;
-            let newest = sessions.first().ok_or(OlmError::NoMatchingSession)?;
-            let mut session = decode_session(&newest.pickle)?;
-            let payload = json!({
-                "sender": user_id,
-                "sender_device": device_id,
-                "recipient": recipient.user_id,
-                "recipient_keys": { "ed25519": recipient.ed25519.to_base64() },
-                "keys": { "ed25519": identity.ed25519.to_base64() },
-                "type": event_type,
-                "content": content,
-            });
-            let plaintext = zeroize::Zeroizing::new(
-                serde_json::to_vec(&payload).map_err(|e| OlmError::Encryption(e.to_string()))?,
-            );
-            let message = session
-                .encrypt(plaintext.as_slice())
-                .map_err(|e| OlmError::Encryption(e.to_string()))?;
-            let (message_type, body) = match &message {
-                OlmMessage::PreKey(m) => (0, m.to_base64()),
-                OlmMessage::Normal(m) => (1, m.to_base64()),
-            };
-            let record = bridgekeys_store::SessionRecord {
-                peer_key: peer,
-                session_id: newest.session_id.clone(),
-                last_used: self.session_clock(),
-                pickle: encode_session(&session)?,
-            };
-            let pending = self.write_ratchet_step(&mut device, &key, record, &[], None)?;
-            let content = json!({
-                "algorithm": OLM_ALGORITHM,
-                "sender_key": identity.curve25519.to_base64(),
-                "ciphertext": {
-                    recipient.curve25519.to_base64(): { "type": message_type, "body": body }
-                },
-            });
-            let encrypted = EncryptedOlm {
-                content,
-                session_id: newest.session_id.clone(),
-                message_type,
-            };
-            (encrypted, pending)
+            self.retry_device_conflicts("encrypting an Olm message", &mut device, &key, |device| {
+                let identity = device.account()?.identity_keys();
+                let peer = recipient.curve25519.to_bytes();
+                // Read from the store on every attempt: another process may
+                // have advanced the session since.
+                let sessions = self.peer_sessions(device, &key, &peer)?;
+                let newest = sessions.first().ok_or(OlmError::NoMatchingSession)?;
+                let mut session = decode_session(&newest.pickle)?;
+                let payload = json!({
+                    "sender": user_id,
+                    "sender_device": device_id,
+                    "recipient": recipient.user_id,
+                    "recipient_keys": { "ed25519": recipient.ed25519.to_base64() },
+                    "keys": { "ed25519": identity.ed25519.to_base64() },
+                    "type": event_type,
+                    "content": content,
+                });
+                let plaintext = zeroize::Zeroizing::new(
+                    serde_json::to_vec(&payload)
+                        .map_err(|e| OlmError::Encryption(e.to_string()))?,
+                );
+                let message = session
+                    .encrypt(plaintext.as_slice())
+                    .map_err(|e| OlmError::Encryption(e.to_string()))?;
+                let (message_type, body) = match &message {
+                    OlmMessage::PreKey(m) => (0, m.to_base64()),
+                    OlmMessage::Normal(m) => (1, m.to_base64()),
+                };
+                let record = bridgekeys_store::SessionRecord {
+                    peer_key: peer,
+                    session_id: newest.session_id.clone(),
+                    last_used: self.session_clock(),
+                    pickle: encode_session(&session)?,
+                    // Stored only if nobody advanced the session since it was
+                    // read: otherwise this chain step may be another
+                    // process's, and the message is encrypted again.
+                    version: newest.version,
+                };
+                let pending = self.write_ratchet_step(device, &key, record, &[], None)?;
+                let content = json!({
+                    "algorithm": OLM_ALGORITHM,
+                    "sender_key": identity.curve25519.to_base64(),
+                    "ciphertext": {
+                        recipient.curve25519.to_base64(): { "type": message_type, "body": body }
+                    },
+                });
+                let encrypted = EncryptedOlm {
+                    content,
+                    session_id: newest.session_id.clone(),
+                    message_type,
+                };
+                Ok((encrypted, pending))
+            })?
         };
         pending.durable().await?;
         Counters::add(&self.counters.olm_encrypted, 1);

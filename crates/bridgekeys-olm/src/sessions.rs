@@ -128,6 +128,9 @@ fn message_bytes(message: &OlmMessage) -> Vec<u8> {
 /// A decryption before anything is written.
 struct Opened {
     session_id: String,
+    /// The stored version of the session it was decrypted with (`None`: a
+    /// new session), which the write names.
+    version: Option<bridgekeys_store::Version>,
     session: Session,
     plaintext: Zeroizing<Vec<u8>>,
     /// Set when the message starts a new session.
@@ -180,13 +183,22 @@ impl AccountManager {
                 sender,
                 sender_curve25519: sender_key,
             };
-            let result = match self.redelivered(&key, &expected, &tracked, message, delivery) {
-                Ok(Some(done)) => Ok((done, self.store.sync())),
-                Ok(None) => {
-                    self.decrypt_locked(&mut device, &key, &expected, &tracked, message, delivery)
-                }
-                Err(e) => Err(e),
-            };
+            // A conflict means another process advanced (or created) one
+            // of the sessions read here: everything is read again and the
+            // message decrypted again with the latest state (a pre-key
+            // message that already started its session over there then
+            // finds that session).
+            let result = self.retry_device_conflicts(
+                "decrypting an Olm message",
+                &mut device,
+                &key,
+                |device| match self.redelivered(&key, &expected, &tracked, message, delivery)? {
+                    Some(done) => Ok((done, self.store.sync())),
+                    None => {
+                        self.decrypt_locked(device, &key, &expected, &tracked, message, delivery)
+                    }
+                },
+            );
             match result {
                 Ok(done) => done,
                 Err(e) => {
@@ -288,6 +300,7 @@ impl AccountManager {
                     if let Ok(plaintext) = session.decrypt(message) {
                         found = Some(Opened {
                             session_id: record.session_id.clone(),
+                            version: record.version,
                             session,
                             plaintext: Zeroizing::new(plaintext),
                             created: None,
@@ -307,6 +320,7 @@ impl AccountManager {
                         let plaintext = session.decrypt(message).map_err(|_| OlmError::Replay)?;
                         Opened {
                             session_id,
+                            version: record.version,
                             session,
                             plaintext: Zeroizing::new(plaintext),
                             created: None,
@@ -336,6 +350,7 @@ impl AccountManager {
             session_id: opened.session_id.clone(),
             last_used: now,
             pickle: encode_session(&opened.session)?,
+            version: opened.version,
         };
         let delivery = match delivery {
             Some(tag) => {
@@ -424,6 +439,7 @@ impl AccountManager {
                 .is_some_and(|c| c.published && !c.used && c.public_key == used_public);
         Ok(Opened {
             session_id: created.session.session_id(),
+            version: None,
             session: created.session,
             plaintext: Zeroizing::new(created.plaintext),
             created: Some(Created {
@@ -518,6 +534,7 @@ impl AccountManager {
                 session_id: l.session_id.clone(),
                 last_used: l.last_used,
                 pickle: l.pickle.clone(),
+                version: None,
             })
             .collect();
         put.push(record);
@@ -564,6 +581,8 @@ impl AccountManager {
                     session_id,
                     last_used: 0,
                     pickle,
+                    // Not stored by peer yet: re-storing creates it.
+                    version: None,
                 });
             }
             device.legacy = Some(found);
@@ -577,6 +596,7 @@ impl AccountManager {
                     session_id: legacy.session_id.clone(),
                     last_used: legacy.last_used,
                     pickle: legacy.pickle.clone(),
+                    version: None,
                 });
             }
         }

@@ -51,6 +51,11 @@ pub struct ManagerStats {
     pub group_sessions_created: u64,
     /// Megolm room events encrypted.
     pub room_events_encrypted: u64,
+    /// Session writes (Olm or outbound Megolm) refused because another
+    /// process sharing the store had advanced the session first: each was
+    /// redone on the reloaded session (see
+    /// [`crate::ManagerConfig::session_write_attempts`]).
+    pub session_conflicts: u64,
 }
 
 #[derive(Default)]
@@ -78,6 +83,7 @@ pub(crate) struct Counters {
     pub room_events_refused: AtomicU64,
     pub group_sessions_created: AtomicU64,
     pub room_events_encrypted: AtomicU64,
+    pub session_conflicts: AtomicU64,
 }
 
 impl Counters {
@@ -115,6 +121,7 @@ impl Counters {
             room_events_refused: get(&self.room_events_refused),
             group_sessions_created: get(&self.group_sessions_created),
             room_events_encrypted: get(&self.room_events_encrypted),
+            session_conflicts: get(&self.session_conflicts),
         }
     }
 }

@@ -11,9 +11,9 @@
 //! | `k/<device><key_id u64 BE>` | public key (32 bytes), then the sealed private key |
 //! | `p/<device><public key>` | key id u64 BE (an index: public data only) |
 //! | `s/<device><session id>` | schema 1's sealed session pickle (migrated to `o/` on first use) |
-//! | `o/<device><peer curve25519 key><session id>` | last used (u64 BE), then the sealed session pickle |
+//! | `o/<device><peer curve25519 key><session id>` | last used (u64 BE), version (u64 BE), then the session pickle sealed to the slot and that version ([`versioned`]); records written before sessions carried versions have no version field and are sealed to the slot alone (read as version 0) |
 //! | `u/<user id>` | the sealed record of a tracked user's devices |
-//! | `q/<device><room id>` | the sealed outbound Megolm session of a puppet device in a room |
+//! | `q/<device><room id>` | version (u64 BE), then the outbound Megolm session of a puppet device in a room sealed to the slot and that version; older records are the sealed record alone (version 0) |
 //! | `h/<room len u32 BE><room id><session len u32 BE><session id><event id>` | a sealed room event held until its room key arrives |
 //! | `g/<room len u32 BE><room id><session id>` | a sealed Megolm inbound group session record |
 //! | `x/<room len u32 BE><room id><session len u32 BE><session id><index u32 BE>` | the event id that first decrypted at that message index (replay protection) |
@@ -120,6 +120,18 @@ fn room_prefixed(tag: &[u8], room_id: &str) -> Vec<u8> {
 
 pub(crate) fn outbound_group_session(device: &DeviceKey, room_id: &str) -> Vec<u8> {
     join(b"q/", device, room_id.as_bytes())
+}
+
+/// What a versioned record (an Olm session, an outbound Megolm session) is
+/// sealed to: its slot plus its version, so an old ciphertext cannot be
+/// presented as a newer version. It also tells the formats apart: a record
+/// from before versions, sealed to the slot alone, does not open as a
+/// versioned one (and the other way round), whatever its bytes.
+pub(crate) fn versioned(slot: &[u8], version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(slot.len() + 8);
+    k.extend_from_slice(slot);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
 }
 
 pub(crate) const HELD_PREFIX: &[u8] = b"h/";

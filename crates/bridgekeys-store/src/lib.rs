@@ -18,6 +18,17 @@
 //!   lost race is reported as [`StoreError::Conflict`] naming the version
 //!   expected and the one found, never silently overwritten, and changes
 //!   nothing.
+//! * **Versioned sessions.** So are the records a message advances, because
+//!   several processes may encrypt and decrypt for the same puppet: each Olm
+//!   session (per device, peer key and session id: [`SessionRecord::version`],
+//!   `None` to create one that must not exist yet) in
+//!   [`Store::write_sessions`] and [`Store::write_device`], and each outbound
+//!   Megolm session (per device and room:
+//!   [`Store::write_outbound_group_session`]'s `expected`). One stale record
+//!   and the whole write is a [`StoreError::Conflict`] that changes nothing
+//!   (delivery record included): the writer reloads and redoes its step, so
+//!   no Olm chain step or Megolm message index is handed out twice and no
+//!   ratchet step is lost, whichever processes race.
 //! * **Atomicity where it matters.** [`Store::write_device`] writes a
 //!   device's account record, new and removed one-time keys, new and removed
 //!   sessions and its delivery record in one transaction: all of it or none
@@ -144,7 +155,7 @@ pub use sled_store::{
 pub use transactions::{TransactionClaim, TransactionLog, unix_millis};
 pub use types::{
     AccountRecord, Delivery, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
-    OneTimeKeyRecord, SessionRecord, SessionWrite, Version,
+    OneTimeKeyRecord, OutboundSessionRecord, SessionRecord, SessionWrite, Version,
 };
 
 /// Everything a bridge keeps durably, behind one object: the account
@@ -282,6 +293,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Atomically apply `write` to a device's sessions (and its delivery
     /// record): all of it or none of it, after a crash too.
+    ///
+    /// Each session put is compare-and-swap on its
+    /// [`SessionRecord::version`] (removals are not: removing a session
+    /// already gone is no error). If any stored session is not at the
+    /// version its record names ([`None`]: if one exists), nothing is
+    /// applied and the call fails with [`StoreError::Conflict`] naming that
+    /// session's versions. This holds for concurrent callers, in one
+    /// process or several.
     fn write_sessions(
         &self,
         device: &DeviceKey,
@@ -317,19 +336,27 @@ pub trait Store: Send + Sync + 'static {
     fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError>;
 
     /// The sealed record of a puppet device's outbound Megolm session in a
-    /// room, as the account manager wrote it.
+    /// room, as the account manager wrote it, with its version.
     fn load_outbound_group_session(
         &self,
         device: &DeviceKey,
         room_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError>;
+    ) -> Result<Option<OutboundSessionRecord>, StoreError>;
 
     /// Replace (`Some`) or discard (`None`) a puppet device's outbound
-    /// Megolm session record in a room.
+    /// Megolm session record in a room, if the stored one is at `expected`
+    /// (`None`: if there is none).
+    ///
+    /// Compare-and-swap, because every encrypted message advances the
+    /// session: of two writers that loaded the same version, one gets
+    /// [`StoreError::Conflict`] (nothing changed) instead of storing a
+    /// ratchet whose message index the other already used. The record
+    /// written is stored at [`Version::next`] of `expected`.
     fn write_outbound_group_session(
         &self,
         device: &DeviceKey,
         room_id: &str,
+        expected: Option<Version>,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError>;
 

@@ -16,8 +16,9 @@
 //!   session, replay index, held event, room state, cross-signing identity,
 //!   completed transaction and puppet record is copied once. The copy is
 //!   durable before [`copy`] returns.
-//! * **The target is new.** A target that already holds an account or a
-//!   cross-signing identity the source also has is refused
+//! * **The target is new.** A target that already holds an account, an Olm
+//!   or outbound Megolm session or a cross-signing identity the source also
+//!   has is refused
 //!   ([`MigrateError::TargetNotEmpty`]): merging two bridges' keys is not a
 //!   migration. Create the target fresh (its backend's `create` refuses a
 //!   database that already holds a store).
@@ -282,13 +283,25 @@ fn put(
             };
             to.append_keys(&device, append)?
         }
-        Record::Session { device, session } => {
+        Record::Session {
+            device,
+            mut session,
+        } => {
             report.sessions += 1;
+            // A new record in the target: created, at the target's first
+            // version (the source's versions mean nothing there).
+            session.version = None;
+            let what = format!("the Olm session {} of {device:?}", session.session_id);
             let write = SessionWrite {
                 put: vec![session],
                 ..SessionWrite::default()
             };
-            to.write_sessions(&device, write)?
+            match to.write_sessions(&device, write) {
+                Err(StoreError::Conflict { .. }) => {
+                    return Err(MigrateError::TargetNotEmpty { what });
+                }
+                other => other?,
+            }
         }
         Record::LegacySession { device, .. } => {
             return Err(MigrateError::LegacySessions {
@@ -313,7 +326,14 @@ fn put(
             data,
         } => {
             report.outbound_group_sessions += 1;
-            to.write_outbound_group_session(&device, &room_id, Some(&data))?
+            match to.write_outbound_group_session(&device, &room_id, None, Some(&data)) {
+                Err(StoreError::Conflict { .. }) => {
+                    return Err(MigrateError::TargetNotEmpty {
+                        what: format!("the outbound group session of {device:?} in {room_id}"),
+                    });
+                }
+                other => other?,
+            }
         }
         Record::GroupSession {
             room_id,

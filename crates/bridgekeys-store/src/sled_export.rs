@@ -103,7 +103,9 @@ impl SledStore {
                     .ok_or_else(|| corrupt("session peer"))?;
                 let session_id = utf8(&rest[32..], "session id")?;
                 let last_used = u64_at(value, "session record")?;
-                let pickle = self.open_slot(key, &value[8..], "session")?;
+                let (_, pickle) = self
+                    .open_versioned(key, &value[8..])
+                    .ok_or_else(|| corrupt("session"))?;
                 Record::Session {
                     device,
                     session: SessionRecord {
@@ -111,6 +113,8 @@ impl SledStore {
                         session_id,
                         last_used,
                         pickle,
+                        // A copy is a new record in the target.
+                        version: None,
                     },
                 }
             }
@@ -144,7 +148,10 @@ impl SledStore {
                 Record::OutboundGroupSession {
                     device,
                     room_id: utf8(room, "outbound group session room")?,
-                    data: self.open_slot(key, value, "outbound group session record")?,
+                    data: self
+                        .open_versioned(key, value)
+                        .map(|(_, data)| data)
+                        .ok_or_else(|| corrupt("outbound group session record"))?,
                 }
             }
             b"g/" => {

@@ -14,8 +14,9 @@ use zeroize::Zeroizing;
 
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
-    OneTimeKeyRecord, Pending, SessionRecord, SessionWrite, Store, StoreError, StoreId, StoreKey,
-    Version, commit::GroupCommit, crypto::Sealer, durable, layout, watermark,
+    OneTimeKeyRecord, OutboundSessionRecord, Pending, SessionRecord, SessionWrite, Store,
+    StoreError, StoreId, StoreKey, Version, commit::GroupCommit, crypto::Sealer, durable, layout,
+    watermark,
 };
 
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
@@ -35,11 +36,15 @@ const KEY_ID_BLOCK: u64 = 1 << 16;
 /// peer (`o/`), tracked devices, Megolm sessions and held events; a schema 1
 /// store is upgraded at open (its sessions are re-stored by peer on first
 /// use), and a build that only knows schema 1 refuses a schema 2 store
-/// instead of missing its sessions.
-pub const SCHEMA_VERSION: u32 = 2;
+/// instead of missing its sessions. Schema 3 gave Olm sessions and outbound
+/// Megolm sessions a version (compare-and-swap writes): their records from
+/// schema 2 still read (as version 0) and take the new format with their
+/// next write, and a build that only knows schema 2 refuses a schema 3
+/// store instead of failing on records it cannot open.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Older schemas this build opens and upgrades.
-const UPGRADABLE_SCHEMAS: &[u32] = &[1];
+const UPGRADABLE_SCHEMAS: &[u32] = &[1, 2];
 
 /// How to open a [`SledStore`].
 #[derive(Clone, Debug)]
@@ -361,21 +366,78 @@ impl SledStore {
         (added, removed)
     }
 
-    /// Seal session records: `(slot, last_used || sealed pickle)`.
-    fn seal_sessions(
-        &self,
-        device: &DeviceKey,
-        sessions: &[SessionRecord],
-    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// Seal session records for a write: each slot, its new value
+    /// (`last_used || version || pickle sealed to slot and version`, the
+    /// version one past the expected one) and the version the stored
+    /// session must be at.
+    fn seal_sessions(&self, device: &DeviceKey, sessions: &[SessionRecord]) -> Vec<SealedSession> {
         sessions
             .iter()
             .map(|r| {
                 let slot = layout::olm_session(device, &r.peer_key, &r.session_id);
                 let mut value = r.last_used.to_be_bytes().to_vec();
-                value.extend(self.sealer.seal(&slot, &r.pickle));
-                (slot, value)
+                value.extend(self.seal_versioned(&slot, Version::next(r.version), &r.pickle));
+                SealedSession {
+                    slot,
+                    value,
+                    expected: r.version,
+                }
             })
             .collect()
+    }
+
+    /// `version || data sealed to the slot and version`.
+    fn seal_versioned(&self, slot: &[u8], version: Version, data: &[u8]) -> Vec<u8> {
+        let mut value = version.0.to_be_bytes().to_vec();
+        value.extend(self.sealer.seal(&layout::versioned(slot, version.0), data));
+        value
+    }
+
+    /// Open a versioned value (`version || sealed`), or one written before
+    /// records carried versions (sealed to the slot alone: version 0). The
+    /// AEAD tells the two apart; `None` if neither opens.
+    pub(crate) fn open_versioned(
+        &self,
+        slot: &[u8],
+        body: &[u8],
+    ) -> Option<(Version, Zeroizing<Vec<u8>>)> {
+        if let Some((version, sealed)) = body.split_at_checked(8) {
+            let version = u64::from_be_bytes(<[u8; 8]>::try_from(version).ok()?);
+            if let Some(data) = self.sealer.open(&layout::versioned(slot, version), sealed) {
+                return Some((Version(version), data));
+            }
+        }
+        self.sealer.open(slot, body).map(|data| (Version(0), data))
+    }
+
+    /// In a transaction: fail with [`StoreError::Conflict`] unless the
+    /// session at `slot` is at `expected` (`None`: absent).
+    fn check_session(
+        &self,
+        tx: &sled::transaction::TransactionalTree,
+        slot: &[u8],
+        expected: Option<Version>,
+    ) -> Result<(), ConflictableTransactionError<StoreError>> {
+        let found = match tx.get(slot)? {
+            None => None,
+            Some(raw) => Some(
+                raw.split_at_checked(8)
+                    .and_then(|(_, body)| self.open_versioned(slot, body))
+                    .map(|(version, _)| version)
+                    .ok_or_else(|| {
+                        ConflictableTransactionError::Abort(StoreError::Corrupt {
+                            what: "session record".into(),
+                        })
+                    })?,
+            ),
+        };
+        if found != expected {
+            return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
+                expected,
+                found,
+            }));
+        }
+        Ok(())
     }
 
     fn seal_delivery(
@@ -430,16 +492,17 @@ impl SledStore {
         let corrupt = || StoreError::Corrupt {
             what: "session record".into(),
         };
-        let (used, sealed) = raw.split_at_checked(8).ok_or_else(corrupt)?;
+        let (used, body) = raw.split_at_checked(8).ok_or_else(corrupt)?;
         let last_used = <[u8; 8]>::try_from(used)
             .map(u64::from_be_bytes)
             .map_err(|_| corrupt())?;
-        let pickle = self.sealer.open(slot, sealed).ok_or_else(corrupt)?;
+        let (version, pickle) = self.open_versioned(slot, body).ok_or_else(corrupt)?;
         Ok(SessionRecord {
             peer_key: *peer_key,
             session_id,
             last_used,
             pickle,
+            version: Some(version),
         })
     }
 
@@ -852,6 +915,14 @@ struct SealedWrite {
     removed: Vec<RemovedKey>,
 }
 
+/// A session ready to write: its slot, its new value, and the version the
+/// stored one must be at (`None`: absent).
+struct SealedSession {
+    slot: Vec<u8>,
+    value: Vec<u8>,
+    expected: Option<Version>,
+}
+
 /// The record and the public-key index entry of a key to remove.
 type RemovedKey = (Vec<u8>, Vec<u8>);
 
@@ -940,8 +1011,9 @@ impl Store for SledStore {
             for (peer, id) in &write.remove_sessions {
                 tx.remove(layout::olm_session(device, peer, id))?;
             }
-            for (slot, sealed) in &sessions {
-                tx.insert(slot.as_slice(), sealed.as_slice())?;
+            for session in &sessions {
+                self.check_session(tx, &session.slot, session.expected)?;
+                tx.insert(session.slot.as_slice(), session.value.as_slice())?;
             }
             if let Some((slot, sealed)) = &delivery {
                 tx.insert(slot.as_slice(), sealed.as_slice())?;
@@ -1144,24 +1216,33 @@ impl Store for SledStore {
         device: &DeviceKey,
         write: SessionWrite,
     ) -> Result<Pending, StoreError> {
+        // Sealed outside the transaction: its closure may run more than once.
         let put = self.seal_sessions(device, &write.put);
         let delivery = self.seal_delivery(device, write.delivery.as_ref());
-        let mut batch = sled::Batch::default();
-        for (peer, id) in &write.remove {
-            batch.remove(layout::olm_session(device, peer, id));
+        // A transaction, not a batch, for the version checks: sled runs
+        // concurrent transactions on a key one after the other, and applies
+        // each atomically, after a crash too.
+        let outcome = self.db.transaction(|tx| {
+            for (peer, id) in &write.remove {
+                tx.remove(layout::olm_session(device, peer, id))?;
+            }
+            for id in &write.remove_legacy {
+                tx.remove(layout::session(device, id))?;
+            }
+            for session in &put {
+                self.check_session(tx, &session.slot, session.expected)?;
+                tx.insert(session.slot.as_slice(), session.value.as_slice())?;
+            }
+            if let Some((slot, sealed)) = &delivery {
+                tx.insert(slot.as_slice(), sealed.as_slice())?;
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => Ok(self.commit.pending()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
-        for id in &write.remove_legacy {
-            batch.remove(layout::session(device, id));
-        }
-        for (slot, value) in put {
-            batch.insert(slot, value);
-        }
-        if let Some((slot, sealed)) = delivery {
-            batch.insert(slot, sealed);
-        }
-        // A batch is atomic in sled, after a crash too.
-        self.db.apply_batch(batch)?;
-        Ok(self.commit.pending())
     }
 
     fn load_tracked_user(&self, user_id: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
@@ -1198,20 +1279,58 @@ impl Store for SledStore {
         &self,
         device: &DeviceKey,
         room_id: &str,
-    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        self.get_sealed(
-            &layout::outbound_group_session(device, room_id),
-            "outbound group session record",
-        )
+    ) -> Result<Option<OutboundSessionRecord>, StoreError> {
+        let slot = layout::outbound_group_session(device, room_id);
+        let Some(raw) = self.db.get(&slot)? else {
+            return Ok(None);
+        };
+        let (version, data) =
+            self.open_versioned(&slot, &raw)
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "outbound group session record".into(),
+                })?;
+        Ok(Some(OutboundSessionRecord { version, data }))
     }
 
     fn write_outbound_group_session(
         &self,
         device: &DeviceKey,
         room_id: &str,
+        expected: Option<Version>,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
-        self.put_sealed(layout::outbound_group_session(device, room_id), record)
+        let slot = layout::outbound_group_session(device, room_id);
+        let value = record.map(|r| self.seal_versioned(&slot, Version::next(expected), r));
+        let outcome = self.db.transaction(|tx| {
+            let found = match tx.get(&slot)? {
+                None => None,
+                Some(raw) => Some(
+                    self.open_versioned(&slot, &raw)
+                        .map(|(version, _)| version)
+                        .ok_or_else(|| {
+                            ConflictableTransactionError::Abort(StoreError::Corrupt {
+                                what: "outbound group session record".into(),
+                            })
+                        })?,
+                ),
+            };
+            if found != expected {
+                return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
+                    expected,
+                    found,
+                }));
+            }
+            match &value {
+                Some(value) => tx.insert(slot.as_slice(), value.as_slice())?,
+                None => tx.remove(slot.as_slice())?,
+            };
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => Ok(self.commit.pending()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 
     fn load_group_session(
@@ -1341,5 +1460,148 @@ impl Store for SledStore {
 
     fn commit_stats(&self) -> CommitStats {
         self.commit.stats()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn fresh(dir: &Path) -> SledStore {
+        SledStore::create(SledStoreConfig::new(
+            dir.join("store"),
+            StoreKey::generate(),
+        ))
+        .unwrap()
+    }
+
+    /// Session and outbound Megolm records written before they carried
+    /// versions (schema 2: sealed to the slot alone) still read, as version
+    /// 0; a write naming version 0 replaces them (in the new format), and
+    /// one naming another version, or creating, is a conflict.
+    #[test]
+    fn records_from_before_session_versions_read_as_version_0_and_take_the_new_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fresh(dir.path());
+        let dev = DeviceKey::new("@a:hs", "D");
+        let peer = [4u8; 32];
+        let slot = layout::olm_session(&dev, &peer, "s");
+        let mut old_session = 7u64.to_be_bytes().to_vec();
+        old_session.extend(store.sealer.seal(&slot, b"old pickle"));
+        store.db.insert(&slot, old_session).unwrap();
+        let room_slot = layout::outbound_group_session(&dev, "!r:hs");
+        store
+            .db
+            .insert(&room_slot, store.sealer.seal(&room_slot, b"old outbound"))
+            .unwrap();
+
+        let read = store.load_session(&dev, &peer, "s").unwrap().unwrap();
+        assert_eq!(
+            (read.last_used, read.pickle.as_slice(), read.version),
+            (7, &b"old pickle"[..], Some(Version(0)))
+        );
+        assert_eq!(
+            store.session_stamps(&dev).unwrap(),
+            vec![(peer, "s".to_owned(), 7)]
+        );
+        let out = store
+            .load_outbound_group_session(&dev, "!r:hs")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (out.version, out.data.as_slice()),
+            (Version(0), &b"old outbound"[..])
+        );
+
+        let put = |version: Option<Version>, pickle: &[u8]| SessionWrite {
+            put: vec![SessionRecord {
+                peer_key: peer,
+                session_id: "s".into(),
+                last_used: 8,
+                pickle: Zeroizing::new(pickle.to_vec()),
+                version,
+            }],
+            ..SessionWrite::default()
+        };
+        assert!(matches!(
+            store.write_sessions(&dev, put(None, b"x")),
+            Err(StoreError::Conflict {
+                expected: None,
+                found: Some(Version(0))
+            })
+        ));
+        assert!(matches!(
+            store.write_sessions(&dev, put(Some(Version(1)), b"x")),
+            Err(StoreError::Conflict {
+                found: Some(Version(0)),
+                ..
+            })
+        ));
+        drop(
+            store
+                .write_sessions(&dev, put(Some(Version(0)), b"new pickle"))
+                .unwrap(),
+        );
+        let read = store.load_session(&dev, &peer, "s").unwrap().unwrap();
+        assert_eq!(
+            (read.pickle.as_slice(), read.version),
+            (&b"new pickle"[..], Some(Version(1)))
+        );
+        let raw = store.db.get(&slot).unwrap().unwrap();
+        assert_eq!(
+            &raw[8..16],
+            &1u64.to_be_bytes(),
+            "the new format: a version field"
+        );
+
+        assert!(matches!(
+            store.write_outbound_group_session(&dev, "!r:hs", None, Some(b"x")),
+            Err(StoreError::Conflict {
+                expected: None,
+                found: Some(Version(0))
+            })
+        ));
+        drop(
+            store
+                .write_outbound_group_session(
+                    &dev,
+                    "!r:hs",
+                    Some(Version(0)),
+                    Some(b"new outbound"),
+                )
+                .unwrap(),
+        );
+        let out = store
+            .load_outbound_group_session(&dev, "!r:hs")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (out.version, out.data.as_slice()),
+            (Version(1), &b"new outbound"[..])
+        );
+    }
+
+    /// A versioned record is sealed to its version: one whose version field
+    /// was changed on disk does not open (it is not read as another version,
+    /// nor as a record from before versions).
+    #[test]
+    fn a_versioned_record_whose_version_was_changed_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fresh(dir.path());
+        let dev = DeviceKey::new("@a:hs", "D");
+        drop(
+            store
+                .write_outbound_group_session(&dev, "!r:hs", None, Some(b"v1"))
+                .unwrap(),
+        );
+        let slot = layout::outbound_group_session(&dev, "!r:hs");
+        let mut raw = store.db.get(&slot).unwrap().unwrap().to_vec();
+        raw[7] = 5;
+        store.db.insert(&slot, raw).unwrap();
+        assert!(matches!(
+            store.load_outbound_group_session(&dev, "!r:hs"),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 }

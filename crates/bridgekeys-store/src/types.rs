@@ -78,8 +78,12 @@ impl fmt::Debug for DeviceKey {
     }
 }
 
-/// The version of a device's account record. Starts at 1 and grows by one
-/// with every write, so a writer can prove it saw the latest state.
+/// The version of a versioned record: a device's account record, an Olm
+/// session ([`SessionRecord::version`]) or an outbound Megolm session
+/// ([`OutboundSessionRecord::version`]). Starts at 1 and grows by one with
+/// every write, so a writer can prove it saw the latest state. (A session
+/// stored by a build from before sessions carried versions reads as
+/// version 0: its first versioned write makes it 1.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version(pub u64);
 
@@ -127,7 +131,8 @@ pub struct DeviceWrite {
     pub add_keys: Vec<OneTimeKeyRecord>,
     /// One-time keys to remove, as `(key_id, public_key)`.
     pub remove_keys: Vec<(u64, [u8; 32])>,
-    /// Olm sessions to store (new or updated).
+    /// Olm sessions to store (new or updated), each compare-and-swap on
+    /// its [`SessionRecord::version`] like [`SessionWrite::put`].
     pub sessions: Vec<SessionRecord>,
     /// Olm sessions to remove (evicted), as `(peer_key, session_id)`.
     pub remove_sessions: Vec<([u8; 32], String)>,
@@ -176,6 +181,17 @@ pub struct SessionRecord {
     pub last_used: u64,
     /// The session pickle, sealed at rest.
     pub pickle: Zeroizing<Vec<u8>>,
+    /// The stored version this record was read at, `None` for a session
+    /// that is not stored yet.
+    ///
+    /// Several processes may advance the same session: a write of this
+    /// record applies only if the stored session is still at this version
+    /// (`None`: only if there is no such session), and then stores it at
+    /// [`Version::next`] of it. Otherwise the whole write fails with
+    /// [`crate::StoreError::Conflict`] and changes nothing, so a ratchet
+    /// step is never taken twice from the same state nor lost: the writer
+    /// reloads and starts over.
+    pub version: Option<Version>,
 }
 
 impl fmt::Debug for SessionRecord {
@@ -183,6 +199,7 @@ impl fmt::Debug for SessionRecord {
         f.debug_struct("SessionRecord")
             .field("session_id", &self.session_id)
             .field("last_used", &self.last_used)
+            .field("version", &self.version)
             .finish_non_exhaustive()
     }
 }
@@ -192,7 +209,9 @@ impl fmt::Debug for SessionRecord {
 /// caused it must find on a retry. The account record is not touched.
 #[derive(Default)]
 pub struct SessionWrite {
-    /// Sessions to insert or replace.
+    /// Sessions to insert or replace, each compare-and-swap on its
+    /// [`SessionRecord::version`]: one stale record and nothing of the
+    /// write is applied ([`crate::StoreError::Conflict`]).
     pub put: Vec<SessionRecord>,
     /// Sessions to remove, as `(peer_key, session_id)`.
     pub remove: Vec<([u8; 32], String)>,
@@ -201,6 +220,26 @@ pub struct SessionWrite {
     pub remove_legacy: Vec<String>,
     /// The decryption result to remember for a retried delivery.
     pub delivery: Option<Delivery>,
+}
+
+/// A puppet device's outbound Megolm session in a room, as stored: the
+/// record (decrypted) and its version.
+pub struct OutboundSessionRecord {
+    /// The version to name in the next
+    /// [`crate::Store::write_outbound_group_session`]: every message
+    /// encrypted advances the session, and two processes encrypting with
+    /// the same stored state would hand out the same message index.
+    pub version: Version,
+    /// The record, as the account manager wrote it.
+    pub data: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for OutboundSessionRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboundSessionRecord")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What [`crate::Store::record_message_index`] found.

@@ -184,18 +184,19 @@ impl Store for HookedStore {
         &self,
         device: &DeviceKey,
         room_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+    ) -> Result<Option<bridgekeys_store::OutboundSessionRecord>, StoreError> {
         self.inner.load_outbound_group_session(device, room_id)
     }
     fn write_outbound_group_session(
         &self,
         device: &DeviceKey,
         room_id: &str,
+        expected: Option<bridgekeys_store::Version>,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
         self.before_device_write(device)?;
         self.inner
-            .write_outbound_group_session(device, room_id, record)
+            .write_outbound_group_session(device, room_id, expected, record)
     }
     fn load_group_session(
         &self,

@@ -18,3 +18,4 @@ mod fuzz_prekey;
 mod manager;
 mod megolm;
 mod olm_sessions;
+mod shared_sessions;

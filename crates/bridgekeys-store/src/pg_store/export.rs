@@ -196,6 +196,8 @@ impl Listing<'_> {
                         session_id,
                         last_used,
                         pickle,
+                        // A copy is a new record in the target.
+                        version: None,
                     },
                 }
             }

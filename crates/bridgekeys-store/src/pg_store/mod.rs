@@ -97,11 +97,14 @@ use crate::{
 /// The schema version this build of [`PgStore`] writes (the highest
 /// migration it knows). A database at a higher version is refused with
 /// [`StoreError::UnsupportedSchema`].
-pub const PG_SCHEMA_VERSION: u32 = 1;
+pub const PG_SCHEMA_VERSION: u32 = 2;
 
 /// The migrations, in order: `(version, SQL)`. Each runs once, in the
 /// transaction that records it in `bk_schema_version`.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("0001_initial.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("0001_initial.sql")),
+    (2, include_str!("0002_session_versions.sql")),
+];
 
 /// The advisory lock key that serialises opening, creation and migration
 /// (any 64-bit constant private to bridgekeys: "bkstore1").

@@ -8,12 +8,35 @@ use zeroize::Zeroizing;
 use super::{Pg, PgStore, bits, key_id_sql, ord, params, unbits, unord};
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
-    OneTimeKeyRecord, Pending, SessionRecord, SessionWrite, Store, StoreError, Version, layout,
+    OneTimeKeyRecord, OutboundSessionRecord, Pending, SessionRecord, SessionWrite, Store,
+    StoreError, Version, layout,
 };
 
+/// Session rows of a write as column arrays, split by what each must find:
+/// `(updates, creates)`.
+type SessionColumns = (SessionRows, SessionRows);
+
 /// Session rows as column arrays: peer keys, session ids, last used,
-/// sealed pickles.
-type SessionColumns = (Vec<Vec<u8>>, Vec<String>, Vec<i64>, Vec<Vec<u8>>);
+/// sealed pickles, and the versions: for an update the one the stored row
+/// must be at, for a create the one it is stored at.
+#[derive(Default)]
+struct SessionRows {
+    peers: Vec<Vec<u8>>,
+    ids: Vec<String>,
+    used: Vec<i64>,
+    sealed: Vec<Vec<u8>>,
+    versions: Vec<i64>,
+}
+
+impl SessionRows {
+    fn push(&mut self, r: &SessionRecord, sealed: Vec<u8>, version: u64) {
+        self.peers.push(r.peer_key.to_vec());
+        self.ids.push(r.session_id.clone());
+        self.used.push(bits(r.last_used));
+        self.sealed.push(sealed);
+        self.versions.push(bits(version));
+    }
+}
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt { what: what.into() }
@@ -73,31 +96,27 @@ impl PgStore {
         out
     }
 
-    /// Seal sessions: `(peer, id, last_used, sealed)`, last duplicate wins.
+    /// Seal sessions: the updates (compare-and-swap on their version) and
+    /// the creates (the session must not exist), the last of any duplicate
+    /// session winning.
     fn seal_sessions(&self, device: &DeviceKey, sessions: &[SessionRecord]) -> SessionColumns {
-        let mut by_id: HashMap<([u8; 32], &str), usize> = HashMap::new();
-        let mut peers = Vec::new();
-        let mut ids = Vec::new();
-        let mut used = Vec::new();
-        let mut sealed = Vec::new();
-        for r in sessions {
+        let mut last: HashMap<([u8; 32], &str), usize> = HashMap::new();
+        for (at, r) in sessions.iter().enumerate() {
+            last.insert((r.peer_key, r.session_id.as_str()), at);
+        }
+        let (mut updates, mut creates) = (SessionRows::default(), SessionRows::default());
+        for (at, r) in sessions.iter().enumerate() {
+            if last.get(&(r.peer_key, r.session_id.as_str())) != Some(&at) {
+                continue;
+            }
             let slot = layout::olm_session(device, &r.peer_key, &r.session_id);
-            let value = self.sealer.seal(&slot, &r.pickle);
-            match by_id.get(&(r.peer_key, r.session_id.as_str())) {
-                Some(&at) => {
-                    used[at] = bits(r.last_used);
-                    sealed[at] = value;
-                }
-                None => {
-                    by_id.insert((r.peer_key, r.session_id.as_str()), peers.len());
-                    peers.push(r.peer_key.to_vec());
-                    ids.push(r.session_id.clone());
-                    used.push(bits(r.last_used));
-                    sealed.push(value);
-                }
+            let sealed = self.sealer.seal(&slot, &r.pickle);
+            match r.version {
+                Some(expected) => updates.push(r, sealed, expected.0),
+                None => creates.push(r, sealed, Version::next(None).0),
             }
         }
-        (peers, ids, used, sealed)
+        (updates, creates)
     }
 
     /// A delivery record sealed: `(tag, message, sealed)`.
@@ -116,7 +135,8 @@ impl PgStore {
         })
     }
 
-    /// Open a session row: `(peer_key, session_id, last_used, sealed)`.
+    /// Open a session row: `(peer_key, session_id, last_used, sealed,
+    /// version)`.
     fn open_session(
         &self,
         device: &DeviceKey,
@@ -127,6 +147,7 @@ impl PgStore {
         let session_id: String = row.try_get(1).pg()?;
         let last_used = unbits(row.try_get(2).pg()?);
         let sealed: Vec<u8> = row.try_get(3).pg()?;
+        let version = unbits(row.try_get(4).pg()?);
         let slot = layout::olm_session(device, &peer_key, &session_id);
         let pickle = self
             .sealer
@@ -137,14 +158,92 @@ impl PgStore {
             session_id,
             last_used,
             pickle,
+            version: Some(Version(version)),
         })
     }
 }
 
-const UPSERT_SESSIONS: &str = "INSERT INTO bk_olm_sessions (device, peer_key, session_id, last_used, sealed) \
-     SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::int8[], $5::bytea[]) \
-     ON CONFLICT (device, peer_key, session_id) DO UPDATE \
-     SET last_used = excluded.last_used, sealed = excluded.sealed";
+/// The compare-and-swap of session updates: a row matches only at the
+/// version the writer read (of two racing writers, the second's statement
+/// waits for the first to commit, then matches nothing); it is stored one
+/// version further.
+const UPDATE_SESSIONS: &str = "UPDATE bk_olm_sessions s \
+     SET last_used = u.last_used, sealed = u.sealed, version = u.expected + 1 \
+     FROM unnest($2::bytea[], $3::text[], $4::int8[], $5::bytea[], $6::int8[]) \
+     AS u(peer_key, session_id, last_used, sealed, expected) \
+     WHERE s.device = $1 AND s.peer_key = u.peer_key AND s.session_id = u.session_id \
+     AND s.version = u.expected \
+     RETURNING s.peer_key, s.session_id";
+
+/// New sessions: none may exist yet (a racing creator's row makes this one
+/// insert nothing).
+const CREATE_SESSIONS: &str = "INSERT INTO bk_olm_sessions \
+     (device, peer_key, session_id, last_used, sealed, version) \
+     SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::int8[], $5::bytea[], $6::int8[]) \
+     ON CONFLICT (device, peer_key, session_id) DO NOTHING \
+     RETURNING peer_key, session_id";
+
+/// Apply the session puts of a write in its transaction, or fail with
+/// [`StoreError::Conflict`] naming the first session not at the version
+/// its writer read (the caller then drops the transaction: nothing of the
+/// write is applied).
+async fn put_sessions(
+    tx: &tokio_postgres::Transaction<'_>,
+    dev: &Vec<u8>,
+    (updates, creates): &SessionColumns,
+) -> Result<(), StoreError> {
+    for (sql, rows, create) in [
+        (UPDATE_SESSIONS, updates, false),
+        (CREATE_SESSIONS, creates, true),
+    ] {
+        if rows.peers.is_empty() {
+            continue;
+        }
+        let done = tx
+            .query(
+                sql,
+                &[
+                    dev,
+                    &rows.peers,
+                    &rows.ids,
+                    &rows.used,
+                    &rows.sealed,
+                    &rows.versions,
+                ],
+            )
+            .await
+            .pg()?;
+        if done.len() == rows.peers.len() {
+            continue;
+        }
+        let mut applied = std::collections::HashSet::new();
+        for row in &done {
+            let peer: Vec<u8> = row.try_get(0).pg()?;
+            let id: String = row.try_get(1).pg()?;
+            applied.insert((peer, id));
+        }
+        let Some(at) = (0..rows.peers.len())
+            .find(|&i| !applied.contains(&(rows.peers[i].clone(), rows.ids[i].clone())))
+        else {
+            continue;
+        };
+        let found = tx
+            .query_opt(
+                "SELECT version FROM bk_olm_sessions \
+                 WHERE device = $1 AND peer_key = $2 AND session_id = $3",
+                &[dev, &rows.peers[at], &rows.ids[at]],
+            )
+            .await
+            .pg()?
+            .map(|row| row.try_get::<_, i64>(0))
+            .transpose()
+            .pg()?
+            .map(|v| Version(unbits(v)));
+        let expected = (!create).then(|| Version(unbits(rows.versions[at])));
+        return Err(StoreError::Conflict { expected, found });
+    }
+    Ok(())
+}
 
 const REMOVE_SESSIONS: &str = "DELETE FROM bk_olm_sessions WHERE device = $1 AND (peer_key, session_id) IN \
      (SELECT * FROM unnest($2::bytea[], $3::text[]))";
@@ -193,7 +292,7 @@ impl Store for PgStore {
         let added = self.seal_keys(device, &write.add_keys);
         let (add_ids, add_publics, add_sealed) = split_keys(added);
         let remove_ids: Vec<i64> = write.remove_keys.iter().map(|(id, _)| ord(*id)).collect();
-        let (peers, ids, used, sealed) = self.seal_sessions(device, &write.sessions);
+        let sessions = self.seal_sessions(device, &write.sessions);
         let (rm_peers, rm_ids): (Vec<Vec<u8>>, Vec<String>) = write
             .remove_sessions
             .iter()
@@ -266,11 +365,7 @@ impl Store for PgStore {
                     .await
                     .pg()?;
             }
-            if !peers.is_empty() {
-                tx.execute(UPSERT_SESSIONS, &[&dev, &peers, &ids, &used, &sealed])
-                    .await
-                    .pg()?;
-            }
+            put_sessions(&tx, &dev, &sessions).await?;
             if let Some((tag, message, sealed)) = &delivery {
                 tx.execute(UPSERT_DELIVERY, &[tag, &dev, message, sealed])
                     .await
@@ -446,7 +541,7 @@ impl Store for PgStore {
         session_id: &str,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let rows = self.engine.query(
-            "SELECT peer_key, session_id, last_used, sealed FROM bk_olm_sessions \
+            "SELECT peer_key, session_id, last_used, sealed, version FROM bk_olm_sessions \
              WHERE device = $1 AND peer_key = $2 AND session_id = $3",
             params![
                 device.as_bytes().to_vec(),
@@ -465,7 +560,7 @@ impl Store for PgStore {
         peer_key: &[u8; 32],
     ) -> Result<Vec<SessionRecord>, StoreError> {
         let rows = self.engine.query(
-            "SELECT peer_key, session_id, last_used, sealed FROM bk_olm_sessions \
+            "SELECT peer_key, session_id, last_used, sealed, version FROM bk_olm_sessions \
              WHERE device = $1 AND peer_key = $2 ORDER BY session_id",
             params![device.as_bytes().to_vec(), peer_key.to_vec()],
         )?;
@@ -506,7 +601,7 @@ impl Store for PgStore {
         device: &DeviceKey,
         write: SessionWrite,
     ) -> Result<Pending, StoreError> {
-        let (peers, ids, used, sealed) = self.seal_sessions(device, &write.put);
+        let sessions = self.seal_sessions(device, &write.put);
         let (rm_peers, rm_ids): (Vec<Vec<u8>>, Vec<String>) = write
             .remove
             .iter()
@@ -522,11 +617,7 @@ impl Store for PgStore {
                     .await
                     .pg()?;
             }
-            if !peers.is_empty() {
-                tx.execute(UPSERT_SESSIONS, &[&dev, &peers, &ids, &used, &sealed])
-                    .await
-                    .pg()?;
-            }
+            put_sessions(&tx, &dev, &sessions).await?;
             if let Some((tag, message, sealed)) = &delivery {
                 tx.execute(UPSERT_DELIVERY, &[tag, &dev, message, sealed])
                     .await
@@ -594,37 +685,80 @@ impl Store for PgStore {
         &self,
         device: &DeviceKey,
         room_id: &str,
-    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        self.get_sealed(
-            "SELECT sealed FROM bk_outbound_group_sessions WHERE device = $1 AND room_id = $2",
+    ) -> Result<Option<OutboundSessionRecord>, StoreError> {
+        let rows = self.engine.query(
+            "SELECT version, sealed FROM bk_outbound_group_sessions \
+             WHERE device = $1 AND room_id = $2",
             params![device.as_bytes().to_vec(), room_id.to_owned()],
-            &layout::outbound_group_session(device, room_id),
-            "outbound group session record",
-        )
+        )?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let version = Version(unbits(row.try_get(0).pg()?));
+        let sealed: Vec<u8> = row.try_get(1).pg()?;
+        let data = self
+            .sealer
+            .open(&layout::outbound_group_session(device, room_id), &sealed)
+            .ok_or_else(|| corrupt("outbound group session record"))?;
+        Ok(Some(OutboundSessionRecord { version, data }))
     }
 
     fn write_outbound_group_session(
         &self,
         device: &DeviceKey,
         room_id: &str,
+        expected: Option<Version>,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
-        match record {
-            Some(record) => self.write(
-                "INSERT INTO bk_outbound_group_sessions (device, room_id, sealed) \
-                 VALUES ($1, $2, $3) \
-                 ON CONFLICT (device, room_id) DO UPDATE SET sealed = excluded.sealed",
-                params![
-                    device.as_bytes().to_vec(),
-                    room_id.to_owned(),
-                    self.sealer
-                        .seal(&layout::outbound_group_session(device, room_id), record)
-                ],
-            ),
-            None => self.write(
-                "DELETE FROM bk_outbound_group_sessions WHERE device = $1 AND room_id = $2",
-                params![device.as_bytes().to_vec(), room_id.to_owned()],
-            ),
+        let dev = device.as_bytes().to_vec();
+        let room = room_id.to_owned();
+        let sealed = record.map(|r| {
+            self.sealer
+                .seal(&layout::outbound_group_session(device, room_id), r)
+        });
+        let next = bits(Version::next(expected).0);
+        let expected_sql = expected.map(|v| bits(v.0));
+        // One statement per case, each a compare-and-swap: it changes a
+        // row only at the version the writer read (a racing writer's
+        // statement waits for the first to commit, then matches nothing).
+        let changed = match (expected_sql, &sealed) {
+            (Some(v), Some(sealed)) => self.engine.execute(
+                "UPDATE bk_outbound_group_sessions SET sealed = $3, version = $4 \
+                 WHERE device = $1 AND room_id = $2 AND version = $5",
+                params![dev.clone(), room.clone(), sealed.clone(), next, v],
+            )?,
+            (None, Some(sealed)) => self.engine.execute(
+                "INSERT INTO bk_outbound_group_sessions (device, room_id, sealed, version) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (device, room_id) DO NOTHING",
+                params![dev.clone(), room.clone(), sealed.clone(), next],
+            )?,
+            (Some(v), None) => self.engine.execute(
+                "DELETE FROM bk_outbound_group_sessions \
+                 WHERE device = $1 AND room_id = $2 AND version = $3",
+                params![dev.clone(), room.clone(), v],
+            )?,
+            // Discarding what must not exist: nothing to change (a stored
+            // session is a conflict all the same, found below).
+            (None, None) => 0,
+        };
+        if changed == 1 {
+            return Ok(Pending::ready());
+        }
+        let found = self
+            .engine
+            .query(
+                "SELECT version FROM bk_outbound_group_sessions \
+                 WHERE device = $1 AND room_id = $2",
+                params![dev, room],
+            )?
+            .first()
+            .map(|row| row.try_get::<_, i64>(0))
+            .transpose()
+            .pg()?
+            .map(|v| Version(unbits(v)));
+        match found {
+            None if expected.is_none() && sealed.is_none() => Ok(Pending::ready()),
+            found => Err(StoreError::Conflict { expected, found }),
         }
     }
 

@@ -91,9 +91,13 @@ pub const CHECKS: &[&str] = &[
     "a_key_index_entry_whose_record_is_gone_or_different_is_absent",
     "sessions_are_found_by_peer_stamped_replaced_and_removed",
     "a_fresh_store_has_no_legacy_sessions_and_removing_one_is_harmless",
+    "a_stale_session_write_is_a_conflict_and_changes_nothing",
+    "creating_a_session_that_exists_is_a_conflict",
+    "concurrent_writers_of_one_session_version_have_exactly_one_winner",
     "deliveries_are_found_until_their_tag_is_forgotten",
     "tracked_users_are_replaced_and_forgotten",
     "outbound_group_sessions_are_per_device_and_room_replaced_and_discarded",
+    "a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing",
     "inbound_group_sessions_are_per_room_and_session_and_replaced",
     "a_message_index_is_first_once_then_same_event_or_other_event",
     "concurrent_first_uses_of_a_message_index_yield_exactly_one_first",
@@ -148,9 +152,13 @@ macro_rules! conformance_tests {
             a_key_index_entry_whose_record_is_gone_or_different_is_absent,
             sessions_are_found_by_peer_stamped_replaced_and_removed,
             a_fresh_store_has_no_legacy_sessions_and_removing_one_is_harmless,
+            a_stale_session_write_is_a_conflict_and_changes_nothing,
+            creating_a_session_that_exists_is_a_conflict,
+            concurrent_writers_of_one_session_version_have_exactly_one_winner,
             deliveries_are_found_until_their_tag_is_forgotten,
             tracked_users_are_replaced_and_forgotten,
             outbound_group_sessions_are_per_device_and_room_replaced_and_discarded,
+            a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing,
             inbound_group_sessions_are_per_room_and_session_and_replaced,
             a_message_index_is_first_once_then_same_event_or_other_event,
             concurrent_first_uses_of_a_message_index_yield_exactly_one_first,
@@ -239,13 +247,56 @@ fn otk(key_id: u64, fill: u8) -> OneTimeKeyRecord {
     }
 }
 
+/// A new session (not stored yet: its write creates it).
 fn session(peer: u8, id: &str, last_used: u64, pickle: &[u8]) -> SessionRecord {
     SessionRecord {
         peer_key: [peer; 32],
         session_id: id.into(),
         last_used,
         pickle: Zeroizing::new(pickle.to_vec()),
+        version: None,
     }
+}
+
+/// A session as read at `version`: its write replaces that version.
+fn session_at(version: u64, peer: u8, id: &str, last_used: u64, pickle: &[u8]) -> SessionRecord {
+    SessionRecord {
+        version: Some(Version(version)),
+        ..session(peer, id, last_used, pickle)
+    }
+}
+
+/// A stored session's version and pickle, or `None`.
+fn stored_session(
+    backend: &Arc<dyn Backend>,
+    dev: &DeviceKey,
+    peer: u8,
+    id: &str,
+) -> Option<(Option<Version>, Vec<u8>)> {
+    backend
+        .load_session(dev, &[peer; 32], id)
+        .expect("read session")
+        .map(|s| (s.version, s.pickle.to_vec()))
+}
+
+/// A stored outbound group session's version and record, or `None`.
+fn stored_outbound(
+    backend: &Arc<dyn Backend>,
+    dev: &DeviceKey,
+    room: &str,
+) -> Option<(Version, Vec<u8>)> {
+    backend
+        .load_outbound_group_session(dev, room)
+        .expect("read outbound session")
+        .map(|r| (r.version, r.data.to_vec()))
+}
+
+fn is_conflict(result: &Result<Pending, StoreError>, want: (Option<u64>, Option<u64>)) -> bool {
+    matches!(
+        result,
+        Err(StoreError::Conflict { expected, found })
+            if *expected == want.0.map(Version) && *found == want.1.map(Version)
+    )
 }
 
 fn delivery(tag: &str, message: &[u8], record: &[u8]) -> Delivery {
@@ -930,7 +981,11 @@ pub async fn sessions_are_found_by_peer_stamped_replaced_and_removed(backend: Ar
         .load_session(&dev, &[1; 32], "s2")
         .expect("read")
         .expect("s2");
-    assert_eq!((s.last_used, s.pickle.as_slice()), (20, &b"p2"[..]));
+    assert_eq!(
+        (s.last_used, s.pickle.as_slice(), s.version),
+        (20, &b"p2"[..], Some(Version(1))),
+        "a created session is at version 1"
+    );
     assert!(
         backend
             .load_session(&dev, &[2; 32], "s2")
@@ -944,7 +999,7 @@ pub async fn sessions_are_found_by_peer_stamped_replaced_and_removed(backend: Ar
         backend.write_sessions(
             &dev,
             SessionWrite {
-                put: vec![session(1, "s2", 25, b"p2 ratcheted")],
+                put: vec![session_at(1, 1, "s2", 25, b"p2 ratcheted")],
                 remove: vec![([1; 32], "s1".into()), ([2; 32], "missing".into())],
                 ..SessionWrite::default()
             },
@@ -962,8 +1017,9 @@ pub async fn sessions_are_found_by_peer_stamped_replaced_and_removed(backend: Ar
         .expect("read")
         .expect("s2");
     assert_eq!(
-        (s.last_used, s.pickle.as_slice()),
-        (25, &b"p2 ratcheted"[..])
+        (s.last_used, s.pickle.as_slice(), s.version),
+        (25, &b"p2 ratcheted"[..], Some(Version(2))),
+        "replaced, one version further"
     );
     assert_eq!(backend.session_stamps(&dev).expect("stamps").len(), 2);
     assert_eq!(
@@ -998,6 +1054,284 @@ pub async fn a_fresh_store_has_no_legacy_sessions_and_removing_one_is_harmless(
             .is_some()
     );
     assert!(backend.legacy_sessions(&dev).expect("legacy").is_empty());
+}
+
+/// A session write is compare-and-swap on each session's version: one
+/// stale session (or one from the future) and the whole write fails with
+/// [`StoreError::Conflict`] naming that session's versions, and nothing of
+/// it is applied: not the other sessions it creates, replaces or removes,
+/// not its delivery record. A device write carrying a stale session is
+/// refused the same way, its account and keys untouched.
+pub async fn a_stale_session_write_is_a_conflict_and_changes_nothing(backend: Arc<dyn Backend>) {
+    let dev = device("@a:hs", "DEV");
+    durable(
+        "create",
+        backend.write_sessions(
+            &dev,
+            SessionWrite {
+                put: vec![session(1, "s", 1, b"v1"), session(2, "other", 1, b"o1")],
+                ..SessionWrite::default()
+            },
+        ),
+    )
+    .await;
+    durable(
+        "advance",
+        backend.write_sessions(
+            &dev,
+            SessionWrite {
+                put: vec![session_at(1, 1, "s", 2, b"v2")],
+                ..SessionWrite::default()
+            },
+        ),
+    )
+    .await;
+    for stale in [1, 3, 0] {
+        let result = backend.write_sessions(
+            &dev,
+            SessionWrite {
+                put: vec![
+                    session_at(1, 2, "other", 5, b"o2"),
+                    session(3, "new", 5, b"n1"),
+                    session_at(stale, 1, "s", 5, b"lost race"),
+                ],
+                remove: vec![([2; 32], "gone?".into())],
+                delivery: Some(delivery("txn", b"m", b"result")),
+                ..SessionWrite::default()
+            },
+        );
+        assert!(
+            is_conflict(&result, (Some(stale), Some(2))),
+            "version {stale}: {:?}",
+            result.err()
+        );
+        assert_eq!(
+            stored_session(&backend, &dev, 1, "s"),
+            Some((Some(Version(2)), b"v2".to_vec()))
+        );
+        assert_eq!(
+            stored_session(&backend, &dev, 2, "other"),
+            Some((Some(Version(1)), b"o1".to_vec())),
+            "another session of the refused write was replaced"
+        );
+        assert_eq!(
+            stored_session(&backend, &dev, 3, "new"),
+            None,
+            "a session of the refused write was created"
+        );
+        assert!(
+            backend
+                .load_delivery(&dev, "txn", b"m")
+                .expect("read")
+                .is_none(),
+            "the refused write's delivery record was kept"
+        );
+    }
+    // Removing the session in the same write does not make a stale
+    // replace of it current: the replace then finds nothing.
+    let result = backend.write_sessions(
+        &dev,
+        SessionWrite {
+            put: vec![session_at(1, 2, "other", 5, b"o2")],
+            remove: vec![([2; 32], "other".into())],
+            ..SessionWrite::default()
+        },
+    );
+    assert!(is_conflict(&result, (Some(1), None)), "{:?}", result.err());
+    assert_eq!(
+        stored_session(&backend, &dev, 2, "other"),
+        Some((Some(Version(1)), b"o1".to_vec())),
+        "the removal of a refused write was applied"
+    );
+
+    durable(
+        "account",
+        backend.write_device(&dev, None, account(b"acct")),
+    )
+    .await;
+    let mut with_key = account(b"acct");
+    with_key.add_keys = vec![otk(FIRST_KEY_ID, 7)];
+    durable(
+        "key",
+        backend.write_device(&dev, Some(Version(1)), with_key),
+    )
+    .await;
+    let mut w = account(b"acct 3");
+    w.remove_keys = vec![(FIRST_KEY_ID, [7; 32])];
+    w.sessions = vec![session_at(1, 1, "s", 9, b"lost race")];
+    w.delivery = Some(delivery("txn", b"m", b"result"));
+    let result = backend.write_device(&dev, Some(Version(2)), w);
+    assert!(
+        is_conflict(&result, (Some(1), Some(2))),
+        "{:?}",
+        result.err()
+    );
+    assert_eq!(version(&backend, &dev), Some(Version(2)), "account moved");
+    assert_eq!(
+        bytes(backend.load_account(&dev).expect("read").map(|a| a.data)),
+        Some(b"acct".to_vec())
+    );
+    assert!(
+        backend
+            .one_time_key(&dev, &[7; 32])
+            .expect("read")
+            .is_some(),
+        "the key of a refused device write was removed"
+    );
+    assert_eq!(
+        stored_session(&backend, &dev, 1, "s"),
+        Some((Some(Version(2)), b"v2".to_vec()))
+    );
+    assert!(
+        backend
+            .load_delivery(&dev, "txn", b"m")
+            .expect("read")
+            .is_none()
+    );
+}
+
+/// Creating a session (version `None`) that already exists is a
+/// [`StoreError::Conflict`] naming the stored version, in a session write
+/// and in a device write alike, and changes nothing: two processes that
+/// both start the same session (the same pre-key message) do not both
+/// store it.
+pub async fn creating_a_session_that_exists_is_a_conflict(backend: Arc<dyn Backend>) {
+    let dev = device("@a:hs", "DEV");
+    durable(
+        "create",
+        backend.write_sessions(
+            &dev,
+            SessionWrite {
+                put: vec![session(1, "s", 1, b"first")],
+                ..SessionWrite::default()
+            },
+        ),
+    )
+    .await;
+    let result = backend.write_sessions(
+        &dev,
+        SessionWrite {
+            put: vec![session(1, "s", 2, b"second")],
+            delivery: Some(delivery("txn", b"m", b"result")),
+            ..SessionWrite::default()
+        },
+    );
+    assert!(is_conflict(&result, (None, Some(1))), "{:?}", result.err());
+    durable(
+        "account",
+        backend.write_device(&dev, None, account(b"acct")),
+    )
+    .await;
+    let mut w = account(b"acct 2");
+    w.sessions = vec![session(1, "s", 2, b"second")];
+    let result = backend.write_device(&dev, Some(Version(1)), w);
+    assert!(is_conflict(&result, (None, Some(1))), "{:?}", result.err());
+    assert_eq!(version(&backend, &dev), Some(Version(1)), "account moved");
+    assert_eq!(
+        stored_session(&backend, &dev, 1, "s"),
+        Some((Some(Version(1)), b"first".to_vec()))
+    );
+    assert!(
+        backend
+            .load_delivery(&dev, "txn", b"m")
+            .expect("read")
+            .is_none()
+    );
+    // The same session id under another peer is another session.
+    durable(
+        "other peer",
+        backend.write_sessions(
+            &dev,
+            SessionWrite {
+                put: vec![session(2, "s", 1, b"theirs")],
+                ..SessionWrite::default()
+            },
+        ),
+    )
+    .await;
+}
+
+/// Of many concurrent writers advancing one session from the same version
+/// (in one process: a backend's own locking must hold too), exactly one
+/// succeeds and the others get [`StoreError::Conflict`]; likewise for an
+/// outbound Megolm session.
+pub async fn concurrent_writers_of_one_session_version_have_exactly_one_winner(
+    backend: Arc<dyn Backend>,
+) {
+    let dev = device("@a:hs", "DEV");
+    durable(
+        "create",
+        backend.write_sessions(
+            &dev,
+            SessionWrite {
+                put: vec![session(1, "s", 1, b"v1")],
+                ..SessionWrite::default()
+            },
+        ),
+    )
+    .await;
+    durable(
+        "create outbound",
+        backend.write_outbound_group_session(&dev, "!r:hs", None, Some(b"v1")),
+    )
+    .await;
+    let n = 8;
+    let (b, d) = (Arc::clone(&backend), dev.clone());
+    let olm = all_at_once(n, move |i| {
+        let pickle = format!("writer {i}");
+        b.write_sessions(
+            &d,
+            SessionWrite {
+                put: vec![session_at(1, 1, "s", 2, pickle.as_bytes())],
+                delivery: Some(delivery("txn", pickle.as_bytes(), b"r")),
+                ..SessionWrite::default()
+            },
+        )
+        .map(drop)
+    })
+    .await;
+    let (b, d) = (Arc::clone(&backend), dev.clone());
+    let megolm = all_at_once(n, move |i| {
+        let record = format!("writer {i}");
+        b.write_outbound_group_session(&d, "!r:hs", Some(Version(1)), Some(record.as_bytes()))
+            .map(drop)
+    })
+    .await;
+    for (what, results) in [("Olm", olm), ("Megolm", megolm)] {
+        let winners: Vec<usize> = (0..n).filter(|&i| results[i].is_ok()).collect();
+        assert_eq!(winners.len(), 1, "{what}: winners {winners:?}");
+        for r in results.iter().filter(|r| r.is_err()) {
+            assert!(
+                matches!(
+                    r,
+                    Err(StoreError::Conflict {
+                        expected: Some(Version(1)),
+                        found: Some(Version(2))
+                    })
+                ),
+                "{what}: {r:?}"
+            );
+        }
+        let winner = format!("writer {}", winners[0]).into_bytes();
+        if what == "Olm" {
+            assert_eq!(
+                stored_session(&backend, &dev, 1, "s"),
+                Some((Some(Version(2)), winner.clone()))
+            );
+            for i in 0..n {
+                let kept = backend
+                    .load_delivery(&dev, "txn", format!("writer {i}").as_bytes())
+                    .expect("read")
+                    .is_some();
+                assert_eq!(kept, i == winners[0], "delivery record of writer {i}");
+            }
+        } else {
+            assert_eq!(
+                stored_outbound(&backend, &dev, "!r:hs"),
+                Some((Version(2), winner))
+            );
+        }
+    }
 }
 
 /// A delivery record (left by a device or session write) is found by
@@ -1071,46 +1405,116 @@ pub async fn tracked_users_are_replaced_and_forgotten(backend: Arc<dyn Backend>)
 }
 
 /// An outbound Megolm session record belongs to one device in one room: it
-/// is replaced, discarded, and other devices and rooms keep theirs.
+/// is created at version 1, replaced one version further, discarded, and
+/// other devices and rooms keep theirs.
 pub async fn outbound_group_sessions_are_per_device_and_room_replaced_and_discarded(
     backend: Arc<dyn Backend>,
 ) {
     let (a, b) = (device("@a:hs", "A"), device("@b:hs", "B"));
     durable(
         "a/r1",
-        backend.write_outbound_group_session(&a, "!r1:hs", Some(b"a1")),
+        backend.write_outbound_group_session(&a, "!r1:hs", None, Some(b"a1")),
     )
     .await;
     durable(
         "a/r2",
-        backend.write_outbound_group_session(&a, "!r2:hs", Some(b"a2")),
+        backend.write_outbound_group_session(&a, "!r2:hs", None, Some(b"a2")),
     )
     .await;
     durable(
         "b/r1",
-        backend.write_outbound_group_session(&b, "!r1:hs", Some(b"b1")),
+        backend.write_outbound_group_session(&b, "!r1:hs", None, Some(b"b1")),
     )
     .await;
     durable(
         "replace",
-        backend.write_outbound_group_session(&a, "!r1:hs", Some(b"a1'")),
+        backend.write_outbound_group_session(&a, "!r1:hs", Some(Version(1)), Some(b"a1'")),
     )
     .await;
-    let load = |d: &DeviceKey, room: &str| {
-        bytes(backend.load_outbound_group_session(d, room).expect("read"))
-    };
-    assert_eq!(load(&a, "!r1:hs"), Some(b"a1'".to_vec()));
-    assert_eq!(load(&a, "!r2:hs"), Some(b"a2".to_vec()));
-    assert_eq!(load(&b, "!r1:hs"), Some(b"b1".to_vec()));
+    let load = |d: &DeviceKey, room: &str| stored_outbound(&backend, d, room);
+    assert_eq!(load(&a, "!r1:hs"), Some((Version(2), b"a1'".to_vec())));
+    assert_eq!(load(&a, "!r2:hs"), Some((Version(1), b"a2".to_vec())));
+    assert_eq!(load(&b, "!r1:hs"), Some((Version(1), b"b1".to_vec())));
     assert_eq!(load(&b, "!r2:hs"), None);
     durable(
         "discard",
-        backend.write_outbound_group_session(&a, "!r1:hs", None),
+        backend.write_outbound_group_session(&a, "!r1:hs", Some(Version(2)), None),
     )
     .await;
     assert_eq!(load(&a, "!r1:hs"), None);
-    assert_eq!(load(&a, "!r2:hs"), Some(b"a2".to_vec()));
-    assert_eq!(load(&b, "!r1:hs"), Some(b"b1".to_vec()));
+    assert_eq!(load(&a, "!r2:hs"), Some((Version(1), b"a2".to_vec())));
+    assert_eq!(load(&b, "!r1:hs"), Some((Version(1), b"b1".to_vec())));
+    durable(
+        "discard what is not there",
+        backend.write_outbound_group_session(&a, "!r1:hs", None, None),
+    )
+    .await;
+    durable(
+        "create again after a discard",
+        backend.write_outbound_group_session(&a, "!r1:hs", None, Some(b"a1''")),
+    )
+    .await;
+    assert_eq!(load(&a, "!r1:hs"), Some((Version(1), b"a1''".to_vec())));
+}
+
+/// An outbound Megolm session write is compare-and-swap on the version its
+/// writer read: a stale version, one from the future, a create (`None`)
+/// where a session exists, a replace or discard where none exists, all
+/// fail with [`StoreError::Conflict`] naming both versions and change
+/// nothing. (Two processes encrypting from the same stored ratchet would
+/// otherwise hand out the same message index.)
+pub async fn a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing(
+    backend: Arc<dyn Backend>,
+) {
+    let dev = device("@a:hs", "A");
+    let room = "!r:hs";
+    assert!(
+        is_conflict(
+            &backend.write_outbound_group_session(&dev, room, Some(Version(1)), Some(b"ghost")),
+            (Some(1), None)
+        ),
+        "a replace of a session that does not exist"
+    );
+    assert!(
+        is_conflict(
+            &backend.write_outbound_group_session(&dev, room, Some(Version(1)), None),
+            (Some(1), None)
+        ),
+        "a discard naming a version of a session that does not exist"
+    );
+    assert_eq!(stored_outbound(&backend, &dev, room), None);
+    durable(
+        "create",
+        backend.write_outbound_group_session(&dev, room, None, Some(b"v1")),
+    )
+    .await;
+    durable(
+        "advance",
+        backend.write_outbound_group_session(&dev, room, Some(Version(1)), Some(b"v2")),
+    )
+    .await;
+    let refused = [
+        (None, Some(&b"again"[..]), (None, Some(2))),
+        (Some(1), Some(b"stale"), (Some(1), Some(2))),
+        (Some(3), Some(b"future"), (Some(3), Some(2))),
+        (Some(1), None, (Some(1), Some(2))),
+        (None, None, (None, Some(2))),
+    ];
+    for (expected, record, want) in refused {
+        let result =
+            backend.write_outbound_group_session(&dev, room, expected.map(Version), record);
+        assert!(
+            is_conflict(&result, want),
+            "expected {expected:?} with {:?}: {:?}",
+            record.map(<[u8]>::len),
+            result.err()
+        );
+        assert_eq!(
+            stored_outbound(&backend, &dev, room),
+            Some((Version(2), b"v2".to_vec())),
+            "a refused write changed the session"
+        );
+    }
 }
 
 /// An inbound Megolm session record is found by room and session id (a

@@ -11,9 +11,9 @@ use zeroize::Zeroizing;
 
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, FIRST_KEY_ID, HeldEvent, IndexUse,
-    KeyAppend, LegacySession, OneTimeKeyRecord, Pending, PuppetRegistry, SessionRecord,
-    SessionStamp, SessionWrite, Store, StoreError, TransactionClaim, TransactionLog, Version,
-    unix_millis,
+    KeyAppend, LegacySession, OneTimeKeyRecord, OutboundSessionRecord, Pending, PuppetRegistry,
+    SessionRecord, SessionStamp, SessionWrite, Store, StoreError, TransactionClaim, TransactionLog,
+    Version, unix_millis,
 };
 
 /// A [`Backend`](crate::Backend) held entirely in memory, for tests.
@@ -75,6 +75,9 @@ type Secret = Zeroizing<Vec<u8>>;
 /// A stored one-time key: its public half and its secret half.
 type StoredKey = ([u8; 32], Zeroizing<[u8; 32]>);
 
+/// A stored Olm session: `(last used, pickle, version)`.
+type StoredSession = (u64, Secret, Version);
+
 /// A held event's key in sled's order: `(room length, room id, session
 /// length, session id, event id)`, which sorts exactly as sled's
 /// `h/<len><room><len><session><event>` keys do.
@@ -91,16 +94,16 @@ struct State {
     /// Every key id below it was handed out (0: none yet, start at
     /// [`FIRST_KEY_ID`]).
     next_key_id: u64,
-    /// `(device, peer key, session id)` → `(last used, pickle)`.
-    sessions: BTreeMap<(Dev, [u8; 32], String), (u64, Secret)>,
+    /// `(device, peer key, session id)` → `(last used, pickle, version)`.
+    sessions: BTreeMap<(Dev, [u8; 32], String), StoredSession>,
     /// `(device, session id)` → pickle: schema 1's sessions, only ever
     /// there when a test seeds them ([`MemoryStore::seed_legacy_session`]).
     legacy_sessions: BTreeMap<(Dev, String), Secret>,
     tracked_users: BTreeMap<String, Secret>,
     /// `(tag, device, message)` → record.
     deliveries: BTreeMap<(String, Dev, Vec<u8>), Secret>,
-    /// `(device, room id)` → record.
-    outbound_group_sessions: BTreeMap<(Dev, String), Secret>,
+    /// `(device, room id)` → `(version, record)`.
+    outbound_group_sessions: BTreeMap<(Dev, String), (Version, Secret)>,
     /// `(room id, session id)` → record.
     group_sessions: BTreeMap<(String, String), Secret>,
     /// `(room id, session id, index)` → the event that used it first.
@@ -257,11 +260,42 @@ impl State {
         }
     }
 
+    /// Fail with [`StoreError::Conflict`] unless every session of `put` is
+    /// stored at the version its record names (`None`: absent) once
+    /// `remove` is applied: checked before anything changes, as sled and
+    /// PostgreSQL check inside their transaction.
+    fn check_sessions(
+        &self,
+        device: &Dev,
+        remove: &[([u8; 32], String)],
+        put: &[SessionRecord],
+    ) -> Result<(), StoreError> {
+        for s in put {
+            let removed = remove
+                .iter()
+                .any(|(p, id)| *p == s.peer_key && *id == s.session_id);
+            let found = if removed {
+                None
+            } else {
+                self.sessions
+                    .get(&(device.clone(), s.peer_key, s.session_id.clone()))
+                    .map(|(_, _, v)| *v)
+            };
+            if found != s.version {
+                return Err(StoreError::Conflict {
+                    expected: s.version,
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn put_sessions(&mut self, device: &Dev, sessions: &[SessionRecord]) {
         for s in sessions {
             self.sessions.insert(
                 (device.clone(), s.peer_key, s.session_id.clone()),
-                (s.last_used, copy(&s.pickle)),
+                (s.last_used, copy(&s.pickle), Version::next(s.version)),
             );
         }
     }
@@ -287,7 +321,7 @@ impl State {
         &'a self,
         device: &'a Dev,
         peer: Option<&'a [u8; 32]>,
-    ) -> impl Iterator<Item = (&'a [u8; 32], &'a String, &'a (u64, Secret))> + 'a {
+    ) -> impl Iterator<Item = (&'a [u8; 32], &'a String, &'a StoredSession)> + 'a {
         let start = (device.clone(), *peer.unwrap_or(&[0; 32]), String::new());
         self.sessions
             .range(start..)
@@ -323,6 +357,7 @@ impl Store for MemoryStore {
         if found != expected {
             return Err(StoreError::Conflict { expected, found });
         }
+        state.check_sessions(&device, &write.remove_sessions, &write.sessions)?;
         state
             .accounts
             .insert(device.clone(), (Version::next(expected), write.account));
@@ -405,11 +440,12 @@ impl Store for MemoryStore {
         Ok(state
             .sessions
             .get(&(dev(device), *peer_key, session_id.to_owned()))
-            .map(|(last_used, pickle)| SessionRecord {
+            .map(|(last_used, pickle, version)| SessionRecord {
                 peer_key: *peer_key,
                 session_id: session_id.to_owned(),
                 last_used: *last_used,
                 pickle: copy(pickle),
+                version: Some(*version),
             }))
     }
 
@@ -422,11 +458,12 @@ impl Store for MemoryStore {
         let device = dev(device);
         Ok(state
             .device_sessions(&device, Some(peer_key))
-            .map(|(peer, id, (last_used, pickle))| SessionRecord {
+            .map(|(peer, id, (last_used, pickle, version))| SessionRecord {
                 peer_key: *peer,
                 session_id: id.clone(),
                 last_used: *last_used,
                 pickle: copy(pickle),
+                version: Some(*version),
             })
             .collect())
     }
@@ -436,7 +473,7 @@ impl Store for MemoryStore {
         let device = dev(device);
         Ok(state
             .device_sessions(&device, None)
-            .map(|(peer, id, (last_used, _))| (*peer, id.clone(), *last_used))
+            .map(|(peer, id, (last_used, _, _))| (*peer, id.clone(), *last_used))
             .collect())
     }
 
@@ -458,7 +495,9 @@ impl Store for MemoryStore {
     ) -> Result<Pending, StoreError> {
         let mut state = self.write()?;
         let device = dev(device);
-        // sled's batch order: removals, then puts (a put wins).
+        // sled's order: removals, then puts (a put wins), the versions
+        // checked first so that a conflict changes nothing.
+        state.check_sessions(&device, &write.remove, &write.put)?;
         state.remove_sessions(&device, &write.remove);
         for id in &write.remove_legacy {
             state.legacy_sessions.remove(&(device.clone(), id.clone()));
@@ -504,26 +543,43 @@ impl Store for MemoryStore {
         &self,
         device: &DeviceKey,
         room_id: &str,
-    ) -> Result<Option<Secret>, StoreError> {
+    ) -> Result<Option<OutboundSessionRecord>, StoreError> {
         Ok(self
             .state
             .lock()
             .outbound_group_sessions
             .get(&(dev(device), room_id.to_owned()))
-            .map(copy))
+            .map(|(version, data)| OutboundSessionRecord {
+                version: *version,
+                data: copy(data),
+            }))
     }
 
     fn write_outbound_group_session(
         &self,
         device: &DeviceKey,
         room_id: &str,
+        expected: Option<Version>,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
-        self.put(
-            |s| &mut s.outbound_group_sessions,
-            (dev(device), room_id.to_owned()),
-            record,
-        )
+        let mut state = self.write()?;
+        let key = (dev(device), room_id.to_owned());
+        let found = state.outbound_group_sessions.get(&key).map(|(v, _)| *v);
+        if found != expected {
+            return Err(StoreError::Conflict { expected, found });
+        }
+        match record {
+            Some(record) => {
+                state.outbound_group_sessions.insert(
+                    key,
+                    (Version::next(expected), Zeroizing::new(record.to_vec())),
+                );
+            }
+            None => {
+                state.outbound_group_sessions.remove(&key);
+            }
+        }
+        Ok(self.applied(&mut state))
     }
 
     fn load_group_session(

@@ -25,6 +25,7 @@ fn session(peer: u8, id: &str, used: u64) -> SessionRecord {
         session_id: id.into(),
         last_used: used,
         pickle: Zeroizing::new(format!("pickle of {id}").into_bytes()),
+        version: None,
     }
 }
 
@@ -85,7 +86,7 @@ pub async fn populate(store: &dyn Backend) -> Populated {
     );
     pending.push(
         store
-            .write_outbound_group_session(&a, "!room:hs", Some(b"outbound"))
+            .write_outbound_group_session(&a, "!room:hs", None, Some(b"outbound"))
             .unwrap(),
     );
     pending.push(
@@ -174,7 +175,8 @@ pub fn assert_holds(store: &dyn Backend, populated: &Populated) {
         &store
             .load_outbound_group_session(&a, "!room:hs")
             .unwrap()
-            .expect("outbound")[..],
+            .expect("outbound")
+            .data[..],
         b"outbound"
     );
     assert_eq!(

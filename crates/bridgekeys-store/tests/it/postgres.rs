@@ -290,6 +290,7 @@ async fn what_one_process_writes_the_other_reads() {
         session_id: "s1".into(),
         last_used: 42,
         pickle: Zeroizing::new(b"pickle".to_vec()),
+        version: None,
     });
     durable(a.write_device(&dev, None, write)).await;
     durable(a.write_tracked_user("@u:x", Some(b"tracked"))).await;
@@ -747,6 +748,7 @@ async fn everything_survives_dropping_and_reopening_the_store() {
                     session_id: "s".into(),
                     last_used: u64::MAX,
                     pickle: Zeroizing::new(b"p".to_vec()),
+                    version: None,
                 }],
                 ..SessionWrite::default()
             },
@@ -882,10 +884,11 @@ async fn no_secret_reaches_the_database_in_clear() {
         session_id: "s".into(),
         last_used: 1,
         pickle: Zeroizing::new(secret.to_vec()),
+        version: None,
     });
     durable(store.write_device(&dev, None, write)).await;
     durable(store.write_tracked_user("@u:x", Some(secret))).await;
-    durable(store.write_outbound_group_session(&dev, "!r:x", Some(secret))).await;
+    durable(store.write_outbound_group_session(&dev, "!r:x", None, Some(secret))).await;
     durable(store.write_group_session("!r:x", "g", secret)).await;
     durable(store.hold_event("!r:x", "g", "$e", Some(secret))).await;
     durable(store.write_room_state("!r:x", Some(secret))).await;

@@ -88,6 +88,7 @@ async fn keys_are_added_and_removed_atomically_with_the_account() {
             session_id: "sess".into(),
             last_used: 11,
             pickle: Zeroizing::new(b"pickle".to_vec()),
+            version: None,
         }];
         durable(store.write_device(&dev, Some(Version(1)), w)).await;
     }
@@ -231,7 +232,7 @@ fn a_schema_1_store_is_upgraded_at_open_so_an_older_build_refuses_it() {
     assert_eq!(schema(), 1);
     drop(open(dir.path(), &key).expect("a schema 1 store opens"));
     assert_eq!(schema(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(SCHEMA_VERSION, 3);
 }
 
 #[tokio::test]
@@ -543,6 +544,7 @@ fn session(peer: u8, id: &str, last_used: u64, pickle: &[u8]) -> SessionRecord {
         session_id: id.into(),
         last_used,
         pickle: Zeroizing::new(pickle.to_vec()),
+        version: None,
     }
 }
 
@@ -565,7 +567,10 @@ async fn sessions_are_found_by_peer_replaced_removed_and_survive_a_reopen() {
         durable(store.write_sessions(&dev, write)).await;
         // A ratchet step replaces a session; an eviction removes another.
         let write = SessionWrite {
-            put: vec![session(1, "a", 4, b"a2")],
+            put: vec![SessionRecord {
+                version: Some(Version(1)),
+                ..session(1, "a", 4, b"a2")
+            }],
             remove: vec![([1; 32], "b".into())],
             ..SessionWrite::default()
         };

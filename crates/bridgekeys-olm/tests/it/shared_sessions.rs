@@ -1,0 +1,671 @@
+//! Several bridge processes on one store (issue 15): two account managers
+//! on one shared store stand for two processes. Olm session ratchets and a
+//! puppet's outbound Megolm session are compare-and-swap in the store, so
+//! when both advance the same session one write loses, and its manager
+//! reloads the session and redoes the step: no Megolm message index and no
+//! Olm chain step is handed out twice, none is lost, and a pre-key message
+//! whose session the other process started meanwhile is read on that
+//! session.
+//!
+//! Each race is forced, not hoped for: a [`Racing`] store runs the other
+//! process's operation right between this process's load and its write
+//! (the moment a race needs), and the test checks that the write was
+//! refused and redone (`session_conflicts`). Without the version check
+//! that write would have been stored and its ciphertext returned, with the
+//! index (or chain step) the other process had just used: the distinct
+//! index and "every message decrypts" assertions would fail. Then both
+//! processes encrypt concurrently from several tasks each, and every
+//! message must decrypt on the receiving side at an index of its own.
+//!
+//! On a shared [`MemoryStore`] and on two [`PgStore`]s over one real
+//! PostgreSQL database.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+};
+
+use bridgekeys_olm::{
+    AccountManager, ManagerConfig, OlmError, Recipient, RotationSettings,
+    canonical_json_for_signing,
+};
+use bridgekeys_store::{
+    AccountRecord, CommitStats, DeviceKey, DeviceWrite, OneTimeKeyRecord, Pending, PgStore,
+    PgStoreConfig, Store, StoreError, StoreKey, testing::MemoryStore,
+};
+use ruma::{OwnedDeviceId, OwnedUserId, RoomId, device_id, room_id};
+use serde_json::{Value, json};
+use vodozemac::{
+    megolm::{InboundGroupSession, MegolmMessage, SessionConfig as MegolmConfig, SessionKey},
+    olm::{Account, OlmMessage, SessionConfig},
+};
+
+use crate::common::{Peer, alice, decrypt, peer_user};
+
+/// A store that runs a one-shot action right before the next write of a
+/// session (or device) reaches the inner store: the other process acting
+/// between this process's load and its write.
+struct Racing {
+    inner: Arc<dyn Store>,
+    before: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Racing {
+    fn before_next_write(&self, action: impl FnOnce() + Send + 'static) {
+        *self.before.lock().unwrap() = Some(Box::new(action));
+    }
+
+    fn before_session_write(&self) {
+        let action = self.before.lock().unwrap().take();
+        if let Some(action) = action {
+            action();
+        }
+    }
+}
+
+impl Store for Racing {
+    fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.load_account(device)
+    }
+    fn write_device(
+        &self,
+        device: &DeviceKey,
+        expected: Option<bridgekeys_store::Version>,
+        write: DeviceWrite,
+    ) -> Result<Pending, StoreError> {
+        self.before_session_write();
+        self.inner.write_device(device, expected, write)
+    }
+    fn append_keys(
+        &self,
+        device: &DeviceKey,
+        append: bridgekeys_store::KeyAppend,
+    ) -> Result<Pending, StoreError> {
+        self.inner.append_keys(device, append)
+    }
+    fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
+        self.inner.reserve_key_ids(count)
+    }
+    fn one_time_key(
+        &self,
+        device: &DeviceKey,
+        public_key: &[u8; 32],
+    ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
+        self.inner.one_time_key(device, public_key)
+    }
+    fn oldest_one_time_keys(
+        &self,
+        device: &DeviceKey,
+        limit: usize,
+    ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        self.inner.oldest_one_time_keys(device, limit)
+    }
+    fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
+        self.inner.count_one_time_keys(device)
+    }
+    fn load_session(
+        &self,
+        device: &DeviceKey,
+        peer_key: &[u8; 32],
+        session_id: &str,
+    ) -> Result<Option<bridgekeys_store::SessionRecord>, StoreError> {
+        self.inner.load_session(device, peer_key, session_id)
+    }
+    fn sessions(
+        &self,
+        device: &DeviceKey,
+        peer_key: &[u8; 32],
+    ) -> Result<Vec<bridgekeys_store::SessionRecord>, StoreError> {
+        self.inner.sessions(device, peer_key)
+    }
+    fn session_stamps(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Vec<bridgekeys_store::SessionStamp>, StoreError> {
+        self.inner.session_stamps(device)
+    }
+    fn legacy_sessions(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Vec<bridgekeys_store::LegacySession>, StoreError> {
+        self.inner.legacy_sessions(device)
+    }
+    fn write_sessions(
+        &self,
+        device: &DeviceKey,
+        write: bridgekeys_store::SessionWrite,
+    ) -> Result<Pending, StoreError> {
+        self.before_session_write();
+        self.inner.write_sessions(device, write)
+    }
+    fn load_tracked_user(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_tracked_user(user_id)
+    }
+    fn write_tracked_user(
+        &self,
+        user_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.inner.write_tracked_user(user_id, record)
+    }
+    fn load_delivery(
+        &self,
+        device: &DeviceKey,
+        tag: &str,
+        message: &[u8],
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_delivery(device, tag, message)
+    }
+    fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
+        self.inner.forget_deliveries(tag)
+    }
+    fn load_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+    ) -> Result<Option<bridgekeys_store::OutboundSessionRecord>, StoreError> {
+        self.inner.load_outbound_group_session(device, room_id)
+    }
+    fn write_outbound_group_session(
+        &self,
+        device: &DeviceKey,
+        room_id: &str,
+        expected: Option<bridgekeys_store::Version>,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.before_session_write();
+        self.inner
+            .write_outbound_group_session(device, room_id, expected, record)
+    }
+    fn load_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_group_session(room_id, session_id)
+    }
+    fn write_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        record: &[u8],
+    ) -> Result<Pending, StoreError> {
+        self.inner.write_group_session(room_id, session_id, record)
+    }
+    fn record_message_index(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        index: u32,
+        event_id: &str,
+    ) -> Result<bridgekeys_store::IndexUse, StoreError> {
+        self.inner
+            .record_message_index(room_id, session_id, index, event_id)
+    }
+    fn hold_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.inner.hold_event(room_id, session_id, event_id, record)
+    }
+    fn held_events(
+        &self,
+        session: Option<(&str, &str)>,
+    ) -> Result<Vec<bridgekeys_store::HeldEvent>, StoreError> {
+        self.inner.held_events(session)
+    }
+    fn load_room_state(
+        &self,
+        room_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_room_state(room_id)
+    }
+    fn write_room_state(
+        &self,
+        room_id: &str,
+        record: Option<&[u8]>,
+    ) -> Result<Pending, StoreError> {
+        self.inner.write_room_state(room_id, record)
+    }
+    fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.room_state_ids()
+    }
+    fn load_cross_signing(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
+        self.inner.load_cross_signing(user_id)
+    }
+    fn create_cross_signing(
+        &self,
+        user_id: &str,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError> {
+        self.inner.create_cross_signing(user_id, record)
+    }
+    fn sync(&self) -> Pending {
+        self.inner.sync()
+    }
+    fn commit_stats(&self) -> CommitStats {
+        self.inner.commit_stats()
+    }
+}
+
+/// Two "processes" on one store: `a` writes through a [`Racing`] store.
+struct Two {
+    a: Arc<AccountManager>,
+    b: Arc<AccountManager>,
+    racing: Arc<Racing>,
+    user: OwnedUserId,
+    device: OwnedDeviceId,
+}
+
+impl Two {
+    async fn on(first: Arc<dyn Store>, second: Arc<dyn Store>, config: ManagerConfig) -> Self {
+        let racing = Arc::new(Racing {
+            inner: first,
+            before: Mutex::new(None),
+        });
+        let a = Arc::new(AccountManager::new(
+            Arc::clone(&racing) as Arc<dyn Store>,
+            config.clone(),
+        ));
+        let b = Arc::new(AccountManager::new(second, config));
+        let (user, device) = alice();
+        a.create_device(&user, &device).await.unwrap();
+        Self {
+            a,
+            b,
+            racing,
+            user,
+            device,
+        }
+    }
+
+    /// Run `work` on `b` (on a thread of its own, as another process would)
+    /// right before `a`'s next session write; its answer lands in the slot.
+    fn b_acts_before_a_writes<T, F, Fut>(&self, work: F) -> Arc<Mutex<Option<T>>>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<AccountManager>, OwnedUserId, OwnedDeviceId) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+    {
+        let slot = Arc::new(Mutex::new(None));
+        let (out, b) = (Arc::clone(&slot), Arc::clone(&self.b));
+        let (user, device) = (self.user.clone(), self.device.clone());
+        let handle = tokio::runtime::Handle::current();
+        self.racing.before_next_write(move || {
+            let answer = std::thread::spawn(move || handle.block_on(work(b, user, device)))
+                .join()
+                .unwrap();
+            *out.lock().unwrap() = Some(answer);
+        });
+        slot
+    }
+}
+
+fn room() -> &'static RoomId {
+    room_id!("!shared:example.org")
+}
+
+/// A member's view of the room: the inbound session from the shared key.
+fn member(room_key: &str) -> InboundGroupSession {
+    let key: Value = serde_json::from_str(room_key).unwrap();
+    let session_key = SessionKey::from_base64(key["session_key"].as_str().unwrap()).unwrap();
+    InboundGroupSession::new(&session_key, MegolmConfig::version_1())
+}
+
+/// The index and body of a room event, as a member decrypts it.
+fn member_reads(inbound: &mut InboundGroupSession, content: &Value) -> (u32, String) {
+    let message = MegolmMessage::from_base64(content["ciphertext"].as_str().unwrap()).unwrap();
+    let decrypted = inbound.decrypt(&message).unwrap();
+    let event: Value = serde_json::from_slice(&decrypted.plaintext).unwrap();
+    (
+        decrypted.message_index,
+        event["content"]["body"].as_str().unwrap().to_owned(),
+    )
+}
+
+const TASKS: usize = 3;
+const MESSAGES: usize = 4;
+
+/// Both processes encrypt room events in the same room with the puppet's
+/// one outbound session: first a forced race, then concurrently.
+async fn megolm_indexes_are_never_handed_out_twice(two: &Two) {
+    let from = (two.user.as_ref(), two.device.as_ref());
+    let settings = RotationSettings {
+        period_msgs: 1000,
+        ..RotationSettings::default()
+    };
+    let prepared = two
+        .a
+        .prepare_group_session(from, room(), settings, &[])
+        .await
+        .unwrap();
+    let mut inbound = member(&prepared.room_key);
+
+    // B encrypts between A's load and A's write: both start from index 0.
+    let b_sent = two.b_acts_before_a_writes(|b, user, device| async move {
+        b.encrypt_room_event(
+            (&user, &device),
+            room(),
+            "m.room.message",
+            &json!({"body": "B"}),
+        )
+        .await
+        .unwrap()
+    });
+    let a_sent = two
+        .a
+        .encrypt_room_event(from, room(), "m.room.message", &json!({"body": "A"}))
+        .await
+        .unwrap();
+    let b_sent = b_sent.lock().unwrap().take().expect("B ran in the race");
+    assert_eq!(
+        two.a.stats().session_conflicts,
+        1,
+        "A's write from the stale ratchet was refused and redone"
+    );
+    assert_eq!(member_reads(&mut inbound, &b_sent), (0, "B".to_owned()));
+    assert_eq!(
+        member_reads(&mut inbound, &a_sent),
+        (1, "A".to_owned()),
+        "A re-encrypted on the ratchet B left"
+    );
+
+    // Then both at once, from several tasks each.
+    let start = Arc::new(tokio::sync::Barrier::new(2 * TASKS));
+    let mut tasks = Vec::new();
+    for (name, manager) in [("a", &two.a), ("b", &two.b)] {
+        for t in 0..TASKS {
+            let (manager, start) = (Arc::clone(manager), Arc::clone(&start));
+            let (user, device) = (two.user.clone(), two.device.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                let mut sent = Vec::new();
+                for n in 0..MESSAGES {
+                    let body = format!("{name}{t}.{n}");
+                    let content = manager
+                        .encrypt_room_event(
+                            (&user, &device),
+                            room(),
+                            "m.room.message",
+                            &json!({ "body": body }),
+                        )
+                        .await
+                        .unwrap();
+                    sent.push((body, content));
+                }
+                sent
+            }));
+        }
+    }
+    let mut indexes = BTreeSet::from([0, 1]);
+    for task in tasks {
+        for (body, content) in task.await.unwrap() {
+            let (index, read) = member_reads(&mut inbound, &content);
+            assert_eq!(read, body);
+            assert!(
+                indexes.insert(index),
+                "message index {index} handed out twice"
+            );
+        }
+    }
+    assert_eq!(indexes.len(), 2 + 2 * TASKS * MESSAGES);
+    assert_eq!(
+        indexes.last().copied(),
+        Some((1 + 2 * TASKS * MESSAGES) as u32),
+        "an index was skipped: a ratchet step was lost"
+    );
+}
+
+/// A peer's signed one-time key, as a claim through the homeserver returns it.
+fn signed_one_time_key(peer: &mut Account) -> Value {
+    peer.generate_one_time_keys(1);
+    let otk = *peer.one_time_keys().values().next().unwrap();
+    peer.mark_keys_as_published();
+    let mut key = json!({ "key": otk.to_base64() });
+    let signature = peer.sign(canonical_json_for_signing(&key).unwrap());
+    key["signatures"] =
+        json!({ peer_user().as_str(): { "ed25519:PEERDEV": signature.to_base64() } });
+    key
+}
+
+fn recipient(peer: &Account) -> Recipient<'static> {
+    Recipient {
+        user_id: peer_user(),
+        device_id: device_id!("PEERDEV"),
+        curve25519: peer.curve25519_key(),
+        ed25519: peer.ed25519_key(),
+    }
+}
+
+/// The Olm message a puppet encrypted for the peer.
+fn olm_body(peer: &Account, content: &Value) -> OlmMessage {
+    let entry = &content["ciphertext"][peer.curve25519_key().to_base64()];
+    OlmMessage::from_parts(
+        entry["type"].as_u64().unwrap() as usize,
+        &vodozemac::base64_decode(entry["body"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Both processes encrypt to the same peer on the puppet's one Olm
+/// session: a forced race, then concurrently. The peer must read every
+/// message, which it cannot if a chain step was used twice (its message
+/// key is gone after the first).
+async fn olm_chain_steps_are_never_handed_out_twice(two: &Two) {
+    let from = (two.user.as_ref(), two.device.as_ref());
+    let mut peer = Account::new();
+    let key = signed_one_time_key(&mut peer);
+    let to = recipient(&peer);
+    two.a
+        .create_outbound_session(from, &to, &key)
+        .await
+        .unwrap();
+    let conflicts_before = two.a.stats().session_conflicts;
+
+    let b_sent = two.b_acts_before_a_writes(move |b, user, device| async move {
+        b.encrypt_olm((&user, &device), &to, "m.test", &json!({"body": "B"}))
+            .await
+            .unwrap()
+    });
+    let a_sent = two
+        .a
+        .encrypt_olm(from, &to, "m.test", &json!({"body": "A"}))
+        .await
+        .unwrap();
+    let b_sent = b_sent.lock().unwrap().take().expect("B ran in the race");
+    assert_eq!(
+        two.a.stats().session_conflicts - conflicts_before,
+        1,
+        "A's write from the stale chain was refused and redone"
+    );
+    assert_eq!(a_sent.session_id, b_sent.session_id);
+    let mut sent = vec![
+        ("B".to_owned(), b_sent.content),
+        ("A".to_owned(), a_sent.content),
+    ];
+
+    let start = Arc::new(tokio::sync::Barrier::new(2 * TASKS));
+    let mut tasks = Vec::new();
+    for (name, manager) in [("a", &two.a), ("b", &two.b)] {
+        for t in 0..TASKS {
+            let (manager, start) = (Arc::clone(manager), Arc::clone(&start));
+            let (user, device) = (two.user.clone(), two.device.clone());
+            let to = recipient(&peer);
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                let mut sent = Vec::new();
+                for n in 0..MESSAGES {
+                    let body = format!("{name}{t}.{n}");
+                    let encrypted = manager
+                        .encrypt_olm((&user, &device), &to, "m.test", &json!({ "body": body }))
+                        .await
+                        .unwrap();
+                    sent.push((body, encrypted.content));
+                }
+                sent
+            }));
+        }
+    }
+    for task in tasks {
+        sent.extend(task.await.unwrap());
+    }
+
+    // The peer: the first message it reads starts its session, every
+    // other one must decrypt on it (each chain step's key is used once).
+    let identity = two.a.identity_keys(&two.user, &two.device).unwrap();
+    let mut session = None;
+    let mut read = BTreeSet::new();
+    for (body, content) in &sent {
+        let message = olm_body(&peer, content);
+        let plaintext = match (&mut session, &message) {
+            (None, OlmMessage::PreKey(prekey)) => {
+                let created = peer
+                    .create_inbound_session(SessionConfig::version_1(), identity.curve25519, prekey)
+                    .unwrap();
+                session = Some(created.session);
+                created.plaintext
+            }
+            (Some(session), message) => session
+                .decrypt(message)
+                .unwrap_or_else(|e| panic!("{body}: a chain step used twice? {e}")),
+            (None, _) => panic!("the first message is not a pre-key message"),
+        };
+        let payload: Value = serde_json::from_slice(&plaintext).unwrap();
+        assert_eq!(payload["content"]["body"], json!(body));
+        assert!(read.insert(body.clone()));
+    }
+    assert_eq!(read.len(), 2 + 2 * TASKS * MESSAGES);
+}
+
+/// A peer sends two pre-key messages on one new session; B reads the
+/// first (starting the session, consuming the one-time key) between A's
+/// decryption of the second and A's write. A's write is refused, A
+/// reloads, and reads the second message on the session B stored, instead
+/// of starting a second copy of it.
+async fn a_prekey_message_finds_the_session_the_other_process_started(two: &Two) {
+    let (user, device) = (two.user.clone(), two.device.clone());
+    let key = two
+        .a
+        .claim(
+            &user,
+            &device,
+            &ruma::OneTimeKeyAlgorithm::SignedCurve25519,
+            1,
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    let mut peer = Peer::new(&two.a, &user, &device, key.key.key.as_bytes());
+    let first = peer.send(&two.a, &user, &device, "first");
+    let second = peer.send(&two.a, &user, &device, "second");
+    let sender = peer.curve25519();
+    let conflicts_before = two.a.stats().session_conflicts;
+
+    let b_read = two.b_acts_before_a_writes(move |b, user, device| async move {
+        decrypt(&b, &user, &device, sender, &first, None)
+            .await
+            .unwrap()
+    });
+    let a_read = decrypt(&two.a, &user, &device, sender, &second, None)
+        .await
+        .unwrap();
+    let b_read = b_read.lock().unwrap().take().expect("B ran in the race");
+    assert_eq!(two.a.stats().session_conflicts - conflicts_before, 1);
+    assert_eq!(
+        (b_read.plaintext.as_slice(), b_read.new_session),
+        (&b"first"[..], true)
+    );
+    assert_eq!(
+        (a_read.plaintext.as_slice(), a_read.new_session),
+        (&b"second"[..], false),
+        "A read the second message on B's session"
+    );
+    assert_eq!(a_read.session_id, b_read.session_id);
+    let dev = DeviceKey::new(user.as_str(), device.as_str());
+    let stored = two.a.store().sessions(&dev, &sender.to_bytes()).unwrap();
+    assert_eq!(stored.len(), 1, "one session, not two copies");
+    assert_eq!(two.a.store().count_one_time_keys(&dev).unwrap(), 0);
+}
+
+async fn on_one_memory_store(config: ManagerConfig) -> Two {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    Two::on(Arc::clone(&store), store, config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_memory_store_never_hand_out_a_megolm_index_or_olm_chain_step_twice() {
+    let two = on_one_memory_store(ManagerConfig::default()).await;
+    megolm_indexes_are_never_handed_out_twice(&two).await;
+    olm_chain_steps_are_never_handed_out_twice(&two).await;
+    a_prekey_message_finds_the_session_the_other_process_started(&two).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_postgres_database_never_hand_out_a_megolm_index_or_olm_chain_step_twice()
+ {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("shared_sessions").await.unwrap();
+    let key = StoreKey::generate();
+    // Two stores on one database: two processes' views of it.
+    let first: Arc<dyn Store> =
+        Arc::new(PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap());
+    let second: Arc<dyn Store> = Arc::new(PgStore::open(PgStoreConfig::new(&url, key)).unwrap());
+    let two = Two::on(first, second, ManagerConfig::default()).await;
+    megolm_indexes_are_never_handed_out_twice(&two).await;
+    olm_chain_steps_are_never_handed_out_twice(&two).await;
+    a_prekey_message_finds_the_session_the_other_process_started(&two).await;
+}
+
+/// With one attempt allowed, a write that loses the race fails with the
+/// typed error, returns no ciphertext, and stores nothing: the session is
+/// where the other process left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_write_that_loses_every_race_fails_as_contended_and_stores_nothing() {
+    let mut config = ManagerConfig::default();
+    config.session_write_attempts = 1;
+    let two = on_one_memory_store(config).await;
+    let from = (two.user.as_ref(), two.device.as_ref());
+    let prepared = two
+        .a
+        .prepare_group_session(from, room(), RotationSettings::default(), &[])
+        .await
+        .unwrap();
+    let mut inbound = member(&prepared.room_key);
+    let b_sent = two.b_acts_before_a_writes(|b, user, device| async move {
+        b.encrypt_room_event(
+            (&user, &device),
+            room(),
+            "m.room.message",
+            &json!({"body": "B"}),
+        )
+        .await
+        .unwrap()
+    });
+    let err = two
+        .a
+        .encrypt_room_event(from, room(), "m.room.message", &json!({"body": "A"}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OlmError::Contended { attempts: 1, .. }),
+        "{err}"
+    );
+    let b_sent = b_sent.lock().unwrap().take().expect("B ran in the race");
+    assert_eq!(member_reads(&mut inbound, &b_sent), (0, "B".to_owned()));
+    // The next message (no race now) is at the index after B's.
+    let next = two
+        .a
+        .encrypt_room_event(from, room(), "m.room.message", &json!({"body": "A again"}))
+        .await
+        .unwrap();
+    assert_eq!(member_reads(&mut inbound, &next), (1, "A again".to_owned()));
+}
