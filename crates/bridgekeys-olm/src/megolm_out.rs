@@ -142,6 +142,23 @@ fn decode(bytes: &[u8]) -> Result<OutboundRecord, OlmError> {
     rmp_serde::from_slice(bytes).map_err(|e| OlmError::Corrupt(format!("outbound session: {e}")))
 }
 
+/// What a discarded outbound session leaves behind: an empty record, one
+/// version past the session, instead of no record. Versions of a room's
+/// outbound record then never restart: if a discard removed the record, the
+/// next session would be created at version 1 again, and a process still
+/// holding the discarded session at version 1 would pass the
+/// compare-and-swap and bring it back (to be used after a member left).
+const DISCARDED: &[u8] = &[];
+
+/// The live session of a stored record, `None` for a discarded one.
+fn live(data: &[u8]) -> Result<Option<OutboundRecord>, OlmError> {
+    if data == DISCARDED {
+        Ok(None)
+    } else {
+        decode(data).map(Some)
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -170,9 +187,10 @@ impl AccountManager {
                 let stored = self
                     .store
                     .load_outbound_group_session(&key, room_id.as_str())?;
+                // A discarded session's record is replaced at its version.
                 let version = stored.as_ref().map(|s| s.version);
                 let current = match stored {
-                    Some(stored) => Some(decode(&stored.data)?),
+                    Some(stored) => live(&stored.data)?,
                     None => None,
                 };
                 let now = now_ms();
@@ -269,7 +287,9 @@ impl AccountManager {
                 else {
                     return Ok(None);
                 };
-                let mut record = decode(&stored.data)?;
+                let Some(mut record) = live(&stored.data)? else {
+                    return Ok(None);
+                };
                 if record.session_id != session_id {
                     return Ok(None);
                 }
@@ -313,7 +333,7 @@ impl AccountManager {
                     .store
                     .load_outbound_group_session(&key, room_id.as_str())?
                     .ok_or(OlmError::NoGroupSession)?;
-                let mut record = decode(&stored.data)?;
+                let mut record = live(&stored.data)?.ok_or(OlmError::NoGroupSession)?;
                 let mut session = GroupSession::from_pickle(record.pickle);
                 let plaintext = Zeroizing::new(
                     serde_json::to_string(&json!({
@@ -365,13 +385,15 @@ impl AccountManager {
                     .store
                     .load_outbound_group_session(&key, room_id.as_str())?
                 {
-                    Some(stored) => Ok(Some(self.store.write_outbound_group_session(
-                        &key,
-                        room_id.as_str(),
-                        Some(stored.version),
-                        None,
-                    )?)),
-                    None => Ok(None),
+                    Some(stored) if stored.data.as_slice() != DISCARDED => {
+                        Ok(Some(self.store.write_outbound_group_session(
+                            &key,
+                            room_id.as_str(),
+                            Some(stored.version),
+                            Some(DISCARDED),
+                        )?))
+                    }
+                    _ => Ok(None),
                 }
             })?
         };

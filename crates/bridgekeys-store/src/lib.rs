@@ -351,7 +351,11 @@ pub trait Store: Send + Sync + 'static {
     /// session: of two writers that loaded the same version, one gets
     /// [`StoreError::Conflict`] (nothing changed) instead of storing a
     /// ratchet whose message index the other already used. The record
-    /// written is stored at [`Version::next`] of `expected`.
+    /// written is stored at [`Version::next`] of `expected`. A record
+    /// removed and created again starts over at version 1, so a caller that
+    /// replaces one session by another must not remove it in between (a
+    /// writer still holding the old session at version 1 would pass): the
+    /// account manager writes an empty record over a discarded session.
     fn write_outbound_group_session(
         &self,
         device: &DeviceKey,

@@ -669,3 +669,59 @@ async fn a_session_write_that_loses_every_race_fails_as_contended_and_stores_not
         .unwrap();
     assert_eq!(member_reads(&mut inbound, &next), (1, "A again".to_owned()));
 }
+
+/// A session discarded and replaced by the other process is not brought
+/// back by a stale write: B discards the room's session and starts the next
+/// one right between A's load and A's write of the old one. (Were a discard
+/// to remove the record, the next session would be created at the version
+/// A had read, A's write would pass the compare-and-swap, and the
+/// discarded session, perhaps known to a member who left, would be the
+/// room's session again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_discarded_and_replaced_by_the_other_process_is_not_brought_back_by_a_stale_write()
+ {
+    let two = on_one_memory_store(ManagerConfig::default()).await;
+    let from = (two.user.as_ref(), two.device.as_ref());
+    let first = two
+        .a
+        .prepare_group_session(from, room(), RotationSettings::default(), &[])
+        .await
+        .unwrap();
+    let b_prepared = two.b_acts_before_a_writes(|b, user, device| async move {
+        b.discard_group_session((&user, &device), room())
+            .await
+            .unwrap();
+        b.prepare_group_session((&user, &device), room(), RotationSettings::default(), &[])
+            .await
+            .unwrap()
+    });
+    two.a
+        .mark_group_session_shared(from, room(), &first.session_id, &[])
+        .await
+        .unwrap();
+    let second = b_prepared
+        .lock()
+        .unwrap()
+        .take()
+        .expect("B ran in the race");
+    assert_ne!(second.session_id, first.session_id);
+    assert_eq!(two.a.stats().session_conflicts, 1, "A's stale write lost");
+    let current = two
+        .a
+        .prepare_group_session(from, room(), RotationSettings::default(), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        current.session_id, second.session_id,
+        "the room's session is B's new one, not the discarded one"
+    );
+    assert!(!current.rotated);
+    // And after a discard, encrypting needs a new session first.
+    two.b.discard_group_session(from, room()).await.unwrap();
+    assert!(matches!(
+        two.a
+            .encrypt_room_event(from, room(), "m.room.message", &json!({"body": "x"}))
+            .await,
+        Err(OlmError::NoGroupSession)
+    ));
+}
