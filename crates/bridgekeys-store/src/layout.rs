@@ -123,13 +123,19 @@ pub(crate) fn outbound_group_session(device: &DeviceKey, room_id: &str) -> Vec<u
 }
 
 /// What a versioned record (an Olm session, an outbound Megolm session) is
-/// sealed to: its slot plus its version, so an old ciphertext cannot be
-/// presented as a newer version. It also tells the formats apart: a record
-/// from before versions, sealed to the slot alone, does not open as a
-/// versioned one (and the other way round), whatever its bytes.
+/// sealed to: its slot, a `0xFF` byte, then its version, so an old
+/// ciphertext cannot be presented as a newer version. Both kinds of slot
+/// end in a UTF-8 id (a session id, a room id) after parts whose length is
+/// fixed or prefixed, and UTF-8 never holds the byte `0xFF`: so a versioned
+/// slot is never another record's plain slot. (Without the separator, the
+/// slot of session `S` plus 8 version bytes could be the plain slot of a
+/// session whose id is `S` followed by those bytes.) So a record from
+/// before versions, sealed to the slot alone, does not open as a versioned
+/// one, and the other way round.
 pub(crate) fn versioned(slot: &[u8], version: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(slot.len() + 8);
+    let mut k = Vec::with_capacity(slot.len() + 9);
     k.extend_from_slice(slot);
+    k.push(0xFF);
     k.extend_from_slice(&version.to_be_bytes());
     k
 }
@@ -210,4 +216,24 @@ pub(crate) fn delivery(tag: &str, device: &DeviceKey, message: &[u8]) -> Vec<u8>
     k.extend_from_slice(device.as_bytes());
     k.extend_from_slice(message);
     k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_versioned_slot_is_never_the_plain_slot_of_a_session_with_a_longer_id() {
+        let device = DeviceKey::new("@a:x", "D");
+        let peer = [7; 32];
+        // Version bytes that are valid UTF-8, so they could end a session id.
+        let version = u64::from_be_bytes(*b"12345678");
+        let versioned_slot = versioned(&olm_session(&device, &peer, "abc"), version);
+        assert_ne!(versioned_slot, olm_session(&device, &peer, "abc12345678"));
+        let room = outbound_group_session(&device, "!r:x");
+        assert_ne!(
+            versioned(&room, version),
+            outbound_group_session(&device, "!r:x12345678")
+        );
+    }
 }
