@@ -1118,3 +1118,55 @@ async fn across_processes_the_oldest_key_is_the_first_stored_not_the_lowest_id()
     expected.push(newest);
     assert_eq!(oldest, expected, "evicted first: B's keys, then A's newest");
 }
+
+/// During a rolling upgrade a process of the old schema writes sessions
+/// without naming their version; the version still moves, so a process of
+/// the new schema that read the session before fails its compare-and-swap
+/// instead of overwriting the old process's ratchet step.
+#[tokio::test]
+async fn a_session_write_by_a_process_of_the_old_schema_still_moves_the_version() {
+    let (url, _server) = fresh_database().await;
+    let key = StoreKey::generate();
+    let store = PgStore::create(config(&url, &key)).unwrap();
+    let dev = DeviceKey::new("@a:x", "D");
+    let session = |version, pickle: &[u8]| SessionRecord {
+        peer_key: [3; 32],
+        session_id: "s".into(),
+        last_used: 1,
+        pickle: Zeroizing::new(pickle.to_vec()),
+        version,
+    };
+    let put = |record| SessionWrite {
+        put: vec![record],
+        ..SessionWrite::default()
+    };
+    durable(store.write_sessions(&dev, put(session(None, b"p1")))).await;
+    let read = store.load_session(&dev, &[3; 32], "s").unwrap().unwrap();
+    durable(store.write_outbound_group_session(&dev, "!r:x", None, Some(b"o1"))).await;
+    let outbound = store
+        .load_outbound_group_session(&dev, "!r:x")
+        .unwrap()
+        .unwrap();
+    // What a schema 1 process's upserts do: the record changes, the version
+    // is not named.
+    let old = raw(&url).await;
+    old.batch_execute(
+        "UPDATE bk_olm_sessions SET last_used = last_used + 1, sealed = sealed; \
+         UPDATE bk_outbound_group_sessions SET sealed = sealed",
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        store.write_sessions(&dev, put(session(read.version, b"p2"))),
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(matches!(
+        store.write_outbound_group_session(&dev, "!r:x", Some(outbound.version), Some(b"o2")),
+        Err(StoreError::Conflict { .. })
+    ));
+    // A write of this schema moves it by exactly one.
+    let now = store.load_session(&dev, &[3; 32], "s").unwrap().unwrap();
+    durable(store.write_sessions(&dev, put(session(now.version, b"p3")))).await;
+    let after = store.load_session(&dev, &[3; 32], "s").unwrap().unwrap();
+    assert_eq!(after.version.map(|v| v.0), now.version.map(|v| v.0 + 1));
+}
