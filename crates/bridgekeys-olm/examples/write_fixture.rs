@@ -6,7 +6,7 @@
 //!
 //! Run it only when a record format changes on purpose, into a new
 //! directory: `cargo run -p bridgekeys-olm --example write_fixture --
-//! crates/bridgekeys-olm/tests/fixtures/format-4`. The fixtures already
+//! crates/bridgekeys-olm/tests/fixtures/<new name>`. The fixtures already
 //! committed stay: every later version must still read them.
 #![allow(clippy::unwrap_used)]
 

@@ -147,3 +147,11 @@ async fn reads_fixture(name: &str) {
 async fn a_store_written_in_account_format_4_still_reads_whole() {
     reads_fixture("format-4").await;
 }
+
+/// sled schema 3: Olm sessions carry a version, bound into their seal
+/// (slot, `0xFF`, version). Written once, before any release could have
+/// written this schema otherwise.
+#[tokio::test]
+async fn a_store_written_in_sled_schema_3_with_versioned_sessions_still_reads_whole() {
+    reads_fixture("store-schema-3").await;
+}
