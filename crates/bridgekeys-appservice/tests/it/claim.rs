@@ -156,7 +156,7 @@ async fn devices_of_one_claim_are_served_in_parallel() {
     // Whichever write starts first takes one end, the second the other.
     let ends = Arc::new(Mutex::new(vec![(a_tx, b_rx), (b_tx, a_rx)]));
     let e = Arc::clone(&ends);
-    fx.store.set_hook(move |_device| {
+    fx.faults.set_hook(move |_device| {
         let Some((tell, wait)) = e.lock().unwrap().pop() else {
             return;
         };
@@ -172,7 +172,7 @@ async fn devices_of_one_claim_are_served_in_parallel() {
     let (status, body) = fx
         .call(authed(Method::POST, paths::CLAIM[0], json_body(&req)))
         .await;
-    fx.store.clear_hook();
+    fx.faults.clear_hook();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body.as_object().unwrap().len(), 2);
     assert_eq!(
@@ -187,7 +187,7 @@ async fn a_device_whose_write_fails_is_left_out_never_answered_with_undurable_ke
     let dir = tempfile::tempdir().unwrap();
     let fx = Fixture::open(dir.path(), Limits::default());
     fx.provision(1).await;
-    fx.store.fail_device_writes.store(true, Ordering::SeqCst);
+    fx.faults.fail_device_writes.store(true, Ordering::SeqCst);
     let req = json!({"@echo_0:localhost": {"PUPPETDEV": ["signed_curve25519"]}});
     let (status, body) = fx
         .call(authed(Method::POST, paths::CLAIM[1], json_body(&req)))
@@ -204,7 +204,7 @@ async fn a_device_whose_write_fails_is_left_out_never_answered_with_undurable_ke
         1.0
     );
     // The disk recovers: the device is served again, with a fresh key.
-    fx.store.fail_device_writes.store(false, Ordering::SeqCst);
+    fx.faults.fail_device_writes.store(false, Ordering::SeqCst);
     let (_, body) = fx
         .call(authed(Method::POST, paths::CLAIM[1], json_body(&req)))
         .await;

@@ -22,8 +22,8 @@ use bridgekeys_appservice::{
 };
 use bridgekeys_olm::{AccountManager, ManagerConfig};
 use bridgekeys_store::{
-    AccountRecord, CommitStats, DeviceKey, DeviceWrite, OneTimeKeyRecord, Pending, SledStore,
-    SledStoreConfig, Store, StoreError, StoreKey, TransactionLog,
+    DeviceKey, SledStore, SledStoreConfig, Store, StoreError, StoreKey, TransactionLog,
+    testing::{Intercepted, Write},
 };
 use ruma::{OwnedDeviceId, OwnedUserId, RoomAliasId, UserId};
 use serde_json::Value;
@@ -47,248 +47,51 @@ pub fn store_key() -> StoreKey {
 
 type Hook = Arc<dyn Fn(&DeviceKey) + Send + Sync>;
 
-/// A [`Store`] that runs a hook at the start of every `write_device`, so a
-/// test can hold a claim in flight or prove two claims overlap.
-pub struct HookedStore {
-    pub inner: Arc<SledStore>,
+/// What the fixture's store (a sled store behind an [`Intercepted`]) does
+/// before a write: run a hook at the start of every device write (so a test
+/// can hold a claim in flight or prove two claims overlap), and fail device
+/// writes or transaction records on demand (a broken disk).
+#[derive(Default)]
+pub struct Faults {
     hook: Mutex<Option<Hook>>,
     /// Make `record_transaction` fail (a broken disk for the txn log).
     pub fail_txn_record: AtomicBool,
-    /// Make `write_device` and `append_keys` fail (a broken disk for device state).
+    /// Make device writes fail (`write_device`, `append_keys`, session
+    /// writes: a broken disk for device state).
     pub fail_device_writes: AtomicBool,
 }
 
-impl HookedStore {
+impl Faults {
     pub fn set_hook(&self, hook: impl Fn(&DeviceKey) + Send + Sync + 'static) {
         *self.hook.lock().unwrap() = Some(Arc::new(hook));
     }
     pub fn clear_hook(&self) {
         *self.hook.lock().unwrap() = None;
     }
-    /// Run the hook, then fail if device writes are set to fail.
-    fn before_device_write(&self, device: &DeviceKey) -> Result<(), StoreError> {
-        let hook = self.hook.lock().unwrap().clone();
-        if let Some(hook) = hook {
-            hook(device);
+    fn before(&self, write: &Write<'_>) -> Result<(), StoreError> {
+        let injected = |fail: &AtomicBool| {
+            if fail.load(Ordering::SeqCst) {
+                Err(StoreError::Durability {
+                    reason: "injected: disk full".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match write {
+            Write::Transaction(..) => injected(&self.fail_txn_record),
+            Write::Device(device)
+            | Write::AppendKeys(device)
+            | Write::Sessions(device)
+            | Write::OutboundGroupSession(device, _) => {
+                let hook = self.hook.lock().unwrap().clone();
+                if let Some(hook) = hook {
+                    hook(device);
+                }
+                injected(&self.fail_device_writes)
+            }
+            _ => Ok(()),
         }
-        if self.fail_device_writes.load(Ordering::SeqCst) {
-            return Err(StoreError::Durability {
-                reason: "injected: disk full".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Store for HookedStore {
-    fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
-        self.inner.load_account(device)
-    }
-    fn write_device(
-        &self,
-        device: &DeviceKey,
-        expected: Option<bridgekeys_store::Version>,
-        write: DeviceWrite,
-    ) -> Result<Pending, StoreError> {
-        self.before_device_write(device)?;
-        self.inner.write_device(device, expected, write)
-    }
-    fn append_keys(
-        &self,
-        device: &DeviceKey,
-        append: bridgekeys_store::KeyAppend,
-    ) -> Result<Pending, StoreError> {
-        self.before_device_write(device)?;
-        self.inner.append_keys(device, append)
-    }
-    fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.inner.reserve_key_ids(count)
-    }
-    fn one_time_key(
-        &self,
-        device: &DeviceKey,
-        public_key: &[u8; 32],
-    ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
-        self.inner.one_time_key(device, public_key)
-    }
-    fn oldest_one_time_keys(
-        &self,
-        device: &DeviceKey,
-        limit: usize,
-    ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
-        self.inner.oldest_one_time_keys(device, limit)
-    }
-    fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
-        self.inner.count_one_time_keys(device)
-    }
-    fn load_session(
-        &self,
-        device: &DeviceKey,
-        peer_key: &[u8; 32],
-        session_id: &str,
-    ) -> Result<Option<bridgekeys_store::SessionRecord>, StoreError> {
-        self.inner.load_session(device, peer_key, session_id)
-    }
-    fn sessions(
-        &self,
-        device: &DeviceKey,
-        peer_key: &[u8; 32],
-    ) -> Result<Vec<bridgekeys_store::SessionRecord>, StoreError> {
-        self.inner.sessions(device, peer_key)
-    }
-    fn session_stamps(
-        &self,
-        device: &DeviceKey,
-    ) -> Result<Vec<bridgekeys_store::SessionStamp>, StoreError> {
-        self.inner.session_stamps(device)
-    }
-    fn legacy_sessions(
-        &self,
-        device: &DeviceKey,
-    ) -> Result<Vec<bridgekeys_store::LegacySession>, StoreError> {
-        self.inner.legacy_sessions(device)
-    }
-    fn write_sessions(
-        &self,
-        device: &DeviceKey,
-        write: bridgekeys_store::SessionWrite,
-    ) -> Result<Pending, StoreError> {
-        self.before_device_write(device)?;
-        self.inner.write_sessions(device, write)
-    }
-    fn load_tracked_user(
-        &self,
-        user_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_tracked_user(user_id)
-    }
-    fn write_tracked_user(
-        &self,
-        user_id: &str,
-        record: Option<&[u8]>,
-    ) -> Result<Pending, StoreError> {
-        self.inner.write_tracked_user(user_id, record)
-    }
-    fn load_delivery(
-        &self,
-        device: &DeviceKey,
-        tag: &str,
-        message: &[u8],
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_delivery(device, tag, message)
-    }
-    fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
-        self.inner.forget_deliveries(tag)
-    }
-    fn load_outbound_group_session(
-        &self,
-        device: &DeviceKey,
-        room_id: &str,
-    ) -> Result<Option<bridgekeys_store::OutboundSessionRecord>, StoreError> {
-        self.inner.load_outbound_group_session(device, room_id)
-    }
-    fn write_outbound_group_session(
-        &self,
-        device: &DeviceKey,
-        room_id: &str,
-        expected: Option<bridgekeys_store::Version>,
-        record: Option<&[u8]>,
-    ) -> Result<Pending, StoreError> {
-        self.before_device_write(device)?;
-        self.inner
-            .write_outbound_group_session(device, room_id, expected, record)
-    }
-    fn load_group_session(
-        &self,
-        room_id: &str,
-        session_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_group_session(room_id, session_id)
-    }
-    fn write_group_session(
-        &self,
-        room_id: &str,
-        session_id: &str,
-        record: &[u8],
-    ) -> Result<Pending, StoreError> {
-        self.inner.write_group_session(room_id, session_id, record)
-    }
-    fn record_message_index(
-        &self,
-        room_id: &str,
-        session_id: &str,
-        index: u32,
-        event_id: &str,
-    ) -> Result<bridgekeys_store::IndexUse, StoreError> {
-        self.inner
-            .record_message_index(room_id, session_id, index, event_id)
-    }
-    fn hold_event(
-        &self,
-        room_id: &str,
-        session_id: &str,
-        event_id: &str,
-        record: Option<&[u8]>,
-    ) -> Result<Pending, StoreError> {
-        self.inner.hold_event(room_id, session_id, event_id, record)
-    }
-    fn held_events(
-        &self,
-        session: Option<(&str, &str)>,
-    ) -> Result<Vec<bridgekeys_store::HeldEvent>, StoreError> {
-        self.inner.held_events(session)
-    }
-    fn load_room_state(
-        &self,
-        room_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_room_state(room_id)
-    }
-    fn write_room_state(
-        &self,
-        room_id: &str,
-        record: Option<&[u8]>,
-    ) -> Result<Pending, StoreError> {
-        self.inner.write_room_state(room_id, record)
-    }
-    fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.room_state_ids()
-    }
-    fn load_cross_signing(
-        &self,
-        user_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_cross_signing(user_id)
-    }
-    fn create_cross_signing(
-        &self,
-        user_id: &str,
-        record: &[u8],
-    ) -> Result<Option<Pending>, StoreError> {
-        self.inner.create_cross_signing(user_id, record)
-    }
-    fn sync(&self) -> Pending {
-        self.inner.sync()
-    }
-    fn commit_stats(&self) -> CommitStats {
-        self.inner.commit_stats()
-    }
-}
-
-impl TransactionLog for HookedStore {
-    fn transaction_completed(&self, namespace: &str, txn_id: &str) -> Result<bool, StoreError> {
-        self.inner.transaction_completed(namespace, txn_id)
-    }
-    fn record_transaction(&self, namespace: &str, txn_id: &str) -> Result<Pending, StoreError> {
-        if self.fail_txn_record.load(Ordering::SeqCst) {
-            return Err(StoreError::Durability {
-                reason: "injected: disk full".into(),
-            });
-        }
-        self.inner.record_transaction(namespace, txn_id)
-    }
-    fn prune_transactions(&self, before: u64) -> Result<(usize, Pending), StoreError> {
-        self.inner.prune_transactions(before)
     }
 }
 
@@ -404,7 +207,8 @@ impl BridgeHandler for Recorder {
 
 /// One listener over a fresh (or reopened) store.
 pub struct Fixture {
-    pub store: Arc<HookedStore>,
+    pub store: Arc<Intercepted>,
+    pub faults: Arc<Faults>,
     pub manager: Arc<AccountManager>,
     pub handler: Arc<Recorder>,
     pub appservice: Appservice<Recorder>,
@@ -436,12 +240,10 @@ impl Fixture {
     pub fn open_with(dir: &Path, limits: Limits, manager_config: ManagerConfig) -> Self {
         let sled = SledStore::open_or_create(SledStoreConfig::new(dir.join("store"), store_key()))
             .unwrap();
-        let store = Arc::new(HookedStore {
-            inner: Arc::new(sled),
-            hook: Mutex::new(None),
-            fail_txn_record: AtomicBool::new(false),
-            fail_device_writes: AtomicBool::new(false),
-        });
+        let store = Arc::new(Intercepted::new(Arc::new(sled)));
+        let faults = Arc::new(Faults::default());
+        let hooked = Arc::clone(&faults);
+        store.intercept(move |write| hooked.before(write));
         let manager = Arc::new(AccountManager::new(
             Arc::clone(&store) as Arc<dyn Store>,
             manager_config,
@@ -457,6 +259,7 @@ impl Fixture {
         let router = appservice.router();
         Self {
             store,
+            faults,
             manager,
             handler,
             appservice,

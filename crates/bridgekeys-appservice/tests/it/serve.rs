@@ -49,7 +49,7 @@ async fn graceful_shutdown_lets_an_in_flight_claim_finish_with_its_durable_write
     let (entered_tx, mut entered) = mpsc::unbounded_channel::<()>();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let release_rx = Mutex::new(release_rx);
-    fx.store.set_hook(move |_| {
+    fx.faults.set_hook(move |_| {
         let _ = entered_tx.send(());
         let _ = release_rx
             .lock()
@@ -114,7 +114,7 @@ async fn graceful_shutdown_lets_an_in_flight_claim_finish_with_its_durable_write
         .expect("the server stops once the claim is answered")
         .unwrap()
         .unwrap();
-    fx.store.clear_hook();
+    fx.faults.clear_hook();
     // The answered keys are on disk: flushed before the 200.
     let dk = DeviceKey::new("@echo_0:localhost", "PUPPETDEV");
     assert_eq!(fx.store.count_one_time_keys(&dk).unwrap(), 2);

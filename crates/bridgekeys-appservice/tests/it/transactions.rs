@@ -216,7 +216,7 @@ async fn a_handler_failure_answers_an_error_and_the_retry_is_processed() {
 async fn no_200_when_the_transaction_record_cannot_be_written() {
     let dir = tempfile::tempdir().unwrap();
     let fx = Fixture::open(dir.path(), Limits::default());
-    fx.store.fail_txn_record.store(true, Ordering::SeqCst);
+    fx.faults.fail_txn_record.store(true, Ordering::SeqCst);
     let body = json!({"events": []});
     let (status, resp) = fx.put_transaction("t", &body).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);

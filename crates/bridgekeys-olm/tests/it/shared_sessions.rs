@@ -7,7 +7,7 @@
 //! whose session the other process started meanwhile is read on that
 //! session.
 //!
-//! Each race is forced, not hoped for: a [`Racing`] store runs the other
+//! Each race is forced, not hoped for: an [`Intercepted`] store runs the other
 //! process's operation right between this process's load and its write
 //! (the moment a race needs), and the test checks that the write was
 //! refused and redone (`session_conflicts`). Without the version check
@@ -30,8 +30,8 @@ use bridgekeys_olm::{
     canonical_json_for_signing,
 };
 use bridgekeys_store::{
-    AccountRecord, CommitStats, DeviceKey, DeviceWrite, OneTimeKeyRecord, Pending, PgStore,
-    PgStoreConfig, Store, StoreError, StoreKey, testing::MemoryStore,
+    Backend, DeviceKey, PgStore, PgStoreConfig, Store, StoreKey,
+    testing::{Intercepted, MemoryStore, Write},
 };
 use ruma::{OwnedDeviceId, OwnedUserId, RoomId, device_id, room_id};
 use serde_json::{Value, json};
@@ -42,241 +42,24 @@ use vodozemac::{
 
 use crate::common::{Peer, alice, decrypt, peer_user};
 
-/// A store that runs a one-shot action right before the next write of a
-/// session (or device) reaches the inner store: the other process acting
-/// between this process's load and its write.
-struct Racing {
-    inner: Arc<dyn Store>,
-    before: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl Racing {
-    fn before_next_write(&self, action: impl FnOnce() + Send + 'static) {
-        *self.before.lock().unwrap() = Some(Box::new(action));
-    }
-
-    fn before_session_write(&self) {
-        let action = self.before.lock().unwrap().take();
-        if let Some(action) = action {
-            action();
-        }
-    }
-}
-
-impl Store for Racing {
-    fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
-        self.inner.load_account(device)
-    }
-    fn write_device(
-        &self,
-        device: &DeviceKey,
-        expected: Option<bridgekeys_store::Version>,
-        write: DeviceWrite,
-    ) -> Result<Pending, StoreError> {
-        self.before_session_write();
-        self.inner.write_device(device, expected, write)
-    }
-    fn append_keys(
-        &self,
-        device: &DeviceKey,
-        append: bridgekeys_store::KeyAppend,
-    ) -> Result<Pending, StoreError> {
-        self.inner.append_keys(device, append)
-    }
-    fn reserve_key_ids(&self, count: u64) -> Result<u64, StoreError> {
-        self.inner.reserve_key_ids(count)
-    }
-    fn one_time_key(
-        &self,
-        device: &DeviceKey,
-        public_key: &[u8; 32],
-    ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
-        self.inner.one_time_key(device, public_key)
-    }
-    fn oldest_one_time_keys(
-        &self,
-        device: &DeviceKey,
-        limit: usize,
-    ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
-        self.inner.oldest_one_time_keys(device, limit)
-    }
-    fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
-        self.inner.count_one_time_keys(device)
-    }
-    fn load_session(
-        &self,
-        device: &DeviceKey,
-        peer_key: &[u8; 32],
-        session_id: &str,
-    ) -> Result<Option<bridgekeys_store::SessionRecord>, StoreError> {
-        self.inner.load_session(device, peer_key, session_id)
-    }
-    fn sessions(
-        &self,
-        device: &DeviceKey,
-        peer_key: &[u8; 32],
-    ) -> Result<Vec<bridgekeys_store::SessionRecord>, StoreError> {
-        self.inner.sessions(device, peer_key)
-    }
-    fn session_stamps(
-        &self,
-        device: &DeviceKey,
-    ) -> Result<Vec<bridgekeys_store::SessionStamp>, StoreError> {
-        self.inner.session_stamps(device)
-    }
-    fn legacy_sessions(
-        &self,
-        device: &DeviceKey,
-    ) -> Result<Vec<bridgekeys_store::LegacySession>, StoreError> {
-        self.inner.legacy_sessions(device)
-    }
-    fn write_sessions(
-        &self,
-        device: &DeviceKey,
-        write: bridgekeys_store::SessionWrite,
-    ) -> Result<Pending, StoreError> {
-        self.before_session_write();
-        self.inner.write_sessions(device, write)
-    }
-    fn load_tracked_user(
-        &self,
-        user_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_tracked_user(user_id)
-    }
-    fn write_tracked_user(
-        &self,
-        user_id: &str,
-        record: Option<&[u8]>,
-    ) -> Result<Pending, StoreError> {
-        self.inner.write_tracked_user(user_id, record)
-    }
-    fn load_delivery(
-        &self,
-        device: &DeviceKey,
-        tag: &str,
-        message: &[u8],
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_delivery(device, tag, message)
-    }
-    fn forget_deliveries(&self, tag: &str) -> Result<Pending, StoreError> {
-        self.inner.forget_deliveries(tag)
-    }
-    fn load_outbound_group_session(
-        &self,
-        device: &DeviceKey,
-        room_id: &str,
-    ) -> Result<Option<bridgekeys_store::OutboundSessionRecord>, StoreError> {
-        self.inner.load_outbound_group_session(device, room_id)
-    }
-    fn write_outbound_group_session(
-        &self,
-        device: &DeviceKey,
-        room_id: &str,
-        expected: Option<bridgekeys_store::Version>,
-        record: Option<&[u8]>,
-    ) -> Result<Pending, StoreError> {
-        self.before_session_write();
-        self.inner
-            .write_outbound_group_session(device, room_id, expected, record)
-    }
-    fn load_group_session(
-        &self,
-        room_id: &str,
-        session_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_group_session(room_id, session_id)
-    }
-    fn write_group_session(
-        &self,
-        room_id: &str,
-        session_id: &str,
-        record: &[u8],
-    ) -> Result<Pending, StoreError> {
-        self.inner.write_group_session(room_id, session_id, record)
-    }
-    fn record_message_index(
-        &self,
-        room_id: &str,
-        session_id: &str,
-        index: u32,
-        event_id: &str,
-    ) -> Result<bridgekeys_store::IndexUse, StoreError> {
-        self.inner
-            .record_message_index(room_id, session_id, index, event_id)
-    }
-    fn hold_event(
-        &self,
-        room_id: &str,
-        session_id: &str,
-        event_id: &str,
-        record: Option<&[u8]>,
-    ) -> Result<Pending, StoreError> {
-        self.inner.hold_event(room_id, session_id, event_id, record)
-    }
-    fn held_events(
-        &self,
-        session: Option<(&str, &str)>,
-    ) -> Result<Vec<bridgekeys_store::HeldEvent>, StoreError> {
-        self.inner.held_events(session)
-    }
-    fn load_room_state(
-        &self,
-        room_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_room_state(room_id)
-    }
-    fn write_room_state(
-        &self,
-        room_id: &str,
-        record: Option<&[u8]>,
-    ) -> Result<Pending, StoreError> {
-        self.inner.write_room_state(room_id, record)
-    }
-    fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.room_state_ids()
-    }
-    fn load_cross_signing(
-        &self,
-        user_id: &str,
-    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
-        self.inner.load_cross_signing(user_id)
-    }
-    fn create_cross_signing(
-        &self,
-        user_id: &str,
-        record: &[u8],
-    ) -> Result<Option<Pending>, StoreError> {
-        self.inner.create_cross_signing(user_id, record)
-    }
-    fn sync(&self) -> Pending {
-        self.inner.sync()
-    }
-    fn commit_stats(&self) -> CommitStats {
-        self.inner.commit_stats()
-    }
-}
-
-/// Two "processes" on one store: `a` writes through a [`Racing`] store.
+/// Two "processes" on one store: `a` writes through an [`Intercepted`]
+/// one, so the test can make `b` act between `a`'s load and its write.
 struct Two {
     a: Arc<AccountManager>,
     b: Arc<AccountManager>,
-    racing: Arc<Racing>,
+    racing: Arc<Intercepted>,
     user: OwnedUserId,
     device: OwnedDeviceId,
 }
 
 impl Two {
-    async fn on(first: Arc<dyn Store>, second: Arc<dyn Store>, config: ManagerConfig) -> Self {
-        let racing = Arc::new(Racing {
-            inner: first,
-            before: Mutex::new(None),
-        });
+    async fn on(first: Arc<dyn Backend>, second: Arc<dyn Backend>, config: ManagerConfig) -> Self {
+        let racing = Arc::new(Intercepted::new(first));
         let a = Arc::new(AccountManager::new(
             Arc::clone(&racing) as Arc<dyn Store>,
             config.clone(),
         ));
-        let b = Arc::new(AccountManager::new(second, config));
+        let b = Arc::new(AccountManager::new(second as Arc<dyn Store>, config));
         let (user, device) = alice();
         a.create_device(&user, &device).await.unwrap();
         Self {
@@ -300,11 +83,22 @@ impl Two {
         let (out, b) = (Arc::clone(&slot), Arc::clone(&self.b));
         let (user, device) = (self.user.clone(), self.device.clone());
         let handle = tokio::runtime::Handle::current();
-        self.racing.before_next_write(move || {
-            let answer = std::thread::spawn(move || handle.block_on(work(b, user, device)))
-                .join()
-                .unwrap();
-            *out.lock().unwrap() = Some(answer);
+        // Once, at a's next write of a session or of its device.
+        let work = Mutex::new(Some(work));
+        self.racing.intercept(move |write| {
+            if matches!(
+                write,
+                Write::Device(_) | Write::Sessions(_) | Write::OutboundGroupSession(..)
+            ) && let Some(work) = work.lock().unwrap().take()
+            {
+                let (b, user, device, handle) =
+                    (Arc::clone(&b), user.clone(), device.clone(), handle.clone());
+                let answer = std::thread::spawn(move || handle.block_on(work(b, user, device)))
+                    .join()
+                    .unwrap();
+                *out.lock().unwrap() = Some(answer);
+            }
+            Ok(())
         });
         slot
     }
@@ -597,7 +391,7 @@ async fn a_prekey_message_finds_the_session_the_other_process_started(two: &Two)
 }
 
 async fn on_one_memory_store(config: ManagerConfig) -> Two {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Backend> = Arc::new(MemoryStore::new());
     Two::on(Arc::clone(&store), store, config).await
 }
 
@@ -616,9 +410,9 @@ async fn two_processes_on_one_postgres_database_never_hand_out_a_megolm_index_or
     let url = server.create_database("shared_sessions").await.unwrap();
     let key = StoreKey::generate();
     // Two stores on one database: two processes' views of it.
-    let first: Arc<dyn Store> =
+    let first: Arc<dyn Backend> =
         Arc::new(PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap());
-    let second: Arc<dyn Store> = Arc::new(PgStore::open(PgStoreConfig::new(&url, key)).unwrap());
+    let second: Arc<dyn Backend> = Arc::new(PgStore::open(PgStoreConfig::new(&url, key)).unwrap());
     let two = Two::on(first, second, ManagerConfig::default()).await;
     megolm_indexes_are_never_handed_out_twice(&two).await;
     olm_chain_steps_are_never_handed_out_twice(&two).await;

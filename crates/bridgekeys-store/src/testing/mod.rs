@@ -8,6 +8,10 @@
 //!   ([`MemoryStore::fail_writes`], [`MemoryStore::fail_durability`]). Its
 //!   leases are real, so one `MemoryStore` shared by two listeners stands in
 //!   for two processes sharing one database.
+//! * [`Intercepted`]: any backend, wrapped so a test can act or fail right
+//!   before a write reaches it ([`Write`]): hold a claim in flight, let
+//!   another "process" write between this one's load and its write, break
+//!   the disk for one kind of write.
 //! * [`conformance`]: the [`Store`](crate::Store) contract in executable
 //!   form: one check per guarantee, run against any backend with
 //!   [`conformance_tests!`](crate::conformance_tests) (and
@@ -15,6 +19,8 @@
 //!   backend several processes share).
 
 pub mod conformance;
+mod intercept;
 mod memory;
 
+pub use intercept::{Intercepted, Write};
 pub use memory::MemoryStore;
