@@ -86,11 +86,15 @@ impl Two {
         // Once, at a's next write of a session or of its device.
         let work = Mutex::new(Some(work));
         self.racing.intercept(move |write| {
-            if matches!(
+            if !matches!(
                 write,
                 Write::Device(_) | Write::Sessions(_) | Write::OutboundGroupSession(..)
-            ) && let Some(work) = work.lock().unwrap().take()
-            {
+            ) {
+                return Ok(());
+            }
+            // Taken first, so no lock is held while b acts.
+            let taken = work.lock().unwrap().take();
+            if let Some(work) = taken {
                 let (b, user, device, handle) =
                     (Arc::clone(&b), user.clone(), device.clone(), handle.clone());
                 let answer = std::thread::spawn(move || handle.block_on(work(b, user, device)))

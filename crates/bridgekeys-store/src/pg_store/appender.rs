@@ -334,18 +334,7 @@ impl Writer {
             let result = if columns.1.is_empty() && columns.5.is_empty() {
                 Ok(())
             } else {
-                // The server cancels the statement itself after the
-                // operation timeout (`statement_timeout` on the writer's
-                // connections); this bound is the last resort for a server
-                // that stopped answering at all.
-                let outcome = tokio::time::timeout(self.timeout + LAST_RESORT, self.apply(columns))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(StoreError::engine(format!(
-                            "the database did not commit within {:?}",
-                            self.timeout
-                        )))
-                    });
+                let outcome = self.apply(columns).await;
                 if outcome.is_ok() {
                     self.stats.flushes.fetch_add(1, Ordering::Relaxed);
                 } else if let Err(e) = &outcome {
@@ -367,7 +356,7 @@ impl Writer {
     async fn apply(&self, columns: Columns) -> Result<(), StoreError> {
         let (devices, ids, publics, sealed, evict_devices, evict_ids) = columns;
         let client = self.pool.get().await.pg()?;
-        let result = async {
+        let statement = async {
             if evict_ids.is_empty() {
                 let statement = client.prepare_cached(INSERT).await?;
                 client
@@ -389,14 +378,24 @@ impl Writer {
                     )
                     .await
             }
-        }
-        .await;
+        };
+        // The server cancels the statement itself after the operation
+        // timeout (`statement_timeout` on the writer's connections); this
+        // bound is the last resort for a server that stopped answering.
+        let result = match tokio::time::timeout(self.timeout + LAST_RESORT, statement).await {
+            Ok(result) => result.map(|_| ()).pg(),
+            Err(_) => Err(StoreError::engine(format!(
+                "the database did not commit within {:?}",
+                self.timeout + LAST_RESORT
+            ))),
+        };
         if result.is_err() {
             // Not back into the pool: a connection whose statement failed
-            // may be broken, and closing it ends anything still running.
+            // or hung may be broken, and closing it ends anything still
+            // running there.
             drop(deadpool_postgres::Object::take(client));
         }
-        result.map(|_| ()).pg()
+        result
     }
 }
 
