@@ -62,8 +62,8 @@ pub(crate) type SealedKey = (i64, [u8; 32], Vec<u8>);
 /// A device's keys appended but not yet committed.
 struct Entry {
     ticket: u64,
-    added: Vec<SealedKey>,
-    evicted: Vec<i64>,
+    added: Arc<[SealedKey]>,
+    evicted: Arc<[i64]>,
 }
 
 /// What is appended but not committed, per device (in ticket order), and
@@ -78,8 +78,9 @@ struct State {
 pub(crate) struct Op {
     ticket: u64,
     device: Option<Vec<u8>>,
-    added: Vec<SealedKey>,
-    evicted: Vec<i64>,
+    // Shared with the overlay's entry: the claim path copies no key.
+    added: Arc<[SealedKey]>,
+    evicted: Arc<[i64]>,
     answer: oneshot::Sender<Result<(), String>>,
 }
 
@@ -134,6 +135,7 @@ impl Appender {
     ) -> Pending {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         let (answer, reply) = oneshot::channel();
+        let (added, evicted): (Arc<[SealedKey]>, Arc<[i64]>) = (added.into(), evicted.into());
         {
             // Tickets are handed out and queued under one lock: queue
             // order is ticket order, which `finish` relies on.
@@ -142,8 +144,8 @@ impl Appender {
             let op = Op {
                 ticket,
                 device: Some(device.to_vec()),
-                added: added.clone(),
-                evicted: evicted.clone(),
+                added: Arc::clone(&added),
+                evicted: Arc::clone(&evicted),
                 answer,
             };
             let Some(queue) = state.queue.as_ref() else {
@@ -175,8 +177,8 @@ impl Appender {
         let op = Op {
             ticket,
             device: None,
-            added: Vec::new(),
-            evicted: Vec::new(),
+            added: Arc::new([]),
+            evicted: Arc::new([]),
             answer,
         };
         match state.queue.as_ref().map(|q| q.send(op)) {
@@ -414,7 +416,7 @@ fn net_effect(batch: &[Op]) -> Columns {
     let mut columns: Columns = Default::default();
     for op in batch {
         let Some(device) = &op.device else { continue };
-        for (id, public, sealed) in &op.added {
+        for (id, public, sealed) in op.added.iter() {
             if evicted.contains(&(device.as_slice(), *id)) {
                 continue;
             }

@@ -46,6 +46,22 @@ fn otk(id: u64, fill: u8) -> OneTimeKeyRecord {
     }
 }
 
+/// An append that adds these keys.
+fn adding(add_keys: Vec<OneTimeKeyRecord>) -> KeyAppend {
+    KeyAppend {
+        add_keys,
+        evict_keys: Vec::new(),
+    }
+}
+
+/// An append that evicts these keys.
+fn evicting(evict_keys: Vec<(u64, [u8; 32])>) -> KeyAppend {
+    KeyAppend {
+        add_keys: Vec::new(),
+        evict_keys,
+    }
+}
+
 async fn durable(write: Result<Pending, StoreError>) {
     write.unwrap().durable().await.unwrap();
 }
@@ -343,10 +359,10 @@ async fn appended_keys_are_visible_here_at_return_everywhere_once_durable_and_ev
     for round in 0..20u8 {
         let first = a.reserve_key_ids(2).unwrap();
         ids.extend([first, first + 1]);
-        let append = KeyAppend {
-            add_keys: vec![otk(first, round), otk(first + 1, round.wrapping_add(100))],
-            evict_keys: Vec::new(),
-        };
+        let append = adding(vec![
+            otk(first, round),
+            otk(first + 1, round.wrapping_add(100)),
+        ]);
         let pending = a.append_keys(&dev, append).unwrap();
         // Applied for this process when it returns, before it is durable.
         assert_eq!(
@@ -370,10 +386,7 @@ async fn appended_keys_are_visible_here_at_return_everywhere_once_durable_and_ev
         ids[..3]
     );
     // b evicts the three oldest; b sees it at once, a once it is durable.
-    let evict = KeyAppend {
-        add_keys: Vec::new(),
-        evict_keys: oldest,
-    };
+    let evict = evicting(oldest);
     let pending = b.append_keys(&dev, evict).unwrap();
     assert_eq!(b.count_one_time_keys(&dev).unwrap(), ids.len() - 3);
     assert_eq!(b.oldest_one_time_keys(&dev, 1).unwrap()[0].0, ids[3]);
@@ -464,28 +477,13 @@ async fn a_key_consumed_right_after_its_append_is_not_inserted_again_by_the_queu
     let dev = DeviceKey::new("@a:x", "D");
     durable(a.write_device(&dev, None, account(b"v1"))).await;
     let warm = a.reserve_key_ids(1).unwrap();
-    durable(a.append_keys(
-        &dev,
-        KeyAppend {
-            add_keys: vec![otk(warm, 1)],
-            evict_keys: Vec::new(),
-        },
-    ))
-    .await;
+    durable(a.append_keys(&dev, adding(vec![otk(warm, 1)]))).await;
     let column = device_column(&url, 1).await;
 
     // The append's commit is held up by a row lock on its key...
     let id = a.reserve_key_ids(1).unwrap();
     let holder = hold_key_row(&url, &column, id).await;
-    let pending = a
-        .append_keys(
-            &dev,
-            KeyAppend {
-                add_keys: vec![otk(id, 7)],
-                evict_keys: Vec::new(),
-            },
-        )
-        .unwrap();
+    let pending = a.append_keys(&dev, adding(vec![otk(id, 7)])).unwrap();
     until_a_statement_waits_for_a_lock(&url).await;
     // ...while the key is consumed. Unordered, the delete would find no
     // row and the held-up insert would bring the key back afterwards.
@@ -529,43 +527,18 @@ async fn a_key_added_and_evicted_in_one_commit_is_never_stored() {
     let b = PgStore::open(config(&url, &key)).unwrap();
     let dev = DeviceKey::new("@a:x", "D");
     let first = a.reserve_key_ids(1).unwrap();
-    durable(a.append_keys(
-        &dev,
-        KeyAppend {
-            add_keys: vec![otk(first, 200)],
-            evict_keys: Vec::new(),
-        },
-    ))
-    .await;
+    durable(a.append_keys(&dev, adding(vec![otk(first, 200)]))).await;
     let column = device_column(&url, 200).await;
     // One commit held up, so everything after it gathers in the next one.
     let held = a.reserve_key_ids(1).unwrap();
     let holder = hold_key_row(&url, &column, held).await;
     let before = a.commit_stats();
-    let mut pendings = vec![
-        a.append_keys(
-            &dev,
-            KeyAppend {
-                add_keys: vec![otk(held, 201)],
-                evict_keys: Vec::new(),
-            },
-        )
-        .unwrap(),
-    ];
+    let mut pendings = vec![a.append_keys(&dev, adding(vec![otk(held, 201)])).unwrap()];
     until_a_statement_waits_for_a_lock(&url).await;
     let mut kept = vec![first, held];
     for round in 0..40u8 {
         let id = a.reserve_key_ids(1).unwrap();
-        pendings.push(
-            a.append_keys(
-                &dev,
-                KeyAppend {
-                    add_keys: vec![otk(id, round)],
-                    evict_keys: Vec::new(),
-                },
-            )
-            .unwrap(),
-        );
+        pendings.push(a.append_keys(&dev, adding(vec![otk(id, round)])).unwrap());
         // Every other key is evicted by the next append, in the same
         // commit.
         if round % 2 == 0 {
@@ -615,14 +588,7 @@ async fn appends_caught_by_a_database_crash_all_fail_leave_nothing_behind_and_ap
     let store = PgStore::create(cfg).unwrap();
     let dev = DeviceKey::new("@a:x", "D");
     let first = store.reserve_key_ids(1).unwrap();
-    durable(store.append_keys(
-        &dev,
-        KeyAppend {
-            add_keys: vec![otk(first, 100)],
-            evict_keys: Vec::new(),
-        },
-    ))
-    .await;
+    durable(store.append_keys(&dev, adding(vec![otk(first, 100)]))).await;
     let column = device_column(&url, 100).await;
     let held = store.reserve_key_ids(1).unwrap();
     let holder = hold_key_row(&url, &column, held).await;
@@ -633,13 +599,7 @@ async fn appends_caught_by_a_database_crash_all_fail_leave_nothing_behind_and_ap
     {
         pendings.push(
             store
-                .append_keys(
-                    &dev,
-                    KeyAppend {
-                        add_keys: vec![otk(id, i as u8)],
-                        evict_keys: Vec::new(),
-                    },
-                )
+                .append_keys(&dev, adding(vec![otk(id, i as u8)]))
                 .unwrap(),
         );
         if i == 0 {
@@ -663,14 +623,7 @@ async fn appends_caught_by_a_database_crash_all_fail_leave_nothing_behind_and_ap
         "the failed appends left neither the database nor this process's view"
     );
     let next = store.reserve_key_ids(1).unwrap();
-    durable(store.append_keys(
-        &dev,
-        KeyAppend {
-            add_keys: vec![otk(next, 50)],
-            evict_keys: Vec::new(),
-        },
-    ))
-    .await;
+    durable(store.append_keys(&dev, adding(vec![otk(next, 50)]))).await;
     assert_eq!(store.count_one_time_keys(&dev).unwrap(), 2);
 }
 
@@ -688,10 +641,7 @@ async fn concurrent_claims_share_their_flushes() {
                     (0..25u8)
                         .map(|i| {
                             let id = store.reserve_key_ids(1).unwrap();
-                            let append = KeyAppend {
-                                add_keys: vec![otk(id, i)],
-                                evict_keys: Vec::new(),
-                            };
+                            let append = adding(vec![otk(id, i)]);
                             store.append_keys(&dev, append).unwrap()
                         })
                         .collect::<Vec<_>>()
@@ -732,13 +682,7 @@ async fn everything_survives_dropping_and_reopening_the_store() {
         let first = store.reserve_key_ids(1).unwrap();
         // Not awaited: dropping the store commits what is queued.
         let _queued = store
-            .append_keys(
-                &dev,
-                KeyAppend {
-                    add_keys: vec![otk(first, 9)],
-                    evict_keys: Vec::new(),
-                },
-            )
+            .append_keys(&dev, adding(vec![otk(first, 9)]))
             .unwrap();
         durable(store.write_sessions(
             &dev,
@@ -1052,10 +996,7 @@ async fn acknowledged_writes_survive_a_killed_database_server_and_the_store_reco
     for i in 0..40u8 {
         let id = store.reserve_key_ids(1).unwrap();
         publics.push((id, i));
-        let append = KeyAppend {
-            add_keys: vec![otk(id, i)],
-            evict_keys: Vec::new(),
-        };
+        let append = adding(vec![otk(id, i)]);
         pendings.push(store.append_keys(&dev, append).unwrap());
     }
     for p in pendings {
