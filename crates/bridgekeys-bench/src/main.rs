@@ -519,15 +519,29 @@ fn print_manager_postgres(r: &manager::ManagerReport) {
         println!("  processes on one database: {}", x.load);
         for run in [&x.one, &x.many] {
             println!(
-                "    {} process(es), {} claimers  {:>8.0} claims/s  p50 / p99 {:.2} / {:.2} ms",
-                run.processes, run.claimers, run.claims_per_s, run.p50_ms, run.p99_ms
+                "    {} process(es), {} claimers  {:>8.0} claims/s ({:.0} steady)  p50 / p99 {:.2} / {:.2} ms",
+                run.processes,
+                run.claimers,
+                run.claims_per_s,
+                run.steady_claims_per_s,
+                run.p50_ms,
+                run.p99_ms
+            );
+            let seconds: Vec<String> = run.process_s.iter().map(|s| format!("{s:.2}")).collect();
+            let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+            println!(
+                "      each process's load [{}] s; CPU per claim: claimers {} us, server {} us",
+                seconds.join(", "),
+                us(run.cpu_us_per_claim.0),
+                us(run.cpu_us_per_claim.1)
             );
         }
         println!(
-            "  processes_to_one (goal >= {})        {:>10.2} ({})",
+            "  processes_to_one, steady (goal >= {}) {:>9.2} ({}); over the whole load {:.2}",
             x.goal,
             x.processes_to_one,
-            if x.goal_met { "met" } else { "not met" }
+            if x.goal_met { "met" } else { "not met" },
+            x.makespan_to_one
         );
     }
 }

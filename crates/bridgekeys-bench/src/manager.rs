@@ -210,6 +210,7 @@ async fn run_postgres(
     let processes = if pg.processes > 1 {
         Some(
             crate::pg::compare_processes(
+                server,
                 &pg.exe,
                 &url,
                 &key,

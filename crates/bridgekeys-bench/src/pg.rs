@@ -25,7 +25,7 @@ use bridgekeys_store::{PgStore, PgStoreConfig, StoreId, StoreKey};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::support::{claim_load, percentile_ms, puppet};
+use crate::support::{percentile_ms, puppet, timed_claim_load};
 
 /// The environment variable a child reads the database URL from (not its
 /// command line, where `ps` shows the password).
@@ -82,6 +82,15 @@ impl Server {
                     .context("starting a local PostgreSQL (initdb and postgres from PATH or /usr/lib/postgresql)")?,
             )),
         })
+    }
+
+    /// CPU seconds the server has used so far: known for a local server
+    /// only.
+    pub fn cpu_s(&self) -> Option<f64> {
+        match self {
+            Server::Local(pg) => pg.server_cpu_s(),
+            Server::External { .. } => None,
+        }
     }
 
     /// Where the server is, for the report.
@@ -189,10 +198,29 @@ pub struct ProcessRun {
     pub wall_s: f64,
     /// claims / wall_s.
     pub claims_per_s: f64,
+    /// Claims per second while every process was still claiming: the
+    /// claims answered before the first process finished its share, over
+    /// that time. A bridge's claims are a stream that does not run out, so
+    /// this is what the processes sustain together; `claims_per_s` also
+    /// counts the end of a fixed load, where the last process to finish
+    /// claims alone with only its share of the claimers. The same as
+    /// `claims_per_s` for one process.
+    pub steady_claims_per_s: f64,
     /// Median claim latency, every process's claims merged.
     pub p50_ms: f64,
     /// 99th percentile claim latency, merged.
     pub p99_ms: f64,
+    /// Each process's own load time, seconds, in the order started: how
+    /// evenly the processes finished (the window ends with the last).
+    pub process_s: Vec<f64>,
+    /// CPU seconds the claiming processes used during their loads, in all.
+    pub processes_cpu_s: Option<f64>,
+    /// CPU seconds the database server used in the window (a local
+    /// server only: `None` for `--postgres-url`).
+    pub server_cpu_s: Option<f64>,
+    /// Microseconds of CPU per claim: the claiming processes, then the
+    /// server (where known).
+    pub cpu_us_per_claim: (Option<f64>, Option<f64>),
 }
 
 /// N processes claiming on one database against one process.
@@ -204,8 +232,12 @@ pub struct ProcessesReport {
     pub one: ProcessRun,
     /// N processes.
     pub many: ProcessRun,
-    /// many.claims_per_s / one.claims_per_s.
+    /// many.steady_claims_per_s / one.steady_claims_per_s: what the
+    /// processes sustain together against one process (the goal's figure).
     pub processes_to_one: f64,
+    /// many.claims_per_s / one.claims_per_s: the same over the whole fixed
+    /// load, its uneven end included.
+    pub makespan_to_one: f64,
     /// The goal of `processes_to_one`.
     pub goal: f64,
     /// Whether it is met.
@@ -221,6 +253,11 @@ pub struct ChildOutput {
     pub elapsed_s: f64,
     /// Each claim's latency, microseconds.
     pub latencies_us: Vec<u64>,
+    /// When each claim was answered, microseconds from the process's
+    /// start (`go`), in the order of `latencies_us`.
+    pub done_us: Vec<u64>,
+    /// CPU seconds this process used during its load (every thread).
+    pub cpu_s: Option<f64>,
 }
 
 /// The children's share of `total` for child `i` of `n` (at least 1).
@@ -233,6 +270,7 @@ fn share(total: usize, i: usize, n: usize) -> usize {
 /// `0..devices` provisioned there already.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_processes(
+    server: &Server,
     exe: &Path,
     url: &str,
     key: &StoreKey,
@@ -280,13 +318,14 @@ pub async fn run_processes(
             other => anyhow::bail!("a claim child did not get ready: {other:?}"),
         }
     }
+    let server_cpu_before = server.cpu_s();
     let started = Instant::now();
     for (_, stdin, _) in &mut children {
         stdin.write_all(b"go\n").await?;
         stdin.flush().await?;
     }
     let mut waits = tokio::task::JoinSet::new();
-    for (mut child, stdin, mut lines) in children {
+    for (i, (mut child, stdin, mut lines)) in children.into_iter().enumerate() {
         waits.spawn(async move {
             let line = lines
                 .next_line()
@@ -297,34 +336,65 @@ pub async fn run_processes(
             drop(stdin);
             let status = child.wait().await?;
             anyhow::ensure!(status.success(), "a claim child exited with {status}");
-            anyhow::Ok((output, done))
+            anyhow::Ok((i, output, done))
         });
     }
     let mut latencies = Vec::with_capacity(claims);
     let mut window = Duration::ZERO;
     let mut total = 0;
+    let mut process_s = vec![0.0; processes];
+    let mut processes_cpu_s = Some(0.0);
+    let mut done_us = Vec::with_capacity(claims);
     while let Some(r) = waits.join_next().await {
-        let (output, done) = r??;
+        let (i, output, done) = r??;
         total += output.claims;
         window = window.max(done);
+        process_s[i] = output.elapsed_s;
+        processes_cpu_s = processes_cpu_s.zip(output.cpu_s).map(|(a, b)| a + b);
         latencies.extend(output.latencies_us.into_iter().map(Duration::from_micros));
+        done_us.extend(output.done_us);
     }
+    let steady_claims_per_s = steady_rate(&process_s, &done_us);
+    // Every child has exited: its backends are reaped or about to be, and
+    // either way counted (see `Postgres::server_cpu_s`).
+    let server_cpu_s = server_cpu_before
+        .zip(server.cpu_s())
+        .map(|(before, after)| after - before);
     latencies.sort();
     let wall_s = window.as_secs_f64();
+    let per_claim = |cpu: Option<f64>| cpu.map(|c| c * 1e6 / total.max(1) as f64);
     Ok(ProcessRun {
         processes,
         claims: total,
         claimers: (0..processes).map(|i| share(claimers, i, processes)).sum(),
         wall_s,
         claims_per_s: total as f64 / wall_s,
+        steady_claims_per_s,
         p50_ms: percentile_ms(&latencies, 50.0),
         p99_ms: percentile_ms(&latencies, 99.0),
+        process_s,
+        processes_cpu_s,
+        server_cpu_s,
+        cpu_us_per_claim: (per_claim(processes_cpu_s), per_claim(server_cpu_s)),
     })
+}
+
+/// Claims per second while every process was still claiming: the claims
+/// answered (`done_us`, from each process's start) by the time the first
+/// process finished its share (the least of `process_s`), over that time.
+fn steady_rate(process_s: &[f64], done_us: &[u64]) -> f64 {
+    let first = process_s.iter().copied().fold(f64::INFINITY, f64::min);
+    if !first.is_finite() || first <= 0.0 {
+        return 0.0;
+    }
+    let bound = (first * 1e6) as u64;
+    done_us.iter().filter(|&&t| t <= bound).count() as f64 / first
 }
 
 /// One process against `processes` on the store at `url`, same total load.
 #[allow(clippy::too_many_arguments)]
 pub async fn compare_processes(
+    server: &Server,
     exe: &Path,
     url: &str,
     key: &StoreKey,
@@ -334,18 +404,24 @@ pub async fn compare_processes(
     claimers: usize,
     processes: usize,
 ) -> anyhow::Result<ProcessesReport> {
-    let one = run_processes(exe, url, key, id, devices, claims, claimers, 1).await?;
-    let many = run_processes(exe, url, key, id, devices, claims, claimers, processes).await?;
-    let processes_to_one = many.claims_per_s / one.claims_per_s;
+    let one = run_processes(server, exe, url, key, id, devices, claims, claimers, 1).await?;
+    let many = run_processes(
+        server, exe, url, key, id, devices, claims, claimers, processes,
+    )
+    .await?;
+    let processes_to_one = many.steady_claims_per_s / one.steady_claims_per_s;
+    let makespan_to_one = many.claims_per_s / one.claims_per_s;
     Ok(ProcessesReport {
         load: format!(
             "the same total load: {claims} claims by {claimers} claimers in all, split evenly \
-             over the processes; each process loads every device first; wall clock from the \
-             common start to the last process's answer"
+             over the processes; each process loads every device first; claims/s from the \
+             common start to the last process's answer; steady claims/s from the common start \
+             to the first process's end"
         ),
         one,
         many,
         processes_to_one,
+        makespan_to_one,
         goal: GOAL_PROCESSES_TO_ONE,
         goal_met: processes_to_one >= GOAL_PROCESSES_TO_ONE,
     })
@@ -382,11 +458,17 @@ pub async fn child(
     })
     .await??;
     anyhow::ensure!(go.trim_end() == "go", "expected go, got {go:?}");
-    let (latencies, elapsed_s) = claim_load(&manager, devices, claims, concurrency).await?;
+    let cpu_before = crate::support::process_cpu_s();
+    let (timed, elapsed_s) = timed_claim_load(&manager, devices, claims, concurrency).await?;
+    let cpu_s = cpu_before
+        .zip(crate::support::process_cpu_s())
+        .map(|(before, after)| after - before);
     let output = ChildOutput {
-        claims: latencies.len(),
+        claims: timed.len(),
         elapsed_s,
-        latencies_us: latencies.iter().map(|d| d.as_micros() as u64).collect(),
+        latencies_us: timed.iter().map(|c| c.latency.as_micros() as u64).collect(),
+        done_us: timed.iter().map(|c| c.done_at.as_micros() as u64).collect(),
+        cpu_s,
     };
     println!("{}", serde_json::to_string(&output)?);
     Ok(())
@@ -397,6 +479,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn the_steady_rate_counts_only_claims_answered_before_the_first_process_finished() {
+        // Process A finished at 1 s, B at 2 s: of B's claims only those
+        // answered by 1 s count, and the time is 1 s.
+        let done_us = [200_000, 900_000, 1_000_000, 500_000, 1_000_001, 1_900_000];
+        assert_eq!(steady_rate(&[1.0, 2.0], &done_us), 4.0);
+        // One process: every claim, over its own time.
+        assert_eq!(steady_rate(&[2.0], &done_us), 3.0);
+        assert_eq!(steady_rate(&[], &done_us), 0.0);
+    }
 
     #[test]
     fn database_is_replaced_in_the_url() {

@@ -274,6 +274,29 @@ pub async fn claim_load(
     claims: usize,
     concurrency: usize,
 ) -> anyhow::Result<(Vec<Duration>, f64)> {
+    let (claims, elapsed) = timed_claim_load(manager, devices, claims, concurrency).await?;
+    let mut latencies: Vec<Duration> = claims.iter().map(|c| c.latency).collect();
+    latencies.sort();
+    Ok((latencies, elapsed))
+}
+
+/// One claim of [`timed_claim_load`].
+#[derive(Clone, Copy, Debug)]
+pub struct TimedClaim {
+    /// How long it took.
+    pub latency: Duration,
+    /// When it was answered, from the start of the load.
+    pub done_at: Duration,
+}
+
+/// [`claim_load`], keeping when each claim was answered (in no particular
+/// order): for a throughput over part of the load.
+pub async fn timed_claim_load(
+    manager: &Arc<AccountManager>,
+    devices: usize,
+    claims: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Vec<TimedClaim>, f64)> {
     let remaining = Arc::new(AtomicUsize::new(claims));
     let started = Instant::now();
     let mut claimers = tokio::task::JoinSet::new();
@@ -281,7 +304,7 @@ pub async fn claim_load(
         let (manager, remaining) = (manager.clone(), remaining.clone());
         claimers.spawn(async move {
             let mut rng = StdRng::from_entropy();
-            let mut latencies = Vec::new();
+            let mut timed = Vec::new();
             while remaining
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok()
@@ -291,19 +314,20 @@ pub async fn claim_load(
                 let keys = manager
                     .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
                     .await?;
-                latencies.push(t.elapsed());
+                timed.push(TimedClaim {
+                    latency: t.elapsed(),
+                    done_at: started.elapsed(),
+                });
                 anyhow::ensure!(keys.len() == 1, "claim returned {} keys", keys.len());
             }
-            anyhow::Ok(latencies)
+            anyhow::Ok(timed)
         });
     }
-    let mut latencies = Vec::with_capacity(claims);
+    let mut timed = Vec::with_capacity(claims);
     while let Some(r) = claimers.join_next().await {
-        latencies.extend(r??);
+        timed.extend(r??);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort();
-    Ok((latencies, elapsed))
+    Ok((timed, started.elapsed().as_secs_f64()))
 }
 
 /// Process CPU time (user + system, every thread, exited ones included)

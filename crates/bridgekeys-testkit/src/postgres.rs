@@ -493,6 +493,35 @@ impl Postgres {
         &self.root
     }
 
+    /// CPU seconds (user + system) the server has used so far: the
+    /// postmaster, its live children (backends, WAL writer, checkpointer)
+    /// and the children it has reaped (backends of closed connections).
+    /// For a benchmark that wants to know how much of the machine the
+    /// database took, read before and after. `None` where `/proc` cannot
+    /// tell (not Linux, or the server is not running).
+    pub fn server_cpu_s(&self) -> Option<f64> {
+        let postmaster = postmaster_pid(&self.data_dir())?;
+        // A child reaped between reading the postmaster and reading its
+        // children would be in neither count (or, the other way round, in
+        // both): so read the postmaster on both sides of the children and
+        // take a reading in which its count of reaped children held still.
+        let mut reading = None;
+        for _ in 0..READ_ATTEMPTS {
+            let before = proc_stat(postmaster)?.ticks;
+            let children: u64 = children_of(postmaster)
+                .into_iter()
+                .filter_map(proc_stat)
+                .map(|stat| stat.ticks)
+                .sum();
+            let after = proc_stat(postmaster)?.ticks;
+            reading = Some(after + children);
+            if before == after {
+                break;
+            }
+        }
+        Some(reading? as f64 / CLOCK_TICKS_PER_S)
+    }
+
     /// The server's log file (`initdb`'s output, then the server's).
     pub fn log_path(&self) -> &Path {
         &self.log
@@ -648,16 +677,35 @@ fn kill_server(child: &mut Child, data: &Path) -> Result<Vec<u32>, TestkitError>
     Ok(pids)
 }
 
-/// The `(state, ppid)` of a process, from `/proc/<pid>/stat` (Linux).
-fn proc_stat(pid: &str) -> Option<(String, u32)> {
+/// `/proc/<pid>/stat` counts in USER_HZ: 100 on every Linux platform.
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+/// How often [`Postgres::server_cpu_s`] reads again when a child was
+/// reaped under it.
+const READ_ATTEMPTS: usize = 20;
+
+/// What this module reads of `/proc/<pid>/stat` (Linux).
+struct ProcStat {
+    state: String,
+    ppid: u32,
+    /// User + system ticks of the process and of its reaped children.
+    ticks: u64,
+}
+
+/// Parse `/proc/<pid>/stat`; `None` if the process is gone.
+fn proc_stat(pid: u32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ...": comm may hold spaces and parentheses,
-    // so read after the last ')'.
+    // so read after the last ')'. utime, stime, cutime and cstime are
+    // the 12th to 15th fields after it.
     let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.to_owned();
-    let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let number = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some(ProcStat {
+        state: (*fields.first()?).to_owned(),
+        ppid: u32::try_from(number(1)?).ok()?,
+        ticks: number(11)? + number(12)? + number(13)? + number(14)?,
+    })
 }
 
 /// The pids whose parent is `parent`.
@@ -669,8 +717,7 @@ fn children_of(parent: u32) -> Vec<u32> {
         .flatten()
         .filter_map(|entry| {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let (_, ppid) = proc_stat(&pid.to_string())?;
-            (ppid == parent).then_some(pid)
+            (proc_stat(pid)?.ppid == parent).then_some(pid)
         })
         .collect()
 }
@@ -679,7 +726,7 @@ fn children_of(parent: u32) -> Vec<u32> {
 /// has released its memory; and one orphaned to a PID 1 that does not
 /// reap would otherwise count forever).
 fn alive(pid: u32) -> bool {
-    proc_stat(&pid.to_string()).is_some_and(|(state, _)| state != "Z" && state != "X")
+    proc_stat(pid).is_some_and(|stat| stat.state != "Z" && stat.state != "X")
 }
 
 /// Open the log for appending (each program's output is added to it).

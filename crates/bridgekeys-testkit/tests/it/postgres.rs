@@ -233,3 +233,23 @@ async fn missing_postgres_binaries_are_a_clear_error_naming_the_install() {
     assert!(message.contains("/nonexistent/pg/bin"), "{message}");
     assert!(message.contains("initdb"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_cpu_counts_the_work_of_a_backend_that_has_already_exited() {
+    let pg = start().await;
+    let before = pg.server_cpu_s().expect("a running server's CPU time");
+    // About a second of CPU in one backend (psql's), which exits before
+    // the second reading: its time must still be counted (as the
+    // postmaster's reaped child).
+    pg.psql(
+        "postgres",
+        "SELECT count(*) FROM (SELECT md5(i::text) FROM generate_series(1, 3000000) i) s",
+    )
+    .await
+    .unwrap();
+    let after = pg.server_cpu_s().expect("a running server's CPU time");
+    assert!(
+        after - before >= 0.3,
+        "the server's CPU time moved only from {before} s to {after} s"
+    );
+}
