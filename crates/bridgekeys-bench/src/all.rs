@@ -412,7 +412,7 @@ pub fn goals(s: &Scenarios) -> Vec<Goal> {
                 .map(|x| x.processes_to_one),
             Threshold::AtLeast(crate::pg::GOAL_PROCESSES_TO_ONE),
             "3 processes on one PostgreSQL database over 1, same total load \
-             (40 000 claims, 64 claimers), claims/s while all are claiming",
+             (40 000 claims, 64 claimers)",
             pg_full
                 && pg
                     .and_then(|p| p.processes.as_ref())
@@ -962,7 +962,7 @@ mod tests {
                     one: run(1, 5_000.0),
                     many: run(3, 4_500.0),
                     processes_to_one: 0.9,
-                    makespan_to_one: 0.9,
+                    steady_to_one: 0.9,
                     goal: 1.0,
                     goal_met: false,
                 }),

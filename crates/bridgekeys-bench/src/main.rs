@@ -537,11 +537,11 @@ fn print_manager_postgres(r: &manager::ManagerReport) {
             );
         }
         println!(
-            "  processes_to_one, steady (goal >= {}) {:>9.2} ({}); over the whole load {:.2}",
+            "  processes_to_one (goal >= {})        {:>10.2} ({}); while all claim {:.2}",
             x.goal,
             x.processes_to_one,
             if x.goal_met { "met" } else { "not met" },
-            x.makespan_to_one
+            x.steady_to_one
         );
     }
 }

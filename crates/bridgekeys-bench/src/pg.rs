@@ -232,12 +232,12 @@ pub struct ProcessesReport {
     pub one: ProcessRun,
     /// N processes.
     pub many: ProcessRun,
-    /// many.steady_claims_per_s / one.steady_claims_per_s: what the
-    /// processes sustain together against one process (the goal's figure).
+    /// many.claims_per_s / one.claims_per_s, over the whole load (the
+    /// goal's figure).
     pub processes_to_one: f64,
-    /// many.claims_per_s / one.claims_per_s: the same over the whole fixed
-    /// load, its uneven end included.
-    pub makespan_to_one: f64,
+    /// many.steady_claims_per_s / one.steady_claims_per_s: the same while
+    /// every process is claiming, without the uneven end of a fixed load.
+    pub steady_to_one: f64,
     /// The goal of `processes_to_one`.
     pub goal: f64,
     /// Whether it is met.
@@ -409,8 +409,8 @@ pub async fn compare_processes(
         server, exe, url, key, id, devices, claims, claimers, processes,
     )
     .await?;
-    let processes_to_one = many.steady_claims_per_s / one.steady_claims_per_s;
-    let makespan_to_one = many.claims_per_s / one.claims_per_s;
+    let processes_to_one = many.claims_per_s / one.claims_per_s;
+    let steady_to_one = many.steady_claims_per_s / one.steady_claims_per_s;
     Ok(ProcessesReport {
         load: format!(
             "the same total load: {claims} claims by {claimers} claimers in all, split evenly \
@@ -421,7 +421,7 @@ pub async fn compare_processes(
         one,
         many,
         processes_to_one,
-        makespan_to_one,
+        steady_to_one,
         goal: GOAL_PROCESSES_TO_ONE,
         goal_met: processes_to_one >= GOAL_PROCESSES_TO_ONE,
     })
