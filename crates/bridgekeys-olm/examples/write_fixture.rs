@@ -80,7 +80,12 @@ async fn main() {
     // The puppet registry: recorded, cross-signed, scheduled.
     let puppet = DeviceKey::new(user.as_str(), device.as_str());
     let due_ms = 1_700_000_600_000u64;
-    store.record_puppet(&puppet).unwrap().durable().await.unwrap();
+    store
+        .record_puppet(&puppet)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
     store
         .record_cross_signed(&puppet)
         .unwrap()

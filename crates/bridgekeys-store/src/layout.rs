@@ -347,6 +347,43 @@ pub(crate) fn delivery(tag: &str, device: &DeviceKey, message: &[u8]) -> Vec<u8>
 mod tests {
     use super::*;
 
+    /// An account value from before schema 4 (8-byte version, top byte 0)
+    /// reads as not a puppet with its version; a header round-trips with
+    /// its flags and due time; a flag this build does not know, or a
+    /// value cut short, is refused.
+    #[test]
+    fn an_account_header_reads_old_values_round_trips_and_refuses_unknown_flags() {
+        let mut old = 7u64.to_be_bytes().to_vec();
+        old.extend_from_slice(b"sealed");
+        assert_eq!(
+            parse_account(&old),
+            Some((PuppetHeader::default(), 7, &b"sealed"[..]))
+        );
+        for header in [
+            PuppetHeader {
+                flags: PUPPET,
+                due: None,
+            },
+            PuppetHeader {
+                flags: PUPPET | CROSS_SIGNED,
+                due: Some(u64::MAX - 1),
+            },
+        ] {
+            let value = with_header(&old, header).expect("parses");
+            assert_eq!(
+                parse_account(&value),
+                Some((header, 7, &b"sealed"[..])),
+                "{header:?}"
+            );
+        }
+        let mut unknown = old.clone();
+        unknown[0] = 0x08;
+        assert_eq!(parse_account(&unknown), None);
+        let scheduled_but_short = [SCHEDULED, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+        assert_eq!(parse_account(&scheduled_but_short), None);
+        assert_eq!(parse_account(&old[..5]), None);
+    }
+
     #[test]
     fn a_versioned_slot_is_never_the_plain_slot_of_a_session_with_a_longer_id() {
         let device = DeviceKey::new("@a:x", "D");

@@ -464,4 +464,79 @@ mod tests {
             .expect("durable");
         assert_eq!(store.due_rotations(4_000, None, 100).expect("due").len(), 3);
     }
+
+    /// On sled an idle provisioned device is one entry: recording a device
+    /// that has an account puts the flags in its header (no `r/` record),
+    /// and a device recorded before its account exists has its `r/`
+    /// record (flag and schedule) taken over when the account is created.
+    #[tokio::test]
+    async fn a_provisioned_device_is_one_entry_and_an_account_takes_over_an_earlier_record() {
+        use crate::{DeviceWrite, Store};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let create = |store: &SledStore, d: &DeviceKey| {
+            store
+                .write_device(
+                    d,
+                    None,
+                    DeviceWrite {
+                        account: zeroize::Zeroizing::new(b"account".to_vec()),
+                        ..DeviceWrite::default()
+                    },
+                )
+                .expect("create")
+        };
+        let entries = |store: &SledStore, d: &DeviceKey| {
+            [layout::account(d), layout::puppet(d)]
+                .iter()
+                .filter(|k| store.db.contains_key(k).expect("read"))
+                .count()
+        };
+        let first = DeviceKey::new("@echo_a:hs", "DEV");
+        create(&store, &first).durable().await.expect("durable");
+        drop(store.record_puppet(&first).expect("record"));
+        drop(store.record_cross_signed(&first).expect("flag"));
+        drop(
+            store
+                .schedule_rotation(&first, 1_000, None)
+                .expect("schedule"),
+        );
+        assert_eq!(
+            entries(&store, &first),
+            1,
+            "account and registry in one entry"
+        );
+
+        let early = DeviceKey::new("@echo_b:hs", "DEV");
+        drop(store.record_puppet(&early).expect("record"));
+        drop(store.record_cross_signed(&early).expect("flag"));
+        drop(
+            store
+                .schedule_rotation(&early, 2_000, None)
+                .expect("schedule"),
+        );
+        assert!(store.db.contains_key(layout::puppet(&early)).expect("read"));
+        create(&store, &early).durable().await.expect("durable");
+        assert_eq!(
+            entries(&store, &early),
+            1,
+            "the account took the record over"
+        );
+        assert!(!store.db.contains_key(layout::puppet(&early)).expect("read"));
+
+        for d in [&first, &early] {
+            assert!(store.contains_puppet(d).expect("read"));
+            assert!(store.is_cross_signed(d).expect("read"));
+            let account = store.load_account(d).expect("load").expect("account");
+            assert_eq!(account.data.as_slice(), b"account");
+        }
+        assert_eq!(
+            store.puppets().expect("list"),
+            vec![first.clone(), early.clone()]
+        );
+        assert_eq!(
+            store.due_rotations(u64::MAX, None, 10).expect("due"),
+            vec![(first, 1_000), (early, 2_000)]
+        );
+    }
 }

@@ -73,8 +73,8 @@ impl SledStore {
         if tag != layout::ACCOUNT_PREFIX {
             return Ok((self.decode(tag, key, value)?, None));
         }
-        let (device, _) = DeviceKey::split_front(&key[tag.len()..])
-            .ok_or_else(|| corrupt("account key"))?;
+        let (device, _) =
+            DeviceKey::split_front(&key[tag.len()..]).ok_or_else(|| corrupt("account key"))?;
         let (header, version, sealed) =
             layout::parse_account(value).ok_or_else(|| corrupt("account header"))?;
         let data = self.open_slot(&layout::account_slot(&device, version), sealed, "account")?;

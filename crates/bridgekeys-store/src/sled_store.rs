@@ -52,7 +52,6 @@ pub const SCHEMA_VERSION: u32 = 4;
 /// Older schemas this build opens and upgrades.
 const UPGRADABLE_SCHEMAS: &[u32] = &[1, 2, 3];
 
-
 /// How to open a [`SledStore`].
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -1234,11 +1233,10 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.db.scan_prefix(&prefix) {
             let (k, v) = item?;
-            let public = <[u8; 32]>::try_from(&k[prefix.len()..]).map_err(|_| {
-                StoreError::Corrupt {
+            let public =
+                <[u8; 32]>::try_from(&k[prefix.len()..]).map_err(|_| StoreError::Corrupt {
                     what: "one-time key record key".into(),
-                }
-            })?;
+                })?;
             out.push((otk_id(&v)?, public));
         }
         if out.len() > limit {
@@ -1718,5 +1716,64 @@ mod tests {
             store.load_outbound_group_session(&dev, "!r:hs"),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    /// A one-time key record is sealed to its device, public key and key
+    /// id: the same value under another public key or another device, or
+    /// with its id field changed, does not open (so a record cannot be
+    /// moved to stand for another key or renumbered).
+    #[test]
+    fn a_one_time_key_record_moved_or_renumbered_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fresh(dir.path());
+        let dev = DeviceKey::new("@a:hs", "D");
+        let other = DeviceKey::new("@a:hs", "E");
+        let first = store.reserve_key_ids(1).unwrap();
+        drop(
+            store
+                .append_keys(
+                    &dev,
+                    KeyAppend {
+                        add_keys: vec![OneTimeKeyRecord {
+                            key_id: first,
+                            public_key: [1; 32],
+                            secret_key: Zeroizing::new([2; 32]),
+                        }],
+                        evict_keys: Vec::new(),
+                    },
+                )
+                .unwrap(),
+        );
+        let raw = store.db.get(layout::otk(&dev, &[1; 32])).unwrap().unwrap();
+        assert_eq!(
+            raw.len(),
+            8 + crate::crypto::SEAL_OVERHEAD + 32,
+            "one value: id and sealed key"
+        );
+        store
+            .db
+            .insert(layout::otk(&dev, &[3; 32]), raw.clone())
+            .unwrap();
+        store
+            .db
+            .insert(layout::otk(&other, &[1; 32]), raw.clone())
+            .unwrap();
+        let mut renumbered = raw.to_vec();
+        renumbered[7] ^= 1;
+        store
+            .db
+            .insert(layout::otk(&dev, &[4; 32]), renumbered)
+            .unwrap();
+        for (d, public) in [(&dev, [3; 32]), (&other, [1; 32]), (&dev, [4; 32])] {
+            assert!(
+                matches!(
+                    store.one_time_key(d, &public),
+                    Err(StoreError::Corrupt { .. })
+                ),
+                "{d:?} {public:?} opened"
+            );
+        }
+        let k = store.one_time_key(&dev, &[1; 32]).unwrap().unwrap();
+        assert_eq!((k.key_id, *k.secret_key), (first, [2; 32]));
     }
 }

@@ -35,16 +35,39 @@ fn corrupt(what: &str) -> StoreError {
 
 /// Run every step; see the module docs.
 pub(crate) fn to_schema_4(db: &sled::Db, sealer: &Sealer) -> Result<(), StoreError> {
-    let keys = convert_one_time_keys(db, sealer)?;
-    let index_entries = remove_prefix(db, layout::LEGACY_OTK_INDEX_PREFIX)?;
-    let puppets = fold_puppet_records(db)?;
+    let mut unlimited = usize::MAX;
+    run(db, sealer, &mut unlimited).map(|_| ())
+}
+
+/// Apply `batch` unless `budget` (of batches) is spent: a test stops the
+/// upgrade there, as a crash would. Whether it was applied.
+fn apply(db: &sled::Db, batch: sled::Batch, budget: &mut usize) -> Result<bool, StoreError> {
+    if *budget == 0 {
+        return Ok(false);
+    }
+    *budget -= 1;
+    db.apply_batch(batch)?;
+    Ok(true)
+}
+
+/// Every step, at most `budget` batches; whether it finished.
+fn run(db: &sled::Db, sealer: &Sealer, budget: &mut usize) -> Result<bool, StoreError> {
+    let Some(keys) = convert_one_time_keys(db, sealer, budget)? else {
+        return Ok(false);
+    };
+    let Some(index_entries) = remove_prefix(db, layout::LEGACY_OTK_INDEX_PREFIX, budget)? else {
+        return Ok(false);
+    };
+    let Some(puppets) = fold_puppet_records(db, budget)? else {
+        return Ok(false);
+    };
     tracing::info!(
         one_time_keys = keys,
         index_entries_removed = index_entries,
         puppet_records_folded = puppets,
         "upgraded the store's records to schema 4"
     );
-    Ok(())
+    Ok(true)
 }
 
 /// Up to [`BATCH`] entries under `prefix` after `after` (exclusive), in key
@@ -70,14 +93,18 @@ fn next_chunk(
     Ok(out)
 }
 
-/// Step 1: how many keys were rewritten.
-fn convert_one_time_keys(db: &sled::Db, sealer: &Sealer) -> Result<u64, StoreError> {
+/// Step 1: how many keys were rewritten (`None`: out of budget).
+fn convert_one_time_keys(
+    db: &sled::Db,
+    sealer: &Sealer,
+    budget: &mut usize,
+) -> Result<Option<u64>, StoreError> {
     let mut converted = 0;
     let mut after: Option<sled::IVec> = None;
     loop {
         let chunk = next_chunk(db, layout::OTK_PREFIX, after.as_deref())?;
         let Some((last, _)) = chunk.last() else {
-            return Ok(converted);
+            return Ok(Some(converted));
         };
         after = Some(last.clone());
         let mut batch = sled::Batch::default();
@@ -119,37 +146,45 @@ fn convert_one_time_keys(db: &sled::Db, sealer: &Sealer) -> Result<u64, StoreErr
             any = true;
             converted += 1;
         }
-        if any {
-            db.apply_batch(batch)?;
+        if any && !apply(db, batch, budget)? {
+            return Ok(None);
         }
     }
 }
 
-/// Step 2 (and any prefix whose entries all go): how many were removed.
-fn remove_prefix(db: &sled::Db, prefix: &[u8]) -> Result<u64, StoreError> {
+/// Step 2 (and any prefix whose entries all go): how many were removed
+/// (`None`: out of budget).
+fn remove_prefix(
+    db: &sled::Db,
+    prefix: &[u8],
+    budget: &mut usize,
+) -> Result<Option<u64>, StoreError> {
     let mut removed = 0;
     loop {
         let chunk = next_chunk(db, prefix, None)?;
         if chunk.is_empty() {
-            return Ok(removed);
+            return Ok(Some(removed));
         }
         let mut batch = sled::Batch::default();
         for (key, _) in chunk {
             batch.remove(key);
             removed += 1;
         }
-        db.apply_batch(batch)?;
+        if !apply(db, batch, budget)? {
+            return Ok(None);
+        }
     }
 }
 
-/// Step 3: how many registry records moved into their account's header.
-fn fold_puppet_records(db: &sled::Db) -> Result<u64, StoreError> {
+/// Step 3: how many registry records moved into their account's header
+/// (`None`: out of budget).
+fn fold_puppet_records(db: &sled::Db, budget: &mut usize) -> Result<Option<u64>, StoreError> {
     let mut folded = 0;
     let mut after: Option<sled::IVec> = None;
     loop {
         let chunk = next_chunk(db, layout::PUPPET_PREFIX, after.as_deref())?;
         let Some((last, _)) = chunk.last() else {
-            return Ok(folded);
+            return Ok(Some(folded));
         };
         after = Some(last.clone());
         let mut batch = sled::Batch::default();
@@ -175,8 +210,204 @@ fn fold_puppet_records(db: &sled::Db) -> Result<u64, StoreError> {
             any = true;
             folded += 1;
         }
-        if any {
-            db.apply_batch(batch)?;
+        if any && !apply(db, batch, budget)? {
+            return Ok(None);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::{
+        FIRST_KEY_ID, PuppetRegistry, SledStore, SledStoreConfig, Store, StoreKey, Version,
+    };
+
+    const KEYS: u64 = 2_500;
+
+    fn public(i: u64) -> [u8; 32] {
+        let mut p = [0xA5; 32];
+        p[..8].copy_from_slice(&i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+        p
+    }
+
+    fn secret(i: u64) -> [u8; 32] {
+        let mut s = [0x3C; 32];
+        s[24..].copy_from_slice(&i.to_be_bytes());
+        s
+    }
+
+    /// Write, with raw sled, what a schema 3 build left: accounts, one-time
+    /// keys as a record by id plus a public-key index entry (and one stale
+    /// index entry), registry records with flags and schedules (one for a
+    /// device without an account), the schema record saying 3.
+    fn write_schema_3(path: &std::path::Path, key: &StoreKey, devices: &[DeviceKey]) {
+        let sealer = key.cipher();
+        let db = sled::open(path).unwrap();
+        for dev in &devices[..3] {
+            let mut account = 1u64.to_be_bytes().to_vec();
+            account.extend(sealer.seal(&layout::account_slot(dev, 1), b"account"));
+            db.insert(layout::account(dev), account).unwrap();
+        }
+        // Keys spread over two devices, out of id order in the tree's
+        // public-key order.
+        for i in 0..KEYS {
+            let dev = &devices[(i % 2) as usize];
+            let id = FIRST_KEY_ID + i;
+            let mut value = public(i).to_vec();
+            value.extend(sealer.seal(&layout::otk_by_id(dev, id), &secret(i)));
+            db.insert(layout::otk_by_id(dev, id), value).unwrap();
+            db.insert(
+                layout::legacy_otk_by_public(dev, &public(i)),
+                &id.to_be_bytes(),
+            )
+            .unwrap();
+        }
+        db.insert(
+            layout::legacy_otk_by_public(&devices[0], &[0xEE; 32]),
+            &(FIRST_KEY_ID + 999_999).to_be_bytes(),
+        )
+        .unwrap();
+        // r/: plain, cross-signed, cross-signed and scheduled, and one
+        // scheduled without an account.
+        let registry: [&[u8]; 4] = [
+            &[],
+            &[1],
+            &[1, 0, 0, 0, 0, 0, 0, 0x13, 0x88],
+            &[0, 0, 0, 0, 0, 0, 0, 0x1B, 0x58],
+        ];
+        for (dev, value) in devices.iter().zip(registry) {
+            db.insert(layout::puppet(dev), value).unwrap();
+        }
+        db.insert(layout::rotation(5_000, &devices[2]), &[][..])
+            .unwrap();
+        db.insert(layout::rotation(7_000, &devices[3]), &[][..])
+            .unwrap();
+        db.insert(layout::KEY_IDS, &(FIRST_KEY_ID + KEYS + 10).to_be_bytes())
+            .unwrap();
+        db.insert(layout::SCHEMA, &3u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+
+    fn old_records_left(db: &sled::Db) -> (usize, usize, usize) {
+        let old_keys = db
+            .scan_prefix(layout::OTK_PREFIX)
+            .keys()
+            .filter(|k| {
+                let k = k.as_ref().unwrap();
+                let (_, suffix) = DeviceKey::split_front(&k[2..]).unwrap();
+                suffix.len() == 8
+            })
+            .count();
+        let index = db.scan_prefix(layout::LEGACY_OTK_INDEX_PREFIX).count();
+        let registry = db.scan_prefix(layout::PUPPET_PREFIX).count();
+        (old_keys, index, registry)
+    }
+
+    fn check_upgraded(store: &SledStore, devices: &[DeviceKey]) {
+        let schema = store.db.get(layout::SCHEMA).unwrap().unwrap();
+        assert_eq!(schema.as_ref(), &4u32.to_be_bytes());
+        // Every key resolves by public key, with its id and secret, once.
+        for i in 0..KEYS {
+            let dev = &devices[(i % 2) as usize];
+            let k = store
+                .one_time_key(dev, &public(i))
+                .unwrap()
+                .unwrap_or_else(|| panic!("key {i} lost"));
+            assert_eq!(
+                (k.key_id, *k.secret_key),
+                (FIRST_KEY_ID + i, secret(i)),
+                "key {i}"
+            );
+            let other = &devices[1 - (i % 2) as usize];
+            assert!(store.one_time_key(other, &public(i)).unwrap().is_none());
+        }
+        for (d, dev) in devices[..2].iter().enumerate() {
+            assert_eq!(store.count_one_time_keys(dev).unwrap(), (KEYS / 2) as usize);
+            let oldest: Vec<u64> = store
+                .oldest_one_time_keys(dev, 3)
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            let d = d as u64;
+            assert_eq!(
+                oldest,
+                vec![FIRST_KEY_ID + d, FIRST_KEY_ID + d + 2, FIRST_KEY_ID + d + 4]
+            );
+        }
+        assert_eq!(
+            old_records_left(&store.db),
+            (0, 0, 1),
+            "only r/ of the device without an account stays"
+        );
+        // The registry: every device, its flag, its schedule; accounts intact.
+        assert_eq!(store.puppets().unwrap(), {
+            let mut all = devices.to_vec();
+            all.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            all
+        });
+        let flags: Vec<bool> = devices
+            .iter()
+            .map(|d| store.is_cross_signed(d).unwrap())
+            .collect();
+        assert_eq!(flags, vec![false, true, true, false]);
+        assert!(devices.iter().all(|d| store.contains_puppet(d).unwrap()));
+        assert_eq!(
+            store.due_rotations(u64::MAX, None, 10).unwrap(),
+            vec![(devices[2].clone(), 5_000), (devices[3].clone(), 7_000)]
+        );
+        for dev in &devices[..3] {
+            let account = store.load_account(dev).unwrap().unwrap();
+            assert_eq!(
+                (account.version, account.data.as_slice()),
+                (Version(1), &b"account"[..])
+            );
+        }
+        // New ids continue above every id the old store handed out.
+        assert!(store.reserve_key_ids(1).unwrap() >= FIRST_KEY_ID + KEYS + 10);
+    }
+
+    /// A schema 3 store holding outstanding keys (more than one batch) and
+    /// puppet records, whose upgrade is cut short after two batches, as by
+    /// a crash: the next open finishes it. Every key then resolves by its
+    /// public key with its original id and secret, exactly once, no old
+    /// record or index entry is left, every puppet keeps its flag and its
+    /// schedule, and a later open changes nothing.
+    #[test]
+    fn an_interrupted_upgrade_from_schema_3_is_finished_at_the_next_open_and_keeps_every_key_and_puppet()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::generate();
+        let id = SledStore::create(SledStoreConfig::new(&path, key.clone()))
+            .unwrap()
+            .id();
+        let devices: Vec<DeviceKey> = ["A", "B", "C", "D"]
+            .iter()
+            .map(|d| DeviceKey::new("@puppet:hs", d))
+            .collect();
+        write_schema_3(&path, &key, &devices);
+        {
+            let db = sled::open(&path).unwrap();
+            let finished = run(&db, &key.cipher(), &mut 2).unwrap();
+            assert!(!finished, "the upgrade should have been cut short");
+            let (old_keys, index, registry) = old_records_left(&db);
+            assert!(
+                old_keys > 0 && old_keys < KEYS as usize,
+                "cut mid-way: {old_keys} old key records left"
+            );
+            assert_eq!((index, registry), (old_keys + 1, 4));
+            let schema = db.get(layout::SCHEMA).unwrap().unwrap();
+            assert_eq!(schema.as_ref(), &3u32.to_be_bytes());
+            db.flush().unwrap();
+        }
+        let config = SledStoreConfig::new(&path, key.clone()).expect_id(id);
+        let store = SledStore::open(config.clone()).unwrap();
+        check_upgraded(&store, &devices);
+        drop(store);
+        let store = SledStore::open(config).unwrap();
+        check_upgraded(&store, &devices);
     }
 }

@@ -82,9 +82,10 @@ impl PgStore {
         let mut by_id: HashMap<u64, usize> = HashMap::new();
         let mut out: Vec<(u64, [u8; 32], Vec<u8>)> = Vec::with_capacity(keys.len());
         for k in keys {
-            let sealed = self
-                .sealer
-                .seal(&layout::otk_by_id(device, k.key_id), k.secret_key.as_slice());
+            let sealed = self.sealer.seal(
+                &layout::otk_by_id(device, k.key_id),
+                k.secret_key.as_slice(),
+            );
             match by_id.get(&k.key_id) {
                 Some(&at) => out[at] = (k.key_id, k.public_key, sealed),
                 None => {
