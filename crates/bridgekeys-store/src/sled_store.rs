@@ -332,6 +332,24 @@ impl SledStore {
         &self.path
     }
 
+    /// What the records themselves take, per kind (their two-byte key
+    /// prefix, such as `"a/"`): `(entries, bytes of keys and values)`, as
+    /// handed to sled, before the engine's own per-entry and page costs.
+    /// Reads the whole tree: for benchmarks and tools, not the hot path.
+    pub fn record_sizes(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, (u64, u64)>, StoreError> {
+        let mut out = std::collections::BTreeMap::new();
+        for item in self.db.iter() {
+            let (key, value) = item?;
+            let kind = String::from_utf8_lossy(key.get(..2).unwrap_or(&key)).into_owned();
+            let entry: &mut (u64, u64) = out.entry(kind).or_default();
+            entry.0 += 1;
+            entry.1 += (key.len() + value.len()) as u64;
+        }
+        Ok(out)
+    }
+
     /// Seal an account and its key changes for `write_device`. The
     /// account's header is the stored record's, so it is put in front of
     /// the sealed account inside the transaction.
