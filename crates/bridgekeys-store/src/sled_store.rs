@@ -73,9 +73,10 @@ pub struct SledStoreConfig {
     pub accept_restored: bool,
     /// sled's page cache size in bytes, an upper bound on its memory.
     /// Default 1 GiB (sled's own default): enough for the whole store of a
-    /// million idle puppets (about 850 MB on disk), so a cold device costs a
-    /// memory read, not a disk read. A smaller cache works, with claims on
-    /// cold devices slower once the store outgrows it.
+    /// million idle puppets (about 0.85 to 1 GB on disk, most of it sled's
+    /// own overhead), so a cold device costs a memory read, not a disk
+    /// read. A smaller cache works, with claims on cold devices slower once
+    /// the store outgrows it.
     pub cache_capacity: u64,
     /// How long a flush waits for more writers to join it after the first
     /// one asks (group commit), when the previous flush answered more than
