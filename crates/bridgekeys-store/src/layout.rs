@@ -7,6 +7,7 @@
 //! | `m/keycheck` | a sealed constant, to detect a wrong store key |
 //! | `m/storeid` | the [`crate::StoreId`], 16 bytes (not secret) |
 //! | `m/keyids` | u64 BE: every one-time key id handed out so far is below it |
+//! | `m/upgrading` | u32 BE, the schema being upgraded from: present only while an upgrade (written with the new `m/schema`, so an older build refuses the store) is under way; removed once it is durable |
 //! | `a/<device>` | the header: a flag byte ([`PUPPET`], [`CROSS_SIGNED`], [`SCHEDULED`]) and the version in 7 bytes BE (together the 8 bytes that held the version u64 BE before schema 4, whose top byte was always 0), then the due time of the next rotation step u64 BE if [`SCHEDULED`], then the sealed account (sealed to `a/<device><version u64 BE>`) |
 //! | `k/<device><public key>` | key id u64 BE, then the private key sealed to `k/<device><public key><key id u64 BE>` (schema 4: one record per one-time key, found by public key in one read) |
 //! | `s/<device><session id>` | schema 1's sealed session pickle (migrated to `o/` on first use) |
@@ -40,6 +41,8 @@ pub(crate) const SCHEMA: &[u8] = b"m/schema";
 pub(crate) const KEY_CHECK: &[u8] = b"m/keycheck";
 pub(crate) const KEY_IDS: &[u8] = b"m/keyids";
 pub(crate) const STORE_ID: &[u8] = b"m/storeid";
+/// Present while an upgrade to the current schema is under way.
+pub(crate) const UPGRADING: &[u8] = b"m/upgrading";
 pub(crate) const KEY_CHECK_PLAINTEXT: &[u8] = b"bridgekeys store key check v1";
 
 fn join(tag: &[u8], device: &DeviceKey, rest: &[u8]) -> Vec<u8> {

@@ -239,10 +239,12 @@ impl SledStore {
     /// by its public key (same key id, same secret, sealed to its new slot),
     /// the public-key index goes, and the puppet-registry record of every
     /// device that has an account moves into the account's header. Each
-    /// batch of that is atomic and the schema record is written last, after
-    /// everything before it is durable: an upgrade cut short by a crash or
-    /// a power cut is simply done again (what it converted stays converted)
-    /// at the next open, and no key is lost, duplicated or given another id.
+    /// batch of that is atomic. The new schema is written first, durably,
+    /// with a mark of the upgrade under way (`m/upgrading`), so a build of
+    /// an older schema refuses a store it would misread; the mark goes once
+    /// everything is durable. An upgrade cut short by a crash or a power
+    /// cut is simply run again (what it converted stays converted) at the
+    /// next open, and no key is lost, duplicated or given another id.
     pub fn open(config: SledStoreConfig) -> Result<Self, StoreError> {
         let path = config.path.clone();
         // sled would create a missing database: check that one is there.
@@ -257,14 +259,22 @@ impl SledStore {
         let mut key_ids = Self::load_key_ids(&db)?;
         let watermark =
             Self::check_watermark(&db, &path, id, &mut key_ids, config.accept_restored)?;
-        if schema != SCHEMA_VERSION {
-            // After the checks that refuse a store, so a refused store is
-            // left as it was.
+        // After the checks that refuse a store, so a refused store is left
+        // as it was.
+        if schema != SCHEMA_VERSION || db.get(layout::UPGRADING)?.is_some() {
+            if schema != SCHEMA_VERSION {
+                // First, durably, the new schema and the mark of an upgrade
+                // under way: from here on a build of an older schema
+                // refuses the store (it would misread records already
+                // converted), and this one finishes the upgrade.
+                crate::upgrade::begin(&db, schema)?;
+                sync_log(&db, &path)?;
+            }
             crate::upgrade::to_schema_4(&db, &sealer)?;
-            // Everything the upgrade wrote is durable before the record
-            // that says it is done.
+            // Everything the upgrade wrote is durable before the mark goes.
             sync_log(&db, &path)?;
-            put_durably(&db, &path, layout::SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            db.remove(layout::UPGRADING)?;
+            sync_log(&db, &path)?;
             tracing::info!(path = %path.display(), from = schema, to = SCHEMA_VERSION, "store schema upgraded");
         }
         // sled's `flush` writes its log with `sync_file_range`, which neither

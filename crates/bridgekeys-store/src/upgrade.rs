@@ -12,13 +12,17 @@
 //!    time), removed in the same batch. A device recorded without an
 //!    account keeps its `r/` record.
 //!
-//! Each batch is applied atomically by sled (after a crash, all of it or
-//! none of it), and every step skips what is already done: a record of the
-//! new format is recognised by its key (32 bytes after the device, not 8),
-//! an `r/` record already folded is gone. So an upgrade cut short anywhere
-//! is finished by the next open, which runs it again; the caller writes the
-//! new schema version only after all of it is durable. Key ids are copied,
-//! never made, and the key-id mark is not touched: no id can repeat.
+//! Before the first step the caller durably writes the new schema version
+//! together with `m/upgrading` ([`begin`]): a build of an older schema then
+//! refuses the store instead of misreading records already converted, and
+//! this build, finding the mark, runs the upgrade again. Each batch is
+//! applied atomically by sled (after a crash, all of it or none of it), and
+//! every step skips what is already done: a record of the new format is
+//! recognised by its key (32 bytes after the device, not 8), an `r/` record
+//! already folded is gone. So an upgrade cut short anywhere is finished by
+//! the next open; the caller removes the mark only after all of it is
+//! durable. Key ids are copied, never made, and the key-id mark is not
+//! touched: no id can repeat.
 
 use zeroize::Zeroizing;
 
@@ -31,6 +35,17 @@ fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt {
         what: format!("{what} (while upgrading the store to schema 4)"),
     }
+}
+
+/// Mark an upgrade from `from` under way: the new schema version and
+/// `m/upgrading`, in one atomic batch (the caller makes it durable before
+/// any record is converted).
+pub(crate) fn begin(db: &sled::Db, from: u32) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    batch.insert(layout::UPGRADING, &from.to_be_bytes());
+    batch.insert(layout::SCHEMA, &crate::SCHEMA_VERSION.to_be_bytes());
+    db.apply_batch(batch)?;
+    Ok(())
 }
 
 /// Run every step; see the module docs.
@@ -308,6 +323,10 @@ mod tests {
     fn check_upgraded(store: &SledStore, devices: &[DeviceKey]) {
         let schema = store.db.get(layout::SCHEMA).unwrap().unwrap();
         assert_eq!(schema.as_ref(), &4u32.to_be_bytes());
+        assert!(
+            store.db.get(layout::UPGRADING).unwrap().is_none(),
+            "the upgrade is still marked under way"
+        );
         // Every key resolves by public key, with its id and secret, once.
         for i in 0..KEYS {
             let dev = &devices[(i % 2) as usize];
@@ -371,7 +390,8 @@ mod tests {
 
     /// A schema 3 store holding outstanding keys (more than one batch) and
     /// puppet records, whose upgrade is cut short after two batches, as by
-    /// a crash: the next open finishes it. Every key then resolves by its
+    /// a crash: the store then says schema 4 with the upgrade marked under
+    /// way (a schema 3 build refuses it), and the next open finishes it. Every key then resolves by its
     /// public key with its original id and secret, exactly once, no old
     /// record or index entry is left, every puppet keeps its flag and its
     /// schedule, and a later open changes nothing.
@@ -390,7 +410,9 @@ mod tests {
             .collect();
         write_schema_3(&path, &key, &devices);
         {
+            // What open does first, then two batches of the upgrade.
             let db = sled::open(&path).unwrap();
+            begin(&db, 3).unwrap();
             let finished = run(&db, &key.cipher(), &mut 2).unwrap();
             assert!(!finished, "the upgrade should have been cut short");
             let (old_keys, index, registry) = old_records_left(&db);
@@ -399,8 +421,11 @@ mod tests {
                 "cut mid-way: {old_keys} old key records left"
             );
             assert_eq!((index, registry), (old_keys + 1, 4));
+            // A build of schema 3 refuses the half-converted store.
             let schema = db.get(layout::SCHEMA).unwrap().unwrap();
-            assert_eq!(schema.as_ref(), &3u32.to_be_bytes());
+            assert_eq!(schema.as_ref(), &4u32.to_be_bytes());
+            let mark = db.get(layout::UPGRADING).unwrap().unwrap();
+            assert_eq!(mark.as_ref(), &3u32.to_be_bytes());
             db.flush().unwrap();
         }
         let config = SledStoreConfig::new(&path, key.clone()).expect_id(id);
