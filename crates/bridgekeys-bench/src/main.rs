@@ -680,6 +680,10 @@ async fn main() -> anyhow::Result<()> {
                 r.bytes_per_device
             );
             println!(
+                "  of which the records themselves         {:>10.0} bytes in {:.2} entries",
+                r.record_bytes_per_device, r.entries_per_device
+            );
+            println!(
                 "  alternative: {} uploaded keys per device, computed:",
                 a.keys_per_device
             );

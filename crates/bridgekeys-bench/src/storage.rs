@@ -99,6 +99,11 @@ pub struct StorageReport {
     pub empty_store_bytes: u64,
     /// (store_bytes - empty_store_bytes) / devices.
     pub bytes_per_device: f64,
+    /// The records themselves (keys and values as handed to sled, without
+    /// its per-entry and page costs) per idle device, over an empty store.
+    pub record_bytes_per_device: f64,
+    /// Entries in the tree per idle device, over an empty store.
+    pub entries_per_device: f64,
     /// The 50-uploaded-keys alternative, computed.
     pub alternative: UploadedKeysAlternative,
     /// The uploaded pool of a contacted device.
@@ -118,6 +123,11 @@ pub async fn run(config: &StorageBench) -> anyhow::Result<StorageReport> {
     let store_bytes = settle_and_measure(dir.path(), &key)?;
     let per_device =
         |bytes: u64| bytes.saturating_sub(empty_store_bytes) as f64 / config.devices.max(1) as f64;
+    let (empty_entries, empty_records) = records(empty.path(), &key)?;
+    let (entries, record_bytes) = records(dir.path(), &key)?;
+    let devices = config.devices.max(1) as f64;
+    let record_bytes_per_device = record_bytes.saturating_sub(empty_records) as f64 / devices;
+    let entries_per_device = entries.saturating_sub(empty_entries) as f64 / devices;
     let bytes_per_device = per_device(store_bytes);
     let alternative = uploaded_keys_alternative(50, bytes_per_device.round() as usize)?;
     drop(dir);
@@ -141,8 +151,19 @@ pub async fn run(config: &StorageBench) -> anyhow::Result<StorageReport> {
         store_bytes,
         empty_store_bytes,
         bytes_per_device,
+        record_bytes_per_device,
+        entries_per_device,
         alternative,
     })
+}
+
+/// Entries and bytes of keys and values in the store at `dir`.
+fn records(dir: &Path, key: &StoreKey) -> anyhow::Result<(u64, u64)> {
+    let store = open_store(dir, key)?;
+    let sizes = store.record_sizes()?;
+    Ok(sizes
+        .values()
+        .fold((0, 0), |(n, b), (entries, bytes)| (n + entries, b + bytes)))
 }
 
 /// Provision `devices` as the provisioner would (without the homeserver),

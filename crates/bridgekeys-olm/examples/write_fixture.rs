@@ -1,8 +1,9 @@
 //! Writes the fixture store that `tests/it/fixture.rs` reads: a store in the
 //! current record formats holding a puppet device with a published fallback
 //! key, a cross-signing identity, an Olm session and an outstanding one-time
-//! key, plus a manifest of what a reader must find in it and messages only
-//! those records can decrypt.
+//! key, recorded in the puppet registry (cross-signed, its next rotation
+//! scheduled), plus a manifest of what a reader must find in it and
+//! messages only those records can decrypt.
 //!
 //! Run it only when a record format changes on purpose, into a new
 //! directory: `cargo run -p bridgekeys-olm --example write_fixture --
@@ -16,7 +17,7 @@ mod common;
 use std::sync::Arc;
 
 use bridgekeys_olm::{AccountManager, ManagerConfig};
-use bridgekeys_store::{SledStore, SledStoreConfig, StoreKey};
+use bridgekeys_store::{DeviceKey, PuppetRegistry, SledStore, SledStoreConfig, StoreKey};
 use common::{Peer, alice, payload_for};
 use ruma::OneTimeKeyAlgorithm;
 use serde_json::json;
@@ -76,9 +77,35 @@ async fn main() {
     // Encrypted with payload_for: keep the helper used.
     let _ = payload_for;
 
+    // The puppet registry: recorded, cross-signed, scheduled.
+    let puppet = DeviceKey::new(user.as_str(), device.as_str());
+    let due_ms = 1_700_000_600_000u64;
+    store
+        .record_puppet(&puppet)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    store
+        .record_cross_signed(&puppet)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    store
+        .schedule_rotation(&puppet, due_ms, None)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+
     let identity = m.identity_keys(&user, &device).unwrap();
     let manifest = json!({
-        "written_by": "bridgekeys 0.1.0, vodozemac 0.11.1, account format 4",
+        "written_by": format!(
+            "bridgekeys 0.1.0, vodozemac 0.11.1, account format 4, sled schema {}",
+            bridgekeys_store::SCHEMA_VERSION
+        ),
+        "puppet": {"cross_signed": true, "due_ms": due_ms},
         "store_key": vodozemac::base64_encode(key.as_bytes()),
         "store_id": store_id.to_string(),
         "user_id": user,

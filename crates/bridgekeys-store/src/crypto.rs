@@ -6,12 +6,15 @@ use std::fmt;
 
 use chacha20poly1305::{
     XChaCha20Poly1305, XNonce,
-    aead::{Aead, KeyInit, Payload},
+    aead::{Aead, AeadInPlace, KeyInit, Payload},
 };
 use rand::RngCore;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 const NONCE_LEN: usize = 24;
+
+/// Bytes a sealed value adds to its plaintext: the nonce and the tag.
+pub(crate) const SEAL_OVERHEAD: usize = NONCE_LEN + 16;
 
 /// The 32-byte key that encrypts a store at rest. Comes from the bridge's
 /// configuration; never logged (its `Debug` is redacted).
@@ -53,25 +56,36 @@ pub(crate) struct Sealer(XChaCha20Poly1305);
 impl Sealer {
     /// `nonce || ciphertext+tag`, bound to `slot`.
     pub(crate) fn seal(&self, slot: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
+        self.seal_into(&mut out, slot, plaintext);
+        out
+    }
+
+    /// Append `nonce || ciphertext+tag`, bound to `slot`, to `out`: the
+    /// plaintext is encrypted in place in `out`, so a caller that sized
+    /// `out` for its whole record (prefix, [`SEAL_OVERHEAD`] and plaintext)
+    /// makes no other allocation. If the AEAD fails (it cannot with a valid
+    /// key and in-memory buffers), `out` is left as it was given, never
+    /// holding plaintext.
+    pub(crate) fn seal_into(&self, out: &mut Vec<u8>, slot: &[u8], plaintext: &[u8]) {
         // A random 192-bit nonce never repeats in practice; the thread-local
         // CSPRNG (seeded from the OS) saves a syscall per sealed value.
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
+        let start = out.len();
         out.extend_from_slice(&nonce);
-        // Encryption with a valid key and in-memory buffers cannot fail; if
-        // the AEAD ever says otherwise we store nothing rather than plaintext.
-        match self.0.encrypt(
+        out.extend_from_slice(plaintext);
+        match self.0.encrypt_in_place_detached(
             XNonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad: slot,
-            },
+            slot,
+            &mut out[start + NONCE_LEN..],
         ) {
-            Ok(ct) => out.extend_from_slice(&ct),
-            Err(_) => out.clear(),
+            Ok(tag) => out.extend_from_slice(&tag),
+            Err(_) => {
+                out[start..].zeroize();
+                out.truncate(start);
+            }
         }
-        out
     }
 
     /// Open a sealed value; `None` if it was not sealed with this key for this slot.

@@ -133,6 +133,7 @@ mod sled_export;
 mod sled_store;
 mod transactions;
 mod types;
+mod upgrade;
 mod watermark;
 
 #[cfg(feature = "testing")]

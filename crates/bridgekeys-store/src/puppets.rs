@@ -3,10 +3,15 @@
 //!
 //! The fallback key rotation task walks this list (the homeserver knows
 //! these devices, so their keys can be uploaded), and it survives restarts
-//! so rotation resumes where it was. Records are `r/<device>` keys whose
-//! value is empty, or one flag byte (set once the device is signed by its
-//! user's published cross-signing identity) followed, once the device is
-//! scheduled, by the due time of its next rotation step.
+//! so rotation resumes where it was. On sled (schema 4) a device's entry
+//! is the header of its account record (`a/<device>`: a flag byte saying
+//! provisioned, and cross-signed once the device is signed by its user's
+//! published cross-signing identity, then, once the device is scheduled,
+//! the due time of its next rotation step), so an idle provisioned device
+//! is one entry in the tree. A device recorded before it has an account
+//! (the trait allows it) gets an `r/<device>` record instead, whose value
+//! is empty, or one flag byte (cross-signed) followed by the due time, and
+//! which its account takes over when it is created.
 //!
 //! The schedule is an index, `n/<due><device>`, so a rotation pass reads
 //! only the devices that are due ([`PuppetRegistry::due_rotations`]) instead
@@ -14,9 +19,12 @@
 //! would otherwise read a million records each time. User and device ids
 //! and times are public data: nothing here is sealed.
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use crate::{DeviceKey, Pending, SledStore, StoreError, layout};
+use crate::{
+    DeviceKey, Pending, SledStore, StoreError,
+    layout::{self, PuppetHeader},
+};
 
 /// The durable list of provisioned puppet devices.
 pub trait PuppetRegistry: Send + Sync + 'static {
@@ -66,41 +74,153 @@ pub trait PuppetRegistry: Send + Sync + 'static {
     ) -> Result<Vec<(DeviceKey, u64)>, StoreError>;
 }
 
-/// The due time stored after the flag byte of a registry value, if any.
-fn scheduled_at(value: &[u8]) -> Option<u64> {
-    value
-        .get(1..9)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
+/// The flag byte of a cross-signed puppet device in an `r/` record.
+const CROSS_SIGNED: u8 = 1;
+
+/// The `r/` value standing for `header` (a device without an account).
+fn registry_value(header: PuppetHeader) -> Vec<u8> {
+    let flag = u8::from(header.flags & layout::CROSS_SIGNED != 0) * CROSS_SIGNED;
+    match header.due {
+        None if flag == 0 => Vec::new(),
+        None => vec![flag],
+        Some(due) => {
+            let mut v = Vec::with_capacity(9);
+            v.push(flag);
+            v.extend_from_slice(&due.to_be_bytes());
+            v
+        }
+    }
 }
 
-/// The flag byte of a cross-signed puppet device.
-const CROSS_SIGNED: u8 = 1;
+/// Where a device's registry entry lives: in its account's header, or in
+/// an `r/` record for a device without an account.
+enum Entry {
+    /// The account record (raw) and its header.
+    Account(sled::IVec, PuppetHeader),
+    /// An `r/` record's header (`None`: none).
+    Registry(Option<PuppetHeader>),
+}
+
+impl Entry {
+    /// The device's registry header, if it is recorded.
+    fn recorded(&self) -> Option<PuppetHeader> {
+        match self {
+            Entry::Account(_, h) if h.flags & layout::PUPPET != 0 => Some(*h),
+            Entry::Account(..) => None,
+            Entry::Registry(h) => *h,
+        }
+    }
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+/// In a transaction: read a device's registry entry.
+fn read_entry(
+    tx: &TransactionalTree,
+    device: &DeviceKey,
+) -> Result<Entry, ConflictableTransactionError<StoreError>> {
+    if let Some(raw) = tx.get(layout::account(device))? {
+        let (header, _, _) = layout::parse_account(&raw).ok_or_else(|| {
+            abort(StoreError::Corrupt {
+                what: "account record header".into(),
+            })
+        })?;
+        return Ok(Entry::Account(raw, header));
+    }
+    Ok(Entry::Registry(
+        tx.get(layout::puppet(device))?
+            .map(|v| PuppetHeader::from_registry_value(&v)),
+    ))
+}
+
+/// In a transaction: store a device's registry header where its entry
+/// lives.
+fn write_entry(
+    tx: &TransactionalTree,
+    device: &DeviceKey,
+    entry: &Entry,
+    header: PuppetHeader,
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    match entry {
+        Entry::Account(raw, _) => {
+            let updated = layout::with_header(raw, header).ok_or_else(|| {
+                abort(StoreError::Corrupt {
+                    what: "account record header".into(),
+                })
+            })?;
+            tx.insert(layout::account(device), updated)?;
+        }
+        Entry::Registry(_) => {
+            tx.insert(layout::puppet(device), registry_value(header))?;
+        }
+    }
+    Ok(())
+}
+
+impl SledStore {
+    /// Run `f` in a transaction on the tree, mapping sled's errors.
+    fn registry_transaction<T>(
+        &self,
+        f: impl Fn(&TransactionalTree) -> Result<T, ConflictableTransactionError<StoreError>>,
+    ) -> Result<T, StoreError> {
+        match self.db.transaction(f) {
+            Ok(v) => Ok(v),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// A device's registry header, if recorded (one read for a device
+    /// with an account record, two for one without).
+    fn registry_header(&self, device: &DeviceKey) -> Result<Option<PuppetHeader>, StoreError> {
+        if let Some(raw) = self.db.get(layout::account(device))? {
+            let (header, _, _) =
+                layout::parse_account(&raw).ok_or_else(|| StoreError::Corrupt {
+                    what: "account record header".into(),
+                })?;
+            if header.flags & layout::PUPPET != 0 {
+                return Ok(Some(header));
+            }
+        }
+        Ok(self
+            .db
+            .get(layout::puppet(device))?
+            .map(|v| PuppetHeader::from_registry_value(&v)))
+    }
+}
 
 impl PuppetRegistry for SledStore {
     fn record_puppet(&self, device: &DeviceKey) -> Result<Pending, StoreError> {
-        // Only if absent: recording again keeps the cross-signed flag.
-        let _already = self.db.compare_and_swap(
-            layout::puppet(device),
-            None as Option<&[u8]>,
-            Some(&[][..]),
-        )?;
+        // Only if not recorded yet: recording again keeps the flags and the
+        // schedule.
+        self.registry_transaction(|tx| {
+            let entry = read_entry(tx, device)?;
+            if entry.recorded().is_none() {
+                let header = PuppetHeader {
+                    flags: layout::PUPPET,
+                    due: None,
+                };
+                write_entry(tx, device, &entry, header)?;
+            }
+            Ok(())
+        })?;
         Ok(self.commit.pending())
     }
 
     fn contains_puppet(&self, device: &DeviceKey) -> Result<bool, StoreError> {
-        Ok(self.db.contains_key(layout::puppet(device))?)
+        Ok(self.registry_header(device)?.is_some())
     }
 
     fn record_cross_signed(&self, device: &DeviceKey) -> Result<Pending, StoreError> {
-        // The flag byte only: a scheduled due time after it stays.
-        self.db.update_and_fetch(layout::puppet(device), |old| {
-            let mut value = old.map_or_else(Vec::new, <[u8]>::to_vec);
-            match value.first_mut() {
-                Some(flag) => *flag = CROSS_SIGNED,
-                None => value.push(CROSS_SIGNED),
-            }
-            Some(value)
+        // The flag only: a scheduled due time stays. (A device not recorded
+        // yet is recorded by it, as before schema 4.)
+        self.registry_transaction(|tx| {
+            let entry = read_entry(tx, device)?;
+            let mut header = entry.recorded().unwrap_or_default();
+            header.flags |= layout::PUPPET | layout::CROSS_SIGNED;
+            write_entry(tx, device, &entry, header)
         })?;
         Ok(self.commit.pending())
     }
@@ -111,10 +231,10 @@ impl PuppetRegistry for SledStore {
         due_ms: u64,
         found_at: Option<u64>,
     ) -> Result<Pending, StoreError> {
-        let record = layout::puppet(device);
-        let entry = layout::rotation(due_ms, device);
-        let outcome = self.db.transaction(|tx| {
-            let Some(value) = tx.get(&record)? else {
+        let entry_key = layout::rotation(due_ms, device);
+        self.registry_transaction(|tx| {
+            let entry = read_entry(tx, device)?;
+            let Some(mut header) = entry.recorded() else {
                 // Not (or no longer) recorded: its entry, if it was found
                 // under one, goes rather than being found again and again.
                 if let Some(old) = found_at {
@@ -122,23 +242,16 @@ impl PuppetRegistry for SledStore {
                 }
                 return Ok(());
             };
-            for old in [scheduled_at(&value), found_at].into_iter().flatten() {
+            for old in [header.due, found_at].into_iter().flatten() {
                 if old != due_ms {
                     tx.remove(layout::rotation(old, device))?;
                 }
             }
-            tx.insert(entry.as_slice(), &[][..])?;
-            let mut updated = [0u8; 9];
-            updated[0] = value.first().copied().unwrap_or(0);
-            updated[1..].copy_from_slice(&due_ms.to_be_bytes());
-            tx.insert(record.as_slice(), &updated[..])?;
-            Ok::<(), ConflictableTransactionError<StoreError>>(())
-        });
-        match outcome {
-            Ok(()) => Ok(self.commit.pending()),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+            tx.insert(entry_key.as_slice(), &[][..])?;
+            header.due = Some(due_ms);
+            write_entry(tx, device, &entry, header)
+        })?;
+        Ok(self.commit.pending())
     }
 
     fn due_rotations(
@@ -184,22 +297,37 @@ impl PuppetRegistry for SledStore {
 
     fn is_cross_signed(&self, device: &DeviceKey) -> Result<bool, StoreError> {
         Ok(self
-            .db
-            .get(layout::puppet(device))?
-            .is_some_and(|v| v.first() == Some(&CROSS_SIGNED)))
+            .registry_header(device)?
+            .is_some_and(|h| h.flags & layout::CROSS_SIGNED != 0))
     }
 
+    /// In device byte order: the accounts flagged in their header and the
+    /// `r/` records, merged (both are scans in that order).
     fn puppets(&self) -> Result<Vec<DeviceKey>, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt { what: what.into() };
         let mut out = Vec::new();
+        for item in self.db.scan_prefix(layout::ACCOUNT_PREFIX) {
+            let (key, value) = item?;
+            let (header, _, _) =
+                layout::parse_account(&value).ok_or_else(|| corrupt("account record header"))?;
+            if header.flags & layout::PUPPET != 0 {
+                out.push(
+                    DeviceKey::from_bytes(&key[layout::ACCOUNT_PREFIX.len()..])
+                        .ok_or_else(|| corrupt("account key"))?,
+                );
+            }
+        }
+        let from_accounts = out.len();
         for item in self.db.scan_prefix(layout::PUPPET_PREFIX).keys() {
             let key = item?;
-            let device =
-                DeviceKey::from_bytes(&key[layout::PUPPET_PREFIX.len()..]).ok_or_else(|| {
-                    StoreError::Corrupt {
-                        what: "puppet registry entry".into(),
-                    }
-                })?;
-            out.push(device);
+            out.push(
+                DeviceKey::from_bytes(&key[layout::PUPPET_PREFIX.len()..])
+                    .ok_or_else(|| corrupt("puppet registry entry"))?,
+            );
+        }
+        if from_accounts > 0 && out.len() > from_accounts {
+            out.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            out.dedup();
         }
         Ok(out)
     }
@@ -335,5 +463,80 @@ mod tests {
             .await
             .expect("durable");
         assert_eq!(store.due_rotations(4_000, None, 100).expect("due").len(), 3);
+    }
+
+    /// On sled an idle provisioned device is one entry: recording a device
+    /// that has an account puts the flags in its header (no `r/` record),
+    /// and a device recorded before its account exists has its `r/`
+    /// record (flag and schedule) taken over when the account is created.
+    #[tokio::test]
+    async fn a_provisioned_device_is_one_entry_and_an_account_takes_over_an_earlier_record() {
+        use crate::{DeviceWrite, Store};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let create = |store: &SledStore, d: &DeviceKey| {
+            store
+                .write_device(
+                    d,
+                    None,
+                    DeviceWrite {
+                        account: zeroize::Zeroizing::new(b"account".to_vec()),
+                        ..DeviceWrite::default()
+                    },
+                )
+                .expect("create")
+        };
+        let entries = |store: &SledStore, d: &DeviceKey| {
+            [layout::account(d), layout::puppet(d)]
+                .iter()
+                .filter(|k| store.db.contains_key(k).expect("read"))
+                .count()
+        };
+        let first = DeviceKey::new("@echo_a:hs", "DEV");
+        create(&store, &first).durable().await.expect("durable");
+        drop(store.record_puppet(&first).expect("record"));
+        drop(store.record_cross_signed(&first).expect("flag"));
+        drop(
+            store
+                .schedule_rotation(&first, 1_000, None)
+                .expect("schedule"),
+        );
+        assert_eq!(
+            entries(&store, &first),
+            1,
+            "account and registry in one entry"
+        );
+
+        let early = DeviceKey::new("@echo_b:hs", "DEV");
+        drop(store.record_puppet(&early).expect("record"));
+        drop(store.record_cross_signed(&early).expect("flag"));
+        drop(
+            store
+                .schedule_rotation(&early, 2_000, None)
+                .expect("schedule"),
+        );
+        assert!(store.db.contains_key(layout::puppet(&early)).expect("read"));
+        create(&store, &early).durable().await.expect("durable");
+        assert_eq!(
+            entries(&store, &early),
+            1,
+            "the account took the record over"
+        );
+        assert!(!store.db.contains_key(layout::puppet(&early)).expect("read"));
+
+        for d in [&first, &early] {
+            assert!(store.contains_puppet(d).expect("read"));
+            assert!(store.is_cross_signed(d).expect("read"));
+            let account = store.load_account(d).expect("load").expect("account");
+            assert_eq!(account.data.as_slice(), b"account");
+        }
+        assert_eq!(
+            store.puppets().expect("list"),
+            vec![first.clone(), early.clone()]
+        );
+        assert_eq!(
+            store.due_rotations(u64::MAX, None, 10).expect("due"),
+            vec![(first, 1_000), (early, 2_000)]
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! Listing every record of a sled store for a migration
 //! ([`crate::migrate::Export`]): one prefix scan per kind of record (see
-//! [`crate::layout`]), each record opened with the store key. Indexes
-//! (`p/` public keys, `n/` rotation schedule) and metadata are not listed:
-//! the target builds its own from the records.
+//! [`crate::layout`]), each record opened with the store key. The rotation
+//! schedule index (`n/`) and metadata are not listed: the target builds its
+//! own from the records. A puppet device's registry entry is listed right
+//! after its account when the account's header holds it, else from its
+//! `r/` record.
 
 use zeroize::Zeroizing;
 
@@ -59,29 +61,46 @@ impl SledStore {
         self.sealer.open(slot, sealed).ok_or_else(|| corrupt(what))
     }
 
+    /// Decode the record at `key` (its tag `tag` included) with `value`:
+    /// one record, and for an account whose header says it is a puppet
+    /// device, its registry entry after it.
+    fn decode_all(
+        &self,
+        tag: &[u8],
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(Record, Option<Record>), StoreError> {
+        if tag != layout::ACCOUNT_PREFIX {
+            return Ok((self.decode(tag, key, value)?, None));
+        }
+        let (device, _) =
+            DeviceKey::split_front(&key[tag.len()..]).ok_or_else(|| corrupt("account key"))?;
+        let (header, version, sealed) =
+            layout::parse_account(value).ok_or_else(|| corrupt("account header"))?;
+        let data = self.open_slot(&layout::account_slot(&device, version), sealed, "account")?;
+        let puppet = (header.flags & layout::PUPPET != 0).then(|| Record::Puppet {
+            device: device.clone(),
+            cross_signed: header.flags & layout::CROSS_SIGNED != 0,
+            due_ms: header.due,
+        });
+        Ok((Record::Account { device, data }, puppet))
+    }
+
     /// Decode the record at `key` (its tag `tag` included) with `value`.
     fn decode(&self, tag: &[u8], key: &[u8], value: &[u8]) -> Result<Record, StoreError> {
         let rest = &key[tag.len()..];
         let device = |what: &str| DeviceKey::split_front(rest).ok_or_else(|| corrupt(what));
         Ok(match tag {
-            b"a/" => {
-                let (device, _) = device("account key")?;
-                let version = u64_at(value, "account version")?;
-                let data = self.open_slot(
-                    &layout::account_slot(&device, version),
-                    &value[8..],
-                    "account",
-                )?;
-                Record::Account { device, data }
-            }
             b"k/" => {
-                let (device, id) = device("one-time key")?;
-                let key_id = u64_at(id, "one-time key id")?;
-                let public_key = value
-                    .get(..32)
-                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .ok_or_else(|| corrupt("one-time key record"))?;
-                let secret = self.open_slot(key, &value[32..], "one-time key secret")?;
+                let (device, public) = device("one-time key")?;
+                let public_key =
+                    <[u8; 32]>::try_from(public).map_err(|_| corrupt("one-time key public key"))?;
+                let key_id = u64_at(value, "one-time key id")?;
+                let secret = self.open_slot(
+                    &layout::otk_seal_slot(&device, &public_key, key_id),
+                    &value[8..],
+                    "one-time key secret",
+                )?;
                 let secret_key = Zeroizing::new(
                     <[u8; 32]>::try_from(secret.as_slice())
                         .map_err(|_| corrupt("one-time key length"))?,
@@ -227,9 +246,15 @@ impl Export for SledStore {
             }))
         });
         let records = PREFIXES.iter().flat_map(move |tag| {
-            self.db.scan_prefix(tag).map(move |item| {
-                let (key, value) = item?;
-                self.decode(tag, &key, &value)
+            self.db.scan_prefix(tag).flat_map(move |item| {
+                let decoded = item
+                    .map_err(StoreError::from)
+                    .and_then(|(key, value)| self.decode_all(tag, &key, &value));
+                let (first, second) = match decoded {
+                    Ok((first, second)) => (Ok(first), second.map(Ok)),
+                    Err(e) => (Err(e), None),
+                };
+                std::iter::once(first).chain(second)
             })
         });
         Box::new(floor.chain(records))

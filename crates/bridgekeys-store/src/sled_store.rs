@@ -40,11 +40,17 @@ const KEY_ID_BLOCK: u64 = 1 << 16;
 /// Megolm sessions a version (compare-and-swap writes): their records from
 /// schema 2 still read (as version 0) and take the new format with their
 /// next write, and a build that only knows schema 2 refuses a schema 3
-/// store instead of failing on records it cannot open.
-pub const SCHEMA_VERSION: u32 = 3;
+/// store instead of failing on records it cannot open. Schema 4 made each
+/// one-time key one record found by its public key (`k/<device><public
+/// key>`, instead of a record by id and a public-key index) and moved the
+/// puppet registry's flags into the account record's header (one entry per
+/// idle provisioned device): opening an older store rewrites those records
+/// first (see [`SledStore::open`]), and a build that only knows schema 3
+/// refuses a schema 4 store.
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Older schemas this build opens and upgrades.
-const UPGRADABLE_SCHEMAS: &[u32] = &[1, 2];
+const UPGRADABLE_SCHEMAS: &[u32] = &[1, 2, 3];
 
 /// How to open a [`SledStore`].
 #[derive(Clone, Debug)]
@@ -67,9 +73,10 @@ pub struct SledStoreConfig {
     pub accept_restored: bool,
     /// sled's page cache size in bytes, an upper bound on its memory.
     /// Default 1 GiB (sled's own default): enough for the whole store of a
-    /// million idle puppets (about 850 MB on disk), so a cold device costs a
-    /// memory read, not a disk read. A smaller cache works, with claims on
-    /// cold devices slower once the store outgrows it.
+    /// million idle puppets (about 0.85 to 1 GB on disk, most of it sled's
+    /// own overhead), so a cold device costs a memory read, not a disk
+    /// read. A smaller cache works, with claims on cold devices slower once
+    /// the store outgrows it.
     pub cache_capacity: u64,
     /// How long a flush waits for more writers to join it after the first
     /// one asks (group commit), when the previous flush answered more than
@@ -226,6 +233,18 @@ impl SledStore {
     /// never finished writing.)
     ///
     /// A store created before store ids existed gets one at its first open.
+    ///
+    /// A store of an older schema is upgraded once it passed those checks:
+    /// before schema 4, every one-time key is rewritten as one record found
+    /// by its public key (same key id, same secret, sealed to its new slot),
+    /// the public-key index goes, and the puppet-registry record of every
+    /// device that has an account moves into the account's header. Each
+    /// batch of that is atomic. The new schema is written first, durably,
+    /// with a mark of the upgrade under way (`m/upgrading`), so a build of
+    /// an older schema refuses a store it would misread; the mark goes once
+    /// everything is durable. An upgrade cut short by a crash or a power
+    /// cut is simply run again (what it converted stays converted) at the
+    /// next open, and no key is lost, duplicated or given another id.
     pub fn open(config: SledStoreConfig) -> Result<Self, StoreError> {
         let path = config.path.clone();
         // sled would create a missing database: check that one is there.
@@ -235,14 +254,29 @@ impl SledStore {
         remove_incomplete_snapshots(&path)?;
         let db = open_engine(&path, &config)?;
         let sealer = config.key.cipher();
-        if Self::check(&db, &sealer, &path)? != SCHEMA_VERSION {
-            put_durably(&db, &path, layout::SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-            tracing::info!(path = %path.display(), to = SCHEMA_VERSION, "store schema upgraded");
-        }
+        let schema = Self::check(&db, &sealer, &path)?;
         let id = Self::identity(&db, &path, config.expected_id)?;
         let mut key_ids = Self::load_key_ids(&db)?;
         let watermark =
             Self::check_watermark(&db, &path, id, &mut key_ids, config.accept_restored)?;
+        // After the checks that refuse a store, so a refused store is left
+        // as it was.
+        if schema != SCHEMA_VERSION || db.get(layout::UPGRADING)?.is_some() {
+            if schema != SCHEMA_VERSION {
+                // First, durably, the new schema and the mark of an upgrade
+                // under way: from here on a build of an older schema
+                // refuses the store (it would misread records already
+                // converted), and this one finishes the upgrade.
+                crate::upgrade::begin(&db, schema)?;
+                sync_log(&db, &path)?;
+            }
+            crate::upgrade::to_schema_4(&db, &sealer)?;
+            // Everything the upgrade wrote is durable before the mark goes.
+            sync_log(&db, &path)?;
+            db.remove(layout::UPGRADING)?;
+            sync_log(&db, &path)?;
+            tracing::info!(path = %path.display(), from = schema, to = SCHEMA_VERSION, "store schema upgraded");
+        }
         // sled's `flush` writes its log with `sync_file_range`, which neither
         // flushes the drive's cache nor the file's size: survives a killed
         // process, not a power cut. An `fdatasync` of the log file after it
@@ -309,7 +343,27 @@ impl SledStore {
         &self.path
     }
 
-    /// Seal an account and its key changes for `write_device`.
+    /// What the records themselves take, per kind (their two-byte key
+    /// prefix, such as `"a/"`): `(entries, bytes of keys and values)`, as
+    /// handed to sled, before the engine's own per-entry and page costs.
+    /// Reads the whole tree: for benchmarks and tools, not the hot path.
+    pub fn record_sizes(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, (u64, u64)>, StoreError> {
+        let mut out = std::collections::BTreeMap::new();
+        for item in self.db.iter() {
+            let (key, value) = item?;
+            let kind = String::from_utf8_lossy(key.get(..2).unwrap_or(&key)).into_owned();
+            let entry: &mut (u64, u64) = out.entry(kind).or_default();
+            entry.0 += 1;
+            entry.1 += (key.len() + value.len()) as u64;
+        }
+        Ok(out)
+    }
+
+    /// Seal an account and its key changes for `write_device`. The
+    /// account's header is the stored record's, so it is put in front of
+    /// the sealed account inside the transaction.
     fn seal(
         &self,
         device: &DeviceKey,
@@ -317,53 +371,124 @@ impl SledStore {
         account: &[u8],
         add: &[OneTimeKeyRecord],
         remove: &[(u64, [u8; 32])],
-    ) -> SealedWrite {
+    ) -> Result<SealedWrite, StoreError> {
         let new_version = Version::next(expected);
-        let mut account_value = new_version.0.to_be_bytes().to_vec();
-        account_value.extend(
-            self.sealer
-                .seal(&layout::account_slot(device, new_version.0), account),
-        );
-        let (added, removed) = self.seal_keys(device, add, remove);
-        SealedWrite {
-            account_key: layout::account(device),
-            account_value,
-            added,
-            removed,
+        if new_version.0 > layout::MAX_ACCOUNT_VERSION {
+            return Err(StoreError::Corrupt {
+                what: format!("account version of {device:?} beyond 2^56"),
+            });
         }
+        let account_sealed = self
+            .sealer
+            .seal(&layout::account_slot(device, new_version.0), account);
+        let added = self.seal_keys(device, add);
+        let mut replaced = self.foreign_id_holders(device, add)?;
+        replaced.extend(self.holders_of(device, remove)?);
+        Ok(SealedWrite {
+            account_key: layout::account(device),
+            new_version: new_version.0,
+            account_sealed,
+            added,
+            replaced,
+        })
     }
 
-    /// Seal new one-time keys and name the records of removed ones.
-    fn seal_keys(
+    /// Seal new one-time keys: each is one record, `k/<device><public
+    /// key>` -> `key id || private key sealed to (device, public key, key
+    /// id)`, built in two allocations (its key, its value).
+    fn seal_keys(&self, device: &DeviceKey, add: &[OneTimeKeyRecord]) -> Vec<SealedKey> {
+        add.iter()
+            .map(|k| {
+                let mut slot = layout::otk_seal_slot(device, &k.public_key, k.key_id);
+                let mut value = Vec::with_capacity(8 + crate::crypto::SEAL_OVERHEAD + 32);
+                value.extend_from_slice(&k.key_id.to_be_bytes());
+                self.sealer
+                    .seal_into(&mut value, &slot, k.secret_key.as_slice());
+                slot.truncate(layout::otk_key(&slot).len());
+                SealedKey { key: slot, value }
+            })
+            .collect()
+    }
+
+    /// Whether `key_id` was handed out by this handle's
+    /// [`Store::reserve_key_ids`]: the sequence never repeats, so no other
+    /// stored key can hold such an id (unless a caller used one id for two
+    /// keys, which the contract forbids).
+    fn issued_here(&self, key_id: u64) -> bool {
+        let ids = self.key_ids.lock();
+        (ids.issued_from..ids.next).contains(&key_id)
+    }
+
+    /// The records of `device` whose key id is `key_id`, found by reading
+    /// all of the device's keys (at most the outstanding-key bound).
+    fn scan_for_id(&self, device: &DeviceKey, key_id: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(layout::otk_prefix(device)) {
+            let (key, value) = item?;
+            if otk_id(&value)? == key_id {
+                out.push(key.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// For added keys whose id this handle did not hand out (a copy from
+    /// another store, a caller's own ids): the other records of the device
+    /// that hold the same id, which the write replaces, so that an id names
+    /// one key of a device, as it did when keys were stored by id. Keys
+    /// from [`Store::reserve_key_ids`] (every claim) skip this scan.
+    fn foreign_id_holders(
         &self,
         device: &DeviceKey,
         add: &[OneTimeKeyRecord],
-        remove: &[(u64, [u8; 32])],
-    ) -> (Vec<SealedKey>, Vec<RemovedKey>) {
-        let added = add
-            .iter()
-            .map(|k| {
-                let slot = layout::otk(device, k.key_id);
-                let mut value = k.public_key.to_vec();
-                value.extend(self.sealer.seal(&slot, k.secret_key.as_slice()));
-                SealedKey {
-                    index: layout::otk_by_public(device, &k.public_key),
-                    id: k.key_id.to_be_bytes(),
-                    slot,
-                    value,
+    ) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for k in add.iter().filter(|k| !self.issued_here(k.key_id)) {
+            let own = layout::otk(device, &k.public_key);
+            for key in self.scan_for_id(device, k.key_id)? {
+                if key != own {
+                    out.push((key, k.key_id));
                 }
-            })
-            .collect();
-        let removed = remove
-            .iter()
-            .map(|(id, public)| {
-                (
-                    layout::otk(device, *id),
-                    layout::otk_by_public(device, public),
-                )
-            })
-            .collect();
-        (added, removed)
+            }
+        }
+        Ok(out)
+    }
+
+    /// The records that removing keys `(key id, public key)` removes: a
+    /// key goes by its id, as it did when keys were stored by id. Normally
+    /// the record under that public key holds that id (the pair came from
+    /// [`Store::oldest_one_time_keys`] or [`Store::one_time_key`]); if not,
+    /// the device's keys are read to find the id.
+    fn holders_of(
+        &self,
+        device: &DeviceKey,
+        remove: &[(u64, [u8; 32])],
+    ) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
+        let mut out = Vec::with_capacity(remove.len());
+        for (id, public) in remove {
+            let key = layout::otk(device, public);
+            match self.db.get(&key)? {
+                Some(value) if otk_id(&value)? == *id => out.push((key, *id)),
+                _ => out.extend(self.scan_for_id(device, *id)?.into_iter().map(|k| (k, *id))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove the one-time key record at `key` if it still holds `key_id`
+    /// (atomically: a record put there meanwhile with another id stays).
+    /// Whether it was removed.
+    fn remove_if_id(&self, key: &[u8], key_id: u64) -> Result<bool, StoreError> {
+        let Some(old) = self.db.get(key)? else {
+            return Ok(false);
+        };
+        if otk_id(&old)? != key_id {
+            return Ok(false);
+        }
+        Ok(self
+            .db
+            .compare_and_swap(key, Some(old), None as Option<&[u8]>)?
+            .is_ok())
     }
 
     /// Seal session records for a write: each slot, its new value
@@ -520,6 +645,7 @@ impl SledStore {
         Ok(KeyIds {
             next: mark,
             reserved: mark,
+            issued_from: mark,
         })
     }
 
@@ -560,6 +686,7 @@ impl SledStore {
             );
             key_ids.next = recorded;
             key_ids.reserved = recorded;
+            key_ids.issued_from = recorded;
         }
         let writer = WatermarkWriter {
             file,
@@ -906,13 +1033,18 @@ impl Drop for SledStore {
 struct KeyIds {
     next: u64,
     reserved: u64,
+    /// The first id this handle hands out: ids from here to `next` were
+    /// reserved by it.
+    issued_from: u64,
 }
 
 struct SealedWrite {
     account_key: Vec<u8>,
-    account_value: Vec<u8>,
+    new_version: u64,
+    account_sealed: Vec<u8>,
     added: Vec<SealedKey>,
-    removed: Vec<RemovedKey>,
+    /// Records to remove if they still hold that key id.
+    replaced: Vec<(Vec<u8>, u64)>,
 }
 
 /// A session ready to write: its slot, its new value, and the version the
@@ -923,27 +1055,28 @@ struct SealedSession {
     expected: Option<Version>,
 }
 
-/// The record and the public-key index entry of a key to remove.
-type RemovedKey = (Vec<u8>, Vec<u8>);
-
-/// A one-time key ready to insert: its record and its public-key index entry.
+/// A one-time key ready to insert: its record's key and value.
 struct SealedKey {
-    slot: Vec<u8>,
+    key: Vec<u8>,
     value: Vec<u8>,
-    index: Vec<u8>,
-    id: [u8; 8],
 }
 
-fn version_of(raw: &[u8]) -> Result<(u64, &[u8]), StoreError> {
-    if raw.len() < 8 {
-        return Err(StoreError::Corrupt {
-            what: "account record too short".into(),
-        });
-    }
-    let (v, rest) = raw.split_at(8);
-    let mut b = [0u8; 8];
-    b.copy_from_slice(v);
-    Ok((u64::from_be_bytes(b), rest))
+/// An account value's header, version and sealed account.
+fn parse_account(raw: &[u8]) -> Result<(layout::PuppetHeader, u64, &[u8]), StoreError> {
+    layout::parse_account(raw).ok_or_else(|| StoreError::Corrupt {
+        what: "account record header".into(),
+    })
+}
+
+/// The key id at the front of a one-time key record's value.
+pub(crate) fn otk_id(value: &[u8]) -> Result<u64, StoreError> {
+    value
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt {
+            what: "one-time key record".into(),
+        })
 }
 
 impl Store for SledStore {
@@ -951,7 +1084,7 @@ impl Store for SledStore {
         let Some(raw) = self.db.get(layout::account(device))? else {
             return Ok(None);
         };
-        let (version, sealed) = version_of(&raw)?;
+        let (_, version, sealed) = parse_account(&raw)?;
         let data = self
             .sealer
             .open(&layout::account_slot(device, version), sealed)
@@ -977,18 +1110,27 @@ impl Store for SledStore {
             &write.account,
             &write.add_keys,
             &write.remove_keys,
-        );
+        )?;
+        let registry = layout::puppet(device);
         let sessions = self.seal_sessions(device, &write.sessions);
         let delivery = self.seal_delivery(device, write.delivery.as_ref());
 
         let outcome = self.db.transaction(|tx| {
-            let found = match tx.get(&sealed.account_key)? {
-                Some(raw) => Some(Version(
-                    version_of(&raw)
-                        .map_err(ConflictableTransactionError::Abort)?
-                        .0,
-                )),
-                None => None,
+            let (found, header) = match tx.get(&sealed.account_key)? {
+                Some(raw) => {
+                    let (header, version, _) =
+                        parse_account(&raw).map_err(ConflictableTransactionError::Abort)?;
+                    (Some(Version(version)), header)
+                }
+                // A new account takes over the registry record of its
+                // device, if it was recorded first: one entry per device.
+                None => match tx.get(&registry)? {
+                    Some(value) => {
+                        tx.remove(registry.as_slice())?;
+                        (None, layout::PuppetHeader::from_registry_value(&value))
+                    }
+                    None => (None, layout::PuppetHeader::default()),
+                },
             };
             if found != expected {
                 return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
@@ -996,17 +1138,19 @@ impl Store for SledStore {
                     found,
                 }));
             }
-            tx.insert(
-                sealed.account_key.as_slice(),
-                sealed.account_value.as_slice(),
-            )?;
-            for k in &sealed.added {
-                tx.insert(k.slot.as_slice(), k.value.as_slice())?;
-                tx.insert(k.index.as_slice(), &k.id[..])?;
+            let mut account = Vec::with_capacity(16 + sealed.account_sealed.len());
+            layout::account_header_into(&mut account, header, sealed.new_version);
+            account.extend_from_slice(&sealed.account_sealed);
+            tx.insert(sealed.account_key.as_slice(), account)?;
+            for (key, id) in &sealed.replaced {
+                if let Some(value) = tx.get(key)?
+                    && otk_id(&value).ok() == Some(*id)
+                {
+                    tx.remove(key.as_slice())?;
+                }
             }
-            for (slot, index) in &sealed.removed {
-                tx.remove(slot.as_slice())?;
-                tx.remove(index.as_slice())?;
+            for k in &sealed.added {
+                tx.insert(k.key.as_slice(), k.value.as_slice())?;
             }
             for (peer, id) in &write.remove_sessions {
                 tx.remove(layout::olm_session(device, peer, id))?;
@@ -1028,16 +1172,24 @@ impl Store for SledStore {
     }
 
     fn append_keys(&self, device: &DeviceKey, append: KeyAppend) -> Result<Pending, StoreError> {
-        let (added, removed) = self.seal_keys(device, &append.add_keys, &append.evict_keys);
-        // Each key record before its public-key index entry, so an index
-        // entry never points at a record that was not written.
-        for k in &added {
-            self.db.insert(k.slot.as_slice(), k.value.as_slice())?;
-            self.db.insert(k.index.as_slice(), &k.id[..])?;
+        let added = self.seal_keys(device, &append.add_keys);
+        for (key, id) in self.foreign_id_holders(device, &append.add_keys)? {
+            self.remove_if_id(&key, id)?;
         }
-        for (slot, index) in &removed {
-            self.db.remove(slot.as_slice())?;
-            self.db.remove(index.as_slice())?;
+        // One insert per key: the record is the whole key, so no order
+        // between entries matters (before schema 4, a key record had to
+        // precede its public-key index entry).
+        for k in added {
+            self.db.insert(k.key, k.value)?;
+        }
+        for (id, public) in &append.evict_keys {
+            let key = layout::otk(device, public);
+            if !self.remove_if_id(&key, *id)? {
+                // Not under that public key: the key with that id goes.
+                for key in self.scan_for_id(device, *id)? {
+                    self.remove_if_id(&key, *id)?;
+                }
+            }
         }
         Ok(self.commit.pending())
     }
@@ -1068,33 +1220,17 @@ impl Store for SledStore {
         device: &DeviceKey,
         public_key: &[u8; 32],
     ) -> Result<Option<OneTimeKeyRecord>, StoreError> {
-        let Some(id) = self.db.get(layout::otk_by_public(device, public_key))? else {
+        // One read: the record is keyed by the public key.
+        let Some(raw) = self.db.get(layout::otk(device, public_key))? else {
             return Ok(None);
         };
-        let key_id = <[u8; 8]>::try_from(id.as_ref())
-            .map(u64::from_be_bytes)
-            .map_err(|_| StoreError::Corrupt {
-                what: "one-time key index".into(),
-            })?;
-        let slot = layout::otk(device, key_id);
-        let Some(raw) = self.db.get(&slot)? else {
-            // Likewise a stale index entry whose key record never became durable.
-            return Ok(None);
-        };
-        if raw.len() < 32 {
-            return Err(StoreError::Corrupt {
-                what: "one-time key record".into(),
-            });
-        }
-        if raw[..32] != public_key[..] {
-            // A stale index entry: left by an `append_keys` that a crash cut
-            // short before it was durable, its id since reused. That key was
-            // never handed out, so it is simply not ours.
-            return Ok(None);
-        }
+        let key_id = otk_id(&raw)?;
         let secret = self
             .sealer
-            .open(&slot, &raw[32..])
+            .open(
+                &layout::otk_seal_slot(device, public_key, key_id),
+                &raw[8..],
+            )
             .ok_or_else(|| StoreError::Corrupt {
                 what: "one-time key secret".into(),
             })?;
@@ -1110,27 +1246,33 @@ impl Store for SledStore {
         }))
     }
 
+    /// A device's keys are stored by public key, so this reads all of them
+    /// (at most the manager's outstanding-key bound, and only when a claim
+    /// goes over it) and sorts them by id: ids increase in the order keys
+    /// were stored (one process, one sequence).
     fn oldest_one_time_keys(
         &self,
         device: &DeviceKey,
         limit: usize,
     ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
-        let prefix = layout::otk_prefix(device);
-        let mut out = Vec::with_capacity(limit.min(64));
-        for item in self.db.scan_prefix(&prefix).take(limit) {
-            let (k, v) = item?;
-            let id = <[u8; 8]>::try_from(&k[prefix.len()..])
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    what: "one-time key id".into(),
-                })?;
-            let public = <[u8; 32]>::try_from(v.get(..32).unwrap_or_default()).map_err(|_| {
-                StoreError::Corrupt {
-                    what: "one-time key record".into(),
-                }
-            })?;
-            out.push((id, public));
+        if limit == 0 {
+            return Ok(Vec::new());
         }
+        let prefix = layout::otk_prefix(device);
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let public =
+                <[u8; 32]>::try_from(&k[prefix.len()..]).map_err(|_| StoreError::Corrupt {
+                    what: "one-time key record key".into(),
+                })?;
+            out.push((otk_id(&v)?, public));
+        }
+        if out.len() > limit {
+            out.select_nth_unstable(limit);
+            out.truncate(limit);
+        }
+        out.sort_unstable();
         Ok(out)
     }
 
@@ -1603,5 +1745,64 @@ mod tests {
             store.load_outbound_group_session(&dev, "!r:hs"),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    /// A one-time key record is sealed to its device, public key and key
+    /// id: the same value under another public key or another device, or
+    /// with its id field changed, does not open (so a record cannot be
+    /// moved to stand for another key or renumbered).
+    #[test]
+    fn a_one_time_key_record_moved_or_renumbered_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fresh(dir.path());
+        let dev = DeviceKey::new("@a:hs", "D");
+        let other = DeviceKey::new("@a:hs", "E");
+        let first = store.reserve_key_ids(1).unwrap();
+        drop(
+            store
+                .append_keys(
+                    &dev,
+                    KeyAppend {
+                        add_keys: vec![OneTimeKeyRecord {
+                            key_id: first,
+                            public_key: [1; 32],
+                            secret_key: Zeroizing::new([2; 32]),
+                        }],
+                        evict_keys: Vec::new(),
+                    },
+                )
+                .unwrap(),
+        );
+        let raw = store.db.get(layout::otk(&dev, &[1; 32])).unwrap().unwrap();
+        assert_eq!(
+            raw.len(),
+            8 + crate::crypto::SEAL_OVERHEAD + 32,
+            "one value: id and sealed key"
+        );
+        store
+            .db
+            .insert(layout::otk(&dev, &[3; 32]), raw.clone())
+            .unwrap();
+        store
+            .db
+            .insert(layout::otk(&other, &[1; 32]), raw.clone())
+            .unwrap();
+        let mut renumbered = raw.to_vec();
+        renumbered[7] ^= 1;
+        store
+            .db
+            .insert(layout::otk(&dev, &[4; 32]), renumbered)
+            .unwrap();
+        for (d, public) in [(&dev, [3; 32]), (&other, [1; 32]), (&dev, [4; 32])] {
+            assert!(
+                matches!(
+                    store.one_time_key(d, &public),
+                    Err(StoreError::Corrupt { .. })
+                ),
+                "{d:?} {public:?} opened"
+            );
+        }
+        let k = store.one_time_key(&dev, &[1; 32]).unwrap().unwrap();
+        assert_eq!((k.key_id, *k.secret_key), (first, [2; 32]));
     }
 }

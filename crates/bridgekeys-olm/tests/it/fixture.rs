@@ -13,7 +13,7 @@
 use std::{path::Path, sync::Arc};
 
 use bridgekeys_olm::{AccountManager, ManagerConfig};
-use bridgekeys_store::{DeviceKey, SledStore, SledStoreConfig, StoreKey};
+use bridgekeys_store::{DeviceKey, PuppetRegistry, SledStore, SledStoreConfig, StoreKey};
 use ruma::{OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId};
 use serde_json::Value;
 use vodozemac::{Curve25519PublicKey, olm::OlmMessage};
@@ -55,7 +55,7 @@ async fn reads_fixture(name: &str) {
     )
     .expect_id(manifest["store_id"].as_str().unwrap().parse().unwrap());
     let store = Arc::new(SledStore::open(config).unwrap());
-    let m = AccountManager::new(store, ManagerConfig::default());
+    let m = AccountManager::new(store.clone(), ManagerConfig::default());
     let user: OwnedUserId = manifest["user_id"].as_str().unwrap().try_into().unwrap();
     let device: OwnedDeviceId = manifest["device_id"].as_str().unwrap().into();
 
@@ -88,6 +88,21 @@ async fn reads_fixture(name: &str) {
     assert!(!read.new_session, "read with the stored session");
 
     let dev = DeviceKey::new(user.as_str(), device.as_str());
+    // Fixtures that recorded the device in the puppet registry (sled
+    // schema 4 on) must still list it with its flag and its schedule.
+    if let Some(puppet) = manifest.get("puppet") {
+        let due_ms = puppet["due_ms"].as_u64().unwrap();
+        assert!(store.contains_puppet(&dev).unwrap());
+        assert_eq!(store.puppets().unwrap(), vec![dev.clone()]);
+        assert_eq!(
+            store.is_cross_signed(&dev).unwrap(),
+            puppet["cross_signed"].as_bool().unwrap()
+        );
+        assert_eq!(
+            store.due_rotations(u64::MAX, None, 10).unwrap(),
+            vec![(dev.clone(), due_ms)]
+        );
+    }
     assert_eq!(m.store().count_one_time_keys(&dev).unwrap(), 1);
     let (sender, on_key) = message(&manifest["on_outstanding_key"]);
     let read = crate::common::decrypt(&m, &user, &device, sender, &on_key, None)
@@ -146,6 +161,16 @@ async fn reads_fixture(name: &str) {
 #[tokio::test]
 async fn a_store_written_in_account_format_4_still_reads_whole() {
     reads_fixture("format-4").await;
+}
+
+/// sled schema 4: a one-time key is one record found by its public key, and
+/// the puppet registry's flags (cross-signed) and schedule live in the
+/// account record's header. Written once, before any release could have
+/// written this schema otherwise.
+#[tokio::test]
+async fn a_store_written_in_sled_schema_4_with_one_record_per_key_and_puppet_flags_still_reads_whole()
+ {
+    reads_fixture("store-schema-4").await;
 }
 
 /// sled schema 3: Olm sessions carry a version, bound into their seal

@@ -163,7 +163,7 @@ impl Listing<'_> {
                 let public: Vec<u8> = row.try_get(2).pg()?;
                 let public_key =
                     <[u8; 32]>::try_from(public.as_slice()).map_err(|_| corrupt("one-time key"))?;
-                let secret = open(&layout::otk(&device, key_id), 3, "one-time key")?;
+                let secret = open(&layout::otk_by_id(&device, key_id), 3, "one-time key")?;
                 let secret_key = Zeroizing::new(
                     <[u8; 32]>::try_from(secret.as_slice())
                         .map_err(|_| corrupt("one-time key length"))?,

@@ -82,9 +82,10 @@ impl PgStore {
         let mut by_id: HashMap<u64, usize> = HashMap::new();
         let mut out: Vec<(u64, [u8; 32], Vec<u8>)> = Vec::with_capacity(keys.len());
         for k in keys {
-            let sealed = self
-                .sealer
-                .seal(&layout::otk(device, k.key_id), k.secret_key.as_slice());
+            let sealed = self.sealer.seal(
+                &layout::otk_by_id(device, k.key_id),
+                k.secret_key.as_slice(),
+            );
             match by_id.get(&k.key_id) {
                 Some(&at) => out[at] = (k.key_id, k.public_key, sealed),
                 None => {
@@ -456,7 +457,7 @@ impl Store for PgStore {
         };
         let secret = self
             .sealer
-            .open(&layout::otk(device, key_id), &sealed)
+            .open(&layout::otk_by_id(device, key_id), &sealed)
             .ok_or_else(|| corrupt("one-time key secret"))?;
         let secret_key = Zeroizing::new(
             <[u8; 32]>::try_from(secret.as_slice()).map_err(|_| corrupt("one-time key length"))?,

@@ -232,7 +232,7 @@ fn a_schema_1_store_is_upgraded_at_open_so_an_older_build_refuses_it() {
     assert_eq!(schema(), 1);
     drop(open(dir.path(), &key).expect("a schema 1 store opens"));
     assert_eq!(schema(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
 }
 
 #[tokio::test]
