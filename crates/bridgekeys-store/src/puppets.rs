@@ -301,11 +301,22 @@ impl PuppetRegistry for SledStore {
             .is_some_and(|h| h.flags & layout::CROSS_SIGNED != 0))
     }
 
-    /// In device byte order: the accounts flagged in their header and the
-    /// `r/` records, merged (both are scans in that order).
+    /// In device byte order: the `r/` records and the accounts flagged in
+    /// their header, merged. The `r/` records are read first: creating an
+    /// account moves a device's `r/` record into the account's header, and
+    /// a move between the two scans then shows the device twice (dropped
+    /// by the merge), where the other order would miss it.
     fn puppets(&self) -> Result<Vec<DeviceKey>, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt { what: what.into() };
         let mut out = Vec::new();
+        for item in self.db.scan_prefix(layout::PUPPET_PREFIX).keys() {
+            let key = item?;
+            out.push(
+                DeviceKey::from_bytes(&key[layout::PUPPET_PREFIX.len()..])
+                    .ok_or_else(|| corrupt("puppet registry entry"))?,
+            );
+        }
+        let from_registry = out.len();
         for item in self.db.scan_prefix(layout::ACCOUNT_PREFIX) {
             let (key, value) = item?;
             let (header, _, _) =
@@ -317,15 +328,7 @@ impl PuppetRegistry for SledStore {
                 );
             }
         }
-        let from_accounts = out.len();
-        for item in self.db.scan_prefix(layout::PUPPET_PREFIX).keys() {
-            let key = item?;
-            out.push(
-                DeviceKey::from_bytes(&key[layout::PUPPET_PREFIX.len()..])
-                    .ok_or_else(|| corrupt("puppet registry entry"))?,
-            );
-        }
-        if from_accounts > 0 && out.len() > from_accounts {
+        if from_registry > 0 && out.len() > from_registry {
             out.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
             out.dedup();
         }

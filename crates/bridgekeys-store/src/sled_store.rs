@@ -263,7 +263,11 @@ impl SledStore {
         // as it was.
         if schema != SCHEMA_VERSION || db.get(layout::UPGRADING)?.is_some() {
             if schema != SCHEMA_VERSION {
-                // First, durably, the new schema and the mark of an upgrade
+                // Every record the upgrade converts is read first, changing
+                // nothing: a record it cannot read refuses the store while
+                // the build that wrote it can still open it.
+                crate::upgrade::check(&db, &sealer)?;
+                // Then, durably, the new schema and the mark of an upgrade
                 // under way: from here on a build of an older schema
                 // refuses the store (it would misread records already
                 // converted), and this one finishes the upgrade.

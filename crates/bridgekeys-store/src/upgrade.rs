@@ -12,7 +12,9 @@
 //!    time), removed in the same batch. A device recorded without an
 //!    account keeps its `r/` record.
 //!
-//! Before the first step the caller durably writes the new schema version
+//! Before anything is written, [`check`] reads every record the steps will
+//! convert: a record they cannot read refuses the store while it is still
+//! of its old schema. Then the caller durably writes the new schema version
 //! together with `m/upgrading` ([`begin`]): a build of an older schema then
 //! refuses the store instead of misreading records already converted, and
 //! this build, finding the mark, runs the upgrade again. Each batch is
@@ -125,28 +127,16 @@ fn convert_one_time_keys(
         let mut batch = sled::Batch::default();
         let mut any = false;
         for (key, value) in &chunk {
-            let (device, suffix) = DeviceKey::split_front(&key[layout::OTK_PREFIX.len()..])
-                .ok_or_else(|| corrupt("one-time key record key"))?;
-            match suffix.len() {
+            let Some(OldKey {
+                device,
+                key_id,
+                public_key,
+                secret,
+            }) = old_key(sealer, key, value)?
+            else {
                 // Already in the new format.
-                32 => continue,
-                8 => {}
-                _ => return Err(corrupt("one-time key record key")),
-            }
-            let key_id = u64::from_be_bytes(
-                <[u8; 8]>::try_from(suffix).map_err(|_| corrupt("one-time key id"))?,
-            );
-            let public_key = value
-                .get(..32)
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .ok_or_else(|| corrupt("one-time key record"))?;
-            // Sealed to its old slot, which is its old key.
-            let secret: Zeroizing<Vec<u8>> = sealer
-                .open(&layout::otk_by_id(&device, key_id), &value[32..])
-                .ok_or_else(|| corrupt("one-time key secret"))?;
-            if secret.len() != 32 {
-                return Err(corrupt("one-time key length"));
-            }
+                continue;
+            };
             let mut slot = layout::otk_seal_slot(&device, &public_key, key_id);
             let mut sealed = Vec::with_capacity(8 + crate::crypto::SEAL_OVERHEAD + 32);
             sealed.extend_from_slice(&key_id.to_be_bytes());
@@ -165,6 +155,70 @@ fn convert_one_time_keys(
             return Ok(None);
         }
     }
+}
+
+/// A one-time key record of the old format, opened.
+struct OldKey {
+    device: DeviceKey,
+    key_id: u64,
+    public_key: [u8; 32],
+    secret: Zeroizing<Vec<u8>>,
+}
+
+/// Read a `k/` record: `None` if it is of the new format already; an error
+/// if it is of neither or does not open.
+fn old_key(sealer: &Sealer, key: &[u8], value: &[u8]) -> Result<Option<OldKey>, StoreError> {
+    let (device, suffix) = key
+        .get(layout::OTK_PREFIX.len()..)
+        .and_then(DeviceKey::split_front)
+        .ok_or_else(|| corrupt("one-time key record key"))?;
+    match suffix.len() {
+        32 => return Ok(None),
+        8 => {}
+        _ => return Err(corrupt("one-time key record key")),
+    }
+    let key_id =
+        u64::from_be_bytes(<[u8; 8]>::try_from(suffix).map_err(|_| corrupt("one-time key id"))?);
+    let public_key = value
+        .get(..32)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| corrupt("one-time key record"))?;
+    // Sealed to its old slot, which is its old key.
+    let secret: Zeroizing<Vec<u8>> = sealer
+        .open(&layout::otk_by_id(&device, key_id), &value[32..])
+        .ok_or_else(|| corrupt("one-time key secret"))?;
+    if secret.len() != 32 {
+        return Err(corrupt("one-time key length"));
+    }
+    Ok(Some(OldKey {
+        device,
+        key_id,
+        public_key,
+        secret,
+    }))
+}
+
+/// Read every record the upgrade will convert, changing nothing: run
+/// before [`begin`], so a store holding a record the upgrade cannot read
+/// is refused while it is still of its old schema, which the build that
+/// wrote it still opens (a damaged key would otherwise stop every build
+/// from opening the store once the new schema is written).
+pub(crate) fn check(db: &sled::Db, sealer: &Sealer) -> Result<(), StoreError> {
+    for item in db.scan_prefix(layout::OTK_PREFIX) {
+        let (key, value) = item?;
+        old_key(sealer, &key, &value)?;
+    }
+    for item in db.scan_prefix(layout::PUPPET_PREFIX) {
+        let (key, _) = item?;
+        let device = key
+            .get(layout::PUPPET_PREFIX.len()..)
+            .and_then(DeviceKey::from_bytes)
+            .ok_or_else(|| corrupt("puppet registry entry"))?;
+        if let Some(raw) = db.get(layout::account(&device))? {
+            layout::parse_account(&raw).ok_or_else(|| corrupt("account record header"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Step 2 (and any prefix whose entries all go): how many were removed
@@ -434,5 +488,50 @@ mod tests {
         drop(store);
         let store = SledStore::open(config).unwrap();
         check_upgraded(&store, &devices);
+    }
+
+    /// A schema 3 store with one damaged one-time key record (its sealed
+    /// secret no longer opens): the upgrade refuses it before writing
+    /// anything, so the store still says schema 3 (the build that wrote it
+    /// still opens it), has no upgrade mark, and every record is as it was.
+    #[test]
+    fn a_schema_3_store_with_an_unreadable_key_is_refused_before_the_upgrade_changes_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::generate();
+        let id = SledStore::create(SledStoreConfig::new(&path, key.clone()))
+            .unwrap()
+            .id();
+        let devices: Vec<DeviceKey> = ["A", "B", "C", "D"]
+            .iter()
+            .map(|d| DeviceKey::new("@puppet:hs", d))
+            .collect();
+        write_schema_3(&path, &key, &devices);
+        let before: Vec<(sled::IVec, sled::IVec)> = {
+            let db = sled::open(&path).unwrap();
+            // Flip a byte of the last key's sealed secret.
+            let damaged = layout::otk_by_id(&devices[1], FIRST_KEY_ID + KEYS - 1);
+            let mut value = db.get(&damaged).unwrap().unwrap().to_vec();
+            *value.last_mut().unwrap() ^= 1;
+            db.insert(&damaged, value).unwrap();
+            db.flush().unwrap();
+            db.iter().map(|r| r.unwrap()).collect()
+        };
+        let config = SledStoreConfig::new(&path, key.clone()).expect_id(id);
+        let Err(err) = SledStore::open(config) else {
+            panic!("a damaged key must refuse the upgrade");
+        };
+        assert!(
+            matches!(&err, StoreError::Corrupt { what } if what.contains("one-time key secret")),
+            "{err:?}"
+        );
+        let db = sled::open(&path).unwrap();
+        let after: Vec<(sled::IVec, sled::IVec)> = db.iter().map(|r| r.unwrap()).collect();
+        assert_eq!(after.len(), before.len());
+        assert!(after == before, "the refused upgrade changed records");
+        assert_eq!(
+            db.get(layout::SCHEMA).unwrap().unwrap().as_ref(),
+            &3u32.to_be_bytes()
+        );
     }
 }
