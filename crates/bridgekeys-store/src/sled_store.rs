@@ -385,7 +385,7 @@ impl SledStore {
         let account_sealed = self
             .sealer
             .seal(&layout::account_slot(device, new_version.0), account);
-        let added = self.seal_keys(device, add);
+        let added = self.seal_keys(device, add)?;
         let mut replaced = self.foreign_id_holders(device, add)?;
         replaced.extend(self.holders_of(device, remove)?);
         Ok(SealedWrite {
@@ -400,16 +400,20 @@ impl SledStore {
     /// Seal new one-time keys: each is one record, `k/<device><public
     /// key>` -> `key id || private key sealed to (device, public key, key
     /// id)`, built in two allocations (its key, its value).
-    fn seal_keys(&self, device: &DeviceKey, add: &[OneTimeKeyRecord]) -> Vec<SealedKey> {
+    fn seal_keys(
+        &self,
+        device: &DeviceKey,
+        add: &[OneTimeKeyRecord],
+    ) -> Result<Vec<SealedKey>, StoreError> {
         add.iter()
             .map(|k| {
-                let mut slot = layout::otk_seal_slot(device, &k.public_key, k.key_id);
-                let mut value = Vec::with_capacity(8 + crate::crypto::SEAL_OVERHEAD + 32);
-                value.extend_from_slice(&k.key_id.to_be_bytes());
-                self.sealer
-                    .seal_into(&mut value, &slot, k.secret_key.as_slice());
-                slot.truncate(layout::otk_key(&slot).len());
-                SealedKey { key: slot, value }
+                seal_key(
+                    &self.sealer,
+                    device,
+                    &k.public_key,
+                    k.key_id,
+                    &k.secret_key[..],
+                )
             })
             .collect()
     }
@@ -1060,9 +1064,35 @@ struct SealedSession {
 }
 
 /// A one-time key ready to insert: its record's key and value.
-struct SealedKey {
-    key: Vec<u8>,
-    value: Vec<u8>,
+pub(crate) struct SealedKey {
+    pub(crate) key: Vec<u8>,
+    pub(crate) value: Vec<u8>,
+}
+
+/// One one-time key as its schema 4 record: `k/<device><public key>` ->
+/// `key id || private key sealed to (device, public key, key id)`, in two
+/// allocations (its key, its value). Used by every write of a key and by
+/// the upgrade that converts older records.
+pub(crate) fn seal_key(
+    sealer: &Sealer,
+    device: &DeviceKey,
+    public_key: &[u8; 32],
+    key_id: u64,
+    secret: &[u8],
+) -> Result<SealedKey, StoreError> {
+    let mut slot = layout::otk_seal_slot(device, public_key, key_id);
+    let mut value = Vec::with_capacity(8 + crate::crypto::SEAL_OVERHEAD + secret.len());
+    value.extend_from_slice(&key_id.to_be_bytes());
+    sealer.seal_into(&mut value, &slot, secret);
+    // `seal_into` leaves the value as given if the AEAD refuses (it cannot
+    // with a valid key): store nothing rather than a key without its secret.
+    if value.len() != 8 + crate::crypto::SEAL_OVERHEAD + secret.len() {
+        return Err(StoreError::Corrupt {
+            what: "one-time key (sealing failed)".into(),
+        });
+    }
+    slot.truncate(layout::otk_key(&slot).len());
+    Ok(SealedKey { key: slot, value })
 }
 
 /// An account value's header, version and sealed account.
@@ -1176,7 +1206,7 @@ impl Store for SledStore {
     }
 
     fn append_keys(&self, device: &DeviceKey, append: KeyAppend) -> Result<Pending, StoreError> {
-        let added = self.seal_keys(device, &append.add_keys);
+        let added = self.seal_keys(device, &append.add_keys)?;
         for (key, id) in self.foreign_id_holders(device, &append.add_keys)? {
             self.remove_if_id(&key, id)?;
         }

@@ -116,40 +116,50 @@ fn convert_one_time_keys(
     sealer: &Sealer,
     budget: &mut usize,
 ) -> Result<Option<u64>, StoreError> {
-    let mut converted = 0;
+    in_chunks(db, layout::OTK_PREFIX, budget, |key, value, batch| {
+        let Some(OldKey {
+            device,
+            key_id,
+            public_key,
+            secret,
+        }) = old_key(sealer, key, value)?
+        else {
+            // Already in the new format.
+            return Ok(false);
+        };
+        let sealed = crate::sled_store::seal_key(sealer, &device, &public_key, key_id, &secret)?;
+        batch.insert(sealed.key, sealed.value);
+        batch.remove(key);
+        batch.remove(layout::legacy_otk_by_public(&device, &public_key));
+        Ok(true)
+    })
+}
+
+/// Walk the entries under `prefix` in chunks of [`BATCH`], letting `each`
+/// add an entry's rewrite to the chunk's batch (`true`) or skip it
+/// (`false`), and apply each chunk's batch atomically: how many entries
+/// were rewritten (`None`: out of budget).
+fn in_chunks(
+    db: &sled::Db,
+    prefix: &[u8],
+    budget: &mut usize,
+    mut each: impl FnMut(&sled::IVec, &sled::IVec, &mut sled::Batch) -> Result<bool, StoreError>,
+) -> Result<Option<u64>, StoreError> {
+    let mut rewritten = 0;
     let mut after: Option<sled::IVec> = None;
     loop {
-        let chunk = next_chunk(db, layout::OTK_PREFIX, after.as_deref())?;
+        let chunk = next_chunk(db, prefix, after.as_deref())?;
         let Some((last, _)) = chunk.last() else {
-            return Ok(Some(converted));
+            return Ok(Some(rewritten));
         };
         after = Some(last.clone());
         let mut batch = sled::Batch::default();
         let mut any = false;
         for (key, value) in &chunk {
-            let Some(OldKey {
-                device,
-                key_id,
-                public_key,
-                secret,
-            }) = old_key(sealer, key, value)?
-            else {
-                // Already in the new format.
-                continue;
-            };
-            let mut slot = layout::otk_seal_slot(&device, &public_key, key_id);
-            let mut sealed = Vec::with_capacity(8 + crate::crypto::SEAL_OVERHEAD + 32);
-            sealed.extend_from_slice(&key_id.to_be_bytes());
-            sealer.seal_into(&mut sealed, &slot, &secret);
-            if sealed.len() != 8 + crate::crypto::SEAL_OVERHEAD + 32 {
-                return Err(corrupt("one-time key (sealing failed)"));
+            if each(key, value, &mut batch)? {
+                any = true;
+                rewritten += 1;
             }
-            slot.truncate(layout::otk_key(&slot).len());
-            batch.insert(slot, sealed);
-            batch.remove(key.clone());
-            batch.remove(layout::legacy_otk_by_public(&device, &public_key));
-            any = true;
-            converted += 1;
         }
         if any && !apply(db, batch, budget)? {
             return Ok(None);
@@ -248,41 +258,26 @@ fn remove_prefix(
 /// Step 3: how many registry records moved into their account's header
 /// (`None`: out of budget).
 fn fold_puppet_records(db: &sled::Db, budget: &mut usize) -> Result<Option<u64>, StoreError> {
-    let mut folded = 0;
-    let mut after: Option<sled::IVec> = None;
-    loop {
-        let chunk = next_chunk(db, layout::PUPPET_PREFIX, after.as_deref())?;
-        let Some((last, _)) = chunk.last() else {
-            return Ok(Some(folded));
+    in_chunks(db, layout::PUPPET_PREFIX, budget, |key, value, batch| {
+        let device = DeviceKey::from_bytes(&key[layout::PUPPET_PREFIX.len()..])
+            .ok_or_else(|| corrupt("puppet registry entry"))?;
+        let Some(account) = db.get(layout::account(&device))? else {
+            // Recorded without an account: stays in the registry.
+            return Ok(false);
         };
-        after = Some(last.clone());
-        let mut batch = sled::Batch::default();
-        let mut any = false;
-        for (key, value) in &chunk {
-            let device = DeviceKey::from_bytes(&key[layout::PUPPET_PREFIX.len()..])
-                .ok_or_else(|| corrupt("puppet registry entry"))?;
-            let Some(account) = db.get(layout::account(&device))? else {
-                // Recorded without an account: stays in the registry.
-                continue;
-            };
-            let registry = layout::PuppetHeader::from_registry_value(value);
-            let (header, _, _) =
-                layout::parse_account(&account).ok_or_else(|| corrupt("account record"))?;
-            let merged = layout::PuppetHeader {
-                flags: header.flags | registry.flags,
-                due: registry.due.or(header.due),
-            };
-            let updated =
-                layout::with_header(&account, merged).ok_or_else(|| corrupt("account record"))?;
-            batch.insert(layout::account(&device), updated);
-            batch.remove(key.clone());
-            any = true;
-            folded += 1;
-        }
-        if any && !apply(db, batch, budget)? {
-            return Ok(None);
-        }
-    }
+        let registry = layout::PuppetHeader::from_registry_value(value);
+        let (header, _, _) =
+            layout::parse_account(&account).ok_or_else(|| corrupt("account record"))?;
+        let merged = layout::PuppetHeader {
+            flags: header.flags | registry.flags,
+            due: registry.due.or(header.due),
+        };
+        let updated =
+            layout::with_header(&account, merged).ok_or_else(|| corrupt("account record"))?;
+        batch.insert(layout::account(&device), updated);
+        batch.remove(key);
+        Ok(true)
+    })
 }
 
 #[cfg(test)]
