@@ -963,6 +963,7 @@ mod tests {
                     many: run(3, 4_500.0),
                     processes_to_one: 0.9,
                     steady_to_one: 0.9,
+                    round_ratios: vec![0.9, 0.9],
                     goal: 1.0,
                     goal_met: false,
                 }),

@@ -537,11 +537,16 @@ fn print_manager_postgres(r: &manager::ManagerReport) {
             );
         }
         println!(
-            "  processes_to_one (goal >= {})        {:>10.2} ({}); while all claim {:.2}",
+            "  processes_to_one (goal >= {})        {:>10.2} ({}); while all claim {:.2}; each round [{}]",
             x.goal,
             x.processes_to_one,
             if x.goal_met { "met" } else { "not met" },
-            x.steady_to_one
+            x.steady_to_one,
+            x.round_ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
 }

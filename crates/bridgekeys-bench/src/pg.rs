@@ -186,7 +186,7 @@ pub async fn create_store(url: &str, key: &StoreKey) -> anyhow::Result<Arc<PgSto
 }
 
 /// One claim load, over one or several processes.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ProcessRun {
     /// Processes claiming at once.
     pub processes: usize,
@@ -238,6 +238,9 @@ pub struct ProcessesReport {
     /// many.steady_claims_per_s / one.steady_claims_per_s: the same while
     /// every process is claiming, without the uneven end of a fixed load.
     pub steady_to_one: f64,
+    /// many / one claims/s of each round alone, in order: how far one
+    /// pair of runs can stray from the merged figure.
+    pub round_ratios: Vec<f64>,
     /// The goal of `processes_to_one`.
     pub goal: f64,
     /// Whether it is met.
@@ -279,7 +282,7 @@ pub async fn run_processes(
     claims: usize,
     claimers: usize,
     processes: usize,
-) -> anyhow::Result<ProcessRun> {
+) -> anyhow::Result<(ProcessRun, Vec<Duration>)> {
     let processes = processes.max(1);
     let key_hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
     let mut children = Vec::new();
@@ -363,7 +366,7 @@ pub async fn run_processes(
     latencies.sort();
     let wall_s = window.as_secs_f64();
     let per_claim = |cpu: Option<f64>| cpu.map(|c| c * 1e6 / total.max(1) as f64);
-    Ok(ProcessRun {
+    let run = ProcessRun {
         processes,
         claims: total,
         claimers: (0..processes).map(|i| share(claimers, i, processes)).sum(),
@@ -376,7 +379,8 @@ pub async fn run_processes(
         processes_cpu_s,
         server_cpu_s,
         cpu_us_per_claim: (per_claim(processes_cpu_s), per_claim(server_cpu_s)),
-    })
+    };
+    Ok((run, latencies))
 }
 
 /// Claims per second while every process was still claiming: the claims
@@ -391,7 +395,65 @@ fn steady_rate(process_s: &[f64], done_us: &[u64]) -> f64 {
     done_us.iter().filter(|&&t| t <= bound).count() as f64 / first
 }
 
-/// One process against `processes` on the store at `url`, same total load.
+/// How many times each of the two loads runs in [`compare_processes`]:
+/// one, N, N, one. A virtual machine's speed drifts over minutes (the same
+/// one-process load measured 16 800 and 21 600 claims/s a few minutes
+/// apart); run once each, one load always first, the drift lands on one
+/// side of the ratio. In this order a drift that is steady over the four
+/// loads weighs on both sides alike.
+pub const ROUNDS: usize = 2;
+
+/// The runs of one load merged: claims and times add up, the percentiles
+/// are over every claim, each process's load time is summed per process.
+fn merge(runs: Vec<(ProcessRun, Vec<Duration>)>) -> ProcessRun {
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut merged: Option<ProcessRun> = None;
+    // Steady rates weigh by the time they were measured over (the first
+    // process's end), so the merged rate is claims over time too.
+    let (mut steady_claims, mut steady_s) = (0.0, 0.0);
+    for (run, l) in runs {
+        latencies.extend(l);
+        let first = run.process_s.iter().copied().fold(f64::INFINITY, f64::min);
+        if first.is_finite() {
+            steady_claims += run.steady_claims_per_s * first;
+            steady_s += first;
+        }
+        merged = Some(match merged {
+            None => run,
+            Some(mut m) => {
+                m.claims += run.claims;
+                m.wall_s += run.wall_s;
+                for (a, b) in m.process_s.iter_mut().zip(&run.process_s) {
+                    *a += b;
+                }
+                m.processes_cpu_s = m
+                    .processes_cpu_s
+                    .zip(run.processes_cpu_s)
+                    .map(|(a, b)| a + b);
+                m.server_cpu_s = m.server_cpu_s.zip(run.server_cpu_s).map(|(a, b)| a + b);
+                m
+            }
+        });
+    }
+    let Some(mut m) = merged else {
+        return ProcessRun::default();
+    };
+    latencies.sort();
+    m.claims_per_s = m.claims as f64 / m.wall_s;
+    m.steady_claims_per_s = if steady_s > 0.0 {
+        steady_claims / steady_s
+    } else {
+        0.0
+    };
+    m.p50_ms = percentile_ms(&latencies, 50.0);
+    m.p99_ms = percentile_ms(&latencies, 99.0);
+    let per_claim = |cpu: Option<f64>| cpu.map(|c| c * 1e6 / m.claims.max(1) as f64);
+    m.cpu_us_per_claim = (per_claim(m.processes_cpu_s), per_claim(m.server_cpu_s));
+    m
+}
+
+/// One process against `processes` on the store at `url`, same total load,
+/// each run [`ROUNDS`] times in the order one, N, N, one.
 #[allow(clippy::too_many_arguments)]
 pub async fn compare_processes(
     server: &Server,
@@ -404,24 +466,45 @@ pub async fn compare_processes(
     claimers: usize,
     processes: usize,
 ) -> anyhow::Result<ProcessesReport> {
-    let one = run_processes(server, exe, url, key, id, devices, claims, claimers, 1).await?;
-    let many = run_processes(
-        server, exe, url, key, id, devices, claims, claimers, processes,
-    )
-    .await?;
+    let (mut ones, mut manys) = (Vec::new(), Vec::new());
+    let mut round_ratios = Vec::with_capacity(ROUNDS);
+    for round in 0..ROUNDS {
+        let order = if round % 2 == 0 {
+            [1, processes]
+        } else {
+            [processes, 1]
+        };
+        let mut rates = [0.0; 2];
+        for n in order {
+            let (run, latencies) =
+                run_processes(server, exe, url, key, id, devices, claims, claimers, n).await?;
+            let side = usize::from(n != 1);
+            rates[side] = run.claims_per_s;
+            if side == 0 {
+                ones.push((run, latencies));
+            } else {
+                manys.push((run, latencies));
+            }
+        }
+        round_ratios.push(rates[1] / rates[0]);
+    }
+    let one = merge(ones);
+    let many = merge(manys);
     let processes_to_one = many.claims_per_s / one.claims_per_s;
     let steady_to_one = many.steady_claims_per_s / one.steady_claims_per_s;
     Ok(ProcessesReport {
         load: format!(
             "the same total load: {claims} claims by {claimers} claimers in all, split evenly \
-             over the processes; each process loads every device first; claims/s from the \
-             common start to the last process's answer; steady claims/s from the common start \
-             to the first process's end"
+             over the processes; each process loads every device first; each load run {ROUNDS} \
+             times in the order 1, {processes}, {processes}, 1 and merged (claims over summed \
+             time); claims/s from the common start to the last process's answer; steady \
+             claims/s from the common start to the first process's end"
         ),
         one,
         many,
         processes_to_one,
         steady_to_one,
+        round_ratios,
         goal: GOAL_PROCESSES_TO_ONE,
         goal_met: processes_to_one >= GOAL_PROCESSES_TO_ONE,
     })
@@ -489,6 +572,35 @@ mod tests {
         // One process: every claim, over its own time.
         assert_eq!(steady_rate(&[2.0], &done_us), 3.0);
         assert_eq!(steady_rate(&[], &done_us), 0.0);
+    }
+
+    #[test]
+    fn merged_runs_count_claims_over_summed_time_and_weigh_steady_rates_by_their_time() {
+        let run = |claims: usize, wall_s: f64, steady: f64, process_s: Vec<f64>| ProcessRun {
+            processes: process_s.len(),
+            claims,
+            claimers: 64,
+            wall_s,
+            claims_per_s: claims as f64 / wall_s,
+            steady_claims_per_s: steady,
+            process_s,
+            processes_cpu_s: Some(1.0),
+            server_cpu_s: None,
+            ..ProcessRun::default()
+        };
+        let ms = Duration::from_millis;
+        let merged = merge(vec![
+            (run(1_000, 1.0, 1_000.0, vec![1.0, 0.5]), vec![ms(1), ms(2)]),
+            (run(1_000, 3.0, 400.0, vec![3.0, 1.5]), vec![ms(3), ms(4)]),
+        ]);
+        // 2 000 claims in 4 s, not the mean of 1 000/s and 333/s.
+        assert_eq!(merged.claims, 2_000);
+        assert_eq!(merged.claims_per_s, 500.0);
+        // 1 000/s over 0.5 s and 400/s over 1.5 s: 1 100 claims in 2 s.
+        assert_eq!(merged.steady_claims_per_s, 550.0);
+        assert_eq!(merged.process_s, vec![4.0, 2.0]);
+        assert_eq!(merged.p99_ms, 4.0);
+        assert_eq!(merged.cpu_us_per_claim, (Some(1_000.0), None));
     }
 
     #[test]
