@@ -562,6 +562,16 @@ impl AllReport {
                 );
             }
         }
+        if let Some(r) = &self.scenarios.storage {
+            println!(
+                "  storage per idle device: {:.0} bytes as provisioned, {:.0} for the same records \
+                 written once (sled's floor), {:.0} bytes of records in {:.2} entries",
+                r.bytes_per_device,
+                r.written_once_bytes_per_device,
+                r.record_bytes_per_device,
+                r.entries_per_device
+            );
+        }
         if let Some((p, pg)) = self
             .scenarios
             .postgres

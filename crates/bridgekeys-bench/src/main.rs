@@ -689,6 +689,10 @@ async fn main() -> anyhow::Result<()> {
                 r.record_bytes_per_device, r.entries_per_device
             );
             println!(
+                "  the same records written once (floor)   {:>10.0}",
+                r.written_once_bytes_per_device
+            );
+            println!(
                 "  alternative: {} uploaded keys per device, computed:",
                 a.keys_per_device
             );

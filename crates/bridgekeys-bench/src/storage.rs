@@ -8,6 +8,12 @@
 //! open), and the files are measured: allocated blocks, not apparent sizes.
 //! An empty store, measured the same way, is subtracted.
 //!
+//! Beside it, the engine's floor for the same records: every entry of the
+//! provisioned store copied once into a fresh sled database and measured
+//! the same way. The difference is what rewriting a device's account
+//! during provisioning leaves behind (sled keeps a dead version until it
+//! cleans its segment).
+//!
 //! The alternative is computed, not run, and is generous to it: the
 //! homeserver side is the bytes PostgreSQL itself needs for Synapse's rows
 //! (`e2e_one_time_keys_json` and its unique index) with no page fill
@@ -104,6 +110,15 @@ pub struct StorageReport {
     pub record_bytes_per_device: f64,
     /// Entries in the tree per idle device, over an empty store.
     pub entries_per_device: f64,
+    /// The same records, each written once: the provisioned store's
+    /// entries copied into a fresh sled database in random order, flushed
+    /// every [`COPY_FLUSH_EVERY`] writes, settled and measured like the
+    /// store (over an empty store copied the same way). What sled itself
+    /// needs for these records: provisioning writes a device's account
+    /// several times, and sled 0.34 keeps dead versions until it cleans a
+    /// segment, so `bytes_per_device` minus this is the cost of the
+    /// rewrites, and this is the engine's floor for the records.
+    pub written_once_bytes_per_device: f64,
     /// The 50-uploaded-keys alternative, computed.
     pub alternative: UploadedKeysAlternative,
     /// The uploaded pool of a contacted device.
@@ -121,14 +136,24 @@ pub async fn run(config: &StorageBench) -> anyhow::Result<StorageReport> {
     let dir = tempfile::tempdir_in(&config.dir)?;
     let provision_s = provision(dir.path(), &key, config.devices, 0).await?;
     let store_bytes = settle_and_measure(dir.path(), &key)?;
-    let per_device =
-        |bytes: u64| bytes.saturating_sub(empty_store_bytes) as f64 / config.devices.max(1) as f64;
+    let per_device_over =
+        |bytes: u64, empty: u64| bytes.saturating_sub(empty) as f64 / config.devices.max(1) as f64;
+    let per_device = |bytes: u64| per_device_over(bytes, empty_store_bytes);
     let (empty_entries, empty_records) = records(empty.path(), &key)?;
     let (entries, record_bytes) = records(dir.path(), &key)?;
     let devices = config.devices.max(1) as f64;
     let record_bytes_per_device = record_bytes.saturating_sub(empty_records) as f64 / devices;
     let entries_per_device = entries.saturating_sub(empty_entries) as f64 / devices;
     let bytes_per_device = per_device(store_bytes);
+    let written_once_bytes_per_device = {
+        let empty_copy = tempfile::tempdir_in(&config.dir)?;
+        let copy = tempfile::tempdir_in(&config.dir)?;
+        let empty_bytes = copy_once(&empty.path().join("store"), empty_copy.path())?;
+        per_device_over(
+            copy_once(&dir.path().join("store"), copy.path())?,
+            empty_bytes,
+        )
+    };
     let alternative = uploaded_keys_alternative(50, bytes_per_device.round() as usize)?;
     drop(dir);
 
@@ -153,8 +178,47 @@ pub async fn run(config: &StorageBench) -> anyhow::Result<StorageReport> {
         bytes_per_device,
         record_bytes_per_device,
         entries_per_device,
+        written_once_bytes_per_device,
         alternative,
     })
+}
+
+/// Writes between flushes when records are copied once: about what the
+/// provisioning's sixteen tasks, each waiting for its durable write, give
+/// one flush.
+pub const COPY_FLUSH_EVERY: usize = 16;
+
+/// Copy every entry of every tree of the (closed) sled database at `from`
+/// into a fresh one at `to`, each written once, in an order shuffled with
+/// a fixed seed; settle it as the store is settled (close, open, close)
+/// and return its allocated bytes.
+fn copy_once(from: &Path, to: &Path) -> anyhow::Result<u64> {
+    use rand::{SeedableRng, seq::SliceRandom};
+    let open = |path: &Path| sled::Config::new().path(path).flush_every_ms(None).open();
+    let mut entries = Vec::new();
+    {
+        let source = open(from)?;
+        for name in source.tree_names() {
+            for entry in source.open_tree(&name)?.iter() {
+                let (k, v) = entry?;
+                entries.push((name.clone(), k, v));
+            }
+        }
+    }
+    entries.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
+    let target_path = to.join("store");
+    {
+        let target = open(&target_path)?;
+        for (i, (tree, k, v)) in entries.into_iter().enumerate() {
+            target.open_tree(&tree)?.insert(k, v)?;
+            if (i + 1) % COPY_FLUSH_EVERY == 0 {
+                target.flush()?;
+            }
+        }
+        target.flush()?;
+    }
+    drop(open(&target_path)?);
+    allocated_bytes(&target_path)
 }
 
 /// Entries and bytes of keys and values in the store at `dir`.
@@ -298,4 +362,42 @@ fn uploaded_keys_alternative(
 
 fn postcard_size(account: &Account) -> anyhow::Result<usize> {
     Ok(postcard::to_allocvec(&account.pickle())?.len())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn copying_once_keeps_every_entry_of_every_tree_and_leaves_no_dead_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("from");
+        {
+            let db = sled::open(&from).unwrap();
+            let other = db.open_tree("other").unwrap();
+            for i in 0u32..2_000 {
+                // Each key rewritten ten times: only the last value counts.
+                for round in 0u8..10 {
+                    db.insert(i.to_be_bytes(), vec![round; 200]).unwrap();
+                }
+                other.insert(i.to_le_bytes(), &b"x"[..]).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let to = dir.path().join("to");
+        let copied = copy_once(&from, &to).unwrap();
+        let rewritten = allocated_bytes(&from).unwrap();
+        assert!(
+            copied < rewritten,
+            "a copy of live entries ({copied} bytes) is smaller than a store of rewrites ({rewritten})"
+        );
+        let db = sled::open(to.join("store")).unwrap();
+        assert_eq!(db.len(), 2_000);
+        assert_eq!(db.open_tree("other").unwrap().len(), 2_000);
+        for i in 0u32..2_000 {
+            assert_eq!(db.get(i.to_be_bytes()).unwrap().unwrap(), vec![9u8; 200]);
+        }
+    }
 }
