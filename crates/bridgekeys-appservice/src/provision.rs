@@ -10,11 +10,22 @@
 //! 2. If the puppet registry does not list the device yet: register the user
 //!    (`M_USER_IN_USE` is success), create the device (MSC4190
 //!    `PUT /devices/{id}`; without MSC4190 the registration or an appservice
-//!    login creates it), then record the device in the registry.
+//!    login creates it).
 //! 3. The fallback key is generated and written **durably before it is
 //!    uploaded**; the upload (device keys and fallback key together) is
 //!    retried on transient failures with the same bytes; a 200 (or "already
-//!    exists") marks the key published.
+//!    exists") marks the key published. For a device new to the registry,
+//!    that same write of the account records it in the puppet registry, its
+//!    first rotation step due at once
+//!    ([`AccountManager::mark_fallback_published_and_record_puppet`]): on
+//!    sled the registry entry is the account record's header, so recording
+//!    and scheduling apart would rewrite the account record twice more. (A
+//!    device whose key is published already is recorded on its own.) A crash
+//!    between step 2 and that write leaves the device unrecorded, so the next
+//!    `ensure_device` takes steps 2 and 3 again: both are idempotent (the
+//!    registration treats `M_USER_IN_USE` as success, the device creation
+//!    and login name the same device, and the fallback key re-uploaded is
+//!    byte-identical).
 //! 4. With [`ProvisionConfig::cross_signing`] (the default): the user's
 //!    cross-signing identity (created durably once, never replaced) and the
 //!    device's signature by its self-signing key are uploaded, then the
@@ -369,18 +380,29 @@ impl Provisioner {
         // 1. Identity keys, durably (the same keys on every call).
         let device_keys = self.manager.create_device(user_id, device_id).await?;
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        // 2. The homeserver's side of the device.
         if !self.registry.contains_puppet(&key)? {
+            // 2. The homeserver's side of the device.
             self.create_on_homeserver(user_id, device_id).await?;
-            self.registry.record_puppet(&key)?.durable().await?;
-            // Due at once: the next pass reads its real schedule.
-            self.schedule(&key, self.clock.now(), None);
+            // 3. Device keys and the fallback key, persisted before upload;
+            //    the device is recorded in the registry (due at once: the
+            //    next pass reads its real schedule) in the same write that
+            //    marks the key published.
+            let recorded = self
+                .upload_fallback(user_id, device_id, &device_keys, true)
+                .await?;
+            if !recorded {
+                // Nothing to upload (the key is published already): record
+                // it on its own.
+                self.registry.record_puppet(&key)?.durable().await?;
+                self.schedule(&key, self.clock.now(), None);
+            }
             bump(&self.counters.devices_provisioned);
             tracing::info!(%user_id, %device_id, "puppet device provisioned on the homeserver");
+        } else {
+            // 3. Device keys and the fallback key, persisted before upload.
+            self.upload_fallback(user_id, device_id, &device_keys, false)
+                .await?;
         }
-        // 3. Device keys and the fallback key, persisted before upload.
-        self.upload_fallback(user_id, device_id, &device_keys)
-            .await?;
         // 4. The user's cross-signing identity and the device's signature
         //    by it (puppets provisioned before are signed at their next use).
         if self.config.cross_signing && !self.registry.is_cross_signed(&key)? {
@@ -453,12 +475,18 @@ impl Provisioner {
 
     /// Upload the device's unpublished fallback key (if any) with its device
     /// keys, retrying transient failures with the same bytes, and mark it
-    /// published on success. Returns whether anything was uploaded.
+    /// published on success. With `record_puppet`, the same write of the
+    /// account also records the device in the puppet registry, due at once
+    /// (one account write instead of three on sled: see
+    /// [`AccountManager::mark_fallback_published_and_record_puppet`]).
+    /// Returns whether anything was uploaded (with `record_puppet`: whether
+    /// the device was recorded).
     async fn upload_fallback(
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
         device_keys: &DeviceKeys,
+        record_puppet: bool,
     ) -> Result<bool, ProvisionError> {
         let Some(fallback) = self
             .manager
@@ -472,9 +500,22 @@ impl Provisioner {
                 .upload_keys(user_id, device_id, Some(device_keys), Some(&fallback))
         })
         .await?;
-        self.manager
-            .mark_fallback_published(user_id, device_id, &fallback.key_id, self.clock.now())
-            .await?;
+        let now = self.clock.now();
+        if record_puppet {
+            self.manager
+                .mark_fallback_published_and_record_puppet(
+                    user_id,
+                    device_id,
+                    &fallback.key_id,
+                    now,
+                    now,
+                )
+                .await?;
+        } else {
+            self.manager
+                .mark_fallback_published(user_id, device_id, &fallback.key_id, now)
+                .await?;
+        }
         bump(&self.counters.uploads);
         tracing::info!(%user_id, %device_id, key_id = %fallback.key_id, "fallback key uploaded");
         Ok(true)
@@ -577,10 +618,11 @@ impl Provisioner {
                 }
                 FallbackAction::Upload => {
                     // Device keys ride along: identical re-uploads are
-                    // accepted, and they heal a provisioning that stopped
-                    // between the registry record and its first upload.
+                    // accepted, and they heal a device recorded before its
+                    // first upload (by a build that recorded the device
+                    // first, or by hand).
                     let device_keys = self.manager.device_keys(user_id, device_id)?;
-                    self.upload_fallback(user_id, device_id, &device_keys)
+                    self.upload_fallback(user_id, device_id, &device_keys, false)
                         .await?;
                 }
                 FallbackAction::Generate
@@ -756,7 +798,7 @@ impl Provisioner {
                 .upload_keys(user_id, device_id, Some(&device_keys), published.as_ref())
         })
         .await?;
-        self.upload_fallback(user_id, device_id, &device_keys)
+        self.upload_fallback(user_id, device_id, &device_keys, false)
             .await?;
         if self.config.cross_signing {
             self.cross_sign(user_id, device_id).await?;

@@ -32,13 +32,13 @@
 use std::{path::Path, sync::Arc, time::Instant};
 
 use bridgekeys_olm::{AccountManager, sign_json};
-use bridgekeys_store::{PuppetRegistry, StoreKey};
+use bridgekeys_store::StoreKey;
 use serde::Serialize;
 use vodozemac::olm::Account;
 
 use crate::{
     progress::Progress,
-    support::{device_key, in_chunks_reporting, open_store, puppet},
+    support::{in_chunks_reporting, open_store, puppet},
 };
 
 /// Knobs of the `storage` scenario.
@@ -250,7 +250,7 @@ async fn provision(
     let progress = Progress::new(what, "devices", devices);
     // Many tasks: each device waits for two durable writes in turn.
     in_chunks_reporting(devices, 16, Some(progress), move |ids| {
-        let (manager, store) = (work_manager.clone(), store.clone());
+        let manager = work_manager.clone();
         async move {
             manager
                 .create_devices(ids.iter().map(|(u, d)| (u.as_ref(), d.as_ref())))
@@ -261,11 +261,17 @@ async fn provision(
                     .fallback_key_for_upload(user, device, now)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("no fallback key to upload"))?;
+                // As the provisioner: published, recorded in the puppet
+                // registry and due at once, in one write of the account.
                 manager
-                    .mark_fallback_published(user, device, &fallback.key_id, now)
+                    .mark_fallback_published_and_record_puppet(
+                        user,
+                        device,
+                        &fallback.key_id,
+                        now,
+                        now,
+                    )
                     .await?;
-                // Durable with the flush that ends the provisioning.
-                let _applied = store.record_puppet(&device_key(user, device))?;
                 if pool_keys > 0 {
                     manager
                         .claim(

@@ -6,7 +6,7 @@
 //! returns. So a key is always on disk before anybody can upload it, and the
 //! schedule (times, published, used) survives restarts.
 
-use bridgekeys_store::{DeviceKey, DeviceWrite, Pending, Version};
+use bridgekeys_store::{DeviceKey, DeviceWrite, Pending, PuppetMark, Version};
 use ruma::{
     DeviceId, DeviceSignatures, DeviceSigningKeyId, OwnedOneTimeKeyId, SigningKeyAlgorithm, UserId,
     encryption::SignedKey, serde::Base64,
@@ -31,6 +31,29 @@ pub struct FallbackKey {
     pub key_id: OwnedOneTimeKeyId,
     /// The signed key object, `fallback: true` included in what is signed.
     pub key: SignedKey,
+}
+
+/// Mark fallback key `key_id` published at `now` if it is the current key
+/// and not published yet; returns whether it did (the account changed).
+fn publish(
+    device: &mut DeviceAccount,
+    key_id: &OwnedOneTimeKeyId,
+    now: UnixMillis,
+) -> Result<bool, OlmError> {
+    let Some(current) = device.fallback.current.as_ref() else {
+        return Ok(false);
+    };
+    if current.published || key_id_string(current.key_id)? != *key_id {
+        return Ok(false);
+    }
+    // The account holds no one-time keys, so this publishes exactly the
+    // fallback key.
+    device.account()?.mark_keys_as_published();
+    if let Some(c) = device.fallback.current.as_mut() {
+        c.published = true;
+        c.published_ms = Some(now);
+    }
+    Ok(true)
 }
 
 /// Generate a fallback key in the account; the current one (if any) becomes
@@ -140,20 +163,44 @@ impl AccountManager {
         now: UnixMillis,
     ) -> Result<bool, OlmError> {
         self.update_device(user_id, device_id, false, |device| {
-            let Some(current) = device.fallback.current.as_ref() else {
-                return Ok((false, false));
-            };
-            if current.published || key_id_string(current.key_id)? != *key_id {
-                return Ok((false, false));
-            }
-            // The account holds no one-time keys, so this publishes exactly
-            // the fallback key.
-            device.account()?.mark_keys_as_published();
-            if let Some(c) = device.fallback.current.as_mut() {
-                c.published = true;
-                c.published_ms = Some(now);
-            }
-            Ok((true, true))
+            let marked = publish(device, key_id, now)?;
+            Ok((marked, marked))
+        })
+        .await
+        .map(|(marked, _)| marked)
+    }
+
+    /// [`AccountManager::mark_fallback_published`] and, in the same atomic
+    /// write of the account record, record the device in the puppet
+    /// registry ([`bridgekeys_store::PuppetRegistry::record_puppet`]: a
+    /// device recorded already keeps its flags, such as cross-signed) with
+    /// its next rotation step due at `due` (as
+    /// [`bridgekeys_store::PuppetRegistry::schedule_rotation`] would).
+    ///
+    /// Why: provisioning a puppet ends with both, and on sled the registry
+    /// entry of a device lives in its account record's header, so two
+    /// separate calls rewrite the whole account record twice (and sled
+    /// keeps each dead version until it cleans the segment) and wait for
+    /// two flushes. One write does both.
+    ///
+    /// The device is recorded whatever the key's state: the homeserver
+    /// knows it once its keys were uploaded. If `key_id` is no longer the
+    /// current key or was recorded published already, the account is
+    /// written unchanged with the registry mark, and this returns `false`
+    /// (as `mark_fallback_published` does); `true` when the key was marked
+    /// published. Durable when this returns.
+    pub async fn mark_fallback_published_and_record_puppet(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        key_id: &OwnedOneTimeKeyId,
+        now: UnixMillis,
+        due: UnixMillis,
+    ) -> Result<bool, OlmError> {
+        let mark = PuppetMark { due_ms: Some(due) };
+        self.update_device_marking(user_id, device_id, false, Some(mark), |device| {
+            // Written in every case (`true`): the mark must land.
+            Ok((publish(device, key_id, now)?, true))
         })
         .await
         .map(|(marked, _)| marked)
@@ -327,6 +374,21 @@ impl AccountManager {
         leaves_process: bool,
         change: impl FnOnce(&mut DeviceAccount) -> Result<(T, bool), OlmError>,
     ) -> Result<(T, bool), OlmError> {
+        self.update_device_marking(user_id, device_id, leaves_process, None, change)
+            .await
+    }
+
+    /// [`AccountManager::update_device`], whose write (if `change` reports
+    /// one) also carries `puppet`, the puppet-registry mark
+    /// ([`DeviceWrite::puppet`]).
+    async fn update_device_marking<T>(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        leaves_process: bool,
+        puppet: Option<PuppetMark>,
+        change: impl FnOnce(&mut DeviceAccount) -> Result<(T, bool), OlmError>,
+    ) -> Result<(T, bool), OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         let slot = self.existing_slot(&key, user_id, device_id)?;
         let (out, changed, pending): (T, bool, Option<Pending>) = {
@@ -337,6 +399,7 @@ impl AccountManager {
                 }
                 let write = DeviceWrite {
                     account: device.encode()?,
+                    puppet,
                     ..DeviceWrite::default()
                 };
                 let pending = self.store.write_device(&key, device.version, write)?;

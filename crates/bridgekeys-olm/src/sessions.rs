@@ -480,6 +480,7 @@ impl AccountManager {
                 sessions: vec![record],
                 remove_sessions: evict.to_vec(),
                 delivery,
+                puppet: None,
             };
             Ok(self.store.write_device(key, device.version, write)?)
         });

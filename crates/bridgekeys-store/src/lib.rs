@@ -156,7 +156,7 @@ pub use sled_store::{
 pub use transactions::{TransactionClaim, TransactionLog, unix_millis};
 pub use types::{
     AccountRecord, Delivery, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
-    OneTimeKeyRecord, OutboundSessionRecord, SessionRecord, SessionWrite, Version,
+    OneTimeKeyRecord, OutboundSessionRecord, PuppetMark, SessionRecord, SessionWrite, Version,
 };
 
 /// Everything a bridge keeps durably, behind one object: the account

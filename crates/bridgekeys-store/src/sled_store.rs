@@ -1148,9 +1148,13 @@ impl Store for SledStore {
         let registry = layout::puppet(device);
         let sessions = self.seal_sessions(device, &write.sessions);
         let delivery = self.seal_delivery(device, write.delivery.as_ref());
+        let scheduled = write
+            .puppet
+            .and_then(|mark| mark.due_ms)
+            .map(|due| (due, layout::rotation(due, device)));
 
         let outcome = self.db.transaction(|tx| {
-            let (found, header) = match tx.get(&sealed.account_key)? {
+            let (found, mut header) = match tx.get(&sealed.account_key)? {
                 Some(raw) => {
                     let (header, version, _) =
                         parse_account(&raw).map_err(ConflictableTransactionError::Abort)?;
@@ -1171,6 +1175,31 @@ impl Store for SledStore {
                     expected,
                     found,
                 }));
+            }
+            if write.puppet.is_some() {
+                // What `record_puppet` then `schedule_rotation` do, in the
+                // header this write stores anyway (see `puppets.rs`).
+                if header.flags & layout::PUPPET == 0 {
+                    // An account takes over its device's `r/` record (never
+                    // there beside an account in practice: checked here
+                    // only, as one read of a rare write).
+                    if found.is_some()
+                        && let Some(value) = tx.get(&registry)?
+                    {
+                        tx.remove(registry.as_slice())?;
+                        header = layout::PuppetHeader::from_registry_value(&value);
+                    }
+                    header.flags |= layout::PUPPET;
+                }
+                if let Some((due, entry)) = &scheduled {
+                    if let Some(old) = header.due
+                        && old != *due
+                    {
+                        tx.remove(layout::rotation(old, device))?;
+                    }
+                    tx.insert(entry.as_slice(), &[][..])?;
+                    header.due = Some(*due);
+                }
             }
             let mut account = Vec::with_capacity(16 + sealed.account_sealed.len());
             layout::account_header_into(&mut account, header, sealed.new_version);

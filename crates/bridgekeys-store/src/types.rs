@@ -139,6 +139,30 @@ pub struct DeviceWrite {
     /// The result of a delivery to remember, so that the same delivery
     /// retried (after a crash) gets the same answer: see [`Delivery`].
     pub delivery: Option<Delivery>,
+    /// Also record the device in the puppet registry, in the same atomic
+    /// write as the account: see [`PuppetMark`]. `None` leaves the
+    /// registry as it is.
+    pub puppet: Option<PuppetMark>,
+}
+
+/// What a [`DeviceWrite`] records in the puppet registry
+/// ([`crate::PuppetRegistry`]) along with the account.
+///
+/// Why: provisioning a puppet device writes its account (the fallback key
+/// published) and then records the device and schedules its rotation. On
+/// sled the registry entry of a device with an account is the account
+/// record's header, so each of those steps rewrote the whole (~300-byte)
+/// account record, and sled keeps every dead version until it cleans its
+/// segment: folding them into one write saves bytes per provisioned device
+/// and a durable wait. On every backend the effect is exactly that of
+/// [`crate::PuppetRegistry::record_puppet`] followed (when `due_ms` is
+/// given) by [`crate::PuppetRegistry::schedule_rotation`] with no
+/// `found_at`, applied with the account or not at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PuppetMark {
+    /// When given, the device's next rotation step is due then (replacing
+    /// an earlier schedule); `None` keeps the schedule it has, if any.
+    pub due_ms: Option<u64>,
 }
 
 /// What a decrypted message delivery left behind: kept (sealed) until the

@@ -24,7 +24,10 @@ use bridgekeys_appservice::{
     UserDecision, UserNamespace,
 };
 use bridgekeys_olm::{AccountManager, ManagerConfig, fallback::FallbackPolicy};
-use bridgekeys_store::{PuppetRegistry, SledStore, SledStoreConfig, StoreKey, TransactionLog};
+use bridgekeys_store::{
+    DeviceKey, Pending, PuppetRegistry, SledStore, SledStoreConfig, StoreError, StoreKey,
+    TransactionLog,
+};
 use ruma::{OwnedDeviceId, OwnedUserId, UserId};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -382,6 +385,132 @@ async fn ensure_puppet_registers_creates_the_device_and_uploads_persisted_keys()
     assert_eq!((stats.devices_provisioned, stats.uploads), (1, 1));
 }
 
+/// The puppet registry as the provisioner sees it, counting its writes: on
+/// sled each one rewrites the device's account record (the registry entry
+/// is its header).
+struct CountingRegistry {
+    inner: Arc<dyn PuppetRegistry>,
+    writes: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingRegistry {
+    fn count(&self) {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl PuppetRegistry for CountingRegistry {
+    fn record_puppet(&self, d: &DeviceKey) -> Result<Pending, StoreError> {
+        self.count();
+        self.inner.record_puppet(d)
+    }
+    fn contains_puppet(&self, d: &DeviceKey) -> Result<bool, StoreError> {
+        self.inner.contains_puppet(d)
+    }
+    fn puppets(&self) -> Result<Vec<DeviceKey>, StoreError> {
+        self.inner.puppets()
+    }
+    fn record_cross_signed(&self, d: &DeviceKey) -> Result<Pending, StoreError> {
+        self.count();
+        self.inner.record_cross_signed(d)
+    }
+    fn is_cross_signed(&self, d: &DeviceKey) -> Result<bool, StoreError> {
+        self.inner.is_cross_signed(d)
+    }
+    fn schedule_rotation(
+        &self,
+        d: &DeviceKey,
+        due_ms: u64,
+        found_at: Option<u64>,
+    ) -> Result<Pending, StoreError> {
+        self.count();
+        self.inner.schedule_rotation(d, due_ms, found_at)
+    }
+    fn due_rotations(
+        &self,
+        now_ms: u64,
+        after: Option<&(DeviceKey, u64)>,
+        limit: usize,
+    ) -> Result<Vec<(DeviceKey, u64)>, StoreError> {
+        self.inner.due_rotations(now_ms, after, limit)
+    }
+}
+
+/// Provisioning a new device records it in the puppet registry, due at
+/// once, in the write that marks its fallback key published: its account
+/// record is written four times (create, fallback key generated, published
+/// and recorded, cross-signed) where it was six (record and schedule
+/// apart), and the registry is right afterwards.
+#[tokio::test]
+async fn provisioning_records_the_puppet_in_the_fallback_publish_write() {
+    use bridgekeys_store::{
+        Backend,
+        testing::{Intercepted, Write},
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (_hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sled = SledStore::open_or_create(SledStoreConfig::new(
+        dir.path().join("store"),
+        StoreKey::new([9; 32]),
+    ))
+    .unwrap();
+    let store = Arc::new(Intercepted::new(Arc::new(sled) as Arc<dyn Backend>));
+    let device_writes = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&device_writes);
+    store.intercept(move |w| {
+        if matches!(w, Write::Device(_)) {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+    let registry = Arc::new(CountingRegistry {
+        inner: Arc::clone(&store) as Arc<dyn PuppetRegistry>,
+        writes: AtomicUsize::new(0),
+    });
+    let manager = Arc::new(AccountManager::new(
+        Arc::clone(&store) as _,
+        ManagerConfig::default(),
+    ));
+    let provisioner = Provisioner::new(
+        HomeserverClient::new(&url, AsToken::new(AS_TOKEN)).unwrap(),
+        Arc::clone(&manager),
+        Arc::clone(&registry) as Arc<dyn PuppetRegistry>,
+        fast_retries(),
+    )
+    .with_clock(Arc::new(ManualClock::new(T0)) as _);
+    let user = puppet(60);
+    provisioner.ensure_puppet(&user).await.unwrap();
+
+    let (device_writes, registry_writes) = (
+        device_writes.load(Ordering::SeqCst),
+        registry.writes.load(Ordering::SeqCst),
+    );
+    assert_eq!(
+        (device_writes, registry_writes),
+        (3, 1),
+        "create, generate, publish + record; then only the cross-signed flag"
+    );
+    assert!(
+        device_writes + registry_writes < 6,
+        "fewer account writes than recording and scheduling apart"
+    );
+    let key = DeviceKey::new(user.as_str(), "BRIDGEKEYS");
+    assert!(store.contains_puppet(&key).unwrap());
+    assert_eq!(store.puppets().unwrap(), vec![key.clone()]);
+    assert!(store.is_cross_signed(&key).unwrap());
+    assert_eq!(
+        store.due_rotations(T0, None, 10).unwrap(),
+        vec![(key, T0)],
+        "due at once"
+    );
+    let state = manager.fallback_state(&user, &device()).unwrap();
+    assert!(state.current.unwrap().published);
+    let stats = provisioner.stats();
+    assert_eq!((stats.devices_provisioned, stats.uploads), (1, 1));
+}
+
 #[tokio::test]
 async fn a_failed_upload_is_retried_with_identical_keys() {
     let (hs, url) = FakeHomeserver::start().await;
@@ -428,7 +557,24 @@ async fn after_a_crash_with_the_upload_unacknowledged_the_same_keys_are_sent_aga
         uploads.iter().all(|u| u.body == uploads[0].body),
         "the restarted bridge re-sends the persisted keys, not new ones"
     );
-    assert_eq!(hs.registrations().len(), 1, "registered once");
+    // The device was not recorded (that happens with the publish write), so
+    // the restarted bridge took the homeserver steps again: idempotent, the
+    // second registration answered M_USER_IN_USE, the same device put again.
+    assert_eq!(hs.registrations().len(), 2, "registered again");
+    assert_eq!(hs.devices().len(), 2, "the same device created again");
+    assert!(
+        hs.devices()
+            .iter()
+            .all(|d| d.query["path_device_id"] == "BRIDGEKEYS")
+    );
+    assert!(
+        b.store
+            .contains_puppet(&bridgekeys_store::DeviceKey::new(
+                user.as_str(),
+                "BRIDGEKEYS"
+            ))
+            .unwrap()
+    );
     assert_eq!(b.manager.stats().fallback_keys_generated, 0);
     assert!(
         b.manager

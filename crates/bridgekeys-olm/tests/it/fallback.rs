@@ -455,3 +455,83 @@ async fn a_forced_rotation_and_forget_act_at_once_and_are_counted() {
     let stats = m.stats();
     assert_eq!((stats.fallback_rotations, stats.fallback_forgets), (1, 1));
 }
+
+/// Publishing the fallback key and recording the puppet (with its due
+/// time) is one write of the account record; a device recorded and
+/// cross-signed already keeps its flag; a stale key id still records the
+/// device (the write lands, `false` says the key was not marked).
+#[tokio::test]
+async fn publishing_the_fallback_key_and_recording_the_puppet_is_one_write() {
+    use bridgekeys_store::{
+        Backend, DeviceKey, PuppetRegistry, Store,
+        testing::{Intercepted, MemoryStore, Write},
+    };
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let store = Arc::new(Intercepted::new(
+        Arc::new(MemoryStore::new()) as Arc<dyn Backend>
+    ));
+    let writes = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&writes);
+    store.intercept(move |w| {
+        if matches!(w, Write::Device(_)) {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+    let m = AccountManager::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        ManagerConfig::default(),
+    );
+    let (user, device) = alice();
+    let dev = DeviceKey::new(user.as_str(), device.as_str());
+    m.create_device(&user, &device).await.unwrap();
+    let key = m
+        .fallback_key_for_upload(&user, &device, T0)
+        .await
+        .unwrap()
+        .unwrap();
+    let before = writes.load(Ordering::SeqCst);
+    assert!(
+        m.mark_fallback_published_and_record_puppet(&user, &device, &key.key_id, T0, T0 + 5)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        writes.load(Ordering::SeqCst) - before,
+        1,
+        "one device write"
+    );
+    assert!(store.contains_puppet(&dev).unwrap());
+    assert_eq!(
+        store.due_rotations(T0 + 5, None, 10).unwrap(),
+        vec![(dev.clone(), T0 + 5)]
+    );
+    assert!(store.due_rotations(T0 + 4, None, 10).unwrap().is_empty());
+    assert!(
+        m.fallback_key_for_upload(&user, &device, T0 + 10)
+            .await
+            .unwrap()
+            .is_none(),
+        "the key is published"
+    );
+    // Already published: still recorded and rescheduled, flags kept.
+    store
+        .record_cross_signed(&dev)
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert!(
+        !m.mark_fallback_published_and_record_puppet(&user, &device, &key.key_id, T0, T0 + 9)
+            .await
+            .unwrap()
+    );
+    assert!(store.is_cross_signed(&dev).unwrap());
+    assert_eq!(
+        store.due_rotations(u64::MAX, None, 10).unwrap(),
+        vec![(dev, T0 + 9)]
+    );
+}

@@ -300,6 +300,10 @@ impl Store for PgStore {
             .map(|(p, id)| (p.to_vec(), id.clone()))
             .unzip();
         let delivery = self.seal_delivery(device, write.delivery.as_ref());
+        // The puppet mark: the row `record_puppet` inserts, with the due
+        // time `schedule_rotation` sets, when given (a row already there
+        // keeps its cross-signed flag, and its due time if none is given).
+        let puppet_due = write.puppet.map(|mark| mark.due_ms.map(ord));
         let dev = device.as_bytes().to_vec();
         // After this device's queued appends: a key removed here must not
         // be inserted again by a batch behind it.
@@ -371,6 +375,16 @@ impl Store for PgStore {
                 tx.execute(UPSERT_DELIVERY, &[tag, &dev, message, sealed])
                     .await
                     .pg()?;
+            }
+            if let Some(due) = &puppet_due {
+                tx.execute(
+                    "INSERT INTO bk_puppets (device, due_ms) VALUES ($1, $2) \
+                     ON CONFLICT (device) DO UPDATE \
+                     SET due_ms = COALESCE(excluded.due_ms, bk_puppets.due_ms)",
+                    &[&dev, due],
+                )
+                .await
+                .pg()?;
             }
             tx.commit().await.pg()
         })?;

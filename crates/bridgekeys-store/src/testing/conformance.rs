@@ -48,7 +48,8 @@ use zeroize::Zeroizing;
 
 use crate::{
     Backend, Delivery, DeviceKey, DeviceWrite, FIRST_KEY_ID, IndexUse, KeyAppend, OneTimeKeyRecord,
-    Pending, SessionRecord, SessionWrite, StoreError, TransactionClaim, Version, unix_millis,
+    Pending, PuppetMark, SessionRecord, SessionWrite, StoreError, TransactionClaim, Version,
+    unix_millis,
 };
 
 /// What a conformance factory gives: a fresh, empty backend, and something
@@ -114,6 +115,8 @@ pub const CHECKS: &[&str] = &[
     "a_rotation_cursor_pages_through_every_due_entry_exactly_once",
     "rescheduling_replaces_the_old_entry_and_the_one_found",
     "scheduling_a_device_not_recorded_schedules_nothing",
+    "a_device_write_with_a_puppet_mark_records_and_schedules_the_device_with_the_account",
+    "a_device_write_without_a_puppet_mark_leaves_the_registry_unchanged",
     "sync_resolves_and_commit_stats_count_writes",
 ];
 
@@ -175,6 +178,8 @@ macro_rules! conformance_tests {
             a_rotation_cursor_pages_through_every_due_entry_exactly_once,
             rescheduling_replaces_the_old_entry_and_the_one_found,
             scheduling_a_device_not_recorded_schedules_nothing,
+            a_device_write_with_a_puppet_mark_records_and_schedules_the_device_with_the_account,
+            a_device_write_without_a_puppet_mark_leaves_the_registry_unchanged,
             sync_resolves_and_commit_stats_count_writes,
         );
     };
@@ -2273,6 +2278,131 @@ pub async fn scheduling_a_device_not_recorded_schedules_nothing(backend: Arc<dyn
     );
     assert!(!backend.contains_puppet(&stranger).expect("read"));
     assert!(backend.puppets().expect("list").is_empty());
+}
+
+/// A device write carrying a [`PuppetMark`] does what `record_puppet` then
+/// `schedule_rotation` would, with the account or not at all: the device is
+/// recorded, listed and due at the mark's time (not before); a device
+/// recorded earlier (before its account exists, or with one) keeps its
+/// cross-signed flag, and its schedule is replaced by the mark's time, or
+/// kept when the mark gives none; a write refused as stale records nothing.
+pub async fn a_device_write_with_a_puppet_mark_records_and_schedules_the_device_with_the_account(
+    backend: Arc<dyn Backend>,
+) {
+    let marked = |bytes: &[u8], due_ms: Option<u64>| DeviceWrite {
+        puppet: Some(PuppetMark { due_ms }),
+        ..account(bytes)
+    };
+    let (fresh, early, old, stale) = (
+        device("@fresh:hs", "DEV"),
+        device("@early:hs", "DEV"),
+        device("@old:hs", "DEV"),
+        device("@stale:hs", "DEV"),
+    );
+    // A new device, created with the mark.
+    durable(
+        "create marked",
+        backend.write_device(&fresh, None, marked(b"fresh", Some(1_000))),
+    )
+    .await;
+    // Recorded, flagged and scheduled before its account exists.
+    durable("record", backend.record_puppet(&early)).await;
+    durable("flag", backend.record_cross_signed(&early)).await;
+    durable("schedule", backend.schedule_rotation(&early, 500, None)).await;
+    durable(
+        "create marked",
+        backend.write_device(&early, None, marked(b"early", Some(2_000))),
+    )
+    .await;
+    // An account recorded, flagged and scheduled, then written with a mark
+    // without a due time.
+    durable("create", backend.write_device(&old, None, account(b"old"))).await;
+    durable("record", backend.record_puppet(&old)).await;
+    durable("flag", backend.record_cross_signed(&old)).await;
+    durable("schedule", backend.schedule_rotation(&old, 700, None)).await;
+    durable(
+        "update marked",
+        backend.write_device(&old, Some(Version(1)), marked(b"old v2", None)),
+    )
+    .await;
+    // A stale write with a mark: refused, and nothing is recorded.
+    durable("create", backend.write_device(&stale, None, account(b"s"))).await;
+    let refused = backend.write_device(&stale, None, marked(b"s2", Some(10)));
+    assert!(
+        is_conflict(&refused, (None, Some(1))),
+        "a stale write applied"
+    );
+
+    for (d, data, flagged) in [
+        (&fresh, &b"fresh"[..], false),
+        (&early, &b"early"[..], true),
+        (&old, &b"old v2"[..], true),
+    ] {
+        assert!(backend.contains_puppet(d).expect("read"), "{d:?}");
+        assert_eq!(
+            backend.is_cross_signed(d).expect("read"),
+            flagged,
+            "{d:?}: the cross-signed flag"
+        );
+        let stored = backend.load_account(d).expect("load").expect("account");
+        assert_eq!(stored.data.as_slice(), data, "{d:?}: the account");
+    }
+    assert!(!backend.contains_puppet(&stale).expect("read"));
+    let listed = backend.puppets().expect("list");
+    assert_eq!(
+        listed.len(),
+        3,
+        "each marked device listed once: {listed:?}"
+    );
+    for d in [&early, &fresh, &old] {
+        assert!(listed.contains(d), "{d:?} is not listed");
+    }
+    assert_eq!(
+        backend.due_rotations(999, None, 10).expect("due"),
+        vec![(old.clone(), 700)],
+        "only the schedule kept by a mark without a due time is due before 1000"
+    );
+    assert_eq!(
+        backend.due_rotations(u64::MAX, None, 10).expect("due"),
+        vec![(old, 700), (fresh, 1_000), (early, 2_000)],
+        "one entry per device, at the mark's time"
+    );
+}
+
+/// A device write without a [`PuppetMark`] leaves the registry as it is:
+/// a device not recorded stays unrecorded, and a recorded one keeps its
+/// flag and schedule through the rewrite of its account.
+pub async fn a_device_write_without_a_puppet_mark_leaves_the_registry_unchanged(
+    backend: Arc<dyn Backend>,
+) {
+    let (plain, puppet) = (device("@plain:hs", "DEV"), device("@puppet:hs", "DEV"));
+    durable("create", backend.write_device(&plain, None, account(b"p"))).await;
+    durable("create", backend.write_device(&puppet, None, account(b"q"))).await;
+    durable("record", backend.record_puppet(&puppet)).await;
+    durable("flag", backend.record_cross_signed(&puppet)).await;
+    durable("schedule", backend.schedule_rotation(&puppet, 1_000, None)).await;
+    durable(
+        "update",
+        backend.write_device(&plain, Some(Version(1)), account(b"p2")),
+    )
+    .await;
+    durable(
+        "update",
+        backend.write_device(&puppet, Some(Version(1)), account(b"q2")),
+    )
+    .await;
+    assert!(!backend.contains_puppet(&plain).expect("read"));
+    assert_eq!(backend.puppets().expect("list"), vec![puppet.clone()]);
+    assert!(backend.is_cross_signed(&puppet).expect("read"));
+    assert_eq!(
+        backend.due_rotations(u64::MAX, None, 10).expect("due"),
+        vec![(puppet.clone(), 1_000)]
+    );
+    let stored = backend
+        .load_account(&puppet)
+        .expect("load")
+        .expect("account");
+    assert_eq!(stored.data.as_slice(), b"q2");
 }
 
 // ---------------------------------------------------------------------------

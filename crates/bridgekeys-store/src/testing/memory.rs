@@ -11,9 +11,9 @@ use zeroize::Zeroizing;
 
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, FIRST_KEY_ID, HeldEvent, IndexUse,
-    KeyAppend, LegacySession, OneTimeKeyRecord, OutboundSessionRecord, Pending, PuppetRegistry,
-    SessionRecord, SessionStamp, SessionWrite, Store, StoreError, TransactionClaim, TransactionLog,
-    Version, unix_millis,
+    KeyAppend, LegacySession, OneTimeKeyRecord, OutboundSessionRecord, Pending, PuppetMark,
+    PuppetRegistry, SessionRecord, SessionStamp, SessionWrite, Store, StoreError, TransactionClaim,
+    TransactionLog, Version, unix_millis,
 };
 
 /// A [`Backend`](crate::Backend) held entirely in memory, for tests.
@@ -242,6 +242,28 @@ fn held_key(room_id: &str, session_id: &str, event_id: &str) -> HeldKey {
 }
 
 impl State {
+    /// A [`DeviceWrite::puppet`] mark: `record_puppet` then, when a due
+    /// time is given, `schedule_rotation` (no `found_at`), as sled does in
+    /// the account header.
+    fn mark_puppet(&mut self, device: &DeviceKey, mark: PuppetMark) {
+        let key = dev(device);
+        let puppet = self.puppets.entry(key.clone()).or_insert_with(|| Puppet {
+            device: device.clone(),
+            cross_signed: false,
+            scheduled: None,
+        });
+        let Some(due) = mark.due_ms else {
+            return;
+        };
+        let old = puppet.scheduled.replace(due);
+        if let Some(old) = old
+            && old != due
+        {
+            self.rotations.remove(&(old, key.clone()));
+        }
+        self.rotations.insert((due, key));
+    }
+
     /// Add one-time keys, then remove others, as sled does: a key removed
     /// goes by its id and its public-key index entry separately, and a key
     /// already gone is no error (a claim may have evicted it meanwhile).
@@ -350,6 +372,7 @@ impl Store for MemoryStore {
         write: DeviceWrite,
     ) -> Result<Pending, StoreError> {
         let mut state = self.write()?;
+        let key = device;
         let device = dev(device);
         // Checked before anything changes, and nothing below can fail: the
         // write is all or nothing.
@@ -365,6 +388,9 @@ impl Store for MemoryStore {
         state.remove_sessions(&device, &write.remove_sessions);
         state.put_sessions(&device, &write.sessions);
         state.put_delivery(&device, write.delivery.as_ref());
+        if let Some(mark) = write.puppet {
+            state.mark_puppet(key, mark);
+        }
         Ok(self.applied(&mut state))
     }
 
