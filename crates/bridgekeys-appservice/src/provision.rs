@@ -15,17 +15,18 @@
 //!    uploaded**; the upload (device keys and fallback key together) is
 //!    retried on transient failures with the same bytes; a 200 (or "already
 //!    exists") marks the key published. For a device new to the registry,
-//!    that same write of the account records it in the puppet registry, its
-//!    first rotation step due at once
-//!    ([`AccountManager::mark_fallback_published_and_record_puppet`]): on
+//!    the write that persists the key also records the device in the puppet
+//!    registry, its first rotation step due at once
+//!    ([`AccountManager::fallback_key_for_upload_and_record_puppet`]): on
 //!    sled the registry entry is the account record's header, so recording
-//!    and scheduling apart would rewrite the account record twice more. (A
-//!    device whose key is published already is recorded on its own.) A crash
-//!    between step 2 and that write leaves the device unrecorded, so the next
-//!    `ensure_device` takes steps 2 and 3 again: both are idempotent (the
-//!    registration treats `M_USER_IN_USE` as success, the device creation
-//!    and login name the same device, and the fallback key re-uploaded is
-//!    byte-identical).
+//!    and scheduling apart would rewrite the account record twice more. The
+//!    device is recorded before the upload, so an upload that fails (retries
+//!    used up, a refusal) is taken up again by the rotation pass, as for any
+//!    unpublished key. A crash between step 2 and that write leaves the
+//!    device unrecorded, so the next `ensure_device` takes step 2 again: it
+//!    is idempotent (the registration treats `M_USER_IN_USE` as success,
+//!    the device creation names the same device; without MSC4190 it is a
+//!    second appservice login for the same device).
 //! 4. With [`ProvisionConfig::cross_signing`] (the default): the user's
 //!    cross-signing identity (created durably once, never replaced) and the
 //!    device's signature by its self-signing key are uploaded, then the
@@ -386,16 +387,10 @@ impl Provisioner {
             // 3. Device keys and the fallback key, persisted before upload;
             //    the device is recorded in the registry (due at once: the
             //    next pass reads its real schedule) in the same write that
-            //    marks the key published.
-            let recorded = self
-                .upload_fallback(user_id, device_id, &device_keys, true)
+            //    persists the key, before the upload, so a failed upload is
+            //    retried by the rotation pass.
+            self.upload_fallback(user_id, device_id, &device_keys, true)
                 .await?;
-            if !recorded {
-                // Nothing to upload (the key is published already): record
-                // it on its own.
-                self.registry.record_puppet(&key)?.durable().await?;
-                self.schedule(&key, self.clock.now(), None);
-            }
             bump(&self.counters.devices_provisioned);
             tracing::info!(%user_id, %device_id, "puppet device provisioned on the homeserver");
         } else {
@@ -475,12 +470,13 @@ impl Provisioner {
 
     /// Upload the device's unpublished fallback key (if any) with its device
     /// keys, retrying transient failures with the same bytes, and mark it
-    /// published on success. With `record_puppet`, the same write of the
-    /// account also records the device in the puppet registry, due at once
-    /// (one account write instead of three on sled: see
-    /// [`AccountManager::mark_fallback_published_and_record_puppet`]).
-    /// Returns whether anything was uploaded (with `record_puppet`: whether
-    /// the device was recorded).
+    /// published on success. With `record_puppet`, the write that persists
+    /// the key (generated or not) also records the device in the puppet
+    /// registry, due at once, before anything is sent (one account write
+    /// instead of three on sled: see
+    /// [`AccountManager::fallback_key_for_upload_and_record_puppet`]); a
+    /// registry that is not the manager's store gets its own record.
+    /// Returns whether anything was uploaded.
     async fn upload_fallback(
         &self,
         user_id: &UserId,
@@ -488,11 +484,25 @@ impl Provisioner {
         device_keys: &DeviceKeys,
         record_puppet: bool,
     ) -> Result<bool, ProvisionError> {
-        let Some(fallback) = self
-            .manager
-            .fallback_key_for_upload(user_id, device_id, self.clock.now())
-            .await?
-        else {
+        let now = self.clock.now();
+        let fallback = if record_puppet {
+            let fallback = self
+                .manager
+                .fallback_key_for_upload_and_record_puppet(user_id, device_id, now, now)
+                .await?;
+            let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+            if !self.registry.contains_puppet(&key)? {
+                // The registry is another store than the manager's.
+                self.registry.record_puppet(&key)?.durable().await?;
+                self.schedule(&key, now, None);
+            }
+            fallback
+        } else {
+            self.manager
+                .fallback_key_for_upload(user_id, device_id, now)
+                .await?
+        };
+        let Some(fallback) = fallback else {
             return Ok(false);
         };
         self.retry("upload keys", Some(&self.counters.upload_retries), || {
@@ -500,22 +510,9 @@ impl Provisioner {
                 .upload_keys(user_id, device_id, Some(device_keys), Some(&fallback))
         })
         .await?;
-        let now = self.clock.now();
-        if record_puppet {
-            self.manager
-                .mark_fallback_published_and_record_puppet(
-                    user_id,
-                    device_id,
-                    &fallback.key_id,
-                    now,
-                    now,
-                )
-                .await?;
-        } else {
-            self.manager
-                .mark_fallback_published(user_id, device_id, &fallback.key_id, now)
-                .await?;
-        }
+        self.manager
+            .mark_fallback_published(user_id, device_id, &fallback.key_id, self.clock.now())
+            .await?;
         bump(&self.counters.uploads);
         tracing::info!(%user_id, %device_id, key_id = %fallback.key_id, "fallback key uploaded");
         Ok(true)

@@ -248,7 +248,7 @@ async fn provision(
         "storage: provisioned (idle)".to_owned()
     };
     let progress = Progress::new(what, "devices", devices);
-    // Many tasks: each device waits for two durable writes in turn.
+    // Many tasks: each device waits for three durable writes in turn.
     in_chunks_reporting(devices, 16, Some(progress), move |ids| {
         let manager = work_manager.clone();
         async move {
@@ -257,20 +257,15 @@ async fn provision(
                 .await?;
             for (user, device) in &ids {
                 let now = bridgekeys_olm::fallback::now_millis();
+                // As the provisioner: the key persisted with the device
+                // recorded in the puppet registry, due at once (one write of
+                // the account), then published.
                 let fallback = manager
-                    .fallback_key_for_upload(user, device, now)
+                    .fallback_key_for_upload_and_record_puppet(user, device, now, now)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("no fallback key to upload"))?;
-                // As the provisioner: published, recorded in the puppet
-                // registry and due at once, in one write of the account.
                 manager
-                    .mark_fallback_published_and_record_puppet(
-                        user,
-                        device,
-                        &fallback.key_id,
-                        now,
-                        now,
-                    )
+                    .mark_fallback_published(user, device, &fallback.key_id, now)
                     .await?;
                 if pool_keys > 0 {
                     manager

@@ -56,6 +56,26 @@ fn publish(
     Ok(true)
 }
 
+/// The key to upload for a device: its unpublished current fallback key,
+/// generated first if it has none (`None`: the current key is published),
+/// and whether one was generated (the account changed).
+fn key_to_upload(
+    device: &mut DeviceAccount,
+    now: UnixMillis,
+    user_id: &UserId,
+    device_id: &DeviceId,
+) -> Result<(Option<FallbackKey>, bool), OlmError> {
+    let generated = device.fallback.current.is_none();
+    if generated {
+        generate(device, now)?;
+    }
+    let upload = match &device.fallback.current {
+        Some(c) if !c.published => Some(sign_fallback(device, c, user_id, device_id)?),
+        _ => None,
+    };
+    Ok((upload, generated))
+}
+
 /// Generate a fallback key in the account; the current one (if any) becomes
 /// the previous one (and an older previous one is dropped by vodozemac).
 fn generate(device: &mut DeviceAccount, now: UnixMillis) -> Result<(), OlmError> {
@@ -132,14 +152,7 @@ impl AccountManager {
         now: UnixMillis,
     ) -> Result<Option<FallbackKey>, OlmError> {
         self.update_device(user_id, device_id, true, |device| {
-            let generated = device.fallback.current.is_none();
-            if generated {
-                generate(device, now)?;
-            }
-            let upload = match &device.fallback.current {
-                Some(c) if !c.published => Some(sign_fallback(device, c, user_id, device_id)?),
-                _ => None,
-            };
+            let (upload, generated) = key_to_upload(device, now, user_id, device_id)?;
             Ok((upload, generated))
         })
         .await
@@ -170,40 +183,44 @@ impl AccountManager {
         .map(|(marked, _)| marked)
     }
 
-    /// [`AccountManager::mark_fallback_published`] and, in the same atomic
+    /// [`AccountManager::fallback_key_for_upload`] and, in the same atomic
     /// write of the account record, record the device in the puppet
     /// registry ([`bridgekeys_store::PuppetRegistry::record_puppet`]: a
     /// device recorded already keeps its flags, such as cross-signed) with
     /// its next rotation step due at `due` (as
     /// [`bridgekeys_store::PuppetRegistry::schedule_rotation`] would).
     ///
-    /// Why: provisioning a puppet ends with both, and on sled the registry
-    /// entry of a device lives in its account record's header, so two
-    /// separate calls rewrite the whole account record twice (and sled
-    /// keeps each dead version until it cleans the segment) and wait for
-    /// two flushes. One write does both.
+    /// Why: provisioning a new puppet device generates its fallback key and
+    /// records the device as soon as the homeserver created it, before the
+    /// upload (so that a failed upload is retried by the rotation pass).
+    /// On sled the registry entry of a device lives in its account record's
+    /// header, so separate calls rewrite the whole account record once per
+    /// step (and sled keeps each dead version until it cleans the segment)
+    /// and wait for a flush each. One write does them all.
     ///
-    /// The device is recorded whatever the key's state: the homeserver
-    /// knows it once its keys were uploaded. If `key_id` is no longer the
-    /// current key or was recorded published already, the account is
-    /// written unchanged with the registry mark, and this returns `false`
-    /// (as `mark_fallback_published` does); `true` when the key was marked
-    /// published. Durable when this returns.
-    pub async fn mark_fallback_published_and_record_puppet(
+    /// The account is written in every case, so the mark always lands:
+    /// with a new key, with the unpublished key it has (unchanged), or with
+    /// nothing to upload (`None`: its key is published already). Durable
+    /// when this returns.
+    pub async fn fallback_key_for_upload_and_record_puppet(
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
-        key_id: &OwnedOneTimeKeyId,
         now: UnixMillis,
         due: UnixMillis,
-    ) -> Result<bool, OlmError> {
+    ) -> Result<Option<FallbackKey>, OlmError> {
         let mark = PuppetMark { due_ms: Some(due) };
-        self.update_device_marking(user_id, device_id, false, Some(mark), |device| {
-            // Written in every case (`true`): the mark must land.
-            Ok((publish(device, key_id, now)?, true))
-        })
-        .await
-        .map(|(marked, _)| marked)
+        let (upload, generated) = self
+            .update_device_marking(user_id, device_id, true, Some(mark), |device| {
+                // Written in every case (`true`): the mark must land.
+                Ok((key_to_upload(device, now, user_id, device_id)?, true))
+            })
+            .await?
+            .0;
+        if generated {
+            Counters::add(&self.counters.fallback_keys_generated, 1);
+        }
+        Ok(upload)
     }
 
     /// Record that the homeserver reports the device's fallback key used

@@ -31,8 +31,11 @@
 //!   ratchet step is lost, whichever processes race.
 //! * **Atomicity where it matters.** [`Store::write_device`] writes a
 //!   device's account record, new and removed one-time keys, new and removed
-//!   sessions and its delivery record in one transaction: all of it or none
-//!   of it, after a crash too; so does [`Store::write_sessions`]. Removing a
+//!   sessions, its delivery record and its puppet-registry mark
+//!   ([`DeviceWrite::puppet`]: a store is its own [`PuppetRegistry`], and a
+//!   backend that ignored the mark would leave a provisioned device out of
+//!   the registry) in one transaction: all of it or none of it, after a
+//!   crash too; so does [`Store::write_sessions`]. Removing a
 //!   key that is already gone is no error. The hot claim path uses
 //!   [`Store::append_keys`] instead: plain inserts of the new keys, in order,
 //!   which needs no transaction because nothing of it is acknowledged before

@@ -456,12 +456,13 @@ async fn a_forced_rotation_and_forget_act_at_once_and_are_counted() {
     assert_eq!((stats.fallback_rotations, stats.fallback_forgets), (1, 1));
 }
 
-/// Publishing the fallback key and recording the puppet (with its due
-/// time) is one write of the account record; a device recorded and
-/// cross-signed already keeps its flag; a stale key id still records the
-/// device (the write lands, `false` says the key was not marked).
+/// Generating the fallback key for upload and recording the puppet (with
+/// its due time) is one write of the account record; asked again before
+/// the upload it returns the very same key and still records; with the key
+/// published it returns none, records and reschedules, and a device
+/// recorded and cross-signed already keeps its flag.
 #[tokio::test]
-async fn publishing_the_fallback_key_and_recording_the_puppet_is_one_write() {
+async fn generating_the_fallback_key_and_recording_the_puppet_is_one_write() {
     use bridgekeys_store::{
         Backend, DeviceKey, PuppetRegistry, Store,
         testing::{Intercepted, MemoryStore, Write},
@@ -488,46 +489,68 @@ async fn publishing_the_fallback_key_and_recording_the_puppet_is_one_write() {
     let (user, device) = alice();
     let dev = DeviceKey::new(user.as_str(), device.as_str());
     m.create_device(&user, &device).await.unwrap();
+    let before = writes.load(Ordering::SeqCst);
     let key = m
-        .fallback_key_for_upload(&user, &device, T0)
+        .fallback_key_for_upload_and_record_puppet(&user, &device, T0, T0 + 5)
         .await
         .unwrap()
-        .unwrap();
-    let before = writes.load(Ordering::SeqCst);
-    assert!(
-        m.mark_fallback_published_and_record_puppet(&user, &device, &key.key_id, T0, T0 + 5)
-            .await
-            .unwrap()
-    );
+        .expect("a new key to upload");
     assert_eq!(
         writes.load(Ordering::SeqCst) - before,
         1,
         "one device write"
     );
+    assert_eq!(m.stats().fallback_keys_generated, 1);
     assert!(store.contains_puppet(&dev).unwrap());
     assert_eq!(
         store.due_rotations(T0 + 5, None, 10).unwrap(),
         vec![(dev.clone(), T0 + 5)]
     );
     assert!(store.due_rotations(T0 + 4, None, 10).unwrap().is_empty());
+    // Before the upload's 200: the same key, recorded again (rescheduled).
+    let again = m
+        .fallback_key_for_upload_and_record_puppet(&user, &device, T0 + 1, T0 + 7)
+        .await
+        .unwrap()
+        .expect("the unpublished key again");
+    assert_eq!(again.key_id, key.key_id);
+    assert_eq!(
+        serde_json::to_string(&again.key).unwrap(),
+        serde_json::to_string(&key.key).unwrap()
+    );
+    assert_eq!(
+        m.stats().fallback_keys_generated,
+        1,
+        "nothing new generated"
+    );
+    assert_eq!(
+        store.due_rotations(u64::MAX, None, 10).unwrap(),
+        vec![(dev.clone(), T0 + 7)]
+    );
     assert!(
-        m.fallback_key_for_upload(&user, &device, T0 + 10)
+        m.mark_fallback_published(&user, &device, &key.key_id, T0 + 2)
             .await
             .unwrap()
-            .is_none(),
-        "the key is published"
     );
-    // Already published: still recorded and rescheduled, flags kept.
+    // Published: nothing to upload, still recorded and rescheduled, the
+    // cross-signed flag kept.
     store
         .record_cross_signed(&dev)
         .unwrap()
         .durable()
         .await
         .unwrap();
+    let before = writes.load(Ordering::SeqCst);
     assert!(
-        !m.mark_fallback_published_and_record_puppet(&user, &device, &key.key_id, T0, T0 + 9)
+        m.fallback_key_for_upload_and_record_puppet(&user, &device, T0 + 3, T0 + 9)
             .await
             .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        writes.load(Ordering::SeqCst) - before,
+        1,
+        "the mark is written"
     );
     assert!(store.is_cross_signed(&dev).unwrap());
     assert_eq!(
