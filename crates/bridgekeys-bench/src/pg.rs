@@ -194,7 +194,8 @@ pub struct ProcessRun {
     pub claims: usize,
     /// Claimers in all (split over the processes).
     pub claimers: usize,
-    /// Seconds from `go` to the last process's answer.
+    /// Seconds from `go` to the last process's answer (in a
+    /// [`ProcessesReport`], summed over its [`ROUNDS`] runs).
     pub wall_s: f64,
     /// claims / wall_s.
     pub claims_per_s: f64,
@@ -211,7 +212,8 @@ pub struct ProcessRun {
     /// 99th percentile claim latency, merged.
     pub p99_ms: f64,
     /// Each process's own load time, seconds, in the order started: how
-    /// evenly the processes finished (the window ends with the last).
+    /// evenly the processes finished (the window ends with the last). In a
+    /// [`ProcessesReport`], summed per process over its runs.
     pub process_s: Vec<f64>,
     /// CPU seconds the claiming processes used during their loads, in all.
     pub processes_cpu_s: Option<f64>,

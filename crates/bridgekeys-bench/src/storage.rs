@@ -117,7 +117,9 @@ pub struct StorageReport {
     /// needs for these records: provisioning writes a device's account
     /// several times, and sled 0.34 keeps dead versions until it cleans a
     /// segment, so `bytes_per_device` minus this is the cost of the
-    /// rewrites, and this is the engine's floor for the records.
+    /// rewrites. One write pattern (shuffled, plain inserts), not a proven
+    /// lower bound: the engine's floor for these records as far as this
+    /// measures it.
     pub written_once_bytes_per_device: f64,
     /// The 50-uploaded-keys alternative, computed.
     pub alternative: UploadedKeysAlternative,
@@ -372,7 +374,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn copying_once_keeps_every_entry_of_every_tree_and_leaves_no_dead_versions() {
+    fn copying_once_keeps_every_entry_of_every_tree_and_takes_less_than_a_store_of_rewrites() {
         let dir = tempfile::tempdir().unwrap();
         let from = dir.path().join("from");
         {
