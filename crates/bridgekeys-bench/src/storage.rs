@@ -250,7 +250,8 @@ async fn provision(
         "storage: provisioned (idle)".to_owned()
     };
     let progress = Progress::new(what, "devices", devices);
-    // Many tasks: each device waits for three durable writes in turn.
+    // Many tasks: after its batch's creation, each device waits for two
+    // durable writes in turn.
     in_chunks_reporting(devices, 16, Some(progress), move |ids| {
         let manager = work_manager.clone();
         async move {

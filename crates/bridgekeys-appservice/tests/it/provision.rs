@@ -459,9 +459,17 @@ async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback
     let store = Arc::new(Intercepted::new(Arc::new(sled) as Arc<dyn Backend>));
     let device_writes = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&device_writes);
+    let (user, probe) = (puppet(60), Arc::clone(&store));
+    let recorded_before = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&recorded_before);
+    let key_of_user = DeviceKey::new(user.as_str(), "BRIDGEKEYS");
     store.intercept(move |w| {
         if matches!(w, Write::Device(_)) {
             counted.fetch_add(1, Ordering::SeqCst);
+            // Whether the device was recorded before this write.
+            seen.lock()
+                .unwrap()
+                .push(probe.contains_puppet(&key_of_user).unwrap());
         }
         Ok(())
     });
@@ -480,7 +488,6 @@ async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback
         fast_retries(),
     )
     .with_clock(Arc::new(ManualClock::new(T0)) as _);
-    let user = puppet(60);
     provisioner.ensure_puppet(&user).await.unwrap();
 
     let (device_writes, registry_writes) = (
@@ -491,6 +498,11 @@ async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback
         (device_writes, registry_writes),
         (3, 1),
         "create, generate + record, publish; then only the cross-signed flag"
+    );
+    assert_eq!(
+        *recorded_before.lock().unwrap(),
+        vec![false, false, true],
+        "recorded by the second write (the key's), before the publish write"
     );
     let key = DeviceKey::new(user.as_str(), "BRIDGEKEYS");
     assert!(store.contains_puppet(&key).unwrap());
@@ -524,6 +536,48 @@ async fn a_failed_upload_is_retried_with_identical_keys() {
     );
     let stats = b.provisioner.stats();
     assert_eq!((stats.upload_retries, stats.uploads), (2, 1));
+    assert_eq!(b.manager.stats().fallback_keys_generated, 1);
+}
+
+/// A first upload that fails for good leaves the device recorded and due,
+/// so the next rotation pass uploads its persisted key, without a call to
+/// `ensure_device` and without registering or creating it again.
+#[tokio::test]
+async fn a_failed_first_upload_is_taken_up_by_the_rotation_pass() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, {
+        let mut c = fast_retries();
+        c.max_attempts = 2;
+        c
+    });
+    let user = puppet(4);
+    hs.fail_next_uploads(100);
+    b.provisioner.ensure_puppet(&user).await.unwrap_err();
+    hs.fail_next_uploads(0);
+
+    let report = b.provisioner.rotate_once().await.unwrap();
+    assert_eq!((report.devices, report.failures), (1, 0));
+    let uploads = hs.uploads();
+    assert_eq!(
+        uploads.len(),
+        3,
+        "two failed attempts, then the pass's upload"
+    );
+    assert!(
+        uploads.iter().all(|u| u.body == uploads[0].body),
+        "the pass uploads the persisted key"
+    );
+    assert!(
+        b.manager
+            .fallback_state(&user, &device())
+            .unwrap()
+            .current
+            .unwrap()
+            .published
+    );
+    assert_eq!(hs.registrations().len(), 1, "registered once");
+    assert_eq!(hs.devices().len(), 1, "created once");
     assert_eq!(b.manager.stats().fallback_keys_generated, 1);
 }
 
