@@ -190,7 +190,8 @@ pub async fn create_store(url: &str, key: &StoreKey) -> anyhow::Result<Arc<PgSto
 pub struct ProcessRun {
     /// Processes claiming at once.
     pub processes: usize,
-    /// Claims in all.
+    /// Claims in all (in a [`ProcessesReport`], summed over its
+    /// [`ROUNDS`] runs).
     pub claims: usize,
     /// Claimers in all (split over the processes).
     pub claimers: usize,
