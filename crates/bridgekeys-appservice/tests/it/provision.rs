@@ -320,6 +320,13 @@ fn fast_retries() -> ProvisionConfig {
     }
 }
 
+/// [`fast_retries`] that gives up after `attempts` tries of a call.
+fn giving_up_after(attempts: u32) -> ProvisionConfig {
+    let mut c = fast_retries();
+    c.max_attempts = attempts;
+    c
+}
+
 fn fallback_of(upload: &Recorded) -> (String, Value) {
     let keys = upload.body["fallback_keys"].as_object().unwrap();
     assert_eq!(keys.len(), 1, "one fallback key per upload");
@@ -546,11 +553,7 @@ async fn a_failed_upload_is_retried_with_identical_keys() {
 async fn a_failed_first_upload_is_taken_up_by_the_rotation_pass() {
     let (hs, url) = FakeHomeserver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let b = open_bridge(dir.path(), &url, {
-        let mut c = fast_retries();
-        c.max_attempts = 2;
-        c
-    });
+    let b = open_bridge(dir.path(), &url, giving_up_after(2));
     let user = puppet(4);
     hs.fail_next_uploads(100);
     b.provisioner.ensure_puppet(&user).await.unwrap_err();
@@ -587,11 +590,7 @@ async fn after_a_crash_with_the_upload_unacknowledged_the_same_keys_are_sent_aga
     let dir = tempfile::tempdir().unwrap();
     let user = puppet(3);
     {
-        let b = open_bridge(dir.path(), &url, {
-            let mut c = fast_retries();
-            c.max_attempts = 2;
-            c
-        });
+        let b = open_bridge(dir.path(), &url, giving_up_after(2));
         hs.fail_next_uploads(100);
         let err = b.provisioner.ensure_puppet(&user).await.unwrap_err();
         assert!(err.to_string().contains("502"), "{err}");
@@ -711,11 +710,7 @@ async fn an_unreachable_homeserver_fails_provisioning_without_recording_the_pupp
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
     let dir = tempfile::tempdir().unwrap();
-    let config = {
-        let mut c = fast_retries();
-        c.max_attempts = 3;
-        c
-    };
+    let config = giving_up_after(3);
     let b = open_bridge(dir.path(), &url, config);
     let user = puppet(17);
     let err = b.provisioner.ensure_puppet(&user).await.unwrap_err();
@@ -824,11 +819,7 @@ async fn a_rotation_interrupted_by_a_restart_uploads_the_same_new_key_and_keeps_
     let user = puppet(16);
     let rotated_at;
     {
-        let b = open_bridge(dir.path(), &url, {
-            let mut c = fast_retries();
-            c.max_attempts = 1;
-            c
-        });
+        let b = open_bridge(dir.path(), &url, giving_up_after(1));
         b.provisioner.ensure_puppet(&user).await.unwrap();
         b.provisioner
             .note_unused_fallback_key_types(&user, &device(), &[])
@@ -875,11 +866,7 @@ async fn a_rotation_interrupted_by_a_restart_uploads_the_same_new_key_and_keeps_
 async fn while_the_new_key_cannot_be_uploaded_the_previous_key_is_kept_past_the_grace_period() {
     let (hs, url) = FakeHomeserver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let b = open_bridge(dir.path(), &url, {
-        let mut c = fast_retries();
-        c.max_attempts = 1;
-        c
-    });
+    let b = open_bridge(dir.path(), &url, giving_up_after(1));
     let user = puppet(18);
     b.provisioner.ensure_puppet(&user).await.unwrap();
     let (_, old) = fallback_of(&hs.uploads()[0]);
