@@ -503,6 +503,17 @@ impl Provisioner {
                 .await?
         };
         let Some(fallback) = fallback else {
+            if record_puppet {
+                // A device new to the homeserver whose fallback key was
+                // published before (the registry had lost the device, or
+                // is another store than the account's): its device keys
+                // and that key go up again, as `reprovision` does, or the
+                // homeserver would hold a device without keys.
+                self.upload_published(user_id, device_id, device_keys)
+                    .await?;
+                bump(&self.counters.uploads);
+                return Ok(true);
+            }
             return Ok(false);
         };
         self.retry("upload keys", Some(&self.counters.upload_retries), || {
@@ -516,6 +527,24 @@ impl Provisioner {
         bump(&self.counters.uploads);
         tracing::info!(%user_id, %device_id, key_id = %fallback.key_id, "fallback key uploaded");
         Ok(true)
+    }
+
+    /// Upload the device keys with the device's published fallback key, if
+    /// it has one (identical re-uploads are accepted): for a device the
+    /// homeserver does not know, or forgot, with its keys.
+    async fn upload_published(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        device_keys: &DeviceKeys,
+    ) -> Result<(), ProvisionError> {
+        let published = self.manager.published_fallback_key(user_id, device_id)?;
+        self.retry("upload keys", Some(&self.counters.upload_retries), || {
+            self.client
+                .upload_keys(user_id, device_id, Some(device_keys), published.as_ref())
+        })
+        .await?;
+        Ok(())
     }
 
     async fn retry<T, F, Fut>(
@@ -789,12 +818,8 @@ impl Provisioner {
         // The published fallback key (the homeserver forgot it with the
         // device) goes up again with the device keys; an unpublished one is
         // uploaded and marked published as at first provisioning.
-        let published = self.manager.published_fallback_key(user_id, device_id)?;
-        self.retry("upload keys", Some(&self.counters.upload_retries), || {
-            self.client
-                .upload_keys(user_id, device_id, Some(&device_keys), published.as_ref())
-        })
-        .await?;
+        self.upload_published(user_id, device_id, &device_keys)
+            .await?;
         self.upload_fallback(user_id, device_id, &device_keys, false)
             .await?;
         if self.config.cross_signing {

@@ -526,6 +526,56 @@ async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback
     assert_eq!((stats.devices_provisioned, stats.uploads), (1, 1));
 }
 
+/// A device the registry does not know but whose fallback key was
+/// published before (the registry is another store, and lost it) is new to
+/// the homeserver as far as the provisioner can tell: it is created there
+/// again, and its device keys go up with that same published key, not
+/// nothing. The device is recorded in that registry afterwards.
+#[tokio::test]
+async fn a_device_unknown_to_the_registry_with_a_published_key_uploads_its_device_keys_again() {
+    use bridgekeys_store::testing::MemoryStore;
+    let (hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open_bridge(dir.path(), &url, fast_retries());
+    let user = puppet(61);
+    b.provisioner.ensure_puppet(&user).await.unwrap();
+    let first = hs.uploads();
+    assert_eq!(first.len(), 1);
+
+    let registry = Arc::new(MemoryStore::new());
+    let provisioner = Provisioner::new(
+        HomeserverClient::new(&url, AsToken::new(AS_TOKEN)).unwrap(),
+        Arc::clone(&b.manager),
+        Arc::clone(&registry) as Arc<dyn PuppetRegistry>,
+        fast_retries(),
+    )
+    .with_clock(Arc::clone(&b.clock) as _);
+    provisioner.ensure_puppet(&user).await.unwrap();
+
+    let uploads = hs.uploads();
+    assert_eq!(uploads.len(), 2, "the device keys went up again");
+    assert_eq!(uploads[1].query["device_id"], "BRIDGEKEYS");
+    assert_eq!(uploads[1].body["device_keys"], first[0].body["device_keys"]);
+    assert!(!uploads[1].body["device_keys"].is_null());
+    assert_eq!(
+        fallback_of(&uploads[1]),
+        fallback_of(&first[0]),
+        "the same published fallback key, not a new one"
+    );
+    let key = DeviceKey::new(user.as_str(), "BRIDGEKEYS");
+    assert!(registry.contains_puppet(&key).unwrap());
+    assert_eq!(
+        registry.due_rotations(T0, None, 10).unwrap(),
+        vec![(key, T0)]
+    );
+    let state = b.manager.fallback_state(&user, &device()).unwrap();
+    assert_eq!(
+        fallback_of(&uploads[1]).1["key"],
+        json!(state.current.unwrap().public_key),
+        "still the device's current key"
+    );
+}
+
 #[tokio::test]
 async fn a_failed_upload_is_retried_with_identical_keys() {
     let (hs, url) = FakeHomeserver::start().await;
