@@ -19,7 +19,9 @@
 //! would otherwise read a million records each time. User and device ids
 //! and times are public data: nothing here is sealed.
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
 
 use crate::{
     DeviceKey, Pending, SledStore, StoreError,
@@ -110,6 +112,28 @@ impl Entry {
             Entry::Registry(h) => *h,
         }
     }
+}
+
+/// Move a recorded device's `n/` schedule entry to `due_ms`: the entry its
+/// `header` names and the one it was `found_at` (if other) go, the new one
+/// is inserted, and the header says `due_ms` (the caller stores it). Shared
+/// by `schedule_rotation` and an account write carrying a puppet mark
+/// (`SledStore::write_device`), so both keep the index the same way.
+pub(crate) fn reschedule(
+    tx: &TransactionalTree,
+    device: &DeviceKey,
+    header: &mut PuppetHeader,
+    due_ms: u64,
+    found_at: Option<u64>,
+) -> Result<(), UnabortableTransactionError> {
+    for old in [header.due, found_at].into_iter().flatten() {
+        if old != due_ms {
+            tx.remove(layout::rotation(old, device))?;
+        }
+    }
+    tx.insert(layout::rotation(due_ms, device), &[][..])?;
+    header.due = Some(due_ms);
+    Ok(())
 }
 
 fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
@@ -231,7 +255,6 @@ impl PuppetRegistry for SledStore {
         due_ms: u64,
         found_at: Option<u64>,
     ) -> Result<Pending, StoreError> {
-        let entry_key = layout::rotation(due_ms, device);
         self.registry_transaction(|tx| {
             let entry = read_entry(tx, device)?;
             let Some(mut header) = entry.recorded() else {
@@ -242,13 +265,7 @@ impl PuppetRegistry for SledStore {
                 }
                 return Ok(());
             };
-            for old in [header.due, found_at].into_iter().flatten() {
-                if old != due_ms {
-                    tx.remove(layout::rotation(old, device))?;
-                }
-            }
-            tx.insert(entry_key.as_slice(), &[][..])?;
-            header.due = Some(due_ms);
+            reschedule(tx, device, &mut header, due_ms, found_at)?;
             write_entry(tx, device, &entry, header)
         })?;
         Ok(self.commit.pending())

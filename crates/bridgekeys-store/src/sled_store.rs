@@ -1148,10 +1148,7 @@ impl Store for SledStore {
         let registry = layout::puppet(device);
         let sessions = self.seal_sessions(device, &write.sessions);
         let delivery = self.seal_delivery(device, write.delivery.as_ref());
-        let scheduled = write
-            .puppet
-            .and_then(|mark| mark.due_ms)
-            .map(|due| (due, layout::rotation(due, device)));
+        let scheduled = write.puppet.and_then(|mark| mark.due_ms);
 
         let outcome = self.db.transaction(|tx| {
             let (found, mut header) = match tx.get(&sealed.account_key)? {
@@ -1191,14 +1188,8 @@ impl Store for SledStore {
                     }
                     header.flags |= layout::PUPPET;
                 }
-                if let Some((due, entry)) = &scheduled {
-                    if let Some(old) = header.due
-                        && old != *due
-                    {
-                        tx.remove(layout::rotation(old, device))?;
-                    }
-                    tx.insert(entry.as_slice(), &[][..])?;
-                    header.due = Some(*due);
+                if let Some(due) = scheduled {
+                    crate::puppets::reschedule(tx, device, &mut header, due, None)?;
                 }
             }
             let mut account = Vec::with_capacity(16 + sealed.account_sealed.len());
