@@ -354,6 +354,24 @@ mod tests {
         db.flush().unwrap();
     }
 
+    /// A store created by this build, then rewritten as schema 3 left it
+    /// ([`write_schema_3`]) for four devices: its directory (the store is
+    /// `store` in it), key, id and devices.
+    fn schema_3_store() -> (tempfile::TempDir, StoreKey, crate::StoreId, Vec<DeviceKey>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::generate();
+        let id = SledStore::create(SledStoreConfig::new(&path, key.clone()))
+            .unwrap()
+            .id();
+        let devices: Vec<DeviceKey> = ["A", "B", "C", "D"]
+            .iter()
+            .map(|d| DeviceKey::new("@puppet:hs", d))
+            .collect();
+        write_schema_3(&path, &key, &devices);
+        (dir, key, id, devices)
+    }
+
     fn old_records_left(db: &sled::Db) -> (usize, usize, usize) {
         let old_keys = db
             .scan_prefix(layout::OTK_PREFIX)
@@ -447,17 +465,8 @@ mod tests {
     #[test]
     fn an_interrupted_upgrade_from_schema_3_is_finished_at_the_next_open_and_keeps_every_key_and_puppet()
      {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, key, id, devices) = schema_3_store();
         let path = dir.path().join("store");
-        let key = StoreKey::generate();
-        let id = SledStore::create(SledStoreConfig::new(&path, key.clone()))
-            .unwrap()
-            .id();
-        let devices: Vec<DeviceKey> = ["A", "B", "C", "D"]
-            .iter()
-            .map(|d| DeviceKey::new("@puppet:hs", d))
-            .collect();
-        write_schema_3(&path, &key, &devices);
         {
             // What open does first, then two batches of the upgrade.
             let db = sled::open(&path).unwrap();
@@ -491,17 +500,8 @@ mod tests {
     /// still opens it), has no upgrade mark, and every record is as it was.
     #[test]
     fn a_schema_3_store_with_an_unreadable_key_is_refused_before_the_upgrade_changes_anything() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, key, id, devices) = schema_3_store();
         let path = dir.path().join("store");
-        let key = StoreKey::generate();
-        let id = SledStore::create(SledStoreConfig::new(&path, key.clone()))
-            .unwrap()
-            .id();
-        let devices: Vec<DeviceKey> = ["A", "B", "C", "D"]
-            .iter()
-            .map(|d| DeviceKey::new("@puppet:hs", d))
-            .collect();
-        write_schema_3(&path, &key, &devices);
         let before: Vec<(sled::IVec, sled::IVec)> = {
             let db = sled::open(&path).unwrap();
             // Flip a byte of the last key's sealed secret.
