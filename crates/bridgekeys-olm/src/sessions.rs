@@ -412,9 +412,11 @@ impl AccountManager {
         let result = match &stored {
             // Decrypt with a throw-away account holding just that key: the
             // real account is untouched until the write succeeds.
-            Some(record) => device
-                .with_one_time_key(record.key_id, &record.secret_key)?
-                .create_inbound_session(config, sender_key, message),
+            Some(record) => {
+                let mut account = device.with_one_time_key(record.key_id, &record.secret_key)?;
+                crate::wipe::scrub_stack();
+                account.create_inbound_session(config, sender_key, message)
+            }
             // Not a one-time key: it may be the fallback key, which the
             // account holds itself and which decryption does not consume.
             // vodozemac's inbound session creation takes `&mut Account` but

@@ -29,3 +29,19 @@ pub(crate) fn json_zeroizing<T: Serialize>(
     serde_json::to_writer(&mut *out, value)?;
     Ok(out)
 }
+
+/// Zero the stack below the caller's frame (16 KiB of it), where the
+/// functions it called left their locals.
+///
+/// Deserializing an account pickle with a secret key in it leaves copies of
+/// the key in the dead stack frames of serde and vodozemac. A later call
+/// that builds a value on the stack with uninitialised room in it (an
+/// `ArrayVec`'s free slots, say) and moves it into a `Box` copies those dead
+/// bytes to the heap, and vodozemac frees such a box during decryption
+/// without zeroing it. Wiping the region first keeps the key out of it.
+#[inline(never)]
+pub(crate) fn scrub_stack() {
+    let mut region = [0u8; 16 * 1024];
+    zeroize::Zeroize::zeroize(&mut region[..]);
+    std::hint::black_box(&region);
+}

@@ -2,6 +2,11 @@
 //! the pre-key path puts a one-time key back into a copy of the account
 //! through its pickle, and a delivery remembers the plaintext for retries;
 //! neither may leave a copy behind in a buffer freed without being zeroed.
+//! Nor in the stack: dead stack bytes get copied into heap blocks when a
+//! value with uninitialised room is moved into a `Box` (vodozemac does so
+//! while decrypting), which made this test fail in a build with line-table
+//! debug info only, until the pre-key path wiped its stack
+//! (`wipe::scrub_stack`).
 //!
 //! The test binary's allocator scans every block freed on the test's thread
 //! ([`bridgekeys_leakcheck`]).
