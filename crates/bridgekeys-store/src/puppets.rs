@@ -53,8 +53,11 @@ pub trait PuppetRegistry: Send + Sync + 'static {
     /// Schedule the next rotation step of `device` (recorded) at `due_ms`,
     /// replacing its earlier schedule and, when given, the entry `found_at`
     /// it was found under by [`PuppetRegistry::due_rotations`]. A device not
-    /// recorded is left alone. Applied when this returns; await
-    /// [`Pending::durable`] before relying on it.
+    /// recorded is left alone. A device already scheduled at `due_ms` should
+    /// not be written again: a full pass reschedules every idle device at
+    /// the time it has (sled skips a write of an identical value itself;
+    /// PostgreSQL's update is conditional). Applied when this returns;
+    /// await [`Pending::durable`] before relying on it.
     fn schedule_rotation(
         &self,
         device: &DeviceKey,

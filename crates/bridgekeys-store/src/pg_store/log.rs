@@ -200,7 +200,9 @@ impl PuppetRegistry for PgStore {
         _found_at: Option<u64>,
     ) -> Result<Pending, StoreError> {
         self.engine.execute(
-            "UPDATE bk_puppets SET due_ms = $2 WHERE device = $1",
+            // Not rewritten when already so (a full pass over idle
+            // devices would make a new row version of each).
+            "UPDATE bk_puppets SET due_ms = $2 WHERE device = $1 AND due_ms IS DISTINCT FROM $2",
             params![device.as_bytes().to_vec(), ord(due_ms)],
         )?;
         Ok(Pending::ready())

@@ -1111,3 +1111,40 @@ async fn a_session_write_by_a_process_of_the_old_schema_still_moves_the_version(
     let after = store.load_session(&dev, &[3; 32], "s").unwrap().unwrap();
     assert_eq!(after.version.map(|v| v.0), now.version.map(|v| v.0 + 1));
 }
+
+/// A device scheduled again at the time it has (what a full rotation pass
+/// does for every idle device) gets no new row version: PostgreSQL would
+/// otherwise write a dead tuple and WAL for every puppet per pass. A real
+/// change still lands.
+#[tokio::test]
+async fn scheduling_a_device_at_its_scheduled_time_again_writes_no_new_row_version() {
+    let (url, _server) = fresh_database().await;
+    let store = PgStore::create(config(&url, &StoreKey::generate())).unwrap();
+    let dev = DeviceKey::new("@idle:x", "D");
+    durable(store.record_puppet(&dev)).await;
+    durable(store.schedule_rotation(&dev, 5_000, None)).await;
+    let client = raw(&url).await;
+    let version = || async {
+        let row = client
+            // The only puppet of this fresh database.
+            .query_one("SELECT xmin::text, due_ms FROM bk_puppets", &[])
+            .await
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, Option<i64>>(1))
+    };
+    let before = version().await;
+    durable(store.schedule_rotation(&dev, 5_000, None)).await;
+    durable(store.schedule_rotation(&dev, 5_000, Some(5_000))).await;
+    assert_eq!(
+        version().await,
+        before,
+        "the same time again wrote a row version"
+    );
+    durable(store.schedule_rotation(&dev, 9_000, Some(5_000))).await;
+    let after = version().await;
+    assert_ne!(after.0, before.0, "a new time is written");
+    assert_eq!(
+        store.due_rotations(u64::MAX, None, 10).unwrap(),
+        vec![(dev, 9_000)]
+    );
+}
