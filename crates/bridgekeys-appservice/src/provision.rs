@@ -22,7 +22,11 @@
 //!    and scheduling apart would rewrite the account record twice more. The
 //!    device is recorded before the upload, so an upload that fails (retries
 //!    used up, a refusal) is taken up again by the rotation pass, as for any
-//!    unpublished key. A crash between step 2 and that write leaves the
+//!    unpublished key. The write that marks the key published then sets
+//!    the device's real next step (the policy's time,
+//!    [`AccountManager::mark_fallback_published_and_schedule`]), so the
+//!    first rotation pass does not rewrite the account record for it. A
+//!    crash between step 2 and that write leaves the
 //!    device unrecorded, so the next `ensure_device` takes step 2 again: it
 //!    is idempotent (the registration treats `M_USER_IN_USE` as success,
 //!    the device creation names the same device; without MSC4190 it is a
@@ -385,10 +389,10 @@ impl Provisioner {
             // 2. The homeserver's side of the device.
             self.create_on_homeserver(user_id, device_id).await?;
             // 3. Device keys and the fallback key, persisted before upload;
-            //    the device is recorded in the registry (due at once: the
-            //    next pass reads its real schedule) in the same write that
-            //    persists the key, before the upload, so a failed upload is
-            //    retried by the rotation pass.
+            //    the device is recorded in the registry, due at once, in
+            //    the same write that persists the key, before the upload,
+            //    so a failed upload is retried by the rotation pass; the
+            //    write that marks the key published sets its real schedule.
             self.upload_fallback(user_id, device_id, &device_keys, true)
                 .await?;
             bump(&self.counters.devices_provisioned);
@@ -474,8 +478,9 @@ impl Provisioner {
     /// the key (generated or not) also records the device in the puppet
     /// registry, due at once, before anything is sent (one account write
     /// instead of three on sled: see
-    /// [`AccountManager::fallback_key_for_upload_and_record_puppet`]); a
-    /// registry that is not the manager's store gets its own record.
+    /// [`AccountManager::fallback_key_for_upload_and_record_puppet`]), and
+    /// the publish write sets its real schedule; a registry that is not the
+    /// manager's store gets its own record, due at once.
     /// Returns whether anything was uploaded.
     async fn upload_fallback(
         &self,
@@ -485,13 +490,19 @@ impl Provisioner {
         record_puppet: bool,
     ) -> Result<bool, ProvisionError> {
         let now = self.clock.now();
+        // Whether the device's registry entry is in its account record (the
+        // registry is the manager's store), so the publish write sets its
+        // real schedule.
+        let mut scheduled_with_account = false;
         let fallback = if record_puppet {
             let fallback = self
                 .manager
                 .fallback_key_for_upload_and_record_puppet(user_id, device_id, now, now)
                 .await?;
             let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-            if !self.registry.contains_puppet(&key)? {
+            if self.registry.contains_puppet(&key)? {
+                scheduled_with_account = true;
+            } else {
                 // The registry is another store than the manager's.
                 self.registry.record_puppet(&key)?.durable().await?;
                 self.schedule(&key, now, None);
@@ -521,9 +532,24 @@ impl Provisioner {
                 .upload_keys(user_id, device_id, Some(device_keys), Some(&fallback))
         })
         .await?;
-        self.manager
-            .mark_fallback_published(user_id, device_id, &fallback.key_id, self.clock.now())
-            .await?;
+        let now = self.clock.now();
+        if scheduled_with_account {
+            // Its next step at the policy's time in the same write (the
+            // rotation pass would rewrite the account record to set it).
+            self.manager
+                .mark_fallback_published_and_schedule(
+                    user_id,
+                    device_id,
+                    &fallback.key_id,
+                    now,
+                    &self.config.policy,
+                )
+                .await?;
+        } else {
+            self.manager
+                .mark_fallback_published(user_id, device_id, &fallback.key_id, now)
+                .await?;
+        }
         bump(&self.counters.uploads);
         tracing::info!(%user_id, %device_id, key_id = %fallback.key_id, "fallback key uploaded");
         Ok(true)

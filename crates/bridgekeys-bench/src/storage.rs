@@ -262,13 +262,20 @@ async fn provision(
                 let now = bridgekeys_olm::fallback::now_millis();
                 // As the provisioner: the key persisted with the device
                 // recorded in the puppet registry, due at once (one write of
-                // the account), then published.
+                // the account), then published with its next step
+                // scheduled at the policy's time (one more).
                 let fallback = manager
                     .fallback_key_for_upload_and_record_puppet(user, device, now, now)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("no fallback key to upload"))?;
                 manager
-                    .mark_fallback_published(user, device, &fallback.key_id, now)
+                    .mark_fallback_published_and_schedule(
+                        user,
+                        device,
+                        &fallback.key_id,
+                        now,
+                        &Default::default(),
+                    )
                     .await?;
                 if pool_keys > 0 {
                     manager

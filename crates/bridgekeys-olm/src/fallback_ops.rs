@@ -183,6 +183,42 @@ impl AccountManager {
         .map(|(marked, _)| marked)
     }
 
+    /// [`AccountManager::mark_fallback_published`] and, in the same write,
+    /// the device's next fallback step scheduled in the puppet registry at
+    /// the time `policy` gives for it once published (as a rotation pass
+    /// would schedule it; at once if a step is due already). Returns that
+    /// time, or `None` if nothing was marked (nothing written).
+    ///
+    /// Why: a new puppet device is recorded due at once before its first
+    /// upload, so that a failed upload is retried by the rotation pass.
+    /// After the upload, the pass would only rewrite the account record to
+    /// set the real time (on sled the registry entry is the account
+    /// record's header); the publish write sets it instead.
+    pub async fn mark_fallback_published_and_schedule(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        key_id: &OwnedOneTimeKeyId,
+        now: UnixMillis,
+        policy: &FallbackPolicy,
+    ) -> Result<Option<UnixMillis>, OlmError> {
+        let next = |device: &DeviceAccount| match due(&device.fallback, policy, now) {
+            FallbackAction::Wait { until } => until.unwrap_or(UnixMillis::MAX).max(now),
+            _ => now,
+        };
+        let mark = |device: &DeviceAccount| {
+            Some(PuppetMark {
+                due_ms: Some(next(device)),
+            })
+        };
+        self.update_device_marking(user_id, device_id, false, mark, |device| {
+            let marked = publish(device, key_id, now)?;
+            Ok((marked.then(|| next(device)), marked))
+        })
+        .await
+        .map(|(scheduled, _)| scheduled)
+    }
+
     /// [`AccountManager::fallback_key_for_upload`] and, in the same atomic
     /// write of the account record, record the device in the puppet
     /// registry ([`bridgekeys_store::PuppetRegistry::record_puppet`]: a
@@ -211,10 +247,16 @@ impl AccountManager {
     ) -> Result<Option<FallbackKey>, OlmError> {
         let mark = PuppetMark { due_ms: Some(due) };
         let (upload, generated) = self
-            .update_device_marking(user_id, device_id, true, Some(mark), |device| {
-                // Written in every case (`true`): the mark must land.
-                Ok((key_to_upload(device, now, user_id, device_id)?, true))
-            })
+            .update_device_marking(
+                user_id,
+                device_id,
+                true,
+                |_| Some(mark),
+                |device| {
+                    // Written in every case (`true`): the mark must land.
+                    Ok((key_to_upload(device, now, user_id, device_id)?, true))
+                },
+            )
             .await?
             .0;
         if generated {
@@ -391,19 +433,19 @@ impl AccountManager {
         leaves_process: bool,
         change: impl FnOnce(&mut DeviceAccount) -> Result<(T, bool), OlmError>,
     ) -> Result<(T, bool), OlmError> {
-        self.update_device_marking(user_id, device_id, leaves_process, None, change)
+        self.update_device_marking(user_id, device_id, leaves_process, |_| None, change)
             .await
     }
 
     /// [`AccountManager::update_device`], whose write (if `change` reports
-    /// one) also carries `puppet`, the puppet-registry mark
-    /// ([`DeviceWrite::puppet`]).
+    /// one) also carries the puppet-registry mark `puppet` gives for the
+    /// changed device ([`DeviceWrite::puppet`]).
     async fn update_device_marking<T>(
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
         leaves_process: bool,
-        puppet: Option<PuppetMark>,
+        puppet: impl FnOnce(&DeviceAccount) -> Option<PuppetMark>,
         change: impl FnOnce(&mut DeviceAccount) -> Result<(T, bool), OlmError>,
     ) -> Result<(T, bool), OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
@@ -416,7 +458,7 @@ impl AccountManager {
                 }
                 let write = DeviceWrite {
                     account: device.encode()?,
-                    puppet,
+                    puppet: puppet(&device),
                     ..DeviceWrite::default()
                 };
                 let pending = self.store.write_device(&key, device.version, write)?;

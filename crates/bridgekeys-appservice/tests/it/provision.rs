@@ -445,10 +445,11 @@ impl PuppetRegistry for CountingRegistry {
 }
 
 /// Provisioning a new device records it in the puppet registry, due at
-/// once, in the write that persists its fallback key: its account record is
-/// written four times (create, fallback key generated and recorded,
-/// published, cross-signed) where it was six (record and schedule apart),
-/// and the registry is right afterwards.
+/// once, in the write that persists its fallback key, and the publish write
+/// sets its real next step: its account record is written four times
+/// (create, fallback key generated and recorded, published and scheduled,
+/// cross-signed) where it was six (record and schedule apart) and a seventh
+/// at the first rotation pass, and the registry is right afterwards.
 #[tokio::test]
 async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback_key() {
     use bridgekeys_store::{
@@ -515,10 +516,14 @@ async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback
     assert!(store.contains_puppet(&key).unwrap());
     assert_eq!(store.puppets().unwrap(), vec![key.clone()]);
     assert!(store.is_cross_signed(&key).unwrap());
+    // Due at once until the upload; the publish write set the policy's
+    // time (the key's maximum age), so the first pass need not rewrite it.
+    let max_age = u64::try_from(FallbackPolicy::default().max_age.as_millis()).unwrap();
+    assert_eq!(store.due_rotations(T0, None, 10).unwrap(), vec![]);
     assert_eq!(
-        store.due_rotations(T0, None, 10).unwrap(),
-        vec![(key, T0)],
-        "due at once"
+        store.due_rotations(u64::MAX, None, 10).unwrap(),
+        vec![(key, T0 + max_age)],
+        "scheduled at the key's maximum age by the publish write"
     );
     let state = manager.fallback_state(&user, &device()).unwrap();
     assert!(state.current.unwrap().published);

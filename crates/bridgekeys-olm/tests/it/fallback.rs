@@ -558,3 +558,97 @@ async fn generating_the_fallback_key_and_recording_the_puppet_is_one_write() {
         vec![(dev, T0 + 9)]
     );
 }
+
+/// Marking the uploaded fallback key published can schedule the device's
+/// next step in the same write: at the key's maximum age by the policy
+/// (the time a rotation pass would set), one device write; a repeat (the
+/// key is published already) writes nothing and schedules nothing; a key
+/// already past its age when its upload is acknowledged is due at once.
+#[tokio::test]
+async fn marking_the_key_published_schedules_the_policys_next_step_in_the_same_write() {
+    use bridgekeys_store::{
+        Backend, DeviceKey, PuppetRegistry, Store,
+        testing::{Intercepted, MemoryStore, Write},
+    };
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let store = Arc::new(Intercepted::new(
+        Arc::new(MemoryStore::new()) as Arc<dyn Backend>
+    ));
+    let writes = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&writes);
+    store.intercept(move |w| {
+        if matches!(w, Write::Device(_)) {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+    let m = AccountManager::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        ManagerConfig::default(),
+    );
+    let policy = FallbackPolicy::default();
+    let max_age = u64::try_from(policy.max_age.as_millis()).unwrap();
+    let (user, device) = alice();
+    let dev = DeviceKey::new(user.as_str(), device.as_str());
+    m.create_device(&user, &device).await.unwrap();
+    let key = m
+        .fallback_key_for_upload_and_record_puppet(&user, &device, T0, T0)
+        .await
+        .unwrap()
+        .expect("a key to upload");
+    let before = writes.load(Ordering::SeqCst);
+    let scheduled = m
+        .mark_fallback_published_and_schedule(&user, &device, &key.key_id, T0 + 10, &policy)
+        .await
+        .unwrap();
+    assert_eq!(scheduled, Some(T0 + max_age), "the key's maximum age");
+    assert_eq!(
+        writes.load(Ordering::SeqCst) - before,
+        1,
+        "one device write"
+    );
+    assert!(
+        m.fallback_state(&user, &device)
+            .unwrap()
+            .current
+            .unwrap()
+            .published
+    );
+    assert_eq!(
+        store.due_rotations(u64::MAX, None, 10).unwrap(),
+        vec![(dev.clone(), T0 + max_age)]
+    );
+    let before = writes.load(Ordering::SeqCst);
+    let repeat = m
+        .mark_fallback_published_and_schedule(&user, &device, &key.key_id, T0 + 20, &policy)
+        .await
+        .unwrap();
+    assert_eq!(repeat, None, "published already");
+    assert_eq!(writes.load(Ordering::SeqCst), before, "nothing written");
+
+    // Another device whose key is older than the maximum age when its
+    // upload is acknowledged: its rotation is due at once.
+    let other = ruma::device_id!("LATE").to_owned();
+    m.create_device(&user, &other).await.unwrap();
+    let late = m
+        .fallback_key_for_upload_and_record_puppet(&user, &other, T0, T0)
+        .await
+        .unwrap()
+        .expect("a key to upload");
+    let acknowledged = T0 + max_age + 1;
+    let scheduled = m
+        .mark_fallback_published_and_schedule(&user, &other, &late.key_id, acknowledged, &policy)
+        .await
+        .unwrap();
+    assert_eq!(scheduled, Some(acknowledged), "due at once");
+    assert_eq!(
+        store.due_rotations(acknowledged, None, 10).unwrap(),
+        vec![
+            (dev, T0 + max_age),
+            (DeviceKey::new(user.as_str(), other.as_str()), acknowledged)
+        ]
+    );
+}
