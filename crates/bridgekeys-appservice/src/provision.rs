@@ -494,6 +494,28 @@ impl Provisioner {
         // registry is the manager's store), so the publish write sets its
         // real schedule.
         let mut scheduled_with_account = false;
+        if record_puppet
+            && self
+                .manager
+                .published_fallback_key(user_id, device_id)?
+                .is_some()
+        {
+            // A device new to the homeserver whose fallback key was
+            // published before (the registry had lost the device, or is
+            // another store than the account's): its device keys and that
+            // key go up again, as `reprovision` does, or the homeserver
+            // would hold a device without keys. Recorded only after the
+            // upload: a failed upload leaves it unrecorded, so the next
+            // `ensure_device` uploads again (the rotation pass would not:
+            // its key is published).
+            self.upload_published(user_id, device_id, device_keys)
+                .await?;
+            let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
+            self.registry.record_puppet(&key)?.durable().await?;
+            self.schedule(&key, now, None);
+            bump(&self.counters.uploads);
+            return Ok(true);
+        }
         let fallback = if record_puppet {
             let fallback = self
                 .manager
@@ -515,11 +537,8 @@ impl Provisioner {
         };
         let Some(fallback) = fallback else {
             if record_puppet {
-                // A device new to the homeserver whose fallback key was
-                // published before (the registry had lost the device, or
-                // is another store than the account's): its device keys
-                // and that key go up again, as `reprovision` does, or the
-                // homeserver would hold a device without keys.
+                // Published between the check above and the write (another
+                // task): recorded already, so upload what is published.
                 self.upload_published(user_id, device_id, device_keys)
                     .await?;
                 bump(&self.counters.uploads);

@@ -413,9 +413,14 @@ impl AccountManager {
             // Decrypt with a throw-away account holding just that key: the
             // real account is untouched until the write succeeds.
             Some(record) => {
-                let mut account = device.with_one_time_key(record.key_id, &record.secret_key)?;
+                // The stack below is wiped after the key went into the
+                // account (also when that failed) and after the session was
+                // made with it: see `wipe::scrub_stack`.
+                let account = device.with_one_time_key(record.key_id, &record.secret_key);
                 crate::wipe::scrub_stack();
-                account.create_inbound_session(config, sender_key, message)
+                let created = account?.create_inbound_session(config, sender_key, message);
+                crate::wipe::scrub_stack();
+                created
             }
             // Not a one-time key: it may be the fallback key, which the
             // account holds itself and which decryption does not consume.

@@ -30,7 +30,7 @@ pub(crate) fn json_zeroizing<T: Serialize>(
     Ok(out)
 }
 
-/// Zero the stack below the caller's frame (16 KiB of it), where the
+/// Zero the stack below the caller's frame (32 KiB of it), where the
 /// functions it called left their locals.
 ///
 /// Deserializing an account pickle with a secret key in it leaves copies of
@@ -41,7 +41,7 @@ pub(crate) fn json_zeroizing<T: Serialize>(
 /// without zeroing it. Wiping the region first keeps the key out of it.
 #[inline(never)]
 pub(crate) fn scrub_stack() {
-    let mut region = [0u8; 16 * 1024];
+    let mut region = [0u8; 32 * 1024];
     zeroize::Zeroize::zeroize(&mut region[..]);
     std::hint::black_box(&region);
 }

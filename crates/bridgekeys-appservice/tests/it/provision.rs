@@ -448,8 +448,9 @@ impl PuppetRegistry for CountingRegistry {
 /// once, in the write that persists its fallback key, and the publish write
 /// sets its real next step: its account record is written four times
 /// (create, fallback key generated and recorded, published and scheduled,
-/// cross-signed) where it was six (record and schedule apart) and a seventh
-/// at the first rotation pass, and the registry is right afterwards.
+/// cross-signed) where it was six (record and schedule apart), the device
+/// is already scheduled at the policy's time (which the first rotation
+/// pass used to rewrite it for), and the registry is right afterwards.
 #[tokio::test]
 async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback_key() {
     use bridgekeys_store::{
@@ -535,7 +536,8 @@ async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback
 /// published before (the registry is another store, and lost it) is new to
 /// the homeserver as far as the provisioner can tell: it is created there
 /// again, and its device keys go up with that same published key, not
-/// nothing. The device is recorded in that registry afterwards.
+/// nothing. It is recorded only once that upload succeeded: after a failed
+/// one, the next `ensure_puppet` uploads again.
 #[tokio::test]
 async fn a_device_unknown_to_the_registry_with_a_published_key_uploads_its_device_keys_again() {
     use bridgekeys_store::testing::MemoryStore;
@@ -545,29 +547,43 @@ async fn a_device_unknown_to_the_registry_with_a_published_key_uploads_its_devic
     let user = puppet(61);
     b.provisioner.ensure_puppet(&user).await.unwrap();
     let first = hs.uploads();
-    assert_eq!(first.len(), 1);
+    assert_eq!((first.len(), hs.devices().len()), (1, 1));
 
     let registry = Arc::new(MemoryStore::new());
     let provisioner = Provisioner::new(
         HomeserverClient::new(&url, AsToken::new(AS_TOKEN)).unwrap(),
         Arc::clone(&b.manager),
         Arc::clone(&registry) as Arc<dyn PuppetRegistry>,
-        fast_retries(),
+        giving_up_after(1),
     )
     .with_clock(Arc::clone(&b.clock) as _);
+    let key = DeviceKey::new(user.as_str(), "BRIDGEKEYS");
+    hs.fail_next_uploads(1);
+    provisioner
+        .ensure_puppet(&user)
+        .await
+        .expect_err("the upload failed");
+    assert!(
+        !registry.contains_puppet(&key).unwrap(),
+        "not recorded before its keys are up"
+    );
     provisioner.ensure_puppet(&user).await.unwrap();
 
     let uploads = hs.uploads();
-    assert_eq!(uploads.len(), 2, "the device keys went up again");
-    assert_eq!(uploads[1].query["device_id"], "BRIDGEKEYS");
-    assert_eq!(uploads[1].body["device_keys"], first[0].body["device_keys"]);
-    assert!(!uploads[1].body["device_keys"].is_null());
+    assert_eq!(uploads.len(), 3, "the device keys went up again, twice");
     assert_eq!(
-        fallback_of(&uploads[1]),
+        hs.devices().len(),
+        3,
+        "the device was created again each time"
+    );
+    assert_eq!(uploads[2].query["device_id"], "BRIDGEKEYS");
+    assert_eq!(uploads[2].body["device_keys"], first[0].body["device_keys"]);
+    assert!(!uploads[2].body["device_keys"].is_null());
+    assert_eq!(
+        fallback_of(&uploads[2]),
         fallback_of(&first[0]),
         "the same published fallback key, not a new one"
     );
-    let key = DeviceKey::new(user.as_str(), "BRIDGEKEYS");
     assert!(registry.contains_puppet(&key).unwrap());
     assert_eq!(
         registry.due_rotations(T0, None, 10).unwrap(),
@@ -575,7 +591,7 @@ async fn a_device_unknown_to_the_registry_with_a_published_key_uploads_its_devic
     );
     let state = b.manager.fallback_state(&user, &device()).unwrap();
     assert_eq!(
-        fallback_of(&uploads[1]).1["key"],
+        fallback_of(&uploads[2]).1["key"],
         json!(state.current.unwrap().public_key),
         "still the device's current key"
     );

@@ -561,7 +561,8 @@ async fn generating_the_fallback_key_and_recording_the_puppet_is_one_write() {
 
 /// Marking the uploaded fallback key published can schedule the device's
 /// next step in the same write: at the key's maximum age by the policy
-/// (the time a rotation pass would set), one device write; a repeat (the
+/// (the time a rotation pass would set), one device write; when that write
+/// fails, neither the publication nor the schedule lands; a repeat (the
 /// key is published already) writes nothing and schedules nothing; a key
 /// already past its age when its upload is acknowledged is due at once.
 #[tokio::test]
@@ -579,8 +580,13 @@ async fn marking_the_key_published_schedules_the_policys_next_step_in_the_same_w
     ));
     let writes = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&writes);
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refusing = Arc::clone(&refuse);
     store.intercept(move |w| {
         if matches!(w, Write::Device(_)) {
+            if refusing.load(Ordering::SeqCst) {
+                return Err(bridgekeys_store::StoreError::engine("refused by the test"));
+            }
             counted.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
@@ -599,6 +605,24 @@ async fn marking_the_key_published_schedules_the_policys_next_step_in_the_same_w
         .await
         .unwrap()
         .expect("a key to upload");
+    // The device write refused: nothing of it lands, schedule included.
+    refuse.store(true, Ordering::SeqCst);
+    m.mark_fallback_published_and_schedule(&user, &device, &key.key_id, T0 + 10, &policy)
+        .await
+        .expect_err("the write was refused");
+    refuse.store(false, Ordering::SeqCst);
+    assert!(
+        !m.fallback_state(&user, &device)
+            .unwrap()
+            .current
+            .unwrap()
+            .published
+    );
+    assert_eq!(
+        store.due_rotations(u64::MAX, None, 10).unwrap(),
+        vec![(dev.clone(), T0)],
+        "still due at once"
+    );
     let before = writes.load(Ordering::SeqCst);
     let scheduled = m
         .mark_fallback_published_and_schedule(&user, &device, &key.key_id, T0 + 10, &policy)
