@@ -456,6 +456,55 @@ async fn a_forced_rotation_and_forget_act_at_once_and_are_counted() {
     assert_eq!((stats.fallback_rotations, stats.fallback_forgets), (1, 1));
 }
 
+/// A manager over a `MemoryStore` that counts the device writes it
+/// applies and refuses them while `refuse` is set.
+struct CountedStore {
+    manager: AccountManager,
+    store: std::sync::Arc<bridgekeys_store::testing::Intercepted>,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CountedStore {
+    fn new() -> Self {
+        use bridgekeys_store::{
+            Backend, StoreError,
+            testing::{Intercepted, MemoryStore, Write},
+        };
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+        };
+        let store = Arc::new(Intercepted::new(
+            Arc::new(MemoryStore::new()) as Arc<dyn Backend>
+        ));
+        let (writes, refuse) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (counted, refusing) = (Arc::clone(&writes), Arc::clone(&refuse));
+        store.intercept(move |w| {
+            if matches!(w, Write::Device(_)) {
+                if refusing.load(Ordering::SeqCst) {
+                    return Err(StoreError::engine("refused by the test"));
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        });
+        let manager = AccountManager::new(
+            Arc::clone(&store) as Arc<dyn bridgekeys_store::Store>,
+            ManagerConfig::default(),
+        );
+        Self {
+            manager,
+            store,
+            writes,
+            refuse,
+        }
+    }
+}
+
 /// Generating the fallback key for upload and recording the puppet (with
 /// its due time) is one write of the account record; asked again before
 /// the upload it returns the very same key and still records; with the key
@@ -463,29 +512,14 @@ async fn a_forced_rotation_and_forget_act_at_once_and_are_counted() {
 /// recorded and cross-signed already keeps its flag.
 #[tokio::test]
 async fn generating_the_fallback_key_and_recording_the_puppet_is_one_write() {
-    use bridgekeys_store::{
-        Backend, DeviceKey, PuppetRegistry, Store,
-        testing::{Intercepted, MemoryStore, Write},
-    };
-    use std::sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    };
-    let store = Arc::new(Intercepted::new(
-        Arc::new(MemoryStore::new()) as Arc<dyn Backend>
-    ));
-    let writes = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&writes);
-    store.intercept(move |w| {
-        if matches!(w, Write::Device(_)) {
-            counted.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(())
-    });
-    let m = AccountManager::new(
-        Arc::clone(&store) as Arc<dyn Store>,
-        ManagerConfig::default(),
-    );
+    use bridgekeys_store::{DeviceKey, PuppetRegistry};
+    use std::sync::atomic::Ordering;
+    let CountedStore {
+        manager: m,
+        store,
+        writes,
+        ..
+    } = CountedStore::new();
     let (user, device) = alice();
     let dev = DeviceKey::new(user.as_str(), device.as_str());
     m.create_device(&user, &device).await.unwrap();
@@ -567,34 +601,14 @@ async fn generating_the_fallback_key_and_recording_the_puppet_is_one_write() {
 /// already past its age when its upload is acknowledged is due at once.
 #[tokio::test]
 async fn marking_the_key_published_schedules_the_policys_next_step_in_the_same_write() {
-    use bridgekeys_store::{
-        Backend, DeviceKey, PuppetRegistry, Store,
-        testing::{Intercepted, MemoryStore, Write},
-    };
-    use std::sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    };
-    let store = Arc::new(Intercepted::new(
-        Arc::new(MemoryStore::new()) as Arc<dyn Backend>
-    ));
-    let writes = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&writes);
-    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let refusing = Arc::clone(&refuse);
-    store.intercept(move |w| {
-        if matches!(w, Write::Device(_)) {
-            if refusing.load(Ordering::SeqCst) {
-                return Err(bridgekeys_store::StoreError::engine("refused by the test"));
-            }
-            counted.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(())
-    });
-    let m = AccountManager::new(
-        Arc::clone(&store) as Arc<dyn Store>,
-        ManagerConfig::default(),
-    );
+    use bridgekeys_store::{DeviceKey, PuppetRegistry};
+    use std::sync::atomic::Ordering;
+    let CountedStore {
+        manager: m,
+        store,
+        writes,
+        refuse,
+    } = CountedStore::new();
     let policy = FallbackPolicy::default();
     let max_age = u64::try_from(policy.max_age.as_millis()).unwrap();
     let (user, device) = alice();
