@@ -619,46 +619,34 @@ async fn marking_the_key_published_schedules_the_policys_next_step_in_the_same_w
         .await
         .unwrap()
         .expect("a key to upload");
+    let published = || {
+        m.fallback_state(&user, &device)
+            .unwrap()
+            .current
+            .is_some_and(|c| c.published)
+    };
+    let scheduled = || store.due_rotations(u64::MAX, None, 10).unwrap();
     // The device write refused: nothing of it lands, schedule included.
     refuse.store(true, Ordering::SeqCst);
     m.mark_fallback_published_and_schedule(&user, &device, &key.key_id, T0 + 10, &policy)
         .await
         .expect_err("the write was refused");
     refuse.store(false, Ordering::SeqCst);
-    assert!(
-        !m.fallback_state(&user, &device)
-            .unwrap()
-            .current
-            .unwrap()
-            .published
-    );
-    assert_eq!(
-        store.due_rotations(u64::MAX, None, 10).unwrap(),
-        vec![(dev.clone(), T0)],
-        "still due at once"
-    );
+    assert!(!published(), "not published");
+    assert_eq!(scheduled(), vec![(dev.clone(), T0)], "still due at once");
     let before = writes.load(Ordering::SeqCst);
-    let scheduled = m
+    let at = m
         .mark_fallback_published_and_schedule(&user, &device, &key.key_id, T0 + 10, &policy)
         .await
         .unwrap();
-    assert_eq!(scheduled, Some(T0 + max_age), "the key's maximum age");
+    assert_eq!(at, Some(T0 + max_age), "the key's maximum age");
     assert_eq!(
         writes.load(Ordering::SeqCst) - before,
         1,
         "one device write"
     );
-    assert!(
-        m.fallback_state(&user, &device)
-            .unwrap()
-            .current
-            .unwrap()
-            .published
-    );
-    assert_eq!(
-        store.due_rotations(u64::MAX, None, 10).unwrap(),
-        vec![(dev.clone(), T0 + max_age)]
-    );
+    assert!(published());
+    assert_eq!(scheduled(), vec![(dev.clone(), T0 + max_age)]);
     let before = writes.load(Ordering::SeqCst);
     let repeat = m
         .mark_fallback_published_and_schedule(&user, &device, &key.key_id, T0 + 20, &policy)
