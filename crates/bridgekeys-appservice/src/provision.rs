@@ -388,13 +388,30 @@ impl Provisioner {
         if !self.registry.contains_puppet(&key)? {
             // 2. The homeserver's side of the device.
             self.create_on_homeserver(user_id, device_id).await?;
-            // 3. Device keys and the fallback key, persisted before upload;
-            //    the device is recorded in the registry, due at once, in
-            //    the same write that persists the key, before the upload,
-            //    so a failed upload is retried by the rotation pass; the
-            //    write that marks the key published sets its real schedule.
-            self.upload_fallback(user_id, device_id, &device_keys, true)
-                .await?;
+            if let Some(published) = self.manager.published_fallback_key(user_id, device_id)? {
+                // 3. A fallback key published before (the registry had lost
+                //    the device, or is another store than the account's):
+                //    the device keys and that key go up again, as
+                //    `reprovision` does, or the homeserver would hold a
+                //    device without keys. Recorded only after the upload: a
+                //    failed upload leaves it unrecorded, so the next
+                //    `ensure_device` uploads again (the rotation pass would
+                //    not: its key is published).
+                self.upload_published(user_id, device_id, &device_keys, Some(&published))
+                    .await?;
+                self.registry.record_puppet(&key)?.durable().await?;
+                self.schedule(&key, self.clock.now(), None);
+                bump(&self.counters.uploads);
+            } else {
+                // 3. Device keys and the fallback key, persisted before
+                //    upload; the device is recorded in the registry, due at
+                //    once, in the same write that persists the key, before
+                //    the upload, so a failed upload is retried by the
+                //    rotation pass; the write that marks the key published
+                //    sets its real schedule.
+                self.upload_fallback(user_id, device_id, &device_keys, true)
+                    .await?;
+            }
             bump(&self.counters.devices_provisioned);
             tracing::info!(%user_id, %device_id, "puppet device provisioned on the homeserver");
         } else {
@@ -494,28 +511,6 @@ impl Provisioner {
         // registry is the manager's store), so the publish write sets its
         // real schedule.
         let mut scheduled_with_account = false;
-        if record_puppet
-            && self
-                .manager
-                .published_fallback_key(user_id, device_id)?
-                .is_some()
-        {
-            // A device new to the homeserver whose fallback key was
-            // published before (the registry had lost the device, or is
-            // another store than the account's): its device keys and that
-            // key go up again, as `reprovision` does, or the homeserver
-            // would hold a device without keys. Recorded only after the
-            // upload: a failed upload leaves it unrecorded, so the next
-            // `ensure_device` uploads again (the rotation pass would not:
-            // its key is published).
-            self.upload_published(user_id, device_id, device_keys)
-                .await?;
-            let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-            self.registry.record_puppet(&key)?.durable().await?;
-            self.schedule(&key, now, None);
-            bump(&self.counters.uploads);
-            return Ok(true);
-        }
         let fallback = if record_puppet {
             let fallback = self
                 .manager
@@ -537,9 +532,11 @@ impl Provisioner {
         };
         let Some(fallback) = fallback else {
             if record_puppet {
-                // Published between the check above and the write (another
-                // task): recorded already, so upload what is published.
-                self.upload_published(user_id, device_id, device_keys)
+                // Published between `ensure_device`'s check and this write
+                // (another task): recorded already, so upload what is
+                // published.
+                let published = self.manager.published_fallback_key(user_id, device_id)?;
+                self.upload_published(user_id, device_id, device_keys, published.as_ref())
                     .await?;
                 bump(&self.counters.uploads);
                 return Ok(true);
@@ -574,7 +571,7 @@ impl Provisioner {
         Ok(true)
     }
 
-    /// Upload the device keys with the device's published fallback key, if
+    /// Upload the device keys with the device's `published` fallback key, if
     /// it has one (identical re-uploads are accepted): for a device the
     /// homeserver does not know, or forgot, with its keys.
     async fn upload_published(
@@ -582,11 +579,11 @@ impl Provisioner {
         user_id: &UserId,
         device_id: &DeviceId,
         device_keys: &DeviceKeys,
+        published: Option<&bridgekeys_olm::FallbackKey>,
     ) -> Result<(), ProvisionError> {
-        let published = self.manager.published_fallback_key(user_id, device_id)?;
         self.retry("upload keys", Some(&self.counters.upload_retries), || {
             self.client
-                .upload_keys(user_id, device_id, Some(device_keys), published.as_ref())
+                .upload_keys(user_id, device_id, Some(device_keys), published)
         })
         .await?;
         Ok(())
@@ -863,7 +860,8 @@ impl Provisioner {
         // The published fallback key (the homeserver forgot it with the
         // device) goes up again with the device keys; an unpublished one is
         // uploaded and marked published as at first provisioning.
-        self.upload_published(user_id, device_id, &device_keys)
+        let published = self.manager.published_fallback_key(user_id, device_id)?;
+        self.upload_published(user_id, device_id, &device_keys, published.as_ref())
             .await?;
         self.upload_fallback(user_id, device_id, &device_keys, false)
             .await?;
