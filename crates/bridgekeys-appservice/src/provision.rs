@@ -643,10 +643,7 @@ impl Provisioner {
         // A failed or unsettled device is due at once: the next pass (the
         // current pass skips the devices that failed in it).
         let now = self.clock.now();
-        let next = match &result {
-            Ok(Some(until)) => (*until).max(now),
-            Ok(None) | Err(_) => now,
-        };
+        let next = result.as_ref().map_or(now, |last| last.next_due(now));
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         // A schedule that cannot be written fails the step: the device
         // stays where it was found (due), and the failure is counted.
@@ -667,23 +664,23 @@ impl Provisioner {
         }
     }
 
-    /// Take the device's fallback steps that are due now; the time of the
-    /// next one (`None` if none was reached after a few steps).
+    /// Take the device's fallback steps that are due now; the last action
+    /// seen: a [`FallbackAction::Wait`] for the next one, or a step still
+    /// due if none was reached after a few steps (so it is due at once).
     async fn step_device(
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
-    ) -> Result<Option<UnixMillis>, ProvisionError> {
+    ) -> Result<FallbackAction, ProvisionError> {
         // At most: forget, rotate, upload, then wait.
+        let mut last = FallbackAction::Generate;
         for _ in 0..6 {
-            let action = self
+            last = self
                 .manager
                 .apply_fallback_policy(user_id, device_id, &self.config.policy, self.clock.now())
                 .await?;
-            match action {
-                FallbackAction::Wait { until } => {
-                    return Ok(Some(until.unwrap_or(UnixMillis::MAX)));
-                }
+            match last {
+                FallbackAction::Wait { .. } => return Ok(last),
                 FallbackAction::Upload => {
                     // Device keys ride along: identical re-uploads are
                     // accepted, and they heal a device recorded before its
@@ -698,7 +695,7 @@ impl Provisioner {
                 | FallbackAction::ForgetPrevious => {}
             }
         }
-        Ok(None)
+        Ok(last)
     }
 
     /// One rotation pass: over the devices whose next step is due, or over

@@ -130,6 +130,24 @@ pub enum FallbackAction {
     },
 }
 
+impl FallbackAction {
+    /// When the device should be looked at again, seen at `now`: the time a
+    /// [`FallbackAction::Wait`] names (never before `now`; never, as
+    /// `UnixMillis::MAX`, when nothing is scheduled), or `now` for any step
+    /// that is due.
+    ///
+    /// Why: the provisioner's rotation pass schedules a device by this rule,
+    /// and the write that publishes a new device's fallback key schedules it
+    /// by the same rule in the same write; one rule keeps the two from
+    /// drifting apart (a device scheduled late misses a rotation).
+    pub fn next_due(&self, now: UnixMillis) -> UnixMillis {
+        match self {
+            FallbackAction::Wait { until } => until.unwrap_or(UnixMillis::MAX).max(now),
+            _ => now,
+        }
+    }
+}
+
 fn plus(t: UnixMillis, d: Duration) -> UnixMillis {
     t.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -182,6 +200,31 @@ mod tests {
                 used: false,
             }),
             previous_since_ms: None,
+        }
+    }
+
+    #[test]
+    fn the_next_look_is_the_wait_time_never_in_the_past_or_now_for_a_due_step() {
+        let now = 10 * HOUR;
+        let wait = |until| FallbackAction::Wait { until };
+        assert_eq!(wait(Some(12 * HOUR)).next_due(now), 12 * HOUR);
+        assert_eq!(
+            wait(Some(9 * HOUR)).next_due(now),
+            now,
+            "a time already passed is now"
+        );
+        assert_eq!(
+            wait(None).next_due(now),
+            UnixMillis::MAX,
+            "nothing scheduled"
+        );
+        for step in [
+            FallbackAction::Generate,
+            FallbackAction::Upload,
+            FallbackAction::ForgetPrevious,
+            FallbackAction::Rotate(RotationReason::Used),
+        ] {
+            assert_eq!(step.next_due(now), now, "{step:?} is due at once");
         }
     }
 

@@ -202,10 +202,7 @@ impl AccountManager {
         now: UnixMillis,
         policy: &FallbackPolicy,
     ) -> Result<Option<UnixMillis>, OlmError> {
-        let next = |device: &DeviceAccount| match due(&device.fallback, policy, now) {
-            FallbackAction::Wait { until } => until.unwrap_or(UnixMillis::MAX).max(now),
-            _ => now,
-        };
+        let next = |device: &DeviceAccount| due(&device.fallback, policy, now).next_due(now);
         let mark = |device: &DeviceAccount| {
             Some(PuppetMark {
                 due_ms: Some(next(device)),
