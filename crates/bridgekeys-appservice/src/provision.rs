@@ -26,11 +26,18 @@
 //!    the device's real next step (the policy's time,
 //!    [`AccountManager::mark_fallback_published_and_schedule`]), so the
 //!    first rotation pass does not rewrite the account record for it. A
-//!    crash between step 2 and that write leaves the
+//!    crash between step 2 and the write that persists the key leaves the
 //!    device unrecorded, so the next `ensure_device` takes step 2 again: it
 //!    is idempotent (the registration treats `M_USER_IN_USE` as success,
 //!    the device creation names the same device; without MSC4190 it is a
-//!    second appservice login for the same device).
+//!    second appservice login for the same device). A crash after that
+//!    write leaves the device recorded with its key unpublished: the next
+//!    `ensure_device` (or the rotation pass) sends the same key again.
+//!    A device new to the registry whose fallback key was published before
+//!    (the registry lost it, or is another store than the accounts') has no
+//!    key to write: its device keys go up with that published key first,
+//!    and it is recorded only after that upload succeeded, so a failed
+//!    upload is retried by the next `ensure_device`.
 //! 4. With [`ProvisionConfig::cross_signing`] (the default): the user's
 //!    cross-signing identity (created durably once, never replaced) and the
 //!    device's signature by its self-signing key are uploaded, then the
@@ -665,8 +672,9 @@ impl Provisioner {
     }
 
     /// Take the device's fallback steps that are due now; the last action
-    /// seen: a [`FallbackAction::Wait`] for the next one, or a step still
-    /// due if none was reached after a few steps (so it is due at once).
+    /// seen: a [`FallbackAction::Wait`] for the next one, or, if none was
+    /// reached after a few steps, the last step taken (the device is then
+    /// due again at once).
     async fn step_device(
         &self,
         user_id: &UserId,

@@ -18,3 +18,4 @@ pub mod scale;
 pub mod storage;
 pub mod support;
 pub mod synapse;
+pub mod upgrade;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bridgekeys_bench::{all, charts, crash, http, manager, megolm, olm, scale, storage};
+use bridgekeys_bench::{all, charts, crash, http, manager, megolm, olm, scale, storage, upgrade};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -121,6 +121,22 @@ enum Scenario {
         /// Keys per contacted device in the uploaded pool measured beside.
         #[arg(long, default_value_t = 10)]
         pool_size: usize,
+        /// Directory for the store (on the disk you want measured).
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Also write the figures as one JSON object to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The first open of a large sled store written by a schema-3 build
+    /// (the upgrade to schema 4 runs inside it) against a plain open.
+    Upgrade {
+        /// Puppet devices in the old store.
+        #[arg(long, default_value_t = 1_000_000)]
+        devices: usize,
+        /// Outstanding one-time keys per device in the old store.
+        #[arg(long, default_value_t = 1)]
+        keys_per_device: u64,
         /// Directory for the store (on the disk you want measured).
         #[arg(long, default_value = "target/bench-data")]
         dir: PathBuf,
@@ -657,6 +673,39 @@ async fn main() -> anyhow::Result<()> {
                 println!("wrote {}", path.display());
             }
             Ok(())
+        }
+        Scenario::Upgrade {
+            devices,
+            keys_per_device,
+            dir,
+            json,
+        } => {
+            let r = upgrade::run(&upgrade::UpgradeBench {
+                devices,
+                keys_per_device,
+                dir,
+            })?;
+            println!(
+                "scenario: upgrade (sled schema 3 to 4, {} devices, {} one-time keys)",
+                r.devices, r.one_time_keys
+            );
+            println!(
+                "  schema-3 store written in           {:>10.1} s",
+                r.write_s
+            );
+            println!(
+                "  first open by this build (upgrade)  {:>10.1} s ({:.0} devices/s)",
+                r.upgrade_open_s, r.devices_per_s
+            );
+            println!(
+                "  second open (nothing to upgrade)    {:>10.2} s",
+                r.plain_open_s
+            );
+            println!(
+                "  store on disk before / after        {:>10} / {} bytes",
+                r.bytes_before, r.bytes_after
+            );
+            write_json(json, &r)
         }
         Scenario::Storage {
             devices,

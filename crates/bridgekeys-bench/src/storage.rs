@@ -302,7 +302,7 @@ fn settle_and_measure(dir: &Path, key: &StoreKey) -> anyhow::Result<u64> {
     allocated_bytes(&dir.join("store"))
 }
 
-fn allocated_bytes(path: &Path) -> anyhow::Result<u64> {
+pub(crate) fn allocated_bytes(path: &Path) -> anyhow::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     for entry in std::fs::read_dir(path)? {

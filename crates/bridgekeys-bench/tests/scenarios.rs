@@ -3,7 +3,7 @@
 //! not speed tests: no figure is compared with a time budget.
 #![allow(clippy::unwrap_used)]
 
-use bridgekeys_bench::{http, manager, megolm, olm, scale, storage, synapse};
+use bridgekeys_bench::{http, manager, megolm, olm, scale, storage, synapse, upgrade};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_and_http_scenarios_serve_every_claim_and_report_consistent_figures() {
@@ -193,4 +193,22 @@ async fn synapse_scenario_claims_local_and_proxied_keys_through_a_real_synapse()
     assert_eq!(r.failures(), 0, "every claim returned one valid key");
     assert!(r.synapse_local_claims_per_s > 0.0 && r.synapse_proxied_claims_per_s > 0.0);
     assert!(r.appservice_share > 0.0 && r.appservice_share < 1.0);
+}
+
+#[test]
+fn upgrade_scenario_converts_a_schema_3_store_and_reports_both_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = upgrade::run(&upgrade::UpgradeBench {
+        devices: 40,
+        keys_per_device: 3,
+        dir: dir.path().to_owned(),
+    })
+    .unwrap();
+    assert_eq!((r.devices, r.one_time_keys), (40, 120));
+    assert!(r.write_s > 0.0 && r.upgrade_open_s > 0.0 && r.plain_open_s > 0.0);
+    assert!(
+        (r.devices_per_s - 40.0 / r.upgrade_open_s).abs() < 1e-6,
+        "devices/s is the devices over the upgrading open"
+    );
+    assert!(r.bytes_before > 0 && r.bytes_after > 0);
 }

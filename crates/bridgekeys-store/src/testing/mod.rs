@@ -12,6 +12,8 @@
 //!   before a write reaches it ([`Write`]): hold a claim in flight, let
 //!   another "process" write between this one's load and its write, break
 //!   the disk for one kind of write.
+//! * [`legacy`]: a store in an older build's layout, written in bulk, to
+//!   test and time the upgrade at open on a bridge-sized store.
 //! * [`conformance`]: the [`Store`](crate::Store) contract in executable
 //!   form: one check per guarantee, run against any backend with
 //!   [`conformance_tests!`](crate::conformance_tests) (and
@@ -20,6 +22,7 @@
 
 pub mod conformance;
 mod intercept;
+pub mod legacy;
 mod memory;
 
 pub use intercept::{Intercepted, Write};

@@ -13,3 +13,4 @@ mod pg_server;
 mod postgres;
 mod power_cut;
 mod store;
+mod upgrade;
