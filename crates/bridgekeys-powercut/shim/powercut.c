@@ -38,6 +38,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -64,6 +65,9 @@ struct obj {
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int enabled;
+/* Test only (POWERCUT_KILL_IN_RETIRE set): die by SIGKILL in the middle of
+ * the first generation update, as a random kill can. */
+static int kill_in_retire;
 static char root[PATH_MAX];
 static size_t root_len;
 static char shadow[PATH_MAX];
@@ -205,15 +209,24 @@ static void retire(uint64_t ino) {
             free(objs[i].dirty);
             objs[i].dirty = NULL;
             objs[i].dirty_len = 0;
-            /* g/<inode> tells the harness which generation is current. */
-            char name[64], path_g[PATH_MAX];
+            /* g/<inode> tells the harness which generation is current.
+             * Written beside g/ and renamed over it, so a kill in the middle
+             * leaves the old generation or the new one, never an empty file
+             * (the process is killed at random moments, start-up included,
+             * when sled renames and removes files). The old generation left
+             * by a kill before the rename is a legal outcome of a power cut:
+             * the unlink or rename that retired it was not made durable. */
+            char name[64], path_g[PATH_MAX], tmp[PATH_MAX];
             snprintf(name, sizeof name, "%llu", (unsigned long long)ino);
             shadow_path(path_g, sizeof path_g, "g", name);
-            int g = real_open64(path_g, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-            if (g < 0) die(path_g);
+            snprintf(tmp, sizeof tmp, "%s/g.tmp", shadow);
+            int g = real_open64(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+            if (g < 0) die(tmp);
             snprintf(name, sizeof name, "%u", objs[i].gen);
             write_all(g, name, strlen(name), 0);
             real_close(g);
+            if (kill_in_retire) raise(SIGKILL);
+            if (real_rename(tmp, path_g) != 0) die("rename generation");
             break;
         }
     }
@@ -383,6 +396,7 @@ __attribute__((constructor)) static void powercut_init(void) {
     real_dup3 = must_sym("dup3");
     real_fcntl = must_sym("fcntl");
 
+    kill_in_retire = getenv("POWERCUT_KILL_IN_RETIRE") != NULL;
     const char *r = getenv("POWERCUT_ROOT");
     const char *s = getenv("POWERCUT_SHADOW");
     if (!r || !s) return;
