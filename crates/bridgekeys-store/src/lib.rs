@@ -124,6 +124,7 @@
 
 mod commit;
 mod crypto;
+mod dir_watch;
 pub mod durable;
 mod error;
 mod identity;

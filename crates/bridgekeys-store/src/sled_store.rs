@@ -15,8 +15,8 @@ use zeroize::Zeroizing;
 use crate::{
     AccountRecord, CommitStats, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
     OneTimeKeyRecord, OutboundSessionRecord, Pending, SessionRecord, SessionWrite, Store,
-    StoreError, StoreId, StoreKey, Version, commit::GroupCommit, crypto::Sealer, durable, layout,
-    watermark,
+    StoreError, StoreId, StoreKey, Version, commit::GroupCommit, crypto::Sealer,
+    dir_watch::DirWatch, durable, layout, watermark,
 };
 
 /// Default of [`SledStoreConfig::commit_gather`], in microseconds.
@@ -875,96 +875,6 @@ fn open_engine_once(path: &Path, config: &SledStoreConfig) -> Result<sled::Db, S
                 reason: other.to_string(),
             },
         })
-}
-
-/// Syncs the store's directories when their entries changed since the last
-/// sync: the store directory (sled creates, renames and removes snapshot
-/// files in it) and `blobs/` (sled writes every value too large for its log,
-/// above a quarter of a segment, to a file of its own there, and syncs
-/// neither the file nor the directory). A new file is synced before its
-/// directory, and both before the log that refers to it.
-///
-/// Comparing listings (names and inode numbers, a few entries) costs a few
-/// microseconds; an `fsync` of a directory can cost a drive cache flush even
-/// when nothing changed, so it is done only when needed. A listing is read
-/// before its sync: a change made after the read shows up as a difference at
-/// the next commit.
-struct DirWatch {
-    dirs: Vec<WatchedDir>,
-}
-
-struct WatchedDir {
-    dir: PathBuf,
-    synced: parking_lot::Mutex<Vec<(std::ffi::OsString, u64)>>,
-}
-
-impl DirWatch {
-    /// Watch the store directory and its `blobs/`, syncing them (and every
-    /// file in `blobs/`) once now.
-    fn new(store: &Path) -> std::io::Result<Self> {
-        let watch = Self {
-            dirs: [store.join("blobs"), store.to_owned()]
-                .into_iter()
-                .map(|dir| WatchedDir {
-                    dir,
-                    synced: parking_lot::Mutex::new(Vec::new()),
-                })
-                .collect(),
-        };
-        watch.sync_if_changed()?;
-        Ok(watch)
-    }
-
-    /// Sync what changed: new files, then their directory. `blobs/` first,
-    /// so its entry in the store directory is synced after its contents.
-    fn sync_if_changed(&self) -> std::io::Result<()> {
-        for watched in &self.dirs {
-            watched.sync_if_changed()?;
-        }
-        Ok(())
-    }
-}
-
-impl WatchedDir {
-    fn listing(&self) -> std::io::Result<Vec<(std::ffi::OsString, u64)>> {
-        use std::os::unix::fs::DirEntryExt;
-        let mut out = Vec::new();
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            // sled creates `blobs/` at open; a missing one has nothing to sync.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            out.push((entry.file_name(), entry.ino()));
-        }
-        out.sort_unstable();
-        Ok(out)
-    }
-
-    fn sync_if_changed(&self) -> std::io::Result<()> {
-        let listing = self.listing()?;
-        let mut synced = self.synced.lock();
-        if *synced == listing {
-            return Ok(());
-        }
-        for entry in listing.iter().filter(|e| synced.binary_search(e).is_err()) {
-            let path = self.dir.join(&entry.0);
-            match std::fs::File::open(&path) {
-                Ok(file) if file.metadata()?.is_file() => file.sync_all()?,
-                Ok(_) => {}
-                // Removed since the listing (an old snapshot): nothing to sync.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if !listing.is_empty() || self.dir.exists() {
-            durable::sync_dir(&self.dir)?;
-        }
-        *synced = listing;
-        Ok(())
-    }
 }
 
 /// Writes the watermark file when a higher key-id mark became durable.
