@@ -2,8 +2,8 @@
 //!
 //! The homeserver presents `Authorization: Bearer <hs_token>`; with legacy
 //! authorization it may use `?access_token=<hs_token>` instead or as well.
-//! Both are accepted, compared in constant time, and must both match when
-//! both are present. Per the Application Service API:
+//! Both are accepted, compared in constant time, and every token presented
+//! must match (both kinds, and every copy of a repeated one). Per the Application Service API:
 //! no token is 401 `M_MISSING_TOKEN`, a wrong one 403 `M_FORBIDDEN`.
 //! The token is never logged; request spans record the path only, never the
 //! query string that may carry it.
@@ -20,28 +20,27 @@ use subtle::ConstantTimeEq;
 
 use crate::{MatrixError, config::HsToken};
 
-/// What a request presents: the Bearer header's token and the
-/// `access_token` query parameter, each if present. A header with another
-/// scheme, or an empty token, counts as absent.
-fn presented_tokens(req: &Request) -> (Option<String>, Option<String>) {
-    let header = req
+/// Every token a request presents: each `Authorization: Bearer` header's
+/// and each `access_token` query parameter. A header with another scheme,
+/// or an empty token, counts as absent. All of them are returned, not the
+/// first of each kind: a request that repeats a credential must be right in
+/// every copy, or a wrong one could hide behind a right one.
+fn presented_tokens(req: &Request) -> Vec<String> {
+    let headers = req
         .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
+        .get_all(AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().to_owned())
-        .filter(|t| !t.is_empty());
+        .map(|(_, token)| token.trim().to_owned());
     let query = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
-        .ok()
-        .and_then(|Query(params)| {
-            params
-                .into_iter()
-                .find(|(k, _)| k == "access_token")
-                .map(|(_, v)| v)
-        })
-        .filter(|t| !t.is_empty());
-    (header, query)
+        .map(|Query(params)| params)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k == "access_token")
+        .map(|(_, v)| v);
+    headers.chain(query).filter(|t| !t.is_empty()).collect()
 }
 
 /// Whether `presented` is the token, in time independent of where they
@@ -50,22 +49,20 @@ pub(crate) fn token_matches(expected: &HsToken, presented: &str) -> bool {
     expected.as_bytes().ct_eq(presented.as_bytes()).into()
 }
 
-/// Middleware: refuse requests without the right homeserver token. When
-/// both the header and the query carry one, both must match (the spec asks
-/// appservices to check that).
+/// Middleware: refuse requests without the right homeserver token. Every
+/// token presented must match: the header and the query when both carry
+/// one (the spec asks appservices to check that), and every copy of a
+/// repeated header or parameter.
 pub(crate) async fn require_hs_token(
     State(token): State<Arc<HsToken>>,
     req: Request,
     next: Next,
 ) -> Response {
-    let (header, query) = presented_tokens(&req);
-    if header.is_none() && query.is_none() {
+    let presented = presented_tokens(&req);
+    if presented.is_empty() {
         return MatrixError::missing_token().into_response();
     }
-    let all_match = [header, query]
-        .iter()
-        .flatten()
-        .all(|t| token_matches(&token, t));
+    let all_match = presented.iter().all(|t| token_matches(&token, t));
     if !all_match {
         tracing::warn!("refused a request with a wrong homeserver token");
         return MatrixError::forbidden().into_response();

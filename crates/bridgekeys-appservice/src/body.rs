@@ -7,12 +7,18 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::MatrixError;
+use crate::{MatrixError, server::BodyProgress};
 
 /// A JSON body, refused with the Matrix errcode of its fault:
 /// over the size limit 413 `M_TOO_LARGE`, not JSON 400 `M_NOT_JSON`, JSON of
 /// the wrong shape 400 `M_BAD_JSON`. Nothing is processed before the whole
 /// body has parsed, so a refused request changes no state.
+///
+/// A `Content-Length` over the limit is refused before a byte of the body
+/// is read: the client is not kept waiting (nor told `100 Continue`) for a
+/// body that would be refused anyway. A body that stops arriving is
+/// answered 408 `M_UNKNOWN` at the request timeout (not the 503 of a
+/// request whose work ran too long).
 pub(crate) struct MatrixJson<T>(pub T);
 
 /// The body limit in force, stored in the router's extensions for messages.
@@ -27,8 +33,27 @@ where
     type Rejection = MatrixError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(limit), Some(declared)) = (limit, declared)
+            && declared > u64::try_from(limit).unwrap_or(u64::MAX)
+        {
+            return Err(MatrixError::too_large(limit));
+        }
+        let limit = limit.unwrap_or(0);
+        let progress = req.extensions().get::<BodyProgress>().cloned();
+        if let Some(p) = &progress {
+            p.reading(true);
+        }
+        let bytes = Bytes::from_request(req, state).await;
+        if let Some(p) = &progress {
+            p.reading(false);
+        }
+        let bytes = bytes.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 MatrixError::too_large(limit)
             } else {
@@ -63,23 +88,30 @@ pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, MatrixError>
     })
 }
 
-/// `deserialize_with` helper: accept only a JSON object for a struct field
-/// (serde alone would also read a struct from an array).
-pub(crate) fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: DeserializeOwned,
-{
-    use serde::{Deserialize, de::Error};
-    let map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
-    serde_json::from_value(serde_json::Value::Object(map)).map_err(D::Error::custom)
-}
-
-/// The same for an optional field.
+/// `deserialize_with` helper for an optional struct field: accept only a
+/// JSON object (serde alone would also read a struct from an array), and
+/// read `null` as absent.
 pub(crate) fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: DeserializeOwned,
 {
-    object(deserializer).map(Some)
+    use serde::Deserialize;
+    match Option::<serde_json::Map<String, serde_json::Value>>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(map) => serde_json::from_value(serde_json::Value::Object(map))
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// `deserialize_with` helper for an optional list: `null` reads as absent
+/// (empty), as it does for every other optional member.
+pub(crate) fn null_as_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    use serde::Deserialize;
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
 }

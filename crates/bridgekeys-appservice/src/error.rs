@@ -127,6 +127,16 @@ impl MatrixError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", why)
     }
 
+    /// 408 `M_UNKNOWN`: the client did not finish sending the request body
+    /// within the request timeout.
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "M_UNKNOWN",
+            "the request body did not arrive within the request timeout",
+        )
+    }
+
     /// 503 `M_UNKNOWN`: the request ran past the configured timeout.
     pub fn timeout() -> Self {
         Self::new(

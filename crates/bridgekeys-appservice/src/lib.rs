@@ -66,6 +66,7 @@ pub mod homeserver;
 mod metrics;
 mod namespace;
 pub mod olm;
+mod path;
 mod ping;
 pub mod pool;
 pub mod provision;

@@ -65,10 +65,14 @@ impl UserNamespace {
         )
     }
 
-    /// Whether `user_id` belongs to the bridge.
+    /// Whether `user_id` belongs to the bridge. An id outside even the
+    /// historical user-id grammar (which ruma parses leniently: a space, a
+    /// control or a non-ASCII character in the localpart) belongs to no
+    /// one, whatever the regexes say.
     pub fn contains(&self, user_id: &UserId) -> bool {
-        self.sender.as_deref() == Some(user_id)
-            || self.regexes.iter().any(|r| r.is_match(user_id.as_str()))
+        (self.sender.as_deref() == Some(user_id)
+            || self.regexes.iter().any(|r| r.is_match(user_id.as_str())))
+            && user_id.validate_historical().is_ok()
     }
 }
 
@@ -85,6 +89,21 @@ mod tests {
         assert!(ns.contains(yes));
         assert!(ns.contains(prefix_only), "Synapse matches the start only");
         assert!(!ns.contains(no));
+    }
+
+    #[test]
+    fn ids_outside_the_historical_grammar_are_never_the_bridges() {
+        let ns = UserNamespace::new(["@echo_.*:localhost"], None).expect("regex");
+        for bad in [
+            "@echo_ x:localhost",
+            "@echo_\u{e9}:localhost",
+            "@echo_\u{1}:localhost",
+        ] {
+            let id: &UserId = bad.try_into().expect("ruma parses it leniently");
+            assert!(!ns.contains(id), "{bad:?} is not a valid user id");
+        }
+        let historical: &UserId = "@echo_Upper/x:localhost".try_into().expect("id");
+        assert!(ns.contains(historical), "historical ids stay the bridge's");
     }
 
     #[test]

@@ -6,17 +6,14 @@
 
 use std::sync::Arc;
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use ruma::OwnedRoomAliasId;
 
-use crate::{BridgeHandler, MatrixError, server::Inner};
+use crate::{BridgeHandler, MatrixError, path::MatrixPath, server::Inner};
 
 pub(crate) async fn query_room<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
-    Path(alias): Path<String>,
+    MatrixPath(alias): MatrixPath<String>,
 ) -> Result<Json<serde_json::Map<String, serde_json::Value>>, MatrixError> {
     let alias = OwnedRoomAliasId::try_from(alias.as_str())
         .map_err(|e| MatrixError::invalid_param(format!("invalid room alias: {e}")))?;

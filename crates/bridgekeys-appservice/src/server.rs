@@ -131,6 +131,22 @@ pub(crate) struct Observer {
     pub errors: prometheus::IntCounterVec,
 }
 
+/// Whether a request's body is being read, so a timeout can tell a client
+/// that never finished sending (408) from work of ours that ran too long
+/// (503). Set by the JSON body extractor.
+#[derive(Clone, Default)]
+pub(crate) struct BodyProgress(Arc<std::sync::atomic::AtomicBool>);
+
+impl BodyProgress {
+    pub(crate) fn reading(&self, reading: bool) {
+        self.0.store(reading, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_reading(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// Outermost middleware: a tracing span per request (method and path only:
 /// the query may carry the token), the request timeout, and error counts.
 pub(crate) async fn observe(
@@ -144,10 +160,18 @@ pub(crate) async fn observe(
         path = %req.uri().path(),
         status = tracing::field::Empty,
     );
+    let mut req = req;
+    let body = BodyProgress::default();
+    req.extensions_mut().insert(body.clone());
     async move {
         let timeout = observer.timeout;
         let response = match tokio::time::timeout(timeout, next.run(req)).await {
             Ok(r) => r,
+            Err(_) if body.is_reading() => {
+                // The client's fault, not ours: it never finished its body.
+                tracing::debug!(?timeout, "the request body did not arrive in time");
+                MatrixError::body_timeout().into_response()
+            }
             Err(_) => {
                 tracing::warn!(?timeout, "request timed out; its work was abandoned");
                 MatrixError::timeout().into_response()

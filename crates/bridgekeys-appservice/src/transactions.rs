@@ -47,10 +47,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use bridgekeys_olm::vodozemac::{Curve25519PublicKey, olm::OlmMessage};
 use bridgekeys_olm::{DecryptedOlm, OLM_ALGORITHM, OlmError};
 use bridgekeys_store::{TransactionClaim, TransactionLog};
@@ -63,7 +60,7 @@ use ruma::{
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::{BridgeHandler, MatrixError, body::MatrixJson, server::Inner};
+use crate::{BridgeHandler, MatrixError, body::MatrixJson, path::MatrixPath, server::Inner};
 
 /// One-time key counts: user -> device -> algorithm -> count.
 pub type OneTimeKeyCounts =
@@ -104,13 +101,21 @@ struct ToDeviceWire {
 #[derive(Deserialize)]
 pub(crate) struct TransactionBody {
     events: Vec<Box<RawValue>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::body::null_as_empty")]
     ephemeral: Vec<Box<RawValue>>,
-    #[serde(default, rename = "de.sorunome.msc2409.ephemeral")]
+    #[serde(
+        default,
+        rename = "de.sorunome.msc2409.ephemeral",
+        deserialize_with = "crate::body::null_as_empty"
+    )]
     ephemeral_unstable: Vec<Box<RawValue>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::body::null_as_empty")]
     to_device: Vec<ToDeviceWire>,
-    #[serde(default, rename = "de.sorunome.msc2409.to_device")]
+    #[serde(
+        default,
+        rename = "de.sorunome.msc2409.to_device",
+        deserialize_with = "crate::body::null_as_empty"
+    )]
     to_device_unstable: Vec<ToDeviceWire>,
     #[serde(default, rename = "org.matrix.msc3202.device_one_time_keys_count")]
     otk_count: Option<WireCounts>,
@@ -695,7 +700,7 @@ impl RetryCache {
         while order.len() > Self::CAPACITY {
             if let Some(oldest) = order.pop_front() {
                 map.remove(&oldest);
-                tracing::warn!(txn_id = %oldest, "dropped decrypted messages kept for a retry: too many failing transactions");
+                tracing::warn!(txn_id = ?oldest, "dropped decrypted messages kept for a retry: too many failing transactions");
             }
         }
     }
@@ -756,13 +761,13 @@ fn renew(
             match log.claim_transaction(&namespace, &txn_id, &owner, lease_ms) {
                 Ok(TransactionClaim::Claimed) => {}
                 Ok(other) => {
-                    tracing::warn!(%txn_id, found = ?other, "the transaction lease was lost while processing; this attempt will not record it");
+                    tracing::warn!(?txn_id, found = ?other, "the transaction lease was lost while processing; this attempt will not record it");
                     lost.store(true, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
                 // Not renewed this time; the lease still runs.
                 Err(e) => {
-                    tracing::warn!(%txn_id, error = %e, "could not renew the transaction lease")
+                    tracing::warn!(?txn_id, error = %e, "could not renew the transaction lease")
                 }
             }
         }
@@ -778,7 +783,7 @@ impl Drop for Lease<'_> {
                 .release_transaction(self.namespace, self.txn_id, self.owner)
         {
             // It expires on its own; the retry waits until then.
-            tracing::warn!(txn_id = %self.txn_id, error = %e, "could not release the transaction lease");
+            tracing::warn!(txn_id = ?self.txn_id, error = %e, "could not release the transaction lease");
         }
     }
 }
@@ -828,7 +833,10 @@ async fn claim<'a, H: BridgeHandler>(
                 if !counted {
                     counted = true;
                     inner.metrics.held_elsewhere.inc();
-                    tracing::debug!(%txn_id, "transaction is being processed by another process; waiting for it");
+                    tracing::debug!(
+                        ?txn_id,
+                        "transaction is being processed by another process; waiting for it"
+                    );
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_millis(500));
@@ -845,7 +853,7 @@ async fn claim<'a, H: BridgeHandler>(
 /// The handler of `PUT /transactions/{txnId}` (both prefixes).
 pub(crate) async fn put_transaction<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
-    Path(txn_id): Path<String>,
+    MatrixPath(txn_id): MatrixPath<String>,
     MatrixJson(body): MatrixJson<TransactionBody>,
 ) -> Result<Json<serde_json::Map<String, serde_json::Value>>, MatrixError> {
     let ns = inner.config.txn_namespace.as_str();
@@ -856,7 +864,10 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
     let log: &dyn TransactionLog = inner.txn_log.as_ref();
     let Some(mut lease) = claim(&inner, ns, &txn_id).await? else {
         inner.metrics.duplicates.inc();
-        tracing::debug!(%txn_id, "duplicate transaction acknowledged without processing");
+        tracing::debug!(
+            ?txn_id,
+            "duplicate transaction acknowledged without processing"
+        );
         return Ok(Json(serde_json::Map::new()));
     };
 
@@ -906,7 +917,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
             .put(txn_id.clone(), Arc::clone(&transaction));
     }
     if let Err(e) = inner.handler.transaction(&transaction).await {
-        tracing::warn!(%txn_id, error = %e.chain(), "bridge handler failed; the homeserver will retry");
+        tracing::warn!(?txn_id, error = %e.chain(), "bridge handler failed; the homeserver will retry");
         return Err(MatrixError::internal(
             "the bridge could not process the transaction",
         ));
@@ -941,7 +952,7 @@ pub(crate) async fn put_transaction<H: BridgeHandler>(
             .forget_deliveries(&delivery_tag(&inner, &txn_id))
             .await
         {
-            tracing::warn!(%txn_id, error = %e, "could not forget the transaction's delivery records");
+            tracing::warn!(?txn_id, error = %e, "could not forget the transaction's delivery records");
         }
     }
     crate::room_events::forget_held(&inner, &transaction.held_done);

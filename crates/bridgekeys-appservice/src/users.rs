@@ -15,19 +15,20 @@
 
 use std::sync::Arc;
 
-use axum::{
-    Json,
-    extract::{Path, State},
-};
+use axum::{Json, extract::State};
 use ruma::OwnedUserId;
 
-use crate::{BridgeHandler, MatrixError, UserDecision, server::Inner};
+use crate::{BridgeHandler, MatrixError, UserDecision, path::MatrixPath, server::Inner};
 
 pub(crate) async fn query_user<H: BridgeHandler>(
     State(inner): State<Arc<Inner<H>>>,
-    Path(user_id): Path<String>,
+    MatrixPath(user_id): MatrixPath<String>,
 ) -> Result<Json<serde_json::Map<String, serde_json::Value>>, MatrixError> {
+    // ruma parses leniently; an id outside even the historical grammar
+    // (a space, a control or non-ASCII character in the localpart) is no
+    // one's, and never becomes a puppet.
     let user_id = OwnedUserId::try_from(user_id.as_str())
+        .and_then(|u| u.validate_historical().map(|()| u))
         .map_err(|e| MatrixError::invalid_param(format!("invalid user id: {e}")))?;
     if !inner.config.namespace.contains(&user_id) {
         return Err(MatrixError::not_found(

@@ -279,3 +279,95 @@ async fn the_router_mounts_inside_a_bridge_authors_own_server() {
         (StatusCode::NOT_FOUND, Some("M_UNRECOGNIZED"))
     );
 }
+
+/// Read one HTTP/1.1 response with a `Content-Length` body: status and JSON.
+async fn read_response(stream: &mut TcpStream) -> (u16, String, Value) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed before a whole answer");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if body.len() >= length {
+                let status = head[9..12].parse().unwrap();
+                let content_type = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-type:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .unwrap_or_default();
+                return (
+                    status,
+                    content_type,
+                    serde_json::from_str(&body[..length]).unwrap(),
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_arriving_is_a_408_and_one_declared_too_large_a_413_before_it_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut limits = Limits::default();
+    limits.request_timeout = Duration::from_secs(1);
+    let fx = Fixture::open(dir.path(), limits);
+    fx.provision(1).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(fx.appservice.clone().serve_on(listener, async {
+        let _ = stop_rx.await;
+    }));
+    let before = fx.state();
+
+    // A claim whose body stops after 10 of its 100 bytes: the client's
+    // fault, answered 408 when the request timeout runs out (not the 503
+    // of work of ours that ran too long).
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"@echo_0:",
+        paths::CLAIM[0]
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (status, content_type, body) =
+        tokio::time::timeout(Duration::from_secs(20), read_response(&mut stream))
+            .await
+            .expect("answered at the request timeout");
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(content_type, "application/json");
+    assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+
+    // A body declared far over the limit, with `Expect: 100-continue`:
+    // refused from the header, without a `100 Continue` and without waiting
+    // for the body (which would take the request timeout and end in a 408).
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\nExpect: 100-continue\r\n\r\n",
+        paths::CLAIM[0]
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (status, _, body) = read_response(&mut stream).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["errcode"], "M_TOO_LARGE", "{body}");
+
+    assert_eq!(fx.state(), before, "no key issued, nothing written");
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+}
