@@ -45,6 +45,34 @@ async fn logs_at_trace_level_carry_no_token_key_or_plaintext() {
         .call(authed(Method::PUT, "/transactions/log-1", json_body(&txn)))
         .await;
     assert_eq!(status, StatusCode::OK);
+    // The caller's own text, logged escaped and cut short: a control
+    // character cannot forge a log line, a huge id cannot make a huge line.
+    let id = format!("ping\nforged line {}", "x".repeat(10_000));
+    let (status, _) = fx
+        .call(authed(
+            Method::POST,
+            "/_matrix/app/v1/ping",
+            json_body(&json!({ "transaction_id": id })),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let txn_id = "txn%0Aforged";
+    let (status, _) = fx
+        .call(authed(
+            Method::PUT,
+            &format!("/_matrix/app/v1/transactions/{txn_id}"),
+            json_body(&json!({"events": []})),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = fx
+        .call(authed(
+            Method::PUT,
+            &format!("/_matrix/app/v1/transactions/{txn_id}"),
+            json_body(&json!({"events": []})),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "a duplicate, which is logged");
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(
@@ -60,5 +88,17 @@ async fn logs_at_trace_level_carry_no_token_key_or_plaintext() {
     assert!(
         !logs.contains("top secret plaintext"),
         "event content was logged"
+    );
+    assert!(
+        logs.contains("pinged by the homeserver"),
+        "the ping is logged: {logs}"
+    );
+    assert!(
+        !logs.lines().any(|l| l.starts_with("forged")),
+        "a newline in a caller's id started a log line of its own"
+    );
+    assert!(
+        !logs.contains(&"x".repeat(200)),
+        "a ping's whole 10 000-character id was logged"
     );
 }
