@@ -22,25 +22,36 @@ use crate::{MatrixError, config::HsToken};
 
 /// Every token a request presents: each `Authorization: Bearer` header's
 /// and each `access_token` query parameter. A header with another scheme,
-/// or an empty token, counts as absent. All of them are returned, not the
+/// or an empty token, counts as absent; a header that is not visible ASCII
+/// is `None`, which matches no token. All of them are returned, not the
 /// first of each kind: a request that repeats a credential must be right in
 /// every copy, or a wrong one could hide behind a right one.
-fn presented_tokens(req: &Request) -> Vec<String> {
+fn presented_tokens(req: &Request) -> Vec<Option<String>> {
     let headers = req
         .headers()
         .get_all(AUTHORIZATION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().to_owned());
+        .filter_map(|v| match v.to_str() {
+            Ok(v) => v
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| Some(token)),
+            // Bytes that are not visible ASCII: a credential presented all
+            // the same, which no token can match (`None`), rather than one
+            // overlooked.
+            Err(_) => Some(None),
+        })
+        .map(|token| token.map(|t| t.trim().to_owned()));
     let query = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
         .map(|Query(params)| params)
         .unwrap_or_default()
         .into_iter()
         .filter(|(k, _)| k == "access_token")
-        .map(|(_, v)| v);
-    headers.chain(query).filter(|t| !t.is_empty()).collect()
+        .map(|(_, v)| Some(v));
+    headers
+        .chain(query)
+        .filter(|t| t.as_deref() != Some(""))
+        .collect()
 }
 
 /// Whether `presented` is the token, in time independent of where they
@@ -62,7 +73,9 @@ pub(crate) async fn require_hs_token(
     if presented.is_empty() {
         return MatrixError::missing_token().into_response();
     }
-    let all_match = presented.iter().all(|t| token_matches(&token, t));
+    let all_match = presented
+        .iter()
+        .all(|t| t.as_deref().is_some_and(|t| token_matches(&token, t)));
     if !all_match {
         tracing::warn!("refused a request with a wrong homeserver token");
         return MatrixError::forbidden().into_response();

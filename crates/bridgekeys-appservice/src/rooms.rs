@@ -21,7 +21,7 @@ pub(crate) async fn query_room<H: BridgeHandler>(
         Ok(true) => Ok(Json(serde_json::Map::new())),
         Ok(false) => Err(MatrixError::not_found("no such room alias")),
         Err(e) => {
-            tracing::warn!(%alias, error = %e.chain(), "room query handler failed");
+            tracing::warn!(?alias, error = %e.chain(), "room query handler failed");
             Err(MatrixError::internal(
                 "the bridge could not answer the room query",
             ))

@@ -80,9 +80,9 @@ type WireFallbackTypes = BTreeMap<String, BTreeMap<String, Vec<String>>>;
 /// left out, not a refused transaction).
 #[derive(Default, Deserialize)]
 struct WireDeviceLists {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::body::null_as_empty")]
     changed: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::body::null_as_empty")]
     left: Vec<String>,
 }
 

@@ -245,6 +245,24 @@ async fn auth_and_body_faults_are_refused_on_every_route_with_the_spec_errcode_a
             "M_FORBIDDEN",
         )
         .await;
+        let mut unreadable = request(
+            &route,
+            None,
+            Some(&format!("access_token={TOKEN}")),
+            good_body(&route),
+        );
+        unreadable.headers_mut().insert(
+            "authorization",
+            axum::http::HeaderValue::from_bytes(b"Bearer nope\xff").unwrap(),
+        );
+        assert_refused(
+            &fx,
+            &format!("{name}: right token in query, a header that is not ASCII"),
+            unreadable,
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+        )
+        .await;
         assert_refused(
             &fx,
             &format!("{name}: right token in query, then a second, wrong one"),
@@ -636,7 +654,7 @@ async fn a_null_optional_transaction_member_reads_as_absent() {
         "de.sorunome.msc2409.ephemeral": null,
         "to_device": null,
         "de.sorunome.msc2409.to_device": null,
-        "device_lists": null,
+        "device_lists": {"changed": null, "left": null},
         "org.matrix.msc3202.device_lists": null,
         "device_one_time_keys_count": null,
         "device_unused_fallback_key_types": null,
