@@ -3,8 +3,9 @@
 //! The homeserver presents `Authorization: Bearer <hs_token>`; with legacy
 //! authorization it may use `?access_token=<hs_token>` instead or as well.
 //! Both are accepted, compared in constant time, and every token presented
-//! must match (both kinds, and every copy of a repeated one). Per the Application Service API:
-//! no token is 401 `M_MISSING_TOKEN`, a wrong one 403 `M_FORBIDDEN`.
+//! must match (both kinds, and every copy of a repeated one). Per the
+//! Application Service API: no token is 401 `M_MISSING_TOKEN`, a wrong one
+//! 403 `M_FORBIDDEN`.
 //! The token is never logged; request spans record the path only, never the
 //! query string that may carry it.
 
@@ -35,13 +36,12 @@ fn presented_tokens(req: &Request) -> Vec<Option<String>> {
             Ok(v) => v
                 .split_once(' ')
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, token)| Some(token)),
+                .map(|(_, token)| Some(token.trim().to_owned())),
             // Bytes that are not visible ASCII: a credential presented all
             // the same, which no token can match (`None`), rather than one
             // overlooked.
             Err(_) => Some(None),
-        })
-        .map(|token| token.map(|t| t.trim().to_owned()));
+        });
     let query = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
         .map(|Query(params)| params)
         .unwrap_or_default()
