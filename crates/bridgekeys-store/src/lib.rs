@@ -151,6 +151,7 @@ pub use identity::{InvalidStoreId, StoreId};
 pub use pg_store::{
     DEFAULT_KEY_ID_BLOCK, DEFAULT_MAX_APPEND_BATCH, DEFAULT_PG_CONNECT_TIMEOUT,
     DEFAULT_PG_OPERATION_TIMEOUT, DEFAULT_PG_POOL_SIZE, PG_SCHEMA_VERSION, PgStore, PgStoreConfig,
+    PgTlsError,
 };
 pub use puppets::PuppetRegistry;
 pub use sled_store::{

@@ -81,6 +81,12 @@ pub enum TestkitError {
         /// What was not found.
         detail: String,
     },
+    /// A test certificate could not be made.
+    #[error("test certificate: {detail}")]
+    Tls {
+        /// What failed.
+        detail: String,
+    },
     /// The PostgreSQL server did not come up (`initdb` failed, the server
     /// exited, or it did not accept connections in time).
     #[error("postgres did not start: {reason}\n--- last lines of its log ({log}) ---\n{tail}")]

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{TestkitError, free_port, log_tail};
+use crate::{ServerTls, TestkitError, free_port, log_tail};
 
 /// The environment variable naming a directory that holds `initdb`,
 /// `postgres`, `pg_isready` and `psql`, searched before `PATH`: for a
@@ -65,6 +65,11 @@ pub struct PostgresOptions {
     /// More server settings, each passed as `-c name=value` after the
     /// testkit's own (so they win), e.g. `("max_connections", "20")`.
     pub settings: Vec<(String, String)>,
+    /// Serve TLS with this certificate (`ssl = on`); `None` (the default):
+    /// no TLS, and a client that requires it is refused. Make one with
+    /// [`TestCa::issue`](crate::TestCa::issue) for `127.0.0.1` and/or
+    /// `localhost`, the addresses the server listens on.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for PostgresOptions {
@@ -76,6 +81,7 @@ impl Default for PostgresOptions {
             bin_dir: None,
             start_timeout: Duration::from_secs(60),
             settings: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -239,6 +245,9 @@ impl Postgres {
                 if options.fsync { "on" } else { "off" }.into(),
             ),
         ];
+        if let Some(tls) = &options.tls {
+            settings.extend(write_tls_files(&root, tls)?);
+        }
         settings.extend(options.settings);
         let mut postgres = Self {
             child: None,
@@ -736,6 +745,33 @@ fn open_log(log: &Path, what: &str) -> Result<std::fs::File, TestkitError> {
         .append(true)
         .open(log)
         .map_err(TestkitError::io(format!("opening the log for {what}")))
+}
+
+/// Write the server's certificate and key into `root`, owned by whoever
+/// owns `root` (the user the server runs as) with the key private, as the
+/// server demands; the settings that serve them.
+fn write_tls_files(root: &Path, tls: &ServerTls) -> Result<Vec<(String, String)>, TestkitError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let owner =
+        std::fs::metadata(root).map_err(TestkitError::io(format!("reading {}", root.display())))?;
+    let (cert, key) = (root.join("server.crt"), root.join("server.key"));
+    for (path, pem) in [(&cert, &tls.cert_pem), (&key, &tls.key_pem)] {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(TestkitError::io(format!("creating {}", path.display())))?;
+        std::io::Write::write_all(&mut file, pem.as_bytes())
+            .map_err(TestkitError::io(format!("writing {}", path.display())))?;
+        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
+            .map_err(TestkitError::io(format!("giving away {}", path.display())))?;
+    }
+    Ok(vec![
+        ("ssl".into(), "on".into()),
+        ("ssl_cert_file".into(), cert.display().to_string()),
+        ("ssl_key_file".into(), key.display().to_string()),
+    ])
 }
 
 /// Who runs the server, decided from the owner of the temporary directory

@@ -49,7 +49,10 @@ pub struct Config {
     /// The PostgreSQL database to keep the store in, as a URL
     /// (`postgres://user:password@host:5432/dbname`), for a bridge that
     /// runs as several processes; absent: the embedded sled store at
-    /// `store_path` (the default). It may hold a password: never log it.
+    /// `store_path` (the default). TLS as libpq's `sslmode` and
+    /// `sslrootcert` say (`?sslmode=verify-full&sslrootcert=/path/ca.pem`
+    /// for a database on another machine). It may hold a password: never
+    /// log it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
     /// The store directory; `store` next to the config file if absent.

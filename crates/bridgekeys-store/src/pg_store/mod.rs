@@ -62,10 +62,29 @@
 //! `PgStore` (the usual direction, when a bridge outgrows one process) and
 //! a PostgreSQL store back out again.
 //!
+//! # Connections
+//!
+//! TCP (with TLS) or a Unix socket, as the connection string says. TLS
+//! follows libpq's `sslmode` and `sslrootcert`, with libpq's meanings:
+//!
+//! | `sslmode` | TLS | the server's certificate is checked |
+//! |---|---|---|
+//! | `disable` | never | - |
+//! | `prefer` (the default) | when the server offers it | no |
+//! | `require` | always | against `sslrootcert` if one is given (chain, not name), else not |
+//! | `verify-ca` | always | chains to `sslrootcert` |
+//! | `verify-full` | always | chains to `sslrootcert` and names the host |
+//!
+//! `sslrootcert` is a PEM file of CA certificates, or `system` for the
+//! public web PKI roots (Mozilla's list). `verify-ca` and `verify-full`
+//! refuse to start without it ([`PgTlsError::MissingRoot`]). For a
+//! database on another machine, use `verify-full`: the other modes do not
+//! stop an active attacker in the middle (the sealed secrets stay sealed
+//! either way, but the rest of the traffic is readable to it).
+//!
 //! # Not (yet) here
 //!
-//! Connections are plain TCP or Unix sockets (`NoTls`): put the database on
-//! a trusted network or a local socket. One store per database (its tables
+//! One store per database (its tables
 //! are in the connection's `search_path`, named `bk_*`). Schema 1 sled
 //! sessions ([`Store::legacy_sessions`](crate::Store::legacy_sessions)) do
 //! not exist here: a PostgreSQL store is always written by this schema.
@@ -76,6 +95,9 @@ mod appender;
 mod export;
 mod log;
 mod store;
+mod tls;
+
+pub use tls::PgTlsError;
 
 use std::{
     future::Future,
@@ -88,7 +110,8 @@ use std::{
 };
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::{NoTls, types::ToSql};
+use tokio_postgres::types::ToSql;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
     CommitStats, StoreError, StoreId, StoreKey, crypto::Sealer, layout, sled_store::FIRST_KEY_ID,
@@ -127,7 +150,9 @@ pub const DEFAULT_MAX_APPEND_BATCH: usize = 1024;
 pub struct PgStoreConfig {
     /// The database, as a libpq-style URL or key-value string (parsed by
     /// `tokio_postgres::Config`), e.g.
-    /// `postgres://bridge:secret@db.internal:5432/bridgekeys`. No TLS.
+    /// `postgres://bridge:secret@db.internal:5432/bridgekeys`. TLS follows
+    /// libpq's `sslmode` (default `prefer`) and `sslrootcert` parameters,
+    /// with libpq's meanings; see [Connections](self#connections).
     /// Without a password in it, the password is taken from the
     /// `PGPASSWORD` environment variable when that is set (as libpq does),
     /// so it need not be written into a config file or a command line.
@@ -196,12 +221,14 @@ impl PgStoreConfig {
 
 impl std::fmt::Debug for PgStoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let location = self
-            .url
-            .parse::<tokio_postgres::Config>()
-            .map_or_else(|_| "<unparsable url>".to_owned(), |c| describe(&c));
+        let parsed = tls::ConnectionString::parse(&self.url).ok();
+        let location = parsed
+            .as_ref()
+            .and_then(|u| u.rest.parse::<tokio_postgres::Config>().ok())
+            .map_or_else(|| "<unparsable url>".to_owned(), |c| describe(&c));
         f.debug_struct("PgStoreConfig")
             .field("url", &location)
+            .field("tls", &parsed.map(|u| u.tls.describe()))
             .field("expected_id", &self.expected_id)
             .field("pool_size", &self.pool_size)
             .field("key_id_block", &self.key_id_block)
@@ -299,10 +326,13 @@ impl PgStore {
     }
 
     fn start(config: PgStoreConfig, mode: Mode) -> Result<Self, StoreError> {
-        let mut pg: tokio_postgres::Config = config
-            .url
+        let url = tls::ConnectionString::parse(&config.url).map_err(StoreError::engine)?;
+        let mut pg: tokio_postgres::Config = url
+            .rest
             .parse()
             .map_err(|e| StoreError::engine(format!("invalid PostgreSQL url: {e}")))?;
+        url.tls.apply(&mut pg);
+        let connector = url.tls.connector().map_err(StoreError::engine)?;
         let location = PathBuf::from(describe(&pg));
         // As libpq does: a URL without a password takes `PGPASSWORD`, so the
         // password need not sit in a config file or on a command line.
@@ -328,12 +358,13 @@ impl PgStore {
         );
         let writer_pool = build_pool(
             writes,
+            connector.clone(),
             &PgStoreConfig {
                 pool_size: 2,
                 ..config.clone()
             },
         )?;
-        let pool = build_pool(pg, &config)?;
+        let pool = build_pool(pg, connector, &config)?;
         let engine = Engine::start(
             pool,
             writer_pool,
@@ -346,7 +377,8 @@ impl PgStore {
             let location = location.clone();
             engine.call(move |pool| open_store(pool, key, expected, mode, location))?
         };
-        tracing::info!(location = %location.display(), store_id = %opened, ?mode, "opened a PostgreSQL store");
+        tracing::info!(location = %location.display(), store_id = %opened, ?mode,
+            tls = %url.tls.describe(), "opened a PostgreSQL store");
         Ok(Self {
             location,
             id: opened,
@@ -359,7 +391,11 @@ impl PgStore {
 }
 
 /// A pool over `pg` with the configured size and timeouts.
-fn build_pool(mut pg: tokio_postgres::Config, config: &PgStoreConfig) -> Result<Pool, StoreError> {
+fn build_pool(
+    mut pg: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    config: &PgStoreConfig,
+) -> Result<Pool, StoreError> {
     // A dead peer is noticed within seconds, not the kernel's hours.
     pg.keepalives(true);
     if pg.get_keepalives_idle() > Duration::from_secs(10) {
@@ -371,7 +407,7 @@ fn build_pool(mut pg: tokio_postgres::Config, config: &PgStoreConfig) -> Result<
     }
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -579,8 +615,25 @@ impl<T> Pg<T> for Result<T, tokio_postgres::Error> {
 
 impl<T> Pg<T> for Result<T, deadpool_postgres::PoolError> {
     fn pg(self) -> Result<T, StoreError> {
-        self.map_err(StoreError::engine)
+        self.map_err(|e| StoreError::engine(with_causes(&e)))
     }
+}
+
+/// An error and its causes on one line. The pool's error for a connection
+/// that could not be made says only "error performing TLS handshake" or
+/// "error connecting to server"; why (an untrusted certificate, a refused
+/// port) is in its causes, and an operator needs it.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = c.source();
+    }
+    message
 }
 
 /// Owned query parameters, to move into the background runtime.

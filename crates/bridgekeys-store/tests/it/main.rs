@@ -11,6 +11,8 @@ mod migrate;
 mod pg_server;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "postgres")]
+mod postgres_tls;
 mod power_cut;
 mod store;
 mod upgrade;

@@ -1,0 +1,578 @@
+//! TLS to the database, with libpq's `sslmode` and `sslrootcert`.
+//!
+//! A bridge that outgrows one process usually talks to a database on
+//! another machine, and operators already write libpq's connection
+//! parameters (Synapse and most bridges take them). tokio-postgres knows
+//! only `sslmode=disable|prefer|require` and no root certificates, so
+//! [`ConnectionString::parse`] takes `sslmode` and `sslrootcert` out of the
+//! string, hands the rest to tokio-postgres, and [`TlsPolicy::connector`]
+//! builds the rustls configuration that gives each mode libpq's meaning:
+//!
+//! | `sslmode` | TLS | the server's certificate is checked |
+//! |---|---|---|
+//! | `disable` | never | - |
+//! | `prefer` (the default) | when the server offers it | no |
+//! | `require` | always | against `sslrootcert` if one is given (chain, not name), else not |
+//! | `verify-ca` | always | chains to `sslrootcert` |
+//! | `verify-full` | always | chains to `sslrootcert` and names the host |
+//!
+//! `sslrootcert` is a PEM file of one or more CA certificates, or `system`
+//! for the public web PKI roots (Mozilla's list, as the homeserver client
+//! uses). `verify-ca` and `verify-full` need it: unlike libpq, there is no
+//! default file under the home directory to fall back on silently.
+//!
+//! Without a certificate check (`prefer`, `require` without a root) the
+//! connection is encrypted against a passive listener only, exactly as
+//! with libpq; the handshake's signatures are still verified. Secrets are
+//! sealed before they reach the database in every mode.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::WebPkiSupportedAlgorithms,
+    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+};
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// Why a connection string's TLS settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgTlsError {
+    /// `sslmode` is not one of libpq's modes this store supports.
+    #[error(
+        "sslmode={0:?} is not supported (use disable, prefer, require, verify-ca or verify-full)"
+    )]
+    UnknownMode(String),
+    /// `verify-ca` or `verify-full` without `sslrootcert`.
+    #[error(
+        "sslmode={mode} checks the server's certificate, so it needs sslrootcert=<CA file> \
+         (or sslrootcert=system for the public web PKI roots)"
+    )]
+    MissingRoot {
+        /// The mode asked for.
+        mode: &'static str,
+    },
+    /// The `sslrootcert` file cannot be read or holds no usable certificate.
+    #[error("sslrootcert {path}: {reason}")]
+    BadRoot {
+        /// The file named.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A parameter of the connection string is malformed.
+    #[error("invalid PostgreSQL connection string: {0}")]
+    Malformed(String),
+}
+
+/// libpq's `sslmode`, all five that make sense for a client that must not
+/// silently lose encryption it was asked for (`allow` is left out: it
+/// prefers no TLS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl Mode {
+    fn parse(value: &str) -> Result<Self, PgTlsError> {
+        Ok(match value {
+            "disable" => Self::Disable,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            other => return Err(PgTlsError::UnknownMode(other.to_owned())),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
+    /// What tokio-postgres is told: whether TLS may be skipped.
+    fn wire(self) -> SslMode {
+        match self {
+            Self::Disable => SslMode::Disable,
+            Self::Prefer => SslMode::Prefer,
+            Self::Require | Self::VerifyCa | Self::VerifyFull => SslMode::Require,
+        }
+    }
+}
+
+/// A connection string split into what tokio-postgres parses and the TLS
+/// settings this module handles.
+#[derive(Debug)]
+pub(crate) struct ConnectionString {
+    /// The string without `sslmode` and `sslrootcert`.
+    pub(crate) rest: String,
+    /// The TLS policy (the mode is also set on the parsed config).
+    pub(crate) tls: TlsPolicy,
+}
+
+/// Where the CA certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Roots {
+    File(PathBuf),
+    System,
+}
+
+/// How connections are encrypted and what is checked.
+#[derive(Clone, Debug)]
+pub(crate) struct TlsPolicy {
+    mode: Mode,
+    roots: Option<Roots>,
+}
+
+impl ConnectionString {
+    /// Split `url` (a `postgres://` / `postgresql://` URL or a libpq
+    /// key-value string) and check its TLS settings.
+    pub(crate) fn parse(url: &str) -> Result<Self, PgTlsError> {
+        let (rest, mode, root) =
+            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                split_url(url)?
+            } else {
+                split_key_values(url)?
+            };
+        let mode = match mode {
+            Some(m) => Mode::parse(&m)?,
+            None => Mode::Prefer,
+        };
+        let roots = root.map(|r| {
+            if r == "system" {
+                Roots::System
+            } else {
+                Roots::File(PathBuf::from(r))
+            }
+        });
+        if matches!(mode, Mode::VerifyCa | Mode::VerifyFull) && roots.is_none() {
+            return Err(PgTlsError::MissingRoot { mode: mode.name() });
+        }
+        Ok(Self {
+            rest,
+            tls: TlsPolicy { mode, roots },
+        })
+    }
+}
+
+impl TlsPolicy {
+    /// Tell tokio-postgres whether TLS may be skipped.
+    pub(crate) fn apply(&self, config: &mut tokio_postgres::Config) {
+        config.ssl_mode(self.mode.wire());
+    }
+
+    /// A short description for logs and `Debug` (never a secret).
+    pub(crate) fn describe(&self) -> String {
+        match &self.roots {
+            None => self.mode.name().to_owned(),
+            Some(Roots::System) => format!("{} (system roots)", self.mode.name()),
+            Some(Roots::File(path)) => format!("{} ({})", self.mode.name(), path.display()),
+        }
+    }
+
+    /// The rustls connector every pooled connection uses.
+    pub(crate) fn connector(&self) -> Result<MakeRustlsConnect, PgTlsError> {
+        // ring, as the homeserver client uses: aws-lc-rs needs cmake to
+        // build. rustls 0.23.48 deprecates ring's provider because it has no
+        // post-quantum key exchange; PostgreSQL servers offer X25519, which
+        // it has.
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let check = match self.mode {
+            Mode::Disable | Mode::Prefer => Check::Nothing,
+            Mode::Require if self.roots.is_none() => Check::Nothing,
+            Mode::Require | Mode::VerifyCa => Check::Chain,
+            Mode::VerifyFull => Check::ChainAndName,
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match (check, &self.roots) {
+            (Check::Nothing, _) | (_, None) => Arc::new(Unchecked {
+                algorithms: provider.signature_verification_algorithms,
+            }),
+            (check, Some(roots)) => {
+                let webpki = WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(root_store(roots)?),
+                    Arc::clone(&provider),
+                )
+                .build()
+                .map_err(|e| PgTlsError::BadRoot {
+                    path: roots.path(),
+                    reason: e.to_string(),
+                })?;
+                if check == Check::ChainAndName {
+                    webpki
+                } else {
+                    Arc::new(AnyName { inner: webpki })
+                }
+            }
+        };
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| PgTlsError::Malformed(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(MakeRustlsConnect::new(config))
+    }
+}
+
+impl Roots {
+    fn path(&self) -> PathBuf {
+        match self {
+            Self::File(p) => p.clone(),
+            Self::System => PathBuf::from("system"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Nothing,
+    Chain,
+    ChainAndName,
+}
+
+/// The CA certificates of `roots`.
+fn root_store(roots: &Roots) -> Result<RootCertStore, PgTlsError> {
+    let mut store = RootCertStore::empty();
+    match roots {
+        Roots::System => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Roots::File(path) => {
+            let bad = |reason: String| PgTlsError::BadRoot {
+                path: path.clone(),
+                reason,
+            };
+            let certs = read_pem_certificates(path).map_err(bad)?;
+            let (added, _ignored) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(bad("no usable CA certificate in it".into()));
+            }
+        }
+    }
+    Ok(store)
+}
+
+fn read_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate file: {e}"))
+}
+
+/// `verify-ca`: the chain must lead to a trusted root, whatever name the
+/// certificate is for (libpq's meaning; for databases reached by an
+/// address their certificate does not name).
+#[derive(Debug)]
+struct AnyName {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // webpki checks the chain first and the name last, so a name error
+        // means the chain was good.
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `prefer`, and `require` without a root: encryption only, as libpq does.
+/// The handshake's signatures are still checked against the certificate's
+/// key (so the session key is the server's, whoever that server is).
+#[derive(Debug)]
+struct Unchecked {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Our two parameters found in a connection string, and the string
+/// without them.
+type Split = (String, Option<String>, Option<String>);
+
+/// A URL: `sslmode` and `sslrootcert` leave the query; the other
+/// parameters stay exactly as written.
+fn split_url(url: &str) -> Result<Split, PgTlsError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None, None));
+    };
+    let (mut mode, mut root) = (None, None);
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match percent_decode(key)?.as_str() {
+            "sslmode" => mode = Some(percent_decode(value)?),
+            "sslrootcert" => root = Some(percent_decode(value)?),
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((rest, mode, root))
+}
+
+fn percent_decode(s: &str) -> Result<String, PgTlsError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| PgTlsError::Malformed("a bad %-escape in the query".into()))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| PgTlsError::Malformed("a query parameter is not UTF-8".into()))
+}
+
+/// A key-value string (`host=db sslmode=verify-full ...`): values may be
+/// single-quoted with `\'` and `\\` escapes, as libpq reads them. The
+/// other pairs are written back, each value quoted.
+fn split_key_values(s: &str) -> Result<Split, PgTlsError> {
+    let (mut mode, mut root) = (None, None);
+    let mut kept = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(PgTlsError::Malformed(format!("{key:?} has no '=value'")));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => return Err(PgTlsError::Malformed("an unclosed quote".into())),
+                    },
+                    Some(c) => value.push(c),
+                    None => return Err(PgTlsError::Malformed("an unclosed quote".into())),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        match key.as_str() {
+            "sslmode" => mode = Some(value),
+            "sslrootcert" => root = Some(value),
+            _ => kept.push(format!(
+                "{key}='{}'",
+                value.replace('\\', "\\\\").replace('\'', "\\'")
+            )),
+        }
+    }
+    Ok((kept.join(" "), mode, root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_loses_only_the_tls_parameters_and_keeps_the_rest_as_written() {
+        let cs = ConnectionString::parse(
+            "postgres://u:p%40ss@db:5433/bk?application_name=a%20b&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20dir%2Fca.pem&connect_timeout=3",
+        )
+        .expect("parses");
+        assert_eq!(
+            cs.rest,
+            "postgres://u:p%40ss@db:5433/bk?application_name=a%20b&connect_timeout=3"
+        );
+        assert_eq!(cs.tls.mode, Mode::VerifyFull);
+        assert_eq!(
+            cs.tls.roots,
+            Some(Roots::File(PathBuf::from("/etc/ca dir/ca.pem")))
+        );
+        let config: tokio_postgres::Config =
+            cs.rest.parse().expect("tokio-postgres reads the rest");
+        assert_eq!(config.get_dbname(), Some("bk"));
+        assert_eq!(config.get_password(), Some(&b"p@ss"[..]));
+    }
+
+    #[test]
+    fn a_key_value_string_loses_only_the_tls_parameters_and_quoted_values_survive() {
+        let cs = ConnectionString::parse(
+            r"host=db  sslmode = verify-ca sslrootcert='/etc/my ca\'s.pem' password='a b\\c' dbname=bk",
+        )
+        .expect("parses");
+        assert_eq!(cs.tls.mode, Mode::VerifyCa);
+        assert_eq!(
+            cs.tls.roots,
+            Some(Roots::File(PathBuf::from("/etc/my ca's.pem")))
+        );
+        let config: tokio_postgres::Config =
+            cs.rest.parse().expect("tokio-postgres reads the rest");
+        assert_eq!(config.get_password(), Some(&br"a b\c"[..]));
+        assert_eq!(config.get_dbname(), Some("bk"));
+    }
+
+    #[test]
+    fn without_sslmode_tls_is_preferred_and_system_names_the_public_roots() {
+        let cs = ConnectionString::parse("postgres://u@db/bk").expect("parses");
+        assert_eq!((cs.tls.mode, cs.tls.roots), (Mode::Prefer, None));
+        assert_eq!(cs.rest, "postgres://u@db/bk");
+        let cs =
+            ConnectionString::parse("postgresql://u@db/bk?sslmode=verify-full&sslrootcert=system")
+                .expect("parses");
+        assert_eq!(cs.tls.roots, Some(Roots::System));
+        assert_eq!(cs.rest, "postgresql://u@db/bk");
+        cs.tls.connector().expect("the public roots load");
+    }
+
+    #[test]
+    fn unusable_tls_settings_are_refused_with_what_to_write_instead() {
+        for (url, expect) in [
+            (
+                "postgres://u@db/bk?sslmode=verify-full",
+                "needs sslrootcert",
+            ),
+            ("host=db sslmode=verify-ca", "needs sslrootcert"),
+            ("postgres://u@db/bk?sslmode=allow", "not supported"),
+            ("postgres://u@db/bk?sslmode=%zz", "%-escape"),
+            ("host=db sslrootcert='/x", "unclosed quote"),
+            ("host=db sslmode", "has no '=value'"),
+        ] {
+            let err = ConnectionString::parse(url).expect_err(url);
+            assert!(err.to_string().contains(expect), "{url}: {err}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.pem");
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").expect("write");
+        for file in [&missing, &not_pem] {
+            let url = format!(
+                "host=db sslmode=verify-full sslrootcert='{}'",
+                file.display()
+            );
+            let Err(err) = ConnectionString::parse(&url)
+                .expect("the string parses")
+                .tls
+                .connector()
+            else {
+                panic!("{} gave a connector", file.display());
+            };
+            assert!(
+                matches!(&err, PgTlsError::BadRoot { path, .. } if path == file),
+                "{err}"
+            );
+        }
+    }
+}

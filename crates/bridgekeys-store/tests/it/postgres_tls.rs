@@ -1,0 +1,213 @@
+//! PgStore over TLS to a real PostgreSQL server that serves a certificate
+//! from a throwaway CA (`bridgekeys_testkit::TestCa`): each `sslmode`
+//! either connects with every connection encrypted (as the server itself
+//! reports in `pg_stat_ssl`) or is refused before anything is written.
+
+use std::path::{Path, PathBuf};
+
+use bridgekeys_store::{PgStore, PgStoreConfig, Store, StoreError, StoreKey};
+use bridgekeys_testkit::{Postgres, PostgresOptions, TestCa};
+
+use crate::pg_server::fresh_database;
+
+/// The superuser's password: no error may show it.
+const PASSWORD: &str = "tls-test-Pa55word";
+
+/// A TLS server whose certificate names only `localhost` (not
+/// `127.0.0.1`, so the name check can be caught failing), the file of the
+/// CA that signed it, and the file of a CA that did not.
+async fn tls_server(dir: &Path) -> (Postgres, PathBuf, PathBuf) {
+    let ca = TestCa::generate("bridgekeys test CA").unwrap();
+    let stranger = TestCa::generate("some other CA").unwrap();
+    let server = Postgres::start_with(PostgresOptions {
+        fsync: false,
+        password: PASSWORD.into(),
+        tls: Some(ca.issue(&["localhost"]).unwrap()),
+        ..PostgresOptions::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("a TLS PostgreSQL for this test: {e}"));
+    let (trusted, untrusted) = (dir.join("ca.pem"), dir.join("stranger.pem"));
+    std::fs::write(&trusted, ca.pem()).unwrap();
+    std::fs::write(&untrusted, stranger.pem()).unwrap();
+    (server, trusted, untrusted)
+}
+
+/// `(encrypted, all)` connections the server has open to `database`.
+async fn connections(server: &Postgres, database: &str) -> (u32, u32) {
+    let counts = server
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s \
+                 JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{database}'"
+            ),
+        )
+        .await
+        .unwrap();
+    let (encrypted, all) = counts.split_once('|').unwrap();
+    (encrypted.parse().unwrap(), all.parse().unwrap())
+}
+
+/// Tables of a store in `database` (none after a refused connection).
+async fn store_tables(server: &Postgres, database: &str) -> u32 {
+    server
+        .psql(
+            database,
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'bk\\_%'",
+        )
+        .await
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// `postgres://user:password@HOST:port/DATABASE?PARAMS`.
+fn url(server: &Postgres, host: &str, database: &str, params: &str) -> String {
+    let base = server
+        .database_url(database)
+        .replacen("@127.0.0.1:", &format!("@{host}:"), 1);
+    if params.is_empty() {
+        base
+    } else {
+        format!("{base}?{params}")
+    }
+}
+
+#[tokio::test]
+async fn every_sslmode_gets_libpqs_meaning_against_a_real_tls_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, trusted, untrusted) = tls_server(dir.path()).await;
+    let (trusted, untrusted) = (trusted.display(), untrusted.display());
+    // (case, host, parameters, connects, encrypted)
+    let cases = [
+        (
+            "verify_full",
+            "localhost",
+            format!("sslmode=verify-full&sslrootcert={trusted}"),
+            true,
+            true,
+        ),
+        (
+            "verify_full_wrong_name",
+            "127.0.0.1",
+            format!("sslmode=verify-full&sslrootcert={trusted}"),
+            false,
+            false,
+        ),
+        (
+            "verify_full_wrong_ca",
+            "localhost",
+            format!("sslmode=verify-full&sslrootcert={untrusted}"),
+            false,
+            false,
+        ),
+        (
+            "verify_ca_any_name",
+            "127.0.0.1",
+            format!("sslmode=verify-ca&sslrootcert={trusted}"),
+            true,
+            true,
+        ),
+        (
+            "verify_ca_wrong_ca",
+            "127.0.0.1",
+            format!("sslmode=verify-ca&sslrootcert={untrusted}"),
+            false,
+            false,
+        ),
+        (
+            "verify_full_public_roots",
+            "localhost",
+            "sslmode=verify-full&sslrootcert=system".to_owned(),
+            false,
+            false,
+        ),
+        (
+            "require_unchecked",
+            "127.0.0.1",
+            "sslmode=require".to_owned(),
+            true,
+            true,
+        ),
+        (
+            "require_with_wrong_root",
+            "127.0.0.1",
+            format!("sslmode=require&sslrootcert={untrusted}"),
+            false,
+            false,
+        ),
+        ("prefer_by_default", "127.0.0.1", String::new(), true, true),
+        (
+            "disable",
+            "127.0.0.1",
+            "sslmode=disable".to_owned(),
+            true,
+            false,
+        ),
+    ];
+    for (case, host, params, connects, encrypted) in cases {
+        let database = format!("bk_tls_{case}");
+        server.create_database(&database).await.unwrap();
+        let config =
+            PgStoreConfig::new(url(&server, host, &database, &params), StoreKey::generate());
+        let opened = tokio::task::spawn_blocking(move || PgStore::create(config))
+            .await
+            .unwrap();
+        match opened {
+            Ok(store) => {
+                assert!(connects, "{case}: connected, but must be refused");
+                // A write goes through the same pools.
+                let first = store.reserve_key_ids(3).unwrap();
+                assert_eq!(store.reserve_key_ids(1).unwrap(), first + 3, "{case}");
+                let (tls, all) = connections(&server, &database).await;
+                assert!(all >= 1, "{case}: the store holds no connection");
+                if encrypted {
+                    assert_eq!(tls, all, "{case}: {tls} of {all} connections encrypted");
+                } else {
+                    assert_eq!(tls, 0, "{case}: TLS although sslmode=disable");
+                }
+                drop(store);
+            }
+            Err(e) => {
+                assert!(!connects, "{case}: refused: {e}");
+                let message = e.to_string();
+                assert!(
+                    matches!(e, StoreError::Engine(_)) && message.contains("certificate"),
+                    "{case}: the refusal names the certificate: {message}"
+                );
+                eprintln!("{case}: refused: {message}");
+                assert!(
+                    !message.contains(PASSWORD),
+                    "{case}: the password in {message}"
+                );
+                assert_eq!(
+                    store_tables(&server, &database).await,
+                    0,
+                    "{case}: nothing written"
+                );
+            }
+        }
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_without_tls_is_refused_when_tls_is_required_and_used_plain_when_preferred() {
+    let (plain_url, _server) = fresh_database().await;
+    let required = PgStoreConfig::new(format!("{plain_url}?sslmode=require"), StoreKey::generate());
+    let refused = tokio::task::spawn_blocking(move || PgStore::create(required))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&refused, Err(StoreError::Engine(_))),
+        "sslmode=require against a server without TLS must fail, got {:?}",
+        refused.as_ref().map(|s| s.id())
+    );
+    let preferred = PgStoreConfig::new(plain_url, StoreKey::generate());
+    let store = tokio::task::spawn_blocking(move || PgStore::create(preferred))
+        .await
+        .unwrap()
+        .expect("prefer falls back to a plain connection");
+    store.reserve_key_ids(1).unwrap();
+}
