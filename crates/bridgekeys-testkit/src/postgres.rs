@@ -764,8 +764,16 @@ fn write_tls_files(root: &Path, tls: &ServerTls) -> Result<Vec<(String, String)>
             .map_err(TestkitError::io(format!("creating {}", path.display())))?;
         std::io::Write::write_all(&mut file, pem.as_bytes())
             .map_err(TestkitError::io(format!("writing {}", path.display())))?;
-        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
-            .map_err(TestkitError::io(format!("giving away {}", path.display())))?;
+        // Only as root, whose server runs as the owner of `root`: a user
+        // running the server themselves already owns the file (and may
+        // not be in `root`'s group, under a setgid TMPDIR).
+        let mine = file
+            .metadata()
+            .map_err(TestkitError::io(format!("reading {}", path.display())))?;
+        if mine.uid() != owner.uid() {
+            std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
+                .map_err(TestkitError::io(format!("giving away {}", path.display())))?;
+        }
     }
     Ok(vec![
         ("ssl".into(), "on".into()),

@@ -76,8 +76,10 @@
 //! | `verify-full` | always | chains to `sslrootcert` and names the host |
 //!
 //! `sslrootcert` is a PEM file of CA certificates, or `system` for the
-//! public web PKI roots (Mozilla's list). `verify-ca` and `verify-full`
-//! refuse to start without it ([`PgTlsError::MissingRoot`]). For a
+//! public web PKI roots (Mozilla's list), which means `verify-full` as in
+//! libpq 16. `verify-ca` and `verify-full` refuse to start without a root
+//! ([`PgTlsError::MissingRoot`]). `PGSSLMODE` and `PGSSLROOTCERT` fill in
+//! what the string leaves out. For a
 //! database on another machine, use `verify-full`: the other modes do not
 //! stop an active attacker in the middle (the sealed secrets stay sealed
 //! either way, but the rest of the traffic is readable to it).
@@ -224,7 +226,7 @@ impl std::fmt::Debug for PgStoreConfig {
         let parsed = tls::ConnectionString::parse(&self.url).ok();
         let location = parsed
             .as_ref()
-            .and_then(|u| u.rest.parse::<tokio_postgres::Config>().ok())
+            .and_then(|u| u.config().ok())
             .map_or_else(|| "<unparsable url>".to_owned(), |c| describe(&c));
         f.debug_struct("PgStoreConfig")
             .field("url", &location)
@@ -327,11 +329,7 @@ impl PgStore {
 
     fn start(config: PgStoreConfig, mode: Mode) -> Result<Self, StoreError> {
         let url = tls::ConnectionString::parse(&config.url).map_err(StoreError::engine)?;
-        let mut pg: tokio_postgres::Config = url
-            .rest
-            .parse()
-            .map_err(|e| StoreError::engine(format!("invalid PostgreSQL url: {e}")))?;
-        url.tls.apply(&mut pg);
+        let mut pg = url.config().map_err(StoreError::engine)?;
         let connector = url.tls.connector().map_err(StoreError::engine)?;
         let location = PathBuf::from(describe(&pg));
         // As libpq does: a URL without a password takes `PGPASSWORD`, so the

@@ -18,8 +18,19 @@
 //!
 //! `sslrootcert` is a PEM file of one or more CA certificates, or `system`
 //! for the public web PKI roots (Mozilla's list, as the homeserver client
-//! uses). `verify-ca` and `verify-full` need it: unlike libpq, there is no
-//! default file under the home directory to fall back on silently.
+//! uses). As in libpq 16 and later, `system` means `verify-full`: it is the
+//! mode when none is given, and a weaker one is refused (anyone can get a
+//! publicly trusted certificate for *some* name). `verify-ca` and
+//! `verify-full` need a root: unlike libpq, there is no default file under
+//! the home directory to fall back on silently. As libpq does, the
+//! environment's `PGSSLMODE` and `PGSSLROOTCERT` stand in for a parameter
+//! the string leaves out.
+//!
+//! Where tokio-postgres differs from libpq, it wins: `prefer` does not try
+//! again without TLS when the handshake fails (write `sslmode=disable` for
+//! a server whose TLS cannot be negotiated), TLS needs a `host` name
+//! (`hostaddr` alone only works with `sslmode=disable`), and `require` or
+//! stronger over a Unix socket is refused rather than ignored.
 //!
 //! Without a certificate check (`prefer`, `require` without a root) the
 //! connection is encrypted against a passive listener only, exactly as
@@ -52,6 +63,15 @@ pub enum PgTlsError {
         "sslmode={0:?} is not supported (use disable, prefer, require, verify-ca or verify-full)"
     )]
     UnknownMode(String),
+    /// `sslrootcert=system` with a mode weaker than `verify-full`.
+    #[error(
+        "sslrootcert=system trusts every public CA, so it only goes with sslmode=verify-full, \
+         not sslmode={mode}"
+    )]
+    SystemRootsNeedFullCheck {
+        /// The mode asked for.
+        mode: &'static str,
+    },
     /// `verify-ca` or `verify-full` without `sslrootcert`.
     #[error(
         "sslmode={mode} checks the server's certificate, so it needs sslrootcert=<CA file> \
@@ -119,8 +139,8 @@ impl Mode {
 }
 
 /// A connection string split into what tokio-postgres parses and the TLS
-/// settings this module handles.
-#[derive(Debug)]
+/// settings this module handles. Its `Debug` shows only the TLS settings:
+/// the rest may hold a password.
 pub(crate) struct ConnectionString {
     /// The string without `sslmode` and `sslrootcert`.
     pub(crate) rest: String,
@@ -142,27 +162,46 @@ pub(crate) struct TlsPolicy {
     roots: Option<Roots>,
 }
 
+impl std::fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionString")
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConnectionString {
     /// Split `url` (a `postgres://` / `postgresql://` URL or a libpq
-    /// key-value string) and check its TLS settings.
+    /// key-value string) and check its TLS settings; `PGSSLMODE` and
+    /// `PGSSLROOTCERT` fill in what it leaves out.
     pub(crate) fn parse(url: &str) -> Result<Self, PgTlsError> {
+        Self::parse_with_env(url, |name| std::env::var(name).ok())
+    }
+
+    /// [`ConnectionString::parse`] with the environment given.
+    fn parse_with_env(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, PgTlsError> {
         let (rest, mode, root) =
             if url.starts_with("postgres://") || url.starts_with("postgresql://") {
                 split_url(url)?
             } else {
                 split_key_values(url)?
             };
-        let mode = match mode {
-            Some(m) => Mode::parse(&m)?,
-            None => Mode::Prefer,
-        };
-        let roots = root.map(|r| {
+        let mode = mode.or_else(|| env("PGSSLMODE"));
+        let roots = root.or_else(|| env("PGSSLROOTCERT")).map(|r| {
             if r == "system" {
                 Roots::System
             } else {
                 Roots::File(PathBuf::from(r))
             }
         });
+        let mode = match (mode, &roots) {
+            (Some(m), _) => Mode::parse(&m)?,
+            (None, Some(Roots::System)) => Mode::VerifyFull,
+            (None, _) => Mode::Prefer,
+        };
+        if roots == Some(Roots::System) && mode != Mode::VerifyFull {
+            return Err(PgTlsError::SystemRootsNeedFullCheck { mode: mode.name() });
+        }
         if matches!(mode, Mode::VerifyCa | Mode::VerifyFull) && roots.is_none() {
             return Err(PgTlsError::MissingRoot { mode: mode.name() });
         }
@@ -171,14 +210,30 @@ impl ConnectionString {
             tls: TlsPolicy { mode, roots },
         })
     }
+
+    /// The rest parsed by tokio-postgres, with the TLS mode set.
+    ///
+    /// The rest must not name a mode itself: that can only happen when the
+    /// split misread the string (a `?` or `&` left unescaped in a
+    /// password), and the mode it hid must not be quietly replaced.
+    pub(crate) fn config(&self) -> Result<tokio_postgres::Config, String> {
+        let mut config: tokio_postgres::Config = self
+            .rest
+            .parse()
+            .map_err(|e| format!("invalid PostgreSQL url: {e}"))?;
+        if config.get_ssl_mode() != SslMode::Prefer {
+            return Err(
+                "invalid PostgreSQL url: sslmode could not be read where it is written \
+                 (percent-encode any '?', '@', '&' or '/' in the user name or password)"
+                    .into(),
+            );
+        }
+        config.ssl_mode(self.tls.mode.wire());
+        Ok(config)
+    }
 }
 
 impl TlsPolicy {
-    /// Tell tokio-postgres whether TLS may be skipped.
-    pub(crate) fn apply(&self, config: &mut tokio_postgres::Config) {
-        config.ssl_mode(self.mode.wire());
-    }
-
     /// A short description for logs and `Debug` (never a secret).
     pub(crate) fn describe(&self) -> String {
         match &self.roots {
@@ -203,9 +258,14 @@ impl TlsPolicy {
             Mode::VerifyFull => Check::ChainAndName,
         };
         let verifier: Arc<dyn ServerCertVerifier> = match (check, &self.roots) {
-            (Check::Nothing, _) | (_, None) => Arc::new(Unchecked {
+            (Check::Nothing, _) => Arc::new(Unchecked {
                 algorithms: provider.signature_verification_algorithms,
             }),
+            (_, None) => {
+                return Err(PgTlsError::MissingRoot {
+                    mode: self.mode.name(),
+                });
+            }
             (check, Some(roots)) => {
                 let webpki = WebPkiServerVerifier::builder_with_provider(
                     Arc::new(root_store(roots)?),
@@ -223,12 +283,15 @@ impl TlsPolicy {
                 }
             }
         };
-        let config = ClientConfig::builder_with_provider(provider)
+        let mut config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| PgTlsError::Malformed(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
+        // PostgreSQL 17 requires it for `sslnegotiation=direct`; servers
+        // that do not know it ignore it.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(MakeRustlsConnect::new(config))
     }
 }
@@ -382,9 +445,17 @@ type Split = (String, Option<String>, Option<String>);
 /// A URL: `sslmode` and `sslrootcert` leave the query; the other
 /// parameters stay exactly as written.
 fn split_url(url: &str) -> Result<Split, PgTlsError> {
-    let Some((base, query)) = url.split_once('?') else {
+    // As tokio-postgres reads it: the credentials end at the first '@',
+    // the query starts at the first '?' after them.
+    let scheme = url.find("://").map_or(0, |i| i + 3);
+    let after_credentials = url[scheme..].find('@').map_or(scheme, |i| scheme + i + 1);
+    let Some(at) = url[after_credentials..]
+        .find('?')
+        .map(|i| after_credentials + i)
+    else {
         return Ok((url.to_owned(), None, None));
     };
+    let (base, query) = (&url[..at], &url[at + 1..]);
     let (mut mode, mut root) = (None, None);
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -411,6 +482,7 @@ fn percent_decode(s: &str) -> Result<String, PgTlsError> {
         if bytes[i] == b'%' {
             let hex = bytes
                 .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| PgTlsError::Malformed("a bad %-escape in the query".into()))?;
@@ -427,47 +499,56 @@ fn percent_decode(s: &str) -> Result<String, PgTlsError> {
 
 /// A key-value string (`host=db sslmode=verify-full ...`): values may be
 /// single-quoted with `\'` and `\\` escapes, as libpq reads them. The
-/// other pairs are written back, each value quoted.
+/// other pairs are written back, each value quoted. Errors say where, never
+/// what: the text may be part of a password.
 fn split_key_values(s: &str) -> Result<Split, PgTlsError> {
     let (mut mode, mut root) = (None, None);
     let mut kept = Vec::new();
-    let mut chars = s.chars().peekable();
+    let mut chars = s.char_indices().peekable();
+    let skip_spaces = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+    };
     loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
+        skip_spaces(&mut chars);
+        let Some(&(start, _)) = chars.peek() else {
             break;
-        }
+        };
+        let malformed =
+            |what: &str| PgTlsError::Malformed(format!("the parameter at byte {start} {what}"));
         let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+        while let Some((_, c)) = chars.next_if(|(_, c)| *c != '=' && !c.is_whitespace()) {
             key.push(c);
         }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') {
-            return Err(PgTlsError::Malformed(format!("{key:?} has no '=value'")));
+        skip_spaces(&mut chars);
+        if key.is_empty() || chars.next().map(|(_, c)| c) != Some('=') {
+            return Err(malformed("is not key=value"));
         }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        skip_spaces(&mut chars);
         let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
+        if chars.next_if(|(_, c)| *c == '\'').is_some() {
             loop {
-                match chars.next() {
+                match chars.next().map(|(_, c)| c) {
                     Some('\'') => break,
                     Some('\\') => match chars.next() {
-                        Some(c) => value.push(c),
-                        None => return Err(PgTlsError::Malformed("an unclosed quote".into())),
+                        Some((_, c)) => value.push(c),
+                        None => return Err(malformed("has an unclosed quote")),
                     },
                     Some(c) => value.push(c),
-                    None => return Err(PgTlsError::Malformed("an unclosed quote".into())),
+                    None => return Err(malformed("has an unclosed quote")),
                 }
             }
         } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+            while let Some((_, c)) = chars.next_if(|(_, c)| !c.is_whitespace()) {
                 if c == '\\' {
-                    if let Some(escaped) = chars.next() {
+                    if let Some((_, escaped)) = chars.next() {
                         value.push(escaped);
                     }
                 } else {
                     value.push(c);
                 }
+            }
+            if value.is_empty() {
+                return Err(malformed("has no value (write '' for an empty one)"));
             }
         }
         match key.as_str() {
@@ -538,6 +619,79 @@ mod tests {
     }
 
     #[test]
+    fn the_public_roots_mean_verify_full_and_the_environment_fills_in_what_the_string_leaves_out() {
+        let cs =
+            ConnectionString::parse_with_env("postgres://u@db/bk?sslrootcert=system", |_| None)
+                .expect("parses");
+        assert_eq!(
+            (cs.tls.mode, cs.tls.roots),
+            (Mode::VerifyFull, Some(Roots::System))
+        );
+        let env = |name: &str| match name {
+            "PGSSLMODE" => Some("verify-ca".to_owned()),
+            "PGSSLROOTCERT" => Some("/etc/ca.pem".to_owned()),
+            _ => None,
+        };
+        let cs = ConnectionString::parse_with_env("host=db dbname=bk", env).expect("parses");
+        assert_eq!(cs.tls.mode, Mode::VerifyCa);
+        assert_eq!(
+            cs.tls.roots,
+            Some(Roots::File(PathBuf::from("/etc/ca.pem")))
+        );
+        // What the string says wins over the environment.
+        let cs = ConnectionString::parse_with_env("host=db sslmode=disable", env).expect("parses");
+        assert_eq!(cs.tls.mode, Mode::Disable);
+        let err = ConnectionString::parse_with_env("host=db", |name| {
+            (name == "PGSSLMODE").then(|| "verify-full".to_owned())
+        })
+        .expect_err("verify-full from the environment still needs a root");
+        assert!(matches!(err, PgTlsError::MissingRoot { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_question_mark_in_the_password_does_not_hide_the_mode_and_no_mode_can_be_replaced_unseen() {
+        let cs =
+            ConnectionString::parse("postgres://u:pa?ss@db/bk?sslmode=require").expect("parses");
+        assert_eq!(cs.tls.mode, Mode::Require);
+        assert_eq!(cs.rest, "postgres://u:pa?ss@db/bk");
+        let config = cs.config().expect("tokio-postgres reads the rest");
+        assert_eq!(config.get_password(), Some(&b"pa?ss"[..]));
+        assert_eq!(config.get_ssl_mode(), SslMode::Require);
+        // Should a mode ever be left in the rest, it is refused, not
+        // replaced by the one found.
+        let misread = ConnectionString {
+            rest: "postgres://u@db/bk?sslmode=require".into(),
+            tls: TlsPolicy {
+                mode: Mode::Prefer,
+                roots: None,
+            },
+        };
+        let err = misread.config().expect_err("a hidden mode");
+        assert!(err.contains("sslmode could not be read"), "{err}");
+    }
+
+    #[test]
+    fn errors_and_debug_output_never_show_the_password() {
+        let err = ConnectionString::parse("host=db password=hunter2 tail").expect_err("malformed");
+        let text = err.to_string();
+        assert!(
+            !text.contains("hunter2") && !text.contains("tail"),
+            "{text}"
+        );
+        assert!(text.contains("byte 25"), "{text}");
+        let cs =
+            ConnectionString::parse("postgres://u:Secret9@db/bk?sslmode=require").expect("parses");
+        assert!(!format!("{cs:?}").contains("Secret9"));
+        let config = crate::PgStoreConfig::new(
+            "postgres://u:Secret9@db/bk?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+            crate::StoreKey::generate(),
+        );
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("Secret9"), "{debug}");
+        assert!(debug.contains("verify-full (/etc/ca.pem)"), "{debug}");
+    }
+
+    #[test]
     fn unusable_tls_settings_are_refused_with_what_to_write_instead() {
         for (url, expect) in [
             (
@@ -548,7 +702,14 @@ mod tests {
             ("postgres://u@db/bk?sslmode=allow", "not supported"),
             ("postgres://u@db/bk?sslmode=%zz", "%-escape"),
             ("host=db sslrootcert='/x", "unclosed quote"),
-            ("host=db sslmode", "has no '=value'"),
+            ("host=db sslmode", "is not key=value"),
+            ("host=db =x", "is not key=value"),
+            ("host=db sslmode=", "has no value"),
+            ("postgres://u@db/bk?sslmode=%+f", "%-escape"),
+            (
+                "postgres://u@db/bk?sslmode=require&sslrootcert=system",
+                "only goes with sslmode=verify-full",
+            ),
         ] {
             let err = ConnectionString::parse(url).expect_err(url);
             assert!(err.to_string().contains(expect), "{url}: {err}");
