@@ -97,7 +97,7 @@ pub use peer::{
 pub use postgres::{POSTGRES_BIN_ENV, Postgres, PostgresOptions};
 pub use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-pub use tls::{ServerTls, TestCa};
+pub use tls::{IssuedCertificate, TestCa};
 pub use venv::{
     MATRIX_NIO_VERSION, PYTHON_OLM_VERSION, SYNAPSE_VERSION, default_olm_peer_venv_dir,
     default_venv_dir, ensure_olm_peer, ensure_olm_peer_with, ensure_synapse, ensure_synapse_with,

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{ServerTls, TestkitError, free_port, log_tail};
+use crate::{IssuedCertificate, TestkitError, free_port, log_tail};
 
 /// The environment variable naming a directory that holds `initdb`,
 /// `postgres`, `pg_isready` and `psql`, searched before `PATH`: for a
@@ -69,7 +69,17 @@ pub struct PostgresOptions {
     /// no TLS, and a client that requires it is refused. Make one with
     /// [`TestCa::issue`](crate::TestCa::issue) for `127.0.0.1` and/or
     /// `localhost`, the addresses the server listens on.
-    pub tls: Option<ServerTls>,
+    pub tls: Option<IssuedCertificate>,
+    /// With [`PostgresOptions::tls`]: ask clients for a certificate and
+    /// accept those this CA (PEM, e.g. [`TestCa::pem`](crate::TestCa::pem))
+    /// signed (`ssl_ca_file`). Which roles must show one is up to
+    /// [`PostgresOptions::hba`].
+    pub client_ca: Option<String>,
+    /// Lines put first in `pg_hba.conf`, before the testkit's own (local:
+    /// trust; TCP: `scram-sha-256`), e.g.
+    /// `hostssl all certuser 127.0.0.1/32 cert` for a role that logs in by
+    /// client certificate.
+    pub hba: Vec<String>,
 }
 
 impl Default for PostgresOptions {
@@ -82,6 +92,8 @@ impl Default for PostgresOptions {
             start_timeout: Duration::from_secs(60),
             settings: Vec::new(),
             tls: None,
+            client_ca: None,
+            hba: Vec::new(),
         }
     }
 }
@@ -246,7 +258,14 @@ impl Postgres {
             ),
         ];
         if let Some(tls) = &options.tls {
-            settings.extend(write_tls_files(&root, tls)?);
+            settings.extend(write_tls_files(&root, tls, options.client_ca.as_deref())?);
+        }
+        if !options.hba.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let defaults = std::fs::read_to_string(&hba)
+                .map_err(TestkitError::io(format!("reading {}", hba.display())))?;
+            std::fs::write(&hba, format!("{}\n{defaults}", options.hba.join("\n")))
+                .map_err(TestkitError::io(format!("writing {}", hba.display())))?;
         }
         settings.extend(options.settings);
         let mut postgres = Self {
@@ -750,12 +769,24 @@ fn open_log(log: &Path, what: &str) -> Result<std::fs::File, TestkitError> {
 /// Write the server's certificate and key into `root`, owned by whoever
 /// owns `root` (the user the server runs as) with the key private, as the
 /// server demands; the settings that serve them.
-fn write_tls_files(root: &Path, tls: &ServerTls) -> Result<Vec<(String, String)>, TestkitError> {
+fn write_tls_files(
+    root: &Path,
+    tls: &IssuedCertificate,
+    client_ca: Option<&str>,
+) -> Result<Vec<(String, String)>, TestkitError> {
     use std::os::unix::fs::OpenOptionsExt;
     let owner =
         std::fs::metadata(root).map_err(TestkitError::io(format!("reading {}", root.display())))?;
-    let (cert, key) = (root.join("server.crt"), root.join("server.key"));
-    for (path, pem) in [(&cert, &tls.cert_pem), (&key, &tls.key_pem)] {
+    let (cert, key, ca) = (
+        root.join("server.crt"),
+        root.join("server.key"),
+        root.join("client-ca.crt"),
+    );
+    let mut files = vec![(&cert, tls.cert_pem.as_str()), (&key, tls.key_pem.as_str())];
+    if let Some(pem) = client_ca {
+        files.push((&ca, pem));
+    }
+    for (path, pem) in files {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -775,11 +806,15 @@ fn write_tls_files(root: &Path, tls: &ServerTls) -> Result<Vec<(String, String)>
                 .map_err(TestkitError::io(format!("giving away {}", path.display())))?;
         }
     }
-    Ok(vec![
+    let mut settings = vec![
         ("ssl".into(), "on".into()),
         ("ssl_cert_file".into(), cert.display().to_string()),
         ("ssl_key_file".into(), key.display().to_string()),
-    ])
+    ];
+    if client_ca.is_some() {
+        settings.push(("ssl_ca_file".into(), ca.display().to_string()));
+    }
+    Ok(settings)
 }
 
 /// Who runs the server, decided from the owner of the temporary directory

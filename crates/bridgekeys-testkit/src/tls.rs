@@ -22,19 +22,19 @@ impl std::fmt::Debug for TestCa {
     }
 }
 
-/// A server's certificate and private key, PEM.
+/// A certificate and its private key, PEM, issued by a [`TestCa`].
 #[derive(Clone)]
-pub struct ServerTls {
-    /// The certificate, signed by the [`TestCa`] that issued it.
+pub struct IssuedCertificate {
+    /// The certificate.
     pub cert_pem: String,
     /// Its private key (PKCS#8).
     pub key_pem: String,
 }
 
-impl std::fmt::Debug for ServerTls {
+impl std::fmt::Debug for IssuedCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
-        f.debug_struct("ServerTls").finish_non_exhaustive()
+        f.debug_struct("IssuedCertificate").finish_non_exhaustive()
     }
 }
 
@@ -65,18 +65,31 @@ impl TestCa {
 
     /// A server certificate for `names` (each a DNS name or an IP
     /// address), signed by this CA, with a fresh key.
-    pub fn issue(&self, names: &[&str]) -> Result<ServerTls, TestkitError> {
-        let key = KeyPair::generate().map_err(tls_error("generating a server key"))?;
+    pub fn issue(&self, names: &[&str]) -> Result<IssuedCertificate, TestkitError> {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params =
             CertificateParams::new(names).map_err(tls_error("building a server certificate"))?;
         params
             .distinguished_name
             .push(DnType::CommonName, "bridgekeys test server");
+        self.sign(params)
+    }
+
+    /// A client certificate whose common name is `user`: what PostgreSQL's
+    /// `cert` authentication takes as the role's name.
+    pub fn issue_client(&self, user: &str) -> Result<IssuedCertificate, TestkitError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())
+            .map_err(tls_error("building a client certificate"))?;
+        params.distinguished_name.push(DnType::CommonName, user);
+        self.sign(params)
+    }
+
+    fn sign(&self, params: CertificateParams) -> Result<IssuedCertificate, TestkitError> {
+        let key = KeyPair::generate().map_err(tls_error("generating a key"))?;
         let certificate = params
             .signed_by(&key, &self.certificate, &self.key)
-            .map_err(tls_error("signing a server certificate"))?;
-        Ok(ServerTls {
+            .map_err(tls_error("signing a certificate"))?;
+        Ok(IssuedCertificate {
             cert_pem: certificate.pem(),
             key_pem: key.serialize_pem(),
         })

@@ -79,7 +79,8 @@
 //! public web PKI roots (Mozilla's list), which means `verify-full` as in
 //! libpq 16. `verify-ca` and `verify-full` refuse to start without a root
 //! ([`PgTlsError::MissingRoot`]). `PGSSLMODE` and `PGSSLROOTCERT` fill in
-//! what the string leaves out. For a
+//! what the string leaves out. A server that authenticates clients by
+//! certificate gets the one `sslcert` and `sslkey` name. For a
 //! database on another machine, use `verify-full`: the other modes do not
 //! stop an active attacker in the middle (the sealed secrets stay sealed
 //! either way, but the rest of the traffic is readable to it).

@@ -1,4 +1,5 @@
-//! TLS to the database, with libpq's `sslmode` and `sslrootcert`.
+//! TLS to the database, with libpq's `sslmode`, `sslrootcert`, `sslcert`
+//! and `sslkey`.
 //!
 //! A bridge that outgrows one process usually talks to a database on
 //! another machine, and operators already write libpq's connection
@@ -26,6 +27,12 @@
 //! environment's `PGSSLMODE` and `PGSSLROOTCERT` stand in for a parameter
 //! the string leaves out.
 //!
+//! A server that authenticates clients by certificate (`cert` in
+//! `pg_hba.conf`) gets the one `sslcert` and `sslkey` name (PEM files; the
+//! key unencrypted, as `sslpassword` is not supported), or `PGSSLCERT` and
+//! `PGSSLKEY`. Unlike libpq, nothing is read from the home directory
+//! unasked.
+//!
 //! Where tokio-postgres differs from libpq, it wins: `prefer` does not try
 //! again without TLS when the handshake fails (write `sslmode=disable` for
 //! a server whose TLS cannot be negotiated), TLS needs a `host` name
@@ -49,7 +56,7 @@ use rustls::{
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     },
     crypto::WebPkiSupportedAlgorithms,
-    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -85,6 +92,20 @@ pub enum PgTlsError {
     #[error("sslrootcert {path}: {reason}")]
     BadRoot {
         /// The file named.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `sslcert` without `sslkey`, or the other way round.
+    #[error("sslcert and sslkey go together: a client certificate needs its key")]
+    HalfAClientCertificate,
+    /// A client certificate with `sslmode=disable`.
+    #[error("sslcert is only shown over TLS, and sslmode=disable turns TLS off")]
+    ClientCertificateWithoutTls,
+    /// The `sslcert` or `sslkey` file cannot be used.
+    #[error("client certificate {path}: {reason}")]
+    BadClientCertificate {
+        /// The file at fault.
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
@@ -142,7 +163,7 @@ impl Mode {
 /// settings this module handles. Its `Debug` shows only the TLS settings:
 /// the rest may hold a password.
 pub(crate) struct ConnectionString {
-    /// The string without `sslmode` and `sslrootcert`.
+    /// The string without `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
     pub(crate) rest: String,
     /// The TLS policy (the mode is also set on the parsed config).
     pub(crate) tls: TlsPolicy,
@@ -160,6 +181,16 @@ enum Roots {
 pub(crate) struct TlsPolicy {
     mode: Mode,
     roots: Option<Roots>,
+    /// The certificate this client shows, for servers that authenticate
+    /// clients by certificate (`cert` in `pg_hba.conf`).
+    client: Option<ClientCert>,
+}
+
+/// libpq's `sslcert` and `sslkey`: PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ClientCert {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 impl std::fmt::Debug for ConnectionString {
@@ -180,14 +211,24 @@ impl ConnectionString {
 
     /// [`ConnectionString::parse`] with the environment given.
     fn parse_with_env(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, PgTlsError> {
-        let (rest, mode, root) =
-            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-                split_url(url)?
-            } else {
-                split_key_values(url)?
-            };
-        let mode = mode.or_else(|| env("PGSSLMODE"));
-        let roots = root.or_else(|| env("PGSSLROOTCERT")).map(|r| {
+        let (rest, found) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            split_url(url)?
+        } else {
+            split_key_values(url)?
+        };
+        let mode = found.mode.or_else(|| env("PGSSLMODE"));
+        let client = match (
+            found.cert.or_else(|| env("PGSSLCERT")),
+            found.key.or_else(|| env("PGSSLKEY")),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(ClientCert {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            _ => return Err(PgTlsError::HalfAClientCertificate),
+        };
+        let roots = found.root.or_else(|| env("PGSSLROOTCERT")).map(|r| {
             if r == "system" {
                 Roots::System
             } else {
@@ -205,9 +246,16 @@ impl ConnectionString {
         if matches!(mode, Mode::VerifyCa | Mode::VerifyFull) && roots.is_none() {
             return Err(PgTlsError::MissingRoot { mode: mode.name() });
         }
+        if client.is_some() && mode == Mode::Disable {
+            return Err(PgTlsError::ClientCertificateWithoutTls);
+        }
         Ok(Self {
             rest,
-            tls: TlsPolicy { mode, roots },
+            tls: TlsPolicy {
+                mode,
+                roots,
+                client,
+            },
         })
     }
 
@@ -236,11 +284,15 @@ impl ConnectionString {
 impl TlsPolicy {
     /// A short description for logs and `Debug` (never a secret).
     pub(crate) fn describe(&self) -> String {
-        match &self.roots {
+        let mut text = match &self.roots {
             None => self.mode.name().to_owned(),
             Some(Roots::System) => format!("{} (system roots)", self.mode.name()),
             Some(Roots::File(path)) => format!("{} ({})", self.mode.name(), path.display()),
+        };
+        if let Some(client) = &self.client {
+            text.push_str(&format!(", client certificate {}", client.cert.display()));
         }
+        text
     }
 
     /// The rustls connector every pooled connection uses.
@@ -283,12 +335,23 @@ impl TlsPolicy {
                 }
             }
         };
-        let mut config = ClientConfig::builder_with_provider(provider)
+        let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| PgTlsError::Malformed(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match &self.client {
+            None => config.with_no_client_auth(),
+            Some(client) => {
+                let (chain, key) = client.load()?;
+                config.with_client_auth_cert(chain, key).map_err(|e| {
+                    PgTlsError::BadClientCertificate {
+                        path: client.key.clone(),
+                        reason: e.to_string(),
+                    }
+                })?
+            }
+        };
         // PostgreSQL 17 requires it for `sslnegotiation=direct`; servers
         // that do not know it ignore it.
         config.alpn_protocols = vec![b"postgresql".to_vec()];
@@ -310,6 +373,30 @@ enum Check {
     Nothing,
     Chain,
     ChainAndName,
+}
+
+impl ClientCert {
+    /// The certificate chain and its private key (PKCS#8, PKCS#1 or SEC1;
+    /// not encrypted: libpq's `sslpassword` is not supported).
+    fn load(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PgTlsError> {
+        let bad = |path: &Path, reason: String| PgTlsError::BadClientCertificate {
+            path: path.to_owned(),
+            reason,
+        };
+        let chain = read_pem_certificates(&self.cert).map_err(|r| bad(&self.cert, r))?;
+        if chain.is_empty() {
+            return Err(bad(&self.cert, "no certificate in it".into()));
+        }
+        let pem = std::fs::read(&self.key).map_err(|e| bad(&self.key, e.to_string()))?;
+        // The reason never quotes the file: it holds a private key.
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+            bad(
+                &self.key,
+                "no unencrypted PEM private key in it (PKCS#8, PKCS#1 or SEC1)".into(),
+            )
+        })?;
+        Ok((chain, key))
+    }
 }
 
 /// The CA certificates of `roots`.
@@ -438,9 +525,36 @@ impl ServerCertVerifier for Unchecked {
     }
 }
 
-/// Our two parameters found in a connection string, and the string
-/// without them.
-type Split = (String, Option<String>, Option<String>);
+/// The TLS parameters found in a connection string (libpq's names).
+#[derive(Default)]
+struct Found {
+    mode: Option<String>,
+    root: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl Found {
+    /// Keep `value` if `key` is one of ours; whether it was.
+    fn take(
+        &mut self,
+        key: &str,
+        value: impl FnOnce() -> Result<String, PgTlsError>,
+    ) -> Result<bool, PgTlsError> {
+        let slot = match key {
+            "sslmode" => &mut self.mode,
+            "sslrootcert" => &mut self.root,
+            "sslcert" => &mut self.cert,
+            "sslkey" => &mut self.key,
+            _ => return Ok(false),
+        };
+        *slot = Some(value()?);
+        Ok(true)
+    }
+}
+
+/// The string without our parameters, and what they said.
+type Split = (String, Found);
 
 /// A URL: `sslmode` and `sslrootcert` leave the query; the other
 /// parameters stay exactly as written.
@@ -453,17 +567,15 @@ fn split_url(url: &str) -> Result<Split, PgTlsError> {
         .find('?')
         .map(|i| after_credentials + i)
     else {
-        return Ok((url.to_owned(), None, None));
+        return Ok((url.to_owned(), Found::default()));
     };
     let (base, query) = (&url[..at], &url[at + 1..]);
-    let (mut mode, mut root) = (None, None);
+    let mut found = Found::default();
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match percent_decode(key)?.as_str() {
-            "sslmode" => mode = Some(percent_decode(value)?),
-            "sslrootcert" => root = Some(percent_decode(value)?),
-            _ => kept.push(pair),
+        if !found.take(&percent_decode(key)?, || percent_decode(value))? {
+            kept.push(pair);
         }
     }
     let rest = if kept.is_empty() {
@@ -471,7 +583,7 @@ fn split_url(url: &str) -> Result<Split, PgTlsError> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    Ok((rest, mode, root))
+    Ok((rest, found))
 }
 
 fn percent_decode(s: &str) -> Result<String, PgTlsError> {
@@ -502,7 +614,7 @@ fn percent_decode(s: &str) -> Result<String, PgTlsError> {
 /// other pairs are written back, each value quoted. Errors say where, never
 /// what: the text may be part of a password.
 fn split_key_values(s: &str) -> Result<Split, PgTlsError> {
-    let (mut mode, mut root) = (None, None);
+    let mut found = Found::default();
     let mut kept = Vec::new();
     let mut chars = s.char_indices().peekable();
     let skip_spaces = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
@@ -551,16 +663,15 @@ fn split_key_values(s: &str) -> Result<Split, PgTlsError> {
                 return Err(malformed("has no value (write '' for an empty one)"));
             }
         }
-        match key.as_str() {
-            "sslmode" => mode = Some(value),
-            "sslrootcert" => root = Some(value),
-            _ => kept.push(format!(
-                "{key}='{}'",
-                value.replace('\\', "\\\\").replace('\'', "\\'")
-            )),
+        let quoted = format!(
+            "{key}='{}'",
+            value.replace('\\', "\\\\").replace('\'', "\\'")
+        );
+        if !found.take(&key, || Ok(value))? {
+            kept.push(quoted);
         }
     }
-    Ok((kept.join(" "), mode, root))
+    Ok((kept.join(" "), found))
 }
 
 #[cfg(test)]
@@ -664,6 +775,7 @@ mod tests {
             tls: TlsPolicy {
                 mode: Mode::Prefer,
                 roots: None,
+                client: None,
             },
         };
         let err = misread.config().expect_err("a hidden mode");
@@ -689,6 +801,66 @@ mod tests {
         let debug = format!("{config:?}");
         assert!(!debug.contains("Secret9"), "{debug}");
         assert!(debug.contains("verify-full (/etc/ca.pem)"), "{debug}");
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_tls_and_a_bad_key_file_is_named_not_quoted() {
+        let cs = ConnectionString::parse_with_env(
+            "postgres://u@db/bk?sslmode=require&sslcert=%2Fc.crt&sslkey=%2Fc.key",
+            |_| None,
+        )
+        .expect("parses");
+        assert_eq!(
+            cs.tls.client,
+            Some(ClientCert {
+                cert: "/c.crt".into(),
+                key: "/c.key".into()
+            })
+        );
+        assert_eq!(cs.rest, "postgres://u@db/bk");
+        let env = |name: &str| (name == "PGSSLKEY").then(|| "/env.key".to_owned());
+        let cs = ConnectionString::parse_with_env("host=db sslcert=/c.crt", env).expect("parses");
+        assert_eq!(
+            cs.tls.client.map(|c| c.key),
+            Some(PathBuf::from("/env.key"))
+        );
+        for (url, expect) in [
+            ("host=db sslcert=/c.crt", "go together"),
+            ("host=db sslkey=/c.key", "go together"),
+            (
+                "host=db sslmode=disable sslcert=/c.crt sslkey=/c.key",
+                "only shown over TLS",
+            ),
+        ] {
+            let err = ConnectionString::parse_with_env(url, |_| None).expect_err(url);
+            assert!(err.to_string().contains(expect), "{url}: {err}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("c.crt"), dir.path().join("c.key"));
+        // A certificate file that parses, and a key file that does not.
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        std::fs::write(&key, "SECRET-KEY-MATERIAL").expect("write");
+        let url = format!(
+            "host=db sslmode=require sslcert='{}' sslkey='{}'",
+            cert.display(),
+            key.display()
+        );
+        let Err(err) = ConnectionString::parse_with_env(&url, |_| None)
+            .expect("parses")
+            .tls
+            .connector()
+        else {
+            panic!("a connector from a bad key");
+        };
+        assert!(
+            matches!(&err, PgTlsError::BadClientCertificate { path, .. } if *path == key),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("SECRET"), "{err}");
     }
 
     #[test]

@@ -236,3 +236,97 @@ async fn a_server_without_tls_is_refused_when_tls_is_required_and_used_plain_whe
         .expect("prefer falls back to a plain connection");
     store.reserve_key_ids(1).unwrap();
 }
+
+#[tokio::test]
+async fn a_role_that_logs_in_by_client_certificate_gets_in_with_sslcert_and_sslkey_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::generate("bridgekeys test CA").unwrap();
+    let clients = TestCa::generate("bridgekeys client CA").unwrap();
+    let stranger = TestCa::generate("some other CA").unwrap();
+    let server = Postgres::start_with(PostgresOptions {
+        fsync: false,
+        password: PASSWORD.into(),
+        tls: Some(ca.issue(&["localhost"]).unwrap()),
+        client_ca: Some(clients.pem()),
+        hba: vec!["hostssl all certuser 127.0.0.1/32 cert".into()],
+        ..PostgresOptions::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("a TLS PostgreSQL for this test: {e}"));
+    server
+        .psql("postgres", "CREATE ROLE certuser LOGIN")
+        .await
+        .unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let root = write("ca.pem", ca.pem());
+    let ours = clients.issue_client("certuser").unwrap();
+    let (cert, key) = (
+        write("client.crt", ours.cert_pem),
+        write("client.key", ours.key_pem),
+    );
+    let forged = stranger.issue_client("certuser").unwrap();
+    let (forged_cert, forged_key) = (
+        write("forged.crt", forged.cert_pem),
+        write("forged.key", forged.key_pem),
+    );
+    let checked = format!("sslmode=verify-full&sslrootcert={root}");
+    // (case, extra parameters, connects)
+    let cases = [
+        (
+            "with_certificate",
+            format!("&sslcert={cert}&sslkey={key}"),
+            true,
+        ),
+        ("without_certificate", String::new(), false),
+        (
+            "certificate_of_another_ca",
+            format!("&sslcert={forged_cert}&sslkey={forged_key}"),
+            false,
+        ),
+    ];
+    for (case, extra, connects) in cases {
+        let database = format!("bk_cert_{case}");
+        server
+            .psql(
+                "postgres",
+                &format!("CREATE DATABASE {database} OWNER certuser"),
+            )
+            .await
+            .unwrap();
+        // No password: the certificate is the credential.
+        let url = format!(
+            "postgres://certuser@localhost:{}/{database}?{checked}{extra}",
+            server.port()
+        );
+        let config = PgStoreConfig::new(url, StoreKey::generate());
+        let opened = tokio::task::spawn_blocking(move || PgStore::create(config))
+            .await
+            .unwrap();
+        match opened {
+            Ok(store) => {
+                assert!(connects, "{case}: connected, but must be refused");
+                store.reserve_key_ids(1).unwrap();
+                let (tls, all) = connections(&server, &database).await;
+                assert!(all >= 1 && tls == all, "{case}: {tls} of {all} encrypted");
+                assert!(
+                    store_tables(&server, &database).await > 0,
+                    "{case}: a store was made"
+                );
+            }
+            Err(e) => {
+                eprintln!("{case}: refused: {e}");
+                assert!(!connects, "{case}: refused: {e}");
+                assert_eq!(
+                    store_tables(&server, &database).await,
+                    0,
+                    "{case}: nothing written"
+                );
+            }
+        }
+    }
+    server.stop().await.unwrap();
+}
