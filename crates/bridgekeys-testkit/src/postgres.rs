@@ -194,6 +194,20 @@ impl Postgres {
     /// `initdb` a fresh cluster in a temporary directory and start a
     /// server on it; returns once it accepts connections.
     pub async fn start_with(options: PostgresOptions) -> Result<Self, TestkitError> {
+        if options.client_ca.is_some() && options.tls.is_none() {
+            return Err(TestkitError::Postgres {
+                what: "starting postgres".into(),
+                detail: "client_ca needs tls: clients show certificates only over TLS".into(),
+            });
+        }
+        if !options.hba.is_empty() && options.settings.iter().any(|(name, _)| name == "hba_file") {
+            return Err(TestkitError::Postgres {
+                what: "starting postgres".into(),
+                detail: "hba lines go into the cluster's own pg_hba.conf, not into an hba_file \
+                         set in settings"
+                    .into(),
+            });
+        }
         let bins = find_binaries(options.bin_dir.as_deref())?;
         let dir = tempfile::Builder::new()
             .prefix("bridgekeys-postgres-")
@@ -967,5 +981,28 @@ mod tests {
     fn url_parts_are_percent_encoded() {
         assert_eq!(percent_encode("plain_name-1.x~"), "plain_name-1.x~");
         assert_eq!(percent_encode("p@ss:w/rd é"), "p%40ss%3Aw%2Frd%20%C3%A9");
+    }
+
+    #[tokio::test]
+    async fn options_that_cannot_work_together_are_refused_before_anything_starts() {
+        let ca = crate::TestCa::generate("ca").expect("ca");
+        let no_tls = Postgres::start_with(PostgresOptions {
+            client_ca: Some(ca.pem()),
+            ..PostgresOptions::default()
+        })
+        .await
+        .expect_err("client_ca without tls");
+        assert!(
+            no_tls.to_string().contains("client_ca needs tls"),
+            "{no_tls}"
+        );
+        let elsewhere = Postgres::start_with(PostgresOptions {
+            hba: vec!["host all all 127.0.0.1/32 trust".into()],
+            settings: vec![("hba_file".into(), "/elsewhere".into())],
+            ..PostgresOptions::default()
+        })
+        .await
+        .expect_err("hba with an hba_file");
+        assert!(elsewhere.to_string().contains("hba_file"), "{elsewhere}");
     }
 }

@@ -29,9 +29,14 @@
 //!
 //! A server that authenticates clients by certificate (`cert` in
 //! `pg_hba.conf`) gets the one `sslcert` and `sslkey` name (PEM files; the
-//! key unencrypted, as `sslpassword` is not supported), or `PGSSLCERT` and
-//! `PGSSLKEY`. Unlike libpq, nothing is read from the home directory
-//! unasked.
+//! key unencrypted, as `sslpassword` is not supported); a pair written in
+//! the string must be whole and go over TLS. `PGSSLCERT` and `PGSSLKEY`
+//! are used when both are set and TLS is on, and are otherwise left alone.
+//! Unlike libpq, nothing is read from the home directory unasked.
+//!
+//! A URL that tokio-postgres would read differently from libpq (an `@`
+//! left unescaped in the password, or one in the query of a URL without a
+//! user) is refused, since it would connect to another host.
 //!
 //! Where tokio-postgres differs from libpq, it wins: `prefer` does not try
 //! again without TLS when the handshake fails (write `sslmode=disable` for
@@ -206,7 +211,10 @@ impl ConnectionString {
     /// key-value string) and check its TLS settings; `PGSSLMODE` and
     /// `PGSSLROOTCERT` fill in what it leaves out.
     pub(crate) fn parse(url: &str) -> Result<Self, PgTlsError> {
-        Self::parse_with_env(url, |name| std::env::var(name).ok())
+        // An empty variable counts as unset, as libpq reads it.
+        Self::parse_with_env(url, |name| {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        })
     }
 
     /// [`ConnectionString::parse`] with the environment given.
@@ -217,16 +225,22 @@ impl ConnectionString {
             split_key_values(url)?
         };
         let mode = found.mode.or_else(|| env("PGSSLMODE"));
+        // A client certificate written in the string must be whole and go
+        // over TLS; one only from the environment (set for every program)
+        // is used when it is whole and TLS is on, and else left alone, as
+        // libpq leaves it.
+        let written = found.cert.is_some() || found.key.is_some();
         let client = match (
             found.cert.or_else(|| env("PGSSLCERT")),
             found.key.or_else(|| env("PGSSLKEY")),
         ) {
-            (None, None) => None,
             (Some(cert), Some(key)) => Some(ClientCert {
                 cert: PathBuf::from(cert),
                 key: PathBuf::from(key),
             }),
-            _ => return Err(PgTlsError::HalfAClientCertificate),
+            (None, None) => None,
+            _ if written => return Err(PgTlsError::HalfAClientCertificate),
+            _ => None,
         };
         let roots = found.root.or_else(|| env("PGSSLROOTCERT")).map(|r| {
             if r == "system" {
@@ -246,9 +260,13 @@ impl ConnectionString {
         if matches!(mode, Mode::VerifyCa | Mode::VerifyFull) && roots.is_none() {
             return Err(PgTlsError::MissingRoot { mode: mode.name() });
         }
-        if client.is_some() && mode == Mode::Disable {
-            return Err(PgTlsError::ClientCertificateWithoutTls);
-        }
+        let client = match client {
+            Some(_) if mode == Mode::Disable && written => {
+                return Err(PgTlsError::ClientCertificateWithoutTls);
+            }
+            Some(_) if mode == Mode::Disable => None,
+            other => other,
+        };
         Ok(Self {
             rest,
             tls: TlsPolicy {
@@ -265,10 +283,19 @@ impl ConnectionString {
     /// split misread the string (a `?` or `&` left unescaped in a
     /// password), and the mode it hid must not be quietly replaced.
     pub(crate) fn config(&self) -> Result<tokio_postgres::Config, String> {
-        let mut config: tokio_postgres::Config = self
-            .rest
-            .parse()
-            .map_err(|e| format!("invalid PostgreSQL url: {e}"))?;
+        let mut config: tokio_postgres::Config =
+            self.rest.parse().map_err(|e: tokio_postgres::Error| {
+                let e = e.to_string();
+                // "unknown option `...`" quotes the string: with an
+                // unescaped space or '&' in a password, part of it.
+                if e.contains("unknown option") {
+                    "invalid PostgreSQL url: an unknown option (is a space or '&' in a value \
+                     not quoted or percent-encoded?)"
+                        .to_owned()
+                } else {
+                    format!("invalid PostgreSQL url: {e}")
+                }
+            })?;
         if config.get_ssl_mode() != SslMode::Prefer {
             return Err(
                 "invalid PostgreSQL url: sslmode could not be read where it is written \
@@ -563,6 +590,24 @@ fn split_url(url: &str) -> Result<Split, PgTlsError> {
     // the query starts at the first '?' after them.
     let scheme = url.find("://").map_or(0, |i| i + 3);
     let after_credentials = url[scheme..].find('@').map_or(scheme, |i| scheme + i + 1);
+    // Where tokio-postgres and libpq would read different hosts (an '@'
+    // left in the password, or an '@' in the query and no user), refuse
+    // rather than connect somewhere else, maybe without the checks asked
+    // for. The message quotes nothing: it would be part of a password.
+    let user = url[scheme..after_credentials.saturating_sub(1).max(scheme)]
+        .split(':')
+        .next()
+        .unwrap_or_default();
+    let host_end = url[after_credentials..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| after_credentials + i);
+    if user.contains(['/', '?', '=', '&']) || url[after_credentials..host_end].contains('@') {
+        return Err(PgTlsError::Malformed(
+            "the user name, password or query holds a character that must be \
+             percent-encoded there ('@', '/', '?', '=' or '&')"
+                .into(),
+        ));
+    }
     let Some(at) = url[after_credentials..]
         .find('?')
         .map(|i| after_credentials + i)
@@ -680,10 +725,8 @@ mod tests {
 
     #[test]
     fn a_url_loses_only_the_tls_parameters_and_keeps_the_rest_as_written() {
-        let cs = ConnectionString::parse(
-            "postgres://u:p%40ss@db:5433/bk?application_name=a%20b&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20dir%2Fca.pem&connect_timeout=3",
-        )
-        .expect("parses");
+        let cs = ConnectionString::parse_with_env("postgres://u:p%40ss@db:5433/bk?application_name=a%20b&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20dir%2Fca.pem&connect_timeout=3", |_| None)
+.expect("parses");
         assert_eq!(
             cs.rest,
             "postgres://u:p%40ss@db:5433/bk?application_name=a%20b&connect_timeout=3"
@@ -701,10 +744,8 @@ mod tests {
 
     #[test]
     fn a_key_value_string_loses_only_the_tls_parameters_and_quoted_values_survive() {
-        let cs = ConnectionString::parse(
-            r"host=db  sslmode = verify-ca sslrootcert='/etc/my ca\'s.pem' password='a b\\c' dbname=bk",
-        )
-        .expect("parses");
+        let cs = ConnectionString::parse_with_env(r"host=db  sslmode = verify-ca sslrootcert='/etc/my ca\'s.pem' password='a b\\c' dbname=bk", |_| None)
+.expect("parses");
         assert_eq!(cs.tls.mode, Mode::VerifyCa);
         assert_eq!(
             cs.tls.roots,
@@ -718,12 +759,14 @@ mod tests {
 
     #[test]
     fn without_sslmode_tls_is_preferred_and_system_names_the_public_roots() {
-        let cs = ConnectionString::parse("postgres://u@db/bk").expect("parses");
+        let cs = ConnectionString::parse_with_env("postgres://u@db/bk", |_| None).expect("parses");
         assert_eq!((cs.tls.mode, cs.tls.roots), (Mode::Prefer, None));
         assert_eq!(cs.rest, "postgres://u@db/bk");
-        let cs =
-            ConnectionString::parse("postgresql://u@db/bk?sslmode=verify-full&sslrootcert=system")
-                .expect("parses");
+        let cs = ConnectionString::parse_with_env(
+            "postgresql://u@db/bk?sslmode=verify-full&sslrootcert=system",
+            |_| None,
+        )
+        .expect("parses");
         assert_eq!(cs.tls.roots, Some(Roots::System));
         assert_eq!(cs.rest, "postgresql://u@db/bk");
         cs.tls.connector().expect("the public roots load");
@@ -762,7 +805,8 @@ mod tests {
     #[test]
     fn a_question_mark_in_the_password_does_not_hide_the_mode_and_no_mode_can_be_replaced_unseen() {
         let cs =
-            ConnectionString::parse("postgres://u:pa?ss@db/bk?sslmode=require").expect("parses");
+            ConnectionString::parse_with_env("postgres://u:pa?ss@db/bk?sslmode=require", |_| None)
+                .expect("parses");
         assert_eq!(cs.tls.mode, Mode::Require);
         assert_eq!(cs.rest, "postgres://u:pa?ss@db/bk");
         let config = cs.config().expect("tokio-postgres reads the rest");
@@ -783,8 +827,47 @@ mod tests {
     }
 
     #[test]
+    fn a_url_that_tokio_postgres_would_read_another_way_is_refused_without_quoting_it() {
+        for url in [
+            "postgres://u:p@W0rd@db/bk?sslmode=verify-full&sslrootcert=/ca.pem",
+            "postgres://db/bk?sslmode=verify-full&sslrootcert=/ca.pem&application_name=a@W0rd",
+        ] {
+            let err = ConnectionString::parse_with_env(url, |_| None).expect_err(url);
+            assert!(matches!(err, PgTlsError::Malformed(_)), "{url}: {err}");
+            assert!(!err.to_string().contains("W0rd"), "{err}");
+        }
+        // tokio-postgres's own "unknown option" quotes the string.
+        let cs =
+            ConnectionString::parse_with_env("host=db password=correct horse=battery", |_| None)
+                .expect("splits");
+        let err = cs.config().expect_err("an unknown option");
+        assert!(!err.contains("horse") && !err.contains("battery"), "{err}");
+    }
+
+    #[test]
+    fn a_client_certificate_only_in_the_environment_never_stops_a_string_that_works() {
+        let both = |name: &str| match name {
+            "PGSSLCERT" => Some("/env.crt".to_owned()),
+            "PGSSLKEY" => Some("/env.key".to_owned()),
+            _ => None,
+        };
+        let cs = ConnectionString::parse_with_env("host=db sslmode=disable", both).expect("plain");
+        assert_eq!((cs.tls.mode, cs.tls.client), (Mode::Disable, None));
+        let cs = ConnectionString::parse_with_env("host=db sslmode=require", both).expect("tls");
+        assert_eq!(
+            cs.tls.client.map(|c| c.cert),
+            Some(PathBuf::from("/env.crt"))
+        );
+        let half = |name: &str| (name == "PGSSLCERT").then(|| "/env.crt".to_owned());
+        let cs =
+            ConnectionString::parse_with_env("host=db", half).expect("half from env is ignored");
+        assert_eq!(cs.tls.client, None);
+    }
+
+    #[test]
     fn errors_and_debug_output_never_show_the_password() {
-        let err = ConnectionString::parse("host=db password=hunter2 tail").expect_err("malformed");
+        let err = ConnectionString::parse_with_env("host=db password=hunter2 tail", |_| None)
+            .expect_err("malformed");
         let text = err.to_string();
         assert!(
             !text.contains("hunter2") && !text.contains("tail"),
@@ -792,7 +875,10 @@ mod tests {
         );
         assert!(text.contains("byte 25"), "{text}");
         let cs =
-            ConnectionString::parse("postgres://u:Secret9@db/bk?sslmode=require").expect("parses");
+            ConnectionString::parse_with_env("postgres://u:Secret9@db/bk?sslmode=require", |_| {
+                None
+            })
+            .expect("parses");
         assert!(!format!("{cs:?}").contains("Secret9"));
         let config = crate::PgStoreConfig::new(
             "postgres://u:Secret9@db/bk?sslmode=verify-full&sslrootcert=/etc/ca.pem",
@@ -883,7 +969,7 @@ mod tests {
                 "only goes with sslmode=verify-full",
             ),
         ] {
-            let err = ConnectionString::parse(url).expect_err(url);
+            let err = ConnectionString::parse_with_env(url, |_| None).expect_err(url);
             assert!(err.to_string().contains(expect), "{url}: {err}");
         }
         let dir = tempfile::tempdir().expect("tempdir");
@@ -895,7 +981,7 @@ mod tests {
                 "host=db sslmode=verify-full sslrootcert='{}'",
                 file.display()
             );
-            let Err(err) = ConnectionString::parse(&url)
+            let Err(err) = ConnectionString::parse_with_env(&url, |_| None)
                 .expect("the string parses")
                 .tls
                 .connector()
