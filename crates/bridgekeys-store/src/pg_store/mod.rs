@@ -97,6 +97,7 @@
 mod appender;
 mod export;
 mod log;
+mod passfile;
 mod store;
 mod tls;
 
@@ -157,8 +158,11 @@ pub struct PgStoreConfig {
     /// libpq's `sslmode` (default `prefer`) and `sslrootcert` parameters,
     /// with libpq's meanings; see [Connections](self#connections).
     /// Without a password in it, the password is taken from the
-    /// `PGPASSWORD` environment variable when that is set (as libpq does),
-    /// so it need not be written into a config file or a command line.
+    /// `PGPASSWORD` environment variable when that is set, else from
+    /// libpq's password file (`passfile=` in the string, `PGPASSFILE`, or
+    /// `~/.pgpass`; `host:port:database:user:password` lines, ignored
+    /// unless only its owner can read it), as libpq does, so it need not be
+    /// written into a config file or a command line.
     pub url: String,
     /// The key that seals every secret before it reaches the database.
     pub key: StoreKey,
@@ -339,6 +343,28 @@ impl PgStore {
             && let Some(password) = std::env::var_os("PGPASSWORD")
         {
             pg.password(password.as_encoded_bytes());
+        }
+        // Then libpq's password file (`passfile`, `PGPASSFILE`, `~/.pgpass`).
+        if pg.get_password().is_none()
+            && let Some(file) = passfile::path(url.passfile.clone(), |name| {
+                std::env::var(name).ok().filter(|v| !v.is_empty())
+            })
+        {
+            let host = match (pg.get_hosts().first(), pg.get_hostaddrs().first()) {
+                (Some(tokio_postgres::config::Host::Tcp(host)), _) => host.clone(),
+                (None, Some(addr)) => addr.to_string(),
+                _ => "localhost".to_owned(),
+            };
+            let user = pg.get_user().unwrap_or_default().to_owned();
+            let target = passfile::Target {
+                host: &host,
+                port: pg.get_ports().first().copied().unwrap_or(5432),
+                database: pg.get_dbname().unwrap_or(&user),
+                user: &user,
+            };
+            if let Some(password) = passfile::lookup(&file, &target).map_err(StoreError::engine)? {
+                pg.password(password);
+            }
         }
         let options = pg.get_options().unwrap_or_default().to_owned();
         // COMMIT is the durability point: make sure it flushes, whatever

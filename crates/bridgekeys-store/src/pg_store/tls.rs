@@ -168,10 +168,13 @@ impl Mode {
 /// settings this module handles. Its `Debug` shows only the TLS settings:
 /// the rest may hold a password.
 pub(crate) struct ConnectionString {
-    /// The string without `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
+    /// The string without `sslmode`, `sslrootcert`, `sslcert`, `sslkey`
+    /// and `passfile`.
     pub(crate) rest: String,
     /// The TLS policy (the mode is also set on the parsed config).
     pub(crate) tls: TlsPolicy,
+    /// libpq's `passfile`: the password file to read (see `passfile.rs`).
+    pub(crate) passfile: Option<PathBuf>,
 }
 
 /// Where the CA certificates come from.
@@ -274,6 +277,7 @@ impl ConnectionString {
                 roots,
                 client,
             },
+            passfile: found.passfile.map(PathBuf::from),
         })
     }
 
@@ -559,6 +563,7 @@ struct Found {
     root: Option<String>,
     cert: Option<String>,
     key: Option<String>,
+    passfile: Option<String>,
 }
 
 impl Found {
@@ -573,6 +578,7 @@ impl Found {
             "sslrootcert" => &mut self.root,
             "sslcert" => &mut self.cert,
             "sslkey" => &mut self.key,
+            "passfile" => &mut self.passfile,
             _ => return Ok(false),
         };
         *slot = Some(value()?);
@@ -821,6 +827,7 @@ mod tests {
                 roots: None,
                 client: None,
             },
+            passfile: None,
         };
         let err = misread.config().expect_err("a hidden mode");
         assert!(err.contains("sslmode could not be read"), "{err}");

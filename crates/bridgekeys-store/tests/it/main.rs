@@ -12,6 +12,8 @@ mod pg_server;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "postgres")]
+mod postgres_passfile;
+#[cfg(feature = "postgres")]
 mod postgres_tls;
 mod power_cut;
 mod store;
