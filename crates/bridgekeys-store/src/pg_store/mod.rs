@@ -339,22 +339,21 @@ impl PgStore {
         let location = PathBuf::from(describe(&pg));
         // As libpq does: a URL without a password takes `PGPASSWORD`, so the
         // password need not sit in a config file or on a command line.
-        if pg.get_password().is_none()
-            && let Some(password) = std::env::var_os("PGPASSWORD")
+        // An empty password counts as none, as libpq reads it.
+        let no_password =
+            |pg: &tokio_postgres::Config| pg.get_password().is_none_or(<[u8]>::is_empty);
+        if no_password(&pg)
+            && let Some(password) = std::env::var_os("PGPASSWORD").filter(|p| !p.is_empty())
         {
             pg.password(password.as_encoded_bytes());
         }
         // Then libpq's password file (`passfile`, `PGPASSFILE`, `~/.pgpass`).
-        if pg.get_password().is_none()
+        if no_password(&pg)
+            && let Some(host) = passfile_host(&pg)
             && let Some(file) = passfile::path(url.passfile.clone(), |name| {
                 std::env::var(name).ok().filter(|v| !v.is_empty())
             })
         {
-            let host = match (pg.get_hosts().first(), pg.get_hostaddrs().first()) {
-                (Some(tokio_postgres::config::Host::Tcp(host)), _) => host.clone(),
-                (None, Some(addr)) => addr.to_string(),
-                _ => "localhost".to_owned(),
-            };
             let user = pg.get_user().unwrap_or_default().to_owned();
             let target = passfile::Target {
                 host: &host,
@@ -362,7 +361,7 @@ impl PgStore {
                 database: pg.get_dbname().unwrap_or(&user),
                 user: &user,
             };
-            if let Some(password) = passfile::lookup(&file, &target).map_err(StoreError::engine)? {
+            if let Some(password) = passfile::lookup(&file, &target) {
                 pg.password(password);
             }
         }
@@ -451,6 +450,29 @@ fn build_pool(
 enum Mode {
     Create,
     Open,
+}
+
+/// The host a password-file line must name: the one host (or address)
+/// of the string, `localhost` for a Unix socket in the usual directory and
+/// the directory's path for one elsewhere; `None` with several hosts.
+fn passfile_host(pg: &tokio_postgres::Config) -> Option<String> {
+    use tokio_postgres::config::Host;
+    match (pg.get_hosts(), pg.get_hostaddrs()) {
+        ([Host::Tcp(host)], _) => Some(host.clone()),
+        ([Host::Unix(dir)], _) => Some(
+            if ["/tmp", "/run/postgresql", "/var/run/postgresql"]
+                .iter()
+                .any(|usual| dir == Path::new(usual))
+            {
+                "localhost".to_owned()
+            } else {
+                dir.display().to_string()
+            },
+        ),
+        ([], [addr]) => Some(addr.to_string()),
+        ([], []) => Some("localhost".to_owned()),
+        _ => None,
+    }
 }
 
 /// `postgres://user@host:port/dbname`, without the password.

@@ -3,13 +3,19 @@
 //!
 //! Which file: the connection string's `passfile`, else `PGPASSFILE`, else
 //! `~/.pgpass`. It is read only when neither the string nor `PGPASSWORD`
-//! gives a password, and, as libpq does, ignored (with a warning naming
-//! the file) when its group or others may read it.
+//! gives a password (an empty one counts as none), and, as libpq does,
+//! ignored with a warning naming the file when its group or others may
+//! read it, or when it cannot be read at all, so a stray file never stops
+//! a bridge that needs none.
 //!
 //! Each line is `host:port:database:user:password`; `*` in one of the
 //! first four fields matches anything, `\:` and `\\` stand for `:` and
-//! `\`, and lines starting with `#` are comments. The first line that
-//! matches wins. A Unix-socket connection matches the host `localhost`.
+//! `\`, the password ends at the next unescaped `:`, and lines starting
+//! with `#` are comments. The first line that matches wins. A connection
+//! over a Unix socket in the usual directory matches the host `localhost`,
+//! one elsewhere the directory's path. With several hosts in the string no
+//! password is looked up (libpq looks one up per host; this store uses one
+//! password for all).
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -36,58 +42,86 @@ pub(crate) fn path(
 }
 
 /// The password `file` holds for `target`: `None` when the file is
-/// missing, readable by others (ignored, with a warning), or has no line
-/// for it. An unreadable file is an error: it was meant to be used.
-pub(crate) fn lookup(file: &Path, target: &Target<'_>) -> Result<Option<String>, String> {
+/// missing, has no line for it, or cannot be used (readable by others, not
+/// a plain file, unreadable: each ignored with a warning naming the file,
+/// as libpq ignores it).
+pub(crate) fn lookup(file: &Path, target: &Target<'_>) -> Option<String> {
+    let ignored = |why: &dyn std::fmt::Display| {
+        tracing::warn!(file = %file.display(), %why, "password file ignored");
+        None
+    };
     let metadata = match std::fs::metadata(file) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("password file {}: {e}", file.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return ignored(&e),
     };
     if !metadata.is_file() {
-        return Ok(None);
+        return ignored(&"not a plain file");
     }
     if metadata.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(file = %file.display(),
-            "password file has group or world access; ignored (make it u=rw, 0600)");
-        return Ok(None);
+        return ignored(&"group or others may read it (make it u=rw, 0600)");
     }
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("password file {}: {e}", file.display()))?;
-    Ok(find(&text, target))
+    match std::fs::read(file) {
+        // Bytes that are not UTF-8 only fail the lines they are on.
+        Ok(bytes) => find(&String::from_utf8_lossy(&bytes), target),
+        Err(e) => ignored(&e),
+    }
 }
 
 /// The first matching line's password.
 fn find(text: &str, target: &Target<'_>) -> Option<String> {
     let port = target.port.to_string();
     let wanted = [target.host, port.as_str(), target.database, target.user];
-    text.lines()
-        .filter(|line| !line.trim_start().starts_with('#'))
+    text.split('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line))
+        .filter(|line| !line.starts_with('#'))
         .find_map(|line| {
             let fields = fields(line)?;
             wanted
                 .iter()
                 .zip(&fields[..4])
-                .all(|(want, field)| field == "*" || field == want)
-                .then(|| fields[4].clone())
+                .all(|(want, field)| field.matches(want))
+                .then(|| fields[4].text.clone())
         })
 }
 
-/// A line's five fields, unescaped; `None` for a line with fewer.
-fn fields(line: &str) -> Option<[String; 5]> {
-    let mut fields: [String; 5] = Default::default();
+/// One field of a line, unescaped.
+#[derive(Default)]
+struct Field {
+    text: String,
+    /// Whether it was a bare `*` (an escaped `\*` is a star, not a
+    /// wildcard).
+    wildcard: bool,
+    escaped: bool,
+}
+
+impl Field {
+    fn matches(&self, want: &str) -> bool {
+        self.wildcard || self.text == want
+    }
+}
+
+/// A line's five fields; `None` for a line with fewer. The password ends
+/// at the next unescaped `:`, as libpq reads it.
+fn fields(line: &str) -> Option<[Field; 5]> {
+    let mut fields: [Field; 5] = Default::default();
     let mut index = 0;
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
             '\\' => {
                 if let Some(escaped) = chars.next() {
-                    fields[index].push(escaped);
+                    fields[index].text.push(escaped);
+                    fields[index].escaped = true;
                 }
             }
             ':' if index < 4 => index += 1,
-            c => fields[index].push(c),
+            ':' => break,
+            c => fields[index].text.push(c),
         }
+    }
+    for field in &mut fields[..4] {
+        field.wildcard = field.text == "*" && !field.escaped;
     }
     (index == 4).then_some(fields)
 }
@@ -110,10 +144,16 @@ mod tests {
         let text = "\
 # comment:*:*:*:nope
 db.internal:5432:other:bridge:wrong-database
-db.internal:*:echo:bridge:pa\\:ss\\\\word:tail
+  # not a comment: it does not start with '#'
+db.internal:*:echo:bridge:pa\\:ss\\\\word:tail\r
 *:*:*:*:too-late
 ";
-        assert_eq!(find(text, &target()).as_deref(), Some("pa:ss\\word:tail"));
+        assert_eq!(find(text, &target()).as_deref(), Some("pa:ss\\word"));
+        assert_eq!(
+            find("db.internal:5432:\\*:bridge:x\n*:*:*:*:y", &target()).as_deref(),
+            Some("y"),
+            "an escaped star is a star, not a wildcard"
+        );
         assert_eq!(
             find("short:line\n*:*:*:bridge:any", &target()).as_deref(),
             Some("any")
@@ -127,10 +167,25 @@ db.internal:*:echo:bridge:pa\\:ss\\\\word:tail
         let file = dir.path().join("pgpass");
         std::fs::write(&file, "*:*:*:*:secret\n").expect("write");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert_eq!(lookup(&file, &target()), Ok(Some("secret".into())));
+        assert_eq!(lookup(&file, &target()), Some("secret".into()));
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        assert_eq!(lookup(&file, &target()), Ok(None));
-        assert_eq!(lookup(&dir.path().join("missing"), &target()), Ok(None));
+        assert_eq!(lookup(&file, &target()), None);
+        assert_eq!(lookup(&dir.path().join("missing"), &target()), None);
+        assert_eq!(lookup(dir.path(), &target()), None, "a directory");
+    }
+
+    #[test]
+    fn the_host_to_look_up_is_the_strings_one_host_or_socket_and_none_with_several() {
+        let host = |s: &str| super::super::passfile_host(&s.parse().expect("a config"));
+        assert_eq!(host("host=db.internal").as_deref(), Some("db.internal"));
+        assert_eq!(
+            host("host=/var/run/postgresql").as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(host("host=/srv/pg/sock").as_deref(), Some("/srv/pg/sock"));
+        assert_eq!(host("hostaddr=10.0.0.5").as_deref(), Some("10.0.0.5"));
+        assert_eq!(host("user=bridge").as_deref(), Some("localhost"));
+        assert_eq!(host("host=a,b"), None);
     }
 
     #[test]

@@ -10,6 +10,12 @@ use crate::pg_server::{URL_ENV, fresh_database};
 
 #[tokio::test]
 async fn a_url_without_a_password_takes_it_from_a_private_password_file_only() {
+    if std::env::var(URL_ENV).is_ok() || std::env::var("PGPASSWORD").is_ok() {
+        // Another server (maybe trusting every client) or a password from
+        // the environment: the file would not be what is tested.
+        eprintln!("skipped: {URL_ENV} or PGPASSWORD is set");
+        return;
+    }
     let (url, _server) = fresh_database().await;
     let pg: tokio_postgres::Config = url.parse().unwrap();
     let host = match &pg.get_hosts()[0] {
@@ -25,13 +31,17 @@ async fn a_url_without_a_password_takes_it_from_a_private_password_file_only() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pgpass");
     let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
-    // A line for another database first, with a wrong password: the first
-    // line that matches wins, and this one must not.
+    // A line for another port and one for another database, with wrong
+    // passwords, must not match; the right line must win over the catch-all
+    // after it (the first line that matches wins).
     std::fs::write(
         &file,
         format!(
-            "# bridge credentials\n{host}:{port}:other_db:{user}:wrong\n\
-             {host}:*:{database}:{user}:{escaped}\n"
+            "# bridge credentials\n{host}:{}:{database}:{user}:wrong-port\n\
+             {host}:{port}:other_db:{user}:wrong-database\n\
+             {host}:{port}:{database}:{user}:{escaped}\n\
+             *:*:*:*:catch-all\n",
+            port + 1
         ),
     )
     .unwrap();
@@ -48,12 +58,10 @@ async fn a_url_without_a_password_takes_it_from_a_private_password_file_only() {
     };
 
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    if std::env::var(URL_ENV).is_err() && std::env::var("PGPASSWORD").is_err() {
-        // The testkit's server wants a password over TCP: a file others
-        // may read is ignored, so there is none.
-        let refused = open(without_password.clone()).await;
-        assert!(refused.is_err(), "a world-readable password file was used");
-    }
+    // The testkit's server wants a password over TCP: a file others may
+    // read is ignored, so there is none.
+    let refused = open(without_password.clone()).await;
+    assert!(refused.is_err(), "a world-readable password file was used");
 
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let store = open(without_password)
