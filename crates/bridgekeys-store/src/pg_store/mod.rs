@@ -95,6 +95,7 @@
 //! from an old backup is not detected.
 
 mod appender;
+mod connection_string;
 mod export;
 mod log;
 mod passfile;
@@ -228,7 +229,7 @@ impl PgStoreConfig {
 
 impl std::fmt::Debug for PgStoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parsed = tls::ConnectionString::parse(&self.url).ok();
+        let parsed = connection_string::ConnectionString::parse(&self.url).ok();
         let location = parsed
             .as_ref()
             .and_then(|u| u.config().ok())
@@ -333,7 +334,8 @@ impl PgStore {
     }
 
     fn start(config: PgStoreConfig, mode: Mode) -> Result<Self, StoreError> {
-        let url = tls::ConnectionString::parse(&config.url).map_err(StoreError::engine)?;
+        let url =
+            connection_string::ConnectionString::parse(&config.url).map_err(StoreError::engine)?;
         let mut pg = url.config().map_err(StoreError::engine)?;
         let connector = url.tls.connector().map_err(StoreError::engine)?;
         let location = PathBuf::from(describe(&pg));
