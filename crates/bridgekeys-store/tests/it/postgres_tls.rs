@@ -19,18 +19,24 @@ const PASSWORD: &str = "tls-test-Pa55word";
 async fn tls_server(dir: &Path) -> (Postgres, PathBuf, PathBuf) {
     let ca = TestCa::generate("bridgekeys test CA").unwrap();
     let stranger = TestCa::generate("some other CA").unwrap();
-    let server = Postgres::start_with(PostgresOptions {
-        fsync: false,
-        password: PASSWORD.into(),
-        tls: Some(ca.issue(&["localhost"]).unwrap()),
-        ..PostgresOptions::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("a TLS PostgreSQL for this test: {e}"));
+    let server = start_tls(&ca, PostgresOptions::default()).await;
     let (trusted, untrusted) = (dir.join("ca.pem"), dir.join("stranger.pem"));
     std::fs::write(&trusted, ca.pem()).unwrap();
     std::fs::write(&untrusted, stranger.pem()).unwrap();
     (server, trusted, untrusted)
+}
+
+/// A server serving a certificate of `ca` for `localhost`, with the
+/// superuser's password [`PASSWORD`] and whatever else `options` says.
+async fn start_tls(ca: &TestCa, options: PostgresOptions) -> Postgres {
+    Postgres::start_with(PostgresOptions {
+        fsync: false,
+        password: PASSWORD.into(),
+        tls: Some(ca.issue(&["localhost"]).unwrap()),
+        ..options
+    })
+    .await
+    .unwrap_or_else(|e| panic!("a TLS PostgreSQL for this test: {e}"))
 }
 
 /// `(encrypted, all)` connections the server has open to `database`.
@@ -243,16 +249,15 @@ async fn a_role_that_logs_in_by_client_certificate_gets_in_with_sslcert_and_sslk
     let ca = TestCa::generate("bridgekeys test CA").unwrap();
     let clients = TestCa::generate("bridgekeys client CA").unwrap();
     let stranger = TestCa::generate("some other CA").unwrap();
-    let server = Postgres::start_with(PostgresOptions {
-        fsync: false,
-        password: PASSWORD.into(),
-        tls: Some(ca.issue(&["localhost"]).unwrap()),
-        client_ca: Some(clients.pem()),
-        hba: vec!["hostssl all certuser 127.0.0.1/32 cert".into()],
-        ..PostgresOptions::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("a TLS PostgreSQL for this test: {e}"));
+    let server = start_tls(
+        &ca,
+        PostgresOptions {
+            client_ca: Some(clients.pem()),
+            hba: vec!["hostssl all certuser 127.0.0.1/32 cert".into()],
+            ..PostgresOptions::default()
+        },
+    )
+    .await;
     server
         .psql("postgres", "CREATE ROLE certuser LOGIN")
         .await
