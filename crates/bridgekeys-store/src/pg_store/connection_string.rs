@@ -137,6 +137,15 @@ impl ConnectionString {
             );
         }
         config.ssl_mode(self.tls.mode.wire());
+        // tokio-postgres names the server for TLS by `host` only, and
+        // refuses TLS without one; libpq uses `hostaddr` then. So an
+        // address given alone is also the host's name (connections still go
+        // to the address), and its certificate is checked against it.
+        if config.get_hosts().is_empty() && !config.get_hostaddrs().is_empty() {
+            for addr in config.get_hostaddrs().to_vec() {
+                config.host(addr.to_string());
+            }
+        }
         Ok(config)
     }
 }
@@ -416,6 +425,34 @@ mod tests {
         };
         let err = misread.config().expect_err("a hidden mode");
         assert!(err.contains("sslmode could not be read"), "{err}");
+    }
+
+    #[test]
+    fn an_address_given_without_a_host_also_names_the_server_for_tls() {
+        let cs = ConnectionString::parse_with_env("hostaddr=10.0.0.5,10.0.0.6 user=u", |_| None)
+            .expect("parses");
+        let config = cs.config().expect("a config");
+        let hosts: Vec<_> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(hosts, ["10.0.0.5", "10.0.0.6"]);
+        assert_eq!(
+            config.get_hostaddrs().len(),
+            2,
+            "still connected by address"
+        );
+        let cs = ConnectionString::parse_with_env("host=db hostaddr=10.0.0.5", |_| None)
+            .expect("parses");
+        assert_eq!(
+            cs.config().expect("a config").get_hosts().len(),
+            1,
+            "a host is kept"
+        );
     }
 
     #[test]

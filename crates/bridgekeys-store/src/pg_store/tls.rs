@@ -35,11 +35,14 @@
 //! are used when both are set and TLS is on, and are otherwise left alone.
 //! Unlike libpq, nothing is read from the home directory unasked.
 //!
+//! An address given without a host (`hostaddr` alone) also names the
+//! server for TLS, as in libpq: `verify-full` then checks the address
+//! against the certificate.
+//!
 //! Where tokio-postgres differs from libpq, it wins: `prefer` does not try
 //! again without TLS when the handshake fails (write `sslmode=disable` for
-//! a server whose TLS cannot be negotiated), TLS needs a `host` name
-//! (`hostaddr` alone only works with `sslmode=disable`), and `require` or
-//! stronger over a Unix socket is refused rather than ignored.
+//! a server whose TLS cannot be negotiated), and `require` or stronger
+//! over a Unix socket is refused rather than ignored.
 //!
 //! Without a certificate check (`prefer`, `require` without a root) the
 //! connection is encrypted against a passive listener only, exactly as

@@ -195,26 +195,60 @@ async fn every_sslmode_gets_libpqs_meaning_against_a_real_tls_server() {
             }
         }
     }
-    // The key-value form, checked all the way (chain and name).
-    server.create_database("bk_tls_key_value").await.unwrap();
-    let key_value = format!(
-        "host=localhost port={} user={} password='{PASSWORD}' dbname=bk_tls_key_value \
-         sslmode=verify-full sslrootcert='{trusted}'",
-        server.port(),
-        server.user(),
-    );
-    let config = PgStoreConfig::new(key_value, StoreKey::generate());
-    let store = tokio::task::spawn_blocking(move || PgStore::create(config))
-        .await
-        .unwrap()
-        .expect("verify-full in the key-value form");
-    store.reserve_key_ids(1).unwrap();
-    let (tls, all) = connections(&server, "bk_tls_key_value").await;
-    assert!(
-        all >= 1 && tls == all,
-        "{tls} of {all} connections encrypted"
-    );
-    drop(store);
+    // The key-value form, checked all the way (chain and name); and an
+    // address without a host name, which libpq allows (encrypted, but the
+    // certificate names `localhost`, not the address).
+    for (database, target, params, connects) in [
+        (
+            "bk_tls_key_value",
+            "host=localhost",
+            format!("sslmode=verify-full sslrootcert='{trusted}'"),
+            true,
+        ),
+        (
+            "bk_tls_hostaddr",
+            "hostaddr=127.0.0.1",
+            "sslmode=require".to_owned(),
+            true,
+        ),
+        (
+            "bk_tls_hostaddr_full",
+            "hostaddr=127.0.0.1",
+            format!("sslmode=verify-full sslrootcert='{trusted}'"),
+            false,
+        ),
+    ] {
+        server.create_database(database).await.unwrap();
+        let key_value = format!(
+            "{target} port={} user={} password='{PASSWORD}' dbname={database} {params}",
+            server.port(),
+            server.user(),
+        );
+        let config = PgStoreConfig::new(key_value, StoreKey::generate());
+        let opened = tokio::task::spawn_blocking(move || PgStore::create(config))
+            .await
+            .unwrap();
+        match opened {
+            Ok(store) => {
+                assert!(connects, "{database}: connected, but must be refused");
+                store.reserve_key_ids(1).unwrap();
+                let (tls, all) = connections(&server, database).await;
+                assert!(
+                    all >= 1 && tls == all,
+                    "{database}: {tls} of {all} connections encrypted"
+                );
+            }
+            Err(e) => {
+                eprintln!("{database}: refused: {e}");
+                assert!(!connects, "{database}: refused: {e}");
+                assert_eq!(
+                    store_tables(&server, database).await,
+                    0,
+                    "{database}: nothing written"
+                );
+            }
+        }
+    }
     server.stop().await.unwrap();
 }
 
