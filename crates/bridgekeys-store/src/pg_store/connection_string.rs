@@ -30,6 +30,12 @@ pub(crate) struct ConnectionString {
     pub(crate) passfile: Option<PathBuf>,
 }
 
+/// An environment variable as libpq reads it: an empty one counts as
+/// unset (and one that is not UTF-8 too).
+pub(super) fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
 impl std::fmt::Debug for ConnectionString {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectionString")
@@ -43,10 +49,7 @@ impl ConnectionString {
     /// key-value string) and check its TLS settings; `PGSSLMODE` and
     /// `PGSSLROOTCERT` fill in what it leaves out.
     pub(crate) fn parse(url: &str) -> Result<Self, PgTlsError> {
-        // An empty variable counts as unset, as libpq reads it.
-        Self::parse_with_env(url, |name| {
-            std::env::var(name).ok().filter(|v| !v.is_empty())
-        })
+        Self::parse_with_env(url, env)
     }
 
     /// [`ConnectionString::parse`] with the environment given.

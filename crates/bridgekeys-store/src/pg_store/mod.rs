@@ -118,6 +118,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use connection_string::env;
+
 use crate::{
     CommitStats, StoreError, StoreId, StoreKey, crypto::Sealer, layout, sled_store::FIRST_KEY_ID,
 };
@@ -351,21 +353,9 @@ impl PgStore {
         }
         // Then libpq's password file (`passfile`, `PGPASSFILE`, `~/.pgpass`).
         if no_password(&pg)
-            && let Some(host) = passfile_host(&pg)
-            && let Some(file) = passfile::path(url.passfile.clone(), |name| {
-                std::env::var(name).ok().filter(|v| !v.is_empty())
-            })
+            && let Some(password) = passfile::password_for(&pg, url.passfile.clone(), env)
         {
-            let user = pg.get_user().unwrap_or_default().to_owned();
-            let target = passfile::Target {
-                host: &host,
-                port: pg.get_ports().first().copied().unwrap_or(5432),
-                database: pg.get_dbname().unwrap_or(&user),
-                user: &user,
-            };
-            if let Some(password) = passfile::lookup(&file, &target) {
-                pg.password(password);
-            }
+            pg.password(password);
         }
         let options = pg.get_options().unwrap_or_default().to_owned();
         // COMMIT is the durability point: make sure it flushes, whatever
@@ -452,29 +442,6 @@ fn build_pool(
 enum Mode {
     Create,
     Open,
-}
-
-/// The host a password-file line must name: the one host (or address)
-/// of the string, `localhost` for a Unix socket in the usual directory and
-/// the directory's path for one elsewhere; `None` with several hosts.
-fn passfile_host(pg: &tokio_postgres::Config) -> Option<String> {
-    use tokio_postgres::config::Host;
-    match (pg.get_hosts(), pg.get_hostaddrs()) {
-        ([Host::Tcp(host)], _) => Some(host.clone()),
-        ([Host::Unix(dir)], _) => Some(
-            if ["/tmp", "/run/postgresql", "/var/run/postgresql"]
-                .iter()
-                .any(|usual| dir == Path::new(usual))
-            {
-                "localhost".to_owned()
-            } else {
-                dir.display().to_string()
-            },
-        ),
-        ([], [addr]) => Some(addr.to_string()),
-        ([], []) => Some("localhost".to_owned()),
-        _ => None,
-    }
 }
 
 /// `postgres://user@host:port/dbname`, without the password.

@@ -23,19 +23,60 @@ use std::{
 };
 
 /// What a password is looked up for.
-pub(crate) struct Target<'a> {
-    pub(crate) host: &'a str,
-    pub(crate) port: u16,
-    pub(crate) database: &'a str,
-    pub(crate) user: &'a str,
+struct Target<'a> {
+    host: &'a str,
+    port: u16,
+    database: &'a str,
+    user: &'a str,
+}
+
+/// The password the file holds for the server `pg` names, `explicit`
+/// being the string's own `passfile`; `None` with several hosts.
+pub(crate) fn password_for(
+    pg: &tokio_postgres::Config,
+    explicit: Option<PathBuf>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<String> {
+    let host = host(pg)?;
+    let file = path(explicit, env)?;
+    let user = pg.get_user().unwrap_or_default();
+    lookup(
+        &file,
+        &Target {
+            host: &host,
+            port: pg.get_ports().first().copied().unwrap_or(5432),
+            database: pg.get_dbname().unwrap_or(user),
+            user,
+        },
+    )
+}
+
+/// The host a password-file line must name: the one host (or address)
+/// of the string, `localhost` for a Unix socket in the usual directory and
+/// the directory's path for one elsewhere; `None` with several hosts.
+fn host(pg: &tokio_postgres::Config) -> Option<String> {
+    use tokio_postgres::config::Host;
+    match (pg.get_hosts(), pg.get_hostaddrs()) {
+        ([Host::Tcp(host)], _) => Some(host.clone()),
+        ([Host::Unix(dir)], _) => Some(
+            if ["/tmp", "/run/postgresql", "/var/run/postgresql"]
+                .iter()
+                .any(|usual| dir == Path::new(usual))
+            {
+                "localhost".to_owned()
+            } else {
+                dir.display().to_string()
+            },
+        ),
+        ([], [addr]) => Some(addr.to_string()),
+        ([], []) => Some("localhost".to_owned()),
+        _ => None,
+    }
 }
 
 /// The file to read: `explicit` (the string's `passfile`), else
 /// `PGPASSFILE`, else `~/.pgpass`; `None` if there is no home either.
-pub(crate) fn path(
-    explicit: Option<PathBuf>,
-    env: impl Fn(&str) -> Option<String>,
-) -> Option<PathBuf> {
+fn path(explicit: Option<PathBuf>, env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     explicit
         .or_else(|| env("PGPASSFILE").map(PathBuf::from))
         .or_else(|| env("HOME").map(|home| Path::new(&home).join(".pgpass")))
@@ -45,7 +86,7 @@ pub(crate) fn path(
 /// missing, has no line for it, or cannot be used (readable by others, not
 /// a plain file, unreadable: each ignored with a warning naming the file,
 /// as libpq ignores it).
-pub(crate) fn lookup(file: &Path, target: &Target<'_>) -> Option<String> {
+fn lookup(file: &Path, target: &Target<'_>) -> Option<String> {
     let ignored = |why: &dyn std::fmt::Display| {
         tracing::warn!(file = %file.display(), %why, "password file ignored");
         None
@@ -176,7 +217,7 @@ db.internal:*:echo:bridge:pa\\:ss\\\\word:tail\r
 
     #[test]
     fn the_host_to_look_up_is_the_strings_one_host_or_socket_and_none_with_several() {
-        let host = |s: &str| super::super::passfile_host(&s.parse().expect("a config"));
+        let host = |s: &str| super::host(&s.parse().expect("a config"));
         assert_eq!(host("host=db.internal").as_deref(), Some("db.internal"));
         assert_eq!(
             host("host=/var/run/postgresql").as_deref(),

@@ -80,142 +80,174 @@ fn url(server: &Postgres, host: &str, database: &str, params: &str) -> String {
     }
 }
 
+/// What opening a store should come to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outcome {
+    /// Opens, every connection encrypted.
+    Encrypted,
+    /// Opens, no connection encrypted.
+    Plain,
+    /// Refused before anything is written.
+    Refused,
+}
+
+/// Create a store at `url` (on `database` of `server`) and check that it
+/// comes to `outcome`: a store that opens takes key ids through its pools,
+/// and the server's own `pg_stat_ssl` says which of its connections are
+/// encrypted; a refusal is an engine error without the password, and no
+/// table was made. The refusal's message, for more checks.
+async fn open_expecting(
+    server: &Postgres,
+    case: &str,
+    database: &str,
+    url: String,
+    outcome: Outcome,
+) -> Option<String> {
+    let config = PgStoreConfig::new(url, StoreKey::generate());
+    let opened = tokio::task::spawn_blocking(move || PgStore::create(config))
+        .await
+        .unwrap();
+    match opened {
+        Ok(store) => {
+            assert_ne!(
+                outcome,
+                Outcome::Refused,
+                "{case}: connected, but must be refused"
+            );
+            let first = store.reserve_key_ids(3).unwrap();
+            assert_eq!(store.reserve_key_ids(1).unwrap(), first + 3, "{case}");
+            let (tls, all) = connections(server, database).await;
+            assert!(all >= 1, "{case}: the store holds no connection");
+            if outcome == Outcome::Encrypted {
+                assert_eq!(tls, all, "{case}: {tls} of {all} connections encrypted");
+            } else {
+                assert_eq!(tls, 0, "{case}: TLS although sslmode=disable");
+            }
+            assert!(
+                store_tables(server, database).await > 0,
+                "{case}: a store was made"
+            );
+            None
+        }
+        Err(e) => {
+            let message = e.to_string();
+            eprintln!("{case}: refused: {message}");
+            assert_eq!(outcome, Outcome::Refused, "{case}: refused: {message}");
+            assert!(matches!(e, StoreError::Engine(_)), "{case}: {message}");
+            assert!(
+                !message.contains(PASSWORD),
+                "{case}: the password in {message}"
+            );
+            assert_eq!(
+                store_tables(server, database).await,
+                0,
+                "{case}: nothing written"
+            );
+            Some(message)
+        }
+    }
+}
+
 #[tokio::test]
 async fn every_sslmode_gets_libpqs_meaning_against_a_real_tls_server() {
     let dir = tempfile::tempdir().unwrap();
     let (server, trusted, untrusted) = tls_server(dir.path()).await;
     let (trusted, untrusted) = (trusted.display(), untrusted.display());
-    // (case, host, parameters, connects, encrypted)
+    // (case, host, parameters, outcome)
     let cases = [
         (
             "verify_full",
             "localhost",
             format!("sslmode=verify-full&sslrootcert={trusted}"),
-            true,
-            true,
+            Outcome::Encrypted,
         ),
         (
             "verify_full_wrong_name",
             "127.0.0.1",
             format!("sslmode=verify-full&sslrootcert={trusted}"),
-            false,
-            false,
+            Outcome::Refused,
         ),
         (
             "verify_full_wrong_ca",
             "localhost",
             format!("sslmode=verify-full&sslrootcert={untrusted}"),
-            false,
-            false,
+            Outcome::Refused,
         ),
         (
             "verify_ca_any_name",
             "127.0.0.1",
             format!("sslmode=verify-ca&sslrootcert={trusted}"),
-            true,
-            true,
+            Outcome::Encrypted,
         ),
         (
             "verify_ca_wrong_ca",
             "127.0.0.1",
             format!("sslmode=verify-ca&sslrootcert={untrusted}"),
-            false,
-            false,
+            Outcome::Refused,
         ),
         (
             "public_roots_mean_verify_full",
             "localhost",
             "sslrootcert=system".to_owned(),
-            false,
-            false,
+            Outcome::Refused,
         ),
         (
             "require_unchecked",
             "127.0.0.1",
             "sslmode=require".to_owned(),
-            true,
-            true,
+            Outcome::Encrypted,
         ),
         (
             "require_with_wrong_root",
             "127.0.0.1",
             format!("sslmode=require&sslrootcert={untrusted}"),
-            false,
-            false,
+            Outcome::Refused,
         ),
-        ("prefer_by_default", "127.0.0.1", String::new(), true, true),
+        (
+            "prefer_by_default",
+            "127.0.0.1",
+            String::new(),
+            Outcome::Encrypted,
+        ),
         (
             "disable",
             "127.0.0.1",
             "sslmode=disable".to_owned(),
-            true,
-            false,
+            Outcome::Plain,
         ),
     ];
-    for (case, host, params, connects, encrypted) in cases {
+    for (case, host, params, outcome) in cases {
         let database = format!("bk_tls_{case}");
         server.create_database(&database).await.unwrap();
-        let config =
-            PgStoreConfig::new(url(&server, host, &database, &params), StoreKey::generate());
-        let opened = tokio::task::spawn_blocking(move || PgStore::create(config))
-            .await
-            .unwrap();
-        match opened {
-            Ok(store) => {
-                assert!(connects, "{case}: connected, but must be refused");
-                // A write goes through the same pools.
-                let first = store.reserve_key_ids(3).unwrap();
-                assert_eq!(store.reserve_key_ids(1).unwrap(), first + 3, "{case}");
-                let (tls, all) = connections(&server, &database).await;
-                assert!(all >= 1, "{case}: the store holds no connection");
-                if encrypted {
-                    assert_eq!(tls, all, "{case}: {tls} of {all} connections encrypted");
-                } else {
-                    assert_eq!(tls, 0, "{case}: TLS although sslmode=disable");
-                }
-                drop(store);
-            }
-            Err(e) => {
-                assert!(!connects, "{case}: refused: {e}");
-                let message = e.to_string();
-                assert!(
-                    matches!(e, StoreError::Engine(_)) && message.contains("certificate"),
-                    "{case}: the refusal names the certificate: {message}"
-                );
-                eprintln!("{case}: refused: {message}");
-                assert!(
-                    !message.contains(PASSWORD),
-                    "{case}: the password in {message}"
-                );
-                assert_eq!(
-                    store_tables(&server, &database).await,
-                    0,
-                    "{case}: nothing written"
-                );
-            }
+        let url = url(&server, host, &database, &params);
+        if let Some(message) = open_expecting(&server, case, &database, url, outcome).await {
+            assert!(
+                message.contains("certificate"),
+                "{case}: the refusal names the certificate: {message}"
+            );
         }
     }
     // The key-value form, checked all the way (chain and name); and an
     // address without a host name, which libpq allows (encrypted, but the
     // certificate names `localhost`, not the address).
-    for (database, target, params, connects) in [
+    for (database, target, params, outcome) in [
         (
             "bk_tls_key_value",
             "host=localhost",
             format!("sslmode=verify-full sslrootcert='{trusted}'"),
-            true,
+            Outcome::Encrypted,
         ),
         (
             "bk_tls_hostaddr",
             "hostaddr=127.0.0.1",
             "sslmode=require".to_owned(),
-            true,
+            Outcome::Encrypted,
         ),
         (
             "bk_tls_hostaddr_full",
             "hostaddr=127.0.0.1",
             format!("sslmode=verify-full sslrootcert='{trusted}'"),
-            false,
+            Outcome::Refused,
         ),
     ] {
         server.create_database(database).await.unwrap();
@@ -224,30 +256,7 @@ async fn every_sslmode_gets_libpqs_meaning_against_a_real_tls_server() {
             server.port(),
             server.user(),
         );
-        let config = PgStoreConfig::new(key_value, StoreKey::generate());
-        let opened = tokio::task::spawn_blocking(move || PgStore::create(config))
-            .await
-            .unwrap();
-        match opened {
-            Ok(store) => {
-                assert!(connects, "{database}: connected, but must be refused");
-                store.reserve_key_ids(1).unwrap();
-                let (tls, all) = connections(&server, database).await;
-                assert!(
-                    all >= 1 && tls == all,
-                    "{database}: {tls} of {all} connections encrypted"
-                );
-            }
-            Err(e) => {
-                eprintln!("{database}: refused: {e}");
-                assert!(!connects, "{database}: refused: {e}");
-                assert_eq!(
-                    store_tables(&server, database).await,
-                    0,
-                    "{database}: nothing written"
-                );
-            }
-        }
+        open_expecting(&server, database, database, key_value, outcome).await;
     }
     server.stop().await.unwrap();
 }
@@ -313,21 +322,21 @@ async fn a_role_that_logs_in_by_client_certificate_gets_in_with_sslcert_and_sslk
         write("forged.key", forged.key_pem),
     );
     let checked = format!("sslmode=verify-full&sslrootcert={root}");
-    // (case, extra parameters, connects)
+    // (case, extra parameters, outcome)
     let cases = [
         (
             "with_certificate",
             format!("&sslcert={cert}&sslkey={key}"),
-            true,
+            Outcome::Encrypted,
         ),
-        ("without_certificate", String::new(), false),
+        ("without_certificate", String::new(), Outcome::Refused),
         (
             "certificate_of_another_ca",
             format!("&sslcert={forged_cert}&sslkey={forged_key}"),
-            false,
+            Outcome::Refused,
         ),
     ];
-    for (case, extra, connects) in cases {
+    for (case, extra, outcome) in cases {
         let database = format!("bk_cert_{case}");
         server
             .psql(
@@ -341,31 +350,7 @@ async fn a_role_that_logs_in_by_client_certificate_gets_in_with_sslcert_and_sslk
             "postgres://certuser@localhost:{}/{database}?{checked}{extra}",
             server.port()
         );
-        let config = PgStoreConfig::new(url, StoreKey::generate());
-        let opened = tokio::task::spawn_blocking(move || PgStore::create(config))
-            .await
-            .unwrap();
-        match opened {
-            Ok(store) => {
-                assert!(connects, "{case}: connected, but must be refused");
-                store.reserve_key_ids(1).unwrap();
-                let (tls, all) = connections(&server, &database).await;
-                assert!(all >= 1 && tls == all, "{case}: {tls} of {all} encrypted");
-                assert!(
-                    store_tables(&server, &database).await > 0,
-                    "{case}: a store was made"
-                );
-            }
-            Err(e) => {
-                eprintln!("{case}: refused: {e}");
-                assert!(!connects, "{case}: refused: {e}");
-                assert_eq!(
-                    store_tables(&server, &database).await,
-                    0,
-                    "{case}: nothing written"
-                );
-            }
-        }
+        open_expecting(&server, case, &database, url, outcome).await;
     }
     server.stop().await.unwrap();
 }
