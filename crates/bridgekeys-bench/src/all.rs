@@ -940,6 +940,7 @@ mod tests {
             processes_cpu_s: None,
             server_cpu_s: None,
             cpu_us_per_claim: (None, None),
+            ..crate::pg::ProcessRun::default()
         };
         let report = ManagerReport {
             threads: 2,

@@ -546,8 +546,11 @@ fn print_manager_postgres(r: &manager::ManagerReport) {
             let seconds: Vec<String> = run.process_s.iter().map(|s| format!("{s:.2}")).collect();
             let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
             println!(
-                "      each process's load [{}] s; CPU per claim: claimers {} us, server {} us",
+                "      each process's load [{}] s; claims per commit {:.1}; context switches per claim {}; CPU per claim: claimers {} us, server {} us",
                 seconds.join(", "),
+                run.claims_per_flush,
+                run.switches_per_claim
+                    .map_or("-".to_owned(), |v| format!("{v:.2}")),
                 us(run.cpu_us_per_claim.0),
                 us(run.cpu_us_per_claim.1)
             );

@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::Context;
 use bridgekeys_olm::{AccountManager, ManagerConfig};
-use bridgekeys_store::{PgStore, PgStoreConfig, StoreId, StoreKey};
+use bridgekeys_store::{PgStore, PgStoreConfig, Store, StoreId, StoreKey};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -218,6 +218,19 @@ pub struct ProcessRun {
     pub process_s: Vec<f64>,
     /// CPU seconds the claiming processes used during their loads, in all.
     pub processes_cpu_s: Option<f64>,
+    /// Commits of claimed keys, every process's added up (in a
+    /// [`ProcessesReport`], over its [`ROUNDS`] runs).
+    pub flushes: u64,
+    /// claims / flushes: how many claims one commit answered on average.
+    /// Each process commits its own batches, so N processes split the same
+    /// claims into more, smaller commits.
+    pub claims_per_flush: f64,
+    /// Times the claiming processes' threads were switched out during
+    /// their loads (voluntarily: waiting; or not: preempted), per claim.
+    /// Every switch is a trip through the kernel's scheduler.
+    pub switches_per_claim: Option<f64>,
+    /// The switches, in all (see `switches_per_claim`).
+    pub context_switches: Option<u64>,
     /// CPU seconds the database server used in the window (a local
     /// server only: `None` for `--postgres-url`).
     pub server_cpu_s: Option<f64>,
@@ -264,6 +277,10 @@ pub struct ChildOutput {
     pub done_us: Vec<u64>,
     /// CPU seconds this process used during its load (every thread).
     pub cpu_s: Option<f64>,
+    /// Commits of claimed keys this process's store made during its load.
+    pub flushes: u64,
+    /// Times this process's threads were switched out during its load.
+    pub context_switches: Option<u64>,
 }
 
 /// The children's share of `total` for child `i` of `n` (at least 1).
@@ -351,12 +368,18 @@ pub async fn run_processes(
     let mut process_s = vec![0.0; processes];
     let mut processes_cpu_s = Some(0.0);
     let mut done_us = Vec::with_capacity(claims);
+    let mut flushes = 0;
+    let mut context_switches = Some(0);
     while let Some(r) = waits.join_next().await {
         let (i, output, done) = r??;
         total += output.claims;
         window = window.max(done);
         process_s[i] = output.elapsed_s;
         processes_cpu_s = processes_cpu_s.zip(output.cpu_s).map(|(a, b)| a + b);
+        flushes += output.flushes;
+        context_switches = context_switches
+            .zip(output.context_switches)
+            .map(|(a, b)| a + b);
         latencies.extend(output.latencies_us.into_iter().map(Duration::from_micros));
         done_us.extend(output.done_us);
     }
@@ -380,6 +403,10 @@ pub async fn run_processes(
         p99_ms: percentile_ms(&latencies, 99.0),
         process_s,
         processes_cpu_s,
+        flushes,
+        claims_per_flush: total as f64 / flushes.max(1) as f64,
+        switches_per_claim: context_switches.map(|s| s as f64 / total.max(1) as f64),
+        context_switches,
         server_cpu_s,
         cpu_us_per_claim: (per_claim(processes_cpu_s), per_claim(server_cpu_s)),
     };
@@ -434,6 +461,11 @@ fn merge(runs: Vec<(ProcessRun, Vec<Duration>)>) -> ProcessRun {
                     .zip(run.processes_cpu_s)
                     .map(|(a, b)| a + b);
                 m.server_cpu_s = m.server_cpu_s.zip(run.server_cpu_s).map(|(a, b)| a + b);
+                m.flushes += run.flushes;
+                m.context_switches = m
+                    .context_switches
+                    .zip(run.context_switches)
+                    .map(|(a, b)| a + b);
                 m
             }
         });
@@ -450,6 +482,10 @@ fn merge(runs: Vec<(ProcessRun, Vec<Duration>)>) -> ProcessRun {
     };
     m.p50_ms = percentile_ms(&latencies, 50.0);
     m.p99_ms = percentile_ms(&latencies, 99.0);
+    m.claims_per_flush = m.claims as f64 / m.flushes.max(1) as f64;
+    m.switches_per_claim = m
+        .context_switches
+        .map(|s| s as f64 / m.claims.max(1) as f64);
     let per_claim = |cpu: Option<f64>| cpu.map(|c| c * 1e6 / m.claims.max(1) as f64);
     m.cpu_us_per_claim = (per_claim(m.processes_cpu_s), per_claim(m.server_cpu_s));
     m
@@ -528,9 +564,10 @@ pub async fn child(
         *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)?;
     }
     let config = PgStoreConfig::new(url, StoreKey::new(bytes)).expect_id(store_id);
-    let store = tokio::task::spawn_blocking(move || PgStore::open(config)).await??;
+    let store: Arc<dyn Store> =
+        Arc::new(tokio::task::spawn_blocking(move || PgStore::open(config)).await??);
     let manager = Arc::new(AccountManager::new(
-        Arc::new(store),
+        Arc::clone(&store),
         ManagerConfig::default(),
     ));
     for i in 0..devices {
@@ -545,6 +582,8 @@ pub async fn child(
     .await??;
     anyhow::ensure!(go.trim_end() == "go", "expected go, got {go:?}");
     let cpu_before = crate::support::process_cpu_s();
+    let switches_before = crate::support::context_switches();
+    let flushes_before = store.commit_stats().flushes;
     let (timed, elapsed_s) = timed_claim_load(&manager, devices, claims, concurrency).await?;
     let cpu_s = cpu_before
         .zip(crate::support::process_cpu_s())
@@ -555,6 +594,10 @@ pub async fn child(
         latencies_us: timed.iter().map(|c| c.latency.as_micros() as u64).collect(),
         done_us: timed.iter().map(|c| c.done_at.as_micros() as u64).collect(),
         cpu_s,
+        flushes: store.commit_stats().flushes - flushes_before,
+        context_switches: switches_before
+            .zip(crate::support::context_switches())
+            .map(|(before, after)| after.saturating_sub(before)),
     };
     println!("{}", serde_json::to_string(&output)?);
     Ok(())
@@ -589,6 +632,8 @@ mod tests {
             process_s,
             processes_cpu_s: Some(1.0),
             server_cpu_s: None,
+            flushes: claims as u64 / 10,
+            context_switches: Some(claims as u64 / 4),
             ..ProcessRun::default()
         };
         let ms = Duration::from_millis;
@@ -604,6 +649,11 @@ mod tests {
         assert_eq!(merged.process_s, vec![4.0, 2.0]);
         assert_eq!(merged.p99_ms, 4.0);
         assert_eq!(merged.cpu_us_per_claim, (Some(1_000.0), None));
+        // Commits and switches add up, and are read per claim over both.
+        assert_eq!(merged.flushes, 200);
+        assert_eq!(merged.claims_per_flush, 10.0);
+        assert_eq!(merged.context_switches, Some(500));
+        assert_eq!(merged.switches_per_claim, Some(0.25));
     }
 
     #[test]

@@ -343,6 +343,30 @@ pub fn process_cpu_s() -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// Times this process's threads were switched out so far (voluntary and
+/// involuntary, summed over its live threads), from
+/// `/proc/self/task/*/status`; `None` where that is not available. A
+/// thread that exits takes its count with it, so measure a stretch in
+/// which the threads that do the work stay alive.
+pub fn context_switches() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        // A thread may end between the listing and the read: skip it.
+        let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n.trim().parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some(total)
+}
+
 /// Time and CPU time of a measured stretch.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Spent {
