@@ -73,6 +73,12 @@ impl std::fmt::Debug for AccountManager {
 
 impl AccountManager {
     /// A manager over `store`.
+    ///
+    /// Give each store handle one manager. Several processes may share a
+    /// database (each with its own handle and manager); two managers on one
+    /// handle of a store that says it is its [sole
+    /// writer](bridgekeys_store::Store::sole_writer) (sled) would each keep
+    /// a count of outstanding keys that misses the other's claims.
     pub fn new(store: Arc<dyn Store>, config: ManagerConfig) -> Self {
         Self {
             store,
@@ -433,8 +439,16 @@ impl AccountManager {
             )?);
         }
 
-        let total = device.outstanding + count as u64;
-        let excess = total.saturating_sub(self.config.max_outstanding_keys as u64) as usize;
+        let bound = self.config.max_outstanding_keys as u64;
+        let mut total = device.outstanding + count as u64;
+        if total > bound && !self.store.sole_writer() {
+            // Other processes claim and use this device's keys too, and our
+            // count saw none of that: count again before evicting, so that a
+            // key another process handed out a moment ago is not evicted
+            // for a count that is only ours (see `Store::sole_writer`).
+            total = self.store.count_one_time_keys(key)? as u64 + count as u64;
+        }
+        let excess = total.saturating_sub(bound) as usize;
         let evicted = if excess > 0 {
             self.store.oldest_one_time_keys(key, excess)?
         } else {

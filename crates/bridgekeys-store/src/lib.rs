@@ -267,7 +267,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Number of one-time keys stored for a device. Costs a scan of that
     /// device's keys (at most the outstanding-key bound): the manager counts
-    /// once when it loads a device, never per claim.
+    /// once when it loads a device, and again only for a claim that would
+    /// go over the bound on a store that is not its [sole
+    /// writer](Store::sole_writer).
     fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError>;
 
     /// One Olm session of a device with a peer (curve25519 key), by id.
@@ -453,4 +455,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counters of the group commit (writes, flushes), for benchmarks and metrics.
     fn commit_stats(&self) -> CommitStats;
+
+    /// Whether this handle is the only writer of its one-time keys: while
+    /// it is open, keys are added and removed only by calls through it, so
+    /// a count taken once and kept up to date by its caller stays exact.
+    ///
+    /// The account manager counts a device's outstanding keys when it loads
+    /// the device and then keeps the count itself. Where other writers share
+    /// the records (bridge processes on one database), that count misses
+    /// their claims and their uses: it drifts up as they use keys this
+    /// process claimed, and at the bound the manager would evict keys
+    /// another process handed out a moment ago. So when this is `false` the
+    /// manager counts again from the store before it evicts (one count per
+    /// claim over the bound, none below it).
+    ///
+    /// Defaults to `false`, which is always safe. A backend that one
+    /// process holds exclusively says `true` (sled, which locks its
+    /// directory); a store handle should then back one account manager.
+    fn sole_writer(&self) -> bool {
+        false
+    }
 }

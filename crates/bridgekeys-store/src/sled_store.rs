@@ -1567,6 +1567,12 @@ impl Store for SledStore {
     fn commit_stats(&self) -> CommitStats {
         self.commit.stats()
     }
+
+    /// One process holds a sled store (its directory is locked), so the
+    /// handle is the only writer.
+    fn sole_writer(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -18,4 +18,5 @@ mod fuzz_prekey;
 mod manager;
 mod megolm;
 mod olm_sessions;
+mod shared_keys;
 mod shared_sessions;

@@ -275,6 +275,9 @@ impl Store for Intercepted {
     fn commit_stats(&self) -> CommitStats {
         self.inner.commit_stats()
     }
+    fn sole_writer(&self) -> bool {
+        self.inner.sole_writer()
+    }
 }
 
 impl TransactionLog for Intercepted {
