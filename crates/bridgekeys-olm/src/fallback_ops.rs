@@ -124,7 +124,8 @@ fn sign_fallback(
 }
 
 impl AccountManager {
-    /// The device's fallback key schedule, as stored.
+    /// The device's fallback key schedule, as stored (read again from the
+    /// store first where other processes share it).
     pub fn fallback_state(
         &self,
         user_id: &UserId,
@@ -132,8 +133,9 @@ impl AccountManager {
     ) -> Result<FallbackState, OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         let slot = self.existing_slot(&key, user_id, device_id)?;
-        let state = slot.lock().fallback.clone();
-        Ok(state)
+        let mut device = slot.lock();
+        self.refresh(&mut device, &key)?;
+        Ok(device.fallback.clone())
     }
 
     /// The fallback key to upload, if the device has one that the homeserver
@@ -409,7 +411,8 @@ impl AccountManager {
     ) -> Result<Option<FallbackKey>, OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         let slot = self.existing_slot(&key, user_id, device_id)?;
-        let device = slot.lock();
+        let mut device = slot.lock();
+        self.refresh(&mut device, &key)?;
         match &device.fallback.current {
             Some(c) if c.published => Ok(Some(sign_fallback(&device, c, user_id, device_id)?)),
             _ => Ok(None),
@@ -449,19 +452,23 @@ impl AccountManager {
         let slot = self.existing_slot(&key, user_id, device_id)?;
         let (out, changed, pending): (T, bool, Option<Pending>) = {
             let mut device = slot.lock();
-            let result = change(&mut device).and_then(|(out, changed)| {
-                if !changed {
-                    return Ok((out, false, None));
-                }
-                let write = DeviceWrite {
-                    account: device.encode()?,
-                    puppet: puppet(&device),
-                    ..DeviceWrite::default()
-                };
-                let pending = self.store.write_device(&key, device.version, write)?;
-                device.version = Some(Version::next(device.version));
-                Ok((out, true, Some(pending)))
-            });
+            // Judged on what is stored, where other processes write too.
+            let result = self
+                .refresh(&mut device, &key)
+                .and_then(|()| change(&mut device))
+                .and_then(|(out, changed)| {
+                    if !changed {
+                        return Ok((out, false, None));
+                    }
+                    let write = DeviceWrite {
+                        account: device.encode()?,
+                        puppet: puppet(&device),
+                        ..DeviceWrite::default()
+                    };
+                    let pending = self.store.write_device(&key, device.version, write)?;
+                    device.version = Some(Version::next(device.version));
+                    Ok((out, true, Some(pending)))
+                });
             match result {
                 Ok(done) => done,
                 Err(e) => {

@@ -74,11 +74,14 @@ impl std::fmt::Debug for AccountManager {
 impl AccountManager {
     /// A manager over `store`.
     ///
-    /// Give each store handle one manager. Several processes may share a
-    /// database (each with its own handle and manager); two managers on one
-    /// handle of a store that says it is its [sole
-    /// writer](bridgekeys_store::Store::sole_writer) (sled) would each keep
-    /// a count of outstanding keys that misses the other's claims.
+    /// On a store that is its own [sole
+    /// writer](bridgekeys_store::Store::sole_writer) (sled), give the handle
+    /// one manager: the manager then trusts its own count of each device's
+    /// outstanding keys and its cached accounts, and a second manager on the
+    /// same handle would change keys behind them. Stores that other writers
+    /// share (PostgreSQL, the in-memory test store) may back several
+    /// managers: each counts and reads again from the store where it
+    /// matters.
     pub fn new(store: Arc<dyn Store>, config: ManagerConfig) -> Self {
         Self {
             store,
@@ -519,6 +522,34 @@ impl AccountManager {
             // and sessions are read from the store on every use.
             _ => tracing::warn!(?key, "could not reload a device after a failed write"),
         }
+    }
+
+    /// On a store other processes share (not its [sole
+    /// writer](Store::sole_writer)), bring a cached device up to what is
+    /// stored before acting on its account or fallback keys. Another
+    /// process may have rotated, published or forgotten a fallback key since
+    /// this copy was loaded (its write moved the version), and a cached copy
+    /// is otherwise only reloaded when one of our own writes loses: a
+    /// pre-key message on the new fallback key would be refused, and a read
+    /// of the published key would hand out the old one. One read when
+    /// nothing changed; nothing at all on a sole writer.
+    pub(crate) fn refresh(
+        &self,
+        device: &mut DeviceAccount,
+        key: &DeviceKey,
+    ) -> Result<(), OlmError> {
+        if self.store.sole_writer() {
+            return Ok(());
+        }
+        let Some(record) = self.store.load_account(key)? else {
+            return Ok(());
+        };
+        if Some(record.version) == device.version {
+            return Ok(());
+        }
+        let outstanding = self.store.count_one_time_keys(key)? as u64;
+        *device = DeviceAccount::decode(&record, outstanding)?;
+        Ok(())
     }
 
     /// A device as stored, with its outstanding keys counted, or `None`.

@@ -425,10 +425,14 @@ impl AccountManager {
             // Not a one-time key: it may be the fallback key, which the
             // account holds itself and which decryption does not consume.
             // vodozemac's inbound session creation takes `&mut Account` but
-            // changes nothing when the key is a fallback key.
-            None => device
-                .account()?
-                .create_inbound_session(config, sender_key, message),
+            // changes nothing when the key is a fallback key. Another
+            // process may have rotated it since this copy was loaded.
+            None => {
+                self.refresh(device, key)?;
+                device
+                    .account()?
+                    .create_inbound_session(config, sender_key, message)
+            }
         };
         let created = match result {
             Ok(created) => created,

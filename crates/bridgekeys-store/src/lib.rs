@@ -266,7 +266,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
 
     /// Number of one-time keys stored for a device. Costs a scan of that
-    /// device's keys (at most the outstanding-key bound): the manager counts
+    /// device's keys (about the outstanding-key bound; on a shared store up
+    /// to one bound per process that claims for it): the manager counts
     /// once when it loads a device, and again only for a claim that would
     /// go over the bound on a store that is not its [sole
     /// writer](Store::sole_writer).
@@ -456,9 +457,10 @@ pub trait Store: Send + Sync + 'static {
     /// Counters of the group commit (writes, flushes), for benchmarks and metrics.
     fn commit_stats(&self) -> CommitStats;
 
-    /// Whether this handle is the only writer of its one-time keys: while
-    /// it is open, keys are added and removed only by calls through it, so
-    /// a count taken once and kept up to date by its caller stays exact.
+    /// Whether this handle is the only writer of its records: while it is
+    /// open, one-time keys and account records change only by calls through
+    /// it, so a count taken once and kept up to date by its caller stays
+    /// exact, and a cached account stays what is stored.
     ///
     /// The account manager counts a device's outstanding keys when it loads
     /// the device and then keeps the count itself. Where other writers share
@@ -467,11 +469,13 @@ pub trait Store: Send + Sync + 'static {
     /// process claimed, and at the bound the manager would evict keys
     /// another process handed out a moment ago. So when this is `false` the
     /// manager counts again from the store before it evicts (one count per
-    /// claim over the bound, none below it).
+    /// claim over the bound, none below it), and reads a cached device's
+    /// account record again before it uses or changes the device's fallback
+    /// key (another process may have rotated it).
     ///
     /// Defaults to `false`, which is always safe. A backend that one
     /// process holds exclusively says `true` (sled, which locks its
-    /// directory); a store handle should then back one account manager.
+    /// directory); such a handle should then back one account manager.
     fn sole_writer(&self) -> bool {
         false
     }

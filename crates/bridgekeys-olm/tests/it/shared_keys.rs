@@ -9,6 +9,11 @@
 //! pre-key messages would then fail. The manager counts again from the
 //! store before it evicts on a store that is not its sole writer.
 //!
+//! The same holds for a device's fallback key: a process that loaded the
+//! device keeps a copy of its account, and another process may rotate and
+//! publish the key meanwhile. A pre-key message on the new key, a read of
+//! the published key and the key to upload must all go by what is stored.
+//!
 //! On a shared [`MemoryStore`] and on two [`PgStore`]s over one real
 //! PostgreSQL database.
 
@@ -18,7 +23,7 @@ use bridgekeys_olm::{AccountManager, ManagerConfig, OlmError};
 use bridgekeys_store::{DeviceKey, PgStore, PgStoreConfig, Store, StoreKey, testing::MemoryStore};
 use ruma::OneTimeKeyAlgorithm;
 
-use crate::common::{DecryptPrekey, alice, prekey_message};
+use crate::common::{DecryptPrekey, alice, prekey_message, prekey_message_to};
 
 const SC: OneTimeKeyAlgorithm = OneTimeKeyAlgorithm::SignedCurve25519;
 const BOUND: usize = 8;
@@ -92,24 +97,145 @@ async fn the_bound_counts_what_the_other_process_claimed_and_used(
     assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_one_memory_store_a_process_does_not_evict_keys_the_other_handed_out() {
+/// `a` rotates and publishes the fallback key of a device `b` has loaded
+/// already; `b` must upload, hand out and decrypt on the new key.
+async fn a_fallback_key_the_other_process_rotated_is_the_one_used_here(
+    a: &AccountManager,
+    b: &AccountManager,
+) {
+    const T0: u64 = 1_000_000;
+    const T1: u64 = 2_000_000;
+    let (user, device) = alice();
+    a.create_device(&user, &device).await.unwrap();
+    let first = a
+        .fallback_key_for_upload(&user, &device, T0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        a.mark_fallback_published(&user, &device, &first.key_id, T0)
+            .await
+            .unwrap()
+    );
+    // `b` loads the device now, with the first key published.
+    let seen = b.published_fallback_key(&user, &device).unwrap().unwrap();
+    assert_eq!(seen.key_id, first.key_id);
+
+    a.rotate_fallback_key(&user, &device, T1).await.unwrap();
+    // Whichever process runs the upload sends the same new key.
+    let from_b = b
+        .fallback_key_for_upload(&user, &device, T1)
+        .await
+        .unwrap()
+        .expect("b has nothing to upload: it still sees the first key as published");
+    let from_a = a
+        .fallback_key_for_upload(&user, &device, T1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(from_a.key_id, first.key_id);
+    assert_eq!(from_b.key_id, from_a.key_id);
+    assert_eq!(
+        serde_json::to_value(&from_b.key).unwrap(),
+        serde_json::to_value(&from_a.key).unwrap()
+    );
+    assert!(
+        a.mark_fallback_published(&user, &device, &from_a.key_id, T1)
+            .await
+            .unwrap()
+    );
+    let handed_out = b
+        .published_fallback_key(&user, &device)
+        .unwrap()
+        .expect("b hands out no fallback key: it missed the publication");
+    assert_eq!(handed_out.key_id, from_a.key_id, "b hands out the old key");
+
+    // A peer's pre-key message on the new key lands on `b`.
+    let (sender, message) = prekey_message_to(
+        b,
+        &user,
+        &device,
+        from_a.key.key.as_bytes(),
+        "on the new key",
+    );
+    let inbound = b
+        .decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .expect("b refused a pre-key message on the fallback key a published");
+    assert!(inbound.used_fallback_key);
+    assert_eq!(inbound.plaintext.as_slice(), b"on the new key");
+    // `b` recorded the use, and `a` reads it.
+    let state = a.fallback_state(&user, &device).unwrap();
+    assert!(state.current.unwrap().used, "a does not see b's use");
+
+    // Once more, with nothing in between: `a` rotates and publishes again,
+    // and the first thing `b` gets is a pre-key message on the newest key.
+    const T2: u64 = 3_000_000;
+    a.rotate_fallback_key(&user, &device, T2).await.unwrap();
+    let newest = a
+        .fallback_key_for_upload(&user, &device, T2)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        a.mark_fallback_published(&user, &device, &newest.key_id, T2)
+            .await
+            .unwrap()
+    );
+    let (sender, message) =
+        prekey_message_to(b, &user, &device, newest.key.key.as_bytes(), "newest");
+    let inbound = b
+        .decrypt_prekey(&user, &device, sender, &message)
+        .await
+        .expect("b refused a pre-key message on the newest fallback key");
+    assert!(inbound.used_fallback_key);
+}
+
+fn on_one_memory_store() -> (AccountManager, AccountManager) {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let a = AccountManager::new(Arc::clone(&store), config());
     let b = AccountManager::new(store, config());
-    the_bound_counts_what_the_other_process_claimed_and_used(&a, &b).await;
+    (a, b)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_one_postgres_database_a_process_does_not_evict_keys_the_other_handed_out() {
+/// Two stores on one database: two processes' views of it (and the server,
+/// which must outlive them).
+async fn on_one_postgres_database(
+    name: &str,
+) -> (bridgekeys_testkit::Postgres, AccountManager, AccountManager) {
     let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("shared_keys").await.unwrap();
+    let url = server.create_database(name).await.unwrap();
     let key = StoreKey::generate();
-    // Two stores on one database: two processes' views of it.
     let first = PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap();
     let second = PgStore::open(PgStoreConfig::new(&url, key)).unwrap();
     assert!(!first.sole_writer(), "a database is shared");
     let a = AccountManager::new(Arc::new(first), config());
     let b = AccountManager::new(Arc::new(second), config());
+    (server, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_memory_store_a_process_does_not_evict_keys_the_other_handed_out() {
+    let (a, b) = on_one_memory_store();
     the_bound_counts_what_the_other_process_claimed_and_used(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_postgres_database_a_process_does_not_evict_keys_the_other_handed_out() {
+    let (_server, a, b) = on_one_postgres_database("shared_keys").await;
+    the_bound_counts_what_the_other_process_claimed_and_used(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_memory_store_a_fallback_key_rotated_elsewhere_is_uploaded_handed_out_and_decrypted_here()
+ {
+    let (a, b) = on_one_memory_store();
+    a_fallback_key_the_other_process_rotated_is_the_one_used_here(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_postgres_database_a_fallback_key_rotated_elsewhere_is_uploaded_handed_out_and_decrypted_here()
+ {
+    let (_server, a, b) = on_one_postgres_database("shared_fallback").await;
+    a_fallback_key_the_other_process_rotated_is_the_one_used_here(&a, &b).await;
 }

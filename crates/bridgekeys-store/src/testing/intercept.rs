@@ -40,6 +40,8 @@ type Hook = Arc<dyn Fn(&Write<'_>) -> Result<(), StoreError> + Send + Sync>;
 pub struct Intercepted {
     inner: Arc<dyn Backend>,
     hook: Mutex<Option<Hook>>,
+    /// What [`Store::sole_writer`] answers instead of the wrapped backend.
+    sole_writer: Option<bool>,
 }
 
 impl std::fmt::Debug for Intercepted {
@@ -56,7 +58,18 @@ impl Intercepted {
         Self {
             inner,
             hook: Mutex::new(None),
+            sole_writer: None,
         }
+    }
+
+    /// Answer [`Store::sole_writer`] with `sole` instead of asking the
+    /// wrapped backend: for a test that opens a shared backend (PostgreSQL)
+    /// from one process only and needs the manager to rely on its own
+    /// count of outstanding keys, as it does on sled.
+    #[must_use]
+    pub fn with_sole_writer(mut self, sole: bool) -> Self {
+        self.sole_writer = Some(sole);
+        self
     }
 
     /// The wrapped backend.
@@ -276,7 +289,7 @@ impl Store for Intercepted {
         self.inner.commit_stats()
     }
     fn sole_writer(&self) -> bool {
-        self.inner.sole_writer()
+        self.sole_writer.unwrap_or_else(|| self.inner.sole_writer())
     }
 }
 
