@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use bridgekeys_olm::{AccountManager, ManagerConfig, OlmError};
+use bridgekeys_olm::{AccountManager, FallbackKey, ManagerConfig, OlmError};
 use bridgekeys_store::{DeviceKey, PgStore, PgStoreConfig, Store, StoreKey, testing::MemoryStore};
 use ruma::OneTimeKeyAlgorithm;
 
@@ -97,6 +97,23 @@ async fn the_bound_counts_what_the_other_process_claimed_and_used(
     assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
 }
 
+/// The key `m` would upload for alice's device, recorded as published at
+/// `now` (as after the homeserver's 200).
+async fn upload_and_publish(m: &AccountManager, now: u64) -> FallbackKey {
+    let (user, device) = alice();
+    let key = m
+        .fallback_key_for_upload(&user, &device, now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        m.mark_fallback_published(&user, &device, &key.key_id, now)
+            .await
+            .unwrap()
+    );
+    key
+}
+
 /// `a` rotates and publishes the fallback key of a device `b` has loaded
 /// already; `b` must upload, hand out and decrypt on the new key.
 async fn a_fallback_key_the_other_process_rotated_is_the_one_used_here(
@@ -107,16 +124,7 @@ async fn a_fallback_key_the_other_process_rotated_is_the_one_used_here(
     const T1: u64 = 2_000_000;
     let (user, device) = alice();
     a.create_device(&user, &device).await.unwrap();
-    let first = a
-        .fallback_key_for_upload(&user, &device, T0)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        a.mark_fallback_published(&user, &device, &first.key_id, T0)
-            .await
-            .unwrap()
-    );
+    let first = upload_and_publish(a, T0).await;
     // `b` loads the device now, with the first key published.
     let seen = b.published_fallback_key(&user, &device).unwrap().unwrap();
     assert_eq!(seen.key_id, first.key_id);
@@ -172,16 +180,7 @@ async fn a_fallback_key_the_other_process_rotated_is_the_one_used_here(
     // and the first thing `b` gets is a pre-key message on the newest key.
     const T2: u64 = 3_000_000;
     a.rotate_fallback_key(&user, &device, T2).await.unwrap();
-    let newest = a
-        .fallback_key_for_upload(&user, &device, T2)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        a.mark_fallback_published(&user, &device, &newest.key_id, T2)
-            .await
-            .unwrap()
-    );
+    let newest = upload_and_publish(a, T2).await;
     let (sender, message) =
         prekey_message_to(b, &user, &device, newest.key.key.as_bytes(), "newest");
     let inbound = b
