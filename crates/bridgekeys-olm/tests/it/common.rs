@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-use bridgekeys_olm::{AccountManager, ClaimedKey, ManagerConfig, OlmError};
+use bridgekeys_olm::{AccountManager, ClaimedKey, FallbackKey, ManagerConfig, OlmError};
 use bridgekeys_store::{SledStore, SledStoreConfig, StoreKey};
 use ruma::{
     DeviceId, OwnedDeviceId, OwnedUserId, UserId, device_id, encryption::DeviceKeys, serde::Base64,
@@ -219,4 +219,21 @@ pub fn verifier_keys(user: &UserId, device: &DeviceId, device_keys: &DeviceKeys)
         user.to_string(),
         BTreeMap::from([(format!("ed25519:{device}"), Base64::parse(ed25519).unwrap())]),
     )])
+}
+
+/// The key `m` would upload for alice's device, recorded as published at
+/// `now` (as after the homeserver's 200).
+pub async fn upload_and_publish(m: &AccountManager, now: u64) -> FallbackKey {
+    let (user, device) = alice();
+    let key = m
+        .fallback_key_for_upload(&user, &device, now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        m.mark_fallback_published(&user, &device, &key.key_id, now)
+            .await
+            .unwrap()
+    );
+    key
 }

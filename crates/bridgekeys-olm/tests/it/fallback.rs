@@ -4,7 +4,9 @@
 
 use std::{path::Path, time::Duration};
 
-use crate::common::{DecryptPrekey, alice, manager, prekey_message_to, verifier_keys};
+use crate::common::{
+    DecryptPrekey, alice, manager, prekey_message_to, upload_and_publish, verifier_keys,
+};
 use bridgekeys_olm::{
     AccountManager, FallbackAction, FallbackKey, FallbackPolicy, ManagerConfig, OlmError,
     fallback::RotationReason,
@@ -23,17 +25,7 @@ fn open(dir: &Path, key: &StoreKey) -> AccountManager {
 async fn provisioned(m: &AccountManager, now: u64) -> FallbackKey {
     let (user, device) = alice();
     m.create_device(&user, &device).await.unwrap();
-    let key = m
-        .fallback_key_for_upload(&user, &device, now)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        m.mark_fallback_published(&user, &device, &key.key_id, now)
-            .await
-            .unwrap()
-    );
-    key
+    upload_and_publish(m, now).await
 }
 
 fn json(key: &FallbackKey) -> serde_json::Value {

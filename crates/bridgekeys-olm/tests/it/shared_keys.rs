@@ -19,11 +19,11 @@
 
 use std::sync::Arc;
 
-use bridgekeys_olm::{AccountManager, FallbackKey, ManagerConfig, OlmError};
+use bridgekeys_olm::{AccountManager, ManagerConfig, OlmError};
 use bridgekeys_store::{DeviceKey, PgStore, PgStoreConfig, Store, StoreKey, testing::MemoryStore};
 use ruma::OneTimeKeyAlgorithm;
 
-use crate::common::{DecryptPrekey, alice, prekey_message, prekey_message_to};
+use crate::common::{DecryptPrekey, alice, prekey_message, prekey_message_to, upload_and_publish};
 
 const SC: OneTimeKeyAlgorithm = OneTimeKeyAlgorithm::SignedCurve25519;
 const BOUND: usize = 8;
@@ -95,23 +95,6 @@ async fn the_bound_counts_what_the_other_process_claimed_and_used(
         .await
         .unwrap_err();
     assert!(matches!(err, OlmError::UnknownOneTimeKey), "{err}");
-}
-
-/// The key `m` would upload for alice's device, recorded as published at
-/// `now` (as after the homeserver's 200).
-async fn upload_and_publish(m: &AccountManager, now: u64) -> FallbackKey {
-    let (user, device) = alice();
-    let key = m
-        .fallback_key_for_upload(&user, &device, now)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        m.mark_fallback_published(&user, &device, &key.key_id, now)
-            .await
-            .unwrap()
-    );
-    key
 }
 
 /// `a` rotates and publishes the fallback key of a device `b` has loaded
