@@ -80,8 +80,9 @@ impl AccountManager {
     /// outstanding keys and its cached accounts, and a second manager on the
     /// same handle would change keys behind them. Stores that other writers
     /// share (PostgreSQL, the in-memory test store) may back several
-    /// managers: each counts and reads again from the store where it
-    /// matters.
+    /// managers, one per process; docs/ARCHITECTURE.md ("Backends: what
+    /// each one guarantees") says what each then reads again from the store
+    /// and what may lag.
     pub fn new(store: Arc<dyn Store>, config: ManagerConfig) -> Self {
         Self {
             store,
@@ -529,10 +530,18 @@ impl AccountManager {
     /// stored before acting on its account or fallback keys. Another
     /// process may have rotated, published or forgotten a fallback key since
     /// this copy was loaded (its write moved the version), and a cached copy
-    /// is otherwise only reloaded when one of our own writes loses: a
-    /// pre-key message on the new fallback key would be refused, and a read
-    /// of the published key would hand out the old one. One read when
-    /// nothing changed; nothing at all on a sole writer.
+    /// is otherwise reloaded only after one of our own writes or claims
+    /// failed: a pre-key message on the new fallback key would be refused,
+    /// and a read of the published key would hand out the old one.
+    ///
+    /// Costs one read of the account record (opened, to compare its
+    /// version) and, when another process wrote the device since (any
+    /// rotation, publication or new inbound session there moves the
+    /// version), a decode and a count of its keys. Nothing on a sole writer.
+    ///
+    /// The schema 1 sessions read into the copy (`legacy`) are kept: a
+    /// caller may be between reading them and writing the sessions, and the
+    /// session writes are compare-and-swap on their own versions anyway.
     pub(crate) fn refresh(
         &self,
         device: &mut DeviceAccount,
@@ -548,7 +557,9 @@ impl AccountManager {
             return Ok(());
         }
         let outstanding = self.store.count_one_time_keys(key)? as u64;
+        let legacy = device.legacy.take();
         *device = DeviceAccount::decode(&record, outstanding)?;
+        device.legacy = legacy;
         Ok(())
     }
 

@@ -268,9 +268,10 @@ pub trait Store: Send + Sync + 'static {
     /// Number of one-time keys stored for a device. Costs a scan of that
     /// device's keys (about the outstanding-key bound; on a shared store up
     /// to one bound per process that claims for it): the manager counts
-    /// once when it loads a device, and again only for a claim that would
-    /// go over the bound on a store that is not its [sole
-    /// writer](Store::sole_writer).
+    /// when it loads a device, and, on a store that is not its [sole
+    /// writer](Store::sole_writer), again for a claim that would go over
+    /// the bound and when it finds a cached device written by another
+    /// process.
     fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError>;
 
     /// One Olm session of a device with a peer (curve25519 key), by id.

@@ -139,7 +139,7 @@ async fn a_fallback_key_the_other_process_rotated_is_the_one_used_here(
         .published_fallback_key(&user, &device)
         .unwrap()
         .expect("b hands out no fallback key: it missed the publication");
-    assert_eq!(handed_out.key_id, from_a.key_id, "b hands out the old key");
+    assert_eq!(handed_out.key_id, from_a.key_id);
 
     // A peer's pre-key message on the new key lands on `b`.
     let (sender, message) = prekey_message_to(

@@ -65,7 +65,8 @@ impl Intercepted {
     /// Answer [`Store::sole_writer`] with `sole` instead of asking the
     /// wrapped backend: for a test that opens a shared backend (PostgreSQL)
     /// from one process only and needs the manager to rely on its own
-    /// count of outstanding keys, as it does on sled.
+    /// count of outstanding keys and its cached devices, as it does on
+    /// sled (with `true` it neither counts nor reads a device again).
     #[must_use]
     pub fn with_sole_writer(mut self, sole: bool) -> Self {
         self.sole_writer = Some(sole);
