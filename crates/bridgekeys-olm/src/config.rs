@@ -41,7 +41,9 @@ pub struct ManagerConfig {
     /// state; each lost race means another process made progress, so a
     /// handful is plenty. Past it the operation fails with
     /// [`crate::OlmError::Contended`]. At least 1; counted in
-    /// [`crate::ManagerStats::session_conflicts`].
+    /// [`crate::ManagerStats::session_conflicts`]. The same bound applies
+    /// to rewriting a tracked user's device list that another process
+    /// changed between our read and our write (not counted there).
     pub session_write_attempts: usize,
 }
 

@@ -201,6 +201,44 @@ pub fn verify_device_keys(
 }
 
 impl AccountManager {
+    /// Read `user_id`'s record, let `change` compute the new one from it
+    /// (`None`: nothing to write), and write it only over what was read
+    /// ([`Store::replace_tracked_user`](bridgekeys_store::Store::replace_tracked_user)).
+    /// If another process wrote the record in between, read and change it
+    /// again, up to [`ManagerConfig::session_write_attempts`](crate::ManagerConfig::session_write_attempts)
+    /// times, then [`OlmError::Contended`]: without that, its write (a
+    /// `device_lists.changed` invalidation, or another query's answer)
+    /// would be lost. Callers hold `self.tracking`, which covers the
+    /// writers of this process.
+    fn change_tracked_user<T>(
+        &self,
+        user_id: &UserId,
+        mut change: impl FnMut(Option<&[u8]>) -> Result<(T, Option<Record>), OlmError>,
+    ) -> Result<(T, Option<bridgekeys_store::Pending>), OlmError> {
+        let attempts = self.config().session_write_attempts.max(1);
+        for attempt in 1..=attempts {
+            let stored = self.store.load_tracked_user(user_id.as_str())?;
+            let (out, record) = change(stored.as_deref().map(Vec::as_slice))?;
+            let Some(record) = record else {
+                return Ok((out, None));
+            };
+            let replaced = self.store.replace_tracked_user(
+                user_id.as_str(),
+                stored.as_deref().map(Vec::as_slice),
+                Some(&record.encode()?),
+            )?;
+            if let Some(pending) = replaced {
+                return Ok((out, Some(pending)));
+            }
+            tracing::debug!(%user_id, attempt, "a tracked user's record changed under us: reading it again");
+        }
+        tracing::warn!(%user_id, attempts, "a tracked user's record write lost every race to other processes");
+        Err(OlmError::Contended {
+            what: "tracked devices",
+            attempts,
+        })
+    }
+
     /// The tracked devices of `user_id`, or `None` if the user is not
     /// tracked (never queried, or forgotten).
     pub fn tracked_devices(&self, user_id: &UserId) -> Result<Option<TrackedDevices>, OlmError> {
@@ -247,69 +285,70 @@ impl AccountManager {
         queried: &BTreeMap<OwnedDeviceId, Raw<DeviceKeys>>,
         generation: Option<u64>,
     ) -> Result<DeviceUpdate, OlmError> {
-        let (pending, update) = {
+        let (update, pending) = {
             let _one_writer = self.tracking.lock();
-            let old = match self.store.load_tracked_user(user_id.as_str())? {
-                Some(bytes) => Record::decode(&bytes)?,
-                None => Record::default(),
-            };
-            let mut update = DeviceUpdate::default();
-            let mut record = Record {
-                retired: old.retired.clone(),
-                generation: old.generation,
-                outdated: generation.is_some_and(|g| g != old.generation),
-                ..Record::default()
-            };
-            for (device_id, raw) in queried {
-                let keys = match verify_device_keys(user_id, device_id, raw) {
-                    Ok(device) => (device.curve25519.to_base64(), device.ed25519.to_base64()),
-                    Err(refusal) => {
-                        // A device we knew stays as it was if its new
-                        // listing is bad; a new one is simply not tracked.
-                        if let Some(known) = old.devices.get(device_id.as_str()) {
-                            record.devices.insert(device_id.to_string(), known.clone());
-                            record.retired.remove(device_id.as_str());
-                        }
-                        update.refused.push((device_id.clone(), refusal));
-                        continue;
-                    }
+            self.change_tracked_user(user_id, |stored| {
+                let old = match stored {
+                    Some(bytes) => Record::decode(bytes)?,
+                    None => Record::default(),
                 };
-                match old.known(device_id.as_str()) {
-                    Some(known) if *known != keys => {
-                        // Listed or not, the id keeps its first keys.
-                        if old.devices.contains_key(device_id.as_str()) {
-                            record.devices.insert(device_id.to_string(), known.clone());
+                let mut update = DeviceUpdate::default();
+                let mut record = Record {
+                    retired: old.retired.clone(),
+                    generation: old.generation,
+                    outdated: generation.is_some_and(|g| g != old.generation),
+                    ..Record::default()
+                };
+                for (device_id, raw) in queried {
+                    let keys = match verify_device_keys(user_id, device_id, raw) {
+                        Ok(device) => (device.curve25519.to_base64(), device.ed25519.to_base64()),
+                        Err(refusal) => {
+                            // A device we knew stays as it was if its new
+                            // listing is bad; a new one is simply not tracked.
+                            if let Some(known) = old.devices.get(device_id.as_str()) {
+                                record.devices.insert(device_id.to_string(), known.clone());
+                                record.retired.remove(device_id.as_str());
+                            }
+                            update.refused.push((device_id.clone(), refusal));
+                            continue;
                         }
-                        update
-                            .refused
-                            .push((device_id.clone(), DeviceRefusal::KeysChanged));
-                    }
-                    Some(_) if old.devices.contains_key(device_id.as_str()) => {
-                        record.devices.insert(device_id.to_string(), keys);
-                    }
-                    _ => {
-                        record.retired.remove(device_id.as_str());
-                        record.devices.insert(device_id.to_string(), keys);
-                        update.added.push(device_id.clone());
+                    };
+                    match old.known(device_id.as_str()) {
+                        Some(known) if *known != keys => {
+                            // Listed or not, the id keeps its first keys.
+                            if old.devices.contains_key(device_id.as_str()) {
+                                record.devices.insert(device_id.to_string(), known.clone());
+                            }
+                            update
+                                .refused
+                                .push((device_id.clone(), DeviceRefusal::KeysChanged));
+                        }
+                        Some(_) if old.devices.contains_key(device_id.as_str()) => {
+                            record.devices.insert(device_id.to_string(), keys);
+                        }
+                        _ => {
+                            record.retired.remove(device_id.as_str());
+                            record.devices.insert(device_id.to_string(), keys);
+                            update.added.push(device_id.clone());
+                        }
                     }
                 }
-            }
-            for (id, keys) in &old.devices {
-                if !queried.contains_key(<&DeviceId>::from(id.as_str())) {
-                    record.retired.insert(id.clone(), keys.clone());
-                    update.removed.push(OwnedDeviceId::from(id.as_str()));
+                for (id, keys) in &old.devices {
+                    if !queried.contains_key(<&DeviceId>::from(id.as_str())) {
+                        record.retired.insert(id.clone(), keys.clone());
+                        update.removed.push(OwnedDeviceId::from(id.as_str()));
+                    }
                 }
-            }
-            for (device_id, refusal) in &update.refused {
-                self.counters.note_device_refused();
-                tracing::warn!(%user_id, %device_id, reason = %refusal, "queried device refused");
-            }
-            let pending = self
-                .store
-                .write_tracked_user(user_id.as_str(), Some(&record.encode()?))?;
-            (pending, update)
+                Ok((update, Some(record)))
+            })?
         };
-        pending.durable().await?;
+        for (device_id, refusal) in &update.refused {
+            self.counters.note_device_refused();
+            tracing::warn!(%user_id, %device_id, reason = %refusal, "queried device refused");
+        }
+        if let Some(pending) = pending {
+            pending.durable().await?;
+        }
         Ok(update)
     }
 
@@ -323,22 +362,24 @@ impl AccountManager {
         {
             let _one_writer = self.tracking.lock();
             for user_id in users {
-                let Some(bytes) = self.store.load_tracked_user(user_id.as_str())? else {
-                    continue;
-                };
-                let mut record = Record::decode(&bytes)?;
-                if record.untracked {
-                    continue;
-                }
-                // The generation moves on even if already outdated: a query
-                // in flight must not clear this invalidation.
-                record.outdated = true;
-                record.generation += 1;
                 // Made durable by the sync below, with the others.
-                let _applied = self
-                    .store
-                    .write_tracked_user(user_id.as_str(), Some(&record.encode()?))?;
-                marked.push(user_id.to_owned());
+                let (was_tracked, _applied) = self.change_tracked_user(user_id, |stored| {
+                    let Some(bytes) = stored else {
+                        return Ok((false, None));
+                    };
+                    let mut record = Record::decode(bytes)?;
+                    if record.untracked {
+                        return Ok((false, None));
+                    }
+                    // The generation moves on even if already outdated: a
+                    // query in flight must not clear this invalidation.
+                    record.outdated = true;
+                    record.generation += 1;
+                    Ok((true, Some(record)))
+                })?;
+                if was_tracked {
+                    marked.push(user_id.to_owned());
+                }
             }
         }
         self.store.sync().durable().await?;
@@ -353,21 +394,21 @@ impl AccountManager {
         {
             let _one_writer = self.tracking.lock();
             for user_id in users {
-                let Some(bytes) = self.store.load_tracked_user(user_id.as_str())? else {
-                    continue;
-                };
-                // Not tracked any more, but its devices' keys stay as
-                // tombstones.
-                let mut record = Record::decode(&bytes)?;
-                let devices = std::mem::take(&mut record.devices);
-                record.retired.extend(devices);
-                record.untracked = true;
-                record.outdated = true;
-                record.generation += 1;
                 // Made durable by the sync below, with the others.
-                let _applied = self
-                    .store
-                    .write_tracked_user(user_id.as_str(), Some(&record.encode()?))?;
+                let ((), _applied) = self.change_tracked_user(user_id, |stored| {
+                    let Some(bytes) = stored else {
+                        return Ok(((), None));
+                    };
+                    // Not tracked any more, but its devices' keys stay as
+                    // tombstones.
+                    let mut record = Record::decode(bytes)?;
+                    let devices = std::mem::take(&mut record.devices);
+                    record.retired.extend(devices);
+                    record.untracked = true;
+                    record.outdated = true;
+                    record.generation += 1;
+                    Ok(((), Some(record)))
+                })?;
             }
         }
         self.store.sync().durable().await?;

@@ -332,6 +332,31 @@ pub trait Store: Send + Sync + 'static {
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError>;
 
+    /// [`Store::write_tracked_user`] only if the stored record is still
+    /// `expected` (what [`Store::load_tracked_user`] returned; `None`: no
+    /// record): `Ok(None)` and nothing written if another writer changed it
+    /// since. The account manager reads, changes and writes these records
+    /// back; where several processes share the store, a write landing
+    /// between one process's read and its write would otherwise be lost
+    /// (an invalidation from `device_lists.changed`, or a query's answer).
+    ///
+    /// The default compares and writes in two steps, which is atomic only
+    /// where the caller's own lock covers every writer: a [sole
+    /// writer](Store::sole_writer). A backend that other processes share
+    /// must override it with one atomic step.
+    fn replace_tracked_user(
+        &self,
+        user_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let stored = self.load_tracked_user(user_id)?;
+        if stored.as_deref().map(Vec::as_slice) != expected {
+            return Ok(None);
+        }
+        self.write_tracked_user(user_id, record).map(Some)
+    }
+
     /// The record a [`Delivery`] of `message` under `tag` left for `device`,
     /// if it was not forgotten yet.
     fn load_delivery(

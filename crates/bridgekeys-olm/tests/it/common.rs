@@ -237,3 +237,23 @@ pub async fn upload_and_publish(m: &AccountManager, now: u64) -> FallbackKey {
     );
     key
 }
+
+/// A peer device's self-signed `device_keys`, as `keys/query` returns it.
+pub fn device_keys(
+    account: &Account,
+    user: &UserId,
+    device: &DeviceId,
+) -> ruma::serde::Raw<DeviceKeys> {
+    let mut keys = json!({
+        "user_id": user, "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{device}"): account.curve25519_key().to_base64(),
+            format!("ed25519:{device}"): account.ed25519_key().to_base64(),
+        },
+    });
+    let signature = account.sign(bridgekeys_olm::canonical_json_for_signing(&keys).unwrap());
+    keys["signatures"] =
+        json!({ user.as_str(): { format!("ed25519:{device}"): signature.to_base64() } });
+    serde_json::from_value(keys).unwrap()
+}

@@ -20,3 +20,4 @@ mod megolm;
 mod olm_sessions;
 mod shared_keys;
 mod shared_sessions;
+mod shared_tracking;

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::common::{Peer, alice, decrypt, manager, payload_for, peer_user};
+use crate::common::{Peer, alice, decrypt, device_keys, manager, payload_for, peer_user};
 use bridgekeys_olm::{
     AccountManager, DeviceRefusal, ManagerConfig, OlmError, PayloadError, Recipient,
     canonical_json_for_signing,
 };
 use bridgekeys_store::{DeviceKey, StoreKey};
-use ruma::{DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, UserId, device_id, serde::Raw};
+use ruma::{DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, UserId, device_id};
 use serde_json::{Value, json};
 use vodozemac::olm::{Account, OlmMessage, SessionConfig};
 
@@ -413,26 +413,6 @@ async fn outbound_sessions_are_created_from_a_verified_claimed_key_and_then_reus
             "type": "m.test", "content": {"n": 1},
         })
     );
-}
-
-/// A peer device's self-signed `device_keys`, as `keys/query` returns it.
-fn device_keys(
-    account: &Account,
-    user: &UserId,
-    device: &DeviceId,
-) -> Raw<ruma::encryption::DeviceKeys> {
-    let mut keys = json!({
-        "user_id": user, "device_id": device,
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-        "keys": {
-            format!("curve25519:{device}"): account.curve25519_key().to_base64(),
-            format!("ed25519:{device}"): account.ed25519_key().to_base64(),
-        },
-    });
-    let signature = account.sign(canonical_json_for_signing(&keys).unwrap());
-    keys["signatures"] =
-        json!({ user.as_str(): { format!("ed25519:{device}"): signature.to_base64() } });
-    serde_json::from_value(keys).unwrap()
 }
 
 #[tokio::test]

@@ -674,6 +674,81 @@ impl Store for PgStore {
         }
     }
 
+    /// One transaction: the row stays locked while it is opened and
+    /// compared, so of two processes replacing the same record from the
+    /// same read, the second finds the first one's record and writes
+    /// nothing. A first record inserted by two at once: the second's insert
+    /// finds the row and changes nothing.
+    fn replace_tracked_user(
+        &self,
+        user_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let slot = layout::tracked_user(user_id);
+        let sealed = record.map(|r| self.sealer.seal(&slot, r));
+        let expected = expected.map(|e| Zeroizing::new(e.to_vec()));
+        let sealer = self.sealer.clone();
+        let user = user_id.to_owned();
+        let replaced = self.engine.call(move |pool| async move {
+            let mut client = pool.get().await.pg()?;
+            let tx = client.transaction().await.pg()?;
+            let row = tx
+                .query_opt(
+                    "SELECT sealed FROM bk_tracked_users WHERE user_id = $1 FOR UPDATE",
+                    &[&user],
+                )
+                .await
+                .pg()?;
+            let stored = match row {
+                Some(row) => {
+                    let raw: Vec<u8> = row.try_get(0).pg()?;
+                    let opened = sealer
+                        .open(&slot, &raw)
+                        .ok_or_else(|| corrupt("tracked devices record"))?;
+                    Some(opened)
+                }
+                None => None,
+            };
+            if stored.as_deref().map(Vec::as_slice) != expected.as_deref().map(Vec::as_slice) {
+                // Dropping the transaction rolls it back.
+                return Ok(false);
+            }
+            let changed = match (&stored, &sealed) {
+                (None, Some(new)) => tx
+                    .execute(
+                        "INSERT INTO bk_tracked_users (user_id, sealed) VALUES ($1, $2) \
+                         ON CONFLICT (user_id) DO NOTHING",
+                        &[&user, new],
+                    )
+                    .await
+                    .pg()?,
+                (Some(_), Some(new)) => tx
+                    .execute(
+                        "UPDATE bk_tracked_users SET sealed = $2 WHERE user_id = $1",
+                        &[&user, new],
+                    )
+                    .await
+                    .pg()?,
+                (Some(_), None) => tx
+                    .execute("DELETE FROM bk_tracked_users WHERE user_id = $1", &[&user])
+                    .await
+                    .pg()?,
+                (None, None) => 1,
+            };
+            if changed != 1 {
+                return Ok(false);
+            }
+            tx.commit().await.pg()?;
+            Ok(true)
+        })?;
+        if !replaced {
+            return Ok(None);
+        }
+        self.engine.committed();
+        Ok(Some(Pending::ready()))
+    }
+
     fn load_delivery(
         &self,
         device: &DeviceKey,

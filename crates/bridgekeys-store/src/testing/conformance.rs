@@ -97,6 +97,7 @@ pub const CHECKS: &[&str] = &[
     "concurrent_writers_of_one_session_version_have_exactly_one_winner",
     "deliveries_are_found_until_their_tag_is_forgotten",
     "tracked_users_are_replaced_and_forgotten",
+    "a_tracked_user_replaced_from_a_stale_read_changes_nothing",
     "outbound_group_sessions_are_per_device_and_room_replaced_and_discarded",
     "a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing",
     "inbound_group_sessions_are_per_room_and_session_and_replaced",
@@ -160,6 +161,7 @@ macro_rules! conformance_tests {
             concurrent_writers_of_one_session_version_have_exactly_one_winner,
             deliveries_are_found_until_their_tag_is_forgotten,
             tracked_users_are_replaced_and_forgotten,
+            a_tracked_user_replaced_from_a_stale_read_changes_nothing,
             outbound_group_sessions_are_per_device_and_room_replaced_and_discarded,
             a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing,
             inbound_group_sessions_are_per_room_and_session_and_replaced,
@@ -1407,6 +1409,52 @@ pub async fn tracked_users_are_replaced_and_forgotten(backend: Arc<dyn Backend>)
         Some(b"other".to_vec())
     );
     durable("forget again", backend.write_tracked_user("@u:hs", None)).await;
+}
+
+/// [`Store::replace_tracked_user`](crate::Store::replace_tracked_user)
+/// writes only over the record its caller read: a first record over none,
+/// a replacement or forgetting over the current one; from a read that is
+/// no longer what is stored (another writer came between) it answers
+/// `None` and changes nothing.
+pub async fn a_tracked_user_replaced_from_a_stale_read_changes_nothing(backend: Arc<dyn Backend>) {
+    let stored =
+        |backend: &Arc<dyn Backend>| bytes(backend.load_tracked_user("@u:hs").expect("read"));
+    let replace = |expected: Option<&[u8]>, record: Option<&[u8]>| {
+        backend
+            .replace_tracked_user("@u:hs", expected, record)
+            .expect("replace")
+    };
+    durable(
+        "first",
+        Ok(replace(None, Some(b"one")).expect("a first record over none was refused")),
+    )
+    .await;
+    assert!(
+        replace(None, Some(b"other")).is_none(),
+        "a second first record from the same empty read"
+    );
+    assert_eq!(stored(&backend), Some(b"one".to_vec()));
+    durable(
+        "replace",
+        Ok(replace(Some(b"one"), Some(b"two"))
+            .expect("a replacement over the current record was refused")),
+    )
+    .await;
+    assert!(
+        replace(Some(b"one"), Some(b"three")).is_none(),
+        "over a stale read"
+    );
+    assert!(
+        replace(Some(b"one"), None).is_none(),
+        "forgetting over a stale read"
+    );
+    assert_eq!(stored(&backend), Some(b"two".to_vec()));
+    durable(
+        "forget",
+        Ok(replace(Some(b"two"), None).expect("forgetting the current record was refused")),
+    )
+    .await;
+    assert_eq!(stored(&backend), None);
 }
 
 /// An outbound Megolm session record belongs to one device in one room: it

@@ -28,6 +28,9 @@ pub enum Write<'a> {
     OutboundGroupSession(&'a DeviceKey, &'a str),
     /// [`TransactionLog::record_transaction`]: namespace, transaction id.
     Transaction(&'a str, &'a str),
+    /// [`Store::write_tracked_user`] or [`Store::replace_tracked_user`] of
+    /// this user.
+    TrackedUser(&'a str),
 }
 
 /// What runs before each [`Write`]: an error stops the write (nothing
@@ -183,7 +186,17 @@ impl Store for Intercepted {
         user_id: &str,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
+        self.before(&Write::TrackedUser(user_id))?;
         self.inner.write_tracked_user(user_id, record)
+    }
+    fn replace_tracked_user(
+        &self,
+        user_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        self.before(&Write::TrackedUser(user_id))?;
+        self.inner.replace_tracked_user(user_id, expected, record)
     }
     fn load_delivery(
         &self,

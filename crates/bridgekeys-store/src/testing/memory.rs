@@ -545,6 +545,31 @@ impl Store for MemoryStore {
         self.put(|s| &mut s.tracked_users, user_id.to_owned(), record)
     }
 
+    /// Compared and written under the one lock: two managers may share
+    /// this store, as two processes share a database.
+    fn replace_tracked_user(
+        &self,
+        user_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let mut state = self.write()?;
+        if state.tracked_users.get(user_id).map(|r| r.as_slice()) != expected {
+            return Ok(None);
+        }
+        match record {
+            Some(record) => {
+                state
+                    .tracked_users
+                    .insert(user_id.to_owned(), Zeroizing::new(record.to_vec()));
+            }
+            None => {
+                state.tracked_users.remove(user_id);
+            }
+        }
+        Ok(Some(self.applied(&mut state)))
+    }
+
     fn load_delivery(
         &self,
         device: &DeviceKey,
