@@ -69,12 +69,13 @@ pub enum OlmError {
     /// JSON could not be put in canonical form for signing.
     #[error("canonical JSON: {0}")]
     CanonicalJson(#[from] ruma::CanonicalJsonError),
-    /// A session's write lost the race to another process sharing the
-    /// store on every one of
+    /// A write of a session (or of a tracked user's device list) lost the
+    /// race to another process sharing the store on every one of
     /// [`crate::ManagerConfig::session_write_attempts`] attempts. Nothing
-    /// was returned and nothing of this operation was stored; it may be
-    /// retried.
-    #[error("{what}: another process advanced the same session on each of {attempts} attempts")]
+    /// was returned and nothing of this record was stored; it may be
+    /// retried. (An operation over several users, such as
+    /// `mark_devices_outdated`, may have stored the users before it.)
+    #[error("{what}: another process changed the same record first on each of {attempts} attempts")]
     Contended {
         /// The operation.
         what: &'static str,

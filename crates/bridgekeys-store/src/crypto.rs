@@ -50,9 +50,7 @@ impl fmt::Debug for StoreKey {
     }
 }
 
-/// A ready cipher for one store. Cloned only into a database transaction
-/// that must open a record it read (the key schedule is zeroed on drop).
-#[derive(Clone)]
+/// A ready cipher for one store.
 pub(crate) struct Sealer(XChaCha20Poly1305);
 
 impl Sealer {

@@ -259,7 +259,7 @@ impl std::fmt::Debug for PgStoreConfig {
 pub struct PgStore {
     location: PathBuf,
     id: StoreId,
-    sealer: Sealer,
+    sealer: Arc<Sealer>,
     engine: Engine,
     key_ids: parking_lot::Mutex<KeyIdBlock>,
     key_id_block: u64,
@@ -398,7 +398,7 @@ impl PgStore {
         Ok(Self {
             location,
             id: opened,
-            sealer: config.key.cipher(),
+            sealer: Arc::new(config.key.cipher()),
             engine,
             key_ids: parking_lot::Mutex::new(KeyIdBlock::default()),
             key_id_block: config.key_id_block.max(1),
@@ -755,7 +755,8 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         drop(self.handle.spawn(async move {
             // Past the bound the work is dropped: an open transaction is
-            // rolled back by the server when its connection goes.
+            // rolled back (dropping it queues a ROLLBACK on its connection
+            // before the connection goes back to the pool).
             let answer = tokio::time::timeout(timeout, fut)
                 .await
                 .unwrap_or_else(|_| {

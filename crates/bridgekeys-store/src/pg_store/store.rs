@@ -1,7 +1,10 @@
 //! [`Store`] for [`PgStore`]: the account records, keys, sessions and the
 //! other sealed records, one table each (see `0001_initial.sql`).
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use zeroize::Zeroizing;
 
@@ -688,18 +691,17 @@ impl Store for PgStore {
         let slot = layout::tracked_user(user_id);
         let sealed = record.map(|r| self.sealer.seal(&slot, r));
         let expected = expected.map(|e| Zeroizing::new(e.to_vec()));
-        let sealer = self.sealer.clone();
+        // Shared, not copied: no copy of the key goes into the task.
+        let sealer = Arc::clone(&self.sealer);
         let user = user_id.to_owned();
         let replaced = self.engine.call(move |pool| async move {
             let mut client = pool.get().await.pg()?;
             let tx = client.transaction().await.pg()?;
-            let row = tx
-                .query_opt(
-                    "SELECT sealed FROM bk_tracked_users WHERE user_id = $1 FOR UPDATE",
-                    &[&user],
-                )
+            let select = tx
+                .prepare_cached("SELECT sealed FROM bk_tracked_users WHERE user_id = $1 FOR UPDATE")
                 .await
                 .pg()?;
+            let row = tx.query_opt(&select, &[&user]).await.pg()?;
             let stored = match row {
                 Some(row) => {
                     let raw: Vec<u8> = row.try_get(0).pg()?;
@@ -723,13 +725,15 @@ impl Store for PgStore {
                     )
                     .await
                     .pg()?,
-                (Some(_), Some(new)) => tx
-                    .execute(
-                        "UPDATE bk_tracked_users SET sealed = $2 WHERE user_id = $1",
-                        &[&user, new],
-                    )
-                    .await
-                    .pg()?,
+                (Some(_), Some(new)) => {
+                    let update = tx
+                        .prepare_cached(
+                            "UPDATE bk_tracked_users SET sealed = $2 WHERE user_id = $1",
+                        )
+                        .await
+                        .pg()?;
+                    tx.execute(&update, &[&user, new]).await.pg()?
+                }
                 (Some(_), None) => tx
                     .execute("DELETE FROM bk_tracked_users WHERE user_id = $1", &[&user])
                     .await

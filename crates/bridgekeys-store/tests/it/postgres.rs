@@ -1148,3 +1148,60 @@ async fn scheduling_a_device_at_its_scheduled_time_again_writes_no_new_row_versi
         vec![(dev, 9_000)]
     );
 }
+
+/// `replace_tracked_user` compares and writes in one step: a replace that
+/// has to wait for the row (another process holds it) compares with what
+/// that process committed, not with what it saw before waiting. Here the
+/// other transaction deletes the record: the replace must write nothing. A
+/// compare-then-write in two steps would have compared first, then waited
+/// in its write and put the record back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracked_user_replace_that_waits_for_the_row_compares_with_what_was_committed_meanwhile()
+{
+    let (url, _server) = fresh_database().await;
+    let store = Arc::new(PgStore::create(config(&url, &StoreKey::generate())).unwrap());
+    durable(store.write_tracked_user("@u:hs", Some(b"one"))).await;
+
+    let locker = raw(&url).await;
+    locker
+        .batch_execute("BEGIN; SELECT 1 FROM bk_tracked_users WHERE user_id = '@u:hs' FOR UPDATE")
+        .await
+        .unwrap();
+    let replacing = Arc::clone(&store);
+    let replace = tokio::task::spawn_blocking(move || {
+        replacing
+            .replace_tracked_user("@u:hs", Some(b"one"), Some(b"two"))
+            .map(|written| written.is_some())
+    });
+    // Until the replace waits for the row lock: then it has read nothing
+    // yet that the other transaction could change under it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = locker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replace never waited for the row"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    locker
+        .batch_execute("DELETE FROM bk_tracked_users WHERE user_id = '@u:hs'; COMMIT")
+        .await
+        .unwrap();
+    assert!(
+        !replace.await.unwrap().unwrap(),
+        "a replace wrote over a record deleted while it waited"
+    );
+    assert!(store.load_tracked_user("@u:hs").unwrap().is_none());
+}
