@@ -534,10 +534,12 @@ impl AccountManager {
     /// failed: a pre-key message on the new fallback key would be refused,
     /// and a read of the published key would hand out the old one.
     ///
-    /// Costs one read of the account record (opened, to compare its
-    /// version) and, when another process wrote the device since (any
+    /// Costs one read of the record's version
+    /// ([`Store::account_version`]: on PostgreSQL the column alone, nothing
+    /// opened) and, when another process wrote the device since (any
     /// rotation, publication or new inbound session there moves the
-    /// version), a decode and a count of its keys. Nothing on a sole writer.
+    /// version), a read of the record, a decode and a count of its keys.
+    /// Nothing on a sole writer.
     ///
     /// The schema 1 sessions read into the copy (`legacy`) are kept: a
     /// caller may be between reading them and writing the sessions, and the
@@ -550,12 +552,13 @@ impl AccountManager {
         if self.store.sole_writer() {
             return Ok(());
         }
+        let stored = self.store.account_version(key)?;
+        if stored.is_none() || stored == device.version {
+            return Ok(());
+        }
         let Some(record) = self.store.load_account(key)? else {
             return Ok(());
         };
-        if Some(record.version) == device.version {
-            return Ok(());
-        }
         let outstanding = self.store.count_one_time_keys(key)? as u64;
         let legacy = device.legacy.take();
         *device = DeviceAccount::decode(&record, outstanding)?;

@@ -213,6 +213,16 @@ pub trait Store: Send + Sync + 'static {
     /// Load the account record of a device, or `None` if it was never created.
     fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError>;
 
+    /// The version of a device's account record (what the next
+    /// [`Store::write_device`] must name), or `None` if it was never
+    /// created: for a caller that holds a copy and only needs to know
+    /// whether another process wrote the device since. The default loads
+    /// the whole record; a backend that keeps the version apart from the
+    /// sealed record should answer without opening it.
+    fn account_version(&self, device: &DeviceKey) -> Result<Option<Version>, StoreError> {
+        Ok(self.load_account(device)?.map(|record| record.version))
+    }
+
     /// Atomically apply `write` to a device if its current version is
     /// `expected` (`None`: the device must not exist yet).
     ///

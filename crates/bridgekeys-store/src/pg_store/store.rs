@@ -257,6 +257,21 @@ const UPSERT_DELIVERY: &str = "INSERT INTO bk_deliveries (tag, device, message_h
      ON CONFLICT (tag, device, message_hash) DO UPDATE SET message = excluded.message, sealed = excluded.sealed";
 
 impl Store for PgStore {
+    /// The version column alone: nothing to open.
+    fn account_version(&self, device: &DeviceKey) -> Result<Option<Version>, StoreError> {
+        let rows = self.engine.query(
+            "SELECT version FROM bk_accounts WHERE device = $1",
+            params![device.as_bytes().to_vec()],
+        )?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let version: i64 = row.try_get(0).pg()?;
+        u64::try_from(version)
+            .map(|v| Some(Version(v)))
+            .map_err(|_| corrupt("account version"))
+    }
+
     fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
         let rows = self.engine.query(
             "SELECT version, sealed FROM bk_accounts WHERE device = $1",

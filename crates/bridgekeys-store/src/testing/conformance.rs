@@ -331,11 +331,20 @@ fn bytes(record: Option<Zeroizing<Vec<u8>>>) -> Option<Vec<u8>> {
     record.map(|r| r.to_vec())
 }
 
+/// The device's version as its record says, checked against
+/// [`Store::account_version`](crate::Store::account_version) (every check
+/// that reads a version checks that too).
 fn version(backend: &Arc<dyn Backend>, dev: &DeviceKey) -> Option<Version> {
-    backend
+    let loaded = backend
         .load_account(dev)
         .expect("load account")
-        .map(|a| a.version)
+        .map(|a| a.version);
+    assert_eq!(
+        backend.account_version(dev).expect("account version"),
+        loaded,
+        "account_version differs from the record's version"
+    );
+    loaded
 }
 
 /// Run `f(i)` for `i` in `0..n` on `n` blocking threads released together,
@@ -382,6 +391,7 @@ pub async fn a_stale_device_write_is_a_conflict_and_changes_nothing(backend: Arc
         backend.load_account(&dev).expect("load").is_none(),
         "a fresh store has no account"
     );
+    assert_eq!(version(&backend, &dev), None);
     let conflict = backend.write_device(&dev, Some(Version(1)), account(b"ghost"));
     assert!(
         matches!(

@@ -109,6 +109,9 @@ impl Store for Intercepted {
     fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
         self.inner.load_account(device)
     }
+    fn account_version(&self, device: &DeviceKey) -> Result<Option<crate::Version>, StoreError> {
+        self.inner.account_version(device)
+    }
     fn write_device(
         &self,
         device: &DeviceKey,
