@@ -67,7 +67,20 @@ pub enum RoomStateError {
     /// ([`RoomStates::with_homeserver`]).
     #[error("no homeserver client to read the room state with")]
     NoHomeserver,
+    /// Another process sharing the store changed the room's record between
+    /// this one's read and write on every attempt ([`WRITE_ATTEMPTS`]);
+    /// nothing was written. The transaction fails and the homeserver
+    /// retries it.
+    #[error("the state of {room} kept changing under us in another process")]
+    Contended {
+        /// The room.
+        room: OwnedRoomId,
+    },
 }
+
+/// How often a room's state is read, changed and written again when
+/// another process sharing the store wrote it in between.
+pub const WRITE_ATTEMPTS: usize = 16;
 
 /// A room's `m.room.encryption`, as far as a puppet needs it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,7 +259,7 @@ fn is_tracked(event_type: &str) -> bool {
 pub struct RoomStates {
     store: Arc<dyn Store>,
     client: Option<HomeserverClient>,
-    cache: parking_lot::Mutex<lru::LruCache<OwnedRoomId, Arc<RoomState>>>,
+    cache: parking_lot::Mutex<lru::LruCache<OwnedRoomId, Cached>>,
     /// One writer per room at a time (transactions and refreshes).
     locks: KeyedLocks,
 }
@@ -257,6 +270,17 @@ impl std::fmt::Debug for RoomStates {
             .field("cached", &self.cache.lock().len())
             .finish_non_exhaustive()
     }
+}
+
+/// A room's record as read from the store, and its state.
+type Read = (zeroize::Zeroizing<Vec<u8>>, Arc<RoomState>);
+
+/// A room's state in memory. On a store that other processes share, with
+/// the record it was read from: each use reads the record again, and only
+/// a record that changed is parsed again.
+struct Cached {
+    state: Arc<RoomState>,
+    record: Option<Vec<u8>>,
 }
 
 impl RoomStates {
@@ -280,20 +304,53 @@ impl RoomStates {
     }
 
     /// What is known about `room`, or `None` if nothing is.
+    ///
+    /// On a store that other processes share (not its [sole
+    /// writer](Store::sole_writer): PostgreSQL), the record is read again
+    /// every time: another process may have applied a member's join or the
+    /// room turning encrypted, and a copy kept here would send in the clear
+    /// or share the room key with the wrong members. Only a record that
+    /// changed is parsed again.
     pub fn get(&self, room: &RoomId) -> Result<Option<Arc<RoomState>>, RoomStateError> {
-        if let Some(state) = self.cache.lock().get(room) {
-            return Ok(Some(Arc::clone(state)));
+        if self.store.sole_writer()
+            && let Some(cached) = self.cache.lock().get(room)
+        {
+            return Ok(Some(Arc::clone(&cached.state)));
         }
+        Ok(self.read(room)?.map(|(_, state)| state))
+    }
+
+    /// `room`'s record from the store and its state (parsed, or the cached
+    /// parse of the same record).
+    fn read(&self, room: &RoomId) -> Result<Option<Read>, RoomStateError> {
         let Some(record) = self.store.load_room_state(room.as_str())? else {
+            self.cache.lock().pop(room);
             return Ok(None);
         };
+        if let Some(cached) = self.cache.lock().get(room)
+            && cached.record.as_deref() == Some(record.as_slice())
+        {
+            return Ok(Some((record, Arc::clone(&cached.state))));
+        }
         let state: RoomState =
             serde_json::from_slice(&record).map_err(|_| RoomStateError::Corrupt {
                 room: room.to_owned(),
             })?;
         let state = Arc::new(state);
-        self.cache.lock().put(room.to_owned(), Arc::clone(&state));
-        Ok(Some(state))
+        self.remember(room, &state, &record);
+        Ok(Some((record, state)))
+    }
+
+    /// Cache `state`, with its record where other processes share the store.
+    fn remember(&self, room: &RoomId, state: &Arc<RoomState>, record: &[u8]) {
+        let record = (!self.store.sole_writer()).then(|| record.to_vec());
+        self.cache.lock().put(
+            room.to_owned(),
+            Cached {
+                state: Arc::clone(state),
+                record,
+            },
+        );
     }
 
     /// How many rooms are in memory now (at most `cache_rooms`).
@@ -334,21 +391,23 @@ impl RoomStates {
         let mut changed = 0;
         for (room, events) in by_room {
             let (_guard, _) = self.locks.lock(room.as_str(), || {}).await;
-            let mut state = self.get(&room)?.map(|s| (*s).clone()).unwrap_or_default();
-            let mut any = false;
-            for event in &events {
-                if state.apply(
-                    &event.event_type,
-                    event.state_key.as_deref().unwrap_or_default(),
-                    &event.content(),
-                ) {
-                    changed += 1;
-                    any = true;
-                }
-            }
-            if any {
-                self.put(&room, state).await?;
-            }
+            let (count, _) = self
+                .update(&room, |current| {
+                    let mut state = current.cloned().unwrap_or_default();
+                    let mut count = 0;
+                    for event in &events {
+                        if state.apply(
+                            &event.event_type,
+                            event.state_key.as_deref().unwrap_or_default(),
+                            &event.content(),
+                        ) {
+                            count += 1;
+                        }
+                    }
+                    (count, (count > 0).then_some(state))
+                })
+                .await?;
+            changed += count;
         }
         Ok(changed)
     }
@@ -366,21 +425,27 @@ impl RoomStates {
         // room is applied after the snapshot, not lost under it.
         let (_guard, _) = self.locks.lock(room.as_str(), || {}).await;
         let events = client.room_state(room, as_user).await?;
-        let previous = self.get(room)?;
-        let mut state = RoomState {
-            encryption: previous.as_ref().and_then(|p| p.encryption.clone()),
-            complete: true,
-            ..RoomState::default()
-        };
-        for raw in &events {
-            let Ok(event) = serde_json::from_str::<StateEvent>(raw.get()) else {
-                continue;
-            };
-            if let Some(key) = event.state_key.as_deref() {
-                state.apply(&event.event_type, key, &event.content());
-            }
-        }
-        self.put(room, state).await
+        let ((), state) = self
+            .update(room, |previous| {
+                let mut state = RoomState {
+                    encryption: previous.and_then(|p| p.encryption.clone()),
+                    complete: true,
+                    ..RoomState::default()
+                };
+                for raw in &events {
+                    let Ok(event) = serde_json::from_str::<StateEvent>(raw.get()) else {
+                        continue;
+                    };
+                    if let Some(key) = event.state_key.as_deref() {
+                        state.apply(&event.event_type, key, &event.content());
+                    }
+                }
+                ((), Some(state))
+            })
+            .await?;
+        state.ok_or_else(|| RoomStateError::Corrupt {
+            room: room.to_owned(),
+        })
     }
 
     /// What is known about `room`, read from the homeserver as `as_user`
@@ -409,21 +474,72 @@ impl RoomStates {
         Ok(())
     }
 
-    /// Store `state` for `room` durably, then cache it.
-    async fn put(&self, room: &RoomId, state: RoomState) -> Result<Arc<RoomState>, RoomStateError> {
-        let record = serde_json::to_vec(&state).map_err(|_| RoomStateError::Corrupt {
+    /// Read `room`'s state, let `change` compute the new one from it
+    /// (`None`: nothing to write), and store it durably, then cache it.
+    /// Returns `change`'s answer and the state now stored.
+    ///
+    /// On a store that other processes share, the new record is written
+    /// only over the one read ([`Store::replace_room_state`]); if another
+    /// process wrote in between, the state is read and changed again, up to
+    /// [`WRITE_ATTEMPTS`] times, so neither write is lost. On a sole writer
+    /// the room's lock (held by the caller) covers every writer.
+    async fn update<T>(
+        &self,
+        room: &RoomId,
+        change: impl Fn(Option<&RoomState>) -> (T, Option<RoomState>),
+    ) -> Result<(T, Option<Arc<RoomState>>), RoomStateError> {
+        let corrupt = || RoomStateError::Corrupt {
             room: room.to_owned(),
-        })?;
-        // The cache entry goes first: if the write fails, the next read
-        // comes from the store (unchanged) instead of a state never stored.
-        self.cache.lock().pop(room);
-        self.store
-            .write_room_state(room.as_str(), Some(&record))?
-            .durable()
-            .await?;
-        let state = Arc::new(state);
-        self.cache.lock().put(room.to_owned(), Arc::clone(&state));
-        Ok(state)
+        };
+        if self.store.sole_writer() {
+            let current = self.get(room)?;
+            let (out, new) = change(current.as_deref());
+            let Some(new) = new else {
+                return Ok((out, current));
+            };
+            let record = serde_json::to_vec(&new).map_err(|_| corrupt())?;
+            // The cache entry goes first: if the write fails, the next read
+            // comes from the store (unchanged) instead of a state never
+            // stored.
+            self.cache.lock().pop(room);
+            self.store
+                .write_room_state(room.as_str(), Some(&record))?
+                .durable()
+                .await?;
+            let new = Arc::new(new);
+            self.remember(room, &new, &record);
+            return Ok((out, Some(new)));
+        }
+        for attempt in 1..=WRITE_ATTEMPTS {
+            let read = self.read(room)?;
+            let (stored, current) = match &read {
+                Some((record, state)) => (Some(record.as_slice()), Some(state)),
+                None => (None, None),
+            };
+            let (out, new) = change(current.map(|s| &**s));
+            let Some(new) = new else {
+                return Ok((out, current.cloned()));
+            };
+            let record = serde_json::to_vec(&new).map_err(|_| corrupt())?;
+            self.cache.lock().pop(room);
+            match self
+                .store
+                .replace_room_state(room.as_str(), stored, Some(&record))?
+            {
+                Some(pending) => {
+                    pending.durable().await?;
+                    let new = Arc::new(new);
+                    self.remember(room, &new, &record);
+                    return Ok((out, Some(new)));
+                }
+                None => {
+                    tracing::debug!(%room, attempt, "another process changed the room's state: reading it again");
+                }
+            }
+        }
+        Err(RoomStateError::Contended {
+            room: room.to_owned(),
+        })
     }
 }
 

@@ -464,6 +464,30 @@ pub trait Store: Send + Sync + 'static {
     fn write_room_state(&self, room_id: &str, record: Option<&[u8]>)
     -> Result<Pending, StoreError>;
 
+    /// [`Store::write_room_state`] only if the stored record is still
+    /// `expected` (what [`Store::load_room_state`] returned; `None`: no
+    /// record): `Ok(None)` and nothing written if another writer changed it
+    /// since. A room's state is read, changed by a transaction's state
+    /// events and written back; where several processes share the store, a
+    /// write landing in between (a member who joined, the room turning
+    /// encrypted) would otherwise be lost.
+    ///
+    /// Like [`Store::replace_tracked_user`], the default compares and
+    /// writes in two steps: a backend that other processes share must
+    /// override it with one atomic step.
+    fn replace_room_state(
+        &self,
+        room_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let stored = self.load_room_state(room_id)?;
+        if stored.as_deref().map(Vec::as_slice) != expected {
+            return Ok(None);
+        }
+        self.write_room_state(room_id, record).map(Some)
+    }
+
     /// The rooms that have a state record, in byte order of their ids (not
     /// a locale's collation: `"!B"` comes before `"!a"`).
     fn room_state_ids(&self) -> Result<Vec<String>, StoreError>;

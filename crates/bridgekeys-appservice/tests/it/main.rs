@@ -26,6 +26,7 @@ mod provision;
 mod room_key_requests;
 mod room_state;
 mod serve;
+mod shared_room_state;
 mod shared_store;
 mod synapse;
 mod transactions;

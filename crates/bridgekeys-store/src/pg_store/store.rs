@@ -256,6 +256,100 @@ const UPSERT_DELIVERY: &str = "INSERT INTO bk_deliveries (tag, device, message_h
      VALUES ($1, $2, sha256($3), $3, $4) \
      ON CONFLICT (tag, device, message_hash) DO UPDATE SET message = excluded.message, sealed = excluded.sealed";
 
+/// The statements of [`PgStore::replace_sealed`] for one table of sealed
+/// records by a text key.
+struct SealedTable {
+    select: &'static str,
+    insert: &'static str,
+    update: &'static str,
+    delete: &'static str,
+    what: &'static str,
+}
+
+const TRACKED_USERS: SealedTable = SealedTable {
+    select: "SELECT sealed FROM bk_tracked_users WHERE user_id = $1 FOR UPDATE",
+    insert: "INSERT INTO bk_tracked_users (user_id, sealed) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO NOTHING",
+    update: "UPDATE bk_tracked_users SET sealed = $2 WHERE user_id = $1",
+    delete: "DELETE FROM bk_tracked_users WHERE user_id = $1",
+    what: "tracked devices record",
+};
+
+const ROOM_STATES: SealedTable = SealedTable {
+    select: "SELECT sealed FROM bk_room_states WHERE room_id = $1 FOR UPDATE",
+    insert: "INSERT INTO bk_room_states (room_id, sealed) VALUES ($1, $2) \
+             ON CONFLICT (room_id) DO NOTHING",
+    update: "UPDATE bk_room_states SET sealed = $2 WHERE room_id = $1",
+    delete: "DELETE FROM bk_room_states WHERE room_id = $1",
+    what: "room state record",
+};
+
+impl PgStore {
+    /// Write the record under `key` only if it is still `expected` (its
+    /// plaintext; `None`: no record), in one transaction: the row stays
+    /// locked while it is opened and compared, so of two processes
+    /// replacing the same record from the same read, the second finds the
+    /// first one's record and writes nothing. A first record inserted by two
+    /// at once: the second's insert finds the row and changes nothing.
+    fn replace_sealed(
+        &self,
+        table: &'static SealedTable,
+        key: &str,
+        slot: Vec<u8>,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let sealed = record.map(|r| self.sealer.seal(&slot, r));
+        let expected = expected.map(|e| Zeroizing::new(e.to_vec()));
+        // Shared, not copied: no copy of the key goes into the task.
+        let sealer = Arc::clone(&self.sealer);
+        let key = key.to_owned();
+        let replaced = self.engine.call(move |pool| async move {
+            let mut client = pool.get().await.pg()?;
+            let tx = client.transaction().await.pg()?;
+            let select = tx.prepare_cached(table.select).await.pg()?;
+            let row = tx.query_opt(&select, &[&key]).await.pg()?;
+            let stored = match row {
+                Some(row) => {
+                    let raw: Vec<u8> = row.try_get(0).pg()?;
+                    let opened = sealer
+                        .open(&slot, &raw)
+                        .ok_or_else(|| corrupt(table.what))?;
+                    Some(opened)
+                }
+                None => None,
+            };
+            if stored.as_deref().map(Vec::as_slice) != expected.as_deref().map(Vec::as_slice) {
+                // Dropping the transaction rolls it back.
+                return Ok(false);
+            }
+            let statement = match (&stored, &sealed) {
+                (None, Some(_)) => Some(table.insert),
+                (Some(_), Some(_)) => Some(table.update),
+                (Some(_), None) => Some(table.delete),
+                (None, None) => None,
+            };
+            if let Some(sql) = statement {
+                let statement = tx.prepare_cached(sql).await.pg()?;
+                let changed = match &sealed {
+                    Some(new) => tx.execute(&statement, &[&key, new]).await.pg()?,
+                    None => tx.execute(&statement, &[&key]).await.pg()?,
+                };
+                if changed != 1 {
+                    return Ok(false);
+                }
+            }
+            tx.commit().await.pg()?;
+            Ok(true)
+        })?;
+        if !replaced {
+            return Ok(None);
+        }
+        self.engine.committed();
+        Ok(Some(Pending::ready()))
+    }
+}
+
 impl Store for PgStore {
     /// The version column alone: nothing to open.
     fn account_version(&self, device: &DeviceKey) -> Result<Option<Version>, StoreError> {
@@ -692,80 +786,21 @@ impl Store for PgStore {
         }
     }
 
-    /// One transaction: the row stays locked while it is opened and
-    /// compared, so of two processes replacing the same record from the
-    /// same read, the second finds the first one's record and writes
-    /// nothing. A first record inserted by two at once: the second's insert
-    /// finds the row and changes nothing.
+    /// One transaction that holds the row while it compares (see
+    /// `PgStore::replace_sealed`).
     fn replace_tracked_user(
         &self,
         user_id: &str,
         expected: Option<&[u8]>,
         record: Option<&[u8]>,
     ) -> Result<Option<Pending>, StoreError> {
-        let slot = layout::tracked_user(user_id);
-        let sealed = record.map(|r| self.sealer.seal(&slot, r));
-        let expected = expected.map(|e| Zeroizing::new(e.to_vec()));
-        // Shared, not copied: no copy of the key goes into the task.
-        let sealer = Arc::clone(&self.sealer);
-        let user = user_id.to_owned();
-        let replaced = self.engine.call(move |pool| async move {
-            let mut client = pool.get().await.pg()?;
-            let tx = client.transaction().await.pg()?;
-            let select = tx
-                .prepare_cached("SELECT sealed FROM bk_tracked_users WHERE user_id = $1 FOR UPDATE")
-                .await
-                .pg()?;
-            let row = tx.query_opt(&select, &[&user]).await.pg()?;
-            let stored = match row {
-                Some(row) => {
-                    let raw: Vec<u8> = row.try_get(0).pg()?;
-                    let opened = sealer
-                        .open(&slot, &raw)
-                        .ok_or_else(|| corrupt("tracked devices record"))?;
-                    Some(opened)
-                }
-                None => None,
-            };
-            if stored.as_deref().map(Vec::as_slice) != expected.as_deref().map(Vec::as_slice) {
-                // Dropping the transaction rolls it back.
-                return Ok(false);
-            }
-            let changed = match (&stored, &sealed) {
-                (None, Some(new)) => tx
-                    .execute(
-                        "INSERT INTO bk_tracked_users (user_id, sealed) VALUES ($1, $2) \
-                         ON CONFLICT (user_id) DO NOTHING",
-                        &[&user, new],
-                    )
-                    .await
-                    .pg()?,
-                (Some(_), Some(new)) => {
-                    let update = tx
-                        .prepare_cached(
-                            "UPDATE bk_tracked_users SET sealed = $2 WHERE user_id = $1",
-                        )
-                        .await
-                        .pg()?;
-                    tx.execute(&update, &[&user, new]).await.pg()?
-                }
-                (Some(_), None) => tx
-                    .execute("DELETE FROM bk_tracked_users WHERE user_id = $1", &[&user])
-                    .await
-                    .pg()?,
-                (None, None) => 1,
-            };
-            if changed != 1 {
-                return Ok(false);
-            }
-            tx.commit().await.pg()?;
-            Ok(true)
-        })?;
-        if !replaced {
-            return Ok(None);
-        }
-        self.engine.committed();
-        Ok(Some(Pending::ready()))
+        self.replace_sealed(
+            &TRACKED_USERS,
+            user_id,
+            layout::tracked_user(user_id),
+            expected,
+            record,
+        )
     }
 
     fn load_delivery(
@@ -1040,6 +1075,23 @@ impl Store for PgStore {
                 params![room_id.to_owned()],
             ),
         }
+    }
+
+    /// One transaction that holds the row while it compares (see
+    /// `PgStore::replace_sealed`).
+    fn replace_room_state(
+        &self,
+        room_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        self.replace_sealed(
+            &ROOM_STATES,
+            room_id,
+            layout::room_state(room_id),
+            expected,
+            record,
+        )
     }
 
     fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {

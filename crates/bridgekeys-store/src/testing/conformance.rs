@@ -98,6 +98,7 @@ pub const CHECKS: &[&str] = &[
     "deliveries_are_found_until_their_tag_is_forgotten",
     "tracked_users_are_replaced_and_forgotten",
     "a_tracked_user_replaced_from_a_stale_read_changes_nothing",
+    "a_room_state_replaced_from_a_stale_read_changes_nothing",
     "outbound_group_sessions_are_per_device_and_room_replaced_and_discarded",
     "a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing",
     "inbound_group_sessions_are_per_room_and_session_and_replaced",
@@ -162,6 +163,7 @@ macro_rules! conformance_tests {
             deliveries_are_found_until_their_tag_is_forgotten,
             tracked_users_are_replaced_and_forgotten,
             a_tracked_user_replaced_from_a_stale_read_changes_nothing,
+            a_room_state_replaced_from_a_stale_read_changes_nothing,
             outbound_group_sessions_are_per_device_and_room_replaced_and_discarded,
             a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing,
             inbound_group_sessions_are_per_room_and_session_and_replaced,
@@ -1427,12 +1429,38 @@ pub async fn tracked_users_are_replaced_and_forgotten(backend: Arc<dyn Backend>)
 /// no longer what is stored (another writer came between) it answers
 /// `None` and changes nothing.
 pub async fn a_tracked_user_replaced_from_a_stale_read_changes_nothing(backend: Arc<dyn Backend>) {
-    let stored =
-        |backend: &Arc<dyn Backend>| bytes(backend.load_tracked_user("@u:hs").expect("read"));
+    replaced_only_over_what_was_read(
+        |b| b.load_tracked_user("@u:hs"),
+        |b, expected, record| b.replace_tracked_user("@u:hs", expected, record),
+        &backend,
+    )
+    .await;
+}
+
+/// [`Store::replace_room_state`](crate::Store::replace_room_state), as
+/// [`a_tracked_user_replaced_from_a_stale_read_changes_nothing`].
+pub async fn a_room_state_replaced_from_a_stale_read_changes_nothing(backend: Arc<dyn Backend>) {
+    replaced_only_over_what_was_read(
+        |b| b.load_room_state("!r:hs"),
+        |b, expected, record| b.replace_room_state("!r:hs", expected, record),
+        &backend,
+    )
+    .await;
+}
+
+/// The compare-and-write checks of one kind of record.
+async fn replaced_only_over_what_was_read(
+    load: impl Fn(&Arc<dyn Backend>) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError>,
+    replace: impl Fn(
+        &Arc<dyn Backend>,
+        Option<&[u8]>,
+        Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError>,
+    backend: &Arc<dyn Backend>,
+) {
+    let stored = || bytes(load(backend).expect("read"));
     let replace = |expected: Option<&[u8]>, record: Option<&[u8]>| {
-        backend
-            .replace_tracked_user("@u:hs", expected, record)
-            .expect("replace")
+        replace(backend, expected, record).expect("replace")
     };
     durable(
         "first",
@@ -1443,7 +1471,7 @@ pub async fn a_tracked_user_replaced_from_a_stale_read_changes_nothing(backend: 
         replace(None, Some(b"other")).is_none(),
         "a second first record from the same empty read"
     );
-    assert_eq!(stored(&backend), Some(b"one".to_vec()));
+    assert_eq!(stored(), Some(b"one".to_vec()));
     durable(
         "replace",
         Ok(replace(Some(b"one"), Some(b"two"))
@@ -1458,13 +1486,13 @@ pub async fn a_tracked_user_replaced_from_a_stale_read_changes_nothing(backend: 
         replace(Some(b"one"), None).is_none(),
         "forgetting over a stale read"
     );
-    assert_eq!(stored(&backend), Some(b"two".to_vec()));
+    assert_eq!(stored(), Some(b"two".to_vec()));
     durable(
         "forget",
         Ok(replace(Some(b"two"), None).expect("forgetting the current record was refused")),
     )
     .await;
-    assert_eq!(stored(&backend), None);
+    assert_eq!(stored(), None);
 }
 
 /// An outbound Megolm session record belongs to one device in one room: it

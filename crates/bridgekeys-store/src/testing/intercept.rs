@@ -31,6 +31,9 @@ pub enum Write<'a> {
     /// [`Store::write_tracked_user`] or [`Store::replace_tracked_user`] of
     /// this user.
     TrackedUser(&'a str),
+    /// [`Store::write_room_state`] or [`Store::replace_room_state`] of this
+    /// room.
+    RoomState(&'a str),
 }
 
 /// What runs before each [`Write`]: an error stops the write (nothing
@@ -281,7 +284,17 @@ impl Store for Intercepted {
         room_id: &str,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
+        self.before(&Write::RoomState(room_id))?;
         self.inner.write_room_state(room_id, record)
+    }
+    fn replace_room_state(
+        &self,
+        room_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        self.before(&Write::RoomState(room_id))?;
+        self.inner.replace_room_state(room_id, expected, record)
     }
     fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
         self.inner.room_state_ids()

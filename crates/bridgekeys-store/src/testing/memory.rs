@@ -203,6 +203,32 @@ impl MemoryStore {
     }
 
     /// Replace (`Some`) or remove (`None`) a record in one of the maps.
+    /// [`MemoryStore::put`] only if the record under `key` is still
+    /// `expected`, compared and written under the one lock: two managers
+    /// may share this store, as two processes share a database.
+    fn replace(
+        &self,
+        map: impl FnOnce(&mut State) -> &mut BTreeMap<String, Secret>,
+        key: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let mut state = self.write()?;
+        let records = map(&mut state);
+        if records.get(key).map(|r| r.as_slice()) != expected {
+            return Ok(None);
+        }
+        match record {
+            Some(record) => {
+                records.insert(key.to_owned(), Zeroizing::new(record.to_vec()));
+            }
+            None => {
+                records.remove(key);
+            }
+        }
+        Ok(Some(self.applied(&mut state)))
+    }
+
     fn put<K: Ord>(
         &self,
         map: impl FnOnce(&mut State) -> &mut BTreeMap<K, Secret>,
@@ -553,21 +579,7 @@ impl Store for MemoryStore {
         expected: Option<&[u8]>,
         record: Option<&[u8]>,
     ) -> Result<Option<Pending>, StoreError> {
-        let mut state = self.write()?;
-        if state.tracked_users.get(user_id).map(|r| r.as_slice()) != expected {
-            return Ok(None);
-        }
-        match record {
-            Some(record) => {
-                state
-                    .tracked_users
-                    .insert(user_id.to_owned(), Zeroizing::new(record.to_vec()));
-            }
-            None => {
-                state.tracked_users.remove(user_id);
-            }
-        }
-        Ok(Some(self.applied(&mut state)))
+        self.replace(|s| &mut s.tracked_users, user_id, expected, record)
     }
 
     fn load_delivery(
@@ -721,6 +733,16 @@ impl Store for MemoryStore {
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
         self.put(|s| &mut s.room_states, room_id.to_owned(), record)
+    }
+
+    /// Compared and written under the one lock, as tracked users are.
+    fn replace_room_state(
+        &self,
+        room_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        self.replace(|s| &mut s.room_states, room_id, expected, record)
     }
 
     fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {
