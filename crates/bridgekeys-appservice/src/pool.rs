@@ -15,7 +15,13 @@
 //!   and answers nothing for it (`KeyPool::take_probe`). Seen:
 //!   [`ClaimMode::Proxied`]; not seen: [`ClaimMode::Pool`]. Run at start
 //!   and every [`PoolConfig::probe_interval`]; the mode is in `/metrics`,
-//!   `/_bridgekeys/ready` and one log line when it changes.
+//!   `/_bridgekeys/ready` and one log line when it changes. The probe is
+//!   counted by the process whose listener the homeserver asks: with
+//!   several bridge processes behind one registration (a store that is not
+//!   its [sole writer](bridgekeys_store::Store::sole_writer)), that is
+//!   often another one, and detection would read "not proxied" by mistake.
+//!   Set [`ModeSetting::Proxied`] or [`ModeSetting::Pool`] there; a pool
+//!   built to detect on such a store says so in a warning.
 //! * **The pool** (only in [`ClaimMode::Pool`]): per puppet device, up to
 //!   [`PoolConfig::size`] keys uploaded with `keys/upload` as the device.
 //!   They are made by [`AccountManager::claim`], exactly like on-demand
@@ -239,6 +245,13 @@ impl KeyPool {
         sender: OwnedUserId,
         config: PoolConfig,
     ) -> Self {
+        if config.mode == ModeSetting::Detect && !manager.store().sole_writer() {
+            tracing::warn!(
+                "detecting the claim mode on a store other processes share: the homeserver \
+                 may send the probe to another process, which this one cannot see, and the \
+                 mode would read `pool` by mistake; set the mode to `proxied` or `pool`"
+            );
+        }
         let mode = match config.mode {
             ModeSetting::Detect => ClaimMode::Unknown,
             ModeSetting::Proxied => ClaimMode::Proxied,

@@ -105,7 +105,9 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolSettings {
-    /// `detect`, `proxied` or `pool`.
+    /// `detect`, `proxied` or `pool`. With several processes on one
+    /// PostgreSQL database, set `proxied` or `pool`: the homeserver may
+    /// send the detection's probe to another process.
     pub mode: PoolMode,
     /// Keys per contacted puppet device after a top-up.
     pub pool_size: usize,
