@@ -26,8 +26,18 @@
 //!
 //! **Bounded memory.** Records are read through an LRU cache of
 //! [`RoomStates::new`]'s `cache_rooms` rooms; the rest stays on disk.
+//!
+//! **Several processes.** On a store that other processes share (not its
+//! [sole writer](bridgekeys_store::Store::sole_writer): PostgreSQL), the
+//! homeserver hands each transaction to one process, so the cache is not
+//! trusted: each read fetches the record again (parsing it only if it
+//! changed), and each write goes only over the record it was made from
+//! ([`Store::replace_room_state`]), made again from a fresh read if another
+//! process wrote in between. A refresh reads the record before it asks the
+//! homeserver, so a change stored meanwhile is not overwritten by the older
+//! snapshot. [`RoomStates::forget`] removes the record whatever it holds.
 
-use std::{collections::BTreeMap, num::NonZeroUsize, sync::Arc};
+use std::{collections::BTreeMap, hash::BuildHasher, num::NonZeroUsize, sync::Arc};
 
 use bridgekeys_olm::{MEGOLM_ALGORITHM, RotationSettings};
 use bridgekeys_store::{Store, StoreError};
@@ -260,7 +270,12 @@ pub struct RoomStates {
     store: Arc<dyn Store>,
     client: Option<HomeserverClient>,
     cache: parking_lot::Mutex<lru::LruCache<OwnedRoomId, Cached>>,
-    /// One writer per room at a time (transactions and refreshes).
+    /// Keys of the records' hashes (random per process, so no record can
+    /// be made to collide with another on purpose).
+    hashes: std::hash::RandomState,
+    /// One writer per room at a time in this process (transactions and
+    /// refreshes); other processes are kept apart by the store's
+    /// compare-and-write.
     locks: KeyedLocks,
 }
 
@@ -275,12 +290,12 @@ impl std::fmt::Debug for RoomStates {
 /// A room's record as read from the store, and its state.
 type Read = (zeroize::Zeroizing<Vec<u8>>, Arc<RoomState>);
 
-/// A room's state in memory. On a store that other processes share, with
-/// the record it was read from: each use reads the record again, and only
-/// a record that changed is parsed again.
+/// A room's state in memory. On a store that other processes share, with a
+/// keyed hash of the record it was read from: each use reads the record
+/// again, and only a record that changed is parsed again.
 struct Cached {
     state: Arc<RoomState>,
-    record: Option<Vec<u8>>,
+    record: Option<u64>,
 }
 
 impl RoomStates {
@@ -292,6 +307,7 @@ impl RoomStates {
             store,
             client: None,
             cache: parking_lot::Mutex::new(lru::LruCache::new(cache_rooms)),
+            hashes: std::hash::RandomState::new(),
             locks: KeyedLocks::default(),
         }
     }
@@ -328,7 +344,7 @@ impl RoomStates {
             return Ok(None);
         };
         if let Some(cached) = self.cache.lock().get(room)
-            && cached.record.as_deref() == Some(record.as_slice())
+            && cached.record == Some(self.hashes.hash_one(record.as_slice()))
         {
             return Ok(Some((record, Arc::clone(&cached.state))));
         }
@@ -341,9 +357,10 @@ impl RoomStates {
         Ok(Some((record, state)))
     }
 
-    /// Cache `state`, with its record where other processes share the store.
+    /// Cache `state`, with its record's hash where other processes share
+    /// the store.
     fn remember(&self, room: &RoomId, state: &Arc<RoomState>, record: &[u8]) {
-        let record = (!self.store.sole_writer()).then(|| record.to_vec());
+        let record = (!self.store.sole_writer()).then(|| self.hashes.hash_one(record));
         self.cache.lock().put(
             room.to_owned(),
             Cached {
@@ -422,28 +439,44 @@ impl RoomStates {
     ) -> Result<Arc<RoomState>, RoomStateError> {
         let client = self.client.as_ref().ok_or(RoomStateError::NoHomeserver)?;
         // Held across the request, so a transaction's state event for this
-        // room is applied after the snapshot, not lost under it.
+        // room (in this process) is applied after the snapshot, not lost
+        // under it.
         let (_guard, _) = self.locks.lock(room.as_str(), || {}).await;
-        let events = client.room_state(room, as_user).await?;
-        let ((), state) = self
-            .update(room, |previous| {
-                let mut state = RoomState {
-                    encryption: previous.and_then(|p| p.encryption.clone()),
-                    complete: true,
-                    ..RoomState::default()
+        for attempt in 1..=WRITE_ATTEMPTS {
+            // Read before asking: the snapshot is written only over this
+            // record, so a change another process stores meanwhile (a
+            // member who left) makes the write fail and the homeserver is
+            // asked again, instead of the older snapshot undoing it.
+            let before = if self.store.sole_writer() {
+                self.get(room)?.map(|state| (None, state))
+            } else {
+                self.read(room)?
+                    .map(|(record, state)| (Some(record), state))
+            };
+            let events = client.room_state(room, as_user).await?;
+            let mut state = RoomState {
+                encryption: before.as_ref().and_then(|(_, p)| p.encryption.clone()),
+                complete: true,
+                ..RoomState::default()
+            };
+            for raw in &events {
+                let Ok(event) = serde_json::from_str::<StateEvent>(raw.get()) else {
+                    continue;
                 };
-                for raw in &events {
-                    let Ok(event) = serde_json::from_str::<StateEvent>(raw.get()) else {
-                        continue;
-                    };
-                    if let Some(key) = event.state_key.as_deref() {
-                        state.apply(&event.event_type, key, &event.content());
-                    }
+                if let Some(key) = event.state_key.as_deref() {
+                    state.apply(&event.event_type, key, &event.content());
                 }
-                ((), Some(state))
-            })
-            .await?;
-        state.ok_or_else(|| RoomStateError::Corrupt {
+            }
+            let expected = before
+                .as_ref()
+                .and_then(|(record, _)| record.as_deref())
+                .map(Vec::as_slice);
+            if let Some(stored) = self.store_state(room, expected, state).await? {
+                return Ok(stored);
+            }
+            tracing::debug!(%room, attempt, "another process changed the room's state during a refresh: asking again");
+        }
+        Err(RoomStateError::Contended {
             room: room.to_owned(),
         })
     }
@@ -479,67 +512,73 @@ impl RoomStates {
     /// Returns `change`'s answer and the state now stored.
     ///
     /// On a store that other processes share, the new record is written
-    /// only over the one read ([`Store::replace_room_state`]); if another
-    /// process wrote in between, the state is read and changed again, up to
-    /// [`WRITE_ATTEMPTS`] times, so neither write is lost. On a sole writer
-    /// the room's lock (held by the caller) covers every writer.
+    /// only over the one read; if another process wrote in between, the
+    /// state is read and changed again, up to [`WRITE_ATTEMPTS`] times, so
+    /// neither write is lost. On a sole writer the room's lock (held by the
+    /// caller) covers every writer.
     async fn update<T>(
         &self,
         room: &RoomId,
         change: impl Fn(Option<&RoomState>) -> (T, Option<RoomState>),
     ) -> Result<(T, Option<Arc<RoomState>>), RoomStateError> {
-        let corrupt = || RoomStateError::Corrupt {
-            room: room.to_owned(),
-        };
-        if self.store.sole_writer() {
-            let current = self.get(room)?;
+        for attempt in 1..=WRITE_ATTEMPTS {
+            let (record, current) = if self.store.sole_writer() {
+                (None, self.get(room)?)
+            } else {
+                match self.read(room)? {
+                    Some((record, state)) => (Some(record), Some(state)),
+                    None => (None, None),
+                }
+            };
             let (out, new) = change(current.as_deref());
             let Some(new) = new else {
                 return Ok((out, current));
             };
-            let record = serde_json::to_vec(&new).map_err(|_| corrupt())?;
-            // The cache entry goes first: if the write fails, the next read
-            // comes from the store (unchanged) instead of a state never
-            // stored.
-            self.cache.lock().pop(room);
-            self.store
-                .write_room_state(room.as_str(), Some(&record))?
-                .durable()
-                .await?;
-            let new = Arc::new(new);
-            self.remember(room, &new, &record);
-            return Ok((out, Some(new)));
-        }
-        for attempt in 1..=WRITE_ATTEMPTS {
-            let read = self.read(room)?;
-            let (stored, current) = match &read {
-                Some((record, state)) => (Some(record.as_slice()), Some(state)),
-                None => (None, None),
-            };
-            let (out, new) = change(current.map(|s| &**s));
-            let Some(new) = new else {
-                return Ok((out, current.cloned()));
-            };
-            let record = serde_json::to_vec(&new).map_err(|_| corrupt())?;
-            self.cache.lock().pop(room);
-            match self
-                .store
-                .replace_room_state(room.as_str(), stored, Some(&record))?
+            if let Some(stored) = self
+                .store_state(room, record.as_deref().map(|r| r.as_slice()), new)
+                .await?
             {
-                Some(pending) => {
-                    pending.durable().await?;
-                    let new = Arc::new(new);
-                    self.remember(room, &new, &record);
-                    return Ok((out, Some(new)));
-                }
-                None => {
-                    tracing::debug!(%room, attempt, "another process changed the room's state: reading it again");
-                }
+                return Ok((out, Some(stored)));
             }
+            tracing::debug!(%room, attempt, "another process changed the room's state: reading it again");
         }
         Err(RoomStateError::Contended {
             room: room.to_owned(),
         })
+    }
+
+    /// Store `state` for `room` durably, then cache it. On a store that
+    /// other processes share, only over the record `expected` (`None`: no
+    /// record), answering `None` (nothing written) if it changed since; on
+    /// a sole writer, whatever is stored (the caller holds the room's
+    /// lock).
+    async fn store_state(
+        &self,
+        room: &RoomId,
+        expected: Option<&[u8]>,
+        state: RoomState,
+    ) -> Result<Option<Arc<RoomState>>, RoomStateError> {
+        let record = serde_json::to_vec(&state).map_err(|_| RoomStateError::Corrupt {
+            room: room.to_owned(),
+        })?;
+        // The cache entry goes first: if the write fails, the next read
+        // comes from the store (unchanged) instead of a state never stored.
+        self.cache.lock().pop(room);
+        let pending = if self.store.sole_writer() {
+            self.store.write_room_state(room.as_str(), Some(&record))?
+        } else {
+            match self
+                .store
+                .replace_room_state(room.as_str(), expected, Some(&record))?
+            {
+                Some(pending) => pending,
+                None => return Ok(None),
+            }
+        };
+        pending.durable().await?;
+        let state = Arc::new(state);
+        self.remember(room, &state, &record);
+        Ok(Some(state))
     }
 }
 

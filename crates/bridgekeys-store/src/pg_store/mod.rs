@@ -10,8 +10,10 @@
 //! connection pools (`deadpool-postgres` over `tokio-postgres`). A method
 //! spawns its database work on that runtime and blocks its caller on a
 //! plain channel until the answer comes, the way sled blocks its caller on
-//! disk I/O. Sealing and opening happen on the caller's thread: the
-//! background thread only ever sees sealed bytes.
+//! disk I/O. Sealing and opening happen on the caller's thread, except in
+//! the compare-and-write of a tracked user or a room's state, which opens
+//! the row it holds locked inside its transaction (with the store's one
+//! cipher, shared, not copied).
 //!
 //! # Durability
 //!

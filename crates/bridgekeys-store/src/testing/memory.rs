@@ -202,7 +202,6 @@ impl MemoryStore {
         }
     }
 
-    /// Replace (`Some`) or remove (`None`) a record in one of the maps.
     /// [`MemoryStore::put`] only if the record under `key` is still
     /// `expected`, compared and written under the one lock: two managers
     /// may share this store, as two processes share a database.
@@ -229,6 +228,7 @@ impl MemoryStore {
         Ok(Some(self.applied(&mut state)))
     }
 
+    /// Replace (`Some`) or remove (`None`) a record in one of the maps.
     fn put<K: Ord>(
         &self,
         map: impl FnOnce(&mut State) -> &mut BTreeMap<K, Secret>,
