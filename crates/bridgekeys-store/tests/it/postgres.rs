@@ -1175,26 +1175,7 @@ async fn a_tracked_user_replace_that_waits_for_the_row_compares_with_what_was_co
     });
     // Until the replace waits for the row lock: then it has read nothing
     // yet that the other transaction could change under it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let waiting: i64 = locker
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replace never waited for the row"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    until_a_statement_waits_for_a_lock(&url).await;
     locker
         .batch_execute("DELETE FROM bk_tracked_users WHERE user_id = '@u:hs'; COMMIT")
         .await
