@@ -42,8 +42,9 @@ pub struct ManagerConfig {
     /// handful is plenty. Past it the operation fails with
     /// [`crate::OlmError::Contended`]. At least 1; counted in
     /// [`crate::ManagerStats::session_conflicts`]. The same bound applies
-    /// to rewriting a tracked user's device list that another process
-    /// changed between our read and our write (not counted there).
+    /// to rewriting a tracked user's device list, or storing a better copy
+    /// of a room key, when another process changed the record between our
+    /// read and our write (not counted there).
     pub session_write_attempts: usize,
 }
 

@@ -69,7 +69,8 @@ pub enum OlmError {
     /// JSON could not be put in canonical form for signing.
     #[error("canonical JSON: {0}")]
     CanonicalJson(#[from] ruma::CanonicalJsonError),
-    /// A write of a session (or of a tracked user's device list) lost the
+    /// A write of a session (or of a tracked user's device list, or of a
+    /// received room key) lost the
     /// race to another process sharing the store on every one of
     /// [`crate::ManagerConfig::session_write_attempts`] attempts. Nothing
     /// was returned and nothing of this record was stored; it may be

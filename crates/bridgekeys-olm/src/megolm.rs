@@ -6,8 +6,10 @@
 //!   inbound group session, sealed, keyed by (room id, session id), with
 //!   the Olm channel's curve25519 key, the sender's claimed ed25519 key and
 //!   the sending user. A copy that can decrypt more (a lower first known
-//!   index) replaces a stored one; a worse copy never does, and a key whose
-//!   session id does not match its own key is refused.
+//!   index) replaces a stored one; a worse copy never does, also when
+//!   another process sharing the store wrote the better one a moment ago
+//!   (the write is a compare-and-write over the copy compared with), and a
+//!   key whose session id does not match its own key is refused.
 //! * [`AccountManager::decrypt_room_event`] decrypts an `m.room.encrypted`
 //!   room event (`m.megolm.v1.aes-sha2`) and refuses it, with nothing
 //!   recorded, when
@@ -151,6 +153,12 @@ struct Inner<'a> {
 /// How many decoded inbound group sessions stay in memory.
 const GROUP_CACHE_SESSIONS: usize = 1024;
 
+/// What the checks before a decryption found about its sender.
+struct Checked {
+    sender_key: Curve25519PublicKey,
+    sender_device_verified: bool,
+}
+
 /// A decoded inbound group session and what its record says about it.
 struct CachedGroup {
     room_id: String,
@@ -278,22 +286,36 @@ impl AccountManager {
         if session.session_id() != session_id {
             return Err(MegolmError::SessionIdMismatch.into());
         }
-        let pending = {
+        let record = GroupRecord {
+            room_id: room_id.to_string(),
+            sender: payload.sender.to_string(),
+            sender_key: payload.sender_curve25519.to_base64(),
+            sender_ed25519: payload.sender_ed25519.to_base64(),
+            pickle: session.pickle(),
+        };
+        let encoded = encode(&record)?;
+        // Written only over the copy compared with: where other processes
+        // share the store, one of them may store a better copy between this
+        // read and this write, and that copy must not be replaced by ours.
+        // Then read and compare again.
+        let attempts = self.config().session_write_attempts.max(1);
+        let mut written = None;
+        for attempt in 1..=attempts {
             let _one_writer = self.group_sessions.lock();
-            let outcome = match self
+            let stored = self
                 .store
-                .load_group_session(room_id.as_str(), &session_id)?
-            {
+                .load_group_session(room_id.as_str(), &session_id)?;
+            let outcome = match &stored {
                 None => RoomKeyOutcome::Stored,
                 Some(bytes) => {
-                    let stored = decode(&bytes)?;
+                    let stored = decode(bytes)?;
                     let mut existing = InboundGroupSession::from_pickle(stored.pickle);
                     // A copy from another sender or room under the same id
                     // is not connected to the stored one: never replaces it.
                     match session.compare(&mut existing) {
                         SessionOrdering::Better
                             if stored.room_id == room_id.as_str()
-                                && stored.sender_key == payload.sender_curve25519.to_base64() =>
+                                && stored.sender_key == record.sender_key =>
                         {
                             RoomKeyOutcome::Improved
                         }
@@ -301,20 +323,25 @@ impl AccountManager {
                     }
                 }
             };
-            let record = GroupRecord {
-                room_id: room_id.to_string(),
-                sender: payload.sender.to_string(),
-                sender_key: payload.sender_curve25519.to_base64(),
-                sender_ed25519: payload.sender_ed25519.to_base64(),
-                pickle: session.pickle(),
-            };
             self.group_cache.invalidate(room_id.as_str(), &session_id);
-            let pending =
-                self.store
-                    .write_group_session(room_id.as_str(), &session_id, &encode(&record)?)?;
-            (outcome, pending)
+            if let Some(pending) = self.store.replace_group_session(
+                room_id.as_str(),
+                &session_id,
+                stored.as_deref().map(Vec::as_slice),
+                &encoded,
+            )? {
+                written = Some((outcome, pending));
+                break;
+            }
+            tracing::debug!(%room_id, attempt, "a room key's stored copy changed under us: comparing again");
+        }
+        let Some((outcome, pending)) = written else {
+            tracing::warn!(%room_id, attempts, "storing a room key lost every race to other processes");
+            return Err(OlmError::Contended {
+                what: "room key",
+                attempts,
+            });
         };
-        let (outcome, pending) = pending;
         pending.durable().await?;
         Counters::add(&self.counters.room_keys_stored, 1);
         tracing::debug!(%room_id, sender = %payload.sender, ?outcome, "room key received");
@@ -342,6 +369,72 @@ impl AccountManager {
         result
     }
 
+    /// A group session as its record stores it (its first known index).
+    fn load_group(&self, room_id: &RoomId, session_id: &str) -> Result<CachedGroup, OlmError> {
+        let Some(bytes) = self
+            .store
+            .load_group_session(room_id.as_str(), session_id)?
+        else {
+            return Err(MegolmError::UnknownSession.into());
+        };
+        let record = decode(&bytes)?;
+        Ok(CachedGroup {
+            sender_key: Curve25519PublicKey::from_base64(&record.sender_key)
+                .map_err(|_| OlmError::Corrupt("group session sender key".into()))?,
+            sender_ed25519: Ed25519PublicKey::from_base64(&record.sender_ed25519)
+                .map_err(|_| OlmError::Corrupt("group session signing key".into()))?,
+            session: InboundGroupSession::from_pickle(record.pickle),
+            room_id: record.room_id,
+            sender: record.sender,
+        })
+    }
+
+    /// The room, sender and sender-key checks of the module docs, then the
+    /// decryption itself.
+    fn check_and_decrypt(
+        &self,
+        mut group: CachedGroup,
+        room_id: &RoomId,
+        sender: &UserId,
+        claimed_sender_key: &Option<String>,
+        message: &MegolmMessage,
+    ) -> Result<(CachedGroup, Checked, vodozemac::megolm::DecryptedMessage), OlmError> {
+        if group.room_id != room_id.as_str() {
+            return Err(MegolmError::RoomMismatch.into());
+        }
+        if group.sender != sender.as_str() {
+            return Err(MegolmError::SenderMismatch.into());
+        }
+        let (sender_key, sender_ed25519) = (group.sender_key, group.sender_ed25519);
+        if claimed_sender_key
+            .as_deref()
+            .is_some_and(|claimed| claimed != sender_key.to_base64())
+        {
+            return Err(MegolmError::SenderMismatch.into());
+        }
+        // Where the sender's devices are tracked, the session's key must be
+        // one of them, with the ed25519 key the sharer claimed.
+        let sender_device_verified = match self.tracked_devices(sender)? {
+            Some(tracked) => match tracked.by_curve25519(&sender_key) {
+                Some(device) if device.ed25519 == sender_ed25519 => true,
+                _ => return Err(MegolmError::SenderMismatch.into()),
+            },
+            None => false,
+        };
+        let decrypted = group
+            .session
+            .decrypt(message)
+            .map_err(|e| MegolmError::Decryption(e.to_string()))?;
+        Ok((
+            group,
+            Checked {
+                sender_key,
+                sender_device_verified,
+            },
+            decrypted,
+        ))
+    }
+
     fn decrypt_room_event_inner(
         &self,
         room_id: &RoomId,
@@ -365,54 +458,28 @@ impl AccountManager {
         // Sessions are stored per room: a session shared for another room
         // is not found here, which is the room check.
         let (cached, generation) = self.group_cache.take(room_id.as_str(), &session_id);
-        let mut group = match cached {
+        let from_cache = cached.is_some();
+        let group = match cached {
             Some(group) => group,
-            None => {
-                let Some(bytes) = self
-                    .store
-                    .load_group_session(room_id.as_str(), &session_id)?
-                else {
-                    return Err(MegolmError::UnknownSession.into());
-                };
-                let record = decode(&bytes)?;
-                CachedGroup {
-                    sender_key: Curve25519PublicKey::from_base64(&record.sender_key)
-                        .map_err(|_| OlmError::Corrupt("group session sender key".into()))?,
-                    sender_ed25519: Ed25519PublicKey::from_base64(&record.sender_ed25519)
-                        .map_err(|_| OlmError::Corrupt("group session signing key".into()))?,
-                    session: InboundGroupSession::from_pickle(record.pickle),
-                    room_id: record.room_id,
-                    sender: record.sender,
+            None => self.load_group(room_id, &session_id)?,
+        };
+        let (group, checked, decrypted) =
+            match self.check_and_decrypt(group, room_id, sender, &content.sender_key, &message) {
+                // Another process sharing the store may have stored a better
+                // copy (a lower first known index) since this one was cached:
+                // read it before refusing a message only that copy can read.
+                Err(OlmError::Megolm(MegolmError::Decryption(_)))
+                    if from_cache && !self.store.sole_writer() =>
+                {
+                    let fresh = self.load_group(room_id, &session_id)?;
+                    self.check_and_decrypt(fresh, room_id, sender, &content.sender_key, &message)?
                 }
-            }
-        };
-        if group.room_id != room_id.as_str() {
-            return Err(MegolmError::RoomMismatch.into());
-        }
-        if group.sender != sender.as_str() {
-            return Err(MegolmError::SenderMismatch.into());
-        }
-        let (sender_key, sender_ed25519) = (group.sender_key, group.sender_ed25519);
-        if content
-            .sender_key
-            .as_deref()
-            .is_some_and(|claimed| claimed != sender_key.to_base64())
-        {
-            return Err(MegolmError::SenderMismatch.into());
-        }
-        // Where the sender's devices are tracked, the session's key must be
-        // one of them, with the ed25519 key the sharer claimed.
-        let sender_device_verified = match self.tracked_devices(sender)? {
-            Some(tracked) => match tracked.by_curve25519(&sender_key) {
-                Some(device) if device.ed25519 == sender_ed25519 => true,
-                _ => return Err(MegolmError::SenderMismatch.into()),
-            },
-            None => false,
-        };
-        let decrypted = group
-            .session
-            .decrypt(&message)
-            .map_err(|e| MegolmError::Decryption(e.to_string()))?;
+                result => result?,
+            };
+        let Checked {
+            sender_key,
+            sender_device_verified,
+        } = checked;
         let plaintext = Zeroizing::new(decrypted.plaintext);
         let inner: Inner<'_> = serde_json::from_slice(&plaintext)
             .map_err(|_| MegolmError::BadEvent("plaintext is not an event"))?;

@@ -425,6 +425,33 @@ pub trait Store: Send + Sync + 'static {
         record: &[u8],
     ) -> Result<Pending, StoreError>;
 
+    /// [`Store::write_group_session`] only if the stored record is still
+    /// `expected` (what [`Store::load_group_session`] returned; `None`: no
+    /// record): `Ok(None)` and nothing written if another writer changed it
+    /// since. A room key that arrives is compared with the stored copy and
+    /// written only if it can decrypt more; where several processes share
+    /// the store, a better copy stored by one between the other's read and
+    /// write would otherwise be replaced by a worse one, and the messages
+    /// only the better copy reads would stay undecryptable.
+    ///
+    /// Like [`Store::replace_tracked_user`], the default compares and
+    /// writes in two steps: a backend that other processes share must
+    /// override it with one atomic step.
+    fn replace_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        expected: Option<&[u8]>,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError> {
+        let stored = self.load_group_session(room_id, session_id)?;
+        if stored.as_deref().map(Vec::as_slice) != expected {
+            return Ok(None);
+        }
+        self.write_group_session(room_id, session_id, record)
+            .map(Some)
+    }
+
     /// Record that `event_id` decrypted at `index` of a group session,
     /// unless an event did before (atomically: two concurrent callers
     /// cannot both see [`IndexUse::First`]).

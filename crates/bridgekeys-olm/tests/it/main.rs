@@ -19,5 +19,6 @@ mod manager;
 mod megolm;
 mod olm_sessions;
 mod shared_keys;
+mod shared_megolm;
 mod shared_sessions;
 mod shared_tracking;

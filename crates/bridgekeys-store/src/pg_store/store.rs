@@ -257,7 +257,8 @@ const UPSERT_DELIVERY: &str = "INSERT INTO bk_deliveries (tag, device, message_h
      ON CONFLICT (tag, device, message_hash) DO UPDATE SET message = excluded.message, sealed = excluded.sealed";
 
 /// The statements of [`PgStore::replace_sealed`] for one table of sealed
-/// records by a text key.
+/// records by a text key: the key's columns are `$1`.. in order, and the
+/// sealed record the parameter after them.
 struct SealedTable {
     select: &'static str,
     insert: &'static str,
@@ -284,6 +285,16 @@ const ROOM_STATES: SealedTable = SealedTable {
     what: "room state record",
 };
 
+const GROUP_SESSIONS: SealedTable = SealedTable {
+    select: "SELECT sealed FROM bk_group_sessions WHERE room_id = $1 AND session_id = $2 \
+             FOR UPDATE",
+    insert: "INSERT INTO bk_group_sessions (room_id, session_id, sealed) VALUES ($1, $2, $3) \
+             ON CONFLICT (room_id, session_id) DO NOTHING",
+    update: "UPDATE bk_group_sessions SET sealed = $3 WHERE room_id = $1 AND session_id = $2",
+    delete: "DELETE FROM bk_group_sessions WHERE room_id = $1 AND session_id = $2",
+    what: "group session record",
+};
+
 impl PgStore {
     /// Write the record under `key` only if it is still `expected` (its
     /// plaintext; `None`: no record), in one transaction: the row stays
@@ -294,7 +305,7 @@ impl PgStore {
     fn replace_sealed(
         &self,
         table: &'static SealedTable,
-        key: &str,
+        key: &[&str],
         slot: Vec<u8>,
         expected: Option<&[u8]>,
         record: Option<&[u8]>,
@@ -303,12 +314,16 @@ impl PgStore {
         let expected = expected.map(|e| Zeroizing::new(e.to_vec()));
         // Shared, not copied: no copy of the key goes into the task.
         let sealer = Arc::clone(&self.sealer);
-        let key = key.to_owned();
+        let key: Vec<String> = key.iter().map(|k| (*k).to_owned()).collect();
         let replaced = self.engine.call(move |pool| async move {
             let mut client = pool.get().await.pg()?;
             let tx = client.transaction().await.pg()?;
+            let key: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key
+                .iter()
+                .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
             let select = tx.prepare_cached(table.select).await.pg()?;
-            let row = tx.query_opt(&select, &[&key]).await.pg()?;
+            let row = tx.query_opt(&select, &key).await.pg()?;
             let stored = match row {
                 Some(row) => {
                     let raw: Vec<u8> = row.try_get(0).pg()?;
@@ -331,10 +346,11 @@ impl PgStore {
             };
             if let Some(sql) = statement {
                 let statement = tx.prepare_cached(sql).await.pg()?;
-                let changed = match &sealed {
-                    Some(new) => tx.execute(&statement, &[&key, new]).await.pg()?,
-                    None => tx.execute(&statement, &[&key]).await.pg()?,
-                };
+                let mut params = key.clone();
+                if let Some(new) = &sealed {
+                    params.push(new);
+                }
+                let changed = tx.execute(&statement, &params).await.pg()?;
                 if changed != 1 {
                     return Ok(false);
                 }
@@ -796,7 +812,7 @@ impl Store for PgStore {
     ) -> Result<Option<Pending>, StoreError> {
         self.replace_sealed(
             &TRACKED_USERS,
-            user_id,
+            &[user_id],
             layout::tracked_user(user_id),
             expected,
             record,
@@ -934,6 +950,24 @@ impl Store for PgStore {
                 self.sealer
                     .seal(&layout::group_session(room_id, session_id), record)
             ],
+        )
+    }
+
+    /// One transaction that holds the row while it compares (see
+    /// `PgStore::replace_sealed`).
+    fn replace_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        expected: Option<&[u8]>,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError> {
+        self.replace_sealed(
+            &GROUP_SESSIONS,
+            &[room_id, session_id],
+            layout::group_session(room_id, session_id),
+            expected,
+            Some(record),
         )
     }
 
@@ -1087,7 +1121,7 @@ impl Store for PgStore {
     ) -> Result<Option<Pending>, StoreError> {
         self.replace_sealed(
             &ROOM_STATES,
-            room_id,
+            &[room_id],
             layout::room_state(room_id),
             expected,
             record,

@@ -102,6 +102,7 @@ pub const CHECKS: &[&str] = &[
     "outbound_group_sessions_are_per_device_and_room_replaced_and_discarded",
     "a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing",
     "inbound_group_sessions_are_per_room_and_session_and_replaced",
+    "an_inbound_group_session_replaced_from_a_stale_read_changes_nothing",
     "a_message_index_is_first_once_then_same_event_or_other_event",
     "concurrent_first_uses_of_a_message_index_yield_exactly_one_first",
     "held_events_are_filtered_by_session_grouped_and_in_event_id_order",
@@ -167,6 +168,7 @@ macro_rules! conformance_tests {
             outbound_group_sessions_are_per_device_and_room_replaced_and_discarded,
             a_stale_outbound_group_session_write_is_a_conflict_and_changes_nothing,
             inbound_group_sessions_are_per_room_and_session_and_replaced,
+            an_inbound_group_session_replaced_from_a_stale_read_changes_nothing,
             a_message_index_is_first_once_then_same_event_or_other_event,
             concurrent_first_uses_of_a_message_index_yield_exactly_one_first,
             held_events_are_filtered_by_session_grouped_and_in_event_id_order,
@@ -1446,6 +1448,59 @@ pub async fn a_room_state_replaced_from_a_stale_read_changes_nothing(backend: Ar
         &backend,
     )
     .await;
+}
+
+/// [`Store::replace_group_session`](crate::Store::replace_group_session)
+/// writes only over the record its caller read (a first record over none, a
+/// better copy over the current one); from a stale read it answers `None`
+/// and changes nothing, and other sessions and rooms are not touched.
+pub async fn an_inbound_group_session_replaced_from_a_stale_read_changes_nothing(
+    backend: Arc<dyn Backend>,
+) {
+    let stored =
+        |room: &str, session: &str| bytes(backend.load_group_session(room, session).expect("read"));
+    let replace = |expected: Option<&[u8]>, record: &[u8]| {
+        backend
+            .replace_group_session("!r:hs", "g", expected, record)
+            .expect("replace")
+    };
+    durable(
+        "other room",
+        backend.write_group_session("!o:hs", "g", b"elsewhere"),
+    )
+    .await;
+    durable(
+        "other session",
+        backend.write_group_session("!r:hs", "h", b"another"),
+    )
+    .await;
+    durable(
+        "first",
+        Ok(replace(None, b"one").expect("a first record over none was refused")),
+    )
+    .await;
+    assert!(
+        replace(None, b"other").is_none(),
+        "a second first record from the same empty read"
+    );
+    assert_eq!(stored("!r:hs", "g"), Some(b"one".to_vec()));
+    durable(
+        "replace",
+        Ok(replace(Some(b"one"), b"two")
+            .expect("a replacement over the current record was refused")),
+    )
+    .await;
+    assert!(
+        replace(Some(b"one"), b"three").is_none(),
+        "over a stale read"
+    );
+    assert!(
+        replace(None, b"three").is_none(),
+        "over a read that found none"
+    );
+    assert_eq!(stored("!r:hs", "g"), Some(b"two".to_vec()));
+    assert_eq!(stored("!o:hs", "g"), Some(b"elsewhere".to_vec()));
+    assert_eq!(stored("!r:hs", "h"), Some(b"another".to_vec()));
 }
 
 /// The compare-and-write checks of one kind of record.

@@ -34,6 +34,9 @@ pub enum Write<'a> {
     /// [`Store::write_room_state`] or [`Store::replace_room_state`] of this
     /// room.
     RoomState(&'a str),
+    /// [`Store::write_group_session`] or [`Store::replace_group_session`]:
+    /// room, session id.
+    GroupSession(&'a str, &'a str),
 }
 
 /// What runs before each [`Write`]: an error stops the write (nothing
@@ -246,7 +249,19 @@ impl Store for Intercepted {
         session_id: &str,
         record: &[u8],
     ) -> Result<Pending, StoreError> {
+        self.before(&Write::GroupSession(room_id, session_id))?;
         self.inner.write_group_session(room_id, session_id, record)
+    }
+    fn replace_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        expected: Option<&[u8]>,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError> {
+        self.before(&Write::GroupSession(room_id, session_id))?;
+        self.inner
+            .replace_group_session(room_id, session_id, expected, record)
     }
     fn record_message_index(
         &self,

@@ -205,24 +205,24 @@ impl MemoryStore {
     /// [`MemoryStore::put`] only if the record under `key` is still
     /// `expected`, compared and written under the one lock: two managers
     /// may share this store, as two processes share a database.
-    fn replace(
+    fn replace<K: Ord>(
         &self,
-        map: impl FnOnce(&mut State) -> &mut BTreeMap<String, Secret>,
-        key: &str,
+        map: impl FnOnce(&mut State) -> &mut BTreeMap<K, Secret>,
+        key: K,
         expected: Option<&[u8]>,
         record: Option<&[u8]>,
     ) -> Result<Option<Pending>, StoreError> {
         let mut state = self.write()?;
         let records = map(&mut state);
-        if records.get(key).map(|r| r.as_slice()) != expected {
+        if records.get(&key).map(|r| r.as_slice()) != expected {
             return Ok(None);
         }
         match record {
             Some(record) => {
-                records.insert(key.to_owned(), Zeroizing::new(record.to_vec()));
+                records.insert(key, Zeroizing::new(record.to_vec()));
             }
             None => {
-                records.remove(key);
+                records.remove(&key);
             }
         }
         Ok(Some(self.applied(&mut state)))
@@ -579,7 +579,12 @@ impl Store for MemoryStore {
         expected: Option<&[u8]>,
         record: Option<&[u8]>,
     ) -> Result<Option<Pending>, StoreError> {
-        self.replace(|s| &mut s.tracked_users, user_id, expected, record)
+        self.replace(
+            |s| &mut s.tracked_users,
+            user_id.to_owned(),
+            expected,
+            record,
+        )
     }
 
     fn load_delivery(
@@ -671,6 +676,22 @@ impl Store for MemoryStore {
         )
     }
 
+    /// Compared and written under the one lock, as tracked users are.
+    fn replace_group_session(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        expected: Option<&[u8]>,
+        record: &[u8],
+    ) -> Result<Option<Pending>, StoreError> {
+        self.replace(
+            |s| &mut s.group_sessions,
+            (room_id.to_owned(), session_id.to_owned()),
+            expected,
+            Some(record),
+        )
+    }
+
     fn record_message_index(
         &self,
         room_id: &str,
@@ -742,7 +763,7 @@ impl Store for MemoryStore {
         expected: Option<&[u8]>,
         record: Option<&[u8]>,
     ) -> Result<Option<Pending>, StoreError> {
-        self.replace(|s| &mut s.room_states, room_id, expected, record)
+        self.replace(|s| &mut s.room_states, room_id.to_owned(), expected, record)
     }
 
     fn room_state_ids(&self) -> Result<Vec<String>, StoreError> {

@@ -1186,3 +1186,41 @@ async fn a_tracked_user_replace_that_waits_for_the_row_compares_with_what_was_co
     );
     assert!(store.load_tracked_user("@u:hs").unwrap().is_none());
 }
+
+/// The same for a received room key's record: a better copy written by
+/// another process while this replace waits for the row is what it
+/// compares with, so a worse copy never lands over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_session_replace_that_waits_for_the_row_compares_with_what_was_committed_meanwhile()
+{
+    let (url, _server) = fresh_database().await;
+    let store = Arc::new(PgStore::create(config(&url, &StoreKey::generate())).unwrap());
+    durable(store.write_group_session("!r:x", "g", b"one")).await;
+
+    let locker = raw(&url).await;
+    locker
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM bk_group_sessions \
+             WHERE room_id = '!r:x' AND session_id = 'g' FOR UPDATE",
+        )
+        .await
+        .unwrap();
+    let replacing = Arc::clone(&store);
+    let replace = tokio::task::spawn_blocking(move || {
+        replacing
+            .replace_group_session("!r:x", "g", Some(b"one"), b"two")
+            .map(|written| written.is_some())
+    });
+    until_a_statement_waits_for_a_lock(&url).await;
+    locker
+        .batch_execute(
+            "DELETE FROM bk_group_sessions WHERE room_id = '!r:x' AND session_id = 'g'; COMMIT",
+        )
+        .await
+        .unwrap();
+    assert!(
+        !replace.await.unwrap().unwrap(),
+        "a replace wrote over a record deleted while it waited"
+    );
+    assert!(store.load_group_session("!r:x", "g").unwrap().is_none());
+}
