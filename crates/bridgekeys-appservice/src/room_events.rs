@@ -132,8 +132,9 @@ fn store_error(e: impl std::fmt::Display) -> MatrixError {
 
 /// Store the room keys the transaction's decrypted Olm messages carry, and
 /// return the (room, session) of each, for the held events they release.
-/// A refused key is logged and skipped; a store failure fails the
-/// transaction (it is retried).
+/// A refused key is logged and skipped; a store failure, or a write that
+/// lost every race to other processes, fails the transaction (it is
+/// retried).
 pub(crate) async fn take_room_keys<H: BridgeHandler>(
     inner: &Inner<H>,
     to_device: &[ToDevice],
@@ -155,6 +156,12 @@ pub(crate) async fn take_room_keys<H: BridgeHandler>(
                 }
             }
             Err(OlmError::Store(e)) => return Err(MatrixError::internal(format!("store: {e}"))),
+            // Other processes kept changing the session's record: nothing
+            // was stored, and the key must not be dropped, so the
+            // transaction fails and the homeserver sends it again.
+            Err(e @ OlmError::Contended { .. }) => {
+                return Err(MatrixError::internal(format!("room key: {e}")));
+            }
             Err(e) => {
                 tracing::warn!(sender = %d.sender, error = %e, "room key refused");
             }

@@ -172,9 +172,12 @@ struct CachedGroup {
 /// decrypted. A session restored from its record starts at its first known
 /// index and must ratchet forward to each message's index (about 80 us at
 /// index 50); a cached one only steps from where it stopped. Any write of
-/// a group session record moves `writes` on, and an entry taken out
-/// before a write is not put back after it, so the cache never holds a
-/// copy older than the store's.
+/// a group session record by this process moves `writes` on, and an entry
+/// taken out before a write is not put back after it, so the cache never
+/// holds a copy older than this process stored. Another process sharing
+/// the store may store a better copy without this cache knowing: an event
+/// before the cached copy's first known index reads the store again
+/// (`decrypt_room_event_inner`).
 pub(crate) struct GroupCache {
     sessions: parking_lot::Mutex<lru::LruCache<(String, String), CachedGroup>>,
     writes: std::sync::atomic::AtomicU64,
@@ -301,6 +304,9 @@ impl AccountManager {
         let attempts = self.config().session_write_attempts.max(1);
         let mut written = None;
         for attempt in 1..=attempts {
+            // Keeps this process's own receivers of one session from losing
+            // races to each other; other processes are kept out by the
+            // compare-and-write below.
             let _one_writer = self.group_sessions.lock();
             let stored = self
                 .store
@@ -463,19 +469,27 @@ impl AccountManager {
             Some(group) => group,
             None => self.load_group(room_id, &session_id)?,
         };
-        let (group, checked, decrypted) =
-            match self.check_and_decrypt(group, room_id, sender, &content.sender_key, &message) {
-                // Another process sharing the store may have stored a better
-                // copy (a lower first known index) since this one was cached:
-                // read it before refusing a message only that copy can read.
-                Err(OlmError::Megolm(MegolmError::Decryption(_)))
-                    if from_cache && !self.store.sole_writer() =>
-                {
-                    let fresh = self.load_group(room_id, &session_id)?;
-                    self.check_and_decrypt(fresh, room_id, sender, &content.sender_key, &message)?
-                }
-                result => result?,
-            };
+        // Another process sharing the store may have stored a better copy
+        // (a lower first known index) since this one was cached: an event
+        // before the cached copy's first index reads the store again before
+        // it is refused.
+        let before_cached = from_cache
+            && !self.store.sole_writer()
+            && message.message_index() < group.session.first_known_index();
+        let (group, checked, decrypted) = match self.check_and_decrypt(
+            group,
+            room_id,
+            sender,
+            &content.sender_key,
+            &message,
+        ) {
+            Err(OlmError::Megolm(MegolmError::Decryption(_))) if before_cached => {
+                tracing::debug!(%room_id, %session_id, "an event before the cached copy's first index: reading the stored copy");
+                let fresh = self.load_group(room_id, &session_id)?;
+                self.check_and_decrypt(fresh, room_id, sender, &content.sender_key, &message)?
+            }
+            result => result?,
+        };
         let Checked {
             sender_key,
             sender_device_verified,

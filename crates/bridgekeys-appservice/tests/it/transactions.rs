@@ -702,6 +702,45 @@ async fn a_room_key_in_a_transaction_decrypts_the_encrypted_room_events_that_com
     );
 }
 
+/// A room key whose write loses to other processes on every attempt
+/// (`OlmError::Contended`) is not dropped: the transaction fails, is not
+/// recorded and reaches no handler, so the homeserver sends it again. Here
+/// "another process" writes the session's record right before each write
+/// of ours, and one attempt is allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_key_that_loses_every_race_fails_its_transaction_instead_of_being_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut manager_config = bridgekeys_olm::ManagerConfig::default();
+    manager_config.session_write_attempts = 1;
+    let fx = Fixture::open_with(dir.path(), Limits::default(), manager_config);
+    fx.provision(1).await;
+    let mut peer = Peer::new(&fx).await;
+    let room = SharedRoom::new();
+    let key = room.key_for(&mut peer);
+    let inner = Arc::clone(fx.store.inner());
+    fx.store.intercept(move |write| {
+        if let bridgekeys_store::testing::Write::GroupSession(room, session) = write {
+            let _applied = inner.write_group_session(room, session, b"another process's copy")?;
+        }
+        Ok(())
+    });
+    let (status, body) = fx
+        .put_transaction("contended-1", &json!({"events": [], "to_device": [key]}))
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+    assert!(
+        fx.handler.seen.lock().unwrap().is_empty(),
+        "the transaction reached the handler"
+    );
+    assert!(
+        !fx.store
+            .transaction_completed(TXN_NS, "contended-1")
+            .unwrap(),
+        "the transaction was recorded: its retry would be skipped"
+    );
+}
+
 /// A room's group session and a peer that shares it with puppet 0.
 struct SharedRoom {
     group: bridgekeys_olm::vodozemac::megolm::GroupSession,

@@ -4,8 +4,8 @@
 //! A room key that arrives is compared with the stored copy of its session
 //! and written only if it can decrypt more (a lower first known index).
 //! When both processes receive copies of one session at once (a client
-//! re-sharing a key, or answering a key request, while the first share is
-//! still being handled), the better copy stored by one between the other's
+//! sharing the same session again while the first share is still being
+//! handled), the better copy stored by one between the other's
 //! read and its write must not be replaced by the worse one: the messages
 //! only the better copy reads would stay undecryptable for good. The race
 //! is forced, not hoped for: an [`Intercepted`] store runs the other

@@ -1187,9 +1187,10 @@ async fn a_tracked_user_replace_that_waits_for_the_row_compares_with_what_was_co
     assert!(store.load_tracked_user("@u:hs").unwrap().is_none());
 }
 
-/// The same for a received room key's record: a better copy written by
-/// another process while this replace waits for the row is what it
-/// compares with, so a worse copy never lands over it.
+/// The same for a received room key's record: what another process
+/// committed while this replace waited for the row (here it deletes the
+/// record) is what the replace compares with, so it writes nothing. A
+/// compare-then-write in two steps would not wait at all in its compare.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_session_replace_that_waits_for_the_row_compares_with_what_was_committed_meanwhile()
 {
