@@ -193,10 +193,8 @@ pub(crate) async fn answer(
     mut request: ClaimRequest,
 ) -> Result<ClaimResponse, MatrixError> {
     let started = Instant::now();
-    if let Some(pool) = cx.pool {
-        // The claim-mode probe is noted and answered with no key.
-        pool.take_probe(&mut request);
-    }
+    // The claim-mode probe is noted and answered with a marker, no key.
+    let probed = cx.pool.filter(|pool| pool.take_probe(&mut request));
     let (mut jobs, mut skipped) = plan(request, cx)?;
     // The usual request (a homeserver asking for one device) is served
     // right here; only a request for several devices pays for tasks.
@@ -223,6 +221,9 @@ pub(crate) async fn answer(
         results
     };
     let mut response = ClaimResponse::new();
+    if let Some(pool) = probed {
+        pool.mark_probe(&mut response);
+    }
     let mut issued = 0u64;
     let with_fallback = cx.fallback_in_claims;
     let mut fallbacks = 0u64;

@@ -12,16 +12,19 @@
 //!   proxied"), then claims a key of a probe device of its own sender
 //!   through the client-server API. The probe device has no uploaded keys,
 //!   so a proxying homeserver must ask our listener, which notes the probe
-//!   and answers nothing for it (`KeyPool::take_probe`). Seen:
-//!   [`ClaimMode::Proxied`]; not seen: [`ClaimMode::Pool`]. Run at start
+//!   and answers it with a marker instead of a key (`KeyPool::take_probe`,
+//!   key id `signed_curve25519:bridgekeys_probe`). The marker in the
+//!   homeserver's answer, or the probe seen by our own listener:
+//!   [`ClaimMode::Proxied`]; neither: [`ClaimMode::Pool`]. Run at start
 //!   and every [`PoolConfig::probe_interval`]; the mode is in `/metrics`,
-//!   `/_bridgekeys/ready` and one log line when it changes. The probe is
-//!   counted by the process whose listener the homeserver asks: with
-//!   several bridge processes behind one registration (a store that is not
-//!   its [sole writer](bridgekeys_store::Store::sole_writer)), that is
-//!   often another one, and detection would read "not proxied" by mistake.
-//!   Set [`ModeSetting::Proxied`] or [`ModeSetting::Pool`] there; a pool
-//!   built to detect on such a store says so in a warning.
+//!   `/_bridgekeys/ready` and one log line when it changes. The marker is
+//!   what makes detection work with several bridge processes behind one
+//!   registration: the homeserver may ask another process's listener, which
+//!   this one cannot see, but that listener's marker comes back in the
+//!   answer (Synapse passes the appservice's key objects through
+//!   untouched). Every process must run a build that answers with the
+//!   marker: one that answers nothing would make the probe read "not
+//!   proxied".
 //! * **The pool** (only in [`ClaimMode::Pool`]): per puppet device, up to
 //!   [`PoolConfig::size`] keys uploaded with `keys/upload` as the device.
 //!   They are made by [`AccountManager::claim`], exactly like on-demand
@@ -234,6 +237,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The key name of the marker the probe is answered with.
+const PROBE_MARKER_NAME: &str = "bridgekeys_probe";
+
+/// The marker's `key`: plainly not a curve25519 key (16 bytes, not 32).
+const PROBE_MARKER_KEY: &[u8] = b"bridgekeys probe";
+
+/// `signed_curve25519:bridgekeys_probe`: the id of the marker.
+fn probe_marker_id() -> ruma::OwnedOneTimeKeyId {
+    ruma::OneTimeKeyId::from_parts(
+        ruma::OneTimeKeyAlgorithm::SignedCurve25519,
+        PROBE_MARKER_NAME.into(),
+    )
+}
+
 impl KeyPool {
     /// A pool keeper for the appservice `appservice_id` whose sender is
     /// `sender` (the registration's `id` and `@sender_localpart:server`),
@@ -245,13 +262,6 @@ impl KeyPool {
         sender: OwnedUserId,
         config: PoolConfig,
     ) -> Self {
-        if config.mode == ModeSetting::Detect && !manager.store().sole_writer() {
-            tracing::warn!(
-                "detecting the claim mode on a store other processes share: the homeserver \
-                 may send the probe to another process, which this one cannot see, and the \
-                 mode would read `pool` by mistake; set the mode to `proxied` or `pool`"
-            );
-        }
         let mode = match config.mode {
             ModeSetting::Detect => ClaimMode::Unknown,
             ModeSetting::Proxied => ClaimMode::Proxied,
@@ -346,13 +356,21 @@ impl KeyPool {
             self.sender.clone(),
             vec![self.config.probe_device_id.clone()],
         )]);
-        if let Err(e) = self.client.claim_keys_as_appservice(probe).await {
-            tracing::warn!(error = %e, "the probe claim failed; claim mode unchanged");
-            return self.mode();
-        }
-        // The homeserver asks the appservice before it answers the claim,
-        // so a proxied probe has been counted by now.
-        let mode = if self.probes_seen.load(Ordering::SeqCst) > before {
+        let answer = match self.client.claim_keys_as_appservice(probe).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(error = %e, "the probe claim failed; claim mode unchanged");
+                return self.mode();
+            }
+        };
+        // The homeserver asks the appservice before it answers the claim:
+        // whichever process's listener it asked put the marker in the
+        // answer, and if it was ours, the probe has been counted by now.
+        let marked = answer
+            .get(&self.sender)
+            .and_then(|devices| devices.get(&self.config.probe_device_id))
+            .is_some_and(|keys| keys.contains_key(&probe_marker_id()));
+        let mode = if marked || self.probes_seen.load(Ordering::SeqCst) > before {
             ClaimMode::Proxied
         } else {
             ClaimMode::Pool
@@ -368,20 +386,41 @@ impl KeyPool {
 
     /// Remove the probe device from a claim request, noting that the
     /// homeserver proxied it. Called by the claim handler before anything
-    /// else: the probe is answered with no key.
-    pub(crate) fn take_probe(&self, request: &mut crate::claim::ClaimRequest) {
+    /// else: the probe gets no key, only the marker ([`KeyPool::mark_probe`]),
+    /// if this returned `true`.
+    pub(crate) fn take_probe(&self, request: &mut crate::claim::ClaimRequest) -> bool {
         let Some(devices) = request.get_mut(self.sender.as_str()) else {
-            return;
+            return false;
         };
         let probe = self.config.probe_device_id.as_str();
-        if devices.remove(probe).is_some() {
-            debug_assert!(self.is_probe(self.sender.as_str(), probe));
-            self.probes_seen.fetch_add(1, Ordering::SeqCst);
-            tracing::debug!("probe claim seen: the homeserver proxies claims");
-            if devices.is_empty() {
-                request.remove(self.sender.as_str());
-            }
+        if devices.remove(probe).is_none() {
+            return false;
         }
+        debug_assert!(self.is_probe(self.sender.as_str(), probe));
+        self.probes_seen.fetch_add(1, Ordering::SeqCst);
+        tracing::debug!("probe claim seen: the homeserver proxies claims");
+        if devices.is_empty() {
+            request.remove(self.sender.as_str());
+        }
+        true
+    }
+
+    /// Answer the probe taken by [`KeyPool::take_probe`] with the marker,
+    /// so that the process that sent it sees the claim was proxied even
+    /// when another process's listener answered it. The marker is no key:
+    /// its id names it, and its `key` (the base64 of `bridgekeys probe`)
+    /// is not a curve25519 key anyone could start a session on.
+    pub(crate) fn mark_probe(&self, response: &mut crate::claim::ClaimResponse) {
+        let marker = ruma::encryption::SignedKey::new(
+            ruma::serde::Base64::new(PROBE_MARKER_KEY.to_vec()),
+            Default::default(),
+        );
+        response
+            .entry(self.sender.clone())
+            .or_default()
+            .entry(self.config.probe_device_id.clone())
+            .or_default()
+            .insert(probe_marker_id(), marker);
     }
 
     /// Mark a puppet device contacted (someone may start a session with

@@ -105,9 +105,10 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolSettings {
-    /// `detect`, `proxied` or `pool`. With several processes on one
-    /// PostgreSQL database, set `proxied` or `pool`: the homeserver may
-    /// send the detection's probe to another process.
+    /// `detect`, `proxied` or `pool`. Detection also works with several
+    /// processes on one PostgreSQL database (the process the homeserver
+    /// asks answers the probe with a marker that reaches the detecting
+    /// one), as long as every process runs a build that does.
     pub mode: PoolMode,
     /// Keys per contacted puppet device after a top-up.
     pub pool_size: usize,

@@ -4,10 +4,13 @@
 //! a pool key. With claims proxied, it uploads none.
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use bridgekeys::{
-    appservice::{ClaimMode, DEFAULT_PUPPET_DEVICE_ID},
+    appservice::{
+        AsToken, ClaimMode, DEFAULT_PUPPET_DEVICE_ID, HomeserverClient, KeyPool, PoolConfig,
+        Registration,
+    },
     olm::vodozemac::Ed25519Signature,
     store::DeviceKey,
 };
@@ -276,6 +279,32 @@ async fn with_proxied_claims_no_one_time_key_is_uploaded_and_keys_come_on_demand
         "the homeserver never asked the bridge: {answered}"
     );
     assert_eq!(local.key_pool().unwrap().stats().keys_uploaded, 0);
+
+    // Another bridge process behind the same registration, on the same
+    // store, whose listener the homeserver never asks: its detection's
+    // probe is proxied to this bridge's listener, and the marker that one
+    // answers with comes back through Synapse untouched, so it too finds
+    // the claims proxied.
+    let registration = Registration::load(&local.config.registration).unwrap();
+    let seen_here = local.key_pool().unwrap().stats().probes_seen;
+    let other = KeyPool::new(
+        Arc::clone(local.manager().unwrap()),
+        HomeserverClient::new(&local.synapse.url(), AsToken::new(registration.as_token)).unwrap(),
+        registration.id,
+        UserId::parse(format!("@{}:localhost", registration.sender_localpart)).unwrap(),
+        PoolConfig::default(),
+    );
+    assert_eq!(other.detect().await, ClaimMode::Proxied);
+    assert_eq!(
+        other.stats().probes_seen,
+        0,
+        "the other process saw no probe"
+    );
+    assert_eq!(
+        local.key_pool().unwrap().stats().probes_seen,
+        seen_here + 1,
+        "this bridge's listener answered it"
+    );
     local.stop().await.unwrap();
 }
 
