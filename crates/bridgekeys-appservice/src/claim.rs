@@ -15,7 +15,10 @@
 //! Everything else is left out of the response, never created on the fly:
 //! the homeserver fills the gap with the device's fallback key. A request
 //! over the per-device or per-request cap is refused whole (400
-//! `M_INVALID_PARAM`) before any key is generated.
+//! `M_INVALID_PARAM`) before any key is generated. One exception, on the
+//! whole listener with a [`crate::KeyPool`] attached: the claim-mode probe
+//! (the sender's probe device) is answered with a marker that is no key and
+//! was never stored (see [`crate::pool`]).
 //!
 //! The same code answers for the whole listener ([`crate::Appservice`]) and
 //! for the claim paths mounted alone ([`crate::ClaimService`]).
@@ -24,7 +27,7 @@
 //! served device's published fallback key (`fallback: true`) is added to its
 //! one-time keys, unless a one-time key in the same answer has the same id.
 //!
-//! Every key in a 200 was durably stored first: the account manager returns
+//! Every key in a 200 (the probe's marker aside) was durably stored first: the account manager returns
 //! keys only after its write is flushed; a device whose claim failed is left
 //! out. Devices are claimed in parallel (bounded by
 //! [`crate::Limits::claim_concurrency`]) on the runtime's worker threads.
@@ -194,7 +197,10 @@ pub(crate) async fn answer(
 ) -> Result<ClaimResponse, MatrixError> {
     let started = Instant::now();
     // The claim-mode probe is noted and answered with a marker, no key.
-    let probed = cx.pool.filter(|pool| pool.take_probe(&mut request));
+    let probed = match cx.pool {
+        Some(pool) if pool.take_probe(&mut request) => Some(pool),
+        _ => None,
+    };
     let (mut jobs, mut skipped) = plan(request, cx)?;
     // The usual request (a homeserver asking for one device) is served
     // right here; only a request for several devices pays for tasks.

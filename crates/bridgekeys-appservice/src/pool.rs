@@ -22,9 +22,16 @@
 //!   registration: the homeserver may ask another process's listener, which
 //!   this one cannot see, but that listener's marker comes back in the
 //!   answer (Synapse passes the appservice's key objects through
-//!   untouched). Every process must run a build that answers with the
-//!   marker: one that answers nothing would make the probe read "not
-//!   proxied".
+//!   untouched). That needs every process's listener to answer the probe:
+//!   a build that answers with the marker, a [`KeyPool`] attached to its
+//!   whole listener (not a bare [`crate::ClaimService`]), and the same
+//!   sender and [`PoolConfig::probe_device_id`]. A listener that answers
+//!   nothing (an older build, during a rolling upgrade) makes the probe read
+//!   "not proxied", and the detecting process would then upload pools while
+//!   claims are proxied (valid keys, but rows the homeserver need not
+//!   hold): set the mode to `proxied` or `pool` until every process is
+//!   upgraded. On a shared store, a detection that reads "not proxied" says
+//!   so at `info` with that advice.
 //! * **The pool** (only in [`ClaimMode::Pool`]): per puppet device, up to
 //!   [`PoolConfig::size`] keys uploaded with `keys/upload` as the device.
 //!   They are made by [`AccountManager::claim`], exactly like on-demand
@@ -140,7 +147,8 @@ pub struct PoolConfig {
     /// provisioner's device id).
     pub puppet_device_id: OwnedDeviceId,
     /// The device of the appservice's sender used by the probe. It gets no
-    /// keys and is never served.
+    /// keys: a claim for it is answered with the probe's marker only. Every
+    /// process behind one registration must use the same one.
     pub probe_device_id: OwnedDeviceId,
 }
 
@@ -176,7 +184,9 @@ pub enum PoolError {
 pub struct PoolStats {
     /// Mode detections run.
     pub probes: u64,
-    /// Probe claims the listener saw (each one means "proxied").
+    /// Probe claims this listener saw and answered with the marker (each
+    /// one means "proxied"; the probe may have been sent by another process
+    /// behind the same registration).
     pub probes_seen: u64,
     /// Uploads of new pool keys.
     pub uploads: u64,
@@ -375,6 +385,13 @@ impl KeyPool {
         } else {
             ClaimMode::Pool
         };
+        if mode == ClaimMode::Pool && !self.manager.store().sole_writer() {
+            tracing::info!(
+                "the probe claim came back without the marker: claims are not proxied, or \
+                 another bridge process of an older build answered it; during a rolling \
+                 upgrade, set the mode to `proxied` or `pool`"
+            );
+        }
         self.set_mode(mode);
         mode
     }

@@ -403,7 +403,10 @@ async fn mark_requested<H: BridgeHandler>(
     let store = inner.manager.store();
     let written = {
         // Only events still held: one a recorded transaction has just
-        // forgotten must not come back.
+        // forgotten must not come back. The lock keeps this process's
+        // transactions out; another process sharing the store may forget
+        // an event between our read and our write, so each record is
+        // written only over what was read (then it is left alone).
         let _held = inner.key_requests.held.lock();
         match store.held_events(Some((room, session))) {
             Ok(events) => {
@@ -420,10 +423,23 @@ async fn mark_requested<H: BridgeHandler>(
                         .map_err(|e| e.to_string())
                         .and_then(|bytes| {
                             store
-                                .hold_event(room, session, &h.event_id, Some(&bytes))
-                                .map(|_applied| ())
+                                .replace_held_event(
+                                    room,
+                                    session,
+                                    &h.event_id,
+                                    Some(&h.record),
+                                    Some(&bytes),
+                                )
                                 .map_err(|e| e.to_string())
                         });
+                    let result = match result {
+                        Ok(Some(_applied)) => Ok(()),
+                        Ok(None) => {
+                            tracing::debug!(%room, event = %h.event_id, "a held event changed or was handed over elsewhere; its record is left as it is");
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    };
                     if let Err(e) = result {
                         written = false;
                         tracing::warn!(%room, event = %h.event_id, error = %e, "could not record a room key request");

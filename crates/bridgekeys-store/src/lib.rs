@@ -473,6 +473,37 @@ pub trait Store: Send + Sync + 'static {
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError>;
 
+    /// [`Store::hold_event`] only if the stored record of the event is
+    /// still `expected` (as [`Store::held_events`] listed it; `None`: not
+    /// held): `Ok(None)` and nothing written if another writer changed or
+    /// forgot it since. A held event's record is read, changed (a key
+    /// request noted in it) and written back; where several processes
+    /// share the store, another process may hand the event over and forget
+    /// it in between, and an unconditional write would bring it back, to be
+    /// handed over a second time.
+    ///
+    /// Like [`Store::replace_tracked_user`], the default compares and
+    /// writes in two steps: a backend that other processes share must
+    /// override it with one atomic step.
+    fn replace_held_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let stored = self
+            .held_events(Some((room_id, session_id)))?
+            .into_iter()
+            .find(|h| h.event_id == event_id);
+        if stored.as_ref().map(|h| h.record.as_slice()) != expected {
+            return Ok(None);
+        }
+        self.hold_event(room_id, session_id, event_id, record)
+            .map(Some)
+    }
+
     /// Held events: those waiting for one session's key (that room and
     /// session exactly), or (with `None`) all of them. Each session's
     /// events are listed together, in event-id byte order. (sled lists

@@ -108,7 +108,8 @@ pub struct PoolSettings {
     /// `detect`, `proxied` or `pool`. Detection also works with several
     /// processes on one PostgreSQL database (the process the homeserver
     /// asks answers the probe with a marker that reaches the detecting
-    /// one), as long as every process runs a build that does.
+    /// one), as long as every process runs a build that does: during a
+    /// rolling upgrade from an older one, set `proxied` or `pool`.
     pub mode: PoolMode,
     /// Keys per contacted puppet device after a top-up.
     pub pool_size: usize,

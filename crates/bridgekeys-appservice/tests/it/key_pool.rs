@@ -1,7 +1,9 @@
 //! The key pool's detection and its probe, against homeservers that answer
 //! in ways a real Synapse does not show on demand (no ping endpoint, a
-//! listener it cannot reach). The real homeserver cases (claims proxied or
-//! not) are in `examples/echo-bridge/tests/pool.rs`, against Synapse.
+//! listener it cannot reach, claims proxied to another process's listener).
+//! The real homeserver cases (claims proxied or not, and another process's
+//! detection) are in `examples/echo-bridge/tests/it/pool.rs`, against
+//! Synapse.
 
 use std::{
     net::SocketAddr,
@@ -164,6 +166,7 @@ async fn the_probe_device_is_answered_with_the_marker_and_no_key_and_counted_whi
     let pool = pool(&fx, "http://127.0.0.1:9", ModeSetting::Detect);
     fx.appservice = fx.appservice.clone().with_key_pool(Arc::clone(&pool));
     fx.router = fx.appservice.router();
+    let issued_before = fx.manager.stats().keys_issued;
     let request = json!({
         BOT: {"BRIDGEKEYS_PROBE": ["signed_curve25519"]},
         "@echo_0:localhost": {"PUPPETDEV": ["signed_curve25519"]},
@@ -185,6 +188,16 @@ async fn the_probe_device_is_answered_with_the_marker_and_no_key_and_counted_whi
         1
     );
     assert_eq!(pool.stats().probes_seen, 1);
+    assert_eq!(
+        fx.manager.stats().keys_issued,
+        issued_before + 1,
+        "the marker was made or counted as a key"
+    );
+    assert_eq!(
+        fx.metric("bridgekeys_appservice_keys_issued_total").await,
+        1.0,
+        "the marker was counted as an issued key"
+    );
     let ready = fx
         .call(
             axum::http::Request::get(paths::READY)

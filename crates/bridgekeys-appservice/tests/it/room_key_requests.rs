@@ -35,7 +35,10 @@ use bridgekeys_olm::{
         olm::{Account, IdentityKeys, OlmMessage, Session, SessionConfig},
     },
 };
-use bridgekeys_store::{SledStore, SledStoreConfig, Store, TransactionLog};
+use bridgekeys_store::{
+    SledStore, SledStoreConfig, Store, TransactionLog,
+    testing::{Intercepted, Write},
+};
 use ruma::{OwnedDeviceId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -141,16 +144,18 @@ struct Rig {
     appservice: Appservice<Bridge>,
     router: Router,
     manager: Arc<AccountManager>,
-    store: Arc<SledStore>,
+    /// The sled store, behind a hook a test can use to stand in for
+    /// another process writing to the same store.
+    store: Arc<Intercepted>,
     bridge: Arc<Bridge>,
 }
 
 impl Rig {
     async fn open(dir: &FsPath, wait: Option<Duration>, hs_url: &str, names: bool) -> Self {
-        let store = Arc::new(
+        let store = Arc::new(Intercepted::new(Arc::new(
             SledStore::open_or_create(SledStoreConfig::new(dir.join("store"), store_key()))
                 .unwrap(),
-        );
+        )));
         let manager = Arc::new(AccountManager::new(
             Arc::clone(&store) as Arc<dyn Store>,
             ManagerConfig::default(),
@@ -433,6 +438,49 @@ async fn nothing_is_asked_before_the_wait_and_a_restart_does_not_ask_again() {
         "counted again after the restart"
     );
     assert_eq!(rig.held(), 1);
+}
+
+/// With several processes on one store, another process may hand a held
+/// event over (its key came there) and forget it while this one notes its
+/// key request in the event's record. The note must not bring the event
+/// back, or it would later be handed over a second time, as undecryptable.
+/// The other process's forget is forced between this one's read of the
+/// held records and its write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_request_noted_after_another_process_handed_the_event_over_does_not_bring_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hs, url) = homeserver().await;
+    {
+        let rig = Rig::open(dir.path(), Some(Duration::from_secs(3600)), &url, true).await;
+        let mut alice = Alice::new(&rig).await;
+        rig.put("o-1", json!({"events": [alice.event("$early", "x")]}))
+            .await;
+        assert_eq!(rig.held(), 1);
+    }
+    let rig = Rig::open(dir.path(), Some(Duration::ZERO), &url, true).await;
+    let inner = Arc::clone(rig.store.inner());
+    let forgotten = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::clone(&forgotten);
+    rig.store.intercept(move |write| {
+        if let Write::HeldEvent(room, session, event) = write
+            && !done.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            // The other process hands the event over and forgets it.
+            let _applied = inner.hold_event(room, session, event, None)?;
+        }
+        Ok(())
+    });
+    rig.put("o-2", json!({"events": []})).await;
+    assert!(
+        forgotten.load(std::sync::atomic::Ordering::SeqCst),
+        "the request was never noted"
+    );
+    assert_eq!(key_requests(&hs).len(), 1, "the key was asked for");
+    assert_eq!(
+        rig.held(),
+        0,
+        "noting the key request brought back an event handed over elsewhere"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

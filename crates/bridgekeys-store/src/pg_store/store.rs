@@ -285,6 +285,18 @@ const ROOM_STATES: SealedTable = SealedTable {
     what: "room state record",
 };
 
+const HELD_EVENTS: SealedTable = SealedTable {
+    select: "SELECT sealed FROM bk_held_events \
+             WHERE room_id = $1 AND session_id = $2 AND event_id = $3 FOR UPDATE",
+    insert: "INSERT INTO bk_held_events (room_id, session_id, event_id, sealed) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (room_id, session_id, event_id) DO NOTHING",
+    update: "UPDATE bk_held_events SET sealed = $4 \
+             WHERE room_id = $1 AND session_id = $2 AND event_id = $3",
+    delete: "DELETE FROM bk_held_events \
+             WHERE room_id = $1 AND session_id = $2 AND event_id = $3",
+    what: "held event record",
+};
+
 const GROUP_SESSIONS: SealedTable = SealedTable {
     select: "SELECT sealed FROM bk_group_sessions WHERE room_id = $1 AND session_id = $2 \
              FOR UPDATE",
@@ -1045,6 +1057,25 @@ impl Store for PgStore {
 
     /// Ordered by room, session and event id (bytewise), not by sled's
     /// length-prefixed key order.
+    /// One transaction that holds the row while it compares (see
+    /// `PgStore::replace_sealed`).
+    fn replace_held_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        self.replace_sealed(
+            &HELD_EVENTS,
+            &[room_id, session_id, event_id],
+            layout::held_event(room_id, session_id, event_id),
+            expected,
+            record,
+        )
+    }
+
     fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError> {
         let rows = match session {
             Some((room, session)) => self.engine.query(

@@ -106,6 +106,7 @@ pub const CHECKS: &[&str] = &[
     "a_message_index_is_first_once_then_same_event_or_other_event",
     "concurrent_first_uses_of_a_message_index_yield_exactly_one_first",
     "held_events_are_filtered_by_session_grouped_and_in_event_id_order",
+    "a_held_event_replaced_from_a_stale_read_changes_nothing",
     "room_states_are_replaced_forgotten_and_listed_in_byte_order",
     "a_cross_signing_identity_is_created_once_and_never_replaced",
     "concurrent_cross_signing_creators_have_exactly_one_winner",
@@ -172,6 +173,7 @@ macro_rules! conformance_tests {
             a_message_index_is_first_once_then_same_event_or_other_event,
             concurrent_first_uses_of_a_message_index_yield_exactly_one_first,
             held_events_are_filtered_by_session_grouped_and_in_event_id_order,
+            a_held_event_replaced_from_a_stale_read_changes_nothing,
             room_states_are_replaced_forgotten_and_listed_in_byte_order,
             a_cross_signing_identity_is_created_once_and_never_replaced,
             concurrent_cross_signing_creators_have_exactly_one_winner,
@@ -1448,6 +1450,32 @@ pub async fn a_room_state_replaced_from_a_stale_read_changes_nothing(backend: Ar
         &backend,
     )
     .await;
+}
+
+/// [`Store::replace_held_event`](crate::Store::replace_held_event), as
+/// [`a_tracked_user_replaced_from_a_stale_read_changes_nothing`]; other
+/// held events of the session are not touched.
+pub async fn a_held_event_replaced_from_a_stale_read_changes_nothing(backend: Arc<dyn Backend>) {
+    durable(
+        "other event",
+        backend.hold_event("!r:hs", "s", "$other", Some(b"other")),
+    )
+    .await;
+    replaced_only_over_what_was_read(
+        |b| {
+            Ok(b.held_events(Some(("!r:hs", "s")))?
+                .into_iter()
+                .find(|h| h.event_id == "$e")
+                .map(|h| h.record))
+        },
+        |b, expected, record| b.replace_held_event("!r:hs", "s", "$e", expected, record),
+        &backend,
+    )
+    .await;
+    let left = backend.held_events(Some(("!r:hs", "s"))).expect("read");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].event_id, "$other");
+    assert_eq!(left[0].record.as_slice(), b"other");
 }
 
 /// [`Store::replace_group_session`](crate::Store::replace_group_session)

@@ -37,6 +37,9 @@ pub enum Write<'a> {
     /// [`Store::write_group_session`] or [`Store::replace_group_session`]:
     /// room, session id.
     GroupSession(&'a str, &'a str),
+    /// [`Store::hold_event`] or [`Store::replace_held_event`]: room,
+    /// session id, event id.
+    HeldEvent(&'a str, &'a str, &'a str),
 }
 
 /// What runs before each [`Write`]: an error stops the write (nothing
@@ -280,7 +283,20 @@ impl Store for Intercepted {
         event_id: &str,
         record: Option<&[u8]>,
     ) -> Result<Pending, StoreError> {
+        self.before(&Write::HeldEvent(room_id, session_id, event_id))?;
         self.inner.hold_event(room_id, session_id, event_id, record)
+    }
+    fn replace_held_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        self.before(&Write::HeldEvent(room_id, session_id, event_id))?;
+        self.inner
+            .replace_held_event(room_id, session_id, event_id, expected, record)
     }
     fn held_events(
         &self,

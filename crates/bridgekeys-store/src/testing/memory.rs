@@ -725,6 +725,23 @@ impl Store for MemoryStore {
         )
     }
 
+    /// Compared and written under the one lock, as tracked users are.
+    fn replace_held_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        self.replace(
+            |s| &mut s.held_events,
+            held_key(room_id, session_id, event_id),
+            expected,
+            record,
+        )
+    }
+
     fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError> {
         let state = self.state.lock();
         Ok(state
