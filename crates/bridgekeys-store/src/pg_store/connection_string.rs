@@ -149,8 +149,35 @@ impl ConnectionString {
                 config.host(addr.to_string());
             }
         }
+        // libpq ignores `sslmode` over a Unix socket: the connection does
+        // not leave the machine, and PostgreSQL never offers TLS there.
+        // tokio-postgres would still ask for TLS, and refuse `require` and
+        // stronger when the server says no: a string that works with psql
+        // would fail here. So when every host is a socket directory, TLS is
+        // not asked for at all. (A list mixing sockets and TCP hosts keeps
+        // its mode: tokio-postgres has one mode for every host.)
+        if unix_sockets_only(&config) {
+            config.ssl_mode(SslMode::Disable);
+        }
         Ok(config)
     }
+}
+
+/// Whether the connection goes to Unix sockets only (every host a socket
+/// directory, no `hostaddr`).
+#[cfg(unix)]
+fn unix_sockets_only(config: &tokio_postgres::Config) -> bool {
+    !config.get_hosts().is_empty()
+        && config.get_hostaddrs().is_empty()
+        && config
+            .get_hosts()
+            .iter()
+            .all(|host| matches!(host, tokio_postgres::config::Host::Unix(_)))
+}
+
+#[cfg(not(unix))]
+fn unix_sockets_only(_: &tokio_postgres::Config) -> bool {
+    false
 }
 
 /// The TLS parameters found in a connection string (libpq's names).
@@ -455,6 +482,39 @@ mod tests {
             cs.config().expect("a config").get_hosts().len(),
             1,
             "a host is kept"
+        );
+    }
+
+    #[test]
+    fn over_unix_sockets_only_no_tls_is_asked_whatever_the_mode_as_in_libpq() {
+        for string in [
+            "host=/run/postgresql user=u sslmode=require",
+            "postgres:///db?host=%2Frun%2Fpostgresql&sslmode=verify-full&sslrootcert=system",
+            "host=/run/postgresql,/tmp user=u sslmode=require",
+        ] {
+            let cs = ConnectionString::parse_with_env(string, |_| None).expect("parses");
+            assert_eq!(
+                cs.config().expect("a config").get_ssl_mode(),
+                SslMode::Disable,
+                "{string}"
+            );
+        }
+        // A TCP host among them keeps the mode.
+        let cs = ConnectionString::parse_with_env(
+            "host=/run/postgresql,db.example.org user=u sslmode=require",
+            |_| None,
+        )
+        .expect("parses");
+        assert_eq!(
+            cs.config().expect("a config").get_ssl_mode(),
+            SslMode::Require
+        );
+        // And TCP alone, of course.
+        let cs = ConnectionString::parse_with_env("host=db.example.org sslmode=require", |_| None)
+            .expect("parses");
+        assert_eq!(
+            cs.config().expect("a config").get_ssl_mode(),
+            SslMode::Require
         );
     }
 

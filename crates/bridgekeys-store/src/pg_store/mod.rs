@@ -341,6 +341,14 @@ impl PgStore {
         let url =
             connection_string::ConnectionString::parse(&config.url).map_err(StoreError::engine)?;
         let mut pg = url.config().map_err(StoreError::engine)?;
+        let tls_used = if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+            format!(
+                "none ({}; over Unix sockets no TLS is asked)",
+                url.tls.describe()
+            )
+        } else {
+            url.tls.describe()
+        };
         let connector = url.tls.connector().map_err(StoreError::engine)?;
         let location = PathBuf::from(describe(&pg));
         // As libpq does: a URL without a password takes `PGPASSWORD`, so the
@@ -396,7 +404,7 @@ impl PgStore {
             engine.call(move |pool| open_store(pool, key, expected, mode, location))?
         };
         tracing::info!(location = %location.display(), store_id = %opened, ?mode,
-            tls = %url.tls.describe(), "opened a PostgreSQL store");
+            tls = %tls_used, "opened a PostgreSQL store");
         Ok(Self {
             location,
             id: opened,

@@ -39,10 +39,13 @@
 //! server for TLS, as in libpq: `verify-full` then checks the address
 //! against the certificate.
 //!
-//! Where tokio-postgres differs from libpq, it wins: `prefer` does not try
-//! again without TLS when the handshake fails (write `sslmode=disable` for
-//! a server whose TLS cannot be negotiated), and `require` or stronger
-//! over a Unix socket is refused rather than ignored.
+//! Over Unix sockets only (every host a socket directory), `sslmode` is
+//! ignored, as in libpq: the server never offers TLS there. Where
+//! tokio-postgres differs from libpq otherwise, it wins: `prefer` does not
+//! try again without TLS when the handshake fails (write `sslmode=disable`
+//! for a server whose TLS cannot be negotiated), and a host list that mixes
+//! sockets and TCP hosts has one mode for all of them (`require` or
+//! stronger then fails on the sockets).
 //!
 //! Without a certificate check (`prefer`, `require` without a root) the
 //! connection is encrypted against a passive listener only, exactly as

@@ -354,3 +354,27 @@ async fn a_role_that_logs_in_by_client_certificate_gets_in_with_sslcert_and_sslk
     }
     server.stop().await.unwrap();
 }
+
+/// A connection string that names the server's socket directory works
+/// with `sslmode=require`, as it does with psql: libpq ignores the mode over
+/// a Unix socket (the server never offers TLS there), so asking for TLS and
+/// refusing the answer would fail a string every other client accepts.
+#[tokio::test]
+async fn over_the_servers_unix_socket_sslmode_require_connects_as_with_libpq() {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    server.create_database("by_socket").await.unwrap();
+    let string = format!(
+        "host={} port={} user={} dbname=by_socket sslmode=require",
+        server.socket_dir().display(),
+        server.port(),
+        server.user(),
+    );
+    let config = PgStoreConfig::new(string, StoreKey::generate());
+    let store = tokio::task::spawn_blocking(move || PgStore::create(config))
+        .await
+        .unwrap()
+        .expect("sslmode=require over the server's Unix socket connects");
+    let first = store.reserve_key_ids(3).unwrap();
+    assert_eq!(store.reserve_key_ids(1).unwrap(), first + 3);
+    server.stop().await.unwrap();
+}
