@@ -556,7 +556,7 @@ impl Provisioner {
         })
         .await?;
         let now = self.clock.now();
-        if scheduled_with_account {
+        let marked = if scheduled_with_account {
             // Its next step at the policy's time in the same write (the
             // rotation pass would rewrite the account record to set it).
             self.manager
@@ -567,10 +567,17 @@ impl Provisioner {
                     now,
                     &self.config.policy,
                 )
-                .await?;
+                .await?
+                .is_some()
         } else {
             self.manager
                 .mark_fallback_published(user_id, device_id, &fallback.key_id, now)
+                .await?
+        };
+        if !marked {
+            // Published by someone else already, or no longer the current
+            // key: see `upload_current_after`.
+            self.upload_current_after(user_id, device_id, device_keys, &fallback.key_id)
                 .await?;
         }
         bump(&self.counters.uploads);
@@ -593,6 +600,67 @@ impl Provisioner {
                 .upload_keys(user_id, device_id, Some(device_keys), published)
         })
         .await?;
+        if let Some(published) = published {
+            self.upload_current_after(user_id, device_id, device_keys, &published.key_id)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// After an upload of fallback key `uploaded` was answered: if the
+    /// device's current fallback key is another one by now, upload that one
+    /// too (and mark it published), until the last key we uploaded is the
+    /// current one.
+    ///
+    /// Why: the homeserver keeps the last fallback key it was sent. Another
+    /// task or process may have rotated the key while our upload was on its
+    /// way (slow, or retried), uploaded the new key and marked it published;
+    /// if ours landed after theirs, the homeserver would hand out the old
+    /// key, which the store forgets after the grace period, while nothing
+    /// is left to upload. Costs one read of the device when nothing
+    /// changed (the usual case). An attempt this process gave up on and
+    /// that the homeserver applies even later is not covered: nothing
+    /// answers it.
+    async fn upload_current_after(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        device_keys: &DeviceKeys,
+        uploaded: &ruma::OwnedOneTimeKeyId,
+    ) -> Result<(), ProvisionError> {
+        let mut uploaded = uploaded.clone();
+        // Each round means another rotation landed during our upload: a
+        // few are plenty; the rotation pass takes over after that.
+        for _ in 0..3 {
+            let now = self.clock.now();
+            let (current, unpublished) = match self
+                .manager
+                .fallback_key_for_upload(user_id, device_id, now)
+                .await?
+            {
+                Some(key) => (key, true),
+                None => match self.manager.published_fallback_key(user_id, device_id)? {
+                    Some(key) => (key, false),
+                    None => return Ok(()),
+                },
+            };
+            if current.key_id == uploaded {
+                return Ok(());
+            }
+            tracing::info!(%user_id, %device_id, uploaded = %uploaded, current = %current.key_id,
+                "the fallback key changed while ours was uploaded: uploading the current one");
+            self.retry("upload keys", Some(&self.counters.upload_retries), || {
+                self.client
+                    .upload_keys(user_id, device_id, Some(device_keys), Some(&current))
+            })
+            .await?;
+            if unpublished {
+                self.manager
+                    .mark_fallback_published(user_id, device_id, &current.key_id, self.clock.now())
+                    .await?;
+            }
+            uploaded = current.key_id;
+        }
         Ok(())
     }
 

@@ -77,6 +77,9 @@ struct HsState {
     signature_uploads: Vec<Recorded>,
     /// Answer this many upcoming cross-signing uploads with 502.
     fail_cross_signing: usize,
+    /// Hold the next upload before it is applied: tell the first `Notify`
+    /// it arrived, wait for the second.
+    hold_upload: Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>,
 }
 
 #[derive(Clone, Default)]
@@ -156,6 +159,12 @@ async fn upload(
     if !authorized(&headers) {
         return matrix_error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "bad token");
     }
+    let held = hs.0.lock().unwrap().hold_upload.take();
+    if let Some((arrived, release)) = held {
+        arrived.notify_one();
+        release.notified().await;
+    }
+    // Recorded when applied: `uploads` is in the order the keys landed.
     let mut s = hs.0.lock().unwrap();
     s.uploads.push(Recorded {
         query: query.clone(),
@@ -252,6 +261,17 @@ impl FakeHomeserver {
 
     fn fail_next_uploads(&self, n: usize) {
         self.0.lock().unwrap().fail_uploads = n;
+    }
+
+    /// Hold the next upload until the second `Notify` is told; the first
+    /// is told when it arrives.
+    fn hold_next_upload(&self) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+        let gate = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        self.0.lock().unwrap().hold_upload = Some(gate.clone());
+        gate
     }
 
     fn uploads(&self) -> Vec<Recorded> {
@@ -880,6 +900,97 @@ async fn a_used_report_rotates_uploads_the_new_key_and_forgets_the_old_one_after
             .is_none()
     );
     assert_eq!(hs.uploads().len(), 2, "forgetting uploads nothing");
+}
+
+/// Two processes on one store (two managers and provisioners over a
+/// shared `MemoryStore`). Process `a` provisions a puppet, and its upload of
+/// the first fallback key is slow. Meanwhile `b`'s rotation pass uploads
+/// that key, a used report rotates it, and `b` uploads the new key. Then
+/// `a`'s upload of the old key lands, last: the homeserver now holds the
+/// old key, which the store forgets after the grace period. `a` must see
+/// that the current key changed and upload it again, so the homeserver's
+/// last fallback key is the stored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_upload_of_a_rotated_fallback_key_is_followed_by_the_current_one() {
+    let (hs, url) = FakeHomeserver::start().await;
+    let store = Arc::new(bridgekeys_store::testing::MemoryStore::new());
+    let process = || {
+        let manager = Arc::new(AccountManager::new(
+            Arc::clone(&store) as _,
+            ManagerConfig::default(),
+        ));
+        let clock = Arc::new(ManualClock::new(T0));
+        let provisioner = Arc::new(
+            Provisioner::new(
+                HomeserverClient::new(&url, AsToken::new(AS_TOKEN)).unwrap(),
+                Arc::clone(&manager),
+                Arc::clone(&store) as Arc<dyn PuppetRegistry>,
+                fast_retries(),
+            )
+            .with_clock(Arc::clone(&clock) as _),
+        );
+        (manager, provisioner, clock)
+    };
+    let (_, a, _) = process();
+    let (b_manager, b, b_clock) = process();
+    let user = puppet(41);
+
+    let (arrived, release) = hs.hold_next_upload();
+    let provisioning = tokio::spawn({
+        let (a, user) = (Arc::clone(&a), user.clone());
+        async move { a.ensure_puppet(&user).await }
+    });
+    arrived.notified().await;
+    // `a`'s upload of the first key is held. `b` uploads it (the device is
+    // due at once), then rotates it after a used report.
+    b.rotate_once().await.unwrap();
+    let first = b_manager
+        .published_fallback_key(&user, &device())
+        .unwrap()
+        .expect("b published the first key");
+    assert!(
+        b.note_unused_fallback_key_types(&user, &device(), &[])
+            .await
+            .unwrap()
+    );
+    b_clock.advance(Duration::from_secs(60));
+    b.rotate_once().await.unwrap();
+    let second = b_manager
+        .published_fallback_key(&user, &device())
+        .unwrap()
+        .expect("b published the second key");
+    assert_ne!(second.key_id, first.key_id);
+    assert_eq!(
+        fallback_of(hs.uploads().last().unwrap()).0,
+        second.key_id.to_string()
+    );
+
+    // Now `a`'s upload of the first key lands.
+    release.notify_one();
+    provisioning.await.unwrap().unwrap();
+    let landed: Vec<String> = hs
+        .uploads()
+        .iter()
+        .filter(|u| u.body.get("fallback_keys").is_some())
+        .map(|u| fallback_of(u).0)
+        .collect();
+    assert!(
+        landed.contains(&first.key_id.to_string()),
+        "a's upload of the first key landed: {landed:?}"
+    );
+    let current = b_manager
+        .published_fallback_key(&user, &device())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        current.key_id, second.key_id,
+        "the stored key did not change"
+    );
+    assert_eq!(
+        landed.last(),
+        Some(&current.key_id.to_string()),
+        "the homeserver was left holding a key the store is about to forget: {landed:?}"
+    );
 }
 
 #[tokio::test]
