@@ -451,24 +451,45 @@ impl EchoBridge {
         self.bridge.provisioner()
     }
 
-    /// Relearn the puppets' rooms from the homeserver, then serve on
-    /// `listener` until `shutdown` resolves, with the bridge's background
-    /// tasks alongside (fallback key rotation, key pools, the ping, room key
-    /// requests, transaction pruning: [`Bridge::serve_on`]); then finish the
-    /// requests in flight and stop every task.
+    /// Serve on `listener` until `shutdown` resolves, with the bridge's
+    /// background tasks alongside (fallback key rotation, key pools, the
+    /// ping, room key requests, transaction pruning: [`Bridge::serve_on`])
+    /// and, from the start, the puppets' rooms relearnt from the homeserver
+    /// (serving does not wait for it); then finish the requests in flight
+    /// and stop every task.
     pub async fn serve_on(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let handler = self.bridge.handler();
-        match handler.rebuild_rooms(self.bridge.store().as_ref()).await {
-            Ok(n) => tracing::info!(memberships = n, "puppet rooms relearnt from the homeserver"),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "could not relearn the puppets' rooms")
+        // Relearnt beside serving, not before: it asks the homeserver once
+        // per puppet, one after another, and a process that held its socket
+        // open without answering meanwhile would stall the homeserver's
+        // transactions (behind a load balancer, for every process) and the
+        // claims sent to it. Room state records are compared before they
+        // are written, so a transaction handled meanwhile is not undone.
+        let relearn = tokio::spawn({
+            let (handler, store) = (
+                Arc::clone(self.bridge.handler()),
+                Arc::clone(self.bridge.store()),
+            );
+            async move {
+                match handler.rebuild_rooms(store.as_ref()).await {
+                    Ok(n) => {
+                        tracing::info!(
+                            memberships = n,
+                            "puppet rooms relearnt from the homeserver"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "could not relearn the puppets' rooms");
+                    }
+                }
             }
-        }
-        self.bridge.serve_on(listener, shutdown).await?;
+        });
+        let served = self.bridge.serve_on(listener, shutdown).await;
+        relearn.abort();
+        served?;
         Ok(())
     }
 }

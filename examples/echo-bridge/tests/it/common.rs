@@ -59,6 +59,9 @@ pub struct Deployment {
     config_path: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// More bridge processes on the same configuration and store
+    /// ([`Deployment::start_another`]), killed on drop.
+    others: Vec<Child>,
     /// Bridge processes started so far.
     pub starts: u32,
 }
@@ -68,6 +71,16 @@ impl Deployment {
     /// Synapse reaches the appservice at `appservice_addr` (the bridge
     /// itself if `None`); the bridge is not started yet.
     pub async fn init(dir: &Path, appservice_addr: Option<SocketAddr>) -> anyhow::Result<Self> {
+        Self::init_with_database(dir, appservice_addr, None).await
+    }
+
+    /// [`Deployment::init`] with the store in the PostgreSQL `database`
+    /// (`init --database`) instead of sled.
+    pub async fn init_with_database(
+        dir: &Path,
+        appservice_addr: Option<SocketAddr>,
+        database: Option<String>,
+    ) -> anyhow::Result<Self> {
         let bridge_addr = free_addr();
         let done = init(&InitOptions {
             dir: dir.join("bridge"),
@@ -75,7 +88,7 @@ impl Deployment {
             homeserver_url: "http://127.0.0.1:8008".into(),
             server_name: "localhost".into(),
             listen: appservice_addr.unwrap_or(bridge_addr),
-            database: None,
+            database,
         })?;
         let synapse = Synapse::start(SynapseOptions {
             appservice_registrations: vec![done.registration.clone()],
@@ -90,6 +103,7 @@ impl Deployment {
             config_path: done.config.clone(),
             log: dir.join("bridge.log"),
             child: None,
+            others: Vec::new(),
             starts: 0,
             synapse,
         };
@@ -176,6 +190,50 @@ impl Deployment {
         .with_context(|| format!("Synapse could not reach the bridge (start {starts})"))
     }
 
+    /// Start one more `echo-bridge run` process with the same configuration
+    /// (store, keys, registration) but listening on `listen`, as a second
+    /// process of one bridge behind a load balancer is run; its output goes
+    /// to the same log. Returns once it answers on `listen`.
+    pub async fn start_another(&mut self, listen: SocketAddr) -> anyhow::Result<()> {
+        let mut config = Config::load(&self.config_path)?;
+        config.listen = listen;
+        let path = self
+            .config_path
+            .with_file_name(format!("config-{}.toml", listen.port()));
+        {
+            use std::{io::Write, os::unix::fs::OpenOptionsExt};
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(toml::to_string(&config)?.as_bytes())?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_echo-bridge"))
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting another echo-bridge run")?;
+        self.others.push(child);
+        poll(TIMEOUT, || async move {
+            Ok(tokio::net::TcpStream::connect(listen)
+                .await
+                .ok()
+                .map(|_| ()))
+        })
+        .await
+        .with_context(|| format!("the other bridge process never listened on {listen}"))
+    }
+
     /// Kill the bridge with SIGKILL (no shutdown of any kind: the process
     /// ends wherever it was) and reap it; its exit status.
     pub fn kill_bridge(&mut self) -> ExitStatus {
@@ -195,7 +253,7 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        for mut child in self.child.take().into_iter().chain(self.others.drain(..)) {
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -14,4 +14,7 @@ mod pool;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod power_cut;
+#[cfg(feature = "postgres")]
+mod processes;
+mod relearn;
 mod synapse;
