@@ -15,6 +15,23 @@ use vodozemac::{
     olm::{Account, OlmMessage, PreKeyMessage, Session, SessionConfig},
 };
 
+/// Two stores on one fresh PostgreSQL database (`name`), as two bridge
+/// processes open it, and the server, which must outlive them.
+pub async fn postgres_pair(
+    name: &str,
+) -> (
+    bridgekeys_testkit::Postgres,
+    [Arc<dyn bridgekeys_store::Backend>; 2],
+) {
+    use bridgekeys_store::{PgStore, PgStoreConfig};
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database(name).await.unwrap();
+    let key = StoreKey::generate();
+    let first = PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap();
+    let second = PgStore::open(PgStoreConfig::new(&url, key)).unwrap();
+    (server, [Arc::new(first), Arc::new(second)])
+}
+
 /// The user the test peers send as.
 pub fn peer_user() -> &'static UserId {
     user_id!("@peer:example.org")

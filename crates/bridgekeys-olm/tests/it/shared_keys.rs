@@ -20,10 +20,12 @@
 use std::sync::Arc;
 
 use bridgekeys_olm::{AccountManager, ManagerConfig, OlmError};
-use bridgekeys_store::{DeviceKey, PgStore, PgStoreConfig, Store, StoreKey, testing::MemoryStore};
+use bridgekeys_store::{DeviceKey, Store, testing::MemoryStore};
 use ruma::OneTimeKeyAlgorithm;
 
-use crate::common::{DecryptPrekey, alice, prekey_message, prekey_message_to, upload_and_publish};
+use crate::common::{
+    DecryptPrekey, alice, postgres_pair, prekey_message, prekey_message_to, upload_and_publish,
+};
 
 const SC: OneTimeKeyAlgorithm = OneTimeKeyAlgorithm::SignedCurve25519;
 const BOUND: usize = 8;
@@ -185,14 +187,10 @@ fn on_one_memory_store() -> (AccountManager, AccountManager) {
 async fn on_one_postgres_database(
     name: &str,
 ) -> (bridgekeys_testkit::Postgres, AccountManager, AccountManager) {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database(name).await.unwrap();
-    let key = StoreKey::generate();
-    let first = PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap();
-    let second = PgStore::open(PgStoreConfig::new(&url, key)).unwrap();
+    let (server, [first, second]) = postgres_pair(name).await;
     assert!(!first.sole_writer(), "a database is shared");
-    let a = AccountManager::new(Arc::new(first), config());
-    let b = AccountManager::new(Arc::new(second), config());
+    let a = AccountManager::new(first, config());
+    let b = AccountManager::new(second, config());
     (server, a, b)
 }
 

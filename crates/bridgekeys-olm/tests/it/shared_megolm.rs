@@ -22,14 +22,14 @@ use std::sync::{Arc, Mutex};
 
 use bridgekeys_olm::{AccountManager, DecryptedOlm, ManagerConfig, RoomKeyOutcome};
 use bridgekeys_store::{
-    Backend, PgStore, PgStoreConfig, Store, StoreKey,
+    Backend, Store,
     testing::{Intercepted, MemoryStore, Write},
 };
 use ruma::{OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId, RoomId, room_id};
 use serde_json::{Value, json};
 use vodozemac::megolm::{GroupSession, SessionConfig, SessionKey};
 
-use crate::common::{Peer, alice, peer_user};
+use crate::common::{Peer, alice, peer_user, postgres_pair};
 
 fn room() -> &'static RoomId {
     room_id!("!shared:example.org")
@@ -208,16 +208,6 @@ async fn a_cached_worse_copy_gives_way_to_the_better_one_the_other_process_store
     );
     // And b goes on from the better copy.
     assert_eq!(decrypt(&b, "$later", &sharing.later).unwrap(), "later");
-}
-
-async fn postgres_pair(name: &str) -> (bridgekeys_testkit::Postgres, [Arc<dyn Backend>; 2]) {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database(name).await.unwrap();
-    let key = StoreKey::generate();
-    let first: Arc<dyn Backend> =
-        Arc::new(PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap());
-    let second: Arc<dyn Backend> = Arc::new(PgStore::open(PgStoreConfig::new(&url, key)).unwrap());
-    (server, [first, second])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ use bridgekeys_olm::{
     canonical_json_for_signing,
 };
 use bridgekeys_store::{
-    Backend, DeviceKey, PgStore, PgStoreConfig, Store, StoreKey,
+    Backend, DeviceKey, Store,
     testing::{Intercepted, MemoryStore, Write},
 };
 use ruma::{OwnedDeviceId, OwnedUserId, RoomId, device_id, room_id};
@@ -40,7 +40,7 @@ use vodozemac::{
     olm::{Account, OlmMessage, SessionConfig},
 };
 
-use crate::common::{Peer, alice, decrypt, peer_user};
+use crate::common::{Peer, alice, decrypt, peer_user, postgres_pair};
 
 /// Two "processes" on one store: `a` writes through an [`Intercepted`]
 /// one, so the test can make `b` act between `a`'s load and its write.
@@ -410,13 +410,8 @@ async fn two_processes_on_one_memory_store_never_hand_out_a_megolm_index_or_olm_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_postgres_database_never_hand_out_a_megolm_index_or_olm_chain_step_twice()
  {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("shared_sessions").await.unwrap();
-    let key = StoreKey::generate();
     // Two stores on one database: two processes' views of it.
-    let first: Arc<dyn Backend> =
-        Arc::new(PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap());
-    let second: Arc<dyn Backend> = Arc::new(PgStore::open(PgStoreConfig::new(&url, key)).unwrap());
+    let (_server, [first, second]) = postgres_pair("shared_sessions").await;
     let two = Two::on(first, second, ManagerConfig::default()).await;
     megolm_indexes_are_never_handed_out_twice(&two).await;
     olm_chain_steps_are_never_handed_out_twice(&two).await;

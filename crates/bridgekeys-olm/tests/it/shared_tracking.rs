@@ -21,13 +21,13 @@ use std::{
 
 use bridgekeys_olm::{AccountManager, ManagerConfig};
 use bridgekeys_store::{
-    Backend, PgStore, PgStoreConfig, Store, StoreKey,
+    Backend, Store,
     testing::{Intercepted, MemoryStore, Write},
 };
 use ruma::device_id;
 use vodozemac::olm::Account;
 
-use crate::common::{device_keys, peer_user};
+use crate::common::{device_keys, peer_user, postgres_pair};
 
 async fn an_invalidation_stored_while_the_other_process_answers_a_query_is_kept(
     first: Arc<dyn Backend>,
@@ -105,11 +105,6 @@ async fn on_one_memory_store_an_invalidation_is_not_overwritten_by_the_other_pro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_one_postgres_database_an_invalidation_is_not_overwritten_by_the_other_processs_query_answer()
  {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("shared_tracking").await.unwrap();
-    let key = StoreKey::generate();
-    let first: Arc<dyn Backend> =
-        Arc::new(PgStore::create(PgStoreConfig::new(&url, key.clone())).unwrap());
-    let second: Arc<dyn Backend> = Arc::new(PgStore::open(PgStoreConfig::new(&url, key)).unwrap());
+    let (_server, [first, second]) = postgres_pair("shared_tracking").await;
     an_invalidation_stored_while_the_other_process_answers_a_query_is_kept(first, second).await;
 }

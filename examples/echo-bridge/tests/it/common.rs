@@ -484,6 +484,23 @@ pub async fn client(synapse: &Synapse, user_id: &str) -> (OlmPeer, PeerDevice) {
     (peer, device)
 }
 
+/// Alice registered on the deployment's Synapse, her client (matrix-nio)
+/// logged in, and an encrypted DM she opened with [`BOB`], once he joined.
+pub async fn encrypted_dm_with_bob(deployment: &Deployment) -> (OlmPeer, String) {
+    deployment
+        .synapse
+        .register_user("alice", PASSWORD)
+        .await
+        .unwrap();
+    let (mut phone, _) = client(&deployment.synapse, "@alice:localhost").await;
+    let room = phone
+        .create_room(&bridgekeys_testkit::NewRoom::encrypted_dm(BOB))
+        .await
+        .unwrap();
+    assert!(phone.wait_joined(&room, BOB, TIMEOUT).await.unwrap());
+    (phone, room)
+}
+
 /// The echo of `body` from [`BOB`], as the client decrypted it. Encrypted
 /// events the client cannot decrypt on the way are tolerated only if
 /// `tolerate_undecryptable` (they are printed); then the echo itself must

@@ -19,10 +19,9 @@ use std::{
 };
 
 use crate::common::{
-    BOB, Deployment, Exchange, Hook, PASSWORD, Proxy, TIMEOUT, Upstream, client, echo_of,
-    free_addr, hook,
+    Deployment, Exchange, Hook, Proxy, Upstream, echo_of, encrypted_dm_with_bob, free_addr, hook,
 };
-use bridgekeys_testkit::{Method, NewRoom, Postgres};
+use bridgekeys_testkit::{Method, Postgres};
 
 /// A load balancer in miniature: each request goes to the next process in
 /// turn (to the other one if that one does not answer the connection), and
@@ -90,18 +89,7 @@ async fn two_processes_on_one_database_take_turns_and_every_encrypted_echo_decry
     );
     deployment.start_another(other).await.unwrap();
     deployment.start_bridge().await.unwrap();
-
-    deployment
-        .synapse
-        .register_user("alice", PASSWORD)
-        .await
-        .unwrap();
-    let (mut phone, _) = client(&deployment.synapse, "@alice:localhost").await;
-    let room = phone
-        .create_room(&NewRoom::encrypted_dm(BOB))
-        .await
-        .unwrap();
-    assert!(phone.wait_joined(&room, BOB, TIMEOUT).await.unwrap());
+    let (mut phone, room) = encrypted_dm_with_bob(&deployment).await;
     // Both processes encrypt on the puppet's one outbound Megolm session,
     // stored in the database: one session, and no message index used twice.
     let mut session = None;

@@ -10,9 +10,8 @@
 use std::sync::{Arc, Mutex};
 
 use crate::common::{
-    BOB, Deployment, Exchange, Hook, PASSWORD, Proxy, TIMEOUT, Upstream, client, echo_of, hook,
+    Deployment, Exchange, Hook, Proxy, TIMEOUT, Upstream, echo_of, encrypted_dm_with_bob, hook,
 };
-use bridgekeys_testkit::NewRoom;
 use tokio::sync::oneshot;
 
 /// Between the bridge and Synapse: passes everything on, except that, once
@@ -63,17 +62,7 @@ async fn a_restarted_bridge_serves_and_echoes_while_it_still_relearns_its_rooms(
     .await;
     deployment.set_homeserver_url(&proxy.url()).unwrap();
     deployment.start_bridge().await.unwrap();
-    deployment
-        .synapse
-        .register_user("alice", PASSWORD)
-        .await
-        .unwrap();
-    let (mut phone, _) = client(&deployment.synapse, "@alice:localhost").await;
-    let room = phone
-        .create_room(&NewRoom::encrypted_dm(BOB))
-        .await
-        .unwrap();
-    assert!(phone.wait_joined(&room, BOB, TIMEOUT).await.unwrap());
+    let (mut phone, room) = encrypted_dm_with_bob(&deployment).await;
     phone.room_send(&room, "before").await.unwrap();
     echo_of(&mut phone, &room, "before", false).await;
 
