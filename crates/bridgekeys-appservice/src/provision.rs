@@ -618,9 +618,11 @@ impl Provisioner {
     /// if ours landed after theirs, the homeserver would hand out the old
     /// key, which the store forgets after the grace period, while nothing
     /// is left to upload. Costs one read of the device when nothing
-    /// changed (the usual case). An attempt this process gave up on and
-    /// that the homeserver applies even later is not covered: nothing
-    /// answers it.
+    /// changed (the usual case). Not covered: an attempt this process gave
+    /// up on that the homeserver applies even later (nothing answers it),
+    /// and a follow-up upload that fails every retry (logged and returned;
+    /// the rotation pass does not upload a published key again). Either way
+    /// the next used report, or the key's maximum age, rotates past it.
     async fn upload_current_after(
         &self,
         user_id: &UserId,
@@ -649,11 +651,21 @@ impl Provisioner {
             }
             tracing::info!(%user_id, %device_id, uploaded = %uploaded, current = %current.key_id,
                 "the fallback key changed while ours was uploaded: uploading the current one");
-            self.retry("upload keys", Some(&self.counters.upload_retries), || {
-                self.client
-                    .upload_keys(user_id, device_id, Some(device_keys), Some(&current))
-            })
-            .await?;
+            let sent = self
+                .retry("upload keys", Some(&self.counters.upload_retries), || {
+                    self.client
+                        .upload_keys(user_id, device_id, Some(device_keys), Some(&current))
+                })
+                .await;
+            if let Err(e) = sent {
+                // A published key is not uploaded again by the rotation
+                // pass: say what the homeserver may be left with.
+                tracing::warn!(%user_id, %device_id, current = %current.key_id, error = %e,
+                    "could not upload the current fallback key after ours landed late: the \
+                     homeserver may hand out an older key until the next used report or the \
+                     key's maximum age rotates it");
+                return Err(e.into());
+            }
             if unpublished {
                 self.manager
                     .mark_fallback_published(user_id, device_id, &current.key_id, self.clock.now())

@@ -1489,6 +1489,25 @@ impl Store for SledStore {
         self.put_sealed(layout::held_event(room_id, session_id, event_id), record)
     }
 
+    /// Compared on the one record (the trait default would list the whole
+    /// session's held events for each), then written; one process only
+    /// opens a sled store, and its caller's lock covers its other writers.
+    fn replace_held_event(
+        &self,
+        room_id: &str,
+        session_id: &str,
+        event_id: &str,
+        expected: Option<&[u8]>,
+        record: Option<&[u8]>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let slot = layout::held_event(room_id, session_id, event_id);
+        let stored = self.get_sealed(&slot, "held event")?;
+        if stored.as_deref().map(Vec::as_slice) != expected {
+            return Ok(None);
+        }
+        self.put_sealed(slot, record).map(Some)
+    }
+
     fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError> {
         let prefix = match session {
             Some((room, session)) => layout::held_session_prefix(room, session),

@@ -488,7 +488,10 @@ impl EchoBridge {
             }
         });
         let served = self.bridge.serve_on(listener, shutdown).await;
+        // Ended before returning, so its share of the store is let go (a
+        // restart in the same process opens the store again at once).
         relearn.abort();
+        let _ = relearn.await;
         served?;
         Ok(())
     }

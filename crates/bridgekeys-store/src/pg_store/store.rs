@@ -1055,8 +1055,6 @@ impl Store for PgStore {
         }
     }
 
-    /// Ordered by room, session and event id (bytewise), not by sled's
-    /// length-prefixed key order.
     /// One transaction that holds the row while it compares (see
     /// `PgStore::replace_sealed`).
     fn replace_held_event(
@@ -1076,6 +1074,8 @@ impl Store for PgStore {
         )
     }
 
+    /// Ordered by room, session and event id (bytewise), not by sled's
+    /// length-prefixed key order.
     fn held_events(&self, session: Option<(&str, &str)>) -> Result<Vec<HeldEvent>, StoreError> {
         let rows = match session {
             Some((room, session)) => self.engine.query(

@@ -25,10 +25,13 @@ use bridgekeys_testkit::{Method, Postgres};
 
 /// A load balancer in miniature: each request goes to the next process in
 /// turn (to the other one if that one does not answer the connection), and
-/// the transactions each process took are counted.
+/// the transactions each process took are counted. Transactions take turns
+/// among themselves (other requests could otherwise fall between them in a
+/// pattern that sends every transaction to one process).
 struct RoundRobin {
     processes: [SocketAddr; 2],
     next: AtomicUsize,
+    next_transaction: AtomicUsize,
     transactions: [AtomicUsize; 2],
 }
 
@@ -38,14 +41,19 @@ impl RoundRobin {
         hook(move |exchange: Exchange, _: Upstream| {
             let this = this.clone();
             async move {
-                let first = this.next.fetch_add(1, Ordering::SeqCst) % 2;
+                let is_transaction =
+                    exchange.method == Method::PUT && exchange.path.contains("/transactions/");
+                let turn = if is_transaction {
+                    &this.next_transaction
+                } else {
+                    &this.next
+                };
+                let first = turn.fetch_add(1, Ordering::SeqCst) % 2;
                 let mut last_error = None;
                 for i in [first, 1 - first] {
                     match Upstream(this.processes[i]).forward(&exchange).await {
                         Ok(answer) => {
-                            if exchange.method == Method::PUT
-                                && exchange.path.contains("/transactions/")
-                            {
+                            if is_transaction {
                                 this.transactions[i].fetch_add(1, Ordering::SeqCst);
                             }
                             return Ok(answer);
@@ -80,6 +88,7 @@ async fn two_processes_on_one_database_take_turns_and_every_encrypted_echo_decry
     let round_robin = Arc::new(RoundRobin {
         processes: [deployment.bridge_addr, other],
         next: AtomicUsize::new(0),
+        next_transaction: AtomicUsize::new(0),
         transactions: [AtomicUsize::new(0), AtomicUsize::new(0)],
     });
     let _balancer = Proxy::start_on(
