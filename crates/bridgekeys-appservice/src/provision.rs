@@ -739,6 +739,29 @@ impl Provisioner {
         // Not waited for: a schedule lost in a crash is rebuilt by the full
         // pass after start.
         let _applied = scheduled?;
+        if next > now {
+            // A used report (a transaction's, here or in another process)
+            // may have marked the key between the step's read and this
+            // write, and this write then put its "due now" back to the
+            // policy's time: the used key would be handed out until the
+            // next full pass. So read the device again (its state is
+            // written before the report schedules it) and bring the step
+            // forward if it is due sooner now.
+            match self.manager.fallback_state(user_id, device_id) {
+                Ok(state) => {
+                    let fresh = bridgekeys_olm::fallback::due(&state, &self.config.policy, now)
+                        .next_due(now);
+                    if fresh < next {
+                        tracing::debug!(%user_id, %device_id, "the fallback state changed while the device was stepped: scheduled sooner");
+                        self.schedule(&key, fresh, None);
+                        self.wake.notify_one();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%user_id, %device_id, error = %e, "could not read the device again after scheduling it; the next full pass will");
+                }
+            }
+        }
         Ok(())
     }
 

@@ -418,6 +418,8 @@ async fn ensure_puppet_registers_creates_the_device_and_uploads_persisted_keys()
 struct CountingRegistry {
     inner: Arc<dyn PuppetRegistry>,
     writes: std::sync::atomic::AtomicUsize,
+    /// Run once, right before the next `schedule_rotation` reaches `inner`.
+    before_schedule: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl CountingRegistry {
@@ -452,6 +454,10 @@ impl PuppetRegistry for CountingRegistry {
         found_at: Option<u64>,
     ) -> Result<Pending, StoreError> {
         self.count();
+        let before = self.before_schedule.lock().unwrap().take();
+        if let Some(before) = before {
+            before();
+        }
         self.inner.schedule_rotation(d, due_ms, found_at)
     }
     fn due_rotations(
@@ -505,6 +511,7 @@ async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback
     let registry = Arc::new(CountingRegistry {
         inner: Arc::clone(&store) as Arc<dyn PuppetRegistry>,
         writes: AtomicUsize::new(0),
+        before_schedule: Mutex::new(None),
     });
     let manager = Arc::new(AccountManager::new(
         Arc::clone(&store) as _,
@@ -550,6 +557,70 @@ async fn provisioning_records_the_puppet_in_the_write_that_persists_its_fallback
     assert!(state.current.unwrap().published);
     let stats = provisioner.stats();
     assert_eq!((stats.devices_provisioned, stats.uploads), (1, 1));
+}
+
+/// A used report that lands between a rotation step's read of the device
+/// and the step's schedule write (another task here; another process the
+/// same) must not be put back to the policy's time by that write: the used
+/// fallback key would be handed out until the next full pass, up to a day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_report_between_a_step_and_its_schedule_write_leaves_the_device_due_now() {
+    use std::sync::atomic::AtomicUsize;
+    let (_hs, url) = FakeHomeserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SledStore::open_or_create(SledStoreConfig::new(
+            dir.path().join("store"),
+            StoreKey::new([9; 32]),
+        ))
+        .unwrap(),
+    );
+    let registry = Arc::new(CountingRegistry {
+        inner: Arc::clone(&store) as Arc<dyn PuppetRegistry>,
+        writes: AtomicUsize::new(0),
+        before_schedule: Mutex::new(None),
+    });
+    let manager = Arc::new(AccountManager::new(
+        Arc::clone(&store) as _,
+        ManagerConfig::default(),
+    ));
+    let provisioner = Arc::new(
+        Provisioner::new(
+            HomeserverClient::new(&url, AsToken::new(AS_TOKEN)).unwrap(),
+            Arc::clone(&manager),
+            Arc::clone(&registry) as Arc<dyn PuppetRegistry>,
+            fast_retries(),
+        )
+        .with_clock(Arc::new(ManualClock::new(T0)) as _),
+    );
+    let user = puppet(61);
+    provisioner.ensure_puppet(&user).await.unwrap();
+    let key = DeviceKey::new(user.as_str(), "BRIDGEKEYS");
+    assert_eq!(store.due_rotations(T0, None, 10).unwrap(), vec![]);
+
+    // The step finds the key unused and will schedule it at its maximum
+    // age; right before that write, the homeserver reports it used.
+    let (reporter, who) = (Arc::clone(&provisioner), user.clone());
+    let handle = tokio::runtime::Handle::current();
+    *registry.before_schedule.lock().unwrap() = Some(Box::new(move || {
+        let marked = std::thread::spawn(move || {
+            handle.block_on(reporter.note_unused_fallback_key_types(&who, &device(), &[]))
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        assert!(marked, "the report marked the key used");
+    }));
+    provisioner.rotate_device(&user, &device()).await.unwrap();
+    assert!(
+        registry.before_schedule.lock().unwrap().is_none(),
+        "the step scheduled nothing"
+    );
+    assert_eq!(
+        store.due_rotations(T0, None, 10).unwrap(),
+        vec![(key, T0)],
+        "the step's schedule write put the used key's rotation back"
+    );
 }
 
 /// A device the registry does not know but whose fallback key was
