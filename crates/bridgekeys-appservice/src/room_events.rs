@@ -24,7 +24,8 @@
 //! ([`crate::BridgeHandler::room_key_requester`]; held events are kept per
 //! room, not per puppet) sends **one** unencrypted `m.room_key_request` to
 //! every device of the event's sender ([`crate::PuppetOlm::request_room_key`]):
-//! one per (room, session), however many events wait for it. The request
+//! one per (room, session), however many events wait for it (two processes
+//! sharing a store may each send one; only one is noted). The request
 //! (id, puppet device, time) is written into the session's held records,
 //! durably, only once the homeserver took it: a retried transaction or a
 //! restart does not ask again, and a failed send (logged, counted in
