@@ -27,9 +27,9 @@
 //! served device's published fallback key (`fallback: true`) is added to its
 //! one-time keys, unless a one-time key in the same answer has the same id.
 //!
-//! Every key in a 200 (the probe's marker aside) was durably stored first: the account manager returns
-//! keys only after its write is flushed; a device whose claim failed is left
-//! out. Devices are claimed in parallel (bounded by
+//! Every key in a 200 (the probe's marker aside) was durably stored first:
+//! the account manager returns keys only after its write is flushed; a
+//! device whose claim failed is left out. Devices are claimed in parallel (bounded by
 //! [`crate::Limits::claim_concurrency`]) on the runtime's worker threads.
 
 use std::{

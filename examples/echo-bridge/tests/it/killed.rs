@@ -12,10 +12,10 @@ use std::{
 };
 
 use crate::common::{
-    BOB, Deployment, Exchange, Hook, PASSWORD, Proxy, TIMEOUT, Upstream, client, echo_of, hook,
-    megolm_message_index,
+    BOB, Deployment, Exchange, Hook, Proxy, TIMEOUT, Upstream, echo_of, encrypted_dm_with_bob,
+    hook, megolm_message_index,
 };
-use bridgekeys_testkit::{Method, NewRoom, PeerRoomMessage, RoomMessageQuery};
+use bridgekeys_testkit::{Method, PeerRoomMessage, RoomMessageQuery};
 use tokio::sync::oneshot;
 
 /// Between the bridge and Synapse (client-server API): passes everything
@@ -106,18 +106,7 @@ async fn after_a_sigkill_the_restarted_bridge_echoes_on_the_same_megolm_session_
     .await;
     deployment.set_homeserver_url(&proxy.url()).unwrap();
     deployment.start_bridge().await.unwrap();
-
-    deployment
-        .synapse
-        .register_user("alice", PASSWORD)
-        .await
-        .unwrap();
-    let (mut phone, _) = client(&deployment.synapse, "@alice:localhost").await;
-    let room = phone
-        .create_room(&NewRoom::encrypted_dm(BOB))
-        .await
-        .unwrap();
-    assert!(phone.wait_joined(&room, BOB, TIMEOUT).await.unwrap());
+    let (mut phone, room) = encrypted_dm_with_bob(&deployment).await;
     let mut indices = Indices::default();
 
     // 1. Encrypted echoes from the bridge process, one index after another.
