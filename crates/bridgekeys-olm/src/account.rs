@@ -15,20 +15,42 @@
 //! without the public key. Records in older formats still load and are
 //! rewritten in format 4 by their next write.
 //!
-//! The stored public key is checked against the key the pickle yields at
-//! every load. The pickle is vodozemac's serde form, and the fast signing
-//! path reads its first field in vodozemac's layout: if a vodozemac upgrade
-//! ever changed that layout, a load would refuse the record
-//! ([`OlmError::Corrupt`]) instead of signing keys with the wrong key. The
-//! vodozemac version is pinned exactly for the same reason, and a fixture
-//! store written in this format (`tests/fixtures/`) must keep loading.
+//! A cold device signs with the stored public key and the secret read from
+//! the pickle's first field, without deriving the public key from the
+//! secret (a scalar multiplication, half again the crypto of a claim, on
+//! every cold claim). Signing with a public key that is not the secret's
+//! own would be dangerous (two signatures of one message under two public
+//! keys give the secret away), so the pairing is held by three things:
+//!
+//! * the record is sealed (authenticated encryption): the public key and
+//!   the secret beside it were written together, by [`DeviceAccount::encode`],
+//!   from one account;
+//! * the pickle is vodozemac's serde form, and the fast path reads its
+//!   first field in vodozemac's layout. The first format 4 record each
+//!   [`LayoutCheck`] (one per manager) loads is checked against the key its
+//!   secret yields: if a vodozemac upgrade ever changed that layout, that
+//!   load would refuse the record ([`OlmError::Corrupt`]) instead of signing
+//!   keys with the wrong key, and so would every load after it;
+//! * whenever the whole account is unpickled, its key is compared with the
+//!   stored one, and a record that differs is refused. So the account never
+//!   signs under its own key what the cold path signed under another.
+//!
+//! The vodozemac version is pinned exactly, and a fixture store written in
+//! this format (`tests/fixtures/`) must keep loading and signing keys that
+//! verify.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bridgekeys_store::{AccountRecord, Version};
+use ed25519_dalek::{
+    Sha512, SigningKey, VerifyingKey,
+    hazmat::{ExpandedSecretKey, raw_sign},
+};
 use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use vodozemac::{
-    Curve25519SecretKey, Ed25519PublicKey, Ed25519SecretKey, Ed25519Signature, KeyId,
+    Curve25519SecretKey, Ed25519Signature, KeyId,
     olm::{Account, AccountPickle},
 };
 use zeroize::Zeroizing;
@@ -71,24 +93,97 @@ struct PickleHead {
 /// usual `Normal` key is read; anything else loads the whole account.
 #[derive(Deserialize)]
 enum SigningKeyHead {
-    Normal(Ed25519SecretKey),
+    Normal(Seed),
     Expanded(serde::de::IgnoredAny),
+}
+
+/// An ed25519 secret key (its 32-byte seed) as ed25519-dalek serialises
+/// it: read as bytes, without deriving its public key.
+struct Seed(Zeroizing<[u8; 32]>);
+
+impl<'de> Deserialize<'de> for Seed {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Seed;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a 32-byte ed25519 secret key")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Seed, E> {
+                let mut seed = Zeroizing::new([0u8; 32]);
+                if bytes.len() != seed.len() {
+                    return Err(E::invalid_length(bytes.len(), &self));
+                }
+                seed.copy_from_slice(bytes);
+                Ok(Seed(seed))
+            }
+        }
+        deserializer.deserialize_bytes(Visitor)
+    }
+}
+
+/// Whether a manager has checked its reading of vodozemac's pickle layout:
+/// the first format 4 record it loads has its public key derived from the
+/// pickle's secret and compared with the stored one; later loads trust the
+/// stored key (see the module docs for why that is safe).
+#[derive(Debug, Default)]
+pub(crate) struct LayoutCheck(AtomicBool);
+
+impl LayoutCheck {
+    fn confirmed(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn confirm(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A cold device's signing key, ready without the account: the expanded
+/// secret (the SHA-512 of the seed, as ed25519 signing uses it) and the
+/// device's public key, as stored beside the pickle.
+struct ColdSigner {
+    expanded: ExpandedSecretKey,
+    public: VerifyingKey,
+}
+
+impl ColdSigner {
+    /// From the pickle's seed and the device's public key. The caller
+    /// vouches that `public` is the seed's (see the module docs).
+    fn new(seed: &Seed, public: VerifyingKey) -> Self {
+        Self {
+            expanded: ExpandedSecretKey::from(&*seed.0),
+            public,
+        }
+    }
+
+    /// The public key `seed` yields: a scalar multiplication.
+    fn derive(seed: &Seed) -> VerifyingKey {
+        SigningKey::from_bytes(&seed.0).verifying_key()
+    }
+
+    /// An ordinary ed25519 signature (RFC 8032), as vodozemac's would be.
+    fn sign(&self, message: &[u8]) -> Result<Ed25519Signature, OlmError> {
+        let signature = raw_sign::<Sha512>(&self.expanded, message, &self.public);
+        Ed25519Signature::from_slice(&signature.to_bytes())
+            .map_err(|e| OlmError::Corrupt(format!("signature: {e}")))
+    }
 }
 
 /// A loaded device: its account (holding no one-time keys), the store
 /// version it was read at, how many one-time keys it has outstanding and
 /// the schedule of its fallback keys.
 ///
-/// A device loaded from a format 3 record keeps its account pickled, with
-/// just its ed25519 key ready, until something needs the whole account:
-/// unpickling derives the public half of every key in it (identity keys,
-/// fallback keys), a scalar multiplication each, while a claim only signs.
-/// So the first claim on a cold device costs one derivation, not three or
-/// four.
+/// A device loaded from a format 3 or 4 record keeps its account pickled,
+/// with just its ed25519 key ready, until something needs the whole
+/// account: unpickling derives the public half of every key in it (identity
+/// keys, fallback keys), a scalar multiplication each, while a claim only
+/// signs. So a claim on a cold device costs no derivation (format 4, which
+/// stores the public key) or one (format 3), not three or four.
 pub(crate) struct DeviceAccount {
     account: Option<Account>,
     /// The account's postcard pickle and its ready ed25519 key.
-    pickled: Option<(Zeroizing<Vec<u8>>, Ed25519SecretKey)>,
+    pickled: Option<(Zeroizing<Vec<u8>>, ColdSigner)>,
     pub version: Option<Version>,
     /// Counted from the store when the device is loaded, then kept up to
     /// date in memory (it is not part of the record).
@@ -114,12 +209,17 @@ impl DeviceAccount {
         }
     }
 
-    /// The whole account, unpickled on first use.
+    /// The whole account, unpickled on first use. Its key must be the one
+    /// the cold device signed with.
     pub(crate) fn account(&mut self) -> Result<&mut Account, OlmError> {
-        if let Some((bytes, _)) = self.pickled.take() {
+        // Taken: a pickle that does not load, or whose key is not the one
+        // the cold device signed with, never signs again.
+        if let Some((bytes, signer)) = self.pickled.take() {
             let pickle: AccountPickle = postcard::from_bytes(&bytes)
                 .map_err(|e| OlmError::Corrupt(format!("account pickle: {e}")))?;
-            self.account = Some(Account::from_pickle(pickle));
+            let account = Account::from_pickle(pickle);
+            check_pairing(account.identity_keys().ed25519.as_bytes(), &signer.public)?;
+            self.account = Some(account);
         }
         self.account
             .as_mut()
@@ -131,7 +231,7 @@ impl DeviceAccount {
     pub(crate) fn sign(&self, message: &str) -> Result<Ed25519Signature, OlmError> {
         match (&self.account, &self.pickled) {
             (Some(account), _) => Ok(account.sign(message)),
-            (None, Some((_, signer))) => Ok(signer.sign(message.as_bytes())),
+            (None, Some((_, signer))) => signer.sign(message.as_bytes()),
             (None, None) => Err(OlmError::Corrupt("device without an account".into())),
         }
     }
@@ -167,8 +267,13 @@ impl DeviceAccount {
     }
 
     /// Decode a stored record. `outstanding` is the device's count of
-    /// stored one-time keys.
-    pub(crate) fn decode(record: &AccountRecord, outstanding: u64) -> Result<Self, OlmError> {
+    /// stored one-time keys; `layout` is the manager's check of the pickle
+    /// layout (see the module docs).
+    pub(crate) fn decode(
+        record: &AccountRecord,
+        outstanding: u64,
+        layout: &LayoutCheck,
+    ) -> Result<Self, OlmError> {
         let (account, fallback) = match record.data.first() {
             Some(b'{') => {
                 let stored: JsonDevice = serde_json::from_slice(&record.data)
@@ -190,9 +295,14 @@ impl DeviceAccount {
                     .get(..32)
                     .and_then(|k| k.try_into().ok())
                     .ok_or_else(|| OlmError::Corrupt("account record: truncated".into()))?;
-                let stored = Ed25519PublicKey::from_slice(&stored)
+                let stored = VerifyingKey::from_bytes(&stored)
                     .map_err(|e| OlmError::Corrupt(format!("account record: {e}")))?;
-                return Self::decode_binary(record, &body[32..], Some(stored), outstanding);
+                return Self::decode_binary(
+                    record,
+                    &body[32..],
+                    Some((stored, layout)),
+                    outstanding,
+                );
             }
             Some(other) => {
                 return Err(OlmError::Corrupt(format!("unknown account format {other}")));
@@ -211,25 +321,18 @@ impl DeviceAccount {
     }
 
     /// Formats 3 and 4 after their header: the fallback schedule, then the
-    /// pickle. With `stored` (format 4), the pickle's ed25519 key must be
-    /// that key.
+    /// pickle. With `stored` (format 4), the pickle's ed25519 key is that
+    /// key: checked when the whole account is unpickled, and on the cold
+    /// path until `layout` is confirmed.
     fn decode_binary(
         record: &AccountRecord,
         body: &[u8],
-        stored: Option<Ed25519PublicKey>,
+        stored: Option<(VerifyingKey, &LayoutCheck)>,
         outstanding: u64,
     ) -> Result<Self, OlmError> {
         let corrupt = |e: postcard::Error| OlmError::Corrupt(format!("account record: {e}"));
         let (fallback, pickle) =
             postcard::take_from_bytes::<FallbackState>(body).map_err(corrupt)?;
-        let check = |found: Ed25519PublicKey| match stored {
-            Some(stored) if stored != found => Err(OlmError::Corrupt(
-                "the account's signing key is not the stored identity key (was the record \
-                 written by another vodozemac pickle layout?)"
-                    .into(),
-            )),
-            _ => Ok(()),
-        };
         let mut device = Self {
             account: None,
             pickled: None,
@@ -243,17 +346,28 @@ impl DeviceAccount {
         // signer and keep the rest as bytes.
         if let Ok((
             PickleHead {
-                signing_key: SigningKeyHead::Normal(signer),
+                signing_key: SigningKeyHead::Normal(seed),
             },
             _,
         )) = postcard::take_from_bytes::<PickleHead>(pickle)
         {
-            check(signer.public_key())?;
+            let public = match stored {
+                Some((stored, layout)) if layout.confirmed() => stored,
+                Some((stored, layout)) => {
+                    check_pairing(ColdSigner::derive(&seed).as_bytes(), &stored)?;
+                    layout.confirm();
+                    stored
+                }
+                None => ColdSigner::derive(&seed),
+            };
+            let signer = ColdSigner::new(&seed, public);
             device.pickled = Some((Zeroizing::new(pickle.to_vec()), signer));
             return Ok(device);
         }
         let account = Account::from_pickle(postcard::from_bytes(pickle).map_err(corrupt)?);
-        check(account.identity_keys().ed25519)?;
+        if let Some((stored, _)) = stored {
+            check_pairing(account.identity_keys().ed25519.as_bytes(), &stored)?;
+        }
         device.account = Some(account);
         Ok(device)
     }
@@ -282,6 +396,20 @@ impl DeviceAccount {
         let with_key = crate::wipe::json_zeroizing(&view).map_err(corrupt)?;
         let pickle: AccountPickle = serde_json::from_slice(&with_key).map_err(corrupt)?;
         Ok(Account::from_pickle(pickle))
+    }
+}
+
+/// Refuse a record whose pickle's ed25519 key (`found`) is not the public
+/// key stored beside it.
+fn check_pairing(found: &[u8; 32], stored: &VerifyingKey) -> Result<(), OlmError> {
+    if found == stored.as_bytes() {
+        Ok(())
+    } else {
+        Err(OlmError::Corrupt(
+            "the account's signing key is not the stored identity key (was the record \
+             written by another vodozemac pickle layout?)"
+                .into(),
+        ))
     }
 }
 
@@ -353,7 +481,9 @@ mod tests {
             "account": account.pickle(),
         });
         let json = serde_json::to_vec(&v1).expect("json");
-        let mut device = DeviceAccount::decode(&record(4, json.clone()), 3).expect("decode");
+        let mut device =
+            DeviceAccount::decode(&record(4, json.clone()), 3, &LayoutCheck::default())
+                .expect("decode");
         assert_eq!(device.outstanding, 3);
         assert_eq!(device.fallback, FallbackState::default());
         assert_eq!(
@@ -377,7 +507,9 @@ mod tests {
         device.account().expect("account").generate_fallback_key();
         device.fallback.previous_since_ms = Some(42);
         let encoded = device.encode().expect("encode");
-        let mut back = DeviceAccount::decode(&record(2, encoded.to_vec()), 0).expect("decode");
+        let mut back =
+            DeviceAccount::decode(&record(2, encoded.to_vec()), 0, &LayoutCheck::default())
+                .expect("decode");
         let restored = back.account().expect("account");
         let (keys, fallback) = (restored.identity_keys(), restored.fallback_key());
         let original = device.account().expect("account");
@@ -393,10 +525,12 @@ mod tests {
         device.account().expect("account").generate_fallback_key();
         let identity = device.account().expect("account").identity_keys();
         let encoded = device.encode().expect("encode");
-        let mut cold = DeviceAccount::decode(&record(1, encoded.to_vec()), 0).expect("decode");
+        let mut cold =
+            DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &LayoutCheck::default())
+                .expect("decode");
         assert!(
             cold.account.is_none(),
-            "a format 3 record loads without unpickling"
+            "a format 4 record loads without unpickling"
         );
         let message = r#"{"key":"abc"}"#;
         let lazy = cold.sign(message).expect("sign").to_base64();
@@ -412,7 +546,8 @@ mod tests {
     }
 
     #[test]
-    fn a_record_whose_pickle_yields_another_signing_key_than_the_stored_one_is_refused() {
+    fn a_record_whose_pickle_yields_another_signing_key_than_the_stored_one_is_refused_by_the_layout_check()
+     {
         let mut device = DeviceAccount::new();
         let identity = device.account().expect("account").identity_keys();
         let encoded = device.encode().expect("encode");
@@ -423,16 +558,51 @@ mod tests {
         let mut swapped = encoded.to_vec();
         swapped[1..33].copy_from_slice(Account::new().identity_keys().ed25519.as_bytes());
         assert!(matches!(
-            DeviceAccount::decode(&record(1, swapped), 0),
+            DeviceAccount::decode(&record(1, swapped), 0, &LayoutCheck::default()),
             Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
         ));
         // Untouched, it loads and signs as the device.
-        let cold = DeviceAccount::decode(&record(1, encoded.to_vec()), 0).expect("decode");
+        let cold = DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &LayoutCheck::default())
+            .expect("decode");
         let message = "m";
         identity
             .ed25519
             .verify(message.as_bytes(), &cold.sign(message).expect("sign"))
             .expect("signed by the stored key");
+    }
+
+    #[test]
+    fn once_the_layout_is_confirmed_a_cold_device_trusts_the_stored_key_and_a_mismatch_is_refused_when_unpickled()
+     {
+        let layout = LayoutCheck::default();
+        let mut device = DeviceAccount::new();
+        let identity = device.account().expect("account").identity_keys();
+        let encoded = device.encode().expect("encode");
+        let good = DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &layout).expect("decode");
+        assert!(
+            layout.confirmed(),
+            "the first format 4 load checks the pairing"
+        );
+        identity
+            .ed25519
+            .verify(b"m", &good.sign("m").expect("sign"))
+            .expect("signed by the stored key");
+
+        // A record whose stored key is not its pickle's (only a changed
+        // pickle layout or a bug of ours could write one: records are
+        // sealed) loads on the cold path without the derivation...
+        let mut swapped = encoded.to_vec();
+        swapped[1..33].copy_from_slice(Account::new().identity_keys().ed25519.as_bytes());
+        let mut bad = DeviceAccount::decode(&record(1, swapped), 0, &layout).expect("trusted");
+        // ...but the whole account is refused, and the device signs nothing
+        // after that, so the account's own key never signs what the cold
+        // path signed under the other key.
+        assert!(matches!(
+            bad.account(),
+            Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
+        ));
+        assert!(bad.sign("m").is_err());
+        assert!(bad.account().is_err());
     }
 
     #[test]
@@ -442,7 +612,13 @@ mod tests {
         let encoded = device.encode().expect("encode");
         let mut v3 = vec![FORMAT_3];
         v3.extend_from_slice(&encoded[33..]);
-        let mut old = DeviceAccount::decode(&record(3, v3), 0).expect("decode");
+        let mut old =
+            DeviceAccount::decode(&record(3, v3), 0, &LayoutCheck::default()).expect("decode");
+        // Cold, it signs with the key its secret yields.
+        identity
+            .ed25519
+            .verify(b"m", &old.sign("m").expect("sign"))
+            .expect("signed by the device's key");
         assert_eq!(old.account().expect("account").identity_keys(), identity);
         let rewritten = old.encode().expect("encode");
         assert_eq!(rewritten[0], FORMAT);
@@ -465,7 +641,7 @@ mod tests {
         ] {
             // Refused when loaded, or at the latest when the whole account
             // is needed (a cold device keeps its pickle as bytes until then).
-            let refused = match DeviceAccount::decode(&record(1, bad), 0) {
+            let refused = match DeviceAccount::decode(&record(1, bad), 0, &LayoutCheck::default()) {
                 Err(e) => Some(e),
                 Ok(mut device) => device.account().err(),
             };

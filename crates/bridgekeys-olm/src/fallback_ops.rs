@@ -309,7 +309,7 @@ impl AccountManager {
             && let Some(record) = self.store.load_account(&key)?
         {
             // Only its fallback schedule is read: no key count needed.
-            let stored = DeviceAccount::decode(&record, 0)?;
+            let stored = DeviceAccount::decode(&record, 0, &self.layout)?;
             let action = due(&stored.fallback, policy, now);
             if let FallbackAction::Wait { .. } = action {
                 return Ok(action);

@@ -60,6 +60,9 @@ pub struct AccountManager {
     session_stamp: std::sync::atomic::AtomicU64,
     /// Eviction warnings, at most one a minute.
     eviction_warnings: crate::throttle::Throttle,
+    /// Whether a loaded record confirmed how cold devices read the pickle
+    /// (see [`crate::account`]).
+    pub(crate) layout: crate::account::LayoutCheck,
 }
 
 impl std::fmt::Debug for AccountManager {
@@ -95,6 +98,7 @@ impl AccountManager {
             group_cache: crate::megolm::GroupCache::default(),
             session_stamp: std::sync::atomic::AtomicU64::new(0),
             eviction_warnings: crate::throttle::Throttle::new(std::time::Duration::from_secs(60)),
+            layout: Default::default(),
         }
     }
 
@@ -561,7 +565,7 @@ impl AccountManager {
         };
         let outstanding = self.store.count_one_time_keys(key)? as u64;
         let legacy = device.legacy.take();
-        *device = DeviceAccount::decode(&record, outstanding)?;
+        *device = DeviceAccount::decode(&record, outstanding, &self.layout)?;
         device.legacy = legacy;
         Ok(())
     }
@@ -572,7 +576,7 @@ impl AccountManager {
             return Ok(None);
         };
         let outstanding = self.store.count_one_time_keys(key)? as u64;
-        DeviceAccount::decode(&record, outstanding).map(Some)
+        DeviceAccount::decode(&record, outstanding, &self.layout).map(Some)
     }
 
     /// The cached slot, or the device loaded from the store, or `None`.
