@@ -15,25 +15,34 @@
 //! without the public key. Records in older formats still load and are
 //! rewritten in format 4 by their next write.
 //!
-//! A cold device signs with the stored public key and the secret read from
-//! the pickle's first field, without deriving the public key from the
-//! secret (a scalar multiplication, half again the crypto of a claim, on
-//! every cold claim). Signing with a public key that is not the secret's
-//! own would be dangerous (two signatures of one message under two public
-//! keys give the secret away), so the pairing is held by three things:
+//! A cold device signs one-time keys with the stored public key and the
+//! secret read from the pickle's first field, without deriving the public
+//! key from the secret (a scalar multiplication, half again the crypto of a
+//! claim, on every cold claim). Signing with a public key that is not the
+//! secret's own is dangerous: two signatures of one message under two
+//! public keys give the secret away. So:
 //!
-//! * the record is sealed (authenticated encryption): the public key and
-//!   the secret beside it were written together, by [`DeviceAccount::encode`],
-//!   from one account;
-//! * the pickle is vodozemac's serde form, and the fast path reads its
-//!   first field in vodozemac's layout. The first format 4 record each
-//!   [`LayoutCheck`] (one per manager) loads is checked against the key its
-//!   secret yields: if a vodozemac upgrade ever changed that layout, that
-//!   load would refuse the record ([`OlmError::Corrupt`]) instead of signing
-//!   keys with the wrong key, and so would every load after it;
-//! * whenever the whole account is unpickled, its key is compared with the
-//!   stored one, and a record that differs is refused. So the account never
-//!   signs under its own key what the cold path signed under another.
+//! * **The cold signer signs nothing twice.** It signs only one-time key
+//!   objects ([`DeviceAccount::sign_one_time_key`]), each holding a key pair
+//!   generated for that one signature. Everything that may be signed again
+//!   (device keys, fallback keys, which are re-signed for every upload)
+//!   goes through [`DeviceAccount::sign_json`], which unpickles the whole
+//!   account first. So even a stored public key that is not the secret's
+//!   (a record changed by someone without the store key, on a backend that
+//!   does not authenticate what it seals; both of ours do) cannot make one
+//!   message carry two signatures.
+//! * **Unpickling checks the pair.** When the whole account is unpickled,
+//!   the public key of the cold signer's secret, the stored public key and
+//!   the account's own must be one key, or the record is refused
+//!   ([`OlmError::Corrupt`]) and the copy in memory signs nothing more.
+//! * **The first load checks the layout.** The pickle is vodozemac's serde
+//!   form, and the fast path reads its first field in vodozemac's layout.
+//!   The first format 4 record each [`LayoutCheck`] (one per manager) loads
+//!   has its public key derived and compared: if a vodozemac upgrade ever
+//!   changed that layout, the load would refuse the record instead of
+//!   signing keys with a wrong key. Later loads trust the stored key: the
+//!   layout is a property of the vodozemac that wrote the record, and every
+//!   format 4 record was written by the pinned one.
 //!
 //! The vodozemac version is pinned exactly, and a fixture store written in
 //! this format (`tests/fixtures/`) must keep loading and signing keys that
@@ -46,7 +55,7 @@ use ed25519_dalek::{
     Sha512, SigningKey, VerifyingKey,
     hazmat::{ExpandedSecretKey, raw_sign},
 };
-use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId};
+use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId, encryption::SignedKey};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use vodozemac::{
@@ -98,8 +107,9 @@ enum SigningKeyHead {
 }
 
 /// An ed25519 secret key (its 32-byte seed) as ed25519-dalek serialises
-/// it: read as bytes, without deriving its public key.
-struct Seed(Zeroizing<[u8; 32]>);
+/// it: read as bytes, without deriving its public key. Boxed, so moving it
+/// leaves no copy behind.
+struct Seed(Box<Zeroizing<[u8; 32]>>);
 
 impl<'de> Deserialize<'de> for Seed {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -110,10 +120,10 @@ impl<'de> Deserialize<'de> for Seed {
                 f.write_str("a 32-byte ed25519 secret key")
             }
             fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Seed, E> {
-                let mut seed = Zeroizing::new([0u8; 32]);
-                if bytes.len() != seed.len() {
+                if bytes.len() != 32 {
                     return Err(E::invalid_length(bytes.len(), &self));
                 }
+                let mut seed = Box::new(Zeroizing::new([0u8; 32]));
                 seed.copy_from_slice(bytes);
                 Ok(Seed(seed))
             }
@@ -140,10 +150,11 @@ impl LayoutCheck {
 }
 
 /// A cold device's signing key, ready without the account: the expanded
-/// secret (the SHA-512 of the seed, as ed25519 signing uses it) and the
-/// device's public key, as stored beside the pickle.
+/// secret (the SHA-512 of the seed, as ed25519 signing uses it; boxed, so
+/// moving the signer copies no secret) and the device's public key, as
+/// stored beside the pickle.
 struct ColdSigner {
-    expanded: ExpandedSecretKey,
+    expanded: Box<ExpandedSecretKey>,
     public: VerifyingKey,
 }
 
@@ -152,7 +163,7 @@ impl ColdSigner {
     /// vouches that `public` is the seed's (see the module docs).
     fn new(seed: &Seed, public: VerifyingKey) -> Self {
         Self {
-            expanded: ExpandedSecretKey::from(&*seed.0),
+            expanded: Box::new(ExpandedSecretKey::from(&**seed.0)),
             public,
         }
     }
@@ -160,6 +171,11 @@ impl ColdSigner {
     /// The public key `seed` yields: a scalar multiplication.
     fn derive(seed: &Seed) -> VerifyingKey {
         SigningKey::from_bytes(&seed.0).verifying_key()
+    }
+
+    /// The public key of the signer's own secret: a scalar multiplication.
+    fn own_public(&self) -> VerifyingKey {
+        VerifyingKey::from(&*self.expanded)
     }
 
     /// An ordinary ed25519 signature (RFC 8032), as vodozemac's would be.
@@ -179,7 +195,8 @@ impl ColdSigner {
 /// account: unpickling derives the public half of every key in it (identity
 /// keys, fallback keys), a scalar multiplication each, while a claim only
 /// signs. So a claim on a cold device costs no derivation (format 4, which
-/// stores the public key) or one (format 3), not three or four.
+/// stores the public key, after the manager's first load) or one (format
+/// 3), not three or four.
 pub(crate) struct DeviceAccount {
     account: Option<Account>,
     /// The account's postcard pickle and its ready ed25519 key.
@@ -218,7 +235,9 @@ impl DeviceAccount {
             let pickle: AccountPickle = postcard::from_bytes(&bytes)
                 .map_err(|e| OlmError::Corrupt(format!("account pickle: {e}")))?;
             let account = Account::from_pickle(pickle);
-            check_pairing(account.identity_keys().ed25519.as_bytes(), &signer.public)?;
+            let own = account.identity_keys().ed25519;
+            check_pairing(own.as_bytes(), &signer.public)?;
+            check_pairing(own.as_bytes(), &signer.own_public())?;
             self.account = Some(account);
         }
         self.account
@@ -226,9 +245,9 @@ impl DeviceAccount {
             .ok_or_else(|| OlmError::Corrupt("device without an account".into()))
     }
 
-    /// Sign `message` with the device's ed25519 key (the whole account is
-    /// not needed for that).
-    pub(crate) fn sign(&self, message: &str) -> Result<Ed25519Signature, OlmError> {
+    /// Sign `message` with the device's ed25519 key, cold or not. Only for
+    /// messages nothing signs twice (see the module docs).
+    fn sign_once(&self, message: &str) -> Result<Ed25519Signature, OlmError> {
         match (&self.account, &self.pickled) {
             (Some(account), _) => Ok(account.sign(message)),
             (None, Some((_, signer))) => signer.sign(message.as_bytes()),
@@ -236,12 +255,22 @@ impl DeviceAccount {
         }
     }
 
-    /// Sign `value` as Matrix signs JSON (canonical, without `signatures`
-    /// and `unsigned`); base64.
-    pub(crate) fn sign_json<T: Serialize>(&self, value: &T) -> Result<String, OlmError> {
+    /// Sign a one-time key object as Matrix signs JSON (canonical, without
+    /// `signatures` and `unsigned`); base64. A cold device signs it without
+    /// unpickling its account, so `key` must hold a key pair generated for
+    /// this one signature: nothing may sign the same object again.
+    pub(crate) fn sign_one_time_key(&self, key: &SignedKey) -> Result<String, OlmError> {
         Ok(self
-            .sign(&crate::signing::canonical_json_for_signing(value)?)?
+            .sign_once(&crate::signing::canonical_json_for_signing(key)?)?
             .to_base64())
+    }
+
+    /// Sign `value` as Matrix signs JSON, with the whole account (unpickled
+    /// first, and its key checked against the stored one); base64. For
+    /// anything that may be signed more than once.
+    pub(crate) fn sign_json<T: Serialize>(&mut self, value: &T) -> Result<String, OlmError> {
+        let message = crate::signing::canonical_json_for_signing(value)?;
+        Ok(self.account()?.sign(message).to_base64())
     }
 
     /// Serialise for [`bridgekeys_store::DeviceWrite::account`].
@@ -533,16 +562,43 @@ mod tests {
             "a format 4 record loads without unpickling"
         );
         let message = r#"{"key":"abc"}"#;
-        let lazy = cold.sign(message).expect("sign").to_base64();
+        let lazy = cold.sign_once(message).expect("sign").to_base64();
         // ed25519 is deterministic: the whole account signs to the same bytes.
         let whole = cold.account().expect("account");
         assert_eq!(whole.identity_keys(), identity);
         assert_eq!(whole.sign(message).to_base64(), lazy);
-        assert_eq!(cold.sign(message).expect("sign").to_base64(), lazy);
+        assert_eq!(cold.sign_once(message).expect("sign").to_base64(), lazy);
         identity
             .ed25519
-            .verify(message.as_bytes(), &cold.sign(message).expect("sign"))
+            .verify(message.as_bytes(), &cold.sign_once(message).expect("sign"))
             .expect("verifies with the device's identity key");
+
+        // The same once the layout is confirmed and the stored key trusted.
+        let layout = LayoutCheck::default();
+        layout.confirm();
+        let trusted =
+            DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &layout).expect("decode");
+        assert_eq!(trusted.sign_once(message).expect("sign").to_base64(), lazy);
+    }
+
+    #[test]
+    fn a_cold_signer_whose_secret_is_not_the_accounts_is_refused_when_unpickled() {
+        // What a misread pickle layout would give under a correct stored
+        // key: the account's public key, another secret.
+        let mut device = DeviceAccount::new();
+        let encoded = device.encode().expect("encode");
+        let layout = LayoutCheck::default();
+        layout.confirm();
+        let mut cold =
+            DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &layout).expect("decode");
+        let stranger = Seed(Box::new(Zeroizing::new([7u8; 32])));
+        let public = cold.pickled.as_ref().expect("cold").1.public;
+        cold.pickled.as_mut().expect("cold").1 = ColdSigner::new(&stranger, public);
+        assert!(matches!(
+            cold.account(),
+            Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
+        ));
+        assert!(cold.sign_once("m").is_err(), "the copy signs nothing more");
     }
 
     #[test]
@@ -557,17 +613,22 @@ mod tests {
         // read the wrong way would look like.
         let mut swapped = encoded.to_vec();
         swapped[1..33].copy_from_slice(Account::new().identity_keys().ed25519.as_bytes());
-        assert!(matches!(
-            DeviceAccount::decode(&record(1, swapped), 0, &LayoutCheck::default()),
-            Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
-        ));
-        // Untouched, it loads and signs as the device.
-        let cold = DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &LayoutCheck::default())
-            .expect("decode");
+        let layout = LayoutCheck::default();
+        for _ in 0..2 {
+            assert!(matches!(
+                DeviceAccount::decode(&record(1, swapped.clone()), 0, &layout),
+                Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
+            ));
+            // A refused load confirms nothing: the next load checks again.
+            assert!(!layout.confirmed());
+        }
+        // Untouched, it loads, confirms the layout and signs as the device.
+        let cold = DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &layout).expect("decode");
+        assert!(layout.confirmed());
         let message = "m";
         identity
             .ed25519
-            .verify(message.as_bytes(), &cold.sign(message).expect("sign"))
+            .verify(message.as_bytes(), &cold.sign_once(message).expect("sign"))
             .expect("signed by the stored key");
     }
 
@@ -585,7 +646,7 @@ mod tests {
         );
         identity
             .ed25519
-            .verify(b"m", &good.sign("m").expect("sign"))
+            .verify(b"m", &good.sign_once("m").expect("sign"))
             .expect("signed by the stored key");
 
         // A record whose stored key is not its pickle's (only a changed
@@ -601,8 +662,19 @@ mod tests {
             bad.account(),
             Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
         ));
-        assert!(bad.sign("m").is_err());
+        assert!(bad.sign_once("m").is_err());
         assert!(bad.account().is_err());
+
+        // What may be signed twice (device keys, fallback keys) is signed
+        // only by the whole account, so a cold copy of such a record never
+        // signs it under the stored key.
+        let mut swapped = encoded.to_vec();
+        swapped[1..33].copy_from_slice(Account::new().identity_keys().ed25519.as_bytes());
+        let mut bad = DeviceAccount::decode(&record(1, swapped), 0, &layout).expect("trusted");
+        assert!(matches!(
+            bad.sign_json(&serde_json::json!({"key": "a fallback key"})),
+            Err(OlmError::Corrupt(_))
+        ));
     }
 
     #[test]
@@ -617,7 +689,7 @@ mod tests {
         // Cold, it signs with the key its secret yields.
         identity
             .ed25519
-            .verify(b"m", &old.sign("m").expect("sign"))
+            .verify(b"m", &old.sign_once("m").expect("sign"))
             .expect("signed by the device's key");
         assert_eq!(old.account().expect("account").identity_keys(), identity);
         let rewritten = old.encode().expect("encode");

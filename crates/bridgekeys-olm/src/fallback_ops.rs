@@ -70,7 +70,10 @@ fn key_to_upload(
         generate(device, now)?;
     }
     let upload = match &device.fallback.current {
-        Some(c) if !c.published => Some(sign_fallback(device, c, user_id, device_id)?),
+        Some(c) if !c.published => {
+            let current = c.clone();
+            Some(sign_fallback(device, &current, user_id, device_id)?)
+        }
         _ => None,
     };
     Ok((upload, generated))
@@ -100,8 +103,11 @@ fn generate(device: &mut DeviceAccount, now: UnixMillis) -> Result<(), OlmError>
     Ok(())
 }
 
+/// A fallback key object, signed. The same object is signed again for
+/// every upload and every claim that hands it out, so with the whole
+/// account ([`DeviceAccount::sign_json`]), never the cold signer.
 fn sign_fallback(
-    device: &DeviceAccount,
+    device: &mut DeviceAccount,
     current: &CurrentFallback,
     user_id: &UserId,
     device_id: &DeviceId,
@@ -414,7 +420,15 @@ impl AccountManager {
         let mut device = slot.lock();
         self.refresh(&mut device, &key)?;
         match &device.fallback.current {
-            Some(c) if c.published => Ok(Some(sign_fallback(&device, c, user_id, device_id)?)),
+            Some(c) if c.published => {
+                let current = c.clone();
+                Ok(Some(sign_fallback(
+                    &mut device,
+                    &current,
+                    user_id,
+                    device_id,
+                )?))
+            }
             _ => Ok(None),
         }
     }

@@ -655,7 +655,8 @@ fn sign_one_time_key(
     public_key: &Curve25519PublicKey,
 ) -> Result<ClaimedKey, OlmError> {
     let mut signed = SignedKey::new(Base64::new(public_key.to_vec()), DeviceSignatures::new());
-    let signature = device.sign_json(&signed)?;
+    // A key pair generated for this one signature: the cold path may sign.
+    let signature = device.sign_one_time_key(&signed)?;
     signed.signatures.insert_signature(
         user_id.to_owned(),
         DeviceSigningKeyId::from_parts(SigningKeyAlgorithm::Ed25519, device_id),
