@@ -349,6 +349,31 @@ impl DeviceAccount {
         })
     }
 
+    /// Only the fallback schedule of a stored record: what a rotation pass
+    /// over idle devices needs, without building a signer or touching the
+    /// pickle (a device with something due is then loaded whole, and
+    /// checked, by the usual path).
+    pub(crate) fn stored_fallback(record: &AccountRecord) -> Result<FallbackState, OlmError> {
+        let corrupt = |e: postcard::Error| OlmError::Corrupt(format!("account record: {e}"));
+        let body = match record.data.first() {
+            Some(b'{') => {
+                return Self::decode(record, 0, &LayoutCheck::default())
+                    .map(|device| device.fallback);
+            }
+            Some(&FORMAT_3) => &record.data[1..],
+            Some(&FORMAT) => record
+                .data
+                .get(33..)
+                .ok_or_else(|| OlmError::Corrupt("account record: truncated".into()))?,
+            Some(other) => {
+                return Err(OlmError::Corrupt(format!("unknown account format {other}")));
+            }
+            None => return Err(OlmError::Corrupt("empty account record".into())),
+        };
+        let (fallback, _) = postcard::take_from_bytes::<FallbackState>(body).map_err(corrupt)?;
+        Ok(fallback)
+    }
+
     /// Formats 3 and 4 after their header: the fallback schedule, then the
     /// pickle. With `stored` (format 4), the pickle's ed25519 key is that
     /// key: checked when the whole account is unpickled, and on the cold
@@ -695,6 +720,42 @@ mod tests {
         let rewritten = old.encode().expect("encode");
         assert_eq!(rewritten[0], FORMAT);
         assert_eq!(&rewritten[1..33], identity.ed25519.as_bytes());
+    }
+
+    #[test]
+    fn the_schedule_alone_reads_as_the_whole_decode_does_in_every_format() {
+        let mut device = DeviceAccount::new();
+        device.account().expect("account").generate_fallback_key();
+        device.fallback.previous_since_ms = Some(42);
+        device.fallback.current = Some(crate::fallback::CurrentFallback {
+            key_id: 7,
+            public_key: "key".into(),
+            created_ms: 1,
+            published: true,
+            published_ms: Some(2),
+            used: false,
+        });
+        let v4 = device.encode().expect("encode").to_vec();
+        let mut v3 = vec![FORMAT_3];
+        v3.extend_from_slice(&v4[33..]);
+        let v2 = serde_json::to_vec(&serde_json::json!({
+            "format": 2,
+            "account": device.account().expect("account").pickle(),
+            "fallback": device.fallback,
+        }))
+        .expect("json");
+        for data in [v4.clone(), v3, v2] {
+            assert_eq!(
+                DeviceAccount::stored_fallback(&record(1, data)).expect("schedule"),
+                device.fallback
+            );
+        }
+        for bad in [vec![9, 1], Vec::new(), v4[..20].to_vec(), v4[..34].to_vec()] {
+            assert!(matches!(
+                DeviceAccount::stored_fallback(&record(1, bad)),
+                Err(OlmError::Corrupt(_))
+            ));
+        }
     }
 
     #[test]

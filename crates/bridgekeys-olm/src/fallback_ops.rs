@@ -314,9 +314,8 @@ impl AccountManager {
         if !self.is_loaded(&key)
             && let Some(record) = self.store.load_account(&key)?
         {
-            // Only its fallback schedule is read: no key count needed.
-            let stored = DeviceAccount::decode(&record, 0, &self.layout)?;
-            let action = due(&stored.fallback, policy, now);
+            // Only its fallback schedule is read: no key count, no signer.
+            let action = due(&DeviceAccount::stored_fallback(&record)?, policy, now);
             if let FallbackAction::Wait { .. } = action {
                 return Ok(action);
             }
