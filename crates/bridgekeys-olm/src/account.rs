@@ -34,7 +34,9 @@
 //! * **Unpickling checks the pair.** When the whole account is unpickled,
 //!   the public key of the cold signer's secret, the stored public key and
 //!   the account's own must be one key, or the record is refused
-//!   ([`OlmError::Corrupt`]) and the copy in memory signs nothing more.
+//!   ([`OlmError::Corrupt`]): the copy in memory signs nothing more, and
+//!   every later load of the record by that manager checks it, so refuses
+//!   it too.
 //! * **The first load checks the layout.** The pickle is vodozemac's serde
 //!   form, and the fast path reads its first field in vodozemac's layout.
 //!   The first format 4 record each [`LayoutCheck`] (one per manager) loads
@@ -55,11 +57,11 @@ use ed25519_dalek::{
     Sha512, SigningKey, VerifyingKey,
     hazmat::{ExpandedSecretKey, raw_sign},
 };
-use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId, encryption::SignedKey};
+use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId, encryption::SignedKey, serde::Base64};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use vodozemac::{
-    Curve25519SecretKey, Ed25519Signature, KeyId,
+    Curve25519PublicKey, Curve25519SecretKey, Ed25519Signature, KeyId,
     olm::{Account, AccountPickle},
 };
 use zeroize::Zeroizing;
@@ -135,17 +137,42 @@ impl<'de> Deserialize<'de> for Seed {
 /// Whether a manager has checked its reading of vodozemac's pickle layout:
 /// the first format 4 record it loads has its public key derived from the
 /// pickle's secret and compared with the stored one; later loads trust the
-/// stored key (see the module docs for why that is safe).
+/// stored key (see the module docs for why that is safe), except the keys
+/// of records refused when their account was unpickled, which are checked
+/// at every load from then on, so a refused record stays refused. Cloned
+/// into each cold signer (it is shared), so the refusal reaches it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LayoutCheck(std::sync::Arc<LayoutState>);
+
 #[derive(Debug, Default)]
-pub(crate) struct LayoutCheck(AtomicBool);
+struct LayoutState {
+    confirmed: AtomicBool,
+    /// Whether `refused` holds anything (read on every cold load, so
+    /// without taking the lock).
+    any_refused: AtomicBool,
+    /// The stored public keys of records refused by [`DeviceAccount::account`].
+    refused: parking_lot::Mutex<std::collections::HashSet<[u8; 32]>>,
+}
 
 impl LayoutCheck {
     fn confirmed(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.confirmed.load(Ordering::Acquire)
     }
 
     fn confirm(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.confirmed.store(true, Ordering::Release);
+    }
+
+    /// Whether the stored key of a record may be trusted without checking.
+    fn trusts(&self, stored: &VerifyingKey) -> bool {
+        self.confirmed()
+            && !(self.0.any_refused.load(Ordering::Acquire)
+                && self.0.refused.lock().contains(stored.as_bytes()))
+    }
+
+    fn refuse(&self, stored: &VerifyingKey) {
+        self.0.refused.lock().insert(stored.to_bytes());
+        self.0.any_refused.store(true, Ordering::Release);
     }
 }
 
@@ -156,15 +183,19 @@ impl LayoutCheck {
 struct ColdSigner {
     expanded: Box<ExpandedSecretKey>,
     public: VerifyingKey,
+    /// The manager's check that trusted `public` (format 4), told when the
+    /// pair is refused.
+    layout: Option<LayoutCheck>,
 }
 
 impl ColdSigner {
     /// From the pickle's seed and the device's public key. The caller
     /// vouches that `public` is the seed's (see the module docs).
-    fn new(seed: &Seed, public: VerifyingKey) -> Self {
+    fn new(seed: &Seed, public: VerifyingKey, layout: Option<LayoutCheck>) -> Self {
         Self {
             expanded: Box::new(ExpandedSecretKey::from(&**seed.0)),
             public,
+            layout,
         }
     }
 
@@ -236,8 +267,16 @@ impl DeviceAccount {
                 .map_err(|e| OlmError::Corrupt(format!("account pickle: {e}")))?;
             let account = Account::from_pickle(pickle);
             let own = account.identity_keys().ed25519;
-            check_pairing(own.as_bytes(), &signer.public)?;
-            check_pairing(own.as_bytes(), &signer.own_public())?;
+            let paired = check_pairing(own.as_bytes(), &signer.public)
+                .and_then(|()| check_pairing(own.as_bytes(), &signer.own_public()));
+            if let Err(e) = paired {
+                // Every later load of this record checks it again, and so
+                // refuses it: a reload does not bring the signer back.
+                if let Some(layout) = &signer.layout {
+                    layout.refuse(&signer.public);
+                }
+                return Err(e);
+            }
             self.account = Some(account);
         }
         self.account
@@ -255,14 +294,24 @@ impl DeviceAccount {
         }
     }
 
-    /// Sign a one-time key object as Matrix signs JSON (canonical, without
-    /// `signatures` and `unsigned`); base64. A cold device signs it without
-    /// unpickling its account, so `key` must hold a key pair generated for
-    /// this one signature: nothing may sign the same object again.
-    pub(crate) fn sign_one_time_key(&self, key: &SignedKey) -> Result<String, OlmError> {
-        Ok(self
-            .sign_once(&crate::signing::canonical_json_for_signing(key)?)?
-            .to_base64())
+    /// The one-time key object of `public_key` (never a fallback key) and
+    /// its signature as Matrix signs JSON (canonical, without `signatures`
+    /// and `unsigned`; base64), to be inserted by the caller. A cold device
+    /// signs it without unpickling its account, so `public_key` must be a
+    /// key pair generated for this one signature: nothing may sign the same
+    /// object again.
+    pub(crate) fn sign_one_time_key(
+        &self,
+        public_key: &Curve25519PublicKey,
+    ) -> Result<(SignedKey, String), OlmError> {
+        let key = SignedKey::new(
+            Base64::new(public_key.to_vec()),
+            ruma::DeviceSignatures::new(),
+        );
+        let signature = self
+            .sign_once(&crate::signing::canonical_json_for_signing(&key)?)?
+            .to_base64();
+        Ok((key, signature))
     }
 
     /// Sign `value` as Matrix signs JSON, with the whole account (unpickled
@@ -405,16 +454,17 @@ impl DeviceAccount {
             _,
         )) = postcard::take_from_bytes::<PickleHead>(pickle)
         {
-            let public = match stored {
-                Some((stored, layout)) if layout.confirmed() => stored,
+            let signer = match stored {
+                Some((stored, layout)) if layout.trusts(&stored) => {
+                    ColdSigner::new(&seed, stored, Some(layout.clone()))
+                }
                 Some((stored, layout)) => {
                     check_pairing(ColdSigner::derive(&seed).as_bytes(), &stored)?;
                     layout.confirm();
-                    stored
+                    ColdSigner::new(&seed, stored, Some(layout.clone()))
                 }
-                None => ColdSigner::derive(&seed),
+                None => ColdSigner::new(&seed, ColdSigner::derive(&seed), None),
             };
-            let signer = ColdSigner::new(&seed, public);
             device.pickled = Some((Zeroizing::new(pickle.to_vec()), signer));
             return Ok(device);
         }
@@ -618,7 +668,8 @@ mod tests {
             DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &layout).expect("decode");
         let stranger = Seed(Box::new(Zeroizing::new([7u8; 32])));
         let public = cold.pickled.as_ref().expect("cold").1.public;
-        cold.pickled.as_mut().expect("cold").1 = ColdSigner::new(&stranger, public);
+        cold.pickled.as_mut().expect("cold").1 =
+            ColdSigner::new(&stranger, public, Some(layout.clone()));
         assert!(matches!(
             cold.account(),
             Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
@@ -677,29 +728,32 @@ mod tests {
         // A record whose stored key is not its pickle's (only a changed
         // pickle layout or a bug of ours could write one: records are
         // sealed) loads on the cold path without the derivation...
+        let stranger = Account::new().identity_keys().ed25519;
         let mut swapped = encoded.to_vec();
-        swapped[1..33].copy_from_slice(Account::new().identity_keys().ed25519.as_bytes());
-        let mut bad = DeviceAccount::decode(&record(1, swapped), 0, &layout).expect("trusted");
-        // ...but the whole account is refused, and the device signs nothing
-        // after that, so the account's own key never signs what the cold
-        // path signed under the other key.
-        assert!(matches!(
-            bad.account(),
-            Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
-        ));
-        assert!(bad.sign_once("m").is_err());
-        assert!(bad.account().is_err());
+        swapped[1..33].copy_from_slice(stranger.as_bytes());
 
         // What may be signed twice (device keys, fallback keys) is signed
         // only by the whole account, so a cold copy of such a record never
         // signs it under the stored key.
-        let mut swapped = encoded.to_vec();
-        swapped[1..33].copy_from_slice(Account::new().identity_keys().ed25519.as_bytes());
-        let mut bad = DeviceAccount::decode(&record(1, swapped), 0, &layout).expect("trusted");
+        let mut bad =
+            DeviceAccount::decode(&record(1, swapped.clone()), 0, &layout).expect("trusted");
         assert!(matches!(
             bad.sign_json(&serde_json::json!({"key": "a fallback key"})),
-            Err(OlmError::Corrupt(_))
+            Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
         ));
+        assert!(bad.sign_once("m").is_err(), "the copy signs nothing more");
+
+        // Loading the record again does not bring the signer back: its key
+        // is checked at every load from now on, and refused, while other
+        // records are still trusted.
+        for _ in 0..2 {
+            assert!(matches!(
+                DeviceAccount::decode(&record(1, swapped.clone()), 0, &layout),
+                Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
+            ));
+        }
+        assert!(layout.confirmed());
+        DeviceAccount::decode(&record(1, encoded.to_vec()), 0, &layout).expect("a good record");
     }
 
     #[test]
@@ -723,7 +777,7 @@ mod tests {
     }
 
     #[test]
-    fn the_schedule_alone_reads_as_the_whole_decode_does_in_every_format() {
+    fn the_schedule_alone_reads_as_decode_reads_it_in_every_format() {
         let mut device = DeviceAccount::new();
         device.account().expect("account").generate_fallback_key();
         device.fallback.previous_since_ms = Some(42);
@@ -750,6 +804,21 @@ mod tests {
                 device.fallback
             );
         }
+        // A damaged pickle after an intact schedule: the schedule still
+        // reads (a pass judges the device by it), and the device is refused
+        // when it is loaded to be used.
+        let (_, pickle) = postcard::take_from_bytes::<FallbackState>(&v4[33..]).expect("schedule");
+        let mut damaged = v4[..v4.len() - pickle.len()].to_vec();
+        damaged.extend_from_slice(&[0xff; 16]);
+        assert_eq!(
+            DeviceAccount::stored_fallback(&record(1, damaged.clone())).expect("schedule"),
+            device.fallback
+        );
+        let refused = match DeviceAccount::decode(&record(1, damaged), 0, &LayoutCheck::default()) {
+            Err(e) => Some(e),
+            Ok(mut device) => device.account().err(),
+        };
+        assert!(matches!(refused, Some(OlmError::Corrupt(_))));
         for bad in [vec![9, 1], Vec::new(), v4[..20].to_vec(), v4[..34].to_vec()] {
             assert!(matches!(
                 DeviceAccount::stored_fallback(&record(1, bad)),

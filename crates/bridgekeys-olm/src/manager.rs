@@ -8,11 +8,9 @@ use bridgekeys_store::{
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use ruma::{
-    CrossSigningOrDeviceSignatures, DeviceId, DeviceKeyAlgorithm, DeviceKeyId, DeviceSignatures,
-    DeviceSigningKeyId, EventEncryptionAlgorithm, OneTimeKeyAlgorithm, OwnedOneTimeKeyId,
-    SigningKeyAlgorithm, UserId,
+    CrossSigningOrDeviceSignatures, DeviceId, DeviceKeyAlgorithm, DeviceKeyId, DeviceSigningKeyId,
+    EventEncryptionAlgorithm, OneTimeKeyAlgorithm, OwnedOneTimeKeyId, SigningKeyAlgorithm, UserId,
     encryption::{DeviceKeys, SignedKey},
-    serde::Base64,
 };
 use vodozemac::{Curve25519PublicKey, Curve25519SecretKey};
 use zeroize::{Zeroize, Zeroizing};
@@ -654,9 +652,8 @@ fn sign_one_time_key(
     key_id: u64,
     public_key: &Curve25519PublicKey,
 ) -> Result<ClaimedKey, OlmError> {
-    let mut signed = SignedKey::new(Base64::new(public_key.to_vec()), DeviceSignatures::new());
     // A key pair generated for this one signature: the cold path may sign.
-    let signature = device.sign_one_time_key(&signed)?;
+    let (mut signed, signature) = device.sign_one_time_key(public_key)?;
     signed.signatures.insert_signature(
         user_id.to_owned(),
         DeviceSigningKeyId::from_parts(SigningKeyAlgorithm::Ed25519, device_id),
