@@ -111,12 +111,25 @@ async fn every_signature_verifies_with_an_independent_verifier() {
             .iter()
             .all(|k| k.key_id.as_str().starts_with("signed_curve25519:"))
     );
-    // A cold device (reopened store) signs without unpickling its account:
-    // its signatures verify just the same.
+    // Cold devices (reopened store) sign without unpickling their
+    // accounts: the first the new manager loads checks the stored key, the
+    // others are signed with their stored key as it is. Every signature
+    // verifies just the same.
+    let others: Vec<ruma::OwnedDeviceId> = (0..3).map(|i| format!("OTHER{i}").into()).collect();
+    let mut other_maps = Vec::new();
+    for other in &others {
+        let keys = m.create_device(&user, other).await.unwrap();
+        other_maps.push(verifier_keys(&user, other, &keys));
+    }
     drop(m);
     let m = manager(dir.path(), &store_key, ManagerConfig::default());
     for k in m.claim(&user, &device, &SC, 3).await.unwrap() {
         verify_json(&key_map, &to_object(serde_json::to_value(&k.key).unwrap())).unwrap();
+    }
+    for (other, map) in others.iter().zip(&other_maps) {
+        for k in m.claim(&user, other, &SC, 2).await.unwrap() {
+            verify_json(map, &to_object(serde_json::to_value(&k.key).unwrap())).unwrap();
+        }
     }
     assert_eq!(
         m.device_keys(&user, &device).unwrap().keys,
