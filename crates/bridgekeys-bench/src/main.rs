@@ -112,6 +112,13 @@ enum Scenario {
         /// Also write the figures as one JSON object to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// `postgres`: the stores are databases of one PostgreSQL server
+        /// (a throwaway local one unless `--postgres-url`), instead of sled.
+        #[arg(long, value_enum, default_value_t = StoreKind::Sled)]
+        store: StoreKind,
+        /// With `--store postgres`: a server to create the databases on.
+        #[arg(long, value_name = "URL")]
+        postgres_url: Option<String>,
     },
     /// Bytes on disk per idle provisioned device, against 50 uploaded keys.
     Storage {
@@ -649,6 +656,8 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             dir,
             json,
+            store,
+            postgres_url,
         } => {
             let config = scale::ScaleBench {
                 sizes,
@@ -656,7 +665,16 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 dir,
             };
-            let r = scale::run(&config).await?;
+            let r = match store {
+                StoreKind::Sled => scale::run(&config).await?,
+                StoreKind::Postgres => {
+                    let server = bridgekeys_bench::pg::Server::start(postgres_url).await?;
+                    let r = scale::run_postgres(&config, &server).await;
+                    server.clean_up().await;
+                    println!("store: PostgreSQL, {}", server.describe());
+                    r?
+                }
+            };
             println!("scenario: scale ({} claimers, cold cache)", concurrency);
             println!("  devices     provision   claims/s    p50 ms    p99 ms   cold loads");
             for p in &r.points {

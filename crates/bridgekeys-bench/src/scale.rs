@@ -7,13 +7,19 @@
 //! after a restart, so the account cache starts cold, and claims go to
 //! devices picked uniformly at random: with a million devices almost every
 //! claim is the first touch of its device and must load it from the store.
+//!
+//! With [`run_postgres`] the stores are databases of one PostgreSQL server,
+//! each reopened as a new [`PgStore`](bridgekeys_store::PgStore) before its
+//! claims: a cold load there is a trip to the server, not a file read.
 
 use std::{path::Path, sync::Arc, time::Instant};
 
-use bridgekeys_store::StoreKey;
+use bridgekeys_olm::{AccountManager, ManagerConfig};
+use bridgekeys_store::{PgStore, PgStoreConfig, StoreKey};
 use serde::Serialize;
 
 use crate::{
+    pg::Server,
     progress::Progress,
     support::{claim_load, create_puppets_reporting, open_manager, percentile_ms},
 };
@@ -87,32 +93,76 @@ pub async fn run(config: &ScaleBench) -> anyhow::Result<ScaleReport> {
     for (devices, dir, key, provision_s) in &stores {
         // Reopen, as after a restart: nothing cached.
         let manager = Arc::new(open_manager(dir.path(), key)?);
-        let (latencies, elapsed) =
-            claim_load(&manager, *devices, config.claims, config.concurrency).await?;
-        let cold_loads = manager.loaded_devices() + manager.stats().cache_evictions as usize;
-        points.push(ScalePoint {
-            devices: *devices,
-            provision_s: *provision_s,
-            claims: latencies.len(),
-            claims_per_s: latencies.len() as f64 / elapsed,
-            p50_ms: percentile_ms(&latencies, 50.0),
-            p99_ms: percentile_ms(&latencies, 99.0),
-            cold_loads,
-        });
+        points.push(measure(manager, *devices, *provision_s, config).await?);
     }
     drop(stores);
+    Ok(report(points))
+}
+
+/// Run the scenario on PostgreSQL: one fresh database of `server` per
+/// size, provisioned, then each reopened in turn and measured.
+pub async fn run_postgres(config: &ScaleBench, server: &Server) -> anyhow::Result<ScaleReport> {
+    let mut stores = Vec::new();
+    for &devices in &config.sizes {
+        let url = server.fresh_database(&format!("scale{devices}")).await?;
+        let key = StoreKey::generate();
+        let manager = Arc::new(AccountManager::new(
+            crate::pg::create_store(&url, &key).await?,
+            ManagerConfig::default(),
+        ));
+        let started = Instant::now();
+        let progress = Progress::new("scale: provisioned", "devices", devices);
+        create_puppets_reporting(&manager, devices, Some(progress)).await?;
+        stores.push((devices, url, key, started.elapsed().as_secs_f64()));
+    }
+    let mut points = Vec::new();
+    for (devices, url, key, provision_s) in stores {
+        // A new store and manager, as after a restart: nothing cached.
+        let config_pg = PgStoreConfig::new(&url, key);
+        let store = tokio::task::spawn_blocking(move || PgStore::open(config_pg)).await??;
+        let manager = Arc::new(AccountManager::new(
+            Arc::new(store),
+            ManagerConfig::default(),
+        ));
+        points.push(measure(manager, devices, provision_s, config).await?);
+    }
+    Ok(report(points))
+}
+
+/// The claim load on a freshly opened manager.
+async fn measure(
+    manager: Arc<AccountManager>,
+    devices: usize,
+    provision_s: f64,
+    config: &ScaleBench,
+) -> anyhow::Result<ScalePoint> {
+    let (latencies, elapsed) =
+        claim_load(&manager, devices, config.claims, config.concurrency).await?;
+    let cold_loads = manager.loaded_devices() + manager.stats().cache_evictions as usize;
+    Ok(ScalePoint {
+        devices,
+        provision_s,
+        claims: latencies.len(),
+        claims_per_s: latencies.len() as f64 / elapsed,
+        p50_ms: percentile_ms(&latencies, 50.0),
+        p99_ms: percentile_ms(&latencies, 99.0),
+        cold_loads,
+    })
+}
+
+fn report(points: Vec<ScalePoint>) -> ScaleReport {
     let p99_at = |n: usize| points.iter().find(|p| p.devices == n).map(|p| p.p99_ms);
     let scale_ratio = match (points.first(), points.last()) {
         (Some(small), Some(large)) if small.p99_ms > 0.0 => large.p99_ms / small.p99_ms,
         _ => 0.0,
     };
-    Ok(ScaleReport {
+    ScaleReport {
         p99_ms_1k: p99_at(1_000),
         p99_ms_100k: p99_at(100_000),
         p99_ms_1m: p99_at(1_000_000),
         scale_ratio,
         points,
-    })
+    }
 }
 
 /// Create `devices` accounts in a new store at `dir`. Returns the seconds
