@@ -558,10 +558,10 @@ impl AccountManager {
         if stored.is_none() || stored == device.version {
             return Ok(());
         }
-        let Some(record) = self.store.load_account(key)? else {
+        let Some((record, outstanding)) = self.store.load_account_counted(key)? else {
             return Ok(());
         };
-        let outstanding = self.store.count_one_time_keys(key)? as u64;
+        let outstanding = outstanding as u64;
         let legacy = device.legacy.take();
         *device = DeviceAccount::decode(&record, outstanding, &self.layout)?;
         device.legacy = legacy;
@@ -570,11 +570,10 @@ impl AccountManager {
 
     /// A device as stored, with its outstanding keys counted, or `None`.
     fn load(&self, key: &DeviceKey) -> Result<Option<DeviceAccount>, OlmError> {
-        let Some(record) = self.store.load_account(key)? else {
+        let Some((record, outstanding)) = self.store.load_account_counted(key)? else {
             return Ok(None);
         };
-        let outstanding = self.store.count_one_time_keys(key)? as u64;
-        DeviceAccount::decode(&record, outstanding, &self.layout).map(Some)
+        DeviceAccount::decode(&record, outstanding as u64, &self.layout).map(Some)
     }
 
     /// The cached slot, or the device loaded from the store, or `None`.

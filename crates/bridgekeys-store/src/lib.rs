@@ -284,6 +284,22 @@ pub trait Store: Send + Sync + 'static {
     /// process.
     fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError>;
 
+    /// [`Store::load_account`] and, when the device exists,
+    /// [`Store::count_one_time_keys`]: what loading a device needs. The
+    /// default makes the two calls; a backend behind a network should
+    /// answer both in one round trip (PostgreSQL does), since the manager
+    /// does this for every device it loads, on the path of the claim that
+    /// needs it.
+    fn load_account_counted(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Option<(AccountRecord, usize)>, StoreError> {
+        let Some(record) = self.load_account(device)? else {
+            return Ok(None);
+        };
+        Ok(Some((record, self.count_one_time_keys(device)?)))
+    }
+
     /// One Olm session of a device with a peer (curve25519 key), by id.
     fn load_session(
         &self,

@@ -308,6 +308,26 @@ const GROUP_SESSIONS: SealedTable = SealedTable {
 };
 
 impl PgStore {
+    /// The account record of `device` in a row whose first two columns are
+    /// its version and sealed record.
+    fn open_account(
+        &self,
+        device: &DeviceKey,
+        row: &tokio_postgres::Row,
+    ) -> Result<AccountRecord, StoreError> {
+        let version: i64 = row.try_get(0).pg()?;
+        let version = u64::try_from(version).map_err(|_| corrupt("account version"))?;
+        let sealed: Vec<u8> = row.try_get(1).pg()?;
+        let data = self
+            .sealer
+            .open(&layout::account_slot(device, version), &sealed)
+            .ok_or_else(|| corrupt("account record"))?;
+        Ok(AccountRecord {
+            version: Version(version),
+            data,
+        })
+    }
+
     /// Write the record under `key` only if it is still `expected` (its
     /// plaintext; `None`: no record), in one transaction: the row stays
     /// locked while it is opened and compared, so of two processes
@@ -402,17 +422,38 @@ impl Store for PgStore {
         let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let version: i64 = row.try_get(0).pg()?;
-        let version = u64::try_from(version).map_err(|_| corrupt("account version"))?;
-        let sealed: Vec<u8> = row.try_get(1).pg()?;
-        let data = self
-            .sealer
-            .open(&layout::account_slot(device, version), &sealed)
-            .ok_or_else(|| corrupt("account record"))?;
-        Ok(Some(AccountRecord {
-            version: Version(version),
-            data,
-        }))
+        self.open_account(device, row).map(Some)
+    }
+
+    fn load_account_counted(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Option<(AccountRecord, usize)>, StoreError> {
+        // The overlay first, as `count_one_time_keys` reads it: an append
+        // leaves it only once committed, so one missed here is counted by
+        // the statement below. With appends of this process in flight for
+        // the device, count as `count_one_time_keys` does.
+        let overlay = self.engine.appender.overlay(device.as_bytes());
+        if !(overlay.added.is_empty() && overlay.evicted.is_empty()) {
+            let Some(record) = self.load_account(device)? else {
+                return Ok(None);
+            };
+            return Ok(Some((record, self.count_one_time_keys(device)?)));
+        }
+        // One statement, one snapshot, one round trip.
+        let rows = self.engine.query(
+            "SELECT a.version, a.sealed, \
+             (SELECT count(*) FROM bk_one_time_keys k WHERE k.device = a.device) \
+             FROM bk_accounts a WHERE a.device = $1",
+            params![device.as_bytes().to_vec()],
+        )?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let record = self.open_account(device, row)?;
+        let keys: i64 = row.try_get(2).pg()?;
+        let keys = usize::try_from(keys).map_err(|_| corrupt("key count"))?;
+        Ok(Some((record, keys)))
     }
 
     fn write_device(

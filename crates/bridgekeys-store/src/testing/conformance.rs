@@ -87,6 +87,7 @@ pub const CHECKS: &[&str] = &[
     "reserved_key_ids_start_at_first_key_id_increase_and_never_repeat",
     "concurrent_key_id_reservations_are_all_distinct",
     "appended_keys_are_found_counted_and_listed_oldest_first",
+    "a_device_loads_with_its_key_count_in_one_call",
     "evicted_keys_are_gone_and_the_others_stay",
     "a_one_time_key_of_another_device_is_not_found",
     "a_key_index_entry_whose_record_is_gone_or_different_is_absent",
@@ -154,6 +155,7 @@ macro_rules! conformance_tests {
             reserved_key_ids_start_at_first_key_id_increase_and_never_repeat,
             concurrent_key_id_reservations_are_all_distinct,
             appended_keys_are_found_counted_and_listed_oldest_first,
+            a_device_loads_with_its_key_count_in_one_call,
             evicted_keys_are_gone_and_the_others_stay,
             a_one_time_key_of_another_device_is_not_found,
             a_key_index_entry_whose_record_is_gone_or_different_is_absent,
@@ -779,6 +781,73 @@ pub async fn appended_keys_are_found_counted_and_listed_oldest_first(backend: Ar
         Some(Version(1)),
         "an append does not touch the account"
     );
+}
+
+/// [`Store::load_account_counted`] answers what `load_account` and
+/// `count_one_time_keys` answer: nothing for a device never created, the
+/// record and its key count otherwise, keys appended and not yet durable
+/// included (they are visible when the append returns), evicted ones and
+/// other devices' keys not.
+pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Backend>) {
+    let dev = device("@a:hs", "DEV");
+    let other = device("@a:hs", "OTHER");
+    assert!(backend.load_account_counted(&dev).expect("load").is_none());
+    durable("create", backend.write_device(&dev, None, account(b"v1"))).await;
+    durable(
+        "create other",
+        backend.write_device(&other, None, account(b"o1")),
+    )
+    .await;
+    let both = |backend: &Arc<dyn Backend>| {
+        let (record, count) = backend
+            .load_account_counted(&dev)
+            .expect("load")
+            .expect("created");
+        let alone = backend.load_account(&dev).expect("load").expect("created");
+        assert_eq!(
+            (record.version, record.data.as_slice()),
+            (alone.version, alone.data.as_slice())
+        );
+        assert_eq!(count, backend.count_one_time_keys(&dev).expect("count"));
+        count
+    };
+    assert_eq!(both(&backend), 0);
+    durable(
+        "append other",
+        backend.append_keys(
+            &other,
+            KeyAppend {
+                add_keys: vec![otk(5, 9)],
+                evict_keys: Vec::new(),
+            },
+        ),
+    )
+    .await;
+    durable(
+        "append",
+        backend.append_keys(
+            &dev,
+            KeyAppend {
+                add_keys: vec![otk(7, 1), otk(8, 2)],
+                evict_keys: Vec::new(),
+            },
+        ),
+    )
+    .await;
+    assert_eq!(both(&backend), 2, "another device's key is not counted");
+    // Not awaited: visible at return.
+    let pending = backend
+        .append_keys(
+            &dev,
+            KeyAppend {
+                add_keys: vec![otk(9, 3)],
+                evict_keys: vec![(7, [1; 32])],
+            },
+        )
+        .expect("append");
+    assert_eq!(both(&backend), 2, "one added, one evicted, not yet durable");
+    durable("the append lands", Ok(pending)).await;
+    assert_eq!(both(&backend), 2);
 }
 
 /// Keys evicted by an append are gone (not found, not counted, not

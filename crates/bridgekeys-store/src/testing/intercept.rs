@@ -158,6 +158,12 @@ impl Store for Intercepted {
     fn count_one_time_keys(&self, device: &DeviceKey) -> Result<usize, StoreError> {
         self.inner.count_one_time_keys(device)
     }
+    fn load_account_counted(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Option<(AccountRecord, usize)>, StoreError> {
+        self.inner.load_account_counted(device)
+    }
     fn load_session(
         &self,
         device: &DeviceKey,
