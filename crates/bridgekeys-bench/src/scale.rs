@@ -9,7 +9,7 @@
 //! claim is the first touch of its device and must load it from the store.
 //!
 //! With [`run_postgres`] the stores are databases of one PostgreSQL server,
-//! each reopened as a new [`PgStore`](bridgekeys_store::PgStore) before its
+//! each reopened as a new [`PgStore`] before its
 //! claims: a cold load there is a trip to the server, not a file read.
 
 use std::{path::Path, sync::Arc, time::Instant};

@@ -783,8 +783,9 @@ pub async fn appended_keys_are_found_counted_and_listed_oldest_first(backend: Ar
     );
 }
 
-/// [`Store::load_account_counted`] answers what `load_account` and
-/// `count_one_time_keys` answer: nothing for a device never created, the
+/// [`Store::load_account_counted`](crate::Store::load_account_counted)
+/// answers what `load_account` and `count_one_time_keys` answer: nothing for
+/// a device never created, the
 /// record and its key count otherwise, keys appended and not yet durable
 /// included (they are visible when the append returns), evicted ones and
 /// other devices' keys not.
