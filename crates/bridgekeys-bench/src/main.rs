@@ -44,12 +44,13 @@ struct Load {
     postgres_url: Option<String>,
 }
 
-/// Which store the claim-throughput scenarios measure.
+/// Which store the claim-throughput scenarios measure (what `postgres`
+/// means is said by each scenario's `--store`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum StoreKind {
-    /// sled only.
+    /// sled.
     Sled,
-    /// sled, then PostgreSQL, in the same run.
+    /// PostgreSQL.
     Postgres,
 }
 
@@ -113,7 +114,8 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
         /// `postgres`: the stores are databases of one PostgreSQL server
-        /// (a throwaway local one unless `--postgres-url`), instead of sled.
+        /// (a throwaway local one unless `--postgres-url`), instead of sled
+        /// (`--dir` is then unused).
         #[arg(long, value_enum, default_value_t = StoreKind::Sled)]
         store: StoreKind,
         /// With `--store postgres`: a server to create the databases on.

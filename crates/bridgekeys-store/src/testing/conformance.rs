@@ -841,14 +841,14 @@ pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Back
         .append_keys(
             &dev,
             KeyAppend {
-                add_keys: vec![otk(9, 3)],
+                add_keys: vec![otk(9, 3), otk(10, 4)],
                 evict_keys: vec![(7, [1; 32])],
             },
         )
         .expect("append");
-    assert_eq!(both(&backend), 2, "one added, one evicted, not yet durable");
+    assert_eq!(both(&backend), 3, "two added, one evicted, not yet durable");
     durable("the append lands", Ok(pending)).await;
-    assert_eq!(both(&backend), 2);
+    assert_eq!(both(&backend), 3);
 }
 
 /// Keys evicted by an append are gone (not found, not counted, not
