@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bridgekeys_store::{AccountRecord, Version};
 use ed25519_dalek::{
-    Sha512, SigningKey, VerifyingKey,
+    Sha512, VerifyingKey,
     hazmat::{ExpandedSecretKey, raw_sign},
 };
 use ruma::{OneTimeKeyAlgorithm, OwnedOneTimeKeyId, encryption::SignedKey, serde::Base64};
@@ -189,19 +189,20 @@ struct ColdSigner {
 }
 
 impl ColdSigner {
-    /// From the pickle's seed and the device's public key. The caller
-    /// vouches that `public` is the seed's (see the module docs).
-    fn new(seed: &Seed, public: VerifyingKey, layout: Option<LayoutCheck>) -> Self {
+    /// From the pickle's seed and the device's public key as stored
+    /// (format 4), trusted as the seed's (see the module docs); without
+    /// one (format 3), the public key is derived from the seed.
+    fn new(seed: &Seed, stored: Option<(VerifyingKey, &LayoutCheck)>) -> Self {
+        let expanded = Box::new(ExpandedSecretKey::from(&**seed.0));
+        let (public, layout) = match stored {
+            Some((public, layout)) => (public, Some(layout.clone())),
+            None => (VerifyingKey::from(&*expanded), None),
+        };
         Self {
-            expanded: Box::new(ExpandedSecretKey::from(&**seed.0)),
+            expanded,
             public,
             layout,
         }
-    }
-
-    /// The public key `seed` yields: a scalar multiplication.
-    fn derive(seed: &Seed) -> VerifyingKey {
-        SigningKey::from_bytes(&seed.0).verifying_key()
     }
 
     /// The public key of the signer's own secret: a scalar multiplication.
@@ -318,8 +319,7 @@ impl DeviceAccount {
     /// first, and its key checked against the stored one); base64. For
     /// anything that may be signed more than once.
     pub(crate) fn sign_json<T: Serialize>(&mut self, value: &T) -> Result<String, OlmError> {
-        let message = crate::signing::canonical_json_for_signing(value)?;
-        Ok(self.account()?.sign(message).to_base64())
+        crate::signing::sign_json(self.account()?, value)
     }
 
     /// Serialise for [`bridgekeys_store::DeviceWrite::account`].
@@ -454,17 +454,13 @@ impl DeviceAccount {
             _,
         )) = postcard::take_from_bytes::<PickleHead>(pickle)
         {
-            let signer = match stored {
-                Some((stored, layout)) if layout.trusts(&stored) => {
-                    ColdSigner::new(&seed, stored, Some(layout.clone()))
-                }
-                Some((stored, layout)) => {
-                    check_pairing(ColdSigner::derive(&seed).as_bytes(), &stored)?;
-                    layout.confirm();
-                    ColdSigner::new(&seed, stored, Some(layout.clone()))
-                }
-                None => ColdSigner::new(&seed, ColdSigner::derive(&seed), None),
-            };
+            let signer = ColdSigner::new(&seed, stored);
+            if let Some((stored, layout)) = stored
+                && !layout.trusts(&stored)
+            {
+                check_pairing(signer.own_public().as_bytes(), &stored)?;
+                layout.confirm();
+            }
             device.pickled = Some((Zeroizing::new(pickle.to_vec()), signer));
             return Ok(device);
         }
@@ -669,7 +665,7 @@ mod tests {
         let stranger = Seed(Box::new(Zeroizing::new([7u8; 32])));
         let public = cold.pickled.as_ref().expect("cold").1.public;
         cold.pickled.as_mut().expect("cold").1 =
-            ColdSigner::new(&stranger, public, Some(layout.clone()));
+            ColdSigner::new(&stranger, Some((public, &layout)));
         assert!(matches!(
             cold.account(),
             Err(OlmError::Corrupt(e)) if e.contains("stored identity key")
