@@ -127,6 +127,7 @@ mod crypto;
 mod dir_watch;
 pub mod durable;
 mod error;
+mod fetch;
 mod identity;
 mod layout;
 pub mod migrate;
@@ -146,6 +147,7 @@ pub mod testing;
 pub use commit::{CommitStats, Pending};
 pub use crypto::StoreKey;
 pub use error::StoreError;
+pub use fetch::Fetch;
 pub use identity::{InvalidStoreId, StoreId};
 #[cfg(feature = "postgres")]
 pub use pg_store::{
@@ -298,6 +300,22 @@ pub trait Store: Send + Sync + 'static {
             return Ok(None);
         };
         Ok(Some((record, self.count_one_time_keys(device)?)))
+    }
+
+    /// [`Store::load_account_counted`] as a [`Fetch`]: the same answer, but
+    /// a backend behind a network sends the request and lets the caller
+    /// await the answer instead of blocking its thread for the round trip.
+    /// The account manager loads a device this way on the claim path, where
+    /// many loads of devices not yet cached wait at once in a bridge that
+    /// has just started or has more puppets than its cache holds. The
+    /// default answers at once with `load_account_counted` (right for a
+    /// backend that reads local pages, as sled does); PostgreSQL overrides
+    /// it.
+    fn load_account_counted_later(
+        &self,
+        device: &DeviceKey,
+    ) -> Fetch<Option<(AccountRecord, usize)>> {
+        Fetch::ready(self.load_account_counted(device))
     }
 
     /// One Olm session of a device with a peer (curve25519 key), by id.

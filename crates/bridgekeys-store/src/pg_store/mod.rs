@@ -15,6 +15,14 @@
 //! the row it holds locked inside its transaction (with the store's one
 //! cipher, shared, not copied).
 //!
+//! One read does not block: loading a device for a claim
+//! ([`Store::load_account_counted_later`](crate::Store::load_account_counted_later))
+//! spawns its statement and returns a [`Fetch`](crate::Fetch) that the
+//! caller awaits, and the record is opened on the caller's thread once the
+//! row is back. A bridge that has just started loads nearly every device it
+//! claims for; blocking, two runtime workers could only have two such loads
+//! waiting on the server at once.
+//!
 //! # Durability
 //!
 //! PostgreSQL's `COMMIT` is the durability point: every connection runs
@@ -681,6 +689,18 @@ pub(crate) fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
+/// One statement on a connection of `pool`, its rows.
+async fn query_on(
+    pool: Pool,
+    sql: &'static str,
+    params: Params,
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let client = pool.get().await.pg()?;
+    // Prepared once per connection: one round trip per call after.
+    let statement = client.prepare_cached(sql).await.pg()?;
+    client.query(&statement, &refs(&params)).await.pg()
+}
+
 /// The background runtime, its pool and the claim path's writer.
 struct Engine {
     handle: tokio::runtime::Handle,
@@ -760,9 +780,41 @@ impl Engine {
         F: FnOnce(Pool) -> Fut,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.spawn(work, move |answer| {
+            let _ = tx.send(answer);
+        });
+        rx.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Start `work` on the background runtime and return at once; its
+    /// answer resolves the returned future (awaited on any runtime).
+    fn call_later<T, F, Fut>(
+        &self,
+        work: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(Pool) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.spawn(work, move |answer| {
+            let _ = tx.send(answer);
+        });
+        async move { rx.await.map_err(|_| StoreError::Closed)? }
+    }
+
+    /// Spawn `work` on the background runtime, bounded by the operation
+    /// timeout, and hand its answer to `reply`.
+    fn spawn<T, F, Fut>(&self, work: F, reply: impl FnOnce(Result<T, StoreError>) + Send + 'static)
+    where
+        T: Send + 'static,
+        F: FnOnce(Pool) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
         let fut = work(self.pool.clone());
         let timeout = self.timeout;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         drop(self.handle.spawn(async move {
             // Past the bound the work is dropped: an open transaction is
             // rolled back (dropping it queues a ROLLBACK on its connection
@@ -774,9 +826,8 @@ impl Engine {
                         "the database did not answer within {timeout:?}"
                     )))
                 });
-            let _ = tx.send(answer);
+            reply(answer);
         }));
-        rx.recv().map_err(|_| StoreError::Closed)?
     }
 
     /// One statement, its rows.
@@ -785,12 +836,17 @@ impl Engine {
         sql: &'static str,
         params: Params,
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        self.call(move |pool| async move {
-            let client = pool.get().await.pg()?;
-            // Prepared once per connection: one round trip per call after.
-            let statement = client.prepare_cached(sql).await.pg()?;
-            client.query(&statement, &refs(&params)).await.pg()
-        })
+        self.call(move |pool| query_on(pool, sql, params))
+    }
+
+    /// [`Engine::query`] without waiting: the statement is under way when
+    /// this returns.
+    fn query_later(
+        &self,
+        sql: &'static str,
+        params: Params,
+    ) -> impl Future<Output = Result<Vec<tokio_postgres::Row>, StoreError>> + Send + 'static {
+        self.call_later(move |pool| query_on(pool, sql, params))
     }
 
     /// One statement (its own transaction), the rows it changed. Counts as

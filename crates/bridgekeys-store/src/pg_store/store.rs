@@ -10,9 +10,9 @@ use zeroize::Zeroizing;
 
 use super::{Pg, PgStore, bits, key_id_sql, ord, params, unbits, unord};
 use crate::{
-    AccountRecord, CommitStats, DeviceKey, DeviceWrite, HeldEvent, IndexUse, KeyAppend,
+    AccountRecord, CommitStats, DeviceKey, DeviceWrite, Fetch, HeldEvent, IndexUse, KeyAppend,
     OneTimeKeyRecord, OutboundSessionRecord, Pending, SessionRecord, SessionWrite, Store,
-    StoreError, Version, layout,
+    StoreError, Version, crypto::Sealer, layout,
 };
 
 /// Session rows of a write as column arrays, split by what each must find:
@@ -307,6 +307,46 @@ const GROUP_SESSIONS: SealedTable = SealedTable {
     what: "group session record",
 };
 
+/// A device's account row and the count of its one-time keys, in one
+/// statement ([`Store::load_account_counted`]).
+const LOAD_COUNTED: &str = "SELECT a.version, a.sealed, \
+     (SELECT count(*) FROM bk_one_time_keys k WHERE k.device = a.device) \
+     FROM bk_accounts a WHERE a.device = $1";
+
+/// The account record of `device` in a row whose first two columns are its
+/// version and sealed record.
+fn open_account_row(
+    sealer: &Sealer,
+    device: &DeviceKey,
+    row: &tokio_postgres::Row,
+) -> Result<AccountRecord, StoreError> {
+    let version: i64 = row.try_get(0).pg()?;
+    let version = u64::try_from(version).map_err(|_| corrupt("account version"))?;
+    let sealed: Vec<u8> = row.try_get(1).pg()?;
+    let data = sealer
+        .open(&layout::account_slot(device, version), &sealed)
+        .ok_or_else(|| corrupt("account record"))?;
+    Ok(AccountRecord {
+        version: Version(version),
+        data,
+    })
+}
+
+/// The answer of [`LOAD_COUNTED`]: nothing, or the record and key count.
+fn open_counted(
+    sealer: &Sealer,
+    device: &DeviceKey,
+    rows: &[tokio_postgres::Row],
+) -> Result<Option<(AccountRecord, usize)>, StoreError> {
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let record = open_account_row(sealer, device, row)?;
+    let keys: i64 = row.try_get(2).pg()?;
+    let keys = usize::try_from(keys).map_err(|_| corrupt("key count"))?;
+    Ok(Some((record, keys)))
+}
+
 impl PgStore {
     /// The account record of `device` in a row whose first two columns are
     /// its version and sealed record.
@@ -315,17 +355,7 @@ impl PgStore {
         device: &DeviceKey,
         row: &tokio_postgres::Row,
     ) -> Result<AccountRecord, StoreError> {
-        let version: i64 = row.try_get(0).pg()?;
-        let version = u64::try_from(version).map_err(|_| corrupt("account version"))?;
-        let sealed: Vec<u8> = row.try_get(1).pg()?;
-        let data = self
-            .sealer
-            .open(&layout::account_slot(device, version), &sealed)
-            .ok_or_else(|| corrupt("account record"))?;
-        Ok(AccountRecord {
-            version: Version(version),
-            data,
-        })
+        open_account_row(&self.sealer, device, row)
     }
 
     /// Write the record under `key` only if it is still `expected` (its
@@ -441,19 +471,30 @@ impl Store for PgStore {
             return Ok(Some((record, self.count_one_time_keys(device)?)));
         }
         // One statement, one snapshot, one round trip.
-        let rows = self.engine.query(
-            "SELECT a.version, a.sealed, \
-             (SELECT count(*) FROM bk_one_time_keys k WHERE k.device = a.device) \
-             FROM bk_accounts a WHERE a.device = $1",
-            params![device.as_bytes().to_vec()],
-        )?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
-        };
-        let record = self.open_account(device, row)?;
-        let keys: i64 = row.try_get(2).pg()?;
-        let keys = usize::try_from(keys).map_err(|_| corrupt("key count"))?;
-        Ok(Some((record, keys)))
+        let rows = self
+            .engine
+            .query(LOAD_COUNTED, params![device.as_bytes().to_vec()])?;
+        open_counted(&self.sealer, device, &rows)
+    }
+
+    /// The same statement, sent before this returns; the caller's thread
+    /// is free while the server answers, and the record is opened on it
+    /// once the row is back (not on the store's own runtime thread, which
+    /// every process's database work shares).
+    fn load_account_counted_later(
+        &self,
+        device: &DeviceKey,
+    ) -> Fetch<Option<(AccountRecord, usize)>> {
+        let overlay = self.engine.appender.overlay(device.as_bytes());
+        if !(overlay.added.is_empty() && overlay.evicted.is_empty()) {
+            return Fetch::ready(self.load_account_counted(device));
+        }
+        let rows = self
+            .engine
+            .query_later(LOAD_COUNTED, params![device.as_bytes().to_vec()]);
+        let sealer = Arc::clone(&self.sealer);
+        let device = device.clone();
+        Fetch::from_future(async move { open_counted(&sealer, &device, &rows.await?) })
     }
 
     fn write_device(

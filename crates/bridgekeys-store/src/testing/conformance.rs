@@ -788,31 +788,52 @@ pub async fn appended_keys_are_found_counted_and_listed_oldest_first(backend: Ar
 /// a device never created, the
 /// record and its key count otherwise, keys appended and not yet durable
 /// included (they are visible when the append returns), evicted ones and
-/// other devices' keys not.
+/// other devices' keys not. Its awaitable form,
+/// [`Store::load_account_counted_later`](crate::Store::load_account_counted_later),
+/// answers the same at every step.
 pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Backend>) {
     let dev = device("@a:hs", "DEV");
     let other = device("@a:hs", "OTHER");
     assert!(backend.load_account_counted(&dev).expect("load").is_none());
+    assert!(
+        backend
+            .load_account_counted_later(&dev)
+            .answer()
+            .await
+            .expect("load later")
+            .is_none()
+    );
     durable("create", backend.write_device(&dev, None, account(b"v1"))).await;
     durable(
         "create other",
         backend.write_device(&other, None, account(b"o1")),
     )
     .await;
-    let both = |backend: &Arc<dyn Backend>| {
+    async fn both(backend: &Arc<dyn Backend>, dev: &DeviceKey) -> usize {
         let (record, count) = backend
-            .load_account_counted(&dev)
+            .load_account_counted(dev)
             .expect("load")
             .expect("created");
-        let alone = backend.load_account(&dev).expect("load").expect("created");
+        let alone = backend.load_account(dev).expect("load").expect("created");
         assert_eq!(
             (record.version, record.data.as_slice()),
             (alone.version, alone.data.as_slice())
         );
-        assert_eq!(count, backend.count_one_time_keys(&dev).expect("count"));
+        assert_eq!(count, backend.count_one_time_keys(dev).expect("count"));
+        let (later, later_count) = backend
+            .load_account_counted_later(dev)
+            .answer()
+            .await
+            .expect("load later")
+            .expect("created");
+        assert_eq!(
+            (later.version, later.data.as_slice(), later_count),
+            (alone.version, alone.data.as_slice(), count),
+            "the awaited load answers as the blocking one"
+        );
         count
-    };
-    assert_eq!(both(&backend), 0);
+    }
+    assert_eq!(both(&backend, &dev).await, 0);
     durable(
         "append other",
         backend.append_keys(
@@ -835,7 +856,11 @@ pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Back
         ),
     )
     .await;
-    assert_eq!(both(&backend), 2, "another device's key is not counted");
+    assert_eq!(
+        both(&backend, &dev).await,
+        2,
+        "another device's key is not counted"
+    );
     // Not awaited: visible at return.
     let pending = backend
         .append_keys(
@@ -846,9 +871,13 @@ pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Back
             },
         )
         .expect("append");
-    assert_eq!(both(&backend), 3, "two added, one evicted, not yet durable");
+    assert_eq!(
+        both(&backend, &dev).await,
+        3,
+        "two added, one evicted, not yet durable"
+    );
     durable("the append lands", Ok(pending)).await;
-    assert_eq!(both(&backend), 3);
+    assert_eq!(both(&backend, &dev).await, 3);
 }
 
 /// Keys evicted by an append are gone (not found, not counted, not

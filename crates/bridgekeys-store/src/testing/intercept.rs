@@ -164,6 +164,12 @@ impl Store for Intercepted {
     ) -> Result<Option<(AccountRecord, usize)>, StoreError> {
         self.inner.load_account_counted(device)
     }
+    fn load_account_counted_later(
+        &self,
+        device: &DeviceKey,
+    ) -> crate::Fetch<Option<(AccountRecord, usize)>> {
+        self.inner.load_account_counted_later(device)
+    }
     fn load_session(
         &self,
         device: &DeviceKey,

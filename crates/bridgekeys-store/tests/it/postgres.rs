@@ -468,6 +468,57 @@ async fn until_a_statement_waits_for_a_lock(url: &str) {
     }
 }
 
+/// `load_account_counted_later` sends its statement and returns: while the
+/// server holds the answer back (the accounts table locked by another
+/// connection), the call has returned and its statement waits at the
+/// server; once the lock goes, the answer is the device and its key count.
+/// A load that blocked its caller for the round trip would not return
+/// until the lock went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_awaited_device_load_returns_before_the_server_answers_and_answers_when_it_does() {
+    let (url, _server) = fresh_database().await;
+    let key = StoreKey::generate();
+    let a = Arc::new(PgStore::create(config(&url, &key)).unwrap());
+    let dev = DeviceKey::new("@a:x", "D");
+    durable(a.write_device(&dev, None, account(b"v1"))).await;
+    let id = a.reserve_key_ids(1).unwrap();
+    durable(a.append_keys(&dev, adding(vec![otk(id, 1)]))).await;
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // Called on a thread of its own, so that a call that blocks cannot
+    // stop this test from lifting the lock.
+    let (returned, call_returned) = std::sync::mpsc::channel();
+    let caller = {
+        let (a, dev) = (Arc::clone(&a), dev.clone());
+        std::thread::spawn(move || {
+            let fetch = a.load_account_counted_later(&dev);
+            let _ = returned.send(());
+            fetch
+        })
+    };
+    until_a_statement_waits_for_a_lock(&url).await;
+    // The bound only matters when the call blocks (then it never returns
+    // while the lock is held); one that does not returns at once.
+    let in_time = call_returned.recv_timeout(std::time::Duration::from_secs(20));
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert!(in_time.is_ok(), "the call waited for the server's answer");
+    let (record, count) = caller
+        .join()
+        .unwrap()
+        .answer()
+        .await
+        .unwrap()
+        .expect("the device exists");
+    assert_eq!(
+        (record.version, record.data.as_slice(), count),
+        (Version(1), b"v1".as_slice(), 1)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_consumed_right_after_its_append_is_not_inserted_again_by_the_queued_commit() {
     let (url, _server) = fresh_database().await;
