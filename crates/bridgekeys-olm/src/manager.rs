@@ -382,7 +382,7 @@ impl AccountManager {
             });
         }
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let slot = self.existing_slot_later(&key, user_id, device_id).await?;
         let (claimed, pending) = {
             let mut device = slot.lock();
             match self.claim_locked(&mut device, &key, user_id, device_id, count) {
@@ -514,6 +514,38 @@ impl AccountManager {
         })
     }
 
+    /// [`Self::existing_slot`] for a caller that can wait: a device that is
+    /// not cached is loaded with [`Store::load_account_counted_later`], so
+    /// on a backend behind a network (PostgreSQL) the runtime's worker
+    /// serves other tasks while the server answers, instead of blocking for
+    /// the round trip. Claims load their device this way: in a bridge that
+    /// has just started, or has more puppets than its cache holds, most
+    /// claims are a device's first, and on two workers only two blocking
+    /// loads could wait at once.
+    ///
+    /// Two callers loading the same device at once both read it; the first
+    /// to finish caches its copy and the other's is dropped
+    /// ([`Self::cache`]), as with [`Self::existing_slot`].
+    pub(crate) async fn existing_slot_later(
+        &self,
+        key: &DeviceKey,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<Slot, OlmError> {
+        if let Some(slot) = self.cached_slot(key) {
+            return Ok(slot);
+        }
+        let loaded = self.store.load_account_counted_later(key).answer().await?;
+        let Some((record, outstanding)) = loaded else {
+            return Err(OlmError::UnknownDevice {
+                user_id: user_id.to_string(),
+                device_id: device_id.to_string(),
+            });
+        };
+        let device = DeviceAccount::decode(&record, outstanding as u64, &self.layout)?;
+        Ok(self.cache(key.clone(), device))
+    }
+
     /// Replace a cached account with the stored one after a failed write.
     /// If even that read fails, the cached copy stays as it was.
     pub(crate) fn reload(&self, device: &mut DeviceAccount, key: &DeviceKey) {
@@ -579,17 +611,23 @@ impl AccountManager {
     /// The cached slot, or the device loaded from the store, or `None`.
     /// Unknown devices never get a slot, so bad input cannot grow the map.
     fn slot(&self, key: &DeviceKey) -> Result<Option<Slot>, OlmError> {
-        if let Some(slot) = self.slots.get(key) {
-            // A slot that is locked is in use: it will not be evicted anyway.
-            if let Some(mut device) = slot.try_lock() {
-                device.recently_used = true;
-            }
-            return Ok(Some(Arc::clone(&slot)));
+        if let Some(slot) = self.cached_slot(key) {
+            return Ok(Some(slot));
         }
         let Some(device) = self.load(key)? else {
             return Ok(None);
         };
         Ok(Some(self.cache(key.clone(), device)))
+    }
+
+    /// The cached slot, marked as used, or `None`.
+    fn cached_slot(&self, key: &DeviceKey) -> Option<Slot> {
+        let slot = self.slots.get(key)?;
+        // A slot that is locked is in use: it will not be evicted anyway.
+        if let Some(mut device) = slot.try_lock() {
+            device.recently_used = true;
+        }
+        Some(Arc::clone(&slot))
     }
 
     /// Put a loaded or new device in the cache (unless another caller just

@@ -11,6 +11,7 @@
 mod common;
 mod fuzzing;
 
+mod cold_loads;
 mod cross_signing;
 mod fallback;
 mod fixture;

@@ -1,0 +1,81 @@
+//! Claims of devices that are not cached yet, on PostgreSQL: loading the
+//! device waits for the server without holding the runtime's thread.
+
+use std::{sync::Arc, time::Duration};
+
+use bridgekeys_olm::{AccountManager, ManagerConfig};
+use bridgekeys_store::{PgStore, PgStoreConfig, StoreKey};
+use ruma::OneTimeKeyAlgorithm;
+
+use crate::common::alice;
+
+/// A raw connection to the test database, for what a store never does.
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// On a current-thread runtime (one thread runs every task), a claim whose
+/// device must be loaded from PostgreSQL starts while another connection
+/// holds the accounts table locked. The claim's load waits at the server;
+/// meanwhile this test, on the same thread, sees the statement waiting,
+/// lifts the lock, and the claim is answered. A load that blocked the
+/// thread for its round trip would keep this test from lifting the lock
+/// until the store's operation timeout failed the claim.
+#[tokio::test(flavor = "current_thread")]
+async fn a_claim_loading_its_device_from_postgresql_leaves_the_runtime_thread_free() {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("cold_claim").await.unwrap();
+    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
+    // How long a claim whose load blocks the thread takes to fail.
+    config.operation_timeout = Duration::from_secs(10);
+    let store = Arc::new(PgStore::create(config).unwrap());
+    let (user, device) = alice();
+    AccountManager::new(store.clone(), ManagerConfig::default())
+        .create_device(&user, &device)
+        .await
+        .unwrap();
+    // A new manager: the device is stored, not cached.
+    let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let claim = tokio::spawn(async move {
+        manager
+            .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
+            .await
+    });
+    // Until the claim's load waits for the lock, or the claim ends.
+    let watcher = raw(&url).await;
+    let mut seen_waiting = false;
+    while !claim.is_finished() {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            seen_waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let claimed = claim.await.unwrap();
+    assert!(
+        seen_waiting,
+        "the claim ended before this thread saw its load wait: {claimed:?}"
+    );
+    let keys = claimed.expect("the claim is answered once the lock goes");
+    assert_eq!(keys.len(), 1);
+}
