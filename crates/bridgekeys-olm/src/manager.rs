@@ -523,9 +523,14 @@ impl AccountManager {
     /// claims are a device's first, and on two workers only two blocking
     /// loads could wait at once.
     ///
-    /// Two callers loading the same device at once both read it; the first
-    /// to finish caches its copy and the other's is dropped
-    /// ([`Self::cache`]), as with [`Self::existing_slot`].
+    /// Two callers loading the same device at once both read it; a copy
+    /// that finds the device cached when its answer comes is dropped
+    /// undecoded, and otherwise the first to be cached stands
+    /// ([`Self::cache`]), as with [`Self::existing_slot`]. A copy cached
+    /// after another caller's copy was cached, used and evicted again
+    /// during the wait may count fewer keys than are stored: the bound can
+    /// then be passed until the device's next load, and on a store shared
+    /// with other processes a claim that would pass it counts again first.
     pub(crate) async fn existing_slot_later(
         &self,
         key: &DeviceKey,
@@ -536,6 +541,9 @@ impl AccountManager {
             return Ok(slot);
         }
         let loaded = self.store.load_account_counted_later(key).answer().await?;
+        if let Some(slot) = self.cached_slot(key) {
+            return Ok(slot);
+        }
         let Some((record, outstanding)) = loaded else {
             return Err(OlmError::UnknownDevice {
                 user_id: user_id.to_string(),

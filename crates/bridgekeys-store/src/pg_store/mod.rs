@@ -15,13 +15,18 @@
 //! the row it holds locked inside its transaction (with the store's one
 //! cipher, shared, not copied).
 //!
-//! One read does not block: loading a device for a claim
+//! One read is awaited instead: loading a device for a claim
 //! ([`Store::load_account_counted_later`](crate::Store::load_account_counted_later))
-//! spawns its statement and returns a [`Fetch`](crate::Fetch) that the
-//! caller awaits, and the record is opened on the caller's thread once the
-//! row is back. A bridge that has just started loads nearly every device it
-//! claims for; blocking, two runtime workers could only have two such loads
-//! waiting on the server at once.
+//! queues its statement on the store's runtime and returns a
+//! [`Fetch`](crate::Fetch) that the caller awaits, and the record is opened
+//! on the caller's thread once the row is back. A bridge that has just
+//! started loads nearly every device it claims for; blocking, two runtime
+//! workers could only have two such loads waiting on the server at once.
+//! These loads hold at most one connection fewer than the pool has, so a
+//! burst of them leaves one for every other call. (With appends of its own
+//! still uncommitted for the device, the process loads it the blocking
+//! way, as `load_account_counted` does: rare on the claim path, which loads
+//! a device that is not cached.)
 //!
 //! # Durability
 //!
@@ -404,6 +409,7 @@ impl PgStore {
             writer_pool,
             config.max_append_batch.max(1),
             config.operation_timeout,
+            config.pool_size,
         )?;
         let opened = {
             let key = config.key.clone();
@@ -712,6 +718,10 @@ struct Engine {
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Bound of one call (see [`PgStoreConfig::operation_timeout`]).
     timeout: Duration,
+    /// Connections awaited reads may hold at once: one fewer than the pool
+    /// has, so that a burst of them, which nothing else
+    /// bounds, leaves a connection for every other call.
+    awaited: Arc<tokio::sync::Semaphore>,
 }
 
 /// Counters behind [`crate::Store::commit_stats`].
@@ -729,6 +739,7 @@ impl Engine {
         writer_pool: Pool,
         max_batch: usize,
         timeout: Duration,
+        pool_size: usize,
     ) -> Result<Self, StoreError> {
         let stats = Arc::new(Stats::default());
         let (appender, queue) = appender::Appender::new(Arc::clone(&stats), timeout * 2);
@@ -770,6 +781,8 @@ impl Engine {
             stats,
             thread: parking_lot::Mutex::new(Some(thread)),
             timeout,
+            // The pool has `pool_size.max(2)` connections (`build_pool`).
+            awaited: Arc::new(tokio::sync::Semaphore::new(pool_size.max(2) - 1)),
         })
     }
 
@@ -839,14 +852,24 @@ impl Engine {
         self.call(move |pool| query_on(pool, sql, params))
     }
 
-    /// [`Engine::query`] without waiting: the statement is under way when
-    /// this returns.
+    /// [`Engine::query`] without waiting: the statement is queued on the
+    /// background runtime when this returns, and sent once a connection is
+    /// free. At most [`Engine::awaited`]'s permits of these hold a
+    /// connection at once; the rest wait for a permit, not in the pool's
+    /// queue, where every blocking call would wait behind them.
     fn query_later(
         &self,
         sql: &'static str,
         params: Params,
     ) -> impl Future<Output = Result<Vec<tokio_postgres::Row>, StoreError>> + Send + 'static {
-        self.call_later(move |pool| query_on(pool, sql, params))
+        let awaited = Arc::clone(&self.awaited);
+        self.call_later(move |pool| async move {
+            let _permit = awaited
+                .acquire_owned()
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            query_on(pool, sql, params).await
+        })
     }
 
     /// One statement (its own transaction), the rows it changed. Counts as

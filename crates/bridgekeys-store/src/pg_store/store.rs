@@ -477,10 +477,12 @@ impl Store for PgStore {
         open_counted(&self.sealer, device, &rows)
     }
 
-    /// The same statement, sent before this returns; the caller's thread
-    /// is free while the server answers, and the record is opened on it
-    /// once the row is back (not on the store's own runtime thread, which
-    /// every process's database work shares).
+    /// The same statement, queued on the store's runtime before this
+    /// returns; the caller's thread is free while the server answers, and
+    /// the record is opened on it once the row is back (not on the store's
+    /// own runtime thread, which all of this process's database work
+    /// shares). With appends of this process in flight for the device, the
+    /// blocking load answers at once instead (see above).
     fn load_account_counted_later(
         &self,
         device: &DeviceKey,

@@ -790,7 +790,9 @@ pub async fn appended_keys_are_found_counted_and_listed_oldest_first(backend: Ar
 /// included (they are visible when the append returns), evicted ones and
 /// other devices' keys not. Its awaitable form,
 /// [`Store::load_account_counted_later`](crate::Store::load_account_counted_later),
-/// answers the same at every step.
+/// answers the same at every step. (PostgreSQL answers the step with an
+/// append in flight through its blocking load, so there the awaited
+/// statement is compared on the steps without one.)
 pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Backend>) {
     let dev = device("@a:hs", "DEV");
     let other = device("@a:hs", "OTHER");

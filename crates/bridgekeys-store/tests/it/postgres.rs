@@ -519,6 +519,47 @@ async fn an_awaited_device_load_returns_before_the_server_answers_and_answers_wh
     );
 }
 
+/// A burst of awaited device loads, all held up at the server (the accounts
+/// table locked), holds at most one connection fewer than the pool has: a
+/// blocking call on another table still gets a connection and answers, and
+/// every load answers once the lock goes. Without the bound the loads would
+/// take every connection, and the call would wait behind them in the pool's
+/// queue until the pool gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_awaited_loads_leaves_a_connection_for_every_other_call() {
+    let (url, _server) = fresh_database().await;
+    let key = StoreKey::generate();
+    let mut small = config(&url, &key);
+    small.pool_size = 4;
+    // How long the pool lets a call wait for a connection.
+    small.connect_timeout = std::time::Duration::from_secs(5);
+    let a = Arc::new(PgStore::create(small).unwrap());
+    let dev = DeviceKey::new("@a:x", "D");
+    durable(a.write_device(&dev, None, account(b"v1"))).await;
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let loads: Vec<_> = (0..12)
+        .map(|_| a.load_account_counted_later(&dev))
+        .collect();
+    until_a_statement_waits_for_a_lock(&url).await;
+    let other = {
+        let (a, dev) = (Arc::clone(&a), dev.clone());
+        tokio::task::spawn_blocking(move || a.count_one_time_keys(&dev))
+            .await
+            .unwrap()
+    };
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(other.expect("a connection was left for the call"), 0);
+    for load in loads {
+        let (record, count) = load.answer().await.unwrap().expect("the device exists");
+        assert_eq!((record.data.as_slice(), count), (b"v1".as_slice(), 0));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_consumed_right_after_its_append_is_not_inserted_again_by_the_queued_commit() {
     let (url, _server) = fresh_database().await;
