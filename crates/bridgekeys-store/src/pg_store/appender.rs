@@ -216,29 +216,24 @@ impl Appender {
                 None => return Ok(()),
             }
         };
-        if *self.done.lock() >= last {
-            return Ok(());
-        }
-        super::off_the_runtime(|| {
-            let mut done = self.done.lock();
-            // The bound runs from the writer's last progress, not from the
-            // start: a backlog of several batches is no reason to give up.
-            let mut seen = *done;
-            let mut deadline = std::time::Instant::now() + self.timeout;
-            while *done < last {
-                let timed_out = self.finished.wait_until(&mut done, deadline).timed_out();
-                if *done > seen {
-                    seen = *done;
-                    deadline = std::time::Instant::now() + self.timeout;
-                } else if timed_out {
-                    return Err(StoreError::engine(format!(
-                        "the appended one-time keys of this device were not committed within {:?}",
-                        self.timeout
-                    )));
-                }
+        let mut done = self.done.lock();
+        // The bound runs from the writer's last progress, not from the
+        // start: a backlog of several batches is no reason to give up.
+        let mut seen = *done;
+        let mut deadline = std::time::Instant::now() + self.timeout;
+        while *done < last {
+            let timed_out = self.finished.wait_until(&mut done, deadline).timed_out();
+            if *done > seen {
+                seen = *done;
+                deadline = std::time::Instant::now() + self.timeout;
+            } else if timed_out {
+                return Err(StoreError::engine(format!(
+                    "the appended one-time keys of this device were not committed within {:?}",
+                    self.timeout
+                )));
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     /// Stop taking appends: the writer finishes what is queued, then ends.

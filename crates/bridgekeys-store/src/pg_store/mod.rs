@@ -15,12 +15,6 @@
 //! the row it holds locked inside its transaction (with the store's one
 //! cipher, shared, not copied).
 //!
-//! On a worker of a multi-thread tokio runtime the wait goes through
-//! `block_in_place`, which first hands the worker's other tasks to another
-//! thread, so a call waiting for the database stalls only its own task
-//! (on a current-thread runtime, where that would panic, the thread just
-//! waits).
-//!
 //! One read is awaited instead: loading a device for a claim
 //! ([`Store::load_account_counted_later`](crate::Store::load_account_counted_later))
 //! queues its statement on the store's runtime and returns a
@@ -701,22 +695,6 @@ pub(crate) fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
-/// Run `wait`, a wait for the store's own thread, without stalling the
-/// caller's runtime when it can be helped: on a multi-thread tokio runtime
-/// `block_in_place` first hands the calling worker's other tasks to another
-/// thread, so a call that waits for the database does not stop them (with
-/// two workers, two such calls would stop everything). On a current-thread
-/// runtime, where `block_in_place` would panic, or outside any runtime, the
-/// thread just waits.
-pub(crate) fn off_the_runtime<T>(wait: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(wait)
-        }
-        _ => wait(),
-    }
-}
-
 /// One statement on a connection of `pool`, its rows.
 async fn query_on(
     pool: Pool,
@@ -819,7 +797,7 @@ impl Engine {
         self.spawn(work, move |answer| {
             let _ = tx.send(answer);
         });
-        off_the_runtime(|| rx.recv()).map_err(|_| StoreError::Closed)?
+        rx.recv().map_err(|_| StoreError::Closed)?
     }
 
     /// Start `work` on the background runtime and return at once; its

@@ -560,42 +560,6 @@ async fn a_burst_of_awaited_loads_leaves_a_connection_for_every_other_call() {
     }
 }
 
-/// A blocking call made in a task on a multi-thread runtime does not stall
-/// the worker's other tasks while it waits for the server. With one worker,
-/// a call held up at the server (the accounts table locked) must leave the
-/// worker to the tasks that drive this test's own connections, or the lock
-/// could not be lifted: blocking the worker, the call would hold everything
-/// until the store's operation timeout failed it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn a_blocking_call_waiting_for_the_server_leaves_the_runtime_workers_other_tasks_running() {
-    let (url, _server) = fresh_database().await;
-    let mut short = config(&url, &StoreKey::generate());
-    // How long a call that blocks the worker takes to fail.
-    short.operation_timeout = std::time::Duration::from_secs(10);
-    let a = Arc::new(PgStore::create(short).unwrap());
-    let dev = DeviceKey::new("@a:x", "D");
-    durable(a.write_device(&dev, None, account(b"v1"))).await;
-
-    // Both connections are driven by tasks on the one worker.
-    let holder = raw(&url).await;
-    holder
-        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    let call = {
-        let (a, dev) = (Arc::clone(&a), dev.clone());
-        tokio::spawn(async move { a.load_account(&dev) })
-    };
-    until_a_statement_waits_for_a_lock(&url).await;
-    holder.batch_execute("COMMIT").await.unwrap();
-    let record = call
-        .await
-        .unwrap()
-        .expect("the call is answered once the lock goes")
-        .expect("the device exists");
-    assert_eq!(record.data.as_slice(), b"v1");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_consumed_right_after_its_append_is_not_inserted_again_by_the_queued_commit() {
     let (url, _server) = fresh_database().await;
