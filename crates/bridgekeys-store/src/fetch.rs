@@ -7,7 +7,7 @@
 //! workers, two such reads at once stop everything else. A read on the
 //! path of many concurrent callers (loading a device that is not cached,
 //! which nearly every claim does in a bridge with a million puppets) can
-//! instead be returned as a `Fetch`: the backend sends the request and the
+//! instead be returned as a `Fetch`: the backend starts the request and the
 //! caller awaits the answer, and the worker serves other tasks meanwhile.
 
 use std::{future::Future, pin::Pin};
@@ -21,8 +21,8 @@ type Later<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 ///
 /// A backend that answers at once (sled, memory) returns
 /// [`Fetch::ready`]; one behind a network returns [`Fetch::from_future`]
-/// with its request already sent, so that awaiting it holds no thread.
-#[must_use = "a Fetch does nothing until its answer is awaited"]
+/// with its request already under way, so that awaiting it holds no thread.
+#[must_use = "the answer of a Fetch is lost unless it is awaited"]
 pub struct Fetch<T>(FetchInner<T>);
 
 enum FetchInner<T> {

@@ -290,8 +290,8 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::count_one_time_keys`]: what loading a device needs. The
     /// default makes the two calls; a backend behind a network should
     /// answer both in one round trip (PostgreSQL does), since the manager
-    /// does this for every device it loads, on the path of the claim that
-    /// needs it.
+    /// does this for every device it loads (claims load through
+    /// [`Store::load_account_counted_later`]).
     fn load_account_counted(
         &self,
         device: &DeviceKey,
@@ -303,7 +303,7 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// [`Store::load_account_counted`] as a [`Fetch`]: the same answer, but
-    /// a backend behind a network sends the request and lets the caller
+    /// a backend behind a network starts the request and lets the caller
     /// await the answer instead of blocking its thread for the round trip.
     /// The account manager loads a device this way on the claim path, where
     /// many loads of devices not yet cached wait at once in a bridge that

@@ -482,7 +482,8 @@ impl Store for PgStore {
     /// the record is opened on it once the row is back (not on the store's
     /// own runtime thread, which all of this process's database work
     /// shares). With appends of this process in flight for the device, the
-    /// blocking load answers at once instead (see above).
+    /// blocking load runs instead and its answer is returned ready (see
+    /// above).
     fn load_account_counted_later(
         &self,
         device: &DeviceKey,

@@ -468,7 +468,7 @@ async fn until_a_statement_waits_for_a_lock(url: &str) {
     }
 }
 
-/// `load_account_counted_later` sends its statement and returns: while the
+/// `load_account_counted_later` queues its statement and returns: while the
 /// server holds the answer back (the accounts table locked by another
 /// connection), the call has returned and its statement waits at the
 /// server; once the lock goes, the answer is the device and its key count.
