@@ -22,7 +22,7 @@ pub enum StoreError {
         "no bridgekeys store at {path} (missing or empty). If this bridge never had one, create it \
          explicitly (`echo-bridge init`, or `SledStore::create`). If it had one, do not create a new \
          one: it would give every puppet new identity keys and reuse key ids; restore the store \
-         directory from where it was (or from a backup, see docs/ARCHITECTURE.md) and check the \
+         directory from where it was (or from a backup, see docs/STORAGE.md) and check the \
          configured path"
     )]
     Missing {
@@ -78,7 +78,7 @@ pub enum StoreError {
          written once at creation), `db` (the log) and `snap.*` (snapshots). Do not delete them \
          and do not create a new store in their place (that re-issues identities and key ids): \
          keep a copy of the directory, then restore the store from your latest backup as \
-         docs/ARCHITECTURE.md describes"
+         docs/STORAGE.md describes"
     )]
     Unreadable {
         /// The store directory.

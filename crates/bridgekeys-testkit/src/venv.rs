@@ -11,7 +11,7 @@ use std::{
 use crate::TestkitError;
 
 /// The Synapse release the testkit installs: the one our wire facts were
-/// checked against (see `docs/ARCHITECTURE.md`, "Against a real homeserver").
+/// checked against (see `docs/APPSERVICE.md`, "Against a real homeserver").
 pub const SYNAPSE_VERSION: &str = "1.163.2";
 
 /// The matrix-nio release the [`OlmPeer`](crate::OlmPeer) runs. 0.25.x is
