@@ -81,9 +81,9 @@ impl AccountManager {
     /// outstanding keys and its cached accounts, and a second manager on the
     /// same handle would change keys behind them. Stores that other writers
     /// share (PostgreSQL, the in-memory test store) may back several
-    /// managers, one per process; docs/STORAGE.md ("Backends: what
-    /// each one guarantees") says what each then reads again from the store
-    /// and what may lag.
+    /// managers, one per process; docs/STORAGE.md ("Sessions across
+    /// processes") says what each then reads again from the store and what
+    /// may lag.
     pub fn new(store: Arc<dyn Store>, config: ManagerConfig) -> Self {
         Self {
             store,
