@@ -98,7 +98,9 @@
 //!   [`StoreError::Locked`] naming the path. (So its transaction claims are
 //!   the trait's default, without stored leases: the listener's own lock
 //!   serialises duplicates.)
-//! * **A schema version record**, so the format can migrate later.
+//! * **A schema version record**: a sled store of schema 1-3 is upgraded
+//!   when opened, one of a newer schema is refused
+//!   ([`StoreError::UnsupportedSchema`]).
 //! * **Created on purpose, never silently.** [`SledStore::create`] makes a
 //!   new store, durable as a whole (files, directories and their entries
 //!   synced) before it returns; [`SledStore::open`] refuses a missing or
