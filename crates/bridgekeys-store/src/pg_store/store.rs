@@ -348,6 +348,29 @@ fn open_counted(
 }
 
 impl PgStore {
+    /// Whether this process has appends for `device` not yet committed. The
+    /// one-statement load counts only committed keys, so then the device is
+    /// loaded by [`PgStore::load_then_count`], whose count reads the
+    /// overlay as `count_one_time_keys` does (an append leaves the overlay
+    /// only once committed, so one that commits after this check is counted
+    /// by the statement).
+    fn appends_in_flight(&self, device: &DeviceKey) -> bool {
+        let overlay = self.engine.appender.overlay(device.as_bytes());
+        !(overlay.added.is_empty() && overlay.evicted.is_empty())
+    }
+
+    /// The record, then its key count, in two calls (the trait's default
+    /// `load_account_counted`, which an override cannot call).
+    fn load_then_count(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Option<(AccountRecord, usize)>, StoreError> {
+        let Some(record) = self.load_account(device)? else {
+            return Ok(None);
+        };
+        Ok(Some((record, self.count_one_time_keys(device)?)))
+    }
+
     /// The account record of `device` in a row whose first two columns are
     /// its version and sealed record.
     fn open_account(
@@ -459,16 +482,8 @@ impl Store for PgStore {
         &self,
         device: &DeviceKey,
     ) -> Result<Option<(AccountRecord, usize)>, StoreError> {
-        // The overlay first, as `count_one_time_keys` reads it: an append
-        // leaves it only once committed, so one missed here is counted by
-        // the statement below. With appends of this process in flight for
-        // the device, count as `count_one_time_keys` does.
-        let overlay = self.engine.appender.overlay(device.as_bytes());
-        if !(overlay.added.is_empty() && overlay.evicted.is_empty()) {
-            let Some(record) = self.load_account(device)? else {
-                return Ok(None);
-            };
-            return Ok(Some((record, self.count_one_time_keys(device)?)));
+        if self.appends_in_flight(device) {
+            return self.load_then_count(device);
         }
         // One statement, one snapshot, one round trip.
         let rows = self
@@ -482,15 +497,13 @@ impl Store for PgStore {
     /// the record is opened on it once the row is back (not on the store's
     /// own runtime thread, which all of this process's database work
     /// shares). With appends of this process in flight for the device, the
-    /// blocking load runs instead and its answer is returned ready (see
-    /// above).
+    /// blocking two-call load runs instead and its answer is returned ready.
     fn load_account_counted_later(
         &self,
         device: &DeviceKey,
     ) -> Fetch<Option<(AccountRecord, usize)>> {
-        let overlay = self.engine.appender.overlay(device.as_bytes());
-        if !(overlay.added.is_empty() && overlay.evicted.is_empty()) {
-            return Fetch::ready(self.load_account_counted(device));
+        if self.appends_in_flight(device) {
+            return Fetch::ready(self.load_then_count(device));
         }
         let rows = self
             .engine
