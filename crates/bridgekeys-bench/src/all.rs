@@ -234,6 +234,9 @@ pub struct Machine {
     pub load_average_1m_at_end: Option<f64>,
     /// `release` or `debug` (debug figures are never quoted).
     pub profile: &'static str,
+    /// The process's memory allocator ([`crate::ALLOCATOR`]): HTTP
+    /// figures move with it.
+    pub allocator: &'static str,
 }
 
 impl Machine {
@@ -269,6 +272,7 @@ impl Machine {
             } else {
                 "release"
             },
+            allocator: crate::ALLOCATOR,
         }
     }
 }
@@ -524,7 +528,7 @@ impl AllReport {
     /// The summary table (stdout).
     pub fn print(&self) {
         println!(
-            "bridgekeys-bench all ({}{}, {} cores, {} build)",
+            "bridgekeys-bench all ({}{}, {} cores, {} build, {})",
             self.date,
             if self.quick {
                 ", quick: smoke sizes"
@@ -532,7 +536,8 @@ impl AllReport {
                 ""
             },
             self.machine.cores,
-            self.machine.profile
+            self.machine.profile,
+            self.machine.allocator
         );
         for name in Name::ALL {
             let key = name.as_str();

@@ -385,6 +385,10 @@ fn print_crash_shared(r: &crash::shared::SharedReport) {
 fn print_raw(per_s_1t: f64, per_s_all: f64) {
     println!("  raw vodozemac generate+sign, 1 thread   {per_s_1t:>10.0} keys/s");
     println!("  raw vodozemac generate+sign, all cores  {per_s_all:>10.0} keys/s");
+    println!(
+        "  allocator (every figure of this run)    {:>10}",
+        bridgekeys_bench::ALLOCATOR
+    );
 }
 
 /// The `megolm` figures as a table.
