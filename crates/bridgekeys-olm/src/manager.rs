@@ -33,6 +33,52 @@ pub struct ClaimedKey {
 
 pub(crate) type Slot = Arc<Mutex<DeviceAccount>>;
 
+/// The load gates of devices being loaded, by device.
+type LoadGates = DashMap<DeviceKey, Arc<tokio::sync::Mutex<()>>>;
+
+/// A caller's place at a device's load gate. It takes the gate from the map
+/// (or puts one there), and when dropped, also when the caller's future is
+/// dropped mid-load, the last caller holding the gate removes it, so
+/// the map only holds devices being loaded right now.
+struct LoadTicket<'a> {
+    gates: &'a LoadGates,
+    key: &'a DeviceKey,
+    gate: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl<'a> LoadTicket<'a> {
+    fn new(gates: &'a LoadGates, key: &'a DeviceKey) -> Self {
+        let gate = Arc::clone(gates.entry(key.clone()).or_default().value());
+        Self {
+            gates,
+            key,
+            gate: Some(gate),
+        }
+    }
+
+    /// Wait for this caller's turn to load the device.
+    async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        }
+    }
+}
+
+impl Drop for LoadTicket<'_> {
+    fn drop(&mut self) {
+        let Some(gate) = self.gate.take() else { return };
+        let ours = Arc::as_ptr(&gate);
+        // Let go of our share first: whichever caller lets go last then
+        // sees the map's share alone and removes the entry (the check runs
+        // under the map's shard lock, where new callers take their share).
+        drop(gate);
+        self.gates.remove_if(self.key, |_, g| {
+            Arc::as_ptr(g) == ours && Arc::strong_count(g) == 1
+        });
+    }
+}
+
 /// Owns the Olm accounts of a bridge's puppet devices.
 ///
 /// Each device's state sits behind its own lock (a sharded map of slots), so
@@ -44,6 +90,10 @@ pub struct AccountManager {
     pub(crate) store: Arc<dyn Store>,
     config: ManagerConfig,
     slots: DashMap<DeviceKey, Slot>,
+    /// One gate per device being loaded by [`Self::existing_slot_later`]:
+    /// concurrent claims of one uncached device take turns, so the first
+    /// reads it and the others find it cached (see [`LoadTicket`]).
+    loading: LoadGates,
     /// Held while the cache shrinks, so one caller does it at a time.
     shrinking: Mutex<()>,
     pub(crate) counters: Counters,
@@ -89,6 +139,7 @@ impl AccountManager {
             store,
             config,
             slots: DashMap::new(),
+            loading: DashMap::new(),
             shrinking: Mutex::new(()),
             counters: Counters::default(),
             tracking: Mutex::new(()),
@@ -523,14 +574,18 @@ impl AccountManager {
     /// claims are a device's first, and on two workers only two blocking
     /// loads could wait at once.
     ///
-    /// Two callers loading the same device at once both read it; a copy
-    /// that finds the device cached when its answer comes is dropped
-    /// undecoded, and otherwise the first to be cached stands
-    /// ([`Self::cache`]), as with [`Self::existing_slot`]. A copy cached
-    /// after another caller's copy was cached, used and evicted again
-    /// during the wait may count fewer keys than are stored: the bound can
-    /// then be passed until the device's next load, and on a store shared
-    /// with other processes a claim that would pass it counts again first.
+    /// Callers loading the same device take turns at its gate
+    /// ([`LoadTicket`]): the first reads it, and the others find it cached
+    /// when their turn comes. So a burst of claims for one puppet right
+    /// after a start reads its record once, not once per claim, and no
+    /// stale copy, read before another caller's copy was cached, used and
+    /// evicted, can be cached after it with fewer keys counted than are
+    /// stored (which would let the outstanding-key bound be passed until
+    /// the device's next load). Loads of different devices do not wait for
+    /// each other. A blocking load ([`Self::existing_slot`]) does not take
+    /// the gate: should it cache the device during the wait, the awaited
+    /// copy is dropped undecoded and the first cached copy stands
+    /// ([`Self::cache`]).
     pub(crate) async fn existing_slot_later(
         &self,
         key: &DeviceKey,
@@ -540,6 +595,13 @@ impl AccountManager {
         if let Some(slot) = self.cached_slot(key) {
             return Ok(slot);
         }
+        let ticket = LoadTicket::new(&self.loading, key);
+        let _turn = ticket.turn().await;
+        // A caller before us at the gate may have loaded it.
+        if let Some(slot) = self.cached_slot(key) {
+            return Ok(slot);
+        }
+        Counters::add(&self.counters.device_loads, 1);
         let loaded = self.store.load_account_counted_later(key).answer().await?;
         if let Some(slot) = self.cached_slot(key) {
             return Ok(slot);
@@ -598,6 +660,7 @@ impl AccountManager {
         if stored.is_none() || stored == device.version {
             return Ok(());
         }
+        Counters::add(&self.counters.device_loads, 1);
         let Some((record, outstanding)) = self.store.load_account_counted(key)? else {
             return Ok(());
         };
@@ -610,6 +673,7 @@ impl AccountManager {
 
     /// A device as stored, with its outstanding keys counted, or `None`.
     fn load(&self, key: &DeviceKey) -> Result<Option<DeviceAccount>, OlmError> {
+        Counters::add(&self.counters.device_loads, 1);
         let Some((record, outstanding)) = self.store.load_account_counted(key)? else {
             return Ok(None);
         };
@@ -747,4 +811,49 @@ fn device_keys(
         signature,
     );
     Ok(device_keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A device's load gate lets one caller load at a time, and it leaves
+    /// the map with the last caller holding it, whatever order they let go
+    /// in (a claim's future may be dropped while it waits): the map holds
+    /// only devices being loaded now, and bad input cannot grow it.
+    #[tokio::test]
+    async fn a_load_gate_admits_one_caller_and_leaves_with_the_last() {
+        let gates = LoadGates::default();
+        let key = DeviceKey::new("@alice:example.org", "PUPPET");
+
+        let first = LoadTicket::new(&gates, &key);
+        let turn = first.turn().await;
+        let second = LoadTicket::new(&gates, &key);
+        assert!(
+            tokio::time::timeout(Duration::ZERO, second.turn())
+                .await
+                .is_err(),
+            "the second caller waits while the first loads"
+        );
+        drop(turn);
+        drop(first);
+        assert_eq!(gates.len(), 1, "the second caller still holds the gate");
+        assert!(
+            tokio::time::timeout(Duration::ZERO, second.turn())
+                .await
+                .is_ok(),
+            "the second caller's turn comes when the first is done"
+        );
+        drop(second);
+        assert!(gates.is_empty(), "the last caller out removed the gate");
+
+        let first = LoadTicket::new(&gates, &key);
+        let second = LoadTicket::new(&gates, &key);
+        drop(second);
+        assert_eq!(gates.len(), 1, "the first caller still holds the gate");
+        drop(first);
+        assert!(gates.is_empty(), "dropped in the other order, too");
+    }
 }

@@ -27,6 +27,11 @@ pub struct ManagerStats {
     pub fallback_forgets: u64,
     /// Idle devices dropped from the in-memory cache (still in the store).
     pub cache_evictions: u64,
+    /// Account records read from the store into memory: a device used
+    /// while not cached (its first use, or after its eviction), reloaded
+    /// after a failed write, or refreshed after another process wrote it.
+    /// Concurrent claims of one uncached device read it once.
+    pub device_loads: u64,
     /// Olm messages decrypted and verified (both types, new sessions included).
     pub olm_decrypted: u64,
     /// Olm messages refused before their payload was read (no session decrypts them, unknown key, replay).
@@ -71,6 +76,7 @@ pub(crate) struct Counters {
     pub fallback_rotations: AtomicU64,
     pub fallback_forgets: AtomicU64,
     pub cache_evictions: AtomicU64,
+    pub device_loads: AtomicU64,
     pub olm_decrypted: AtomicU64,
     pub olm_refused: AtomicU64,
     pub payloads_refused: AtomicU64,
@@ -109,6 +115,7 @@ impl Counters {
             fallback_rotations: get(&self.fallback_rotations),
             fallback_forgets: get(&self.fallback_forgets),
             cache_evictions: get(&self.cache_evictions),
+            device_loads: get(&self.device_loads),
             olm_decrypted: get(&self.olm_decrypted),
             olm_refused: get(&self.olm_refused),
             payloads_refused: get(&self.payloads_refused),

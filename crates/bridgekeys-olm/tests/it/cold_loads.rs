@@ -79,3 +79,70 @@ async fn a_claim_loading_its_device_from_postgresql_leaves_the_runtime_thread_fr
     let keys = claimed.expect("the claim is answered once the lock goes");
     assert_eq!(keys.len(), 1);
 }
+
+/// Eight claims of one device that is not cached, started together while
+/// another connection holds the accounts table locked: the device's record
+/// is read from PostgreSQL once, by the first claim, and the other seven
+/// find it cached when their turn comes. Each claim is answered, with its
+/// own key id. (Without the device's load gate, each claim sends its own
+/// read, and eight reads are counted.)
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_claims_of_one_uncached_device_read_it_from_postgresql_once() {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("cold_burst").await.unwrap();
+    let store = Arc::new(PgStore::create(PgStoreConfig::new(&url, StoreKey::generate())).unwrap());
+    let (user, device) = alice();
+    AccountManager::new(store.clone(), ManagerConfig::default())
+        .create_device(&user, &device)
+        .await
+        .unwrap();
+    let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let claims: Vec<_> = (0..8)
+        .map(|_| {
+            let (manager, user, device) = (manager.clone(), user.clone(), device.clone());
+            tokio::spawn(async move {
+                manager
+                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
+                    .await
+            })
+        })
+        .collect();
+    // This thread runs the claims whenever the test waits, so by the time
+    // it sees a read waiting for the lock, every claim has started.
+    let watcher = raw(&url).await;
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 || claims.iter().any(|c| c.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reads_while_locked = manager.stats().device_loads;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    for claim in claims {
+        let keys = claim.await.unwrap().expect("every claim is answered");
+        assert_eq!(keys.len(), 1);
+        assert!(ids.insert(keys[0].key_id.clone()), "a key id given twice");
+    }
+    assert_eq!(reads_while_locked, 1, "reads sent while the first waited");
+    assert_eq!(
+        manager.stats().device_loads,
+        1,
+        "the device was read once for eight claims"
+    );
+}
