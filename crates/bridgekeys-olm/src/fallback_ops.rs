@@ -462,7 +462,7 @@ impl AccountManager {
         change: impl FnOnce(&mut DeviceAccount) -> Result<(T, bool), OlmError>,
     ) -> Result<(T, bool), OlmError> {
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let slot = self.existing_slot_later(&key, user_id, device_id).await?;
         let (out, changed, pending): (T, bool, Option<Pending>) = {
             let mut device = slot.lock();
             // Judged on what is stored, where other processes write too.

@@ -551,6 +551,21 @@ impl AccountManager {
         Ok((key, slot))
     }
 
+    /// [`Self::slot_of`] for a caller that can wait: an uncached device is
+    /// loaded as [`Self::existing_slot_later`] does (awaited, one caller at
+    /// a time per device). Every asynchronous entry point loads its device
+    /// this way; only the synchronous ones ([`Self::device_keys`],
+    /// [`Self::identity_keys`], [`Self::has_session`], the fallback-key
+    /// reads) block for it.
+    pub(crate) async fn slot_of_later(
+        &self,
+        from: (&UserId, &DeviceId),
+    ) -> Result<(DeviceKey, Slot), OlmError> {
+        let key = DeviceKey::new(from.0.as_str(), from.1.as_str());
+        let slot = self.existing_slot_later(&key, from.0, from.1).await?;
+        Ok((key, slot))
+    }
+
     /// The slot of an existing device (loading it from the store on first
     /// use); `UnknownDevice` if it was never created.
     pub(crate) fn existing_slot(
@@ -569,10 +584,11 @@ impl AccountManager {
     /// not cached is loaded with [`Store::load_account_counted_later`], so
     /// on a backend behind a network (PostgreSQL) the runtime's worker
     /// serves other tasks while the server answers, instead of blocking for
-    /// the round trip. Claims load their device this way: in a bridge that
-    /// has just started, or has more puppets than its cache holds, most
-    /// claims are a device's first, and on two workers only two blocking
-    /// loads could wait at once.
+    /// the round trip. Claims, decryption, encryption and the fallback-key
+    /// changes load their device this way: in a bridge that has just
+    /// started, or has more puppets than its cache holds, most claims and
+    /// many messages are a device's first use, and on two workers only two
+    /// blocking loads could wait at once.
     ///
     /// Callers loading the same device take turns at its gate
     /// ([`LoadTicket`]): the first reads it, and the others find it cached

@@ -178,7 +178,7 @@ impl AccountManager {
         recipients: &[GroupRecipient],
     ) -> Result<PreparedGroupSession, OlmError> {
         let (user_id, _) = from;
-        let (key, slot) = self.slot_of(from)?;
+        let (key, slot) = self.slot_of_later(from).await?;
         let wanted: BTreeSet<GroupRecipient> = recipients.iter().cloned().collect();
         let (prepared, pending) = {
             let mut device = slot.lock();
@@ -274,7 +274,7 @@ impl AccountManager {
         session_id: &str,
         shared: &[GroupRecipient],
     ) -> Result<(), OlmError> {
-        let (key, slot) = self.slot_of(from)?;
+        let (key, slot) = self.slot_of_later(from).await?;
         let pending = {
             let _device = slot.lock();
             // The record holds the ratchet too: written back only if no
@@ -321,7 +321,7 @@ impl AccountManager {
         content: &Value,
     ) -> Result<Value, OlmError> {
         let (_, device_id) = from;
-        let (key, slot) = self.slot_of(from)?;
+        let (key, slot) = self.slot_of_later(from).await?;
         let (encrypted, pending) = {
             let mut device = slot.lock();
             let identity = device.account()?.identity_keys();
@@ -377,7 +377,7 @@ impl AccountManager {
         from: (&UserId, &DeviceId),
         room_id: &RoomId,
     ) -> Result<(), OlmError> {
-        let (key, slot) = self.slot_of(from)?;
+        let (key, slot) = self.slot_of_later(from).await?;
         let pending = {
             let _device = slot.lock();
             self.retry_conflicts("discarding an outbound group session", |_| {

@@ -101,7 +101,7 @@ impl AccountManager {
         key: &Value,
     ) -> Result<String, OlmError> {
         let one_time_key = verify_signed_key(recipient, key)?;
-        let (dkey, slot) = self.slot_of(from)?;
+        let (dkey, slot) = self.slot_of_later(from).await?;
         let (session_id, pending) = {
             let mut device = slot.lock();
             self.retry_device_conflicts(
@@ -152,7 +152,7 @@ impl AccountManager {
         content: &Value,
     ) -> Result<EncryptedOlm, OlmError> {
         let (user_id, device_id) = from;
-        let (key, slot) = self.slot_of(from)?;
+        let (key, slot) = self.slot_of_later(from).await?;
         let (encrypted, pending) = {
             let mut device = slot.lock();
             self.retry_device_conflicts("encrypting an Olm message", &mut device, &key, |device| {

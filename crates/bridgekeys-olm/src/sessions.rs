@@ -172,7 +172,7 @@ impl AccountManager {
     ) -> Result<DecryptedOlm, OlmError> {
         let (user_id, device_id) = to;
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
-        let slot = self.existing_slot(&key, user_id, device_id)?;
+        let slot = self.existing_slot_later(&key, user_id, device_id).await?;
         let tracked = self.tracked_devices(sender)?;
         let (decrypted, pending) = {
             let mut device = slot.lock();

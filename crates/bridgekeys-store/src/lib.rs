@@ -292,8 +292,8 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::count_one_time_keys`]: what loading a device needs. The
     /// default makes the two calls; a backend behind a network should
     /// answer both in one round trip (PostgreSQL does), since the manager
-    /// does this for every device it loads (claims load through
-    /// [`Store::load_account_counted_later`]).
+    /// does this for every device it loads (its asynchronous calls load
+    /// through [`Store::load_account_counted_later`]).
     fn load_account_counted(
         &self,
         device: &DeviceKey,
@@ -307,9 +307,10 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::load_account_counted`] as a [`Fetch`]: the same answer, but
     /// a backend behind a network starts the request and lets the caller
     /// await the answer instead of blocking its thread for the round trip.
-    /// The account manager loads a device this way on the claim path, where
-    /// many loads of devices not yet cached wait at once in a bridge that
-    /// has just started or has more puppets than its cache holds. The
+    /// The account manager loads a device this way in its asynchronous
+    /// calls (claims, decryption, encryption), where many loads of devices
+    /// not yet cached wait at once in a bridge that has just started or has
+    /// more puppets than its cache holds. The
     /// default answers at once with `load_account_counted` (right for a
     /// backend that reads local pages, as sled does); PostgreSQL overrides
     /// it.

@@ -1,5 +1,6 @@
-//! Claims of devices that are not cached yet, on PostgreSQL: loading the
-//! device waits for the server without holding the runtime's thread.
+//! Claims and decryption for devices that are not cached yet, on
+//! PostgreSQL: loading the device waits for the server without holding the
+//! runtime's thread, and concurrent claims of one device read it once.
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,7 +8,7 @@ use bridgekeys_olm::{AccountManager, ManagerConfig};
 use bridgekeys_store::{PgStore, PgStoreConfig, StoreKey};
 use ruma::OneTimeKeyAlgorithm;
 
-use crate::common::alice;
+use crate::common::{DecryptPrekey as _, alice, prekey_message};
 
 /// A raw connection to the test database, for what a store never does.
 async fn raw(url: &str) -> tokio_postgres::Client {
@@ -145,4 +146,72 @@ async fn concurrent_claims_of_one_uncached_device_read_it_from_postgresql_once()
         1,
         "the device was read once for eight claims"
     );
+}
+
+/// The same for a pre-key message to a device that is not cached: on a
+/// current-thread runtime, `decrypt_olm` loads the device from PostgreSQL
+/// while another connection holds the accounts table locked; this test,
+/// on the same thread, sees the load wait, lifts the lock, and the message
+/// is decrypted. A load that blocked the thread would keep the lock in
+/// place until the store's operation timeout failed the decryption.
+#[tokio::test(flavor = "current_thread")]
+async fn a_prekey_message_to_an_uncached_device_on_postgresql_leaves_the_runtime_thread_free() {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("cold_decrypt").await.unwrap();
+    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
+    config.operation_timeout = Duration::from_secs(10);
+    let store = Arc::new(PgStore::create(config).unwrap());
+    let (user, device) = alice();
+    let first = AccountManager::new(store.clone(), ManagerConfig::default());
+    first.create_device(&user, &device).await.unwrap();
+    let claimed = first
+        .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
+        .await
+        .unwrap();
+    let (sender_key, message) =
+        prekey_message(&first, &user, &device, &claimed[0], "hello, cold puppet");
+    // A new manager: the device is stored, not cached.
+    let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let decrypting = {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            manager
+                .decrypt_prekey(&user, &device, sender_key, &message)
+                .await
+        })
+    };
+    let watcher = raw(&url).await;
+    let mut seen_waiting = false;
+    while !decrypting.is_finished() {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            seen_waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let decrypted = decrypting.await.unwrap();
+    assert!(
+        seen_waiting,
+        "the decryption ended before this thread saw its load wait: {decrypted:?}"
+    );
+    let inbound = decrypted.expect("the message is decrypted once the lock goes");
+    assert_eq!(inbound.plaintext, b"hello, cold puppet");
+    assert!(inbound.new_session);
+    assert_eq!(manager.stats().device_loads, 1);
 }
