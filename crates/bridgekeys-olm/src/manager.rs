@@ -33,8 +33,35 @@ pub struct ClaimedKey {
 
 pub(crate) type Slot = Arc<Mutex<DeviceAccount>>;
 
-/// The load gates of devices being loaded, by device.
-type LoadGates = DashMap<DeviceKey, Arc<tokio::sync::Mutex<()>>>;
+/// The load gates of devices being loaded, by device. Each gate holds what
+/// the last load through it found when it cached nothing ([`Missed`]).
+type LoadGates = DashMap<DeviceKey, Arc<tokio::sync::Mutex<Option<Missed>>>>;
+
+/// Why a load through a gate cached no device: the callers queued behind it
+/// get the same answer instead of each reading again, one after another
+/// (a stalled database would otherwise hold the last of N queued callers
+/// for N operation timeouts).
+#[derive(Debug)]
+enum Missed {
+    /// The store has no such device.
+    Unknown,
+    /// The read failed, with this error's message.
+    Failed(String),
+}
+
+impl Missed {
+    fn to_error(&self, user_id: &UserId, device_id: &DeviceId) -> OlmError {
+        match self {
+            Self::Unknown => OlmError::UnknownDevice {
+                user_id: user_id.to_string(),
+                device_id: device_id.to_string(),
+            },
+            Self::Failed(reason) => OlmError::Store(bridgekeys_store::StoreError::Engine(
+                format!("a concurrent load of this device failed: {reason}").into(),
+            )),
+        }
+    }
+}
 
 /// A caller's place at a device's load gate. It takes the gate from the map
 /// (or puts one there), and when dropped, also when the caller's future is
@@ -43,7 +70,7 @@ type LoadGates = DashMap<DeviceKey, Arc<tokio::sync::Mutex<()>>>;
 struct LoadTicket<'a> {
     gates: &'a LoadGates,
     key: &'a DeviceKey,
-    gate: Option<Arc<tokio::sync::Mutex<()>>>,
+    gate: Option<Arc<tokio::sync::Mutex<Option<Missed>>>>,
 }
 
 impl<'a> LoadTicket<'a> {
@@ -57,7 +84,7 @@ impl<'a> LoadTicket<'a> {
     }
 
     /// Wait for this caller's turn to load the device.
-    async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, Option<Missed>>> {
         match &self.gate {
             Some(gate) => Some(gate.lock().await),
             None => None,
@@ -553,10 +580,13 @@ impl AccountManager {
 
     /// [`Self::slot_of`] for a caller that can wait: an uncached device is
     /// loaded as [`Self::existing_slot_later`] does (awaited, one caller at
-    /// a time per device). Every asynchronous entry point loads its device
-    /// this way; only the synchronous ones ([`Self::device_keys`],
+    /// a time per device). Claims, decryption, encryption, outbound
+    /// sessions, Megolm and the fallback-key changes load their device this
+    /// way. The synchronous calls ([`Self::device_keys`],
     /// [`Self::identity_keys`], [`Self::has_session`], the fallback-key
-    /// reads) block for it.
+    /// reads) and [`Self::create_device`] block for it, and a device
+    /// shared with other processes is brought up to date with blocking
+    /// reads ([`Self::refresh`]).
     pub(crate) async fn slot_of_later(
         &self,
         from: (&UserId, &DeviceId),
@@ -592,16 +622,19 @@ impl AccountManager {
     ///
     /// Callers loading the same device take turns at its gate
     /// ([`LoadTicket`]): the first reads it, and the others find it cached
-    /// when their turn comes. So a burst of claims for one puppet right
-    /// after a start reads its record once, not once per claim, and no
-    /// stale copy, read before another caller's copy was cached, used and
-    /// evicted, can be cached after it with fewer keys counted than are
-    /// stored (which would let the outstanding-key bound be passed until
-    /// the device's next load). Loads of different devices do not wait for
-    /// each other. A blocking load ([`Self::existing_slot`]) does not take
-    /// the gate: should it cache the device during the wait, the awaited
-    /// copy is dropped undecoded and the first cached copy stands
-    /// ([`Self::cache`]).
+    /// when their turn comes (or get the same "unknown device" or failure
+    /// the first got, without reading again). So a burst of claims for one
+    /// puppet right after a start reads its record once, not once per
+    /// claim, and among these loads no stale copy, read before another
+    /// caller's copy was cached, used and evicted, can be cached after it
+    /// with fewer keys counted than are stored (which would let the
+    /// outstanding-key bound be passed until the device's next load).
+    /// Loads of different devices do not wait for each other. A blocking
+    /// load ([`Self::existing_slot`], for the synchronous calls and
+    /// [`Self::create_device`]) does not take the gate, so that window
+    /// stays open between it and a gated load: should it cache the device
+    /// during the wait, the awaited copy is dropped undecoded and the first
+    /// cached copy stands ([`Self::cache`]).
     pub(crate) async fn existing_slot_later(
         &self,
         key: &DeviceKey,
@@ -612,17 +645,32 @@ impl AccountManager {
             return Ok(slot);
         }
         let ticket = LoadTicket::new(&self.loading, key);
-        let _turn = ticket.turn().await;
-        // A caller before us at the gate may have loaded it.
+        let mut turn = ticket.turn().await;
+        // A caller before us at the gate may have loaded it, or found
+        // nothing, or failed: then so do we, without a read of our own.
         if let Some(slot) = self.cached_slot(key) {
             return Ok(slot);
         }
+        if let Some(missed) = turn.as_deref().and_then(Option::as_ref) {
+            return Err(missed.to_error(user_id, device_id));
+        }
         Counters::add(&self.counters.device_loads, 1);
-        let loaded = self.store.load_account_counted_later(key).answer().await?;
+        let loaded = match self.store.load_account_counted_later(key).answer().await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                if let Some(missed) = turn.as_deref_mut() {
+                    *missed = Some(Missed::Failed(e.to_string()));
+                }
+                return Err(e.into());
+            }
+        };
         if let Some(slot) = self.cached_slot(key) {
             return Ok(slot);
         }
         let Some((record, outstanding)) = loaded else {
+            if let Some(missed) = turn.as_deref_mut() {
+                *missed = Some(Missed::Unknown);
+            }
             return Err(OlmError::UnknownDevice {
                 user_id: user_id.to_string(),
                 device_id: device_id.to_string(),

@@ -1,7 +1,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Counters of the account manager since it started.
+/// Counters of the account manager since it started. Non-exhaustive: new
+/// counters are added as the manager grows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ManagerStats {
     /// Claims answered successfully.
     pub claims: u64,
@@ -27,10 +29,13 @@ pub struct ManagerStats {
     pub fallback_forgets: u64,
     /// Idle devices dropped from the in-memory cache (still in the store).
     pub cache_evictions: u64,
-    /// Account records read from the store into memory: a device used
-    /// while not cached (its first use, or after its eviction), reloaded
-    /// after a failed write, or refreshed after another process wrote it.
-    /// Concurrent claims of one uncached device read it once.
+    /// Reads of a device's account record to put it in memory: a device
+    /// used while not cached (its first use, or after its eviction),
+    /// reloaded after a failed write, or refreshed after another process
+    /// wrote it. Counted when the read is sent, so reads that found no
+    /// device or failed count too. Concurrent calls that load one uncached
+    /// device read it once. A rotation pass's look at an idle device's
+    /// schedule, which puts nothing in memory, is not counted.
     pub device_loads: u64,
     /// Olm messages decrypted and verified (both types, new sessions included).
     pub olm_decrypted: u64,

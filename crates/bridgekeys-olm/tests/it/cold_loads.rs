@@ -19,6 +19,34 @@ async fn raw(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// Poll the server until a statement in this database waits for a lock
+/// (`true`), or `done` says the work under test ended first (`false`).
+/// Fails the test after a minute of neither, instead of hanging.
+async fn a_read_waits(url: &str, done: impl Fn() -> bool) -> bool {
+    let watcher = raw(url).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return true;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no read waited for the lock within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 /// On a current-thread runtime (one thread runs every task), a claim whose
 /// device must be loaded from PostgreSQL starts while another connection
 /// holds the accounts table locked. The claim's load waits at the server;
@@ -53,24 +81,7 @@ async fn a_claim_loading_its_device_from_postgresql_leaves_the_runtime_thread_fr
             .await
     });
     // Until the claim's load waits for the lock, or the claim ends.
-    let watcher = raw(&url).await;
-    let mut seen_waiting = false;
-    while !claim.is_finished() {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            seen_waiting = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen_waiting = a_read_waits(&url, || claim.is_finished()).await;
     holder.batch_execute("COMMIT").await.unwrap();
     let claimed = claim.await.unwrap();
     assert!(
@@ -116,22 +127,8 @@ async fn concurrent_claims_of_one_uncached_device_read_it_from_postgresql_once()
         .collect();
     // This thread runs the claims whenever the test waits, so by the time
     // it sees a read waiting for the lock, every claim has started.
-    let watcher = raw(&url).await;
-    loop {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 || claims.iter().any(|c| c.is_finished()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let waited = a_read_waits(&url, || claims.iter().any(|c| c.is_finished())).await;
+    assert!(waited, "a claim ended while the table was locked");
     let reads_while_locked = manager.stats().device_loads;
     holder.batch_execute("COMMIT").await.unwrap();
     let mut ids = std::collections::BTreeSet::new();
@@ -186,24 +183,7 @@ async fn a_prekey_message_to_an_uncached_device_on_postgresql_leaves_the_runtime
                 .await
         })
     };
-    let watcher = raw(&url).await;
-    let mut seen_waiting = false;
-    while !decrypting.is_finished() {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            seen_waiting = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen_waiting = a_read_waits(&url, || decrypting.is_finished()).await;
     holder.batch_execute("COMMIT").await.unwrap();
     let decrypted = decrypting.await.unwrap();
     assert!(
@@ -214,4 +194,50 @@ async fn a_prekey_message_to_an_uncached_device_on_postgresql_leaves_the_runtime
     assert_eq!(inbound.plaintext, b"hello, cold puppet");
     assert!(inbound.new_session);
     assert_eq!(manager.stats().device_loads, 1);
+}
+
+/// Eight claims of a device the store does not have, started together
+/// while the accounts table is locked: the first claim's read finds no
+/// device, and the seven queued behind it get the same answer without a
+/// read of their own (queued callers that each read again, one after
+/// another, would wait a whole operation timeout each on a stalled
+/// database). Every claim is refused as an unknown device.
+#[tokio::test(flavor = "current_thread")]
+async fn queued_claims_of_an_unknown_device_share_the_first_ones_answer() {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("cold_unknown").await.unwrap();
+    let store = Arc::new(PgStore::create(PgStoreConfig::new(&url, StoreKey::generate())).unwrap());
+    let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
+    let (user, device) = alice();
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let claims: Vec<_> = (0..8)
+        .map(|_| {
+            let (manager, user, device) = (manager.clone(), user.clone(), device.clone());
+            tokio::spawn(async move {
+                manager
+                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
+                    .await
+            })
+        })
+        .collect();
+    let waited = a_read_waits(&url, || claims.iter().any(|c| c.is_finished())).await;
+    assert!(waited, "a claim ended while the table was locked");
+    holder.batch_execute("COMMIT").await.unwrap();
+    for claim in claims {
+        let refused = claim.await.unwrap().expect_err("the device does not exist");
+        assert!(
+            matches!(refused, bridgekeys_olm::OlmError::UnknownDevice { .. }),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(
+        manager.stats().device_loads,
+        1,
+        "one read answered all eight claims"
+    );
 }
