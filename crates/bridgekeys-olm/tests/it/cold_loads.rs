@@ -4,9 +4,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bridgekeys_olm::{AccountManager, ManagerConfig};
+use bridgekeys_olm::{AccountManager, ManagerConfig, OlmError};
 use bridgekeys_store::{PgStore, PgStoreConfig, StoreKey};
-use ruma::OneTimeKeyAlgorithm;
+use ruma::{OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId};
 
 use crate::common::{DecryptPrekey as _, alice, prekey_message};
 
@@ -17,6 +17,17 @@ async fn raw(url: &str) -> tokio_postgres::Client {
         .unwrap();
     tokio::spawn(connection);
     client
+}
+
+/// A connection holding the accounts table locked, in a transaction the
+/// test commits to lift the lock.
+async fn lock_accounts(url: &str) -> tokio_postgres::Client {
+    let holder = raw(url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    holder
 }
 
 /// Poll the server until a statement in this database waits for a lock
@@ -47,6 +58,31 @@ async fn a_read_waits(url: &str, done: impl Fn() -> bool) -> bool {
     false
 }
 
+/// The claims of a burst test: the accounts table locked by another
+/// connection (returned, to commit), then `n` claims of one key each for
+/// `user`'s `device` spawned on this thread, which runs them whenever the
+/// test waits.
+type Claim = tokio::task::JoinHandle<Result<Vec<bridgekeys_olm::ClaimedKey>, OlmError>>;
+async fn claims_while_locked(
+    url: &str,
+    manager: &Arc<AccountManager>,
+    (user, device): (OwnedUserId, OwnedDeviceId),
+    n: usize,
+) -> (tokio_postgres::Client, Vec<Claim>) {
+    let holder = lock_accounts(url).await;
+    let claims = (0..n)
+        .map(|_| {
+            let (manager, user, device) = (manager.clone(), user.clone(), device.clone());
+            tokio::spawn(async move {
+                manager
+                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
+                    .await
+            })
+        })
+        .collect();
+    (holder, claims)
+}
+
 /// On a current-thread runtime (one thread runs every task), a claim whose
 /// device must be loaded from PostgreSQL starts while another connection
 /// holds the accounts table locked. The claim's load waits at the server;
@@ -70,16 +106,8 @@ async fn a_claim_loading_its_device_from_postgresql_leaves_the_runtime_thread_fr
     // A new manager: the device is stored, not cached.
     let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
 
-    let holder = raw(&url).await;
-    holder
-        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    let claim = tokio::spawn(async move {
-        manager
-            .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
-            .await
-    });
+    let (holder, mut claims) = claims_while_locked(&url, &manager, (user, device), 1).await;
+    let claim = claims.remove(0);
     // Until the claim's load waits for the lock, or the claim ends.
     let seen_waiting = a_read_waits(&url, || claim.is_finished()).await;
     holder.batch_execute("COMMIT").await.unwrap();
@@ -110,21 +138,7 @@ async fn concurrent_claims_of_one_uncached_device_read_it_from_postgresql_once()
         .unwrap();
     let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
 
-    let holder = raw(&url).await;
-    holder
-        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    let claims: Vec<_> = (0..8)
-        .map(|_| {
-            let (manager, user, device) = (manager.clone(), user.clone(), device.clone());
-            tokio::spawn(async move {
-                manager
-                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
-                    .await
-            })
-        })
-        .collect();
+    let (holder, claims) = claims_while_locked(&url, &manager, (user, device), 8).await;
     // This thread runs the claims whenever the test waits, so by the time
     // it sees a read waiting for the lock, every claim has started.
     let waited = a_read_waits(&url, || claims.iter().any(|c| c.is_finished())).await;
@@ -170,11 +184,7 @@ async fn a_prekey_message_to_an_uncached_device_on_postgresql_leaves_the_runtime
     // A new manager: the device is stored, not cached.
     let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
 
-    let holder = raw(&url).await;
-    holder
-        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let holder = lock_accounts(&url).await;
     let decrypting = {
         let manager = manager.clone();
         tokio::spawn(async move {
@@ -210,28 +220,14 @@ async fn queued_claims_of_an_unknown_device_share_the_first_ones_answer() {
     let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
     let (user, device) = alice();
 
-    let holder = raw(&url).await;
-    holder
-        .batch_execute("BEGIN; LOCK TABLE bk_accounts IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    let claims: Vec<_> = (0..8)
-        .map(|_| {
-            let (manager, user, device) = (manager.clone(), user.clone(), device.clone());
-            tokio::spawn(async move {
-                manager
-                    .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
-                    .await
-            })
-        })
-        .collect();
+    let (holder, claims) = claims_while_locked(&url, &manager, (user, device), 8).await;
     let waited = a_read_waits(&url, || claims.iter().any(|c| c.is_finished())).await;
     assert!(waited, "a claim ended while the table was locked");
     holder.batch_execute("COMMIT").await.unwrap();
     for claim in claims {
         let refused = claim.await.unwrap().expect_err("the device does not exist");
         assert!(
-            matches!(refused, bridgekeys_olm::OlmError::UnknownDevice { .. }),
+            matches!(refused, OlmError::UnknownDevice { .. }),
             "{refused:?}"
         );
     }
