@@ -310,9 +310,11 @@ impl AccountManager {
         // A device not in the cache is judged from its stored record without
         // caching it: a pass over thousands of idle puppets must not load
         // them all into memory. Only a device with something due is loaded.
+        // The read is awaited: on PostgreSQL a full pass makes one per
+        // puppet, and must not hold a runtime worker for each round trip.
         let key = DeviceKey::new(user_id.as_str(), device_id.as_str());
         if !self.is_loaded(&key)
-            && let Some(record) = self.store.load_account(&key)?
+            && let Some(record) = self.store.load_account_later(&key).answer().await?
         {
             // Only its fallback schedule is read: no key count, no signer.
             let action = due(&DeviceAccount::stored_fallback(&record)?, policy, now);

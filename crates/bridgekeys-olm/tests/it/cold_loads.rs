@@ -4,11 +4,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bridgekeys_olm::{AccountManager, ManagerConfig, OlmError};
+use bridgekeys_olm::{AccountManager, FallbackAction, FallbackPolicy, ManagerConfig, OlmError};
 use bridgekeys_store::{PgStore, PgStoreConfig, StoreKey};
 use ruma::{OneTimeKeyAlgorithm, OwnedDeviceId, OwnedUserId};
 
-use crate::common::{DecryptPrekey as _, alice, prekey_message};
+use crate::common::{DecryptPrekey as _, alice, prekey_message, upload_and_publish};
 
 /// A raw connection to the test database, for what a store never does.
 async fn raw(url: &str) -> tokio_postgres::Client {
@@ -236,4 +236,48 @@ async fn queued_claims_of_an_unknown_device_share_the_first_ones_answer() {
         1,
         "one read answered all eight claims"
     );
+}
+
+/// A rotation pass's look at an idle puppet that is not cached, on
+/// PostgreSQL, on a current-thread runtime: `apply_fallback_policy` reads
+/// the device's record while another connection holds the accounts table
+/// locked; this test, on the same thread, sees the read wait, lifts the
+/// lock, and the policy answers that nothing is due yet, without caching
+/// the device. A read that blocked the thread would keep the lock in place
+/// until the store's operation timeout failed the call.
+#[tokio::test(flavor = "current_thread")]
+async fn a_rotation_look_at_an_idle_device_on_postgresql_leaves_the_runtime_thread_free() {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("cold_rotation").await.unwrap();
+    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
+    config.operation_timeout = Duration::from_secs(10);
+    let store = Arc::new(PgStore::create(config).unwrap());
+    let (user, device) = alice();
+    let first = AccountManager::new(store.clone(), ManagerConfig::default());
+    first.create_device(&user, &device).await.unwrap();
+    let now = 1_700_000_000_000;
+    upload_and_publish(&first, now).await;
+    let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
+
+    let holder = lock_accounts(&url).await;
+    let looking = {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            manager
+                .apply_fallback_policy(&user, &device, &FallbackPolicy::default(), now + 1)
+                .await
+        })
+    };
+    let seen_waiting = a_read_waits(&url, || looking.is_finished()).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let action = looking.await.unwrap();
+    assert!(
+        seen_waiting,
+        "the call ended before this thread saw its read wait: {action:?}"
+    );
+    assert!(
+        matches!(action, Ok(FallbackAction::Wait { .. })),
+        "{action:?}"
+    );
+    assert_eq!(manager.loaded_devices(), 0, "an idle device is not cached");
 }

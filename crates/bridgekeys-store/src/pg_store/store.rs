@@ -309,6 +309,9 @@ const GROUP_SESSIONS: SealedTable = SealedTable {
 
 /// A device's account row and the count of its one-time keys, in one
 /// statement ([`Store::load_account_counted`]).
+/// A device's account row.
+const LOAD_ACCOUNT: &str = "SELECT version, sealed FROM bk_accounts WHERE device = $1";
+
 const LOAD_COUNTED: &str = "SELECT a.version, a.sealed, \
      (SELECT count(*) FROM bk_one_time_keys k WHERE k.device = a.device) \
      FROM bk_accounts a WHERE a.device = $1";
@@ -468,14 +471,31 @@ impl Store for PgStore {
     }
 
     fn load_account(&self, device: &DeviceKey) -> Result<Option<AccountRecord>, StoreError> {
-        let rows = self.engine.query(
-            "SELECT version, sealed FROM bk_accounts WHERE device = $1",
-            params![device.as_bytes().to_vec()],
-        )?;
+        let rows = self
+            .engine
+            .query(LOAD_ACCOUNT, params![device.as_bytes().to_vec()])?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };
         self.open_account(device, row).map(Some)
+    }
+
+    /// The same statement, queued on the store's runtime as
+    /// `load_account_counted_later`'s is (and bounded with it), the record
+    /// opened on the caller's thread. An account row does not depend on
+    /// this process's queued appends, so there is no blocking fallback.
+    fn load_account_later(&self, device: &DeviceKey) -> Fetch<Option<AccountRecord>> {
+        let rows = self
+            .engine
+            .query_later(LOAD_ACCOUNT, params![device.as_bytes().to_vec()]);
+        let sealer = Arc::clone(&self.sealer);
+        let device = device.clone();
+        Fetch::from_future(async move {
+            let rows = rows.await?;
+            rows.first()
+                .map(|row| open_account_row(&sealer, &device, row))
+                .transpose()
+        })
     }
 
     fn load_account_counted(

@@ -790,7 +790,9 @@ pub async fn appended_keys_are_found_counted_and_listed_oldest_first(backend: Ar
 /// included (they are visible when the append returns), evicted ones and
 /// other devices' keys not. Its awaitable form,
 /// [`Store::load_account_counted_later`](crate::Store::load_account_counted_later),
-/// answers the same at every step. (PostgreSQL answers the step with an
+/// answers the same at every step, and so does
+/// [`Store::load_account_later`](crate::Store::load_account_later) for the
+/// record alone. (PostgreSQL answers the step with an
 /// append in flight through its blocking load, so there the awaited
 /// statement is compared on the steps without one.)
 pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Backend>) {
@@ -803,6 +805,14 @@ pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Back
             .answer()
             .await
             .expect("load later")
+            .is_none()
+    );
+    assert!(
+        backend
+            .load_account_later(&dev)
+            .answer()
+            .await
+            .expect("load record later")
             .is_none()
     );
     durable("create", backend.write_device(&dev, None, account(b"v1"))).await;
@@ -832,6 +842,17 @@ pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Back
             (later.version, later.data.as_slice(), later_count),
             (alone.version, alone.data.as_slice(), count),
             "the awaited load answers as the blocking one"
+        );
+        let record_later = backend
+            .load_account_later(dev)
+            .answer()
+            .await
+            .expect("load record later")
+            .expect("created");
+        assert_eq!(
+            (record_later.version, record_later.data.as_slice()),
+            (alone.version, alone.data.as_slice()),
+            "the awaited record answers as the blocking one"
         );
         count
     }

@@ -170,6 +170,9 @@ impl Store for Intercepted {
     ) -> crate::Fetch<Option<(AccountRecord, usize)>> {
         self.inner.load_account_counted_later(device)
     }
+    fn load_account_later(&self, device: &DeviceKey) -> crate::Fetch<Option<AccountRecord>> {
+        self.inner.load_account_later(device)
+    }
     fn load_session(
         &self,
         device: &DeviceKey,
