@@ -33,30 +33,52 @@ pub struct ClaimedKey {
 
 pub(crate) type Slot = Arc<Mutex<DeviceAccount>>;
 
-/// The load gates of devices being loaded, by device. Each gate holds what
-/// the last load through it found when it cached nothing ([`Missed`]).
-type LoadGates = DashMap<DeviceKey, Arc<tokio::sync::Mutex<Option<Missed>>>>;
+/// The load gates of devices being loaded, by device (each holds what the
+/// last load through it found when it cached nothing, [`Missed`]), and the
+/// clock that orders arrivals at the gates and the answers recorded there.
+#[derive(Default)]
+struct LoadGates {
+    gates: DashMap<DeviceKey, Arc<tokio::sync::Mutex<Option<Missed>>>>,
+    clock: std::sync::atomic::AtomicU64,
+}
 
-/// Why a load through a gate cached no device: the callers queued behind it
-/// get the same answer instead of each reading again, one after another
-/// (a stalled database would otherwise hold the last of N queued callers
-/// for N operation timeouts).
+impl LoadGates {
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Why a load through a gate cached no device, and when ([`LoadGates`]'
+/// clock). The callers that were already queued behind it get the same
+/// answer instead of each reading again, one after another (a stalled
+/// database would otherwise hold the last of N queued callers for N
+/// operation timeouts). A caller that arrives after the answer reads for
+/// itself: the device may have been created, or the database recovered,
+/// since.
 #[derive(Debug)]
-enum Missed {
+struct Missed {
+    at: u64,
+    why: MissedWhy,
+}
+
+#[derive(Debug)]
+enum MissedWhy {
     /// The store has no such device.
     Unknown,
-    /// The read failed, with this error's message.
+    /// The read failed, with this error's message. Queued callers get it
+    /// as [`bridgekeys_store::StoreError::Engine`]: the variant of the
+    /// first caller's error is not kept.
     Failed(String),
 }
 
 impl Missed {
     fn to_error(&self, user_id: &UserId, device_id: &DeviceId) -> OlmError {
-        match self {
-            Self::Unknown => OlmError::UnknownDevice {
+        match &self.why {
+            MissedWhy::Unknown => OlmError::UnknownDevice {
                 user_id: user_id.to_string(),
                 device_id: device_id.to_string(),
             },
-            Self::Failed(reason) => OlmError::Store(bridgekeys_store::StoreError::Engine(
+            MissedWhy::Failed(reason) => OlmError::Store(bridgekeys_store::StoreError::Engine(
                 format!("a concurrent load of this device failed: {reason}").into(),
             )),
         }
@@ -71,15 +93,35 @@ struct LoadTicket<'a> {
     gates: &'a LoadGates,
     key: &'a DeviceKey,
     gate: Option<Arc<tokio::sync::Mutex<Option<Missed>>>>,
+    /// When this caller arrived ([`LoadGates`]' clock).
+    arrived: u64,
 }
 
 impl<'a> LoadTicket<'a> {
     fn new(gates: &'a LoadGates, key: &'a DeviceKey) -> Self {
-        let gate = Arc::clone(gates.entry(key.clone()).or_default().value());
+        let gate = Arc::clone(gates.gates.entry(key.clone()).or_default().value());
         Self {
             gates,
             key,
             gate: Some(gate),
+            arrived: gates.tick(),
+        }
+    }
+
+    /// What the load before this caller's turn found, if it cached nothing
+    /// and this caller was already waiting then.
+    fn missed_while_queued<'g>(&self, held: Option<&'g Option<Missed>>) -> Option<&'g Missed> {
+        held.and_then(Option::as_ref)
+            .filter(|missed| self.arrived < missed.at)
+    }
+
+    /// Record in the held gate that this caller's load cached nothing.
+    fn record(&self, held: Option<&mut Option<Missed>>, why: MissedWhy) {
+        if let Some(held) = held {
+            *held = Some(Missed {
+                at: self.gates.tick(),
+                why,
+            });
         }
     }
 
@@ -100,7 +142,7 @@ impl Drop for LoadTicket<'_> {
         // sees the map's share alone and removes the entry (the check runs
         // under the map's shard lock, where new callers take their share).
         drop(gate);
-        self.gates.remove_if(self.key, |_, g| {
+        self.gates.gates.remove_if(self.key, |_, g| {
             Arc::as_ptr(g) == ours && Arc::strong_count(g) == 1
         });
     }
@@ -166,7 +208,7 @@ impl AccountManager {
             store,
             config,
             slots: DashMap::new(),
-            loading: DashMap::new(),
+            loading: LoadGates::default(),
             shrinking: Mutex::new(()),
             counters: Counters::default(),
             tracking: Mutex::new(()),
@@ -622,8 +664,9 @@ impl AccountManager {
     ///
     /// Callers loading the same device take turns at its gate
     /// ([`LoadTicket`]): the first reads it, and the others find it cached
-    /// when their turn comes (or get the same "unknown device" or failure
-    /// the first got, without reading again). So a burst of claims for one
+    /// when their turn comes (or, if they were already waiting when it
+    /// came, get the same "unknown device" or store failure the first got,
+    /// without reading again; a record that fails to decode is not shared). So a burst of claims for one
     /// puppet right after a start reads its record once, not once per
     /// claim, and among these loads no stale copy, read before another
     /// caller's copy was cached, used and evicted, can be cached after it
@@ -651,16 +694,14 @@ impl AccountManager {
         if let Some(slot) = self.cached_slot(key) {
             return Ok(slot);
         }
-        if let Some(missed) = turn.as_deref().and_then(Option::as_ref) {
+        if let Some(missed) = ticket.missed_while_queued(turn.as_deref()) {
             return Err(missed.to_error(user_id, device_id));
         }
         Counters::add(&self.counters.device_loads, 1);
         let loaded = match self.store.load_account_counted_later(key).answer().await {
             Ok(loaded) => loaded,
             Err(e) => {
-                if let Some(missed) = turn.as_deref_mut() {
-                    *missed = Some(Missed::Failed(e.to_string()));
-                }
+                ticket.record(turn.as_deref_mut(), MissedWhy::Failed(e.to_string()));
                 return Err(e.into());
             }
         };
@@ -668,9 +709,7 @@ impl AccountManager {
             return Ok(slot);
         }
         let Some((record, outstanding)) = loaded else {
-            if let Some(missed) = turn.as_deref_mut() {
-                *missed = Some(Missed::Unknown);
-            }
+            ticket.record(turn.as_deref_mut(), MissedWhy::Unknown);
             return Err(OlmError::UnknownDevice {
                 user_id: user_id.to_string(),
                 device_id: device_id.to_string(),
@@ -903,7 +942,11 @@ mod tests {
         );
         drop(turn);
         drop(first);
-        assert_eq!(gates.len(), 1, "the second caller still holds the gate");
+        assert_eq!(
+            gates.gates.len(),
+            1,
+            "the second caller still holds the gate"
+        );
         assert!(
             tokio::time::timeout(Duration::ZERO, second.turn())
                 .await
@@ -911,13 +954,48 @@ mod tests {
             "the second caller's turn comes when the first is done"
         );
         drop(second);
-        assert!(gates.is_empty(), "the last caller out removed the gate");
+        assert!(
+            gates.gates.is_empty(),
+            "the last caller out removed the gate"
+        );
 
         let first = LoadTicket::new(&gates, &key);
         let second = LoadTicket::new(&gates, &key);
         drop(second);
-        assert_eq!(gates.len(), 1, "the first caller still holds the gate");
+        assert_eq!(
+            gates.gates.len(),
+            1,
+            "the first caller still holds the gate"
+        );
         drop(first);
-        assert!(gates.is_empty(), "dropped in the other order, too");
+        assert!(gates.gates.is_empty(), "dropped in the other order, too");
+    }
+
+    /// A load that cached nothing answers the callers that were already
+    /// waiting at the gate, and not one that arrived after it answered (the
+    /// device may have been created since): that one reads for itself.
+    #[tokio::test]
+    async fn only_callers_queued_during_a_load_share_what_it_missed() {
+        let gates = LoadGates::default();
+        let key = DeviceKey::new("@alice:example.org", "PUPPET");
+        let first = LoadTicket::new(&gates, &key);
+        let queued = LoadTicket::new(&gates, &key);
+        {
+            let mut turn = first.turn().await;
+            first.record(turn.as_deref_mut(), MissedWhy::Unknown);
+        }
+        drop(first);
+        let late = LoadTicket::new(&gates, &key);
+        let turn = queued.turn().await;
+        assert!(
+            queued.missed_while_queued(turn.as_deref()).is_some(),
+            "a caller queued during the load gets its answer"
+        );
+        drop(turn);
+        let turn = late.turn().await;
+        assert!(
+            late.missed_while_queued(turn.as_deref()).is_none(),
+            "a caller that came after the answer reads for itself"
+        );
     }
 }

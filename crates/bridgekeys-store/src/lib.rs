@@ -324,9 +324,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::load_account`] as a [`Fetch`], for a caller that can wait,
     /// as [`Store::load_account_counted_later`] is. The account manager's
     /// fallback-key rotation reads an idle device's record this way without
-    /// caching it, once per device, over every puppet in a full pass: on a
-    /// backend behind a network the pass would otherwise hold a runtime
-    /// worker for a round trip per puppet. The default answers at once with
+    /// caching it, once per uncached device, over every such puppet in a
+    /// full pass: on a backend behind a network the pass would otherwise
+    /// hold a runtime worker for a round trip per puppet. The default answers at once with
     /// `load_account`; PostgreSQL overrides it.
     fn load_account_later(&self, device: &DeviceKey) -> Fetch<Option<AccountRecord>> {
         Fetch::ready(self.load_account(device))

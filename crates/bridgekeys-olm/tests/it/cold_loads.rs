@@ -58,11 +58,13 @@ async fn a_read_waits(url: &str, done: impl Fn() -> bool) -> bool {
     false
 }
 
+/// A spawned claim of one key.
+type Claim = tokio::task::JoinHandle<Result<Vec<bridgekeys_olm::ClaimedKey>, OlmError>>;
+
 /// The claims of a burst test: the accounts table locked by another
 /// connection (returned, to commit), then `n` claims of one key each for
 /// `user`'s `device` spawned on this thread, which runs them whenever the
 /// test waits.
-type Claim = tokio::task::JoinHandle<Result<Vec<bridgekeys_olm::ClaimedKey>, OlmError>>;
 async fn claims_while_locked(
     url: &str,
     manager: &Arc<AccountManager>,
@@ -280,4 +282,39 @@ async fn a_rotation_look_at_an_idle_device_on_postgresql_leaves_the_runtime_thre
         "{action:?}"
     );
     assert_eq!(manager.loaded_devices(), 0, "an idle device is not cached");
+}
+
+/// Eight claims of a cold device queued while the accounts table stays
+/// locked past the store's operation timeout: the first claim's read times
+/// out, and the seven queued behind it get that failure at once instead of
+/// each reading again and waiting a timeout of its own. Every claim fails,
+/// after one read.
+#[tokio::test(flavor = "current_thread")]
+async fn claims_queued_behind_a_read_that_times_out_fail_with_it() {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database("cold_stalled").await.unwrap();
+    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
+    config.operation_timeout = Duration::from_secs(2);
+    let store = Arc::new(PgStore::create(config).unwrap());
+    let (user, device) = alice();
+    AccountManager::new(store.clone(), ManagerConfig::default())
+        .create_device(&user, &device)
+        .await
+        .unwrap();
+    let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
+
+    let (holder, claims) = claims_while_locked(&url, &manager, (user, device), 8).await;
+    let waited = a_read_waits(&url, || claims.iter().any(|c| c.is_finished())).await;
+    assert!(waited, "a claim ended while the table was locked");
+    // The lock stays until every claim has answered.
+    for claim in claims {
+        let failed = claim.await.unwrap().expect_err("the read timed out");
+        assert!(matches!(failed, OlmError::Store(_)), "{failed:?}");
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        manager.stats().device_loads,
+        1,
+        "one read, whose failure answered all eight claims"
+    );
 }

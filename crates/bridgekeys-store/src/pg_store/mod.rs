@@ -15,8 +15,11 @@
 //! the row it holds locked inside its transaction (with the store's one
 //! cipher, shared, not copied).
 //!
-//! One read is awaited instead: loading a device for a claim
-//! ([`Store::load_account_counted_later`](crate::Store::load_account_counted_later))
+//! Two reads are awaited instead: loading a device for the account
+//! manager's asynchronous calls (claims, decryption, encryption:
+//! [`Store::load_account_counted_later`](crate::Store::load_account_counted_later)),
+//! and a rotation pass's read of an idle device
+//! ([`Store::load_account_later`](crate::Store::load_account_later)). Each
 //! queues its statement on the store's runtime and returns a
 //! [`Fetch`](crate::Fetch) that the caller awaits, and the record is opened
 //! on the caller's thread once the row is back. A bridge that has just

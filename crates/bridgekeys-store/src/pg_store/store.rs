@@ -307,11 +307,11 @@ const GROUP_SESSIONS: SealedTable = SealedTable {
     what: "group session record",
 };
 
-/// A device's account row and the count of its one-time keys, in one
-/// statement ([`Store::load_account_counted`]).
 /// A device's account row.
 const LOAD_ACCOUNT: &str = "SELECT version, sealed FROM bk_accounts WHERE device = $1";
 
+/// A device's account row and the count of its one-time keys, in one
+/// statement ([`Store::load_account_counted`]).
 const LOAD_COUNTED: &str = "SELECT a.version, a.sealed, \
      (SELECT count(*) FROM bk_one_time_keys k WHERE k.device = a.device) \
      FROM bk_accounts a WHERE a.device = $1";

@@ -901,6 +901,26 @@ pub async fn a_device_loads_with_its_key_count_in_one_call(backend: Arc<dyn Back
     );
     durable("the append lands", Ok(pending)).await;
     assert_eq!(both(&backend, &dev).await, 3);
+    // A rewritten account: every form answers the new version and bytes.
+    let version = backend
+        .load_account(&dev)
+        .expect("load")
+        .expect("created")
+        .version;
+    durable(
+        "rewrite",
+        backend.write_device(&dev, Some(version), account(b"v2")),
+    )
+    .await;
+    assert_eq!(both(&backend, &dev).await, 3);
+    let rewritten = backend
+        .load_account_later(&dev)
+        .answer()
+        .await
+        .expect("load record later")
+        .expect("created");
+    assert_ne!(rewritten.version, version, "the new version");
+    assert_eq!(rewritten.data.as_slice(), b"v2");
 }
 
 /// Keys evicted by an append are gone (not found, not counted, not
