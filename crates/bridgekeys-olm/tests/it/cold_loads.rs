@@ -58,6 +58,40 @@ async fn a_read_waits(url: &str, done: impl Fn() -> bool) -> bool {
     false
 }
 
+/// A throwaway PostgreSQL server and a store in its database `name`, whose
+/// calls fail after `timeout` if given (how long a call that blocks the
+/// thread takes to fail), else the default. The server stops when its
+/// handle is dropped.
+async fn store_in(
+    name: &str,
+    timeout: Option<Duration>,
+) -> (bridgekeys_testkit::Postgres, String, Arc<PgStore>) {
+    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
+    let url = server.create_database(name).await.unwrap();
+    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
+    if let Some(timeout) = timeout {
+        config.operation_timeout = timeout;
+    }
+    let store = Arc::new(PgStore::create(config).unwrap());
+    (server, url, store)
+}
+
+/// Run `work` on this (current-thread) runtime while another connection
+/// holds the accounts table locked, and lift the lock once a read waits
+/// for it, or once `work` ended first. Whether a read was seen waiting,
+/// and `work`'s answer. A `work` that blocked the thread on the locked
+/// table would keep the lock in place until the store's timeout failed it.
+async fn while_accounts_locked<T: Send + 'static>(
+    url: &str,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> (bool, T) {
+    let holder = lock_accounts(url).await;
+    let work = tokio::spawn(work);
+    let seen_waiting = a_read_waits(url, || work.is_finished()).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    (seen_waiting, work.await.unwrap())
+}
+
 /// A spawned claim of one key.
 type Claim = tokio::task::JoinHandle<Result<Vec<bridgekeys_olm::ClaimedKey>, OlmError>>;
 
@@ -94,26 +128,21 @@ async fn claims_while_locked(
 /// until the store's operation timeout failed the claim.
 #[tokio::test(flavor = "current_thread")]
 async fn a_claim_loading_its_device_from_postgresql_leaves_the_runtime_thread_free() {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("cold_claim").await.unwrap();
-    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
-    // How long a claim whose load blocks the thread takes to fail.
-    config.operation_timeout = Duration::from_secs(10);
-    let store = Arc::new(PgStore::create(config).unwrap());
+    let (_server, url, store) = store_in("cold_claim", Some(Duration::from_secs(10))).await;
     let (user, device) = alice();
     AccountManager::new(store.clone(), ManagerConfig::default())
         .create_device(&user, &device)
         .await
         .unwrap();
     // A new manager: the device is stored, not cached.
-    let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
+    let manager = AccountManager::new(store, ManagerConfig::default());
 
-    let (holder, mut claims) = claims_while_locked(&url, &manager, (user, device), 1).await;
-    let claim = claims.remove(0);
-    // Until the claim's load waits for the lock, or the claim ends.
-    let seen_waiting = a_read_waits(&url, || claim.is_finished()).await;
-    holder.batch_execute("COMMIT").await.unwrap();
-    let claimed = claim.await.unwrap();
+    let (seen_waiting, claimed) = while_accounts_locked(&url, async move {
+        manager
+            .claim(&user, &device, &OneTimeKeyAlgorithm::SignedCurve25519, 1)
+            .await
+    })
+    .await;
     assert!(
         seen_waiting,
         "the claim ended before this thread saw its load wait: {claimed:?}"
@@ -130,9 +159,7 @@ async fn a_claim_loading_its_device_from_postgresql_leaves_the_runtime_thread_fr
 /// read, and eight reads are counted.)
 #[tokio::test(flavor = "current_thread")]
 async fn concurrent_claims_of_one_uncached_device_read_it_from_postgresql_once() {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("cold_burst").await.unwrap();
-    let store = Arc::new(PgStore::create(PgStoreConfig::new(&url, StoreKey::generate())).unwrap());
+    let (_server, url, store) = store_in("cold_burst", None).await;
     let (user, device) = alice();
     AccountManager::new(store.clone(), ManagerConfig::default())
         .create_device(&user, &device)
@@ -169,11 +196,7 @@ async fn concurrent_claims_of_one_uncached_device_read_it_from_postgresql_once()
 /// place until the store's operation timeout failed the decryption.
 #[tokio::test(flavor = "current_thread")]
 async fn a_prekey_message_to_an_uncached_device_on_postgresql_leaves_the_runtime_thread_free() {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("cold_decrypt").await.unwrap();
-    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
-    config.operation_timeout = Duration::from_secs(10);
-    let store = Arc::new(PgStore::create(config).unwrap());
+    let (_server, url, store) = store_in("cold_decrypt", Some(Duration::from_secs(10))).await;
     let (user, device) = alice();
     let first = AccountManager::new(store.clone(), ManagerConfig::default());
     first.create_device(&user, &device).await.unwrap();
@@ -186,18 +209,13 @@ async fn a_prekey_message_to_an_uncached_device_on_postgresql_leaves_the_runtime
     // A new manager: the device is stored, not cached.
     let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
 
-    let holder = lock_accounts(&url).await;
-    let decrypting = {
-        let manager = manager.clone();
-        tokio::spawn(async move {
-            manager
-                .decrypt_prekey(&user, &device, sender_key, &message)
-                .await
-        })
-    };
-    let seen_waiting = a_read_waits(&url, || decrypting.is_finished()).await;
-    holder.batch_execute("COMMIT").await.unwrap();
-    let decrypted = decrypting.await.unwrap();
+    let decrypting = manager.clone();
+    let (seen_waiting, decrypted) = while_accounts_locked(&url, async move {
+        decrypting
+            .decrypt_prekey(&user, &device, sender_key, &message)
+            .await
+    })
+    .await;
     assert!(
         seen_waiting,
         "the decryption ended before this thread saw its load wait: {decrypted:?}"
@@ -216,9 +234,7 @@ async fn a_prekey_message_to_an_uncached_device_on_postgresql_leaves_the_runtime
 /// database). Every claim is refused as an unknown device.
 #[tokio::test(flavor = "current_thread")]
 async fn queued_claims_of_an_unknown_device_share_the_first_ones_answer() {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("cold_unknown").await.unwrap();
-    let store = Arc::new(PgStore::create(PgStoreConfig::new(&url, StoreKey::generate())).unwrap());
+    let (_server, url, store) = store_in("cold_unknown", None).await;
     let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
     let (user, device) = alice();
 
@@ -249,11 +265,7 @@ async fn queued_claims_of_an_unknown_device_share_the_first_ones_answer() {
 /// until the store's operation timeout failed the call.
 #[tokio::test(flavor = "current_thread")]
 async fn a_rotation_look_at_an_idle_device_on_postgresql_leaves_the_runtime_thread_free() {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("cold_rotation").await.unwrap();
-    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
-    config.operation_timeout = Duration::from_secs(10);
-    let store = Arc::new(PgStore::create(config).unwrap());
+    let (_server, url, store) = store_in("cold_rotation", Some(Duration::from_secs(10))).await;
     let (user, device) = alice();
     let first = AccountManager::new(store.clone(), ManagerConfig::default());
     first.create_device(&user, &device).await.unwrap();
@@ -261,18 +273,13 @@ async fn a_rotation_look_at_an_idle_device_on_postgresql_leaves_the_runtime_thre
     upload_and_publish(&first, now).await;
     let manager = Arc::new(AccountManager::new(store, ManagerConfig::default()));
 
-    let holder = lock_accounts(&url).await;
-    let looking = {
-        let manager = manager.clone();
-        tokio::spawn(async move {
-            manager
-                .apply_fallback_policy(&user, &device, &FallbackPolicy::default(), now + 1)
-                .await
-        })
-    };
-    let seen_waiting = a_read_waits(&url, || looking.is_finished()).await;
-    holder.batch_execute("COMMIT").await.unwrap();
-    let action = looking.await.unwrap();
+    let looking = manager.clone();
+    let (seen_waiting, action) = while_accounts_locked(&url, async move {
+        looking
+            .apply_fallback_policy(&user, &device, &FallbackPolicy::default(), now + 1)
+            .await
+    })
+    .await;
     assert!(
         seen_waiting,
         "the call ended before this thread saw its read wait: {action:?}"
@@ -291,11 +298,7 @@ async fn a_rotation_look_at_an_idle_device_on_postgresql_leaves_the_runtime_thre
 /// after one read.
 #[tokio::test(flavor = "current_thread")]
 async fn claims_queued_behind_a_read_that_times_out_fail_with_it() {
-    let server = bridgekeys_testkit::Postgres::start().await.unwrap();
-    let url = server.create_database("cold_stalled").await.unwrap();
-    let mut config = PgStoreConfig::new(&url, StoreKey::generate());
-    config.operation_timeout = Duration::from_secs(2);
-    let store = Arc::new(PgStore::create(config).unwrap());
+    let (_server, url, store) = store_in("cold_stalled", Some(Duration::from_secs(2))).await;
     let (user, device) = alice();
     AccountManager::new(store.clone(), ManagerConfig::default())
         .create_device(&user, &device)
