@@ -6,6 +6,14 @@
 //! waits for the next one, so every answer covers its own write: a waiter is
 //! only registered after its write was applied, and the flush that answers it
 //! starts after it was taken.
+//!
+//! Under concurrent load the flusher gathers before flushing, so that one
+//! `fsync` answers more writers: it waits until as many writers wait as the
+//! last flush answered (a closed loop of N callers comes back N at a time),
+//! or until a quiet spell passes with no writer joining, and never longer
+//! than the gather time. A fixed pause would hold a handful of callers for
+//! the whole gather time on every round: four connections were no faster
+//! than one.
 
 use std::{
     future::Future,
@@ -14,10 +22,10 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
 use crate::StoreError;
@@ -93,6 +101,9 @@ impl Pending {
 struct State {
     waiters: Vec<oneshot::Sender<FlushResult>>,
     closed: bool,
+    /// While the flusher gathers: the number of waiters it waits for (the
+    /// writer that brings the count there wakes it). Zero otherwise.
+    expected: usize,
 }
 
 struct Shared {
@@ -112,9 +123,11 @@ impl GroupCommit {
     /// Start the flusher thread over `flush`, the engine's "make everything
     /// applied so far durable" operation.
     ///
-    /// `gather` is how long the flusher waits, after the first waiter
+    /// `gather` is the longest the flusher waits, after the first waiter
     /// arrives, for more writers to join the same flush, when the previous
-    /// flush answered more than one writer (zero: always flush at once).
+    /// flush answered more than one writer (zero: always flush at once). It
+    /// stops waiting sooner once as many writers wait as the previous flush
+    /// answered, or once a quarter of `gather` passes with none joining.
     pub(crate) fn start<F>(flush: F, gather: Duration) -> std::io::Result<Self>
     where
         F: Fn() -> FlushResult + Send + 'static,
@@ -123,6 +136,7 @@ impl GroupCommit {
             state: Mutex::new(State {
                 waiters: Vec::new(),
                 closed: false,
+                expected: 0,
             }),
             wake: Condvar::new(),
             writes: AtomicU64::new(0),
@@ -146,11 +160,13 @@ impl GroupCommit {
             return Pending::failed(StoreError::Closed);
         }
         state.waiters.push(tx);
-        // Only the first waiter can find the flusher asleep on the condvar.
-        let first = state.waiters.len() == 1;
+        // The flusher sleeps on the condvar for the first waiter, or, while
+        // it gathers, for the waiter that completes the expected count; the
+        // others join without waking it.
+        let wake = state.waiters.len() == 1 || state.waiters.len() == state.expected;
         self.shared.writes.fetch_add(1, Ordering::Relaxed);
         drop(state);
-        if first {
+        if wake {
             self.shared.wake.notify_one();
         }
         Pending(PendingInner::Waiting(rx))
@@ -193,13 +209,9 @@ fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) 
                 shared.wake.wait(&mut state);
             }
             // Gather only under concurrent load (the last flush answered
-            // several writers): a lone writer is answered at once. The
-            // flusher sleeps through the gathering instead of waking for
-            // every writer that joins.
+            // several writers): a lone writer is answered at once.
             if !gather.is_zero() && last_batch > 1 && !state.closed {
-                drop(state);
-                std::thread::sleep(gather);
-                state = shared.state.lock();
+                gather_writers(shared, &mut state, last_batch, gather);
             }
             if state.waiters.is_empty() {
                 return; // closed and drained
@@ -218,6 +230,37 @@ fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) 
             let _ = waiter.send(result.clone());
         }
     }
+}
+
+/// Hold the flush, at most `gather`, for more writers to join it: until
+/// `expected` writers wait (as many as the last flush answered), or until a
+/// quiet spell of a quarter of `gather` passes with no writer joining. The
+/// flusher sleeps through it; only the writer completing the count wakes it.
+fn gather_writers(
+    shared: &Shared,
+    state: &mut MutexGuard<'_, State>,
+    expected: usize,
+    gather: Duration,
+) {
+    let deadline = Instant::now() + gather;
+    let quiet = gather / 4;
+    state.expected = expected;
+    loop {
+        let seen = state.waiters.len();
+        let now = Instant::now();
+        if seen >= expected || state.closed || now >= deadline {
+            break;
+        }
+        let until = (now + quiet).min(deadline);
+        while state.waiters.len() < expected
+            && !state.closed
+            && !shared.wake.wait_until(state, until).timed_out()
+        {}
+        if state.waiters.len() == seen {
+            break; // a quiet spell: nobody joined
+        }
+    }
+    state.expected = 0;
 }
 
 #[cfg(test)]
@@ -311,6 +354,79 @@ mod tests {
                 .expect("a lone writer waited for the gather time")
                 .expect("durable");
         }
+    }
+
+    /// A group commit whose first flush waits for the returned sender, so
+    /// that a test can queue writers behind it: the flush after it then
+    /// answers all of them in one batch.
+    fn held_first_flush(gather: Duration) -> (GroupCommit, std::sync::mpsc::Sender<()>) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(Some(held));
+        let gc = GroupCommit::start(
+            move || {
+                if let Some(held) = held.lock().take() {
+                    let _ = held.recv();
+                }
+                Ok(())
+            },
+            gather,
+        )
+        .expect("thread");
+        (gc, release)
+    }
+
+    /// Make the last flush of `gc` answer `n` writers at once (its first
+    /// flush held while they queue), so that the next one gathers.
+    async fn answer_a_batch(gc: &GroupCommit, release: &std::sync::mpsc::Sender<()>, n: usize) {
+        let first = gc.pending();
+        while gc.stats().flushes == 0 && gc.shared.state.lock().waiters.len() == 1 {
+            // The flusher has not taken the first waiter yet.
+            tokio::task::yield_now().await;
+        }
+        let queued: Vec<_> = (0..n).map(|_| gc.pending()).collect();
+        release.send(()).expect("flusher alive");
+        first.durable().await.expect("durable");
+        for p in queued {
+            p.durable().await.expect("durable");
+        }
+        assert_eq!(gc.stats().flushes, 2, "the queued writers shared one flush");
+    }
+
+    #[tokio::test]
+    async fn a_gathering_flush_goes_once_as_many_writers_wait_as_last_time() {
+        // Four callers in a closed loop come back four at a time: the flush
+        // goes when the fourth joins, not after the gather time (far longer
+        // than the test's patience, and so is its quiet spell).
+        let (gc, release) = held_first_flush(Duration::from_secs(120));
+        answer_a_batch(&gc, &release, 4).await;
+        let round: Vec<_> = (0..4).map(|_| gc.pending()).collect();
+        for p in round {
+            tokio::time::timeout(Duration::from_secs(10), p.durable())
+                .await
+                .expect("the flush waited although every expected writer had joined")
+                .expect("durable");
+        }
+        assert_eq!(gc.stats().flushes, 3, "the four writers shared one flush");
+    }
+
+    #[tokio::test]
+    async fn a_gathering_flush_goes_after_a_quiet_spell_not_the_whole_gather_time() {
+        // The last flush answered four; only one writer comes back. The
+        // flusher waits a quarter of the gather time for others (2 s here),
+        // then flushes: well before the gather time (8 s) is up.
+        let (gc, release) = held_first_flush(Duration::from_secs(8));
+        answer_a_batch(&gc, &release, 4).await;
+        let started = Instant::now();
+        gc.pending().durable().await.expect("durable");
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_secs(6),
+            "a lone writer after a batch waited {waited:?}, the whole gather time"
+        );
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "the flusher did not gather at all ({waited:?})"
+        );
     }
 
     #[tokio::test]

@@ -78,13 +78,16 @@ pub struct SledStoreConfig {
     /// read. A smaller cache works, with claims on cold devices slower once
     /// the store outgrows it.
     pub cache_capacity: u64,
-    /// How long a flush waits for more writers to join it after the first
-    /// one asks (group commit), when the previous flush answered more than
-    /// one writer. Under concurrent load a little waiting turns many
+    /// The longest a flush waits for more writers to join it after the
+    /// first one asks (group commit), when the previous flush answered more
+    /// than one writer. Under concurrent load a little waiting turns many
     /// `fsync`s into one and saves CPU (about a third more claims per second
     /// over HTTP at 1 ms on the 2-core reference machine, see
-    /// `docs/BENCHMARKS.md`); it adds at most this much latency. A lone
-    /// writer is never held back. Default [`DEFAULT_COMMIT_GATHER_US`].
+    /// `docs/BENCHMARKS.md`). The flush goes sooner once as many writers
+    /// wait as the previous flush answered, or once a quarter of this time
+    /// passes with none joining, so a few concurrent callers are not held
+    /// for all of it; it adds at most this much latency. A lone writer is
+    /// never held back. Default [`DEFAULT_COMMIT_GATHER_US`].
     pub commit_gather: Duration,
     /// How long [`SledStore::open`] waits for the store's lock when another
     /// holder is letting go of it, before failing with
