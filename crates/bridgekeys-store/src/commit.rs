@@ -242,7 +242,13 @@ fn gather_writers(
     expected: usize,
     gather: Duration,
 ) {
-    let deadline = Instant::now() + gather;
+    // A gather time too long for the clock (a configuration mistake) waits
+    // for the count or a quiet spell of an hour instead of panicking.
+    let far = |from: Instant, by: Duration| {
+        from.checked_add(by)
+            .unwrap_or(from + Duration::from_secs(3600))
+    };
+    let deadline = far(Instant::now(), gather);
     let quiet = gather / 4;
     state.expected = expected;
     loop {
@@ -251,7 +257,7 @@ fn gather_writers(
         if seen >= expected || state.closed || now >= deadline {
             break;
         }
-        let until = (now + quiet).min(deadline);
+        let until = far(now, quiet).min(deadline);
         while state.waiters.len() < expected
             && !state.closed
             && !shared.wake.wait_until(state, until).timed_out()
@@ -427,6 +433,22 @@ mod tests {
             waited >= Duration::from_millis(1500),
             "the flusher did not gather at all ({waited:?})"
         );
+    }
+
+    #[tokio::test]
+    async fn a_gather_time_too_long_for_the_clock_does_not_stop_the_flusher() {
+        // `commit_gather` is public configuration: a gather time that
+        // overflows the clock must not panic the flusher (every later
+        // write would then fail as closed).
+        let (gc, release) = held_first_flush(Duration::MAX);
+        answer_a_batch(&gc, &release, 2).await;
+        let round: Vec<_> = (0..2).map(|_| gc.pending()).collect();
+        for p in round {
+            tokio::time::timeout(Duration::from_secs(10), p.durable())
+                .await
+                .expect("the flush never came")
+                .expect("the flusher is still running");
+        }
     }
 
     #[tokio::test]
