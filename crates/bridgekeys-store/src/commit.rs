@@ -127,7 +127,8 @@ impl GroupCommit {
     /// arrives, for more writers to join the same flush, when the previous
     /// flush answered more than one writer (zero: always flush at once). It
     /// stops waiting sooner once as many writers wait as the previous flush
-    /// answered, or once a quarter of `gather` passes with none joining.
+    /// answered, or once a window of a quarter of `gather` passes with none
+    /// joining. A `gather` over an hour counts as an hour.
     pub(crate) fn start<F>(flush: F, gather: Duration) -> std::io::Result<Self>
     where
         F: Fn() -> FlushResult + Send + 'static,
@@ -184,8 +185,8 @@ impl GroupCommit {
         self.shared.state.lock().closed = true;
         self.shared.wake.notify_one();
         if let Some(thread) = self.thread.lock().take() {
-            // A panicking flusher already failed its waiters (their senders
-            // dropped); nothing more to report here.
+            // A flusher that panicked closed the queue and failed its
+            // waiters as it unwound (`CloseOnExit`); nothing more to report.
             let _ = thread.join();
         }
     }
@@ -200,7 +201,17 @@ impl Drop for GroupCommit {
 /// Most waiters one flush answers (the rest wait for the next one).
 const MAX_BATCH: usize = 1024;
 
+/// The longest gather time the flusher uses: a longer configured one (a
+/// mistake; it would hold every shared flush that long) counts as this,
+/// which also keeps the flusher's clock arithmetic from overflowing.
+const MAX_GATHER: Duration = Duration::from_secs(3600);
+
 fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) {
+    let gather = gather.min(MAX_GATHER);
+    // If this thread panics (a flush that panics), close the queue and drop
+    // every waiter's sender: they and later writes fail as closed instead
+    // of waiting forever for a flusher that is gone.
+    let _closing = CloseOnExit(shared);
     let mut last_batch = 0;
     loop {
         let batch = {
@@ -209,7 +220,8 @@ fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) 
                 shared.wake.wait(&mut state);
             }
             // Gather only under concurrent load (the last flush answered
-            // several writers): a lone writer is answered at once.
+            // several writers): after a flush of one, the next writer is
+            // answered at once.
             if !gather.is_zero() && last_batch > 1 && !state.closed {
                 gather_writers(shared, &mut state, last_batch, gather);
             }
@@ -232,23 +244,30 @@ fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) 
     }
 }
 
+/// Closes the queue when the flusher thread ends, by return or by panic.
+struct CloseOnExit<'a>(&'a Shared);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        state.closed = true;
+        state.waiters.clear();
+    }
+}
+
 /// Hold the flush, at most `gather`, for more writers to join it: until
 /// `expected` writers wait (as many as the last flush answered), or until a
-/// quiet spell of a quarter of `gather` passes with no writer joining. The
-/// flusher sleeps through it; only the writer completing the count wakes it.
+/// window of a quarter of `gather` passes in which no writer joined (so the
+/// flush goes between a quarter and a half of `gather` after the last one
+/// joined). The flusher sleeps through it; only the writer completing the
+/// count wakes it.
 fn gather_writers(
     shared: &Shared,
     state: &mut MutexGuard<'_, State>,
     expected: usize,
     gather: Duration,
 ) {
-    // A gather time too long for the clock (a configuration mistake) waits
-    // for the count or a quiet spell of an hour instead of panicking.
-    let far = |from: Instant, by: Duration| {
-        from.checked_add(by)
-            .unwrap_or(from + Duration::from_secs(3600))
-    };
-    let deadline = far(Instant::now(), gather);
+    let deadline = Instant::now() + gather;
     let quiet = gather / 4;
     state.expected = expected;
     loop {
@@ -257,7 +276,7 @@ fn gather_writers(
         if seen >= expected || state.closed || now >= deadline {
             break;
         }
-        let until = far(now, quiet).min(deadline);
+        let until = (now + quiet).min(deadline);
         while state.waiters.len() < expected
             && !state.closed
             && !shared.wake.wait_until(state, until).timed_out()
@@ -398,6 +417,15 @@ mod tests {
         assert_eq!(gc.stats().flushes, 2, "the queued writers shared one flush");
     }
 
+    /// Wait until the flusher of `gc` gathers for `expected` writers.
+    async fn until_gathering(gc: &GroupCommit, expected: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gc.shared.state.lock().expected != expected {
+            assert!(Instant::now() < deadline, "the flusher never gathered");
+            tokio::task::yield_now().await;
+        }
+    }
+
     #[tokio::test]
     async fn a_gathering_flush_goes_once_as_many_writers_wait_as_last_time() {
         // Four callers in a closed loop come back four at a time: the flush
@@ -405,7 +433,11 @@ mod tests {
         // than the test's patience, and so is its quiet spell).
         let (gc, release) = held_first_flush(Duration::from_secs(120));
         answer_a_batch(&gc, &release, 4).await;
-        let round: Vec<_> = (0..4).map(|_| gc.pending()).collect();
+        // The first joins alone and the flusher starts gathering for four;
+        // the other three join while it waits.
+        let mut round = vec![gc.pending()];
+        until_gathering(&gc, 4).await;
+        round.extend((0..3).map(|_| gc.pending()));
         for p in round {
             tokio::time::timeout(Duration::from_secs(10), p.durable())
                 .await
@@ -438,8 +470,8 @@ mod tests {
     #[tokio::test]
     async fn a_gather_time_too_long_for_the_clock_does_not_stop_the_flusher() {
         // `commit_gather` is public configuration: a gather time that
-        // overflows the clock must not panic the flusher (every later
-        // write would then fail as closed).
+        // overflows the clock must not panic the flusher (its writers
+        // would then fail as closed).
         let (gc, release) = held_first_flush(Duration::MAX);
         answer_a_batch(&gc, &release, 2).await;
         let round: Vec<_> = (0..2).map(|_| gc.pending()).collect();
@@ -449,6 +481,38 @@ mod tests {
                 .expect("the flush never came")
                 .expect("the flusher is still running");
         }
+    }
+
+    #[tokio::test]
+    async fn closing_while_the_flusher_gathers_flushes_at_once() {
+        // A store dropped while its flusher waits out a long gather: the
+        // waiting writer is flushed and answered, and the close does not
+        // wait for the gather time.
+        let (gc, release) = held_first_flush(Duration::from_secs(120));
+        answer_a_batch(&gc, &release, 2).await;
+        let waiting = gc.pending();
+        until_gathering(&gc, 2).await;
+        let closed = tokio::task::spawn_blocking(move || gc.close());
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("close waited for the gather time")
+            .expect("close");
+        waiting.durable().await.expect("flushed before the close");
+    }
+
+    #[tokio::test]
+    async fn writers_fail_as_closed_when_the_flusher_panicked() {
+        let gc =
+            GroupCommit::start(|| panic!("a flush that panics"), Duration::ZERO).expect("thread");
+        let first = tokio::time::timeout(Duration::from_secs(10), gc.pending().durable())
+            .await
+            .expect("the first writer was never answered");
+        assert!(matches!(first, Err(StoreError::Closed)), "{first:?}");
+        // The flusher is gone: a later writer must not wait for it forever.
+        let later = tokio::time::timeout(Duration::from_secs(10), gc.pending().durable())
+            .await
+            .expect("a writer after the panic waited forever");
+        assert!(matches!(later, Err(StoreError::Closed)), "{later:?}");
     }
 
     #[tokio::test]

@@ -84,10 +84,13 @@ pub struct SledStoreConfig {
     /// `fsync`s into one and saves CPU (about a third more claims per second
     /// over HTTP at 1 ms on the 2-core reference machine, see
     /// `docs/BENCHMARKS.md`). The flush goes sooner once as many writers
-    /// wait as the previous flush answered, or once a quarter of this time
-    /// passes with none joining, so a few concurrent callers are not held
-    /// for all of it; it adds at most this much latency. A lone writer is
-    /// never held back. Default [`DEFAULT_COMMIT_GATHER_US`].
+    /// wait as the previous flush answered, or once a window of a quarter
+    /// of this time passes with none joining, so a few concurrent callers
+    /// are not held for all of it; it adds at most this much latency (values
+    /// over an hour count as an hour). A writer after a flush that answered
+    /// one writer is flushed at once; one arriving alone after a shared
+    /// flush waits for a quiet window (a quarter to a half of this time).
+    /// Default [`DEFAULT_COMMIT_GATHER_US`].
     pub commit_gather: Duration,
     /// How long [`SledStore::open`] waits for the store's lock when another
     /// holder is letting go of it, before failing with
