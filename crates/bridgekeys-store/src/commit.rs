@@ -216,12 +216,20 @@ fn flusher<F: Fn() -> FlushResult>(shared: &Shared, flush: F, gather: Duration) 
     loop {
         let batch = {
             let mut state = shared.state.lock();
-            while state.waiters.is_empty() && !state.closed {
-                shared.wake.wait(&mut state);
+            if state.waiters.is_empty() && !state.closed {
+                let idle = Instant::now();
+                while state.waiters.is_empty() && !state.closed {
+                    shared.wake.wait(&mut state);
+                }
+                // Idle for longer than a gather: whatever load the last
+                // flush saw is over, and this writer comes alone.
+                if idle.elapsed() > gather {
+                    last_batch = 0;
+                }
             }
             // Gather only under concurrent load (the last flush answered
-            // several writers): after a flush of one, the next writer is
-            // answered at once.
+            // several writers, and writers kept coming since): after a
+            // flush of one, or a pause, the next writer is answered at once.
             if !gather.is_zero() && last_batch > 1 && !state.closed {
                 gather_writers(shared, &mut state, last_batch, gather);
             }
@@ -481,6 +489,24 @@ mod tests {
                 .expect("the flush never came")
                 .expect("the flusher is still running");
         }
+    }
+
+    #[tokio::test]
+    async fn a_writer_after_the_flusher_idled_is_flushed_at_once() {
+        // A burst of four, then nothing for longer than the gather time
+        // (2 s): the next writer comes alone and is not held for a quiet
+        // window (a quarter of the gather time, 500 ms) first.
+        let (gc, release) = held_first_flush(Duration::from_secs(2));
+        answer_a_batch(&gc, &release, 4).await;
+        // The idle time itself is what this test is about.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let started = Instant::now();
+        gc.pending().durable().await.expect("durable");
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_millis(400),
+            "a writer after an idle flusher waited {waited:?} for others"
+        );
     }
 
     #[tokio::test]

@@ -88,8 +88,9 @@ pub struct SledStoreConfig {
     /// of this time passes with none joining, so a few concurrent callers
     /// are not held for all of it; it adds at most this much latency (values
     /// over an hour count as an hour). A writer after a flush that answered
-    /// one writer is flushed at once; one arriving alone after a shared
-    /// flush waits for a quiet window (a quarter to a half of this time).
+    /// one writer, or after no writer came for longer than this time, is
+    /// flushed at once; one arriving alone right after a shared flush waits
+    /// for a quiet window (a quarter to a half of this time).
     /// Default [`DEFAULT_COMMIT_GATHER_US`].
     pub commit_gather: Duration,
     /// How long [`SledStore::open`] waits for the store's lock when another
