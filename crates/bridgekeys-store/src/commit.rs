@@ -425,6 +425,13 @@ mod tests {
         assert_eq!(gc.stats().flushes, 2, "the queued writers shared one flush");
     }
 
+    /// How long one writer on its own waits for its flush.
+    async fn time_a_lone_writer(gc: &GroupCommit) -> Duration {
+        let started = Instant::now();
+        gc.pending().durable().await.expect("durable");
+        started.elapsed()
+    }
+
     /// Wait until the flusher of `gc` gathers for `expected` writers.
     async fn until_gathering(gc: &GroupCommit, expected: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -462,9 +469,7 @@ mod tests {
         // then flushes: well before the gather time (8 s) is up.
         let (gc, release) = held_first_flush(Duration::from_secs(8));
         answer_a_batch(&gc, &release, 4).await;
-        let started = Instant::now();
-        gc.pending().durable().await.expect("durable");
-        let waited = started.elapsed();
+        let waited = time_a_lone_writer(&gc).await;
         assert!(
             waited < Duration::from_secs(6),
             "a lone writer after a batch waited {waited:?}, the whole gather time"
@@ -500,9 +505,7 @@ mod tests {
         answer_a_batch(&gc, &release, 4).await;
         // The idle time itself is what this test is about.
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        let started = Instant::now();
-        gc.pending().durable().await.expect("durable");
-        let waited = started.elapsed();
+        let waited = time_a_lone_writer(&gc).await;
         assert!(
             waited < Duration::from_millis(400),
             "a writer after an idle flusher waited {waited:?} for others"
