@@ -555,15 +555,18 @@ impl AllReport {
             println!("  {key:<8} {seconds:>10}  {status}");
         }
         if let Some(h) = &self.scenarios.http {
-            println!("  http by connections   claims/s   p50 ms   p99 ms   ratio_to_raw");
+            println!(
+                "  http by connections   claims/s   p50 ms   p99 ms   ratio_to_raw   claims/flush"
+            );
             for r in &h.runs {
                 println!(
-                    "  {:>19}  {:>9.0}  {:>7.2}  {:>7.2}  {:>13.3}",
+                    "  {:>19}  {:>9.0}  {:>7.2}  {:>7.2}  {:>13.3}  {:>13.1}",
                     r.connections,
                     r.http_claims_per_s,
                     r.http_p50_ms,
                     r.http_p99_ms,
-                    r.ratio_to_raw
+                    r.ratio_to_raw,
+                    r.claims_per_flush
                 );
             }
         }

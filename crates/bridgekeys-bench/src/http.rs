@@ -68,6 +68,10 @@ pub struct HttpReport {
     pub http_p99_ms: f64,
     /// http_claims_per_s / raw_keys_per_s_all.
     pub ratio_to_raw: f64,
+    /// Claims per group-commit flush during the claim load: how many claims
+    /// shared each `fsync` (1 at one connection; more as connections are
+    /// added and the flusher gathers them).
+    pub claims_per_flush: f64,
     /// The same load on `/_matrix/app/v1/ping` (authenticated, JSON, no
     /// crypto, no store): what HTTP alone allows on this machine, requests/s.
     pub http_floor_per_s: f64,
@@ -130,7 +134,7 @@ async fn run_on(config: &HttpBench, server: Option<&Server>) -> anyhow::Result<H
     std::fs::create_dir_all(&config.dir)?;
     let dir = tempfile::tempdir_in(&config.dir)?;
     let store = open_store(dir.path(), &StoreKey::generate())?;
-    let (latencies, elapsed, floor_per_s) = serve_and_load(store, config, true).await?;
+    let (latencies, elapsed, floor_per_s, flushes) = serve_and_load(store, config, true).await?;
     let claims_per_s = latencies.len() as f64 / elapsed;
     let floor_per_s = floor_per_s.unwrap_or(f64::NAN);
     let postgres = match server {
@@ -138,7 +142,7 @@ async fn run_on(config: &HttpBench, server: Option<&Server>) -> anyhow::Result<H
         Some(server) => {
             let url = server.fresh_database("http").await?;
             let store = crate::pg::create_store(&url, &StoreKey::generate()).await?;
-            let (pg, pg_elapsed, _) = serve_and_load(store, config, false).await?;
+            let (pg, pg_elapsed, _, _) = serve_and_load(store, config, false).await?;
             let pg_per_s = pg.len() as f64 / pg_elapsed;
             Some(PgHttp {
                 server: server.describe(),
@@ -161,6 +165,7 @@ async fn run_on(config: &HttpBench, server: Option<&Server>) -> anyhow::Result<H
         http_p50_ms: percentile_ms(&latencies, 50.0),
         http_p99_ms: percentile_ms(&latencies, 99.0),
         ratio_to_raw: claims_per_s / raw_all,
+        claims_per_flush: latencies.len() as f64 / flushes.max(1) as f64,
         http_floor_per_s: floor_per_s,
         ratio_bound_without_store: 1.0 / (1.0 + raw_all / floor_per_s),
         allocator: crate::ALLOCATOR,
@@ -170,12 +175,13 @@ async fn run_on(config: &HttpBench, server: Option<&Server>) -> anyhow::Result<H
 
 /// Provision the devices in `store`, serve the listener over it and run
 /// the claim load (and, with `floor`, the same load on `/ping`): claim
-/// latencies sorted, the seconds they took, and pings/s.
+/// latencies sorted, the seconds they took, pings/s, and the store's
+/// flushes during the claim load.
 async fn serve_and_load<S>(
     store: Arc<S>,
     config: &HttpBench,
     floor: bool,
-) -> anyhow::Result<(Vec<std::time::Duration>, f64, Option<f64>)>
+) -> anyhow::Result<(Vec<std::time::Duration>, f64, Option<f64>, u64)>
 where
     S: bridgekeys_store::Store + bridgekeys_store::TransactionLog + 'static,
 {
@@ -235,7 +241,9 @@ where
             }),
         })
     };
+    let flushes_before = manager.store().commit_stats().flushes;
     let (latencies, elapsed) = load(addr, &token, config.connections, config.claims, claim).await?;
+    let flushes = manager.store().commit_stats().flushes - flushes_before;
     let floor_per_s = if floor {
         // The floor: the same load on the cheapest authenticated endpoint,
         // so HTTP, routing and JSON alone (no crypto, no store).
@@ -257,7 +265,7 @@ where
     };
     let _ = stop.send(());
     server.await??;
-    Ok((latencies, elapsed, floor_per_s))
+    Ok((latencies, elapsed, floor_per_s, flushes))
 }
 
 /// One request of a load: where, what, and how to check the answer.

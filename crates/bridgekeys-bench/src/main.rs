@@ -490,6 +490,10 @@ fn print_http(r: &http::HttpReport) {
         r.ratio_to_raw
     );
     println!(
+        "  claims per flush                        {:>10.1}",
+        r.claims_per_flush
+    );
+    println!(
         "  HTTP floor: /ping, same load            {:>10.0} requests/s",
         r.http_floor_per_s
     );

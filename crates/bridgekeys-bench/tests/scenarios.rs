@@ -38,6 +38,13 @@ async fn manager_and_http_scenarios_serve_every_claim_and_report_consistent_figu
     assert!(h.http_claims_per_s > 0.0 && h.http_floor_per_s > 0.0);
     assert!(h.http_p50_ms <= h.http_p99_ms);
     assert!(h.ratio_bound_without_store > 0.0 && h.ratio_bound_without_store < 1.0);
+    // Every claim was made durable by some flush, and no flush answered
+    // more claims than there were connections waiting.
+    assert!(
+        h.claims_per_flush >= 1.0 && h.claims_per_flush <= 8.0,
+        "claims per flush {}",
+        h.claims_per_flush
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
