@@ -11,7 +11,8 @@
 //! `fsync` answers more writers: it waits until as many writers wait as the
 //! last flush answered (a closed loop of N callers comes back N at a time),
 //! or until a quiet spell passes with no writer joining, and never longer
-//! than the gather time. A fixed pause would hold a handful of callers for
+//! than the gather time; a writer arriving after a pause longer than the
+//! gather time is flushed at once. A fixed pause would hold a handful of callers for
 //! the whole gather time on every round: four connections were no faster
 //! than one.
 
@@ -128,7 +129,9 @@ impl GroupCommit {
     /// flush answered more than one writer (zero: always flush at once). It
     /// stops waiting sooner once as many writers wait as the previous flush
     /// answered, or once a window of a quarter of `gather` passes with none
-    /// joining. A `gather` over an hour counts as an hour.
+    /// joining. After the flusher was idle for longer than `gather`, the
+    /// next writer is flushed at once. A `gather` over an hour counts as an
+    /// hour.
     pub(crate) fn start<F>(flush: F, gather: Duration) -> std::io::Result<Self>
     where
         F: Fn() -> FlushResult + Send + 'static,

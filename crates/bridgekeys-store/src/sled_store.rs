@@ -90,7 +90,7 @@ pub struct SledStoreConfig {
     /// over an hour count as an hour). A writer after a flush that answered
     /// one writer, or after no writer came for longer than this time, is
     /// flushed at once; one arriving alone right after a shared flush waits
-    /// for a quiet window (a quarter to a half of this time).
+    /// one quiet window (a quarter of this time).
     /// Default [`DEFAULT_COMMIT_GATHER_US`].
     pub commit_gather: Duration,
     /// How long [`SledStore::open`] waits for the store's lock when another
